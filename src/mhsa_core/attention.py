@@ -1,0 +1,79 @@
+"""The attention arithmetic: logits, key mask, softmax, dropout, probs @ values.
+
+Everything that touches the (B, heads, N, N) tensor lives in `dot_product_attention`
+and nowhere else, so that fused or memory-bounded paths can later replace it
+without the layer having to change.
+"""
+
+from keras import backend
+from keras import ops
+from keras import random
+
+# Logit given to masked keys before the softmax. It is finite on purpose: with
+# -inf, a row whose keys are all masked would give exp(-inf - -inf) = NaN; with a
+# large finite value that row becomes uniform and is then zeroed explicitly. It is
+# far below any real logit (float32 max is 3.4e38) yet exp(-1e9 - m) == 0.
+_MASKED_LOGIT = -1e9
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    *,
+    scale,
+    key_mask=None,
+    dropout=0.0,
+    training=False,
+    seed_generator=None,
+):
+    """Softmax attention of every query over the keys, per head.
+
+    Args:
+        query: (B, heads, N, key_dim).
+        key: (B, heads, N, key_dim).
+        value: (B, heads, N, value_dim).
+        scale: Python float that multiplies the logits.
+        key_mask: optional bool (B, N); True = the key may be attended to.
+            Masked keys get probability 0; a query whose keys are all masked
+            gets all-zero probabilities and so a zero output.
+        dropout: rate at which attention probabilities are dropped, applied only
+            when `training` is true.
+        seed_generator: a `keras.random.SeedGenerator` for the dropout.
+
+    Returns:
+        `(outputs, probs)`: outputs (B, heads, N, value_dim) in the dtype of
+        `value`; probs (B, heads, N, N), float32 under mixed precision (they are
+        computed in float32, see below), else the dtype of `query`.
+    """
+    # Logits and softmax run in at least float32. Under mixed_float16 the seed
+    # block's unscaled ReLU logits reach several hundred: exp() of that
+    # overflows float16 (max 65504) and the sums lose every digit.
+    # standardize_dtype: torch reports torch.float16, not "float16".
+    softmax_dtype = backend.standardize_dtype(query.dtype)
+    if softmax_dtype in ("float16", "bfloat16"):
+        softmax_dtype = "float32"
+        query = ops.cast(query, softmax_dtype)
+        key = ops.cast(key, softmax_dtype)
+
+    logits = ops.einsum("bhqd,bhkd->bhqk", query, key)  # (B, heads, N, N)
+    if scale != 1.0:
+        # convert_to_tensor with the dtype: ops.cast(python_float) would round
+        # the scale to float32 first on TF, costing float64 its precision.
+        logits = logits * ops.convert_to_tensor(scale, dtype=softmax_dtype)
+
+    if key_mask is not None:
+        keep = ops.cast(key_mask, "bool")[:, None, None, :]  # (B, 1, 1, N)
+        logits = ops.where(keep, logits, ops.convert_to_tensor(_MASKED_LOGIT, dtype=softmax_dtype))
+    probs = ops.softmax(logits, axis=-1)
+    if key_mask is not None:
+        # Rows with every key masked were uniform: zero them (others are
+        # already exactly 0 at masked keys, exp underflows).
+        probs = ops.where(keep, probs, ops.zeros_like(probs))
+
+    weights = probs
+    if training and dropout > 0.0:
+        weights = random.dropout(weights, rate=dropout, seed=seed_generator)
+    weights = ops.cast(weights, value.dtype)
+    outputs = ops.einsum("bhqk,bhkd->bhqd", weights, value)  # (B, heads, N, dv)
+    return outputs, probs

@@ -1,0 +1,218 @@
+"""Plain NumPy reference of the 2-D multi-head self-attention block.
+
+This module is the oracle of every numerical test. It is written independently
+of the Keras layer, in the most direct form that NumPy allows (explicit loops over
+batch items and heads, masked softmax spelled out), so that it is easy to check
+by eye. It imports nothing but NumPy and runs in any float dtype: float64 gives
+the reference values, float32 gives the error budget that a float32 backend is
+allowed (see the tolerance policy in the README).
+
+Weights are passed as a dict of NumPy arrays, the canonical layout shared by the
+layer (`MultiHeadSelfAttention2D.get_weight_dict`), the native per-framework
+references under `backends/`, and the cross-backend runner:
+
+    position_kernel (C, C)          position_bias (C,)       # only for "conv"
+    query_kernel    (C, heads*kd)   query_bias (heads*kd,)
+    key_kernel      (C, heads*kd)   key_bias   (heads*kd,)
+    value_kernel    (C, C)          value_bias (C,)
+
+Biases are absent (or None) when the block has no bias.
+"""
+
+import math
+
+import numpy as np
+
+__all__ = ["mhsa_forward", "random_weights", "weight_shapes", "error_budget"]
+
+
+def _relu(x):
+    return np.maximum(x, 0)
+
+
+def _gelu(x):
+    # Exact (erf) GELU, as keras.activations.gelu(approximate=False).
+    erf = np.vectorize(math.erf, otypes=[x.dtype])
+    return x * (0.5 * (1.0 + erf(x / math.sqrt(2.0)))).astype(x.dtype)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+_ACTIVATIONS = {
+    None: lambda x: x,
+    "linear": lambda x: x,
+    "relu": _relu,
+    "gelu": _gelu,
+    "sigmoid": _sigmoid,
+    "tanh": np.tanh,
+    "silu": lambda x: x * _sigmoid(x),
+    "swish": lambda x: x * _sigmoid(x),
+}
+
+
+def weight_shapes(channels, num_heads=1, key_dim=None, position_encoding="conv",
+                  use_bias=True):
+    """Shapes of the canonical weight dict, in the layer's creation order."""
+    head_dim = channels // num_heads
+    key_dim = head_dim if key_dim is None else key_dim
+    qk = num_heads * key_dim
+    shapes = {}
+    if position_encoding == "conv":
+        shapes["position_kernel"] = (channels, channels)
+        if use_bias:
+            shapes["position_bias"] = (channels,)
+    for name, width in (("query", qk), ("key", qk), ("value", channels)):
+        shapes[f"{name}_kernel"] = (channels, width)
+        if use_bias:
+            shapes[f"{name}_bias"] = (width,)
+    return shapes
+
+
+def random_weights(channels, num_heads=1, key_dim=None, position_encoding="conv",
+                   use_bias=True, seed=0, dtype=np.float64):
+    """He-normal kernels and small random biases, drawn with NumPy.
+
+    Cross-backend comparisons always inject these: the same Keras seed gives
+    different initial values on each backend.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in weight_shapes(channels, num_heads, key_dim,
+                                     position_encoding, use_bias).items():
+        if name.endswith("kernel"):
+            std = math.sqrt(2.0 / shape[0])
+            out[name] = (rng.standard_normal(shape) * std).astype(dtype)
+        else:
+            out[name] = (rng.standard_normal(shape) * 0.1).astype(dtype)
+    return out
+
+
+def _matmul_sequential(a, b):
+    """a @ b with every dot product summed left to right, one rounding per step.
+
+    This is the textbook float32 algorithm, and the accuracy that XLA's CPU
+    kernel shows (measured: within 10% of it). OpenBLAS's blocked kernels,
+    which NumPy's `@` calls, are about 2x more accurate; an error budget taken
+    from them would fail correct float32 implementations (see the README).
+    """
+    acc = np.zeros(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
+    for i in range(a.shape[-1]):
+        acc += a[..., i:i + 1] * b[..., i:i + 1, :]
+    return acc
+
+
+def _dense(t, weights, name, dtype, matmul, store):
+    y = store(matmul(t, store(weights[f"{name}_kernel"].astype(dtype))))
+    bias = weights.get(f"{name}_bias")
+    if bias is not None:
+        y = store(y + store(bias.astype(dtype)))
+    return y
+
+
+def mhsa_forward(x, weights, *, num_heads=1, key_dim=None, activation="relu",
+                 position_encoding="conv", scale=1.0,
+                 data_format="channels_last", attention_mask=None,
+                 return_attention_scores=False, dtype=np.float64,
+                 accumulation="blas", storage_dtype=None):
+    """Forward pass of the block in NumPy, every step in `dtype`.
+
+    Args:
+        x: (B, H, W, C) for "channels_last", (B, C, H, W) for "channels_first".
+        weights: the canonical weight dict (see the module docstring).
+        attention_mask: optional bool (B, H, W); True = may be attended to.
+        dtype: the float dtype of every intermediate (float64 for the oracle,
+            float32 for the float32 error budget).
+        accumulation: "blas" (NumPy's `@`) or "sequential" (every dot product
+            summed left to right: the float32 error budget, see `error_budget`).
+        storage_dtype: emulates mixed precision: with e.g. np.float16 (or
+            ml_dtypes.bfloat16) and dtype=np.float32, the input, the weights and
+            every tensor a Keras op hands to the next (projections, tokens,
+            probabilities, output) are rounded to it, while each op computes in
+            `dtype`, and the logits and softmax stay in `dtype` (as the layer
+            does under a mixed_* policy).
+
+    Returns:
+        The output in the layout of `x`, and with `return_attention_scores`
+        also the attention probabilities (B, num_heads, N, N), N = H*W.
+    """
+    x = np.asarray(x).astype(dtype)
+    if data_format == "channels_first":
+        x = x.transpose(0, 2, 3, 1)
+    elif data_format != "channels_last":
+        raise ValueError(f"Unknown data_format. Received: data_format={data_format!r}")
+    batch, height, width, channels = x.shape
+    n = height * width
+    head_dim = channels // num_heads
+    key_dim = head_dim if key_dim is None else key_dim
+    if scale is None:
+        scale = 1.0 / math.sqrt(key_dim)
+    act = _ACTIVATIONS[activation]
+    matmul = {"blas": np.matmul, "sequential": _matmul_sequential}[accumulation]
+    if storage_dtype is None:
+        def store(a):
+            return a
+    else:
+        def store(a):
+            return np.asarray(a).astype(storage_dtype).astype(dtype)
+    x = store(x)
+
+    # Step 1: tokens, row-major over (H, W).
+    t = x.reshape(batch, n, channels)
+    # Step 2: the seed's "position encoding", a ReLU 1x1 conv added back.
+    if position_encoding == "conv":
+        t = store(t + _relu(_dense(t, weights, "position", dtype, matmul, store)))
+    elif position_encoding != "none":
+        raise ValueError(f"Unknown position_encoding={position_encoding!r}")
+    # Step 3: projections.
+    q = act(_dense(t, weights, "query", dtype, matmul, store))  # (B, N, heads*kd)
+    k = act(_dense(t, weights, "key", dtype, matmul, store))  # (B, N, heads*kd)
+    v = act(_dense(t, weights, "value", dtype, matmul, store))  # (B, N, C)
+
+    if attention_mask is None:
+        keep = np.ones((batch, n), dtype=bool)
+    else:
+        keep = np.asarray(attention_mask, dtype=bool).reshape(batch, n)
+
+    out = np.zeros((batch, n, channels), dtype=dtype)
+    scores = np.zeros((batch, num_heads, n, n), dtype=dtype)
+    for b in range(batch):
+        valid = keep[b]
+        for h in range(num_heads):
+            qh = q[b, :, h * key_dim:(h + 1) * key_dim]  # (N, kd)
+            kh = k[b, :, h * key_dim:(h + 1) * key_dim]  # (N, kd)
+            vh = v[b, :, h * head_dim:(h + 1) * head_dim]  # (N, dv)
+            if not valid.any():
+                # Every key masked: probabilities and output are zero.
+                continue
+            logits = dtype(scale) * matmul(qh, kh.T)  # (N, N)
+            logits = logits[:, valid]  # only the keys that may be attended to
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p = e / e.sum(axis=1, keepdims=True)
+            scores[b, h][:, valid] = p
+            out[b, :, h * head_dim:(h + 1) * head_dim] = store(matmul(store(p), vh[valid]))
+
+    out = out.reshape(batch, height, width, channels)
+    if data_format == "channels_first":
+        out = out.transpose(0, 3, 1, 2)
+    if return_attention_scores:
+        return out, scores
+    return out
+
+
+def error_budget(x, weights, **config):
+    """Reference output and the float32 error budget for a float32 result.
+
+    Returns `(ref64, budget, ref32_error)`: the float64 output; the largest
+    error a float32 implementation may have against it, which is 2x the error
+    `ref32_error` of this reference run in float32 (sequential accumulation) on
+    the same data, plus a floor of 1e-6 * max|ref64| (see the README's
+    tolerance policy).
+    """
+    ref64 = mhsa_forward(x, weights, dtype=np.float64, **config)
+    ref32 = mhsa_forward(x, weights, dtype=np.float32, accumulation="sequential",
+                         **config)
+    ref32_error = float(np.max(np.abs(ref32.astype(np.float64) - ref64)))
+    floor = 1e-6 * float(np.max(np.abs(ref64)))
+    return ref64, 2.0 * ref32_error + floor, ref32_error

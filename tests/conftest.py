@@ -1,0 +1,29 @@
+"""Test session set-up. One pytest process runs one Keras backend (KERAS_BACKEND)."""
+
+import os
+
+# Before keras (and so jax) is imported: the float64 oracle comparisons need
+# real float64 on JAX, which otherwise silently computes in float32. float32
+# tests are unaffected: every array they feed is float32 and Keras casts
+# explicitly.
+if os.environ.get("KERAS_BACKEND") == "jax":
+    os.environ.setdefault("JAX_ENABLE_X64", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+
+def pytest_report_header(config):
+    return f"keras {keras.__version__}, backend {BACKEND}"
+
+
+@pytest.fixture(autouse=True)
+def _reset_keras_state():
+    """Each test starts from the default dtype policy and a fresh name scope."""
+    keras.config.set_dtype_policy("float32")
+    keras.utils.clear_session()
+    yield
+    keras.config.set_dtype_policy("float32")
