@@ -18,6 +18,16 @@ _BASE_LAYER_KEYS = ("name", "trainable", "dtype", "autocast", "activity_regulari
 _SEED_CONVS = ("position", "query", "key", "value")
 
 
+def _as_float_array(array, what, dtype="float64"):
+    """`array` cast to a float dtype, or a ValueError naming `what`."""
+    array = np.asarray(array)
+    if array.dtype.kind not in "biuf" and array.dtype.name != "bfloat16":
+        raise ValueError(
+            f"{what} must hold numbers. Received: dtype={array.dtype}"
+        )
+    return array.astype(dtype)
+
+
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -180,9 +190,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self.seed_generator = (
-            keras.random.SeedGenerator(seed) if self.dropout > 0 else None
+            keras.random.SeedGenerator(self.seed) if self.dropout > 0 else None
         )
         self._channel_axis = -1 if data_format == "channels_last" else 1
         self.input_spec = keras.InputSpec(ndim=4)
@@ -383,10 +393,10 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                     f"Weight {name!r} must have shape {tuple(variable.shape)}. "
                     f"Received: shape={array.shape}"
                 )
-            arrays[name] = array
-        # Assign only after every check passed: never half-loaded.
+            arrays[name] = _as_float_array(array, f"weight {name!r}", variable.dtype)
+        # Assign only after every check and cast passed: never half-loaded.
         for name, variable in expected.items():
-            variable.assign(arrays[name].astype(variable.dtype))
+            variable.assign(arrays[name])
 
     def load_seed_weights(self, weights):
         """Loads the eight arrays of a Keras 2 `mhsa_block`.
@@ -403,8 +413,10 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         see the README.
 
         Afterwards the layer computes the seed block's outputs. The layer must
-        use the seed's structure (`position_encoding="conv"`, `use_bias=True`,
-        query/key width C); it is built from the kernels' shape if needed.
+        have the seed's settings (the defaults: position_encoding="conv",
+        use_bias=True, num_heads=1, key_dim=None, scale=1.0, activation="relu";
+        data_format and dropout are free); it is built from the kernels' shape
+        if needed. Nothing is built or assigned unless every array is valid.
         """
         weights = list(weights)
         if len(weights) != 2 * len(_SEED_CONVS):
@@ -413,35 +425,59 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "position, query, key and value convs). "
                 f"Received: {len(weights)} arrays"
             )
-        if self.position_encoding != "conv" or not self.use_bias:
+        # The seed block's semantics, so that its weights mean the same here.
+        differing = {
+            name: value
+            for name, value, seed_value in (
+                ("position_encoding", self.position_encoding, "conv"),
+                ("use_bias", self.use_bias, True),
+                ("num_heads", self.num_heads, 1),
+                ("key_dim", self.key_dim, None),
+                ("scale", self.scale, 1.0),
+                ("activation", keras.activations.serialize(self.activation), "relu"),
+            )
+            if value != seed_value
+        }
+        if differing:
             raise ValueError(
-                "load_seed_weights needs the seed block's structure: "
-                "position_encoding='conv' and use_bias=True. Received: "
-                f"position_encoding={self.position_encoding!r}, "
-                f"use_bias={self.use_bias}"
+                "load_seed_weights needs a layer with the seed block's settings "
+                "(position_encoding='conv', use_bias=True, num_heads=1, "
+                "key_dim=None, scale=1.0, activation='relu'). Received: "
+                + ", ".join(f"{k}={v!r}" for k, v in differing.items())
             )
         arrays = [np.asarray(w) for w in weights]
-        if not self.built:
-            channels = arrays[0].shape[-1] if arrays[0].ndim else None
-            shape = [None, None, None, None]
-            shape[self._channel_axis] = channels
-            self.build(tuple(shape))
+        kernel = arrays[0]
+        if self.built:
+            channels = self.channels
+        elif kernel.ndim in (2, 4) and kernel.shape[-1] > 0:
+            channels = kernel.shape[-1]
+        else:
+            raise ValueError(
+                "Seed weight 0 (position kernel) must have shape (1, 1, C, C) or "
+                f"(C, C). Received: shape={kernel.shape}"
+            )
+        # Everything is checked before anything is built or assigned.
         converted = {}
         for i, conv in enumerate(_SEED_CONVS):
             for j, part in enumerate(("kernel", "bias")):
-                name = f"{conv}_{part}"
                 array = arrays[2 * i + j]
-                expected = tuple(getattr(self, name).shape)
+                expected = (channels, channels) if part == "kernel" else (channels,)
                 if part == "kernel" and array.ndim == 4 and array.shape[:2] == (1, 1):
                     array = array[0, 0]  # (1, 1, C_in, C_out) -> (C_in, C_out)
                 if array.shape != expected:
                     raise ValueError(
                         f"Seed weight {2 * i + j} ({conv} {part}) must have shape "
                         f"{expected}"
-                        + (" or (1, 1) + that" if part == "kernel" else "")
-                        + f". Received: shape={np.asarray(weights[2 * i + j]).shape}"
+                        + (f" or {(1, 1) + expected}" if part == "kernel" else "")
+                        + f". Received: shape={arrays[2 * i + j].shape}"
                     )
-                converted[name] = array
+                converted[f"{conv}_{part}"] = _as_float_array(
+                    array, f"seed weight {2 * i + j} ({conv} {part})"
+                )
+        if not self.built:
+            shape = [None, None, None, None]
+            shape[self._channel_axis] = channels
+            self.build(tuple(shape))
         self.set_weight_dict(converted)
 
     def _require_built(self, what):

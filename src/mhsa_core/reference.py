@@ -201,18 +201,43 @@ def mhsa_forward(x, weights, *, num_heads=1, key_dim=None, activation="relu",
     return out
 
 
-def error_budget(x, weights, **config):
-    """Reference output and the float32 error budget for a float32 result.
+FLOAT64_RTOL = 1e-10
+_POLICY_ROUNDING = {  # policy -> (compute dtype, storage dtype between ops)
+    "float32": (np.float32, None),
+    "mixed_float16": (np.float32, np.float16),
+    "mixed_bfloat16": (np.float32, "bfloat16"),
+}
 
-    Returns `(ref64, budget, ref32_error)`: the float64 output; the largest
-    error a float32 implementation may have against it, which is 2x the error
-    `ref32_error` of this reference run in float32 (sequential accumulation) on
-    the same data, plus a floor of 1e-6 * max|ref64| (see the README's
-    tolerance policy).
+
+def error_budget(x, weights, policy="float32", **config):
+    """Reference output and the error budget of a result computed under `policy`.
+
+    Returns `(ref64, budget, base_error)`:
+    - ref64: the float64 output;
+    - base_error: the error of this reference re-run with the roundings of
+      `policy` (float32 arithmetic with sequential accumulation; for mixed_*
+      also 16-bit storage between ops), against ref64;
+    - budget: the largest error allowed against ref64, 2 * base_error plus a
+      floor of 1e-6 * max|ref64|. For "float64": FLOAT64_RTOL * max|ref64|,
+      and base_error is None.
+
+    See the README's tolerance policy for why the accumulation is sequential.
     """
     ref64 = mhsa_forward(x, weights, dtype=np.float64, **config)
-    ref32 = mhsa_forward(x, weights, dtype=np.float32, accumulation="sequential",
-                         **config)
-    ref32_error = float(np.max(np.abs(ref32.astype(np.float64) - ref64)))
-    floor = 1e-6 * float(np.max(np.abs(ref64)))
-    return ref64, 2.0 * ref32_error + floor, ref32_error
+    scale = float(np.max(np.abs(ref64)))
+    if policy == "float64":
+        return ref64, FLOAT64_RTOL * scale, None
+    if policy not in _POLICY_ROUNDING:
+        raise ValueError(
+            f"Unknown policy. Expected 'float64' or one of {sorted(_POLICY_ROUNDING)}. "
+            f"Received: policy={policy!r}"
+        )
+    dtype, storage = _POLICY_ROUNDING[policy]
+    if storage == "bfloat16":
+        import ml_dtypes  # a dependency of keras; NumPy has no bfloat16
+
+        storage = ml_dtypes.bfloat16
+    rounded = mhsa_forward(x, weights, dtype=dtype, accumulation="sequential",
+                           storage_dtype=storage, **config)
+    base_error = float(np.max(np.abs(rounded.astype(np.float64) - ref64)))
+    return ref64, 2.0 * base_error + 1e-6 * scale, base_error

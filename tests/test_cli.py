@@ -1,0 +1,69 @@
+"""The `mhsa-core` command and the cross-backend runner behind it."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import BACKEND
+from mhsa_core import cli, reference
+from mhsa_core.runner import Case, run_backends
+
+
+def _mhsa_core(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "mhsa_core.cli", *args],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_demo_runs_on_this_backend():
+    proc = _mhsa_core("demo", "--backends", BACKEND, "--size", "5", "--channels", "16")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = [line for line in proc.stdout.splitlines() if line.startswith(BACKEND)]
+    assert len(row) == 1 and row[0].rstrip().endswith("ok"), proc.stdout
+    assert "(2, 5, 5, 16)" in row[0]
+    assert "verdict: all 1 backends within budget" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args", [["demo", "--backends", "theano"], ["demo", "--size", "0"], ["nope"], []]
+)
+def test_bad_usage_exits_2(args, capsys):
+    assert cli.main(args) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_runner_reports_a_failing_case_and_keeps_the_others():
+    x = np.random.default_rng(0).standard_normal((1, 3, 4, 8)).astype("float32")
+    good = Case("good", {"num_heads": 2}, {"x": x}, reference.random_weights(8, 2, seed=1))
+    # Weights for 2 heads but 16 channels: set_weight_dict raises in the worker.
+    bad = Case("bad", {"num_heads": 2}, {"x": x}, reference.random_weights(16, 2, seed=1))
+    runs = run_backends([good, bad], [BACKEND])
+    run = runs[BACKEND]
+    assert not run.ok
+    assert "bad" in run.case_errors and "ValueError" in run.case_errors["bad"]
+    ref64, budget, _ = reference.error_budget(x, good.weights, num_heads=2)
+    assert np.abs(run.results["good"]["output"] - ref64).max() <= budget
+
+
+def test_runner_reports_a_crashed_worker(monkeypatch):
+    # A worker that dies (here: keras cannot import its backend) is that
+    # backend's failure, with its stderr tail; the parent does not raise.
+    import mhsa_core.runner as runner
+
+    real_env = runner._worker_env
+
+    def broken_env(backend):
+        env = real_env(backend)
+        env["KERAS_BACKEND"] = "no_such_backend"
+        return env
+
+    monkeypatch.setattr(runner, "_worker_env", broken_env)
+    x = np.zeros((1, 2, 2, 4), "float32")
+    case = Case("c", {}, {"x": x}, reference.random_weights(4, seed=0))
+    run = run_backends([case], [BACKEND])[BACKEND]
+    assert not run.ok and "exited with status 1" in run.error
+    assert "no_such_backend" in run.error
+    assert run.results == {}
