@@ -16,19 +16,25 @@ $(STAMP): pyproject.toml backends/requirements-common.txt backends/requirements-
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
+# The cross-backend matrix on the built-in cases. The parent process runs no
+# framework (KERAS_BACKEND=numpy keeps its keras import light); each backend
+# runs in a worker process of its own.
 demo: $(STAMP)
-	$(VENV)/bin/mhsa-core demo
+	KERAS_BACKEND=numpy $(VENV)/bin/mhsa-core matrix
 
-# One pytest process per backend (Keras fixes the backend at import). Every
-# backend runs even if one fails; the target fails if any did.
+# One pytest process per backend (Keras fixes the backend at import), then the
+# cross-backend matrix tests once (their workers are subprocesses). Every run
+# happens even if one fails; the target fails if any did.
 test: $(STAMP)
 	@failed=""; \
 	for b in $(BACKENDS); do \
 	  echo "=== KERAS_BACKEND=$$b ==="; \
-	  KERAS_BACKEND=$$b $(PY) -m pytest tests || failed="$$failed $$b"; \
+	  KERAS_BACKEND=$$b $(PY) -m pytest tests --ignore=tests/matrix || failed="$$failed $$b"; \
 	done; \
-	if [ -n "$$failed" ]; then echo "FAILED backends:$$failed"; exit 1; fi; \
-	echo "all backends passed: $(BACKENDS)"
+	echo "=== cross-backend matrix ==="; \
+	KERAS_BACKEND=numpy $(PY) -m pytest tests/matrix || failed="$$failed matrix"; \
+	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; \
+	echo "all passed: $(BACKENDS) and the cross-backend matrix"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -144,3 +144,22 @@ def test_scale_none_uses_key_dim():
     layer = MultiHeadSelfAttention2D(num_heads=4, key_dim=9, scale=None)
     layer.build((None, 3, 3, 32))
     assert layer.scale_value == pytest.approx(1 / math.sqrt(9))
+
+
+def test_budget_holds_over_many_seeds():
+    """The float32 budget is not tuned to the seeds above: over 25 random
+    draws of 4 configurations the layer never exceeds it (measured worst
+    error / budget: 0.58 on JAX, 0.82 on TF, 0.81 on torch)."""
+    configs = [
+        ({"num_heads": 8, "data_format": "channels_first"}, (2, 64, 7, 5)),
+        ({}, (2, 7, 5, 32)),
+        ({"num_heads": 2, "activation": None, "scale": None}, (2, 4, 9, 32)),
+        ({"num_heads": 4, "key_dim": 6}, (2, 5, 6, 32)),
+    ]
+    worst = []
+    for config, shape in configs:
+        for seed in range(100, 125):
+            layer, x, weights = make_case(config, shape, seed=seed)
+            ref64, budget, _ = reference.error_budget(x, weights, **reference_config(config))
+            worst.append(float(np.abs(to_numpy(layer(x)) - ref64).max()) / budget)
+    assert max(worst) <= 1.0, f"worst error / budget {max(worst):.2f}"

@@ -1,28 +1,38 @@
 """The `mhsa-core` command.
 
-    mhsa-core demo [--backends tensorflow,torch,jax] [--size 25] [--batch 2]
-                   [--channels 512] [--dtype float32]
+    mhsa-core matrix [--backends tensorflow,torch,jax,numpy] [--json PATH] [--quiet]
+    mhsa-core matrix --model PATH.keras [--inputs PATH.npz] [--rtol R] [--unsafe]
+                     [--import MODULE]
+    mhsa-core demo [--backends ...] [--size 25] [--batch 2] [--channels 512]
+                   [--dtype float32]
 
-`demo` runs the seed block (one head, 512 channels) on a 2x25x25x512 map under
-each installed backend, each in its own process, and prints per backend the
-output shape, the forward time, and the error against the float64 NumPy
-reference with its ratio to the error of the NumPy reference run with the same
-roundings (the budget's base, see the README's tolerance policy).
+`matrix` runs cases under each backend in its own process and checks that the
+backends agree (see `mhsa_core.matrix`): with no arguments the default cases
+of the seed block, with `--model` any saved Keras model. `demo` runs only the
+seed block's forward pass and prints per backend the shape, the time and the
+error against the float64 NumPy reference.
 
-Exit status: 0 every backend within budget; 1 a backend failed or disagreed;
-2 bad usage.
+Exit status: 0 all backends agree; 1 a disagreement beyond tolerance (or a
+backend crashed); 2 bad usage or an unreadable model file.
 """
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from mhsa_core import reference
+from mhsa_core import matrix, reference
 from mhsa_core.runner import BACKENDS, Case, backend_available, run_backends
 
 DEFAULT_BACKENDS = ("tensorflow", "torch", "jax")
+MATRIX_BACKENDS = ("tensorflow", "torch", "jax", "numpy")
+
+
+class UsageError(Exception):
+    """Bad usage found after parsing (exit status 2)."""
 
 
 def _backend_list(text):
@@ -46,6 +56,16 @@ def _positive_int(text):
     return value
 
 
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number; received: {text!r}")
+    return value
+
+
 def _format_table(header, rows):
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
@@ -55,7 +75,8 @@ def _format_table(header, rows):
     return "\n".join(lines)
 
 
-def demo(args, out=sys.stdout):
+def demo(args, out=None):
+    out = out or sys.stdout
     rng = np.random.default_rng(0)
     shape = (args.batch, args.size, args.size, args.channels)
     array_dtype = np.float64 if args.dtype == "float64" else np.float32
@@ -80,11 +101,11 @@ def demo(args, out=sys.stdout):
     print(f"oracle: float64 NumPy reference, max|out| {np.abs(ref64).max():.3g}; {rule}",
           file=out)
 
-    def progress(backend, event):
+    def progress(backend, event, detail=None):
         if event == "start":
             print(f"  running {backend} ...", file=out, flush=True)
 
-    runs = run_backends([case], args.backends, on_event=progress)
+    runs = run_backends([case], args.backends, on_event=progress, portability=False)
     header = ("backend", "version", "output shape", "forward ms", "vs NumPy f32",
               "max |err|", "err / NumPy err", "verdict")
     rows, failed = [], False
@@ -93,13 +114,14 @@ def demo(args, out=sys.stdout):
         if not backend_available(backend):
             rows.append((backend, "-", "-", "-", "-", "-", "-", "skipped: not installed"))
             continue
-        if "seed" not in run.results:
+        if "forward" not in run.results.get("seed", {}):
             failed = True
-            reason = (run.case_errors.get("seed") or run.error or "").strip()
+            errors = run.errors.get("seed", {})
+            reason = (next(iter(errors.values()), None) or run.error or "").strip()
             rows.append((backend, "-", "-", "-", "-", "-", "-", "FAILED"))
             print(f"\n{backend} failed:\n{reason}", file=out)
             continue
-        output = run.results["seed"]["output"].astype(np.float64)  # any float dtype
+        output = run.results["seed"]["forward"]["out/0"].astype(np.float64)
         seconds = run.info["timings"]["seed"]["forward_seconds"]
         error = float(np.abs(output - ref64).max()) if output.shape == ref64.shape else float("inf")
         ok = error <= budget
@@ -130,6 +152,125 @@ def demo(args, out=sys.stdout):
     return 1 if failed else 0
 
 
+def _load_inputs(path):
+    try:
+        with np.load(path) as data:
+            if not data.files:
+                raise UsageError(f"--inputs {path} holds no arrays")
+            return {f"input_{k}": data[name] for k, name in enumerate(data.files)}
+    except (OSError, ValueError, EOFError) as e:
+        raise UsageError(f"cannot read --inputs {path}: {e}") from None
+
+
+def _cell_text(cell):
+    if cell is None:
+        return "-", "dim"
+    if cell.passed is None:
+        if cell.ratio is not None and np.isfinite(cell.ratio):
+            return f"{cell.ratio:.2f} {cell.note}".strip(), "yellow"
+        return cell.note or "-", "dim"
+    if cell.ratio is None or not np.isfinite(cell.ratio):
+        return f"FAIL {cell.note}".strip(), "bold red"
+    text = f"{cell.ratio:.2f}"
+    if cell.passed:
+        return text + " ok", "green"
+    return f"{text} FAIL" + (f" ({cell.note})" if cell.note else ""), "bold red"
+
+
+def _progress_printer(out, quiet):
+    def on_event(backend, event, detail=None):
+        if quiet:
+            return
+        if event == "start":
+            print(f"  {backend}: {detail} ...", file=out, flush=True)
+        elif event in ("failed", "skipped"):
+            print(f"  {backend}: {event} ({detail})", file=out, flush=True)
+    return on_event
+
+
+def _render(report, out, title):
+    header = ["case", "check", *report.backends]
+    rows = []
+    for row in report.rows:
+        rows.append([row.case, row.check, *(_cell_text(row.cells.get(b)) for b in report.backends)])
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich is optional: a plain table
+        plain = [[r[0], r[1], *(t for t, _ in r[2:])] for r in rows]
+        print(title, file=out)
+        print(_format_table(header, plain), file=out)
+        return
+    table = Table(title=title, title_justify="left")
+    for name in header:
+        table.add_column(name, no_wrap=True)
+    previous = None
+    for r in rows:
+        case = r[0] if r[0] != previous else ""
+        previous = r[0]
+        table.add_row(case, r[1], *(f"[{style}]{text}[/]" if style else text
+                                    for text, style in r[2:]))
+    Console(file=out, width=max(100, 30 + 22 * len(report.backends))).print(table)
+
+
+def _verdict(report):
+    checked = sum(1 for r in report.rows for c in r.cells.values() if c.passed is not None)
+    parts = []
+    if report.missing:
+        parts.append("not installed, skipped: " + ", ".join(report.missing))
+    crashed = {b: e for b, e in report.worker_errors.items() if b not in report.missing}
+    if crashed:
+        return "verdict: FAIL: worker(s) failed: " + ", ".join(crashed)
+    if report.failures:
+        where = sorted({f"{r.case}/{r.check}/{b}" for r, b, _ in report.failures})
+        return (f"verdict: DISAGREE: {len(report.failures)} of {checked} cells beyond "
+                f"tolerance: " + ", ".join(where[:8]) + (" ..." if len(where) > 8 else ""))
+    if not checked:
+        return "verdict: nothing was checked" + (f" ({'; '.join(parts)})" if parts else "")
+    ran = [b for b in report.backends if b not in report.missing]
+    return (f"verdict: all {checked} cells agree across {', '.join(ran)}"
+            + (f" ({'; '.join(parts)})" if parts else ""))
+
+
+def run_matrix_command(args, out=None):
+    out = out or sys.stdout
+    safe_mode = not args.unsafe
+    if args.model is None:
+        if args.inputs is not None or args.rtol is not None:
+            raise UsageError("--inputs and --rtol need --model")
+        cases = matrix.default_cases()
+        title = "mhsa-core matrix: default cases (error / budget; <= 1 passes)"
+    else:
+        try:
+            config = matrix.read_model_config(args.model)
+            if safe_mode:
+                matrix.check_safe(config, args.model)
+            inputs = _load_inputs(args.inputs) if args.inputs else None
+            cases = [matrix.model_case(args.model, inputs, name=Path(args.model).stem)]
+        except matrix.ModelFileError as e:
+            raise UsageError(str(e)) from None
+        title = f"mhsa-core matrix: {args.model} (error / budget; <= 1 passes)"
+    report = matrix.run_matrix(
+        cases, args.backends, rtol=args.rtol, safe_mode=safe_mode,
+        on_event=_progress_printer(sys.stderr, args.quiet), timeout=args.timeout,
+        imports=args.imports,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
+    if not args.quiet:
+        _render(report, out, title)
+        for backend, error in report.worker_errors.items():
+            print(f"\n{backend}: {error}", file=out)
+        for row in report.rows:
+            if row.check == "errors":
+                for backend, cell in row.cells.items():
+                    print(f"\n{row.case} on {backend}: {cell.note}", file=out)
+    print(_verdict(report), file=out)
+    if report.agree:
+        return 0
+    return 1
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mhsa-core",
@@ -147,6 +288,28 @@ def build_parser():
                    choices=["float32", "float64", "mixed_float16", "mixed_bfloat16"],
                    help="the layer's dtype policy (default float32)")
     p.set_defaults(func=demo)
+
+    m = sub.add_parser("matrix", help="check that the backends agree")
+    m.add_argument("--backends", type=_backend_list, default=list(MATRIX_BACKENDS),
+                   help="comma-separated (default: tensorflow,torch,jax,numpy; numpy "
+                        "runs inference only)")
+    m.add_argument("--model", help="a .keras file (default: the built-in cases)")
+    m.add_argument("--inputs", help=".npz of the model's inputs, in input order "
+                   f"(default: made from the input spec, None dims -> "
+                   f"{matrix.DEFAULT_BATCH} for the batch, {matrix.DEFAULT_SIZE} otherwise)")
+    m.add_argument("--rtol", type=_positive_float,
+                   help="tolerance relative to max|output| when no float64 run is "
+                        "possible (or to override it)")
+    m.add_argument("--unsafe", action="store_true",
+                   help="load with Keras safe mode off (Lambda layers): only for trusted files")
+    m.add_argument("--import", dest="imports", action="append", default=[],
+                   metavar="MODULE", help="a module the workers import first "
+                   "(where the model's custom layers are registered); repeatable")
+    m.add_argument("--json", help="also write the report as JSON to this path")
+    m.add_argument("--quiet", action="store_true", help="print only the verdict")
+    m.add_argument("--timeout", type=_positive_float, default=1800.0,
+                   help="seconds per backend worker (default 1800)")
+    m.set_defaults(func=run_matrix_command)
     return parser
 
 
@@ -156,7 +319,11 @@ def main(argv=None):
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
         return int(e.code or 0)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"mhsa-core: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,30 +1,53 @@
-"""Cross-backend runner: the same cases under each Keras backend, one subprocess each.
+"""Cross-backend runner: the same cases under each Keras backend, one worker process each.
 
 Keras fixes its backend at import, and importing TensorFlow and torch in one
 process can crash, so every backend gets its own worker process
-(`python -m mhsa_core.worker JOB_DIR`, with KERAS_BACKEND set). One worker
-handles all the cases of a run: start-up costs seconds. Parent and workers
-exchange only files: `job.json` and one `.npz` per case in, a `.npz` per case
-and `result.json` per backend out. A worker that crashes or exceeds its
-timeout is that backend's failure, with the tail of its stderr; the other
-backends' results still come back.
+(`python -m mhsa_core.worker JOB_DIR OUT_DIR`, KERAS_BACKEND set). One worker
+handles all the cases of a run (start-up costs seconds) and lives through both
+phases of it:
 
-The parent process never runs a framework; workers import only their own.
+1. "compute": every case's tasks (forward, gradients, optimizer steps, ...),
+   and the case's model saved as `.keras`;
+2. "load": the `.keras` files the *other* backends saved, loaded and run here.
+
+The parent sends each phase's name on the worker's stdin and waits for the
+worker to print `done PHASE`. Data goes only through files: `job.json` and one
+`.npz` per case in, one `.npz` per case and task out, `phase-PHASE.json` with
+timings and errors. A worker that crashes or exceeds its timeout is that
+backend's failure, with the tail of its stderr; the other backends' results
+still come back.
+
+The parent never runs a framework; workers import only their own.
 """
 
 import dataclasses
 import importlib.util
 import json
 import os
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 BACKENDS = ("tensorflow", "torch", "jax", "numpy")
+# What a backend can do. Keras's numpy backend has no gradients, optimizers or
+# jit: it loads and runs models (inference only), and in float32 only: its
+# einsum/matmul compute float64 inputs in float32 (keras 3.15 result_type).
+TRAINING_BACKENDS = ("tensorflow", "torch", "jax")
+ALL_TASKS = ("forward", "forward64", "scores", "grads", "grads64", "optimizers", "jit", "save")
+INFERENCE_TASKS = ("forward", "scores")
+
+
+def case_backends(case_dtype, backends):
+    """The backends that can run a case of this dtype (numpy: not float64)."""
+    if case_dtype == "float64":
+        return [b for b in backends if b in TRAINING_BACKENDS]
+    return list(backends)
 _STDERR_TAIL_CHARS = 3000
 
 
@@ -43,148 +66,260 @@ class Case:
 
     Attributes:
         name: Unique, short (used in file names and reports).
-        config: `MultiHeadSelfAttention2D` arguments.
-        inputs: {"x": array, optionally "attention_mask": array}.
-        weights: the canonical weight dict (see `mhsa_core.reference`).
-        tasks: what the worker computes, e.g. ("forward",).
-        dtype: the layer's dtype policy.
+        config: `MultiHeadSelfAttention2D` arguments (a layer case), or None
+            for a model case.
+        inputs: one dict of NumPy arrays, or a list of them (variants, e.g.
+            two spatial sizes through one model). Layer cases: {"x": ...,
+            optionally "attention_mask": ...}. Model cases: {"input_0": ...,
+            "input_1": ...} in the model's input order.
+        weights: the canonical weight dict (layer cases only).
+        model_path: a `.keras` file (model cases only).
+        tasks: a subset of `ALL_TASKS`.
+        dtype: the layer's dtype policy (layer cases).
     """
 
     name: str
-    config: dict
-    inputs: dict
-    weights: dict
+    config: dict | None
+    inputs: dict | list
+    weights: dict | None = None
+    model_path: str | None = None
     tasks: tuple = ("forward",)
     dtype: str = "float32"
+
+    @property
+    def variants(self):
+        return self.inputs if isinstance(self.inputs, list) else [self.inputs]
 
 
 @dataclasses.dataclass
 class BackendRun:
-    """What one backend's worker returned."""
+    """What one backend's worker returned.
+
+    `results[case][task]` maps result keys to arrays (see `mhsa_core.worker`);
+    `errors[case][task]` holds the traceback of a task that raised;
+    `loads[(saver, case)]` the results of loading the file `saver` saved.
+    """
 
     backend: str
-    ok: bool
-    seconds: float
+    ok: bool = True
     error: str | None = None  # why the worker failed or was skipped
-    results: dict = dataclasses.field(default_factory=dict)  # case -> {key: array}
-    case_errors: dict = dataclasses.field(default_factory=dict)  # case -> traceback
-    info: dict = dataclasses.field(default_factory=dict)  # versions, timings
+    seconds: float = 0.0
+    results: dict = dataclasses.field(default_factory=dict)
+    errors: dict = dataclasses.field(default_factory=dict)
+    loads: dict = dataclasses.field(default_factory=dict)
+    info: dict = dataclasses.field(default_factory=dict)
 
 
-def _write_job(job_dir, cases):
+def _write_job(job_dir, cases, options):
     names = [case.name for case in cases]
     if len(set(names)) != len(names):
         raise ValueError(f"Case names must be unique. Received: names={names}")
-    job = {"cases": []}
+    job = {"options": options, "cases": []}
     for i, case in enumerate(cases):
-        arrays = {f"input:{k}": np.asarray(v) for k, v in case.inputs.items()}
-        arrays.update({f"weight:{k}": np.asarray(v) for k, v in case.weights.items()})
+        arrays = {}
+        for v, variant in enumerate(case.variants):
+            arrays.update({f"input/{v}/{k}": np.asarray(a) for k, a in variant.items()})
+        for k, a in (case.weights or {}).items():
+            arrays[f"weight/{k}"] = np.asarray(a)
         np.savez(job_dir / f"case{i}.npz", **arrays)
+        unknown = set(case.tasks) - set(ALL_TASKS)
+        if unknown:
+            raise ValueError(f"Unknown tasks {sorted(unknown)} in case {case.name!r}")
         job["cases"].append(
             {
                 "name": case.name,
                 "file": f"case{i}.npz",
+                "kind": "layer" if case.config is not None else "model",
                 "config": case.config,
+                "model_path": None if case.model_path is None else str(case.model_path),
+                "variants": len(case.variants),
+                "input_names": list(case.variants[0]),
                 "tasks": list(case.tasks),
                 "dtype": case.dtype,
             }
         )
     (job_dir / "job.json").write_text(json.dumps(job, indent=1))
+    return job
 
 
-def _worker_env(backend):
+def worker_env(backend):
+    """The environment of a worker process for `backend`."""
     env = dict(os.environ)
     env["KERAS_BACKEND"] = backend
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if backend == "jax":
-        # float64 cases must really be float64 (JAX computes them in float32
+        # float64 tasks must really be float64 (JAX computes them in float32
         # otherwise); float32 arrays are unaffected.
         env["JAX_ENABLE_X64"] = "1"
-    # Make the worker import this very copy of mhsa_core.
+    # The worker imports this very copy of mhsa_core, and finds what the
+    # parent finds (a user's modules of custom layers).
     src = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (src, env.get("PYTHONPATH", "")) if p
-    )
+    paths = [src, *[p for p in sys.path if p], env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     return env
 
 
-def _read_results(out_dir, job):
-    info = json.loads((out_dir / "result.json").read_text())
-    results = {}
-    for i, case in enumerate(job["cases"]):
-        path = out_dir / f"result{i}.npz"
-        if path.exists():
-            with np.load(path) as data:
-                results[case["name"]] = {k: data[k] for k in data.files}
-    return info, results
+class _Worker:
+    """A worker process and a thread that reads its stdout lines."""
+
+    def __init__(self, backend, job_dir, out_dir):
+        self.backend = backend
+        self.out_dir = out_dir
+        self.stderr_path = out_dir / "stderr.txt"
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mhsa_core.worker", str(job_dir), str(out_dir)],
+            env=worker_env(backend),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+        )
+        self.lines = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)  # EOF: the process ended
+
+    def run_phase(self, phase, deadline):
+        """Sends `phase` and waits for `done PHASE`; returns an error or None."""
+        try:
+            self.proc.stdin.write(phase + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return self._failure("worker exited before phase " + phase)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                return self._failure(f"timed out in phase {phase!r}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.proc.wait()
+                return self._failure(
+                    f"worker exited with status {self.proc.returncode} in phase {phase!r}"
+                )
+            if line == f"done {phase}":
+                return None
+
+    def _failure(self, what):
+        self._stderr.flush()
+        tail = self.stderr_path.read_text(errors="replace")[-_STDERR_TAIL_CHARS:]
+        return f"{what}\n{tail}".rstrip()
+
+    def close(self):
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.kill()
+        self._reader.join(timeout=5)  # it ends at the pipe's EOF
+        self.proc.stdout.close()
+        self._stderr.close()
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
 
 
-def run_backends(cases, backends, *, timeout=900.0, on_event=None, job_dir=None):
+def run_backends(cases, backends, *, timeout=1800.0, on_event=None, job_dir=None,
+                 safe_mode=True, portability=True, imports=()):
     """Runs `cases` under each backend; returns {backend: BackendRun}.
 
-    Backends run one after another, so that each worker's timings are taken on
-    an otherwise idle machine.
+    Backends run one after another within a phase, so that each worker's
+    timings are taken on an otherwise idle machine.
 
     Args:
         cases: a list of `Case`.
-        backends: names from `BACKENDS`.
-        timeout: seconds one worker may take in all.
-        on_event: optional callable(backend, event) for progress display,
-            event in {"start", "done", "failed", "skipped"}.
+        backends: names from `BACKENDS`. Unavailable ones come back with
+            `ok=False` and `error="not installed ..."`.
+        timeout: seconds one worker may take over both phases.
+        on_event: optional callable(backend, event, detail) for progress
+            display; events "start", "done", "failed", "skipped".
         job_dir: where to write the exchange files (default: a temporary
             directory, removed afterwards).
+        safe_mode: Keras safe mode when loading `.keras` files.
+        portability: run the "load" phase (each backend loads the others' files).
+        imports: modules each worker imports first (e.g. where a user model's
+            custom layers are registered).
     """
     for backend in backends:
         backend_available(backend)  # validates the name
-    notify = on_event or (lambda backend, event: None)
+    notify = on_event or (lambda backend, event, detail=None: None)
     with tempfile.TemporaryDirectory(prefix="mhsa-core-") as tmp:
         root = Path(job_dir) if job_dir is not None else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        _write_job(root, cases)
-        job = json.loads((root / "job.json").read_text())
-        runs = {}
+        options = {"safe_mode": bool(safe_mode), "backends": list(backends),
+                   "imports": list(imports)}
+        job = _write_job(root, cases, options)
+        runs, workers = {}, {}
         for backend in backends:
             if not backend_available(backend):
                 runs[backend] = BackendRun(
-                    backend, ok=False, seconds=0.0,
-                    error=f"not installed (no module named {backend!r})",
+                    backend, ok=False, error=f"not installed (no module named {backend!r})"
                 )
-                notify(backend, "skipped")
+                notify(backend, "skipped", runs[backend].error)
                 continue
-            notify(backend, "start")
-            runs[backend] = _run_one(root, job, backend, timeout)
-            notify(backend, "done" if runs[backend].ok else "failed")
+            out_dir = root / backend
+            out_dir.mkdir(exist_ok=True)
+            runs[backend] = BackendRun(backend)
+        deadline = {}
+        phases = ["compute"] + (["load"] if portability else [])
+        try:
+            for phase in phases:
+                for backend, run in runs.items():
+                    if not run.ok and run.error:
+                        continue
+                    if backend not in workers:
+                        workers[backend] = _Worker(backend, root, root / backend)
+                        deadline[backend] = time.monotonic() + timeout
+                    notify(backend, "start", phase)
+                    start = time.perf_counter()
+                    error = workers[backend].run_phase(phase, deadline[backend])
+                    run.seconds += time.perf_counter() - start
+                    if error:
+                        run.ok, run.error = False, error
+                        notify(backend, "failed", phase)
+                    else:
+                        notify(backend, "done", phase)
+        finally:
+            for worker in workers.values():
+                worker.close()
+        for backend, run in runs.items():
+            if backend in workers:
+                _collect(run, root / backend, job)
         return runs
 
 
-def _run_one(root, job, backend, timeout):
-    out_dir = root / backend
-    out_dir.mkdir(exist_ok=True)
-    start = time.perf_counter()
-    stderr_path = out_dir / "stderr.txt"
-    with open(stderr_path, "wb") as stderr:
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "mhsa_core.worker", str(root), str(out_dir)],
-                env=_worker_env(backend),
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                timeout=timeout,
-                check=False,
-            )
-            returncode = proc.returncode
-        except subprocess.TimeoutExpired:
-            returncode = None
-    seconds = time.perf_counter() - start
-    tail = stderr_path.read_text(errors="replace")[-_STDERR_TAIL_CHARS:]
-    if returncode is None:
-        return BackendRun(backend, ok=False, seconds=seconds,
-                          error=f"timed out after {timeout:g} s\n{tail}")
-    if returncode != 0 or not (out_dir / "result.json").exists():
-        return BackendRun(backend, ok=False, seconds=seconds,
-                          error=f"worker exited with status {returncode}\n{tail}")
-    info, results = _read_results(out_dir, job)
-    case_errors = info.pop("case_errors", {})
-    return BackendRun(backend, ok=not case_errors, seconds=seconds, results=results,
-                      case_errors=case_errors, info=info,
-                      error=None if not case_errors else "some cases failed")
+def _load_npz(path):
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _collect(run, out_dir, job):
+    """Reads what a worker wrote (also after it failed midway)."""
+    for phase in ("compute", "load"):
+        path = out_dir / f"phase-{phase}.json"
+        if path.exists():
+            info = json.loads(path.read_text())
+            run.info.setdefault("timings", {}).update(info.get("timings", {}))
+            run.info.update(info.get("versions", {}))
+            for case, tasks in info.get("errors", {}).items():
+                run.errors.setdefault(case, {}).update(tasks)
+    for i, case in enumerate(job["cases"]):
+        for task in case["tasks"]:
+            path = out_dir / f"case{i}-{task}.npz"
+            if path.exists():
+                run.results.setdefault(case["name"], {})[task] = _load_npz(path)
+        for path in sorted(out_dir.glob(f"load-*-case{i}.npz")):
+            saver = path.name[len("load-"):-len(f"-case{i}.npz")]
+            run.loads[(saver, case["name"])] = _load_npz(path)
+    if run.ok and any(run.errors.values()):
+        run.ok = False
+        run.error = "some tasks failed"
