@@ -40,12 +40,13 @@ def test_runner_reports_a_failing_case_and_keeps_the_others():
     good = Case("good", {"num_heads": 2}, {"x": x}, reference.random_weights(8, 2, seed=1))
     # Weights for 2 heads but 16 channels: set_weight_dict raises in the worker.
     bad = Case("bad", {"num_heads": 2}, {"x": x}, reference.random_weights(16, 2, seed=1))
-    runs = run_backends([good, bad], [BACKEND])
+    runs = run_backends([good, bad], [BACKEND], portability=False)
     run = runs[BACKEND]
     assert not run.ok
-    assert "bad" in run.case_errors and "ValueError" in run.case_errors["bad"]
+    assert "ValueError" in run.errors["bad"]["setup"]
+    assert "good" not in run.errors
     ref64, budget, _ = reference.error_budget(x, good.weights, num_heads=2)
-    assert np.abs(run.results["good"]["output"] - ref64).max() <= budget
+    assert np.abs(run.results["good"]["forward"]["out/0"] - ref64).max() <= budget
 
 
 def test_runner_reports_a_crashed_worker(monkeypatch):
@@ -53,17 +54,17 @@ def test_runner_reports_a_crashed_worker(monkeypatch):
     # backend's failure, with its stderr tail; the parent does not raise.
     import mhsa_core.runner as runner
 
-    real_env = runner._worker_env
+    real_env = runner.worker_env
 
     def broken_env(backend):
         env = real_env(backend)
         env["KERAS_BACKEND"] = "no_such_backend"
         return env
 
-    monkeypatch.setattr(runner, "_worker_env", broken_env)
+    monkeypatch.setattr(runner, "worker_env", broken_env)
     x = np.zeros((1, 2, 2, 4), "float32")
     case = Case("c", {}, {"x": x}, reference.random_weights(4, seed=0))
     run = run_backends([case], [BACKEND])[BACKEND]
-    assert not run.ok and "exited with status 1" in run.error
+    assert not run.ok and "worker exited with status 1" in run.error
     assert "no_such_backend" in run.error
     assert run.results == {}

@@ -17,7 +17,7 @@ Oracles and budgets (the README's tolerance policy has the reasoning):
   given): the median of the float32 results and rtol x max|oracle|.
 - SGD and Adam steps: the update formula applied in float64 to the start
   weights and to the float32 gradients this backend computed (the gradients
-  themselves are the "gradients" row); budget 1e-6 x max|w|.
+  themselves are the "gradients" row); budget 1e-6 x (max|w| + max|step|).
 """
 
 import dataclasses
@@ -423,7 +423,10 @@ def _judge_step(result, prefix):
     keys = [f"{prefix}/{j}" for j in range(n)]
     oracle = {f"{prefix}/{j}": _step_oracle(prefix, result[f"start/{j}"], result[f"grad/{j}"])
               for j in range(n)}
-    budget = FLOOR * _scale([result[f"start/{j}"] for j in range(n)])
+    # float32 rounds the new weights (~1e-7 x |w|) and keeps lr in float32
+    # (1e-2 -> 2.2e-8 relative off, times the step): both under FLOOR x that.
+    steps = [oracle[f"{prefix}/{j}"] - result[f"start/{j}"] for j in range(n)]
+    budget = FLOOR * (_scale(list(oracle.values())) + _scale(steps))
     return _judge(result, oracle, keys, {k: budget for k in keys})
 
 
