@@ -8,7 +8,6 @@ import keras
 from harness import (
     assert_float32_within_budget,
     make_case,
-    reference_config,
     run_layer_test,
     to_numpy,
 )

@@ -14,7 +14,7 @@ import pytest
 import keras
 
 import custom_layers
-from mhsa_core import MultiHeadSelfAttention2D, cli, matrix, mhsa_block
+from mhsa_core import cli, matrix, mhsa_block
 from mhsa_core.testing import assert_backends_agree
 
 HERE = Path(__file__).parent
