@@ -291,10 +291,9 @@ def _results(runs, case, task):
             if case in r.results and task in r.results[case]}
 
 
-def _keys(results, prefix):
-    keys = set()
-    for res in results.values():
-        keys |= {k for k in res if k.startswith(prefix)}
+def _array_keys(results, prefixes):
+    """The keys starting with `prefixes` in any backend's result, in order."""
+    keys = {k for res in results.values() for k in res if k.startswith(prefixes)}
     return sorted(keys, key=lambda k: [int(p) if p.isdigit() else p for p in k.split("/")])
 
 
@@ -442,21 +441,18 @@ def _reference_oracles(case):
     out, out_b, out64_b, scores, scores_b = {}, {}, {}, {}, {}
     for v, variant in enumerate(case.variants):
         key = f"out/{v}"
-        x, mask = variant["x"], variant.get("attention_mask")
-        out[key], out_b[key], _ = reference.error_budget(
-            x, case.weights, policy=case.dtype, attention_mask=mask, **ref_config)
+        kwargs = dict(attention_mask=variant.get("attention_mask"),
+                      return_attention_scores=True, **ref_config)
+        out[key], scores[key] = reference.mhsa_forward(variant["x"], case.weights, **kwargs)
         out64_b[key] = reference.FLOAT64_RTOL * _scale([out[key]])
-        _, scores[key] = reference.mhsa_forward(
-            x, case.weights, attention_mask=mask, return_attention_scores=True,
-            **ref_config)
         if case.dtype == "float64":
+            out_b[key] = out64_b[key]
             scores_b[key] = reference.FLOAT64_RTOL * _scale([scores[key]])
-        else:
-            _, scores32 = reference.mhsa_forward(
-                x, case.weights, dtype=np.float32, accumulation="sequential",
-                attention_mask=mask, return_attention_scores=True, **ref_config)
-            scores_b[key] = (2 * _max_abs(scores32, scores[key])
-                             + FLOOR * _scale([scores[key]]))
+        else:  # as reference.error_budget, for the output and the scores at once
+            out32, scores32 = reference.rounded_forward(
+                variant["x"], case.weights, case.dtype, **kwargs)
+            out_b[key] = 2 * _max_abs(out32, out[key]) + FLOOR * _scale([out[key]])
+            scores_b[key] = 2 * _max_abs(scores32, scores[key]) + FLOOR * _scale([scores[key]])
     return {"out": (out, out_b), "out64": (out, out64_b), "scores": (scores, scores_b)}
 
 
@@ -496,7 +492,7 @@ def _evaluate_case(case, runs, backends, rtol):
     # Gradients and optimizer steps: the median of the float64 runs.
     grads = _results(runs, name, "grads")
     grads64 = _results(runs, name, "grads64")
-    grad_keys = [k for k in _keys(grads64 or grads, "") if k.startswith(("input/", "weight/"))]
+    grad_keys = _array_keys(grads64 or grads, ("input/", "weight/"))
     g_oracle = _float64_oracle(grads64, grad_keys) if grads64 and rtol is None else None
     if g_oracle is not None:
         g_budgets = _peer_budgets(grads, grads64, g_oracle, grad_keys)

@@ -209,14 +209,33 @@ _POLICY_ROUNDING = {  # policy -> (compute dtype, storage dtype between ops)
 }
 
 
+def rounded_forward(x, weights, policy="float32", **config):
+    """This reference run with the roundings of a Keras dtype `policy`.
+
+    float32 arithmetic with sequential accumulation; for mixed_* also 16-bit
+    storage between ops. The float32 budgets are built on its error.
+    """
+    if policy not in _POLICY_ROUNDING:
+        raise ValueError(
+            f"Unknown policy. Expected one of {sorted(_POLICY_ROUNDING)}. "
+            f"Received: policy={policy!r}"
+        )
+    dtype, storage = _POLICY_ROUNDING[policy]
+    if storage == "bfloat16":
+        import ml_dtypes  # a dependency of keras; NumPy has no bfloat16
+
+        storage = ml_dtypes.bfloat16
+    return mhsa_forward(x, weights, dtype=dtype, accumulation="sequential",
+                        storage_dtype=storage, **config)
+
+
 def error_budget(x, weights, policy="float32", **config):
     """Reference output and the error budget of a result computed under `policy`.
 
     Returns `(ref64, budget, base_error)`:
     - ref64: the float64 output;
-    - base_error: the error of this reference re-run with the roundings of
-      `policy` (float32 arithmetic with sequential accumulation; for mixed_*
-      also 16-bit storage between ops), against ref64;
+    - base_error: the error of `rounded_forward` (this reference with the
+      roundings of `policy`) against ref64;
     - budget: the largest error allowed against ref64, 2 * base_error plus a
       floor of 1e-6 * max|ref64|. For "float64": FLOAT64_RTOL * max|ref64|,
       and base_error is None.
@@ -227,17 +246,6 @@ def error_budget(x, weights, policy="float32", **config):
     scale = float(np.max(np.abs(ref64)))
     if policy == "float64":
         return ref64, FLOAT64_RTOL * scale, None
-    if policy not in _POLICY_ROUNDING:
-        raise ValueError(
-            f"Unknown policy. Expected 'float64' or one of {sorted(_POLICY_ROUNDING)}. "
-            f"Received: policy={policy!r}"
-        )
-    dtype, storage = _POLICY_ROUNDING[policy]
-    if storage == "bfloat16":
-        import ml_dtypes  # a dependency of keras; NumPy has no bfloat16
-
-        storage = ml_dtypes.bfloat16
-    rounded = mhsa_forward(x, weights, dtype=dtype, accumulation="sequential",
-                           storage_dtype=storage, **config)
+    rounded = rounded_forward(x, weights, policy, **config)
     base_error = float(np.max(np.abs(rounded.astype(np.float64) - ref64)))
     return ref64, 2.0 * base_error + 1e-6 * scale, base_error
