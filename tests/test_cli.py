@@ -68,3 +68,12 @@ def test_runner_reports_a_crashed_worker(monkeypatch):
     assert not run.ok and "worker exited with status 1" in run.error
     assert "no_such_backend" in run.error
     assert run.results == {}
+
+
+def test_runner_reports_a_hung_worker():
+    # A worker over its time limit is killed and reported; nothing raises.
+    x = np.zeros((1, 2, 2, 4), "float32")
+    case = Case("c", {}, {"x": x}, reference.random_weights(4, seed=0))
+    run = run_backends([case], [BACKEND], timeout=0.5)[BACKEND]
+    assert not run.ok and "timed out in phase 'compute'" in run.error
+    assert run.results == {}

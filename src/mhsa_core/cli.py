@@ -177,15 +177,42 @@ def _cell_text(cell):
     return f"{text} FAIL" + (f" ({cell.note})" if cell.note else ""), "bold red"
 
 
-def _progress_printer(out, quiet):
-    def on_event(backend, event, detail=None):
-        if quiet:
+class _Progress:
+    """What the workers are doing: a live status line on a terminal (rich),
+    plain lines otherwise (CI logs), nothing with --quiet."""
+
+    def __init__(self, stream, quiet):
+        self.stream, self.quiet, self._status = stream, quiet, None
+        if not quiet and stream.isatty():
+            try:
+                from rich.console import Console
+            except ImportError:
+                return
+            self._status = Console(file=stream).status("starting the workers ...")
+
+    def __enter__(self):
+        if self._status is not None:
+            self._status.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._status is not None:
+            self._status.__exit__(*exc)
+
+    def __call__(self, backend, event, detail=None):
+        if self.quiet:
             return
-        if event == "start":
-            print(f"  {backend}: {detail} ...", file=out, flush=True)
-        elif event in ("failed", "skipped"):
-            print(f"  {backend}: {event} ({detail})", file=out, flush=True)
-    return on_event
+        text = f"{backend}: {detail} ..." if event == "start" else None
+        if event in ("failed", "skipped"):
+            text = f"{backend}: {event} ({str(detail).splitlines()[0]})"
+        if text is None:
+            return
+        if self._status is not None:
+            self._status.update(text)
+            if event != "start":
+                self._status.console.print(text)
+        else:
+            print(f"  {text}", file=self.stream, flush=True)
 
 
 def _render(report, out, title):
@@ -250,11 +277,11 @@ def run_matrix_command(args, out=None):
         except matrix.ModelFileError as e:
             raise UsageError(str(e)) from None
         title = f"mhsa-core matrix: {args.model} (error / budget; <= 1 passes)"
-    report = matrix.run_matrix(
-        cases, args.backends, rtol=args.rtol, safe_mode=safe_mode,
-        on_event=_progress_printer(sys.stderr, args.quiet), timeout=args.timeout,
-        imports=args.imports,
-    )
+    with _Progress(sys.stderr, args.quiet) as progress:
+        report = matrix.run_matrix(
+            cases, args.backends, rtol=args.rtol, safe_mode=safe_mode,
+            on_event=progress, timeout=args.timeout, imports=args.imports,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
     if not args.quiet:
