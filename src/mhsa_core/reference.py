@@ -15,15 +15,46 @@ references under `backends/`, and the cross-backend runner:
     query_kernel    (C, heads*kd)   query_bias (heads*kd,)
     key_kernel      (C, heads*kd)   key_bias   (heads*kd,)
     value_kernel    (C, C)          value_bias (C,)
+    relative_height (2*Hr - 1, kd)  relative_width (2*Wr - 1, kd)   # "relative" only
+    absolute_height (Hr, kd)        absolute_width (Wr, kd)         # "absolute" only
 
-Biases are absent (or None) when the block has no bias.
+Biases are absent (or None) when the block has no bias. (Hr, Wr) is the
+reference size of the learned position tables (the layer's `position_size`);
+here it is read off the tables' shapes.
+
+Position encodings (`position_encoding`), with (y, x) a token's row and
+column, i a query and j a key, q_i the query of one head:
+
+- "conv": t <- t + relu(t @ Wp + bp) before the projections (the seed's);
+- "none": nothing;
+- "sinusoidal": t <- t + P(y, x) before the projections, P the fixed
+  sine-cosine embedding of `sinusoidal_embedding`;
+- "relative" (BoTNet): logits(i, j) += q_i . (R_h[y_j - y_i + H - 1]
+  + R_w[x_j - x_i + W - 1]), R_h and R_w the tables resized to 2H - 1 and
+  2W - 1 rows (`resize_table`);
+- "absolute": logits(i, j) += q_i . (E_h[y_j] + E_w[x_j]), the tables resized
+  to H and W rows.
+
+With `scale_position_logits` (default) the logits are scale * (q_i . k_j +
+position term), else scale * q_i . k_j + position term. Shared across heads.
 """
 
 import math
 
 import numpy as np
 
-__all__ = ["mhsa_forward", "random_weights", "weight_shapes", "error_budget"]
+__all__ = [
+    "mhsa_forward", "random_weights", "weight_shapes", "error_budget", "rounded_forward",
+    "resize_table", "sinusoidal_embedding", "position_logits", "POSITION_ENCODINGS",
+]
+
+POSITION_ENCODINGS = ("conv", "none", "relative", "absolute", "sinusoidal")
+# Learned per-axis tables of each encoding: (name prefix, rows for a reference
+# size of n along that axis).
+_TABLES = {
+    "relative": ("relative", lambda n: 2 * n - 1),
+    "absolute": ("absolute", lambda n: n),
+}
 
 
 def _relu(x):
@@ -53,8 +84,12 @@ _ACTIVATIONS = {
 
 
 def weight_shapes(channels, num_heads=1, key_dim=None, position_encoding="conv",
-                  use_bias=True):
-    """Shapes of the canonical weight dict, in the layer's creation order."""
+                  use_bias=True, position_size=None):
+    """Shapes of the canonical weight dict, in the layer's creation order.
+
+    `position_size` (Hr, Wr) is needed by the learned encodings ("relative",
+    "absolute") only.
+    """
     head_dim = channels // num_heads
     key_dim = head_dim if key_dim is None else key_dim
     qk = num_heads * key_dim
@@ -67,25 +102,126 @@ def weight_shapes(channels, num_heads=1, key_dim=None, position_encoding="conv",
         shapes[f"{name}_kernel"] = (channels, width)
         if use_bias:
             shapes[f"{name}_bias"] = (width,)
+    if position_encoding in _TABLES:
+        if position_size is None:
+            raise ValueError(
+                f"position_encoding={position_encoding!r} has learned tables: "
+                "pass position_size=(Hr, Wr). Received: position_size=None"
+            )
+        prefix, rows = _TABLES[position_encoding]
+        height, width = position_size
+        shapes[f"{prefix}_height"] = (rows(height), key_dim)
+        shapes[f"{prefix}_width"] = (rows(width), key_dim)
     return shapes
 
 
 def random_weights(channels, num_heads=1, key_dim=None, position_encoding="conv",
-                   use_bias=True, seed=0, dtype=np.float64):
-    """He-normal kernels and small random biases, drawn with NumPy.
+                   use_bias=True, seed=0, dtype=np.float64, position_size=None):
+    """He-normal kernels, small random biases, N(0, 1/key_dim) position tables,
+    drawn with NumPy.
 
     Cross-backend comparisons always inject these: the same Keras seed gives
     different initial values on each backend.
     """
     rng = np.random.default_rng(seed)
     out = {}
-    for name, shape in weight_shapes(channels, num_heads, key_dim,
-                                     position_encoding, use_bias).items():
+    for name, shape in weight_shapes(channels, num_heads, key_dim, position_encoding,
+                                     use_bias, position_size).items():
         if name.endswith("kernel"):
             std = math.sqrt(2.0 / shape[0])
-            out[name] = (rng.standard_normal(shape) * std).astype(dtype)
+        elif name.endswith(("_height", "_width")):
+            std = 1.0 / math.sqrt(shape[1])  # BoTNet's and timm's initialization
         else:
-            out[name] = (rng.standard_normal(shape) * 0.1).astype(dtype)
+            std = 0.1
+        out[name] = (rng.standard_normal(shape) * std).astype(dtype)
+    return out
+
+
+# ------------------------------------------------------- position encodings
+def resize_table(table, length, dtype=np.float64):
+    """`table` (L, d) linearly interpolated along axis 0 to `length` rows.
+
+    Row t of the result sits at source position s = (t + 0.5) * L / length - 0.5
+    (pixel centers aligned, "half-pixel"), clamped to [0, L - 1]:
+    out[t] = (1 - f) * table[floor(s)] + f * table[floor(s) + 1], f = s - floor(s).
+    This is torch's `F.interpolate(mode="linear", align_corners=False)` and
+    `tf.image.resize(method="bilinear")` along one axis. With length == L, s = t
+    and the table comes back unchanged, bit for bit.
+
+    For a relative table (2n - 1 rows, offsets -(n-1)..n-1) the rule maps offset
+    d at the new size to offset d * (2n - 1) / (2m - 1) at the reference size
+    (m the new size): offset 0 stays at offset 0, and the largest offsets clamp
+    to the table's ends.
+    """
+    table = np.asarray(table).astype(dtype)
+    rows = table.shape[0]
+    out = np.zeros((length,) + table.shape[1:], dtype=dtype)
+    for t in range(length):
+        s = (dtype(t) + dtype(0.5)) * dtype(rows) / dtype(length) - dtype(0.5)
+        s = min(max(s, dtype(0)), dtype(rows - 1))
+        i0 = int(math.floor(s))
+        i1 = min(i0 + 1, rows - 1)
+        f = dtype(s - i0)
+        out[t] = (dtype(1) - f) * table[i0] + f * table[i1]
+    return out
+
+
+def sinusoidal_embedding(height, width, channels, dtype=np.float64):
+    """The fixed 2-D sine-cosine embedding P, (H*W, C), row-major over (H, W).
+
+    With D = C / 4 frequencies w_k = 10000^(-k / D), k = 0..D-1, the token at
+    row y and column x gets the channels
+
+        [sin(y w_0..w_{D-1}), cos(y w), sin(x w), cos(x w)]
+
+    (MAE's `get_2d_sincos_pos_embed` with the halves swapped: MAE encodes the
+    column first). C must be divisible by 4.
+    """
+    if channels % 4:
+        raise ValueError(
+            "The sinusoidal embedding needs channels divisible by 4. "
+            f"Received: channels={channels}"
+        )
+    d = channels // 4
+    omega = np.asarray([10000.0 ** (-k / d) for k in range(d)], dtype=dtype)
+    out = np.zeros((height * width, channels), dtype=dtype)
+    for y in range(height):
+        for x in range(width):
+            i = y * width + x
+            out[i, 0:d] = np.sin(dtype(y) * omega)
+            out[i, d:2 * d] = np.cos(dtype(y) * omega)
+            out[i, 2 * d:3 * d] = np.sin(dtype(x) * omega)
+            out[i, 3 * d:4 * d] = np.cos(dtype(x) * omega)
+    return out
+
+
+def position_logits(q, weights, position_encoding, height, width, dtype=np.float64,
+                    matmul=np.matmul):
+    """The position term of one head's logits, (N, N), or None.
+
+    Args:
+        q: (N, key_dim) queries of one head, N = height * width row-major.
+        weights: the canonical dict (its `relative_*` / `absolute_*` tables).
+        position_encoding: "relative" or "absolute" give a term; others None.
+
+    Row i (query at (y_i, x_i)), column j (key at (y_j, x_j)):
+    relative: q_i . (R_h[y_j - y_i + H - 1] + R_w[x_j - x_i + W - 1]);
+    absolute: q_i . (E_h[y_j] + E_w[x_j]); the tables resized first.
+    """
+    if position_encoding not in _TABLES:
+        return None
+    prefix, rows = _TABLES[position_encoding]
+    table_h = resize_table(weights[f"{prefix}_height"], rows(height), dtype)
+    table_w = resize_table(weights[f"{prefix}_width"], rows(width), dtype)
+    n = height * width
+    ys, xs = np.divmod(np.arange(n), width)  # (y_j, x_j) of every token
+    out = np.zeros((n, n), dtype=dtype)
+    for i in range(n):
+        if position_encoding == "relative":
+            emb = table_h[ys - ys[i] + height - 1] + table_w[xs - xs[i] + width - 1]
+        else:
+            emb = table_h[ys] + table_w[xs]
+        out[i] = matmul(emb, q[i][:, None])[:, 0]  # (N, kd) @ (kd, 1)
     return out
 
 
@@ -112,7 +248,7 @@ def _dense(t, weights, name, dtype, matmul, store):
 
 
 def mhsa_forward(x, weights, *, num_heads=1, key_dim=None, activation="relu",
-                 position_encoding="conv", scale=1.0,
+                 position_encoding="conv", scale=1.0, scale_position_logits=True,
                  data_format="channels_last", attention_mask=None,
                  return_attention_scores=False, dtype=np.float64,
                  accumulation="blas", storage_dtype=None):
@@ -121,6 +257,7 @@ def mhsa_forward(x, weights, *, num_heads=1, key_dim=None, activation="relu",
     Args:
         x: (B, H, W, C) for "channels_last", (B, C, H, W) for "channels_first".
         weights: the canonical weight dict (see the module docstring).
+        position_encoding, scale_position_logits: see the module docstring.
         attention_mask: optional bool (B, H, W); True = may be attended to.
         dtype: the float dtype of every intermediate (float64 for the oracle,
             float32 for the float32 error budget).
@@ -131,7 +268,8 @@ def mhsa_forward(x, weights, *, num_heads=1, key_dim=None, activation="relu",
             every tensor a Keras op hands to the next (projections, tokens,
             probabilities, output) are rounded to it, while each op computes in
             `dtype`, and the logits and softmax stay in `dtype` (as the layer
-            does under a mixed_* policy).
+            does under a mixed_* policy). Position tables are not rounded
+            (the layer keeps them, and the position term, in float32).
 
     Returns:
         The output in the layout of `x`, and with `return_attention_scores`
@@ -160,11 +298,13 @@ def mhsa_forward(x, weights, *, num_heads=1, key_dim=None, activation="relu",
 
     # Step 1: tokens, row-major over (H, W).
     t = x.reshape(batch, n, channels)
-    # Step 2: the seed's "position encoding", a ReLU 1x1 conv added back.
-    if position_encoding == "conv":
-        t = store(t + _relu(_dense(t, weights, "position", dtype, matmul, store)))
-    elif position_encoding != "none":
+    # Step 2: position encodings that act on the tokens.
+    if position_encoding not in POSITION_ENCODINGS:
         raise ValueError(f"Unknown position_encoding={position_encoding!r}")
+    if position_encoding == "conv":  # the seed's ReLU 1x1 conv, added back
+        t = store(t + _relu(_dense(t, weights, "position", dtype, matmul, store)))
+    elif position_encoding == "sinusoidal":
+        t = store(t + store(sinusoidal_embedding(height, width, channels, dtype)))
     # Step 3: projections.
     q = act(_dense(t, weights, "query", dtype, matmul, store))  # (B, N, heads*kd)
     k = act(_dense(t, weights, "key", dtype, matmul, store))  # (B, N, heads*kd)
@@ -186,7 +326,15 @@ def mhsa_forward(x, weights, *, num_heads=1, key_dim=None, activation="relu",
             if not valid.any():
                 # Every key masked: probabilities and output are zero.
                 continue
-            logits = dtype(scale) * matmul(qh, kh.T)  # (N, N)
+            logits = matmul(qh, kh.T)  # (N, N)
+            pos = position_logits(qh, weights, position_encoding, height, width,
+                                  dtype, matmul)
+            if pos is None:
+                logits = dtype(scale) * logits
+            elif scale_position_logits:
+                logits = dtype(scale) * (logits + pos)
+            else:
+                logits = dtype(scale) * logits + pos
             logits = logits[:, valid]  # only the keys that may be attended to
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
             p = e / e.sum(axis=1, keepdims=True)
