@@ -16,12 +16,25 @@ from keras import random
 _MASKED_LOGIT = -1e9
 
 
+def logits_dtype(dtype):
+    """The dtype the logits and softmax are computed in, for inputs of `dtype`.
+
+    At least float32: under mixed_float16 the seed block's unscaled ReLU
+    logits reach several hundred; exp() of that overflows float16 (max 65504)
+    and the sums lose every digit.
+    """
+    # standardize_dtype: torch reports torch.float16, not "float16".
+    dtype = backend.standardize_dtype(dtype)
+    return "float32" if dtype in ("float16", "bfloat16") else dtype
+
+
 def dot_product_attention(
     query,
     key,
     value,
     *,
     scale,
+    logits_bias=None,
     key_mask=None,
     dropout=0.0,
     training=False,
@@ -34,6 +47,8 @@ def dot_product_attention(
         key: (B, heads, N, key_dim).
         value: (B, heads, N, value_dim).
         scale: Python float that multiplies the logits.
+        logits_bias: optional (B, heads, N, N), or broadcastable to it, added
+            to the scaled logits (a position term), in `logits_dtype`.
         key_mask: optional bool (B, N); True = the key may be attended to.
             Masked keys get probability 0; a query whose keys are all masked
             gets all-zero probabilities and so a zero output.
@@ -46,21 +61,17 @@ def dot_product_attention(
         `value`; probs (B, heads, N, N), float32 under mixed precision (they are
         computed in float32, see below), else the dtype of `query`.
     """
-    # Logits and softmax run in at least float32. Under mixed_float16 the seed
-    # block's unscaled ReLU logits reach several hundred: exp() of that
-    # overflows float16 (max 65504) and the sums lose every digit.
-    # standardize_dtype: torch reports torch.float16, not "float16".
-    softmax_dtype = backend.standardize_dtype(query.dtype)
-    if softmax_dtype in ("float16", "bfloat16"):
-        softmax_dtype = "float32"
-        query = ops.cast(query, softmax_dtype)
-        key = ops.cast(key, softmax_dtype)
+    softmax_dtype = logits_dtype(query.dtype)
+    query = ops.cast(query, softmax_dtype)
+    key = ops.cast(key, softmax_dtype)
 
     logits = ops.einsum("bhqd,bhkd->bhqk", query, key)  # (B, heads, N, N)
     if scale != 1.0:
         # convert_to_tensor with the dtype: ops.cast(python_float) would round
         # the scale to float32 first on TF, costing float64 its precision.
         logits = logits * ops.convert_to_tensor(scale, dtype=softmax_dtype)
+    if logits_bias is not None:
+        logits = logits + ops.cast(logits_bias, softmax_dtype)
 
     if key_mask is not None:
         keep = ops.cast(key_mask, "bool")[:, None, None, :]  # (B, 1, 1, N)

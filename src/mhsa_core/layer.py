@@ -8,9 +8,16 @@ import keras
 import numpy as np
 from keras import ops
 
-from mhsa_core.attention import dot_product_attention
+from mhsa_core import position
+from mhsa_core.attention import dot_product_attention, logits_dtype
 
-_POSITION_ENCODINGS = ("conv", "none")
+_POSITION_ENCODINGS = ("conv", "none", "relative", "absolute", "sinusoidal")
+# Encodings with learned per-axis tables: the table name prefix and the rows of
+# a table for a reference size of n along its axis.
+_TABLES = {
+    "relative": ("relative", lambda n: 2 * n - 1),
+    "absolute": ("absolute", lambda n: n),
+}
 _DATA_FORMATS = ("channels_last", "channels_first")
 # Keyword arguments that keras.layers.Layer itself accepts and may write into a config.
 _BASE_LAYER_KEYS = ("name", "trainable", "dtype", "autocast", "activity_regularizer")
@@ -32,6 +39,24 @@ def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _check_position_size(position_size):
+    """`position_size` as a tuple of two positive ints (or None), else ValueError."""
+    if position_size is None:
+        return None
+    ok = (
+        isinstance(position_size, (tuple, list))
+        and len(position_size) == 2
+        and all(_is_int(v) and v >= 1 for v in position_size)
+    )
+    if not ok:
+        raise ValueError(
+            "Received an invalid value for argument `position_size`, expected None "
+            "or two positive integers (height, width). "
+            f"Received: position_size={position_size!r}"
+        )
+    return tuple(int(v) for v in position_size)
+
+
 @keras.saving.register_keras_serializable(package="mhsa_core")
 class MultiHeadSelfAttention2D(keras.layers.Layer):
     """Multi-head self-attention over the positions of a 2-D feature map.
@@ -49,6 +74,16 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         head i: softmax(scale * q_i k_i^T) v_i         # channels [i*d, (i+1)*d)
         out = concat(heads) reshaped to x's layout
 
+    Position encodings ((y, x) = a token's row and column, i a query, j a key):
+    "relative" (BoTNet) adds q_i . (R_h[y_j - y_i + H - 1] + R_w[x_j - x_i + W - 1])
+    to the logits, "absolute" adds q_i . (E_h[y_j] + E_w[x_j]) (both shared
+    across heads; times `scale` too if `scale_position_logits`), and
+    "sinusoidal" adds a fixed sine-cosine embedding of (y, x) to the tokens.
+    The learned tables R, E belong to the size `position_size`; at any other
+    size they are linearly resized (see `mhsa_core.position`), so one layer
+    runs at any H x W. `MultiHeadSelfAttention2D.botnet(...)` builds BoTNet's
+    configuration.
+
     The computation uses only `keras.ops`, so the same layer, and the same saved
     `.keras` file, runs under TensorFlow, PyTorch and JAX with the same numbers.
 
@@ -59,7 +94,18 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         activation: Activation of the query, key and value projections.
             Default "relu" (the seed block); None for linear projections.
         position_encoding: "conv" (the seed's ReLU 1x1 conv of each token's own
-            features, added to the tokens) or "none".
+            features, added to the tokens; it carries no position), "none",
+            "relative" (BoTNet's 2-D relative logits), "absolute" (learned
+            factorized embeddings of the key's row and column, in the logits)
+            or "sinusoidal" (fixed 2-D sine-cosine embedding added to the
+            tokens; C divisible by 4).
+        position_size: (Hr, Wr), the reference size of the learned tables of
+            "relative" (2*Hr - 1 and 2*Wr - 1 rows of key_dim) and "absolute"
+            (Hr and Wr rows). Default: the spatial size seen at build, which
+            must then be static. Ignored by the other encodings.
+        scale_position_logits: Whether `scale` multiplies the position term
+            of "relative"/"absolute" too (BoTNet's official code: True) or
+            only q.k (timm's default: False).
         scale: Factor of the logits. Default 1.0 (the seed has no scaling);
             None means 1 / sqrt(key_dim).
         use_bias: Whether the projections have biases.
@@ -69,6 +115,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             (B, C, H, W). Default: `keras.config.image_data_format()`.
         kernel_initializer: Initializer of the projection kernels ("he_normal",
             as the seed's convs).
+        position_initializer: Initializer of the position tables. Default
+            None: normal with stddev 1 / sqrt(key_dim), as BoTNet and timm.
         bias_initializer: Initializer of the biases.
         kernel_regularizer: Regularizer of the kernels.
         bias_regularizer: Regularizer of the biases.
@@ -107,12 +155,15 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         key_dim: int | None = None,
         activation="relu",
         position_encoding: str = "conv",
+        position_size: tuple[int, int] | None = None,
+        scale_position_logits: bool = True,
         scale: float | None = 1.0,
         use_bias: bool = True,
         dropout: float = 0.0,
         data_format: str | None = None,
         kernel_initializer="he_normal",
         bias_initializer="zeros",
+        position_initializer=None,
         kernel_regularizer=None,
         bias_regularizer=None,
         kernel_constraint=None,
@@ -136,6 +187,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "Received an invalid value for argument `position_encoding`, "
                 f"expected one of {_POSITION_ENCODINGS}. "
                 f"Received: position_encoding={position_encoding!r}"
+            )
+        position_size = _check_position_size(position_size)
+        if not isinstance(scale_position_logits, (bool, np.bool_)):
+            raise ValueError(
+                "Received an invalid value for argument `scale_position_logits`, "
+                "expected a boolean. "
+                f"Received: scale_position_logits={scale_position_logits!r}"
             )
         if scale is not None and (
             isinstance(scale, bool)
@@ -180,12 +238,18 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.num_heads = int(num_heads)
         self.key_dim = None if key_dim is None else int(key_dim)
         self.position_encoding = position_encoding
+        self.position_size = position_size
+        self.scale_position_logits = bool(scale_position_logits)
         self.scale = None if scale is None else float(scale)
         self.use_bias = bool(use_bias)
         self.dropout = float(dropout)
         self.data_format = data_format
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.position_initializer = (
+            None if position_initializer is None
+            else keras.initializers.get(position_initializer)
+        )
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
@@ -246,6 +310,20 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             return 1.0 / math.sqrt(self._head_key_dim)
         return self.scale
 
+    def _resolve_position_size(self, input_shape):
+        """position_size, defaulting to the static spatial size of the input."""
+        if self.position_size is not None:
+            return self.position_size
+        height, width, _ = self._spatial_and_channels(input_shape)
+        if height is None or width is None:
+            raise ValueError(
+                f"position_encoding={self.position_encoding!r} learns tables for "
+                "a reference size, and the spatial size of the input is unknown "
+                "at build. Pass `position_size=(height, width)`. "
+                f"Received: position_size=None, inputs.shape={tuple(input_shape)}"
+            )
+        return (int(height), int(width))
+
     def build(self, input_shape):
         input_shape = self._check_input_shape(input_shape)
         channels = self._spatial_and_channels(input_shape)[2]
@@ -254,6 +332,14 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "The number of channels must be divisible by `num_heads`. "
                 f"Received: channels={channels}, num_heads={self.num_heads}"
             )
+        if self.position_encoding == "sinusoidal" and channels % 4:
+            raise ValueError(
+                "position_encoding='sinusoidal' needs channels divisible by 4 "
+                "(sin and cos of the row and of the column). "
+                f"Received: channels={channels}"
+            )
+        if self.position_encoding in _TABLES:
+            self.position_size = self._resolve_position_size(input_shape)
         self.channels = channels
         self._head_key_dim = (
             self.key_dim if self.key_dim is not None else channels // self.num_heads
@@ -282,6 +368,21 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                     constraint=self.bias_constraint,
                 )
             setattr(self, f"{name}_bias", bias)
+        if self.position_encoding in _TABLES:
+            prefix, rows = _TABLES[self.position_encoding]
+            initializer = self.position_initializer or keras.initializers.RandomNormal(
+                stddev=position.default_table_stddev(self._head_key_dim)
+            )
+            for axis, size in zip(("height", "width"), self.position_size):
+                # autocast=False: under mixed precision the tables stay float32,
+                # like the logits they feed (see `call`).
+                table = self.add_weight(
+                    name=f"{prefix}_{axis}",
+                    shape=(rows(size), self._head_key_dim),
+                    initializer=initializer,
+                    autocast=False,
+                )
+                setattr(self, f"{prefix}_{axis}", table)
         self.input_spec = keras.InputSpec(ndim=4, axes={self._channel_axis: channels})
 
     def compute_output_shape(self, input_shape):
@@ -331,6 +432,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         tokens = ops.reshape(x, (batch, n, channels))  # (B, N, C), row-major
         if self.position_encoding == "conv":
             tokens = tokens + self._project(tokens, "position", keras.activations.relu)
+        elif self.position_encoding == "sinusoidal":
+            # Computed in the variable dtype (float32 under mixed precision),
+            # rounded once to the compute dtype.
+            embedding = position.sinusoidal_embedding(
+                height, width, channels, self.variable_dtype
+            )  # (N, C)
+            tokens = tokens + ops.cast(embedding, tokens.dtype)
         q = self._project(tokens, "query", self.activation)  # (B, N, heads*kd)
         k = self._project(tokens, "key", self.activation)  # (B, N, heads*kd)
         v = self._project(tokens, "value", self.activation)  # (B, N, C)
@@ -344,11 +452,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             self._check_mask_shape(tuple(inputs.shape), tuple(attention_mask.shape))
             key_mask = ops.reshape(attention_mask, (batch, n))  # (B, N)
 
+        q = split_heads(q, key_dim)  # (B, heads, N, kd)
         outputs, scores = dot_product_attention(
-            split_heads(q, key_dim),
+            q,
             split_heads(k, key_dim),
             split_heads(v, channels // heads),
             scale=self.scale_value,
+            logits_bias=self._position_logits(q, height, width),
             key_mask=key_mask,
             dropout=self.dropout,
             training=training,
@@ -362,6 +472,27 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         if return_attention_scores:
             return outputs, scores
         return outputs
+
+    def _position_logits(self, q, height, width):
+        """The position term of the logits, (B, heads, N, N), or None.
+
+        Computed like the logits (in float32 under mixed precision, from the
+        float32 tables), and pre-multiplied by the logit scale when
+        `scale_position_logits`.
+        """
+        if self.position_encoding not in _TABLES:
+            return None
+        prefix = _TABLES[self.position_encoding][0]
+        dtype = logits_dtype(q.dtype)
+        q = ops.cast(q, dtype)
+        tables = [ops.cast(getattr(self, f"{prefix}_{axis}"), dtype)
+                  for axis in ("height", "width")]
+        logits_of = (position.relative_logits if self.position_encoding == "relative"
+                     else position.absolute_logits)
+        bias = logits_of(q, *tables, height, width)
+        if self.scale_position_logits and self.scale_value != 1.0:
+            bias = bias * ops.convert_to_tensor(self.scale_value, dtype=dtype)
+        return bias
 
     # ------------------------------------------------------------ weights I/O
     def get_weight_dict(self):
@@ -480,6 +611,117 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             self.build(tuple(shape))
         self.set_weight_dict(converted)
 
+    # ------------------------------------------------------------ BoTNet
+    @classmethod
+    def botnet(cls, num_heads: int = 4, position_size=None, **kwargs):
+        """BoTNet's multi-head self-attention (Srinivas et al. 2021).
+
+        Linear, bias-free q/k/v projections (`activation=None`,
+        `use_bias=False`), logits scaled by 1/sqrt(key_dim) (`scale=None`),
+        2-D relative position logits (`position_encoding="relative"`,
+        `scale_position_logits=True` as the official code; pass False for
+        timm's default), no seed position conv, and kernels initialized
+        "lecun_normal" (truncated normal, stddev 1/sqrt(C), as timm). Any
+        other argument, or an override of these, goes in `kwargs`.
+
+        Import trained BoTNet or timm weights with `load_botnet_weights`.
+        """
+        config = {
+            "activation": None,
+            "use_bias": False,
+            "scale": None,
+            "position_encoding": "relative",
+            "kernel_initializer": "lecun_normal",
+            **kwargs,
+        }
+        return cls(num_heads=num_heads, position_size=position_size, **config)
+
+    def load_botnet_weights(self, q_kernel, k_kernel, v_kernel, rel_height, rel_width):
+        """Loads the weights of a BoTNet (official or timm) attention layer.
+
+        Args:
+            q_kernel, k_kernel: (C, num_heads * key_dim), head h in columns
+                [h * key_dim, (h + 1) * key_dim).
+            v_kernel: (C, C), head h in columns [h * C/heads, (h + 1) * C/heads).
+            rel_height: (2 * Hr - 1, key_dim); row Hr - 1 + d holds a key d
+                rows below the query (key minus query), shared across heads.
+            rel_width: (2 * Wr - 1, key_dim), likewise for columns.
+
+        The README maps the official code's and timm's parameters to these.
+        The layer needs BoTNet's structure (`position_encoding="relative"`,
+        `use_bias=False`, `activation=None`, as `botnet()` makes it); it is
+        built from the arrays' shapes if needed, (Hr, Wr) taken from the
+        tables when `position_size` is None. Nothing is built or assigned
+        unless every array is valid.
+        """
+        differing = {
+            name: value
+            for name, value, botnet_value in (
+                ("position_encoding", self.position_encoding, "relative"),
+                ("use_bias", self.use_bias, False),
+                ("activation", keras.activations.serialize(self.activation), "linear"),
+            )
+            if value != botnet_value
+        }
+        if differing:
+            raise ValueError(
+                "load_botnet_weights needs a layer with BoTNet's structure "
+                "(position_encoding='relative', use_bias=False, activation=None; "
+                "see MultiHeadSelfAttention2D.botnet). Received: "
+                + ", ".join(f"{k}={v!r}" for k, v in differing.items())
+            )
+        names = ("q_kernel", "k_kernel", "v_kernel", "rel_height", "rel_width")
+        arrays = dict(zip(names, (np.asarray(a) for a in
+                                  (q_kernel, k_kernel, v_kernel, rel_height, rel_width))))
+        if self.built:
+            channels = self.channels
+        elif arrays["q_kernel"].ndim == 2 and arrays["q_kernel"].shape[0] > 0:
+            channels = arrays["q_kernel"].shape[0]
+        else:
+            raise ValueError(
+                "`q_kernel` must have shape (C, num_heads * key_dim). "
+                f"Received: q_kernel.shape={arrays['q_kernel'].shape}"
+            )
+        if channels % self.num_heads:
+            raise ValueError(
+                "The number of channels must be divisible by `num_heads`. "
+                f"Received: channels={channels} (q_kernel.shape[0]), "
+                f"num_heads={self.num_heads}"
+            )
+        key_dim = self.key_dim if self.key_dim is not None else channels // self.num_heads
+        size = self.position_size
+        if size is None:  # from the tables: 2 * n - 1 rows
+            rows = [arrays[n].shape[0] if arrays[n].ndim == 2 else 0
+                    for n in ("rel_height", "rel_width")]
+            size = tuple((r + 1) // 2 if r % 2 else None for r in rows)
+        expected = {
+            "q_kernel": (channels, self.num_heads * key_dim),
+            "k_kernel": (channels, self.num_heads * key_dim),
+            "v_kernel": (channels, channels),
+            "rel_height": (None if size[0] is None else 2 * size[0] - 1, key_dim),
+            "rel_width": (None if size[1] is None else 2 * size[1] - 1, key_dim),
+        }
+        for name, shape in expected.items():
+            if arrays[name].shape != shape:
+                shown = shape if None not in shape else f"(2 * n - 1, {key_dim}), odd rows"
+                raise ValueError(
+                    f"`{name}` must have shape {shown}. "
+                    f"Received: {name}.shape={arrays[name].shape}"
+                )
+        converted = {
+            "query_kernel": _as_float_array(arrays["q_kernel"], "q_kernel"),
+            "key_kernel": _as_float_array(arrays["k_kernel"], "k_kernel"),
+            "value_kernel": _as_float_array(arrays["v_kernel"], "v_kernel"),
+            "relative_height": _as_float_array(arrays["rel_height"], "rel_height"),
+            "relative_width": _as_float_array(arrays["rel_width"], "rel_width"),
+        }
+        if not self.built:
+            self.position_size = size
+            shape = [None, None, None, None]
+            shape[self._channel_axis] = channels
+            self.build(tuple(shape))
+        self.set_weight_dict(converted)
+
     def _require_built(self, what):
         if not self.built:
             raise ValueError(
@@ -496,6 +738,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "key_dim": self.key_dim,
                 "activation": keras.activations.serialize(self.activation),
                 "position_encoding": self.position_encoding,
+                "position_size": self.position_size,
+                "scale_position_logits": self.scale_position_logits,
                 "scale": self.scale,
                 "use_bias": self.use_bias,
                 "dropout": self.dropout,
@@ -504,6 +748,10 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                     self.kernel_initializer
                 ),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+                "position_initializer": (
+                    None if self.position_initializer is None
+                    else keras.initializers.serialize(self.position_initializer)
+                ),
                 "kernel_regularizer": keras.regularizers.serialize(
                     self.kernel_regularizer
                 ),
