@@ -13,10 +13,37 @@ Semantics (the same as `mhsa_core.reference.mhsa_forward`):
     x (B, H, W, C) "channels_last" or (B, C, H, W) "channels_first"
     t = x as tokens (B, N, C), N = H*W, row-major over (H, W)
     t = t + relu(t @ Wp + bp)                   # position_encoding "conv" only
+    t = t + P                                   # "sinusoidal" only
     q, k, v = act(t @ Wq + bq), act(t @ Wk + bk), act(t @ Wv + bv)
     head i = channels [i*d, (i+1)*d); q, k: d = key_dim, v: d = C // num_heads
-    out_h = softmax(scale * q_h k_h^T, keys not masked) @ v_h
+    out_h = softmax(scale * (q_h k_h^T + pos_h), keys not masked) @ v_h
+            (scale * q_h k_h^T + pos_h without scale_position_logits;
+             pos_h = 0 unless "relative" or "absolute")
     out = heads concatenated in order, back in the layout of x
+
+Position encodings, with (y, x) a token's row and column, i a query, j a key:
+
+- "relative" (BoTNet): pos(i, j) = q_i . (R_h[y_j - y_i + H - 1]
+  + R_w[x_j - x_i + W - 1]). Per axis, `tf.gather` of the table with the
+  offset index matrix idx[a, b] = b - a + L - 1 gives the (L, L, kd) embeddings
+  of every (query, key) pair along that axis, contracted with q by `tf.einsum`;
+  the height and width terms are broadcast-summed over the other axis.
+- "absolute": pos(i, j) = q_i . (E_h[y_j] + E_w[x_j]): the same with the index
+  matrix idx[a, b] = b.
+- The tables are `tf.Variable`s of the reference size (Hr, Wr)
+  (`position_size`); at an input of size (H, W) they are resized along their
+  rows to 2H - 1 / 2W - 1 (relative) or H / W (absolute) rows by linear
+  interpolation with half-pixel centers, written as a product with the
+  interpolation matrix M[t, l] = max(0, 1 - |s_t - l|),
+  s_t = clip((t + 0.5) * L / length - 0.5, 0, L - 1) (see `_resize`). This is
+  what `tf.image.resize(method="bilinear", antialias=False)` computes along
+  one axis, but that op always returns float32 (its weights are computed in
+  float32 too), which would cap the float64 runs at float32 accuracy; the
+  matrix form runs in the module's dtype. It is the identity at the
+  reference size. tests/test_native.py checks it against `tf.image.resize`.
+- "sinusoidal": P(y, x) = [sin(y w), cos(y w), sin(x w), cos(x w)],
+  w_k = 1 / 10000^(k / D), D = C / 4 (the frequencies in float64, then cast;
+  angles and sin/cos in the module's dtype).
 
 `attention_mask` is bool (B, H, W), True = the key may be attended to. A batch
 item whose keys are all masked gets an all-zero output (never NaN).
@@ -28,6 +55,8 @@ what `tf.einsum("bnc,cd->bnd")` wants), under the canonical names:
     query_kernel    (C, heads*kd)   query_bias (heads*kd,)
     key_kernel      (C, heads*kd)   key_bias   (heads*kd,)
     value_kernel    (C, C)          value_bias (C,)
+    relative_height (2*Hr - 1, kd)  relative_width (2*Wr - 1, kd)   # "relative" only
+    absolute_height (Hr, kd)        absolute_width (Wr, kd)         # "absolute" only
 
 Biases are absent when `use_bias=False`.
 
@@ -38,8 +67,9 @@ attend to every key instead (finite, unused) and their output is zeroed with
 `tf.where`, which also gives them zero gradients.
 
 Module-level helpers `forward` and `value_and_grad` take and return NumPy
-arrays, for the tests and the cross-backend runner. This file imports only
-TensorFlow and NumPy.
+arrays, for the tests and the cross-backend runner; so do `resize_table` and
+`sinusoidal_embedding`, the position-encoding pieces on their own. This file
+imports only TensorFlow and NumPy.
 """
 
 import math
@@ -47,18 +77,77 @@ import math
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["NativeMHSA2D", "forward", "value_and_grad"]
+__all__ = ["NativeMHSA2D", "forward", "value_and_grad", "resize_table", "sinusoidal_embedding"]
+
+
+def _gelu(x):
+    """Exact (erf) GELU, as the reference: x/2 * erfc(-x / sqrt(2)).
+
+    Not `tf.nn.gelu(approximate=False)`: it builds its 1/sqrt(2) with
+    `cast(0.7071067811865476, dtype)`, a float32 constant cast to float64, so in
+    float64 it is only float32-accurate (measured: 5e-9 absolute, 4.5e-8
+    relative error on [-5, 5], TF 2.21).
+    """
+    return 0.5 * x * tf.math.erfc(-x * tf.constant(1.0 / math.sqrt(2.0), x.dtype))
+
 
 _ACTIVATIONS = {
     None: lambda x: x,
     "linear": lambda x: x,
     "relu": tf.nn.relu,
-    "gelu": lambda x: tf.nn.gelu(x, approximate=False),  # exact, as the reference
+    "gelu": _gelu,
     "sigmoid": tf.math.sigmoid,
     "tanh": tf.math.tanh,
     "silu": tf.nn.silu,
     "swish": tf.nn.silu,
 }
+
+_POSITION_ENCODINGS = ("conv", "none", "relative", "absolute", "sinusoidal")
+# Encodings with learned per-axis tables: name prefix, rows for a size n.
+_TABLES = {
+    "relative": ("relative", lambda n: 2 * n - 1),
+    "absolute": ("absolute", lambda n: n),
+}
+
+
+def _resize(table, length):
+    """table (L, d) -> (length, d), linear along the rows, half-pixel centers.
+
+    M (length, L) @ table, M[t, l] = max(0, 1 - |s_t - l|) the "tent" weights
+    of source position s_t = clip((t + 0.5) * L / length - 0.5, 0, L - 1):
+    (1 - f, f) on the two rows around s_t. With length == L, s_t = t and M is
+    the identity, so the table comes back unchanged.
+    """
+    dtype = table.dtype
+    rows = tf.cast(tf.shape(table)[0], dtype)
+    t = tf.cast(tf.range(length), dtype)
+    s = (t + 0.5) * (rows / tf.cast(length, dtype)) - 0.5
+    s = tf.clip_by_value(s, tf.zeros((), dtype), rows - 1)
+    l = tf.cast(tf.range(tf.shape(table)[0]), dtype)
+    weights = tf.nn.relu(1.0 - tf.abs(s[:, None] - l[None, :]))  # (length, L)
+    return tf.linalg.matmul(weights, table)
+
+
+def _index_matrix(length, relative):
+    """(L, L) int32 table rows for (query a, key b): b - a + L - 1, or b."""
+    b = tf.range(length)[None, :]
+    if relative:
+        return b - tf.range(length)[:, None] + length - 1
+    return tf.tile(b, (length, 1))
+
+
+def _sincos(height, width, channels, dtype):
+    """The fixed 2-D sine-cosine embedding (H*W, C), row-major over (H, W)."""
+    d = channels // 4
+    k = tf.range(d, dtype=tf.float64)
+    omega = tf.cast(1.0 / tf.pow(tf.constant(10000.0, tf.float64), k / d), dtype)  # (d,)
+    ang_y = tf.cast(tf.range(height), dtype)[:, None] * omega  # (H, d)
+    ang_x = tf.cast(tf.range(width), dtype)[:, None] * omega  # (W, d)
+    emb_y = tf.concat([tf.sin(ang_y), tf.cos(ang_y)], axis=-1)  # (H, 2d)
+    emb_x = tf.concat([tf.sin(ang_x), tf.cos(ang_x)], axis=-1)  # (W, 2d)
+    emb = tf.concat([tf.tile(emb_y[:, None, :], (1, width, 1)),
+                     tf.tile(emb_x[None, :, :], (height, 1, 1))], axis=-1)  # (H, W, C)
+    return tf.reshape(emb, (height * width, channels))
 
 
 class NativeMHSA2D(tf.Module):
@@ -70,10 +159,15 @@ class NativeMHSA2D(tf.Module):
         key_dim: query/key width per head; default `channels // num_heads`.
         activation: applied to q, k and v: "relu" (default), None/"linear",
             "gelu", "sigmoid", "tanh", "silu"/"swish".
-        position_encoding: "conv" (t + relu(t @ Wp + bp)) or "none".
+        position_encoding: "conv" (t + relu(t @ Wp + bp)), "none", "relative",
+            "absolute" or "sinusoidal" (see the module docstring).
         scale: logit multiplier; None means 1/sqrt(key_dim). Default 1.0.
         use_bias: whether the projections have biases.
         data_format: "channels_last" (B, H, W, C) or "channels_first" (B, C, H, W).
+        position_size: (Hr, Wr), the reference size of the learned tables;
+            required by "relative" and "absolute", ignored otherwise.
+        scale_position_logits: whether `scale` multiplies the position term of
+            "relative"/"absolute" too.
         dtype: dtype of the variables and of the computation.
 
     Variables start at zero; load the canonical weights with `load_weight_dict`.
@@ -81,12 +175,16 @@ class NativeMHSA2D(tf.Module):
 
     def __init__(self, channels, num_heads=1, key_dim=None, activation="relu",
                  position_encoding="conv", scale=1.0, use_bias=True,
-                 data_format="channels_last", dtype="float32", name=None):
+                 data_format="channels_last", position_size=None,
+                 scale_position_logits=True, dtype="float32", name=None):
         super().__init__(name=name)
         if channels % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide channels={channels}")
-        if position_encoding not in ("conv", "none"):
+        if position_encoding not in _POSITION_ENCODINGS:
             raise ValueError(f"Unknown position_encoding={position_encoding!r}")
+        if position_encoding == "sinusoidal" and channels % 4:
+            raise ValueError(f"The sinusoidal embedding needs channels divisible by 4. "
+                             f"Received: channels={channels}")
         if data_format not in ("channels_last", "channels_first"):
             raise ValueError(f"Unknown data_format={data_format!r}")
         if activation not in _ACTIVATIONS:
@@ -98,6 +196,7 @@ class NativeMHSA2D(tf.Module):
         self.activation = activation
         self.position_encoding = position_encoding
         self.scale = 1.0 / math.sqrt(self.key_dim) if scale is None else float(scale)
+        self.scale_position_logits = bool(scale_position_logits)
         self.use_bias = use_bias
         self.data_format = data_format
         self.compute_dtype = tf.as_dtype(np.dtype(dtype).name)
@@ -114,6 +213,16 @@ class NativeMHSA2D(tf.Module):
             if use_bias:
                 self.weights[f"{prefix}_bias"] = tf.Variable(
                     tf.zeros((width,), self.compute_dtype), name=f"{prefix}_bias")
+        if position_encoding in _TABLES:
+            if (not isinstance(position_size, (tuple, list)) or len(position_size) != 2
+                    or any(int(n) != n or n < 1 for n in position_size)):
+                raise ValueError(f"position_encoding={position_encoding!r} needs "
+                                 f"position_size=(Hr, Wr). Received: {position_size!r}")
+            prefix, rows = _TABLES[position_encoding]
+            for axis, n in zip(("height", "width"), position_size):
+                self.weights[f"{prefix}_{axis}"] = tf.Variable(
+                    tf.zeros((rows(int(n)), self.key_dim), self.compute_dtype),
+                    name=f"{prefix}_{axis}")
 
     def load_weight_dict(self, weights):
         """Assign a canonical weight dict (NumPy arrays, any float dtype).
@@ -141,6 +250,26 @@ class NativeMHSA2D(tf.Module):
             y = y + self.weights[f"{prefix}_bias"]
         return y
 
+    def _position_logits(self, q, height, width):
+        """The position term (B, heads, N, N) of "relative"/"absolute", else None.
+
+        q: (B, H, W, heads, kd). Row i = (y_i, x_i) is a query, column j a key.
+        """
+        if self.position_encoding not in _TABLES:
+            return None
+        prefix, rows = _TABLES[self.position_encoding]
+        relative = self.position_encoding == "relative"
+        table_h = _resize(self.weights[f"{prefix}_height"], rows(height))
+        table_w = _resize(self.weights[f"{prefix}_width"], rows(width))
+        emb_h = tf.gather(table_h, _index_matrix(height, relative))  # (H, H, kd): [y_i, y_j]
+        emb_w = tf.gather(table_w, _index_matrix(width, relative))  # (W, W, kd): [x_i, x_j]
+        logits_h = tf.einsum("byxhd,yvd->bhyxv", q, emb_h)  # (B, heads, H, W, H)
+        logits_w = tf.einsum("byxhd,xud->bhyxu", q, emb_w)  # (B, heads, H, W, W)
+        # (B, heads, H, W, H, W): [y_i, x_i, y_j, x_j] -> (B, heads, N, N)
+        pos = logits_h[..., :, None] + logits_w[..., None, :]
+        n = height * width
+        return tf.reshape(pos, (tf.shape(q)[0], self.num_heads, n, n))
+
     def __call__(self, x, attention_mask=None):
         """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W) or None."""
         act = _ACTIVATIONS[self.activation]
@@ -155,6 +284,8 @@ class NativeMHSA2D(tf.Module):
         t = tf.reshape(x, (batch, n, self.channels))  # (B, N, C), row-major over (H, W)
         if self.position_encoding == "conv":
             t = t + tf.nn.relu(self._dense(t, "position"))  # (B, N, C)
+        elif self.position_encoding == "sinusoidal":
+            t = t + _sincos(height, width, self.channels, self.compute_dtype)
 
         # (B, N, heads*d) -> (B, N, heads, d): head i is the slice [i*d, (i+1)*d).
         q = tf.reshape(act(self._dense(t, "query")), (batch, n, heads, kd))
@@ -162,7 +293,15 @@ class NativeMHSA2D(tf.Module):
         v = tf.reshape(act(self._dense(t, "value")), (batch, n, heads, dv))
 
         logits = tf.einsum("bqhd,bkhd->bhqk", q, k)  # (B, heads, N, N)
-        logits = logits * tf.constant(self.scale, self.compute_dtype)
+        scale = tf.constant(self.scale, self.compute_dtype)
+        pos = self._position_logits(tf.reshape(q, (batch, height, width, heads, kd)),
+                                    height, width)
+        if pos is None:
+            logits = logits * scale
+        elif self.scale_position_logits:
+            logits = (logits + pos) * scale
+        else:
+            logits = logits * scale + pos
         if attention_mask is None:
             probs = tf.nn.softmax(logits, axis=-1)
             out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
@@ -183,6 +322,31 @@ class NativeMHSA2D(tf.Module):
         return out
 
 
+def _position_size(weights, position_encoding):
+    """(Hr, Wr) read off the learned tables in `weights`, or None.
+
+    Raises ValueError when a table is missing or its row count fits no size.
+    """
+    if position_encoding not in _TABLES:
+        return None
+    prefix, _ = _TABLES[position_encoding]
+    size = []
+    for axis in ("height", "width"):
+        table = weights.get(f"{prefix}_{axis}")
+        if table is None:
+            raise ValueError(f"Weight dict mismatch: missing {prefix}_{axis}")
+        rows = np.shape(table)[0] if np.ndim(table) else 0
+        if prefix == "relative":
+            if rows % 2 == 0:
+                raise ValueError(f"{prefix}_{axis} has {rows} rows, expected an odd "
+                                 "number (2 * n - 1)")
+            rows = (rows + 1) // 2
+        if rows < 1:
+            raise ValueError(f"{prefix}_{axis} has shape {np.shape(table)}")
+        size.append(rows)
+    return tuple(size)
+
+
 def _build(x, weights, dtype, config):
     """A module of the right config and dtype, with `weights` loaded."""
     config = dict(config)
@@ -191,6 +355,9 @@ def _build(x, weights, dtype, config):
     if config.get("use_bias") is None:
         config["use_bias"] = any(v is not None for k, v in weights.items()
                                  if k.endswith("_bias"))
+    if config.get("position_size") is None:
+        config["position_size"] = _position_size(
+            weights, config.get("position_encoding", "conv"))
     module = NativeMHSA2D(channels, dtype=dtype, **config)
     return module.load_weight_dict(weights)
 
@@ -206,7 +373,8 @@ def forward(x, weights, attention_mask=None, dtype="float32", **config):
 
     `config` holds the constructor arguments of `NativeMHSA2D` except
     `channels` (read from `x`) and `dtype`; `use_bias` defaults to whether
-    `weights` has biases.
+    `weights` has biases, `position_size` to the size read off the tables'
+    shapes.
     """
     x = np.asarray(x)
     module = _build(x, weights, dtype, config)
@@ -231,3 +399,17 @@ def value_and_grad(x, weights, loss_weights, attention_mask=None, dtype="float32
     grad_x, grad_w = tape.gradient(loss, (xt, module.weights))
     return (loss.numpy()[()], grad_x.numpy(),
             {name: g.numpy() for name, g in grad_w.items()})
+
+
+def resize_table(table, length, dtype="float32"):
+    """The native's table resize on NumPy: (L, d) -> (length, d) in `dtype`."""
+    table = tf.constant(np.asarray(table), dtype=tf.as_dtype(np.dtype(dtype).name))
+    return _resize(table, length).numpy()
+
+
+def sinusoidal_embedding(height, width, channels, dtype="float32"):
+    """The native's sine-cosine embedding on NumPy: (H*W, C) in `dtype`."""
+    if channels % 4:
+        raise ValueError(f"The sinusoidal embedding needs channels divisible by 4. "
+                         f"Received: channels={channels}")
+    return _sincos(height, width, channels, tf.as_dtype(np.dtype(dtype).name)).numpy()
