@@ -9,7 +9,9 @@ from mhsa_core import MultiHeadSelfAttention2D, reference
 # Layer arguments that the NumPy reference takes too.
 REFERENCE_KEYS = (
     "num_heads", "key_dim", "activation", "position_encoding", "scale", "data_format",
+    "scale_position_logits",
 )
+LEARNED_ENCODINGS = ("relative", "absolute")
 
 
 def reference_config(layer_config):
@@ -22,15 +24,22 @@ def channels_of(shape, data_format):
     return shape[1] if data_format == "channels_first" else shape[-1]
 
 
+def spatial_of(shape, data_format):
+    return tuple(shape[2:4]) if data_format == "channels_first" else tuple(shape[1:3])
+
+
 def make_case(config, shape, *, seed=0, dtype="float32", x_scale=1.0):
     """A built layer with NumPy weights injected, its input, and the weights.
 
     Weights are drawn in NumPy and injected: the same Keras seed gives
-    different initial values on each backend.
+    different initial values on each backend. A learned position encoding
+    without `position_size` in `config` gets the input's spatial size.
     """
     config = dict(config)
     data_format = config.get("data_format", "channels_last")
     channels = channels_of(shape, data_format)
+    if config.get("position_encoding") in LEARNED_ENCODINGS:
+        config.setdefault("position_size", spatial_of(shape, data_format))
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * x_scale).astype(dtype)
     weights = reference.random_weights(
@@ -41,6 +50,7 @@ def make_case(config, shape, *, seed=0, dtype="float32", x_scale=1.0):
         config.get("use_bias", True),
         seed=seed + 1,
         dtype=np.float64,
+        position_size=config.get("position_size"),
     )
     layer = MultiHeadSelfAttention2D(**config, dtype=dtype)
     layer.build(shape)

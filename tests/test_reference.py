@@ -118,3 +118,168 @@ def test_accumulation_orders_agree_in_float64(storage):
     tol = 1e-12 if storage is None else 1e-2
     np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(a).max())
 
+
+
+# ------------------------------------------------------- position encodings
+def _brute_force_forward(x, weights, *, num_heads, key_dim, position_encoding,
+                         scale, scale_position_logits):
+    """The block with a position term, one scalar at a time: every logit of
+    every (batch, head, query i, key j) is a double loop over (i, j) and a sum
+    over channels, straight from the definition (key minus query offsets for
+    "relative", the key's own row and column for "absolute")."""
+    batch, height, width, channels = x.shape
+    n = height * width
+    head_dim = channels // num_heads
+    t = x.reshape(batch, n, channels)
+    q = t @ weights["query_kernel"] + weights["query_bias"]
+    k = t @ weights["key_kernel"] + weights["key_bias"]
+    v = t @ weights["value_kernel"] + weights["value_bias"]
+    prefix = position_encoding
+    table_h = reference.resize_table(
+        weights[f"{prefix}_height"], 2 * height - 1 if prefix == "relative" else height)
+    table_w = reference.resize_table(
+        weights[f"{prefix}_width"], 2 * width - 1 if prefix == "relative" else width)
+    out = np.zeros((batch, n, channels))
+    for b in range(batch):
+        for h in range(num_heads):
+            qs = slice(h * key_dim, (h + 1) * key_dim)
+            logits = np.zeros((n, n))
+            for i in range(n):
+                yi, xi = divmod(i, width)
+                for j in range(n):
+                    yj, xj = divmod(j, width)
+                    if prefix == "relative":
+                        row_h, row_w = yj - yi + height - 1, xj - xi + width - 1
+                    else:
+                        row_h, row_w = yj, xj
+                    content = sum(q[b, i, qs][d] * k[b, j, qs][d] for d in range(key_dim))
+                    pos = sum(q[b, i, qs][d] * (table_h[row_h, d] + table_w[row_w, d])
+                              for d in range(key_dim))
+                    logits[i, j] = (scale * (content + pos) if scale_position_logits
+                                    else scale * content + pos)
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            vs = slice(h * head_dim, (h + 1) * head_dim)
+            out[b, :, vs] = p @ v[b, :, vs]
+    return out.reshape(batch, height, width, channels)
+
+
+@pytest.mark.parametrize("position_encoding", ["relative", "absolute"])
+@pytest.mark.parametrize("scale_position_logits", [True, False])
+@pytest.mark.parametrize("size", [(3, 4), (5, 2), (1, 4), (3, 1)], ids=str)
+def test_position_encodings_match_brute_force(position_encoding, scale_position_logits,
+                                              size):
+    """Reference size (3, 4), one larger non-square, 1xN and Nx1; 3 heads,
+    key_dim 2, and a scale != 1 so that the two settings differ."""
+    config = dict(num_heads=3, key_dim=2, position_encoding=position_encoding,
+                  scale=0.7, scale_position_logits=scale_position_logits)
+    w = reference.random_weights(12, 3, 2, position_encoding, position_size=(3, 4), seed=5)
+    x = np.random.default_rng(6).standard_normal((2,) + size + (12,))
+    expected = _brute_force_forward(x, w, **config)
+    actual = reference.mhsa_forward(x, w, activation=None, **config)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    # The two settings really differ here (the flag is not ignored).
+    other = reference.mhsa_forward(
+        x, w, activation=None, **{**config, "scale_position_logits": not scale_position_logits})
+    assert np.abs(other - actual).max() > 1e-3
+
+
+def test_golden_relative_offset_is_key_minus_query():
+    # A 1x2 map, tokens (1, 0) and (0, 1), identity projections, one head.
+    # R_w rows are offsets -1, 0, +1; only +1 (key right of the query) is set.
+    x = np.array([[[[1.0, 0.0], [0.0, 1.0]]]])
+    w = identity_weights()
+    w["relative_height"] = np.zeros((1, 2))
+    w["relative_width"] = np.array([[0.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
+    out = reference.mhsa_forward(x, w, activation=None, position_encoding="relative")
+    # Query 0 (x=0): key 1 has offset +1 -> q0 . (2, 0) = 2: logits [1, 2].
+    # Query 1 (x=1): key 0 has offset -1 -> 0: logits [0, 1].
+    # Both rows: softmax [1, e] / (1 + e) -> out (1, e) / (1 + e).
+    expected = np.array([1.0, E]) / (1.0 + E)
+    np.testing.assert_allclose(out[0, 0], [expected, expected], rtol=1e-15)
+
+
+def test_golden_absolute_uses_the_key_position():
+    # Same map; E_w adds (3, 0) to the key in column 1 only.
+    x = np.array([[[[1.0, 0.0], [0.0, 1.0]]]])
+    w = identity_weights()
+    w["absolute_height"] = np.zeros((1, 2))
+    w["absolute_width"] = np.array([[0.0, 0.0], [3.0, 0.0]])
+    out = reference.mhsa_forward(x, w, activation=None, position_encoding="absolute")
+    # Query 0 = (1, 0): logits [1, 0 + 3]; query 1 = (0, 1): logits [0, 1 + 0].
+    row0 = np.array([E, E**3]) / (E + E**3)
+    row1 = np.array([1.0, E]) / (1.0 + E)
+    np.testing.assert_allclose(out[0, 0, 0], row0[0] * x[0, 0, 0] + row0[1] * x[0, 0, 1],
+                               rtol=1e-15)
+    np.testing.assert_allclose(out[0, 0, 1], row1[0] * x[0, 0, 0] + row1[1] * x[0, 0, 1],
+                               rtol=1e-15)
+
+
+def test_golden_sinusoidal_embedding():
+    # C = 4: one frequency (w_0 = 1): [sin y, cos y, sin x, cos x].
+    p = reference.sinusoidal_embedding(2, 3, 4)
+    y, x = 1, 2  # token 5, row-major
+    np.testing.assert_array_equal(p[5], [math.sin(y), math.cos(y), math.sin(x), math.cos(x)])
+    # C = 8: frequencies 1 and 10000^(-1/2) = 0.01.
+    p = reference.sinusoidal_embedding(1, 2, 8)
+    np.testing.assert_allclose(p[1], [0, 0, 1, 1, math.sin(1), math.sin(0.01),
+                                      math.cos(1), math.cos(0.01)], rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        reference.sinusoidal_embedding(2, 2, 6)
+
+
+def test_golden_resize_table():
+    # Upsizing 3 -> 5 rows: s = (t + 0.5) * 3/5 - 0.5 = -0.2, 0.4, 1, 1.6, 2.2,
+    # clamped to [0, 2].
+    table = np.array([[0.0], [1.0], [4.0]])
+    np.testing.assert_allclose(reference.resize_table(table, 5)[:, 0],
+                               [0.0, 0.4, 1.0, 1.0 + 0.6 * 3, 4.0], rtol=1e-15)
+    # Downsizing 4 -> 2 rows: s = 0.5 and 2.5, the midpoints.
+    table = np.array([[0.0], [2.0], [4.0], [8.0]])
+    np.testing.assert_allclose(reference.resize_table(table, 2)[:, 0], [1.0, 6.0])
+    # To one row: the center of the table.
+    np.testing.assert_allclose(reference.resize_table(table, 1)[:, 0], [3.0])
+
+
+@pytest.mark.parametrize("rows,length", [(9, 9), (9, 15), (9, 5), (9, 1), (7, 13),
+                                         (1, 5), (4, 11)])
+def test_resize_table_is_np_interp_at_half_pixel_centers(rows, length):
+    table = np.random.default_rng(rows * length).standard_normal((rows, 3))
+    out = reference.resize_table(table, length)
+    # np.interp clamps at the ends by itself, as the rule does.
+    s = (np.arange(length) + 0.5) * rows / length - 0.5
+    expected = np.stack([np.interp(s, np.arange(rows), table[:, c]) for c in range(3)], -1)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-14)
+    if rows == length:
+        np.testing.assert_array_equal(out, table)  # bit for bit at the same size
+
+
+@pytest.mark.parametrize("ref_size,size", [(5, 5), (5, 8), (5, 3), (5, 1), (1, 4), (2, 7)])
+def test_resized_relative_table_keeps_offset_zero_in_the_middle(ref_size, size):
+    """Offset 0 (the center row) maps to offset 0 at any size: the table's
+    center row survives resizing exactly."""
+    table = np.random.default_rng(0).standard_normal((2 * ref_size - 1, 4))
+    resized = reference.resize_table(table, 2 * size - 1)
+    np.testing.assert_array_equal(resized[size - 1], table[ref_size - 1])
+
+
+def test_sinusoidal_is_added_to_the_tokens():
+    """position_encoding='sinusoidal' equals 'none' on x + P."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 8))
+    w = reference.random_weights(8, num_heads=2, position_encoding="none", seed=1)
+    p = reference.sinusoidal_embedding(3, 5, 8).reshape(1, 3, 5, 8)
+    a = reference.mhsa_forward(x, w, num_heads=2, position_encoding="sinusoidal")
+    b = reference.mhsa_forward(x + p, w, num_heads=2, position_encoding="none")
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(a).max())
+
+
+def test_weight_shapes_of_learned_encodings():
+    rel = reference.weight_shapes(16, 2, 5, "relative", use_bias=False, position_size=(4, 7))
+    assert list(rel) == ["query_kernel", "key_kernel", "value_kernel",
+                         "relative_height", "relative_width"]
+    assert rel["relative_height"] == (7, 5) and rel["relative_width"] == (13, 5)
+    ab = reference.weight_shapes(16, 2, None, "absolute", position_size=(4, 7))
+    assert ab["absolute_height"] == (4, 8) and ab["absolute_width"] == (7, 8)
+    assert "relative_height" not in reference.weight_shapes(16, 2, None, "sinusoidal")
+    with pytest.raises(ValueError, match="position_size"):
+        reference.weight_shapes(16, 2, None, "relative")
