@@ -55,7 +55,11 @@ def _seed_arrays(channels=16, seed=0, squeeze=False):
 _INVALID_ARGUMENTS = {
     "num_heads": [0, -1, 2.5, True, "2", None],
     "key_dim": [0, -3, 1.5, True, "4"],
-    "position_encoding": ["sinusoidal", None, "CONV"],
+    "position_encoding": ["rotary", None, "CONV", "Relative"],
+    "position_size": [0, 5, (5,), [5], (5, 0), (5, -1), (5.0, 5), (True, 5), "5x5",
+                      (5, 5, 5), (2, None)],
+    "scale_position_logits": ["yes", 1, None, 0.0],
+    "position_initializer": ["not_an_initializer", 3],
     "data_format": ["channels_middle", "NHWC"],
     "activation": ["not_an_activation", 3],
     "dropout": [-0.1, 1.0, 1.5, "x", float("nan"), True, None],
@@ -455,3 +459,132 @@ def test_load_seed_weights_rejects_non_seed_settings():
         with pytest.raises(ValueError, match=_all("load_seed_weights", shown)):
             layer.load_seed_weights(_seed_arrays(16))
         assert not layer.built
+
+
+# ------------------------------------------------------- position encodings
+@pytest.mark.parametrize("encoding", ["relative", "absolute"])
+def test_learned_encoding_needs_a_size(encoding):
+    """Unknown spatial size at build and no position_size: the error says so."""
+    pattern = _all("`position_size`", "Received: position_size=None", "(None, None, None, 8)")
+
+    def layer():
+        return MultiHeadSelfAttention2D(position_encoding=encoding)
+
+    failures = _failures([
+        ("build", lambda: layer().build((None, None, None, 8)), pattern),
+        ("symbolic call", lambda: layer()(keras.Input((None, None, 8))), pattern),
+    ])
+    assert not failures, "\n".join(failures)
+    # Either known size suffices.
+    MultiHeadSelfAttention2D(position_encoding=encoding).build((None, 3, 4, 8))
+    MultiHeadSelfAttention2D(position_encoding=encoding, position_size=(3, 4)).build(
+        (None, None, None, 8))
+
+
+def test_sinusoidal_needs_channels_divisible_by_4():
+    pattern = _all("sinusoidal", "divisible by 4", "channels=6")
+    failures = _failures([
+        ("build", lambda: MultiHeadSelfAttention2D(
+            position_encoding="sinusoidal", num_heads=2).build((None, 3, 3, 6)), pattern),
+        ("eager call", lambda: MultiHeadSelfAttention2D(
+            position_encoding="sinusoidal")(np.zeros((1, 3, 3, 6), "float32")), pattern),
+    ])
+    assert not failures, "\n".join(failures)
+
+
+def test_set_weight_dict_wrong_table_shape():
+    layer = _built(8, position_encoding="relative", position_size=(3, 4))
+    weights = layer.get_weight_dict()
+    before = _snapshot(layer)
+    weights["relative_width"] = np.zeros((6, 8))
+    with pytest.raises(ValueError, match=_all("relative_width", "(7, 8)", "shape=(6, 8)")):
+        layer.set_weight_dict(weights)
+    _assert_unchanged(layer, before)
+
+
+# ----------------------------------------------------- load_botnet_weights
+def _botnet_arrays(channels=8, heads=2, key_dim=4, size=(3, 5), seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "q_kernel": rng.standard_normal((channels, heads * key_dim)),
+        "k_kernel": rng.standard_normal((channels, heads * key_dim)),
+        "v_kernel": rng.standard_normal((channels, channels)),
+        "rel_height": rng.standard_normal((2 * size[0] - 1, key_dim)),
+        "rel_width": rng.standard_normal((2 * size[1] - 1, key_dim)),
+    }
+
+
+_BOTNET_BAD_SHAPES = {  # array -> (bad shape, expected shape in the message)
+    "q_kernel": ((8, 6), "(8, 8)"),
+    "k_kernel": ((8, 9), "(8, 8)"),
+    "v_kernel": ((8, 4), "(8, 8)"),
+    "rel_height": ((5, 4), "(5, 4)"),  # right rows, see below
+    "rel_width": ((9, 3), "(9, 4)"),
+}
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["unbuilt", "built"])
+def test_load_botnet_weights_wrong_shapes(built):
+    """Each array with a wrong shape: ValueError naming the array and both
+    shapes; a built layer's weights unchanged, an unbuilt layer still unbuilt."""
+    bad = dict(_BOTNET_BAD_SHAPES)
+    bad["rel_height"] = ((7, 4), "(5, 4)")  # 7 rows where position_size 3 needs 5
+    cases = []
+    layers = []
+    for name, (shape, expected) in bad.items():
+        layer = MultiHeadSelfAttention2D.botnet(num_heads=2, position_size=(3, 5))
+        if built:
+            layer.build((None, None, None, 8))
+        arrays = _botnet_arrays()
+        arrays[name] = np.zeros(shape)
+        layers.append((layer, _snapshot(layer) if built else None))
+        cases.append((name, lambda layer=layer, arrays=arrays: layer.load_botnet_weights(
+            **arrays), _all(f"`{name}`", expected, f"Received: {name}.shape={shape}")))
+    failures = _failures(cases)
+    assert not failures, "\n".join(failures)
+    for layer, before in layers:
+        if built:
+            _assert_unchanged(layer, before)
+        else:
+            assert not layer.built
+
+
+def test_load_botnet_weights_size_from_tables():
+    """Without position_size the tables give it; an even row count cannot be
+    2 * n - 1 and is refused."""
+    layer = MultiHeadSelfAttention2D.botnet(num_heads=2)
+    arrays = _botnet_arrays(size=(3, 5))
+    layer.load_botnet_weights(**arrays)
+    assert layer.position_size == (3, 5) and layer.channels == 8
+    np.testing.assert_array_equal(to_numpy(layer.relative_width),
+                                  arrays["rel_width"].astype("float32"))
+    layer = MultiHeadSelfAttention2D.botnet(num_heads=2)
+    arrays["rel_height"] = np.zeros((4, 4))
+    with pytest.raises(ValueError, match=_all("`rel_height`", "odd", "shape=(4, 4)")):
+        layer.load_botnet_weights(**arrays)
+    assert not layer.built
+
+
+def test_load_botnet_weights_needs_botnet_structure():
+    arrays = _botnet_arrays()
+    for config, shown in [
+        ({}, "position_encoding='conv'"),
+        ({"position_encoding": "relative", "position_size": (3, 5)}, "use_bias=True"),
+        ({"position_encoding": "relative", "position_size": (3, 5), "use_bias": False},
+         "activation='relu'"),
+    ]:
+        layer = MultiHeadSelfAttention2D(num_heads=2, **config)
+        with pytest.raises(ValueError, match=_all("load_botnet_weights", shown)):
+            layer.load_botnet_weights(**arrays)
+        assert not layer.built
+
+
+def test_load_botnet_weights_non_numeric_changes_nothing():
+    layer = MultiHeadSelfAttention2D.botnet(num_heads=2, position_size=(3, 5))
+    layer.build((None, None, None, 8))
+    before = _snapshot(layer)
+    arrays = _botnet_arrays()
+    arrays["rel_width"] = np.full((9, 4), "x")
+    with pytest.raises(ValueError, match=_all("rel_width", "dtype=<U1")):
+        layer.load_botnet_weights(**arrays)
+    _assert_unchanged(layer, before)

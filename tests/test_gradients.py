@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from harness import make_case, to_numpy
-from mhsa_core import MultiHeadSelfAttention2D, gradients
+from mhsa_core import MultiHeadSelfAttention2D, gradients, reference
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "backends"))
 
@@ -53,9 +53,29 @@ CASES = {
     "channels_first": ({"num_heads": 2, "data_format": "channels_first"},
                        (2, 16, 5, 7), None),
     "mask_one_item_full": ({"num_heads": 2}, SHAPE, "one_item_full"),
+    # Position encodings: tables at another size (resized up in one axis and
+    # down in the other), at the input's own size, and the fixed embedding.
+    "relative_resized": ({"num_heads": 2, "position_encoding": "relative",
+                          "position_size": (3, 9)}, SHAPE, None),
+    "relative_unscaled_pos_masked": ({"num_heads": 2, "position_encoding": "relative",
+                                      "scale": None, "scale_position_logits": False},
+                                     SHAPE, "one_item_full"),
+    "absolute_resized": ({"num_heads": 2, "position_encoding": "absolute",
+                          "position_size": (8, 4)}, SHAPE, None),
+    "sinusoidal": ({"num_heads": 2, "position_encoding": "sinusoidal"}, SHAPE, None),
 }
-WEIGHT_NAMES = ("position_kernel", "position_bias", "query_kernel", "query_bias",
-                "key_kernel", "key_bias", "value_kernel", "value_bias")
+
+
+def _weight_names(config, shape):
+    """The canonical weight names of a case (its position encoding decides)."""
+    data_format = config.get("data_format", "channels_last")
+    channels = shape[1] if data_format == "channels_first" else shape[-1]
+    size = config.get("position_size")
+    if size is None and config.get("position_encoding") in ("relative", "absolute"):
+        size = shape[2:4] if data_format == "channels_first" else shape[1:3]
+    return set(reference.weight_shapes(
+        channels, config.get("num_heads", 1), config.get("key_dim"),
+        config.get("position_encoding", "conv"), config.get("use_bias", True), size))
 
 # float32 gradient budget, per gradient array g (the input's or a weight's):
 #
@@ -160,7 +180,7 @@ class TestLayerVsNative:
             mine["loss"], native["loss"])
 
         grads, native_grads = mine["grads"], native["grads"]
-        assert set(grads) == set(native_grads) == {"x", *WEIGHT_NAMES}
+        assert set(grads) == set(native_grads) == {"x", *_weight_names(*CASES[name][:2])}
         # Relative to the largest entry of all gradient arrays: some are exactly
         # zero analytically (key_bias below), their computed value is rounding.
         scale = max(_max_abs(g) for g in native_grads.values())
@@ -240,11 +260,21 @@ def _tiny_layer(config=None, seed=7):
 class TestFiniteDifferences:
     __test__ = HAS_GRADIENTS
 
-    def test_central_differences(self):
-        layer, x, weights, loss_weights = _tiny_layer()
+    @pytest.mark.parametrize("config", [
+        None,
+        # Tables of another size than the 2x3 map: resized in the graph.
+        {"num_heads": 2, "scale": None, "position_encoding": "relative",
+         "position_size": (3, 2)},
+        {"num_heads": 1, "scale": 0.5, "position_encoding": "absolute",
+         "position_size": (1, 4), "scale_position_logits": False},
+        {"num_heads": 2, "position_encoding": "sinusoidal"},
+    ], ids=["seed", "relative", "absolute", "sinusoidal"])
+    def test_central_differences(self, config):
+        layer, x, weights, loss_weights = _tiny_layer(config)
         loss, input_grads, weight_grads = gradients.value_and_grad(layer, x, loss_weights)
         grads = _grad_dict(layer, input_grads, weight_grads)
-        assert set(grads) == {"x", *WEIGHT_NAMES}
+        assert set(grads) == {"x", *weights}
+        assert len(weights) == len(layer.trainable_weights)
 
         def loss_of(x_, weights_):
             layer.set_weight_dict(weights_)

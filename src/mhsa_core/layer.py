@@ -246,10 +246,17 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.data_format = data_format
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.position_initializer = (
-            None if position_initializer is None
-            else keras.initializers.get(position_initializer)
-        )
+        try:
+            self.position_initializer = (
+                None if position_initializer is None
+                else keras.initializers.get(position_initializer)
+            )
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "Received an invalid value for argument `position_initializer`, "
+                "expected None, the name of a Keras initializer or an initializer. "
+                f"Received: position_initializer={position_initializer!r}"
+            ) from e
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
@@ -319,7 +326,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             raise ValueError(
                 f"position_encoding={self.position_encoding!r} learns tables for "
                 "a reference size, and the spatial size of the input is unknown "
-                "at build. Pass `position_size=(height, width)`. "
+                "at build. Pass `position_size`, the (height, width) of the "
+                "tables' reference grid. "
                 f"Received: position_size=None, inputs.shape={tuple(input_shape)}"
             )
         return (int(height), int(width))

@@ -16,7 +16,6 @@ H x W, also under jit and with H, W unknown until run time (TensorFlow graphs).
 size); every function here works with both.
 """
 
-import functools
 import math
 
 import numpy as np
@@ -42,7 +41,7 @@ def resize_table(table, length):
     if _is_static(length) and length == rows:
         return table  # the formula gives exactly this; skip the gathers
     dtype = table.dtype
-    t = ops.cast(ops.arange(length), dtype)  # (length,)
+    t = ops.cast(ops.arange(length, dtype="int32"), dtype)  # (length,)
     # Same operation order as the reference: (t + 0.5) * L / length - 0.5.
     s = (t + 0.5) * float(rows) / ops.cast(length, dtype) - 0.5
     s = ops.clip(s, 0.0, float(rows - 1))
@@ -119,16 +118,20 @@ def _frequencies(channels):
     return [10000.0 ** (-k / d) for k in range(d)]
 
 
-@functools.lru_cache(maxsize=32)
 def _sinusoidal_float64(height, width, channels):
-    """The embedding of a static size, in float64 NumPy (cached: eager calls repeat sizes)."""
+    """The embedding of a static size, in float64 NumPy.
+
+    Not cached: torch.compile (dynamo) warns on every lru_cache it traces
+    through, and the cost (4 sin/cos per token and frequency) is small next
+    to the attention itself.
+    """
     omega = np.asarray(_frequencies(channels))
     rows, cols = np.divmod(np.arange(height * width), width)  # (y, x) per token
     angle_y, angle_x = rows[:, None] * omega, cols[:, None] * omega  # (N, D)
     out = np.concatenate(
         [np.sin(angle_y), np.cos(angle_y), np.sin(angle_x), np.cos(angle_x)], axis=-1
     )
-    return out  # never written to: keras ops do not modify their inputs
+    return out
 
 
 def sinusoidal_embedding(height, width, channels, dtype):

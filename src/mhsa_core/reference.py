@@ -145,7 +145,8 @@ def resize_table(table, length, dtype=np.float64):
     (pixel centers aligned, "half-pixel"), clamped to [0, L - 1]:
     out[t] = (1 - f) * table[floor(s)] + f * table[floor(s) + 1], f = s - floor(s).
     This is torch's `F.interpolate(mode="linear", align_corners=False)` and
-    `tf.image.resize(method="bilinear")` along one axis. With length == L, s = t
+    `tf.image.resize(method="bilinear")` along one axis (the latter only to
+    float32: it always returns float32). With length == L, s = t
     and the table comes back unchanged, bit for bit.
 
     For a relative table (2n - 1 rows, offsets -(n-1)..n-1) the rule maps offset
