@@ -565,25 +565,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 f"Received: {len(weights)} arrays"
             )
         # The seed block's semantics, so that its weights mean the same here.
-        differing = {
-            name: value
-            for name, value, seed_value in (
-                ("position_encoding", self.position_encoding, "conv"),
-                ("use_bias", self.use_bias, True),
-                ("num_heads", self.num_heads, 1),
-                ("key_dim", self.key_dim, None),
-                ("scale", self.scale, 1.0),
-                ("activation", keras.activations.serialize(self.activation), "relu"),
-            )
-            if value != seed_value
-        }
-        if differing:
-            raise ValueError(
-                "load_seed_weights needs a layer with the seed block's settings "
-                "(position_encoding='conv', use_bias=True, num_heads=1, "
-                "key_dim=None, scale=1.0, activation='relu'). Received: "
-                + ", ".join(f"{k}={v!r}" for k, v in differing.items())
-            )
+        self._require_settings(
+            "load_seed_weights", "the seed block's settings",
+            position_encoding="conv", use_bias=True, num_heads=1, key_dim=None,
+            scale=1.0, activation="relu",
+        )
         arrays = [np.asarray(w) for w in weights]
         kernel = arrays[0]
         if self.built:
@@ -662,22 +648,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         tables when `position_size` is None. Nothing is built or assigned
         unless every array is valid.
         """
-        differing = {
-            name: value
-            for name, value, botnet_value in (
-                ("position_encoding", self.position_encoding, "relative"),
-                ("use_bias", self.use_bias, False),
-                ("activation", keras.activations.serialize(self.activation), "linear"),
-            )
-            if value != botnet_value
-        }
-        if differing:
-            raise ValueError(
-                "load_botnet_weights needs a layer with BoTNet's structure "
-                "(position_encoding='relative', use_bias=False, activation=None; "
-                "see MultiHeadSelfAttention2D.botnet). Received: "
-                + ", ".join(f"{k}={v!r}" for k, v in differing.items())
-            )
+        self._require_settings(
+            "load_botnet_weights",
+            "BoTNet's structure (see MultiHeadSelfAttention2D.botnet)",
+            position_encoding="relative", use_bias=False, activation=None,
+        )
         names = ("q_kernel", "k_kernel", "v_kernel", "rel_height", "rel_width")
         arrays = dict(zip(names, (np.asarray(a) for a in
                                   (q_kernel, k_kernel, v_kernel, rel_height, rel_width))))
@@ -729,6 +704,27 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             shape[self._channel_axis] = channels
             self.build(tuple(shape))
         self.set_weight_dict(converted)
+
+    def _require_settings(self, what, description, **expected):
+        """ValueError listing every setting of this layer that differs from
+        `expected` (activations compared by their serialized names)."""
+
+        def comparable(name, value):
+            if name == "activation":
+                return keras.activations.serialize(keras.activations.get(value))
+            return value
+
+        differing = {
+            name: comparable(name, getattr(self, name))
+            for name, value in expected.items()
+            if comparable(name, getattr(self, name)) != comparable(name, value)
+        }
+        if differing:
+            wanted = ", ".join(f"{k}={v!r}" for k, v in expected.items())
+            raise ValueError(
+                f"{what} needs a layer with {description} ({wanted}). Received: "
+                + ", ".join(f"{k}={v!r}" for k, v in differing.items())
+            )
 
     def _require_built(self, what):
         if not self.built:
