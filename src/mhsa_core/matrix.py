@@ -18,6 +18,10 @@ Oracles and budgets (the README's tolerance policy has the reasoning):
 - SGD and Adam steps: the update formula applied in float64 to the start
   weights and to the float32 gradients this backend computed (the gradients
   themselves are the "gradients" row); budget 1e-6 x (max|w| + max|step|).
+
+Gradients and optimizer steps are taken for every input variant of a case (as
+the forward pass: e.g. a position table differentiated at its reference size
+and through its resizing to another), budgets per variant.
 """
 
 import dataclasses
@@ -147,7 +151,7 @@ def _layer_case(name, config, shapes, *, seed, tasks=ALL_TASKS, dtype="float32",
     weights = reference.random_weights(
         channels, config.get("num_heads", 1), config.get("key_dim"),
         config.get("position_encoding", "conv"), config.get("use_bias", True),
-        seed=seed + 1, dtype=np.float32,
+        seed=seed + 1, dtype=np.float32, position_size=config.get("position_size"),
     )
     weights = {k: v.astype(np.float64) for k, v in weights.items()}
     return Case(name, config, variants, weights=weights, tasks=tuple(tasks), dtype=dtype)
@@ -160,7 +164,34 @@ def default_cases():
         _layer_case("multihead", {"num_heads": 8, "data_format": "channels_first"},
                     [(2, 64, 7, 5)], seed=10),
         _layer_case("masked", {"num_heads": 2}, [(2, 6, 7, 32)], seed=20, mask=True),
+        # MultiHeadSelfAttention2D.botnet(num_heads=4, position_size=(6, 6)): relative
+        # tables learned for 6x6, run at 6x6 and at 4x9 (resized in the graph).
+        _layer_case("botnet", {"num_heads": 4, "position_encoding": "relative",
+                               "position_size": (6, 6), "activation": None,
+                               "use_bias": False, "scale": None,
+                               "kernel_initializer": "lecun_normal"},
+                    [(2, 6, 6, 32), (1, 4, 9, 32)], seed=70),
     ]
+
+
+# Position encodings: each learned one at its reference size (position_size)
+# and at another size (its tables resized, down along one axis and up along
+# the other); every check, gradients and optimizer steps included, runs at
+# both sizes. "botnet" (in the default cases) is the third learned case.
+_POSITION_CASES = (
+    # Non-square reference size, channels_first; the other size comes first.
+    ("relative", {"num_heads": 2, "position_encoding": "relative", "position_size": (5, 7),
+                  "scale": None, "data_format": "channels_first"},
+     [(2, 16, 8, 6), (1, 16, 5, 7)], {}),
+    # scale multiplies q.k only; a masked batch; key_dim != C / heads.
+    ("absolute", {"num_heads": 2, "key_dim": 6, "position_encoding": "absolute",
+                  "position_size": (6, 5), "scale": None, "scale_position_logits": False},
+     [(2, 6, 5, 16), (2, 8, 9, 16)], {"mask": True}),
+    # Fixed, no weights: any size is its own embedding.
+    ("sinusoidal", {"num_heads": 2, "position_encoding": "sinusoidal", "scale": None},
+     [(2, 5, 6, 16), (1, 8, 9, 16)], {}),
+    ("none", {"num_heads": 2, "position_encoding": "none"}, [(2, 4, 5, 16)], {}),
+)
 
 
 def extended_cases():
@@ -174,7 +205,8 @@ def extended_cases():
                     dtype="float64"),
         _layer_case("dynamic", {"num_heads": 2}, [(2, 5, 7, 16), (1, 9, 4, 16)],
                     seed=60),
-    ]
+    ] + [_layer_case(name, config, shapes, seed=80 + 10 * i, **options)
+         for i, (name, config, shapes, options) in enumerate(_POSITION_CASES)]
 
 
 # --------------------------------------------------------- user models
@@ -329,6 +361,29 @@ def _peer_budgets(results32, results64, oracle, keys, rtol=None):
     return {k: budget for k in keys}
 
 
+def _variant_of(key):
+    """The input variant of a per-variant result key, "{kind}/{v}/..." -> v."""
+    return int(key.split("/")[1])
+
+
+def _variant_budgets(results32, results64, oracle, keys, rtol=None):
+    """`_peer_budgets` for each input variant's keys on its own: every variant
+    (e.g. each spatial size) is its own computation, with its own scale and
+    float32 error; a small variant must not hide under a large one's budget."""
+    budgets = {}
+    for v in sorted({_variant_of(k) for k in keys}):
+        group = [k for k in keys if _variant_of(k) == v]
+        budgets.update(_peer_budgets(results32, results64, oracle, group, rtol=rtol))
+    return budgets
+
+
+def _variant_float64_budgets(oracle, keys):
+    budgets = {}
+    for v in sorted({_variant_of(k) for k in keys}):
+        budgets.update(_float64_budgets(oracle, [k for k in keys if _variant_of(k) == v]))
+    return budgets
+
+
 def _judge(result, oracle, keys, budgets):
     """The worst key of one backend's result as a Cell (a failing key first)."""
     cells = []
@@ -416,17 +471,36 @@ def _step_oracle(prefix, w, g):
     return w - alpha * m / (np.sqrt(v) + _ADAM_EPSILON)
 
 
-def _judge_step(result, prefix):
-    """A backend's step against the formula applied to its own gradients."""
+def _judge_step(result, prefix, variants):
+    """A backend's step against the formula applied to its own gradients, for
+    each of the `variants` input variants (one step each, from the same start)."""
     n = len([k for k in result if k.startswith("start/")])
-    keys = [f"{prefix}/{j}" for j in range(n)]
-    oracle = {f"{prefix}/{j}": _step_oracle(prefix, result[f"start/{j}"], result[f"grad/{j}"])
-              for j in range(n)}
-    # float32 rounds the new weights (~1e-7 x |w|) and keeps lr in float32
-    # (1e-2 -> 2.2e-8 relative off, times the step): both under FLOOR x that.
-    steps = [oracle[f"{prefix}/{j}"] - result[f"start/{j}"] for j in range(n)]
-    budget = FLOOR * (_scale(list(oracle.values())) + _scale(steps))
-    return _judge(result, oracle, keys, {k: budget for k in keys})
+    keys, oracle, budgets = [], {}, {}
+    for v in range(variants):
+        group = [f"{prefix}/{v}/{j}" for j in range(n)]
+        if not all(f"grad/{v}/{j}" in result for j in range(n)):
+            return Cell(passed=False, note=f"no {prefix} step of input variant {v}")
+        for j, key in enumerate(group):
+            oracle[key] = _step_oracle(prefix, result[f"start/{j}"], result[f"grad/{v}/{j}"])
+        # float32 rounds the new weights (~1e-7 x |w|) and keeps lr in float32
+        # (1e-2 -> 2.2e-8 relative off, times the step): both under FLOOR x that.
+        steps = [oracle[key] - result[f"start/{j}"] for j, key in enumerate(group)]
+        budget = FLOOR * (_scale([oracle[k] for k in group]) + _scale(steps))
+        budgets.update({k: budget for k in group})
+        keys += group
+    return _judge(result, oracle, keys, budgets)
+
+
+def _missing_variants_row(case, check, results, variants, keys, backends):
+    """A failing row when some input variant has no gradients on any backend
+    (the oracle's keys come from the results: a lost variant would not show)."""
+    present = {_variant_of(k) for k in keys}
+    missing = [v for v in range(variants) if v not in present]
+    if not missing:
+        return None
+    return Row(case, check, {b: Cell(passed=False, note=f"no gradients of input variant(s) "
+                                                       f"{missing}")
+                             for b in results if b in backends})
 
 
 def _reference_oracles(case):
@@ -437,7 +511,7 @@ def _reference_oracles(case):
     """
     ref_config = {k: case.config[k] for k in
                   ("num_heads", "key_dim", "activation", "position_encoding", "scale",
-                   "data_format") if k in case.config}
+                   "scale_position_logits", "data_format") if k in case.config}
     out, out_b, out64_b, scores, scores_b = {}, {}, {}, {}, {}
     for v, variant in enumerate(case.variants):
         key = f"out/{v}"
@@ -489,30 +563,37 @@ def _evaluate_case(case, runs, backends, rtol):
                      out_keys, backends))
     rows.append(_repeatable_row(name, fwd, backends))
 
-    # Gradients and optimizer steps: the median of the float64 runs.
+    # Gradients and optimizer steps, of every input variant: the float64 runs'
+    # oracle (TensorFlow's), budgets per variant.
     grads = _results(runs, name, "grads")
     grads64 = _results(runs, name, "grads64")
+    variants = len(case.variants)
     grad_keys = _array_keys(grads64 or grads, ("input/", "weight/"))
     g_oracle = _float64_oracle(grads64, grad_keys) if grads64 and rtol is None else None
     if g_oracle is not None:
-        g_budgets = _peer_budgets(grads, grads64, g_oracle, grad_keys)
-        rows.append(_row(name, "gradients", grads, g_oracle, g_budgets, grad_keys, backends))
+        g_budgets = _variant_budgets(grads, grads64, g_oracle, grad_keys)
+        rows.append(_missing_variants_row(name, "gradients", grads, variants, grad_keys,
+                                          backends)
+                    or _row(name, "gradients", grads, g_oracle, g_budgets, grad_keys, backends))
         if case.config is not None:  # our block: float64 everywhere, strictly
-            rows.append(_row(name, "gradients float64", grads64, g_oracle,
-                             _float64_budgets(g_oracle, grad_keys), grad_keys, backends))
+            rows.append(_missing_variants_row(name, "gradients float64", grads64, variants,
+                                              grad_keys, backends)
+                        or _row(name, "gradients float64", grads64, g_oracle,
+                                _variant_float64_budgets(g_oracle, grad_keys), grad_keys,
+                                backends))
         else:
             rows.append(_lenient_float64_row(name, "gradients float64", grads64, g_oracle,
                                              g_budgets, grad_keys, backends))
         optim = _results(runs, name, "optimizers")
         for check, prefix in (("SGD step", "sgd"), ("Adam step", "adam")):
             if optim:
-                rows.append(Row(name, check, {b: _judge_step(res, prefix)
+                rows.append(Row(name, check, {b: _judge_step(res, prefix, variants)
                                               for b, res in optim.items() if b in backends}))
     elif grads:
         oracle = _median_oracle(grads, grad_keys) or {}
         rows.append(_row(name, "gradients", grads, oracle,
-                         _peer_budgets(grads, None, oracle, grad_keys, rtol=rtol), grad_keys,
-                         backends))
+                         _variant_budgets(grads, None, oracle, grad_keys, rtol=rtol),
+                         grad_keys, backends))
 
     # .keras portability: saved under one backend, loaded under each other.
     for saver in backends:

@@ -8,10 +8,12 @@ Files written to OUT_DIR, per case i of JOB_DIR/job.json:
 - `case{i}-{task}.npz`, by task:
   forward / forward64 / jit / scores: `out/{v}` per input variant v
   (forward also `again/0`: variant 0 once more, to check repeatability);
-  grads / grads64: `loss`, `input/{k}` (float inputs), `weight/{j}` in the
-  order of `model.trainable_variables`, and `start/{j}` (the weights);
-  optimizers: `sgd/{j}`, `adam/{j}` (weights after one step of each from the
-  same start `start/{j}`, lr SGD_LR / ADAM_LR, with the gradients `grad/{j}`);
+  grads / grads64, per input variant v: `loss/{v}`, `input/{v}/{k}` (float
+  inputs), `weight/{v}/{j}` in the order of `model.trainable_variables`; and
+  `start/{j}` (the weights);
+  optimizers, per input variant v: `sgd/{v}/{j}`, `adam/{v}/{j}` (weights after
+  one step of each from the same start `start/{j}`, lr SGD_LR / ADAM_LR, with
+  that variant's gradients `grad/{v}/{j}`);
   save: `weight/{j}` (all `model.get_weights()`), beside `case{i}.keras`;
 - `load-{saver}-case{i}.npz` (phase "load"): `out/{v}` of the model the
   backend `saver` saved, and `identical/{j}` per weight (1 = bit-identical);
@@ -166,46 +168,54 @@ class _CaseRunner:
             results[f"out/{v}"] = _portable(self.keras.ops.convert_to_numpy(scores))
         return results
 
-    def _grads(self, model, xs):
+    def _grads(self, model, variants):
+        """Loss and gradients of every input variant (e.g. every spatial size:
+        a position table is resized, and differentiated, differently at each)."""
         from mhsa_core import gradients
 
-        out = self._forward(model, xs)
-        loss_weights = gradients.loss_weights(out.shape)
-        loss, input_grads, weight_grads = gradients.value_and_grad(
-            model, self._call_inputs(xs), loss_weights
-        )
-        results = {"loss": np.asarray(loss)}
-        for k, g in enumerate(input_grads):
-            if g is not None:
-                results[f"input/{k}"] = _portable(g)
-        for j, (g, v) in enumerate(zip(weight_grads, model.trainable_variables)):
-            results[f"weight/{j}"] = _portable(g)
-            results[f"start/{j}"] = _portable(self.keras.ops.convert_to_numpy(v))
+        results = {f"start/{j}": _portable(self.keras.ops.convert_to_numpy(w))
+                   for j, w in enumerate(model.trainable_variables)}
+        for v, xs in enumerate(variants):
+            out = self._forward(model, xs)
+            loss_weights = gradients.loss_weights(out.shape)
+            loss, input_grads, weight_grads = gradients.value_and_grad(
+                model, self._call_inputs(xs), loss_weights
+            )
+            results[f"loss/{v}"] = np.asarray(loss)
+            for k, g in enumerate(input_grads):
+                if g is not None:
+                    results[f"input/{v}/{k}"] = _portable(g)
+            for j, g in enumerate(weight_grads):
+                results[f"weight/{v}/{j}"] = _portable(g)
         return results
 
     def task_grads(self, timings):
-        return self._grads(self.model, self.variants[0])
+        return self._grads(self.model, self.variants)
 
     def task_grads64(self, timings):
-        return self._grads(self.model64(), self._as_float64(self.variants[0]))
+        return self._grads(self.model64(), [self._as_float64(xs) for xs in self.variants])
 
     def task_optimizers(self, timings):
+        """One SGD and one Adam step per input variant, each from the same start
+        (fresh optimizers every time: Adam's first step) with that variant's
+        gradients."""
         from mhsa_core import gradients
 
         keras = self.keras
         model = self.model
         start = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
-        grads = self._grads(model, self.variants[0])
-        g = [grads[f"weight/{j}"] for j in range(len(start))]
+        grads = self._grads(model, self.variants)
         results = {f"start/{j}": _portable(w) for j, w in enumerate(start)}
-        results.update({f"grad/{j}": gj for j, gj in enumerate(g)})
-        for name, optimizer in (("sgd", keras.optimizers.SGD(SGD_LR)),
-                                ("adam", keras.optimizers.Adam(ADAM_LR))):
-            new = gradients.apply_optimizer_step(model, g, optimizer)
-            for j, w in enumerate(new):
-                results[f"{name}/{j}"] = _portable(w)
-            for v, w in zip(model.trainable_variables, start):  # back to the start
-                v.assign(w)
+        for v in range(len(self.variants)):
+            g = [grads[f"weight/{v}/{j}"] for j in range(len(start))]
+            results.update({f"grad/{v}/{j}": gj for j, gj in enumerate(g)})
+            for name, optimizer in (("sgd", keras.optimizers.SGD(SGD_LR)),
+                                    ("adam", keras.optimizers.Adam(ADAM_LR))):
+                new = gradients.apply_optimizer_step(model, g, optimizer)
+                for j, w in enumerate(new):
+                    results[f"{name}/{v}/{j}"] = _portable(w)
+                for var, w in zip(model.trainable_variables, start):  # back to the start
+                    var.assign(w)
         return results
 
     def task_jit(self, timings):
@@ -214,6 +224,12 @@ class _CaseRunner:
         XLA via `tf.function(jit_compile=True)` on TensorFlow, `jax.jit` of
         `stateless_call` on JAX, `torch.compile` on torch. Not `model.predict`:
         its data adapter casts float64 inputs to float32.
+
+        A second input variant of another shape is compiled as Keras's own
+        compiled functions would: TensorFlow with `reduce_retracing=True` (as
+        Keras's TF trainer) retraces it with unknown dimensions (None) and
+        torch.compile with dynamic (symbolic) ones, so the layer's dynamic-size
+        paths run compiled too.
         """
         keras = self.keras
         model = self.model
@@ -221,7 +237,8 @@ class _CaseRunner:
         if backend == "tensorflow":
             import tensorflow as tf
 
-            compiled = tf.function(lambda xs: model(xs, training=False), jit_compile=True)
+            compiled = tf.function(lambda xs: model(xs, training=False), jit_compile=True,
+                                   reduce_retracing=True)
 
             def run(xs):
                 return compiled(xs)
@@ -239,6 +256,14 @@ class _CaseRunner:
         elif backend == "torch":
             import torch
 
+            # Dynamo caches compiled code per code object, across models, and
+            # past `recompile_limit` (8) compilations of one code object it
+            # silently runs it eagerly: with a dozen cases, the later cases'
+            # "jit" would not be compiled at all. A clean cache per case, and
+            # an error instead of the silent fallback.
+            torch._dynamo.reset()
+            if not torch._dynamo.config.suppress_errors:  # the two are exclusive
+                torch._dynamo.config.fail_on_recompile_limit_hit = True
             compiled = torch.compile(lambda xs: model(xs, training=False))
 
             def run(xs):

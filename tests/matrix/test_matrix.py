@@ -5,12 +5,14 @@ Run once, with any KERAS_BACKEND (the parent process runs no framework; `make
 test` uses numpy): the workers are subprocesses, one per backend.
 """
 
+import dataclasses
+import functools
 import itertools
 
 import numpy as np
 import pytest
 
-from mhsa_core import matrix
+from mhsa_core import matrix, reference
 from mhsa_core.runner import TRAINING_BACKENDS, case_backends
 
 BACKENDS = ["tensorflow", "torch", "jax", "numpy"]
@@ -51,8 +53,11 @@ def test_cell_within_budget(report, case, check, backend):
     )
 
 
-def _forward_budgets(case):
-    oracle, budgets = matrix._reference_oracles(case)["out"]
+@functools.lru_cache(maxsize=None)
+def _forward_budgets(case_name):
+    """The float64 reference and float32 budgets of a case's forward outputs
+    (computed once per case, not once per backend pair)."""
+    oracle, budgets = matrix._reference_oracles(CASES_BY_NAME[case_name])["out"]
     return oracle, budgets
 
 
@@ -60,7 +65,7 @@ def _forward_budgets(case):
 def test_forward_agrees(report, case, a, b):
     """Pairwise: |out_a - out_b| <= budget_a + budget_b (both within budget of
     the float64 reference implies it; checked directly here)."""
-    oracle, budgets = _forward_budgets(CASES_BY_NAME[case])
+    oracle, budgets = _forward_budgets(case)
     out_a = report.runs[a].results[case]["forward"]
     out_b = report.runs[b].results[case]["forward"]
     for key in oracle:
@@ -74,13 +79,17 @@ def test_gradients_agree(report, case, a, b):
     grads64 = {k: report.runs[k].results[case]["grads64"] for k in TRAINING_BACKENDS}
     keys = [k for k in grads64[a] if k.startswith(("input/", "weight/"))]
     assert keys and set(keys) == {k for k in grads[b] if k.startswith(("input/", "weight/"))}
+    # Every input variant was differentiated (keys "input/{v}/{k}", "weight/{v}/{j}").
+    variants = len(CASES_BY_NAME[case].variants)
+    assert {matrix._variant_of(k) for k in keys} == set(range(variants))
     oracle = matrix._float64_oracle(grads64, keys)
-    budgets = matrix._peer_budgets(grads, grads64, oracle, keys)
+    budgets = matrix._variant_budgets(grads, grads64, oracle, keys)
     for key in keys:
         diff = np.max(np.abs(grads[a][key].astype(np.float64) - grads[b][key]))
         assert diff <= 2 * budgets[key], f"{key}: |{a} - {b}| = {diff:.3g}"
-        # float64: the backends agree to FLOAT64_RTOL of the largest gradient.
-        scale = max(np.max(np.abs(oracle[k])) for k in keys)
+        # float64: the backends agree to FLOAT64_RTOL of the variant's largest gradient.
+        v = matrix._variant_of(key)
+        scale = max(np.max(np.abs(oracle[k])) for k in keys if matrix._variant_of(k) == v)
         diff64 = np.max(np.abs(grads64[a][key] - grads64[b][key]))
         assert diff64 <= 2 * 1e-10 * scale, f"{key} float64: {diff64:.3g}"
 
@@ -106,9 +115,185 @@ def test_dynamic_case_ran_two_sizes(report):
     result = report.runs["torch"].loads[("jax", "dynamic")]
     assert result["out/0"].shape == (2, 5, 7, 16)
     assert result["out/1"].shape == (1, 9, 4, 16)
+    for backend in TRAINING_BACKENDS:  # gradients at both sizes too
+        grads = report.runs[backend].results["dynamic"]["grads"]
+        assert grads["input/0/0"].shape == (2, 5, 7, 16)
+        assert grads["input/1/0"].shape == (1, 9, 4, 16)
 
 
 def test_float64_case_is_float64(report):
     for backend in TRAINING_BACKENDS:
         out = report.runs[backend].results["float64"]["forward"]["out/0"]
         assert out.dtype == np.float64, backend
+
+
+# ------------------------------------------------------- position encodings
+LEARNED = {"relative": ("relative_height", "relative_width"),
+           "absolute": ("absolute_height", "absolute_width")}
+POSITION_CASES = [c for c in CASES
+                  if c.config.get("position_encoding", "conv") in LEARNED]
+
+
+def _spatial(case, shape):
+    """(H, W) of an input or output shape of `case`."""
+    if case.config.get("data_format") == "channels_first":
+        return tuple(shape[2:4])
+    return tuple(shape[1:3])
+
+
+def test_every_position_encoding_is_covered():
+    encodings = {c.config.get("position_encoding", "conv") for c in CASES}
+    assert encodings == {"conv", "none", "relative", "absolute", "sinusoidal"}
+    assert any(c.config.get("scale_position_logits") is False for c in POSITION_CASES)
+    assert any(c.config.get("data_format") == "channels_first" for c in POSITION_CASES)
+    assert any(len(set(c.config["position_size"])) == 2 for c in POSITION_CASES)
+    # The default cases (`mhsa-core matrix`, `make demo`) show one of them.
+    assert any(c.config.get("position_encoding") in LEARNED for c in matrix.default_cases())
+
+
+@pytest.mark.parametrize("case", [c.name for c in POSITION_CASES])
+def test_learned_position_case_ran_reference_and_other_size(report, case):
+    """Forward, jit, scores, gradients, optimizer steps and every `.keras` load
+    ran at the tables' reference size and at another (resized) size."""
+    c = CASES_BY_NAME[case]
+    sizes = [_spatial(c, v["x"].shape) for v in c.variants]
+    reference_size = tuple(c.config["position_size"])
+    assert reference_size in sizes and any(s != reference_size for s in sizes), sizes
+    for backend in case_backends(c.dtype, BACKENDS):
+        run = report.runs[backend]
+        tasks = ["forward", "scores"]
+        if backend in TRAINING_BACKENDS:
+            tasks += ["forward64", "jit"]
+            for task in ("grads", "grads64"):
+                grads = run.results[case][task]
+                got = [_spatial(c, grads[f"input/{v}/0"].shape) for v in range(len(sizes))]
+                assert got == sizes, (backend, task, got)
+            optim = run.results[case]["optimizers"]
+            for v in range(len(sizes)):
+                assert f"sgd/{v}/0" in optim and f"adam/{v}/0" in optim, (backend, v)
+        for task in tasks:
+            out = run.results[case][task]
+            got = [_spatial(c, out[f"out/{v}"].shape) if task != "scores"
+                   else out[f"out/{v}"].shape[-1] for v in range(len(sizes))]
+            want = sizes if task != "scores" else [h * w for h, w in sizes]
+            assert got == want, (backend, task, got)
+        for saver in TRAINING_BACKENDS:
+            if saver != backend:
+                load = run.loads[(saver, case)]
+                got = [_spatial(c, load[f"out/{v}"].shape) for v in range(len(sizes))]
+                assert got == sizes, (saver, backend, got)
+
+
+def _table_indices(case, result):
+    """{table name: j} of the position tables among `start/{j}`, found by value
+    (the worker's weights are exactly the case's float32-representable ones)."""
+    tables = LEARNED[case.config["position_encoding"]]
+    starts = {int(k.split("/")[1]): result[k] for k in result if k.startswith("start/")}
+    found = {}
+    for name in tables:
+        want = case.weights[name]
+        matches = [j for j, w in starts.items()
+                   if w.shape == want.shape and np.array_equal(w.astype(np.float64), want)]
+        assert len(matches) == 1, (name, want.shape, {j: w.shape for j, w in starts.items()})
+        found[name] = matches[0]
+    return found
+
+
+@pytest.mark.parametrize("case", [c.name for c in POSITION_CASES])
+def test_position_tables_gradients_are_compared(report, case):
+    """The tables are trainable weights whose gradients, at every size, are
+    among the arrays the gradients row judges, nonzero (the tables are used),
+    and within that row's budget of the float64 oracle on every backend."""
+    c = CASES_BY_NAME[case]
+    grads = {b: report.runs[b].results[case]["grads"] for b in TRAINING_BACKENDS}
+    grads64 = {b: report.runs[b].results[case]["grads64"] for b in TRAINING_BACKENDS}
+    keys = matrix._array_keys(grads64, ("input/", "weight/"))
+    oracle = matrix._float64_oracle(grads64, keys)
+    budgets = matrix._variant_budgets(grads, grads64, oracle, keys)
+    for backend in TRAINING_BACKENDS:
+        tables = _table_indices(c, grads[backend])
+        assert tables == _table_indices(c, report.runs[backend].results[case]["optimizers"])
+        for name, j in tables.items():
+            for v in range(len(c.variants)):
+                key = f"weight/{v}/{j}"
+                assert key in keys, key
+                assert grads[backend][key].shape == c.weights[name].shape
+                assert np.max(np.abs(oracle[key])) > 0, (name, v)
+                error = np.max(np.abs(grads[backend][key].astype(np.float64) - oracle[key]))
+                assert error <= budgets[key], (backend, name, v, error, budgets[key])
+                # The optimizer steps moved the tables too.
+                optim = report.runs[backend].results[case]["optimizers"]
+                assert not np.array_equal(optim[f"sgd/{v}/{j}"], optim[f"start/{j}"])
+
+
+@pytest.mark.parametrize("case,saver", [(c.name, s) for c in POSITION_CASES
+                                        for s in TRAINING_BACKENDS])
+def test_position_keras_file_runs_at_a_new_size_elsewhere(report, case, saver):
+    """A `.keras` file with learned tables, saved under `saver`, loads under
+    every other backend (numpy too) with the exact tables, and runs there at a
+    size it was not built for within the reference's budget."""
+    c = CASES_BY_NAME[case]
+    reference_size = tuple(c.config["position_size"])
+    oracle, budgets = _forward_budgets(case)
+    for loader in case_backends(c.dtype, BACKENDS):
+        if loader == saver:
+            continue
+        load = report.runs[loader].loads[(saver, case)]
+        assert all(bool(load[k]) for k in load if k.startswith("identical/"))
+        resized = [v for v, variant in enumerate(c.variants)
+                   if _spatial(c, variant["x"].shape) != reference_size]
+        assert resized
+        for v in resized:
+            key = f"out/{v}"
+            error = np.max(np.abs(load[key].astype(np.float64) - oracle[key]))
+            assert error <= budgets[key], (loader, key, error, budgets[key])
+
+
+def test_scale_position_logits_reaches_every_backend(report):
+    """The case with scale_position_logits=False: its oracle honours the flag,
+    and every backend's output is far (beyond the float32 budget) from what the
+    flag's other value gives, so a layer or an oracle ignoring it would fail."""
+    case = next(c for c in POSITION_CASES if c.config.get("scale_position_logits") is False)
+    assert case.config.get("scale", 1.0) != 1.0  # else the flag changes nothing
+    oracle, budgets = _forward_budgets(case.name)
+    ref_config = {k: case.config[k] for k in
+                  ("num_heads", "key_dim", "activation", "position_encoding", "scale",
+                   "data_format") if k in case.config}
+    for v, variant in enumerate(case.variants):
+        other = reference.mhsa_forward(
+            variant["x"], case.weights, attention_mask=variant.get("attention_mask"),
+            scale_position_logits=True, **ref_config)
+        key = f"out/{v}"
+        assert np.max(np.abs(other - oracle[key])) > 100 * budgets[key]
+        for backend in case_backends(case.dtype, BACKENDS):
+            out = report.runs[backend].results[case.name]["forward"][key]
+            assert np.max(np.abs(out - other)) > 10 * budgets[key], (backend, key)
+
+
+def test_table_gradient_bug_at_the_resized_size_only_is_caught():
+    """A JAX-only bug in the gradients of the resized tables (planted by
+    `resize_grad_bug`): invisible in the forward pass and at the reference
+    size (variant 0 of "absolute"); the gradients row fails on JAX, on the
+    resized variant's keys, and only there."""
+    case = dataclasses.replace(CASES_BY_NAME["absolute"],
+                               tasks=("forward", "grads", "grads64"))
+    reference_size = tuple(case.config["position_size"])
+    assert _spatial(case, case.variants[0]["x"].shape) == reference_size
+    assert _spatial(case, case.variants[1]["x"].shape) != reference_size
+    report = matrix.run_matrix([case], ["tensorflow", "jax"], imports=["resize_grad_bug"])
+    assert report.worker_errors == {}
+    for backend in ("tensorflow", "jax"):
+        assert report.cell("absolute", "forward", backend).passed
+    assert report.cell("absolute", "gradients", "tensorflow").passed
+    for check in ("gradients", "gradients float64"):
+        cell = report.cell("absolute", check, "jax")
+        assert cell.passed is False and cell.note.startswith("weight/1/"), (check, cell)
+    # Variant 0 (the reference size) alone is right on JAX: the bug would go
+    # unseen by gradients taken at that size only.
+    grads = {b: report.runs[b].results["absolute"]["grads"] for b in ("tensorflow", "jax")}
+    grads64 = {b: report.runs[b].results["absolute"]["grads64"] for b in ("tensorflow", "jax")}
+    keys = [k for k in matrix._array_keys(grads64, ("input/", "weight/"))
+            if matrix._variant_of(k) == 0]
+    oracle = matrix._float64_oracle(grads64, keys)
+    budgets = matrix._variant_budgets(grads, grads64, oracle, keys)
+    assert matrix._judge(grads["jax"], oracle, keys, budgets).passed

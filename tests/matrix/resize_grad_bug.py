@@ -1,0 +1,26 @@
+"""A planted bug for the matrix's own tests: imported by the workers only.
+
+Under JAX, a position table resized to another size carries no gradient
+(`stop_gradient`); at its reference size, and on the other backends, nothing
+changes, and the forward pass is the same everywhere. Only the gradients of
+the tables at a size other than `position_size` are wrong, on JAX.
+
+Never import this in the test process: it patches `mhsa_core.position`.
+"""
+
+import keras
+from keras import ops
+
+from mhsa_core import position
+
+_resize_table = position.resize_table
+
+
+def _resize_table_without_gradient_on_jax(table, length):
+    out = _resize_table(table, length)
+    if keras.backend.backend() == "jax" and out is not table:
+        return ops.stop_gradient(out)
+    return out
+
+
+position.resize_table = _resize_table_without_gradient_on_jax
