@@ -46,7 +46,7 @@ def make_case(config, shape, *, seed=0, dtype="float32", x_scale=1.0):
         channels,
         config.get("num_heads", 1),
         config.get("key_dim"),
-        config.get("position_encoding", "conv"),
+        config.get("position_encoding", "none"),
         config.get("use_bias", True),
         seed=seed + 1,
         dtype=np.float64,
@@ -56,6 +56,34 @@ def make_case(config, shape, *, seed=0, dtype="float32", x_scale=1.0):
     layer.build(shape)
     layer.set_weight_dict(weights)
     return layer, x, weights
+
+
+def max_abs(a):
+    """max |a| in float64 (0 for an empty array)."""
+    a = np.asarray(a, np.float64)
+    return float(np.max(np.abs(a))) if a.size else 0.0
+
+
+def padded_mask(batch, height, width):
+    """bool (B, H, W): item 0 fully masked (no query has a key: zeros, never
+    NaN), item 1 padded at the right border and the bottom row, the rest all
+    True."""
+    mask = np.ones((batch, height, width), dtype=bool)
+    mask[0] = False
+    if batch > 1:
+        mask[1, :, -2:] = False  # padded right border
+        mask[1, -1, :] = False  # padded bottom row
+    return mask
+
+
+def random_mask(batch, height, width, *, seed=10, fully_masked_item=False):
+    """bool (B, H, W), ~60% True, position (0, 0) always True; with
+    `fully_masked_item` item 0 entirely False."""
+    mask = np.random.default_rng(seed).random((batch, height, width)) < 0.6
+    mask[:, 0, 0] = True
+    if fully_masked_item:
+        mask[0] = False
+    return mask
 
 
 def to_numpy(t):

@@ -1,9 +1,92 @@
-"""mhsa_core: 2-D multi-head self-attention for Keras 3, identical on TensorFlow, PyTorch and JAX."""
+"""mhsa_core: 2-D multi-head self-attention for Keras 3, identical on TensorFlow, PyTorch and JAX.
 
-__version__ = "0.1.0"
+    import mhsa_core                       # before keras.saving.load_model
+    layer = mhsa_core.MultiHeadSelfAttention2D(num_heads=8)
 
-from mhsa_core import reference as reference
-from mhsa_core.block import mhsa_block as mhsa_block
-from mhsa_core.layer import MultiHeadSelfAttention2D as MultiHeadSelfAttention2D
+The names below are imported on first use (PEP 562), so that
+`import mhsa_core.reference` and the `mhsa-core` command import no framework.
+The layer is still registered for `.keras` loading whenever keras is in the
+process: at once if keras was imported first, else right after keras is
+imported (`_register_with_keras`).
+"""
 
-__all__ = ["MultiHeadSelfAttention2D", "mhsa_block", "reference", "__version__"]
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import TYPE_CHECKING
+
+__version__ = "0.2.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "MultiHeadSelfAttention2D": "mhsa_core.layers.mhsa2d",
+    "mhsa_block": "mhsa_core.layers.block",
+    "assert_backends_agree": "mhsa_core.consistency.testing",
+}
+_SUBMODULES = ("layers", "reference", "convert", "consistency", "testing")
+
+__all__ = ["MultiHeadSelfAttention2D", "mhsa_block", "assert_backends_agree",
+           "reference", "convert", "testing", "__version__"]
+
+if TYPE_CHECKING:  # static type checkers see the eager imports
+    from mhsa_core import convert, reference, testing
+    from mhsa_core.consistency.testing import assert_backends_agree
+    from mhsa_core.layers.block import mhsa_block
+    from mhsa_core.layers.mhsa2d import MultiHeadSelfAttention2D
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"mhsa_core.{name}")
+    else:
+        raise AttributeError(f"module 'mhsa_core' has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
+    """Imports `mhsa_core.layers` (which registers the layer with Keras) right
+    after keras itself is imported, once.
+
+    `keras.saving.load_model` finds our layer through Keras's registry of
+    custom objects, which only an import of the layer fills. Importing it
+    here at once would import keras (and with it TensorFlow and JAX when
+    installed) for every `import mhsa_core.reference`; waiting for keras
+    costs nothing and keeps `import mhsa_core; import keras;
+    keras.saving.load_model(...)` working.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "keras":
+            return None
+        sys.meta_path.remove(self)  # one shot; the lookup below skips us
+        spec = importlib.util.find_spec("keras")
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            importlib.import_module("mhsa_core.layers")
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def _register_with_keras():
+    if "keras" in sys.modules:
+        importlib.import_module("mhsa_core.layers")
+    elif not any(isinstance(f, _RegisterWhenKerasLoads) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterWhenKerasLoads())
+
+
+_register_with_keras()

@@ -1,80 +1,13 @@
-"""`assert_backends_agree`: the cross-backend matrix as a pytest-friendly assertion.
+"""Test helpers for users' own models: `assert_backends_agree`.
 
     from mhsa_core.testing import assert_backends_agree
 
-    def test_my_model_is_portable(tmp_path):
+    def test_my_model_is_portable():
         assert_backends_agree(build_my_model(), inputs=my_batch)
 
-Runs the model under each backend in its own process (forward in float32 and
-float64, gradients, an SGD and an Adam step, jit, and `.keras` files saved
-under each backend loaded under every other) and raises `AssertionError` with
-the table of every check when a backend disagrees beyond tolerance.
+The implementation lives in `mhsa_core.consistency.testing`.
 """
 
-import io
-import tempfile
-from pathlib import Path
-
-from mhsa_core import matrix
+from mhsa_core.consistency.testing import assert_backends_agree as assert_backends_agree
 
 __all__ = ["assert_backends_agree"]
-
-DEFAULT_BACKENDS = ("tensorflow", "torch", "jax")
-
-
-def _custom_modules(model):
-    """Modules that define the model's non-Keras layers, for the workers to import."""
-    modules, stack = set(), [model]
-    while stack:
-        layer = stack.pop()
-        module = type(layer).__module__
-        if module.split(".")[0] not in ("keras", "mhsa_core") and module != "__main__":
-            modules.add(module)
-        stack.extend(getattr(layer, "layers", []))  # nested models
-    return sorted(modules)
-
-
-def assert_backends_agree(model_or_path, inputs=None, backends=DEFAULT_BACKENDS,
-                          rtol=None, *, safe_mode=True, imports=None, timeout=1800.0):
-    """Asserts that `backends` agree on a Keras model; returns the `matrix.Report`.
-
-    Args:
-        model_or_path: a `keras.Model` (saved to a temporary `.keras` file
-            first) or the path of a `.keras` file.
-        inputs: an array, a list of arrays (in the model's input order) or a
-            dict; default: deterministic inputs from the model's input spec.
-        backends: the Keras backends to compare; ones not installed are skipped.
-        rtol: tolerance relative to max|output|, for models that cannot run in
-            float64 (or to override the float64-derived tolerance).
-        safe_mode: Keras safe mode when the workers load the file.
-        imports: modules the workers import before loading (custom layers);
-            default for a model object: the modules of its non-Keras layers.
-        timeout: seconds per backend worker.
-
-    Raises:
-        AssertionError: a check failed, or a worker crashed; the message has
-            the whole table.
-    """
-    with tempfile.TemporaryDirectory(prefix="mhsa-core-model-") as tmp:
-        if isinstance(model_or_path, (str, Path)):
-            path = Path(model_or_path)
-            imports = list(imports or [])
-        else:
-            path = Path(tmp) / "model.keras"
-            model_or_path.save(path)
-            imports = list(imports) if imports is not None else _custom_modules(model_or_path)
-        config = matrix.read_model_config(path)
-        if safe_mode:
-            matrix.check_safe(config, path)
-        case = matrix.model_case(path, inputs, name=path.stem)
-        report = matrix.run_matrix([case], list(backends), rtol=rtol, safe_mode=safe_mode,
-                                   imports=imports, timeout=timeout)
-    if not report.agree:
-        from mhsa_core.cli import _render, _verdict
-
-        text = io.StringIO()
-        _render(report, text, f"backends disagree on {path.name}")
-        for backend, error in report.worker_errors.items():
-            text.write(f"\n{backend}: {error}\n")
-        raise AssertionError(text.getvalue() + "\n" + _verdict(report))
-    return report

@@ -1,24 +1,28 @@
-"""`mhsa_block`: functional drop-in for the Keras 2 seed function of the same name."""
+"""`mhsa_block`: functional drop-in for the Keras 2 YOLOv4-MHSA `mhsa_block`."""
 
-from mhsa_core.layer import MultiHeadSelfAttention2D
+from mhsa_core.layers.mhsa2d import MultiHeadSelfAttention2D
 
 
 def mhsa_block(inputs, input_channel=None, **layer_kwargs):
-    """Applies a `MultiHeadSelfAttention2D` to `inputs` and returns its output.
+    """The Keras 2 YOLOv4-MHSA block applied to `inputs`; returns its output.
 
-    Replaces the seed's `mhsa_block(input_layer, input_channel)`; unlike it,
+    Replaces `mhsa_block(input_layer, input_channel)` of the Keras 2
+    YOLOv4-MHSA / CSPDarknet53-MHSA code with unchanged semantics: the layer is
+    `MultiHeadSelfAttention2D.yolov4_mhsa(**layer_kwargs)` (one head, ReLU
+    projections, the "conv" encoding, unscaled logits). Unlike the original,
     the spatial size may be unknown (`keras.Input((None, None, C))`).
 
     Args:
         inputs: A rank-4 tensor (symbolic or eager).
         input_channel: Optional; if given, must equal the channels of `inputs`
-            (the seed passed it by hand; a mismatch there was a silent bug).
-        **layer_kwargs: Arguments of `MultiHeadSelfAttention2D`.
+            (the original passed it by hand; a mismatch there was a silent bug).
+        **layer_kwargs: Overrides of the preset (`MultiHeadSelfAttention2D`
+            arguments, e.g. `data_format` or `name`).
 
     Returns:
         The layer's output, same shape as `inputs`.
     """
-    layer = MultiHeadSelfAttention2D(**layer_kwargs)
+    layer = MultiHeadSelfAttention2D.yolov4_mhsa(**layer_kwargs)
     if input_channel is not None:
         shape = tuple(inputs.shape)
         if len(shape) != 4:

@@ -9,6 +9,8 @@ from keras import backend
 from keras import ops
 from keras import random
 
+from mhsa_core.reference import schema
+
 # Logit given to masked keys before the softmax. It is finite on purpose: with
 # -inf, a row whose keys are all masked would give exp(-inf - -inf) = NaN; with a
 # large finite value that row becomes uniform and is then zeroed explicitly. It is
@@ -17,15 +19,10 @@ _MASKED_LOGIT = -1e9
 
 
 def logits_dtype(dtype):
-    """The dtype the logits and softmax are computed in, for inputs of `dtype`.
-
-    At least float32: under mixed_float16 the seed block's unscaled ReLU
-    logits reach several hundred; exp() of that overflows float16 (max 65504)
-    and the sums lose every digit.
-    """
+    """The dtype the logits and softmax are computed in, for tensors of `dtype`
+    (the rule: `mhsa_core.reference.schema.logits_dtype`)."""
     # standardize_dtype: torch reports torch.float16, not "float16".
-    dtype = backend.standardize_dtype(dtype)
-    return "float32" if dtype in ("float16", "bfloat16") else dtype
+    return schema.logits_dtype(backend.standardize_dtype(dtype))
 
 
 def dot_product_attention(

@@ -1,38 +1,25 @@
 """`MultiHeadSelfAttention2D`: the 2-D multi-head self-attention block as one Keras 3 layer."""
 
+from __future__ import annotations
+
 import inspect
+from collections.abc import Callable
 import math
 import numbers
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from mhsa_core import position
-from mhsa_core.attention import dot_product_attention, logits_dtype
+from mhsa_core.convert._checks import as_float_array
+from mhsa_core.layers.attention import dot_product_attention, logits_dtype
+from mhsa_core.layers.position import ENCODINGS
+from mhsa_core.reference import schema
 
-_POSITION_ENCODINGS = ("conv", "none", "relative", "absolute", "sinusoidal")
-# Encodings with learned per-axis tables: the table name prefix and the rows of
-# a table for a reference size of n along its axis.
-_TABLES = {
-    "relative": ("relative", lambda n: 2 * n - 1),
-    "absolute": ("absolute", lambda n: n),
-}
 _DATA_FORMATS = ("channels_last", "channels_first")
 # Keyword arguments that keras.layers.Layer itself accepts and may write into a config.
 _BASE_LAYER_KEYS = ("name", "trainable", "dtype", "autocast", "activity_regularizer")
-# load_seed_weights: the Keras 2 block's four Conv2D layers in creation order.
-_SEED_CONVS = ("position", "query", "key", "value")
-
-
-def _as_float_array(array, what, dtype="float64"):
-    """`array` cast to a float dtype, or a ValueError naming `what`."""
-    array = np.asarray(array)
-    if array.dtype.kind not in "biuf" and array.dtype.name != "bfloat16":
-        raise ValueError(
-            f"{what} must hold numbers. Received: dtype={array.dtype}"
-        )
-    return array.astype(dtype)
 
 
 def _is_int(value):
@@ -64,25 +51,28 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     The map is flattened row-major into N = H * W tokens of C channels; every
     token attends to every other token; the result has the input's shape, so the
     layer drops into a convolutional backbone (YOLO-style detectors, U-Nets,
-    BoTNet-style ResNets). With the defaults it computes exactly the Keras 2
-    `mhsa_block` it generalizes (one head, ReLU 1x1 projections, a ReLU 1x1
-    "position" conv added to the tokens, unscaled logits):
+    BoTNet-style ResNets). With the defaults it is standard scaled dot-product
+    attention with linear 1x1 projections and no position term:
 
         t = tokens(x)                                  # (B, N, C)
-        t = t + relu(t @ Wp + bp)                      # position_encoding="conv"
+        t = position.tokens(t)                         # "conv", "sinusoidal"
         q, k, v = act(t @ Wq + bq), act(t @ Wk + bk), act(t @ Wv + bv)
-        head i: softmax(scale * q_i k_i^T) v_i         # channels [i*d, (i+1)*d)
+        head i: softmax(scale * q_i k_i^T + bias) v_i  # channels [i*d, (i+1)*d)
         out = concat(heads) reshaped to x's layout
 
     Position encodings ((y, x) = a token's row and column, i a query, j a key):
     "relative" (BoTNet) adds q_i . (R_h[y_j - y_i + H - 1] + R_w[x_j - x_i + W - 1])
     to the logits, "absolute" adds q_i . (E_h[y_j] + E_w[x_j]) (both shared
-    across heads; times `scale` too if `scale_position_logits`), and
-    "sinusoidal" adds a fixed sine-cosine embedding of (y, x) to the tokens.
-    The learned tables R, E belong to the size `position_size`; at any other
-    size they are linearly resized (see `mhsa_core.position`), so one layer
-    runs at any H x W. `MultiHeadSelfAttention2D.botnet(...)` builds BoTNet's
-    configuration.
+    across heads; times `scale` too if `scale_position_logits`), "sinusoidal"
+    adds a fixed sine-cosine embedding of (y, x) to the tokens, and "conv" is
+    the Keras 2 YOLOv4-MHSA block's ReLU 1x1 conv of each token added to the
+    tokens. The learned tables R, E belong to the size `position_size`; at any
+    other size they are linearly resized, so one layer runs at any H x W.
+
+    Presets: `MultiHeadSelfAttention2D.yolov4_mhsa()` is the Keras 2
+    YOLOv4-MHSA / CSPDarknet53-MHSA `mhsa_block` exactly (one head, ReLU
+    projections, the "conv" encoding, unscaled logits), and
+    `MultiHeadSelfAttention2D.botnet()` is BoTNet's attention.
 
     The computation uses only `keras.ops`, so the same layer, and the same saved
     `.keras` file, runs under TensorFlow, PyTorch and JAX with the same numbers.
@@ -92,13 +82,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         key_dim: Channels per head of query and key. Defaults to
             C // num_heads. Values always have C // num_heads per head.
         activation: Activation of the query, key and value projections.
-            Default "relu" (the seed block); None for linear projections.
-        position_encoding: "conv" (the seed's ReLU 1x1 conv of each token's own
-            features, added to the tokens; it carries no position), "none",
-            "relative" (BoTNet's 2-D relative logits), "absolute" (learned
-            factorized embeddings of the key's row and column, in the logits)
-            or "sinusoidal" (fixed 2-D sine-cosine embedding added to the
-            tokens; C divisible by 4).
+            Default None (linear); the YOLOv4-MHSA block uses "relu".
+        position_encoding: "none" (default), "relative" (BoTNet's 2-D relative
+            logits), "absolute" (learned factorized embeddings of the key's row
+            and column, in the logits), "sinusoidal" (fixed 2-D sine-cosine
+            embedding added to the tokens; C divisible by 4) or "conv" (the
+            YOLOv4-MHSA block's ReLU 1x1 conv of each token's own features,
+            added to the tokens; it carries no position).
         position_size: (Hr, Wr), the reference size of the learned tables of
             "relative" (2*Hr - 1 and 2*Wr - 1 rows of key_dim) and "absolute"
             (Hr and Wr rows). Default: the spatial size seen at build, which
@@ -106,18 +96,18 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         scale_position_logits: Whether `scale` multiplies the position term
             of "relative"/"absolute" too (BoTNet's official code: True) or
             only q.k (timm's default: False).
-        scale: Factor of the logits. Default 1.0 (the seed has no scaling);
-            None means 1 / sqrt(key_dim).
+        scale: Factor of the logits. Default None: 1 / sqrt(key_dim). The
+            YOLOv4-MHSA block uses 1.0 (no scaling).
         use_bias: Whether the projections have biases.
         dropout: Rate at which attention probabilities are dropped, in training
             only.
         data_format: "channels_last" (B, H, W, C) or "channels_first"
             (B, C, H, W). Default: `keras.config.image_data_format()`.
-        kernel_initializer: Initializer of the projection kernels ("he_normal",
-            as the seed's convs).
+        kernel_initializer: Initializer of the projection kernels (default
+            "glorot_uniform", as Keras's MultiHeadAttention).
+        bias_initializer: Initializer of the biases.
         position_initializer: Initializer of the position tables. Default
             None: normal with stddev 1 / sqrt(key_dim), as BoTNet and timm.
-        bias_initializer: Initializer of the biases.
         kernel_regularizer: Regularizer of the kernels.
         bias_regularizer: Regularizer of the biases.
         kernel_constraint: Constraint of the kernels.
@@ -153,15 +143,15 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self,
         num_heads: int = 1,
         key_dim: int | None = None,
-        activation="relu",
-        position_encoding: str = "conv",
+        activation: str | Callable | None = None,
+        position_encoding: str = "none",
         position_size: tuple[int, int] | None = None,
         scale_position_logits: bool = True,
-        scale: float | None = 1.0,
+        scale: float | None = None,
         use_bias: bool = True,
         dropout: float = 0.0,
         data_format: str | None = None,
-        kernel_initializer="he_normal",
+        kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         position_initializer=None,
         kernel_regularizer=None,
@@ -182,12 +172,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "Received an invalid value for argument `key_dim`, expected None "
                 f"or a positive integer. Received: key_dim={key_dim!r}"
             )
-        if position_encoding not in _POSITION_ENCODINGS:
-            raise ValueError(
-                "Received an invalid value for argument `position_encoding`, "
-                f"expected one of {_POSITION_ENCODINGS}. "
-                f"Received: position_encoding={position_encoding!r}"
-            )
+        schema.encoding(position_encoding)  # ValueError naming the argument
         position_size = _check_position_size(position_size)
         if not isinstance(scale_position_logits, (bool, np.bool_)):
             raise ValueError(
@@ -266,6 +251,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             keras.random.SeedGenerator(self.seed) if self.dropout > 0 else None
         )
         self._channel_axis = -1 if data_format == "channels_last" else 1
+        # The encoding object: its weights, its tokens / logits terms.
+        self.position = ENCODINGS[position_encoding](self)
         self.input_spec = keras.InputSpec(ndim=4)
 
     # ------------------------------------------------------------------ shapes
@@ -340,58 +327,50 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "The number of channels must be divisible by `num_heads`. "
                 f"Received: channels={channels}, num_heads={self.num_heads}"
             )
-        if self.position_encoding == "sinusoidal" and channels % 4:
-            raise ValueError(
-                "position_encoding='sinusoidal' needs channels divisible by 4 "
-                "(sin and cos of the row and of the column). "
-                f"Received: channels={channels}"
-            )
-        if self.position_encoding in _TABLES:
+        self.position.check_channels(channels)
+        if self.position.spec.learned_tables:
             self.position_size = self._resolve_position_size(input_shape)
         self.channels = channels
         self._head_key_dim = (
             self.key_dim if self.key_dim is not None else channels // self.num_heads
         )
         qk_width = self.num_heads * self._head_key_dim
-        widths = {"query": qk_width, "key": qk_width, "value": channels}
-        if self.position_encoding == "conv":
-            widths = {"position": channels, **widths}
-        # Creation order = the seed's conv order, and the canonical weight-dict order.
-        for name, width in widths.items():
-            kernel = self.add_weight(
-                name=f"{name}_kernel",
-                shape=(channels, width),
-                initializer=self.kernel_initializer,
-                regularizer=self.kernel_regularizer,
-                constraint=self.kernel_constraint,
-            )
-            setattr(self, f"{name}_kernel", kernel)
-            bias = None
-            if self.use_bias:
-                bias = self.add_weight(
-                    name=f"{name}_bias",
-                    shape=(width,),
-                    initializer=self.bias_initializer,
-                    regularizer=self.bias_regularizer,
-                    constraint=self.bias_constraint,
-                )
-            setattr(self, f"{name}_bias", bias)
-        if self.position_encoding in _TABLES:
-            prefix, rows = _TABLES[self.position_encoding]
-            initializer = self.position_initializer or keras.initializers.RandomNormal(
-                stddev=position.default_table_stddev(self._head_key_dim)
-            )
-            for axis, size in zip(("height", "width"), self.position_size):
-                # autocast=False: under mixed precision the tables stay float32,
-                # like the logits they feed (see `call`).
-                table = self.add_weight(
-                    name=f"{prefix}_{axis}",
-                    shape=(rows(size), self._head_key_dim),
-                    initializer=initializer,
-                    autocast=False,
-                )
-                setattr(self, f"{prefix}_{axis}", table)
+        # Creation order = the canonical weight-dict order
+        # (`mhsa_core.reference.schema.weight_shapes`), which is also the
+        # order of the YOLOv4-MHSA block's convs: a "tokens" encoding's
+        # weights, the projections, then a "logits" encoding's tables.
+        if self.position.spec.stage == "tokens":
+            self.position.build(channels, self._head_key_dim)
+        self.query_kernel, self.query_bias = self._add_dense(
+            ("query_kernel", "query_bias"), channels, qk_width)
+        self.key_kernel, self.key_bias = self._add_dense(
+            ("key_kernel", "key_bias"), channels, qk_width)
+        self.value_kernel, self.value_bias = self._add_dense(
+            ("value_kernel", "value_bias"), channels, channels)
+        if self.position.spec.stage != "tokens":
+            self.position.build(channels, self._head_key_dim)
         self.input_spec = keras.InputSpec(ndim=4, axes={self._channel_axis: channels})
+
+    def _add_dense(self, names, in_width, out_width):
+        """(kernel (in, out), bias (out,) or None) of a 1x1 projection."""
+        kernel_name, bias_name = names
+        kernel = self.add_weight(
+            name=kernel_name,
+            shape=(in_width, out_width),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        bias = None
+        if self.use_bias:
+            bias = self.add_weight(
+                name=bias_name,
+                shape=(out_width,),
+                initializer=self.bias_initializer,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+        return kernel, bias
 
     def compute_output_shape(self, input_shape):
         return tuple(self._check_input_shape(input_shape))
@@ -416,11 +395,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return outputs, scores
 
     # -------------------------------------------------------------------- call
-    def _project(self, tokens, name, activation):
+    @staticmethod
+    def _dense(tokens, kernel, bias, activation):
+        """activation(tokens @ kernel + bias), tokens (B, N, C_in)."""
         # einsum, not matmul: keras 3.15's torch `ops.matmul` computes float64
         # inputs in float32 (its result_type maps 64-bit to 32-bit).
-        y = ops.einsum("bnc,cd->bnd", tokens, getattr(self, f"{name}_kernel"))
-        bias = getattr(self, f"{name}_bias")
+        y = ops.einsum("bnc,cd->bnd", tokens, kernel)
         if bias is not None:
             y = y + bias
         return activation(y)
@@ -438,18 +418,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         n = height * width
 
         tokens = ops.reshape(x, (batch, n, channels))  # (B, N, C), row-major
-        if self.position_encoding == "conv":
-            tokens = tokens + self._project(tokens, "position", keras.activations.relu)
-        elif self.position_encoding == "sinusoidal":
-            # Computed in the variable dtype (float32 under mixed precision),
-            # rounded once to the compute dtype.
-            embedding = position.sinusoidal_embedding(
-                height, width, channels, self.variable_dtype
-            )  # (N, C)
-            tokens = tokens + ops.cast(embedding, tokens.dtype)
-        q = self._project(tokens, "query", self.activation)  # (B, N, heads*kd)
-        k = self._project(tokens, "key", self.activation)  # (B, N, heads*kd)
-        v = self._project(tokens, "value", self.activation)  # (B, N, C)
+        tokens = self.position.tokens(tokens, height, width)
+        q = self._dense(tokens, self.query_kernel, self.query_bias,
+                        self.activation)  # (B, N, heads*kd)
+        k = self._dense(tokens, self.key_kernel, self.key_bias,
+                        self.activation)  # (B, N, heads*kd)
+        v = self._dense(tokens, self.value_kernel, self.value_bias,
+                        self.activation)  # (B, N, C)
 
         def split_heads(t, dim):  # (B, N, heads*dim) -> (B, heads, N, dim)
             return ops.transpose(ops.reshape(t, (batch, n, heads, dim)), (0, 2, 1, 3))
@@ -482,22 +457,16 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return outputs
 
     def _position_logits(self, q, height, width):
-        """The position term of the logits, (B, heads, N, N), or None.
+        """The encoding's logits term, (B, heads, N, N), or None.
 
         Computed like the logits (in float32 under mixed precision, from the
         float32 tables), and pre-multiplied by the logit scale when
         `scale_position_logits`.
         """
-        if self.position_encoding not in _TABLES:
-            return None
-        prefix = _TABLES[self.position_encoding][0]
         dtype = logits_dtype(q.dtype)
-        q = ops.cast(q, dtype)
-        tables = [ops.cast(getattr(self, f"{prefix}_{axis}"), dtype)
-                  for axis in ("height", "width")]
-        logits_of = (position.relative_logits if self.position_encoding == "relative"
-                     else position.absolute_logits)
-        bias = logits_of(q, *tables, height, width)
+        bias = self.position.logits_bias(ops.cast(q, dtype), height, width)
+        if bias is None:
+            return None
         if self.scale_position_logits and self.scale_value != 1.0:
             bias = bias * ops.convert_to_tensor(self.scale_value, dtype=dtype)
         return bias
@@ -532,199 +501,78 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                     f"Weight {name!r} must have shape {tuple(variable.shape)}. "
                     f"Received: shape={array.shape}"
                 )
-            arrays[name] = _as_float_array(array, f"weight {name!r}", variable.dtype)
+            arrays[name] = as_float_array(array, f"weight {name!r}", variable.dtype)
         # Assign only after every check and cast passed: never half-loaded.
         for name, variable in expected.items():
             variable.assign(arrays[name])
 
-    def load_seed_weights(self, weights):
-        """Loads the eight arrays of a Keras 2 `mhsa_block`.
-
-        Args:
-            weights: the kernels and biases of the block's four 1x1 Conv2D
-                layers in the order the block creates them: position, query,
-                key, value; kernel then bias each. Kernels may be (1, 1, C, C)
-                (as `Conv2D.get_weights()` returns them) or (C, C).
-
-        Beware: `model.get_weights()` of a Keras 2 functional model lists the
-        convs in topological order, which is not creation order (tf_keras 2.21
-        gives position, key, query, value). Pick them by layer name instead;
-        see the README.
-
-        Afterwards the layer computes the seed block's outputs. The layer must
-        have the seed's settings (the defaults: position_encoding="conv",
-        use_bias=True, num_heads=1, key_dim=None, scale=1.0, activation="relu";
-        data_format and dropout are free); it is built from the kernels' shape
-        if needed. Nothing is built or assigned unless every array is valid.
-        """
-        weights = list(weights)
-        if len(weights) != 2 * len(_SEED_CONVS):
-            raise ValueError(
-                "load_seed_weights expects 8 arrays (kernel and bias of the "
-                "position, query, key and value convs). "
-                f"Received: {len(weights)} arrays"
-            )
-        # The seed block's semantics, so that its weights mean the same here.
-        self._require_settings(
-            "load_seed_weights", "the seed block's settings",
-            position_encoding="conv", use_bias=True, num_heads=1, key_dim=None,
-            scale=1.0, activation="relu",
-        )
-        arrays = [np.asarray(w) for w in weights]
-        kernel = arrays[0]
-        if self.built:
-            channels = self.channels
-        elif kernel.ndim in (2, 4) and kernel.shape[-1] > 0:
-            channels = kernel.shape[-1]
-        else:
-            raise ValueError(
-                "Seed weight 0 (position kernel) must have shape (1, 1, C, C) or "
-                f"(C, C). Received: shape={kernel.shape}"
-            )
-        # Everything is checked before anything is built or assigned.
-        converted = {}
-        for i, conv in enumerate(_SEED_CONVS):
-            for j, part in enumerate(("kernel", "bias")):
-                array = arrays[2 * i + j]
-                expected = (channels, channels) if part == "kernel" else (channels,)
-                if part == "kernel" and array.ndim == 4 and array.shape[:2] == (1, 1):
-                    array = array[0, 0]  # (1, 1, C_in, C_out) -> (C_in, C_out)
-                if array.shape != expected:
-                    raise ValueError(
-                        f"Seed weight {2 * i + j} ({conv} {part}) must have shape "
-                        f"{expected}"
-                        + (f" or {(1, 1) + expected}" if part == "kernel" else "")
-                        + f". Received: shape={arrays[2 * i + j].shape}"
-                    )
-                converted[f"{conv}_{part}"] = _as_float_array(
-                    array, f"seed weight {2 * i + j} ({conv} {part})"
-                )
-        if not self.built:
-            shape = [None, None, None, None]
-            shape[self._channel_axis] = channels
-            self.build(tuple(shape))
-        self.set_weight_dict(converted)
-
-    # ------------------------------------------------------------ BoTNet
+    # ------------------------------------------------------------ presets
     @classmethod
-    def botnet(cls, num_heads: int = 4, position_size=None, **kwargs):
+    def yolov4_mhsa(cls, **kwargs) -> MultiHeadSelfAttention2D:
+        """The Keras 2 YOLOv4-MHSA / CSPDarknet53-MHSA `mhsa_block`, exactly.
+
+        One head, ReLU 1x1 projections with biases, the block's ReLU 1x1
+        "position" conv added to the tokens (`position_encoding="conv"`),
+        unscaled logits (`scale=1.0`), "he_normal" kernels (the block's
+        Conv2D). Any other argument, or an override, goes in `kwargs`.
+        Import trained weights with `load_yolov4_mhsa_weights`.
+        """
+        return cls(**schema.preset("yolov4_mhsa", **kwargs))
+
+    @classmethod
+    def botnet(cls, num_heads: int = 4, position_size: tuple[int, int] | None = None,
+               **kwargs) -> MultiHeadSelfAttention2D:
         """BoTNet's multi-head self-attention (Srinivas et al. 2021).
 
         Linear, bias-free q/k/v projections (`activation=None`,
         `use_bias=False`), logits scaled by 1/sqrt(key_dim) (`scale=None`),
         2-D relative position logits (`position_encoding="relative"`,
         `scale_position_logits=True` as the official code; pass False for
-        timm's default), no seed position conv, and kernels initialized
-        "lecun_normal" (truncated normal, stddev 1/sqrt(C), as timm). Any
-        other argument, or an override of these, goes in `kwargs`.
+        timm's default), and kernels initialized "lecun_normal" (truncated
+        normal, stddev 1/sqrt(C), as timm). Any other argument, or an
+        override of these, goes in `kwargs`.
 
-        Import trained BoTNet or timm weights with `load_botnet_weights`.
+        Import trained BoTNet or timm weights with `load_botnet_weights`
+        (`mhsa_core.convert.from_official` / `from_timm` rearrange them).
         """
-        config = {
-            "activation": None,
-            "use_bias": False,
-            "scale": None,
-            "position_encoding": "relative",
-            "kernel_initializer": "lecun_normal",
-            **kwargs,
-        }
-        return cls(num_heads=num_heads, position_size=position_size, **config)
+        return cls(**schema.preset("botnet", num_heads=num_heads,
+                                   position_size=position_size, **kwargs))
 
-    def load_botnet_weights(self, q_kernel, k_kernel, v_kernel, rel_height, rel_width):
+    # ------------------------------------------------------------ converters
+    def load_yolov4_mhsa_weights(self, weights) -> None:
+        """Loads the eight arrays of a Keras 2 YOLOv4-MHSA `mhsa_block`.
+
+        See `mhsa_core.convert.load_yolov4_mhsa_weights`: position, query,
+        key, value conv kernels and biases in creation order (not the
+        topological order of `model.get_weights()`). The layer needs the
+        block's settings (`MultiHeadSelfAttention2D.yolov4_mhsa()`); nothing
+        is built or assigned unless every array is valid.
+        """
+        from mhsa_core.convert.yolov4_mhsa import load_yolov4_mhsa_weights
+
+        load_yolov4_mhsa_weights(self, weights)
+
+    def load_seed_weights(self, weights) -> None:
+        """Deprecated alias of `load_yolov4_mhsa_weights` (kept for this release)."""
+        warnings.warn(
+            "load_seed_weights is renamed load_yolov4_mhsa_weights; the alias "
+            "goes away in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.load_yolov4_mhsa_weights(weights)
+
+    def load_botnet_weights(self, q_kernel, k_kernel, v_kernel, rel_height,
+                            rel_width) -> None:
         """Loads the weights of a BoTNet (official or timm) attention layer.
 
-        Args:
-            q_kernel, k_kernel: (C, num_heads * key_dim), head h in columns
-                [h * key_dim, (h + 1) * key_dim).
-            v_kernel: (C, C), head h in columns [h * C/heads, (h + 1) * C/heads).
-            rel_height: (2 * Hr - 1, key_dim); row Hr - 1 + d holds a key d
-                rows below the query (key minus query), shared across heads.
-            rel_width: (2 * Wr - 1, key_dim), likewise for columns.
-
-        The README maps the official code's and timm's parameters to these.
-        The layer needs BoTNet's structure (`position_encoding="relative"`,
-        `use_bias=False`, `activation=None`, as `botnet()` makes it); it is
-        built from the arrays' shapes if needed, (Hr, Wr) taken from the
-        tables when `position_size` is None. Nothing is built or assigned
-        unless every array is valid.
+        See `mhsa_core.convert.load_botnet_weights`: kernels (C, heads * kd)
+        (value (C, C)), relative tables (2Hr - 1, kd) and (2Wr - 1, kd).
+        Nothing is built or assigned unless every array is valid.
         """
-        self._require_settings(
-            "load_botnet_weights",
-            "BoTNet's structure (see MultiHeadSelfAttention2D.botnet)",
-            position_encoding="relative", use_bias=False, activation=None,
-        )
-        names = ("q_kernel", "k_kernel", "v_kernel", "rel_height", "rel_width")
-        arrays = dict(zip(names, (np.asarray(a) for a in
-                                  (q_kernel, k_kernel, v_kernel, rel_height, rel_width))))
-        if self.built:
-            channels = self.channels
-        elif arrays["q_kernel"].ndim == 2 and arrays["q_kernel"].shape[0] > 0:
-            channels = arrays["q_kernel"].shape[0]
-        else:
-            raise ValueError(
-                "`q_kernel` must have shape (C, num_heads * key_dim). "
-                f"Received: q_kernel.shape={arrays['q_kernel'].shape}"
-            )
-        if channels % self.num_heads:
-            raise ValueError(
-                "The number of channels must be divisible by `num_heads`. "
-                f"Received: channels={channels} (q_kernel.shape[0]), "
-                f"num_heads={self.num_heads}"
-            )
-        key_dim = self.key_dim if self.key_dim is not None else channels // self.num_heads
-        size = self.position_size
-        if size is None:  # from the tables: 2 * n - 1 rows
-            rows = [arrays[n].shape[0] if arrays[n].ndim == 2 else 0
-                    for n in ("rel_height", "rel_width")]
-            size = tuple((r + 1) // 2 if r % 2 else None for r in rows)
-        expected = {
-            "q_kernel": (channels, self.num_heads * key_dim),
-            "k_kernel": (channels, self.num_heads * key_dim),
-            "v_kernel": (channels, channels),
-            "rel_height": (None if size[0] is None else 2 * size[0] - 1, key_dim),
-            "rel_width": (None if size[1] is None else 2 * size[1] - 1, key_dim),
-        }
-        for name, shape in expected.items():
-            if arrays[name].shape != shape:
-                shown = shape if None not in shape else f"(2 * n - 1, {key_dim}), odd rows"
-                raise ValueError(
-                    f"`{name}` must have shape {shown}. "
-                    f"Received: {name}.shape={arrays[name].shape}"
-                )
-        converted = {
-            "query_kernel": _as_float_array(arrays["q_kernel"], "q_kernel"),
-            "key_kernel": _as_float_array(arrays["k_kernel"], "k_kernel"),
-            "value_kernel": _as_float_array(arrays["v_kernel"], "v_kernel"),
-            "relative_height": _as_float_array(arrays["rel_height"], "rel_height"),
-            "relative_width": _as_float_array(arrays["rel_width"], "rel_width"),
-        }
-        if not self.built:
-            self.position_size = size
-            shape = [None, None, None, None]
-            shape[self._channel_axis] = channels
-            self.build(tuple(shape))
-        self.set_weight_dict(converted)
+        from mhsa_core.convert.botnet import load_botnet_weights
 
-    def _require_settings(self, what, description, **expected):
-        """ValueError listing every setting of this layer that differs from
-        `expected` (activations compared by their serialized names)."""
-
-        def comparable(name, value):
-            if name == "activation":
-                return keras.activations.serialize(keras.activations.get(value))
-            return value
-
-        differing = {
-            name: comparable(name, getattr(self, name))
-            for name, value in expected.items()
-            if comparable(name, getattr(self, name)) != comparable(name, value)
-        }
-        if differing:
-            wanted = ", ".join(f"{k}={v!r}" for k, v in expected.items())
-            raise ValueError(
-                f"{what} needs a layer with {description} ({wanted}). Received: "
-                + ", ".join(f"{k}={v!r}" for k, v in differing.items())
-            )
+        load_botnet_weights(self, q_kernel, k_kernel, v_kernel, rel_height, rel_width)
 
     def _require_built(self, what):
         if not self.built:

@@ -1,0 +1,64 @@
+"""Grid helpers of the position encodings, in `keras.ops` only.
+
+`height` and `width` may be Python ints or scalar tensors (a dynamic spatial
+size, e.g. a TensorFlow graph traced with H and W unknown); every function
+here works with both. The float64 oracle of each is in
+`mhsa_core.reference.position`.
+"""
+
+from keras import ops
+
+
+def is_static(value):
+    return isinstance(value, int)
+
+
+def resize_table(table, length):
+    """`table` (L, d) linearly interpolated along axis 0 to `length` rows.
+
+    Half-pixel rule (torch `F.interpolate(mode="linear", align_corners=False)`):
+    row t sits at source position s = (t + 0.5) * L / length - 0.5, clamped to
+    [0, L - 1], and is (1 - f) * table[floor(s)] + f * table[floor(s) + 1],
+    f = s - floor(s). With length == L the table comes back unchanged (s = t,
+    f = 0 exactly). Computed in the table's dtype.
+    """
+    rows = int(table.shape[0])
+    if is_static(length) and length == rows:
+        return table  # the formula gives exactly this; skip the gathers
+    dtype = table.dtype
+    t = ops.cast(ops.arange(length, dtype="int32"), dtype)  # (length,)
+    # Same operation order as the reference: (t + 0.5) * L / length - 0.5.
+    s = (t + 0.5) * float(rows) / ops.cast(length, dtype) - 0.5
+    s = ops.clip(s, 0.0, float(rows - 1))
+    # floor(s) as a cast (s >= 0 truncates): keras 3.15's `ops.floor` returns
+    # float32 for float64 input on torch and JAX, which can round s up to the
+    # next integer and make f slightly negative.
+    i0 = ops.cast(s, "int32")
+    i1 = ops.minimum(i0 + 1, rows - 1)
+    f = ops.expand_dims(s - ops.cast(i0, dtype), -1)  # (length, 1)
+    return ops.take(table, i0, axis=0) * (1.0 - f) + ops.take(table, i1, axis=0) * f
+
+
+def offsets(size):
+    """(size, size) int32: [query, key] -> key - query + size - 1, the row of a
+    relative table of 2 * size - 1 rows. Gathering with it is the whole
+    relative-to-absolute step (no pad/reshape trick)."""
+    r = ops.arange(size, dtype="int32")
+    return ops.expand_dims(r, 0) - ops.expand_dims(r, 1) + (size - 1)
+
+
+def split_rows(q, height, width):
+    """(B, heads, N, d) -> (B, heads, H, W, d), N = H * W row-major."""
+    shape = ops.shape(q)
+    return ops.reshape(q, (shape[0], shape[1], height, width, q.shape[-1]))
+
+
+def combine(along_h, along_w, height, width):
+    """(B, heads, H, W, H_k) + (B, heads, H, W, W_k) -> (B, heads, N, N), the
+    key axis row-major over (H_k, W_k) like the query axis."""
+    shape = ops.shape(along_h)
+    n = height * width
+    full = ops.expand_dims(along_h, -1) + ops.expand_dims(along_w, -2)
+    return ops.reshape(full, (shape[0], shape[1], n, n))
+
+

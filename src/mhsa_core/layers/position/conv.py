@@ -1,0 +1,26 @@
+"""position_encoding="conv": the Keras 2 YOLOv4-MHSA block's "position" conv."""
+
+import keras
+from keras import ops
+
+from mhsa_core.layers.position.base import PositionEncoding
+from mhsa_core.reference import schema
+
+
+class ConvPosition(PositionEncoding):
+    """t <- t + relu(t @ Wp + bp): a ReLU 1x1 conv of each token, added back.
+
+    The legacy block calls it a position encoding; it sees only each token's
+    own features and carries no position. Kept exact for its trained weights.
+    """
+
+    spec = schema.ENCODINGS["conv"]
+
+    def build(self, channels, key_dim):
+        self.kernel, self.bias = self.layer._add_dense(
+            self.spec.token_weights, channels, channels
+        )
+
+    def tokens(self, tokens, height, width):
+        return tokens + self.layer._dense(tokens, self.kernel, self.bias,
+                                          keras.activations.relu)

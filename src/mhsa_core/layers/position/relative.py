@@ -1,0 +1,39 @@
+"""position_encoding="relative": BoTNet's 2-D relative position logits."""
+
+from keras import ops
+
+from mhsa_core.layers.position._grid import combine, offsets, split_rows
+from mhsa_core.layers.position.tables import LearnedTables
+from mhsa_core.reference import schema
+
+
+def relative_logits(q, rel_h, rel_w, height, width):
+    """[i, j] = q_i . (R_h[y_j - y_i + H - 1] + R_w[x_j - x_i + W - 1]).
+
+    Args:
+        q: (B, heads, N, d) queries, N = height * width.
+        rel_h: (2H - 1, d), row H - 1 + k for a key k rows below the query
+            (the table already resized to this size).
+        rel_w: (2W - 1, d), likewise for columns.
+
+    Returns:
+        (B, heads, N, N). Gathering with the (size, size) offset index is the
+        whole relative-to-absolute step (no pad/reshape trick).
+    """
+    q5 = split_rows(q, height, width)
+    rel_h = ops.take(rel_h, offsets(height), axis=0)  # (H_q, H_k, d)
+    rel_w = ops.take(rel_w, offsets(width), axis=0)  # (W_q, W_k, d)
+    along_h = ops.einsum("bnyxd,ykd->bnyxk", q5, rel_h)  # (B, heads, H, W, H_k)
+    along_w = ops.einsum("bnyxd,xkd->bnyxk", q5, rel_w)  # (B, heads, H, W, W_k)
+    return combine(along_h, along_w, height, width)
+
+
+class RelativePosition(LearnedTables):
+    """Tables R_h (2Hr - 1, kd) and R_w (2Wr - 1, kd), shared across heads;
+    row Hr - 1 + d holds a key d rows below the query."""
+
+    spec = schema.ENCODINGS["relative"]
+
+    def logits_bias(self, q, height, width):
+        return relative_logits(q, *self.resized_tables(height, width, q.dtype),
+                               height, width)

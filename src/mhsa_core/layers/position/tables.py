@@ -1,0 +1,38 @@
+"""Learned per-axis position tables: the shared part of "relative" and "absolute"."""
+
+import keras
+from keras import ops
+
+from mhsa_core.layers.position._grid import resize_table
+from mhsa_core.layers.position.base import PositionEncoding
+from mhsa_core.reference import schema
+
+
+class LearnedTables(PositionEncoding):
+    """An encoding with a (rows(Hr), kd) height table and a (rows(Wr), kd)
+    width table, learned for the reference size `layer.position_size` and
+    linearly resized (`resize_table`) to rows(H), rows(W) at any other size.
+
+    The tables are float32 under mixed precision (`autocast=False`), like the
+    logits they feed.
+    """
+
+    def build(self, channels, key_dim):
+        layer = self.layer
+        initializer = layer.position_initializer or keras.initializers.RandomNormal(
+            stddev=schema.table_stddev(key_dim)
+        )
+        shapes = schema.table_shapes(self.name, layer.position_size, key_dim)
+        self.height_table, self.width_table = (
+            layer.add_weight(name=name, shape=shape, initializer=initializer,
+                             autocast=False)
+            for name, shape in shapes.items()
+        )
+
+    def resized_tables(self, height, width, dtype):
+        """(table_h, table_w) cast to `dtype` and resized to rows(H), rows(W)."""
+        rows = self.spec.rows
+        dtype = keras.backend.standardize_dtype(dtype)
+        return (resize_table(ops.cast(self.height_table, dtype), rows(height)),
+                resize_table(ops.cast(self.width_table, dtype), rows(width)))
+

@@ -1,0 +1,190 @@
+"""The float64 oracle: the block's forward pass in plain NumPy.
+
+Written independently of the Keras layer, in the most direct form NumPy allows
+(explicit loops over batch items and heads, the masked softmax spelled out),
+so that it is easy to check by eye. It runs in any float dtype: float64 gives
+the reference values, float32 with sequential accumulation gives the error
+budget of a float32 backend (`mhsa_core.reference.budget`).
+
+Weights are the canonical dict of `mhsa_core.reference.schema`. With
+`scale_position_logits` (default) the logits are scale * (q_i . k_j +
+position term), else scale * q_i . k_j + position term; the position term is
+shared across heads.
+"""
+
+import math
+
+import numpy as np
+
+from mhsa_core.reference import schema
+from mhsa_core.reference.position import dense, position_logits, token_term
+
+__all__ = ["mhsa_forward", "rounded_forward", "ACTIVATIONS", "POLICIES"]
+
+
+def _relu(x):
+    return np.maximum(x, 0)
+
+
+def _gelu(x):
+    # Exact (erf) GELU, as keras.activations.gelu(approximate=False).
+    erf = np.vectorize(math.erf, otypes=[x.dtype])
+    return x * (0.5 * (1.0 + erf(x / math.sqrt(2.0)))).astype(x.dtype)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+ACTIVATIONS = {
+    None: lambda x: x,
+    "linear": lambda x: x,
+    "relu": _relu,
+    "gelu": _gelu,
+    "sigmoid": _sigmoid,
+    "tanh": np.tanh,
+    "silu": lambda x: x * _sigmoid(x),
+    "swish": lambda x: x * _sigmoid(x),
+}
+
+
+def _matmul_sequential(a, b):
+    """a @ b with every dot product summed left to right, one rounding per step.
+
+    This is the textbook float32 algorithm, and the accuracy that XLA's CPU
+    kernel shows (measured: within 10% of it). OpenBLAS's blocked kernels,
+    which NumPy's `@` calls, are about 2x more accurate; an error budget taken
+    from them would fail correct float32 implementations (see the README).
+    """
+    acc = np.zeros(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
+    for i in range(a.shape[-1]):
+        acc += a[..., i:i + 1] * b[..., i:i + 1, :]
+    return acc
+
+
+def mhsa_forward(x, weights, *, num_heads=1, key_dim=None, activation=None,
+                 position_encoding="none", scale=None, scale_position_logits=True,
+                 data_format="channels_last", attention_mask=None,
+                 return_attention_scores=False, dtype=np.float64,
+                 accumulation="blas", storage_dtype=None):
+    """Forward pass of the block in NumPy, every step in `dtype`.
+
+    Args:
+        x: (B, H, W, C) for "channels_last", (B, C, H, W) for "channels_first".
+        weights: the canonical weight dict (`mhsa_core.reference.schema`).
+        num_heads, key_dim, activation, position_encoding, scale,
+            scale_position_logits, data_format: as the layer's arguments, with
+            the layer's defaults (`schema.PRESETS` has the YOLOv4-MHSA block's
+            and BoTNet's).
+        attention_mask: optional bool (B, H, W); True = may be attended to.
+        dtype: the float dtype of every intermediate (float64 for the oracle,
+            float32 for the float32 error budget).
+        accumulation: "blas" (NumPy's `@`) or "sequential" (every dot product
+            summed left to right: the float32 error budget, see `error_budget`).
+        storage_dtype: emulates mixed precision: with e.g. np.float16 (or
+            ml_dtypes.bfloat16) and dtype=np.float32, the input, the weights and
+            every tensor a Keras op hands to the next (projections, tokens,
+            probabilities, output) are rounded to it, while each op computes in
+            `dtype`, and the logits and softmax stay in `dtype` (as the layer
+            does under a mixed_* policy). Position tables are not rounded
+            (the layer keeps them, and the position term, in float32).
+
+    Returns:
+        The output in the layout of `x`, and with `return_attention_scores`
+        also the attention probabilities (B, num_heads, N, N), N = H*W.
+    """
+    x = np.asarray(x).astype(dtype)
+    if data_format == "channels_first":
+        x = x.transpose(0, 2, 3, 1)
+    elif data_format != "channels_last":
+        raise ValueError(f"Unknown data_format. Received: data_format={data_format!r}")
+    batch, height, width, channels = x.shape
+    n = height * width
+    head_dim = channels // num_heads
+    key_dim = head_dim if key_dim is None else key_dim
+    if scale is None:
+        scale = 1.0 / math.sqrt(key_dim)
+    act = ACTIVATIONS[activation]
+    matmul = {"blas": np.matmul, "sequential": _matmul_sequential}[accumulation]
+    if storage_dtype is None:
+        def store(a):
+            return a
+    else:
+        def store(a):
+            return np.asarray(a).astype(storage_dtype).astype(dtype)
+    x = store(x)
+
+    # Step 1: tokens, row-major over (H, W).
+    t = x.reshape(batch, n, channels)
+    # Step 2: a position encoding that acts on the tokens.
+    schema.encoding(position_encoding)  # a ValueError for an unknown one
+    t = token_term(t, weights, position_encoding, height, width, dtype, matmul, store)
+    # Step 3: projections.
+    q, k, v = (act(dense(t, weights, f"{p}_kernel", f"{p}_bias", dtype, matmul, store))
+               for p in schema.PROJECTIONS)  # (B, N, heads*kd) twice, (B, N, C)
+
+    if attention_mask is None:
+        keep = np.ones((batch, n), dtype=bool)
+    else:
+        keep = np.asarray(attention_mask, dtype=bool).reshape(batch, n)
+
+    out = np.zeros((batch, n, channels), dtype=dtype)
+    scores = np.zeros((batch, num_heads, n, n), dtype=dtype)
+    for b in range(batch):
+        valid = keep[b]
+        for h in range(num_heads):
+            qh = q[b, :, h * key_dim:(h + 1) * key_dim]  # (N, kd)
+            kh = k[b, :, h * key_dim:(h + 1) * key_dim]  # (N, kd)
+            vh = v[b, :, h * head_dim:(h + 1) * head_dim]  # (N, dv)
+            if not valid.any():
+                # Every key masked: probabilities and output are zero.
+                continue
+            logits = matmul(qh, kh.T)  # (N, N)
+            pos = position_logits(qh, weights, position_encoding, height, width,
+                                  dtype, matmul)
+            if pos is None:
+                logits = dtype(scale) * logits
+            elif scale_position_logits:
+                logits = dtype(scale) * (logits + pos)
+            else:
+                logits = dtype(scale) * logits + pos
+            logits = logits[:, valid]  # only the keys that may be attended to
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p = e / e.sum(axis=1, keepdims=True)
+            scores[b, h][:, valid] = p
+            out[b, :, h * head_dim:(h + 1) * head_dim] = store(matmul(store(p), vh[valid]))
+
+    out = out.reshape(batch, height, width, channels)
+    if data_format == "channels_first":
+        out = out.transpose(0, 3, 1, 2)
+    if return_attention_scores:
+        return out, scores
+    return out
+
+
+_POLICY_ROUNDING = {  # policy -> (compute dtype, storage dtype between ops)
+    "float32": (np.float32, None),
+    "mixed_float16": (np.float32, np.float16),
+    "mixed_bfloat16": (np.float32, "bfloat16"),
+}
+POLICIES = ("float64", *_POLICY_ROUNDING)
+
+
+def rounded_forward(x, weights, policy="float32", **config):
+    """This reference run with the roundings of a Keras dtype `policy`.
+
+    float32 arithmetic with sequential accumulation; for mixed_* also 16-bit
+    storage between ops. The float32 budgets are built on its error.
+    """
+    if policy not in _POLICY_ROUNDING:
+        raise ValueError(
+            f"Unknown policy. Expected one of {sorted(_POLICY_ROUNDING)}. "
+            f"Received: policy={policy!r}"
+        )
+    dtype, storage = _POLICY_ROUNDING[policy]
+    if storage == "bfloat16":
+        import ml_dtypes  # a dependency of keras; NumPy has no bfloat16
+
+        storage = ml_dtypes.bfloat16
+    return mhsa_forward(x, weights, dtype=dtype, accumulation="sequential",
+                        storage_dtype=storage, **config)
