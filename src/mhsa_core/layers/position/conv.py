@@ -1,7 +1,6 @@
 """position_encoding="conv": the Keras 2 YOLOv4-MHSA block's "position" conv."""
 
 import keras
-from keras import ops
 
 from mhsa_core.layers.position.base import PositionEncoding
 from mhsa_core.reference import schema
