@@ -1,9 +1,11 @@
 """`mhsa_block`: functional drop-in for the Keras 2 YOLOv4-MHSA `mhsa_block`."""
 
+from __future__ import annotations
+
 from mhsa_core.layers.mhsa2d import MultiHeadSelfAttention2D
 
 
-def mhsa_block(inputs, input_channel=None, **layer_kwargs):
+def mhsa_block(inputs, input_channel: int | None = None, **layer_kwargs):
     """The Keras 2 YOLOv4-MHSA block applied to `inputs`; returns its output.
 
     Replaces `mhsa_block(input_layer, input_channel)` of the Keras 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import math
 import numbers
 import warnings
@@ -11,6 +11,7 @@ import warnings
 import keras
 import numpy as np
 from keras import ops
+from numpy.typing import ArrayLike
 
 from mhsa_core.convert._checks import as_float_array
 from mhsa_core.layers.attention import dot_product_attention, logits_dtype
@@ -293,12 +294,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             )
 
     @property
-    def head_key_dim(self):
+    def head_key_dim(self) -> int:
         """Channels per head of query and key (key_dim, or C // num_heads)."""
         return self._head_key_dim
 
     @property
-    def scale_value(self):
+    def scale_value(self) -> float:
         """The factor actually applied to the logits."""
         if self.scale is None:
             return 1.0 / math.sqrt(self._head_key_dim)
@@ -406,7 +407,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return activation(y)
 
     def call(
-        self, inputs, attention_mask=None, return_attention_scores=False, training=None
+        self,
+        inputs,
+        attention_mask=None,
+        return_attention_scores: bool = False,
+        training: bool | None = None,
     ):
         x = inputs
         if self.data_format == "channels_first":
@@ -472,7 +477,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return bias
 
     # ------------------------------------------------------------ weights I/O
-    def get_weight_dict(self):
+    def get_weight_dict(self) -> dict[str, np.ndarray]:
         """The weights as the canonical dict of NumPy arrays (see `mhsa_core.reference`)."""
         self._require_built("get_weight_dict")
         out = {}
@@ -480,7 +485,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             out[variable.name] = keras.ops.convert_to_numpy(variable)
         return out
 
-    def set_weight_dict(self, weights):
+    def set_weight_dict(self, weights: Mapping[str, ArrayLike]) -> None:
         """Assigns weights from the canonical dict of arrays (names as `get_weight_dict`).
 
         Every weight must be given, with its exact shape; arrays are cast to the
