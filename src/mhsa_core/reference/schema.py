@@ -226,7 +226,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(name, **overrides) -> dict:
+def preset(name, /, **overrides) -> dict:
     """A copy of `PRESETS[name]` with `overrides` applied."""
     if name not in PRESETS:
         raise ValueError(
