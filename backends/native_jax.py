@@ -7,20 +7,8 @@ function `apply(params, x, attention_mask, *, config)` on a dict of arrays,
 gradients. It serves as an independent oracle for the Keras layer on the jax
 backend and, later, as the native baseline of the benchmarks.
 
-Semantics (the same as `mhsa_core.reference.mhsa_forward`):
-
-    x (B, H, W, C) "channels_last" or (B, C, H, W) "channels_first"
-    t = x as tokens (B, N, C), N = H*W, row-major over (H, W)
-    t = t + relu(t @ Wp + bp)                   # position_encoding "conv" only
-    t = t + P                                   # "sinusoidal" only
-    q, k, v = act(t @ Wq + bq), act(t @ Wk + bk), act(t @ Wv + bv)
-    head i = channels [i*d, (i+1)*d); q, k: d = key_dim, v: d = C // num_heads
-    out_h = softmax(scale * (q_h k_h^T + pos_h), keys not masked) @ v_h
-            (scale * q_h k_h^T + pos_h without scale_position_logits;
-             pos_h = 0 unless "relative" or "absolute")
-    out = heads concatenated in order, back in the layout of x
-
-Position encodings, with (y, x) a token's row and column, i a query, j a key:
+What it computes is `mhsa_core.reference.mhsa_forward` (backends/README.md);
+the schema's facts and the argument rules come from `_common`. In JAX's idiom:
 
 - "relative" (BoTNet): pos(i, j) = q_i . (R_h[y_j - y_i + H - 1]
   + R_w[x_j - x_i + W - 1]). Per axis, q is first contracted with every row
@@ -37,25 +25,11 @@ Position encodings, with (y, x) a token's row and column, i a query, j a key:
   (JAX skips axes whose size does not change). antialias=False matters: the
   default antialias=True widens the kernel when shrinking, which is not the
   reference's rule.
-- "sinusoidal": P(y, x) = [sin(y w), cos(y w), sin(x w), cos(x w)],
-  w_k = 10000^(-k / D), D = C / 4 (the frequencies a float64 NumPy constant,
-  cast; angles and sin/cos by `jnp` in the dtype of x).
+- "sinusoidal": w_k = 10000^(-k / D), D = C / 4 (the frequencies a float64
+  NumPy constant, cast; angles and sin/cos by `jnp` in the dtype of x).
 
-`attention_mask` is bool (B, H, W), True = the key may be attended to. A batch
-item whose keys are all masked gets an all-zero output (never NaN).
-
-Weight layout. `params` is the canonical weight dict itself (kernels (in, out)),
-with jnp arrays instead of NumPy arrays:
-
-    position_kernel (C, C)          position_bias (C,)       # only for "conv"
-    query_kernel    (C, heads*kd)   query_bias (heads*kd,)
-    key_kernel      (C, heads*kd)   key_bias   (heads*kd,)
-    value_kernel    (C, C)          value_bias (C,)
-    relative_height (2*Hr - 1, kd)  relative_width (2*Wr - 1, kd)   # "relative" only
-    absolute_height (Hr, kd)        absolute_width (Wr, kd)         # "absolute" only
-
-Biases are absent (or None) when the block has no bias; `params_from_weight_dict`
-drops None entries.
+`params` is the canonical weight dict itself (kernels (in, out)), with jnp
+arrays instead of NumPy arrays; `params_from_weight_dict` drops None entries.
 
 float64. JAX computes in float32 unless 64-bit mode is on. `apply` leaves that to
 the caller (set JAX_ENABLE_X64=1, or call it inside `with jax.enable_x64(True):`).
@@ -72,19 +46,27 @@ so no NaN is ever formed, in the forward or the backward pass.
 The NumPy helpers `resize_table` and `sinusoidal_embedding` give the
 position-encoding pieces on their own (jitted, same precision rule).
 
-This file imports only JAX and NumPy.
+This file imports JAX, NumPy and the NumPy-only `mhsa_core.reference`.
 """
 
 import contextlib
 import functools
-import math
 
+import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["apply", "params_from_weight_dict", "forward", "value_and_grad", "resize_table",
-           "sinusoidal_embedding"]
+from mhsa_core.reference import schema
+
+__all__ = [
+    "apply",
+    "forward",
+    "params_from_weight_dict",
+    "resize_table",
+    "sinusoidal_embedding",
+    "value_and_grad",
+]
 
 _ACTIVATIONS = {
     None: lambda x: x,
@@ -97,77 +79,19 @@ _ACTIVATIONS = {
     "swish": jax.nn.silu,
 }
 
-_POSITION_ENCODINGS = ("conv", "none", "relative", "absolute", "sinusoidal")
-# Encodings with learned per-axis tables: name prefix, rows for a size n.
-_TABLES = {
-    "relative": ("relative", lambda n: 2 * n - 1),
-    "absolute": ("absolute", lambda n: n),
-}
-
 _STATIC = ("num_heads", "key_dim", "activation", "position_encoding", "scale",
-           "data_format", "scale_position_logits", "position_size")
+           "data_format", "scale_position_logits", "use_bias", "position_size")
 
 
-def _dense(t, params, name):
-    """t (B, N, C_in) @ kernel (C_in, C_out) [+ bias (C_out,)] -> (B, N, C_out)."""
-    y = jnp.einsum("bnc,cd->bnd", t, params[f"{name}_kernel"])
-    bias = params.get(f"{name}_bias")
-    if bias is not None:
-        y = y + bias
+def _dense(t, params, kernel, bias):
+    """t (B, N, C_in) @ kernel (C_in, C_out) [+ bias (C_out,)] -> (B, N, C_out).
+
+    `kernel`, `bias`: canonical weight names (no bias when `params` has none).
+    """
+    y = jnp.einsum("bnc,cd->bnd", t, params[kernel])
+    if params.get(bias) is not None:
+        y = y + params[bias]
     return y
-
-
-def _table_size(params, position_encoding):
-    """(Hr, Wr) read off the tables in `params`, or None (no learned tables).
-
-    Raises ValueError when a table is missing or its row count fits no size.
-    """
-    if position_encoding not in _TABLES:
-        return None
-    prefix, _ = _TABLES[position_encoding]
-    size = []
-    for axis in ("height", "width"):
-        table = params.get(f"{prefix}_{axis}")
-        if table is None or table.ndim != 2:
-            raise ValueError(f"Weight dict mismatch: {prefix}_{axis} missing or not 2-D")
-        rows = table.shape[0]
-        if prefix == "relative":
-            if rows % 2 == 0:
-                raise ValueError(f"{prefix}_{axis} has {rows} rows, expected an odd "
-                                 "number (2 * n - 1)")
-            rows = (rows + 1) // 2
-        if rows < 1:
-            raise ValueError(f"{prefix}_{axis} has shape {table.shape}")
-        size.append(rows)
-    return tuple(size)
-
-
-def _check_params(params, channels, num_heads, key_dim, position_encoding,
-                  position_size):
-    """Raise ValueError unless `params` has exactly the expected names and shapes.
-
-    Runs at trace time (shapes are static). Biases are all present or all absent.
-    `position_size` None: the learned tables' size is read off their shapes.
-    """
-    use_bias = params.get("query_bias") is not None
-    qk = num_heads * key_dim
-    widths = {"query": qk, "key": qk, "value": channels}
-    if position_encoding == "conv":
-        widths["position"] = channels
-    expected = {}
-    for prefix, width in widths.items():
-        expected[f"{prefix}_kernel"] = (channels, width)
-        if use_bias:
-            expected[f"{prefix}_bias"] = (width,)
-    if position_encoding in _TABLES:
-        if position_size is None:
-            position_size = _table_size(params, position_encoding)
-        prefix, rows = _TABLES[position_encoding]
-        for axis, n in zip(("height", "width"), position_size):
-            expected[f"{prefix}_{axis}"] = (rows(n), key_dim)
-    given = {k: tuple(v.shape) for k, v in params.items() if v is not None}
-    if given != expected:
-        raise ValueError(f"Weight dict mismatch: expected {expected}, got {given}")
 
 
 def _resize(table, length):
@@ -194,17 +118,19 @@ def _position_logits(q, params, position_encoding, height, width):
 
     q: (B, N, heads, kd). Row i = (y_i, x_i) is a query, column j a key.
     """
-    if position_encoding not in _TABLES:
+    spec = schema.encoding(position_encoding)
+    if not spec.learned_tables:
         return None
-    prefix, rows = _TABLES[position_encoding]
     relative = position_encoding == "relative"
     batch, n, heads, _ = q.shape
     pos = 0
-    for axis, length in (("height", height), ("width", width)):
-        table = _resize(params[f"{prefix}_{axis}"], rows(length))  # (rows, kd)
+    for name, axis, length in zip(schema.table_names(position_encoding),
+                                  ("height", "width"), (height, width)):
+        rows = spec.rows(length)
+        table = _resize(params[name], rows)  # (rows, kd)
         per_row = jnp.einsum("bnhd,rd->bhnr", q, table)  # (B, heads, N, rows)
-        index = _pair_index(height, width, rows(length), relative, axis)
-        flat = per_row.reshape(batch, heads, n * rows(length))
+        index = _pair_index(height, width, rows, relative, axis)
+        flat = per_row.reshape(batch, heads, n * rows)
         pos = pos + jnp.take(flat, index, axis=-1)  # (B, heads, N, N)
     return pos
 
@@ -224,9 +150,9 @@ def _sincos(height, width, channels, dtype):
 
 
 def apply(params, x, attention_mask=None, *, num_heads=1, key_dim=None,
-          activation="relu", position_encoding="conv", scale=1.0,
+          activation=None, position_encoding="none", scale=None,
           data_format="channels_last", scale_position_logits=True,
-          position_size=None):
+          use_bias=None, position_size=None):
     """The block's forward pass, a pure function (jit it with the config static).
 
     Args:
@@ -234,8 +160,10 @@ def apply(params, x, attention_mask=None, *, num_heads=1, key_dim=None,
         x: (B, H, W, C) for "channels_last", (B, C, H, W) for "channels_first".
         attention_mask: optional bool (B, H, W); True = may be attended to.
         num_heads, key_dim, activation, position_encoding, scale, data_format,
-            scale_position_logits: the block's config; `scale=None` means
-            1/sqrt(key_dim).
+            scale_position_logits: the block's config, with the reference's
+            defaults; `scale=None` means 1/sqrt(key_dim).
+        use_bias: optional; when given, `params` must have biases exactly when
+            it is True (else they are read off `params`).
         position_size: optional (Hr, Wr); when given, the learned tables must
             have that reference size (it is read off their shapes anyway).
 
@@ -243,40 +171,36 @@ def apply(params, x, attention_mask=None, *, num_heads=1, key_dim=None,
         The output in the layout and dtype of `x`.
 
     Raises:
-        ValueError: on an unknown config value, or when `params` does not hold
-            exactly the weights of this config (checked at trace time).
+        ValueError: on an invalid config value, or when `params` does not hold
+            exactly the weights of this config (checked at trace time: shapes
+            are static).
     """
-    if position_encoding not in _POSITION_ENCODINGS:
-        raise ValueError(f"Unknown position_encoding={position_encoding!r}")
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"Unknown activation={activation!r}")
     if data_format == "channels_first":
         x = jnp.transpose(x, (0, 2, 3, 1))  # (B, C, H, W) -> (B, H, W, C)
-    elif data_format != "channels_last":
-        raise ValueError(f"Unknown data_format={data_format!r}")
     batch, height, width, channels = x.shape
-    if channels % num_heads:
-        raise ValueError(f"num_heads={num_heads} must divide channels={channels}")
-    if position_encoding == "sinusoidal" and channels % 4:
-        raise ValueError(f"The sinusoidal embedding needs channels divisible by 4. "
-                         f"Received: channels={channels}")
+    cfg = _common.check_config(
+        channels, _ACTIVATIONS, num_heads=num_heads, key_dim=key_dim,
+        activation=activation, position_encoding=position_encoding, scale=scale,
+        scale_position_logits=scale_position_logits, data_format=data_format,
+        use_bias=_common.has_bias(params) if use_bias is None else use_bias,
+        position_size=position_size or _common.position_size_of(params, position_encoding))
+    _common.check_weights(params, cfg.weight_shapes)
+    dv, kd, scale = cfg.head_dim, cfg.key_dim, cfg.scale  # dv: value width per head
     n = height * width
-    dv = channels // num_heads  # value width per head
-    kd = dv if key_dim is None else key_dim
-    scale = 1.0 / math.sqrt(kd) if scale is None else float(scale)
     act = _ACTIVATIONS[activation]
-    _check_params(params, channels, num_heads, kd, position_encoding, position_size)
 
     t = x.reshape(batch, n, channels)  # (B, N, C), row-major over (H, W)
-    if position_encoding == "conv":
-        t = t + jax.nn.relu(_dense(t, params, "position"))  # (B, N, C)
+    token_weights = cfg.encoding.token_weights
+    if token_weights:  # "conv"
+        t = t + jax.nn.relu(_dense(t, params, *token_weights))  # (B, N, C)
     elif position_encoding == "sinusoidal":
         t = t + _sincos(height, width, channels, t.dtype)
 
     # (B, N, heads*d) -> (B, N, heads, d): head i is the channel slice [i*d, (i+1)*d).
-    q = act(_dense(t, params, "query")).reshape(batch, n, num_heads, kd)
-    k = act(_dense(t, params, "key")).reshape(batch, n, num_heads, kd)
-    v = act(_dense(t, params, "value")).reshape(batch, n, num_heads, dv)
+    q, k, v = (act(_dense(t, params, f"{p}_kernel", f"{p}_bias")) for p in schema.PROJECTIONS)
+    q = q.reshape(batch, n, num_heads, kd)
+    k = k.reshape(batch, n, num_heads, kd)
+    v = v.reshape(batch, n, num_heads, dv)
 
     # The Python float `scale` is weakly typed: it keeps the dtype of the logits.
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (B, heads, N, N)
@@ -334,23 +258,6 @@ def _precision(dtype):
     return contextlib.nullcontext()
 
 
-def _config(config, weights):
-    config = dict(config)
-    # use_bias is implied by the presence of biases in `weights`; if given, it
-    # must agree with them.
-    use_bias = config.pop("use_bias", None)
-    has_bias = weights.get("query_bias") is not None
-    if use_bias is not None and bool(use_bias) != has_bias:
-        raise ValueError(f"use_bias={use_bias} but the weight dict "
-                         f"{'has' if has_bias else 'has no'} biases")
-    unknown = set(config) - set(_STATIC)
-    if unknown:
-        raise TypeError(f"Unknown config arguments: {sorted(unknown)}")
-    if config.get("position_size") is not None:  # hashable, for the static config
-        config["position_size"] = tuple(int(n) for n in config["position_size"])
-    return config
-
-
 def _check_dtype(array, dtype):
     if array.dtype != np.dtype(dtype):
         raise AssertionError(f"JAX computed in {array.dtype}, asked for {np.dtype(dtype)}")
@@ -360,9 +267,9 @@ def _check_dtype(array, dtype):
 def forward(x, weights, attention_mask=None, dtype="float32", **config):
     """Run the block on NumPy inputs; returns the output as a NumPy array.
 
-    `config` holds the keyword arguments of `apply`.
+    `config`: keywords of `apply`, completed by `_common.numpy_config`.
     """
-    config = _config(config, weights)
+    _, config = _common.numpy_config(x, weights, config)  # complete and hashable
     with _precision(dtype):
         params = params_from_weight_dict(weights, dtype)
         xj = jnp.asarray(np.asarray(x), dtype=dtype)
@@ -378,7 +285,7 @@ def value_and_grad(x, weights, loss_weights, attention_mask=None, dtype="float32
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped
     like `x`, and a canonical weight dict of gradients.
     """
-    config = _config(config, weights)
+    _, config = _common.numpy_config(x, weights, config)  # complete and hashable
     with _precision(dtype):
         params = params_from_weight_dict(weights, dtype)
         xj = jnp.asarray(np.asarray(x), dtype=dtype)
@@ -409,9 +316,7 @@ def resize_table(table, length, dtype="float32"):
 
 def sinusoidal_embedding(height, width, channels, dtype="float32"):
     """The native's sine-cosine embedding on NumPy: (H*W, C) in `dtype`."""
-    if channels % 4:
-        raise ValueError(f"The sinusoidal embedding needs channels divisible by 4. "
-                         f"Received: channels={channels}")
+    _common.check_channels("sinusoidal", channels)
     with _precision(dtype):
         out = np.asarray(_sincos_jit(height, width, channels, np.dtype(dtype)))
     return _check_dtype(out, dtype)

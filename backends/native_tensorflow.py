@@ -8,20 +8,8 @@ values, so it can be wrapped in `tf.function` for the benchmarks. It serves as a
 independent oracle for the Keras layer on the tensorflow backend and, later, as
 the native baseline of the benchmarks.
 
-Semantics (the same as `mhsa_core.reference.mhsa_forward`):
-
-    x (B, H, W, C) "channels_last" or (B, C, H, W) "channels_first"
-    t = x as tokens (B, N, C), N = H*W, row-major over (H, W)
-    t = t + relu(t @ Wp + bp)                   # position_encoding "conv" only
-    t = t + P                                   # "sinusoidal" only
-    q, k, v = act(t @ Wq + bq), act(t @ Wk + bk), act(t @ Wv + bv)
-    head i = channels [i*d, (i+1)*d); q, k: d = key_dim, v: d = C // num_heads
-    out_h = softmax(scale * (q_h k_h^T + pos_h), keys not masked) @ v_h
-            (scale * q_h k_h^T + pos_h without scale_position_logits;
-             pos_h = 0 unless "relative" or "absolute")
-    out = heads concatenated in order, back in the layout of x
-
-Position encodings, with (y, x) a token's row and column, i a query, j a key:
+What it computes is `mhsa_core.reference.mhsa_forward` (backends/README.md);
+the schema's facts and the argument rules come from `_common`. In TensorFlow's idiom:
 
 - "relative" (BoTNet): pos(i, j) = q_i . (R_h[y_j - y_i + H - 1]
   + R_w[x_j - x_i + W - 1]). Per axis, `tf.gather` of the table with the
@@ -40,25 +28,13 @@ Position encodings, with (y, x) a token's row and column, i a query, j a key:
   one axis, but that op always returns float32 (its weights are computed in
   float32 too), which would cap the float64 runs at float32 accuracy; the
   matrix form runs in the module's dtype. It is the identity at the
-  reference size. tests/test_native.py checks it against `tf.image.resize`.
-- "sinusoidal": P(y, x) = [sin(y w), cos(y w), sin(x w), cos(x w)],
-  w_k = 1 / 10000^(k / D), D = C / 4 (the frequencies in float64, then cast;
-  angles and sin/cos in the module's dtype).
+  reference size. tests/backends/test_native.py checks it against
+  `tf.image.resize`.
+- "sinusoidal": w_k = 1 / 10000^(k / D), D = C / 4 (the frequencies in
+  float64, then cast; angles and sin/cos in the module's dtype).
 
-`attention_mask` is bool (B, H, W), True = the key may be attended to. A batch
-item whose keys are all masked gets an all-zero output (never NaN).
-
-Weight layout. The variables use the canonical layout itself (kernels (in, out),
-what `tf.einsum("bnc,cd->bnd")` wants), under the canonical names:
-
-    position_kernel (C, C)          position_bias (C,)       # only for "conv"
-    query_kernel    (C, heads*kd)   query_bias (heads*kd,)
-    key_kernel      (C, heads*kd)   key_bias   (heads*kd,)
-    value_kernel    (C, C)          value_bias (C,)
-    relative_height (2*Hr - 1, kd)  relative_width (2*Wr - 1, kd)   # "relative" only
-    absolute_height (Hr, kd)        absolute_width (Wr, kd)         # "absolute" only
-
-Biases are absent when `use_bias=False`.
+The variables use the canonical layout itself (kernels (in, out), what
+`tf.einsum("bnc,cd->bnd")` wants), under the canonical names.
 
 Masking: masked logits are replaced by -inf with `tf.where` (a constant, so no
 gradient flows to it) and `tf.nn.softmax` then gives them exactly 0. A row whose
@@ -66,18 +42,19 @@ keys were all -inf would give exp(-inf - -inf) = NaN, so items with no valid key
 attend to every key instead (finite, unused) and their output is zeroed with
 `tf.where`, which also gives them zero gradients.
 
-Module-level helpers `forward` and `value_and_grad` take and return NumPy
-arrays, for the tests and the cross-backend runner; so do `resize_table` and
-`sinusoidal_embedding`, the position-encoding pieces on their own. This file
-imports only TensorFlow and NumPy.
+NumPy in, NumPy out: `forward`, `value_and_grad`, `resize_table`,
+`sinusoidal_embedding` (backends/README.md).
 """
 
 import math
 
+import _common
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["NativeMHSA2D", "forward", "value_and_grad", "resize_table", "sinusoidal_embedding"]
+from mhsa_core.reference import schema
+
+__all__ = ["NativeMHSA2D", "forward", "resize_table", "sinusoidal_embedding", "value_and_grad"]
 
 
 def _gelu(x):
@@ -101,14 +78,6 @@ _ACTIVATIONS = {
     "silu": tf.nn.silu,
     "swish": tf.nn.silu,
 }
-
-_POSITION_ENCODINGS = ("conv", "none", "relative", "absolute", "sinusoidal")
-# Encodings with learned per-axis tables: name prefix, rows for a size n.
-_TABLES = {
-    "relative": ("relative", lambda n: 2 * n - 1),
-    "absolute": ("absolute", lambda n: n),
-}
-
 
 def _resize(table, length):
     """table (L, d) -> (length, d), linear along the rows, half-pixel centers.
@@ -155,74 +124,32 @@ class NativeMHSA2D(tf.Module):
 
     Args:
         channels: C, the channels of the input (and of the output).
-        num_heads: number of heads; must divide `channels`.
-        key_dim: query/key width per head; default `channels // num_heads`.
-        activation: applied to q, k and v: "relu" (default), None/"linear",
-            "gelu", "sigmoid", "tanh", "silu"/"swish".
-        position_encoding: "conv" (t + relu(t @ Wp + bp)), "none", "relative",
-            "absolute" or "sinusoidal" (see the module docstring).
-        scale: logit multiplier; None means 1/sqrt(key_dim). Default 1.0.
+        num_heads, key_dim, activation, position_encoding, scale, data_format,
+            scale_position_logits: the block's config, with the meanings and
+            defaults of `mhsa_core.reference.mhsa_forward` (standard scaled
+            dot-product attention by default).
         use_bias: whether the projections have biases.
-        data_format: "channels_last" (B, H, W, C) or "channels_first" (B, C, H, W).
         position_size: (Hr, Wr), the reference size of the learned tables;
             required by "relative" and "absolute", ignored otherwise.
-        scale_position_logits: whether `scale` multiplies the position term of
-            "relative"/"absolute" too.
         dtype: dtype of the variables and of the computation.
 
     Variables start at zero; load the canonical weights with `load_weight_dict`.
     """
 
-    def __init__(self, channels, num_heads=1, key_dim=None, activation="relu",
-                 position_encoding="conv", scale=1.0, use_bias=True,
+    def __init__(self, channels, num_heads=1, key_dim=None, activation=None,
+                 position_encoding="none", scale=None, use_bias=True,
                  data_format="channels_last", position_size=None,
                  scale_position_logits=True, dtype="float32", name=None):
         super().__init__(name=name)
-        if channels % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide channels={channels}")
-        if position_encoding not in _POSITION_ENCODINGS:
-            raise ValueError(f"Unknown position_encoding={position_encoding!r}")
-        if position_encoding == "sinusoidal" and channels % 4:
-            raise ValueError(f"The sinusoidal embedding needs channels divisible by 4. "
-                             f"Received: channels={channels}")
-        if data_format not in ("channels_last", "channels_first"):
-            raise ValueError(f"Unknown data_format={data_format!r}")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"Unknown activation={activation!r}")
-        self.channels = channels
-        self.num_heads = num_heads
-        self.head_dim = channels // num_heads  # value width per head
-        self.key_dim = self.head_dim if key_dim is None else key_dim
-        self.activation = activation
-        self.position_encoding = position_encoding
-        self.scale = 1.0 / math.sqrt(self.key_dim) if scale is None else float(scale)
-        self.scale_position_logits = bool(scale_position_logits)
-        self.use_bias = use_bias
-        self.data_format = data_format
+        self.config = _common.check_config(
+            channels, _ACTIVATIONS, num_heads=num_heads, key_dim=key_dim,
+            activation=activation, position_encoding=position_encoding, scale=scale,
+            scale_position_logits=scale_position_logits, data_format=data_format,
+            use_bias=use_bias, position_size=position_size)
         self.compute_dtype = tf.as_dtype(np.dtype(dtype).name)
-
-        qk = num_heads * self.key_dim
-        widths = {"query": qk, "key": qk, "value": channels}
-        if position_encoding == "conv":
-            widths = {"position": channels, **widths}
         # name -> tf.Variable, canonical names and shapes, in creation order.
-        self.weights = {}
-        for prefix, width in widths.items():
-            self.weights[f"{prefix}_kernel"] = tf.Variable(
-                tf.zeros((channels, width), self.compute_dtype), name=f"{prefix}_kernel")
-            if use_bias:
-                self.weights[f"{prefix}_bias"] = tf.Variable(
-                    tf.zeros((width,), self.compute_dtype), name=f"{prefix}_bias")
-        if position_encoding in _TABLES:
-            if (not isinstance(position_size, (tuple, list)) or len(position_size) != 2
-                    or any(int(n) != n or n < 1 for n in position_size)):
-                raise ValueError(f"position_encoding={position_encoding!r} needs "
-                                 f"position_size=(Hr, Wr). Received: {position_size!r}")
-            prefix, rows = _TABLES[position_encoding]
-            for axis, n in zip(("height", "width"), position_size):
-                self.weights[f"{prefix}_{axis}"] = tf.Variable(
-                    tf.zeros((rows(int(n)), self.key_dim), self.compute_dtype),
-                    name=f"{prefix}_{axis}")
+        self.weights = {name: tf.Variable(tf.zeros(shape, self.compute_dtype), name=name)
+                        for name, shape in self.config.weight_shapes.items()}
 
     def load_weight_dict(self, weights):
         """Assign a canonical weight dict (NumPy arrays, any float dtype).
@@ -230,24 +157,20 @@ class NativeMHSA2D(tf.Module):
         Values are cast to the module's dtype. Missing, unexpected or wrongly
         shaped entries raise ValueError.
         """
-        given = {k for k, v in weights.items() if v is not None}
-        if given != set(self.weights):
-            raise ValueError(f"Weight dict mismatch: unexpected "
-                             f"{sorted(given - set(self.weights))}, missing "
-                             f"{sorted(set(self.weights) - given)}")
+        _common.check_weights(weights, {name: tuple(variable.shape)
+                                        for name, variable in self.weights.items()})
         for name, variable in self.weights.items():
-            value = np.asarray(weights[name])
-            if value.shape != tuple(variable.shape):
-                raise ValueError(f"{name} has shape {value.shape}, "
-                                 f"expected {tuple(variable.shape)}")
-            variable.assign(tf.cast(value, self.compute_dtype))
+            variable.assign(tf.cast(np.asarray(weights[name]), self.compute_dtype))
         return self
 
-    def _dense(self, t, prefix):
-        """t (B, N, C_in) @ kernel (C_in, C_out) [+ bias (C_out,)] -> (B, N, C_out)."""
-        y = tf.einsum("bnc,cd->bnd", t, self.weights[f"{prefix}_kernel"])
-        if self.use_bias:
-            y = y + self.weights[f"{prefix}_bias"]
+    def _dense(self, t, kernel, bias):
+        """t (B, N, C_in) @ kernel (C_in, C_out) [+ bias (C_out,)] -> (B, N, C_out).
+
+        `kernel`, `bias`: canonical weight names.
+        """
+        y = tf.einsum("bnc,cd->bnd", t, self.weights[kernel])
+        if self.config.use_bias:
+            y = y + self.weights[bias]
         return y
 
     def _position_logits(self, q, height, width):
@@ -255,12 +178,13 @@ class NativeMHSA2D(tf.Module):
 
         q: (B, H, W, heads, kd). Row i = (y_i, x_i) is a query, column j a key.
         """
-        if self.position_encoding not in _TABLES:
+        spec = self.config.encoding
+        if not spec.learned_tables:
             return None
-        prefix, rows = _TABLES[self.position_encoding]
-        relative = self.position_encoding == "relative"
-        table_h = _resize(self.weights[f"{prefix}_height"], rows(height))
-        table_w = _resize(self.weights[f"{prefix}_width"], rows(width))
+        relative = spec.name == "relative"
+        name_h, name_w = schema.table_names(spec.name)
+        table_h = _resize(self.weights[name_h], spec.rows(height))
+        table_w = _resize(self.weights[name_w], spec.rows(width))
         emb_h = tf.gather(table_h, _index_matrix(height, relative))  # (H, H, kd): [y_i, y_j]
         emb_w = tf.gather(table_w, _index_matrix(width, relative))  # (W, W, kd): [x_i, x_j]
         logits_h = tf.einsum("byxhd,yvd->bhyxv", q, emb_h)  # (B, heads, H, W, H)
@@ -268,37 +192,40 @@ class NativeMHSA2D(tf.Module):
         # (B, heads, H, W, H, W): [y_i, x_i, y_j, x_j] -> (B, heads, N, N)
         pos = logits_h[..., :, None] + logits_w[..., None, :]
         n = height * width
-        return tf.reshape(pos, (tf.shape(q)[0], self.num_heads, n, n))
+        return tf.reshape(pos, (tf.shape(q)[0], self.config.num_heads, n, n))
 
     def __call__(self, x, attention_mask=None):
         """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W) or None."""
-        act = _ACTIVATIONS[self.activation]
+        cfg = self.config
+        act = _ACTIVATIONS[cfg.activation]
         x = tf.convert_to_tensor(x, self.compute_dtype)
-        if self.data_format == "channels_first":
+        if cfg.data_format == "channels_first":
             x = tf.transpose(x, (0, 2, 3, 1))  # (B, C, H, W) -> (B, H, W, C)
         shape = tf.shape(x)
         batch, height, width = shape[0], shape[1], shape[2]
         n = height * width
-        heads, kd, dv = self.num_heads, self.key_dim, self.head_dim
+        heads, kd, dv = cfg.num_heads, cfg.key_dim, cfg.head_dim
 
-        t = tf.reshape(x, (batch, n, self.channels))  # (B, N, C), row-major over (H, W)
-        if self.position_encoding == "conv":
-            t = t + tf.nn.relu(self._dense(t, "position"))  # (B, N, C)
-        elif self.position_encoding == "sinusoidal":
-            t = t + _sincos(height, width, self.channels, self.compute_dtype)
+        t = tf.reshape(x, (batch, n, cfg.channels))  # (B, N, C), row-major over (H, W)
+        token_weights = cfg.encoding.token_weights
+        if token_weights:  # "conv"
+            t = t + tf.nn.relu(self._dense(t, *token_weights))  # (B, N, C)
+        elif cfg.position_encoding == "sinusoidal":
+            t = t + _sincos(height, width, cfg.channels, self.compute_dtype)
 
         # (B, N, heads*d) -> (B, N, heads, d): head i is the slice [i*d, (i+1)*d).
-        q = tf.reshape(act(self._dense(t, "query")), (batch, n, heads, kd))
-        k = tf.reshape(act(self._dense(t, "key")), (batch, n, heads, kd))
-        v = tf.reshape(act(self._dense(t, "value")), (batch, n, heads, dv))
+        q, k, v = (act(self._dense(t, f"{p}_kernel", f"{p}_bias")) for p in schema.PROJECTIONS)
+        q = tf.reshape(q, (batch, n, heads, kd))
+        k = tf.reshape(k, (batch, n, heads, kd))
+        v = tf.reshape(v, (batch, n, heads, dv))
 
         logits = tf.einsum("bqhd,bkhd->bhqk", q, k)  # (B, heads, N, N)
-        scale = tf.constant(self.scale, self.compute_dtype)
+        scale = tf.constant(cfg.scale, self.compute_dtype)
         pos = self._position_logits(tf.reshape(q, (batch, height, width, heads, kd)),
                                     height, width)
         if pos is None:
             logits = logits * scale
-        elif self.scale_position_logits:
+        elif cfg.scale_position_logits:
             logits = (logits + pos) * scale
         else:
             logits = logits * scale + pos
@@ -316,48 +243,15 @@ class NativeMHSA2D(tf.Module):
             out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
             out = tf.where(has_key[:, None, None, None], out, tf.zeros_like(out))
 
-        out = tf.reshape(out, (batch, height, width, self.channels))  # heads concatenated
-        if self.data_format == "channels_first":
+        out = tf.reshape(out, (batch, height, width, cfg.channels))  # heads concatenated
+        if cfg.data_format == "channels_first":
             out = tf.transpose(out, (0, 3, 1, 2))  # -> (B, C, H, W)
         return out
 
 
-def _position_size(weights, position_encoding):
-    """(Hr, Wr) read off the learned tables in `weights`, or None.
-
-    Raises ValueError when a table is missing or its row count fits no size.
-    """
-    if position_encoding not in _TABLES:
-        return None
-    prefix, _ = _TABLES[position_encoding]
-    size = []
-    for axis in ("height", "width"):
-        table = weights.get(f"{prefix}_{axis}")
-        if table is None:
-            raise ValueError(f"Weight dict mismatch: missing {prefix}_{axis}")
-        rows = np.shape(table)[0] if np.ndim(table) else 0
-        if prefix == "relative":
-            if rows % 2 == 0:
-                raise ValueError(f"{prefix}_{axis} has {rows} rows, expected an odd "
-                                 "number (2 * n - 1)")
-            rows = (rows + 1) // 2
-        if rows < 1:
-            raise ValueError(f"{prefix}_{axis} has shape {np.shape(table)}")
-        size.append(rows)
-    return tuple(size)
-
-
 def _build(x, weights, dtype, config):
-    """A module of the right config and dtype, with `weights` loaded."""
-    config = dict(config)
-    data_format = config.get("data_format", "channels_last")
-    channels = x.shape[-1] if data_format == "channels_last" else x.shape[1]
-    if config.get("use_bias") is None:
-        config["use_bias"] = any(v is not None for k, v in weights.items()
-                                 if k.endswith("_bias"))
-    if config.get("position_size") is None:
-        config["position_size"] = _position_size(
-            weights, config.get("position_encoding", "conv"))
+    """A module of the complete config and dtype, with `weights` loaded."""
+    channels, config = _common.numpy_config(x, weights, config)
     module = NativeMHSA2D(channels, dtype=dtype, **config)
     return module.load_weight_dict(weights)
 
@@ -371,10 +265,8 @@ def _mask_tensor(attention_mask):
 def forward(x, weights, attention_mask=None, dtype="float32", **config):
     """Run the block on NumPy inputs; returns the output as a NumPy array.
 
-    `config` holds the constructor arguments of `NativeMHSA2D` except
-    `channels` (read from `x`) and `dtype`; `use_bias` defaults to whether
-    `weights` has biases, `position_size` to the size read off the tables'
-    shapes.
+    `config`: keywords of `NativeMHSA2D` but `channels` (read off `x`) and
+    `dtype`, completed by `_common.numpy_config`.
     """
     x = np.asarray(x)
     module = _build(x, weights, dtype, config)
@@ -409,7 +301,5 @@ def resize_table(table, length, dtype="float32"):
 
 def sinusoidal_embedding(height, width, channels, dtype="float32"):
     """The native's sine-cosine embedding on NumPy: (H*W, C) in `dtype`."""
-    if channels % 4:
-        raise ValueError(f"The sinusoidal embedding needs channels divisible by 4. "
-                         f"Received: channels={channels}")
+    _common.check_channels("sinusoidal", channels)
     return _sincos(height, width, channels, tf.as_dtype(np.dtype(dtype).name)).numpy()

@@ -3,64 +3,35 @@
 Written the way a PyTorch user would write the block by hand, with no Keras:
 `nn.Linear` projections and `F.scaled_dot_product_attention` (SDPA) for the
 attention itself. It serves as an independent oracle for the Keras layer on the
-torch backend and, later, as the native baseline of the benchmarks.
+torch backend and as the native baseline of the benchmarks.
 
-Semantics (the same as `mhsa_core.reference.mhsa_forward`):
+What it computes is `mhsa_core.reference.mhsa_forward` (backends/README.md);
+the schema's facts and the argument rules come from `_common`. In PyTorch's idiom:
 
-    x (B, H, W, C) "channels_last" or (B, C, H, W) "channels_first"
-    t = x as tokens (B, N, C), N = H*W, row-major over (H, W)
-    t = t + relu(t @ Wp + bp)                   # position_encoding "conv" only
-    t = t + P                                   # "sinusoidal" only
-    q, k, v = act(t @ Wq + bq), act(t @ Wk + bk), act(t @ Wv + bv)
-    head i = channels [i*d, (i+1)*d); q, k: d = key_dim, v: d = C // num_heads
-    out_h = softmax(scale * (q_h k_h^T + pos_h), keys not masked) @ v_h
-            (scale * q_h k_h^T + pos_h without scale_position_logits;
-             pos_h = 0 unless "relative" or "absolute")
-    out = heads concatenated in order, back in the layout of x
-
-Position encodings, with (y, x) a token's row and column, i a query, j a key:
-
-- "relative" (BoTNet): pos(i, j) = q_i . (R_h[y_j - y_i + H - 1]
-  + R_w[x_j - x_i + W - 1]). Computed per axis with the "rel_to_abs" trick:
-  q @ R^T gives (.., L, 2L - 1) logits per relative offset; padding and
-  reshaping turn them into (.., L, L) logits per absolute key position (see
-  `_rel_to_abs`). The height and width terms are broadcast-summed over the
-  other axis.
-- "absolute": pos(i, j) = q_i . (E_h[y_j] + E_w[x_j]): q @ E_h^T and q @ E_w^T,
+- "relative" (BoTNet), pos(i, j) = q_i . (R_h[y_j - y_i + H - 1]
+  + R_w[x_j - x_i + W - 1]): per axis q @ R^T gives (.., L, 2L - 1) logits per
+  relative offset; padding and reshaping turn them into (.., L, L) logits per
+  absolute key position (the "rel_to_abs" trick, `_rel_to_abs`). The height
+  and width terms are broadcast-summed over the other axis.
+- "absolute", pos(i, j) = q_i . (E_h[y_j] + E_w[x_j]): q @ E_h^T and q @ E_w^T,
   broadcast-summed.
 - The tables are `nn.Parameter`s of the reference size (Hr, Wr)
   (`position_size`); at an input of size (H, W) they are resized along their
-  rows to 2H - 1 / 2W - 1 (relative) or H / W (absolute) rows with
-  `F.interpolate(mode="linear", align_corners=False)` (half-pixel centers,
-  the reference's `resize_table`; the identity at the reference size).
+  rows with `F.interpolate(mode="linear", align_corners=False)` (half-pixel
+  centers, the reference's `resize_table`; the identity at the reference size).
 - The position term enters SDPA as a float `attn_mask`, which SDPA adds after
   scaling: scale * pos is passed when `scale_position_logits`, pos otherwise.
-- "sinusoidal": P(y, x) = [sin(y w), cos(y w), sin(x w), cos(x w)],
-  w_k = exp(-k ln(10000) / D), D = C / 4 (the frequencies in float64, then
-  cast; angles and sin/cos in the run's dtype).
+- "sinusoidal": w_k = exp(-k ln(10000) / D), D = C / 4 (the frequencies in
+  float64, then cast; angles and sin/cos in the run's dtype).
 
-`attention_mask` is bool (B, H, W), True = the key may be attended to. A batch
-item whose keys are all masked gets an all-zero output (never NaN).
-
-Weight layout. The canonical weight dict (NumPy arrays, see
-`mhsa_core.reference`) stores kernels as (in, out):
-
-    position_kernel (C, C)          position_bias (C,)       # only for "conv"
-    query_kernel    (C, heads*kd)   query_bias (heads*kd,)
-    key_kernel      (C, heads*kd)   key_bias   (heads*kd,)
-    value_kernel    (C, C)          value_bias (C,)
-    relative_height (2*Hr - 1, kd)  relative_width (2*Wr - 1, kd)   # "relative" only
-    absolute_height (Hr, kd)        absolute_width (Wr, kd)         # "absolute" only
-
-`nn.Linear.weight` is (out, in), so `load_weight_dict` stores `kernel.T` and
-`value_and_grad` returns the transposed gradient, in the canonical layout again.
-Tables are stored as they are. Biases are absent (or None) when
-`use_bias=False`.
+`nn.Linear.weight` is (out, in) while the canonical kernels are (in, out), so
+`load_weight_dict` stores `kernel.T` and `weight_grad_dict` returns the
+transposed gradient, in the canonical layout again. Tables are stored as they
+are. Biases are absent (or None) when `use_bias=False`.
 
 SDPA notes:
-- `scale` is passed explicitly. SDPA's own `scale=None` default would be
-  1/sqrt(key_dim), while this block's default is 1.0; `scale=None` here means
-  1/sqrt(key_dim) and is converted to a float before the call.
+- `scale` is passed explicitly, as a float (None, 1/sqrt(key_dim), is resolved
+  before the call, as SDPA's own default would do).
 - A bool `attn_mask` means True = take part in attention, as here. With a
   position term, the key mask is folded into the float mask: masked keys get
   -inf there.
@@ -73,20 +44,21 @@ SDPA notes:
 - The CPU flash kernel needs key_dim == value head dim; otherwise SDPA falls back
   to its math kernel. Both give the same result up to rounding.
 
-Module-level helpers `forward` and `value_and_grad` take and return NumPy
-arrays, for the tests and the cross-backend runner; so do `resize_table` and
-`sinusoidal_embedding`, the position-encoding pieces on their own. This file
-imports only PyTorch and NumPy.
+NumPy in, NumPy out: `forward`, `value_and_grad`, `resize_table`,
+`sinusoidal_embedding` (backends/README.md).
 """
 
 import math
 
+import _common
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NativeMHSA2D", "forward", "value_and_grad", "resize_table", "sinusoidal_embedding"]
+from mhsa_core.reference import schema
+
+__all__ = ["NativeMHSA2D", "forward", "resize_table", "sinusoidal_embedding", "value_and_grad"]
 
 _ACTIVATIONS = {
     None: lambda x: x,
@@ -104,13 +76,6 @@ _TORCH_DTYPES = {
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
     "float64": torch.float64,
-}
-
-_POSITION_ENCODINGS = ("conv", "none", "relative", "absolute", "sinusoidal")
-# Encodings with learned per-axis tables: name prefix, rows for a size n.
-_TABLES = {
-    "relative": ("relative", lambda n: 2 * n - 1),
-    "absolute": ("absolute", lambda n: n),
 }
 
 
@@ -163,78 +128,53 @@ class NativeMHSA2D(nn.Module):
 
     Args:
         channels: C, the channels of the input (and of the output).
-        num_heads: number of heads; must divide `channels`.
-        key_dim: query/key width per head; default `channels // num_heads`.
-        activation: applied to q, k and v: "relu" (default), None/"linear",
-            "gelu", "sigmoid", "tanh", "silu"/"swish".
-        position_encoding: "conv" (t + relu(t @ Wp + bp)), "none", "relative",
-            "absolute" or "sinusoidal" (see the module docstring).
-        scale: logit multiplier; None means 1/sqrt(key_dim). Default 1.0.
+        num_heads, key_dim, activation, position_encoding, scale, data_format,
+            scale_position_logits: the block's config, with the meanings and
+            defaults of `mhsa_core.reference.mhsa_forward` (standard scaled
+            dot-product attention by default).
         use_bias: whether the projections have biases.
-        data_format: "channels_last" (B, H, W, C) or "channels_first" (B, C, H, W).
         position_size: (Hr, Wr), the reference size of the learned tables;
             required by "relative" and "absolute", ignored otherwise.
-        scale_position_logits: whether `scale` multiplies the position term of
-            "relative"/"absolute" too.
 
     The parameters are created by `nn.Linear` (PyTorch's default init) and the
     tables N(0, 1/key_dim); load the canonical weights with `load_weight_dict`.
     The dtype follows `.to(dtype)`.
     """
 
-    def __init__(self, channels, num_heads=1, key_dim=None, activation="relu",
-                 position_encoding="conv", scale=1.0, use_bias=True,
+    def __init__(self, channels, num_heads=1, key_dim=None, activation=None,
+                 position_encoding="none", scale=None, use_bias=True,
                  data_format="channels_last", position_size=None,
                  scale_position_logits=True):
         super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide channels={channels}")
-        if position_encoding not in _POSITION_ENCODINGS:
-            raise ValueError(f"Unknown position_encoding={position_encoding!r}")
-        if position_encoding == "sinusoidal" and channels % 4:
-            raise ValueError(f"The sinusoidal embedding needs channels divisible by 4. "
-                             f"Received: channels={channels}")
-        if data_format not in ("channels_last", "channels_first"):
-            raise ValueError(f"Unknown data_format={data_format!r}")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"Unknown activation={activation!r}")
-        self.channels = channels
-        self.num_heads = num_heads
-        self.head_dim = channels // num_heads  # value width per head
-        self.key_dim = self.head_dim if key_dim is None else key_dim
-        self.activation = activation
-        self.position_encoding = position_encoding
-        self.scale = 1.0 / math.sqrt(self.key_dim) if scale is None else float(scale)
-        self.scale_position_logits = bool(scale_position_logits)
-        self.use_bias = use_bias
-        self.data_format = data_format
+        self.config = cfg = _common.check_config(
+            channels, _ACTIVATIONS, num_heads=num_heads, key_dim=key_dim,
+            activation=activation, position_encoding=position_encoding, scale=scale,
+            scale_position_logits=scale_position_logits, data_format=data_format,
+            use_bias=use_bias, position_size=position_size)
+        # The canonical (in, out) shapes; also what `load_weight_dict` accepts.
+        shapes = cfg.weight_shapes
 
-        qk = num_heads * self.key_dim
         # nn.Linear(in, out): weight (out, in), bias (out,).
-        self.position = (nn.Linear(channels, channels, bias=use_bias)
-                         if position_encoding == "conv" else None)
-        self.query = nn.Linear(channels, qk, bias=use_bias)
-        self.key = nn.Linear(channels, qk, bias=use_bias)
-        self.value = nn.Linear(channels, channels, bias=use_bias)
+        self._token_weights = cfg.encoding.token_weights  # ("conv" only)
+        self.position = (nn.Linear(*shapes[self._token_weights[0]], bias=cfg.use_bias)
+                         if self._token_weights else None)
+        self.query = nn.Linear(*shapes["query_kernel"], bias=cfg.use_bias)
+        self.key = nn.Linear(*shapes["key_kernel"], bias=cfg.use_bias)
+        self.value = nn.Linear(*shapes["value_kernel"], bias=cfg.use_bias)
 
         # Learned tables: canonical name -> nn.Parameter (rows, key_dim).
-        self.tables = nn.ParameterDict()
-        if position_encoding in _TABLES:
-            if (not isinstance(position_size, (tuple, list)) or len(position_size) != 2
-                    or any(int(n) != n or n < 1 for n in position_size)):
-                raise ValueError(f"position_encoding={position_encoding!r} needs "
-                                 f"position_size=(Hr, Wr). Received: {position_size!r}")
-            prefix, rows = _TABLES[position_encoding]
-            for axis, n in zip(("height", "width"), position_size):
-                self.tables[f"{prefix}_{axis}"] = nn.Parameter(
-                    torch.randn(rows(int(n)), self.key_dim) / math.sqrt(self.key_dim))
+        stddev = schema.table_stddev(cfg.key_dim)
+        self.tables = nn.ParameterDict({
+            name: nn.Parameter(torch.randn(shape) * stddev)
+            for name, shape in schema.table_shapes(
+                position_encoding, cfg.position_size, cfg.key_dim).items()
+        })
 
     def _linears(self):
-        """(canonical name prefix, nn.Linear) pairs, in creation order."""
-        names = ["query", "key", "value"]
-        if self.position is not None:
-            names.insert(0, "position")
-        return [(name, getattr(self, name)) for name in names]
+        """((kernel name, bias name), nn.Linear) pairs, in creation order."""
+        pairs = [(self._token_weights, self.position)] if self.position is not None else []
+        return pairs + [((f"{p}_kernel", f"{p}_bias"), getattr(self, p))
+                        for p in schema.PROJECTIONS]
 
     def load_weight_dict(self, weights):
         """Copy a canonical weight dict (NumPy arrays, any float dtype) in.
@@ -242,45 +182,25 @@ class NativeMHSA2D(nn.Module):
         Values are cast to the dtype of the module's parameters. Missing,
         unexpected or wrongly shaped entries raise ValueError.
         """
-        given = {k for k, v in weights.items() if v is not None}
-        expected = set(self.tables)
-        for name, linear in self._linears():
-            expected.add(f"{name}_kernel")
-            if linear.bias is not None:
-                expected.add(f"{name}_bias")
-        if given != expected:
-            raise ValueError(f"Weight dict mismatch: unexpected {sorted(given - expected)}, "
-                             f"missing {sorted(expected - given)}")
+        _common.check_weights(weights, self.config.weight_shapes)
         with torch.no_grad():
-            for name, linear in self._linears():
-                kernel = np.asarray(weights[f"{name}_kernel"])
-                if kernel.shape != (linear.in_features, linear.out_features):
-                    raise ValueError(
-                        f"{name}_kernel has shape {kernel.shape}, expected "
-                        f"{(linear.in_features, linear.out_features)}")
+            for (kernel, bias), linear in self._linears():
                 # Canonical (in, out) -> nn.Linear (out, in).
-                linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(kernel.T)))
+                linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(
+                    np.asarray(weights[kernel]).T)))
                 if linear.bias is not None:
-                    bias = np.asarray(weights[f"{name}_bias"])
-                    if bias.shape != (linear.out_features,):
-                        raise ValueError(f"{name}_bias has shape {bias.shape}, "
-                                         f"expected {(linear.out_features,)}")
-                    linear.bias.copy_(torch.from_numpy(np.ascontiguousarray(bias)))
+                    linear.bias.copy_(torch.from_numpy(np.ascontiguousarray(weights[bias])))
             for name, table in self.tables.items():
-                value = np.asarray(weights[name])
-                if value.shape != tuple(table.shape):
-                    raise ValueError(f"{name} has shape {value.shape}, "
-                                     f"expected {tuple(table.shape)}")
-                table.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+                table.copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))
         return self
 
     def weight_grad_dict(self):
         """Gradients of the parameters as a canonical dict of NumPy arrays."""
         grads = {}
-        for name, linear in self._linears():
-            grads[f"{name}_kernel"] = linear.weight.grad.detach().T.cpu().numpy()
+        for (kernel, bias), linear in self._linears():
+            grads[kernel] = linear.weight.grad.detach().T.cpu().numpy()
             if linear.bias is not None:
-                grads[f"{name}_bias"] = linear.bias.grad.detach().cpu().numpy()
+                grads[bias] = linear.bias.grad.detach().cpu().numpy()
         for name, table in self.tables.items():
             grads[name] = table.grad.detach().cpu().numpy()
         return grads
@@ -290,14 +210,15 @@ class NativeMHSA2D(nn.Module):
 
         q: (B, heads, N, kd). Row i = (y_i, x_i) is a query, column j a key.
         """
-        if self.position_encoding not in _TABLES:
+        spec = self.config.encoding
+        if not spec.learned_tables:
             return None
-        prefix, rows = _TABLES[self.position_encoding]
-        table_h = _resize(self.tables[f"{prefix}_height"], rows(height))
-        table_w = _resize(self.tables[f"{prefix}_width"], rows(width))
+        name_h, name_w = schema.table_names(spec.name)
+        table_h = _resize(self.tables[name_h], spec.rows(height))
+        table_w = _resize(self.tables[name_w], spec.rows(width))
         batch, heads, n, kd = q.shape
         q = q.reshape(batch, heads, height, width, kd)
-        if self.position_encoding == "relative":
+        if spec.name == "relative":
             # Along x: (B, heads, H, W, 2W - 1) per offset -> (.., W) per key x_j.
             logits_w = _rel_to_abs(q @ table_w.t())  # [y_i, x_i, x_j]
             # Along y: rows of the map last but one, then back.
@@ -312,17 +233,18 @@ class NativeMHSA2D(nn.Module):
 
     def forward(self, x, attention_mask=None):
         """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W) or None."""
-        act = _ACTIVATIONS[self.activation]
-        if self.data_format == "channels_first":
+        cfg = self.config
+        act = _ACTIVATIONS[cfg.activation]
+        if cfg.data_format == "channels_first":
             x = x.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
         batch, height, width, channels = x.shape
         n = height * width
-        heads, kd, dv = self.num_heads, self.key_dim, self.head_dim
+        heads, kd, dv = cfg.num_heads, cfg.key_dim, cfg.head_dim
 
         t = x.reshape(batch, n, channels)  # (B, N, C), row-major over (H, W)
         if self.position is not None:
             t = t + F.relu(self.position(t))  # (B, N, C)
-        elif self.position_encoding == "sinusoidal":
+        elif cfg.position_encoding == "sinusoidal":
             t = t + _sincos(height, width, channels, t.dtype, t.device)
 
         # (B, N, heads*d) -> (B, N, heads, d) -> (B, heads, N, d): head i is
@@ -333,10 +255,10 @@ class NativeMHSA2D(nn.Module):
 
         # Float mask added by SDPA to the scaled logits, or None.
         bias = self._position_logits(q, height, width)
-        if bias is not None and self.scale_position_logits:
-            bias = self.scale * bias
+        if bias is not None and cfg.scale_position_logits:
+            bias = cfg.scale * bias
         if attention_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=cfg.scale)
         else:
             keep = torch.as_tensor(attention_mask, device=x.device)
             keep = keep.to(torch.bool).reshape(batch, n)  # (B, N), per key
@@ -347,51 +269,18 @@ class NativeMHSA2D(nn.Module):
                 mask = safe[:, None, None, :]  # bool: True = attend
             else:  # float: the position term, -inf at the masked keys
                 mask = bias.masked_fill(~safe[:, None, None, :], float("-inf"))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=cfg.scale)
             out = torch.where(has_key[:, None, None, None], out, out.new_zeros(()))
         # out: (B, heads, N, dv) -> (B, N, heads, dv) -> (B, H, W, C)
         out = out.transpose(1, 2).reshape(batch, height, width, channels)
-        if self.data_format == "channels_first":
+        if cfg.data_format == "channels_first":
             out = out.permute(0, 3, 1, 2)  # -> (B, C, H, W)
         return out
 
 
-def _position_size(weights, position_encoding):
-    """(Hr, Wr) read off the learned tables in `weights`, or None.
-
-    Raises ValueError when a table is missing or its row count fits no size.
-    """
-    if position_encoding not in _TABLES:
-        return None
-    prefix, _ = _TABLES[position_encoding]
-    size = []
-    for axis in ("height", "width"):
-        table = weights.get(f"{prefix}_{axis}")
-        if table is None:
-            raise ValueError(f"Weight dict mismatch: missing {prefix}_{axis}")
-        rows = np.shape(table)[0] if np.ndim(table) else 0
-        if prefix == "relative":
-            if rows % 2 == 0:
-                raise ValueError(f"{prefix}_{axis} has {rows} rows, expected an odd "
-                                 "number (2 * n - 1)")
-            rows = (rows + 1) // 2
-        if rows < 1:
-            raise ValueError(f"{prefix}_{axis} has shape {np.shape(table)}")
-        size.append(rows)
-    return tuple(size)
-
-
 def _build(x, weights, dtype, config):
-    """A module of the right config and dtype, with `weights` loaded."""
-    config = dict(config)
-    data_format = config.get("data_format", "channels_last")
-    channels = x.shape[-1] if data_format == "channels_last" else x.shape[1]
-    if config.get("use_bias") is None:
-        config["use_bias"] = any(v is not None for k, v in weights.items()
-                                 if k.endswith("_bias"))
-    if config.get("position_size") is None:
-        config["position_size"] = _position_size(
-            weights, config.get("position_encoding", "conv"))
+    """A module of the complete config and dtype, with `weights` loaded."""
+    channels, config = _common.numpy_config(x, weights, config)
     module = NativeMHSA2D(channels, **config).to(_torch_dtype(dtype))
     return module.load_weight_dict(weights)
 
@@ -405,9 +294,8 @@ def _mask_tensor(attention_mask):
 def forward(x, weights, attention_mask=None, dtype="float32", **config):
     """Run the block on NumPy inputs; returns the output as a NumPy array.
 
-    `config` holds the constructor arguments of `NativeMHSA2D` except
-    `channels` (read from `x`); `use_bias` defaults to whether `weights`
-    has biases, `position_size` to the size read off the tables' shapes.
+    `config`: keywords of `NativeMHSA2D` but `channels` (read off `x`),
+    completed by `_common.numpy_config`.
     """
     x = np.asarray(x)
     module = _build(x, weights, dtype, config)
@@ -444,7 +332,5 @@ def resize_table(table, length, dtype="float32"):
 
 def sinusoidal_embedding(height, width, channels, dtype="float32"):
     """The native's sine-cosine embedding on NumPy: (H*W, C) in `dtype`."""
-    if channels % 4:
-        raise ValueError(f"The sinusoidal embedding needs channels divisible by 4. "
-                         f"Received: channels={channels}")
+    _common.check_channels("sinusoidal", channels)
     return _sincos(height, width, channels, _torch_dtype(dtype), "cpu").numpy()
