@@ -2,20 +2,20 @@
 
 Keras fixes its backend at import, and importing TensorFlow and torch in one
 process can crash, so every backend gets its own worker process
-(`python -m mhsa_core.worker JOB_DIR OUT_DIR`, KERAS_BACKEND set). One worker
-handles all the cases of a run (start-up costs seconds) and lives through both
-phases of it:
+(`python -m mhsa_core.consistency.worker JOB_DIR OUT_DIR`, KERAS_BACKEND
+set). One worker handles all the cases of a run (start-up costs seconds) and
+lives through both phases of it:
 
 1. "compute": every case's tasks (forward, gradients, optimizer steps, ...),
    and the case's model saved as `.keras`;
 2. "load": the `.keras` files the *other* backends saved, loaded and run here.
 
 The parent sends each phase's name on the worker's stdin and waits for the
-worker to print `done PHASE`. Data goes only through files: `job.json` and one
-`.npz` per case in, one `.npz` per case and task out, `phase-PHASE.json` with
-timings and errors. A worker that crashes or exceeds its timeout is that
-backend's failure, with the tail of its stderr; the other backends' results
-still come back.
+worker to print `done PHASE`. Data goes only through files (`protocol` names
+them): `job.json` and one `.npz` per case in, one `.npz` per case and task
+out, `phase-PHASE.json` with timings and errors. A worker that crashes or
+exceeds its timeout is that backend's failure, with the tail of its stderr;
+the other backends' results still come back.
 
 The parent never runs a framework; workers import only their own.
 """
@@ -34,20 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-BACKENDS = ("tensorflow", "torch", "jax", "numpy")
-# What a backend can do. Keras's numpy backend has no gradients, optimizers or
-# jit: it loads and runs models (inference only), and in float32 only: its
-# einsum/matmul compute float64 inputs in float32 (keras 3.15 result_type).
-TRAINING_BACKENDS = ("tensorflow", "torch", "jax")
-ALL_TASKS = ("forward", "forward64", "scores", "grads", "grads64", "optimizers", "jit", "save")
-INFERENCE_TASKS = ("forward", "scores")
+import mhsa_core
+from mhsa_core.consistency import protocol
+from mhsa_core.consistency.protocol import BACKENDS
 
-
-def case_backends(case_dtype, backends):
-    """The backends that can run a case of this dtype (numpy: not float64)."""
-    if case_dtype == "float64":
-        return [b for b in backends if b in TRAINING_BACKENDS]
-    return list(backends)
 _STDERR_TAIL_CHARS = 3000
 
 
@@ -61,41 +51,10 @@ def backend_available(backend):
 
 
 @dataclasses.dataclass
-class Case:
-    """One thing to run on every backend.
-
-    Attributes:
-        name: Unique, short (used in file names and reports).
-        config: `MultiHeadSelfAttention2D` arguments (a layer case), or None
-            for a model case.
-        inputs: one dict of NumPy arrays, or a list of them (variants, e.g.
-            two spatial sizes through one model). Layer cases: {"x": ...,
-            optionally "attention_mask": ...}. Model cases: {"input_0": ...,
-            "input_1": ...} in the model's input order.
-        weights: the canonical weight dict (layer cases only).
-        model_path: a `.keras` file (model cases only).
-        tasks: a subset of `ALL_TASKS`.
-        dtype: the layer's dtype policy (layer cases).
-    """
-
-    name: str
-    config: dict | None
-    inputs: dict | list
-    weights: dict | None = None
-    model_path: str | None = None
-    tasks: tuple = ("forward",)
-    dtype: str = "float32"
-
-    @property
-    def variants(self):
-        return self.inputs if isinstance(self.inputs, list) else [self.inputs]
-
-
-@dataclasses.dataclass
 class BackendRun:
     """What one backend's worker returned.
 
-    `results[case][task]` maps result keys to arrays (see `mhsa_core.worker`);
+    `results[case][task]` maps result keys to arrays (`protocol`);
     `errors[case][task]` holds the traceback of a task that raised;
     `loads[(saver, case)]` the results of loading the file `saver` saved.
     """
@@ -118,18 +77,19 @@ def _write_job(job_dir, cases, options):
     for i, case in enumerate(cases):
         arrays = {}
         for v, variant in enumerate(case.variants):
-            arrays.update({f"input/{v}/{k}": np.asarray(a) for k, a in variant.items()})
+            arrays.update({protocol.job_input_key(v, k): np.asarray(a)
+                           for k, a in variant.items()})
         for k, a in (case.weights or {}).items():
-            arrays[f"weight/{k}"] = np.asarray(a)
-        np.savez(job_dir / f"case{i}.npz", **arrays)
-        unknown = set(case.tasks) - set(ALL_TASKS)
+            arrays[protocol.job_weight_key(k)] = np.asarray(a)
+        np.savez(job_dir / protocol.case_file(i), **arrays)
+        unknown = set(case.tasks) - set(protocol.ALL_TASKS)
         if unknown:
             raise ValueError(f"Unknown tasks {sorted(unknown)} in case {case.name!r}")
         job["cases"].append(
             {
                 "name": case.name,
-                "file": f"case{i}.npz",
-                "kind": "layer" if case.config is not None else "model",
+                "file": protocol.case_file(i),
+                "kind": case.kind,
                 "config": case.config,
                 "model_path": None if case.model_path is None else str(case.model_path),
                 "variants": len(case.variants),
@@ -138,7 +98,7 @@ def _write_job(job_dir, cases, options):
                 "dtype": case.dtype,
             }
         )
-    (job_dir / "job.json").write_text(json.dumps(job, indent=1))
+    (job_dir / protocol.JOB_FILE).write_text(json.dumps(job, indent=1))
     return job
 
 
@@ -153,7 +113,7 @@ def worker_env(backend):
         env["JAX_ENABLE_X64"] = "1"
     # The worker imports this very copy of mhsa_core, and finds what the
     # parent finds (a user's modules of custom layers).
-    src = str(Path(__file__).resolve().parents[1])
+    src = str(Path(mhsa_core.__file__).resolve().parents[1])
     paths = [src, *[p for p in sys.path if p], env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     return env
@@ -165,10 +125,11 @@ class _Worker:
     def __init__(self, backend, job_dir, out_dir):
         self.backend = backend
         self.out_dir = out_dir
-        self.stderr_path = out_dir / "stderr.txt"
+        self.stderr_path = out_dir / protocol.STDERR_FILE
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mhsa_core.worker", str(job_dir), str(out_dir)],
+            [sys.executable, "-m", "mhsa_core.consistency.worker", str(job_dir),
+             str(out_dir)],
             env=worker_env(backend),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -205,7 +166,7 @@ class _Worker:
                 return self._failure(
                     f"worker exited with status {self.proc.returncode} in phase {phase!r}"
                 )
-            if line == f"done {phase}":
+            if line == protocol.done_line(phase):
                 return None
 
     def _failure(self, what):
@@ -236,7 +197,7 @@ def run_backends(cases, backends, *, timeout=1800.0, on_event=None, job_dir=None
     timings are taken on an otherwise idle machine.
 
     Args:
-        cases: a list of `Case`.
+        cases: a list of `cases.Case`.
         backends: names from `BACKENDS`. Unavailable ones come back with
             `ok=False` and `error="not installed ..."`.
         timeout: seconds one worker may take over both phases.
@@ -270,7 +231,7 @@ def run_backends(cases, backends, *, timeout=1800.0, on_event=None, job_dir=None
             out_dir.mkdir(exist_ok=True)
             runs[backend] = BackendRun(backend)
         deadline = {}
-        phases = ["compute"] + (["load"] if portability else [])
+        phases = [protocol.COMPUTE] + ([protocol.LOAD] if portability else [])
         try:
             for phase in phases:
                 for backend, run in runs.items():
@@ -304,8 +265,8 @@ def _load_npz(path):
 
 def _collect(run, out_dir, job):
     """Reads what a worker wrote (also after it failed midway)."""
-    for phase in ("compute", "load"):
-        path = out_dir / f"phase-{phase}.json"
+    for phase in protocol.PHASES:
+        path = out_dir / protocol.phase_file(phase)
         if path.exists():
             info = json.loads(path.read_text())
             run.info.setdefault("timings", {}).update(info.get("timings", {}))
@@ -314,12 +275,13 @@ def _collect(run, out_dir, job):
                 run.errors.setdefault(case, {}).update(tasks)
     for i, case in enumerate(job["cases"]):
         for task in case["tasks"]:
-            path = out_dir / f"case{i}-{task}.npz"
+            path = out_dir / protocol.result_file(i, task)
             if path.exists():
                 run.results.setdefault(case["name"], {})[task] = _load_npz(path)
-        for path in sorted(out_dir.glob(f"load-*-case{i}.npz")):
-            saver = path.name[len("load-"):-len(f"-case{i}.npz")]
-            run.loads[(saver, case["name"])] = _load_npz(path)
+        for saver in job["options"]["backends"]:
+            path = out_dir / protocol.load_file(saver, i)
+            if path.exists():
+                run.loads[(saver, case["name"])] = _load_npz(path)
     if run.ok and any(run.errors.values()):
         run.ok = False
         run.error = "some tasks failed"

@@ -15,11 +15,11 @@ import io
 import tempfile
 from pathlib import Path
 
-from mhsa_core import matrix
+from mhsa_core.consistency import cases, matrix
+from mhsa_core.consistency.protocol import TRAINING_BACKENDS
+from mhsa_core.consistency.report import render, verdict
 
 __all__ = ["assert_backends_agree"]
-
-DEFAULT_BACKENDS = ("tensorflow", "torch", "jax")
 
 
 def _custom_modules(model):
@@ -34,9 +34,9 @@ def _custom_modules(model):
     return sorted(modules)
 
 
-def assert_backends_agree(model_or_path, inputs=None, backends=DEFAULT_BACKENDS,
+def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS,
                           rtol=None, *, safe_mode=True, imports=None, timeout=1800.0):
-    """Asserts that `backends` agree on a Keras model; returns the `matrix.Report`.
+    """Asserts that `backends` agree on a Keras model; returns the `report.Report`.
 
     Args:
         model_or_path: a `keras.Model` (saved to a temporary `.keras` file
@@ -63,18 +63,16 @@ def assert_backends_agree(model_or_path, inputs=None, backends=DEFAULT_BACKENDS,
             path = Path(tmp) / "model.keras"
             model_or_path.save(path)
             imports = list(imports) if imports is not None else _custom_modules(model_or_path)
-        config = matrix.read_model_config(path)
+        config = cases.read_model_config(path)
         if safe_mode:
-            matrix.check_safe(config, path)
-        case = matrix.model_case(path, inputs, name=path.stem)
+            cases.check_safe(config, path)
+        case = cases.model_case(path, inputs, name=path.stem)
         report = matrix.run_matrix([case], list(backends), rtol=rtol, safe_mode=safe_mode,
                                    imports=imports, timeout=timeout)
     if not report.agree:
-        from mhsa_core.cli import _render, _verdict
-
         text = io.StringIO()
-        _render(report, text, f"backends disagree on {path.name}")
+        render(report, text, f"backends disagree on {path.name}")
         for backend, error in report.worker_errors.items():
             text.write(f"\n{backend}: {error}\n")
-        raise AssertionError(text.getvalue() + "\n" + _verdict(report))
+        raise AssertionError(text.getvalue() + "\n" + verdict(report))
     return report

@@ -1,23 +1,26 @@
-"""Worker of the cross-backend runner: `python -m mhsa_core.worker JOB_DIR OUT_DIR`.
+"""Worker of the cross-backend runner:
+`python -m mhsa_core.consistency.worker JOB_DIR OUT_DIR`.
 
-Runs under the backend of this process (KERAS_BACKEND). Reads phase names on
-stdin, one per line ("compute", "load"), and prints `done PHASE` after each;
-exits at end of input. See `mhsa_core.runner` for the protocol.
+Runs under the backend of this process (KERAS_BACKEND), the only part of the
+consistency tool that imports Keras. Reads phase names on stdin, one per
+line ("compute", "load"), and prints `done PHASE` after each; exits at end of
+input. See `runner` for the exchange and `protocol` for every file and key.
 
 Files written to OUT_DIR, per case i of JOB_DIR/job.json:
-- `case{i}-{task}.npz`, by task:
-  forward / forward64 / jit / scores: `out/{v}` per input variant v
-  (forward also `again/0`: variant 0 once more, to check repeatability);
-  grads / grads64, per input variant v: `loss/{v}`, `input/{v}/{k}` (float
-  inputs), `weight/{v}/{j}` in the order of `model.trainable_variables`; and
-  `start/{j}` (the weights);
-  optimizers, per input variant v: `sgd/{v}/{j}`, `adam/{v}/{j}` (weights after
-  one step of each from the same start `start/{j}`, lr SGD_LR / ADAM_LR, with
-  that variant's gradients `grad/{v}/{j}`);
-  save: `weight/{j}` (all `model.get_weights()`), beside `case{i}.keras`;
-- `load-{saver}-case{i}.npz` (phase "load"): `out/{v}` of the model the
-  backend `saver` saved, and `identical/{j}` per weight (1 = bit-identical);
-- `phase-{phase}.json`: versions, timings, and `errors[case][task]`.
+- `result_file(i, task)`, by task:
+  FORWARD / FORWARD64 / JIT / SCORES: `out_key(v)` per input variant v
+  (FORWARD also AGAIN_KEY: variant 0 once more, to check repeatability);
+  GRADS / GRADS64, per input variant v: `loss_key(v)`, `input_grad_key(v, k)`
+  (float inputs), `weight_grad_key(v, j)` in the order of
+  `model.trainable_variables`; and `start_key(j)` (the weights);
+  OPTIMIZERS, per input variant v and optimizer of OPTIMIZER_SETTINGS:
+  `step_key(optimizer, v, j)` (the weights after one step from the same start
+  `start_key(j)`, with that variant's gradients `step_grad_key(v, j)`);
+  SAVE: `saved_weight_key(j)` (all `model.get_weights()`), beside
+  `model_file(i)`;
+- `load_file(saver, i)` (phase LOAD): `out_key(v)` of the model the backend
+  `saver` saved, and `identical_key(j)` per weight (1 = bit-identical);
+- `phase_file(phase)`: versions, timings, and `errors[case][task]`.
 A task that raises is recorded there and the worker goes on.
 """
 
@@ -31,8 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-SGD_LR = 0.01
-ADAM_LR = 1e-3
+from mhsa_core.consistency import protocol
+from mhsa_core.consistency.protocol import (
+    AGAIN_KEY, COMPUTE, FORWARD_SECONDS, LOAD, SAVE, SETUP_ERROR, case_backends, out_key,
+)
+
 _TIMED_REPEATS = 3
 _FLOAT_KINDS = "f"
 
@@ -70,9 +76,10 @@ class _CaseRunner:
         self.safe_mode = safe_mode
         n = case["variants"]
         names = case["input_names"]
-        self.variants = [[arrays[f"input/{v}/{k}"] for k in names] for v in range(n)]
-        self.weights = {k[len("weight/"):]: a for k, a in arrays.items()
-                        if k.startswith("weight/")}
+        self.variants = [[arrays[protocol.job_input_key(v, k)] for k in names]
+                         for v in range(n)]
+        prefix = protocol.JOB_WEIGHT_PREFIX
+        self.weights = {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
         self.model, self.layer = self._build(case["dtype"])
 
     # -------------------------------------------------------------- models
@@ -139,10 +146,10 @@ class _CaseRunner:
     def task_forward(self, timings):
         results = {}
         for v, xs in enumerate(self.variants):
-            results[f"out/{v}"] = self._forward(self.model, xs)
+            results[out_key(v)] = self._forward(self.model, xs)
         # Inference must be repeatable: a model that draws random numbers in
         # call() gives another output each time (and on each backend).
-        results["again/0"] = self._forward(self.model, self.variants[0])
+        results[AGAIN_KEY] = self._forward(self.model, self.variants[0])
         # Timing on variant 0: best of a few calls after the warm-up above.
         xs = self.variants[0]
         seconds = []
@@ -150,12 +157,12 @@ class _CaseRunner:
             start = time.perf_counter()
             self._forward(self.model, xs)
             seconds.append(time.perf_counter() - start)
-        timings["forward_seconds"] = min(seconds)
+        timings[FORWARD_SECONDS] = min(seconds)
         return results
 
     def task_forward64(self, timings):
         model = self.model64()
-        return {f"out/{v}": self._forward(model, self._as_float64(xs))
+        return {out_key(v): self._forward(model, self._as_float64(xs))
                 for v, xs in enumerate(self.variants)}
 
     def task_scores(self, timings):
@@ -165,15 +172,15 @@ class _CaseRunner:
         for v, xs in enumerate(self.variants):
             kwargs = {"attention_mask": xs[1]} if len(xs) > 1 else {}
             _, scores = self.layer(xs[0], return_attention_scores=True, **kwargs)
-            results[f"out/{v}"] = _portable(self.keras.ops.convert_to_numpy(scores))
+            results[out_key(v)] = _portable(self.keras.ops.convert_to_numpy(scores))
         return results
 
     def _grads(self, model, variants):
         """Loss and gradients of every input variant (e.g. every spatial size:
         a position table is resized, and differentiated, differently at each)."""
-        from mhsa_core import gradients
+        from mhsa_core.consistency import gradients
 
-        results = {f"start/{j}": _portable(self.keras.ops.convert_to_numpy(w))
+        results = {protocol.start_key(j): _portable(self.keras.ops.convert_to_numpy(w))
                    for j, w in enumerate(model.trainable_variables)}
         for v, xs in enumerate(variants):
             out = self._forward(model, xs)
@@ -181,12 +188,12 @@ class _CaseRunner:
             loss, input_grads, weight_grads = gradients.value_and_grad(
                 model, self._call_inputs(xs), loss_weights
             )
-            results[f"loss/{v}"] = np.asarray(loss)
+            results[protocol.loss_key(v)] = np.asarray(loss)
             for k, g in enumerate(input_grads):
                 if g is not None:
-                    results[f"input/{v}/{k}"] = _portable(g)
+                    results[protocol.input_grad_key(v, k)] = _portable(g)
             for j, g in enumerate(weight_grads):
-                results[f"weight/{v}/{j}"] = _portable(g)
+                results[protocol.weight_grad_key(v, j)] = _portable(g)
         return results
 
     def task_grads(self, timings):
@@ -196,24 +203,24 @@ class _CaseRunner:
         return self._grads(self.model64(), [self._as_float64(xs) for xs in self.variants])
 
     def task_optimizers(self, timings):
-        """One SGD and one Adam step per input variant, each from the same start
-        (fresh optimizers every time: Adam's first step) with that variant's
-        gradients."""
-        from mhsa_core import gradients
+        """One step of each optimizer of `protocol.OPTIMIZER_SETTINGS` per input
+        variant, each from the same start (fresh optimizers every time: Adam's
+        first step) with that variant's gradients."""
+        from mhsa_core.consistency import gradients
 
         keras = self.keras
         model = self.model
         start = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
         grads = self._grads(model, self.variants)
-        results = {f"start/{j}": _portable(w) for j, w in enumerate(start)}
+        results = {protocol.start_key(j): _portable(w) for j, w in enumerate(start)}
         for v in range(len(self.variants)):
-            g = [grads[f"weight/{v}/{j}"] for j in range(len(start))]
-            results.update({f"grad/{v}/{j}": gj for j, gj in enumerate(g)})
-            for name, optimizer in (("sgd", keras.optimizers.SGD(SGD_LR)),
-                                    ("adam", keras.optimizers.Adam(ADAM_LR))):
+            g = [grads[protocol.weight_grad_key(v, j)] for j in range(len(start))]
+            results.update({protocol.step_grad_key(v, j): gj for j, gj in enumerate(g)})
+            for name, (class_name, arguments) in protocol.OPTIMIZER_SETTINGS.items():
+                optimizer = getattr(keras.optimizers, class_name)(**arguments)
                 new = gradients.apply_optimizer_step(model, g, optimizer)
                 for j, w in enumerate(new):
-                    results[f"{name}/{v}/{j}"] = _portable(w)
+                    results[protocol.step_key(name, v, j)] = _portable(w)
                 for var, w in zip(model.trainable_variables, start):  # back to the start
                     var.assign(w)
         return results
@@ -277,15 +284,16 @@ class _CaseRunner:
             out = run(self._call_inputs(tensors))
             if isinstance(out, (list, tuple)):
                 out = out[0]
-            results[f"out/{v}"] = _portable(keras.ops.convert_to_numpy(out))
+            results[out_key(v)] = _portable(keras.ops.convert_to_numpy(out))
         return results
 
     def task_save(self, timings, out_dir, index):
-        path = out_dir / f"case{index}.keras"
-        tmp = out_dir / f"case{index}.tmp.keras"
+        path = out_dir / protocol.model_file(index)
+        tmp = path.with_suffix(".tmp.keras")
         self.model.save(tmp)
         os.replace(tmp, path)
-        return {f"weight/{j}": _portable(w) for j, w in enumerate(self.model.get_weights())}
+        return {protocol.saved_weight_key(j): _portable(w)
+                for j, w in enumerate(self.model.get_weights())}
 
 
 def _versions(keras):
@@ -305,11 +313,8 @@ def _write_json(path, data):
 
 
 def run_compute(keras, job, job_dir, out_dir):
-    from mhsa_core.runner import INFERENCE_TASKS, TRAINING_BACKENDS, case_backends
-
     info = {"versions": _versions(keras), "timings": {}, "errors": {}}
     me = keras.backend.backend()
-    inference_only = me not in TRAINING_BACKENDS
     safe_mode = job["options"].get("safe_mode", True)
     for i, case in enumerate(job["cases"]):
         if me not in case_backends(case["dtype"], [me]):
@@ -321,24 +326,23 @@ def run_compute(keras, job, job_dir, out_dir):
                 arrays = {k: data[k] for k in data.files}
             runner = _CaseRunner(keras, case, arrays, safe_mode)
         except Exception:  # noqa: BLE001 -- reported per case, the run goes on
-            errors["setup"] = traceback.format_exc()[-3000:]
+            errors[SETUP_ERROR] = traceback.format_exc()[-3000:]
             info["errors"][case["name"]] = errors
             continue
-        for task in case["tasks"]:
-            if inference_only and task not in INFERENCE_TASKS:
-                continue  # e.g. the numpy backend: no gradients, jit or saving
+        # e.g. the numpy backend: no gradients, jit or saving
+        for task in protocol.backend_tasks(me, case["tasks"]):
             try:
-                if task == "save":
+                if task == SAVE:
                     results = runner.task_save(timings, out_dir, i)
                 else:
                     results = getattr(runner, f"task_{task}")(timings)
-                np.savez(out_dir / f"case{i}-{task}.npz", **results)
+                np.savez(out_dir / protocol.result_file(i, task), **results)
             except Exception:  # noqa: BLE001
                 errors[task] = traceback.format_exc()[-3000:]
         info["timings"][case["name"]] = timings
         if errors:
             info["errors"][case["name"]] = errors
-    _write_json(out_dir / "phase-compute.json", info)
+    _write_json(out_dir / protocol.phase_file(COMPUTE), info)
 
 
 def run_load(keras, job, job_dir, out_dir):
@@ -346,31 +350,29 @@ def run_load(keras, job, job_dir, out_dir):
     info = {"versions": _versions(keras), "errors": {}}
     me = keras.backend.backend()
     safe_mode = job["options"].get("safe_mode", True)
-    from mhsa_core.runner import case_backends
-
     for i, case in enumerate(job["cases"]):
-        if "save" not in case["tasks"] or me not in case_backends(case["dtype"], [me]):
+        if SAVE not in case["tasks"] or me not in case_backends(case["dtype"], [me]):
             continue
         with np.load(job_dir / case["file"]) as data:
             arrays = {k: data[k] for k in data.files}
         names = case["input_names"]
-        variants = [[arrays[f"input/{v}/{k}"] for k in names]
+        variants = [[arrays[protocol.job_input_key(v, k)] for k in names]
                     for v in range(case["variants"])]
         for saver in job["options"]["backends"]:
-            path = job_dir / saver / f"case{i}.keras"
+            path = job_dir / saver / protocol.model_file(i)
             if saver == me or not path.exists():
                 continue
             try:
                 model = keras.saving.load_model(path, safe_mode=safe_mode)
-                with np.load(job_dir / saver / f"case{i}-save.npz") as data:
-                    saved = [data[f"weight/{j}"] for j in range(len(data.files))]
+                with np.load(job_dir / saver / protocol.result_file(i, SAVE)) as data:
+                    saved = [data[protocol.saved_weight_key(j)] for j in range(len(data.files))]
                 loaded = [_portable(w) for w in model.get_weights()]
                 if len(loaded) != len(saved):
                     raise ValueError(
                         f"{len(loaded)} weights loaded, {len(saved)} saved"
                     )
                 results = {
-                    f"identical/{j}": np.asarray(
+                    protocol.identical_key(j): np.asarray(
                         a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
                     )
                     for j, (a, b) in enumerate(zip(loaded, saved))
@@ -379,16 +381,16 @@ def run_load(keras, job, job_dir, out_dir):
                     out = model(xs[0] if len(xs) == 1 else list(xs), training=False)
                     if isinstance(out, (list, tuple)):
                         out = out[0]
-                    results[f"out/{v}"] = _portable(keras.ops.convert_to_numpy(out))
-                np.savez(out_dir / f"load-{saver}-case{i}.npz", **results)
+                    results[out_key(v)] = _portable(keras.ops.convert_to_numpy(out))
+                np.savez(out_dir / protocol.load_file(saver, i), **results)
             except Exception:  # noqa: BLE001
-                info["errors"].setdefault(case["name"], {})[f"load:{saver}"] = (
+                info["errors"].setdefault(case["name"], {})[protocol.load_error_key(saver)] = (
                     traceback.format_exc()[-3000:]
                 )
-    _write_json(out_dir / "phase-load.json", info)
+    _write_json(out_dir / protocol.phase_file(LOAD), info)
 
 
-_PHASES = {"compute": run_compute, "load": run_load}
+_PHASES = {COMPUTE: run_compute, LOAD: run_load}
 
 
 def main(argv=None):
@@ -396,7 +398,7 @@ def main(argv=None):
     job_dir, out_dir = Path(argv[0]), Path(argv[1])
     import keras
 
-    job = json.loads((job_dir / "job.json").read_text())
+    job = json.loads((job_dir / protocol.JOB_FILE).read_text())
     if not job["options"].get("safe_mode", True):
         # Also for the float64 clone's from_config (Lambda layers), not only
         # for load_model(safe_mode=False).
@@ -408,7 +410,7 @@ def main(argv=None):
         if not phase:
             continue
         _PHASES[phase](keras, job, job_dir, out_dir)
-        print(f"done {phase}", flush=True)
+        print(protocol.done_line(phase), flush=True)
     return 0
 
 

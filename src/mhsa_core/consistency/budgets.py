@@ -1,0 +1,120 @@
+"""How far from its oracle a result may be: the budgets of the matrix.
+
+Our layer has a NumPy oracle, and its budgets are `mhsa_core.reference.budget`'s
+rule (used as is, never re-written here): float32 results 2x the reference's
+own float32 error + FLOOR x max|oracle|, float64 results FLOAT64_RTOL x
+max|oracle|.
+
+What has no NumPy oracle (gradients, and every check of a user's model) is
+judged against the backends' own float64 runs, with *peer* budgets: the
+spread that float32 rounding causes, measured on the backends themselves
+(`peer_budgets`). Budgets are per input variant: each (e.g. each spatial
+size) is its own computation, with its own scale and rounding error.
+
+The README's tolerance policy has the reasoning.
+"""
+
+import numpy as np
+
+from mhsa_core.consistency import protocol
+from mhsa_core.reference.budget import FLOAT64_RTOL, FLOOR, float32_budget, float64_budget, max_abs
+
+__all__ = [
+    "FLOOR", "FLOAT64_RTOL", "PEER_FACTOR", "float32_budget", "float64_budget", "max_abs",
+    "scale", "peer_budgets", "variant_budgets", "float64_budgets",
+    "variant_float64_budgets", "repeat_budget", "step_budget",
+]
+
+# Correct float32 backends differ by more than 2x once errors compound: JAX's
+# CPU matmul sums sequentially (2.3x the error of OpenBLAS/oneDNN's blocked
+# kernels on one product), and through the forward and backward passes of
+# four stacked blocks its gradients were measured at 2.2x the median
+# backend's error (3.5x on single arrays). 4x covers that spread; precision
+# bugs (a float16/bfloat16 path: >100x) stay far outside it, and logic bugs
+# are caught at 1e-10 by the float64 rows.
+PEER_FACTOR = 4.0
+
+
+def scale(arrays):
+    """max |a| over all `arrays` (0 when they are all empty)."""
+    return max((float(np.max(np.abs(a))) for a in arrays if np.size(a)), default=0.0)
+
+
+def peer_budgets(results32, results64, oracle, keys, rtol=None):
+    """One budget for all `keys`: rtol x scale, or PEER_FACTOR x the median over
+    backends of their *own* float32 error (float32 run vs their float64 run)
+    + FLOOR x scale; errors and scale over all keys at once (per-array maxima
+    are single samples, too noisy to judge by).
+
+    Each backend's own float32-vs-float64 difference measures how much float32
+    rounding moves this computation; it does not grow when the backends
+    disagree with each other, which is what the checks must catch.
+
+    Args:
+        results32: {backend: result} of the float32 task.
+        results64: {backend: result} of its float64 task, or None.
+        oracle: {key: array}.
+        keys: the keys judged together.
+        rtol: if given, the budget is rtol x max|oracle| instead.
+
+    Returns:
+        {key: budget}.
+    """
+    magnitude = scale([oracle[k] for k in keys])
+    if rtol is not None:
+        budget = rtol * magnitude
+    else:
+        errors = []
+        for b, r32 in results32.items():
+            r64 = (results64 or {}).get(b)
+            if r64 is not None and all(k in r32 and k in r64 for k in keys):
+                errors.append(max((max_abs(r32[k], r64[k]) for k in keys), default=0.0))
+        median = float(np.median(errors)) if errors else 0.0
+        budget = PEER_FACTOR * median + FLOOR * magnitude
+    return {k: budget for k in keys}
+
+
+def _by_variant(keys):
+    """{v: the keys of input variant v}, in variant order."""
+    groups = {}
+    for k in keys:
+        groups.setdefault(protocol.variant_of(k), []).append(k)
+    return dict(sorted(groups.items()))
+
+
+def variant_budgets(results32, results64, oracle, keys, rtol=None):
+    """`peer_budgets` for each input variant's keys on its own: a small variant
+    must not hide under a large one's budget."""
+    budgets = {}
+    for group in _by_variant(keys).values():
+        budgets.update(peer_budgets(results32, results64, oracle, group, rtol=rtol))
+    return budgets
+
+
+def float64_budgets(oracle, keys):
+    """`float64_budget` of all `keys` at once: FLOAT64_RTOL x their max|oracle|."""
+    budget = max((float64_budget(oracle[k]) for k in keys), default=0.0)
+    return {k: budget for k in keys}
+
+
+def variant_float64_budgets(oracle, keys):
+    """`float64_budgets` for each input variant's keys on its own."""
+    budgets = {}
+    for group in _by_variant(keys).values():
+        budgets.update(float64_budgets(oracle, group))
+    return budgets
+
+
+def repeat_budget(output):
+    """The same input twice through the same model: FLOOR x max|output| (CPU
+    kernels may reduce in another order; a model drawing random numbers in
+    call() is far off)."""
+    return FLOOR * scale([output])
+
+
+def step_budget(new_weights, steps):
+    """One optimizer step, float32 against the formula in float64: FLOOR x
+    (max|w| + max|step|). float32 rounds the new weights (~1e-7 x |w|) and
+    keeps lr in float32 (1e-2 -> 2.2e-8 relative off, times the step): both
+    under FLOOR x that."""
+    return FLOOR * (scale(new_weights) + scale(steps))

@@ -1,0 +1,320 @@
+"""What the matrix runs: cases of our layer and of users' saved models.
+
+A `Case` is one model (our layer with a config and injected weights, or a
+`.keras` file) with one or more input variants (e.g. two spatial sizes through
+one model) and the worker tasks to run on it.
+
+Layer configs are spelled out in full (`EXPLICIT_KEYS`): the layer's defaults
+changed once (standard attention since 0.2; the Keras 2 YOLOv4-MHSA block is
+now `schema.PRESETS["yolov4_mhsa"]`), and a case must not silently change
+meaning with them.
+
+Imports NumPy and `mhsa_core.reference` only (no framework).
+"""
+
+import dataclasses
+import json
+import zipfile
+
+import numpy as np
+
+from mhsa_core.reference import schema
+from mhsa_core.consistency import protocol
+
+__all__ = [
+    "Case", "EXPLICIT_KEYS", "REFERENCE_KEYS", "reference_config", "layer_case",
+    "default_cases", "extended_cases", "ModelFileError", "read_model_config",
+    "check_safe", "input_specs", "make_inputs", "model_case", "DEFAULT_SIZE",
+    "DEFAULT_BATCH",
+]
+
+# A layer case's config must state these: the arguments whose defaults
+# changed, and those that decide the weights.
+EXPLICIT_KEYS = ("num_heads", "activation", "position_encoding", "scale", "use_bias",
+                 "kernel_initializer")
+# Layer arguments that `reference.mhsa_forward` takes too.
+REFERENCE_KEYS = ("num_heads", "key_dim", "activation", "position_encoding", "scale",
+                  "scale_position_logits", "data_format")
+DEFAULT_SIZE = 8  # a None spatial/feature dimension of a user model's input
+DEFAULT_BATCH = 2  # a None batch dimension
+
+
+@dataclasses.dataclass
+class Case:
+    """One thing to run on every backend.
+
+    Attributes:
+        name: Unique, short (used in file names and reports).
+        config: `MultiHeadSelfAttention2D` arguments (a layer case), or None
+            for a model case.
+        inputs: one dict of NumPy arrays, or a list of them (variants, e.g.
+            two spatial sizes through one model). Layer cases: {"x": ...,
+            optionally "attention_mask": ...}. Model cases: {"input_0": ...,
+            "input_1": ...} in the model's input order.
+        weights: the canonical weight dict (layer cases only).
+        model_path: a `.keras` file (model cases only).
+        tasks: a subset of `protocol.ALL_TASKS`.
+        dtype: the layer's dtype policy (layer cases).
+    """
+
+    name: str
+    config: dict | None
+    inputs: dict | list
+    weights: dict | None = None
+    model_path: str | None = None
+    tasks: tuple = (protocol.FORWARD,)
+    dtype: str = "float32"
+
+    @property
+    def variants(self):
+        return self.inputs if isinstance(self.inputs, list) else [self.inputs]
+
+    @property
+    def kind(self):
+        """"layer" (our layer, a NumPy oracle exists) or "model" (a user's file)."""
+        return "layer" if self.config is not None else "model"
+
+
+def reference_config(config):
+    """The arguments of `reference.mhsa_forward` in a layer config."""
+    return {k: config[k] for k in REFERENCE_KEYS if k in config}
+
+
+def _check_explicit(name, config):
+    missing = [k for k in EXPLICIT_KEYS if k not in config]
+    if missing:
+        raise ValueError(
+            f"A layer case states every argument whose default matters; case {name!r} "
+            f"lacks {missing} (start from `schema.preset(...)`). Received: config={config}"
+        )
+
+
+def layer_case(name, config, shapes, *, seed, tasks=protocol.ALL_TASKS, dtype="float32",
+               mask=False):
+    """A case of `MultiHeadSelfAttention2D(**config)` with NumPy-drawn weights.
+
+    Args:
+        name: the case's name.
+        config: every `EXPLICIT_KEYS` argument, and `position_size` for a
+            learned encoding.
+        shapes: one input shape per variant, in the config's data format.
+        seed: inputs from `seed`, weights from `seed + 1`.
+        tasks: the worker tasks (`protocol.ALL_TASKS`: what the checks need).
+        dtype: the layer's dtype policy; the inputs are float64 for "float64",
+            float32 otherwise.
+        mask: also pass an attention mask: item 0 fully masked (zeros, never
+            NaN), item 1 padded on the right.
+
+    Returns:
+        A `Case` whose weights are float32-representable (stored as float64),
+        so that its float32 and float64 runs start from equal weights.
+    """
+    _check_explicit(name, config)
+    data_format = config.get("data_format", "channels_last")
+    rng = np.random.default_rng(seed)
+    variants = []
+    for shape in shapes:
+        x = rng.standard_normal(shape).astype(np.float64 if dtype == "float64" else np.float32)
+        variant = {"x": x}
+        if mask:
+            b, h, w = (shape[0], shape[2], shape[3]) if data_format == "channels_first" \
+                else shape[:3]
+            m = np.ones((b, h, w), dtype=bool)
+            m[0] = False  # an item with every key masked: zeros, never NaN
+            if b > 1:
+                m[1, :, -2:] = False  # padding on the right
+            variant["attention_mask"] = m
+        variants.append(variant)
+    channels = shapes[0][1] if data_format == "channels_first" else shapes[0][-1]
+    weights = schema.random_weights(
+        channels, config["num_heads"], config.get("key_dim"), config["position_encoding"],
+        config["use_bias"], seed=seed + 1, dtype=np.float32,
+        position_size=config.get("position_size"),
+    )
+    weights = {k: v.astype(np.float64) for k, v in weights.items()}
+    return Case(name, dict(config), variants, weights=weights, tasks=tuple(tasks), dtype=dtype)
+
+
+def default_cases():
+    """The cases `mhsa-core matrix` runs with no arguments."""
+    yolov4_mhsa = schema.preset("yolov4_mhsa")
+    return [
+        layer_case("yolov4_mhsa", yolov4_mhsa, [(2, 25, 25, 512)], seed=0),
+        layer_case("multihead", {**yolov4_mhsa, "num_heads": 8,
+                                 "data_format": "channels_first"},
+                   [(2, 64, 7, 5)], seed=10),
+        layer_case("masked", {**yolov4_mhsa, "num_heads": 2}, [(2, 6, 7, 32)], seed=20,
+                   mask=True),
+        # MultiHeadSelfAttention2D.botnet(num_heads=4, position_size=(6, 6)): relative
+        # tables learned for 6x6, run at 6x6 and at 4x9 (resized in the graph).
+        layer_case("botnet", schema.preset("botnet", num_heads=4, position_size=(6, 6)),
+                   [(2, 6, 6, 32), (1, 4, 9, 32)], seed=70),
+    ]
+
+
+def _position_cases():
+    """Every position encoding: each learned one at its reference size
+    (position_size) and at another size (its tables resized, down along one
+    axis and up along the other); every check, gradients and optimizer steps
+    included, runs at both sizes. "botnet" (in the default cases) is the third
+    learned case. They keep the YOLOv4-MHSA block's ReLU projections with
+    biases and change the encoding and the scale."""
+    yolov4_mhsa = schema.preset("yolov4_mhsa")
+    return [
+        # Non-square reference size, channels_first; the other size comes first.
+        ("relative", {**yolov4_mhsa, "num_heads": 2, "position_encoding": "relative",
+                      "position_size": (5, 7), "scale": None,
+                      "data_format": "channels_first"},
+         [(2, 16, 8, 6), (1, 16, 5, 7)], {}),
+        # scale multiplies q.k only; a masked batch; key_dim != C / heads.
+        ("absolute", {**yolov4_mhsa, "num_heads": 2, "key_dim": 6,
+                      "position_encoding": "absolute", "position_size": (6, 5),
+                      "scale": None, "scale_position_logits": False},
+         [(2, 6, 5, 16), (2, 8, 9, 16)], {"mask": True}),
+        # Fixed, no weights: any size is its own embedding.
+        ("sinusoidal", {**yolov4_mhsa, "num_heads": 2, "position_encoding": "sinusoidal",
+                        "scale": None},
+         [(2, 5, 6, 16), (1, 8, 9, 16)], {}),
+        ("none", {**yolov4_mhsa, "num_heads": 2, "position_encoding": "none"},
+         [(2, 4, 5, 16)], {}),
+    ]
+
+
+def extended_cases():
+    """`default_cases` plus the configurations the test suite adds."""
+    yolov4_mhsa = schema.preset("yolov4_mhsa")
+    # The layer's defaults (standard scaled dot-product attention), spelled out.
+    standard = {"num_heads": 2, "key_dim": None, "activation": None,
+                "position_encoding": "none", "scale": None, "use_bias": True,
+                "kernel_initializer": "glorot_uniform"}
+    return default_cases() + [
+        layer_case("heads4-key_dim6", {**yolov4_mhsa, "num_heads": 4, "key_dim": 6},
+                   [(2, 5, 6, 32)], seed=30),
+        layer_case("conv-linear-scaled", {**yolov4_mhsa, "activation": None, "scale": None,
+                                          "num_heads": 2},
+                   [(2, 4, 9, 32)], seed=40),
+        layer_case("float64", {**yolov4_mhsa, "num_heads": 2}, [(2, 5, 4, 16)], seed=50,
+                   dtype="float64"),
+        layer_case("dynamic", {**yolov4_mhsa, "num_heads": 2},
+                   [(2, 5, 7, 16), (1, 9, 4, 16)], seed=60),
+    ] + [layer_case(name, config, shapes, seed=80 + 10 * i, **options)
+         for i, (name, config, shapes, options) in enumerate(_position_cases())] + [
+        layer_case("standard", standard, [(2, 4, 9, 32)], seed=120),
+    ]
+
+
+# --------------------------------------------------------- user models
+class ModelFileError(ValueError):
+    """A `.keras` file that cannot be used (unreadable, refused in safe mode)."""
+
+
+def read_model_config(path):
+    """The config.json of a `.keras` file, read without any framework."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("config.json"))
+    except FileNotFoundError:
+        raise ModelFileError(f"No such file: {path}") from None
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as e:
+        raise ModelFileError(
+            f"Not a readable .keras file: {path} ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _walk(obj):
+    if isinstance(obj, dict):
+        yield obj
+        for v in obj.values():
+            yield from _walk(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk(v)
+
+
+def check_safe(config, path):
+    """Refuses (ModelFileError) a model that Keras safe mode would refuse."""
+    lambdas = [d.get("config", {}).get("name", "?") for d in _walk(config)
+               if d.get("class_name") == "Lambda"]
+    if lambdas:
+        raise ModelFileError(
+            f"{path} contains Lambda layer(s) {lambdas}: loading them runs arbitrary "
+            "Python code, which Keras safe mode refuses. Pass --unsafe if you trust "
+            "the file."
+        )
+
+
+def input_specs(config):
+    """[(name, batch_shape, dtype)] of a saved model's inputs."""
+    inner = config.get("config", {})
+    layers = inner.get("layers", [])
+    by_name = {l.get("config", {}).get("name"): l for l in layers}
+    specs = []
+    if config.get("class_name") == "Sequential":
+        first = layers[0] if layers else {}
+        if first.get("class_name") == "InputLayer":
+            c = first["config"]
+            specs.append((c.get("name", "input"), c.get("batch_shape"), c.get("dtype")))
+        elif config.get("build_config", {}).get("input_shape"):
+            specs.append(("input", config["build_config"]["input_shape"], "float32"))
+    else:
+        names = inner.get("input_layers", [])
+        if names and isinstance(names[0], str):  # a single input: [name, 0, 0]
+            names = [names]
+        for entry in names:
+            layer = by_name.get(entry[0], {})
+            c = layer.get("config", {})
+            specs.append((entry[0], c.get("batch_shape"), c.get("dtype")))
+    if not specs or any(shape is None for _, shape, _ in specs):
+        raise ModelFileError(
+            "Cannot tell the model's input shapes from its config; pass --inputs."
+        )
+    return specs
+
+
+def _dtype_name(dtype):
+    if isinstance(dtype, dict):  # a serialized DTypePolicy
+        dtype = dtype.get("config", {}).get("name", "float32")
+    return str(dtype or "float32")
+
+
+def make_inputs(config, seed=0):
+    """Deterministic inputs for a saved model, from its input specs.
+
+    None dimensions become DEFAULT_BATCH (the batch) or DEFAULT_SIZE (others).
+    Floats are standard normal, ints uniform in [0, 10), bools fair coins.
+    """
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for k, (_, batch_shape, dtype) in enumerate(input_specs(config)):
+        shape = [DEFAULT_BATCH if (i == 0 and d is None) else (DEFAULT_SIZE if d is None else d)
+                 for i, d in enumerate(batch_shape)]
+        dtype = _dtype_name(dtype)
+        if dtype == "bool":
+            array = rng.random(shape) < 0.5
+        elif "int" in dtype:
+            array = rng.integers(0, 10, size=shape).astype(dtype)
+        else:
+            array = rng.standard_normal(shape).astype(
+                "float64" if dtype == "float64" else "float32")
+        inputs[f"input_{k}"] = array
+    return inputs
+
+
+def model_case(path, inputs=None, *, name="model", tasks=protocol.ALL_TASKS):
+    """A case of the saved model at `path`.
+
+    Args:
+        path: a `.keras` file.
+        inputs: an array, a list of arrays (in the model's input order) or a
+            dict {"input_0": ..., ...}; default: `make_inputs` of its config.
+        name: the case's name.
+        tasks: the worker tasks; `matrix.run_matrix` runs those its checks
+            need for a model case.
+    """
+    config = read_model_config(path)
+    if inputs is None:
+        inputs = make_inputs(config)
+    elif not isinstance(inputs, dict):
+        inputs = {f"input_{k}": np.asarray(a) for k, a in enumerate(
+            inputs if isinstance(inputs, (list, tuple)) else [inputs])}
+    return Case(name, None, [inputs], model_path=str(path), tasks=tuple(tasks))

@@ -1,0 +1,111 @@
+"""What each result is compared with: the oracles of the matrix.
+
+- Layer cases, forward outputs and attention scores: `mhsa_core.reference`
+  in float64 (`reference_oracles`), with the reference's own budget rule.
+- Gradients, and every check of a user model (no NumPy oracle exists): the
+  float64 run of TensorFlow, else the elementwise median of the backends'
+  float64 runs (`float64_oracle`); without a float64 run, the median of the
+  float32 results (`median_oracle`).
+- Optimizer steps: the update formula applied in float64 to the start weights
+  and to the float32 gradients the backend computed (`step_oracle`), with the
+  settings of `protocol.OPTIMIZER_SETTINGS`.
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from mhsa_core import reference
+from mhsa_core.consistency import cases, protocol
+
+__all__ = ["Oracle", "reference_oracles", "float64_oracle", "median_oracle", "step_oracle"]
+
+
+class Oracle(NamedTuple):
+    """Oracle arrays and the budget of each, both keyed by result key."""
+
+    values: dict
+    budgets: dict
+
+
+def reference_oracles(case):
+    """Oracles and budgets of a layer case from `mhsa_core.reference`.
+
+    Returns:
+        {"out": Oracle of the output in the case's dtype, "out64": of the
+        output of a float64 run, "scores": of the attention scores}, keyed
+        `protocol.out_key(v)` per input variant v. One rounded reference run
+        per variant gives the float32 budgets of both output and scores
+        (`reference.float32_budget`); float64 results get
+        `reference.float64_budget`.
+    """
+    config = cases.reference_config(case.config)
+    out, out_b, out64_b, scores, scores_b = {}, {}, {}, {}, {}
+    for v, variant in enumerate(case.variants):
+        key = protocol.out_key(v)
+        kwargs = dict(attention_mask=variant.get("attention_mask"),
+                      return_attention_scores=True, **config)
+        out[key], scores[key] = reference.mhsa_forward(variant["x"], case.weights, **kwargs)
+        out64_b[key] = reference.float64_budget(out[key])
+        if case.dtype == "float64":
+            out_b[key] = out64_b[key]
+            scores_b[key] = reference.float64_budget(scores[key])
+        else:
+            out32, scores32 = reference.rounded_forward(
+                variant["x"], case.weights, case.dtype, **kwargs)
+            out_b[key] = reference.float32_budget(out32, out[key])
+            scores_b[key] = reference.float32_budget(scores32, scores[key])
+    return {"out": Oracle(out, out_b), "out64": Oracle(out, out64_b),
+            "scores": Oracle(scores, scores_b)}
+
+
+def _median(arrays):
+    arrays = [np.asarray(a, np.float64) for a in arrays]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        return None
+    return np.median(np.stack(arrays), axis=0)
+
+
+def median_oracle(results, keys):
+    """{key: elementwise median over the backends' `results`}; None when some
+    key is missing everywhere or the backends' shapes differ."""
+    oracle = {}
+    for k in keys:
+        m = _median([res[k] for res in results.values() if k in res])
+        if m is None:
+            return None
+        oracle[k] = m
+    return oracle
+
+
+def float64_oracle(results64, keys):
+    """TensorFlow's float64 result if it ran, else the elementwise median.
+
+    keras 3.15 keeps float64 as float64 only on TensorFlow: on JAX (even with
+    x64) and torch some ops (jax `ops.tanh`, torch `ops.matmul` and so Dense)
+    compute float64 inputs in float32 (`keras.backend.result_type` maps 64-bit
+    types to 32-bit there).
+    """
+    tf = results64.get("tensorflow")
+    if tf is not None and all(k in tf for k in keys):
+        return {k: np.asarray(tf[k], np.float64) for k in keys}
+    return median_oracle(results64, keys)
+
+
+def step_oracle(optimizer, w, g):
+    """One step of `protocol.OPTIMIZER_SETTINGS[optimizer]` from weights `w`
+    with gradients `g`, in float64 (a fresh optimizer: Adam's first step)."""
+    w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
+    class_name, args = protocol.OPTIMIZER_SETTINGS[optimizer]
+    if class_name == "SGD":
+        return w - args["learning_rate"] * g
+    if class_name == "Adam":
+        # Step 1: m = (1-b1) g, v = (1-b2) g^2,
+        # w -= lr * sqrt(1-b2) / (1-b1) * m / (sqrt(v) + eps).
+        b1, b2 = args["beta_1"], args["beta_2"]
+        m, v = (1 - b1) * g, (1 - b2) * g * g
+        alpha = args["learning_rate"] * math.sqrt(1 - b2) / (1 - b1)
+        return w - alpha * m / (np.sqrt(v) + args["epsilon"])
+    raise ValueError(f"No step formula for optimizer {class_name!r}")
