@@ -5,15 +5,16 @@ Under JAX, a position table resized to another size carries no gradient
 changes, and the forward pass is the same everywhere. Only the gradients of
 the tables at a size other than `position_size` are wrong, on JAX.
 
-Never import this in the test process: it patches `mhsa_core.position`.
+Never import this in the test process: it patches the `resize_table` that
+the learned tables (`mhsa_core.layers.position.tables`) call.
 """
 
 import keras
 from keras import ops
 
-from mhsa_core import position
+from mhsa_core.layers.position import tables
 
-_resize_table = position.resize_table
+_resize_table = tables.resize_table
 
 
 def _resize_table_without_gradient_on_jax(table, length):
@@ -23,4 +24,4 @@ def _resize_table_without_gradient_on_jax(table, length):
     return out
 
 
-position.resize_table = _resize_table_without_gradient_on_jax
+tables.resize_table = _resize_table_without_gradient_on_jax

@@ -14,7 +14,8 @@ import pytest
 import keras
 
 import custom_layers
-from mhsa_core import cli, matrix, mhsa_block
+from mhsa_core import mhsa_block
+from mhsa_core.consistency import cases, cli, matrix
 from mhsa_core.testing import assert_backends_agree
 
 HERE = Path(__file__).parent
@@ -37,7 +38,7 @@ def _dense_model(extra=None):
 
 def _run(*args):
     return subprocess.run(
-        [sys.executable, "-m", "mhsa_core.cli", "matrix", *args],
+        [sys.executable, "-m", "mhsa_core.consistency.cli", "matrix", *args],
         capture_output=True, text=True, timeout=1200, cwd=HERE,
     )
 
@@ -83,7 +84,7 @@ def test_rng_layer_disagrees_and_exits_1(tmp_path):
 def test_jax_only_bug_marks_exactly_the_jax_cells(tmp_path):
     path = _save(_dense_model(custom_layers.ScaledOnJax(1.001)), tmp_path, "jaxbug")
     report = matrix.run_matrix(
-        [matrix.model_case(path, name="jaxbug")], ["tensorflow", "torch", "jax"],
+        [cases.model_case(path, name="jaxbug")], ["tensorflow", "torch", "jax"],
         imports=["custom_layers"],
     )
     assert not report.agree
@@ -112,7 +113,8 @@ def test_assert_backends_agree_passes_and_fails(tmp_path):
 
 
 def test_lambda_refused_in_safe_mode(tmp_path):
-    path = _save(_dense_model(keras.layers.Lambda(lambda t: t * 2.0, output_shape=(5,))), tmp_path, "lam")
+    lambda_layer = keras.layers.Lambda(lambda t: t * 2.0, output_shape=(5,))
+    path = _save(_dense_model(lambda_layer), tmp_path, "lam")
     proc = _run("--model", str(path), "--backends", "torch")
     assert proc.returncode == 2
     assert "Lambda" in proc.stderr and "--unsafe" in proc.stderr
