@@ -1,5 +1,7 @@
 """Test helpers of our own (keras.src.testing is not public API)."""
 
+import re
+
 import numpy as np
 import keras
 from keras import ops
@@ -86,8 +88,54 @@ def random_mask(batch, height, width, *, seed=10, fully_masked_item=False):
     return mask
 
 
+def random_input(shape, dtype="float32", seed=0):
+    """Standard normal NumPy input."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
 def to_numpy(t):
     return np.asarray(ops.convert_to_numpy(t))
+
+
+def built_layer(channels=8, **config):
+    """MultiHeadSelfAttention2D(**config) built for (None, 5, 5, channels)."""
+    layer = MultiHeadSelfAttention2D(**config)
+    layer.build((None, 5, 5, channels))
+    return layer
+
+
+def yolov4_mhsa_arrays(channels=16, seed=0, squeeze=False):
+    """Eight random arrays of a Keras 2 YOLOv4-MHSA block: (kernel, bias) of
+    the position, query, key and value convs; kernels (1, 1, C, C), or (C, C)
+    with `squeeze`."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for _ in range(4):
+        kernel = rng.standard_normal((1, 1, channels, channels)).astype("float32")
+        arrays += [kernel[0, 0] if squeeze else kernel,
+                   rng.standard_normal(channels).astype("float32")]
+    return arrays
+
+
+def match_all(*parts):
+    """A regex that matches when every literal part occurs, in any order.
+
+    Error tests match the argument name AND the received value, so a backend
+    traceback (a shape error deep in an einsum) never passes for a good message.
+    """
+    return "(?s)" + "".join(f"(?=.*{re.escape(str(p))})" for p in parts)
+
+
+def snapshot(layer):
+    """Copies of every weight of `layer` (to prove a failed load changed nothing)."""
+    return [to_numpy(w).copy() for w in layer.weights]
+
+
+def assert_unchanged(layer, before):
+    after = snapshot(layer)
+    assert len(after) == len(before)
+    for variable, b, a in zip(layer.weights, before, after):
+        assert np.array_equal(b, a), f"{variable.name} was changed by a failed load"
 
 
 def assert_float32_within_budget(actual, x, weights, config, attention_mask=None, what="output"):

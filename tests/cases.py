@@ -1,0 +1,64 @@
+"""Named layer configurations and sizes shared by the tests: written once, imported.
+
+A config is keyword arguments of `MultiHeadSelfAttention2D`; the reference
+takes the subset `harness.reference_config` picks. Since 0.2.0 an empty config
+is standard scaled dot-product attention (linear projections, 1/sqrt(key_dim),
+no position term). The Keras 2 YOLOv4-MHSA block (the defaults of 0.1.0) is
+`YOLOV4_MHSA`; a variation of it is `yolov4_mhsa(num_heads=2)`, never `{}`.
+"""
+
+from mhsa_core.reference import schema
+
+
+def yolov4_mhsa(**overrides):
+    """The Keras 2 YOLOv4-MHSA block's config, with `overrides`."""
+    return schema.preset("yolov4_mhsa", **overrides)
+
+
+YOLOV4_MHSA = yolov4_mhsa()
+STANDARD = {}  # the layer's defaults
+BOTNET = schema.preset("botnet")  # 4 heads, relative logits, no biases
+
+# name -> (config, input shape): each named configuration at one size, H != W
+# (a swapped flattening fails).
+CASES = {
+    "yolov4_mhsa": (YOLOV4_MHSA, (2, 7, 5, 32)),
+    "standard": (STANDARD, (2, 7, 5, 32)),
+    "multihead": ({"num_heads": 8}, (2, 5, 7, 64)),
+    "key_dim": ({"num_heads": 4, "key_dim": 6}, (2, 6, 5, 32)),  # key_dim != C / heads
+    "channels_first": ({"num_heads": 8, "data_format": "channels_first"}, (2, 64, 7, 5)),
+    "botnet": (BOTNET, (2, 5, 6, 32)),  # position_size: the input's (make_case)
+}
+
+# name -> (config, input shape) of the cases run with `harness.padded_mask`:
+# one fully masked item, one padded at the right border and bottom row.
+MASKED = {
+    "yolov4_mhsa-heads2": (yolov4_mhsa(num_heads=2), (2, 6, 7, 16)),
+    "channels_first": ({"num_heads": 4, "data_format": "channels_first"}, (2, 16, 6, 7)),
+}
+
+# Position encodings at their reference size and others. The learned tables
+# belong to REF_SIZE; SIZES adds one larger, one smaller non-square, 1xN, Nx1.
+REF_SIZE = (5, 7)
+SIZES = [REF_SIZE, (8, 9), (3, 2), (1, 6), (6, 1)]
+POSITION_CHANNELS = 32
+
+# name -> config: every encoding other than the YOLOv4-MHSA block's "conv"
+# (that is YOLOV4_MHSA), with the defaults and with other settings.
+POSITION_CONFIGS = {
+    "relative": {"num_heads": 2, "position_encoding": "relative"},
+    "relative-relu-heads4-key_dim6-unscaled-pos": {
+        "num_heads": 4, "key_dim": 6, "activation": "relu", "scale_position_logits": False,
+        "position_encoding": "relative"},
+    "relative-botnet-channels_first": {**BOTNET, "data_format": "channels_first"},
+    "absolute": {"num_heads": 2, "position_encoding": "absolute"},
+    "absolute-relu-scale0.5-unscaled-pos": {
+        "num_heads": 2, "activation": "relu", "scale": 0.5, "scale_position_logits": False,
+        "position_encoding": "absolute"},
+    "sinusoidal": {"num_heads": 2, "position_encoding": "sinusoidal"},
+    "sinusoidal-relu-unscaled-channels_first": {
+        "num_heads": 4, "activation": "relu", "scale": 1.0,
+        "data_format": "channels_first", "position_encoding": "sinusoidal"},
+}
+# One config per encoding that has a position term of its own.
+ENCODING_CONFIGS = {name: POSITION_CONFIGS[name] for name in ("relative", "absolute", "sinusoidal")}

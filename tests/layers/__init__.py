@@ -1,0 +1,1 @@
+"""Tests of mhsa_core.layers (a package: test file names repeat across tests/ folders)."""
