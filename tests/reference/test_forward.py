@@ -1,13 +1,19 @@
-"""The oracle itself, checked against values computed by hand."""
+"""The oracle's forward pass, checked against values computed by hand and a
+brute-force double loop."""
 
 import math
 
 import numpy as np
 import pytest
 
+from cases import YOLOV4_MHSA as BLOCK
+from harness import reference_config
 from mhsa_core import reference
 
 E = math.e
+# The reference's arguments of the Keras 2 YOLOv4-MHSA block (ReLU, the "conv"
+# encoding, unscaled logits): the defaults before 0.2.0.
+YOLOV4_MHSA = reference_config(BLOCK)
 
 
 def identity_weights(channels=2, position=False):
@@ -24,7 +30,7 @@ def test_golden_two_tokens():
     # tokens (1, 0), (0, 1); q = k = v = t; logits [[1, 0], [0, 1]].
     x = np.array([[[[1.0, 0.0], [0.0, 1.0]]]])  # (1, 1, 2, 2)
     out, scores = reference.mhsa_forward(
-        x, identity_weights(), activation=None, position_encoding="none",
+        x, identity_weights(), activation=None, position_encoding="none", scale=1.0,
         return_attention_scores=True,
     )
     a, b = E / (1 + E), 1 / (1 + E)
@@ -32,10 +38,10 @@ def test_golden_two_tokens():
     np.testing.assert_allclose(scores, [[[[a, b], [b, a]]]], rtol=1e-15)
 
 
-def test_golden_seed_position_conv():
+def test_golden_yolov4_mhsa_position_conv():
     # Identity position conv: t + relu(t) = 2t, so q = k = v = 2t, logits 4*I.
     x = np.array([[[[1.0, 0.0], [0.0, 1.0]]]])
-    out = reference.mhsa_forward(x, identity_weights(position=True))
+    out = reference.mhsa_forward(x, identity_weights(position=True), **YOLOV4_MHSA)
     a, b = E**4 / (1 + E**4), 1 / (1 + E**4)
     np.testing.assert_allclose(out, [[[[2 * a, 2 * b], [2 * b, 2 * a]]]], rtol=1e-15)
 
@@ -43,7 +49,7 @@ def test_golden_seed_position_conv():
 def test_golden_2x2_map_with_mask():
     # 1x2x2x2: tokens row-major (1,0), (0,1), (1,1), (0,0).
     x = np.array([[[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [0.0, 0.0]]]])
-    config = dict(activation=None, position_encoding="none")
+    config = dict(activation=None, position_encoding="none", scale=1.0)
     out = reference.mhsa_forward(x, identity_weights(), **config)
     # Query (1,0): logits [1, 0, 1, 0] -> weights [e, 1, e, 1] / (2e + 2)
     # -> out = (2e, 1 + e) / (2e + 2) = (e / (e + 1), 1 / 2).
@@ -78,7 +84,7 @@ def test_scale_none_is_inverse_sqrt_key_dim():
     w_scaled["query_kernel"] = w["query_kernel"] / math.sqrt(3)
     w_scaled["query_bias"] = w["query_bias"] / math.sqrt(3)
     a = reference.mhsa_forward(x, w, num_heads=2, key_dim=3, activation=None, scale=None)
-    b = reference.mhsa_forward(x, w_scaled, num_heads=2, key_dim=3, activation=None)
+    b = reference.mhsa_forward(x, w_scaled, num_heads=2, key_dim=3, activation=None, scale=1.0)
     np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
@@ -96,24 +102,33 @@ def test_fully_masked_item_is_zero_and_scores_sum_to_one():
     assert np.all(scores[1][..., :2] == 0)
 
 
-def test_channels_first_is_a_transpose():
+CONFIGS = {"standard": {}, "yolov4_mhsa": YOLOV4_MHSA}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_channels_first_is_a_transpose(name):
+    config = {**CONFIGS[name], "num_heads": 4}
     x = np.random.default_rng(0).standard_normal((2, 3, 5, 8))
-    w = reference.random_weights(8, num_heads=4, seed=1)
-    last = reference.mhsa_forward(x, w, num_heads=4)
+    w = reference.random_weights(8, num_heads=4, seed=1,
+                                 position_encoding=config.get("position_encoding", "none"))
+    last = reference.mhsa_forward(x, w, **config)
     first = reference.mhsa_forward(
-        x.transpose(0, 3, 1, 2), w, num_heads=4, data_format="channels_first"
+        x.transpose(0, 3, 1, 2), w, **{**config, "data_format": "channels_first"}
     )
     np.testing.assert_array_equal(first, last.transpose(0, 3, 1, 2))
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("storage", [None, np.float16])
-def test_accumulation_orders_agree_in_float64(storage):
+def test_accumulation_orders_agree_in_float64(storage, name):
+    config = {**CONFIGS[name], "num_heads": 2}
     x = np.random.default_rng(0).standard_normal((1, 4, 5, 16))
-    w = reference.random_weights(16, num_heads=2, seed=1)
+    w = reference.random_weights(16, num_heads=2, seed=1,
+                                 position_encoding=config.get("position_encoding", "none"))
     dtype = np.float64 if storage is None else np.float32
-    a = reference.mhsa_forward(x, w, num_heads=2, dtype=dtype, storage_dtype=storage)
+    a = reference.mhsa_forward(x, w, dtype=dtype, storage_dtype=storage, **config)
     b = reference.mhsa_forward(
-        x, w, num_heads=2, dtype=dtype, storage_dtype=storage, accumulation="sequential"
+        x, w, dtype=dtype, storage_dtype=storage, accumulation="sequential", **config
     )
     tol = 1e-12 if storage is None else 1e-2
     np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(a).max())
@@ -191,7 +206,8 @@ def test_golden_relative_offset_is_key_minus_query():
     w = identity_weights()
     w["relative_height"] = np.zeros((1, 2))
     w["relative_width"] = np.array([[0.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
-    out = reference.mhsa_forward(x, w, activation=None, position_encoding="relative")
+    out = reference.mhsa_forward(x, w, activation=None, position_encoding="relative",
+                                 scale=1.0)
     # Query 0 (x=0): key 1 has offset +1 -> q0 . (2, 0) = 2: logits [1, 2].
     # Query 1 (x=1): key 0 has offset -1 -> 0: logits [0, 1].
     # Both rows: softmax [1, e] / (1 + e) -> out (1, e) / (1 + e).
@@ -205,7 +221,8 @@ def test_golden_absolute_uses_the_key_position():
     w = identity_weights()
     w["absolute_height"] = np.zeros((1, 2))
     w["absolute_width"] = np.array([[0.0, 0.0], [3.0, 0.0]])
-    out = reference.mhsa_forward(x, w, activation=None, position_encoding="absolute")
+    out = reference.mhsa_forward(x, w, activation=None, position_encoding="absolute",
+                                 scale=1.0)
     # Query 0 = (1, 0): logits [1, 0 + 3]; query 1 = (0, 1): logits [0, 1 + 0].
     row0 = np.array([E, E**3]) / (E + E**3)
     row1 = np.array([1.0, E]) / (1.0 + E)
@@ -213,54 +230,6 @@ def test_golden_absolute_uses_the_key_position():
                                rtol=1e-15)
     np.testing.assert_allclose(out[0, 0, 1], row1[0] * x[0, 0, 0] + row1[1] * x[0, 0, 1],
                                rtol=1e-15)
-
-
-def test_golden_sinusoidal_embedding():
-    # C = 4: one frequency (w_0 = 1): [sin y, cos y, sin x, cos x].
-    p = reference.sinusoidal_embedding(2, 3, 4)
-    y, x = 1, 2  # token 5, row-major
-    np.testing.assert_array_equal(p[5], [math.sin(y), math.cos(y), math.sin(x), math.cos(x)])
-    # C = 8: frequencies 1 and 10000^(-1/2) = 0.01.
-    p = reference.sinusoidal_embedding(1, 2, 8)
-    np.testing.assert_allclose(p[1], [0, 0, 1, 1, math.sin(1), math.sin(0.01),
-                                      math.cos(1), math.cos(0.01)], rtol=1e-15, atol=0)
-    with pytest.raises(ValueError, match="divisible by 4"):
-        reference.sinusoidal_embedding(2, 2, 6)
-
-
-def test_golden_resize_table():
-    # Upsizing 3 -> 5 rows: s = (t + 0.5) * 3/5 - 0.5 = -0.2, 0.4, 1, 1.6, 2.2,
-    # clamped to [0, 2].
-    table = np.array([[0.0], [1.0], [4.0]])
-    np.testing.assert_allclose(reference.resize_table(table, 5)[:, 0],
-                               [0.0, 0.4, 1.0, 1.0 + 0.6 * 3, 4.0], rtol=1e-15)
-    # Downsizing 4 -> 2 rows: s = 0.5 and 2.5, the midpoints.
-    table = np.array([[0.0], [2.0], [4.0], [8.0]])
-    np.testing.assert_allclose(reference.resize_table(table, 2)[:, 0], [1.0, 6.0])
-    # To one row: the center of the table.
-    np.testing.assert_allclose(reference.resize_table(table, 1)[:, 0], [3.0])
-
-
-@pytest.mark.parametrize("rows,length", [(9, 9), (9, 15), (9, 5), (9, 1), (7, 13),
-                                         (1, 5), (4, 11)])
-def test_resize_table_is_np_interp_at_half_pixel_centers(rows, length):
-    table = np.random.default_rng(rows * length).standard_normal((rows, 3))
-    out = reference.resize_table(table, length)
-    # np.interp clamps at the ends by itself, as the rule does.
-    s = (np.arange(length) + 0.5) * rows / length - 0.5
-    expected = np.stack([np.interp(s, np.arange(rows), table[:, c]) for c in range(3)], -1)
-    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-14)
-    if rows == length:
-        np.testing.assert_array_equal(out, table)  # bit for bit at the same size
-
-
-@pytest.mark.parametrize("ref_size,size", [(5, 5), (5, 8), (5, 3), (5, 1), (1, 4), (2, 7)])
-def test_resized_relative_table_keeps_offset_zero_in_the_middle(ref_size, size):
-    """Offset 0 (the center row) maps to offset 0 at any size: the table's
-    center row survives resizing exactly."""
-    table = np.random.default_rng(0).standard_normal((2 * ref_size - 1, 4))
-    resized = reference.resize_table(table, 2 * size - 1)
-    np.testing.assert_array_equal(resized[size - 1], table[ref_size - 1])
 
 
 def test_sinusoidal_is_added_to_the_tokens():
@@ -271,15 +240,3 @@ def test_sinusoidal_is_added_to_the_tokens():
     a = reference.mhsa_forward(x, w, num_heads=2, position_encoding="sinusoidal")
     b = reference.mhsa_forward(x + p, w, num_heads=2, position_encoding="none")
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(a).max())
-
-
-def test_weight_shapes_of_learned_encodings():
-    rel = reference.weight_shapes(16, 2, 5, "relative", use_bias=False, position_size=(4, 7))
-    assert list(rel) == ["query_kernel", "key_kernel", "value_kernel",
-                         "relative_height", "relative_width"]
-    assert rel["relative_height"] == (7, 5) and rel["relative_width"] == (13, 5)
-    ab = reference.weight_shapes(16, 2, None, "absolute", position_size=(4, 7))
-    assert ab["absolute_height"] == (4, 8) and ab["absolute_width"] == (7, 8)
-    assert "relative_height" not in reference.weight_shapes(16, 2, None, "sinusoidal")
-    with pytest.raises(ValueError, match="position_size"):
-        reference.weight_shapes(16, 2, None, "relative")
