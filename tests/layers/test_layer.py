@@ -5,44 +5,80 @@ import numpy as np
 import pytest
 import keras
 
+from cases import BOTNET, ENCODING_CONFIGS, STANDARD, YOLOV4_MHSA, yolov4_mhsa
 from harness import (
     assert_float32_within_budget,
     make_case,
     run_layer_test,
     to_numpy,
 )
-from mhsa_core import MultiHeadSelfAttention2D, reference
+from mhsa_core import MultiHeadSelfAttention2D, mhsa_block, reference
+
+# name -> (layer arguments, input shape, trainable weights): config round trip,
+# shapes, and a fit step that changes every weight (position tables included).
+CONFORMANCE = {
+    "yolov4_mhsa": (YOLOV4_MHSA, (2, 5, 7, 16), 8),
+    "standard": (STANDARD, (2, 5, 7, 16), 6),
+    "yolov4_mhsa-heads4-key_dim3": (yolov4_mhsa(num_heads=4, key_dim=3), (2, 4, 6, 16), 8),
+    "no-position-no-bias": ({"use_bias": False}, (2, 3, 3, 8), 3),
+    "channels_first": ({"data_format": "channels_first", "num_heads": 2}, (2, 8, 3, 5), 6),
+    "dropout": ({"dropout": 0.1, "seed": 3}, (2, 3, 4, 8), 6),
+    "gelu": ({"activation": "gelu"}, (2, 3, 4, 8), 6),
+    "relative": (ENCODING_CONFIGS["relative"], (2, 5, 7, 16), 8),
+    "absolute-no-bias": ({**ENCODING_CONFIGS["absolute"], "use_bias": False}, (2, 4, 3, 16), 5),
+    "sinusoidal": (ENCODING_CONFIGS["sinusoidal"], (2, 4, 3, 16), 6),
+    "relative-channels_first": (
+        {**ENCODING_CONFIGS["relative"], "position_size": (3, 3),
+         "data_format": "channels_first"}, (2, 8, 5, 4), 8),
+    "botnet": ({**BOTNET, "num_heads": 2}, (2, 4, 5, 8), 5),
+}
 
 
-@pytest.mark.parametrize(
-    "init_kwargs,input_shape,n_trainable,n_non_trainable",
-    [
-        ({}, (2, 5, 7, 16), 8, 0),
-        ({"num_heads": 4, "key_dim": 3}, (2, 4, 6, 16), 8, 0),
-        ({"position_encoding": "none", "use_bias": False}, (2, 3, 3, 8), 3, 0),
-        ({"data_format": "channels_first", "num_heads": 2}, (2, 8, 3, 5), 8, 0),
-        ({"dropout": 0.1, "seed": 3}, (2, 3, 4, 8), 8, 0),
-        ({"activation": "gelu", "scale": None}, (2, 3, 4, 8), 8, 0),
-    ],
-    ids=["seed", "heads4-key_dim3", "no-position-no-bias", "channels_first",
-         "dropout", "gelu"],
-)
-def test_layer_conformance(init_kwargs, input_shape, n_trainable, n_non_trainable):
-    run_layer_test(
-        init_kwargs,
-        input_shape,
-        expected_num_trainable_weights=n_trainable,
-        expected_num_non_trainable_weights=n_non_trainable,
-    )
+@pytest.mark.parametrize("name", list(CONFORMANCE))
+def test_layer_conformance(name):
+    init_kwargs, input_shape, n_trainable = CONFORMANCE[name]
+    run_layer_test(init_kwargs, input_shape, expected_num_trainable_weights=n_trainable)
 
 
-def test_weight_shapes_and_creation_order():
-    layer = MultiHeadSelfAttention2D(num_heads=4, key_dim=5)
+# name -> (layer arguments, reference.weight_shapes arguments after C=16).
+WEIGHT_ORDER = {
+    "standard": ({"num_heads": 4, "key_dim": 5}, (4, 5, "none")),
+    "yolov4_mhsa": (yolov4_mhsa(num_heads=4, key_dim=5), (4, 5, "conv")),
+    "relative": ({"num_heads": 4, "key_dim": 5, "position_encoding": "relative",
+                  "position_size": (6, 3)}, (4, 5, "relative", True, (6, 3))),
+    "absolute-no-bias": ({"num_heads": 2, "position_encoding": "absolute", "use_bias": False,
+                          "position_size": (4, 7)}, (2, None, "absolute", False, (4, 7))),
+}
+
+
+@pytest.mark.parametrize("name", list(WEIGHT_ORDER))
+def test_weight_shapes_and_creation_order(name):
+    """The layer creates the canonical weight dict, in its order."""
+    config, args = WEIGHT_ORDER[name]
+    layer = MultiHeadSelfAttention2D(**config)
     layer.build((None, None, None, 16))
     shapes = {w.name: tuple(w.shape) for w in layer.trainable_weights}
-    assert list(shapes) == list(reference.weight_shapes(16, 4, 5))
-    assert shapes == reference.weight_shapes(16, 4, 5)
-    assert shapes["query_kernel"] == (16, 20) and shapes["value_kernel"] == (16, 16)
+    assert list(shapes.items()) == list(reference.weight_shapes(16, *args).items())
+    qk = args[0] * (args[1] or 16 // args[0])
+    assert shapes["query_kernel"] == (16, qk) and shapes["value_kernel"] == (16, 16)
+
+
+@pytest.mark.parametrize("use_bias", [True, False], ids=["bias", "no-bias"])
+def test_projections_are_named_attributes(use_bias):
+    """layer.query_kernel etc. are the variables named so (biases None without
+    use_bias), whatever the encoding adds before or after them."""
+    layer = MultiHeadSelfAttention2D.yolov4_mhsa(num_heads=2, use_bias=use_bias)
+    layer.build((None, None, None, 8))
+    by_name = {w.name: w for w in layer.trainable_weights}
+    for projection in ("query", "key", "value"):
+        kernel = getattr(layer, f"{projection}_kernel")
+        assert kernel is by_name[f"{projection}_kernel"]
+        bias = getattr(layer, f"{projection}_bias")
+        if use_bias:
+            assert bias is by_name[f"{projection}_bias"]
+        else:
+            assert bias is None and f"{projection}_bias" not in by_name
+    assert tuple(layer.query_kernel.shape) == (8, 8)
 
 
 def test_config_has_every_argument():
@@ -74,10 +110,15 @@ def test_data_format_defaults_to_image_data_format():
     assert MultiHeadSelfAttention2D().data_format == previous
 
 
-def test_regularizers_add_losses():
-    layer = MultiHeadSelfAttention2D(kernel_regularizer="l2", bias_regularizer="l2")
+@pytest.mark.parametrize(
+    "config,n_losses",
+    [(STANDARD, 6), (YOLOV4_MHSA, 8)],  # one per kernel and bias
+    ids=["standard", "yolov4_mhsa"],
+)
+def test_regularizers_add_losses(config, n_losses):
+    layer = MultiHeadSelfAttention2D(**config, kernel_regularizer="l2", bias_regularizer="l2")
     layer(np.ones((1, 2, 2, 4), "float32"))
-    assert len(layer.losses) == 8
+    assert len(layer.losses) == n_losses
 
 
 def test_symbolic_shapes_and_scores_spec():
@@ -184,10 +225,9 @@ def test_keras_round_trip_float64(tmp_path):
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
 
 
-def test_block_stacked_as_the_seed():
-    """The seed's use: the block 4x on a backbone feature map (here 512 -> 16 channels)."""
-    from mhsa_core import mhsa_block
-
+def test_block_stacked_as_in_yolov4_mhsa():
+    """The YOLOv4-MHSA use: the block 4x on a backbone feature map (there 512
+    channels, here 16)."""
     inputs = keras.Input((None, None, 16))
     x = inputs
     for _ in range(4):
@@ -197,4 +237,3 @@ def test_block_stacked_as_the_seed():
     for shape in [(1, 5, 5, 16), (2, 3, 7, 16)]:
         y = model(np.random.default_rng(0).standard_normal(shape).astype("float32"))
         assert tuple(y.shape) == shape
-

@@ -6,59 +6,47 @@ import numpy as np
 import pytest
 import keras
 
+from cases import CASES, MASKED, YOLOV4_MHSA, yolov4_mhsa
 from harness import (
     assert_float32_within_budget,
     assert_float64_close,
     make_case,
+    padded_mask,
     reference_config,
+    spatial_of,
     to_numpy,
 )
 from mhsa_core import MultiHeadSelfAttention2D, reference
 
-# (id, layer config, input shape)
-CASES = [
-    ("seed-25x25x512", {}, (2, 25, 25, 512)),
-    ("seed-7x5", {}, (2, 7, 5, 32)),
-    ("heads2", {"num_heads": 2}, (2, 7, 5, 32)),
-    ("heads8", {"num_heads": 8}, (2, 5, 7, 64)),
-    ("heads4-key_dim6", {"num_heads": 4, "key_dim": 6}, (2, 6, 5, 32)),
-    ("linear", {"activation": None}, (2, 7, 5, 32)),
-    ("position-none", {"position_encoding": "none"}, (2, 7, 5, 32)),
-    ("scale-none", {"scale": None, "num_heads": 2}, (2, 7, 5, 32)),
-    ("no-bias", {"use_bias": False, "num_heads": 2}, (2, 7, 5, 32)),
-    ("channels_first", {"data_format": "channels_first", "num_heads": 8}, (2, 64, 7, 5)),
-    (
-        "standard-attention",
-        {"activation": None, "scale": None, "position_encoding": "none",
-         "use_bias": False, "num_heads": 4},
-        (2, 4, 9, 32),
-    ),
-    ("1xN", {"num_heads": 2}, (2, 1, 9, 16)),
-]
-IDS = [c[0] for c in CASES]
+# name -> (layer config, input shape): the shared cases, and variations of the
+# Keras 2 YOLOv4-MHSA block (one setting changed each) at its own sizes.
+NUMERIC_CASES = {
+    **CASES,
+    "yolov4_mhsa-25x25x512": (YOLOV4_MHSA, (2, 25, 25, 512)),
+    "yolov4_mhsa-heads2": (yolov4_mhsa(num_heads=2), (2, 7, 5, 32)),
+    "yolov4_mhsa-heads8": (yolov4_mhsa(num_heads=8), (2, 5, 7, 64)),
+    "yolov4_mhsa-heads4-key_dim6": (yolov4_mhsa(num_heads=4, key_dim=6), (2, 6, 5, 32)),
+    "yolov4_mhsa-linear": (yolov4_mhsa(activation=None), (2, 7, 5, 32)),
+    "yolov4_mhsa-position-none": (yolov4_mhsa(position_encoding="none"), (2, 7, 5, 32)),
+    "yolov4_mhsa-scale-none": (yolov4_mhsa(scale=None, num_heads=2), (2, 7, 5, 32)),
+    "yolov4_mhsa-no-bias": (yolov4_mhsa(use_bias=False, num_heads=2), (2, 7, 5, 32)),
+    "yolov4_mhsa-channels_first": (
+        yolov4_mhsa(data_format="channels_first", num_heads=8), (2, 64, 7, 5)),
+    "yolov4_mhsa-1xN": (yolov4_mhsa(num_heads=2), (2, 1, 9, 16)),
+    "standard-heads4-no-bias": ({"use_bias": False, "num_heads": 4}, (2, 4, 9, 32)),
+}
 
 
-def _mask(shape, data_format="channels_last"):
-    """Item 0 fully masked (every query row has no key), item 1 partially."""
-    if data_format == "channels_first":
-        b, _, h, w = shape
-    else:
-        b, h, w, _ = shape
-    mask = np.ones((b, h, w), dtype=bool)
-    mask[0] = False
-    mask[1, :, -2:] = False  # padded right border
-    mask[1, -1, :] = False  # padded bottom row
-    return mask
-
-
-@pytest.mark.parametrize("name,config,shape", CASES, ids=IDS)
-def test_float32_matches_reference(name, config, shape):
+@pytest.mark.parametrize("name", list(NUMERIC_CASES))
+def test_float32_matches_reference(name):
+    config, shape = NUMERIC_CASES[name]
     layer, x, weights = make_case(config, shape)
     assert_float32_within_budget(to_numpy(layer(x)), x, weights, config)
 
 
-@pytest.mark.parametrize("name,config,shape", CASES, ids=IDS)
-def test_float64_matches_reference(name, config, shape):
+@pytest.mark.parametrize("name", list(NUMERIC_CASES))
+def test_float64_matches_reference(name):
+    config, shape = NUMERIC_CASES[name]
     layer, x, weights = make_case(config, shape, dtype="float64")
     out = to_numpy(layer(x))
     expected = reference.mhsa_forward(x, weights, **reference_config(config))
@@ -66,15 +54,11 @@ def test_float64_matches_reference(name, config, shape):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize(
-    "config,shape",
-    [({"num_heads": 2}, (2, 6, 7, 16)),
-     ({"num_heads": 4, "data_format": "channels_first"}, (2, 16, 6, 7))],
-    ids=["channels_last", "channels_first"],
-)
-def test_mask_and_scores(config, shape, dtype):
+@pytest.mark.parametrize("name", list(MASKED))
+def test_mask_and_scores(name, dtype):
+    config, shape = MASKED[name]
     layer, x, weights = make_case(config, shape, dtype=dtype)
-    mask = _mask(shape, config.get("data_format", "channels_last"))
+    mask = padded_mask(shape[0], *spatial_of(shape, config.get("data_format", "channels_last")))
     out, scores = layer(x, attention_mask=mask, return_attention_scores=True)
     out, scores = to_numpy(out), to_numpy(scores)
     n = 6 * 7
@@ -99,7 +83,7 @@ def test_mask_and_scores(config, shape, dtype):
 def test_mask_gradients_are_finite():
     # A fully masked item must not poison the gradients with NaN either.
     layer, x, _ = make_case({"num_heads": 2}, (2, 4, 5, 8))
-    mask = _mask(x.shape)
+    mask = padded_mask(2, 4, 5)
     model_in = keras.Input((4, 5, 8))
     mask_in = keras.Input((4, 5), dtype="bool")
     model = keras.Model([model_in, mask_in], layer(model_in, attention_mask=mask_in))
@@ -114,15 +98,16 @@ def test_mask_gradients_are_finite():
 def test_mixed_precision_matches_emulated_reference(policy):
     """Under mixed_* the layer computes logits and softmax in float32.
 
-    The seed's unscaled ReLU logits reach hundreds here. The oracle is the
+    The YOLOv4-MHSA block's unscaled ReLU logits reach hundreds here. The oracle is the
     reference run with the same roundings as Keras's mixed precision (float16
     storage between ops, float32 logits and softmax); a layer whose softmax ran
     in float16 fails this by a wide margin (measured: 2x the error on torch
     before `standardize_dtype` fixed the dtype check).
     """
     shape = (2, 12, 10, 64)
-    layer, x, weights = make_case({}, shape)
-    mixed = MultiHeadSelfAttention2D(dtype=policy)
+    config = YOLOV4_MHSA
+    _, x, weights = make_case(config, shape)
+    mixed = MultiHeadSelfAttention2D(**config, dtype=policy)
     mixed.build(shape)
     mixed.set_weight_dict(weights)
     out, scores = mixed(x, return_attention_scores=True)
@@ -130,9 +115,11 @@ def test_mixed_precision_matches_emulated_reference(policy):
     assert keras.backend.standardize_dtype(scores.dtype) == "float32"
     out = to_numpy(keras.ops.cast(out, "float32")).astype(np.float64)
     assert np.all(np.isfinite(out))
-    _, ref_scores = reference.mhsa_forward(x, weights, return_attention_scores=True)
+    _, ref_scores = reference.mhsa_forward(x, weights, return_attention_scores=True,
+                                           **reference_config(config))
     assert ref_scores.max() > 0.9  # the logits really are large (peaked softmax)
-    ref64, budget, emulated_error = reference.error_budget(x, weights, policy=policy)
+    ref64, budget, emulated_error = reference.error_budget(x, weights, policy=policy,
+                                                           **reference_config(config))
     error = float(np.abs(out - ref64).max())
     assert error <= budget, (
         f"{policy}: error {error:.3g} > budget {budget:.3g} "
@@ -146,20 +133,27 @@ def test_scale_none_uses_key_dim():
     assert layer.scale_value == pytest.approx(1 / math.sqrt(9))
 
 
-def test_budget_holds_over_many_seeds():
+# name -> (config, shape) of the statistical budget check.
+BUDGET_CASES = {
+    "yolov4_mhsa-heads8-channels_first": (
+        yolov4_mhsa(num_heads=8, data_format="channels_first"), (2, 64, 7, 5)),
+    "yolov4_mhsa": (YOLOV4_MHSA, (2, 7, 5, 32)),
+    "yolov4_mhsa-heads2-linear-scaled": (
+        yolov4_mhsa(num_heads=2, activation=None, scale=None), (2, 4, 9, 32)),
+    "yolov4_mhsa-heads4-key_dim6": (yolov4_mhsa(num_heads=4, key_dim=6), (2, 5, 6, 32)),
+    "standard-heads4": ({"num_heads": 4}, (2, 5, 6, 32)),
+}
+
+
+@pytest.mark.parametrize("name", list(BUDGET_CASES))
+def test_budget_holds_over_many_seeds(name):
     """The float32 budget is not tuned to the seeds above: over 25 random
-    draws of 4 configurations the layer never exceeds it (measured worst
-    error / budget: 0.58 on JAX, 0.82 on TF, 0.81 on torch)."""
-    configs = [
-        ({"num_heads": 8, "data_format": "channels_first"}, (2, 64, 7, 5)),
-        ({}, (2, 7, 5, 32)),
-        ({"num_heads": 2, "activation": None, "scale": None}, (2, 4, 9, 32)),
-        ({"num_heads": 4, "key_dim": 6}, (2, 5, 6, 32)),
-    ]
+    draws the layer never exceeds it (measured worst error / budget over the
+    YOLOv4-MHSA cases: 0.58 on JAX, 0.82 on TF, 0.81 on torch)."""
+    config, shape = BUDGET_CASES[name]
     worst = []
-    for config, shape in configs:
-        for seed in range(100, 125):
-            layer, x, weights = make_case(config, shape, seed=seed)
-            ref64, budget, _ = reference.error_budget(x, weights, **reference_config(config))
-            worst.append(float(np.abs(to_numpy(layer(x)) - ref64).max()) / budget)
+    for seed in range(100, 125):
+        layer, x, weights = make_case(config, shape, seed=seed)
+        ref64, budget, _ = reference.error_budget(x, weights, **reference_config(config))
+        worst.append(float(np.abs(to_numpy(layer(x)) - ref64).max()) / budget)
     assert max(worst) <= 1.0, f"worst error / budget {max(worst):.2f}"

@@ -8,38 +8,23 @@ import pytest
 import keras
 from keras import ops
 
+from cases import ENCODING_CONFIGS, POSITION_CONFIGS, REF_SIZE, SIZES
+from cases import POSITION_CHANNELS as CHANNELS
 from harness import (
+    LEARNED_ENCODINGS,
     assert_float32_within_budget,
     assert_float64_close,
     make_case,
+    padded_mask,
+    random_input,
     reference_config,
-    run_layer_test,
     to_numpy,
 )
-from mhsa_core import MultiHeadSelfAttention2D, position, reference
+from mhsa_core import MultiHeadSelfAttention2D, reference
+from mhsa_core.layers import position
 
 BACKEND = keras.backend.backend()
-REF_SIZE = (5, 7)
-# The reference size, one larger, one smaller non-square, 1xN and Nx1.
-SIZES = [REF_SIZE, (8, 9), (3, 2), (1, 6), (6, 1)]
-CONFIGS = {
-    "relative": {"num_heads": 2, "position_encoding": "relative"},
-    "relative-heads4-key_dim6-unscaled-pos": {
-        "num_heads": 4, "key_dim": 6, "scale": None, "scale_position_logits": False,
-        "position_encoding": "relative"},
-    "relative-botnet-channels_first": {
-        "num_heads": 4, "activation": None, "use_bias": False, "scale": None,
-        "data_format": "channels_first", "position_encoding": "relative"},
-    "absolute": {"num_heads": 2, "position_encoding": "absolute"},
-    "absolute-scale0.5-unscaled-pos": {
-        "num_heads": 2, "scale": 0.5, "scale_position_logits": False,
-        "position_encoding": "absolute"},
-    "sinusoidal": {"num_heads": 2, "position_encoding": "sinusoidal"},
-    "sinusoidal-linear-channels_first": {
-        "num_heads": 4, "activation": None, "scale": None,
-        "data_format": "channels_first", "position_encoding": "sinusoidal"},
-}
-CHANNELS = 32
+ENCODINGS = list(ENCODING_CONFIGS)  # relative, absolute, sinusoidal
 
 
 def _shape(size, config, batch=2):
@@ -52,43 +37,38 @@ def _layer(config, dtype="float32", seed=0):
     """A layer on an unknown spatial size (position_size given for learned
     tables), with NumPy weights injected."""
     config = dict(config)
-    if config["position_encoding"] in ("relative", "absolute"):
+    if config["position_encoding"] in LEARNED_ENCODINGS:
         config["position_size"] = REF_SIZE
     layer, _, weights = make_case(config, _shape(REF_SIZE, config), seed=seed, dtype=dtype)
     return layer, weights, config
 
 
-def _input(shape, dtype="float32", seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", sorted(POSITION_CONFIGS))
+def test_float32_at_every_size(name, size):
+    """Tables of REF_SIZE, run at `size`."""
+    layer, weights, config = _layer(POSITION_CONFIGS[name])
+    x = random_input(_shape(size, config), seed=sum(size))
+    assert_float32_within_budget(to_numpy(layer(x)), x, weights, config,
+                                 what=f"{name} at {size}")
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_float32_at_every_size(name):
-    layer, weights, config = _layer(CONFIGS[name])
-    for size in SIZES:
-        x = _input(_shape(size, config), seed=sum(size))
-        assert_float32_within_budget(to_numpy(layer(x)), x, weights, config,
-                                     what=f"{name} at {size}")
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", sorted(POSITION_CONFIGS))
+def test_float64_at_every_size(name, size):
+    layer, weights, config = _layer(POSITION_CONFIGS[name], dtype="float64")
+    x = random_input(_shape(size, config), "float64", seed=sum(size))
+    expected = reference.mhsa_forward(x, weights, **reference_config(config))
+    assert_float64_close(to_numpy(layer(x)), expected, what=f"{name} at {size}")
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_float64_at_every_size(name):
-    layer, weights, config = _layer(CONFIGS[name], dtype="float64")
-    for size in SIZES:
-        x = _input(_shape(size, config), "float64", seed=sum(size))
-        expected = reference.mhsa_forward(x, weights, **reference_config(config))
-        assert_float64_close(to_numpy(layer(x)), expected, what=f"{name} at {size}")
-
-
-@pytest.mark.parametrize("name", ["relative", "absolute", "sinusoidal"])
+@pytest.mark.parametrize("name", ENCODINGS)
 def test_mask_and_scores_at_another_size(name):
     """Masked keys, a fully masked item, and the scores (which include the
     position term) against the reference, at a size that is not the reference's."""
-    layer, weights, config = _layer(CONFIGS[name], dtype="float64")
-    x = _input(_shape((4, 6), config), "float64")
-    mask = np.ones((2, 4, 6), bool)
-    mask[0] = False
-    mask[1, :, -2:] = False
+    layer, weights, config = _layer(ENCODING_CONFIGS[name], dtype="float64")
+    x = random_input(_shape((4, 6), config), "float64")
+    mask = padded_mask(2, 4, 6)
     out, scores = layer(x, attention_mask=mask, return_attention_scores=True)
     ref_out, ref_scores = reference.mhsa_forward(
         x, weights, attention_mask=mask, return_attention_scores=True,
@@ -102,8 +82,8 @@ def test_mask_and_scores_at_another_size(name):
 def test_position_term_is_not_a_no_op(name):
     """Zeroing the tables changes the output (the term is really used), and
     the same layer with "none" equals the reference with zero tables."""
-    layer, weights, config = _layer(CONFIGS[name], dtype="float64")
-    x = _input(_shape((4, 6), config), "float64")
+    layer, weights, config = _layer(ENCODING_CONFIGS[name], dtype="float64")
+    x = random_input(_shape((4, 6), config), "float64")
     zeroed = {k: (np.zeros_like(v) if k.endswith(("_height", "_width")) else v)
               for k, v in weights.items()}
     before = to_numpy(layer(x))
@@ -117,32 +97,33 @@ def test_position_term_is_not_a_no_op(name):
 
 
 def test_sinusoidal_differs_from_none():
-    layer, weights, config = _layer(CONFIGS["sinusoidal"], dtype="float64")
-    x = _input(_shape((4, 6), config), "float64")
+    layer, weights, config = _layer(ENCODING_CONFIGS["sinusoidal"], dtype="float64")
+    x = random_input(_shape((4, 6), config), "float64")
     none = reference.mhsa_forward(x, weights, **{**reference_config(config),
                                                  "position_encoding": "none"})
     assert np.abs(to_numpy(layer(x)) - none).max() > 1e-2
 
 
 # ------------------------------------------------------ the ops themselves
+@pytest.mark.parametrize("length_is", ["int", "tensor"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("rows,length", [(9, 9), (9, 15), (9, 5), (9, 1), (13, 17),
                                          (1, 5), (4, 11)])
-def test_resize_table_matches_reference(rows, length, dtype):
-    """Static and dynamic (tensor) lengths; bit-identical at the same size."""
+def test_resize_table_matches_reference(rows, length, dtype, length_is):
+    """Static (int) and dynamic (tensor) lengths; bit-identical at the same size."""
     table = np.random.default_rng(rows + length).standard_normal((rows, 3)).astype(dtype)
     expected = reference.resize_table(table, length, np.dtype(dtype).type)
-    for n in (length, ops.convert_to_tensor(length, dtype="int32")):
-        out = to_numpy(position.resize_table(ops.convert_to_tensor(table), n))
-        assert out.dtype == np.dtype(dtype)
-        if rows == length:
-            np.testing.assert_array_equal(out, table)
-        # s = (t + 0.5) * rows / length - 0.5 may round differently (XLA turns
-        # the division into a multiplication): up to an ulp of `rows`, which f
-        # inherits and multiplies by |T[i+1] - T[i]| <= 2 max|T|; the products
-        # and the sum add a few ulps of max|T|. 8 eps rows max|T| bounds both.
-        tol = 8 * np.finfo(dtype).eps * rows * np.abs(table).max()
-        np.testing.assert_allclose(out, expected, rtol=0, atol=tol)
+    n = length if length_is == "int" else ops.convert_to_tensor(length, dtype="int32")
+    out = to_numpy(position.resize_table(ops.convert_to_tensor(table), n))
+    assert out.dtype == np.dtype(dtype)
+    if rows == length:
+        np.testing.assert_array_equal(out, table)
+    # s = (t + 0.5) * rows / length - 0.5 may round differently (XLA turns
+    # the division into a multiplication): up to an ulp of `rows`, which f
+    # inherits and multiplies by |T[i+1] - T[i]| <= 2 max|T|; the products
+    # and the sum add a few ulps of max|T|. 8 eps rows max|T| bounds both.
+    tol = 8 * np.finfo(dtype).eps * rows * np.abs(table).max()
+    np.testing.assert_allclose(out, expected, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -163,34 +144,7 @@ def test_sinusoidal_embedding_matches_reference(dtype):
                                    atol=1e-15 if dtype == "float64" else 1e-6)
 
 
-# ------------------------------------------------------- Keras conformance
-@pytest.mark.parametrize(
-    "init_kwargs,input_shape,n_trainable",
-    [
-        ({"position_encoding": "relative", "num_heads": 2}, (2, 5, 7, 16), 8),
-        ({"position_encoding": "absolute", "num_heads": 2, "use_bias": False},
-         (2, 4, 3, 16), 5),
-        ({"position_encoding": "sinusoidal", "num_heads": 2}, (2, 4, 3, 16), 6),
-        ({"position_encoding": "relative", "num_heads": 2, "position_size": (3, 3),
-          "data_format": "channels_first"}, (2, 8, 5, 4), 8),
-    ],
-    ids=["relative", "absolute-no-bias", "sinusoidal", "relative-channels_first"],
-)
-def test_layer_conformance(init_kwargs, input_shape, n_trainable):
-    """Config round trip, shapes, and a fit step that changes every weight
-    (the tables included: they receive gradients)."""
-    run_layer_test(init_kwargs, input_shape, expected_num_trainable_weights=n_trainable)
-
-
-def test_weight_shapes_and_order():
-    layer = MultiHeadSelfAttention2D(num_heads=4, key_dim=5, position_encoding="relative",
-                                     position_size=(6, 3))
-    layer.build((None, None, None, 16))
-    shapes = {w.name: tuple(w.shape) for w in layer.trainable_weights}
-    expected = reference.weight_shapes(16, 4, 5, "relative", position_size=(6, 3))
-    assert list(shapes.items()) == list(expected.items())
-
-
+# ------------------------------------------------------------ arguments
 def test_position_size_defaults_to_the_build_size_and_is_in_the_config():
     layer = MultiHeadSelfAttention2D(position_encoding="absolute", num_heads=2)
     assert layer.get_config()["position_size"] is None
@@ -200,7 +154,7 @@ def test_position_size_defaults_to_the_build_size_and_is_in_the_config():
     assert config["position_size"] == (6, 4)
     clone = MultiHeadSelfAttention2D.from_config(config)
     clone.build((None, None, None, 8))  # no size needed any more
-    assert tuple(clone.absolute_height.shape) == (6, 4)
+    assert clone.get_weight_dict()["absolute_height"].shape == (6, 4)
     # Non-learned encodings keep what they were given.
     assert MultiHeadSelfAttention2D(position_encoding="sinusoidal").position_size is None
 
@@ -216,7 +170,7 @@ def test_config_of_new_arguments_round_trips():
     clone = MultiHeadSelfAttention2D.from_config(config)
     assert clone.get_config() == config
     clone.build((None, None, None, 8))
-    assert np.all(to_numpy(clone.relative_height) == 0)
+    assert np.all(clone.get_weight_dict()["relative_height"] == 0)
 
 
 def test_default_table_initializer_is_botnets():
@@ -224,7 +178,7 @@ def test_default_table_initializer_is_botnets():
     layer = MultiHeadSelfAttention2D(num_heads=1, key_dim=64, position_encoding="relative",
                                      position_size=(40, 40))
     layer.build((None, None, None, 8))
-    table = to_numpy(layer.relative_height)
+    table = layer.get_weight_dict()["relative_height"]
     assert abs(table.std() - 1 / 8) < 0.01 and abs(table.mean()) < 0.01
 
 
@@ -238,20 +192,19 @@ def test_symbolic_unknown_size_with_position_size():
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-@pytest.mark.parametrize("name", ["relative", "absolute", "sinusoidal"])
+@pytest.mark.parametrize("name", ENCODINGS)
 def test_mixed_precision_matches_emulated_reference(name, policy):
     """Tables stay float32 (the position term is computed like the logits);
     the output is within 2x the error of the reference run with the same
     16-bit roundings, at a size other than the reference size."""
-    config = dict(CONFIGS[name])
-    _, weights, config = _layer(config)
+    _, weights, config = _layer(ENCODING_CONFIGS[name])
     mixed = MultiHeadSelfAttention2D(**config, dtype=policy)
     mixed.build((None, None, None, CHANNELS))
     mixed.set_weight_dict(weights)
     for w in mixed.trainable_weights:
         if w.name.endswith(("_height", "_width")):
             assert keras.backend.standardize_dtype(w.dtype) == "float32"
-    x = _input(_shape((6, 4), config))
+    x = random_input(_shape((6, 4), config))
     out = mixed(x)
     assert keras.backend.standardize_dtype(out.dtype) == policy.split("_")[1]
     out = to_numpy(ops.cast(out, "float32")).astype(np.float64)
@@ -266,17 +219,17 @@ def test_mixed_precision_matches_emulated_reference(name, policy):
 # Keras's torch trainer reads .grad of non-leaf tensors while dynamo traces it
 # (a warning from keras+torch internals, not from this layer).
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
-@pytest.mark.parametrize("name", ["relative", "absolute", "sinusoidal"])
+@pytest.mark.parametrize("name", ENCODINGS)
 def test_compiled_model_at_two_sizes(name):
     """jit_compile=True (XLA on TF and JAX, torch.compile on torch): the
     reference size and another through one compiled model, and a compiled
     training step at the other size."""
-    layer, weights, config = _layer(CONFIGS[name])
+    layer, weights, config = _layer(ENCODING_CONFIGS[name])
     inputs = keras.Input((None, None, CHANNELS))
     model = keras.Model(inputs, layer(inputs))
     model.compile(jit_compile=True, optimizer="sgd", loss="mse")
     for size in (REF_SIZE, (8, 3)):
-        x = _input(_shape(size, config), seed=size[1])
+        x = random_input(_shape(size, config), seed=size[1])
         assert_float32_within_budget(model.predict(x, verbose=0), x, weights, config,
                                      what=f"jit {size}")
     before = to_numpy(layer.trainable_weights[-1]).copy()
@@ -286,29 +239,29 @@ def test_compiled_model_at_two_sizes(name):
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow graphs only")
 @pytest.mark.parametrize("jit_compile", [False, True])
-@pytest.mark.parametrize("name", ["relative", "absolute", "sinusoidal"])
+@pytest.mark.parametrize("name", ENCODINGS)
 def test_tensorflow_graph_with_unknown_size(name, jit_compile):
     """One tf.function traced once with H and W unknown (None): the sizes are
     tensors inside the graph (the resize and the offsets are computed from
     them), then run at three sizes."""
     import tensorflow as tf
 
-    layer, weights, config = _layer(CONFIGS[name])
+    layer, weights, config = _layer(ENCODING_CONFIGS[name])
     spec = tf.TensorSpec([None, None, None, CHANNELS], tf.float32)
     fn = tf.function(lambda x: layer(x), input_signature=[spec], jit_compile=jit_compile)
     for size in (REF_SIZE, (8, 9), (3, 2)):
-        x = _input(_shape(size, config), seed=size[0])
+        x = random_input(_shape(size, config), seed=size[0])
         assert_float32_within_budget(fn(x).numpy(), x, weights, config,
                                      what=f"graph {size}")
     assert len(fn.get_concrete_function().graph.inputs) >= 1
     assert fn.experimental_get_tracing_count() == 1
 
 
-@pytest.mark.parametrize("name", ["relative", "absolute", "sinusoidal"])
+@pytest.mark.parametrize("name", ENCODINGS)
 def test_keras_round_trip_then_another_size(tmp_path, name):
     """Saved at the reference size, loaded (safe mode), run at another size:
     weights bit-identical, outputs equal to the original layer's."""
-    layer, weights, config = _layer(CONFIGS[name])
+    layer, weights, config = _layer(ENCODING_CONFIGS[name])
     inputs = keras.Input((None, None, CHANNELS))
     model = keras.Model(inputs, layer(inputs))
     path = tmp_path / f"{name}.keras"
@@ -317,6 +270,6 @@ def test_keras_round_trip_then_another_size(tmp_path, name):
     for a, b in zip(model.weights, loaded.weights):
         assert a.name == b.name
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
-    x = _input(_shape((7, 3), config))
+    x = random_input(_shape((7, 3), config))
     np.testing.assert_array_equal(to_numpy(model(x)), to_numpy(loaded(x)))
     assert_float32_within_budget(to_numpy(loaded(x)), x, weights, config)
