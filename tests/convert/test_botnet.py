@@ -10,10 +10,9 @@ import math
 
 import numpy as np
 import pytest
-import keras
 
 from harness import assert_float64_close, to_numpy
-from mhsa_core import MultiHeadSelfAttention2D, reference
+from mhsa_core import MultiHeadSelfAttention2D, convert, reference
 
 C, HEADS, KEY_DIM = 16, 4, 4
 SIZE = (5, 3)  # non-square: a transposed table would not even fit
@@ -159,26 +158,6 @@ def test_ports_agree_with_the_reference():
     np.testing.assert_allclose(official, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
 
 
-def test_botnet_configuration():
-    layer = MultiHeadSelfAttention2D.botnet(num_heads=4, position_size=(14, 14))
-    assert layer.num_heads == 4 and layer.position_size == (14, 14)
-    assert layer.activation is keras.activations.linear
-    assert layer.use_bias is False and layer.scale is None
-    assert layer.position_encoding == "relative" and layer.scale_position_logits is True
-    assert isinstance(layer.kernel_initializer, keras.initializers.LecunNormal)
-    layer.build((None, None, None, 64))
-    assert layer.scale_value == pytest.approx(1 / 4)
-    assert [w.name for w in layer.trainable_weights] == [
-        "query_kernel", "key_kernel", "value_kernel", "relative_height", "relative_width"]
-    # Overrides and other arguments pass through; the config is an ordinary one.
-    timm_like = MultiHeadSelfAttention2D.botnet(
-        num_heads=2, position_size=(7, 7), scale_position_logits=False, key_dim=8,
-        data_format="channels_first", name="mhsa")
-    config = timm_like.get_config()
-    assert config["scale_position_logits"] is False and config["key_dim"] == 8
-    assert MultiHeadSelfAttention2D.from_config(config).get_config() == config
-
-
 def test_botnet_weights_run_at_another_size():
     """Imported at (5, 3), run at (8, 6): the result is the reference's."""
     a = _arrays(seed=6)
@@ -191,3 +170,33 @@ def test_botnet_weights_run_at_another_size():
     expected = reference.mhsa_forward(x, weights, num_heads=HEADS, activation=None,
                                       scale=None, position_encoding="relative")
     assert_float64_close(to_numpy(layer(x)), expected)
+
+
+def test_from_official_is_the_documented_mapping():
+    """Kernels (C, heads, dim) -> (C, heads * dim); the tables as they are."""
+    a = _arrays(seed=8)
+    ours = convert.from_official(**a)
+    assert list(ours) == ["q_kernel", "k_kernel", "v_kernel", "rel_height", "rel_width"]
+    for name, theirs in zip(ours, ("wq", "wk", "wv")):
+        np.testing.assert_array_equal(ours[name], a[theirs].reshape(C, -1))
+    np.testing.assert_array_equal(ours["rel_height"], a["r_height"])
+    np.testing.assert_array_equal(ours["rel_width"], a["r_width"])
+
+
+@pytest.mark.parametrize("squeezed", [False, True], ids=["Cout_C_1_1", "Cout_C"])
+def test_from_timm_is_the_documented_mapping(squeezed):
+    """qkv rows [0, h*dqk) are q, then k, then v; each kernel is its block's
+    transpose, and a model loaded through from_timm is the timm port."""
+    a = _arrays(seed=9)
+    qkv = np.concatenate([a[n].reshape(C, -1).T for n in ("wq", "wk", "wv")])
+    ours = convert.from_timm(qkv if squeezed else qkv[:, :, None, None],
+                             a["r_height"], a["r_width"], num_heads=HEADS)
+    for name, theirs in zip(("q_kernel", "k_kernel", "v_kernel"), ("wq", "wk", "wv")):
+        np.testing.assert_array_equal(ours[name], a[theirs].reshape(C, -1))
+    layer = MultiHeadSelfAttention2D.botnet(num_heads=HEADS, scale_position_logits=False,
+                                            data_format="channels_first", dtype="float64")
+    layer.load_botnet_weights(**ours)
+    x = np.random.default_rng(10).standard_normal((1, C) + SIZE)
+    expected = _timm_forward(x, qkv[:, :, None, None], a["r_height"], a["r_width"], HEADS,
+                             scale_pos_embed=False)
+    assert_float64_close(to_numpy(layer(x)), expected, what="through from_timm")
