@@ -1,4 +1,4 @@
-"""`mhsa_core.gradients` on the current backend.
+"""`mhsa_core.consistency.gradients` on the current backend.
 
 One pytest process runs per Keras backend. Under tensorflow, torch and jax:
 
@@ -7,7 +7,7 @@ One pytest process runs per Keras backend. Under tensorflow, torch and jax:
    NumPy weights injected into both: forward, loss and the gradients of
    loss = sum(out * L) with respect to the input and every weight, in float64
    (1e-10 relative) and in float32 (a budget derived from the native's own
-   float32 error, see `_FLOAT32_FLOOR`).
+   float32 error, see `FLOAT32_FLOOR`).
 2. `gradients.value_and_grad` on the layer against central finite differences
    of the layer's own forward pass, float64, tiny case.
 3. `gradients.apply_optimizer_step`: SGD and Adam first steps against their
@@ -26,11 +26,20 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from harness import (
+    channels_of,
+    make_case,
+    max_abs,
+    random_mask,
+    reference_config,
+    spatial_of,
+    to_numpy,
+)
 
-from harness import make_case, to_numpy
-from mhsa_core import MultiHeadSelfAttention2D, gradients, reference
+from mhsa_core import MultiHeadSelfAttention2D, reference
+from mhsa_core.consistency import gradients
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "backends"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "backends"))
 
 BACKEND = keras.backend.backend()
 _NATIVE_MODULES = {
@@ -43,43 +52,52 @@ HAS_GRADIENTS = BACKEND in _NATIVE_MODULES
 # TF + torch in one process can segfault.
 NATIVE = importlib.import_module(_NATIVE_MODULES[BACKEND]) if HAS_GRADIENTS else None
 
-# name -> (layer config, input shape, mask kind). The default shape is the
-# "seed" size of this file: B=2, a 5x7 map, C=16.
+# The Keras 2 YOLOv4-MHSA block (the defaults of mhsa_core 0.1), for the
+# cases written for it; the others have the defaults, standard attention.
+YOLOV4_MHSA = reference.PRESETS["yolov4_mhsa"]
+
+# name -> (layer config, input shape, mask kind). The default shape of this
+# file: B=2, a 5x7 map, C=16.
 SHAPE = (2, 5, 7, 16)
 CASES = {
-    "seed": ({}, SHAPE, None),
-    "heads4_key_dim3": ({"num_heads": 4, "key_dim": 3}, SHAPE, None),
-    "linear_scale_none": ({"activation": None, "scale": None}, SHAPE, None),
-    "channels_first": ({"num_heads": 2, "data_format": "channels_first"},
+    "default": ({}, SHAPE, None),
+    "default_heads4_masked": ({"num_heads": 4}, SHAPE, "one_item_full"),
+    "yolov4_mhsa": (YOLOV4_MHSA, SHAPE, None),
+    "heads4_key_dim3": ({**YOLOV4_MHSA, "num_heads": 4, "key_dim": 3}, SHAPE, None),
+    "linear_scale_none": ({**YOLOV4_MHSA, "activation": None, "scale": None}, SHAPE, None),
+    "channels_first": ({**YOLOV4_MHSA, "num_heads": 2, "data_format": "channels_first"},
                        (2, 16, 5, 7), None),
-    "mask_one_item_full": ({"num_heads": 2}, SHAPE, "one_item_full"),
+    "mask_one_item_full": ({**YOLOV4_MHSA, "num_heads": 2}, SHAPE, "one_item_full"),
     # Position encodings: tables at another size (resized up in one axis and
     # down in the other), at the input's own size, and the fixed embedding.
-    "relative_resized": ({"num_heads": 2, "position_encoding": "relative",
+    "relative_resized": ({**YOLOV4_MHSA, "num_heads": 2, "position_encoding": "relative",
                           "position_size": (3, 9)}, SHAPE, None),
-    "relative_unscaled_pos_masked": ({"num_heads": 2, "position_encoding": "relative",
-                                      "scale": None, "scale_position_logits": False},
+    "relative_unscaled_pos_masked": ({**YOLOV4_MHSA, "num_heads": 2,
+                                      "position_encoding": "relative", "scale": None,
+                                      "scale_position_logits": False},
                                      SHAPE, "one_item_full"),
-    "absolute_resized": ({"num_heads": 2, "position_encoding": "absolute",
+    "absolute_resized": ({**YOLOV4_MHSA, "num_heads": 2, "position_encoding": "absolute",
                           "position_size": (8, 4)}, SHAPE, None),
-    "sinusoidal": ({"num_heads": 2, "position_encoding": "sinusoidal"}, SHAPE, None),
+    "sinusoidal": ({**YOLOV4_MHSA, "num_heads": 2, "position_encoding": "sinusoidal"},
+                   SHAPE, None),
 }
 
 
 def _weight_names(config, shape):
     """The canonical weight names of a case (its position encoding decides)."""
     data_format = config.get("data_format", "channels_last")
-    channels = shape[1] if data_format == "channels_first" else shape[-1]
     size = config.get("position_size")
     if size is None and config.get("position_encoding") in ("relative", "absolute"):
-        size = shape[2:4] if data_format == "channels_first" else shape[1:3]
-    return set(reference.weight_shapes(
-        channels, config.get("num_heads", 1), config.get("key_dim"),
-        config.get("position_encoding", "conv"), config.get("use_bias", True), size))
+        size = spatial_of(shape, data_format)
+    # The weight-shape arguments the case gives; the others keep the defaults.
+    shape_args = {k: config[k] for k in ("num_heads", "key_dim", "position_encoding",
+                                         "use_bias") if k in config}
+    return set(reference.weight_shapes(channels_of(shape, data_format), **shape_args,
+                                       position_size=size))
 
 # float32 gradient budget, per gradient array g (the input's or a weight's):
 #
-#     max|g32 - g64| <= 2 * max|g_native32 - g64| + _FLOAT32_FLOOR * G,
+#     max|g32 - g64| <= 2 * max|g_native32 - g64| + FLOAT32_FLOOR * G,
 #     G = the largest |entry| of all float64 gradient arrays together.
 #
 # "2x the native float32 error" alone (the README's forward policy) is not a
@@ -100,24 +118,8 @@ def _weight_names(config, shape):
 # ulps of the largest entry. Measured on those 75 cases, worst error / budget:
 # 0.88 (JAX), 0.62 (torch), 0.45 (TF); on this file's cases see the report in
 # the failure message. The floor is a property of float32, not tuned per case.
-_FLOAT32_FLOOR = 1e-6
-_FLOAT64_RTOL = 1e-10
-
-
-def _mask(kind, shape, data_format):
-    if kind is None:
-        return None
-    batch = shape[0]
-    height, width = (shape[2], shape[3]) if data_format == "channels_first" else shape[1:3]
-    mask = np.random.default_rng(10).random((batch, height, width)) < 0.6
-    mask[:, 0, 0] = True
-    if kind == "one_item_full":
-        mask[0] = False  # batch item 0: every key masked
-    return mask
-
-
-def _max_abs(a):
-    return float(np.max(np.abs(a)))
+FLOAT32_FLOOR = reference.FLOOR
+FLOAT64_RTOL = reference.FLOAT64_RTOL
 
 
 def _grad_dict(layer, input_grads, weight_grads):
@@ -128,7 +130,7 @@ def _grad_dict(layer, input_grads, weight_grads):
     return grads
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _results(name, dtype):
     """Layer and native results of a case in `dtype` (computed once per process).
 
@@ -140,7 +142,10 @@ def _results(name, dtype):
     config, shape, mask_kind = CASES[name]
     keras.utils.clear_session()
     layer, x, weights = make_case(config, shape, dtype=dtype)
-    mask = _mask(mask_kind, shape, config.get("data_format", "channels_last"))
+    mask = None
+    if mask_kind == "one_item_full":  # batch item 0 has every key masked
+        height, width = spatial_of(shape, config.get("data_format", "channels_last"))
+        mask = random_mask(shape[0], height, width, seed=10, fully_masked_item=True)
     loss_weights = gradients.loss_weights(shape, seed=0)
     inputs = x if mask is None else [x, mask]
     loss, input_grads, weight_grads = gradients.value_and_grad(layer, inputs, loss_weights)
@@ -148,14 +153,18 @@ def _results(name, dtype):
     if mask is not None:
         assert input_grads[1] is None  # the bool mask gets no gradient
     mine = {"loss": loss, "grads": _grad_dict(layer, input_grads, weight_grads)}
+    # The native takes the block's config (no initializer; use_bias and the
+    # tables' size it reads off the weights).
+    native_config = reference_config(config)
     native_loss, native_gx, native_gw = NATIVE.value_and_grad(
-        x, weights, loss_weights, attention_mask=mask, dtype=dtype, **config)
+        x, weights, loss_weights, attention_mask=mask, dtype=dtype, **native_config)
     theirs = {"loss": float(native_loss), "grads": {"x": native_gx, **native_gw}}
     if dtype == "float64":
         out = layer(x) if mask is None else layer(x, attention_mask=mask)
         mine["out"] = to_numpy(out)
         mine["abs_loss"] = float(np.sum(np.abs(mine["out"] * loss_weights)))
-        theirs["out"] = NATIVE.forward(x, weights, attention_mask=mask, dtype=dtype, **config)
+        theirs["out"] = NATIVE.forward(x, weights, attention_mask=mask, dtype=dtype,
+                                       **native_config)
         if mask is not None:
             # Same shapes (no new compilation on JAX): item 0's input changed.
             changed = x.copy()
@@ -172,32 +181,32 @@ class TestLayerVsNative:
     @pytest.mark.parametrize("name", list(CASES))
     def test_float64(self, name):
         mine, native, mask = _results(name, "float64")
-        out_scale = _max_abs(native["out"])
+        out_scale = max_abs(native["out"])
         assert mine["out"].dtype == np.float64
-        assert _max_abs(mine["out"] - native["out"]) <= _FLOAT64_RTOL * out_scale
+        assert max_abs(mine["out"] - native["out"]) <= FLOAT64_RTOL * out_scale
         # The loss is a sum with cancellation: relative to the sum of |terms|.
-        assert abs(mine["loss"] - native["loss"]) <= _FLOAT64_RTOL * mine["abs_loss"], (
+        assert abs(mine["loss"] - native["loss"]) <= FLOAT64_RTOL * mine["abs_loss"], (
             mine["loss"], native["loss"])
 
         grads, native_grads = mine["grads"], native["grads"]
         assert set(grads) == set(native_grads) == {"x", *_weight_names(*CASES[name][:2])}
         # Relative to the largest entry of all gradient arrays: some are exactly
         # zero analytically (key_bias below), their computed value is rounding.
-        scale = max(_max_abs(g) for g in native_grads.values())
+        scale = max(max_abs(g) for g in native_grads.values())
         for key, expected in native_grads.items():
             grad = grads[key]
             assert grad.dtype == np.float64 and grad.shape == expected.shape, key
             assert np.all(np.isfinite(grad)), key
-            err = _max_abs(grad - expected)
-            assert err <= _FLOAT64_RTOL * scale, (
+            err = max_abs(grad - expected)
+            assert err <= FLOAT64_RTOL * scale, (
                 f"{BACKEND} {name} d loss / d {key}: error {err:.3e} > "
-                f"{_FLOAT64_RTOL:g} x largest gradient entry {scale:.3e}")
+                f"{FLOAT64_RTOL:g} x largest gradient entry {scale:.3e}")
 
         config = CASES[name][0]
-        if config.get("activation", "relu") is None:
+        if config.get("activation") is None and "key_bias" in grads:
             # Linear k: the key bias adds q . b_k to a whole softmax row, which
             # the softmax ignores: its exact gradient is 0.
-            assert _max_abs(grads["key_bias"]) <= 1e-12 * scale
+            assert max_abs(grads["key_bias"]) <= 1e-12 * scale
         if mask is not None:
             self._check_fully_masked_item(mine, mask, scale)
 
@@ -214,29 +223,29 @@ class TestLayerVsNative:
         assert not mask[0].any()
         assert np.all(mine["out"][0] == 0)
         assert np.all(mine["grads"]["x"][0] == 0), "masked item: input gradient not 0"
-        assert _max_abs(mine["grads"]["x"][1]) > 0
+        assert max_abs(mine["grads"]["x"][1]) > 0
         changed_loss, changed = mine["item0_changed"]
-        assert abs(changed_loss - mine["loss"]) <= _FLOAT64_RTOL * mine["abs_loss"]
+        assert abs(changed_loss - mine["loss"]) <= FLOAT64_RTOL * mine["abs_loss"]
         assert np.all(changed["x"][0] == 0)
         for key, grad in changed.items():
-            err = _max_abs(grad - mine["grads"][key])
-            assert err <= _FLOAT64_RTOL * scale, f"item 0's input changed d loss / d {key}"
+            err = max_abs(grad - mine["grads"][key])
+            assert err <= FLOAT64_RTOL * scale, f"item 0's input changed d loss / d {key}"
 
     @pytest.mark.parametrize("name", list(CASES))
     def test_float32(self, name):
         mine, native, mask = _results(name, "float32")
         _, native64, _ = _results(name, "float64")
         g64 = native64["grads"]
-        scale = max(_max_abs(g) for g in g64.values())
+        scale = max(max_abs(g) for g in g64.values())
         report = []
         failures = []
         for key, exact in g64.items():
             grad, native_grad = mine["grads"][key], native["grads"][key]
             assert grad.dtype == np.float32 and grad.shape == exact.shape, key
             assert np.all(np.isfinite(grad)), key
-            err = _max_abs(grad.astype(np.float64) - exact)
-            native_err = _max_abs(native_grad.astype(np.float64) - exact)
-            budget = 2.0 * native_err + _FLOAT32_FLOOR * scale
+            err = max_abs(grad.astype(np.float64) - exact)
+            native_err = max_abs(native_grad.astype(np.float64) - exact)
+            budget = 2.0 * native_err + FLOAT32_FLOOR * scale
             report.append(f"{key}: {err / scale:.2e} vs native {native_err / scale:.2e} "
                           f"(ratio {err / max(native_err, 1e-300):.2f}, "
                           f"of budget {err / budget:.2f})")
@@ -250,8 +259,12 @@ class TestLayerVsNative:
 
 
 def _tiny_layer(config=None, seed=7):
-    """float64 layer on a (1, 2, 3, 4) map (B=1, 2x3, C=4), its input and L."""
-    config = {"num_heads": 2, "scale": None} if config is None else config
+    """float64 layer on a (1, 2, 3, 4) map (B=1, 2x3, C=4), its input and L.
+
+    By default the YOLOv4-MHSA block with 2 heads and scale 1/sqrt(key_dim).
+    """
+    if config is None:
+        config = {**YOLOV4_MHSA, "num_heads": 2, "scale": None}
     shape = (1, 2, 3, 4)
     layer, x, weights = make_case(config, shape, seed=seed, dtype="float64")
     return layer, x, weights, gradients.loss_weights(shape, seed=seed)
@@ -261,14 +274,15 @@ class TestFiniteDifferences:
     __test__ = HAS_GRADIENTS
 
     @pytest.mark.parametrize("config", [
+        {"num_heads": 2},
         None,
         # Tables of another size than the 2x3 map: resized in the graph.
-        {"num_heads": 2, "scale": None, "position_encoding": "relative",
+        {**YOLOV4_MHSA, "num_heads": 2, "scale": None, "position_encoding": "relative",
          "position_size": (3, 2)},
-        {"num_heads": 1, "scale": 0.5, "position_encoding": "absolute",
+        {**YOLOV4_MHSA, "num_heads": 1, "scale": 0.5, "position_encoding": "absolute",
          "position_size": (1, 4), "scale_position_logits": False},
-        {"num_heads": 2, "position_encoding": "sinusoidal"},
-    ], ids=["seed", "relative", "absolute", "sinusoidal"])
+        {**YOLOV4_MHSA, "num_heads": 2, "position_encoding": "sinusoidal"},
+    ], ids=["default", "yolov4_mhsa", "relative", "absolute", "sinusoidal"])
     def test_central_differences(self, config):
         layer, x, weights, loss_weights = _tiny_layer(config)
         loss, input_grads, weight_grads = gradients.value_and_grad(layer, x, loss_weights)
@@ -290,7 +304,7 @@ class TestFiniteDifferences:
                         for i in rng.choice(value.size, 2, replace=False)]
 
         step = 1e-6
-        scale = max(_max_abs(g) for g in grads.values())
+        scale = max(max_abs(g) for g in grads.values())
         for name, index in entries:
             def perturbed(delta, name=name, index=index):
                 arrays = {"x": x, **weights}
@@ -423,9 +437,9 @@ class TestOptimizerStep:
     def _assert_step(before, after, expected, what):
         """Each array: max|new - expected| <= 1e-12 * max|expected step|."""
         for w, new, exp in zip(before, after, expected):
-            step = _max_abs(exp - w)
+            step = max_abs(exp - w)
             assert step > 0
-            err = _max_abs(new - exp)
+            err = max_abs(new - exp)
             assert err <= 1e-12 * step, f"{BACKEND} {what}: error {err / step:.3e} of the step"
 
     def test_sgd(self):
