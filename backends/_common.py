@@ -10,8 +10,8 @@ from the NumPy reference, never written again:
 - the config's defaults: those of `mhsa_core.reference.mhsa_forward` (the
   layer's); the natives' signatures spell them out, tests/backends checks
   that they agree;
-- the argument rules (`check_config` -> `BlockConfig`, `check_weights`) and how the NumPy helpers complete a config from the
-  weights (`numpy_config`).
+- the argument rules (`check_config` -> `BlockConfig`, `check_weights`) and
+  how the NumPy helpers complete a config from the weights (`numpy_config`).
 
 Imports NumPy and `mhsa_core.reference` only (no framework, no Keras).
 """

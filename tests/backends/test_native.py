@@ -41,6 +41,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from cases import yolov4_mhsa
 from harness import assert_float64_close, max_abs, padded_mask, random_mask
 
 from mhsa_core import reference
@@ -60,60 +61,49 @@ NATIVE = (importlib.import_module(_NATIVE_MODULES[BACKEND])
           if BACKEND in _NATIVE_MODULES else None)
 
 
-def yolov4(**overrides):
-    """The Keras 2 YOLOv4-MHSA block's config with `overrides`, for a native.
-
-    `reference.PRESETS["yolov4_mhsa"]` without `kernel_initializer` (a native
-    takes weights, not initializers).
-    """
-    config = schema.preset("yolov4_mhsa", **overrides)
-    del config["kernel_initializer"]
-    return config
-
-
 # name -> config. "mask" selects an attention mask (`MASKS`); "use_bias",
 # "position_size" and the weight-shape arguments go to `random_weights`; the
 # rest is the block's config, passed to both the reference and the native.
 # The cases written for the YOLOv4-MHSA block (the defaults of mhsa_core 0.1)
-# say so with `yolov4(...)`; the others have the defaults, standard attention.
+# say so with `yolov4_mhsa(...)`; the others have the defaults, standard attention.
 CASES = {
     "default": {},
     "default_heads4_padded": {"num_heads": 4, "key_dim": 6, "mask": "padded"},
-    "yolov4_mhsa": yolov4(),
-    "heads2": yolov4(num_heads=2),
-    "heads8": yolov4(num_heads=8),
-    "key_dim": yolov4(num_heads=4, key_dim=5),
-    "linear_scale_none": yolov4(num_heads=2, activation=None, scale=None),
-    "position_none": yolov4(num_heads=2, position_encoding="none"),
-    "no_bias": yolov4(num_heads=2, use_bias=False),
-    "channels_first": yolov4(num_heads=2, data_format="channels_first"),
-    "mask_one_item_full": yolov4(num_heads=2, mask="one_item_full"),
-    "mask_partial": yolov4(num_heads=2, mask="partial"),
-    "mask_padded": yolov4(num_heads=2, mask="padded"),
-    "combined": yolov4(num_heads=4, key_dim=3, scale=None, use_bias=False,
+    "yolov4_mhsa": yolov4_mhsa(),
+    "heads2": yolov4_mhsa(num_heads=2),
+    "heads8": yolov4_mhsa(num_heads=8),
+    "key_dim": yolov4_mhsa(num_heads=4, key_dim=5),
+    "linear_scale_none": yolov4_mhsa(num_heads=2, activation=None, scale=None),
+    "position_none": yolov4_mhsa(num_heads=2, position_encoding="none"),
+    "no_bias": yolov4_mhsa(num_heads=2, use_bias=False),
+    "channels_first": yolov4_mhsa(num_heads=2, data_format="channels_first"),
+    "mask_one_item_full": yolov4_mhsa(num_heads=2, mask="one_item_full"),
+    "mask_partial": yolov4_mhsa(num_heads=2, mask="partial"),
+    "mask_padded": yolov4_mhsa(num_heads=2, mask="padded"),
+    "combined": yolov4_mhsa(num_heads=4, key_dim=3, scale=None, use_bias=False,
                        data_format="channels_first", mask="one_item_full"),
     # Every activation of the reference, on the default block.
     **{f"activation_{name}": {"num_heads": 2, "activation": name} for name in ACTIVATIONS},
     # Position encodings. key_dim != C / heads = 32 / heads throughout; the
     # cases without scale_position_logits use a scale != 1 (with scale 1 the
     # two conventions coincide).
-    "relative": yolov4(num_heads=4, key_dim=6, position_encoding="relative"),
-    "relative_unscaled_cf_masked": yolov4(
+    "relative": yolov4_mhsa(num_heads=4, key_dim=6, position_encoding="relative"),
+    "relative_unscaled_cf_masked": yolov4_mhsa(
         num_heads=2, key_dim=5, position_encoding="relative", scale=None,
         scale_position_logits=False, data_format="channels_first", mask="one_item_full"),
-    "relative_linear_partial": yolov4(
+    "relative_linear_partial": yolov4_mhsa(
         num_heads=8, key_dim=3, position_encoding="relative", activation=None,
         scale=0.3, use_bias=False, mask="partial"),
     "relative_default": {"num_heads": 4, "key_dim": 6, "position_encoding": "relative"},
-    "absolute": yolov4(num_heads=2, key_dim=12, position_encoding="absolute", scale=None),
-    "absolute_unscaled_partial": yolov4(
+    "absolute": yolov4_mhsa(num_heads=2, key_dim=12, position_encoding="absolute", scale=None),
+    "absolute_unscaled_partial": yolov4_mhsa(
         num_heads=4, key_dim=3, position_encoding="absolute", scale=0.5,
         scale_position_logits=False, use_bias=False, mask="partial"),
-    "absolute_cf_masked": yolov4(
+    "absolute_cf_masked": yolov4_mhsa(
         num_heads=4, key_dim=10, position_encoding="absolute", scale=None,
         data_format="channels_first", mask="one_item_full"),
-    "sinusoidal": yolov4(num_heads=2, key_dim=4, position_encoding="sinusoidal"),
-    "sinusoidal_cf_partial": yolov4(
+    "sinusoidal": yolov4_mhsa(num_heads=2, key_dim=4, position_encoding="sinusoidal"),
+    "sinusoidal_cf_partial": yolov4_mhsa(
         num_heads=4, key_dim=5, position_encoding="sinusoidal", scale=None,
         activation="gelu", data_format="channels_first", mask="partial"),
 }
@@ -154,26 +144,26 @@ FORWARD_PARAMS = ([pytest.param(name, "ref", id=name)
 TINY_SHAPE = (2, 2, 3, 4)
 GRAD_CASES = {
     "default": {"num_heads": 2},
-    "yolov4_mhsa": yolov4(num_heads=2),
-    "key_dim_linear": yolov4(num_heads=2, key_dim=3, activation=None, scale=None,
+    "yolov4_mhsa": yolov4_mhsa(num_heads=2),
+    "key_dim_linear": yolov4_mhsa(num_heads=2, key_dim=3, activation=None, scale=None,
                              data_format="channels_first"),
-    "masked_no_position": yolov4(num_heads=2, position_encoding="none", use_bias=False,
+    "masked_no_position": yolov4_mhsa(num_heads=2, position_encoding="none", use_bias=False,
                                  mask="one_item_full"),
-    "masked": yolov4(num_heads=2, mask="partial"),
+    "masked": yolov4_mhsa(num_heads=2, mask="partial"),
     # Learned tables at a reference size other than the 2x3 map: (3, 2)
     # resizes the height tables down and the width tables up; at (2, 3) they
     # are used as they are.
-    "relative_resized": yolov4(num_heads=2, position_encoding="relative", scale=None,
+    "relative_resized": yolov4_mhsa(num_heads=2, position_encoding="relative", scale=None,
                                position_size=(3, 2), mask="partial"),
-    "relative_unscaled": yolov4(num_heads=2, key_dim=3, position_encoding="relative",
+    "relative_unscaled": yolov4_mhsa(num_heads=2, key_dim=3, position_encoding="relative",
                                 scale=0.5, scale_position_logits=False,
                                 data_format="channels_first", mask="one_item_full"),
-    "absolute_resized": yolov4(num_heads=2, key_dim=3, position_encoding="absolute",
+    "absolute_resized": yolov4_mhsa(num_heads=2, key_dim=3, position_encoding="absolute",
                                scale=0.5, scale_position_logits=False,
                                position_size=(3, 2), activation=None),
-    "absolute": yolov4(num_heads=2, position_encoding="absolute", use_bias=False,
+    "absolute": yolov4_mhsa(num_heads=2, position_encoding="absolute", use_bias=False,
                        mask="partial"),
-    "sinusoidal": yolov4(num_heads=2, key_dim=3, position_encoding="sinusoidal",
+    "sinusoidal": yolov4_mhsa(num_heads=2, key_dim=3, position_encoding="sinusoidal",
                          scale=None),
 }
 
@@ -185,6 +175,7 @@ def _setup(case, shape, seed=0, position_size=None):
     case's "position_size", or by default the map size of `shape`.
     """
     case = dict(case)
+    case.pop("kernel_initializer", None)  # a native takes weights, not initializers
     mask_kind = case.pop("mask", None)
     use_bias = case.pop("use_bias", True)
     batch, height, width, channels = shape
@@ -222,8 +213,8 @@ MISMATCHED_WEIGHTS = {
 
 # Missing, unexpected or wrongly shaped position tables.
 # id -> (case, edit of its well-formed weight dict, extra call arguments)
-RELATIVE_TINY = yolov4(num_heads=2, position_encoding="relative", position_size=(3, 2))
-ABSOLUTE_TINY = yolov4(num_heads=2, position_encoding="absolute")
+RELATIVE_TINY = yolov4_mhsa(num_heads=2, position_encoding="relative", position_size=(3, 2))
+ABSOLUTE_TINY = yolov4_mhsa(num_heads=2, position_encoding="absolute")
 MISMATCHED_TABLES = {
     "relative_missing_table": (RELATIVE_TINY, lambda w: _without(w, "relative_width"), {}),
     "relative_extra_absolute_table": (
@@ -236,7 +227,7 @@ MISMATCHED_TABLES = {
     "relative_position_size_disagrees": (RELATIVE_TINY, lambda w: w, {"position_size": (2, 3)}),
     # Tables where the encoding has none.
     "conv_with_relative_tables": (
-        yolov4(num_heads=2),
+        yolov4_mhsa(num_heads=2),
         lambda w: {**w, **{name: np.zeros(shape) for name, shape in schema.table_shapes(
             "relative", (3, 2), TINY_SHAPE[-1] // 2).items()}},
         {}),
@@ -370,7 +361,7 @@ class TestNative:
     @pytest.mark.parametrize("edit, extra", MISMATCHED_WEIGHTS.values(),
                              ids=MISMATCHED_WEIGHTS.keys())
     def test_rejects_mismatched_weights(self, edit, extra):
-        x, weights, _, config = _setup(yolov4(num_heads=2), TINY_SHAPE)
+        x, weights, _, config = _setup(yolov4_mhsa(num_heads=2), TINY_SHAPE)
         NATIVE.forward(x, weights, **config)  # the well-formed dict runs
         with pytest.raises(ValueError):
             NATIVE.forward(x, edit(weights), **config, **extra)

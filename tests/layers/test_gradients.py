@@ -26,6 +26,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from cases import YOLOV4_MHSA, yolov4_mhsa
 from harness import (
     channels_of,
     make_case,
@@ -52,33 +53,30 @@ HAS_GRADIENTS = BACKEND in _NATIVE_MODULES
 # TF + torch in one process can segfault.
 NATIVE = importlib.import_module(_NATIVE_MODULES[BACKEND]) if HAS_GRADIENTS else None
 
-# The Keras 2 YOLOv4-MHSA block (the defaults of mhsa_core 0.1), for the
-# cases written for it; the others have the defaults, standard attention.
-YOLOV4_MHSA = reference.PRESETS["yolov4_mhsa"]
-
 # name -> (layer config, input shape, mask kind). The default shape of this
-# file: B=2, a 5x7 map, C=16.
+# file: B=2, a 5x7 map, C=16. The cases written for the YOLOv4-MHSA block
+# (the defaults of mhsa_core 0.1) say so; the others have the defaults,
+# standard attention.
 SHAPE = (2, 5, 7, 16)
 CASES = {
     "default": ({}, SHAPE, None),
     "default_heads4_masked": ({"num_heads": 4}, SHAPE, "one_item_full"),
     "yolov4_mhsa": (YOLOV4_MHSA, SHAPE, None),
-    "heads4_key_dim3": ({**YOLOV4_MHSA, "num_heads": 4, "key_dim": 3}, SHAPE, None),
-    "linear_scale_none": ({**YOLOV4_MHSA, "activation": None, "scale": None}, SHAPE, None),
-    "channels_first": ({**YOLOV4_MHSA, "num_heads": 2, "data_format": "channels_first"},
+    "heads4_key_dim3": (yolov4_mhsa(num_heads=4, key_dim=3), SHAPE, None),
+    "linear_scale_none": (yolov4_mhsa(activation=None, scale=None), SHAPE, None),
+    "channels_first": (yolov4_mhsa(num_heads=2, data_format="channels_first"),
                        (2, 16, 5, 7), None),
-    "mask_one_item_full": ({**YOLOV4_MHSA, "num_heads": 2}, SHAPE, "one_item_full"),
+    "mask_one_item_full": (yolov4_mhsa(num_heads=2), SHAPE, "one_item_full"),
     # Position encodings: tables at another size (resized up in one axis and
     # down in the other), at the input's own size, and the fixed embedding.
-    "relative_resized": ({**YOLOV4_MHSA, "num_heads": 2, "position_encoding": "relative",
-                          "position_size": (3, 9)}, SHAPE, None),
-    "relative_unscaled_pos_masked": ({**YOLOV4_MHSA, "num_heads": 2,
-                                      "position_encoding": "relative", "scale": None,
-                                      "scale_position_logits": False},
+    "relative_resized": (yolov4_mhsa(num_heads=2, position_encoding="relative",
+                                     position_size=(3, 9)), SHAPE, None),
+    "relative_unscaled_pos_masked": (yolov4_mhsa(num_heads=2, position_encoding="relative",
+                                                 scale=None, scale_position_logits=False),
                                      SHAPE, "one_item_full"),
-    "absolute_resized": ({**YOLOV4_MHSA, "num_heads": 2, "position_encoding": "absolute",
-                          "position_size": (8, 4)}, SHAPE, None),
-    "sinusoidal": ({**YOLOV4_MHSA, "num_heads": 2, "position_encoding": "sinusoidal"},
+    "absolute_resized": (yolov4_mhsa(num_heads=2, position_encoding="absolute",
+                                     position_size=(8, 4)), SHAPE, None),
+    "sinusoidal": (yolov4_mhsa(num_heads=2, position_encoding="sinusoidal"),
                    SHAPE, None),
 }
 
@@ -264,7 +262,7 @@ def _tiny_layer(config=None, seed=7):
     By default the YOLOv4-MHSA block with 2 heads and scale 1/sqrt(key_dim).
     """
     if config is None:
-        config = {**YOLOV4_MHSA, "num_heads": 2, "scale": None}
+        config = yolov4_mhsa(num_heads=2, scale=None)
     shape = (1, 2, 3, 4)
     layer, x, weights = make_case(config, shape, seed=seed, dtype="float64")
     return layer, x, weights, gradients.loss_weights(shape, seed=seed)
@@ -277,11 +275,11 @@ class TestFiniteDifferences:
         {"num_heads": 2},
         None,
         # Tables of another size than the 2x3 map: resized in the graph.
-        {**YOLOV4_MHSA, "num_heads": 2, "scale": None, "position_encoding": "relative",
-         "position_size": (3, 2)},
-        {**YOLOV4_MHSA, "num_heads": 1, "scale": 0.5, "position_encoding": "absolute",
-         "position_size": (1, 4), "scale_position_logits": False},
-        {**YOLOV4_MHSA, "num_heads": 2, "position_encoding": "sinusoidal"},
+        yolov4_mhsa(num_heads=2, scale=None, position_encoding="relative",
+                    position_size=(3, 2)),
+        yolov4_mhsa(num_heads=1, scale=0.5, position_encoding="absolute",
+                    position_size=(1, 4), scale_position_logits=False),
+        yolov4_mhsa(num_heads=2, position_encoding="sinusoidal"),
     ], ids=["default", "yolov4_mhsa", "relative", "absolute", "sinusoidal"])
     def test_central_differences(self, config):
         layer, x, weights, loss_weights = _tiny_layer(config)
