@@ -1,0 +1,154 @@
+"""Property-based tests: random layer configurations against the float64 reference.
+
+Hypothesis draws a configuration (`configs()`): heads, key_dim, every position
+encoding (learned tables at a reference size drawn independently of the input,
+so they are resized up and down), data format, activation, scale,
+scale_position_logits, use_bias, an attention mask (none, random, with fully
+masked items), spatial sizes down to 1xN and Nx1, and the batch. Weights come
+from `reference.random_weights` (`harness.make_case` injects them).
+
+Runs are reproducible (`derandomize=True`) and keep no example database
+(`database=None`). Sizes are drawn from small sets on purpose: JAX compiles
+each op for each new shape, so the number of distinct shapes bounds the time.
+"""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from harness import (
+    assert_float32_within_budget,
+    assert_float64_close,
+    make_case,
+    reference_config,
+    to_numpy,
+)
+from mhsa_core import reference
+from mhsa_core.reference import schema
+
+ACTIVATIONS = (None, "relu", "gelu", "tanh", "sigmoid", "silu")
+# (batch, height, width, num_heads, head_dim, key_dim); C = num_heads * head_dim.
+# A short table, not free draws: JAX compiles every op for every new shape
+# (~80 compilations, 2-6 s, per new geometry and dtype on this 2-core machine),
+# so the number of geometries bounds the time. Together they cover batch 1..3,
+# H and W 1..6 (1x1, 1xN, Nx1), 1..4 heads, key_dim None or below or above
+# C // heads, C a multiple of 4 (sinusoidal) or not. The rest of a
+# configuration (encoding, position_size, activation, data format, scale,
+# bias, mask) is drawn freely.
+GEOMETRIES = (
+    (1, 1, 1, 1, 4, None),  # 1x1: a single token
+    (2, 1, 6, 2, 2, 3),  # 1xN, key_dim above C // heads
+    (3, 6, 1, 4, 1, None),  # Nx1, 4 heads of 1 channel
+    (2, 4, 5, 3, 1, None),  # C = 3: not a multiple of 4, 3 heads
+    (1, 6, 5, 4, 2, 1),  # the largest grid, key_dim below C // heads
+)
+# Reference sizes of learned tables, drawn independently of H and W: the tables
+# are resized up, down or not at all.
+POSITION_SIZES = (1, 3, 6)
+# The initial weights are replaced by `make_case`; zeros spare JAX compiling a
+# random initializer for every new weight shape.
+ZERO_INITIALIZERS = {"kernel_initializer": "zeros", "bias_initializer": "zeros",
+                     "position_initializer": "zeros"}
+
+
+def _settings(max_examples):
+    return settings(max_examples=max_examples, deadline=None, derandomize=True,
+                    database=None)
+
+
+@st.composite
+def configs(draw):
+    """(layer config, input shape, attention mask or None)."""
+    encoding = draw(st.sampled_from(schema.POSITION_ENCODINGS))
+    multiple = schema.ENCODINGS[encoding].channels_multiple
+    batch, height, width, num_heads, head_dim, key_dim = draw(st.sampled_from(
+        [g for g in GEOMETRIES if (g[3] * g[4]) % multiple == 0]))
+    channels = num_heads * head_dim
+    config = {
+        "num_heads": num_heads,
+        "key_dim": key_dim,
+        "position_encoding": encoding,
+        "data_format": draw(st.sampled_from(("channels_last", "channels_first"))),
+        "activation": draw(st.sampled_from(ACTIVATIONS)),
+        "scale": draw(st.none() | st.floats(0.05, 4.0)),
+        "scale_position_logits": draw(st.booleans()),
+        "use_bias": draw(st.booleans()),
+        **ZERO_INITIALIZERS,
+    }
+    if schema.ENCODINGS[encoding].learned_tables:
+        config["position_size"] = (draw(st.sampled_from(POSITION_SIZES)),
+                                   draw(st.sampled_from(POSITION_SIZES)))
+    if config["data_format"] == "channels_first":
+        shape = (batch, channels, height, width)
+    else:
+        shape = (batch, height, width, channels)
+
+    mask_kind = draw(st.sampled_from(("none", "random", "fully_masked_item")))
+    mask = None
+    if mask_kind != "none":
+        mask = draw(hnp.arrays(bool, (batch, height, width)))
+        if mask_kind == "fully_masked_item":
+            mask[draw(st.integers(0, batch - 1))] = False
+    return config, shape, mask
+
+
+def _run(config, shape, mask, seed, dtype):
+    """The layer's output and scores (NumPy), its input and its weights."""
+    layer, x, weights = make_case(config, shape, seed=seed, dtype=dtype)
+    out, scores = layer(x, attention_mask=mask, return_attention_scores=True)
+    out, scores = to_numpy(out), to_numpy(scores)
+    assert out.dtype == dtype and scores.dtype == dtype, (
+        f"output {out.dtype}, scores {scores.dtype}: expected {dtype}")
+    return out, scores, x, weights
+
+
+def _check_masked_softmax(out, scores, mask):
+    """Facts of the masked softmax that hold exactly, whatever the configuration.
+
+    A fully masked item gives zeros (never NaN); a masked key gets probability
+    exactly 0; every other row sums to 1 within the rounding of a softmax of
+    n terms: the n exps are summed (n - 1 roundings, and the exps' own errors
+    cancel as the sum is of the same values) and each divided by the sum (1
+    rounding), so |sum - 1| <= n * eps / 2 at first order. We allow 2x that,
+    plus one rounding, for a backend that multiplies by the reciprocal.
+    """
+    batch, num_heads, n, _ = scores.shape
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(scores))
+    assert np.all(scores >= 0)
+    keep = np.ones((batch, n), bool) if mask is None else mask.reshape(batch, n)
+    tolerance = (n + 1) * np.finfo(scores.dtype).eps
+    for b in range(batch):
+        if not keep[b].any():
+            assert np.all(out[b] == 0), f"item {b} is fully masked: output not zero"
+            assert np.all(scores[b] == 0), f"item {b} is fully masked: scores not zero"
+            continue
+        assert np.all(scores[b][..., ~keep[b]] == 0), (
+            f"item {b}: a masked key has probability")
+        deviation = np.max(np.abs(scores[b].astype(np.float64).sum(-1) - 1))
+        assert deviation <= tolerance, (
+            f"item {b}: rows sum to 1 +- {deviation:.3g} > {tolerance:.3g}")
+
+
+@_settings(200)
+@given(case=configs(), seed=st.integers(0, 2**16))
+def test_float64_matches_reference(case, seed):
+    """float64 output and scores within 1e-10 x max|reference|."""
+    config, shape, mask = case
+    out, scores, x, weights = _run(config, shape, mask, seed, "float64")
+    _check_masked_softmax(out, scores, mask)
+    ref_out, ref_scores = reference.mhsa_forward(
+        x, weights, attention_mask=mask, return_attention_scores=True,
+        **reference_config(config))
+    assert_float64_close(out, ref_out)
+    assert_float64_close(scores, ref_scores, what="scores")
+
+
+@_settings(150)
+@given(case=configs(), seed=st.integers(0, 2**16))
+def test_float32_within_budget(case, seed):
+    """float32 output within the float32 budget of the float64 reference."""
+    config, shape, mask = case
+    out, scores, x, weights = _run(config, shape, mask, seed, "float32")
+    _check_masked_softmax(out, scores, mask)
+    assert_float32_within_budget(out, x, weights, config, attention_mask=mask)
