@@ -1,6 +1,7 @@
 """Test session set-up. One pytest process runs one Keras backend (KERAS_BACKEND)."""
 
 import os
+import tempfile
 
 # Before keras (and so jax) is imported: the float64 oracle comparisons need
 # real float64 on JAX, which otherwise silently computes in float32. float32
@@ -9,6 +10,12 @@ import os
 if os.environ.get("KERAS_BACKEND") == "jax":
     os.environ.setdefault("JAX_ENABLE_X64", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Hypothesis keeps a cache in the working directory even with database=None:
+# keep it out of the checkout.
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY",
+    os.path.join(tempfile.gettempdir(), "mhsa-core-hypothesis"),
+)
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

@@ -73,7 +73,13 @@ def dot_product_attention(
     if key_mask is not None:
         keep = ops.cast(key_mask, "bool")[:, None, None, :]  # (B, 1, 1, N)
         logits = ops.where(keep, logits, ops.convert_to_tensor(_MASKED_LOGIT, dtype=softmax_dtype))
-    probs = ops.softmax(logits, axis=-1)
+    if logits.shape[-1] == 1:
+        # One key (a 1x1 map): softmax is exp(x - x) / 1. Spelled out, since
+        # keras warns on a softmax over an axis of size 1 (an error under
+        # strict warnings); this keeps NaN and inf propagating as softmax does.
+        probs = ops.exp(logits - logits)
+    else:
+        probs = ops.softmax(logits, axis=-1)
     if key_mask is not None:
         # Rows with every key masked were uniform: zero them (others are
         # already exactly 0 at masked keys, exp underflows).

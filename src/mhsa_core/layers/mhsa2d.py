@@ -14,6 +14,7 @@ from keras import ops
 from numpy.typing import ArrayLike
 
 from mhsa_core.convert._checks import as_float_array
+from mhsa_core.layers import activations
 from mhsa_core.layers.attention import dot_product_attention, logits_dtype
 from mhsa_core.layers.position import ENCODINGS
 from mhsa_core.reference import schema
@@ -424,12 +425,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
 
         tokens = ops.reshape(x, (batch, n, channels))  # (B, N, C), row-major
         tokens = self.position.tokens(tokens, height, width)
+        activation = activations.for_dtype(self.activation, self.compute_dtype)
         q = self._dense(tokens, self.query_kernel, self.query_bias,
-                        self.activation)  # (B, N, heads*kd)
+                        activation)  # (B, N, heads*kd)
         k = self._dense(tokens, self.key_kernel, self.key_bias,
-                        self.activation)  # (B, N, heads*kd)
+                        activation)  # (B, N, heads*kd)
         v = self._dense(tokens, self.value_kernel, self.value_bias,
-                        self.activation)  # (B, N, C)
+                        activation)  # (B, N, C)
 
         def split_heads(t, dim):  # (B, N, heads*dim) -> (B, heads, N, dim)
             return ops.transpose(ops.reshape(t, (batch, n, heads, dim)), (0, 2, 1, 3))
