@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from mhsa_core.reference import mhsa_forward, schema
+from mhsa_core.reference import LAYER_ARGUMENTS, mhsa_forward, schema
 
 __all__ = [
     "DATA_FORMATS",
@@ -42,8 +42,7 @@ DATA_FORMATS = ("channels_last", "channels_first")
 DEFAULTS = {
     name: parameter.default
     for name, parameter in inspect.signature(mhsa_forward).parameters.items()
-    if name in ("num_heads", "key_dim", "activation", "position_encoding", "scale",
-                "scale_position_logits", "data_format")
+    if name in LAYER_ARGUMENTS
 }
 
 
@@ -162,8 +161,7 @@ def position_size_of(weights, position_encoding):
                 f"Received: {None if table is None else np.shape(table)}"
             )
         rows = np.shape(table)[0]
-        # The reference size n whose table has `rows` rows (rows(n) >= n).
-        n = next((n for n in range(1, rows + 1) if spec.rows(n) == rows), None)
+        n = spec.size_for_rows(rows)
         if n is None:
             raise ValueError(
                 f"{name} has {rows} rows, which no reference size gives "

@@ -7,19 +7,10 @@ import keras
 from keras import ops
 
 from mhsa_core import MultiHeadSelfAttention2D, reference
+from mhsa_core.reference import reference_config as reference_config
+from mhsa_core.reference.schema import ENCODINGS
 
-# Layer arguments that the NumPy reference takes too.
-REFERENCE_KEYS = (
-    "num_heads", "key_dim", "activation", "position_encoding", "scale", "data_format",
-    "scale_position_logits",
-)
-LEARNED_ENCODINGS = ("relative", "absolute")
-
-
-def reference_config(layer_config):
-    config = {k: layer_config[k] for k in REFERENCE_KEYS if k in layer_config}
-    config.setdefault("data_format", "channels_last")
-    return config
+LEARNED_ENCODINGS = tuple(name for name, e in ENCODINGS.items() if e.learned_tables)
 
 
 def channels_of(shape, data_format):
@@ -60,7 +51,7 @@ def make_case(config, shape, *, seed=0, dtype="float32", x_scale=1.0):
     return layer, x, weights
 
 
-def max_abs(a):
+def magnitude(a):
     """max |a| in float64 (0 for an empty array)."""
     a = np.asarray(a, np.float64)
     return float(np.max(np.abs(a))) if a.size else 0.0
@@ -151,7 +142,7 @@ def assert_float32_within_budget(actual, x, weights, config, attention_mask=None
     actual = np.asarray(actual, dtype=np.float64)
     assert actual.shape == ref64.shape, (actual.shape, ref64.shape)
     assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
-    error = float(np.max(np.abs(actual - ref64)))
+    error = reference.max_abs(actual, ref64)
     assert error <= budget, (
         f"{what}: float32 error {error:.3g} exceeds budget {budget:.3g} "
         f"(reference float32 error {ref32_error:.3g}, ratio "
@@ -164,8 +155,8 @@ def assert_float64_close(actual, expected, rtol=1e-10, what="output"):
     """Relative to the largest magnitude: max|a - e| <= rtol * max|e|."""
     actual = np.asarray(actual)
     assert actual.dtype == np.float64, f"{what}: dtype {actual.dtype}, expected float64"
-    scale = max(float(np.max(np.abs(expected))), 1e-300)
-    error = float(np.max(np.abs(actual - expected)))
+    scale = max(magnitude(expected), 1e-300)
+    error = reference.max_abs(actual, expected)
     assert error <= rtol * scale, (
         f"{what}: float64 relative error {error / scale:.3g} > {rtol:g}"
     )

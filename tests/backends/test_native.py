@@ -42,7 +42,7 @@ import keras
 import numpy as np
 import pytest
 from cases import yolov4_mhsa
-from harness import assert_float64_close, max_abs, padded_mask, random_mask
+from harness import assert_float64_close, magnitude, padded_mask, random_mask
 
 from mhsa_core import reference
 from mhsa_core.reference import schema
@@ -281,11 +281,11 @@ class TestNative:
         ref64 = reference.mhsa_forward(x, weights, attention_mask=mask, **config)
         ref32 = reference.mhsa_forward(x, weights, attention_mask=mask,
                                        dtype=np.float32, **config)
-        ref32_err = max_abs(ref32.astype(np.float64) - ref64)
+        ref32_err = magnitude(ref32.astype(np.float64) - ref64)
         budget = reference.float32_budget(ref32, ref64)
         out = NATIVE.forward(x, weights, attention_mask=mask, dtype="float32", **config)
         assert out.dtype == np.float32
-        err = max_abs(out.astype(np.float64) - ref64)
+        err = magnitude(out.astype(np.float64) - ref64)
         assert err <= budget, (
             f"{BACKEND} native float32: error {err:.3e}, numpy float32 reference "
             f"error {ref32_err:.3e} (ratio {err / max(ref32_err, 1e-300):.2f}), "
@@ -330,19 +330,19 @@ class TestNative:
         # rounding / step), whatever the entry's size, so the tolerance is
         # relative to the largest gradient entry overall, not per array: some
         # exact gradients are 0 (see below) and their FD is pure rounding noise.
-        scale = max(max_abs(fd) for _, fd in checks.values())
+        scale = max(magnitude(fd) for _, fd in checks.values())
         for key, (grad, fd) in checks.items():
             assert grad.shape == fd.shape and grad.dtype == np.float64, key
             assert np.all(np.isfinite(grad)), key
-            err = max_abs(grad - fd)
+            err = magnitude(grad - fd)
             assert err <= 1e-6 * scale, (
                 f"{BACKEND} d loss / d {key}: max error {err:.3e}, "
-                f"max |fd| {max_abs(fd):.3e}, largest gradient entry {scale:.3e}")
+                f"max |fd| {magnitude(fd):.3e}, largest gradient entry {scale:.3e}")
 
         if config.get("activation") is None and "key_bias" in weights:
             # With linear k, the key bias adds q . b_k to a whole row of logits:
             # the softmax ignores it, its exact gradient is zero.
-            assert max_abs(grad_w["key_bias"]) <= 1e-12 * scale
+            assert magnitude(grad_w["key_bias"]) <= 1e-12 * scale
 
         if mask is not None and not mask[0].any():
             assert np.all(grad_x[0] == 0), "fully masked item must get zero gradient"
@@ -428,7 +428,7 @@ class TestNativePositionPieces:
         ref = reference.resize_table(table, length)
         out = NATIVE.resize_table(table, length, "float64")
         assert out.dtype == np.float64 and out.shape == (length, 6)
-        err = max_abs(out - ref) / max_abs(table)
+        err = magnitude(out - ref) / magnitude(table)
         assert err <= 1e-13, f"{BACKEND} resize {rows} -> {length}: rel. error {err:.2e}"
 
     @pytest.mark.parametrize("rows, length", RESIZES)
@@ -438,10 +438,10 @@ class TestNativePositionPieces:
         table = np.random.default_rng((2, rows, length)).standard_normal((rows, 6))
         ref64 = reference.resize_table(table, length)
         ref32 = reference.resize_table(table, length, np.float32)
-        budget = 2 * max_abs(ref32 - ref64) + 1e-6 * max_abs(table)
+        budget = 2 * magnitude(ref32 - ref64) + 1e-6 * magnitude(table)
         out = NATIVE.resize_table(table, length, "float32")
         assert out.dtype == np.float32
-        err = max_abs(out.astype(np.float64) - ref64)
+        err = magnitude(out.astype(np.float64) - ref64)
         assert err <= budget, (f"{BACKEND} resize {rows} -> {length}: error {err:.2e}, "
                                f"budget {budget:.2e}")
 
@@ -466,13 +466,13 @@ class TestNativePositionPieces:
             resized = image[:, 0, :].numpy()
             ref64 = reference.resize_table(table, length)
             ref32 = reference.resize_table(table, length, np.float32)
-            budget = 2 * max_abs(ref32 - ref64) + 1e-6 * max_abs(table)
-            err = max_abs(resized.astype(np.float64) - ref64)
+            budget = 2 * magnitude(ref32 - ref64) + 1e-6 * magnitude(table)
+            err = magnitude(resized.astype(np.float64) - ref64)
             assert err <= budget, (f"tf.image.resize {rows} -> {length}: error "
                                    f"{err:.2e}, budget {budget:.2e}")
             # The native's float32 resize against the op: within the same budget.
             native = NATIVE.resize_table(table, length, "float32")
-            assert max_abs(native.astype(np.float64) - resized) <= budget
+            assert magnitude(native.astype(np.float64) - resized) <= budget
             if rows == length:
                 assert np.array_equal(resized, table.astype(np.float32))
 
@@ -486,6 +486,6 @@ class TestNativePositionPieces:
         out32 = NATIVE.sinusoidal_embedding(height, width, channels, "float32")
         assert out64.dtype == np.float64 and out32.dtype == np.float32
         assert out64.shape == out32.shape == ref64.shape
-        assert max_abs(out64 - ref64) <= 1e-14 * max(height, width)
-        assert max_abs(out32.astype(np.float64) - ref64) <= reference.float32_budget(
+        assert magnitude(out64 - ref64) <= 1e-14 * max(height, width)
+        assert magnitude(out32.astype(np.float64) - ref64) <= reference.float32_budget(
             ref32, ref64)

@@ -115,7 +115,7 @@ def test_reference_budgets_are_the_reference_rule(name):
     """The layer cases' budgets are `reference.budget`'s, computed per variant."""
     case = CASES_BY_NAME[name]
     got = oracles.reference_oracles(case)
-    config = cases.reference_config(case.config)
+    config = reference.reference_config(case.config)
     for v, variant in enumerate(case.variants):
         key = protocol.out_key(v)
         ref64, budget, _ = reference.error_budget(

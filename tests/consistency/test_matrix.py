@@ -105,7 +105,7 @@ def test_forward_agrees(report, case, a, b):
     out_a = report.runs[a].results[case][protocol.FORWARD]
     out_b = report.runs[b].results[case][protocol.FORWARD]
     for key in oracle:
-        diff = np.max(np.abs(out_a[key].astype(np.float64) - out_b[key]))
+        diff = reference.max_abs(out_a[key].astype(np.float64), out_b[key])
         assert diff <= 2 * limits[key], f"{key}: |{a} - {b}| = {diff:.3g}"
 
 
@@ -121,12 +121,12 @@ def test_gradients_agree(report, case, a, b):
     oracle = oracles.float64_oracle(grads64, keys)
     limits = budgets.variant_budgets(grads, grads64, oracle, keys)
     for key in keys:
-        diff = np.max(np.abs(grads[a][key].astype(np.float64) - grads[b][key]))
+        diff = reference.max_abs(grads[a][key].astype(np.float64), grads[b][key])
         assert diff <= 2 * limits[key], f"{key}: |{a} - {b}| = {diff:.3g}"
         # float64: the backends agree to FLOAT64_RTOL of the variant's largest gradient.
         v = protocol.variant_of(key)
         scale = max(np.max(np.abs(oracle[k])) for k in keys if protocol.variant_of(k) == v)
-        diff64 = np.max(np.abs(grads64[a][key] - grads64[b][key]))
+        diff64 = reference.max_abs(grads64[a][key], grads64[b][key])
         assert diff64 <= 2 * reference.FLOAT64_RTOL * scale, f"{key} float64: {diff64:.3g}"
 
 
@@ -259,7 +259,7 @@ def test_position_tables_gradients_are_compared(report, case):
                 assert key in keys, key
                 assert grads[backend][key].shape == c.weights[name].shape
                 assert np.max(np.abs(oracle[key])) > 0, (name, v)
-                error = np.max(np.abs(grads[backend][key].astype(np.float64) - oracle[key]))
+                error = reference.max_abs(grads[backend][key].astype(np.float64), oracle[key])
                 assert error <= limits[key], (backend, name, v, error, limits[key])
                 # The optimizer steps moved the tables too.
                 for optimizer in protocol.OPTIMIZER_SETTINGS:
@@ -286,7 +286,7 @@ def test_position_keras_file_runs_at_a_new_size_elsewhere(report, case, saver):
         assert resized
         for v in resized:
             key = protocol.out_key(v)
-            error = np.max(np.abs(load[key].astype(np.float64) - oracle[key]))
+            error = reference.max_abs(load[key].astype(np.float64), oracle[key])
             assert error <= limits[key], (loader, key, error, limits[key])
 
 
@@ -297,16 +297,16 @@ def test_scale_position_logits_reaches_every_backend(report):
     case = next(c for c in POSITION_CASES if c.config.get("scale_position_logits") is False)
     assert case.config["scale"] != 1.0  # else the flag changes nothing
     oracle, limits = _forward_budgets(case.name)
-    ref_config = {**cases.reference_config(case.config), "scale_position_logits": True}
+    ref_config = {**reference.reference_config(case.config), "scale_position_logits": True}
     for v, variant in enumerate(case.variants):
         other = reference.mhsa_forward(
             variant["x"], case.weights, attention_mask=variant.get("attention_mask"),
             **ref_config)
         key = protocol.out_key(v)
-        assert np.max(np.abs(other - oracle[key])) > 100 * limits[key]
+        assert reference.max_abs(other, oracle[key]) > 100 * limits[key]
         for backend in case_backends(case.dtype, BACKENDS):
             out = report.runs[backend].results[case.name][protocol.FORWARD][key]
-            assert np.max(np.abs(out - other)) > 10 * limits[key], (backend, key)
+            assert reference.max_abs(out, other) > 10 * limits[key], (backend, key)
 
 
 def test_table_gradient_bug_at_the_resized_size_only_is_caught():

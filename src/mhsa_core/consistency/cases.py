@@ -22,7 +22,7 @@ from mhsa_core.reference import schema
 from mhsa_core.consistency import protocol
 
 __all__ = [
-    "Case", "EXPLICIT_KEYS", "REFERENCE_KEYS", "reference_config", "layer_case",
+    "Case", "EXPLICIT_KEYS", "layer_case",
     "default_cases", "extended_cases", "ModelFileError", "read_model_config",
     "check_safe", "input_specs", "make_inputs", "model_case", "DEFAULT_SIZE",
     "DEFAULT_BATCH",
@@ -32,9 +32,6 @@ __all__ = [
 # changed, and those that decide the weights.
 EXPLICIT_KEYS = ("num_heads", "activation", "position_encoding", "scale", "use_bias",
                  "kernel_initializer")
-# Layer arguments that `reference.mhsa_forward` takes too.
-REFERENCE_KEYS = ("num_heads", "key_dim", "activation", "position_encoding", "scale",
-                  "scale_position_logits", "data_format")
 DEFAULT_SIZE = 8  # a None spatial/feature dimension of a user model's input
 DEFAULT_BATCH = 2  # a None batch dimension
 
@@ -73,11 +70,6 @@ class Case:
     def kind(self):
         """"layer" (our layer, a NumPy oracle exists) or "model" (a user's file)."""
         return "layer" if self.config is not None else "model"
-
-
-def reference_config(config):
-    """The arguments of `reference.mhsa_forward` in a layer config."""
-    return {k: config[k] for k in REFERENCE_KEYS if k in config}
 
 
 def _check_explicit(name, config):

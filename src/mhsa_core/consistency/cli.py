@@ -80,7 +80,7 @@ def demo(args, out=None):
     by `reference.budget`'s rule against the float64 NumPy reference."""
     out = out or sys.stdout
     config = schema.preset("yolov4_mhsa")
-    ref_config = cases.reference_config(config)
+    ref_config = reference.reference_config(config)
     rng = np.random.default_rng(0)
     shape = (args.batch, args.size, args.size, args.channels)
     array_dtype = np.float64 if args.dtype == "float64" else np.float32

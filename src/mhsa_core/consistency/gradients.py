@@ -46,9 +46,13 @@ import numpy as np
 import keras
 from keras import ops
 
+from mhsa_core.consistency.protocol import TRAINING_BACKENDS
+from mhsa_core.reference import schema
+
 __all__ = ["loss_weights", "value_and_grad", "apply_optimizer_step"]
 
-_GRADIENT_BACKENDS = ("tensorflow", "torch", "jax")
+# Keras's numpy backend has no automatic differentiation.
+_GRADIENT_BACKENDS = TRAINING_BACKENDS
 
 
 def loss_weights(shape, seed=0):
@@ -156,9 +160,8 @@ def _loss(outputs, weights):
             "`loss_weights` must have the shape of the model's output "
             f"{shape}. Received: loss_weights.shape={weights.shape}"
         )
-    dtype = keras.backend.standardize_dtype(outputs.dtype)
-    if dtype in ("float16", "bfloat16"):
-        dtype = "float32"
+    # At least float32, as the logits (16-bit sums lose every digit).
+    dtype = schema.logits_dtype(keras.backend.standardize_dtype(outputs.dtype))
     outputs = ops.cast(outputs, dtype)
     return ops.sum(outputs * ops.convert_to_tensor(weights, dtype=dtype))
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mhsa_core import reference
-from mhsa_core.consistency import cases, protocol
+from mhsa_core.consistency import protocol
 
 __all__ = ["Oracle", "reference_oracles", "float64_oracle", "median_oracle", "step_oracle"]
 
@@ -40,7 +40,7 @@ def reference_oracles(case):
         (`reference.float32_budget`); float64 results get
         `reference.float64_budget`.
     """
-    config = cases.reference_config(case.config)
+    config = reference.reference_config(case.config)
     out, out_b, out64_b, scores, scores_b = {}, {}, {}, {}, {}
     for v, variant in enumerate(case.variants):
         key = protocol.out_key(v)

@@ -1,15 +1,8 @@
 """Checks shared by the weight converters."""
 
 import keras
-import numpy as np
 
-
-def as_float_array(array, what, dtype="float64"):
-    """`array` cast to a float dtype, or a ValueError naming `what`."""
-    array = np.asarray(array)
-    if array.dtype.kind not in "biuf" and array.dtype.name != "bfloat16":
-        raise ValueError(f"{what} must hold numbers. Received: dtype={array.dtype}")
-    return array.astype(dtype)
+from mhsa_core.layers._arrays import as_float_array as as_float_array
 
 
 def require_settings(layer, what, description, **expected):

@@ -109,11 +109,11 @@ def load_botnet_weights(layer, q_kernel, k_kernel, v_kernel, rel_height, rel_wid
         )
     key_dim = layer.key_dim if layer.key_dim is not None else channels // heads
     size = layer.position_size
-    if size is None:  # from the tables: rows(n) = 2 * n - 1
-        rows = [arrays[n].shape[0] if arrays[n].ndim == 2 else 0
-                for n in ("rel_height", "rel_width")]
-        size = tuple((r + 1) // 2 if r % 2 else None for r in rows)
-    rows = schema.ENCODINGS["relative"].rows
+    spec = schema.ENCODINGS["relative"]
+    if size is None:  # read off the tables
+        size = tuple(spec.size_for_rows(arrays[n].shape[0]) if arrays[n].ndim == 2 else None
+                     for n in ("rel_height", "rel_width"))
+    rows = spec.rows
     expected = {
         "q_kernel": (channels, heads * key_dim),
         "k_kernel": (channels, heads * key_dim),

@@ -13,8 +13,8 @@ import numpy as np
 from keras import ops
 from numpy.typing import ArrayLike
 
-from mhsa_core.convert._checks import as_float_array
 from mhsa_core.layers import activations
+from mhsa_core.layers._arrays import as_float_array
 from mhsa_core.layers.attention import dot_product_attention, logits_dtype
 from mhsa_core.layers.position import ENCODINGS
 from mhsa_core.reference import schema
@@ -388,11 +388,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             return outputs
         height, width, _ = self._spatial_and_channels(shape)
         n = None if height is None or width is None else height * width
-        scores_dtype = self.compute_dtype
-        if scores_dtype in ("float16", "bfloat16"):
-            scores_dtype = "float32"
         scores = keras.KerasTensor(
-            (shape[0], self.num_heads, n, n), dtype=scores_dtype
+            (shape[0], self.num_heads, n, n), dtype=logits_dtype(self.compute_dtype)
         )
         return outputs, scores
 
@@ -527,7 +524,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return cls(**schema.preset("yolov4_mhsa", **kwargs))
 
     @classmethod
-    def botnet(cls, num_heads: int = 4, position_size: tuple[int, int] | None = None,
+    def botnet(cls, num_heads: int | None = None,
+               position_size: tuple[int, int] | None = None,
                **kwargs) -> MultiHeadSelfAttention2D:
         """BoTNet's multi-head self-attention (Srinivas et al. 2021).
 
@@ -542,8 +540,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         Import trained BoTNet or timm weights with `load_botnet_weights`
         (`mhsa_core.convert.from_official` / `from_timm` rearrange them).
         """
-        return cls(**schema.preset("botnet", num_heads=num_heads,
-                                   position_size=position_size, **kwargs))
+        if num_heads is not None:  # else the preset's (4)
+            kwargs["num_heads"] = num_heads
+        return cls(**schema.preset("botnet", position_size=position_size, **kwargs))
 
     # ------------------------------------------------------------ converters
     def load_yolov4_mhsa_weights(self, weights) -> None:

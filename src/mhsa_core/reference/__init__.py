@@ -11,7 +11,9 @@ from mhsa_core.reference.budget import error_budget as error_budget
 from mhsa_core.reference.budget import float32_budget as float32_budget
 from mhsa_core.reference.budget import float64_budget as float64_budget
 from mhsa_core.reference.budget import max_abs as max_abs
+from mhsa_core.reference.forward import LAYER_ARGUMENTS as LAYER_ARGUMENTS
 from mhsa_core.reference.forward import mhsa_forward as mhsa_forward
+from mhsa_core.reference.forward import reference_config as reference_config
 from mhsa_core.reference.forward import rounded_forward as rounded_forward
 from mhsa_core.reference.position import position_logits as position_logits
 from mhsa_core.reference.position import resize_table as resize_table
@@ -22,7 +24,7 @@ from mhsa_core.reference.schema import random_weights as random_weights
 from mhsa_core.reference.schema import weight_shapes as weight_shapes
 
 __all__ = [
-    "mhsa_forward", "rounded_forward", "error_budget", "float32_budget", "float64_budget",
+    "mhsa_forward", "rounded_forward", "reference_config", "LAYER_ARGUMENTS", "error_budget", "float32_budget", "float64_budget",
     "max_abs", "FLOAT64_RTOL", "FLOOR", "random_weights", "weight_shapes", "resize_table",
     "sinusoidal_embedding", "position_logits", "POSITION_ENCODINGS", "PRESETS", "schema",
 ]

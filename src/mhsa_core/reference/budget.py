@@ -39,13 +39,17 @@ def _scale(oracle):
     return float(np.max(np.abs(oracle))) if oracle.size else 0.0
 
 
-def float32_budget(rounded, oracle):
-    """The budget of a float32 result: 2 x |rounded - oracle| + FLOOR x max|oracle|.
+def float32_budget(rounded, oracle, scale=None):
+    """The budget of a float32 result: 2 x |rounded - oracle| + FLOOR x scale.
 
-    `rounded` is the reference run with the result's roundings, `oracle` the
-    float64 reference.
+    `rounded` is a trusted float32 computation of the same thing (the
+    reference run with the result's roundings, or a native reference),
+    `oracle` the float64 result, `scale` max|oracle| unless given (e.g. the
+    largest of several arrays judged together).
     """
-    return FLOAT32_FACTOR * max_abs(rounded, oracle) + FLOOR * _scale(oracle)
+    if scale is None:
+        scale = _scale(oracle)
+    return FLOAT32_FACTOR * max_abs(rounded, oracle) + FLOOR * scale
 
 
 def float64_budget(oracle):

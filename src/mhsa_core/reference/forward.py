@@ -19,7 +19,19 @@ import numpy as np
 from mhsa_core.reference import schema
 from mhsa_core.reference.position import dense, position_logits, token_term
 
-__all__ = ["mhsa_forward", "rounded_forward", "ACTIVATIONS", "POLICIES"]
+__all__ = ["mhsa_forward", "rounded_forward", "reference_config", "ACTIVATIONS", "POLICIES",
+           "LAYER_ARGUMENTS"]
+
+# The `MultiHeadSelfAttention2D` arguments that `mhsa_forward` takes too (same
+# names, same defaults).
+LAYER_ARGUMENTS = ("num_heads", "key_dim", "activation", "position_encoding", "scale",
+                   "scale_position_logits", "data_format")
+
+
+def reference_config(layer_config):
+    """The `mhsa_forward` arguments in a layer config (the others, such as
+    initializers or dropout, do not change the forward pass)."""
+    return {k: layer_config[k] for k in LAYER_ARGUMENTS if k in layer_config}
 
 
 def _relu(x):

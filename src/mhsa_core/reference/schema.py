@@ -69,6 +69,11 @@ class Encoding:
     def learned_tables(self) -> bool:
         return self.tables is not None
 
+    def size_for_rows(self, rows: int) -> int | None:
+        """The reference size n whose table has `rows` rows, or None if no n
+        gives that many (an even count for "relative")."""
+        return next((n for n in range(1, int(rows) + 1) if self.rows(n) == rows), None)
+
 
 ENCODINGS: dict[str, Encoding] = {
     e.name: e

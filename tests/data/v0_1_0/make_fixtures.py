@@ -1,10 +1,10 @@
 """Writes tests/data/v0_1_0/*.keras (saved by mhsa_core 0.1.0 = main at e68d6ef)
 and, per backend, the outputs that version computes on fixed inputs."""
-import os, sys, json, zlib
+import sys, zlib
 from pathlib import Path
 import numpy as np
 import keras
-from mhsa_core import MultiHeadSelfAttention2D, reference
+from mhsa_core import MultiHeadSelfAttention2D
 
 OUT = Path(sys.argv[1])
 OUT.mkdir(parents=True, exist_ok=True)
