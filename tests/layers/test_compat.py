@@ -35,7 +35,7 @@ def expected():
 
 def test_fixtures_are_all_there():
     assert NAMES == ["absolute", "botnet", "multihead_channels_first", "none", "relative",
-                     "seed_defaults", "seed_float64", "sinusoidal"]
+                     "sinusoidal", "yolov4_mhsa_defaults", "yolov4_mhsa_float64"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -58,7 +58,7 @@ def test_loads_bit_exact(name, expected):
 
 def test_old_default_config_keeps_the_legacy_block():
     """A file saved with 0.1.0's defaults is the YOLOv4-MHSA block, not 0.2.0's default."""
-    model = keras.saving.load_model(DATA / "seed_defaults.keras")
+    model = keras.saving.load_model(DATA / "yolov4_mhsa_defaults.keras")
     layer = next(l for l in model.layers if isinstance(l, MultiHeadSelfAttention2D))
     config = layer.get_config()
     for key, value in LEGACY_DEFAULTS.items():

@@ -1,5 +1,14 @@
 """Writes tests/data/v0_1_0/*.keras (saved by mhsa_core 0.1.0 = main at e68d6ef)
-and, per backend, the outputs that version computes on fixed inputs."""
+and, per backend, the outputs that version computes on fixed inputs.
+
+Run with 0.1.0 on the path, once per backend, tensorflow first (it saves):
+    PYTHONPATH=<0.1.0 checkout>/src KERAS_BACKEND=... JAX_ENABLE_X64=1 python make_fixtures.py DIR
+
+0.1.0 called the Keras 2 YOLOv4-MHSA block "the seed": the files it wrote as
+seed_defaults.keras and seed_float64.keras (and their keys in the .npz files)
+were renamed yolov4_mhsa_defaults / yolov4_mhsa_float64 afterwards; the
+model names inside the files are the original ones.
+"""
 import sys, zlib
 from pathlib import Path
 import numpy as np
