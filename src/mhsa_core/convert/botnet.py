@@ -18,7 +18,10 @@ parameters into it:
 channels_first.
 """
 
+from __future__ import annotations
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from mhsa_core.convert._checks import as_float_array, build_for_channels, require_settings
 from mhsa_core.reference import schema
@@ -33,7 +36,8 @@ _STRUCTURE = {k: schema.PRESETS["botnet"][k]
               for k in ("position_encoding", "use_bias", "activation")}
 
 
-def from_official(wq, wk, wv, r_height, r_width):
+def from_official(wq: ArrayLike, wk: ArrayLike, wv: ArrayLike, r_height: ArrayLike,
+                  r_width: ArrayLike) -> dict[str, np.ndarray]:
     """Our five arrays from the official code's q, k, v `group_pointwise`
     kernels (C, heads, dim) and its `r_height`, `r_width` tables."""
     kernels = []
@@ -47,7 +51,8 @@ def from_official(wq, wk, wv, r_height, r_width):
     return dict(zip(_ARRAYS, (*kernels, np.asarray(r_height), np.asarray(r_width))))
 
 
-def from_timm(qkv_weight, height_rel, width_rel, num_heads):
+def from_timm(qkv_weight: ArrayLike, height_rel: ArrayLike, width_rel: ArrayLike,
+              num_heads: int) -> dict[str, np.ndarray]:
     """Our five arrays from timm's `qkv.weight` (2*h*dqk + C, C, 1, 1) (or
     without the 1x1 axes), `pos_embed.height_rel` and `pos_embed.width_rel`."""
     w = np.asarray(qkv_weight)
@@ -69,7 +74,8 @@ def from_timm(qkv_weight, height_rel, width_rel, num_heads):
     return dict(zip(_ARRAYS, (q.T, k.T, v.T, np.asarray(height_rel), np.asarray(width_rel))))
 
 
-def load_botnet_weights(layer, q_kernel, k_kernel, v_kernel, rel_height, rel_width):
+def load_botnet_weights(layer, q_kernel: ArrayLike, k_kernel: ArrayLike, v_kernel: ArrayLike,
+                        rel_height: ArrayLike, rel_width: ArrayLike) -> None:
     """Loads the weights of a BoTNet (official or timm) attention into `layer`.
 
     Args:

@@ -1,6 +1,11 @@
 """Weights of the Keras 2 YOLOv4-MHSA / CSPDarknet53-MHSA `mhsa_block`."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from mhsa_core.convert._checks import as_float_array, build_for_channels, require_settings
 from mhsa_core.reference import schema
@@ -18,7 +23,7 @@ _SETTINGS = {k: v for k, v in schema.PRESETS["yolov4_mhsa"].items()
              if k != "kernel_initializer"}
 
 
-def load_yolov4_mhsa_weights(layer, weights):
+def load_yolov4_mhsa_weights(layer, weights: Sequence[ArrayLike]) -> None:
     """Loads the eight arrays of a Keras 2 `mhsa_block` into `layer`.
 
     Args:

@@ -10,7 +10,10 @@ One rule, used by the tests, `mhsa-core demo` and the consistency matrix:
 Why sequential accumulation and 2x: docs/tolerances.md.
 """
 
+from __future__ import annotations
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from mhsa_core.reference.forward import mhsa_forward, rounded_forward
 
@@ -26,7 +29,7 @@ FLOOR = 1e-6
 FLOAT32_FACTOR = 2.0
 
 
-def max_abs(a, b):
+def max_abs(a: ArrayLike, b: ArrayLike) -> float:
     """max |a - b| in float64; inf when the shapes differ; 0 for empty arrays."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
@@ -39,7 +42,7 @@ def _scale(oracle):
     return float(np.max(np.abs(oracle))) if oracle.size else 0.0
 
 
-def float32_budget(rounded, oracle, scale=None):
+def float32_budget(rounded: ArrayLike, oracle: ArrayLike, scale: float | None = None) -> float:
     """The budget of a float32 result: 2 x |rounded - oracle| + FLOOR x scale.
 
     `rounded` is a trusted float32 computation of the same thing (the
@@ -52,12 +55,13 @@ def float32_budget(rounded, oracle, scale=None):
     return FLOAT32_FACTOR * max_abs(rounded, oracle) + FLOOR * scale
 
 
-def float64_budget(oracle):
+def float64_budget(oracle: ArrayLike) -> float:
     """The budget of a float64 result: FLOAT64_RTOL x max|oracle|."""
     return FLOAT64_RTOL * _scale(oracle)
 
 
-def error_budget(x, weights, policy="float32", **config):
+def error_budget(x: ArrayLike, weights: dict, policy: str = "float32",
+                 **config) -> tuple[np.ndarray, float, float | None]:
     """Reference output and the error budget of a result computed under `policy`.
 
     Returns `(ref64, budget, base_error)`:

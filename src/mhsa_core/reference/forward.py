@@ -12,9 +12,12 @@ position term), else scale * q_i . k_j + position term; the position term is
 shared across heads.
 """
 
+from __future__ import annotations
+
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from mhsa_core.reference import schema
 from mhsa_core.reference.position import dense, position_logits, token_term
@@ -28,7 +31,7 @@ LAYER_ARGUMENTS = ("num_heads", "key_dim", "activation", "position_encoding", "s
                    "scale_position_logits", "data_format")
 
 
-def reference_config(layer_config):
+def reference_config(layer_config: dict) -> dict:
     """The `mhsa_forward` arguments in a layer config (the others, such as
     initializers or dropout, do not change the forward pass)."""
     return {k: layer_config[k] for k in LAYER_ARGUMENTS if k in layer_config}
@@ -74,11 +77,13 @@ def _matmul_sequential(a, b):
     return acc
 
 
-def mhsa_forward(x, weights, *, num_heads=1, key_dim=None, activation=None,
-                 position_encoding="none", scale=None, scale_position_logits=True,
-                 data_format="channels_last", attention_mask=None,
-                 return_attention_scores=False, dtype=np.float64,
-                 accumulation="blas", storage_dtype=None):
+def mhsa_forward(x: ArrayLike, weights: dict, *, num_heads: int = 1,
+                 key_dim: int | None = None, activation: str | None = None,
+                 position_encoding: str = "none", scale: float | None = None,
+                 scale_position_logits: bool = True, data_format: str = "channels_last",
+                 attention_mask: ArrayLike | None = None,
+                 return_attention_scores: bool = False, dtype=np.float64,
+                 accumulation: str = "blas", storage_dtype=None):
     """Forward pass of the block in NumPy, every step in `dtype`.
 
     Args:
@@ -182,7 +187,7 @@ _POLICY_ROUNDING = {  # policy -> (compute dtype, storage dtype between ops)
 POLICIES = ("float64", *_POLICY_ROUNDING)
 
 
-def rounded_forward(x, weights, policy="float32", **config):
+def rounded_forward(x: ArrayLike, weights: dict, policy: str = "float32", **config):
     """This reference run with the roundings of a Keras dtype `policy`.
 
     float32 arithmetic with sequential accumulation; for mixed_* also 16-bit
