@@ -10,7 +10,7 @@ STAMP := $(VENV)/.mhsa-core-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml backends/requirements-common.txt backends/requirements-tensorflow.txt backends/requirements-torch.txt backends/requirements-jax.txt backends/requirements-all.txt
+$(STAMP): pyproject.toml backends/requirements-common.txt backends/requirements-tensorflow.txt backends/requirements-torch.txt backends/requirements-jax.txt backends/requirements-export.txt backends/requirements-all.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r backends/requirements-all.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
