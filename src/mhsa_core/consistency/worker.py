@@ -70,10 +70,25 @@ def _to_float64_config(obj):
 
 
 class _CaseRunner:
-    def __init__(self, keras, case, arrays, safe_mode):
+    """One case in this worker: its model, inputs and tasks (`task_<name>`).
+
+    Args:
+        keras: the imported keras module.
+        case: the case's entry of job.json.
+        arrays: the case's arrays (`protocol.job_input_key`, `job_weight_key`).
+        safe_mode: Keras safe mode for loading `.keras` files.
+        out_dir: this worker's output directory (tasks that write files).
+        index: the case's index in the job (file names of `protocol`).
+        options: the job's options (job.json "options").
+    """
+
+    def __init__(self, keras, case, arrays, safe_mode, out_dir=None, index=0, options=None):
         self.keras = keras
         self.case = case
         self.safe_mode = safe_mode
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.index = index
+        self.options = options or {}
         n = case["variants"]
         names = case["input_names"]
         self.variants = [[arrays[protocol.job_input_key(v, k)] for k in names]
@@ -287,8 +302,8 @@ class _CaseRunner:
             results[out_key(v)] = _portable(keras.ops.convert_to_numpy(out))
         return results
 
-    def task_save(self, timings, out_dir, index):
-        path = out_dir / protocol.model_file(index)
+    def task_save(self, timings):
+        path = self.out_dir / protocol.model_file(self.index)
         tmp = path.with_suffix(".tmp.keras")
         self.model.save(tmp)
         os.replace(tmp, path)
@@ -324,7 +339,7 @@ def run_compute(keras, job, job_dir, out_dir):
         try:
             with np.load(job_dir / case["file"]) as data:
                 arrays = {k: data[k] for k in data.files}
-            runner = _CaseRunner(keras, case, arrays, safe_mode)
+            runner = _CaseRunner(keras, case, arrays, safe_mode, out_dir, i, job["options"])
         except Exception:  # noqa: BLE001 -- reported per case, the run goes on
             errors[SETUP_ERROR] = traceback.format_exc()[-3000:]
             info["errors"][case["name"]] = errors
@@ -332,10 +347,7 @@ def run_compute(keras, job, job_dir, out_dir):
         # e.g. the numpy backend: no gradients, jit or saving
         for task in protocol.backend_tasks(me, case["tasks"]):
             try:
-                if task == SAVE:
-                    results = runner.task_save(timings, out_dir, i)
-                else:
-                    results = getattr(runner, f"task_{task}")(timings)
+                results = getattr(runner, f"task_{task}")(timings)
                 np.savez(out_dir / protocol.result_file(i, task), **results)
             except Exception:  # noqa: BLE001
                 errors[task] = traceback.format_exc()[-3000:]
