@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from mhsa_core.consistency import protocol
+from mhsa_core.consistency.float64 import float64_clone
 from mhsa_core.consistency.protocol import (
     AGAIN_KEY, COMPUTE, FORWARD_SECONDS, LOAD, SAVE, SETUP_ERROR, case_backends, out_key,
 )
@@ -49,24 +50,6 @@ def _portable(array):
     if array.dtype.name == "bfloat16":
         array = array.astype(np.float32)
     return array
-
-
-def _to_float64_config(obj):
-    """A model config with every float dtype policy replaced by float64."""
-    if isinstance(obj, dict):
-        obj = {k: _to_float64_config(v) for k, v in obj.items()}
-        if obj.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and isinstance(
-            obj.get("config"), dict
-        ):
-            obj["config"] = {**obj["config"], "name": "float64"}
-        if isinstance(obj.get("dtype"), str) and obj["dtype"] in (
-            "float16", "bfloat16", "float32", "mixed_float16", "mixed_bfloat16",
-        ):
-            obj["dtype"] = "float64"
-        return obj
-    if isinstance(obj, list):
-        return [_to_float64_config(v) for v in obj]
-    return obj
 
 
 class _CaseRunner:
@@ -104,7 +87,7 @@ class _CaseRunner:
         if case["kind"] == "model":
             model = keras.saving.load_model(case["model_path"], safe_mode=self.safe_mode)
             if dtype == "float64":
-                model = self._float64_clone(model)
+                model = float64_clone(model)
             return model, None
         from mhsa_core import MultiHeadSelfAttention2D
 
@@ -126,21 +109,9 @@ class _CaseRunner:
         layer.set_weight_dict(self.weights)
         return model, layer
 
-    def _float64_clone(self, model):
-        keras = self.keras
-        config = _to_float64_config(model.get_config())
-        clone = model.__class__.from_config(config)
-        weights = [w.astype(np.float64) if w.dtype.kind in _FLOAT_KINDS else w
-                   for w in model.get_weights()]
-        clone.set_weights(weights)
-        for v in clone.weights:
-            if keras.backend.is_float_dtype(v.dtype) and v.dtype != "float64":
-                raise ValueError(f"weight {v.path} stayed {v.dtype} in the float64 clone")
-        return clone
-
     def model64(self):
         if self.case["kind"] == "model":
-            return self._float64_clone(self.model)
+            return float64_clone(self.model)
         return _CaseRunner._build(self, "float64")[0]
 
     @staticmethod
