@@ -27,14 +27,16 @@ def needed_tasks(case, rtol=None):
 
 def evaluate(cases, runs, backends, rtol=None):
     """Judges every check of every case on the workers' `runs`; a `Report`."""
-    rows = []
+    rows, notes = [], []
     for case in cases:
         ctx = checks.CaseContext(case, runs, backends, rtol)
         for check in checks.CHECKS:
             rows.extend(check.rows(ctx))
+        if any(ctx.results(task) for task in (protocol.FORWARD, protocol.FORWARD64)):
+            notes.append(ctx.oracle_note())
     worker_errors = {b: r.error for b, r in runs.items()
                      if r.error and r.error != "some tasks failed"}
-    return Report(list(backends), rows, worker_errors, runs)
+    return Report(list(backends), rows, worker_errors, runs, notes=notes)
 
 
 def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
