@@ -12,6 +12,7 @@ import importlib.util
 import io
 from importlib.metadata import version
 import json
+import re
 import subprocess
 import sys
 
@@ -19,8 +20,9 @@ import keras
 import numpy as np
 import pytest
 
+import custom_layers
 import mhsa_core
-from mhsa_core.consistency import cli, matrix, protocol, runner, testing
+from mhsa_core.consistency import cases, cli, matrix, protocol, runner, testing, worker
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.report import (
     NOT_JUDGED_LEGEND, Cell, Report, Row, cell_of, cell_text, render, verdict,
@@ -197,7 +199,7 @@ def test_unjudged_cell_says_so_under_its_title():
     judged, and the legend under the table says why."""
     cell = Cell(passed=None, ratio=895.75, error=1e-4, budget=1.1e-7,
                 note="float32-level (Keras)")
-    assert cell_text(cell)[0] == "895.75 not judged: float32-level (Keras)"
+    assert cell_text(cell)[0] == "895.75 not judged"
     report = Report(["tensorflow", "torch"], [Row("m", "forward float64", {
         "tensorflow": cell_of(1e-9, 1e-7), "torch": cell})], {})
     text = io.StringIO()
@@ -262,3 +264,100 @@ def test_matrix_help_has_description_examples_and_exit_codes(capsys):
     for part in ("judges every result", "examples:", "mhsa-core matrix --model",
                  "--json -", "exit status:", "  0  ", "  1  ", "  2  "):
         assert part in text, part
+
+
+# --------------------- 3. inputs from the loaded model: dict, several, None dims
+def _dict_two_output_model():
+    """Dict inputs, a None non-batch dimension, two outputs; the second output
+    is off under JAX only (so a cell that judged only output 0 would pass)."""
+    a = keras.Input((None, 4), name="a")
+    b = keras.Input((3,), name="b")
+    first = keras.layers.Dense(2)(a)
+    second = custom_layers.ScaledOnJax(1.001)(keras.layers.Dense(2)(b))
+    return keras.Model({"a": a, "b": b}, [first, second])
+
+
+@pytest.fixture(scope="module")
+def dict_model_run(tmp_path_factory):
+    """One matrix run (TensorFlow: the float64 oracle; JAX) of that model with
+    the inputs the workers make: (report, runs)."""
+    path = tmp_path_factory.mktemp("dict_model") / "dict2.keras"
+    _dict_two_output_model().save(path)
+    report = matrix.run_matrix([cases.model_case(path, name="dict2")], ["tensorflow", "jax"],
+                               imports=["custom_layers"])
+    return report, report.runs
+
+
+def test_workers_make_the_same_inputs_at_two_sizes(dict_model_run):
+    _, runs = dict_model_run
+    made = {b: run.inputs["dict2"] for b, run in runs.items()}
+    assert [sorted(v) for v in made["tensorflow"]] == [["a", "b"], ["a", "b"]]
+    assert [v["a"].shape for v in made["tensorflow"]] == [(2, 8, 4), (2, 6, 4)]
+    assert [v["b"].shape for v in made["tensorflow"]] == [(2, 3), (2, 3)]
+    for tf_variant, jax_variant in zip(made["tensorflow"], made["jax"]):
+        for name in ("a", "b"):
+            np.testing.assert_array_equal(tf_variant[name], jax_variant[name])
+
+
+def test_every_output_of_every_variant_is_judged(dict_model_run):
+    report, runs = dict_model_run
+    keys = {"out/0", "out/1", "out/0/1", "out/1/1"}
+    for backend, run in runs.items():
+        assert keys <= set(run.results["dict2"][protocol.FORWARD]), backend
+    assert runs["jax"].loads[("tensorflow", "dict2")].keys() >= keys
+    forward = report.cell("dict2", "forward", "jax")
+    assert forward.passed is False and forward.note in ("out/0/1", "out/1/1"), forward
+    for check in ("forward", "jit forward", "gradients"):
+        assert report.cell("dict2", check, "tensorflow").passed, check
+    assert report.cell("dict2", "gradients", "jax").passed is False  # the loss sees output 1
+    assert not report.agree and report.status == "disagree"
+
+
+@pytest.mark.parametrize("given, shapes, expected", [
+    (["b", "a"], [(2, 3), (2, 5, 4)], [(2, 5, 4), (2, 3)]),
+    (["x", "y"], [(2, 5, 4), (2, 3)], [(2, 5, 4), (2, 3)]),
+    (["x"], [(2, 5, 4)], "1 array(s) ['x'], the model takes 2 input(s) ['a', 'b']"),
+    (["a", "b"], [(2, 5, 4), (2, 4)], "array 'b' has shape (2, 4), the model's input "
+     "'b' expects (None, 3)"),
+    (["a", "b"], [(2, 4), (2, 3)], "array 'a' has shape (2, 4)"),
+], ids=["by-name", "by-order", "wrong-count", "wrong-shape", "wrong-rank"])
+def test_given_inputs_are_matched_to_the_model(given, shapes, expected):
+    spec = worker._ModelInputs(keras, _dict_two_output_model())
+    assert spec.names == ["a", "b"] and spec.kind == "dict"
+    variants = [[np.zeros(s, "float32") for s in shapes]]
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            spec.match(given, variants)
+    else:
+        assert [x.shape for x in spec.match(given, variants)[0]] == expected
+
+
+@pytest.mark.parametrize("specs, shapes", [
+    ([("x", (None, 6), "float32")], [[(2, 6)]]),
+    ([("x", (None, None, None, 3), "float32")], [[(2, 8, 8, 3)], [(2, 6, 6, 3)]]),
+    ([("x", (4, None), "float32"), ("m", (4, 5), "bool")], [[(4, 8), (4, 5)],
+                                                             [(4, 6), (4, 5)]]),
+], ids=["fixed", "none-spatial", "fixed-batch-and-mask"])
+def test_generate_inputs(specs, shapes):
+    variants = cases.generate_inputs(specs)
+    assert [[v[n].shape for n, _, _ in specs] for v in variants] == shapes
+    again = cases.generate_inputs(specs)  # deterministic: every worker makes these
+    for v, w in zip(variants, again):
+        for name in v:
+            np.testing.assert_array_equal(v[name], w[name])
+
+
+def test_bad_inputs_exit_2_with_the_workers_error(tmp_path, capsys):
+    path = tmp_path / "small.keras"
+    _dense_model().save(path)
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 5), "float32"))
+    status = cli.main(["matrix", "--model", str(path), "--inputs", str(tmp_path / "bad.npz"),
+                       "--backends", "jax", "--quiet", "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.strip().splitlines()[-1] == (
+        "mhsa-core: error: the model could not run on any backend: ValueError: The inputs "
+        "do not fit the model: array 'x' has shape (3, 5), the model's input 'input_layer' "
+        "expects (None, 6) (None: any size).")
+    assert "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()  # nothing half-written

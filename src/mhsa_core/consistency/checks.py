@@ -132,7 +132,15 @@ class CaseContext:
 
     @functools.cached_property
     def out_keys(self):
-        return [protocol.out_key(v) for v in range(self.variants)]
+        """Every output of every input variant: `out_key(v)`, and for a
+        multi-output model `output_key(v, o)` of each output any backend
+        returned (a backend that lacks one fails it)."""
+        keys = [protocol.out_key(v) for v in range(self.variants)]
+        found = {**self.results(FORWARD), **{f"{b}64": r for b, r in
+                                             self.results(FORWARD64).items()}}
+        more = [k for k in protocol.keys_with(found, (protocol.OUT_PREFIX,))
+                if k not in keys]
+        return keys + more
 
     def results(self, task):
         """{backend: result} of `task` on the backends that returned one."""

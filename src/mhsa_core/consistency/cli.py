@@ -188,11 +188,13 @@ def demo(args, out=None):
 
 
 def _load_inputs(path):
+    """--inputs: {npz key: array}; the workers match them to the model's inputs
+    by name when the keys are its input names, else by order."""
     try:
         with np.load(path) as data:
             if not data.files:
                 raise UsageError(f"--inputs {path} holds no arrays")
-            return {f"input_{k}": data[name] for k, name in enumerate(data.files)}
+            return {name: data[name] for name in data.files}
     except (OSError, ValueError, EOFError) as e:
         raise UsageError(f"cannot read --inputs {path}: {e}") from None
 
@@ -253,6 +255,20 @@ def _write_json(report, path):
         raise UsageError(f"cannot write --json {path}: {e}") from None
 
 
+def _model_error(report, name):
+    """The last line of a worker's error when no backend produced any result
+    for case `name` (bad inputs, a model that cannot be called), else None."""
+    runs = report.runs.values()
+    if any(run.results.get(name) for run in runs):
+        return None
+    for run in runs:
+        for error in run.errors.get(name, {}).values():
+            lines = error.strip().splitlines()
+            if lines:
+                return lines[-1]
+    return None
+
+
 def run_matrix_command(args, out=None):
     out = out or sys.stdout
     safe_mode = not args.unsafe
@@ -279,6 +295,10 @@ def run_matrix_command(args, out=None):
             to_run, args.backends, rtol=args.rtol, safe_mode=safe_mode,
             on_event=progress, timeout=args.timeout, imports=args.imports,
         )
+    for case in to_run:
+        unusable = _model_error(report, case.name)
+        if unusable:
+            raise UsageError(f"the model could not run on any backend: {unusable}")
     if args.json:
         _write_json(report, args.json)
     if not args.quiet:
@@ -325,9 +345,12 @@ def build_parser():
                    help=f"comma-separated (default: {','.join(BACKENDS)}; backends other "
                         f"than {','.join(TRAINING_BACKENDS)} run inference only)")
     m.add_argument("--model", help="a .keras file (default: the built-in cases)")
-    m.add_argument("--inputs", help=".npz of the model's inputs, in input order "
-                   f"(default: made from the input spec, None dims -> "
-                   f"{cases.DEFAULT_BATCH} for the batch, {cases.DEFAULT_SIZE} otherwise)")
+    m.add_argument("--inputs", metavar="NPZ",
+                   help=".npz of the model's inputs: matched by name when its keys are the "
+                   "model's input names, else by order (default: made from the loaded "
+                   f"model's inputs, None dims -> {cases.DEFAULT_BATCH} for the batch; "
+                   "other None dims run at two sizes, "
+                   f"{' and '.join(map(str, cases.VARIABLE_SIZES))})")
     m.add_argument("--rtol", type=_positive_float,
                    help="tolerance relative to max|output| when no float64 run is "
                         "possible (or to override it)")

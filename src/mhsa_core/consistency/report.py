@@ -177,7 +177,7 @@ def cell_text(cell):
     if cell.passed is None:
         if cell.ratio is not None and math.isfinite(cell.ratio):
             # A ratio without ok/FAIL: reported, not judged (`NOT_JUDGED_LEGEND`).
-            return f"{cell.ratio:.2f} not judged: {cell.note or 'reported only'}", "yellow"
+            return f"{cell.ratio:.2f} not judged", "yellow"
         return cell.note or "-", "dim"
     if cell.ratio is None or not math.isfinite(cell.ratio):
         return f"FAIL {cell.note}".strip(), "bold red"
@@ -188,9 +188,9 @@ def cell_text(cell):
 
 
 NOT_JUDGED_LEGEND = (
-    "'not judged': reported, not judged against the '<= 1' rule. 'float32-level (Keras)': "
-    "a float64 run that Keras computes partly in float32 on that backend (Keras 3.15 maps "
-    "float64 to float32 for some ops on torch and JAX); it passes the float32 budget, and "
+    "'not judged': the ratio is reported, not judged by the '<= 1' rule: a float64 run "
+    "that Keras computes partly in float32 on that backend (float32-level; Keras 3.15 maps "
+    "float64 to float32 for some ops on torch and JAX). It is within the float32 budget; "
     "its ratio to the strict float64 budget is shown for information."
 )
 

@@ -93,6 +93,9 @@ class BackendRun:
     errors: dict = dataclasses.field(default_factory=dict)
     loads: dict = dataclasses.field(default_factory=dict)
     info: dict = dataclasses.field(default_factory=dict)
+    # inputs[case]: the input variants ([{name: array}]) the worker made
+    # from the model (a model case given no inputs)
+    inputs: dict = dataclasses.field(default_factory=dict)
 
 
 def _write_job(job_dir, cases, options):
@@ -119,7 +122,8 @@ def _write_job(job_dir, cases, options):
                 "config": case.config,
                 "model_path": None if case.model_path is None else str(case.model_path),
                 "variants": len(case.variants),
-                "input_names": list(case.variants[0]),
+                # none: the workers make the inputs from the loaded model
+                "input_names": list(case.variants[0]) if case.variants else [],
                 "tasks": list(case.tasks),
                 "dtype": case.dtype,
             }
@@ -299,6 +303,14 @@ def _collect(run, out_dir, job):
             for case, tasks in info.get("errors", {}).items():
                 run.errors.setdefault(case, {}).update(tasks)
     for i, case in enumerate(job["cases"]):
+        path = out_dir / protocol.inputs_file(i)
+        if path.exists():
+            arrays = _load_npz(path)
+            count = 1 + max((protocol.variant_of(k) for k in arrays), default=-1)
+            variants = [{} for _ in range(count)]
+            for k, a in arrays.items():  # "input/{v}/{name}"
+                variants[protocol.variant_of(k)][k.split("/", 2)[2]] = a
+            run.inputs[case["name"]] = variants
         for task in case["tasks"]:
             path = out_dir / protocol.result_file(i, task)
             if path.exists():
