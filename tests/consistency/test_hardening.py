@@ -144,6 +144,7 @@ def _report(cells_by_backend, missing=(), crashed=()):
 
 
 OK, OVER = cell_of(1.0, 2.0), cell_of(3.0, 2.0)
+RAISED = Cell(passed=False, note="grads: ValueError: bad")
 
 
 @pytest.mark.parametrize("cells, missing, crashed, status, text", [
@@ -153,8 +154,12 @@ OK, OVER = cell_of(1.0, 2.0), cell_of(3.0, 2.0)
     ({"torch": OK, "jax": OVER}, (), (), "disagree", "DISAGREE: 1 of 2 cells"),
     ({"torch": OK}, (), ("jax",), "failed", "FAIL: worker(s) failed: jax"),
     ({}, ("numpy",), (), "not_compared", "nothing was checked"),
+    ({"torch": OK, "jax": RAISED}, (), (), "failed",
+     "FAIL: 1 cells not computed (a task raised, or no oracle): m/forward/jax"),
+    ({"torch": OVER, "jax": RAISED}, (), (), "disagree",
+     "DISAGREE: 1 of 2 cells beyond tolerance: m/forward/torch; 1 cells not computed"),
 ], ids=["one-backend", "one-ran-one-missing", "two-agree", "two-disagree", "crash",
-        "none-ran"])
+        "none-ran", "task-raised", "beyond-and-raised"])
 def test_verdict(cells, missing, crashed, status, text):
     report = _report(cells, missing, crashed)
     assert report.status == status

@@ -90,11 +90,13 @@ class Report:
     @property
     def status(self):
         """"agree", "disagree" (cells beyond budget), "failed" (a worker
-        crashed) or "not_compared" (fewer than two backends ran)."""
+        crashed, or a task raised and nothing is beyond budget) or
+        "not_compared" (fewer than two backends ran)."""
         if set(self.worker_errors) - set(self.missing):
             return "failed"
         if self.failures:
-            return "disagree"
+            beyond = any(c.ratio is not None for _, _, c in self.failures)
+            return "disagree" if beyond else "failed"
         return "agree" if self.agree else "not_compared"
 
     def backend_entries(self):
@@ -241,6 +243,11 @@ def render(report, out, title):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
+def _where(failures):
+    where = sorted({f"{r.case}/{r.check}/{b}" for r, b, _ in failures})
+    return ", ".join(where[:8]) + (" ..." if len(where) > 8 else "")
+
+
 def verdict(report):
     """The one-line verdict: agree, disagree (where), a worker failed, or
     nothing checked."""
@@ -253,9 +260,18 @@ def verdict(report):
     if crashed:
         return "verdict: FAIL: worker(s) failed: " + ", ".join(crashed)
     if report.failures:
-        where = sorted({f"{r.case}/{r.check}/{b}" for r, b, _ in report.failures})
-        return (f"verdict: DISAGREE: {len(report.failures)} of {checked} cells beyond "
-                f"tolerance: " + ", ".join(where[:8]) + (" ..." if len(where) > 8 else ""))
+        # A cell with no ratio was not compared (a task raised, no oracle):
+        # it fails, but is no disagreement.
+        beyond = [f for f in report.failures if f[2].ratio is not None]
+        broken = [f for f in report.failures if f[2].ratio is None]
+        text = []
+        if beyond:
+            text.append(f"DISAGREE: {len(beyond)} of {checked} cells beyond tolerance: "
+                        + _where(beyond))
+        if broken:
+            text.append(f"{'' if beyond else 'FAIL: '}{len(broken)} cells not computed "
+                        f"(a task raised, or no oracle): " + _where(broken))
+        return "verdict: " + "; ".join(text)
     if not checked:
         return "verdict: nothing was checked" + (f" ({'; '.join(parts)})" if parts else "")
     ran = report.ran
