@@ -295,7 +295,7 @@ def run_matrix_command(args, out=None):
             to_run, args.backends, rtol=args.rtol, safe_mode=safe_mode,
             on_event=progress, timeout=args.timeout, imports=args.imports,
         )
-    for case in to_run:
+    for case in to_run if args.model is not None else []:
         unusable = _model_error(report, case.name)
         if unusable:
             raise UsageError(f"the model could not run on any backend: {unusable}")
