@@ -24,7 +24,7 @@ from mhsa_core.consistency import protocol
 __all__ = [
     "Case", "EXPLICIT_KEYS", "layer_case",
     "default_cases", "extended_cases", "ModelFileError", "read_model_config",
-    "check_safe", "input_specs", "make_inputs", "model_case", "DEFAULT_SIZE",
+    "check_safe", "generate_inputs", "model_case", "DEFAULT_SIZE", "VARIABLE_SIZES",
     "DEFAULT_BATCH",
 ]
 
@@ -46,8 +46,9 @@ class Case:
             for a model case.
         inputs: one dict of NumPy arrays, or a list of them (variants, e.g.
             two spatial sizes through one model). Layer cases: {"x": ...,
-            optionally "attention_mask": ...}. Model cases: {"input_0": ...,
-            "input_1": ...} in the model's input order.
+            optionally "attention_mask": ...}. Model cases: {input name or
+            "input_k": array}, or [] for inputs the workers make from the
+            loaded model (`model_case`).
         weights: the canonical weight dict (layer cases only).
         model_path: a `.keras` file (model cases only).
         tasks: a subset of `protocol.ALL_TASKS`.
@@ -235,32 +236,10 @@ def check_safe(config, path):
         )
 
 
-def input_specs(config):
-    """[(name, batch_shape, dtype)] of a saved model's inputs."""
-    inner = config.get("config", {})
-    layers = inner.get("layers", [])
-    by_name = {l.get("config", {}).get("name"): l for l in layers}
-    specs = []
-    if config.get("class_name") == "Sequential":
-        first = layers[0] if layers else {}
-        if first.get("class_name") == "InputLayer":
-            c = first["config"]
-            specs.append((c.get("name", "input"), c.get("batch_shape"), c.get("dtype")))
-        elif config.get("build_config", {}).get("input_shape"):
-            specs.append(("input", config["build_config"]["input_shape"], "float32"))
-    else:
-        names = inner.get("input_layers", [])
-        if names and isinstance(names[0], str):  # a single input: [name, 0, 0]
-            names = [names]
-        for entry in names:
-            layer = by_name.get(entry[0], {})
-            c = layer.get("config", {})
-            specs.append((entry[0], c.get("batch_shape"), c.get("dtype")))
-    if not specs or any(shape is None for _, shape, _ in specs):
-        raise ModelFileError(
-            "Cannot tell the model's input shapes from its config; pass --inputs."
-        )
-    return specs
+# None dimensions of a user model's inputs, when the workers make the inputs:
+# DEFAULT_BATCH for the batch; every other None dimension runs at two sizes
+# (two input variants), so that every check also covers a second size.
+VARIABLE_SIZES = (DEFAULT_SIZE, 6)
 
 
 def _dtype_name(dtype):
@@ -269,27 +248,41 @@ def _dtype_name(dtype):
     return str(dtype or "float32")
 
 
-def make_inputs(config, seed=0):
-    """Deterministic inputs for a saved model, from its input specs.
+def generate_inputs(specs, seed=0):
+    """Deterministic inputs for a model, from its input specs (NumPy only: every
+    backend's worker makes the same arrays from the same specs).
 
-    None dimensions become DEFAULT_BATCH (the batch) or DEFAULT_SIZE (others).
-    Floats are standard normal, ints uniform in [0, 10), bools fair coins.
+    Args:
+        specs: [(name, shape, dtype)] of the model's inputs, as the loaded
+            model states them (`shape` with None for unknown dimensions).
+        seed: the NumPy seed.
+
+    Returns:
+        A list of input variants, each {name: array}: one variant, or two
+        when a non-batch dimension is None (`VARIABLE_SIZES`). None batch
+        dimensions become DEFAULT_BATCH. Floats are standard normal, ints
+        uniform in [0, 10), bools fair coins.
     """
+    variable = any(d is None for _, shape, _ in specs for d in tuple(shape)[1:])
+    sizes = VARIABLE_SIZES if variable else VARIABLE_SIZES[:1]
     rng = np.random.default_rng(seed)
-    inputs = {}
-    for k, (_, batch_shape, dtype) in enumerate(input_specs(config)):
-        shape = [DEFAULT_BATCH if (i == 0 and d is None) else (DEFAULT_SIZE if d is None else d)
-                 for i, d in enumerate(batch_shape)]
-        dtype = _dtype_name(dtype)
-        if dtype == "bool":
-            array = rng.random(shape) < 0.5
-        elif "int" in dtype:
-            array = rng.integers(0, 10, size=shape).astype(dtype)
-        else:
-            array = rng.standard_normal(shape).astype(
-                "float64" if dtype == "float64" else "float32")
-        inputs[f"input_{k}"] = array
-    return inputs
+    variants = []
+    for size in sizes:
+        variant = {}
+        for name, shape, dtype in specs:
+            shape = [DEFAULT_BATCH if (i == 0 and d is None) else (size if d is None else d)
+                     for i, d in enumerate(shape)]
+            dtype = _dtype_name(dtype)
+            if dtype == "bool":
+                array = rng.random(shape) < 0.5
+            elif "int" in dtype:
+                array = rng.integers(0, 10, size=shape).astype(dtype)
+            else:
+                array = rng.standard_normal(shape).astype(
+                    "float64" if dtype == "float64" else "float32")
+            variant[name] = array
+        variants.append(variant)
+    return variants
 
 
 def model_case(path, inputs=None, *, name="model", tasks=protocol.ALL_TASKS):
@@ -298,15 +291,24 @@ def model_case(path, inputs=None, *, name="model", tasks=protocol.ALL_TASKS):
     Args:
         path: a `.keras` file.
         inputs: an array, a list of arrays (in the model's input order) or a
-            dict {"input_0": ..., ...}; default: `make_inputs` of its config.
+            dict {input name: array} (matched to the model's inputs by name
+            when its keys are the input names, else by order); default
+            (None): each worker makes them from the loaded model's inputs
+            (`generate_inputs`: two input variants when a non-batch
+            dimension is None), and the parent reads them back.
         name: the case's name.
         tasks: the worker tasks; `matrix.run_matrix` runs those its checks
             need for a model case.
+
+    Raises:
+        ModelFileError: the file is not a readable `.keras` file.
     """
-    config = read_model_config(path)
+    read_model_config(path)  # readable, or a one-line error now
     if inputs is None:
-        inputs = make_inputs(config)
-    elif not isinstance(inputs, dict):
-        inputs = {f"input_{k}": np.asarray(a) for k, a in enumerate(
-            inputs if isinstance(inputs, (list, tuple)) else [inputs])}
-    return Case(name, None, [inputs], model_path=str(path), tasks=tuple(tasks))
+        variants = []  # made by the workers
+    elif isinstance(inputs, dict):
+        variants = [{str(k): np.asarray(a) for k, a in inputs.items()}]
+    else:
+        variants = [{f"input_{k}": np.asarray(a) for k, a in enumerate(
+            inputs if isinstance(inputs, (list, tuple)) else [inputs])}]
+    return Case(name, None, variants, model_path=str(path), tasks=tuple(tasks))

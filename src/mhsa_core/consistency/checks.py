@@ -132,7 +132,15 @@ class CaseContext:
 
     @functools.cached_property
     def out_keys(self):
-        return [protocol.out_key(v) for v in range(self.variants)]
+        """Every output of every input variant: `out_key(v)`, and for a
+        multi-output model `output_key(v, o)` of each output any backend
+        returned (a backend that lacks one fails it)."""
+        keys = [protocol.out_key(v) for v in range(self.variants)]
+        found = {**self.results(FORWARD), **{f"{b}64": r for b, r in
+                                             self.results(FORWARD64).items()}}
+        more = [k for k in protocol.keys_with(found, (protocol.OUT_PREFIX,))
+                if k not in keys]
+        return keys + more
 
     def results(self, task):
         """{backend: result} of `task` on the backends that returned one."""
@@ -215,10 +223,44 @@ class CaseContext:
         return {b: Cell(passed=False, note=f"no gradients of input variant(s) {missing}")
                 for b in self.results(task)}
 
+    def oracle_note(self):
+        """What this case's results were compared with, in words (a report note)."""
+        parts = []
+        if self.case.kind == "layer":
+            parts.append("forward, scores, jit and .keras loads: the NumPy float64 "
+                         "reference (mhsa_core.reference)")
+        else:
+            forward = self.forward
+            parts.append(_describe_oracle(
+                "forward, jit and .keras loads",
+                self.results(FORWARD64) if forward.float64 else self.results(FORWARD),
+                forward.float64, self.backends))
+        grads = self.gradients
+        if grads is not None:
+            parts.append(_describe_oracle(
+                "gradients",
+                self.results(GRADS64) if grads.float64 else self.results(GRADS),
+                grads.float64, self.backends))
+        return f"{self.name}: " + "; ".join(parts)
+
     def saved(self, saver):
         """Whether `saver` saved this case's model."""
         run = self.runs.get(saver)
         return run is not None and SAVE in run.results.get(self.name, {})
+
+
+def _describe_oracle(what, results, float64, backends):
+    """`what`'s oracle in words: whose runs it is made of (`oracles`)."""
+    kind = "float64" if float64 else "float32"
+    names = [b for b in backends if b in results]
+    if float64 and "tensorflow" in names:
+        return f"{what}: TensorFlow's float64 run"
+    if len(names) == 1:
+        return f"{what}: {names[0]}'s own {kind} run only (nothing to compare it with)"
+    if len(names) == 2:
+        return (f"{what}: the midpoint of {names[0]} and {names[1]} ({kind}): a "
+                f"disagreement between them cannot be attributed to one of them")
+    return f"{what}: the median of the {kind} runs of {', '.join(names) or 'no backend'}"
 
 
 # -------------------------------------------------------------- checks

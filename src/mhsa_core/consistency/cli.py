@@ -16,8 +16,9 @@ reference, judged by `reference.budget`'s rule.
 The parent process imports no framework (not even Keras): each backend runs
 in a worker process of its own (`runner`, `worker`).
 
-Exit status: 0 all backends agree; 1 a disagreement beyond tolerance (or a
-backend crashed); 2 bad usage or an unreadable model file.
+Exit status: 0 all backends agree (at least two ran); 1 a disagreement beyond
+tolerance, a backend crashed, or fewer than two backends ran; 2 bad usage, an
+unreadable model file, or inputs the model does not accept.
 """
 
 import argparse
@@ -28,16 +29,43 @@ from pathlib import Path
 
 import numpy as np
 
+import mhsa_core
 from mhsa_core import reference
 from mhsa_core.consistency import cases, matrix, protocol
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.checks import ERRORS
 from mhsa_core.consistency.protocol import BACKENDS, TRAINING_BACKENDS
 from mhsa_core.consistency.report import cell_of, format_table, render, verdict
-from mhsa_core.consistency.runner import backend_available, run_backends
+from mhsa_core.consistency.runner import run_backends, unavailable_reason
 from mhsa_core.reference import schema
 
 DEMO_CASE = "yolov4_mhsa"
+
+MATRIX_DESCRIPTION = """\
+Runs a model under each Keras backend, each in its own worker process, and
+judges every result (forward in float32 and float64, jit, gradients, an SGD
+and an Adam step, .keras files saved under one backend and loaded under the
+others) against a float64 oracle with a budget. Each cell of the table is
+error / budget: <= 1 passes. At least two backends must run: one backend
+alone is reported, but not agreement.
+
+With no --model: the built-in cases of the MultiHeadSelfAttention2D layer,
+judged against the NumPy float64 reference."""
+
+MATRIX_EPILOG = """\
+examples:
+  mhsa-core matrix
+  mhsa-core matrix --model my_model.keras --backends tensorflow,torch,jax
+  mhsa-core matrix --model my_model.keras --inputs batch.npz --import my_layers
+  mhsa-core matrix --model my_model.keras --json report.json
+  mhsa-core matrix --model my_model.keras --json - --quiet | jq .verdict
+
+exit status:
+  0  the backends agree: at least two ran, every cell within its budget
+  1  a disagreement beyond budget, a backend's worker failed, or fewer than
+     two backends ran (nothing was compared)
+  2  bad usage: a bad argument, an unreadable model file, inputs the model
+     does not accept"""
 
 
 class UsageError(Exception):
@@ -118,8 +146,9 @@ def demo(args, out=None):
     rows, failed = [], False
     for backend in args.backends:
         run = runs[backend]
-        if not backend_available(backend):
-            rows.append((backend, "-", "-", "-", "-", "-", "-", "skipped: not installed"))
+        reason = unavailable_reason(backend)
+        if reason is not None:
+            rows.append((backend, "-", "-", "-", "-", "-", "-", f"skipped: {reason}"))
             continue
         if protocol.FORWARD not in run.results.get(DEMO_CASE, {}):
             failed = True
@@ -159,11 +188,13 @@ def demo(args, out=None):
 
 
 def _load_inputs(path):
+    """--inputs: {npz key: array}; the workers match them to the model's inputs
+    by name when the keys are its input names, else by order."""
     try:
         with np.load(path) as data:
             if not data.files:
                 raise UsageError(f"--inputs {path} holds no arrays")
-            return {f"input_{k}": data[name] for k, name in enumerate(data.files)}
+            return {name: data[name] for name in data.files}
     except (OSError, ValueError, EOFError) as e:
         raise UsageError(f"cannot read --inputs {path}: {e}") from None
 
@@ -206,6 +237,38 @@ class _Progress:
             print(f"  {text}", file=self.stream, flush=True)
 
 
+def _write_json(report, path):
+    """The report as strict JSON (no NaN/Infinity) to `path`, "-" for stdout;
+    a file is written whole or not at all."""
+    text = json.dumps(report.to_json(), indent=1, allow_nan=False)
+    if path == "-":
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+        return
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write --json {path}: {e}") from None
+
+
+def _model_error(report, name):
+    """The last line of a worker's error when no backend produced any result
+    for case `name` (bad inputs, a model that cannot be called), else None."""
+    runs = report.runs.values()
+    if any(run.results.get(name) for run in runs):
+        return None
+    for run in runs:
+        for error in run.errors.get(name, {}).values():
+            lines = error.strip().splitlines()
+            if lines:
+                return lines[-1]
+    return None
+
+
 def run_matrix_command(args, out=None):
     out = out or sys.stdout
     safe_mode = not args.unsafe
@@ -224,13 +287,20 @@ def run_matrix_command(args, out=None):
         except cases.ModelFileError as e:
             raise UsageError(str(e)) from None
         title = f"mhsa-core matrix: {args.model} (error / budget; <= 1 passes)"
+    json_to_stdout = args.json == "-"
+    if json_to_stdout:  # stdout is the JSON alone: the table and verdict go to stderr
+        out = sys.stderr
     with _Progress(sys.stderr, args.quiet) as progress:
         report = matrix.run_matrix(
             to_run, args.backends, rtol=args.rtol, safe_mode=safe_mode,
             on_event=progress, timeout=args.timeout, imports=args.imports,
         )
+    for case in to_run if args.model is not None else []:
+        unusable = _model_error(report, case.name)
+        if unusable:
+            raise UsageError(f"the model could not run on any backend: {unusable}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
+        _write_json(report, args.json)
     if not args.quiet:
         render(report, out, title)
         for backend, error in report.worker_errors.items():
@@ -250,6 +320,8 @@ def build_parser():
         prog="mhsa-core",
         description="2-D multi-head self-attention for Keras 3, checked across backends.",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {mhsa_core.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run the Keras 2 YOLOv4-MHSA block under each "
                                     "installed backend")
@@ -264,14 +336,21 @@ def build_parser():
                    help="the layer's dtype policy (default float32)")
     p.set_defaults(func=demo)
 
-    m = sub.add_parser("matrix", help="check that the backends agree")
+    m = sub.add_parser(
+        "matrix", help="check that the backends agree",
+        description=MATRIX_DESCRIPTION, epilog=MATRIX_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     m.add_argument("--backends", type=_backend_list, default=list(BACKENDS),
                    help=f"comma-separated (default: {','.join(BACKENDS)}; backends other "
                         f"than {','.join(TRAINING_BACKENDS)} run inference only)")
     m.add_argument("--model", help="a .keras file (default: the built-in cases)")
-    m.add_argument("--inputs", help=".npz of the model's inputs, in input order "
-                   f"(default: made from the input spec, None dims -> "
-                   f"{cases.DEFAULT_BATCH} for the batch, {cases.DEFAULT_SIZE} otherwise)")
+    m.add_argument("--inputs", metavar="NPZ",
+                   help=".npz of the model's inputs: matched by name when its keys are the "
+                   "model's input names, else by order (default: made from the loaded "
+                   f"model's inputs, None dims -> {cases.DEFAULT_BATCH} for the batch; "
+                   "other None dims run at two sizes, "
+                   f"{' and '.join(map(str, cases.VARIABLE_SIZES))})")
     m.add_argument("--rtol", type=_positive_float,
                    help="tolerance relative to max|output| when no float64 run is "
                         "possible (or to override it)")
@@ -280,7 +359,9 @@ def build_parser():
     m.add_argument("--import", dest="imports", action="append", default=[],
                    metavar="MODULE", help="a module the workers import first "
                    "(where the model's custom layers are registered); repeatable")
-    m.add_argument("--json", help="also write the report as JSON to this path")
+    m.add_argument("--json", metavar="PATH",
+                   help="also write the report as JSON to PATH; '-' for stdout (then the "
+                        "table and the verdict go to stderr)")
     m.add_argument("--quiet", action="store_true", help="print only the verdict")
     m.add_argument("--timeout", type=_positive_float, default=1800.0,
                    help="seconds per backend worker (default 1800)")

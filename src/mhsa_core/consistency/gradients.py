@@ -152,7 +152,16 @@ def _select_output(outputs):
 
 
 def _loss(outputs, weights):
-    """sum(output * L), in the output's dtype (float32 for 16-bit outputs)."""
+    """sum(output * L), in the output's dtype (float32 for 16-bit outputs); with
+    a list of weights, the sum of that over every output (flattened)."""
+    if isinstance(weights, list):
+        flat = keras.tree.flatten(outputs)
+        if len(flat) != len(weights):
+            raise ValueError(
+                f"`loss_weights` must have one array per output ({len(flat)}). "
+                f"Received: {len(weights)} arrays"
+            )
+        return sum(_loss(o, w) for o, w in zip(flat, weights))
     outputs = _select_output(outputs)
     shape = tuple(outputs.shape)
     if shape != weights.shape:
@@ -183,14 +192,18 @@ def value_and_grad(model, inputs, loss_weights, *, training=False):
 
     Args:
         model: a built `keras.layers.Layer` or `keras.Model`.
-        inputs: one array, or a list of arrays: the positional arguments of the
+        inputs: one array, a dict {input name: array} (a model with dict
+            inputs; gradients in the dict's order), or a list of arrays: the
+            positional arguments of the
             model's call (e.g. `[x, attention_mask]` for the layer), or the
             inputs of a multi-input functional model, as a list. A list goes to
             the call as one argument when the call cannot take its entries
             positionally (fewer positional parameters besides `training` and
             `mask` than entries, as `Functional.call(inputs, training, mask)`),
             else as positional arguments.
-        loss_weights: array of the output's shape (see `loss_weights()`).
+        loss_weights: array of the output's shape (see `loss_weights()`), or a
+            list of them, one per output of a multi-output model (outputs
+            flattened as `keras.tree.flatten`): the loss sums over them all.
         training: passed to the call (dropout, batch statistics, ...). As a
             model call does on TensorFlow and torch, a call with state updates
             (a dropout seed generator, moving statistics) also updates the
@@ -217,9 +230,14 @@ def value_and_grad(model, inputs, loss_weights, *, training=False):
             "value_and_grad needs a built model: call it on an input (or "
             "`build(input_shape)`) first."
         )
-    weights = np.asarray(loss_weights)
-    tensors, is_float = _prepare_inputs(inputs)
-    if _takes_inputs_as_one_structure(model, len(tensors)):
+    weights = ([np.asarray(w) for w in loss_weights] if isinstance(loss_weights, list)
+               else np.asarray(loss_weights))
+    names = list(inputs) if isinstance(inputs, dict) else None
+    tensors, is_float = _prepare_inputs(list(inputs.values()) if names else inputs)
+    if names is not None:
+        def pack(values):  # model({name: x, ...}): a model with dict inputs
+            return (dict(zip(names, values)),)
+    elif _takes_inputs_as_one_structure(model, len(tensors)):
         def pack(values):  # model([x1, x2, ...])
             return (list(values),)
     else:

@@ -16,7 +16,7 @@ from mhsa_core.consistency import checks, protocol
 from mhsa_core.consistency.report import Report
 from mhsa_core.consistency.runner import run_backends
 
-__all__ = ["run_matrix", "evaluate", "expected_cells", "needed_tasks"]
+__all__ = ["run_matrix", "evaluate", "expected_cells", "needed_tasks", "with_worker_inputs"]
 
 
 def needed_tasks(case, rtol=None):
@@ -27,14 +27,16 @@ def needed_tasks(case, rtol=None):
 
 def evaluate(cases, runs, backends, rtol=None):
     """Judges every check of every case on the workers' `runs`; a `Report`."""
-    rows = []
+    rows, notes = [], []
     for case in cases:
         ctx = checks.CaseContext(case, runs, backends, rtol)
         for check in checks.CHECKS:
             rows.extend(check.rows(ctx))
+        if any(ctx.results(task) for task in (protocol.FORWARD, protocol.FORWARD64)):
+            notes.append(ctx.oracle_note())
     worker_errors = {b: r.error for b, r in runs.items()
                      if r.error and r.error != "some tasks failed"}
-    return Report(list(backends), rows, worker_errors, runs)
+    return Report(list(backends), rows, worker_errors, runs, notes=notes)
 
 
 def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
@@ -57,7 +59,20 @@ def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
     cases = [dataclasses.replace(case, tasks=needed_tasks(case, rtol)) for case in cases]
     runs = run_backends(cases, backends, on_event=on_event, safe_mode=safe_mode,
                         timeout=timeout, imports=imports)
-    return evaluate(cases, runs, backends, rtol=rtol)
+    return evaluate([with_worker_inputs(case, runs) for case in cases], runs, backends,
+                    rtol=rtol)
+
+
+def with_worker_inputs(case, runs):
+    """`case` with the input variants its workers made from the model (a model
+    case given no inputs), else `case` itself. Every worker makes the same
+    (seeded NumPy, `cases.generate_inputs`); the first backend's are taken."""
+    if case.variants:
+        return case
+    for run in runs.values():
+        if run.inputs.get(case.name):
+            return dataclasses.replace(case, inputs=run.inputs[case.name])
+    return case
 
 
 def expected_cells(case, backends, rtol=None):

@@ -86,6 +86,13 @@ def model_file(i):
     return f"case{i}.keras"
 
 
+def inputs_file(i):
+    """The inputs a worker made for case i from its model's inputs (a model
+    case given none), keys `job_input_key`: every worker makes the same ones
+    (seeded NumPy), the parent reads them back for the report."""
+    return f"case{i}-inputs.npz"
+
+
 def load_file(saver, i):
     """Results of loading `model_file(i)` of the backend `saver` (phase LOAD)."""
     return f"load-{saver}-case{i}.npz"
@@ -124,6 +131,15 @@ def job_weight_key(name):
 def out_key(v):
     """The output of variant v (tasks FORWARD, FORWARD64, JIT, SCORES; loads)."""
     return f"out/{v}"
+
+
+def output_key(v, o):
+    """Output o of variant v of a multi-output model (`out_key(v)` for output 0,
+    so that single-output models keep their one key)."""
+    return out_key(v) if o == 0 else f"{out_key(v)}/{o}"
+
+
+OUT_PREFIX = "out/"
 
 
 # FORWARD: variant 0 run once more, to check that inference is repeatable.

@@ -10,6 +10,7 @@ import dataclasses
 import math
 
 __all__ = ["Cell", "Row", "Report", "cell_of", "format_table", "cell_text", "render",
+           "footer", "NOT_JUDGED_LEGEND",
            "verdict"]
 
 
@@ -45,6 +46,22 @@ class Report:
     rows: list
     worker_errors: dict  # backend -> message (crash, timeout, not installed)
     runs: dict = dataclasses.field(default_factory=dict, repr=False)
+    # What each case's results were compared with, in words ("oracles" under
+    # the table): e.g. with two backends and no TensorFlow float64 run, the
+    # midpoint of the two, which cannot tell which one is off.
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def ran(self):
+        """The backends with at least one result compared with an oracle."""
+        return [b for b in self.backends
+                if any(b in r.cells and r.cells[b].ratio is not None for r in self.rows)]
+
+    @property
+    def compared(self):
+        """Whether at least two backends ran: one backend alone agrees with
+        nothing (its cells only say it is within budget of the oracle)."""
+        return len(self.ran) >= 2
 
     @property
     def failures(self):
@@ -58,7 +75,7 @@ class Report:
     @property
     def agree(self):
         crashed = [b for b in self.worker_errors if b not in self.missing]
-        return not self.failures and not crashed and any(
+        return not self.failures and not crashed and self.compared and any(
             c.passed for r in self.rows for c in r.cells.values()
         )
 
@@ -70,17 +87,78 @@ class Report:
                 return row.cells.get(backend)
         raise KeyError((case, check))
 
+    @property
+    def status(self):
+        """"agree", "disagree" (cells beyond budget), "failed" (a worker
+        crashed, or a task raised and nothing is beyond budget) or
+        "not_compared" (fewer than two backends ran)."""
+        if set(self.worker_errors) - set(self.missing):
+            return "failed"
+        if self.failures:
+            beyond = any(c.ratio is not None for _, _, c in self.failures)
+            return "disagree" if beyond else "failed"
+        return "agree" if self.agree else "not_compared"
+
+    def backend_entries(self):
+        """{backend: {"status", "reason", versions, "seconds"}} (the JSON's
+        "backend_runs"): "ran", "skipped" (not installed) or "failed"."""
+        entries = {}
+        for b in self.backends:
+            run = self.runs.get(b)
+            info = getattr(run, "info", {}) or {}
+            error = self.worker_errors.get(b)
+            status = ("skipped" if b in self.missing else "failed" if error else "ran")
+            entries[b] = {
+                "status": status,
+                "reason": error,
+                "keras_version": info.get("keras_version"),
+                "framework_version": info.get("framework_version"),
+                "seconds": getattr(run, "seconds", None),
+            }
+        return entries
+
     def to_json(self):
+        """The report as strict JSON data (`json.dumps(..., allow_nan=False)`
+        succeeds): schema in docs/consistency.md, "The JSON report"."""
+        from mhsa_core import __version__
+
         return {
-            "verdict": "agree" if self.agree else "disagree",
+            "schema_version": SCHEMA_VERSION,
+            "tool": "mhsa-core",
+            "tool_version": __version__,
+            "verdict": self.status,
+            "verdict_text": verdict(self).removeprefix("verdict: "),
             "backends": self.backends,
-            "worker_errors": self.worker_errors,
+            "compared": self.ran,
+            "backend_runs": self.backend_entries(),
+            "worker_errors": {b: e for b, e in self.worker_errors.items()
+                              if b not in self.missing},
+            "oracles": self.notes,
             "rows": [
                 {"case": r.case, "check": r.check,
-                 "cells": {b: dataclasses.asdict(c) for b, c in r.cells.items()}}
+                 "cells": {b: _json_cell(c) for b, c in r.cells.items()}}
                 for r in self.rows
             ],
         }
+
+
+SCHEMA_VERSION = 1
+
+
+def _json_cell(cell):
+    """A cell as JSON: a non-finite number (an error of NaN, a zero budget)
+    becomes null, its value spelled in "non_finite" ({"ratio": "inf"})."""
+    data = dataclasses.asdict(cell)
+    data["judged"] = cell.passed is not None
+    non_finite = {}
+    for key in ("ratio", "error", "budget"):
+        value = data[key]
+        if value is not None and not math.isfinite(value):
+            non_finite[key] = str(value)  # "inf", "-inf", "nan"
+            data[key] = None
+    if non_finite:
+        data["non_finite"] = non_finite
+    return data
 
 
 # ------------------------------------------------------------------ text
@@ -100,7 +178,8 @@ def cell_text(cell):
         return "-", "dim"
     if cell.passed is None:
         if cell.ratio is not None and math.isfinite(cell.ratio):
-            return f"{cell.ratio:.2f} {cell.note}".strip(), "yellow"
+            # A ratio without ok/FAIL: reported, not judged (`NOT_JUDGED_LEGEND`).
+            return f"{cell.ratio:.2f} not judged", "yellow"
         return cell.note or "-", "dim"
     if cell.ratio is None or not math.isfinite(cell.ratio):
         return f"FAIL {cell.note}".strip(), "bold red"
@@ -108,6 +187,29 @@ def cell_text(cell):
     if cell.passed:
         return text + " ok", "green"
     return f"{text} FAIL" + (f" ({cell.note})" if cell.note else ""), "bold red"
+
+
+NOT_JUDGED_LEGEND = (
+    "'not judged': the ratio is reported, not judged by the '<= 1' rule: a float64 run "
+    "that Keras computes partly in float32 on that backend (float32-level; Keras 3.15 maps "
+    "float64 to float32 for some ops on torch and JAX). It is within the float32 budget; "
+    "its ratio to the strict float64 budget is shown for information."
+)
+
+
+def not_judged(report):
+    """Whether some cell shows a ratio without a verdict (the legend applies)."""
+    return any(c.passed is None and c.ratio is not None
+               for r in report.rows for c in r.cells.values())
+
+
+def footer(report):
+    """The lines under the table: the legend of unjudged cells, and what each
+    case was compared with."""
+    lines = [NOT_JUDGED_LEGEND] if not_judged(report) else []
+    if report.notes:
+        lines += ["oracles:", *(f"  {note}" for note in report.notes)]
+    return lines
 
 
 def render(report, out, title):
@@ -123,6 +225,8 @@ def render(report, out, title):
         plain = [[r[0], r[1], *(t for t, _ in r[2:])] for r in rows]
         print(title, file=out)
         print(format_table(header, plain), file=out)
+        for line in footer(report):
+            print(line, file=out)
         return
     table = Table(title=title, title_justify="left")
     for name in header:
@@ -133,7 +237,15 @@ def render(report, out, title):
         previous = r[0]
         table.add_row(case, r[1], *(f"[{style}]{text}[/]" if style else text
                                     for text, style in r[2:]))
-    Console(file=out, width=max(100, 30 + 22 * len(report.backends))).print(table)
+    console = Console(file=out, width=max(100, 30 + 22 * len(report.backends)))
+    console.print(table)
+    for line in footer(report):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _where(failures):
+    where = sorted({f"{r.case}/{r.check}/{b}" for r, b, _ in failures})
+    return ", ".join(where[:8]) + (" ..." if len(where) > 8 else "")
 
 
 def verdict(report):
@@ -142,16 +254,31 @@ def verdict(report):
     checked = sum(1 for r in report.rows for c in r.cells.values() if c.passed is not None)
     parts = []
     if report.missing:
-        parts.append("not installed, skipped: " + ", ".join(report.missing))
+        parts.append("not installed, skipped: " + ", ".join(
+            f"{b} ({report.worker_errors[b].split(': ', 1)[-1]})" for b in report.missing))
     crashed = {b: e for b, e in report.worker_errors.items() if b not in report.missing}
     if crashed:
         return "verdict: FAIL: worker(s) failed: " + ", ".join(crashed)
     if report.failures:
-        where = sorted({f"{r.case}/{r.check}/{b}" for r, b, _ in report.failures})
-        return (f"verdict: DISAGREE: {len(report.failures)} of {checked} cells beyond "
-                f"tolerance: " + ", ".join(where[:8]) + (" ..." if len(where) > 8 else ""))
+        # A cell with no ratio was not compared (a task raised, no oracle):
+        # it fails, but is no disagreement.
+        beyond = [f for f in report.failures if f[2].ratio is not None]
+        broken = [f for f in report.failures if f[2].ratio is None]
+        text = []
+        if beyond:
+            text.append(f"DISAGREE: {len(beyond)} of {checked} cells beyond tolerance: "
+                        + _where(beyond))
+        if broken:
+            text.append(f"{'' if beyond else 'FAIL: '}{len(broken)} cells not computed "
+                        f"(a task raised, or no oracle): " + _where(broken))
+        return "verdict: " + "; ".join(text)
     if not checked:
         return "verdict: nothing was checked" + (f" ({'; '.join(parts)})" if parts else "")
-    ran = [b for b in report.backends if b not in report.missing]
+    ran = report.ran
+    if not report.compared:
+        who = f"only {ran[0]} ran" if ran else "no backend produced a result"
+        return (f"verdict: NOT COMPARED: {who}: nothing was compared across backends "
+                f"(at least two must run; its {checked} cells above are against their "
+                f"oracles only)" + (f" ({'; '.join(parts)})" if parts else ""))
     return (f"verdict: all {checked} cells agree across {', '.join(ran)}"
             + (f" ({'; '.join(parts)})" if parts else ""))

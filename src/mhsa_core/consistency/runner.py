@@ -41,13 +41,39 @@ from mhsa_core.consistency.protocol import BACKENDS
 _STDERR_TAIL_CHARS = 3000
 
 
-def backend_available(backend):
-    """Whether the framework of a Keras backend is importable here."""
+# What `import keras` needs under each backend, besides Keras's own pip
+# dependencies (Keras 3.15.1, measured by blocking each module in turn): the
+# numpy backend imports scipy.linalg (its linalg) and jax (its nn), jax
+# imports scipy and jaxlib. A backend counted as installed without them
+# would crash its worker (the default matrix FAILed on a keras+torch install).
+BACKEND_MODULES = {
+    "tensorflow": ("keras", "tensorflow"),
+    "torch": ("keras", "torch"),
+    "jax": ("keras", "jax", "jaxlib", "scipy"),
+    "numpy": ("keras", "scipy", "jax", "jaxlib"),
+}
+NOT_INSTALLED = "not installed"  # the start of a skipped backend's reason
+
+
+def missing_modules(backend):
+    """The modules a Keras backend needs that cannot be found here, without
+    importing any (`importlib.util.find_spec` of top-level names)."""
     if backend not in BACKENDS:
         raise ValueError(
             f"Unknown backend. Expected one of {BACKENDS}. Received: backend={backend!r}"
         )
-    return importlib.util.find_spec(backend) is not None
+    return [m for m in BACKEND_MODULES[backend] if importlib.util.find_spec(m) is None]
+
+
+def backend_available(backend):
+    """Whether everything a Keras backend imports is installed here."""
+    return not missing_modules(backend)
+
+
+def unavailable_reason(backend):
+    """Why `backend` is skipped ("not installed: needs scipy"), or None."""
+    missing = missing_modules(backend)
+    return f"{NOT_INSTALLED}: needs {', '.join(missing)}" if missing else None
 
 
 @dataclasses.dataclass
@@ -67,6 +93,9 @@ class BackendRun:
     errors: dict = dataclasses.field(default_factory=dict)
     loads: dict = dataclasses.field(default_factory=dict)
     info: dict = dataclasses.field(default_factory=dict)
+    # inputs[case]: the input variants ([{name: array}]) the worker made
+    # from the model (a model case given no inputs)
+    inputs: dict = dataclasses.field(default_factory=dict)
 
 
 def _write_job(job_dir, cases, options):
@@ -93,7 +122,8 @@ def _write_job(job_dir, cases, options):
                 "config": case.config,
                 "model_path": None if case.model_path is None else str(case.model_path),
                 "variants": len(case.variants),
-                "input_names": list(case.variants[0]),
+                # none: the workers make the inputs from the loaded model
+                "input_names": list(case.variants[0]) if case.variants else [],
                 "tasks": list(case.tasks),
                 "dtype": case.dtype,
             }
@@ -221,10 +251,9 @@ def run_backends(cases, backends, *, timeout=1800.0, on_event=None, job_dir=None
         job = _write_job(root, cases, options)
         runs, workers = {}, {}
         for backend in backends:
-            if not backend_available(backend):
-                runs[backend] = BackendRun(
-                    backend, ok=False, error=f"not installed (no module named {backend!r})"
-                )
+            reason = unavailable_reason(backend)
+            if reason is not None:
+                runs[backend] = BackendRun(backend, ok=False, error=reason)
                 notify(backend, "skipped", runs[backend].error)
                 continue
             out_dir = root / backend
@@ -274,6 +303,14 @@ def _collect(run, out_dir, job):
             for case, tasks in info.get("errors", {}).items():
                 run.errors.setdefault(case, {}).update(tasks)
     for i, case in enumerate(job["cases"]):
+        path = out_dir / protocol.inputs_file(i)
+        if path.exists():
+            arrays = _load_npz(path)
+            count = 1 + max((protocol.variant_of(k) for k in arrays), default=-1)
+            variants = [{} for _ in range(count)]
+            for k, a in arrays.items():  # "input/{v}/{name}"
+                variants[protocol.variant_of(k)][k.split("/", 2)[2]] = a
+            run.inputs[case["name"]] = variants
         for task in case["tasks"]:
             path = out_dir / protocol.result_file(i, task)
             if path.exists():

@@ -8,7 +8,9 @@
 Runs the model under each backend in its own process (forward in float32 and
 float64, gradients, an SGD and an Adam step, jit, and `.keras` files saved
 under each backend loaded under every other) and raises `AssertionError` with
-the table of every check when a backend disagrees beyond tolerance.
+the table of every check when a backend disagrees beyond tolerance, or when
+fewer than two backends ran: one backend alone is not agreement
+(`skip_if_not_compared=True` skips the test instead).
 """
 
 import io
@@ -35,7 +37,8 @@ def _custom_modules(model):
 
 
 def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS,
-                          rtol=None, *, safe_mode=True, imports=None, timeout=1800.0):
+                          rtol=None, *, safe_mode=True, imports=None, timeout=1800.0,
+                          skip_if_not_compared=False):
     """Asserts that `backends` agree on a Keras model; returns the `report.Report`.
 
     Args:
@@ -50,10 +53,15 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
         imports: modules the workers import before loading (custom layers);
             default for a model object: the modules of its non-Keras layers.
         timeout: seconds per backend worker.
+        skip_if_not_compared: when fewer than two backends ran (the others
+            not installed), call `pytest.skip` with the reason instead of
+            failing: for test suites that run on installs with one backend.
+            Default False: one backend is not agreement.
 
     Raises:
-        AssertionError: a check failed, or a worker crashed; the message has
-            the whole table.
+        AssertionError: a check failed, a worker crashed, or fewer than two
+            backends ran (nothing was compared); the message has the whole
+            table and the verdict.
     """
     with tempfile.TemporaryDirectory(prefix="mhsa-core-model-") as tmp:
         if isinstance(model_or_path, (str, Path)):
@@ -70,6 +78,11 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
         report = matrix.run_matrix([case], list(backends), rtol=rtol, safe_mode=safe_mode,
                                    imports=imports, timeout=timeout)
     if not report.agree:
+        if skip_if_not_compared and not report.compared and not report.failures and not (
+                set(report.worker_errors) - set(report.missing)):
+            import pytest  # only here: the helper is usable without pytest
+
+            pytest.skip(verdict(report).removeprefix("verdict: "))
         text = io.StringIO()
         render(report, text, f"backends disagree on {path.name}")
         for backend, error in report.worker_errors.items():

@@ -9,6 +9,7 @@ input. See `runner` for the exchange and `protocol` for every file and key.
 Files written to OUT_DIR, per case i of JOB_DIR/job.json:
 - `result_file(i, task)`, by task:
   FORWARD / FORWARD64 / JIT / SCORES: `out_key(v)` per input variant v
+  (`output_key(v, o)` per output o of a multi-output model)
   (FORWARD also AGAIN_KEY: variant 0 once more, to check repeatability);
   GRADS / GRADS64, per input variant v: `loss_key(v)`, `input_grad_key(v, k)`
   (float inputs), `weight_grad_key(v, j)` in the order of
@@ -18,7 +19,9 @@ Files written to OUT_DIR, per case i of JOB_DIR/job.json:
   `start_key(j)`, with that variant's gradients `step_grad_key(v, j)`);
   SAVE: `saved_weight_key(j)` (all `model.get_weights()`), beside
   `model_file(i)`;
-- `load_file(saver, i)` (phase LOAD): `out_key(v)` of the model the backend
+- `inputs_file(i)`: the inputs made here from the loaded model (a model case
+  given none);
+- `load_file(saver, i)` (phase LOAD): `output_key(v, o)` of the model the backend
   `saver` saved, and `identical_key(j)` per weight (1 = bit-identical);
 - `phase_file(phase)`: versions, timings, and `errors[case][task]`.
 A task that raises is recorded there and the worker goes on.
@@ -52,6 +55,89 @@ def _portable(array):
     return array
 
 
+class _ModelInputs:
+    """The inputs a loaded model takes, read from the model itself: names,
+    shapes, dtypes, and the structure it is called with (one tensor, a list,
+    or a dict keyed by input name).
+
+    Args:
+        keras: the imported keras module.
+        model: a loaded `keras.Model`.
+    """
+
+    def __init__(self, keras, model):
+        try:
+            struct = model.input
+        except (AttributeError, ValueError):  # e.g. a Sequential never called
+            struct = None
+        if isinstance(struct, dict):
+            self.kind = "dict"
+            self.names = sorted(struct)  # keras.tree.flatten's order
+            tensors = [struct[k] for k in self.names]
+        else:
+            try:
+                tensors = list(model.inputs or [])
+            except (AttributeError, ValueError):
+                tensors = []
+            self.kind = "list" if isinstance(struct, (list, tuple)) or len(tensors) > 1 \
+                else "single"
+            self.names = [t.name for t in tensors]
+        self.shapes = [tuple(t.shape) for t in tensors]
+        self.dtypes = [keras.backend.standardize_dtype(t.dtype) for t in tensors]
+
+    @property
+    def known(self):
+        return bool(self.names)
+
+    def structure(self, xs):
+        """The call argument for input arrays `xs` (in `names` order)."""
+        if self.kind == "dict":
+            return dict(zip(self.names, xs))
+        if self.kind == "list":
+            return list(xs)
+        return xs[0] if len(xs) == 1 else list(xs)
+
+    def generate(self, seed=0):
+        """Deterministic input variants (`cases.generate_inputs`), as lists."""
+        from mhsa_core.consistency import cases
+
+        if not self.known:
+            raise ValueError(
+                "Cannot tell the model's inputs (it has no `inputs`: a subclassed "
+                "model?); pass inputs (--inputs)."
+            )
+        specs = list(zip(self.names, self.shapes, self.dtypes))
+        return [[variant[n] for n in self.names]
+                for variant in cases.generate_inputs(specs, seed)]
+
+    def match(self, given, variants):
+        """Given input variants (lists, in the order of the names `given`)
+        reordered to the model's inputs: by name when `given` are the model's
+        input names, else by order; ValueError (one line) if they do not fit."""
+        if not self.known:
+            return variants
+        if sorted(given) == sorted(self.names):
+            order = [given.index(n) for n in self.names]
+        elif len(given) == len(self.names):
+            order = list(range(len(given)))
+        else:
+            raise ValueError(
+                f"The inputs do not fit the model: {len(given)} array(s) {given}, the "
+                f"model takes {len(self.names)} input(s) {self.names}."
+            )
+        matched = [[xs[k] for k in order] for xs in variants]
+        for xs in matched:
+            for k, (x, name, shape) in enumerate(zip(xs, self.names, self.shapes)):
+                if len(x.shape) != len(shape) or any(
+                        d is not None and d != e for d, e in zip(shape, x.shape)):
+                    raise ValueError(
+                        f"The inputs do not fit the model: array {given[order[k]]!r} has "
+                        f"shape {tuple(x.shape)}, the model's input {name!r} expects "
+                        f"{shape} (None: any size)."
+                    )
+        return matched
+
+
 class _CaseRunner:
     """One case in this worker: its model, inputs and tasks (`task_<name>`).
 
@@ -78,7 +164,25 @@ class _CaseRunner:
                          for v in range(n)]
         prefix = protocol.JOB_WEIGHT_PREFIX
         self.weights = {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
+        self.input_spec = None  # a model case: what the loaded model takes
         self.model, self.layer = self._build(case["dtype"])
+        if case["kind"] == "model":
+            self._model_variants()
+
+    def _model_variants(self):
+        """A model case's inputs, from the loaded model: the given ones matched
+        to its inputs, or made here (and saved for the parent)."""
+        self.input_spec = _ModelInputs(self.keras, self.model)
+        if self.variants:
+            self.variants = self.input_spec.match(list(self.case["input_names"]),
+                                                  self.variants)
+            return
+        self.variants = self.input_spec.generate(seed=0)
+        if self.out_dir is not None:
+            np.savez(self.out_dir / protocol.inputs_file(self.index), **{
+                protocol.job_input_key(v, name): x
+                for v, xs in enumerate(self.variants)
+                for name, x in zip(self.input_spec.names, xs)})
 
     # -------------------------------------------------------------- models
     def _build(self, dtype):
@@ -114,8 +218,11 @@ class _CaseRunner:
             return float64_clone(self.model)
         return _CaseRunner._build(self, "float64")[0]
 
-    @staticmethod
-    def _call_inputs(xs):
+    def _call_inputs(self, xs):
+        """The call argument for one variant's arrays: the structure the model
+        takes (a dict for dict inputs, a list for several)."""
+        if self.input_spec is not None:
+            return self.input_spec.structure(xs)
         return xs[0] if len(xs) == 1 else list(xs)
 
     @staticmethod
@@ -123,16 +230,24 @@ class _CaseRunner:
         return [x.astype(np.float64) if x.dtype.kind in _FLOAT_KINDS else x for x in xs]
 
     def _forward(self, model, xs):
+        """The model's (first) output as NumPy; every output: `_outputs`."""
+        return self._outputs(model, xs)[0]
+
+    def _outputs(self, model, xs):
+        """Every output of the model (flattened: list, tuple or dict), as NumPy."""
         out = model(self._call_inputs(xs), training=False)
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return _portable(self.keras.ops.convert_to_numpy(out))
+        return [_portable(self.keras.ops.convert_to_numpy(o))
+                for o in self.keras.tree.flatten(out)]
+
+    def _output_results(self, model, variants):
+        """{`protocol.output_key(v, o)`: output o of variant v} of `model`."""
+        return {protocol.output_key(v, o): out
+                for v, xs in enumerate(variants)
+                for o, out in enumerate(self._outputs(model, xs))}
 
     # --------------------------------------------------------------- tasks
     def task_forward(self, timings):
-        results = {}
-        for v, xs in enumerate(self.variants):
-            results[out_key(v)] = self._forward(self.model, xs)
+        results = self._output_results(self.model, self.variants)
         # Inference must be repeatable: a model that draws random numbers in
         # call() gives another output each time (and on each backend).
         results[AGAIN_KEY] = self._forward(self.model, self.variants[0])
@@ -148,8 +263,7 @@ class _CaseRunner:
 
     def task_forward64(self, timings):
         model = self.model64()
-        return {out_key(v): self._forward(model, self._as_float64(xs))
-                for v, xs in enumerate(self.variants)}
+        return self._output_results(model, [self._as_float64(xs) for xs in self.variants])
 
     def task_scores(self, timings):
         if self.layer is None:
@@ -169,8 +283,10 @@ class _CaseRunner:
         results = {protocol.start_key(j): _portable(self.keras.ops.convert_to_numpy(w))
                    for j, w in enumerate(model.trainable_variables)}
         for v, xs in enumerate(variants):
-            out = self._forward(model, xs)
-            loss_weights = gradients.loss_weights(out.shape)
+            outs = self._outputs(model, xs)  # the loss covers every output
+            loss_weights = (gradients.loss_weights(outs[0].shape) if len(outs) == 1 else
+                            [gradients.loss_weights(o.shape, seed=k)
+                             for k, o in enumerate(outs)])
             loss, input_grads, weight_grads = gradients.value_and_grad(
                 model, self._call_inputs(xs), loss_weights
             )
@@ -268,9 +384,8 @@ class _CaseRunner:
         for v, xs in enumerate(self.variants):
             tensors = [keras.ops.convert_to_tensor(x, dtype=str(x.dtype)) for x in xs]
             out = run(self._call_inputs(tensors))
-            if isinstance(out, (list, tuple)):
-                out = out[0]
-            results[out_key(v)] = _portable(keras.ops.convert_to_numpy(out))
+            for o, each in enumerate(keras.tree.flatten(out)):
+                results[protocol.output_key(v, o)] = _portable(keras.ops.convert_to_numpy(each))
         return results
 
     def task_save(self, timings):
@@ -298,6 +413,11 @@ def _write_json(path, data):
     os.replace(tmp, path)
 
 
+# case index -> its input variants (in the model's input order), kept from the
+# compute phase for the load phase (one worker process runs both).
+_VARIANTS = {}
+
+
 def run_compute(keras, job, job_dir, out_dir):
     info = {"versions": _versions(keras), "timings": {}, "errors": {}}
     me = keras.backend.backend()
@@ -311,6 +431,7 @@ def run_compute(keras, job, job_dir, out_dir):
             with np.load(job_dir / case["file"]) as data:
                 arrays = {k: data[k] for k in data.files}
             runner = _CaseRunner(keras, case, arrays, safe_mode, out_dir, i, job["options"])
+            _VARIANTS[i] = runner.variants  # the load phase runs the same inputs
         except Exception:  # noqa: BLE001 -- reported per case, the run goes on
             errors[SETUP_ERROR] = traceback.format_exc()[-3000:]
             info["errors"][case["name"]] = errors
@@ -336,11 +457,9 @@ def run_load(keras, job, job_dir, out_dir):
     for i, case in enumerate(job["cases"]):
         if SAVE not in case["tasks"] or me not in case_backends(case["dtype"], [me]):
             continue
-        with np.load(job_dir / case["file"]) as data:
-            arrays = {k: data[k] for k in data.files}
-        names = case["input_names"]
-        variants = [[arrays[protocol.job_input_key(v, k)] for k in names]
-                    for v in range(case["variants"])]
+        variants = _VARIANTS.get(i)
+        if variants is None:  # the case's setup failed in phase compute (an error there)
+            continue
         for saver in job["options"]["backends"]:
             path = job_dir / saver / protocol.model_file(i)
             if saver == me or not path.exists():
@@ -360,11 +479,13 @@ def run_load(keras, job, job_dir, out_dir):
                     )
                     for j, (a, b) in enumerate(zip(loaded, saved))
                 }
+                spec = _ModelInputs(keras, model) if case["kind"] == "model" else None
                 for v, xs in enumerate(variants):
-                    out = model(xs[0] if len(xs) == 1 else list(xs), training=False)
-                    if isinstance(out, (list, tuple)):
-                        out = out[0]
-                    results[out_key(v)] = _portable(keras.ops.convert_to_numpy(out))
+                    call = spec.structure(xs) if spec else (xs[0] if len(xs) == 1 else list(xs))
+                    out = model(call, training=False)
+                    for o, each in enumerate(keras.tree.flatten(out)):
+                        results[protocol.output_key(v, o)] = _portable(
+                            keras.ops.convert_to_numpy(each))
                 np.savez(out_dir / protocol.load_file(saver, i), **results)
             except Exception:  # noqa: BLE001
                 info["errors"].setdefault(case["name"], {})[protocol.load_error_key(saver)] = (
