@@ -45,6 +45,9 @@ class Report:
     rows: list
     worker_errors: dict  # backend -> message (crash, timeout, not installed)
     runs: dict = dataclasses.field(default_factory=dict, repr=False)
+    # Named extra sections beside the rows, JSON-ready (e.g. "locate"): in
+    # the JSON, never in the verdict.
+    sections: dict = dataclasses.field(default_factory=dict)
 
     @property
     def failures(self):
@@ -80,6 +83,7 @@ class Report:
                  "cells": {b: dataclasses.asdict(c) for b, c in r.cells.items()}}
                 for r in self.rows
             ],
+            **self.sections,
         }
 
 

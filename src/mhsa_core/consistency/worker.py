@@ -18,6 +18,8 @@ Files written to OUT_DIR, per case i of JOB_DIR/job.json:
   `start_key(j)`, with that variant's gradients `step_grad_key(v, j)`);
   SAVE: `saved_weight_key(j)` (all `model.get_weights()`), beside
   `model_file(i)`;
+  LOCATE / LOCATE64 (opt-in, `--locate`): `layer_out_key(v, i, t)` of every
+  layer call i, with LAYER_NAMES_KEY and LAYER_CLASSES_KEY (`locate`);
 - `load_file(saver, i)` (phase LOAD): `out_key(v)` of the model the backend
   `saver` saved, and `identical_key(j)` per weight (1 = bit-identical);
 - `phase_file(phase)`: versions, timings, and `errors[case][task]`.
@@ -301,6 +303,25 @@ class _CaseRunner:
                 out = out[0]
             results[out_key(v)] = _portable(keras.ops.convert_to_numpy(out))
         return results
+
+    def task_locate(self, timings):
+        """Every layer call's output (`locate.layer_outputs`), as the model computes."""
+        return self._locate(lambda: self.model, self.variants)
+
+    def task_locate64(self, timings):
+        """Every layer call's output of the float64 clone (`model64`)."""
+        return self._locate(self.model64, [self._as_float64(xs) for xs in self.variants])
+
+    def _locate(self, make_model, variants):
+        # A diagnosis, not a check: what cannot run layer by layer is
+        # reported in the result (LOCATE_ERROR_KEY), never as a failed task.
+        from mhsa_core.consistency import locate
+
+        try:
+            return locate.layer_outputs(self.keras, make_model(), variants,
+                                        self._call_inputs)
+        except Exception:  # noqa: BLE001
+            return locate.error_result(traceback.format_exc())
 
     def task_save(self, timings):
         path = self.out_dir / protocol.model_file(self.index)
