@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from mhsa_core.consistency import cases, matrix
+from mhsa_core.consistency import locate as layer_locate
 from mhsa_core.consistency.protocol import TRAINING_BACKENDS
 from mhsa_core.consistency.report import render, verdict
 
@@ -35,7 +36,8 @@ def _custom_modules(model):
 
 
 def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS,
-                          rtol=None, *, safe_mode=True, imports=None, timeout=1800.0):
+                          rtol=None, *, safe_mode=True, imports=None, timeout=1800.0,
+                          locate=False):
     """Asserts that `backends` agree on a Keras model; returns the `report.Report`.
 
     Args:
@@ -50,6 +52,9 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
         imports: modules the workers import before loading (custom layers);
             default for a model object: the modules of its non-Keras layers.
         timeout: seconds per backend worker.
+        locate: also run the model layer by layer on each backend; the
+            message then names the first layer whose output leaves its
+            budget (`mhsa_core.consistency.locate`).
 
     Raises:
         AssertionError: a check failed, or a worker crashed; the message has
@@ -68,11 +73,13 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
             cases.check_safe(config, path)
         case = cases.model_case(path, inputs, name=path.stem)
         report = matrix.run_matrix([case], list(backends), rtol=rtol, safe_mode=safe_mode,
-                                   imports=imports, timeout=timeout)
+                                   imports=imports, timeout=timeout, locate=locate)
     if not report.agree:
         text = io.StringIO()
         render(report, text, f"backends disagree on {path.name}")
         for backend, error in report.worker_errors.items():
             text.write(f"\n{backend}: {error}\n")
+        for section in report.sections.get(layer_locate.SECTION, []):
+            text.write("\n" + layer_locate.format_section(section) + "\n")
         raise AssertionError(text.getvalue() + "\n" + verdict(report))
     return report
