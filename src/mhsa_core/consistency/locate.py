@@ -107,7 +107,9 @@ def _functional_probe(keras, model):
         outputs += [[layer_name, n, t] for t in range(count)]
         entries.append((name, cls, count))
     config = {**config, "output_layers": outputs}
-    probe = model.__class__.from_config(config)
+    # keras.Model, not the model's class: a functional config revives as a
+    # plain functional model whatever subclass saved it.
+    probe = keras.Model.from_config(config)
     for layer in model.layers:
         probe.get_layer(layer.name).set_weights(layer.get_weights())
     return probe, entries
