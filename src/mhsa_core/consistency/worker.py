@@ -304,6 +304,15 @@ class _CaseRunner:
             results[out_key(v)] = _portable(keras.ops.convert_to_numpy(out))
         return results
 
+    def task_save(self, timings):
+        path = self.out_dir / protocol.model_file(self.index)
+        tmp = path.with_suffix(".tmp.keras")
+        self.model.save(tmp)
+        os.replace(tmp, path)
+        return {protocol.saved_weight_key(j): _portable(w)
+                for j, w in enumerate(self.model.get_weights())}
+
+
     def task_locate(self, timings):
         """Every layer call's output (`locate.layer_outputs`), as the model computes."""
         return self._locate(lambda: self.model, self.variants)
@@ -322,15 +331,6 @@ class _CaseRunner:
                                         self._call_inputs)
         except Exception:  # noqa: BLE001
             return locate.error_result(traceback.format_exc())
-
-    def task_save(self, timings):
-        path = self.out_dir / protocol.model_file(self.index)
-        tmp = path.with_suffix(".tmp.keras")
-        self.model.save(tmp)
-        os.replace(tmp, path)
-        return {protocol.saved_weight_key(j): _portable(w)
-                for j, w in enumerate(self.model.get_weights())}
-
 
 def _versions(keras):
     backend = keras.backend.backend()
