@@ -16,6 +16,7 @@ import pytest
 import keras
 
 import custom_layers
+from mhsa_core import MultiHeadSelfAttention2D
 from mhsa_core.consistency import budgets, cases, cli, locate, matrix, protocol, runner
 from mhsa_core.consistency import testing as consistency_testing
 from mhsa_core.consistency.runner import BackendRun
@@ -49,6 +50,9 @@ def _planted_model():
 def _clean_model():
     inputs = keras.Input((8, 8, 2))
     x = keras.layers.Conv2D(3, 3, padding="same", name="conv")(inputs)
+    # A call with two output tensors: our layer with its attention scores.
+    x, _ = MultiHeadSelfAttention2D(num_heads=1, key_dim=4, name="mhsa")(
+        x, return_attention_scores=True)
     inner_inputs = keras.Input((8, 8, 3))
     inner = keras.Model(inner_inputs, keras.layers.Dense(3, activation="relu",
                                                          name="inner_dense")(inner_inputs),
@@ -144,7 +148,8 @@ def test_bicubic_upsampling_differs_on_torch(report, task):
 LAYER_CALLS = [
     pytest.param("planted", [("conv", "Conv2D"), ("flat", "Flatten"), ("dense", "Dense"),
                              ("planted", "ScaledOnJax"), ("head", "Dense")], id="sequential"),
-    pytest.param("clean", [("conv", "Conv2D"), ("inner", "Functional"),
+    pytest.param("clean", [("conv", "Conv2D"), ("mhsa", "MultiHeadSelfAttention2D"),
+                           ("inner", "Functional"),
                            ("shared (call 1)", "Dense"), ("act", "Activation"),
                            ("shared (call 2)", "Dense"), ("add", "Add"),
                            ("pool", "GlobalAveragePooling2D"), ("head", "Dense")],
@@ -177,6 +182,15 @@ def test_shared_layer_calls_are_the_right_tensors(report):
     assert budgets.max_abs(add, a + b) <= budgets.float64_budget(add)
 
 
+def test_a_call_with_two_outputs_has_both(report):
+    """The block's (output, attention scores): both judged, both kept."""
+    result = _located(report, "clean", "torch", protocol.LOCATE)
+    i = list(result[protocol.LAYER_NAMES_KEY]).index("mhsa")
+    assert result[protocol.layer_out_key(0, i, 0)].shape == (2, 8, 8, 3)
+    assert result[protocol.layer_out_key(0, i, 1)].shape == (2, 1, 64, 64)
+    assert protocol.layer_out_key(0, i, 2) not in result
+
+
 def test_report_json_has_the_section(report):
     data = json.loads(json.dumps(report.to_json(), allow_nan=False))
     assert [s["case"] for s in data[locate.SECTION]] == list(MODELS)
@@ -207,7 +221,7 @@ def test_cli_prints_the_section(report, paths, tmp_path, monkeypatch, capsys):
             and "its budget; every layer call before it, so its inputs, was within budget"
             in out)
     assert "first divergence: layer 'planted' (ScaledOnJax) on jax: " in out
-    assert "locate clean: no layer leaves its budget (8 layer calls" in out
+    assert "locate clean: no layer leaves its budget (9 layer calls" in out
 
 
 def test_locate_needs_a_model(capsys):
