@@ -219,7 +219,7 @@ def locate_case(case, runs, backends, rtol=None):
         with); "backends" (those located); "layers": [{"index", "name",
         "class", "cells": {backend: cell}}] for every call up to and
         including the first divergent one; "checked" (how many calls were
-        judged); "first_divergence": None or {"index", "name", "class",
+        judged) of "total"; "first_divergence": None or {"index", "name", "class",
         "backends": {backend: ratio}}; "notes": [why a backend is missing].
     """
     notes = []
@@ -230,7 +230,8 @@ def locate_case(case, runs, backends, rtol=None):
             continue
         mine = run.results.get(case.name, {})
         if LOCATE not in mine:
-            error = run.errors.get(case.name, {}).get(LOCATE) or run.error
+            errors = run.errors.get(case.name, {})
+            error = errors.get(LOCATE) or errors.get(protocol.SETUP_ERROR) or run.error
             if error and not str(error).startswith("not installed"):
                 notes.append(f"{b}: no layer outputs ({_error_line(error)})")
             continue
@@ -243,7 +244,7 @@ def locate_case(case, runs, backends, rtol=None):
                 continue
             into[b] = result
     section = {"case": case.name, "oracle": None, "backends": [], "layers": [],
-               "checked": 0, "first_divergence": None, "notes": notes}
+               "checked": 0, "total": 0, "first_divergence": None, "notes": notes}
     if not results32:
         notes.append("no backend ran the model layer by layer")
         return section
@@ -257,6 +258,7 @@ def locate_case(case, runs, backends, rtol=None):
                 del group[b]
     section["backends"] = [b for b in backends if b in results32]
     keys_of = _layer_keys(first)
+    section["total"] = len(keys_of)
     exact = rtol is None and bool(results64)
     for i, keys in keys_of.items():
         oracle = oracles.float64_oracle(results64, keys) if exact else None
@@ -284,7 +286,6 @@ def locate_case(case, runs, backends, rtol=None):
                 "backends": {b: (r if r is not None and math.isfinite(r) else None)
                              for b, r in off.items()}}
             break
-    section["total"] = len(keys_of)
     return section
 
 
