@@ -2,7 +2,7 @@
 
     mhsa-core matrix [--backends tensorflow,torch,jax,numpy] [--json PATH] [--quiet]
     mhsa-core matrix --model PATH.keras [--inputs PATH.npz] [--rtol R] [--unsafe]
-                     [--import MODULE]
+                     [--import MODULE] [--locate]
     mhsa-core demo [--backends ...] [--size 25] [--batch 2] [--channels 512]
                    [--dtype float32]
 
@@ -31,7 +31,7 @@ import numpy as np
 
 import mhsa_core
 from mhsa_core import reference
-from mhsa_core.consistency import cases, matrix, protocol
+from mhsa_core.consistency import cases, locate, matrix, protocol
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.checks import ERRORS
 from mhsa_core.consistency.protocol import BACKENDS, TRAINING_BACKENDS
@@ -273,8 +273,8 @@ def run_matrix_command(args, out=None):
     out = out or sys.stdout
     safe_mode = not args.unsafe
     if args.model is None:
-        if args.inputs is not None or args.rtol is not None:
-            raise UsageError("--inputs and --rtol need --model")
+        if args.inputs is not None or args.rtol is not None or args.locate:
+            raise UsageError("--inputs, --rtol and --locate need --model")
         to_run = cases.default_cases()
         title = "mhsa-core matrix: default cases (error / budget; <= 1 passes)"
     else:
@@ -294,6 +294,7 @@ def run_matrix_command(args, out=None):
         report = matrix.run_matrix(
             to_run, args.backends, rtol=args.rtol, safe_mode=safe_mode,
             on_event=progress, timeout=args.timeout, imports=args.imports,
+            locate=args.locate,
         )
     for case in to_run if args.model is not None else []:
         unusable = _model_error(report, case.name)
@@ -309,6 +310,8 @@ def run_matrix_command(args, out=None):
             if row.check == ERRORS:
                 for backend, cell in row.cells.items():
                     print(f"\n{row.case} on {backend}: {cell.note}", file=out)
+        for section in report.sections.get(locate.SECTION, []):
+            print("\n" + locate.format_section(section), file=out)
     print(verdict(report), file=out)
     if report.agree:
         return 0
@@ -359,6 +362,9 @@ def build_parser():
     m.add_argument("--import", dest="imports", action="append", default=[],
                    metavar="MODULE", help="a module the workers import first "
                    "(where the model's custom layers are registered); repeatable")
+    m.add_argument("--locate", action="store_true",
+                   help="also run the model layer by layer on each backend and name the "
+                        "first layer whose output leaves its budget (after the table)")
     m.add_argument("--json", metavar="PATH",
                    help="also write the report as JSON to PATH; '-' for stdout (then the "
                         "table and the verdict go to stderr)")

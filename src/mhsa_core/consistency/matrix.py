@@ -13,6 +13,7 @@ Imports no framework: the workers (`runner`) do.
 import dataclasses
 
 from mhsa_core.consistency import checks, protocol
+from mhsa_core.consistency.locate import SECTION, locate_cases
 from mhsa_core.consistency.report import Report
 from mhsa_core.consistency.runner import run_backends
 
@@ -26,7 +27,8 @@ def needed_tasks(case, rtol=None):
 
 
 def evaluate(cases, runs, backends, rtol=None):
-    """Judges every check of every case on the workers' `runs`; a `Report`."""
+    """Judges every check of every case on the workers' `runs`; a `Report`
+    (with the section `locate.SECTION` when cases ran the locate tasks)."""
     rows, notes = [], []
     for case in cases:
         ctx = checks.CaseContext(case, runs, backends, rtol)
@@ -36,11 +38,15 @@ def evaluate(cases, runs, backends, rtol=None):
             notes.append(ctx.oracle_note())
     worker_errors = {b: r.error for b, r in runs.items()
                      if r.error and r.error != "some tasks failed"}
-    return Report(list(backends), rows, worker_errors, runs, notes=notes)
+    report = Report(list(backends), rows, worker_errors, runs, notes=notes)
+    located = locate_cases(cases, runs, backends, rtol)
+    if located:
+        report.sections[SECTION] = located
+    return report
 
 
 def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
-               timeout=1800.0, imports=()):
+               timeout=1800.0, imports=(), locate=False):
     """Runs `cases` under `backends` and judges every check; returns a `Report`.
 
     Each case runs the tasks among its `tasks` that its checks read
@@ -55,8 +61,13 @@ def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
         on_event: progress callback, see `runner.run_backends`.
         timeout: seconds per backend worker.
         imports: modules every worker imports first (custom layers).
+        locate: also run every model case layer by layer, and name the first
+            layer whose output leaves its budget (`locate`; the report's
+            section `locate.SECTION`).
     """
-    cases = [dataclasses.replace(case, tasks=needed_tasks(case, rtol)) for case in cases]
+    cases = [dataclasses.replace(case, tasks=needed_tasks(case, rtol)
+                                 + (protocol.OPT_IN_TASKS if locate and case.kind == "model"
+                                    else ())) for case in cases]
     runs = run_backends(cases, backends, on_event=on_event, safe_mode=safe_mode,
                         timeout=timeout, imports=imports)
     return evaluate([with_worker_inputs(case, runs) for case in cases], runs, backends,

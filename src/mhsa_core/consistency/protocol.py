@@ -42,8 +42,14 @@ OPTIMIZERS = "optimizers"  # one step of each of `OPTIMIZER_SETTINGS`
 JIT = "jit"  # the forward pass compiled by the backend's compiler
 SAVE = "save"  # a `.keras` file, loaded by the other backends in phase LOAD
 ALL_TASKS = (FORWARD, FORWARD64, SCORES, GRADS, GRADS64, OPTIMIZERS, JIT, SAVE)
+LOCATE = "locate"  # every layer's output, in the case's dtype (`--locate`)
+LOCATE64 = "locate64"  # every layer's output of the float64 clone (`--locate`)
+# Tasks a case runs only when asked: not in ALL_TASKS, so no case runs them
+# by default.
+OPT_IN_TASKS = (LOCATE, LOCATE64)
+KNOWN_TASKS = ALL_TASKS + OPT_IN_TASKS
 # The tasks of a backend outside TRAINING_BACKENDS.
-INFERENCE_TASKS = (FORWARD, SCORES)
+INFERENCE_TASKS = (FORWARD, SCORES, LOCATE)
 
 
 def backend_tasks(backend, tasks):
@@ -227,3 +233,26 @@ OPTIMIZER_SETTINGS = {
     "adam": ("Adam", {"learning_rate": ADAM_LR, "beta_1": ADAM_BETA_1,
                       "beta_2": ADAM_BETA_2, "epsilon": ADAM_EPSILON}),
 }
+
+
+# ---------------------------------------------------------------- locate task
+# LOCATE / LOCATE64: the outputs of every layer call of a model, in execution
+# order (`locate.layer_outputs`); call i's output tensor t of variant v is
+# `layer_out_key(v, i, t)`.
+LAYER_NAMES_KEY = "layer_names"  # 1-D str array: call i's name
+LAYER_CLASSES_KEY = "layer_classes"  # 1-D str array: call i's layer class
+# A model that cannot be run layer by layer (e.g. a subclassed model), or a
+# failure while doing it: the reason, as a 0-d str array (the locate tasks
+# never raise: they are a diagnosis, not a check, and must not fail a run).
+LOCATE_ERROR_KEY = "locate_error"
+LAYER_OUT_PREFIX = "layer/"
+
+
+def layer_out_key(v, i, t=0):
+    """LOCATE / LOCATE64: output tensor t of layer call i, input variant v."""
+    return f"{LAYER_OUT_PREFIX}{v}/{i}/{t}"
+
+
+def layer_of(key):
+    """The layer call of a `layer_out_key`, "layer/{v}/{i}/{t}" -> i."""
+    return int(key.split("/")[2])

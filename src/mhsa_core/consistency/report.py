@@ -50,6 +50,9 @@ class Report:
     # the table): e.g. with two backends and no TensorFlow float64 run, the
     # midpoint of the two, which cannot tell which one is off.
     notes: list = dataclasses.field(default_factory=list)
+    # Named extra sections beside the rows, JSON-ready (e.g. "locate"): in
+    # the JSON, never in the verdict.
+    sections: dict = dataclasses.field(default_factory=dict)
 
     @property
     def ran(self):
@@ -139,6 +142,7 @@ class Report:
                  "cells": {b: _json_cell(c) for b, c in r.cells.items()}}
                 for r in self.rows
             ],
+            **self.sections,
         }
 
 

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from mhsa_core.consistency import cases, matrix
+from mhsa_core.consistency import locate as layer_locate
 from mhsa_core.consistency.protocol import TRAINING_BACKENDS
 from mhsa_core.consistency.report import render, verdict
 
@@ -38,7 +39,7 @@ def _custom_modules(model):
 
 def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS,
                           rtol=None, *, safe_mode=True, imports=None, timeout=1800.0,
-                          skip_if_not_compared=False):
+                          skip_if_not_compared=False, locate=False):
     """Asserts that `backends` agree on a Keras model; returns the `report.Report`.
 
     Args:
@@ -57,6 +58,9 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
             not installed), call `pytest.skip` with the reason instead of
             failing: for test suites that run on installs with one backend.
             Default False: one backend is not agreement.
+        locate: also run the model layer by layer on each backend; the
+            message then names the first layer whose output leaves its
+            budget (`mhsa_core.consistency.locate`).
 
     Raises:
         AssertionError: a check failed, a worker crashed, or fewer than two
@@ -76,7 +80,7 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
             cases.check_safe(config, path)
         case = cases.model_case(path, inputs, name=path.stem)
         report = matrix.run_matrix([case], list(backends), rtol=rtol, safe_mode=safe_mode,
-                                   imports=imports, timeout=timeout)
+                                   imports=imports, timeout=timeout, locate=locate)
     if not report.agree:
         if skip_if_not_compared and not report.compared and not report.failures and not (
                 set(report.worker_errors) - set(report.missing)):
@@ -87,5 +91,7 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
         render(report, text, f"backends disagree on {path.name}")
         for backend, error in report.worker_errors.items():
             text.write(f"\n{backend}: {error}\n")
+        for section in report.sections.get(layer_locate.SECTION, []):
+            text.write("\n" + layer_locate.format_section(section) + "\n")
         raise AssertionError(text.getvalue() + "\n" + verdict(report))
     return report

@@ -19,6 +19,8 @@ Files written to OUT_DIR, per case i of JOB_DIR/job.json:
   `start_key(j)`, with that variant's gradients `step_grad_key(v, j)`);
   SAVE: `saved_weight_key(j)` (all `model.get_weights()`), beside
   `model_file(i)`;
+  LOCATE / LOCATE64 (opt-in, `--locate`): `layer_out_key(v, i, t)` of every
+  layer call i, with LAYER_NAMES_KEY and LAYER_CLASSES_KEY (`locate`);
 - `inputs_file(i)`: the inputs made here from the loaded model (a model case
   given none);
 - `load_file(saver, i)` (phase LOAD): `output_key(v, o)` of the model the backend
@@ -396,6 +398,25 @@ class _CaseRunner:
         return {protocol.saved_weight_key(j): _portable(w)
                 for j, w in enumerate(self.model.get_weights())}
 
+
+    def task_locate(self, timings):
+        """Every layer call's output (`locate.layer_outputs`), as the model computes."""
+        return self._locate(lambda: self.model, self.variants)
+
+    def task_locate64(self, timings):
+        """Every layer call's output of the float64 clone (`model64`)."""
+        return self._locate(self.model64, [self._as_float64(xs) for xs in self.variants])
+
+    def _locate(self, make_model, variants):
+        # A diagnosis, not a check: what cannot run layer by layer is
+        # reported in the result (LOCATE_ERROR_KEY), never as a failed task.
+        from mhsa_core.consistency import locate
+
+        try:
+            return locate.layer_outputs(self.keras, make_model(), variants,
+                                        self._call_inputs)
+        except Exception:  # noqa: BLE001
+            return locate.error_result(traceback.format_exc())
 
 def _versions(keras):
     backend = keras.backend.backend()
