@@ -18,6 +18,8 @@ Files written to OUT_DIR, per case i of JOB_DIR/job.json:
   `start_key(j)`, with that variant's gradients `step_grad_key(v, j)`);
   SAVE: `saved_weight_key(j)` (all `model.get_weights()`), beside
   `model_file(i)`;
+  DRIFT (opt-in): `drift_loss_key(run, s)`, `drift_weight_key(run, s, j)`
+  of K optimizer steps in the model's dtype and in float64 (`drift.train`);
 - `load_file(saver, i)` (phase LOAD): `out_key(v)` of the model the backend
   `saver` saved, and `identical_key(j)` per weight (1 = bit-identical);
 - `phase_file(phase)`: versions, timings, and `errors[case][task]`.
@@ -301,6 +303,13 @@ class _CaseRunner:
                 out = out[0]
             results[out_key(v)] = _portable(keras.ops.convert_to_numpy(out))
         return results
+
+    def task_drift(self, timings):
+        """K optimizer steps of the model and of its float64 clone (`drift.train`)."""
+        from mhsa_core.consistency import drift
+
+        return drift.train(self, self.options[protocol.DRIFT_STEPS],
+                           self.options[protocol.DRIFT_OPTIMIZER])
 
     def task_save(self, timings):
         path = self.out_dir / protocol.model_file(self.index)

@@ -1,0 +1,407 @@
+"""Training drift: does a model trained under one backend train the same under another?
+
+`mhsa-core matrix --steps K` (and `assert_backends_agree(..., steps=K)`)
+trains K optimizer steps on each training backend, twice, from the same
+weights and on the same data: the model as it is (its dtype policy, float32
+usually) and its float64 clone (`worker._CaseRunner.model64`, whose weights
+are the model's, cast). Then it measures, after every step s, how far each
+backend's float32 run has moved from the float64 run of the oracle:
+
+- weights: max over all trainable variables of |w_s - w64_s|, relative to
+  max|w64_s| of the oracle;
+- loss: |loss_s - loss64_s|, relative to the largest |loss64| of the
+  oracle's run (the loss crosses zero as it falls, so its own value at a step
+  is no scale).
+
+The training (task DRIFT, run in the worker by `train`):
+- the loss of the gradient checks, `sum(output * L)` with a fixed random L
+  (`gradients.loss_weights`), so that every output entry is trained;
+  `training=False`: dropout and batch statistics would draw different random
+  numbers on each backend;
+- the case's input variants in turn (step s uses variant (s - 1) mod n): a
+  case with one variant trains on the same batch at every step;
+- a fresh optimizer of `protocol.OPTIMIZER_SETTINGS` per run (Adam by
+  default), so the two runs and the backends step with the same settings.
+
+The oracle is the float64 trajectory of TensorFlow if it ran, else the
+elementwise median of the backends' float64 trajectories
+(`oracles.float64_oracle`).
+
+Judging. Float32 rounding differences are amplified by training (Adam's
+first step is about lr x sign(g): a gradient entry that float32 rounds across
+zero moves a weight by lr), so the drift grows with the steps and no fixed
+tolerance fits every model and step. The peer rule of `budgets.peer_budgets`
+does: each backend's *own* drift (its float32 run against its float64 run)
+measures how much rounding moves this training run at this step; a backend
+whose drift from the float64 oracle exceeds PEER_FACTOR x the median own
+drift + FLOOR (both relative) at any step is flagged. A backend that trains
+differently (another gradient, another update) moves away from the oracle
+while its own two runs stay together, which the rule catches; a model whose
+training amplifies rounding a lot gets a budget that grows with it, on every
+backend alike.
+
+The parent side (`series`, `judge_drift`, `format_tables`, `plot`) imports no
+framework; `plot` imports matplotlib (Agg), only when a plot is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mhsa_core.consistency import budgets, oracles, protocol
+from mhsa_core.consistency.protocol import DRIFT, DRIFT_RUNS
+from mhsa_core.consistency.report import Cell, cell_of, format_table
+
+__all__ = ["CHECK_NAME", "check_options", "with_drift", "train", "DriftSeries", "series",
+           "judge_drift", "format_tables", "plot"]
+
+CHECK_NAME = "training drift"
+# Result keys of task DRIFT besides the runs' losses and weights.
+_STEPS_KEY = "steps"
+_OPTIMIZER_KEY = "optimizer"
+_RUN, _RUN64 = DRIFT_RUNS
+
+
+# ----------------------------------------------------------- the options
+def check_options(steps, optimizer, rtol=None):
+    """Validated `(steps, optimizer)` of a run: `(None, None)` without steps.
+
+    Raises:
+        ValueError: steps not a positive integer, an unknown optimizer, an
+            optimizer without steps, or steps with `rtol` (the drift is
+            judged against float64 runs, which `rtol` says are impossible).
+    """
+    if steps is None:
+        if optimizer is not None:
+            raise ValueError(f"`optimizer` needs `steps`. Received: optimizer={optimizer!r}")
+        return None, None
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(
+            f"`steps` must be a positive integer. Received: steps={steps!r}")
+    optimizer = protocol.DEFAULT_DRIFT_OPTIMIZER if optimizer is None else optimizer
+    if optimizer not in protocol.OPTIMIZER_SETTINGS:
+        raise ValueError(
+            f"`optimizer` must be one of {sorted(protocol.OPTIMIZER_SETTINGS)}. "
+            f"Received: optimizer={optimizer!r}")
+    if rtol is not None:
+        raise ValueError(
+            "`steps` judges training against float64 runs; `rtol` is for models that "
+            f"cannot run in float64. Received: steps={steps}, rtol={rtol}")
+    return int(steps), optimizer
+
+
+def with_drift(case, steps):
+    """`case` with task DRIFT when `steps` is given, without it otherwise."""
+    tasks = tuple(t for t in case.tasks if t != DRIFT)
+    if steps is not None:
+        tasks += (DRIFT,)
+    return dataclasses.replace(case, tasks=tasks)
+
+
+# ---------------------------------------------------------- the worker
+def train(runner, steps, optimizer_name):
+    """Task DRIFT in a worker: K steps of the model and of its float64 clone.
+
+    Args:
+        runner: the worker's `_CaseRunner` of the case.
+        steps: the number of optimizer steps K.
+        optimizer_name: a key of `protocol.OPTIMIZER_SETTINGS`.
+
+    Returns:
+        {key: array}: `protocol.drift_loss_key(run, s)` for s = 1..K and
+        `protocol.drift_weight_key(run, s, j)` for the recorded steps s
+        (`protocol.drift_recorded_steps`), for both runs of
+        `protocol.DRIFT_RUNS`; and the steps and optimizer name. The model's
+        weights are restored afterwards (the other tasks use it).
+    """
+    from mhsa_core.consistency import gradients  # imports Keras: worker only
+
+    keras = runner.keras
+    model = runner.model
+    # Before any step: the clone's weights are the model's, cast to float64.
+    model64 = runner.model64()
+    start = [np.array(keras.ops.convert_to_numpy(v)) for v in model.trainable_variables]
+    recorded = set(protocol.drift_recorded_steps(steps))
+    class_name, arguments = protocol.OPTIMIZER_SETTINGS[optimizer_name]
+    variants = {_RUN: runner.variants,
+                _RUN64: [runner._as_float64(xs) for xs in runner.variants]}
+    loss_weights = {}  # per variant: the same L in both runs
+    results = {_STEPS_KEY: np.asarray(steps), _OPTIMIZER_KEY: np.asarray(optimizer_name)}
+    try:
+        for run, trained in ((_RUN, model), (_RUN64, model64)):
+            optimizer = getattr(keras.optimizers, class_name)(**arguments)
+            for s in range(1, steps + 1):
+                v = (s - 1) % len(variants[run])
+                xs = variants[run][v]
+                if v not in loss_weights:
+                    shape = runner._forward(trained, xs).shape
+                    loss_weights[v] = gradients.loss_weights(shape)
+                loss, _, grads = gradients.value_and_grad(
+                    trained, runner._call_inputs(xs), loss_weights[v])
+                results[protocol.drift_loss_key(run, s)] = np.asarray(loss, np.float64)
+                new = gradients.apply_optimizer_step(trained, grads, optimizer)
+                if s in recorded:
+                    for j, w in enumerate(new):
+                        results[protocol.drift_weight_key(run, s, j)] = _portable(w)
+    finally:
+        for variable, w in zip(model.trainable_variables, start):
+            variable.assign(w)
+    return results
+
+
+def _portable(array):
+    array = np.asarray(array)
+    return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+
+
+# ---------------------------------------------------------- the parent
+@dataclasses.dataclass
+class DriftSeries:
+    """The drift of one case's training, per backend and step.
+
+    Attributes:
+        case: the case's name.
+        steps: K.
+        optimizer: the key of `protocol.OPTIMIZER_SETTINGS` it trained with.
+        oracle: which float64 run is the oracle ("tensorflow float64" or
+            "median float64").
+        weight_steps: the steps with weights (`protocol.drift_recorded_steps`).
+        weights, own_weights: {backend: [relative drift per weight step]}:
+            against the oracle, and against the backend's own float64 run.
+        weight_budgets: [relative budget per weight step].
+        loss, own_loss: {backend: [relative drift per step 1..K]}.
+        loss_budgets: [relative budget per step 1..K].
+    """
+
+    case: str
+    steps: int
+    optimizer: str
+    oracle: str
+    weight_steps: list
+    weights: dict
+    own_weights: dict
+    weight_budgets: list
+    loss: dict
+    own_loss: dict
+    loss_budgets: list
+
+    @property
+    def backends(self):
+        return list(self.weights)
+
+    def cell(self, backend):
+        """The backend's worst step against its budget, weights or loss."""
+        worst = None
+        for what, steps, drifts, limits in (
+            ("weights", self.weight_steps, self.weights[backend], self.weight_budgets),
+            ("loss", range(1, self.steps + 1), self.loss[backend], self.loss_budgets),
+        ):
+            for s, error, limit in zip(steps, drifts, limits):
+                if not math.isfinite(error):
+                    return Cell(passed=False, note=f"{what} not finite at step {s}")
+                cell = cell_of(error, limit, note=f"{what}, step {s}")
+                if worst is None or (cell.ratio, not cell.passed) > (worst.ratio,
+                                                                      not worst.passed):
+                    worst = cell
+        return worst or Cell(passed=None, note="nothing to compare")
+
+
+def _relative(error, magnitude):
+    if not math.isfinite(error):
+        return math.inf
+    if magnitude > 0:
+        return error / magnitude
+    return 0.0 if error == 0 else math.inf
+
+
+def _max_abs(a, b):
+    error = budgets.max_abs(a, b)
+    return math.inf if math.isnan(error) else error
+
+
+def series(name, results):
+    """The `DriftSeries` of case `name` from {backend: its DRIFT result};
+    None without any result."""
+    results = {b: r for b, r in results.items() if _STEPS_KEY in r}
+    if not results:
+        return None
+    first = next(iter(results.values()))
+    steps, optimizer = int(first[_STEPS_KEY]), str(first[_OPTIMIZER_KEY])
+    weight_steps = protocol.drift_recorded_steps(steps)
+    n = sum(1 for k in first if k.startswith(f"{_RUN}/weight/{weight_steps[0]}/"))
+    loss64 = [protocol.drift_loss_key(_RUN64, s) for s in range(1, steps + 1)]
+    weights64 = [protocol.drift_weight_key(_RUN64, s, j) for s in weight_steps
+                 for j in range(n)]
+    # A run that stopped midway writes nothing: every result has every key.
+    wanted = loss64 + weights64 + [k.replace(_RUN64, _RUN, 1) for k in loss64 + weights64]
+    results = {b: r for b, r in results.items() if all(k in r for k in wanted)}
+    oracle = oracles.float64_oracle(results, loss64 + weights64) if results else None
+    if oracle is None:
+        raise ValueError("no float64 oracle: the backends' weights differ in shape or number")
+    tf = "tensorflow" in results
+    out = DriftSeries(name, steps, optimizer, "tensorflow float64" if tf else "median float64",
+                      weight_steps, {}, {}, [], {}, {}, [])
+    for s in weight_steps:
+        w64 = [oracle[protocol.drift_weight_key(_RUN64, s, j)] for j in range(n)]
+        magnitude = budgets.scale(w64)
+        own = []
+        for b, r in results.items():
+            w = [r[protocol.drift_weight_key(_RUN, s, j)] for j in range(n)]
+            mine64 = [r[protocol.drift_weight_key(_RUN64, s, j)] for j in range(n)]
+            error = max((_max_abs(a, o) for a, o in zip(w, w64)), default=0.0)
+            own_error = max((_max_abs(a, o) for a, o in zip(w, mine64)), default=0.0)
+            out.weights.setdefault(b, []).append(_relative(error, magnitude))
+            out.own_weights.setdefault(b, []).append(_relative(own_error, magnitude))
+            own.append(out.own_weights[b][-1])
+        out.weight_budgets.append(_budget(own))
+    magnitude = max(abs(float(oracle[k])) for k in loss64)
+    for s, key64 in enumerate(loss64, start=1):
+        own = []
+        for b, r in results.items():
+            loss = float(r[protocol.drift_loss_key(_RUN, s)])
+            out.loss.setdefault(b, []).append(
+                _relative(abs(loss - float(oracle[key64])), magnitude))
+            out.own_loss.setdefault(b, []).append(
+                _relative(abs(loss - float(r[key64])), magnitude))
+            own.append(out.own_loss[b][-1])
+        out.loss_budgets.append(_budget(own))
+    return out
+
+
+def _budget(own):
+    """The peer budget, relative: PEER_FACTOR x the median own drift + FLOOR."""
+    finite = [d for d in own if math.isfinite(d)]
+    median = float(np.median(finite)) if finite else 0.0
+    return budgets.PEER_FACTOR * median + budgets.FLOOR
+
+
+def judge_drift(ctx, saver):
+    """The check's cells: each training backend's worst step (`DriftSeries.cell`)."""
+    results = ctx.results(DRIFT)
+    try:
+        drift = series(ctx.name, results)
+    except ValueError as e:
+        return {b: Cell(passed=False, note=str(e)) for b in results}
+    if drift is None:
+        return None
+    if len(drift.backends) < 2:
+        only = ", ".join(drift.backends)
+        return {b: Cell(passed=None, note=f"only {only} trained: nothing was compared")
+                for b in drift.backends}
+    return {b: drift.cell(b) for b in drift.backends}
+
+
+def report_series(report):
+    """[DriftSeries] of every case of `report` with a drift row, in report order."""
+    out = []
+    for row in report.rows:
+        if row.check != CHECK_NAME:
+            continue
+        results = {b: run.results[row.case][DRIFT] for b, run in report.runs.items()
+                   if DRIFT in run.results.get(row.case, {})}
+        try:
+            drift = series(row.case, results)
+        except ValueError:  # the row says why
+            continue
+        if drift is not None:
+            out.append(drift)
+    return out
+
+
+def _number(value):
+    return "inf" if not math.isfinite(value) else f"{value:.1e}"
+
+
+def format_tables(report):
+    """The drift of every case at steps 1, K/4, K/2, K, as text ("" without any)."""
+    parts = []
+    for drift in report_series(report):
+        header = ["step", "weights budget",
+                  *(f"{b} weights" for b in drift.backends),
+                  "loss budget", *(f"{b} loss" for b in drift.backends)]
+        rows = []
+        for s in protocol.drift_table_steps(drift.steps):
+            i = drift.weight_steps.index(s)
+            rows.append([s, _number(drift.weight_budgets[i]),
+                         *(_number(drift.weights[b][i]) for b in drift.backends),
+                         _number(drift.loss_budgets[s - 1]),
+                         *(_number(drift.loss[b][s - 1]) for b in drift.backends)])
+        parts.append(
+            f"training drift of {drift.case}: {drift.steps} {drift.optimizer} steps from the "
+            f"same weights; oracle: {drift.oracle}.\n"
+            "weights: max|w - w64| / max|w64|; loss: |loss - loss64| / max|loss64|; "
+            f"budget: {budgets.PEER_FACTOR:g} x the median own float32-vs-float64 drift "
+            f"+ {budgets.FLOOR:g}.\n" + format_table(header, rows))
+    return "\n\n".join(parts)
+
+
+def check_plot_path(path):
+    """Raises ValueError (one line) unless a plot can be written at `path`;
+    writes nothing."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"the plot path is a directory. Received: plot={str(path)!r}")
+    if not parent.is_dir():
+        raise ValueError(f"the plot's directory does not exist. Received: plot={str(path)!r}")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"the plot path is not writable. Received: plot={str(path)!r}")
+
+
+def plot(report, path):
+    """A PNG of the drift vs step of every case and backend, with the budgets.
+
+    One column per case; the weights' drift on top, the loss's below, log
+    scale; the budget dashed. Written atomically (a temporary file renamed).
+
+    Returns:
+        The number of cases plotted.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a file only
+    from matplotlib import pyplot as plt
+
+    drifts = report_series(report)
+    columns = max(1, len(drifts))
+    figure, axes = plt.subplots(2, columns, figsize=(5.5 * columns, 7), squeeze=False)
+    tiny = budgets.FLOOR / 100  # log scale: an exact 0 drawn at the bottom
+    for c, drift in enumerate(drifts):
+        loss_steps = list(range(1, drift.steps + 1))
+        for r, (what, steps, values, limits) in enumerate((
+            ("weights: max|w - w64| / max|w64|", drift.weight_steps, drift.weights,
+             drift.weight_budgets),
+            ("loss: |loss - loss64| / max|loss64|", loss_steps, drift.loss,
+             drift.loss_budgets),
+        )):
+            ax = axes[r][c]
+            for b in drift.backends:
+                ax.plot(steps, [max(v, tiny) for v in values[b]], marker=".", label=b)
+            ax.plot(steps, limits, "k--", label="budget")
+            ax.set_yscale("log")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(what, fontsize=8)
+            ax.grid(True, alpha=0.3)
+            if r == 0:
+                ax.set_title(f"{drift.case}: {drift.optimizer}, vs {drift.oracle}",
+                             fontsize=9)
+            ax.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".drift-", suffix=".png", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            figure.savefig(f, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(figure)
+    return len(drifts)
