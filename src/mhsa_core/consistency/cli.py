@@ -2,7 +2,7 @@
 
     mhsa-core matrix [--backends tensorflow,torch,jax,numpy] [--json PATH] [--quiet]
     mhsa-core matrix --model PATH.keras [--inputs PATH.npz] [--rtol R] [--unsafe]
-                     [--import MODULE]
+                     [--import MODULE] [--steps K [--optimizer adam|sgd] [--plot PNG]]
     mhsa-core demo [--backends ...] [--size 25] [--batch 2] [--channels 512]
                    [--dtype float32]
 
@@ -21,6 +21,7 @@ backend crashed); 2 bad usage or an unreadable model file.
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from mhsa_core import reference
-from mhsa_core.consistency import cases, matrix, protocol
+from mhsa_core.consistency import cases, drift, matrix, protocol
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.checks import ERRORS
 from mhsa_core.consistency.protocol import BACKENDS, TRAINING_BACKENDS
@@ -206,9 +207,40 @@ class _Progress:
             print(f"  {text}", file=self.stream, flush=True)
 
 
+def _drift_options(args):
+    """(steps, optimizer) of `--steps/--optimizer/--plot`, checked before any
+    worker starts: (None, None) without `--steps`."""
+    if args.steps is None:
+        if args.optimizer is not None or args.plot is not None:
+            raise UsageError("--optimizer and --plot need --steps")
+        return None, None
+    try:
+        steps = int(args.steps)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise UsageError(f"--steps expects a positive integer; received: {args.steps!r}")
+    optimizer = args.optimizer or protocol.DEFAULT_DRIFT_OPTIMIZER
+    if optimizer not in protocol.OPTIMIZER_SETTINGS:
+        raise UsageError(f"--optimizer expects one of {'|'.join(protocol.OPTIMIZER_SETTINGS)}; "
+                         f"received: {args.optimizer!r}")
+    if args.rtol is not None:
+        raise UsageError("--steps judges training against float64 runs, which --rtol "
+                         "(a model that cannot run in float64) rules out")
+    if args.plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot needs matplotlib: pip install 'mhsa-core[plot]'")
+        try:
+            drift.check_plot_path(args.plot)
+        except ValueError as e:
+            raise UsageError(f"--plot: {e}") from None
+    return steps, optimizer
+
+
 def run_matrix_command(args, out=None):
     out = out or sys.stdout
     safe_mode = not args.unsafe
+    steps, optimizer = _drift_options(args)
     if args.model is None:
         if args.inputs is not None or args.rtol is not None:
             raise UsageError("--inputs and --rtol need --model")
@@ -228,17 +260,28 @@ def run_matrix_command(args, out=None):
         report = matrix.run_matrix(
             to_run, args.backends, rtol=args.rtol, safe_mode=safe_mode,
             on_event=progress, timeout=args.timeout, imports=args.imports,
+            steps=steps, optimizer=optimizer,
         )
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
     if not args.quiet:
         render(report, out, title)
+        if steps is not None:
+            print("\n" + (drift.format_tables(report) or "training drift: no results"),
+                  file=out)
         for backend, error in report.worker_errors.items():
             print(f"\n{backend}: {error}", file=out)
         for row in report.rows:
             if row.check == ERRORS:
                 for backend, cell in row.cells.items():
                     print(f"\n{row.case} on {backend}: {cell.note}", file=out)
+    if args.plot is not None:
+        try:
+            plotted = drift.plot(report, args.plot)
+        except OSError as e:
+            raise UsageError(f"cannot write --plot {args.plot}: {e}") from None
+        print(f"drift plot: {args.plot}" if plotted else "drift plot: nothing to plot",
+              file=out)
     print(verdict(report), file=out)
     if report.agree:
         return 0
@@ -280,6 +323,17 @@ def build_parser():
     m.add_argument("--import", dest="imports", action="append", default=[],
                    metavar="MODULE", help="a module the workers import first "
                    "(where the model's custom layers are registered); repeatable")
+    m.add_argument("--steps", metavar="K",
+                   help="also train K optimizer steps on each training backend, in float32 "
+                        "and float64 from the same weights and data, and judge how far "
+                        "each drifts from the float64 run (a 'training drift' row and a "
+                        "table of steps)")
+    m.add_argument("--optimizer", metavar="NAME",
+                   help=f"the optimizer of --steps: {'|'.join(protocol.OPTIMIZER_SETTINGS)} "
+                        f"(default {protocol.DEFAULT_DRIFT_OPTIMIZER})")
+    m.add_argument("--plot", metavar="PATH.png",
+                   help="with --steps: a PNG of the drift vs step per backend "
+                        "(needs matplotlib: mhsa-core[plot])")
     m.add_argument("--json", help="also write the report as JSON to this path")
     m.add_argument("--quiet", action="store_true", help="print only the verdict")
     m.add_argument("--timeout", type=_positive_float, default=1800.0,

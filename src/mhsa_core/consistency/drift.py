@@ -361,7 +361,7 @@ def plot(report, path):
     scale; the budget dashed. Written atomically (a temporary file renamed).
 
     Returns:
-        The number of cases plotted.
+        The number of cases plotted (0: nothing written).
     """
     import matplotlib
 
@@ -369,6 +369,8 @@ def plot(report, path):
     from matplotlib import pyplot as plt
 
     drifts = report_series(report)
+    if not drifts:
+        return 0
     columns = max(1, len(drifts))
     figure, axes = plt.subplots(2, columns, figsize=(5.5 * columns, 7), squeeze=False)
     tiny = budgets.FLOOR / 100  # log scale: an exact 0 drawn at the bottom

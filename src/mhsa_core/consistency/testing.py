@@ -15,7 +15,7 @@ import io
 import tempfile
 from pathlib import Path
 
-from mhsa_core.consistency import cases, matrix
+from mhsa_core.consistency import cases, drift, matrix
 from mhsa_core.consistency.protocol import TRAINING_BACKENDS
 from mhsa_core.consistency.report import render, verdict
 
@@ -35,7 +35,8 @@ def _custom_modules(model):
 
 
 def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS,
-                          rtol=None, *, safe_mode=True, imports=None, timeout=1800.0):
+                          rtol=None, *, safe_mode=True, imports=None, timeout=1800.0,
+                          steps=None, optimizer=None):
     """Asserts that `backends` agree on a Keras model; returns the `report.Report`.
 
     Args:
@@ -50,11 +51,17 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
         imports: modules the workers import before loading (custom layers);
             default for a model object: the modules of its non-Keras layers.
         timeout: seconds per backend worker.
+        steps: also train this many optimizer steps on each backend, in float32
+            and float64 from the same weights, and fail when a backend drifts
+            from the float64 run beyond the peer budget (`drift`; the
+            "training drift" row). Not with `rtol`.
+        optimizer: the optimizer of `steps`: "adam" (default) or "sgd".
 
     Raises:
         AssertionError: a check failed, or a worker crashed; the message has
             the whole table.
     """
+    drift.check_options(steps, optimizer, rtol)  # before anything is saved or run
     with tempfile.TemporaryDirectory(prefix="mhsa-core-model-") as tmp:
         if isinstance(model_or_path, (str, Path)):
             path = Path(model_or_path)
@@ -68,11 +75,14 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
             cases.check_safe(config, path)
         case = cases.model_case(path, inputs, name=path.stem)
         report = matrix.run_matrix([case], list(backends), rtol=rtol, safe_mode=safe_mode,
-                                   imports=imports, timeout=timeout)
+                                   imports=imports, timeout=timeout, steps=steps,
+                                   optimizer=optimizer)
     if not report.agree:
         text = io.StringIO()
         render(report, text, f"backends disagree on {path.name}")
         for backend, error in report.worker_errors.items():
             text.write(f"\n{backend}: {error}\n")
+        if steps is not None:
+            text.write("\n" + drift.format_tables(report) + "\n")
         raise AssertionError(text.getvalue() + "\n" + verdict(report))
     return report
