@@ -172,9 +172,11 @@ class DriftSeries:
         oracle: which float64 run is the oracle ("tensorflow float64" or
             "median float64").
         weight_steps: the steps with weights (`protocol.drift_recorded_steps`).
-        weights, own_weights: {backend: [relative drift per weight step]}:
-            against the oracle, and against the backend's own float64 run.
-        weight_budgets: [relative budget per weight step].
+        weights, own_weights: {backend: [drift per weight step]}: max over all
+            weights of |w - w64| / max|w64|, against the oracle and against the
+            backend's own float64 run (what the table and plot show).
+        weight_cells: {backend: [Cell per weight step]}: the worst trainable
+            variable against its own peer budget (what is judged).
         loss, own_loss: {backend: [relative drift per step 1..K]}.
         loss_budgets: [relative budget per step 1..K].
     """
@@ -184,32 +186,42 @@ class DriftSeries:
     optimizer: str
     oracle: str
     weight_steps: list
-    weights: dict
-    own_weights: dict
-    weight_budgets: list
-    loss: dict
-    own_loss: dict
-    loss_budgets: list
+    weights: dict = dataclasses.field(default_factory=dict)
+    own_weights: dict = dataclasses.field(default_factory=dict)
+    weight_cells: dict = dataclasses.field(default_factory=dict)
+    loss: dict = dataclasses.field(default_factory=dict)
+    own_loss: dict = dataclasses.field(default_factory=dict)
+    loss_budgets: list = dataclasses.field(default_factory=list)
 
     @property
     def backends(self):
         return list(self.weights)
 
+    def loss_cell(self, backend, s):
+        """The loss of step s (1..K) against its budget."""
+        return cell_of(self.loss[backend][s - 1], self.loss_budgets[s - 1],
+                       note=f"loss, step {s}")
+
+    def step_cell(self, backend, s):
+        """The worst of the weights and the loss at a weight step s."""
+        cells = [self.weight_cells[backend][self.weight_steps.index(s)],
+                 self.loss_cell(backend, s)]
+        return _worst(cells)
+
     def cell(self, backend):
-        """The backend's worst step against its budget, weights or loss."""
-        worst = None
-        for what, steps, drifts, limits in (
-            ("weights", self.weight_steps, self.weights[backend], self.weight_budgets),
-            ("loss", range(1, self.steps + 1), self.loss[backend], self.loss_budgets),
-        ):
-            for s, error, limit in zip(steps, drifts, limits):
-                if not math.isfinite(error):
-                    return Cell(passed=False, note=f"{what} not finite at step {s}")
-                cell = cell_of(error, limit, note=f"{what}, step {s}")
-                if worst is None or (cell.ratio, not cell.passed) > (worst.ratio,
-                                                                      not worst.passed):
-                    worst = cell
-        return worst or Cell(passed=None, note="nothing to compare")
+        """The backend's worst step, weights or loss: the check's cell."""
+        return _worst(self.weight_cells[backend] + [self.loss_cell(backend, s)
+                                                    for s in range(1, self.steps + 1)])
+
+
+def _worst(cells):
+    """The failing cell of the highest ratio, else the passing one (cells
+    without a verdict only when there is nothing else)."""
+    judged = [c for c in cells if c.passed is not None]
+    if not judged:
+        return cells[0] if cells else Cell(passed=None, note="nothing to compare")
+    failing = [c for c in judged if c.passed is False]
+    return max(failing or judged, key=lambda c: c.ratio)
 
 
 def _relative(error, magnitude):
@@ -225,9 +237,18 @@ def _max_abs(a, b):
     return math.inf if math.isnan(error) else error
 
 
+def _median(values):
+    finite = [d for d in values if math.isfinite(d)]
+    return float(np.median(finite)) if finite else 0.0
+
+
 def series(name, results):
     """The `DriftSeries` of case `name` from {backend: its DRIFT result};
-    None without any result."""
+    None without any result.
+
+    Raises:
+        ValueError: no oracle (the backends' weights differ in shape or number).
+    """
     results = {b: r for b, r in results.items() if _STEPS_KEY in r}
     if not results:
         return None
@@ -246,39 +267,43 @@ def series(name, results):
         raise ValueError("no float64 oracle: the backends' weights differ in shape or number")
     tf = "tensorflow" in results
     out = DriftSeries(name, steps, optimizer, "tensorflow float64" if tf else "median float64",
-                      weight_steps, {}, {}, [], {}, {}, [])
+                      weight_steps)
     for s in weight_steps:
-        w64 = [oracle[protocol.drift_weight_key(_RUN64, s, j)] for j in range(n)]
-        magnitude = budgets.scale(w64)
-        own = []
-        for b, r in results.items():
-            w = [r[protocol.drift_weight_key(_RUN, s, j)] for j in range(n)]
-            mine64 = [r[protocol.drift_weight_key(_RUN64, s, j)] for j in range(n)]
-            error = max((_max_abs(a, o) for a, o in zip(w, w64)), default=0.0)
-            own_error = max((_max_abs(a, o) for a, o in zip(w, mine64)), default=0.0)
-            out.weights.setdefault(b, []).append(_relative(error, magnitude))
-            out.own_weights.setdefault(b, []).append(_relative(own_error, magnitude))
-            own.append(out.own_weights[b][-1])
-        out.weight_budgets.append(_budget(own))
+        _weight_step(out, results, oracle, s, n)
     magnitude = max(abs(float(oracle[k])) for k in loss64)
     for s, key64 in enumerate(loss64, start=1):
-        own = []
         for b, r in results.items():
             loss = float(r[protocol.drift_loss_key(_RUN, s)])
             out.loss.setdefault(b, []).append(
                 _relative(abs(loss - float(oracle[key64])), magnitude))
             out.own_loss.setdefault(b, []).append(
                 _relative(abs(loss - float(r[key64])), magnitude))
-            own.append(out.own_loss[b][-1])
-        out.loss_budgets.append(_budget(own))
+        own = _median(out.own_loss[b][-1] for b in results)
+        out.loss_budgets.append(budgets.PEER_FACTOR * own + budgets.FLOOR)
     return out
 
 
-def _budget(own):
-    """The peer budget, relative: PEER_FACTOR x the median own drift + FLOOR."""
-    finite = [d for d in own if math.isfinite(d)]
-    median = float(np.median(finite)) if finite else 0.0
-    return budgets.PEER_FACTOR * median + budgets.FLOOR
+def _weight_step(out, results, oracle, s, n):
+    """The weights after step s: the drift shown (all weights at once) and the
+    cells judged (each trainable variable against its own peer budget)."""
+    w64 = [oracle[protocol.drift_weight_key(_RUN64, s, j)] for j in range(n)]
+    # errors[b][j], own[b][j]: |w - w64| against the oracle and the backend's own.
+    errors, own = {}, {}
+    for b, r in results.items():
+        w = [r[protocol.drift_weight_key(_RUN, s, j)] for j in range(n)]
+        errors[b] = [_max_abs(a, o) for a, o in zip(w, w64)]
+        own[b] = [_max_abs(a, r[protocol.drift_weight_key(_RUN64, s, j)])
+                  for j, a in enumerate(w)]
+    magnitude = budgets.scale(w64)
+    limits = [budgets.PEER_FACTOR * _median(own[b][j] for b in results)
+              + budgets.FLOOR * budgets.scale([w64[j]]) for j in range(n)]
+    for b in results:
+        out.weights.setdefault(b, []).append(_relative(max(errors[b], default=0.0), magnitude))
+        out.own_weights.setdefault(b, []).append(_relative(max(own[b], default=0.0), magnitude))
+        cells = [cell_of(errors[b][j], limits[j], note=f"weight {j}, step {s}")
+                 for j in range(n)]
+        out.weight_cells.setdefault(b, []).append(
+            _worst(cells) if cells else Cell(passed=None, note="no trainable weights"))
 
 
 def judge_drift(ctx, saver):
@@ -318,26 +343,34 @@ def _number(value):
     return "inf" if not math.isfinite(value) else f"{value:.1e}"
 
 
+def _ratio(cell):
+    if cell.ratio is None:
+        return "-"
+    return "inf" if not math.isfinite(cell.ratio) else f"{cell.ratio:.2f}"
+
+
 def format_tables(report):
     """The drift of every case at steps 1, K/4, K/2, K, as text ("" without any)."""
     parts = []
     for drift in report_series(report):
-        header = ["step", "weights budget",
-                  *(f"{b} weights" for b in drift.backends),
-                  "loss budget", *(f"{b} loss" for b in drift.backends)]
+        backends = drift.backends
+        header = ["step", *(f"{b} weights" for b in backends), "loss budget",
+                  *(f"{b} loss" for b in backends), *(f"{b} ratio" for b in backends)]
         rows = []
         for s in protocol.drift_table_steps(drift.steps):
             i = drift.weight_steps.index(s)
-            rows.append([s, _number(drift.weight_budgets[i]),
-                         *(_number(drift.weights[b][i]) for b in drift.backends),
+            rows.append([s, *(_number(drift.weights[b][i]) for b in backends),
                          _number(drift.loss_budgets[s - 1]),
-                         *(_number(drift.loss[b][s - 1]) for b in drift.backends)])
+                         *(_number(drift.loss[b][s - 1]) for b in backends),
+                         *(_ratio(drift.step_cell(b, s)) for b in backends)])
         parts.append(
             f"training drift of {drift.case}: {drift.steps} {drift.optimizer} steps from the "
-            f"same weights; oracle: {drift.oracle}.\n"
-            "weights: max|w - w64| / max|w64|; loss: |loss - loss64| / max|loss64|; "
-            f"budget: {budgets.PEER_FACTOR:g} x the median own float32-vs-float64 drift "
-            f"+ {budgets.FLOOR:g}.\n" + format_table(header, rows))
+            f"same weights and data, float32 against {drift.oracle}\n"
+            "weights: max|w - w64| / max|w64| over all weights; loss: |loss - loss64| / "
+            "max|loss64|; ratio: the worst of the loss and of each trainable variable, "
+            f"drift / budget (<= 1 passes); budget: {budgets.PEER_FACTOR:g} x the median "
+            f"over backends of their own float32-vs-float64 drift + {budgets.FLOOR:g} x "
+            "scale\n" + format_table(header, rows))
     return "\n\n".join(parts)
 
 
@@ -357,8 +390,9 @@ def check_plot_path(path):
 def plot(report, path):
     """A PNG of the drift vs step of every case and backend, with the budgets.
 
-    One column per case; the weights' drift on top, the loss's below, log
-    scale; the budget dashed. Written atomically (a temporary file renamed).
+    One column per case, log scales: the weights' drift, the loss's drift
+    (its budget dashed), and each step's worst drift / budget (weights judged
+    per trainable variable; 1 dashed). Written atomically (a temporary file renamed).
 
     Returns:
         The number of cases plotted (0: nothing written).
@@ -367,27 +401,33 @@ def plot(report, path):
 
     matplotlib.use("Agg")  # no display: a file only
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     drifts = report_series(report)
     if not drifts:
         return 0
-    columns = max(1, len(drifts))
-    figure, axes = plt.subplots(2, columns, figsize=(5.5 * columns, 7), squeeze=False)
+    columns = len(drifts)
+    figure, axes = plt.subplots(3, columns, figsize=(5.5 * columns, 9.5), squeeze=False)
     tiny = budgets.FLOOR / 100  # log scale: an exact 0 drawn at the bottom
     for c, drift in enumerate(drifts):
         loss_steps = list(range(1, drift.steps + 1))
-        for r, (what, steps, values, limits) in enumerate((
-            ("weights: max|w - w64| / max|w64|", drift.weight_steps, drift.weights,
-             drift.weight_budgets),
+        panels = (
+            ("weights: max|w - w64| / max|w64|", drift.weight_steps, drift.weights, None),
             ("loss: |loss - loss64| / max|loss64|", loss_steps, drift.loss,
              drift.loss_budgets),
-        )):
+            ("worst drift / budget (<= 1 passes)", drift.weight_steps,
+             {b: [drift.step_cell(b, s).ratio for s in drift.weight_steps]
+              for b in drift.backends}, [1.0] * len(drift.weight_steps)),
+        )
+        for r, (what, steps, values, limits) in enumerate(panels):
             ax = axes[r][c]
             for b in drift.backends:
                 ax.plot(steps, [max(v, tiny) for v in values[b]], marker=".", label=b)
-            ax.plot(steps, limits, "k--", label="budget")
+            if limits is not None:
+                ax.plot(steps, limits, "k--", label="budget")
             ax.set_yscale("log")
             ax.set_xlabel("optimizer step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(what, fontsize=8)
             ax.grid(True, alpha=0.3)
             if r == 0:
