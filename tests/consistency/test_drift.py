@@ -255,3 +255,32 @@ def test_peer_rule_judges_each_variable_against_its_own_drift():
     results["tensorflow"][protocol.drift_loss_key("train", 2)] = np.asarray(np.nan)
     cell = drift.series("fake", results).cell("tensorflow")
     assert cell.passed is False and cell.note == "loss, step 2"
+
+
+def test_diverging_training_is_judged_up_to_the_divergence():
+    """The linear loss is unbounded below: a large SGD step makes the
+    weights grow until float32 overflows (measured: the test model with SGD(0.01)
+    within 12 steps). From the step at which the float64 oracle leaves
+    float32's range, nothing is judged, and the cell says so."""
+    w64 = [np.array([1.0, -0.5])]
+    results = {b: _fake_result(w64, [1e-7], [0], steps=3) for b in THREE}
+    for result in results.values():
+        result[protocol.drift_loss_key("train64", 3)] = np.asarray(1e300)
+        result[protocol.drift_loss_key("train", 3)] = np.asarray(np.inf)
+    series = drift.series("fake", results)
+    assert (series.diverges, series.judged) == (3, 2)
+    cell = series.cell("jax")
+    assert cell.passed and "training diverges at step 3" in cell.note
+    assert "judged up to step 2" in drift.format_tables(_report_of(results))
+
+
+def _report_of(results):
+    from mhsa_core.consistency.report import Row
+
+    runs = {b: _Run({"fake": {protocol.DRIFT: r}}) for b, r in results.items()}
+    return Report(THREE, [Row("fake", drift.CHECK_NAME, {})], {}, runs)
+
+
+class _Run:
+    def __init__(self, results):
+        self.results = results

@@ -179,6 +179,10 @@ class DriftSeries:
             variable against its own peer budget (what is judged).
         loss, own_loss: {backend: [relative drift per step 1..K]}.
         loss_budgets: [relative budget per step 1..K].
+        diverges: the first step at which training diverges (the float64
+            oracle leaves float32's range or is not finite, or most backends'
+            own float32 runs are not finite), or None. Steps from there on are
+            shown, not judged: the runs no longer compute the same thing.
     """
 
     case: str
@@ -192,6 +196,12 @@ class DriftSeries:
     loss: dict = dataclasses.field(default_factory=dict)
     own_loss: dict = dataclasses.field(default_factory=dict)
     loss_budgets: list = dataclasses.field(default_factory=list)
+    diverges: int | None = None
+
+    @property
+    def judged(self):
+        """The last step judged."""
+        return self.steps if self.diverges is None else self.diverges - 1
 
     @property
     def backends(self):
@@ -210,8 +220,16 @@ class DriftSeries:
 
     def cell(self, backend):
         """The backend's worst step, weights or loss: the check's cell."""
-        return _worst(self.weight_cells[backend] + [self.loss_cell(backend, s)
-                                                    for s in range(1, self.steps + 1)])
+        cells = [c for s, c in zip(self.weight_steps, self.weight_cells[backend])
+                 if s <= self.judged]
+        cells += [self.loss_cell(backend, s) for s in range(1, self.judged + 1)]
+        if self.diverges is None:
+            return _worst(cells)
+        why = f"training diverges at step {self.diverges}, not judged from there"
+        if not cells:
+            return Cell(passed=None, note=why)
+        worst = _worst(cells)
+        return dataclasses.replace(worst, note=f"{worst.note}; {why}")
 
 
 def _worst(cells):
@@ -238,8 +256,18 @@ def _max_abs(a, b):
 
 
 def _median(values):
-    finite = [d for d in values if math.isfinite(d)]
-    return float(np.median(finite)) if finite else 0.0
+    """The median, NaN counted as infinite (0 without values)."""
+    values = [math.inf if math.isnan(d) else d for d in values]
+    return float(np.median(values)) if values else 0.0
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _in_range(arrays):
+    """Whether float32 can hold every value of `arrays` (finite, |x| <= max)."""
+    return all(np.all(np.isfinite(a)) and np.max(np.abs(a), initial=0) <= _FLOAT32_MAX
+               for a in arrays)
 
 
 def series(name, results):
@@ -268,9 +296,15 @@ def series(name, results):
     tf = "tensorflow" in results
     out = DriftSeries(name, steps, optimizer, "tensorflow float64" if tf else "median float64",
                       weight_steps)
+    diverges = []
     for s in weight_steps:
-        _weight_step(out, results, oracle, s, n)
-    magnitude = max(abs(float(oracle[k])) for k in loss64)
+        if not _weight_step(out, results, oracle, s, n):
+            diverges.append(s)
+    in_range = [_in_range([oracle[k]]) for k in loss64]
+    diverges += [s for s, ok in enumerate(in_range, start=1) if not ok]
+    # The loss's scale: its largest value before training diverges.
+    magnitude = max((abs(float(oracle[k])) for k, ok in zip(loss64, in_range) if ok),
+                    default=0.0)
     for s, key64 in enumerate(loss64, start=1):
         for b, r in results.items():
             loss = float(r[protocol.drift_loss_key(_RUN, s)])
@@ -279,13 +313,18 @@ def series(name, results):
             out.own_loss.setdefault(b, []).append(
                 _relative(abs(loss - float(r[key64])), magnitude))
         own = _median(out.own_loss[b][-1] for b in results)
+        if not math.isfinite(own):
+            diverges.append(s)
         out.loss_budgets.append(budgets.PEER_FACTOR * own + budgets.FLOOR)
+    out.diverges = min(diverges, default=None)
     return out
 
 
 def _weight_step(out, results, oracle, s, n):
     """The weights after step s: the drift shown (all weights at once) and the
-    cells judged (each trainable variable against its own peer budget)."""
+    cells judged (each trainable variable against its own peer budget).
+    Returns whether the runs still compute the same thing (False: the oracle
+    out of float32's range, or most own float32 runs not finite)."""
     w64 = [oracle[protocol.drift_weight_key(_RUN64, s, j)] for j in range(n)]
     # errors[b][j], own[b][j]: |w - w64| against the oracle and the backend's own.
     errors, own = {}, {}
@@ -304,6 +343,7 @@ def _weight_step(out, results, oracle, s, n):
                  for j in range(n)]
         out.weight_cells.setdefault(b, []).append(
             _worst(cells) if cells else Cell(passed=None, note="no trainable weights"))
+    return _in_range(w64) and all(math.isfinite(limit) for limit in limits)
 
 
 def judge_drift(ctx, saver):
@@ -362,10 +402,15 @@ def format_tables(report):
             rows.append([s, *(_number(drift.weights[b][i]) for b in backends),
                          _number(drift.loss_budgets[s - 1]),
                          *(_number(drift.loss[b][s - 1]) for b in backends),
-                         *(_ratio(drift.step_cell(b, s)) for b in backends)])
+                         *(_ratio(drift.step_cell(b, s)) if s <= drift.judged else "-"
+                           for b in backends)])
         parts.append(
             f"training drift of {drift.case}: {drift.steps} {drift.optimizer} steps from the "
             f"same weights and data, float32 against {drift.oracle}\n"
+            + ("" if drift.diverges is None else
+               f"training diverges at step {drift.diverges} (the float64 run leaves "
+               "float32's range, or the float32 runs are not finite): judged up to step "
+               f"{drift.judged}\n") +
             "weights: max|w - w64| / max|w64| over all weights; loss: |loss - loss64| / "
             "max|loss64|; ratio: the worst of the loss and of each trainable variable, "
             f"drift / budget (<= 1 passes); budget: {budgets.PEER_FACTOR:g} x the median "
