@@ -65,6 +65,14 @@ CHECK_NAME = "training drift"
 # Result keys of task DRIFT besides the runs' losses and weights.
 _STEPS_KEY = "steps"
 _OPTIMIZER_KEY = "optimizer"
+_NAMES_KEY = "names"  # the trainable variables' paths
+# A trainable variable whose float32 and float64 runs differ (median over the
+# backends) by more than this fraction of how far it moved is moved by
+# rounding, not by the loss: e.g. a key bias, which softmax ignores (its
+# gradient is rounding noise, which Adam scales up to steps of ~lr). Backends
+# cannot agree on such a weight and the output does not depend on it; it is
+# shown, not judged. Measured: key biases 0.1-1, every other weight < 1e-3.
+ROUNDING_DRIVEN = 1e-2
 _RUN, _RUN64 = DRIFT_RUNS
 
 
@@ -132,7 +140,10 @@ def train(runner, steps, optimizer_name):
     variants = {_RUN: runner.variants,
                 _RUN64: [runner._as_float64(xs) for xs in runner.variants]}
     loss_weights = {}  # per variant: the same L in both runs
-    results = {_STEPS_KEY: np.asarray(steps), _OPTIMIZER_KEY: np.asarray(optimizer_name)}
+    results = {_STEPS_KEY: np.asarray(steps), _OPTIMIZER_KEY: np.asarray(optimizer_name),
+               _NAMES_KEY: np.asarray([v.path for v in model.trainable_variables], dtype=str)}
+    for j, w in enumerate(start):
+        results[protocol.drift_weight_key(_RUN, 0, j)] = _portable(w)
     try:
         for run, trained in ((_RUN, model), (_RUN64, model64)):
             optimizer = getattr(keras.optimizers, class_name)(**arguments)
@@ -179,6 +190,9 @@ class DriftSeries:
             variable against its own peer budget (what is judged).
         loss, own_loss: {backend: [relative drift per step 1..K]}.
         loss_budgets: [relative budget per step 1..K].
+        names: the trainable variables' paths.
+        rounding_driven: [per weight step, the indices of the variables moved
+            by rounding more than by the loss (`ROUNDING_DRIVEN`): not judged].
         diverges: the first step at which training diverges (the float64
             oracle leaves float32's range or is not finite, or most backends'
             own float32 runs are not finite), or None. Steps from there on are
@@ -197,6 +211,8 @@ class DriftSeries:
     own_loss: dict = dataclasses.field(default_factory=dict)
     loss_budgets: list = dataclasses.field(default_factory=list)
     diverges: int | None = None
+    names: list = dataclasses.field(default_factory=list)
+    rounding_driven: list = dataclasses.field(default_factory=list)
 
     @property
     def judged(self):
@@ -289,6 +305,7 @@ def series(name, results):
                  for j in range(n)]
     # A run that stopped midway writes nothing: every result has every key.
     wanted = loss64 + weights64 + [k.replace(_RUN64, _RUN, 1) for k in loss64 + weights64]
+    wanted += [protocol.drift_weight_key(_RUN, 0, j) for j in range(n)]
     results = {b: r for b, r in results.items() if all(k in r for k in wanted)}
     oracle = oracles.float64_oracle(results, loss64 + weights64) if results else None
     if oracle is None:
@@ -296,6 +313,9 @@ def series(name, results):
     tf = "tensorflow" in results
     out = DriftSeries(name, steps, optimizer, "tensorflow float64" if tf else "median float64",
                       weight_steps)
+    names = first.get(_NAMES_KEY)
+    out.names = ([str(x) for x in names] if names is not None and len(names) == n
+                 else [f"weight {j}" for j in range(n)])
     diverges = []
     for s in weight_steps:
         if not _weight_step(out, results, oracle, s, n):
@@ -326,6 +346,9 @@ def _weight_step(out, results, oracle, s, n):
     Returns whether the runs still compute the same thing (False: the oracle
     out of float32's range, or most own float32 runs not finite)."""
     w64 = [oracle[protocol.drift_weight_key(_RUN64, s, j)] for j in range(n)]
+    # The start is the same everywhere (the case's weights).
+    start = [next(iter(results.values()))[protocol.drift_weight_key(_RUN, 0, j)]
+             for j in range(n)]
     # errors[b][j], own[b][j]: |w - w64| against the oracle and the backend's own.
     errors, own = {}, {}
     for b, r in results.items():
@@ -334,15 +357,19 @@ def _weight_step(out, results, oracle, s, n):
         own[b] = [_max_abs(a, r[protocol.drift_weight_key(_RUN64, s, j)])
                   for j, a in enumerate(w)]
     magnitude = budgets.scale(w64)
-    limits = [budgets.PEER_FACTOR * _median(own[b][j] for b in results)
-              + budgets.FLOOR * budgets.scale([w64[j]]) for j in range(n)]
+    medians = [_median(own[b][j] for b in results) for j in range(n)]
+    limits = [budgets.PEER_FACTOR * medians[j] + budgets.FLOOR * budgets.scale([w64[j]])
+              for j in range(n)]
+    judged = [j for j in range(n)
+              if not medians[j] > ROUNDING_DRIVEN * _max_abs(w64[j], start[j])]
+    out.rounding_driven.append([j for j in range(n) if j not in judged])
     for b in results:
         out.weights.setdefault(b, []).append(_relative(max(errors[b], default=0.0), magnitude))
         out.own_weights.setdefault(b, []).append(_relative(max(own[b], default=0.0), magnitude))
-        cells = [cell_of(errors[b][j], limits[j], note=f"weight {j}, step {s}")
-                 for j in range(n)]
+        cells = [cell_of(errors[b][j], limits[j], note=f"{out.names[j]}, step {s}")
+                 for j in judged]
         out.weight_cells.setdefault(b, []).append(
-            _worst(cells) if cells else Cell(passed=None, note="no trainable weights"))
+            _worst(cells) if cells else Cell(passed=None, note="no weight judged"))
     return _in_range(w64) and all(math.isfinite(limit) for limit in limits)
 
 
@@ -389,6 +416,16 @@ def _ratio(cell):
     return "inf" if not math.isfinite(cell.ratio) else f"{cell.ratio:.2f}"
 
 
+def _rounding_note(drift):
+    """Which weights were not judged (moved by rounding), over all steps."""
+    skipped = sorted({j for step in drift.rounding_driven for j in step})
+    if not skipped:
+        return ""
+    return ("not judged, moved by rounding more than by the loss (float32 and float64 "
+            f"differ by > {ROUNDING_DRIVEN:g} of their motion): "
+            + ", ".join(drift.names[j] for j in skipped) + "\n")
+
+
 def format_tables(report):
     """The drift of every case at steps 1, K/4, K/2, K, as text ("" without any)."""
     parts = []
@@ -415,7 +452,7 @@ def format_tables(report):
             "max|loss64|; ratio: the worst of the loss and of each trainable variable, "
             f"drift / budget (<= 1 passes); budget: {budgets.PEER_FACTOR:g} x the median "
             f"over backends of their own float32-vs-float64 drift + {budgets.FLOOR:g} x "
-            "scale\n" + format_table(header, rows))
+            "scale\n" + _rounding_note(drift) + format_table(header, rows))
     return "\n\n".join(parts)
 
 
