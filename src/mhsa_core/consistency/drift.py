@@ -15,7 +15,8 @@ backend's float32 run has moved from the float64 run of the oracle:
 
 The training (task DRIFT, run in the worker by `train`):
 - the loss of the gradient checks, `sum(output * L)` with a fixed random L
-  (`gradients.loss_weights`), so that every output entry is trained;
+  (`gradients.loss_weights`), so that every output entry is trained, divided
+  by the output's size (a mean: SGD's steps do not grow with the output);
   `training=False`: dropout and batch statistics would draw different random
   numbers on each backend;
 - the case's input variants in turn (step s uses variant (s - 1) mod n): a
@@ -152,7 +153,11 @@ def train(runner, steps, optimizer_name):
                 xs = variants[run][v]
                 if v not in loss_weights:
                     shape = runner._forward(trained, xs).shape
-                    loss_weights[v] = gradients.loss_weights(shape)
+                    # The gradient checks' L, over the output's size: a mean,
+                    # so that an SGD step does not grow with the output (with
+                    # the sum, SGD(0.01) overflowed float32 within 12 steps
+                    # on a 2x6x6x8 output). Adam is scale-invariant.
+                    loss_weights[v] = gradients.loss_weights(shape) / max(1, int(np.prod(shape)))
                 loss, _, grads = gradients.value_and_grad(
                     trained, runner._call_inputs(xs), loss_weights[v])
                 results[protocol.drift_loss_key(run, s)] = np.asarray(loss, np.float64)
