@@ -23,9 +23,9 @@ THREE = ["tensorflow", "torch", "jax"]
 STEPS = 5
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The planted bug: under JAX the gradient through the skew layer is
-# (1 + 2 * SKEW * x). Measured (keras 3.15, 5 Adam steps, two random inits of
-# this model): skew 0.001 puts JAX at 170x and 1600x its budget, 0.003 at
-# 2700x and 27000x; TensorFlow and torch stay at 0.1-0.4.
+# (1 + 2 * SKEW * x). Measured (keras 3.15, 5 Adam steps, random inits of this
+# model): skew 0.001 puts JAX at 230x its budget, 0.002 at 355x; TensorFlow
+# and torch stay at 0.1-0.54.
 SKEW = 0.002
 
 
