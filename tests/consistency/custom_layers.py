@@ -44,3 +44,23 @@ class ScaledOnJax(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="mhsa_core_tests")
+class GradientSkewOnJax(keras.layers.Layer):
+    """The identity, whose gradient under JAX only is `1 + 2 * skew * x`
+    instead of 1: the forward pass is exact everywhere (`f - stop_gradient(f)`
+    is 0), so only training sees the bug."""
+
+    def __init__(self, skew=0.01, **kwargs):
+        super().__init__(**kwargs)
+        self.skew = skew
+
+    def call(self, inputs):
+        if keras.backend.backend() == "jax":
+            square = inputs * inputs
+            return inputs + self.skew * (square - ops.stop_gradient(square))
+        return inputs
+
+    def get_config(self):
+        return {**super().get_config(), "skew": self.skew}

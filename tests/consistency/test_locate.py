@@ -24,7 +24,7 @@ from mhsa_core.consistency.runner import BackendRun
 BACKENDS = ["tensorflow", "torch", "jax"]
 # The forward checks (a failing cell) and the locate tasks: the rest of the
 # matrix (gradients, jit, saved files) is not what these tests are about.
-TASKS = (protocol.FORWARD, protocol.FORWARD64) + protocol.OPT_IN_TASKS
+TASKS = (protocol.FORWARD, protocol.FORWARD64) + protocol.LOCATE_TASKS
 
 
 def _bicubic_model():
@@ -262,8 +262,8 @@ def test_run_matrix_adds_the_locate_tasks_to_model_cases_only(paths, monkeypatch
         with pytest.raises(Ran):
             matrix.run_matrix([layer_case, model_case], ["tensorflow"], locate=flag)
         tasks = {c.name: c.tasks for c in seen}
-        assert not set(protocol.OPT_IN_TASKS) & set(tasks[layer_case.name])
-        assert (set(protocol.OPT_IN_TASKS) <= set(tasks["clean"])) is flag
+        assert not set(protocol.LOCATE_TASKS) & set(tasks[layer_case.name])
+        assert (set(protocol.LOCATE_TASKS) <= set(tasks["clean"])) is flag
 
 
 # ------------------------------------------------ parent only, no workers

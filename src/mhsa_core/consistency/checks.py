@@ -33,10 +33,10 @@ import functools
 import math
 from collections.abc import Callable
 
-from mhsa_core.consistency import budgets, oracles, protocol
+from mhsa_core.consistency import budgets, drift, oracles, protocol
 from mhsa_core.consistency.oracles import Oracle
 from mhsa_core.consistency.protocol import (
-    FORWARD, FORWARD64, GRADS, GRADS64, JIT, OPTIMIZERS, SAVE, SCORES,
+    DRIFT, FORWARD, FORWARD64, GRADS, GRADS64, JIT, OPTIMIZERS, SAVE, SCORES,
 )
 from mhsa_core.consistency.report import Cell, Row, cell_of
 
@@ -306,6 +306,9 @@ class Check:
             return False
         if case.dtype == "float64" and not self.float64_cases:
             return False
+        # An opt-in task (e.g. DRIFT, `--steps`) runs only where it was asked for.
+        if any(t in protocol.OPT_IN_TASKS and t not in case.tasks for t in self.tasks):
+            return False
         return not (rtol is not None and case.kind in self.exact_for)
 
     def cell_backends(self, case, backends):
@@ -468,6 +471,10 @@ CHECKS = [
           exact_for=_KINDS, backends="training"),
     Check(".keras saved by {saver}", (SAVE, FORWARD, FORWARD64), _keras_file,
           per_saver=True),
+    # Opt-in (`--steps K`): K optimizer steps in float32 and float64 on each
+    # backend, judged by the peer rule at every step (`drift`).
+    Check(drift.CHECK_NAME, (DRIFT,), drift.judge_drift, float64_cases=False,
+          exact_for=_KINDS, backends="training"),
     Check(ERRORS, (), _errors, expected=False),
 ]
 

@@ -3,6 +3,7 @@
     mhsa-core matrix [--backends tensorflow,torch,jax,numpy] [--json PATH] [--quiet]
     mhsa-core matrix --model PATH.keras [--inputs PATH.npz] [--rtol R] [--unsafe]
                      [--import MODULE] [--locate]
+                     [--steps K [--optimizer adam|sgd] [--plot PNG]]
     mhsa-core demo [--backends ...] [--size 25] [--batch 2] [--channels 512]
                    [--dtype float32]
 
@@ -22,6 +23,7 @@ unreadable model file, or inputs the model does not accept.
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -31,7 +33,7 @@ import numpy as np
 
 import mhsa_core
 from mhsa_core import reference
-from mhsa_core.consistency import cases, locate, matrix, protocol
+from mhsa_core.consistency import cases, drift, locate, matrix, protocol
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.checks import ERRORS
 from mhsa_core.consistency.protocol import BACKENDS, TRAINING_BACKENDS
@@ -269,9 +271,40 @@ def _model_error(report, name):
     return None
 
 
+def _drift_options(args):
+    """(steps, optimizer) of `--steps/--optimizer/--plot`, checked before any
+    worker starts: (None, None) without `--steps`."""
+    if args.steps is None:
+        if args.optimizer is not None or args.plot is not None:
+            raise UsageError("--optimizer and --plot need --steps")
+        return None, None
+    try:
+        steps = int(args.steps)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise UsageError(f"--steps expects a positive integer; received: {args.steps!r}")
+    optimizer = args.optimizer or protocol.DEFAULT_DRIFT_OPTIMIZER
+    if optimizer not in protocol.OPTIMIZER_SETTINGS:
+        raise UsageError(f"--optimizer expects one of {'|'.join(protocol.OPTIMIZER_SETTINGS)}; "
+                         f"received: {args.optimizer!r}")
+    if args.rtol is not None:
+        raise UsageError("--steps judges training against float64 runs, which --rtol "
+                         "(a model that cannot run in float64) rules out")
+    if args.plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot needs matplotlib: pip install 'mhsa-core[plot]'")
+        try:
+            drift.check_plot_path(args.plot)
+        except ValueError as e:
+            raise UsageError(f"--plot: {e}") from None
+    return steps, optimizer
+
+
 def run_matrix_command(args, out=None):
     out = out or sys.stdout
     safe_mode = not args.unsafe
+    steps, optimizer = _drift_options(args)
     if args.model is None:
         if args.inputs is not None or args.rtol is not None or args.locate:
             raise UsageError("--inputs, --rtol and --locate need --model")
@@ -294,7 +327,7 @@ def run_matrix_command(args, out=None):
         report = matrix.run_matrix(
             to_run, args.backends, rtol=args.rtol, safe_mode=safe_mode,
             on_event=progress, timeout=args.timeout, imports=args.imports,
-            locate=args.locate,
+            locate=args.locate, steps=steps, optimizer=optimizer,
         )
     for case in to_run if args.model is not None else []:
         unusable = _model_error(report, case.name)
@@ -304,6 +337,9 @@ def run_matrix_command(args, out=None):
         _write_json(report, args.json)
     if not args.quiet:
         render(report, out, title)
+        if steps is not None:
+            print("\n" + (drift.format_tables(report) or "training drift: no results"),
+                  file=out)
         for backend, error in report.worker_errors.items():
             print(f"\n{backend}: {error}", file=out)
         for row in report.rows:
@@ -312,6 +348,13 @@ def run_matrix_command(args, out=None):
                     print(f"\n{row.case} on {backend}: {cell.note}", file=out)
         for section in report.sections.get(locate.SECTION, []):
             print("\n" + locate.format_section(section), file=out)
+    if args.plot is not None:
+        try:
+            plotted = drift.plot(report, args.plot)
+        except OSError as e:
+            raise UsageError(f"cannot write --plot {args.plot}: {e}") from None
+        print(f"drift plot: {args.plot}" if plotted else "drift plot: nothing to plot",
+              file=out)
     print(verdict(report), file=out)
     if report.agree:
         return 0
@@ -365,6 +408,17 @@ def build_parser():
     m.add_argument("--locate", action="store_true",
                    help="also run the model layer by layer on each backend and name the "
                         "first layer whose output leaves its budget (after the table)")
+    m.add_argument("--steps", metavar="K",
+                   help="also train K optimizer steps on each training backend, in float32 "
+                        "and float64 from the same weights and data, and judge how far "
+                        "each drifts from the float64 run (a 'training drift' row and a "
+                        "table of steps)")
+    m.add_argument("--optimizer", metavar="NAME",
+                   help=f"the optimizer of --steps: {'|'.join(protocol.OPTIMIZER_SETTINGS)} "
+                        f"(default {protocol.DEFAULT_DRIFT_OPTIMIZER})")
+    m.add_argument("--plot", metavar="PATH.png",
+                   help="with --steps: a PNG of the drift vs step per backend "
+                        "(needs matplotlib: mhsa-core[plot])")
     m.add_argument("--json", metavar="PATH",
                    help="also write the report as JSON to PATH; '-' for stdout (then the "
                         "table and the verdict go to stderr)")

@@ -12,7 +12,7 @@ Imports no framework: the workers (`runner`) do.
 
 import dataclasses
 
-from mhsa_core.consistency import checks, protocol
+from mhsa_core.consistency import checks, drift, protocol
 from mhsa_core.consistency.locate import SECTION, locate_cases
 from mhsa_core.consistency.report import Report
 from mhsa_core.consistency.runner import run_backends
@@ -21,9 +21,9 @@ __all__ = ["run_matrix", "evaluate", "expected_cells", "needed_tasks", "with_wor
 
 
 def needed_tasks(case, rtol=None):
-    """The tasks of `case` that its checks read, in `protocol.ALL_TASKS` order."""
+    """The tasks of `case` that its checks read, in `protocol.KNOWN_TASKS` order."""
     needed = {t for check in checks.CHECKS if check.applies(case, rtol) for t in check.tasks}
-    return tuple(t for t in protocol.ALL_TASKS if t in needed and t in case.tasks)
+    return tuple(t for t in protocol.KNOWN_TASKS if t in needed and t in case.tasks)
 
 
 def evaluate(cases, runs, backends, rtol=None):
@@ -46,7 +46,7 @@ def evaluate(cases, runs, backends, rtol=None):
 
 
 def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
-               timeout=1800.0, imports=(), locate=False):
+               timeout=1800.0, imports=(), locate=False, steps=None, optimizer=None):
     """Runs `cases` under `backends` and judges every check; returns a `Report`.
 
     Each case runs the tasks among its `tasks` that its checks read
@@ -64,12 +64,20 @@ def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
         locate: also run every model case layer by layer, and name the first
             layer whose output leaves its budget (`locate`; the report's
             section `locate.SECTION`).
+        steps: train this many optimizer steps on each training backend, in
+            the case's dtype and in float64, and judge the drift (`drift`);
+            needs the float64 runs, so not with `rtol`.
+        optimizer: the optimizer of those steps, a key of
+            `protocol.OPTIMIZER_SETTINGS` (default "adam"); only with `steps`.
     """
+    steps, optimizer = drift.check_options(steps, optimizer, rtol)
+    cases = [drift.with_drift(case, steps) for case in cases]
     cases = [dataclasses.replace(case, tasks=needed_tasks(case, rtol)
-                                 + (protocol.OPT_IN_TASKS if locate and case.kind == "model"
+                                 + (protocol.LOCATE_TASKS if locate and case.kind == "model"
                                     else ())) for case in cases]
     runs = run_backends(cases, backends, on_event=on_event, safe_mode=safe_mode,
-                        timeout=timeout, imports=imports)
+                        timeout=timeout, imports=imports, drift_steps=steps,
+                        drift_optimizer=optimizer)
     return evaluate([with_worker_inputs(case, runs) for case in cases], runs, backends,
                     rtol=rtol)
 

@@ -44,9 +44,11 @@ SAVE = "save"  # a `.keras` file, loaded by the other backends in phase LOAD
 ALL_TASKS = (FORWARD, FORWARD64, SCORES, GRADS, GRADS64, OPTIMIZERS, JIT, SAVE)
 LOCATE = "locate"  # every layer's output, in the case's dtype (`--locate`)
 LOCATE64 = "locate64"  # every layer's output of the float64 clone (`--locate`)
-# Tasks a case runs only when asked: not in ALL_TASKS, so no case runs them
-# by default.
-OPT_IN_TASKS = (LOCATE, LOCATE64)
+LOCATE_TASKS = (LOCATE, LOCATE64)
+DRIFT = "drift"  # K optimizer steps in the case's dtype and in float64 (`--steps`)
+# Tasks a case runs only when asked (their options are in job.json): not in
+# ALL_TASKS, so no case runs them by default.
+OPT_IN_TASKS = (DRIFT, *LOCATE_TASKS)
 KNOWN_TASKS = ALL_TASKS + OPT_IN_TASKS
 # The tasks of a backend outside TRAINING_BACKENDS.
 INFERENCE_TASKS = (FORWARD, SCORES, LOCATE)
@@ -256,3 +258,45 @@ def layer_out_key(v, i, t=0):
 def layer_of(key):
     """The layer call of a `layer_out_key`, "layer/{v}/{i}/{t}" -> i."""
     return int(key.split("/")[2])
+
+
+# -------------------------------------------------------------- drift task
+# job.json "options" of task DRIFT: the number of optimizer steps, and the
+# optimizer (a key of OPTIMIZER_SETTINGS).
+DRIFT_STEPS = "drift_steps"
+DRIFT_OPTIMIZER = "drift_optimizer"
+DEFAULT_DRIFT_OPTIMIZER = "adam"
+# The two training runs of task DRIFT: the model as it is (its dtype policy),
+# and its float64 clone, from the same weights.
+DRIFT_RUNS = ("train", "train64")
+# Weights are kept at most at this many steps (a large model times many steps
+# would not fit on disk); losses at every step.
+DRIFT_MAX_RECORDED = 64
+
+
+def drift_table_steps(steps):
+    """The steps the drift table shows: 1, K/4, K/2 and K."""
+    return sorted({1, max(1, steps // 4), max(1, steps // 2), steps})
+
+
+def drift_recorded_steps(steps):
+    """The steps after which task DRIFT keeps the weights: every step up to
+    DRIFT_MAX_RECORDED steps, else that many evenly spaced, always with the
+    table's steps."""
+    if steps <= DRIFT_MAX_RECORDED:
+        return list(range(1, steps + 1))
+    spaced = {round(1 + i * (steps - 1) / (DRIFT_MAX_RECORDED - 1))
+              for i in range(DRIFT_MAX_RECORDED)}
+    return sorted(spaced | set(drift_table_steps(steps)))
+
+
+def drift_loss_key(run, s):
+    """DRIFT: the loss that step s (1..K) of `run` differentiated, i.e. at the
+    weights after s - 1 steps (as `fit` logs a step's loss)."""
+    return f"{run}/loss/{s}"
+
+
+def drift_weight_key(run, s, j):
+    """DRIFT: trainable variable j of `run` after s steps (s of
+    `drift_recorded_steps`)."""
+    return f"{run}/weight/{s}/{j}"

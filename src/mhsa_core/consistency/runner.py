@@ -220,7 +220,8 @@ class _Worker:
 
 
 def run_backends(cases, backends, *, timeout=1800.0, on_event=None, job_dir=None,
-                 safe_mode=True, portability=True, imports=()):
+                 safe_mode=True, portability=True, imports=(), drift_steps=None,
+                 drift_optimizer=protocol.DEFAULT_DRIFT_OPTIMIZER):
     """Runs `cases` under each backend; returns {backend: BackendRun}.
 
     Backends run one after another within a phase, so that each worker's
@@ -239,6 +240,8 @@ def run_backends(cases, backends, *, timeout=1800.0, on_event=None, job_dir=None
         portability: run the "load" phase (each backend loads the others' files).
         imports: modules each worker imports first (e.g. where a user model's
             custom layers are registered).
+        drift_steps: the optimizer steps of task DRIFT (cases that have it).
+        drift_optimizer: its optimizer, a key of `protocol.OPTIMIZER_SETTINGS`.
     """
     for backend in backends:
         backend_available(backend)  # validates the name
@@ -247,7 +250,8 @@ def run_backends(cases, backends, *, timeout=1800.0, on_event=None, job_dir=None
         root = Path(job_dir) if job_dir is not None else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         options = {"safe_mode": bool(safe_mode), "backends": list(backends),
-                   "imports": list(imports)}
+                   "imports": list(imports), protocol.DRIFT_STEPS: drift_steps,
+                   protocol.DRIFT_OPTIMIZER: drift_optimizer}
         job = _write_job(root, cases, options)
         runs, workers = {}, {}
         for backend in backends:

@@ -17,7 +17,7 @@ import io
 import tempfile
 from pathlib import Path
 
-from mhsa_core.consistency import cases, matrix
+from mhsa_core.consistency import cases, drift, matrix
 from mhsa_core.consistency import locate as layer_locate
 from mhsa_core.consistency.protocol import TRAINING_BACKENDS
 from mhsa_core.consistency.report import render, verdict
@@ -39,7 +39,8 @@ def _custom_modules(model):
 
 def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS,
                           rtol=None, *, safe_mode=True, imports=None, timeout=1800.0,
-                          skip_if_not_compared=False, locate=False):
+                          skip_if_not_compared=False, locate=False, steps=None,
+                          optimizer=None):
     """Asserts that `backends` agree on a Keras model; returns the `report.Report`.
 
     Args:
@@ -61,12 +62,18 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
         locate: also run the model layer by layer on each backend; the
             message then names the first layer whose output leaves its
             budget (`mhsa_core.consistency.locate`).
+        steps: also train this many optimizer steps on each backend, in float32
+            and float64 from the same weights, and fail when a backend drifts
+            from the float64 run beyond the peer budget (`drift`; the
+            "training drift" row). Not with `rtol`.
+        optimizer: the optimizer of `steps`: "adam" (default) or "sgd".
 
     Raises:
         AssertionError: a check failed, a worker crashed, or fewer than two
             backends ran (nothing was compared); the message has the whole
             table and the verdict.
     """
+    drift.check_options(steps, optimizer, rtol)  # before anything is saved or run
     with tempfile.TemporaryDirectory(prefix="mhsa-core-model-") as tmp:
         if isinstance(model_or_path, (str, Path)):
             path = Path(model_or_path)
@@ -80,7 +87,8 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
             cases.check_safe(config, path)
         case = cases.model_case(path, inputs, name=path.stem)
         report = matrix.run_matrix([case], list(backends), rtol=rtol, safe_mode=safe_mode,
-                                   imports=imports, timeout=timeout, locate=locate)
+                                   imports=imports, timeout=timeout, locate=locate,
+                                   steps=steps, optimizer=optimizer)
     if not report.agree:
         if skip_if_not_compared and not report.compared and not report.failures and not (
                 set(report.worker_errors) - set(report.missing)):
@@ -93,5 +101,7 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
             text.write(f"\n{backend}: {error}\n")
         for section in report.sections.get(layer_locate.SECTION, []):
             text.write("\n" + layer_locate.format_section(section) + "\n")
+        if steps is not None:
+            text.write("\n" + drift.format_tables(report) + "\n")
         raise AssertionError(text.getvalue() + "\n" + verdict(report))
     return report

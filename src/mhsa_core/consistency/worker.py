@@ -21,6 +21,8 @@ Files written to OUT_DIR, per case i of JOB_DIR/job.json:
   `model_file(i)`;
   LOCATE / LOCATE64 (opt-in, `--locate`): `layer_out_key(v, i, t)` of every
   layer call i, with LAYER_NAMES_KEY and LAYER_CLASSES_KEY (`locate`);
+  DRIFT (opt-in): `drift_loss_key(run, s)`, `drift_weight_key(run, s, j)`
+  of K optimizer steps in the model's dtype and in float64 (`drift.train`);
 - `inputs_file(i)`: the inputs made here from the loaded model (a model case
   given none);
 - `load_file(saver, i)` (phase LOAD): `output_key(v, o)` of the model the backend
@@ -389,6 +391,13 @@ class _CaseRunner:
             for o, each in enumerate(keras.tree.flatten(out)):
                 results[protocol.output_key(v, o)] = _portable(keras.ops.convert_to_numpy(each))
         return results
+
+    def task_drift(self, timings):
+        """K optimizer steps of the model and of its float64 clone (`drift.train`)."""
+        from mhsa_core.consistency import drift
+
+        return drift.train(self, self.options[protocol.DRIFT_STEPS],
+                           self.options[protocol.DRIFT_OPTIMIZER])
 
     def task_save(self, timings):
         path = self.out_dir / protocol.model_file(self.index)

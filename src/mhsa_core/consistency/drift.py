@@ -1,0 +1,544 @@
+"""Training drift: does a model trained under one backend train the same under another?
+
+`mhsa-core matrix --steps K` (and `assert_backends_agree(..., steps=K)`)
+trains K optimizer steps on each training backend, twice, from the same
+weights and on the same data: the model as it is (its dtype policy, float32
+usually) and its float64 clone (`worker._CaseRunner.model64`, whose weights
+are the model's, cast). Then it measures, after every step s, how far each
+backend's float32 run has moved from the float64 run of the oracle:
+
+- weights: max over all trainable variables of |w_s - w64_s|, relative to
+  max|w64_s| of the oracle;
+- loss: |loss_s - loss64_s|, relative to the largest |loss64| of the
+  oracle's run (the loss crosses zero as it falls, so its own value at a step
+  is no scale).
+
+The training (task DRIFT, run in the worker by `train`):
+- the loss of the gradient checks, `sum(output * L)` with a fixed random L
+  (`gradients.loss_weights`), so that every output entry is trained, divided
+  by the output's size (a mean: SGD's steps do not grow with the output);
+  `training=False`: dropout and batch statistics would draw different random
+  numbers on each backend;
+- the case's input variants in turn (step s uses variant (s - 1) mod n): a
+  case with one variant trains on the same batch at every step;
+- a fresh optimizer of `protocol.OPTIMIZER_SETTINGS` per run (Adam by
+  default), so the two runs and the backends step with the same settings.
+
+The oracle is the float64 trajectory of TensorFlow if it ran, else the
+elementwise median of the backends' float64 trajectories
+(`oracles.float64_oracle`).
+
+Judging. Float32 rounding differences are amplified by training, so the
+drift grows with the steps and no fixed tolerance fits every model and step.
+The peer rule of `budgets.peer_budgets` does: each backend's *own* drift (its
+float32 run against its float64 run) measures how much rounding moves this
+training run at this step; a backend whose drift from the float64 oracle
+exceeds PEER_FACTOR x the median own drift + FLOOR x scale at any step is
+flagged. A backend that trains differently (another gradient, another update)
+moves away from the oracle while its own two runs stay together, which the
+rule catches; a model whose training amplifies rounding a lot gets a budget
+that grows with it, on every backend alike. The loss is judged as a whole,
+the weights per trainable variable (each its own budget: one variable that
+rounding moves a lot must not set the budget of all), except variables that
+rounding moves about as much as the loss does (`ROUNDING_DRIVEN`: a key bias,
+which softmax ignores), which are shown, not judged. Steps from the one at
+which training diverges (float32's range left) are shown, not judged.
+docs/consistency.md has the measurements.
+
+The parent side (`series`, `judge_drift`, `format_tables`, `plot`) imports no
+framework; `plot` imports matplotlib (Agg), only when a plot is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mhsa_core.consistency import budgets, oracles, protocol
+from mhsa_core.consistency.protocol import DRIFT, DRIFT_RUNS
+from mhsa_core.consistency.report import Cell, cell_of, format_table
+
+__all__ = ["CHECK_NAME", "ROUNDING_DRIVEN", "check_options", "with_drift", "train",
+           "DriftSeries", "series", "judge_drift", "report_series", "format_tables",
+           "check_plot_path", "plot"]
+
+CHECK_NAME = "training drift"
+# Result keys of task DRIFT besides the runs' losses and weights.
+_STEPS_KEY = "steps"
+_OPTIMIZER_KEY = "optimizer"
+_NAMES_KEY = "names"  # the trainable variables' paths
+# A trainable variable whose float32 and float64 runs differ (median over the
+# backends) by more than this fraction of how far it moved is moved by
+# rounding, not by the loss: e.g. a key bias, which softmax ignores (its
+# gradient is rounding noise, which Adam scales up to steps of ~lr). Backends
+# cannot agree on such a weight and the output does not depend on it; it is
+# shown, not judged. Measured on the test model (docs/consistency.md): the two
+# key biases are, and only they.
+ROUNDING_DRIVEN = 1e-2
+_RUN, _RUN64 = DRIFT_RUNS
+
+
+# ----------------------------------------------------------- the options
+def check_options(steps, optimizer, rtol=None):
+    """Validated `(steps, optimizer)` of a run: `(None, None)` without steps.
+
+    Raises:
+        ValueError: steps not a positive integer, an unknown optimizer, an
+            optimizer without steps, or steps with `rtol` (the drift is
+            judged against float64 runs, which `rtol` says are impossible).
+    """
+    if steps is None:
+        if optimizer is not None:
+            raise ValueError(f"`optimizer` needs `steps`. Received: optimizer={optimizer!r}")
+        return None, None
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(
+            f"`steps` must be a positive integer. Received: steps={steps!r}")
+    optimizer = protocol.DEFAULT_DRIFT_OPTIMIZER if optimizer is None else optimizer
+    if optimizer not in protocol.OPTIMIZER_SETTINGS:
+        raise ValueError(
+            f"`optimizer` must be one of {sorted(protocol.OPTIMIZER_SETTINGS)}. "
+            f"Received: optimizer={optimizer!r}")
+    if rtol is not None:
+        raise ValueError(
+            "`steps` judges training against float64 runs; `rtol` is for models that "
+            f"cannot run in float64. Received: steps={steps}, rtol={rtol}")
+    return int(steps), optimizer
+
+
+def with_drift(case, steps):
+    """`case` with task DRIFT when `steps` is given, without it otherwise."""
+    tasks = tuple(t for t in case.tasks if t != DRIFT)
+    if steps is not None:
+        tasks += (DRIFT,)
+    return dataclasses.replace(case, tasks=tasks)
+
+
+# ---------------------------------------------------------- the worker
+def train(runner, steps, optimizer_name):
+    """Task DRIFT in a worker: K steps of the model and of its float64 clone.
+
+    Args:
+        runner: the worker's `_CaseRunner` of the case.
+        steps: the number of optimizer steps K.
+        optimizer_name: a key of `protocol.OPTIMIZER_SETTINGS`.
+
+    Returns:
+        {key: array}: `protocol.drift_loss_key(run, s)` for s = 1..K and
+        `protocol.drift_weight_key(run, s, j)` for the recorded steps s
+        (`protocol.drift_recorded_steps`), for both runs of
+        `protocol.DRIFT_RUNS`; the start weights (step 0 of the first run),
+        the variables' paths, the steps and the optimizer's name. The model's
+        weights are restored afterwards (the other tasks use it).
+    """
+    from mhsa_core.consistency import gradients  # imports Keras: worker only
+
+    keras = runner.keras
+    model = runner.model
+    # Before any step: the clone's weights are the model's, cast to float64.
+    model64 = runner.model64()
+    start = [np.array(keras.ops.convert_to_numpy(v)) for v in model.trainable_variables]
+    recorded = set(protocol.drift_recorded_steps(steps))
+    class_name, arguments = protocol.OPTIMIZER_SETTINGS[optimizer_name]
+    variants = {_RUN: runner.variants,
+                _RUN64: [runner._as_float64(xs) for xs in runner.variants]}
+    loss_weights = {}  # per variant: the same L in both runs
+    results = {_STEPS_KEY: np.asarray(steps), _OPTIMIZER_KEY: np.asarray(optimizer_name),
+               _NAMES_KEY: np.asarray([v.path for v in model.trainable_variables], dtype=str)}
+    for j, w in enumerate(start):
+        results[protocol.drift_weight_key(_RUN, 0, j)] = _portable(w)
+    try:
+        for run, trained in ((_RUN, model), (_RUN64, model64)):
+            optimizer = getattr(keras.optimizers, class_name)(**arguments)
+            for s in range(1, steps + 1):
+                v = (s - 1) % len(variants[run])
+                xs = variants[run][v]
+                if v not in loss_weights:
+                    shape = runner._forward(trained, xs).shape
+                    # The gradient checks' L, over the output's size: a mean,
+                    # so that an SGD step does not grow with the output (with
+                    # the sum, SGD(0.01) overflowed float32 within 12 steps
+                    # on a 2x6x6x8 output). Adam nearly ignores the scale.
+                    loss_weights[v] = gradients.loss_weights(shape) / max(1, int(np.prod(shape)))
+                loss, _, grads = gradients.value_and_grad(
+                    trained, runner._call_inputs(xs), loss_weights[v])
+                results[protocol.drift_loss_key(run, s)] = np.asarray(loss, np.float64)
+                new = gradients.apply_optimizer_step(trained, grads, optimizer)
+                if s in recorded:
+                    for j, w in enumerate(new):
+                        results[protocol.drift_weight_key(run, s, j)] = _portable(w)
+    finally:
+        for variable, w in zip(model.trainable_variables, start):
+            variable.assign(w)
+    return results
+
+
+def _portable(array):
+    array = np.asarray(array)
+    return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
+
+
+# ---------------------------------------------------------- the parent
+@dataclasses.dataclass
+class DriftSeries:
+    """The drift of one case's training, per backend and step.
+
+    Attributes:
+        case: the case's name.
+        steps: K.
+        optimizer: the key of `protocol.OPTIMIZER_SETTINGS` it trained with.
+        oracle: which float64 run is the oracle ("tensorflow float64" or
+            "median float64").
+        weight_steps: the steps with weights (`protocol.drift_recorded_steps`).
+        weights, own_weights: {backend: [drift per weight step]}: max over all
+            weights of |w - w64| / max|w64|, against the oracle and against the
+            backend's own float64 run (what the table and plot show).
+        weight_cells: {backend: [Cell per weight step]}: the worst trainable
+            variable against its own peer budget (what is judged).
+        loss, own_loss: {backend: [relative drift per step 1..K]}.
+        loss_budgets: [relative budget per step 1..K].
+        names: the trainable variables' paths.
+        rounding_driven: [per weight step, the indices of the variables moved
+            by rounding more than by the loss (`ROUNDING_DRIVEN`): not judged].
+        diverges: the first step at which training diverges (the float64
+            oracle leaves float32's range or is not finite, or most backends'
+            own float32 runs are not finite), or None. Steps from there on are
+            shown, not judged: the runs no longer compute the same thing.
+    """
+
+    case: str
+    steps: int
+    optimizer: str
+    oracle: str
+    weight_steps: list
+    weights: dict = dataclasses.field(default_factory=dict)
+    own_weights: dict = dataclasses.field(default_factory=dict)
+    weight_cells: dict = dataclasses.field(default_factory=dict)
+    loss: dict = dataclasses.field(default_factory=dict)
+    own_loss: dict = dataclasses.field(default_factory=dict)
+    loss_budgets: list = dataclasses.field(default_factory=list)
+    diverges: int | None = None
+    names: list = dataclasses.field(default_factory=list)
+    rounding_driven: list = dataclasses.field(default_factory=list)
+
+    @property
+    def judged(self):
+        """The last step judged."""
+        return self.steps if self.diverges is None else self.diverges - 1
+
+    @property
+    def backends(self):
+        return list(self.weights)
+
+    def loss_cell(self, backend, s):
+        """The loss of step s (1..K) against its budget."""
+        return cell_of(self.loss[backend][s - 1], self.loss_budgets[s - 1],
+                       note=f"loss, step {s}")
+
+    def step_cell(self, backend, s):
+        """The worst of the weights and the loss at a weight step s."""
+        cells = [self.weight_cells[backend][self.weight_steps.index(s)],
+                 self.loss_cell(backend, s)]
+        return _worst(cells)
+
+    def cell(self, backend):
+        """The backend's worst step, weights or loss: the check's cell."""
+        cells = [c for s, c in zip(self.weight_steps, self.weight_cells[backend])
+                 if s <= self.judged]
+        cells += [self.loss_cell(backend, s) for s in range(1, self.judged + 1)]
+        if self.diverges is None:
+            return _worst(cells)
+        why = f"training diverges at step {self.diverges}, not judged from there"
+        if not cells:
+            return Cell(passed=None, note=why)
+        worst = _worst(cells)
+        return dataclasses.replace(worst, note=f"{worst.note}; {why}")
+
+
+def _worst(cells):
+    """The failing cell of the highest ratio, else the passing one (cells
+    without a verdict only when there is nothing else)."""
+    judged = [c for c in cells if c.passed is not None]
+    if not judged:
+        return cells[0] if cells else Cell(passed=None, note="nothing to compare")
+    failing = [c for c in judged if c.passed is False]
+    return max(failing or judged, key=lambda c: c.ratio)
+
+
+def _relative(error, magnitude):
+    if not math.isfinite(error):
+        return math.inf
+    if magnitude > 0:
+        return error / magnitude
+    return 0.0 if error == 0 else math.inf
+
+
+def _max_abs(a, b):
+    error = budgets.max_abs(a, b)
+    return math.inf if math.isnan(error) else error
+
+
+def _median(values):
+    """The median, NaN counted as infinite (0 without values)."""
+    values = [math.inf if math.isnan(d) else d for d in values]
+    return float(np.median(values)) if values else 0.0
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _in_range(arrays):
+    """Whether float32 can hold every value of `arrays` (finite, |x| <= max)."""
+    return all(np.all(np.isfinite(a)) and np.max(np.abs(a), initial=0) <= _FLOAT32_MAX
+               for a in arrays)
+
+
+def series(name, results):
+    """The `DriftSeries` of case `name` from {backend: its DRIFT result};
+    None without any result.
+
+    Raises:
+        ValueError: no oracle (the backends' weights differ in shape or number).
+    """
+    results = {b: r for b, r in results.items() if _STEPS_KEY in r}
+    if not results:
+        return None
+    first = next(iter(results.values()))
+    steps, optimizer = int(first[_STEPS_KEY]), str(first[_OPTIMIZER_KEY])
+    weight_steps = protocol.drift_recorded_steps(steps)
+    n = sum(1 for k in first if k.startswith(f"{_RUN}/weight/{weight_steps[0]}/"))
+    loss64 = [protocol.drift_loss_key(_RUN64, s) for s in range(1, steps + 1)]
+    weights64 = [protocol.drift_weight_key(_RUN64, s, j) for s in weight_steps
+                 for j in range(n)]
+    # A run that stopped midway writes nothing: every result has every key.
+    wanted = loss64 + weights64 + [k.replace(_RUN64, _RUN, 1) for k in loss64 + weights64]
+    wanted += [protocol.drift_weight_key(_RUN, 0, j) for j in range(n)]
+    results = {b: r for b, r in results.items() if all(k in r for k in wanted)}
+    oracle = oracles.float64_oracle(results, loss64 + weights64) if results else None
+    if oracle is None:
+        raise ValueError("no float64 oracle: the backends' weights differ in shape or number")
+    tf = "tensorflow" in results
+    out = DriftSeries(name, steps, optimizer, "tensorflow float64" if tf else "median float64",
+                      weight_steps)
+    names = first.get(_NAMES_KEY)
+    out.names = ([str(x) for x in names] if names is not None and len(names) == n
+                 else [f"weight {j}" for j in range(n)])
+    diverges = []
+    for s in weight_steps:
+        if not _weight_step(out, results, oracle, s, n):
+            diverges.append(s)
+    in_range = [_in_range([oracle[k]]) for k in loss64]
+    diverges += [s for s, ok in enumerate(in_range, start=1) if not ok]
+    # The loss's scale: its largest value before training diverges.
+    magnitude = max((abs(float(oracle[k])) for k, ok in zip(loss64, in_range) if ok),
+                    default=0.0)
+    for s, key64 in enumerate(loss64, start=1):
+        for b, r in results.items():
+            loss = float(r[protocol.drift_loss_key(_RUN, s)])
+            out.loss.setdefault(b, []).append(
+                _relative(abs(loss - float(oracle[key64])), magnitude))
+            out.own_loss.setdefault(b, []).append(
+                _relative(abs(loss - float(r[key64])), magnitude))
+        own = _median(out.own_loss[b][-1] for b in results)
+        if not math.isfinite(own):
+            diverges.append(s)
+        out.loss_budgets.append(budgets.PEER_FACTOR * own + budgets.FLOOR)
+    out.diverges = min(diverges, default=None)
+    return out
+
+
+def _weight_step(out, results, oracle, s, n):
+    """The weights after step s: the drift shown (all weights at once) and the
+    cells judged (each trainable variable against its own peer budget).
+    Returns whether the runs still compute the same thing (False: the oracle
+    out of float32's range, or most own float32 runs not finite)."""
+    w64 = [oracle[protocol.drift_weight_key(_RUN64, s, j)] for j in range(n)]
+    # The start is the same everywhere (the case's weights).
+    start = [next(iter(results.values()))[protocol.drift_weight_key(_RUN, 0, j)]
+             for j in range(n)]
+    # errors[b][j], own[b][j]: |w - w64| against the oracle and the backend's own.
+    errors, own = {}, {}
+    for b, r in results.items():
+        w = [r[protocol.drift_weight_key(_RUN, s, j)] for j in range(n)]
+        errors[b] = [_max_abs(a, o) for a, o in zip(w, w64)]
+        own[b] = [_max_abs(a, r[protocol.drift_weight_key(_RUN64, s, j)])
+                  for j, a in enumerate(w)]
+    magnitude = budgets.scale(w64)
+    medians = [_median(own[b][j] for b in results) for j in range(n)]
+    limits = [budgets.PEER_FACTOR * medians[j] + budgets.FLOOR * budgets.scale([w64[j]])
+              for j in range(n)]
+    judged = [j for j in range(n)
+              if not medians[j] > ROUNDING_DRIVEN * _max_abs(w64[j], start[j])]
+    out.rounding_driven.append([j for j in range(n) if j not in judged])
+    for b in results:
+        out.weights.setdefault(b, []).append(_relative(max(errors[b], default=0.0), magnitude))
+        out.own_weights.setdefault(b, []).append(_relative(max(own[b], default=0.0), magnitude))
+        cells = [cell_of(errors[b][j], limits[j], note=f"{out.names[j]}, step {s}")
+                 for j in judged]
+        out.weight_cells.setdefault(b, []).append(
+            _worst(cells) if cells else Cell(passed=None, note="no weight judged"))
+    return _in_range(w64) and all(math.isfinite(limit) for limit in limits)
+
+
+def judge_drift(ctx, saver):
+    """The check's cells: each training backend's worst step (`DriftSeries.cell`)."""
+    results = ctx.results(DRIFT)
+    try:
+        drift = series(ctx.name, results)
+    except ValueError as e:
+        return {b: Cell(passed=False, note=str(e)) for b in results}
+    if drift is None:
+        return None
+    if len(drift.backends) < 2:
+        only = ", ".join(drift.backends)
+        return {b: Cell(passed=None, note=f"only {only} trained: nothing was compared")
+                for b in drift.backends}
+    return {b: drift.cell(b) for b in drift.backends}
+
+
+def report_series(report):
+    """[DriftSeries] of every case of `report` with a drift row, in report order."""
+    out = []
+    for row in report.rows:
+        if row.check != CHECK_NAME:
+            continue
+        results = {b: run.results[row.case][DRIFT] for b, run in report.runs.items()
+                   if DRIFT in run.results.get(row.case, {})}
+        try:
+            drift = series(row.case, results)
+        except ValueError:  # the row says why
+            continue
+        if drift is not None:
+            out.append(drift)
+    return out
+
+
+def _number(value):
+    return "inf" if not math.isfinite(value) else f"{value:.1e}"
+
+
+def _ratio(cell):
+    if cell.ratio is None:
+        return "-"
+    return "inf" if not math.isfinite(cell.ratio) else f"{cell.ratio:.2f}"
+
+
+def _rounding_note(drift):
+    """Which weights were not judged (moved by rounding), over all steps."""
+    skipped = sorted({j for step in drift.rounding_driven for j in step})
+    if not skipped:
+        return ""
+    return ("not judged, moved by rounding more than by the loss (float32 and float64 "
+            f"differ by > {ROUNDING_DRIVEN:g} of their motion): "
+            + ", ".join(drift.names[j] for j in skipped) + "\n")
+
+
+def format_tables(report):
+    """The drift of every case at steps 1, K/4, K/2, K, as text ("" without any)."""
+    parts = []
+    for drift in report_series(report):
+        backends = drift.backends
+        header = ["step", *(f"{b} weights" for b in backends), "loss budget",
+                  *(f"{b} loss" for b in backends), *(f"{b} ratio" for b in backends)]
+        rows = []
+        for s in protocol.drift_table_steps(drift.steps):
+            i = drift.weight_steps.index(s)
+            rows.append([s, *(_number(drift.weights[b][i]) for b in backends),
+                         _number(drift.loss_budgets[s - 1]),
+                         *(_number(drift.loss[b][s - 1]) for b in backends),
+                         *(_ratio(drift.step_cell(b, s)) if s <= drift.judged else "-"
+                           for b in backends)])
+        parts.append(
+            f"training drift of {drift.case}: {drift.steps} {drift.optimizer} steps from the "
+            f"same weights and data, float32 against {drift.oracle}\n"
+            + ("" if drift.diverges is None else
+               f"training diverges at step {drift.diverges} (the float64 run leaves "
+               "float32's range, or the float32 runs are not finite): judged up to step "
+               f"{drift.judged}\n") +
+            "weights: max|w - w64| / max|w64| over all weights; loss: |loss - loss64| / "
+            "max|loss64|; ratio: the worst of the loss and of each trainable variable, "
+            f"drift / budget (<= 1 passes); budget: {budgets.PEER_FACTOR:g} x the median "
+            f"over backends of their own float32-vs-float64 drift + {budgets.FLOOR:g} x "
+            "scale\n" + _rounding_note(drift) + format_table(header, rows))
+    return "\n\n".join(parts)
+
+
+def check_plot_path(path):
+    """Raises ValueError (one line) unless a plot can be written at `path`;
+    writes nothing."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"the plot path is a directory. Received: plot={str(path)!r}")
+    if not parent.is_dir():
+        raise ValueError(f"the plot's directory does not exist. Received: plot={str(path)!r}")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"the plot path is not writable. Received: plot={str(path)!r}")
+
+
+def plot(report, path):
+    """A PNG of the drift vs step of every case and backend, with the budgets.
+
+    One column per case, log scales: the weights' drift, the loss's drift
+    (its budget dashed), and each step's worst drift / budget (weights judged
+    per trainable variable; 1 dashed). Written atomically (a temporary file renamed).
+
+    Returns:
+        The number of cases plotted (0: nothing written).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a file only
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    drifts = report_series(report)
+    if not drifts:
+        return 0
+    columns = len(drifts)
+    figure, axes = plt.subplots(3, columns, figsize=(5.5 * columns, 9.5), squeeze=False)
+    tiny = budgets.FLOOR / 100  # log scale: an exact 0 drawn at the bottom
+    for c, drift in enumerate(drifts):
+        loss_steps = list(range(1, drift.steps + 1))
+        panels = (
+            ("weights: max|w - w64| / max|w64|", drift.weight_steps, drift.weights, None,
+             None),
+            ("loss: |loss - loss64| / max|loss64|", loss_steps, drift.loss,
+             drift.loss_budgets, "budget"),
+            ("worst drift / budget (<= 1 passes)", drift.weight_steps,
+             {b: [drift.step_cell(b, s).ratio for s in drift.weight_steps]
+              for b in drift.backends}, [1.0] * len(drift.weight_steps), "1 = budget"),
+        )
+        for r, (what, steps, values, limits, label) in enumerate(panels):
+            ax = axes[r][c]
+            for b in drift.backends:
+                ax.plot(steps, [max(v, tiny) for v in values[b]], marker=".", label=b)
+            if limits is not None:
+                ax.plot(steps, limits, "k--", label=label)
+            ax.set_yscale("log")
+            ax.set_xlabel("optimizer step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(what, fontsize=8)
+            ax.grid(True, alpha=0.3)
+            if r == 0:
+                ax.set_title(f"{drift.case}: {drift.optimizer}, vs {drift.oracle}",
+                             fontsize=9)
+            ax.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".drift-", suffix=".png", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            figure.savefig(f, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(figure)
+    return len(drifts)
