@@ -134,3 +134,28 @@ def test_step_oracle_matches_the_optimizer_formulas():
     # epsilon against sqrt(1 - beta_2) |g| moves the step by < 1e-4 (relative) here.
     np.testing.assert_allclose(adam[:2] - w[:2], -protocol.ADAM_LR * np.sign(g[:2]), rtol=1e-4)
     assert abs(adam[2] - w[2]) < protocol.ADAM_LR * 1e-4  # |g| << epsilon: ~no step
+
+
+def test_a_model_xla_cannot_compile_is_a_note_not_a_failure():
+    # TensorFlow's jit task returns only a note when XLA has no kernel for an
+    # op of the model (bicubic UpSampling2D: ResizeBicubic); the cell is then
+    # unjudged with that note, while the other backends are still judged.
+    from mhsa_core.consistency.runner import BackendRun
+
+    case = _model_case()
+    out = np.ones((2, 3))
+    runs = {
+        "tensorflow": BackendRun("tensorflow", results={"model": {
+            protocol.FORWARD: {protocol.out_key(0): out},
+            protocol.FORWARD64: {protocol.out_key(0): out},
+            protocol.JIT: {protocol.NOTE_KEY: np.array(
+                "not judged: XLA cannot compile ResizeBicubic")}}}),
+        "jax": BackendRun("jax", results={"model": {
+            protocol.FORWARD: {protocol.out_key(0): out},
+            protocol.FORWARD64: {protocol.out_key(0): out},
+            protocol.JIT: {protocol.out_key(0): out + 1.0}}}),
+    }
+    report = matrix.evaluate([case], runs, ["tensorflow", "jax"])
+    tf_cell = report.cell("model", "jit forward", "tensorflow")
+    assert tf_cell.passed is None and "ResizeBicubic" in tf_cell.note
+    assert report.cell("model", "jit forward", "jax").passed is False

@@ -367,7 +367,11 @@ def _scores(ctx, saver):
 
 
 def _jit(ctx, saver):
-    return ctx.compare(JIT, ctx.forward, ctx.out_keys)
+    cells = ctx.compare(JIT, ctx.forward, ctx.out_keys)
+    for b, res in ctx.results(JIT).items():
+        if protocol.NOTE_KEY in res:  # the compiler cannot take the model: not judged
+            cells[b] = Cell(passed=None, note=str(res[protocol.NOTE_KEY]))
+    return cells
 
 
 def _repeatable(ctx, saver):

@@ -202,6 +202,11 @@ def identical_key(j):
     return f"{IDENTICAL_PREFIX}{j}"
 
 
+# A result's note for its cell (a 0-d str array), e.g. JIT when XLA could not
+# compile the model and a tf.function graph ran instead.
+NOTE_KEY = "note"
+
+
 def variant_of(key):
     """The input variant of a per-variant result key, "{kind}/{v}/..." -> v."""
     return int(key.split("/")[1])

@@ -34,6 +34,7 @@ A task that raises is recorded there and the worker goes on.
 import importlib
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -57,6 +58,13 @@ def _portable(array):
     if array.dtype.name == "bfloat16":
         array = array.astype(np.float32)
     return array
+
+
+def _xla_cannot_compile(error):
+    """Whether a TensorFlow error is XLA lacking a kernel for some op."""
+    text = str(error)
+    return type(error).__name__ in ("InvalidArgumentError", "UnimplementedError") and (
+        "XLA" in text or "not compilable" in text or "No registered" in text)
 
 
 class _ModelInputs:
@@ -387,7 +395,17 @@ class _CaseRunner:
         results = {}
         for v, xs in enumerate(self.variants):
             tensors = [keras.ops.convert_to_tensor(x, dtype=str(x.dtype)) for x in xs]
-            out = run(self._call_inputs(tensors))
+            try:
+                out = run(self._call_inputs(tensors))
+            except Exception as e:  # noqa: BLE001 -- only XLA's "no kernel" is a note
+                if backend != "tensorflow" or not _xla_cannot_compile(e):
+                    raise
+                # Some TF ops have no XLA kernel (e.g. ResizeBicubic: bicubic
+                # UpSampling2D). A model XLA cannot compile is not a
+                # disagreement of the backends: the cell says so, unjudged.
+                ops = re.search(r"on XLA_\w+: ([\w, ]+)", str(e))
+                what = ops.group(1).strip() if ops else str(e).strip().splitlines()[0][:120]
+                return {protocol.NOTE_KEY: np.array(f"not judged: XLA cannot compile {what}")}
             for o, each in enumerate(keras.tree.flatten(out)):
                 results[protocol.output_key(v, o)] = _portable(keras.ops.convert_to_numpy(each))
         return results
