@@ -20,9 +20,9 @@ __all__ = ["run_matrix", "evaluate", "expected_cells", "needed_tasks"]
 
 
 def needed_tasks(case, rtol=None):
-    """The tasks of `case` that its checks read, in `protocol.ALL_TASKS` order."""
+    """The tasks of `case` that its checks read, in `protocol.KNOWN_TASKS` order."""
     needed = {t for check in checks.CHECKS if check.applies(case, rtol) for t in check.tasks}
-    return tuple(t for t in protocol.ALL_TASKS if t in needed and t in case.tasks)
+    return tuple(t for t in protocol.KNOWN_TASKS if t in needed and t in case.tasks)
 
 
 def evaluate(cases, runs, backends, rtol=None):
@@ -38,7 +38,7 @@ def evaluate(cases, runs, backends, rtol=None):
 
 
 def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
-               timeout=1800.0, imports=()):
+               timeout=1800.0, imports=(), export=()):
     """Runs `cases` under `backends` and judges every check; returns a `Report`.
 
     Each case runs the tasks among its `tasks` that its checks read
@@ -53,11 +53,33 @@ def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
         on_event: progress callback, see `runner.run_backends`.
         timeout: seconds per backend worker.
         imports: modules every worker imports first (custom layers).
+        export: formats of `protocol.EXPORT_FORMATS`: export every case's
+            model in each from each backend, run the artifacts in their
+            runtimes, judge them like the backends (rows "{format} export").
     """
+    export = validate_formats(export)
+    if export:
+        cases = [dataclasses.replace(case, exports=export,
+                                     tasks=tuple(case.tasks) + (protocol.EXPORT,))
+                 for case in cases]
     cases = [dataclasses.replace(case, tasks=needed_tasks(case, rtol)) for case in cases]
     runs = run_backends(cases, backends, on_event=on_event, safe_mode=safe_mode,
                         timeout=timeout, imports=imports)
     return evaluate(cases, runs, backends, rtol=rtol)
+
+
+def validate_formats(formats):
+    """`formats` (a list, or a comma-separated string) as a tuple of
+    `protocol.EXPORT_FORMATS`; ValueError naming an unknown one."""
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    formats = tuple(dict.fromkeys(formats or ()))
+    unknown = [f for f in formats if f not in protocol.EXPORT_FORMATS]
+    if unknown:
+        raise ValueError(
+            f"Received an invalid value for argument `export`, expected a subset of "
+            f"{','.join(protocol.EXPORT_FORMATS)}. Received: export={','.join(unknown)!r}")
+    return formats
 
 
 def expected_cells(case, backends, rtol=None):

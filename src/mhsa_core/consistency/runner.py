@@ -82,7 +82,7 @@ def _write_job(job_dir, cases, options):
         for k, a in (case.weights or {}).items():
             arrays[protocol.job_weight_key(k)] = np.asarray(a)
         np.savez(job_dir / protocol.case_file(i), **arrays)
-        unknown = set(case.tasks) - set(protocol.ALL_TASKS)
+        unknown = set(case.tasks) - set(protocol.KNOWN_TASKS)
         if unknown:
             raise ValueError(f"Unknown tasks {sorted(unknown)} in case {case.name!r}")
         job["cases"].append(
@@ -96,6 +96,7 @@ def _write_job(job_dir, cases, options):
                 "input_names": list(case.variants[0]),
                 "tasks": list(case.tasks),
                 "dtype": case.dtype,
+                "exports": list(getattr(case, "exports", ())),
             }
         )
     (job_dir / protocol.JOB_FILE).write_text(json.dumps(job, indent=1))
