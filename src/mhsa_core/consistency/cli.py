@@ -209,6 +209,10 @@ class _Progress:
 def run_matrix_command(args, out=None):
     out = out or sys.stdout
     safe_mode = not args.unsafe
+    try:
+        export = matrix.validate_formats(args.export or "")
+    except ValueError as e:
+        raise UsageError(f"--export: {e}") from None
     if args.model is None:
         if args.inputs is not None or args.rtol is not None:
             raise UsageError("--inputs and --rtol need --model")
@@ -228,6 +232,7 @@ def run_matrix_command(args, out=None):
         report = matrix.run_matrix(
             to_run, args.backends, rtol=args.rtol, safe_mode=safe_mode,
             on_event=progress, timeout=args.timeout, imports=args.imports,
+            export=export,
         )
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
@@ -280,6 +285,11 @@ def build_parser():
     m.add_argument("--import", dest="imports", action="append", default=[],
                    metavar="MODULE", help="a module the workers import first "
                    "(where the model's custom layers are registered); repeatable")
+    m.add_argument("--export", metavar="FORMATS",
+                   help="also export the model from each backend in these formats "
+                        "(comma-separated: tf_saved_model,onnx,openvino,litert), run each "
+                        "artifact in its runtime and judge it like the backends "
+                        "(needs the `export` extra)")
     m.add_argument("--json", help="also write the report as JSON to this path")
     m.add_argument("--quiet", action="store_true", help="print only the verdict")
     m.add_argument("--timeout", type=_positive_float, default=1800.0,

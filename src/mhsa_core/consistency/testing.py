@@ -35,7 +35,8 @@ def _custom_modules(model):
 
 
 def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS,
-                          rtol=None, *, safe_mode=True, imports=None, timeout=1800.0):
+                          rtol=None, *, safe_mode=True, imports=None, timeout=1800.0,
+                          export=()):
     """Asserts that `backends` agree on a Keras model; returns the `report.Report`.
 
     Args:
@@ -50,6 +51,11 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
         imports: modules the workers import before loading (custom layers);
             default for a model object: the modules of its non-Keras layers.
         timeout: seconds per backend worker.
+        export: formats of `model.export` ("tf_saved_model", "onnx",
+            "openvino", "litert"): each backend exports the model in each, the
+            artifact runs in its own runtime and is judged like the backends
+            (a format a backend cannot export, or whose runtime is not
+            installed, is reported, not failed).
 
     Raises:
         AssertionError: a check failed, or a worker crashed; the message has
@@ -68,7 +74,7 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
             cases.check_safe(config, path)
         case = cases.model_case(path, inputs, name=path.stem)
         report = matrix.run_matrix([case], list(backends), rtol=rtol, safe_mode=safe_mode,
-                                   imports=imports, timeout=timeout)
+                                   imports=imports, timeout=timeout, export=export)
     if not report.agree:
         text = io.StringIO()
         render(report, text, f"backends disagree on {path.name}")
