@@ -184,8 +184,8 @@ def export_status_key(fmt):
 
 
 def export_note_key(fmt):
-    """EXPORT: a string array, which sizes the artifact was checked at, when
-    not one artifact at every variant (e.g. one static export per size)."""
+    """EXPORT: a string array, the scope of the check when it is less than one
+    artifact run at every variant (e.g. one static export per size), else ""."""
     return f"{fmt}/note"
 
 
