@@ -25,7 +25,7 @@ from mhsa_core.consistency import cases, export, matrix, protocol
 THREE = ["tensorflow", "torch", "jax"]
 RUNTIMES = ("onnxruntime", "openvino", "ai_edge_litert", "tensorflow", "torch", "jax")
 MISSING = [m for m in RUNTIMES if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(
+needs_export = pytest.mark.skipif(
     bool(MISSING), reason=f"export runtimes/backends not installed: {', '.join(MISSING)} "
                           "(pip install mhsa-core[export])")
 
@@ -85,6 +85,7 @@ EXPECTED = [
 ]
 
 
+@needs_export
 @pytest.mark.parametrize("fmt, backend, expected", EXPECTED,
                          ids=[f"{f}-from-{b}" for f, b, _ in EXPECTED])
 def test_export_cell(report, fmt, backend, expected):
@@ -100,6 +101,7 @@ def test_export_cell(report, fmt, backend, expected):
         assert "\n" not in cell.note and "Traceback" not in cell.note
 
 
+@needs_export
 def test_every_expected_export_cell_is_there_and_the_run_agrees(report):
     """Every (format, exporting backend) has a cell: a verdict, or why not."""
     two = cases.Case("two", None, _variants(0), model_path="unused.keras",
@@ -114,6 +116,7 @@ def test_every_expected_export_cell_is_there_and_the_run_agrees(report):
         ("shapebug", "litert export", "tensorflow")}
 
 
+@needs_export
 def test_static_exports_say_which_sizes_were_checked(report):
     """Keras's torch ONNX/OpenVINO exports trace at fixed shapes: one export
     per input size, and the cell says so; dynamic exports run every size
@@ -124,6 +127,7 @@ def test_static_exports_say_which_sizes_were_checked(report):
         assert report.cell("two", f"{fmt} export", "tensorflow").scope == ""
 
 
+@needs_export
 def test_both_sizes_ran_in_each_runtime(report):
     for backend, fmts in (("tensorflow", protocol.EXPORT_FORMATS),
                           ("torch", ("onnx", "openvino")), ("jax", ("tf_saved_model",))):
@@ -134,6 +138,7 @@ def test_both_sizes_ran_in_each_runtime(report):
                 assert res[protocol.export_key(fmt, v)].shape == shape, (backend, fmt, v)
 
 
+@needs_export
 def test_an_exported_graph_that_differs_fails(report):
     cell = report.cell("shapebug", "litert export", "tensorflow")
     assert cell.passed is False and cell.ratio > 10, cell
@@ -176,3 +181,12 @@ def test_run_matrix_refuses_an_unknown_format():
     with pytest.raises(ValueError, match="Received: export='pt2'"):
         matrix.run_matrix([], THREE, export=["onnx", "pt2"])
 
+
+
+def test_assert_backends_agree_refuses_an_unknown_format_before_running(tmp_path):
+    from mhsa_core.testing import assert_backends_agree
+
+    path = tmp_path / "shapebug.keras"
+    _shape_bug(path)
+    with pytest.raises(ValueError, match="Received: export='savedmodel'"):
+        assert_backends_agree(path, export=["savedmodel"], imports=["custom_layers"])
