@@ -24,6 +24,7 @@ Runtimes (each optional: `RUNTIME_MODULES`):
 """
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -47,9 +48,16 @@ def _first(outputs):
     return np.asarray(outputs)
 
 
+def _plain(name):
+    """An input's name without what exporters add: LiteRT's
+    "serving_default_x:0" and TensorFlow's "x:0" are "x"."""
+    return re.sub(r"^serving_default_|:\d+$", "", name)
+
+
 def _by_name(declared, names, xs):
     """The inputs in the runtime's declared order: by name where every
     declared name is one of ours, else in our (the model's) order."""
+    declared = [_plain(d) for d in declared]
     if sorted(declared) == sorted(names):
         return [xs[names.index(d)] for d in declared]
     return list(xs)
@@ -64,7 +72,11 @@ class _SavedModel:
 
     def __call__(self, names, xs):
         tensors = [self.tf.constant(x) for x in xs]
-        out = self.model.serve(tensors[0] if len(tensors) == 1 else tensors)
+        # The endpoint takes the inputs as the model was built: one tensor,
+        # or a list (also of one tensor: `keras.Model([x], ...)`).
+        args = self.model.serve.structured_input_signature[0]
+        single = len(tensors) == 1 and not isinstance(args[0], (list, tuple))
+        out = self.model.serve(tensors[0] if single else tensors)
         return _first(out.numpy() if hasattr(out, "numpy") else
                       self.tf.nest.map_structure(lambda t: t.numpy(), out))
 
