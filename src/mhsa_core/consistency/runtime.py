@@ -74,7 +74,7 @@ class _SavedModel:
         tensors = [self.tf.constant(x) for x in xs]
         # The endpoint takes the inputs as the model was built: one tensor,
         # or a list (also of one tensor: `keras.Model([x], ...)`).
-        args = self.model.serve.structured_input_signature[0]
+        args = self.model.serve.concrete_functions[0].structured_input_signature[0]
         single = len(tensors) == 1 and not isinstance(args[0], (list, tuple))
         out = self.model.serve(tensors[0] if single else tensors)
         return _first(out.numpy() if hasattr(out, "numpy") else
