@@ -4,11 +4,14 @@ format's own runtime, judged by the same float64 oracle as the backends.
 One matrix run (module-scoped: exports take seconds each) of two cases:
 - "two": our layer with two position encodings (relative, sinusoidal) in one
   model, two input sizes through one model, every format from every backend;
+- "masked": the built-in masked layer case (a bool mask input), as LiteRT
+  (the mask's broadcast once needed a Flex op the interpreter lacks);
 - "shapebug": a model whose exported graph differs from the model (a layer
   that scales when its height is unknown, as in an export traced with dynamic
   sizes), exported as LiteRT from TensorFlow: its cell must fail.
 """
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -20,6 +23,7 @@ import keras
 
 import custom_layers
 from mhsa_core import MultiHeadSelfAttention2D
+from mhsa_core.reference import schema
 from mhsa_core.consistency import cases, export, matrix, protocol
 
 THREE = ["tensorflow", "torch", "jax"]
@@ -62,6 +66,11 @@ def report(tmp_path_factory):
                    exports=protocol.EXPORT_FORMATS),
         cases.Case("shapebug", None, _variants(1), model_path=str(tmp / "shapebug.keras"),
                    tasks=tasks, exports=("litert",)),
+        dataclasses.replace(
+            cases.layer_case("masked", schema.preset("yolov4_mhsa", num_heads=2),
+                             [(2, 5, 6, 16), (1, 4, 7, 16)], seed=20, mask=True,
+                             tasks=(protocol.FORWARD, protocol.EXPORT)),
+            exports=("litert",)),
     ]
     return matrix.run_matrix(to_run, THREE, imports=["custom_layers"])
 
@@ -136,6 +145,15 @@ def test_both_sizes_ran_in_each_runtime(report):
             assert str(res[protocol.export_status_key(fmt)]) == protocol.EXPORT_OK
             for v, shape in enumerate(SIZES):
                 assert res[protocol.export_key(fmt, v)].shape == shape, (backend, fmt, v)
+
+
+@needs_export
+def test_masked_layer_case_runs_in_litert_at_both_sizes(report):
+    cell = report.cell("masked", "litert export", "tensorflow")
+    assert cell.passed is True and cell.scope == "", cell
+    res = report.runs["tensorflow"].results["masked"][protocol.EXPORT]
+    assert [res[protocol.export_key("litert", v)].shape for v in (0, 1)] == [
+        (2, 5, 6, 16), (1, 4, 7, 16)]
 
 
 @needs_export
