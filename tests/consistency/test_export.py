@@ -25,6 +25,7 @@ import custom_layers
 from mhsa_core import MultiHeadSelfAttention2D
 from mhsa_core.reference import schema
 from mhsa_core.consistency import cases, export, matrix, protocol
+from mhsa_core.consistency.report import cell_text
 
 THREE = ["tensorflow", "torch", "jax"]
 RUNTIMES = ("onnxruntime", "openvino", "ai_edge_litert", "tensorflow", "torch", "jax")
@@ -134,6 +135,8 @@ def test_static_exports_say_which_sizes_were_checked(report):
         cell = report.cell("two", f"{fmt} export", "torch")
         assert cell.scope == "static export per size: 2x5x5x8, 2x7x4x8", cell
         assert report.cell("two", f"{fmt} export", "tensorflow").scope == ""
+        # The table's text says it (rich markup must not swallow it).
+        assert cell_text(cell)[0].endswith(" ok (static export per size: 2x5x5x8, 2x7x4x8)")
 
 
 @needs_export

@@ -206,6 +206,18 @@ class _Progress:
             print(f"  {text}", file=self.stream, flush=True)
 
 
+def _print_export_notes(report, out):
+    """The export cells' reasons and scopes in full (the table cuts long ones)."""
+    lines = [f"  {row.case} {row.check} from {backend}: "
+             + "; ".join(t for t in (cell.note if cell.passed is not True else "",
+                                     cell.scope) if t)
+             for row in report.rows if row.check.endswith(" export")
+             for backend, cell in row.cells.items()
+             if cell.scope or (cell.passed is not True and cell.note)]
+    if lines:
+        print("\nexports:", *lines, sep="\n", file=out)
+
+
 def run_matrix_command(args, out=None):
     out = out or sys.stdout
     safe_mode = not args.unsafe
@@ -244,6 +256,7 @@ def run_matrix_command(args, out=None):
             if row.check == ERRORS:
                 for backend, cell in row.cells.items():
                     print(f"\n{row.case} on {backend}: {cell.note}", file=out)
+        _print_export_notes(report, out)
     print(verdict(report), file=out)
     if report.agree:
         return 0

@@ -108,7 +108,7 @@ def cell_text(cell):
     if cell.ratio is None or not math.isfinite(cell.ratio):
         return f"FAIL {cell.note}".strip(), "bold red"
     text = f"{cell.ratio:.2f}"
-    scope = f" [{cell.scope}]" if cell.scope else ""
+    scope = f" ({cell.scope})" if cell.scope else ""
     if cell.passed:
         return text + " ok" + scope, "green"
     return f"{text} FAIL" + (f" ({cell.note})" if cell.note else "") + scope, "bold red"
