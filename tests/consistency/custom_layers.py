@@ -64,3 +64,21 @@ class GradientSkewOnJax(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "skew": self.skew}
+
+
+class ScaledWhenShapeUnknown(keras.layers.Layer):
+    """Multiplies by `factor` when its input's height is unknown (None): never
+    when run eagerly, but in an export traced with dynamic sizes. A model
+    whose exported graph differs from the model: its export cells must fail."""
+
+    def __init__(self, factor=1.01, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, inputs):
+        if inputs.shape[1] is None:
+            return inputs * self.factor
+        return inputs
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}

@@ -53,6 +53,8 @@ class Case:
         model_path: a `.keras` file (model cases only).
         tasks: a subset of `protocol.ALL_TASKS`.
         dtype: the layer's dtype policy (layer cases).
+        exports: formats of `protocol.EXPORT_FORMATS` to export the model in
+            and run in their runtimes (task `protocol.EXPORT`).
     """
 
     name: str
@@ -62,6 +64,7 @@ class Case:
     model_path: str | None = None
     tasks: tuple = (protocol.FORWARD,)
     dtype: str = "float32"
+    exports: tuple = ()
 
     @property
     def variants(self):

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from mhsa_core.consistency import budgets, drift, oracles, protocol
 from mhsa_core.consistency.oracles import Oracle
 from mhsa_core.consistency.protocol import (
-    DRIFT, FORWARD, FORWARD64, GRADS, GRADS64, JIT, OPTIMIZERS, SAVE, SCORES,
+    DRIFT, EXPORT, FORWARD, FORWARD64, GRADS, GRADS64, JIT, OPTIMIZERS, SAVE, SCORES,
 )
 from mhsa_core.consistency.report import Cell, Row, cell_of
 
@@ -288,6 +288,9 @@ class Check:
             its cells are the other backends (that load it).
         expected: False for a row that only appears when something went
             wrong (no cells of a complete run).
+        per_format: one row per export format of the case (`Case.exports`;
+            none without); `name` a format string with `{format}`, `judge`
+            gets the format as `saver`.
     """
 
     name: str
@@ -299,10 +302,13 @@ class Check:
     backends: str = "case"
     per_saver: bool = False
     expected: bool = True
+    per_format: bool = False
 
     def applies(self, case, rtol=None):
         """Whether `case` has this check (with the user's `rtol`)."""
         if case.kind not in self.kinds:
+            return False
+        if self.per_format and not getattr(case, "exports", ()):
             return False
         if case.dtype == "float64" and not self.float64_cases:
             return False
@@ -331,6 +337,8 @@ class Check:
         if self.per_saver:
             return [(self.name.format(saver=s), b) for s in self.savers(case, backends)
                     for b in loaders if b != s]
+        if self.per_format:
+            return [(self.name.format(format=f), b) for f in case.exports for b in loaders]
         return [(self.name, b) for b in loaders]
 
     def rows(self, ctx):
@@ -338,11 +346,14 @@ class Check:
         if not self.applies(ctx.case, ctx.rtol):
             return []
         savers = [s for s in ctx.backends if ctx.saved(s)] if self.per_saver else [None]
+        if self.per_format:
+            savers = list(ctx.case.exports)
         rows = []
         for saver in savers:
             cells = self.judge(ctx, saver)
             if cells is not None:
-                title = self.name.format(saver=saver) if self.per_saver else self.name
+                title = (self.name.format(saver=saver) if self.per_saver else
+                         self.name.format(format=saver) if self.per_format else self.name)
                 rows.append(Row(ctx.name, title, cells))
         return rows
 
@@ -443,6 +454,32 @@ def _keras_file(ctx, saver):
     return cells
 
 
+def _export(ctx, fmt):
+    """The artifact of format `fmt` exported by each backend, run in its own
+    runtime, against the forward oracle (`consistency.export` says what is
+    not applicable, skipped or a failure)."""
+    cells = {}
+    forward = ctx.forward
+    for b, res in ctx.results(EXPORT).items():
+        status = str(res.get(protocol.export_status_key(fmt), "failed: no result"))
+        note = str(res.get(protocol.export_note_key(fmt), ""))
+        if status.startswith((protocol.EXPORT_NA, protocol.EXPORT_SKIPPED)):
+            cells[b] = Cell(passed=None, note=status)
+        elif status != protocol.EXPORT_OK:
+            cells[b] = Cell(passed=False, note=status, scope=note)
+        elif forward.values is None:
+            cells[b] = Cell(passed=False, note="no oracle: the backends' shapes differ")
+        else:
+            outputs = {protocol.out_key(v): res[protocol.export_key(fmt, v)]
+                       for v in range(ctx.variants) if protocol.export_key(fmt, v) in res}
+            cell = judge(outputs, forward.values, ctx.out_keys, forward.budgets)
+            cells[b] = dataclasses.replace(cell, scope=note)
+    for b in ctx.backends:  # the export task raised: the errors row has why
+        if b not in cells and b in ctx.runs and EXPORT in ctx.runs[b].errors.get(ctx.name, {}):
+            cells[b] = Cell(passed=False, note="export task failed")
+    return cells
+
+
 def _errors(ctx, saver):
     """Tasks that raised, so that they show as failures."""
     cells = {}
@@ -479,6 +516,10 @@ CHECKS = [
     # backend, judged by the peer rule at every step (`drift`).
     Check(drift.CHECK_NAME, (DRIFT,), drift.judge_drift, float64_cases=False,
           exact_for=_KINDS, backends="training"),
+    # `model.export` per format of the case (opt-in: `run_matrix(export=...)`),
+    # each artifact run in its own runtime; cells per exporting backend.
+    Check("{format} export", (EXPORT, FORWARD, FORWARD64), _export, backends="training",
+          per_format=True),
     Check(ERRORS, (), _errors, expected=False),
 ]
 

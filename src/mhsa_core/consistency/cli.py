@@ -301,10 +301,26 @@ def _drift_options(args):
     return steps, optimizer
 
 
+def _print_export_notes(report, out):
+    """The export cells' reasons and scopes in full (the table cuts long ones)."""
+    lines = [f"  {row.case} {row.check} from {backend}: "
+             + "; ".join(t for t in (cell.note if cell.passed is not True else "",
+                                     cell.scope) if t)
+             for row in report.rows if row.check.endswith(" export")
+             for backend, cell in row.cells.items()
+             if cell.scope or (cell.passed is not True and cell.note)]
+    if lines:
+        print("\nexports:", *lines, sep="\n", file=out)
+
+
 def run_matrix_command(args, out=None):
     out = out or sys.stdout
     safe_mode = not args.unsafe
     steps, optimizer = _drift_options(args)
+    try:
+        export = matrix.validate_formats(args.export or "")
+    except ValueError as e:
+        raise UsageError(f"--export: {e}") from None
     if args.model is None:
         if args.inputs is not None or args.rtol is not None or args.locate:
             raise UsageError("--inputs, --rtol and --locate need --model")
@@ -327,7 +343,7 @@ def run_matrix_command(args, out=None):
         report = matrix.run_matrix(
             to_run, args.backends, rtol=args.rtol, safe_mode=safe_mode,
             on_event=progress, timeout=args.timeout, imports=args.imports,
-            locate=args.locate, steps=steps, optimizer=optimizer,
+            locate=args.locate, steps=steps, optimizer=optimizer, export=export,
         )
     for case in to_run if args.model is not None else []:
         unusable = _model_error(report, case.name)
@@ -346,6 +362,7 @@ def run_matrix_command(args, out=None):
             if row.check == ERRORS:
                 for backend, cell in row.cells.items():
                     print(f"\n{row.case} on {backend}: {cell.note}", file=out)
+        _print_export_notes(report, out)
         for section in report.sections.get(locate.SECTION, []):
             print("\n" + locate.format_section(section), file=out)
     if args.plot is not None:
@@ -405,6 +422,11 @@ def build_parser():
     m.add_argument("--import", dest="imports", action="append", default=[],
                    metavar="MODULE", help="a module the workers import first "
                    "(where the model's custom layers are registered); repeatable")
+    m.add_argument("--export", metavar="FORMATS",
+                   help="also export the model from each backend in these formats "
+                        "(comma-separated: tf_saved_model,onnx,openvino,litert), run each "
+                        "artifact in its runtime and judge it like the backends "
+                        "(needs the `export` extra)")
     m.add_argument("--locate", action="store_true",
                    help="also run the model layer by layer on each backend and name the "
                         "first layer whose output leaves its budget (after the table)")

@@ -46,7 +46,8 @@ def evaluate(cases, runs, backends, rtol=None):
 
 
 def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
-               timeout=1800.0, imports=(), locate=False, steps=None, optimizer=None):
+               timeout=1800.0, imports=(), locate=False, steps=None, optimizer=None,
+               export=()):
     """Runs `cases` under `backends` and judges every check; returns a `Report`.
 
     Each case runs the tasks among its `tasks` that its checks read
@@ -69,9 +70,17 @@ def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
             needs the float64 runs, so not with `rtol`.
         optimizer: the optimizer of those steps, a key of
             `protocol.OPTIMIZER_SETTINGS` (default "adam"); only with `steps`.
+        export: formats of `protocol.EXPORT_FORMATS`: export every case's
+            model in each from each backend, run the artifacts in their
+            runtimes, judge them like the backends (rows "{format} export").
     """
     steps, optimizer = drift.check_options(steps, optimizer, rtol)
+    export = validate_formats(export)
     cases = [drift.with_drift(case, steps) for case in cases]
+    if export:
+        cases = [dataclasses.replace(case, exports=export,
+                                     tasks=tuple(case.tasks) + (protocol.EXPORT,))
+                 for case in cases]
     cases = [dataclasses.replace(case, tasks=needed_tasks(case, rtol)
                                  + (protocol.LOCATE_TASKS if locate and case.kind == "model"
                                     else ())) for case in cases]
@@ -92,6 +101,20 @@ def with_worker_inputs(case, runs):
         if run.inputs.get(case.name):
             return dataclasses.replace(case, inputs=run.inputs[case.name])
     return case
+
+
+def validate_formats(formats):
+    """`formats` (a list, or a comma-separated string) as a tuple of
+    `protocol.EXPORT_FORMATS`; ValueError naming an unknown one."""
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    formats = tuple(dict.fromkeys(formats or ()))
+    unknown = [f for f in formats if f not in protocol.EXPORT_FORMATS]
+    if unknown:
+        raise ValueError(
+            f"Received an invalid value for argument `export`, expected a subset of "
+            f"{','.join(protocol.EXPORT_FORMATS)}. Received: export={','.join(unknown)!r}")
+    return formats
 
 
 def expected_cells(case, backends, rtol=None):

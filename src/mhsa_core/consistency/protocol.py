@@ -41,6 +41,9 @@ GRADS64 = "grads64"
 OPTIMIZERS = "optimizers"  # one step of each of `OPTIMIZER_SETTINGS`
 JIT = "jit"  # the forward pass compiled by the backend's compiler
 SAVE = "save"  # a `.keras` file, loaded by the other backends in phase LOAD
+# `model.export` in each format of the case's `exports`, each artifact run in
+# its own runtime (`export`, `runtime`); opt-in: only cases with `exports`.
+EXPORT = "export"
 ALL_TASKS = (FORWARD, FORWARD64, SCORES, GRADS, GRADS64, OPTIMIZERS, JIT, SAVE)
 LOCATE = "locate"  # every layer's output, in the case's dtype (`--locate`)
 LOCATE64 = "locate64"  # every layer's output of the float64 clone (`--locate`)
@@ -48,7 +51,7 @@ LOCATE_TASKS = (LOCATE, LOCATE64)
 DRIFT = "drift"  # K optimizer steps in the case's dtype and in float64 (`--steps`)
 # Tasks a case runs only when asked (their options are in job.json): not in
 # ALL_TASKS, so no case runs them by default.
-OPT_IN_TASKS = (DRIFT, *LOCATE_TASKS)
+OPT_IN_TASKS = (DRIFT, EXPORT, *LOCATE_TASKS)
 KNOWN_TASKS = ALL_TASKS + OPT_IN_TASKS
 # The tasks of a backend outside TRAINING_BACKENDS.
 INFERENCE_TASKS = (FORWARD, SCORES, LOCATE)
@@ -187,6 +190,33 @@ def step_key(optimizer, v, j):
     """OPTIMIZERS: variable j after one step of `optimizer` with variant v's
     gradients, from `start_key(j)`."""
     return f"{optimizer}/{v}/{j}"
+
+
+def export_key(fmt, v):
+    """EXPORT: the output of variant v of the artifact of format `fmt`, run in
+    that format's runtime."""
+    return f"{fmt}/out/{v}"
+
+
+def export_status_key(fmt):
+    """EXPORT: a string array, what became of format `fmt` (`EXPORT_STATUSES`:
+    "ok", or "n/a", "skipped", "failed" then ": " and the reason in one line)."""
+    return f"{fmt}/status"
+
+
+def export_note_key(fmt):
+    """EXPORT: a string array, the scope of the check when it is less than one
+    artifact run at every variant (e.g. one static export per size), else ""."""
+    return f"{fmt}/note"
+
+
+# The formats of `keras.Model.export` the matrix runs in their own runtimes.
+EXPORT_FORMATS = ("tf_saved_model", "onnx", "openvino", "litert")
+EXPORT_OK = "ok"
+EXPORT_NA = "n/a"  # the exporter does not support this backend (any model)
+EXPORT_SKIPPED = "skipped"  # a module it needs is not installed
+EXPORT_FAILED = "failed"  # the export or the runtime raised
+EXPORT_STATUSES = (EXPORT_OK, EXPORT_NA, EXPORT_SKIPPED, EXPORT_FAILED)
 
 
 def saved_weight_key(j):

@@ -23,6 +23,9 @@ class Cell:
     error: float | None = None
     budget: float | None = None
     note: str = ""
+    # What was checked when it is less than the row says (e.g. an export
+    # checked one static size at a time); shown with the verdict, pass or fail.
+    scope: str = ""
 
 
 def cell_of(error, budget, note=""):
@@ -188,9 +191,10 @@ def cell_text(cell):
     if cell.ratio is None or not math.isfinite(cell.ratio):
         return f"FAIL {cell.note}".strip(), "bold red"
     text = f"{cell.ratio:.2f}"
+    scope = f" ({cell.scope})" if cell.scope else ""
     if cell.passed:
-        return text + " ok", "green"
-    return f"{text} FAIL" + (f" ({cell.note})" if cell.note else ""), "bold red"
+        return text + " ok" + scope, "green"
+    return f"{text} FAIL" + (f" ({cell.note})" if cell.note else "") + scope, "bold red"
 
 
 NOT_JUDGED_LEGEND = (

@@ -126,6 +126,7 @@ def _write_job(job_dir, cases, options):
                 "input_names": list(case.variants[0]) if case.variants else [],
                 "tasks": list(case.tasks),
                 "dtype": case.dtype,
+                "exports": list(getattr(case, "exports", ())),
             }
         )
     (job_dir / protocol.JOB_FILE).write_text(json.dumps(job, indent=1))

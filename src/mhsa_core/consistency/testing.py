@@ -40,7 +40,7 @@ def _custom_modules(model):
 def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS,
                           rtol=None, *, safe_mode=True, imports=None, timeout=1800.0,
                           skip_if_not_compared=False, locate=False, steps=None,
-                          optimizer=None):
+                          optimizer=None, export=()):
     """Asserts that `backends` agree on a Keras model; returns the `report.Report`.
 
     Args:
@@ -67,6 +67,11 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
             from the float64 run beyond the peer budget (`drift`; the
             "training drift" row). Not with `rtol`.
         optimizer: the optimizer of `steps`: "adam" (default) or "sgd".
+        export: formats of `model.export` ("tf_saved_model", "onnx",
+            "openvino", "litert"): each backend exports the model in each, the
+            artifact runs in its own runtime and is judged like the backends
+            (a format a backend cannot export, or whose runtime is not
+            installed, is reported, not failed).
 
     Raises:
         AssertionError: a check failed, a worker crashed, or fewer than two
@@ -88,7 +93,7 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
         case = cases.model_case(path, inputs, name=path.stem)
         report = matrix.run_matrix([case], list(backends), rtol=rtol, safe_mode=safe_mode,
                                    imports=imports, timeout=timeout, locate=locate,
-                                   steps=steps, optimizer=optimizer)
+                                   steps=steps, optimizer=optimizer, export=export)
     if not report.agree:
         if skip_if_not_compared and not report.compared and not report.failures and not (
                 set(report.worker_errors) - set(report.missing)):

@@ -425,6 +425,13 @@ class _CaseRunner:
         return {protocol.saved_weight_key(j): _portable(w)
                 for j, w in enumerate(self.model.get_weights())}
 
+    def task_export(self, timings):
+        """`model.export` in each of the case's `exports`, each artifact run in
+        its own runtime (`consistency.export`, `consistency.runtime`)."""
+        from mhsa_core.consistency import export
+
+        return export.export_task(self, self.case.get("exports", []), timings)
+
 
     def task_locate(self, timings):
         """Every layer call's output (`locate.layer_outputs`), as the model computes."""

@@ -71,7 +71,10 @@ def dot_product_attention(
         logits = logits + ops.cast(logits_bias, softmax_dtype)
 
     if key_mask is not None:
-        keep = ops.cast(key_mask, "bool")[:, None, None, :]  # (B, 1, 1, N)
+        # (B, 1, 1, N). expand_dims, not [:, None, None, :]: TensorFlow's
+        # strided slice with new axes has no LiteRT builtin (a Flex op, which
+        # the LiteRT interpreter cannot run).
+        keep = ops.expand_dims(ops.cast(key_mask, "bool"), (1, 2))
         logits = ops.where(keep, logits, ops.convert_to_tensor(_MASKED_LOGIT, dtype=softmax_dtype))
     if logits.shape[-1] == 1:
         # One key (a 1x1 map): softmax is exp(x - x) / 1. Spelled out, since

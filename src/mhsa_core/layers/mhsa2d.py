@@ -285,8 +285,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         height, width, _ = self._spatial_and_channels(input_shape)
         expected = (input_shape[0], height, width)
         mask_shape = tuple(mask_shape)
+        # Only sizes known on both sides are compared: a symbolic size (JAX's
+        # shape polymorphism in jax2tf exports, torch.export) names each
+        # input's dimensions apart, so "a" != "c" says nothing about the sizes.
         ok = len(mask_shape) == 3 and all(
-            e is None or m is None or e == m for e, m in zip(expected, mask_shape)
+            not (_is_int(e) and _is_int(m)) or e == m for e, m in zip(expected, mask_shape)
         )
         if not ok:
             raise ValueError(

@@ -26,9 +26,18 @@ def resize_table(table, length):
     if is_static(length) and length == rows:
         return table  # the formula gives exactly this; skip the gathers
     dtype = table.dtype
-    t = ops.cast(ops.arange(length, dtype="int32"), dtype)  # (length,)
+    index = ops.arange(length, dtype="int32")
+    t = ops.cast(index, dtype)  # (length,)
+    # A dynamic length as a tensor computed from the index (an int32 sum of
+    # ones, exact, then cast as the length itself would be), not
+    # ops.cast(length): torch.export turns the cast of a symbolic size into a
+    # Python number, which pins H and W to the size it traced at.
+    if is_static(length):
+        n = ops.cast(length, dtype)
+    else:
+        n = ops.cast(ops.sum(ops.ones_like(index)), dtype)
     # Same operation order as the reference: (t + 0.5) * L / length - 0.5.
-    s = (t + 0.5) * float(rows) / ops.cast(length, dtype) - 0.5
+    s = (t + 0.5) * float(rows) / n - 0.5
     s = ops.clip(s, 0.0, float(rows - 1))
     # floor(s) as a cast (s >= 0 truncates): keras 3.15's `ops.floor` returns
     # float32 for float64 input on torch and JAX, which can round s up to the

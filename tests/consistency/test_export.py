@@ -1,0 +1,213 @@
+"""`matrix --export`: the model exported from each backend, run in each
+format's own runtime, judged by the same float64 oracle as the backends.
+
+One matrix run (module-scoped: exports take seconds each) of two cases:
+- "two": our layer with two position encodings (relative, sinusoidal) in one
+  model, two input sizes through one model, every format from every backend;
+- "masked": the built-in masked layer case (a bool mask input), as LiteRT
+  (the mask's broadcast once needed a Flex op the interpreter lacks);
+- "shapebug": a model whose exported graph differs from the model (a layer
+  that scales when its height is unknown, as in an export traced with dynamic
+  sizes), exported as LiteRT from TensorFlow: its cell must fail.
+"""
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import keras
+
+import custom_layers
+from mhsa_core import MultiHeadSelfAttention2D
+from mhsa_core.reference import schema
+from mhsa_core.consistency import cases, export, matrix, protocol
+from mhsa_core.consistency.report import cell_text
+
+THREE = ["tensorflow", "torch", "jax"]
+RUNTIMES = ("onnxruntime", "openvino", "ai_edge_litert", "tensorflow", "torch", "jax")
+MISSING = [m for m in RUNTIMES if importlib.util.find_spec(m) is None]
+needs_export = pytest.mark.skipif(
+    bool(MISSING), reason=f"export runtimes/backends not installed: {', '.join(MISSING)} "
+                          "(pip install mhsa-core[export])")
+
+SIZES = [(2, 5, 5, 8), (2, 7, 4, 8)]  # the tables' reference size, and another
+
+
+def _variants(seed):
+    rng = np.random.default_rng(seed)
+    return [{"input_0": rng.standard_normal(s).astype("float32")} for s in SIZES]
+
+
+def _two_encodings(path):
+    inputs = keras.Input((None, None, 8))
+    x = MultiHeadSelfAttention2D(num_heads=2, position_encoding="relative",
+                                 position_size=(5, 5))(inputs)
+    x = MultiHeadSelfAttention2D(num_heads=2, position_encoding="sinusoidal")(x)
+    keras.Model(inputs, x).save(path)
+
+
+def _shape_bug(path):
+    inputs = keras.Input((None, None, 8))
+    x = keras.layers.Dense(8)(inputs)
+    keras.Model(inputs, custom_layers.ScaledWhenShapeUnknown(1.01)(x)).save(path)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    _two_encodings(tmp / "two.keras")
+    _shape_bug(tmp / "shapebug.keras")
+    tasks = (protocol.FORWARD, protocol.FORWARD64, protocol.EXPORT)
+    to_run = [
+        cases.Case("two", None, _variants(0), model_path=str(tmp / "two.keras"), tasks=tasks,
+                   exports=protocol.EXPORT_FORMATS),
+        cases.Case("shapebug", None, _variants(1), model_path=str(tmp / "shapebug.keras"),
+                   tasks=tasks, exports=("litert",)),
+        dataclasses.replace(
+            cases.layer_case("masked", schema.preset("yolov4_mhsa", num_heads=2),
+                             [(2, 5, 6, 16), (1, 4, 7, 16)], seed=20, mask=True,
+                             tasks=(protocol.FORWARD, protocol.EXPORT)),
+            exports=("litert",)),
+    ]
+    return matrix.run_matrix(to_run, THREE, imports=["custom_layers"])
+
+
+# (format, exporting backend) -> "pass", or the start of a not-applicable /
+# skipped cell's reason (Keras 3.15.1, this install: no torch_xla, jax2onnx or
+# litert-torch).
+EXPECTED = [
+    ("tf_saved_model", "tensorflow", "pass"),
+    ("tf_saved_model", "torch", "skipped: needs torch_xla"),
+    ("tf_saved_model", "jax", "pass"),
+    ("onnx", "tensorflow", "pass"),
+    ("onnx", "torch", "pass"),
+    ("onnx", "jax", "skipped: needs jax2onnx"),
+    ("openvino", "tensorflow", "pass"),
+    ("openvino", "torch", "pass"),
+    ("openvino", "jax", "n/a: OpenVINO cannot convert jax2tf's XlaCallModule"),
+    ("litert", "tensorflow", "pass"),
+    ("litert", "torch", "skipped: needs litert_torch"),
+    ("litert", "jax", "n/a: Keras 3.15 exports LiteRT from tensorflow and torch only"),
+]
+
+
+@needs_export
+@pytest.mark.parametrize("fmt, backend, expected", EXPECTED,
+                         ids=[f"{f}-from-{b}" for f, b, _ in EXPECTED])
+def test_export_cell(report, fmt, backend, expected):
+    needs = expected.removeprefix("skipped: needs ")
+    if needs != expected and importlib.util.find_spec(needs) is not None:
+        pytest.skip(f"{needs} is installed here: this cell is not skipped")
+    cell = report.cell("two", f"{fmt} export", backend)
+    if expected == "pass":
+        assert cell.passed is True, cell
+        assert cell.ratio <= 1.0 and cell.budget > 0
+    else:
+        assert cell.passed is None and cell.note.startswith(expected), cell
+        assert "\n" not in cell.note and "Traceback" not in cell.note
+
+
+@needs_export
+def test_every_expected_export_cell_is_there_and_the_run_agrees(report):
+    """Every (format, exporting backend) has a cell: a verdict, or why not."""
+    two = cases.Case("two", None, _variants(0), model_path="unused.keras",
+                     tasks=(protocol.FORWARD, protocol.FORWARD64, protocol.EXPORT),
+                     exports=protocol.EXPORT_FORMATS)
+    expected = {c for c in matrix.expected_cells(two, THREE) if c[0].endswith(" export")}
+    present = {(r.check, b) for r in report.rows if r.case == "two"
+               and r.check.endswith(" export") for b in r.cells}
+    assert expected == present == {(f"{f} export", b) for f, b, _ in EXPECTED}
+    # Only the planted bug fails.
+    assert {(r.case, r.check, b) for r, b, _ in report.failures} == {
+        ("shapebug", "litert export", "tensorflow")}
+
+
+@needs_export
+def test_static_exports_say_which_sizes_were_checked(report):
+    """Keras's torch ONNX/OpenVINO exports trace at fixed shapes: one export
+    per input size, and the cell says so; dynamic exports run every size
+    from one artifact."""
+    for fmt in ("onnx", "openvino"):
+        cell = report.cell("two", f"{fmt} export", "torch")
+        assert cell.scope == "static export per size: 2x5x5x8, 2x7x4x8", cell
+        assert report.cell("two", f"{fmt} export", "tensorflow").scope == ""
+        # The table's text says it (rich markup must not swallow it).
+        assert cell_text(cell)[0].endswith(" ok (static export per size: 2x5x5x8, 2x7x4x8)")
+
+
+@needs_export
+def test_both_sizes_ran_in_each_runtime(report):
+    for backend, fmts in (("tensorflow", protocol.EXPORT_FORMATS),
+                          ("torch", ("onnx", "openvino")), ("jax", ("tf_saved_model",))):
+        res = report.runs[backend].results["two"][protocol.EXPORT]
+        for fmt in fmts:
+            assert str(res[protocol.export_status_key(fmt)]) == protocol.EXPORT_OK
+            for v, shape in enumerate(SIZES):
+                assert res[protocol.export_key(fmt, v)].shape == shape, (backend, fmt, v)
+
+
+@needs_export
+def test_masked_layer_case_runs_in_litert_at_both_sizes(report):
+    cell = report.cell("masked", "litert export", "tensorflow")
+    assert cell.passed is True and cell.scope == "", cell
+    res = report.runs["tensorflow"].results["masked"][protocol.EXPORT]
+    assert [res[protocol.export_key("litert", v)].shape for v in (0, 1)] == [
+        (2, 5, 6, 16), (1, 4, 7, 16)]
+
+
+@needs_export
+def test_an_exported_graph_that_differs_fails(report):
+    cell = report.cell("shapebug", "litert export", "tensorflow")
+    assert cell.passed is False and cell.ratio > 10, cell
+    # The model itself agrees: only its export differs.
+    assert report.cell("shapebug", "forward", "tensorflow").passed
+
+
+@pytest.mark.parametrize("value", ["onnx,tflite", "pt2", ","])
+def test_cli_unknown_export_format_exits_2_with_one_line(value):
+    if value == ",":  # an empty list is no export at all: not an error
+        assert matrix.validate_formats(value) == ()
+        return
+    env = {**os.environ, "KERAS_BACKEND": "numpy"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mhsa_core.consistency.cli", "matrix", "--export", value,
+         "--backends", "numpy"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "export=" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_runtime_process_imports_no_keras(tmp_path):
+    """A runtime runs the artifact without the framework that exported it."""
+    code = ("import sys, mhsa_core.consistency.runtime as r; "
+            "print(sorted(m for m in ('keras', 'torch', 'jax', 'tensorflow') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_one_line_of_an_exporter_error():
+    text = ("Check 'false' failed at src/unconverted_ops_report.cpp:151:\n"
+            "Summary:\n-- No conversion rule found for operations: XlaCallModule\n")
+    assert export.one_line(text) == "-- No conversion rule found for operations: XlaCallModule"
+    assert export.one_line("\n  first\nsecond") == "first"
+
+
+def test_run_matrix_refuses_an_unknown_format():
+    with pytest.raises(ValueError, match="Received: export='pt2'"):
+        matrix.run_matrix([], THREE, export=["onnx", "pt2"])
+
+
+
+def test_assert_backends_agree_refuses_an_unknown_format_before_running(tmp_path):
+    from mhsa_core.testing import assert_backends_agree
+
+    path = tmp_path / "shapebug.keras"
+    _shape_bug(path)
+    with pytest.raises(ValueError, match="Received: export='savedmodel'"):
+        assert_backends_agree(path, export=["savedmodel"], imports=["custom_layers"])

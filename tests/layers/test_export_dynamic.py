@@ -1,0 +1,64 @@
+"""Exports with symbolic sizes, as Keras's `model.export` traces them.
+
+- `torch.export` with dynamic H and W (the path of Keras's LiteRT export from
+  torch and of `format="torch"`): the layer must not pin the spatial size it
+  was traced at. `position.resize_table` used to cast the symbolic length to
+  a number, which specialised H and W ("Constraints violated (H, W)").
+- `jax.export` with shape polymorphism (the path of Keras's SavedModel and
+  OpenVINO exports from JAX, via jax2tf): every input gets sizes of its own
+  ("a", "c"), so the attention mask's shape check must not compare symbols.
+"""
+
+import pytest
+import keras
+
+from harness import (
+    LEARNED_ENCODINGS, assert_float32_within_budget, make_case, padded_mask, random_input,
+)
+
+BACKEND = keras.backend.backend()
+
+# (position encoding, reference size of its tables)
+CASES = [("none", None), ("sinusoidal", None),
+         *[(name, (5, 5)) for name in LEARNED_ENCODINGS]]
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.export: the torch backend only")
+@pytest.mark.parametrize("encoding, position_size", CASES, ids=[c[0] for c in CASES])
+def test_torch_export_keeps_height_and_width_dynamic(encoding, position_size):
+    import torch
+
+    config = {"num_heads": 2, "position_encoding": encoding}
+    if position_size:
+        config["position_size"] = position_size
+    layer, x, weights = make_case(config, (2, 6, 6, 8))
+    inputs = keras.Input((None, None, 8))
+    model = keras.Model(inputs, layer(inputs))
+    height, width = torch.export.Dim("H", min=2, max=64), torch.export.Dim("W", min=2, max=64)
+    program = torch.export.export(model, (torch.from_numpy(x),),
+                                  dynamic_shapes=(({1: height, 2: width},),), strict=False)
+    for seed, shape in enumerate([(2, 5, 5, 8), (2, 7, 4, 8)]):  # the tables' size, another
+        x = random_input(shape, seed=seed)
+        with torch.no_grad():
+            out = program.module()(torch.from_numpy(x)).numpy()
+        assert_float32_within_budget(out, x, weights, layer.get_config(),
+                                     what=f"exported at {shape}")
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.export: the JAX backend only")
+def test_jax_export_with_a_mask_of_its_own_symbolic_sizes():
+    import jax
+    import numpy as np
+
+    config = {"num_heads": 2, "position_encoding": "sinusoidal"}
+    layer, x, weights = make_case(config, (2, 5, 6, 8))
+    b, h, w, h2, w2 = jax.export.symbolic_shape("b, h, w, h2, w2")
+    exported = jax.export.export(jax.jit(lambda x, m: layer(x, attention_mask=m)))(
+        jax.ShapeDtypeStruct((b, h, w, 8), np.float32),
+        jax.ShapeDtypeStruct((b, h2, w2), np.bool_))
+    for seed, (batch, height, width) in enumerate([(2, 5, 6), (1, 7, 4)]):
+        x = random_input((batch, height, width, 8), seed=seed)
+        mask = padded_mask(batch, height, width)
+        out = np.asarray(exported.call(x, mask))
+        assert_float32_within_budget(out, x, weights, layer.get_config(), attention_mask=mask,
+                                     what=f"exported, at {x.shape}")
