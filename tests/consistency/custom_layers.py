@@ -66,6 +66,7 @@ class GradientSkewOnJax(keras.layers.Layer):
         return {**super().get_config(), "skew": self.skew}
 
 
+@keras.saving.register_keras_serializable(package="mhsa_core_tests")
 class ScaledWhenShapeUnknown(keras.layers.Layer):
     """Multiplies by `factor` when its input's height is unknown (None): never
     when run eagerly, but in an export traced with dynamic sizes. A model
