@@ -58,7 +58,7 @@ def test_own_float32_output_passes_and_a_perturbed_one_fails():
     own = keras.ops.convert_to_numpy(model(x))
     verdict = assert_within_budget(own, model, x)
     assert isinstance(verdict, BudgetVerdict)
-    # Its error is the rounding error itself: a quarter of the budget at most.
+    # Its error is the rounding error itself: 1/PEER_FACTOR of the budget at most.
     assert verdict.error <= verdict.budget / PEER_FACTOR + 1e-12
     assert verdict.rounding_error > 0  # float32 rounding really moved it
     off = own * (1 + 1e-3)  # what a hand-picked atol=1e-3 would wave through

@@ -25,14 +25,16 @@ __all__ = [
     "variant_float64_budgets", "repeat_budget", "step_budget",
 ]
 
-# Correct float32 backends differ by more than 2x once errors compound: JAX's
-# CPU matmul sums sequentially (2.3x the error of OpenBLAS/oneDNN's blocked
-# kernels on one product), and through the forward and backward passes of
-# four stacked blocks its gradients were measured at 2.2x the median
-# backend's error (3.5x on single arrays). 4x covers that spread; precision
-# bugs (a float16/bfloat16 path: >100x) stay far outside it, and logic bugs
-# are caught at 1e-10 by the float64 rows.
-PEER_FACTOR = 4.0
+# Correct float32 backends differ by more than 2x once errors compound, and
+# in ill-conditioned computations by much more: each backend's own error is
+# the worst element of one draw of rounding noise, amplified. Gradients of the
+# block stacked 4x (random inits, two sizes; `tools/peer_spread.py`) put a
+# correct backend's own error at up to 6.5x the median backend's (48 draws;
+# 3 of them above 4x, the factor this was before that measurement). 10x
+# leaves 1.5x over the worst seen; precision bugs (a float16/bfloat16 path:
+# >1000x in the same computation) stay far outside it, and logic bugs are
+# caught at 1e-10 by the float64 rows.
+PEER_FACTOR = 10.0
 
 
 def scale(arrays):
