@@ -119,7 +119,8 @@ def test_lambda_refused_in_safe_mode(tmp_path):
     assert proc.returncode == 2
     assert "Lambda" in proc.stderr and "--unsafe" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = _run("--model", str(path), "--backends", "torch", "--unsafe", "--quiet")
+    # Two backends: one alone is not agreement (exit 1, NOT COMPARED).
+    proc = _run("--model", str(path), "--backends", "tensorflow,torch", "--unsafe", "--quiet")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
