@@ -9,6 +9,8 @@ the gradient is not). The CLI tests reuse that run's report (the workers are
 what costs time); the usage errors run no worker at all.
 """
 
+import json
+
 import numpy as np
 import pytest
 import keras
@@ -95,6 +97,18 @@ def test_table_shows_the_steps(report):
     start = lines.index(header) + 2  # after the dashes
     steps = [int(line.split()[0]) for line in lines[start:start + 3]]
     assert steps == protocol.drift_table_steps(STEPS) == [1, 2, 5]
+
+
+def test_json_has_the_drift_series(report):
+    """The drift series, not only the cells, in strict JSON (for dashboards)."""
+    data = json.loads(json.dumps(report.to_json(), allow_nan=False))
+    series = {s["case"]: s for s in data["drift"]}
+    clean = series["clean"]
+    assert clean["steps"] == STEPS and clean["weight_steps"][-1] == STEPS
+    assert set(clean["weights"]) == {"tensorflow", "torch", "jax"}
+    assert len(clean["loss"]["jax"]) == len(clean["loss_budgets"]) == STEPS
+    assert all(r <= 1 for ratios in clean["ratios"].values() for r in ratios)
+    assert max(series["skewed"]["ratios"]["jax"]) > 1
 
 
 def _clean_only(report):

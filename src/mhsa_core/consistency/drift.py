@@ -401,6 +401,33 @@ def judge_drift(ctx, saver):
     return {b: drift.cell(b) for b in drift.backends}
 
 
+SECTION = "drift"  # the report's section (and JSON key) of the drift series
+
+
+def _finite(values):
+    """JSON-ready numbers: a non-finite one is null (strict JSON)."""
+    return [float(v) if math.isfinite(v) else None for v in values]
+
+
+def series_json(drift):
+    """A `DriftSeries` as strict JSON: what the table and the plot show, at
+    every recorded step (non-finite numbers are null)."""
+    return {
+        "case": drift.case, "steps": drift.steps, "optimizer": drift.optimizer,
+        "oracle": drift.oracle, "diverges": drift.diverges, "judged_up_to": drift.judged,
+        "weight_steps": list(drift.weight_steps),
+        "weights": {b: _finite(v) for b, v in drift.weights.items()},
+        "own_weights": {b: _finite(v) for b, v in drift.own_weights.items()},
+        "loss": {b: _finite(v) for b, v in drift.loss.items()},
+        "own_loss": {b: _finite(v) for b, v in drift.own_loss.items()},
+        "loss_budgets": _finite(drift.loss_budgets),
+        "ratios": {b: _finite([drift.step_cell(b, s).ratio for s in drift.weight_steps
+                               if s <= drift.judged]) for b in drift.backends},
+        "not_judged_weights": sorted({drift.names[j] for step in drift.rounding_driven
+                                      for j in step}),
+    }
+
+
 def report_series(report):
     """[DriftSeries] of every case of `report` with a drift row, in report order."""
     out = []

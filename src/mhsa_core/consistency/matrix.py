@@ -42,6 +42,9 @@ def evaluate(cases, runs, backends, rtol=None):
     located = locate_cases(cases, runs, backends, rtol)
     if located:
         report.sections[SECTION] = located
+    trained = drift.report_series(report)
+    if trained:
+        report.sections[drift.SECTION] = [drift.series_json(s) for s in trained]
     return report
 
 
