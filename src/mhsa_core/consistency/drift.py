@@ -60,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from mhsa_core.consistency import budgets, oracles, protocol
+from mhsa_core.consistency.arrays import portable
 from mhsa_core.consistency.protocol import DRIFT, DRIFT_RUNS
 from mhsa_core.consistency.report import Cell, cell_of, format_table
 
@@ -151,7 +152,7 @@ def train(runner, steps, optimizer_name):
     results = {_STEPS_KEY: np.asarray(steps), _OPTIMIZER_KEY: np.asarray(optimizer_name),
                _NAMES_KEY: np.asarray([v.path for v in model.trainable_variables], dtype=str)}
     for j, w in enumerate(start):
-        results[protocol.drift_weight_key(_RUN, 0, j)] = _portable(w)
+        results[protocol.drift_weight_key(_RUN, 0, j)] = portable(w)
     try:
         for run, trained in ((_RUN, model), (_RUN64, model64)):
             optimizer = getattr(keras.optimizers, class_name)(**arguments)
@@ -171,16 +172,11 @@ def train(runner, steps, optimizer_name):
                 new = gradients.apply_optimizer_step(trained, grads, optimizer)
                 if s in recorded:
                     for j, w in enumerate(new):
-                        results[protocol.drift_weight_key(run, s, j)] = _portable(w)
+                        results[protocol.drift_weight_key(run, s, j)] = portable(w)
     finally:
         for variable, w in zip(model.trainable_variables, start):
             variable.assign(w)
     return results
-
-
-def _portable(array):
-    array = np.asarray(array)
-    return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
 
 
 # ---------------------------------------------------------- the parent

@@ -38,6 +38,7 @@ import math
 import numpy as np
 
 from mhsa_core.consistency import budgets, oracles, protocol
+from mhsa_core.consistency.arrays import portable
 from mhsa_core.consistency.checks import judge
 from mhsa_core.consistency.protocol import (
     LAYER_CLASSES_KEY, LAYER_NAMES_KEY, LOCATE, LOCATE64, LOCATE_ERROR_KEY,
@@ -143,7 +144,7 @@ def layer_outputs(keras, model, variants, call_inputs):
                 # takes the mask from the input tensor (as Sequential.call).
                 x = layer(x, training=False)
                 for t, out in enumerate(keras.tree.flatten(x)):
-                    results[protocol.layer_out_key(v, i, t)] = _portable(convert(out))
+                    results[protocol.layer_out_key(v, i, t)] = portable(convert(out))
     else:
         config = model.get_config()
         if not isinstance(config, dict) or not {"layers", "input_layers",
@@ -160,7 +161,7 @@ def layer_outputs(keras, model, variants, call_inputs):
             k = 0
             for i, (_, _, count) in enumerate(counted):
                 for t in range(count):
-                    results[protocol.layer_out_key(v, i, t)] = _portable(convert(outs[k]))
+                    results[protocol.layer_out_key(v, i, t)] = portable(convert(outs[k]))
                     k += 1
     results[LAYER_NAMES_KEY] = np.array([name for name, _ in entries], dtype=str)
     results[LAYER_CLASSES_KEY] = np.array([cls for _, cls in entries], dtype=str)
@@ -170,14 +171,6 @@ def layer_outputs(keras, model, variants, call_inputs):
 def error_result(text):
     """The result of a locate task that could not run (a 0-d str array)."""
     return {LOCATE_ERROR_KEY: np.array(text.strip()[-_ERROR_CHARS:])}
-
-
-def _portable(array):
-    """float32 for what .npz cannot hold (bfloat16); bools and ints as they are."""
-    array = np.asarray(array)
-    if array.dtype.name == "bfloat16":
-        array = array.astype(np.float32)
-    return array
 
 
 # =================================================================== parent

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from mhsa_core.consistency import protocol
+from mhsa_core.consistency.arrays import portable
 from mhsa_core.consistency.float64 import float64_clone
 from mhsa_core.consistency.protocol import (
     AGAIN_KEY, COMPUTE, FORWARD_SECONDS, LOAD, SAVE, SETUP_ERROR, case_backends, out_key,
@@ -50,14 +51,6 @@ from mhsa_core.consistency.protocol import (
 
 _TIMED_REPEATS = 3
 _FLOAT_KINDS = "f"
-
-
-def _portable(array):
-    """An array .npz can hold: bfloat16 (an ml_dtypes type) becomes float32, exactly."""
-    array = np.asarray(array)
-    if array.dtype.name == "bfloat16":
-        array = array.astype(np.float32)
-    return array
 
 
 def _xla_cannot_compile(error):
@@ -248,7 +241,7 @@ class _CaseRunner:
     def _outputs(self, model, xs):
         """Every output of the model (flattened: list, tuple or dict), as NumPy."""
         out = model(self._call_inputs(xs), training=False)
-        return [_portable(self.keras.ops.convert_to_numpy(o))
+        return [portable(self.keras.ops.convert_to_numpy(o))
                 for o in self.keras.tree.flatten(out)]
 
     def _output_results(self, model, variants):
@@ -284,7 +277,7 @@ class _CaseRunner:
         for v, xs in enumerate(self.variants):
             kwargs = {"attention_mask": xs[1]} if len(xs) > 1 else {}
             _, scores = self.layer(xs[0], return_attention_scores=True, **kwargs)
-            results[out_key(v)] = _portable(self.keras.ops.convert_to_numpy(scores))
+            results[out_key(v)] = portable(self.keras.ops.convert_to_numpy(scores))
         return results
 
     def _grads(self, model, variants):
@@ -292,7 +285,7 @@ class _CaseRunner:
         a position table is resized, and differentiated, differently at each)."""
         from mhsa_core.consistency import gradients
 
-        results = {protocol.start_key(j): _portable(self.keras.ops.convert_to_numpy(w))
+        results = {protocol.start_key(j): portable(self.keras.ops.convert_to_numpy(w))
                    for j, w in enumerate(model.trainable_variables)}
         for v, xs in enumerate(variants):
             outs = self._outputs(model, xs)  # the loss covers every output
@@ -305,9 +298,9 @@ class _CaseRunner:
             results[protocol.loss_key(v)] = np.asarray(loss)
             for k, g in enumerate(input_grads):
                 if g is not None:
-                    results[protocol.input_grad_key(v, k)] = _portable(g)
+                    results[protocol.input_grad_key(v, k)] = portable(g)
             for j, g in enumerate(weight_grads):
-                results[protocol.weight_grad_key(v, j)] = _portable(g)
+                results[protocol.weight_grad_key(v, j)] = portable(g)
         return results
 
     def task_grads(self, timings):
@@ -326,7 +319,7 @@ class _CaseRunner:
         model = self.model
         start = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
         grads = self._grads(model, self.variants)
-        results = {protocol.start_key(j): _portable(w) for j, w in enumerate(start)}
+        results = {protocol.start_key(j): portable(w) for j, w in enumerate(start)}
         for v in range(len(self.variants)):
             g = [grads[protocol.weight_grad_key(v, j)] for j in range(len(start))]
             results.update({protocol.step_grad_key(v, j): gj for j, gj in enumerate(g)})
@@ -334,7 +327,7 @@ class _CaseRunner:
                 optimizer = getattr(keras.optimizers, class_name)(**arguments)
                 new = gradients.apply_optimizer_step(model, g, optimizer)
                 for j, w in enumerate(new):
-                    results[protocol.step_key(name, v, j)] = _portable(w)
+                    results[protocol.step_key(name, v, j)] = portable(w)
                 for var, w in zip(model.trainable_variables, start):  # back to the start
                     var.assign(w)
         return results
@@ -407,7 +400,7 @@ class _CaseRunner:
                 what = ops.group(1).strip() if ops else str(e).strip().splitlines()[0][:120]
                 return {protocol.NOTE_KEY: np.array(f"not judged: XLA cannot compile {what}")}
             for o, each in enumerate(keras.tree.flatten(out)):
-                results[protocol.output_key(v, o)] = _portable(keras.ops.convert_to_numpy(each))
+                results[protocol.output_key(v, o)] = portable(keras.ops.convert_to_numpy(each))
         return results
 
     def task_drift(self, timings):
@@ -422,7 +415,7 @@ class _CaseRunner:
         tmp = path.with_suffix(".tmp.keras")
         self.model.save(tmp)
         os.replace(tmp, path)
-        return {protocol.saved_weight_key(j): _portable(w)
+        return {protocol.saved_weight_key(j): portable(w)
                 for j, w in enumerate(self.model.get_weights())}
 
     def task_export(self, timings):
@@ -523,7 +516,7 @@ def run_load(keras, job, job_dir, out_dir):
                 model = keras.saving.load_model(path, safe_mode=safe_mode)
                 with np.load(job_dir / saver / protocol.result_file(i, SAVE)) as data:
                     saved = [data[protocol.saved_weight_key(j)] for j in range(len(data.files))]
-                loaded = [_portable(w) for w in model.get_weights()]
+                loaded = [portable(w) for w in model.get_weights()]
                 if len(loaded) != len(saved):
                     raise ValueError(
                         f"{len(loaded)} weights loaded, {len(saved)} saved"
@@ -539,7 +532,7 @@ def run_load(keras, job, job_dir, out_dir):
                     call = spec.structure(xs) if spec else (xs[0] if len(xs) == 1 else list(xs))
                     out = model(call, training=False)
                     for o, each in enumerate(keras.tree.flatten(out)):
-                        results[protocol.output_key(v, o)] = _portable(
+                        results[protocol.output_key(v, o)] = portable(
                             keras.ops.convert_to_numpy(each))
                 np.savez(out_dir / protocol.load_file(saver, i), **results)
             except Exception:  # noqa: BLE001
