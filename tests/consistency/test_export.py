@@ -56,11 +56,21 @@ def _shape_bug(path):
     keras.Model(inputs, custom_layers.ScaledWhenShapeUnknown(1.01)(x)).save(path)
 
 
+def _two_outputs(path):
+    # A `--model` case as users run it: no inputs given (the workers make them
+    # from the loaded model, at two sizes), and two outputs.
+    inputs = keras.Input((None, None, 4), name="image")
+    x = keras.layers.Conv2D(6, 1, name="proj")(inputs)
+    y = MultiHeadSelfAttention2D(num_heads=2, name="attention")(x)
+    keras.Model(inputs, [y, keras.layers.ReLU(name="relu")(x)]).save(path)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     _two_encodings(tmp / "two.keras")
     _shape_bug(tmp / "shapebug.keras")
+    _two_outputs(tmp / "made.keras")
     tasks = (protocol.FORWARD, protocol.FORWARD64, protocol.EXPORT)
     to_run = [
         cases.Case("two", None, _variants(0), model_path=str(tmp / "two.keras"), tasks=tasks,
@@ -72,6 +82,8 @@ def report(tmp_path_factory):
                              [(2, 5, 6, 16), (1, 4, 7, 16)], seed=20, mask=True,
                              tasks=(protocol.FORWARD, protocol.EXPORT)),
             exports=("litert",)),
+        dataclasses.replace(cases.model_case(tmp / "made.keras", name="made", tasks=tasks),
+                            exports=("onnx",)),
     ]
     return matrix.run_matrix(to_run, THREE, imports=["custom_layers"])
 
@@ -124,6 +136,18 @@ def test_every_expected_export_cell_is_there_and_the_run_agrees(report):
     # Only the planted bug fails.
     assert {(r.case, r.check, b) for r, b, _ in report.failures} == {
         ("shapebug", "litert export", "tensorflow")}
+
+
+@needs_export
+def test_model_with_inputs_made_by_the_workers_and_two_outputs(report):
+    """The common `--model M.keras` case: inputs made from the loaded model (at
+    8x8 and 6x6); the runtimes return the artifact's first output, and the
+    cell says that only it was judged."""
+    for backend in ("tensorflow", "torch"):
+        cell = report.cell("made", "onnx export", backend)
+        assert cell.passed is True, cell
+        assert "first output only" in cell.scope, cell
+    assert "2x8x8x4, 2x6x6x4" in report.cell("made", "onnx export", "torch").scope
 
 
 @needs_export

@@ -472,7 +472,13 @@ def _export(ctx, fmt):
         else:
             outputs = {protocol.out_key(v): res[protocol.export_key(fmt, v)]
                        for v in range(ctx.variants) if protocol.export_key(fmt, v) in res}
-            cell = judge(outputs, forward.values, ctx.out_keys, forward.budgets)
+            # The runtimes return the artifact's first output (their output
+            # order is their own): a multi-output model is judged on output 0,
+            # and the cell says so.
+            first = [protocol.out_key(v) for v in range(ctx.variants)]
+            if len(ctx.out_keys) > len(first):
+                note = "; ".join(t for t in (note, "first output only") if t)
+            cell = judge(outputs, forward.values, first, forward.budgets)
             cells[b] = dataclasses.replace(cell, scope=note)
     for b in ctx.backends:  # the export task raised: the errors row has why
         if b not in cells and b in ctx.runs and EXPORT in ctx.runs[b].errors.get(ctx.name, {}):

@@ -140,7 +140,11 @@ def _export_format(runner, fmt, work, timings):
     missing = _missing(EXPORTER_MODULES.get((fmt, me), ()) + (RUNTIME_MODULES[fmt],))
     if missing:
         return f"{protocol.EXPORT_SKIPPED}: needs {', '.join(missing)}", "", {}
-    names = list(runner.case["input_names"])
+    # The variants are in the model's input order: its input names for a model
+    # case (given or made from the loaded model), the case's for a layer case.
+    spec = runner.input_spec
+    names = list(spec.names) if spec is not None and spec.known else list(
+        runner.case["input_names"])
     variants = dict(enumerate(runner.variants))
     # [(artifact path, input signature or None: the model's own, the variants it runs)]
     if (fmt, me) in STATIC_EXPORTS:
