@@ -61,6 +61,9 @@ examples:
   mhsa-core matrix --model my_model.keras --inputs batch.npz --import my_layers
   mhsa-core matrix --model my_model.keras --json report.json
   mhsa-core matrix --model my_model.keras --json - --quiet | jq .verdict
+  mhsa-core matrix --model my_model.keras --export tf_saved_model,onnx,openvino,litert
+  mhsa-core matrix --model my_model.keras --locate
+  mhsa-core matrix --model my_model.keras --steps 20 --plot drift.png
 
 exit status:
   0  the backends agree: at least two ran, every cell within its budget
