@@ -38,7 +38,7 @@ from mhsa_core.consistency.oracles import Oracle
 from mhsa_core.consistency.protocol import (
     DRIFT, EXPORT, FORWARD, FORWARD64, GRADS, GRADS64, JIT, OPTIMIZERS, SAVE, SCORES,
 )
-from mhsa_core.consistency.report import Cell, Row, cell_of
+from mhsa_core.consistency.report import Cell, Row, cell_of, last_line
 
 __all__ = ["Check", "CHECKS", "CaseContext", "SharedOracle", "ERRORS", "judge", "judge_step"]
 
@@ -492,7 +492,7 @@ def _errors(ctx, saver):
     for b in ctx.backends:
         errs = ctx.runs[b].errors.get(ctx.name, {}) if b in ctx.runs else {}
         if errs:
-            first = next(iter(errs.values())).strip().splitlines()[-1]
+            first = last_line(next(iter(errs.values())))
             cells[b] = Cell(passed=False, note=f"{', '.join(errs)}: {first}"[:200])
     return cells or None
 

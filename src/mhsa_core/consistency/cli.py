@@ -37,7 +37,7 @@ from mhsa_core.consistency import cases, drift, locate, matrix, protocol
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.checks import ERRORS
 from mhsa_core.consistency.protocol import BACKENDS, TRAINING_BACKENDS
-from mhsa_core.consistency.report import cell_of, format_table, render, verdict
+from mhsa_core.consistency.report import cell_of, format_table, last_line, render, verdict
 from mhsa_core.consistency.runner import run_backends, unavailable_reason
 from mhsa_core.reference import schema
 
@@ -268,9 +268,8 @@ def _model_error(report, name):
         return None
     for run in runs:
         for error in run.errors.get(name, {}).values():
-            lines = error.strip().splitlines()
-            if lines:
-                return lines[-1]
+            if last_line(error):
+                return last_line(error)
     return None
 
 

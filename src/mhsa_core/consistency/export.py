@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from mhsa_core.consistency import protocol
+from mhsa_core.consistency.report import last_line
 from mhsa_core.consistency.runtime import RUNTIME_MODULES
 
 __all__ = ["EXTENSIONS", "NOT_SUPPORTED", "KNOWN_LIMITS", "EXPORTER_MODULES",
@@ -118,8 +119,8 @@ def _run_runtime(fmt, plan, names, work):
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"the {fmt} runtime took over {RUNTIME_TIMEOUT:.0f} s") from None
     if proc.returncode != 0 or not all(out.exists() for out in outputs):
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        raise RuntimeError(f"runtime: {lines[-1] if lines else f'exit {proc.returncode}'}"[:240])
+        why = last_line(proc.stderr, f"exit {proc.returncode}")
+        raise RuntimeError(f"runtime: {why}"[:240])
     results = {}
     for out in outputs:
         with np.load(out) as data:

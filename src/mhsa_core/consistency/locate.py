@@ -43,7 +43,7 @@ from mhsa_core.consistency.checks import judge
 from mhsa_core.consistency.protocol import (
     LAYER_CLASSES_KEY, LAYER_NAMES_KEY, LOCATE, LOCATE64, LOCATE_ERROR_KEY,
 )
-from mhsa_core.consistency.report import Cell, cell_text, format_table
+from mhsa_core.consistency.report import Cell, cell_text, format_table, last_line
 
 __all__ = ["layer_outputs", "locate_case", "locate_cases", "format_section", "SECTION"]
 
@@ -174,11 +174,6 @@ def error_result(text):
 
 
 # =================================================================== parent
-def _error_line(text):
-    lines = str(text).strip().splitlines()
-    return lines[-1] if lines else "failed"
-
-
 def _json_cell(cell):
     """A Cell as strict JSON (a non-finite number is null, with the note)."""
     data = dataclasses.asdict(cell)
@@ -226,14 +221,14 @@ def locate_case(case, runs, backends, rtol=None):
             errors = run.errors.get(case.name, {})
             error = errors.get(LOCATE) or errors.get(protocol.SETUP_ERROR) or run.error
             if error and not str(error).startswith("not installed"):
-                notes.append(f"{b}: no layer outputs ({_error_line(error)})")
+                notes.append(f"{b}: no layer outputs ({last_line(error, 'failed')})")
             continue
         for task, into in ((LOCATE, results32), (LOCATE64, results64)):
             result = mine.get(task)
             if result is None:
                 continue
             if LOCATE_ERROR_KEY in result:
-                notes.append(f"{b} ({task}): {_error_line(result[LOCATE_ERROR_KEY])}")
+                notes.append(f"{b} ({task}): {last_line(result[LOCATE_ERROR_KEY], 'failed')}")
                 continue
             into[b] = result
     section = {"case": case.name, "oracle": None, "backends": [], "layers": [],

@@ -11,7 +11,7 @@ import math
 
 __all__ = ["Cell", "Row", "Report", "cell_of", "format_table", "cell_text", "render",
            "footer", "NOT_JUDGED_LEGEND",
-           "verdict"]
+           "verdict", "last_line"]
 
 
 @dataclasses.dataclass
@@ -169,6 +169,12 @@ def _json_cell(cell):
 
 
 # ------------------------------------------------------------------ text
+def last_line(text, default=""):
+    """The last non-empty line of an error text (a traceback's exception line)."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else default
+
+
 def format_table(header, rows):
     """A plain-text table, columns padded to their widest entry."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
