@@ -34,24 +34,29 @@ def _chunk_body(with_mask, row_bias):
     """The remat'd function of one chunk of one head.
 
     Its arguments (all tensors): q (c, d), rows (c,) int32, k (N, d) already
-    times the scale, v (N, dv), [keep (N,) float 1/0], *tables.
+    times the scale, v (N, dv), [keep (N,) 1./0. and penalty (N,) 0./-1e9,
+    floats], *tables.
     """
 
     def body(q, rows, k, v, *rest):
         logits = ops.einsum("cd,nd->cn", q, k)  # (c, N)
         if with_mask:
-            keep, tables = rest[0] > 0.5, rest[1:]
+            (keep, penalty), tables = rest[:2], rest[2:]
         else:
             keep, tables = None, rest
         if row_bias is not None:
             logits = logits + row_bias(q, rows, tables)
         if keep is not None:
-            logits = ops.where(keep, logits, ops.cast(MASKED_LOGIT, logits.dtype))
+            # Masked keys: logit - 1e9 (the full path sets them to -1e9; both
+            # give exp(...) == 0 exactly, and unmasked logits are untouched:
+            # + 0). The penalty is an argument: any Python float inside the
+            # checkpointed function crashes torch.compile.
+            logits = logits + penalty
         probs = ops.softmax(logits, axis=-1)
         if keep is not None:
-            # A query whose keys are all masked was uniform: zero it, as the
-            # full path does.
-            probs = ops.where(keep, probs, ops.zeros_like(probs))
+            # Masked keys are already exactly 0; a query whose keys are all
+            # masked was a finite softmax: zero it, as the full path does.
+            probs = probs * keep
         return ops.einsum("cn,nd->cd", ops.cast(probs, v.dtype), v)  # (c, dv)
 
     return keras.remat(body)
@@ -94,14 +99,17 @@ def chunked_attention(query, key, value, *, chunk_size, key_scale, key_mask=None
     v = ops.reshape(value, (bh, n, dv))
     # Token index of every (padded) query; padded queries repeat the last
     # token, a valid position for the position term; their rows are dropped.
-    rows = ops.minimum(ops.arange(padded, dtype="int32"), n - 1)
+    # (n - 1 as a tensor, the last index: keras ops given a symbolic size
+    # break torch.compile's graph.)
+    last = ops.arange(n, dtype="int32")[-1]
+    rows = ops.minimum(ops.arange(padded, dtype="int32"), last)
     rows = ops.reshape(rows, (num_chunks, c))
 
     per_head = [q, k, v]
     if key_mask is not None:
         keep = ops.cast(key_mask, k.dtype)  # (B, N); float: remat rejects bool
         keep = ops.reshape(ops.repeat(ops.expand_dims(keep, 1), heads, axis=1), (bh, n))
-        per_head.append(keep)
+        per_head += [keep, (keep - 1.0) * -MASKED_LOGIT]
     chunk = _chunk_body(key_mask is not None, row_bias)
 
     def head(xs):
