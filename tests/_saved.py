@@ -70,8 +70,9 @@ def saved_for_backward(fn, *args) -> list[Saved]:
     Args:
         fn: a function of backend tensors (Keras ops) returning a scalar; it
             is differentiated with respect to every floating argument.
-        *args: NumPy arrays (or backend tensors); their shapes are the static
-            shapes the forward pass is traced with.
+        *args: NumPy arrays; their shapes are the static shapes the forward
+            pass is traced with (TF: `tf.function` with these shapes; JAX:
+            `jax.make_jaxpr`; torch: one eager run).
 
     Returns:
         A list of `Saved`, largest per-iteration size first.
@@ -169,20 +170,20 @@ def _saved_jax(fn, *args):
 
 def _scan_steps(jaxpr, var) -> int:
     """How many scan iterations `var` is stacked over (1 if none): follows it
-    into the jit / scan that produced it."""
+    into the jit or scan that produced it (nested scans multiply)."""
     for eqn in jaxpr.eqns:
-        if any(out is var for out in eqn.outvars):
-            index = next(i for i, out in enumerate(eqn.outvars) if out is var)
+        for index, out in enumerate(eqn.outvars):
+            if out is not var:
+                continue
             inner = eqn.params.get("jaxpr")
+            inner = getattr(inner, "jaxpr", inner)  # ClosedJaxpr -> Jaxpr
             if eqn.primitive.name == "scan":
                 if index < eqn.params["num_carry"]:
                     return 1
-                return eqn.params["length"] * _scan_steps(
-                    inner.jaxpr, inner.jaxpr.outvars[index]
-                )
-            if inner is not None and hasattr(inner, "jaxpr"):
+                return eqn.params["length"] * _scan_steps(inner, inner.outvars[index])
+            if inner is not None and len(getattr(inner, "outvars", ())) == len(eqn.outvars):
                 # jit (pjit) and other call-like primitives: look inside.
-                return _scan_steps(inner.jaxpr, inner.jaxpr.outvars[index])
+                return _scan_steps(inner, inner.outvars[index])
             return 1
     return 1  # an input or a constant
 

@@ -22,15 +22,22 @@ Cases:
 - a toy attention in keras.ops, `ops.map` over (query chunk, chunk index)
   like the layer's: without `keras.remat` it keeps every (c, N) tile
   (flagged: the test can fail); with `keras.remat` around the chunk body it
-  keeps only the chunks (clean); the plain full attention keeps N x N
-  (flagged).
-- the layer: `attention_implementation="chunked"` with the relative encoding
-  and a mask at N = 64, 150 (a ragged last chunk) and 256 is clean; "full"
-  is flagged.
-Plus: the toy's chunked gradients (with and without remat) equal the full
-attention's in float64, eager and compiled (tf.function, jax.jit; torch
-eager), so the clean structure is not a lost gradient (a tensor closed over
-by a `tf.recompute_grad` body gets None eagerly and zeros under tf.function).
+  keeps only the chunks (clean); the same per head, an outer `ops.map` over
+  heads around the one over chunks as in the layer (nested loops: JAX stacks
+  the tiles over heads x chunks, TF accumulates them in the inner loop's
+  body), flagged without remat and clean with it; the plain full attention
+  keeps N x N (flagged).
+- the layer (B=1, C=8, 2 heads, chunk_size=16, a random mask):
+  `attention_implementation="chunked"` with the relative encoding at N = 64,
+  150 (a ragged last chunk) and 256, and with the absolute one at N = 64, is
+  clean; "full" is flagged.
+Plus: the toy's chunked gradients (without remat, with it, and per head with
+it) equal the full attention's in float64, eager and compiled (tf.function,
+jax.jit; torch eager), so the toy's clean structure is not a lost gradient.
+(Checked by hand: a tensor closed over by a `tf.recompute_grad` body, not
+passed as an argument, gets a None gradient eagerly and silently zeros under
+tf.function. The layer's own gradients are checked against the full path in
+its numerics tests.)
 
 One pytest process runs one backend; under numpy (no gradients) only the
 helper's error is tested.
@@ -83,12 +90,26 @@ def _toy_chunked(remat):
         n = q.shape[0]
         chunks = -(-n // CHUNK)
         q = ops.pad(q, [[0, chunks * CHUNK - n], [0, 0]])
-        q = ops.reshape(q, (chunks, CHUNK, TOY_WIDTH))
+        q = ops.reshape(q, (chunks, CHUNK, q.shape[1]))
         starts = ops.arange(chunks, dtype="int32") * CHUNK
         out = ops.map(lambda xs: body(xs[0], xs[1], k, v, table), (q, starts))
-        return ops.reshape(out, (chunks * CHUNK, TOY_WIDTH))[:n]
+        return ops.reshape(out, (chunks * CHUNK, out.shape[-1]))[:n]
 
     return attention
+
+
+def _toy_per_head(attention, heads=2):
+    """`attention` on each of `heads` slices of the width: an outer ops.map
+    over heads around the inner one over chunks, the layer's nesting."""
+
+    def split(a):  # (N, d) -> (heads, N, d / heads)
+        return ops.transpose(ops.reshape(a, (a.shape[0], heads, -1)), (1, 0, 2))
+
+    def per_head(q, k, v, table):
+        out = ops.map(lambda xs: attention(*xs), tuple(map(split, (q, k, v, table))))
+        return ops.reshape(ops.transpose(out, (1, 0, 2)), (q.shape[0], -1))
+
+    return per_head
 
 
 def _toy_full(q, k, v, table):
@@ -108,10 +129,10 @@ def _toy_case(attention, n):
     return _toy_loss(attention, weights), args, CHUNK, n
 
 
-def _layer_case(implementation, height, width):
+def _layer_case(implementation, height, width, encoding="relative"):
     layer = MultiHeadSelfAttention2D(
         num_heads=2,
-        position_encoding="relative",
+        position_encoding=encoding,
         attention_implementation=implementation,
         chunk_size=CHUNK,
     )
@@ -130,10 +151,16 @@ CASES = {
     "toy-chunked-N=150": (lambda: _toy_case(_toy_chunked(remat=False), 150), True),
     "toy-chunked-remat-N=64": (lambda: _toy_case(_toy_chunked(remat=True), 64), False),
     "toy-chunked-remat-N=150": (lambda: _toy_case(_toy_chunked(remat=True), 150), False),
+    "toy-heads-chunked-N=64": (
+        lambda: _toy_case(_toy_per_head(_toy_chunked(remat=False)), 64), True),
+    "toy-heads-chunked-remat-N=64": (
+        lambda: _toy_case(_toy_per_head(_toy_chunked(remat=True)), 64), False),
     "toy-full-N=64": (lambda: _toy_case(_toy_full, 64), True),
     "layer-chunked-8x8": (lambda: _layer_case("chunked", 8, 8), False),
     "layer-chunked-10x15": (lambda: _layer_case("chunked", 10, 15), False),
     "layer-chunked-16x16": (lambda: _layer_case("chunked", 16, 16), False),
+    "layer-chunked-absolute-8x8": (
+        lambda: _layer_case("chunked", 8, 8, encoding="absolute"), False),
     "layer-full-8x8": (lambda: _layer_case("full", 8, 8), True),
 }
 
@@ -205,29 +232,37 @@ _GRADIENT_MODES = {
 }.get(BACKEND, [])
 
 
+# variant -> (chunked attention, its full counterpart)
+_GRADIENT_VARIANTS = {
+    "chunked": (lambda: (_toy_chunked(remat=False), _toy_full)),
+    "chunked-remat": (lambda: (_toy_chunked(remat=True), _toy_full)),
+    "heads-chunked-remat": (
+        lambda: (_toy_per_head(_toy_chunked(remat=True)), _toy_per_head(_toy_full))),
+}
+
+
 class TestToyGradients:
     __test__ = HAS_GRADIENTS
 
+    @pytest.mark.parametrize("variant", list(_GRADIENT_VARIANTS))
     @pytest.mark.parametrize("mode", _GRADIENT_MODES)
-    def test_chunked_equal_full(self, mode):
-        """float64, N = 60 (a ragged last chunk): the chunked toy, with and
-        without remat, against the full one. The same arithmetic up to
-        summation order: they agree to float64 round-off (1e-10 of each
-        gradient's largest magnitude)."""
+    def test_chunked_equal_full(self, mode, variant):
+        """float64, N = 60 (a ragged last chunk): the chunked toy against the
+        full one. The same arithmetic up to summation order: they agree to
+        float64 round-off (1e-10 of each gradient's largest magnitude)."""
         args, weights = _toy_data(60, dtype="float64")
+        chunked, full = _GRADIENT_VARIANTS[variant]()
         compiled = mode != "eager"
-        full = _gradients(_toy_loss(_toy_full, weights), args, compiled)
-        for remat in (False, True):
-            chunked = _gradients(_toy_loss(_toy_chunked(remat), weights), args, compiled)
-            for name, got, want in zip(("q", "k", "v", "table"), chunked, full):
-                assert got is not None, f"remat={remat}: no gradient for {name}"
-                assert got.dtype == np.float64
-                scale = np.max(np.abs(want))
-                assert scale > 0
-                np.testing.assert_allclose(
-                    got, want, rtol=0, atol=1e-10 * scale,
-                    err_msg=f"remat={remat}, gradient of {name}",
-                )
+        got_all = _gradients(_toy_loss(chunked, weights), args, compiled)
+        want_all = _gradients(_toy_loss(full, weights), args, compiled)
+        for name, got, want in zip(("q", "k", "v", "table"), got_all, want_all):
+            assert got is not None, f"no gradient for {name}"
+            assert got.dtype == np.float64
+            scale = np.max(np.abs(want))
+            assert scale > 0
+            np.testing.assert_allclose(
+                got, want, rtol=0, atol=1e-10 * scale, err_msg=f"gradient of {name}"
+            )
 
 
 class TestWithoutGradients:
