@@ -59,11 +59,6 @@ class Saved(NamedTuple):
         return math.prod(dims) // (self.steps or 1)
 
 
-def largest_step(saved) -> Saved | None:
-    """The entry of `saved` that keeps the most elements per iteration."""
-    return max(saved, key=lambda s: s.step_size, default=None)
-
-
 def saved_for_backward(fn, *args) -> list[Saved]:
     """The tensors the backward pass of `fn(*args)` keeps, on this backend.
 
