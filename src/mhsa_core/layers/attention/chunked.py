@@ -92,17 +92,19 @@ def chunked_attention(query, key, value, *, chunk_size, key_scale, key_mask=None
     num_chunks = (n + c - 1) // c
     padded = num_chunks * c
 
-    q = ops.reshape(query, (bh, n, kd))
-    q = ops.pad(q, [[0, 0], [0, padded - n], [0, 0]])
-    q = ops.reshape(q, (bh, num_chunks, c, kd))
-    k = ops.reshape(key * key_scale, (bh, n, kd))
-    v = ops.reshape(value, (bh, n, dv))
     # Token index of every (padded) query; padded queries repeat the last
     # token, a valid position for the position term; their rows are dropped.
     # (n - 1 as a tensor, the last index: keras ops given a symbolic size
     # break torch.compile's graph.)
     last = ops.arange(n, dtype="int32")[-1]
-    rows = ops.minimum(ops.arange(padded, dtype="int32"), last)
+    rows = ops.minimum(ops.arange(padded, dtype="int32"), last)  # (padded,)
+    # The padded queries by gathering those rows, not `ops.pad`: keras's pad
+    # makes a new named Operation per call, whose global name counter
+    # torch.compile guards on, so every call of a compiled model recompiled.
+    q = ops.take(ops.reshape(query, (bh, n, kd)), rows, axis=1)  # (BH, padded, kd)
+    q = ops.reshape(q, (bh, num_chunks, c, kd))
+    k = ops.reshape(key * key_scale, (bh, n, kd))
+    v = ops.reshape(value, (bh, n, dv))
     rows = ops.reshape(rows, (num_chunks, c))
 
     per_head = [q, k, v]
