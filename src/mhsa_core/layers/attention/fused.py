@@ -10,6 +10,8 @@ keys (none or "absolute").
 import keras
 from keras import ops
 
+from mhsa_core.layers.attention.full import logits_dtype
+
 
 def fused_attention(query, key, value, *, scale, key_mask=None):
     """Softmax attention with the backend's fused kernel.
@@ -21,10 +23,16 @@ def fused_attention(query, key, value, *, scale, key_mask=None):
             whose keys are all masked gets zeros (and zero gradients).
 
     Returns:
-        (B, heads, N, d).
+        (B, heads, N, d) in the dtype of `value`.
     """
+    # The kernel's inputs in the logits dtype (float32 under mixed
+    # precision), as the other paths compute logits and softmax: given
+    # float16 q and k, TensorFlow's kernel rounds the logits to float16
+    # (measured 1.2-1.6x the mixed-precision budget).
+    dtype = logits_dtype(query.dtype)
     # Keras's layout is (B, N, heads, d).
-    q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (query, key, value))
+    q, k, v = (ops.transpose(ops.cast(t, dtype), (0, 2, 1, 3))
+               for t in (query, key, value))
     mask = any_key = None
     if key_mask is not None:
         keep = ops.cast(key_mask, "bool")  # (B, N)
@@ -43,4 +51,4 @@ def fused_attention(query, key, value, *, scale, key_mask=None):
                                     flash_attention=flash)  # (B, N, heads, d)
     if any_key is not None:
         out = ops.where(ops.reshape(any_key, (-1, 1, 1, 1)), out, ops.zeros_like(out))
-    return ops.transpose(out, (0, 2, 1, 3))
+    return ops.cast(ops.transpose(out, (0, 2, 1, 3)), value.dtype)
