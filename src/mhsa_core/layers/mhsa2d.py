@@ -15,7 +15,8 @@ from numpy.typing import ArrayLike
 
 from mhsa_core.layers import activations
 from mhsa_core.layers._arrays import as_float_array
-from mhsa_core.layers.attention import dot_product_attention, logits_dtype
+from mhsa_core.layers.attention import IMPLEMENTATIONS, attend, logits_dtype
+from mhsa_core.layers.attention.choice import fused_misfit
 from mhsa_core.layers.position import ENCODINGS
 from mhsa_core.reference import schema
 
@@ -115,6 +116,22 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         kernel_constraint: Constraint of the kernels.
         bias_constraint: Constraint of the biases.
         seed: Integer seed of the dropout.
+        attention_implementation: Which computation of the attention runs:
+            "auto" (default), "full", "chunked" or "fused". "full" materialises
+            the (B, heads, N, N) logits and probabilities (the only path that
+            returns scores or applies dropout: those calls always use it).
+            "chunked" processes queries in chunks of `chunk_size`, each
+            recomputed in the backward pass, so memory grows with N rather
+            than N^2; the numbers equal the full path's to round-off.
+            "fused" uses the backend's own kernel (`ops.dot_product_attention`,
+            PyTorch's SDPA flash kernel on CPU): it needs `key_dim` equal to
+            C // num_heads and no "relative" encoding, and runs float64 on
+            the chunked path (the kernels compute 64-bit in 32-bit). "auto":
+            full up to 1024 tokens, then fused on PyTorch where it applies,
+            else chunked. The rules: `mhsa_core.layers.attention.choice`.
+        chunk_size: Queries per chunk of the chunked path. Default None: a
+            (chunk, N) tile of about 1M elements (256 queries at N = 4096),
+            between 16 and 1024.
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -161,6 +178,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         kernel_constraint=None,
         bias_constraint=None,
         seed: int | None = None,
+        attention_implementation: str = "auto",
+        chunk_size: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -213,6 +232,17 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "Received an invalid value for argument `seed`, expected None or "
                 f"an integer. Received: seed={seed!r}"
             )
+        if attention_implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                "Received an invalid value for argument `attention_implementation`, "
+                f"expected one of {IMPLEMENTATIONS}. "
+                f"Received: attention_implementation={attention_implementation!r}"
+            )
+        if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+            raise ValueError(
+                "Received an invalid value for argument `chunk_size`, expected None "
+                f"or a positive integer. Received: chunk_size={chunk_size!r}"
+            )
         try:
             self.activation = keras.activations.get(activation)
         except (ValueError, TypeError) as e:
@@ -254,7 +284,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         )
         self._channel_axis = -1 if data_format == "channels_last" else 1
         # The encoding object: its weights, its tokens / logits terms.
+        self.attention_implementation = attention_implementation
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.position = ENCODINGS[position_encoding](self)
+        if attention_implementation == "fused":
+            self._check_fused(key_dim, None)
         self.input_spec = keras.InputSpec(ndim=4)
 
     # ------------------------------------------------------------------ shapes
@@ -333,6 +367,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 f"Received: channels={channels}, num_heads={self.num_heads}"
             )
         self.position.check_channels(channels)
+        if self.attention_implementation == "fused":
+            self._check_fused(self.key_dim, channels // self.num_heads)
         if self.position.spec.learned_tables:
             self.position_size = self._resolve_position_size(input_shape)
         self.channels = channels
@@ -355,6 +391,16 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         if self.position.spec.stage != "tokens":
             self.position.build(channels, self._head_key_dim)
         self.input_spec = keras.InputSpec(ndim=4, axes={self._channel_axis: channels})
+
+    def _check_fused(self, key_dim, value_dim):
+        misfit = fused_misfit(self.position, key_dim, value_dim)
+        if misfit is not None:
+            raise ValueError(
+                f"attention_implementation='fused' cannot run this layer: {misfit}. "
+                "Use 'chunked' (the same memory bound, any encoding) or 'auto'. "
+                f"Received: attention_implementation='fused', "
+                f"position_encoding={self.position_encoding!r}, key_dim={key_dim!r}"
+            )
 
     def _add_dense(self, names, in_width, out_width):
         """(kernel (in, out), bias (out,) or None) of a 1x1 projection."""
@@ -442,18 +488,23 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             self._check_mask_shape(tuple(inputs.shape), tuple(attention_mask.shape))
             key_mask = ops.reshape(attention_mask, (batch, n))  # (B, N)
 
-        q = split_heads(q, key_dim)  # (B, heads, N, kd)
-        outputs, scores = dot_product_attention(
-            q,
+        outputs, scores = attend(
+            split_heads(q, key_dim),  # (B, heads, N, kd)
             split_heads(k, key_dim),
             split_heads(v, channels // heads),
             scale=self.scale_value,
-            logits_bias=self._position_logits(q, height, width),
+            position=self.position,
+            position_scale=self.scale_value if self.scale_position_logits else 1.0,
+            height=height,
+            width=width,
             key_mask=key_mask,
             dropout=self.dropout,
             training=training,
             seed_generator=self.seed_generator,
-        )  # (B, heads, N, C // heads), (B, heads, N, N)
+            return_attention_scores=return_attention_scores,
+            implementation=self.attention_implementation,
+            chunk_size=self.chunk_size,
+        )  # (B, heads, N, C // heads), (B, heads, N, N) or None
         outputs = ops.reshape(
             ops.transpose(outputs, (0, 2, 1, 3)), (batch, height, width, channels)
         )
@@ -462,21 +513,6 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         if return_attention_scores:
             return outputs, scores
         return outputs
-
-    def _position_logits(self, q, height, width):
-        """The encoding's logits term, (B, heads, N, N), or None.
-
-        Computed like the logits (in float32 under mixed precision, from the
-        float32 tables), and pre-multiplied by the logit scale when
-        `scale_position_logits`.
-        """
-        dtype = logits_dtype(q.dtype)
-        bias = self.position.logits_bias(ops.cast(q, dtype), height, width)
-        if bias is None:
-            return None
-        if self.scale_position_logits and self.scale_value != 1.0:
-            bias = bias * ops.convert_to_tensor(self.scale_value, dtype=dtype)
-        return bias
 
     # ------------------------------------------------------------ weights I/O
     def get_weight_dict(self) -> dict[str, np.ndarray]:
@@ -620,6 +656,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
                 "bias_constraint": keras.constraints.serialize(self.bias_constraint),
                 "seed": self.seed,
+                "attention_implementation": self.attention_implementation,
+                "chunk_size": self.chunk_size,
             }
         )
         return config

@@ -27,7 +27,14 @@ class AbsolutePosition(LearnedTables):
     """Tables E_h (Hr, kd) and E_w (Wr, kd), shared across heads."""
 
     spec = schema.ENCODINGS["absolute"]
+    folds_into_keys = True
 
     def logits_bias(self, q, height, width):
         return absolute_logits(q, *self.resized_tables(height, width, q.dtype),
                                height, width)
+
+    def key_term(self, height, width, dtype):
+        # e_j = E_h[y_j] + E_w[x_j], (N, kd) row-major over (H, W).
+        emb_h, emb_w = self.resized_tables(height, width, dtype)
+        grid = ops.expand_dims(emb_h, 1) + ops.expand_dims(emb_w, 0)  # (H, W, kd)
+        return ops.reshape(grid, (height * width, emb_h.shape[-1]))

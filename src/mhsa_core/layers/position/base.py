@@ -17,6 +17,12 @@ class PositionEncoding:
     the tokens before the projections, and `logits_bias` may return a term
     for the attention logits. The defaults do nothing.
 
+    A logits term is given three ways, one per attention path
+    (`mhsa_core.layers.attention`): `logits_bias` whole, (B, heads, N, N), for
+    the full path; `key_term`, when the term is q_i . e_j, as the (N, kd) e_j
+    that the chunked and fused paths add to the keys; else `row_tables` and
+    `row_bias`, the term of a chunk of queries, for the chunked path.
+
     A new encoding is a subclass in a file of its own, registered in
     `mhsa_core.layers.position.ENCODINGS`, with its `spec` (and reference
     entry) in `mhsa_core.reference`.
@@ -27,6 +33,9 @@ class PositionEncoding:
     """
 
     spec: ClassVar[schema.Encoding] = schema.ENCODINGS["none"]
+    # Whether the logits term is q_i . e_j (`key_term`), so every path,
+    # the fused kernels included, can take it in the keys.
+    folds_into_keys: ClassVar[bool] = False
 
     def __init__(self, layer):
         self.layer = layer
@@ -56,3 +65,36 @@ class PositionEncoding:
         N, kd) in the logits dtype, (B, heads, N, N) or broadcastable; None
         by default."""
         return None
+
+    def key_term(self, height, width, dtype):
+        """(N, kd) e_j such that the logits term is q_i . e_j, or None.
+
+        An encoding that has one lets every attention path fold its term into
+        the keys (k_j + e_j), so the fused kernels can take it. None by
+        default (no term, or a term that depends on the query's position).
+        """
+        return None
+
+    def row_tables(self, height, width, dtype):
+        """The tensors `row_bias` needs at this size, a tuple (empty: no term).
+
+        Computed once per call, outside the chunk loop, and passed to
+        `row_bias` as explicit arguments: the chunk body runs under
+        `keras.remat`, whose TensorFlow form differentiates only its
+        arguments.
+        """
+        return ()
+
+    @staticmethod
+    def row_bias(q_rows, rows, tables):
+        """The logits term of a chunk of queries, (c, N).
+
+        Args:
+            q_rows: (c, kd) queries of one head.
+            rows: (c,) int32, their token indices (row-major, in [0, N)).
+            tables: `row_tables(...)` (already times the position scale).
+
+        Sizes come from the tensors' shapes, never from Python numbers closed
+        over (torch.compile with checkpointing cannot take those).
+        """
+        raise NotImplementedError

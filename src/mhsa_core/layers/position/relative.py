@@ -28,6 +28,33 @@ def relative_logits(q, rel_h, rel_w, height, width):
     return combine(along_h, along_w, height, width)
 
 
+def relative_row_logits(q_rows, rows, rel_h, rel_w):
+    """`relative_logits` for a chunk of queries of one head, (c, N).
+
+    Args:
+        q_rows: (c, d) queries; rows: (c,) int32 their token indices.
+        rel_h: (2H - 1, d), rel_w: (2W - 1, d), resized to this size.
+
+    Each query's logits against every table row (a matmul, (c, 2H - 1)),
+    then the H entries of its own offsets gathered: row H - 1 + y_j - y_i.
+    Never an (N, N) tensor.
+    """
+    height = (ops.shape(rel_h)[0] + 1) // 2
+    width = (ops.shape(rel_w)[0] + 1) // 2
+    y, x = rows // width, rows % width  # (c,)
+
+    def along(table, size, own):  # -> (c, size)
+        # einsum, not matmul: keras 3.15's torch matmul computes float64 in float32.
+        per_row = ops.einsum("cd,kd->ck", q_rows, table)  # (c, 2 size - 1)
+        index = (ops.expand_dims(ops.arange(size, dtype="int32"), 0)
+                 - ops.expand_dims(own, 1) + (size - 1))  # (c, size)
+        return ops.take_along_axis(per_row, index, axis=1)
+
+    term = (ops.expand_dims(along(rel_h, height, y), 2)
+            + ops.expand_dims(along(rel_w, width, x), 1))  # (c, H, W)
+    return ops.reshape(term, (ops.shape(q_rows)[0], height * width))
+
+
 class RelativePosition(LearnedTables):
     """Tables R_h (2Hr - 1, kd) and R_w (2Wr - 1, kd), shared across heads;
     row Hr - 1 + d holds a key d rows below the query."""
@@ -37,3 +64,10 @@ class RelativePosition(LearnedTables):
     def logits_bias(self, q, height, width):
         return relative_logits(q, *self.resized_tables(height, width, q.dtype),
                                height, width)
+
+    def row_tables(self, height, width, dtype):
+        return self.resized_tables(height, width, dtype)
+
+    @staticmethod
+    def row_bias(q_rows, rows, tables):
+        return relative_row_logits(q_rows, rows, *tables)

@@ -1,8 +1,6 @@
-"""The attention arithmetic: logits, key mask, softmax, dropout, probs @ values.
-
-Everything that touches the (B, heads, N, N) tensor lives in `dot_product_attention`
-and nowhere else, so that fused or memory-bounded paths can later replace it
-without the layer having to change.
+"""The full path: logits, key mask, softmax, dropout, probs @ values over the
+whole (B, heads, N, N). The only path that returns scores or drops out
+probabilities; the reference arithmetic of the other two.
 """
 
 from keras import backend
@@ -15,7 +13,7 @@ from mhsa_core.reference import schema
 # -inf, a row whose keys are all masked would give exp(-inf - -inf) = NaN; with a
 # large finite value that row becomes uniform and is then zeroed explicitly. It is
 # far below any real logit (float32 max is 3.4e38) yet exp(-1e9 - m) == 0.
-_MASKED_LOGIT = -1e9
+MASKED_LOGIT = -1e9
 
 
 def logits_dtype(dtype):
@@ -75,7 +73,7 @@ def dot_product_attention(
         # strided slice with new axes has no LiteRT builtin (a Flex op, which
         # the LiteRT interpreter cannot run).
         keep = ops.expand_dims(ops.cast(key_mask, "bool"), (1, 2))
-        logits = ops.where(keep, logits, ops.convert_to_tensor(_MASKED_LOGIT, dtype=softmax_dtype))
+        logits = ops.where(keep, logits, ops.convert_to_tensor(MASKED_LOGIT, dtype=softmax_dtype))
     if logits.shape[-1] == 1:
         # One key (a 1x1 map): softmax is exp(x - x) / 1. Spelled out, since
         # keras warns on a softmax over an axis of size 1 (an error under

@@ -1,0 +1,113 @@
+"""The attention arithmetic of `MultiHeadSelfAttention2D`, on three paths.
+
+- full (`full.py`): logits, softmax and probs @ values over the whole
+  (B, heads, N, N); the only path that can return the scores or drop
+  probabilities out.
+- chunked (`chunked.py`): queries in chunks, each under `keras.remat`:
+  O(c * N) memory forward and backward; exact like the full path.
+- fused (`fused.py`): the backend's own kernel (`ops.dot_product_attention`;
+  SDPA on torch), where it is exact enough.
+
+`attend` is the one entry point; `choice.py` holds the rule that picks a path.
+"""
+
+from keras import ops
+
+from mhsa_core.layers.attention import choice
+from mhsa_core.layers.attention.chunked import chunked_attention
+from mhsa_core.layers.attention.full import dot_product_attention, logits_dtype
+from mhsa_core.layers.attention.fused import fused_attention
+
+IMPLEMENTATIONS = choice.IMPLEMENTATIONS
+
+
+def attend(query, key, value, *, scale, position, position_scale, height, width,
+           key_mask=None, dropout=0.0, training=False, seed_generator=None,
+           return_attention_scores=False, implementation="auto", chunk_size=None):
+    """Softmax attention of every query over the keys, per head, by one path.
+
+    Args:
+        query, key: (B, heads, N, kd); value: (B, heads, N, dv).
+        scale: Python float, the factor of q.k.
+        position: the layer's `PositionEncoding` (its logits term, if any).
+        position_scale: Python float, the factor of the position term
+            (`scale` or 1.0).
+        height, width: the map's size (ints, or scalar tensors when dynamic).
+        key_mask: optional bool (B, N), True = may be attended to.
+        dropout, training, seed_generator: attention dropout (full path).
+        return_attention_scores: whether to return the probabilities.
+        implementation: "auto", "full", "chunked" or "fused" (the layer's
+            `attention_implementation`); `choice.resolve` says which path runs.
+        chunk_size: queries per chunk of the chunked path, None for the
+            default (`choice.default_chunk_size`).
+
+    Returns:
+        `(outputs, scores)`: outputs (B, heads, N, dv) in the dtype of
+        `value`; scores (B, heads, N, N) from the full path, else None.
+    """
+    softmax_dtype = logits_dtype(query.dtype)
+    n = height * width
+    path = choice.resolve(
+        implementation,
+        n=n,
+        dtype=softmax_dtype,
+        query_dim=query.shape[-1],
+        value_dim=value.shape[-1],
+        position=position,
+        scores=return_attention_scores,
+        dropout=bool(training) and dropout > 0.0,
+    )
+
+    def full():
+        bias = position.logits_bias(ops.cast(query, softmax_dtype), height, width)
+        if bias is not None and position_scale != 1.0:
+            bias = bias * ops.convert_to_tensor(position_scale, dtype=softmax_dtype)
+        return dot_product_attention(
+            query, key, value, scale=scale, logits_bias=bias, key_mask=key_mask,
+            dropout=dropout, training=training, seed_generator=seed_generator,
+        )
+
+    if path == choice.FULL:
+        return full()
+    if path == choice.FUSED:
+        return fused_attention(query, _keys_with_term(key, position, position_scale / scale,
+                                                      height, width),
+                               value, scale=scale, key_mask=key_mask), None
+
+    def chunked():
+        q = ops.cast(query, softmax_dtype)
+        k = _keys_with_term(ops.cast(key, softmax_dtype), position,
+                            position_scale / scale, height, width)
+        tables, row_bias = (), None
+        if not position.folds_into_keys:
+            tables = position.row_tables(height, width, softmax_dtype)
+            if tables:
+                factor = ops.convert_to_tensor(position_scale, dtype=softmax_dtype)
+                tables, row_bias = tuple(t * factor for t in tables), position.row_bias
+        size = chunk_size if chunk_size is not None else choice.default_chunk_size(n)
+        return chunked_attention(
+            q, k, value, chunk_size=size,
+            key_scale=ops.convert_to_tensor(scale, dtype=softmax_dtype),
+            key_mask=key_mask, row_bias=row_bias, tables=tables,
+        )
+
+    if path == choice.CHUNKED:
+        return chunked(), None
+    # choice.BY_SIZE: N is only known at run time (a TensorFlow graph with
+    # dynamic H, W): the full path for small maps, chunked above.
+    out = ops.cond(n <= choice.FULL_MAX_TOKENS, lambda: full()[0], chunked)
+    return out, None
+
+
+def _keys_with_term(key, position, factor, height, width):
+    """k + factor * e_j when the position term is q_i . e_j (`key_term`), so
+    that scale * q.k' = scale * q.k + position_scale * q.e."""
+    term = position.key_term(height, width, key.dtype)
+    if term is None:
+        return key
+    if factor != 1.0:
+        term = term * ops.convert_to_tensor(factor, dtype=key.dtype)
+    return key + ops.cast(term, key.dtype)
+
+
+__all__ = ["IMPLEMENTATIONS", "attend", "dot_product_attention", "logits_dtype"]

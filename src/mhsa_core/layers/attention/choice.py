@@ -1,0 +1,80 @@
+"""Which attention path runs: the one rule, and the chunk size.
+
+`attention_implementation` (a layer argument, stored in its config):
+
+- "full" always runs the full path.
+- "chunked" runs the chunked path, "fused" the fused path, except where they
+  cannot give what the call asks for: attention scores, or dropout in
+  training, need the full path; "fused" also falls back to "chunked" where
+  the fused kernels are not exact enough (float64: torch and JAX compute it
+  in float32 there). Structural misfits of "fused" (a relative position
+  term, query and value heads of different widths) are a ValueError when
+  the layer is made or built, not a fallback.
+- "auto": the full path for maps of at most `FULL_MAX_TOKENS` tokens (it is
+  near each backend's matmul ceiling there and the only one with scores),
+  else fused where it is supported and the backend's kernel is the fast one
+  (`FUSED_FAST_BACKENDS`), else chunked. When N is known only at run time
+  (a TensorFlow graph with dynamic H and W), the choice between full and
+  chunked is made then, by `ops.cond`.
+"""
+
+import keras
+
+IMPLEMENTATIONS = ("auto", "full", "chunked", "fused")
+FULL, CHUNKED, FUSED = "full", "chunked", "fused"
+BY_SIZE = "full or chunked by size"
+
+# Up to this many tokens the full path is used by "auto": (B, heads, N, N) is
+# small (625 tokens, the legacy block's 25 x 25, is 1.5 MB per head).
+FULL_MAX_TOKENS = 1024
+
+# Backends whose `ops.dot_product_attention` is a fused kernel on CPU: torch's
+# SDPA (flash kernel, O(N) backward). On TensorFlow and JAX CPU it is the
+# plain computation with the (B, heads, N, N) logits, slower than chunks.
+FUSED_FAST_BACKENDS = ("torch",)
+
+# The chunked path's tile: c queries x N keys, about this many elements (4 MB
+# in float32: it stays in the cache, which is what makes the path fast).
+TILE_ELEMENTS = 1 << 20
+MIN_CHUNK, MAX_CHUNK = 16, 1024
+
+
+def fused_misfit(position, query_dim, value_dim):
+    """Why the fused path cannot run this layer at all, or None."""
+    if position.spec.stage == "logits" and not position.folds_into_keys:
+        return (f"position_encoding={position.name!r} adds a term that depends on "
+                "the query's position, which the fused kernels cannot take")
+    if query_dim is not None and value_dim is not None and query_dim != value_dim:
+        return (f"the fused kernels need query and value heads of one width "
+                f"(key_dim={query_dim}, value head width={value_dim})")
+    return None
+
+
+def resolve(implementation, *, n, dtype, query_dim, value_dim, position, scores,
+            dropout):
+    """The path of one call: FULL, CHUNKED, FUSED or BY_SIZE (N dynamic)."""
+    if scores or dropout or implementation == FULL:
+        return FULL
+    fused_ok = (dtype != "float64"
+                and fused_misfit(position, query_dim, value_dim) is None)
+    if implementation == FUSED:
+        return FUSED if fused_ok else CHUNKED
+    if implementation == CHUNKED:
+        return CHUNKED
+    if not isinstance(n, int):
+        return BY_SIZE
+    if n <= FULL_MAX_TOKENS:
+        return FULL
+    if fused_ok and dtype == "float32" and keras.backend.backend() in FUSED_FAST_BACKENDS:
+        return FUSED
+    return CHUNKED
+
+
+def default_chunk_size(n):
+    """Queries per chunk for N tokens: a (c, N) tile of about TILE_ELEMENTS,
+    c in [MIN_CHUNK, MAX_CHUNK] (N may be a scalar tensor)."""
+    if isinstance(n, int):
+        return max(MIN_CHUNK, min(MAX_CHUNK, TILE_ELEMENTS // max(n, 1)))
+    from keras import ops
+
+    return ops.clip(TILE_ELEMENTS // ops.maximum(n, 1), MIN_CHUNK, MAX_CHUNK)

@@ -1,0 +1,126 @@
+"""The chunked path: queries in chunks, O(c * N) memory forward and backward.
+
+Per head (an `ops.map` over batch x heads) and per chunk of c queries (an
+inner `ops.map` over the padded chunk count ceil(N / c)), one (c, N) tile of
+logits, softmax and probs @ values. Each chunk's body runs under
+`keras.remat`, so the backward pass keeps only the chunks' inputs and
+recomputes their probabilities, instead of keeping every (c, N) tile.
+
+A tile that fits in the cache is also what makes this path fast on CPU: the
+full path streams the (B, heads, N, N) logits through memory several times
+(exp at ~0.7 G elements/s on XLA CPU against ~5 G/s on cache-sized arrays).
+
+Each row's softmax is the full path's (same logits, same max-subtracted
+softmax over all N keys), so the two agree to float32 round-off, and float64
+stays float64 (einsum everywhere: keras 3.15's torch matmul computes float64
+in float32).
+
+Traps this code steps around (all verified): TensorFlow's `recompute_grad`
+rejects None and bool arguments and differentiates only its arguments (the
+mask travels as a float, every tensor the chunk needs is an argument);
+torch.compile with checkpointing crashes on closed-over Python floats and
+symbolic sizes (the scale is folded into the keys and tables before the
+loop; sizes are read off the arguments' shapes); `ops.fori_loop` with
+`slice_update` has no TensorFlow gradient (`ops.map` does).
+"""
+
+import keras
+from keras import ops
+
+from mhsa_core.layers.attention.full import MASKED_LOGIT
+
+
+def _chunk_body(with_mask, row_bias):
+    """The remat'd function of one chunk of one head.
+
+    Its arguments (all tensors): q (c, d), rows (c,) int32, k (N, d) already
+    times the scale, v (N, dv), [keep (N,) 1./0. and penalty (N,) 0./-1e9,
+    floats], *tables.
+    """
+
+    def body(q, rows, k, v, *rest):
+        logits = ops.einsum("cd,nd->cn", q, k)  # (c, N)
+        if with_mask:
+            (keep, penalty), tables = rest[:2], rest[2:]
+        else:
+            keep, tables = None, rest
+        if row_bias is not None:
+            logits = logits + row_bias(q, rows, tables)
+        if keep is not None:
+            # Masked keys: logit - 1e9 (the full path sets them to -1e9; both
+            # give exp(...) == 0 exactly, and unmasked logits are untouched:
+            # + 0). The penalty is an argument: any Python float inside the
+            # checkpointed function crashes torch.compile.
+            logits = logits + penalty
+        probs = ops.softmax(logits, axis=-1)
+        if keep is not None:
+            # Masked keys are already exactly 0; a query whose keys are all
+            # masked was a finite softmax: zero it, as the full path does.
+            probs = probs * keep
+        return ops.einsum("cn,nd->cd", ops.cast(probs, v.dtype), v)  # (c, dv)
+
+    return keras.remat(body)
+
+
+def chunked_attention(query, key, value, *, chunk_size, key_scale, key_mask=None,
+                      row_bias=None, tables=()):
+    """Softmax attention, queries in chunks of `chunk_size`.
+
+    Args:
+        query: (B, heads, N, kd), in the logits dtype.
+        key: (B, heads, N, kd), in the logits dtype, with any key term folded in.
+        value: (B, heads, N, dv).
+        chunk_size: int or scalar int32 tensor, 1 <= chunk_size; chunks of
+            min(chunk_size, N) queries, the last one padded.
+        key_scale: scalar tensor, the logit scale (folded into the keys).
+        key_mask: optional bool (B, N), True = may be attended to.
+        row_bias: optional `PositionEncoding.row_bias` (a position term per
+            chunk of queries), with its `tables` already times the position
+            scale.
+
+    Returns:
+        (B, heads, N, dv) in the dtype of `value`.
+    """
+    shape = ops.shape(query)
+    batch, heads, n, kd = shape[0], shape[1], shape[2], query.shape[-1]
+    dv = value.shape[-1]
+    bh = batch * heads
+    if isinstance(n, int) and isinstance(chunk_size, int):
+        c = min(chunk_size, n)
+    else:
+        c = ops.minimum(chunk_size, n)
+    num_chunks = (n + c - 1) // c
+    padded = num_chunks * c
+
+    q = ops.reshape(query, (bh, n, kd))
+    q = ops.pad(q, [[0, 0], [0, padded - n], [0, 0]])
+    q = ops.reshape(q, (bh, num_chunks, c, kd))
+    k = ops.reshape(key * key_scale, (bh, n, kd))
+    v = ops.reshape(value, (bh, n, dv))
+    # Token index of every (padded) query; padded queries repeat the last
+    # token, a valid position for the position term; their rows are dropped.
+    # (n - 1 as a tensor, the last index: keras ops given a symbolic size
+    # break torch.compile's graph.)
+    last = ops.arange(n, dtype="int32")[-1]
+    rows = ops.minimum(ops.arange(padded, dtype="int32"), last)
+    rows = ops.reshape(rows, (num_chunks, c))
+
+    per_head = [q, k, v]
+    if key_mask is not None:
+        keep = ops.cast(key_mask, k.dtype)  # (B, N); float: remat rejects bool
+        keep = ops.reshape(ops.repeat(ops.expand_dims(keep, 1), heads, axis=1), (bh, n))
+        per_head += [keep, (keep - 1.0) * -MASKED_LOGIT]
+    chunk = _chunk_body(key_mask is not None, row_bias)
+
+    def head(xs):
+        q_head, *rest = xs  # (num_chunks, c, kd), then k, v [, keep] of the head
+
+        def one(ys):
+            q_chunk, rows_chunk = ys
+            return chunk(q_chunk, rows_chunk, *rest, *tables)
+
+        return ops.map(one, (q_head, rows))  # (num_chunks, c, dv)
+
+    out = ops.map(head, tuple(per_head))  # (BH, num_chunks, c, dv)
+    out = ops.reshape(out, (bh, padded, dv))[:, :n]
+    return ops.reshape(out, (batch, heads, n, dv))

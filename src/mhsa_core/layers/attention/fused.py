@@ -1,0 +1,39 @@
+"""The fused path: the backend's own attention kernel, `ops.dot_product_attention`.
+
+On torch CPU it reaches SDPA's flash kernel, whose backward is O(N) memory.
+Used only where it is exact enough (`choice.fused_supported`): float32 or
+lower (torch and JAX compute 64-bit in 32-bit there), query and value heads
+of one width, no scores, no dropout, and a position term that folds into the
+keys (none or "absolute").
+"""
+
+from keras import ops
+
+
+def fused_attention(query, key, value, *, scale, key_mask=None):
+    """Softmax attention with the backend's fused kernel.
+
+    Args:
+        query, key: (B, heads, N, d); value: (B, heads, N, d), same dtype.
+        scale: Python float, the logit scale.
+        key_mask: optional bool (B, N), True = may be attended to. A query
+            whose keys are all masked gets zeros (and zero gradients).
+
+    Returns:
+        (B, heads, N, d).
+    """
+    # Keras's layout is (B, N, heads, d).
+    q, k, v = (ops.transpose(t, (0, 2, 1, 3)) for t in (query, key, value))
+    mask = any_key = None
+    if key_mask is not None:
+        keep = ops.cast(key_mask, "bool")  # (B, N)
+        any_key = ops.any(keep, axis=-1)  # (B,)
+        # A batch item with every key masked is given every key instead: the
+        # kernels' 0/0 there is kernel- and version-dependent (NaN, uniform,
+        # zeros); its output is zeroed below.
+        keep = ops.logical_or(keep, ops.logical_not(ops.expand_dims(any_key, -1)))
+        mask = ops.expand_dims(keep, (1, 2))  # (B, 1, 1, N)
+    out = ops.dot_product_attention(q, k, v, mask=mask, scale=scale)  # (B, N, heads, d)
+    if any_key is not None:
+        out = ops.where(ops.reshape(any_key, (-1, 1, 1, 1)), out, ops.zeros_like(out))
+    return ops.transpose(out, (0, 2, 1, 3))
