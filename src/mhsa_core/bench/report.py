@@ -14,7 +14,8 @@ The JSON (`build`) holds everything the table and the plot show, and more:
                "status": one of worker.STATUSES, "reason": str | None,
                "ms", "times_ms", "first_ms", "gflops", "ceiling_gflops",
                "ceiling_op", "ceiling_pct", "native_ratio", "peak_gb",
-               "memory_exact", "chosen_path", "check": {"error", "budget",
+               "memory_exact", "chosen_path" (what the layer runs, by its own
+               rule), "chunk_size", "check": {"error", "budget",
                "passed"} | None, "note", "framework_version", "seconds"}]}
 
 A row that did not run "ok" has its status and reason, and no numbers.
@@ -125,15 +126,22 @@ def _ceiling_line(report, name, backends):
             f"median over the workers: " + ", ".join(values))
 
 
-def _auto_line(report, name, backends):
-    chosen = {}
+def _paths_line(report, name, backends):
+    """What the layer ran for "auto" (and the chunk size of chunked runs),
+    by the layer's own rule, per backend."""
+    runs = {}
     for row in report["rows"]:
-        if row["config"] == name and row["path"] == "auto" and row.get("chosen_path"):
-            chosen.setdefault(row["backend"], set()).add(row["chosen_path"])
-    if not chosen:
+        if row["config"] != name or row["status"] != OK or not row.get("chosen_path"):
+            continue
+        chosen = row["chosen_path"] + (f" ({row['chunk_size']} queries/chunk)"
+                                       if row.get("chunk_size") else "")
+        if row["path"] == "auto" or row["path"] != row["chosen_path"] or row.get("chunk_size"):
+            runs.setdefault(row["path"], {}).setdefault(row["backend"], set()).add(chosen)
+    if not runs:
         return None
-    return "auto chose: " + ", ".join(f"{b} {'/'.join(sorted(chosen[b]))}"
-                                      for b in backends if b in chosen)
+    return "layer paths run: " + "; ".join(
+        f"{path} -> " + ", ".join(f"{b} {'/'.join(sorted(by[b]))}" for b in backends if b in by)
+        for path, by in runs.items())
 
 
 def config_table(report, name, markdown=False):
@@ -156,7 +164,7 @@ def config_table(report, name, markdown=False):
                            *["| " + " | ".join(line) + " |" for line in lines]])
     else:
         table = format_table(header, lines)
-    extra = [_ceiling_line(report, name, backends), _auto_line(report, name, backends)]
+    extra = [_ceiling_line(report, name, backends), _paths_line(report, name, backends)]
     return "\n".join([_config_title(report, name), "", table, "",
                       *[e for e in extra if e]])
 

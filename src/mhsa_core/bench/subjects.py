@@ -29,7 +29,8 @@ class Subject:
     params: object  # TF/torch: list of variables; JAX: a pytree of arrays
     # The same block as the reference (its output can be checked against it).
     same_block: bool = True
-    chosen_path: str | None = None  # the path "auto" resolved to, when the layer says
+    chosen_path: str | None = None  # the path the layer runs, when it says
+    chunk_size: int | None = None  # queries per chunk, when that path is chunked
     note: str = ""
 
 
@@ -46,19 +47,22 @@ def _keras_subject(backend, obj, call_args, x):
     return (lambda x: obj(*call_args(x))), [v.value for v in obj.trainable_variables]
 
 
-def _chosen_path(layer):
-    """The path the layer says it runs (for "auto"), or None if it does not say."""
-    for name in ("resolved_attention_implementation", "attention_path",
-                 "selected_attention_implementation"):
-        value = getattr(layer, name, None)
-        if callable(value):
-            try:
-                value = value()
-            except TypeError:
-                continue
-        if isinstance(value, str):
-            return value
-    return None
+def _layer_choice(layer, config: BenchConfig):
+    """(path, chunk size) the layer runs at `config` in float32 without scores
+    or dropout, by its own rule (`mhsa_core.layers.attention.choice`); None
+    for what the layer does not say (a layer that predates the rule)."""
+    try:
+        from mhsa_core.layers.attention import choice
+    except ImportError:
+        return None, None
+    path = choice.resolve(layer.attention_implementation, n=config.tokens, dtype="float32",
+                          query_dim=layer.head_key_dim, value_dim=config.head_dim,
+                          position=layer.position, scores=False, dropout=False)
+    chunk = None
+    if path == choice.CHUNKED:
+        # min: the chunked path never makes a chunk longer than N
+        chunk = min(layer.chunk_size or choice.default_chunk_size(config.tokens), config.tokens)
+    return path, chunk
 
 
 def layer_subject(backend, config: BenchConfig, path, weights, x):
@@ -87,7 +91,8 @@ def layer_subject(backend, config: BenchConfig, path, weights, x):
     layer.build(config.input_shape)
     layer.set_weight_dict(weights)
     call, params = _keras_subject(backend, layer, lambda x: (x,), x)
-    return Subject(call, params, chosen_path=_chosen_path(layer), note=note)
+    chosen, chunk = _layer_choice(layer, config) if accepts else ("full", None)
+    return Subject(call, params, chosen_path=chosen, chunk_size=chunk, note=note)
 
 
 def keras_mha_subject(backend, config: BenchConfig, x):

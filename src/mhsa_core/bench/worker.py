@@ -110,6 +110,7 @@ def measure(measurement: Measurement, config: BenchConfig, repeats: int) -> dict
         peak_gb=memory.growth_gb(),
         memory_exact=memory.exact,
         chosen_path=subject.chosen_path,
+        chunk_size=subject.chunk_size,
         note=subject.note,
     )
     logits = config.batch * config.num_heads * config.tokens ** 2
