@@ -95,7 +95,8 @@ def cell(row):
         return ""
     if row["status"] != OK:
         return row["status"]
-    parts = [f"{row['ms']:.3g} ms" if row["ms"] < 100 else f"{row['ms']:.0f} ms"]
+    ms = row["ms"]
+    parts = [f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms" if ms >= 10 else f"{ms:.2f} ms"]
     if row.get("ceiling_pct") is not None:
         parts.append(f"{row['ceiling_pct']:.0f}%")
     if row.get("native_ratio") is not None:
