@@ -21,7 +21,7 @@ from mhsa_core.bench.configs import CONFIGS, DEFAULT_CONFIGS
 from mhsa_core.bench.flops import DIRECTIONS
 from mhsa_core.bench.plan import BENCH_BACKENDS, MODES, PATHS
 
-DEFAULT_REPEATS = 5
+DEFAULT_REPEATS = 3
 DEFAULT_TIMEOUT = 900.0
 
 DESCRIPTION = """\
@@ -44,8 +44,9 @@ configs:
 modes: compiled (tf.function(jit_compile=True) / torch.compile / jax.jit),
   graph (tf.function without XLA; TensorFlow only), eager.
 paths: full, chunked, fused, auto (the layer's attention_implementation),
-  native (torch F.scaled_dot_product_attention, jax.nn.dot_product_attention,
-  TensorFlow's ops under XLA), keras_mha (keras.layers.MultiHeadAttention).
+  native (torch F.scaled_dot_product_attention, compiled and eager;
+  jax.nn.dot_product_attention under jit; TensorFlow's ops under XLA),
+  keras_mha (keras.layers.MultiHeadAttention, every mode).
 
 examples:
   mhsa-core bench --json bench.json --plot docs/bench.png

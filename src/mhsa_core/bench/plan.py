@@ -7,7 +7,8 @@ A row is (backend, config, path, mode, direction):
   same block, `natives`) or "keras_mha" (`keras.layers.MultiHeadAttention`
   with `attention_axes=(1, 2)`, what a Keras user would reach for);
 - mode: how the backend runs it (`MODE_MEANINGS`); a backend without a mode
-  (torch and JAX have no "graph") gets no row for it;
+  (torch and JAX have no "graph") gets no row for it, nor a native outside
+  its `NATIVE_MODES`;
 - direction: "forward", or "forward+backward" (the gradients of a scalar
   loss wrt the inputs and every weight).
 """
@@ -34,17 +35,24 @@ MODE_MEANINGS = {
     "jax": {"compiled": "jax.jit of the stateless call", "eager": "op by op, no jit"},
 }
 
-# What "native" is on each backend.
+# What "native" is on each backend, and the modes it runs in: the way a user
+# of the framework runs it (TensorFlow's einsum + softmax is the native only
+# under XLA, which fuses it; jax.nn.dot_product_attention under jit; torch's
+# SDPA is a fused kernel eagerly, and under torch.compile too).
 NATIVE_MEANINGS = {
-    "tensorflow": "the block in tf ops (einsum, softmax), meant for XLA",
+    "tensorflow": "the block in tf ops (einsum, softmax) under XLA",
     "torch": "F.scaled_dot_product_attention",
-    "jax": "jax.nn.dot_product_attention",
+    "jax": "jax.nn.dot_product_attention under jax.jit",
 }
+NATIVE_MODES = {"tensorflow": ("compiled",), "torch": ("compiled", "eager"),
+                "jax": ("compiled",)}
 
 
-def backend_modes(backend: str) -> tuple[str, ...]:
-    """The modes `backend` has, in `MODES` order."""
-    return tuple(m for m in MODES if m in MODE_MEANINGS[backend])
+def backend_modes(backend: str, path: str | None = None) -> tuple[str, ...]:
+    """The modes `backend` runs `path` in (every mode it has but for the
+    native), in `MODES` order."""
+    modes = NATIVE_MODES[backend] if path == NATIVE else MODE_MEANINGS[backend]
+    return tuple(m for m in MODES if m in modes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +90,7 @@ def plan(backends, configs, paths=PATHS, modes=MODES, directions=DIRECTIONS):
     for backend in backends:
         for config in configs:
             for path in (p for p in PATHS if p in paths):
-                for mode in (m for m in backend_modes(backend) if m in modes):
+                for mode in (m for m in backend_modes(backend, path) if m in modes):
                     for direction in (d for d in DIRECTIONS if d in directions):
                         rows.append(Measurement(backend, config, path, mode, direction))
     return rows

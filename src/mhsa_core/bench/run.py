@@ -61,6 +61,28 @@ def _kill_group(proc):
     proc.wait()
 
 
+def _watch(proc, start, limit, timeout, max_memory_gb):
+    """Wait for the worker; kill its group over the memory limit or the time.
+    Returns None, or the status and reason of the kill."""
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _rss_bytes(proc.pid))
+        elapsed = time.perf_counter() - start
+        killed = None
+        if peak > limit:
+            killed = {"status": worker_protocol.OUT_OF_MEMORY,
+                      "reason": f"killed at {peak / GB:.1f} GB resident "
+                                f"(over --max-memory {max_memory_gb:g} GB)"}
+        elif elapsed > timeout:
+            killed = {"status": worker_protocol.TIMEOUT,
+                      "reason": f"killed after {elapsed:.0f} s (over --timeout {timeout:g} s)"}
+        if killed:
+            _kill_group(proc)
+            return killed
+        time.sleep(POLL_SECONDS)
+    return None
+
+
 def _env(backend):
     env = worker_env(backend)
     env.pop("JAX_ENABLE_X64", None)  # float32 throughout; x64 changes JAX's defaults
@@ -81,21 +103,11 @@ def run_worker(measurement: Measurement, config: BenchConfig, repeats: int,
             stdout=subprocess.PIPE, stderr=stderr, env=_env(measurement.backend),
             start_new_session=True,
         )
-        killed, peak = None, 0
-        while proc.poll() is None:
-            peak = max(peak, _rss_bytes(proc.pid))
-            elapsed = time.perf_counter() - start
-            if peak > limit:
-                killed = {"status": worker_protocol.OUT_OF_MEMORY,
-                          "reason": f"killed at {peak / GB:.1f} GB resident "
-                                    f"(over --max-memory {max_memory_gb:g} GB)"}
-            elif elapsed > timeout:
-                killed = {"status": worker_protocol.TIMEOUT,
-                          "reason": f"killed after {elapsed:.0f} s (over --timeout {timeout:g} s)"}
-            if killed:
-                _kill_group(proc)
-                break
-            time.sleep(POLL_SECONDS)
+        try:
+            killed = _watch(proc, start, limit, timeout, max_memory_gb)
+        except BaseException:  # Ctrl-C: the worker is in a session of its own, stop it too
+            _kill_group(proc)
+            raise
         seconds = time.perf_counter() - start
         stdout = proc.stdout.read().decode(errors="replace")
         proc.stdout.close()

@@ -7,7 +7,7 @@
     mhsa-core demo [--backends ...] [--size 25] [--batch 2] [--channels 512]
                    [--dtype float32]
     mhsa-core bench [--backends ...] [--configs ...] [--paths ...] [--modes ...]
-                    [--repeats 5] [--json PATH] [--plot PNG]
+                    [--repeats 3] [--json PATH] [--plot PNG]
 
 `matrix` runs cases under each backend in its own process and checks that the
 backends agree (`matrix`, `checks`): with no arguments the default cases of
