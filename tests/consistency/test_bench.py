@@ -122,8 +122,9 @@ ROW_KEYS = {"backend", "config", "path", "mode", "direction", "status", "reason"
 
 def test_json_schema(tiny_run):
     _, doc, _ = tiny_run
-    assert {"tool", "version", "seconds", "machine", "options", "flops", "modes", "natives",
-            "backends", "configs", "rows"} <= set(doc)
+    assert {"tool", "version", "seconds", "complete", "machine", "options", "flops", "modes",
+            "natives", "backends", "configs", "rows"} <= set(doc)
+    assert doc["complete"] is True  # rewritten after each row, complete at the end
     assert doc["options"]["repeats"] == 1
     assert doc["backends"] == {"jax": {"version": doc["rows"][0]["framework_version"],
                                        "skipped": None}}

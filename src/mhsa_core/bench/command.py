@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "available at the start)")
     parser.add_argument("--json", metavar="PATH",
                         help="also write the report as JSON; '-' for stdout (the table "
-                             "then goes to stderr)")
+                             "then goes to stderr). A file is rewritten after every row "
+                             "(\"complete\": false until the run ends)")
     parser.add_argument("--plot", metavar="PATH.png",
                         help="a PNG of time and memory against N per backend and path "
                              "(needs matplotlib: mhsa-core[plot])")
@@ -173,14 +174,31 @@ def main(args, out=None) -> int:
               f"(--max-memory {opts['max_memory_gb']:g} GB, --timeout {opts['timeout']:g} s)",
               file=sys.stderr, flush=True)
     start = time.perf_counter()
+    load_start = report_module.load_average()
+    to_file = args.json not in (None, "-")
+    skipped = run_module.skipped_backends(opts["backends"])
+    done = []
+    progress = None if args.quiet else _progress(sys.stderr)
+
+    def make_report(rows, complete):
+        return report_module.build(
+            rows, skipped, configs, backends=opts["backends"],
+            options={k: opts[k] for k in ("repeats", "timeout", "max_memory_gb")},
+            seconds=time.perf_counter() - start, complete=complete, load_start=load_start)
+
+    def on_row(i, total, row):
+        if progress is not None:
+            progress(i, total, row)
+        done.append(row)
+        if to_file:  # a long run's rows so far, should it be stopped
+            partial = [dict(r) for r in done]
+            report_module.write_json(make_report(run_module.derive(partial, configs), False),
+                                     args.json)
+
     rows, skipped = run_module.run(
         measurements, configs, repeats=opts["repeats"], timeout=opts["timeout"],
-        max_memory_gb=opts["max_memory_gb"],
-        on_row=None if args.quiet else _progress(sys.stderr))
-    report = report_module.build(
-        rows, skipped, configs, backends=opts["backends"],
-        options={k: opts[k] for k in ("repeats", "timeout", "max_memory_gb")},
-        seconds=time.perf_counter() - start)
+        max_memory_gb=opts["max_memory_gb"], on_row=on_row)
+    report = make_report(rows, True)
     if args.json is not None:
         report_module.write_json(report, args.json)
     print(report_module.render(report, markdown=args.markdown), file=out)

@@ -3,7 +3,9 @@ Markdown), and a plot of time and memory against N.
 
 The JSON (`build`) holds everything the table and the plot show, and more:
 
-    {"tool": "mhsa-core bench", "version", "seconds", "machine": {...},
+    {"tool": "mhsa-core bench", "version", "seconds", "complete": bool,
+     "machine": {"cpus", "platform", "python", "load_average_start",
+                 "load_average_end"},
      "options": {"repeats", "timeout", "max_memory_gb"},
      "flops": FORMULA, "modes": {backend: {mode: meaning}},
      "natives": {backend: meaning},
@@ -42,8 +44,12 @@ LEGEND = ("cell: median time of the repeats; % of the backend's own float32 matm
           "resident-memory growth of the measurement (inputs, compile and steps)")
 
 
-def build(rows, skipped, configs, *, backends, options, seconds):
-    """The report document (module docstring) of a run's rows."""
+def build(rows, skipped, configs, *, backends, options, seconds, complete=True,
+          load_start=None):
+    """The report document (module docstring) of a run's rows.
+
+    `complete` False: a run still going (the rows so far); `load_start`: the
+    1-minute load average when the run began (the machine's, all users')."""
     versions = {}
     for row in rows:
         if row.get("framework_version"):
@@ -53,8 +59,10 @@ def build(rows, skipped, configs, *, backends, options, seconds):
         "tool": "mhsa-core bench",
         "version": mhsa_core.__version__,
         "seconds": seconds,
+        "complete": complete,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    "load_average_start": load_start, "load_average_end": load_average()},
         "options": options,
         "flops": FORMULA,
         "modes": {b: MODE_MEANINGS[b] for b in backends},
@@ -68,6 +76,14 @@ def build(rows, skipped, configs, *, backends, options, seconds):
                     for name in used},
         "rows": rows,
     }
+
+
+def load_average():
+    """The 1-minute load average now, or None where there is none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def write_json(report, path):
@@ -212,6 +228,12 @@ def render(report, markdown=False):
     for name in report["configs"]:
         if any(r["config"] == name for r in report["rows"]):
             parts.append(config_table(report, name, markdown))
+    machine = report["machine"]
+    if machine.get("load_average_start") is not None:
+        parts.append(f"machine: {machine['cpus']} CPUs; 1-minute load average "
+                     f"{machine['load_average_start']:.1f} at the start, "
+                     f"{machine['load_average_end']:.1f} at the end (a load above the "
+                     "CPU count slows and scatters every time; torch's most).")
     parts.append(LEGEND + ".")
     parts.append(f"GF/s counts {report['flops']}.")
     parts.append(checks_line(report) + ".")

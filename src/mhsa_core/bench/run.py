@@ -153,6 +153,12 @@ def derive(rows, configs):
     return rows
 
 
+def skipped_backends(backends):
+    """{backend: why it is skipped} of the backends not installed here."""
+    reasons = {b: unavailable_reason(b) for b in dict.fromkeys(backends)}
+    return {b: reason for b, reason in reasons.items() if reason}
+
+
 def run(measurements, configs, *, repeats, timeout, max_memory_gb, on_row=None):
     """Every measurement in its own worker, in order; a backend that is not
     installed gets no worker and no row.
@@ -166,8 +172,7 @@ def run(measurements, configs, *, repeats, timeout, max_memory_gb, on_row=None):
         (rows, skipped): the row dicts (measurement fields + the worker's
         result + `derive`'s), and {backend: reason} of the backends skipped.
     """
-    backends = dict.fromkeys(m.backend for m in measurements)
-    skipped = {b: unavailable_reason(b) for b in backends if unavailable_reason(b)}
+    skipped = skipped_backends(m.backend for m in measurements)
     todo = [m for m in measurements if m.backend not in skipped]
     rows = []
     for i, m in enumerate(todo):
