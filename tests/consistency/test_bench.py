@@ -58,6 +58,7 @@ BAD_ARGUMENTS = [
     ("max-memory", ["--max-memory", "nan"], "'nan'"),
     ("json", ["--json", "/no/such/dir/bench.json"], "'/no/such/dir/bench.json'"),
     ("plot", ["--plot", "/no/such/dir/bench.png"], "'/no/such/dir/bench.png'"),
+    ("from", ["--from", "/no/such/bench.json"], "'/no/such/bench.json'"),
 ]
 
 
@@ -175,6 +176,17 @@ def test_text_table(tiny_run):
         assert f"{row['native_ratio']:.2f}x" in line and f"{row['peak_gb']:.2f} GB" in line
     assert "3 of 3 within budget" in text  # keras_mha is another block
     assert "[1/4] jax tiny full compiled forward+backward: " in proc.stderr  # progress
+
+
+def test_from_json_renders_without_running(tiny_run, tmp_path, capsys):
+    _, doc, _ = tiny_run
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(doc))
+    assert cli.main(["bench", "--from", str(saved), "--summary", "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert "| config | path | direction | jax |" in text
+    full = next(r for r in doc["rows"] if r["path"] == "full")
+    assert f"| tiny | full | fwd+bwd | {report.cell(full)} |" in text
 
 
 def test_plot_written(tiny_run):

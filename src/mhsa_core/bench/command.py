@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -52,6 +53,7 @@ examples:
   mhsa-core bench --json bench.json --plot docs/bench.png
   mhsa-core bench --backends torch --configs n4096 --paths chunked,native --modes compiled
   mhsa-core bench --configs tiny --repeats 1 --json - | jq '.rows[].ms'
+  mhsa-core bench --from bench.json --summary --markdown
 
 exit status: 0 at least one row ran; 1 none did; 2 bad usage."""
 
@@ -95,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(needs matplotlib: mhsa-core[plot])")
     parser.add_argument("--markdown", action="store_true",
                         help="print the tables as Markdown")
+    parser.add_argument("--summary", action="store_true",
+                        help="print one table of the compiled mode (every config) instead "
+                             "of a table per config")
+    parser.add_argument("--from", dest="from_json", metavar="PATH.json",
+                        help="run nothing: print (and --plot) the report of an earlier "
+                             "--json")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress lines (a line per row on stderr otherwise)")
 
@@ -162,10 +170,31 @@ def _progress(stream):
     return on_row
 
 
+def _read_report(path):
+    try:
+        report = json.loads(Path(path).read_text())
+        if not isinstance(report.get("rows"), list):
+            raise ValueError
+    except (OSError, ValueError, AttributeError):
+        raise BenchUsageError(f"--from: not a readable bench report (--json); "
+                              f"received: {path!r}") from None
+    return report
+
+
+def _show(report, args, out):
+    print(report_module.render(report, markdown=args.markdown, summary=args.summary), file=out)
+    if args.plot is not None:
+        drawn = report_module.plot(report, args.plot)
+        print(f"plot: {args.plot}" if drawn else "plot: nothing to plot (no row ran)", file=out)
+    return 0 if any(r["status"] == "ok" for r in report["rows"]) else 1
+
+
 def main(args, out=None) -> int:
     """Run the bench of parsed `args`; returns the exit status (module docstring of cli)."""
     opts = options(args)
     out = out or (sys.stderr if args.json == "-" else sys.stdout)
+    if args.from_json is not None:
+        return _show(_read_report(args.from_json), args, out)
     measurements = plan_module.plan(opts["backends"], opts["configs"], opts["paths"],
                                     opts["modes"], opts["directions"])
     configs = {name: CONFIGS[name] for name in opts["configs"]}
@@ -201,8 +230,4 @@ def main(args, out=None) -> int:
     report = make_report(rows, True)
     if args.json is not None:
         report_module.write_json(report, args.json)
-    print(report_module.render(report, markdown=args.markdown), file=out)
-    if args.plot is not None:
-        drawn = report_module.plot(report, args.plot)
-        print(f"plot: {args.plot}" if drawn else "plot: nothing to plot (no row ran)", file=out)
-    return 0 if any(r["status"] == "ok" for r in rows) else 1
+    return _show(report, args, out)

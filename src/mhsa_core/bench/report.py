@@ -175,15 +175,37 @@ def config_table(report, name, markdown=False):
                 if any(found):
                     lines.append((path, mode, SHORT_DIRECTIONS[direction],
                                   *[cell(r) for r in found]))
-    if markdown:
-        table = "\n".join(["| " + " | ".join(header) + " |",
-                           "|" + "---|" * len(header),
-                           *["| " + " | ".join(line) + " |" for line in lines]])
-    else:
-        table = format_table(header, lines)
+    table = _markdown(header, lines) if markdown else format_table(header, lines)
     extra = [_ceiling_line(report, name, backends), _paths_line(report, name, backends)]
     return "\n".join([_config_title(report, name), "", table, "",
                       *[e for e in extra if e]])
+
+
+def _markdown(header, lines):
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *["| " + " | ".join(line) + " |" for line in lines]])
+
+
+def summary_table(report, markdown=False, mode="compiled"):
+    """One table of every config in one mode (default "compiled", each
+    backend's usual way): a line per (config, path, direction)."""
+    backends = [b for b in report["backends"] if not report["backends"][b]["skipped"]]
+    index = {(r["backend"], r["config"], r["path"], r["direction"]): r
+             for r in report["rows"] if r["mode"] == mode}
+    header = ("config", "path", "direction", *backends)
+    lines = []
+    for name in report["configs"]:
+        for path in PATHS:
+            for direction in DIRECTIONS:
+                found = [index.get((b, name, path, direction)) for b in backends]
+                if any(found):
+                    lines.append((name, path, SHORT_DIRECTIONS[direction],
+                                  *[cell(r) for r in found]))
+    title = f"mode: {mode}; " + "; ".join(
+        _config_title(report, name).replace(f"{name}: ", f"{name} = ", 1)
+        for name in report["configs"])
+    table = _markdown(header, lines) if markdown else format_table(header, lines)
+    return title + "\n\n" + table
 
 
 def notes(report):
@@ -219,13 +241,16 @@ def checks_line(report):
             f"Keras MultiHeadAttention is a different block, not checked)")
 
 
-def render(report, markdown=False):
-    """The whole text report: the tables, the legend, the notes."""
+def render(report, markdown=False, summary=False):
+    """The whole text report: the tables (a table per config, or with
+    `summary` one table of the compiled mode), the legend, the notes."""
     parts = []
     skipped = {b: v["skipped"] for b, v in report["backends"].items() if v["skipped"]}
     for backend, reason in skipped.items():
         parts.append(f"{backend}: skipped ({reason})")
-    for name in report["configs"]:
+    if summary:
+        parts.append(summary_table(report, markdown))
+    for name in report["configs"] if not summary else ():
         if any(r["config"] == name for r in report["rows"]):
             parts.append(config_table(report, name, markdown))
     machine = report["machine"]
