@@ -89,6 +89,7 @@ def attend(query, key, value, *, scale, position, position_scale, height, width,
             q, k, value, chunk_size=size,
             key_scale=ops.convert_to_tensor(scale, dtype=softmax_dtype),
             key_mask=key_mask, row_bias=row_bias, tables=tables,
+            per_head=choice.chunk_per_head(),
         )
 
     if path == choice.CHUNKED:

@@ -39,7 +39,7 @@ def _chunk_body(with_mask, row_bias):
     """
 
     def body(q, rows, k, v, *rest):
-        logits = ops.einsum("cd,nd->cn", q, k)  # (c, N)
+        logits = ops.einsum("...cd,...nd->...cn", q, k)  # (..., c, N)
         if with_mask:
             (keep, penalty), tables = rest[:2], rest[2:]
         else:
@@ -57,13 +57,13 @@ def _chunk_body(with_mask, row_bias):
             # Masked keys are already exactly 0; a query whose keys are all
             # masked was a finite softmax: zero it, as the full path does.
             probs = probs * keep
-        return ops.einsum("cn,nd->cd", ops.cast(probs, v.dtype), v)  # (c, dv)
+        return ops.einsum("...cn,...nd->...cd", ops.cast(probs, v.dtype), v)  # (..., c, dv)
 
     return keras.remat(body)
 
 
 def chunked_attention(query, key, value, *, chunk_size, key_scale, key_mask=None,
-                      row_bias=None, tables=()):
+                      row_bias=None, tables=(), per_head=True):
     """Softmax attention, queries in chunks of `chunk_size`.
 
     Args:
@@ -77,6 +77,10 @@ def chunked_attention(query, key, value, *, chunk_size, key_scale, key_mask=None
         row_bias: optional `PositionEncoding.row_bias` (a position term per
             chunk of queries), with its `tables` already times the position
             scale.
+        per_head: whether a tile is one head's (c, N) (an `ops.map` over
+            batch x heads around the map over chunks), else all heads'
+            (B * heads, c, N) at once (one map, fewer and larger steps). Which
+            is faster depends on the backend (`choice.CHUNK_PER_HEAD`).
 
     Returns:
         (B, heads, N, dv) in the dtype of `value`.
@@ -105,22 +109,32 @@ def chunked_attention(query, key, value, *, chunk_size, key_scale, key_mask=None
     rows = ops.minimum(ops.arange(padded, dtype="int32"), last)
     rows = ops.reshape(rows, (num_chunks, c))
 
-    per_head = [q, k, v]
+    operands = [q, k, v]
     if key_mask is not None:
         keep = ops.cast(key_mask, k.dtype)  # (B, N); float: remat rejects bool
-        keep = ops.reshape(ops.repeat(ops.expand_dims(keep, 1), heads, axis=1), (bh, n))
-        per_head += [keep, (keep - 1.0) * -MASKED_LOGIT]
+        keep = ops.reshape(ops.repeat(ops.expand_dims(keep, 1), heads, axis=1), (bh, 1, n))
+        operands += [keep, (keep - 1.0) * -MASKED_LOGIT]
     chunk = _chunk_body(key_mask is not None, row_bias)
 
-    def head(xs):
-        q_head, *rest = xs  # (num_chunks, c, kd), then k, v [, keep] of the head
+    if per_head:
+        def head(xs):
+            q_head, *rest = xs  # (num_chunks, c, kd), then k, v [, keep, penalty]
+
+            def one(ys):
+                q_chunk, rows_chunk = ys
+                return chunk(q_chunk, rows_chunk, *rest, *tables)
+
+            return ops.map(one, (q_head, rows))  # (num_chunks, c, dv)
+
+        out = ops.map(head, tuple(operands))  # (BH, num_chunks, c, dv)
+    else:
+        rest = operands[1:]
 
         def one(ys):
-            q_chunk, rows_chunk = ys
+            q_chunk, rows_chunk = ys  # (BH, c, kd), (c,)
             return chunk(q_chunk, rows_chunk, *rest, *tables)
 
-        return ops.map(one, (q_head, rows))  # (num_chunks, c, dv)
-
-    out = ops.map(head, tuple(per_head))  # (BH, num_chunks, c, dv)
+        out = ops.map(one, (ops.transpose(q, (1, 0, 2, 3)), rows))  # (num_chunks, BH, c, dv)
+        out = ops.transpose(out, (1, 0, 2, 3))
     out = ops.reshape(out, (bh, padded, dv))[:, :n]
     return ops.reshape(out, (batch, heads, n, dv))

@@ -7,6 +7,7 @@ of one width, no scores, no dropout, and a position term that folds into the
 keys (none or "absolute").
 """
 
+import keras
 from keras import ops
 
 
@@ -33,7 +34,13 @@ def fused_attention(query, key, value, *, scale, key_mask=None):
         # zeros); its output is zeroed below.
         keep = ops.logical_or(keep, ops.logical_not(ops.expand_dims(any_key, -1)))
         mask = ops.expand_dims(keep, (1, 2))  # (B, 1, 1, N)
-    out = ops.dot_product_attention(q, k, v, mask=mask, scale=scale)  # (B, N, heads, d)
+    # On torch, flash_attention=False only skips Keras's own eligibility
+    # probe (a pybind object that breaks torch.compile's graph); SDPA still
+    # picks its fastest kernel itself (the flash kernel on CPU). Elsewhere
+    # None lets Keras choose (cuDNN / Pallas on accelerators).
+    flash = False if keras.backend.backend() == "torch" else None
+    out = ops.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                    flash_attention=flash)  # (B, N, heads, d)
     if any_key is not None:
         out = ops.where(ops.reshape(any_key, (-1, 1, 1, 1)), out, ops.zeros_like(out))
     return ops.transpose(out, (0, 2, 1, 3))

@@ -29,30 +29,36 @@ def relative_logits(q, rel_h, rel_w, height, width):
 
 
 def relative_row_logits(q_rows, rows, rel_h, rel_w):
-    """`relative_logits` for a chunk of queries of one head, (c, N).
+    """`relative_logits` for a chunk of queries, (..., c, N).
 
     Args:
-        q_rows: (c, d) queries; rows: (c,) int32 their token indices.
+        q_rows: (..., c, d) queries; rows: (c,) int32 their token indices.
         rel_h: (2H - 1, d), rel_w: (2W - 1, d), resized to this size.
 
-    Each query's logits against every table row (a matmul, (c, 2H - 1)),
+    Each query's logits against every table row (a matmul, (..., c, 2H - 1)),
     then the H entries of its own offsets gathered: row H - 1 + y_j - y_i.
     Never an (N, N) tensor.
     """
     height = (ops.shape(rel_h)[0] + 1) // 2
     width = (ops.shape(rel_w)[0] + 1) // 2
+    c = ops.shape(q_rows)[-2]
     y, x = rows // width, rows % width  # (c,)
 
-    def along(table, size, own):  # -> (c, size)
+    def along(table, size, own):  # -> (..., c, size)
         # einsum, not matmul: keras 3.15's torch matmul computes float64 in float32.
-        per_row = ops.einsum("cd,kd->ck", q_rows, table)  # (c, 2 size - 1)
+        per_row = ops.einsum("...cd,kd->...ck", q_rows, table)  # (..., c, 2 size - 1)
+        span = 2 * size - 1
         index = (ops.expand_dims(ops.arange(size, dtype="int32"), 0)
                  - ops.expand_dims(own, 1) + (size - 1))  # (c, size)
-        return ops.take_along_axis(per_row, index, axis=1)
+        # Query i's entries sit at i * span + index in the flattened last two
+        # axes: one gather along one axis, whatever the leading axes.
+        flat = ops.reshape(per_row, (*ops.shape(per_row)[:-2], c * span))
+        index = index + ops.expand_dims(ops.arange(c, dtype="int32") * span, 1)
+        return ops.take(flat, index, axis=-1)
 
-    term = (ops.expand_dims(along(rel_h, height, y), 2)
-            + ops.expand_dims(along(rel_w, width, x), 1))  # (c, H, W)
-    return ops.reshape(term, (ops.shape(q_rows)[0], height * width))
+    term = (ops.expand_dims(along(rel_h, height, y), -1)
+            + ops.expand_dims(along(rel_w, width, x), -2))  # (..., c, H, W)
+    return ops.reshape(term, (*ops.shape(term)[:-3], c, height * width))
 
 
 class RelativePosition(LearnedTables):
