@@ -6,13 +6,16 @@
                      [--steps K [--optimizer adam|sgd] [--plot PNG]]
     mhsa-core demo [--backends ...] [--size 25] [--batch 2] [--channels 512]
                    [--dtype float32]
+    mhsa-core bench [--backends ...] [--configs ...] [--paths ...] [--modes ...]
+                    [--repeats 3] [--json PATH] [--plot PNG]
 
 `matrix` runs cases under each backend in its own process and checks that the
 backends agree (`matrix`, `checks`): with no arguments the default cases of
 our layer (`cases.default_cases`), with `--model` any saved Keras model.
 `demo` runs only the forward pass of the Keras 2 YOLOv4-MHSA block and prints
 per backend the shape, the time and the error against the float64 NumPy
-reference, judged by `reference.budget`'s rule.
+reference, judged by `reference.budget`'s rule. `bench` measures speed and
+memory (`mhsa_core.bench`).
 
 The parent process imports no framework (not even Keras): each backend runs
 in a worker process of its own (`runner`, `worker`).
@@ -33,6 +36,7 @@ import numpy as np
 
 import mhsa_core
 from mhsa_core import reference
+from mhsa_core.bench import command as bench_command
 from mhsa_core.consistency import cases, drift, locate, matrix, protocol
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.checks import ERRORS
@@ -450,7 +454,22 @@ def build_parser():
     m.add_argument("--timeout", type=_positive_float, default=1800.0,
                    help="seconds per backend worker (default 1800)")
     m.set_defaults(func=run_matrix_command)
+
+    b = sub.add_parser(
+        "bench", help="measure the layer's speed and memory on each backend",
+        description=bench_command.DESCRIPTION, epilog=bench_command.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_command.add_arguments(b)
+    b.set_defaults(func=run_bench_command)
     return parser
+
+
+def run_bench_command(args):
+    try:
+        return bench_command.main(args)
+    except (bench_command.BenchUsageError, OSError) as e:
+        raise UsageError(str(e)) from None
 
 
 def main(argv=None):

@@ -1,0 +1,76 @@
+"""The bench's configs: the block's shapes it is measured at, as a table.
+
+Each config is one input shape and one layer config. The names are what
+`mhsa-core bench --configs` takes; `DEFAULT_CONFIGS` are the ones of
+issue 10 (the legacy YOLOv4-MHSA size, N = 4096, N = 16384, and the relative
+encoding at N = 4096); `tiny` is for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One shape of the block: input (batch, height, width, channels), channels_last."""
+
+    name: str
+    batch: int
+    height: int
+    width: int
+    channels: int
+    num_heads: int
+    position_encoding: str = "none"
+    note: str = ""
+
+    @property
+    def tokens(self) -> int:
+        """N = H * W."""
+        return self.height * self.width
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per head of query, key and value (key_dim is the default C // heads)."""
+        return self.channels // self.num_heads
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.height, self.width, self.channels)
+
+    @property
+    def layer_config(self) -> dict:
+        """The layer's (and the reference's) config, beyond the defaults."""
+        return {"num_heads": self.num_heads, "position_encoding": self.position_encoding}
+
+    def describe(self) -> str:
+        """'2x64x64x256, 8 heads, relative' (the encoding only when there is one)."""
+        text = f"{'x'.join(map(str, self.input_shape))}, {self.num_heads} head" + (
+            "s" if self.num_heads > 1 else "")
+        if self.position_encoding != "none":
+            text += f", {self.position_encoding}"
+        return text
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "tokens": self.tokens}
+
+    @classmethod
+    def from_json(cls, data: dict) -> BenchConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+CONFIGS = {
+    c.name: c
+    for c in (
+        BenchConfig("legacy", 2, 25, 25, 512, 1,
+                    note="the Keras 2 YOLOv4-MHSA block's size"),
+        BenchConfig("n4096", 2, 64, 64, 256, 8),
+        BenchConfig("n16384", 1, 128, 128, 128, 4),
+        BenchConfig("n4096_relative", 2, 64, 64, 256, 8, "relative",
+                    note="BoTNet's relative position logits"),
+        BenchConfig("tiny", 1, 8, 8, 16, 2, note="for tests: seconds per worker"),
+    )
+}
+
+DEFAULT_CONFIGS = ("legacy", "n4096", "n16384", "n4096_relative")

@@ -1,0 +1,53 @@
+"""How many floating-point operations the block costs: the GF/s of the bench.
+
+A multiply-add counts 2. With B batch, N = H*W tokens, C channels, h heads,
+kd = C // h channels per head of query and key, dv = C // h of value:
+
+    forward  = 2*B*N*C*(2*h*kd + C)        q, k (C -> h*kd) and v (C -> C) projections
+             + 2*B*h*N*N*(kd + dv)         q k^T and probs @ v
+             [+ 2*B*h*N*(H + W)*kd]        "relative": q against the H row and W column
+                                           embeddings (the least the encoding needs)
+    backward = 2 * forward                 each product's gradient wrt both of its operands
+    forward+backward = 3 * forward
+
+With kd = dv = C / h the forward is 6*B*N*C^2 + 4*B*N^2*C. The softmax,
+scale, bias, mask and activations are elementwise and not counted. Every
+row of a config is credited the same count (the block's), so within a config
+GF/s is proportional to 1 / time: `keras.layers.MultiHeadAttention` does an
+extra output projection (2*B*N*C^2) that is not credited.
+"""
+
+from __future__ import annotations
+
+from mhsa_core.bench.configs import BenchConfig
+
+FORWARD = "forward"
+FORWARD_BACKWARD = "forward+backward"
+DIRECTIONS = (FORWARD, FORWARD_BACKWARD)
+
+FORMULA = ("forward = 2BNC(2h*kd + C) + 2BhN^2(kd + dv) [+ 2BhN(H + W)kd relative]; "
+           "forward+backward = 3 x forward")
+
+
+def forward_flops(config: BenchConfig) -> int:
+    """FLOPs of one forward pass of the block at `config` (module docstring)."""
+    b, n, c, h = config.batch, config.tokens, config.channels, config.num_heads
+    kd = dv = config.head_dim
+    projections = 2 * b * n * c * (2 * h * kd + c)
+    attention = 2 * b * h * n * n * (kd + dv)
+    position = 0
+    if config.position_encoding == "relative":
+        position = 2 * b * h * n * (config.height + config.width) * kd
+    return projections + attention + position
+
+
+def flops(config: BenchConfig, direction: str) -> int:
+    """FLOPs of `direction` ("forward" or "forward+backward") at `config`."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"Expected a direction in {DIRECTIONS}. Received: direction={direction!r}")
+    return forward_flops(config) * (1 if direction == FORWARD else 3)
+
+
+def matmul_flops(rows: int, inner: int, cols: int) -> int:
+    """FLOPs of (rows, inner) @ (inner, cols)."""
+    return 2 * rows * inner * cols

@@ -1,0 +1,264 @@
+"""`mhsa-core bench`: its arguments, its FLOP count, its JSON, table and plot.
+
+One bench run on the tiny config (JAX, compiled, forward+backward, one
+repeat: four worker processes, ~20 s) serves every test of the output; the
+rest needs no worker or a worker killed at once. No test asserts a speed.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mhsa_core.bench import command, report, run, worker
+from mhsa_core.bench.configs import CONFIGS, BenchConfig
+from mhsa_core.bench.flops import flops, forward_flops
+from mhsa_core.bench.plan import Measurement, plan
+from mhsa_core.bench.subjects import Unsupported
+from mhsa_core.consistency import cli
+from mhsa_core.consistency.runner import unavailable_reason
+
+FRAMEWORKS = ("keras", "tensorflow", "torch", "jax")
+RUN_PATHS = ("full", "chunked", "native", "keras_mha")
+
+
+# ----------------------------------------------------------------- FLOPs
+def test_flops_by_hand():
+    # tiny: B=1, N=64, C=16, 2 heads of kd = dv = 8.
+    # q, k, v: 2*1*64*16*(2*2*8 + 16) = 98304; q k^T and probs v: 2*1*2*64^2*(8 + 8) = 262144
+    tiny = CONFIGS["tiny"]
+    assert forward_flops(tiny) == 98304 + 262144
+    assert flops(tiny, "forward+backward") == 3 * (98304 + 262144)
+    # relative, B=1, H=2, W=3 (N=6), C=4, 2 heads of 2: projections 2*6*4*(8 + 4) = 576,
+    # attention 2*2*36*4 = 576, position 2*2*6*(2 + 3)*2 = 240
+    rel = BenchConfig("r", 1, 2, 3, 4, 2, "relative")
+    assert forward_flops(rel) == 576 + 576 + 240
+    # kd = dv = C/h: the closed form 6BNC^2 + 4BN^2C
+    n4096 = CONFIGS["n4096"]
+    assert forward_flops(n4096) == 6 * 2 * 4096 * 256**2 + 4 * 2 * 4096**2 * 256
+
+
+def test_plan_gives_each_backend_its_modes():
+    rows = plan(["torch", "tensorflow"], ["tiny"], ["full"], ["graph"])
+    assert [(m.backend, m.mode) for m in rows] == [("tensorflow", "graph")] * 2
+    assert [m.direction for m in rows] == ["forward", "forward+backward"]
+
+
+# ------------------------------------------------------------ arguments
+BAD_ARGUMENTS = [
+    ("backends", ["--backends", "theano"], "'theano'"),
+    ("configs", ["--configs", "tiny,huge"], "'tiny,huge'"),
+    ("paths", ["--paths", "flash"], "'flash'"),
+    ("modes", ["--modes", "jit"], "'jit'"),
+    ("directions", ["--directions", "backward"], "'backward'"),
+    ("repeats", ["--repeats", "0"], "'0'"),
+    ("repeats", ["--repeats", "2.5"], "'2.5'"),
+    ("timeout", ["--timeout", "-1"], "'-1'"),
+    ("max-memory", ["--max-memory", "nan"], "'nan'"),
+    ("json", ["--json", "/no/such/dir/bench.json"], "'/no/such/dir/bench.json'"),
+    ("plot", ["--plot", "/no/such/dir/bench.png"], "'/no/such/dir/bench.png'"),
+    ("from", ["--from", "/no/such/bench.json"], "'/no/such/bench.json'"),
+]
+
+
+@pytest.mark.parametrize("argument,args,value", BAD_ARGUMENTS,
+                         ids=[f"{a}={v}" for a, _, v in BAD_ARGUMENTS])
+def test_bad_argument_exits_2_with_one_line(argument, args, value, capsys):
+    assert cli.main(["bench", "--configs", "tiny", *args]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"mhsa-core: error: --{argument}: ")
+    assert lines[0].endswith(f"received: {value}")
+    assert captured.out == ""
+
+
+def test_help_imports_no_framework():
+    code = (
+        "import sys\n"
+        "from mhsa_core.consistency import cli\n"
+        "from mhsa_core.bench import command, configs, flops, memory, plan, report, run\n"
+        "status = cli.main(['bench', '--help'])\n"
+        f"print(status, sorted(m for m in {FRAMEWORKS!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "n4096_relative" in proc.stdout  # the configs are listed
+    assert proc.stdout.splitlines()[-1] == "0 []", proc.stdout[-500:]
+
+
+# --------------------------------------------------- one run on the tiny config
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    if unavailable_reason("jax"):
+        pytest.skip(f"jax: {unavailable_reason('jax')}")
+    out = tmp_path_factory.mktemp("bench")
+    plot = out / "bench.png" if _has_matplotlib() else None
+    args = ["bench", "--backends", "jax", "--configs", "tiny", "--modes", "compiled",
+            "--directions", "forward+backward", "--paths", ",".join(RUN_PATHS),
+            "--repeats", "1", "--json", str(out / "bench.json")]
+    if plot is not None:
+        args += ["--plot", str(plot)]
+    proc = subprocess.run([sys.executable, "-m", "mhsa_core.consistency.cli", *args],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, json.loads((out / "bench.json").read_text()), plot
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+ROW_KEYS = {"backend", "config", "path", "mode", "direction", "status", "reason", "ms",
+            "times_ms", "first_ms", "gflops", "ceiling_gflops", "ceiling_op", "ceiling_pct",
+            "native_ratio", "peak_gb", "memory_exact", "chosen_path", "chunk_size", "check",
+            "note", "framework_version", "seconds"}
+
+
+def test_json_schema(tiny_run):
+    _, doc, _ = tiny_run
+    assert {"tool", "version", "seconds", "complete", "machine", "options", "flops", "modes",
+            "natives", "backends", "configs", "rows"} <= set(doc)
+    assert doc["complete"] is True  # rewritten after each row, complete at the end
+    assert doc["options"]["repeats"] == 1
+    assert doc["backends"] == {"jax": {"version": doc["rows"][0]["framework_version"],
+                                       "skipped": None}}
+    tiny = doc["configs"]["tiny"]
+    assert tiny["tokens"] == 64
+    assert tiny["forward_backward_gflop"] == pytest.approx(3 * 360448 / 1e9)
+    rows = doc["rows"]
+    assert [r["path"] for r in rows] == list(RUN_PATHS)
+    for row in rows:
+        assert ROW_KEYS <= set(row), sorted(ROW_KEYS - set(row))
+        assert (row["backend"], row["config"], row["mode"], row["direction"]) == (
+            "jax", "tiny", "compiled", "forward+backward")
+        assert row["status"] == "ok", row["reason"]
+        assert len(row["times_ms"]) == 1 and row["ms"] == row["times_ms"][0]
+        assert row["peak_gb"] >= 0 and row["ceiling_gflops"] > 0
+        assert row["gflops"] == pytest.approx(3 * 360448 / (row["ms"] / 1e3) / 1e9)
+        assert row["ceiling_pct"] == pytest.approx(100 * row["gflops"] / row["ceiling_gflops"])
+    by_path = {r["path"]: r for r in rows}
+    assert by_path["native"]["native_ratio"] == 1.0
+    assert by_path["full"]["native_ratio"] == pytest.approx(
+        by_path["full"]["ms"] / by_path["native"]["ms"])
+    assert by_path["chunked"]["chosen_path"] == "chunked"
+    assert by_path["chunked"]["chunk_size"] == 64  # the default tile, capped at N
+    assert by_path["full"]["chosen_path"] == "full"
+
+
+def test_outputs_checked_against_the_reference(tiny_run):
+    # The layer's paths and the native compute the block: each output is within
+    # the float64 reference's budget. Keras's MHA is another block: unchecked.
+    _, doc, _ = tiny_run
+    for row in doc["rows"]:
+        if row["path"] == "keras_mha":
+            assert row["check"] is None
+        else:
+            assert row["check"]["passed"], row
+            assert 0 <= row["check"]["error"] <= row["check"]["budget"]
+
+
+def test_text_table(tiny_run):
+    proc, doc, _ = tiny_run
+    text = proc.stdout
+    assert "tiny: 1x8x8x16, 2 heads (N=64;" in text
+    header = next(line for line in text.splitlines() if line.startswith("path"))
+    assert header.split() == ["path", "mode", "direction", "jax"]
+    for row in doc["rows"]:
+        line = next(line for line in text.splitlines() if line.startswith(row["path"] + " "))
+        assert line.split()[1:3] == ["compiled", "fwd+bwd"]
+        assert f"{row['native_ratio']:.2f}x" in line and f"{row['peak_gb']:.2f} GB" in line
+    assert "3 of 3 within budget" in text  # keras_mha is another block
+    assert "[1/4] jax tiny full compiled forward+backward: " in proc.stderr  # progress
+
+
+def test_from_json_renders_without_running(tiny_run, tmp_path, capsys):
+    _, doc, _ = tiny_run
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(doc))
+    assert cli.main(["bench", "--from", str(saved), "--summary", "--markdown"]) == 0
+    text = capsys.readouterr().out
+    assert "| config | path | direction | jax |" in text
+    full = next(r for r in doc["rows"] if r["path"] == "full")
+    assert f"| tiny | full | fwd+bwd | {report.cell(full)} |" in text
+
+
+def test_plot_written(tiny_run):
+    _, _, plot = tiny_run
+    if plot is None:
+        pytest.skip("matplotlib is not installed")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------ rows that did not run, no workers
+def _row(path, status="ok", **fields):
+    row = {"backend": "torch", "config": "tiny", "path": path, "mode": "eager",
+           "direction": "forward", "status": status, "reason": None}
+    if status == "ok":
+        row.update(ms=2.0, ceiling_gflops=1.0, peak_gb=0.5, check=None)
+    return {**row, **fields}
+
+
+def test_render_rows_that_did_not_run():
+    rows = [
+        _row("native"),
+        _row("full", check={"error": 3.0, "budget": 1.0, "passed": False}),
+        _row("chunked", "out of memory", reason="killed at 9.1 GB resident"),
+        _row("fused", "unsupported", reason="fused cannot run this layer"),
+        _row("auto", "failed", reason="RuntimeError: boom"),
+    ]
+    doc = report.build(run.derive(rows, CONFIGS), {"jax": "not installed: needs jax"},
+                       CONFIGS, backends=["torch", "jax"], options={}, seconds=1.0)
+    text = report.render(doc)
+    lines = text.splitlines()
+    assert "jax: skipped (not installed: needs jax)" in lines
+    cells = {line.split()[0]: line for line in lines if line.split()[:2][-1:] == ["eager"]}
+    assert "2.00 ms, " in cells["native"] and "1.00x, 0.50 GB" in cells["native"]
+    assert cells["full"].endswith("(OVER BUDGET)")
+    assert cells["chunked"].endswith("out of memory")
+    assert "- out of memory (torch tiny chunked eager fwd): killed at 9.1 GB resident" in lines
+    assert "- unsupported (1 rows): fused cannot run this layer" in lines
+    assert "- failed (torch tiny auto eager fwd): RuntimeError: boom" in lines
+    assert any(line.startswith("- over budget (torch tiny full eager fwd)") for line in lines)
+    markdown = report.config_table(doc, "tiny", markdown=True).splitlines()
+    assert "| path | mode | direction | torch |" in markdown
+
+
+@pytest.mark.parametrize(
+    "error,status",
+    [(Unsupported("no such path"), "unsupported"),
+     (MemoryError(), "out of memory"),
+     (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB"),
+      "out of memory"),
+     (ValueError("bad\nsecond line"), "failed")],
+    ids=["unsupported", "MemoryError", "torch-allocator", "other"],
+)
+def test_worker_classifies_errors(error, status):
+    got, reason = worker.classify(error)
+    assert got == status and "\n" not in reason
+
+
+@pytest.mark.parametrize(
+    "limits,status,reason",
+    [({"timeout": 0.5, "max_memory_gb": 100.0}, "timeout", "over --timeout 0.5 s"),
+     ({"timeout": 60.0, "max_memory_gb": 0.001}, "out of memory", "over --max-memory 0.001 GB")],
+    ids=["timeout", "memory"],
+)
+def test_watchdog_kills_a_worker_into_a_row(limits, status, reason):
+    m = Measurement("jax", "tiny", "full", "compiled", "forward")
+    result = run.run_worker(m, CONFIGS["tiny"], 1, **limits)
+    assert result["status"] == status and f"({reason})" in result["reason"]
+
+
+def test_options_defaults():
+    args = cli.build_parser().parse_args(["bench"])
+    opts = command.options(args)
+    assert opts["configs"] == ["legacy", "n4096", "n16384", "n4096_relative"]
+    assert opts["backends"] == ["tensorflow", "torch", "jax"]
+    assert opts["repeats"] == command.DEFAULT_REPEATS and opts["max_memory_gb"] > 0
