@@ -145,6 +145,34 @@ def default_cases():
         # tables learned for 6x6, run at 6x6 and at 4x9 (resized in the graph).
         layer_case("botnet", schema.preset("botnet", num_heads=4, position_size=(6, 6)),
                    [(2, 6, 6, 32), (1, 4, 9, 32)], seed=70),
+    ] + _path_cases()
+
+
+def _path_cases():
+    """The chunked and fused attention paths (`attention_implementation`),
+    judged by the same checks and budgets as the full path, on masked
+    batches (item 0 fully masked, item 1 padded). Their attention scores row
+    checks the full path (the only one that returns scores); "fused" in
+    float64 runs the chunked path (`choice.resolve`).
+
+    Small: each case costs compiles on every backend (torch.compile traces
+    the chunked path's loops unrolled; JAX compiles every new shape eagerly).
+    """
+    return [
+        # Relative rows per chunk, at the tables' size and resized (the jit
+        # row then also compiles the loops with dynamic sizes); chunks of 10
+        # leave a ragged last chunk at both sizes (16 tokens = 10 + 6,
+        # 18 = 10 + 8). Two chunks: torch.compile traces every (head, chunk)
+        # body unrolled.
+        layer_case("botnet-chunked",
+                   {**schema.preset("botnet", num_heads=2, position_size=(4, 4)),
+                    "attention_implementation": "chunked", "chunk_size": 10},
+                   [(2, 4, 4, 16), (2, 3, 6, 16)], seed=130, mask=True),
+        # The "masked" case on the backends' fused kernels (its shapes, so
+        # that JAX reuses the compiled projections).
+        layer_case("masked-fused", {**schema.preset("yolov4_mhsa", num_heads=2),
+                                    "attention_implementation": "fused"},
+                   [(2, 6, 7, 32)], seed=20, mask=True),
     ]
 
 
