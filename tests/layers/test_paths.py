@@ -579,6 +579,9 @@ CHOICES = {
     "auto-dynamic-N": ("auto", {"n": "tensor"}, choice.BY_SIZE),
     "chunked-dynamic-N": ("chunked", {"n": "tensor"}, choice.CHUNKED),
 }
+if BACKEND == "jax":
+    # jax.export's symbolic H * W: not comparable, not a chunk count.
+    CHOICES["auto-symbolic-N"] = ("auto", {"n": "symbolic"}, choice.FULL)
 
 
 @pytest.mark.parametrize("name", list(CHOICES))
@@ -591,6 +594,11 @@ def test_choice(name):
     kwargs["position"] = _position(kwargs["position"])
     if kwargs["n"] == "tensor":  # N known only at run time
         kwargs["n"] = ops.convert_to_tensor(30)
+    elif kwargs["n"] == "symbolic":
+        import jax
+
+        height, width = jax.export.symbolic_shape("h, w")
+        kwargs["n"] = height * width
     assert choice.resolve(implementation, **kwargs) == expected
 
 
