@@ -63,7 +63,6 @@ HAS_GRADIENTS = BACKEND in ("tensorflow", "torch", "jax")
 
 SHAPE = (2, 5, 6, 8)  # N = 30
 CHUNK = 7  # 30 = 4 * 7 + 2: the last chunk is ragged
-POSITION_SIZE = (5, 6)
 # The weights are injected from NumPy: zero initializers spare JAX compiling
 # a random initializer per weight shape and dtype (~0.5 s each).
 NO_RANDOM_INIT = {"kernel_initializer": "zeros", "position_initializer": "zeros"}
