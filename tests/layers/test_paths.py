@@ -63,11 +63,10 @@ HAS_GRADIENTS = BACKEND in ("tensorflow", "torch", "jax")
 
 SHAPE = (2, 5, 6, 8)  # N = 30
 CHUNK = 7  # 30 = 4 * 7 + 2: the last chunk is ragged
-POSITION_SIZE = (5, 6)
 # The weights are injected from NumPy: zero initializers spare JAX compiling
 # a random initializer per weight shape and dtype (~0.5 s each).
 NO_RANDOM_INIT = {"kernel_initializer": "zeros", "position_initializer": "zeros"}
-OTHER_SIZE = (7, 4)  # a second map size (N = 28) for the compiled tests
+OTHER_SIZE = (4, 7)  # a second map size (N = 28) for the compiled tests
 
 # name -> (layer config, masked): every position encoding. Masked cases get
 # `random_mask` with batch item 0 fully masked; the unmasked ones run the
@@ -327,13 +326,16 @@ def test_mixed_precision(path, policy):
 
 # -------------------------------------------------- dynamic H and W, compiled
 
-# path -> (case, chunk_size) of the compiled two-size tests. On torch, the
-# "none" encoding in chunks of 16 (2 chunks at both sizes: torch.compile
-# unrolls `ops.map`, so it guards on the chunk count; and the learned tables'
-# resizing specializes H and W there); elsewhere the encodings with a term
-# per chunk (relative) and folded into the keys (absolute).
+# path -> (case, chunk_size) of the compiled two-size tests: a term per
+# chunk (relative) and one folded into the keys (absolute). On torch the
+# chunked one has no position term, in chunks of 16 (2 chunks at both sizes):
+# torch.compile unrolls `ops.map`, so it guards on the chunk count, and
+# inside the checkpointed chunk the relative tables' length is specialized
+# (a guard 2H - 1 == 9: a recompile per H). OTHER_SIZE shares neither H nor W
+# with the tables' reference sizes (3, 9) and (8, 4): `resize_table` skips
+# the reference size, one guard more.
 DYNAMIC = {
-    "torch": {"chunked": ("none-masked", 16), "fused": ("none-masked", CHUNK)},
+    "torch": {"chunked": ("none-masked", 16), "fused": (ABSOLUTE, CHUNK)},
 }.get(BACKEND, {"chunked": (RELATIVE, CHUNK), "fused": (ABSOLUTE, CHUNK)})
 SIZES = (SHAPE, (SHAPE[0],) + OTHER_SIZE + SHAPE[3:])
 
@@ -576,6 +578,9 @@ CHOICES = {
     "auto-dynamic-N": ("auto", {"n": "tensor"}, choice.BY_SIZE),
     "chunked-dynamic-N": ("chunked", {"n": "tensor"}, choice.CHUNKED),
 }
+if BACKEND == "jax":
+    # jax.export's symbolic H * W: not comparable, not a chunk count.
+    CHOICES["auto-symbolic-N"] = ("auto", {"n": "symbolic"}, choice.FULL)
 
 
 @pytest.mark.parametrize("name", list(CHOICES))
@@ -588,6 +593,11 @@ def test_choice(name):
     kwargs["position"] = _position(kwargs["position"])
     if kwargs["n"] == "tensor":  # N known only at run time
         kwargs["n"] = ops.convert_to_tensor(30)
+    elif kwargs["n"] == "symbolic":
+        import jax
+
+        height, width = jax.export.symbolic_shape("h, w")
+        kwargs["n"] = height * width
     assert choice.resolve(implementation, **kwargs) == expected
 
 

@@ -15,7 +15,8 @@
   else fused where it is supported and the backend's kernel is the fast one
   (`FUSED_FAST_BACKENDS`), else chunked. When N is known only at run time
   (a TensorFlow graph with dynamic H and W), the choice between full and
-  chunked is made then, by `ops.cond`.
+  chunked is made then, by `ops.cond`; a symbolic N that cannot be compared
+  (jax.export with symbolic H and W) runs the full path.
 """
 
 import keras
@@ -75,7 +76,12 @@ def resolve(implementation, *, n, dtype, query_dim, value_dim, position, scores,
     if implementation == CHUNKED:
         return CHUNKED
     if not isinstance(n, int):
-        return BY_SIZE
+        # N known only at run time. A tensor (a TensorFlow graph with
+        # dynamic H and W) is compared then, by `ops.cond`. A symbolic
+        # dimension (jax.export's shape polymorphism) can be neither compared
+        # nor chunked over (`n <= FULL_MAX_TOKENS` is inconclusive, the chunk
+        # count not a shape): the full path, as before the paths existed.
+        return BY_SIZE if keras.ops.is_tensor(n) else FULL
     if n <= FULL_MAX_TOKENS:
         return FULL
     if fused_ok and dtype == "float32" and keras.backend.backend() in FUSED_FAST_BACKENDS:

@@ -28,14 +28,13 @@ def resize_table(table, length):
     dtype = table.dtype
     index = ops.arange(length, dtype="int32")
     t = ops.cast(index, dtype)  # (length,)
-    # A dynamic length as a tensor computed from the index (an int32 sum of
-    # ones, exact, then cast as the length itself would be), not
+    # The length as a tensor computed from the index (an int32 sum of ones,
+    # exact, then cast as the length itself would be), never
     # ops.cast(length): torch.export turns the cast of a symbolic size into a
-    # Python number, which pins H and W to the size it traced at.
-    if is_static(length):
-        n = ops.cast(length, dtype)
-    else:
-        n = ops.cast(ops.sum(ops.ones_like(index)), dtype)
+    # Python number, which pins H and W to the size it traced at, and
+    # torch.compile specializes on it (its symbolic sizes pass for ints
+    # there, so `is_static` cannot tell them apart: a recompile per size).
+    n = ops.cast(ops.sum(ops.ones_like(index)), dtype)
     # Same operation order as the reference: (t + 0.5) * L / length - 0.5.
     s = (t + 0.5) * float(rows) / n - 0.5
     s = ops.clip(s, 0.0, float(rows - 1))
