@@ -102,11 +102,15 @@ def chunked_attention(query, key, value, *, chunk_size, key_scale, key_mask=None
     # break torch.compile's graph.)
     last = ops.arange(n, dtype="int32")[-1]
     rows = ops.minimum(ops.arange(padded, dtype="int32"), last)
-    # The padded queries are gathered (`take`), not padded: `ops.pad` makes a
-    # Keras Operation on every call, even eager, whose new unique name
-    # changes a global dict that torch.compile guards on: it recompiled the
-    # model at every call.
-    q = ops.take(ops.reshape(query, (bh, n, kd)), rows, axis=1)
+    q = ops.reshape(query, (bh, n, kd))
+    if not (isinstance(padded, int) and padded == n):
+        # Zeros concatenated, not `ops.pad`: it makes a Keras Operation on
+        # every call, even eager, whose new unique name changes a global
+        # dict that torch.compile guards on (the model was recompiled at
+        # every call). Not `ops.take` either: Keras's torch `take` becomes
+        # ops that ONNX (Squeeze) and OpenVINO (ravel) exports cannot run.
+        zeros = ops.zeros((bh, padded - n, kd), dtype=q.dtype)
+        q = ops.concatenate([q, zeros], axis=1)
     q = ops.reshape(q, (bh, num_chunks, c, kd))
     rows = ops.reshape(rows, (num_chunks, c))
     k = ops.reshape(key * key_scale, (bh, n, kd))
