@@ -73,11 +73,12 @@ def resolve(implementation, *, n, dtype, query_dim, value_dim, position, scores,
                             dropout=dropout))
     if path == CHUNKED and _symbolic_on_jax(n):
         raise ValueError(
-            "attention_implementation='chunked' cannot be traced with symbolic sizes "
+            "The chunked attention path cannot be traced with symbolic sizes "
             "(jax.export's shape polymorphism, as in Keras's exports from JAX): its loop "
             "needs a concrete number of chunks. Export within "
             "`mhsa_core.layers.attention.choice.fallback('chunked')` (the full path), or "
-            f"with a static input signature. Received: N={n}"
+            "with a static input signature. "
+            f"Received: attention_implementation={implementation!r}, N={n}"
         )
     return path
 
