@@ -8,7 +8,11 @@ One matrix run (module-scoped: exports take seconds each) of two cases:
   (the mask's broadcast once needed a Flex op the interpreter lacks);
 - "shapebug": a model whose exported graph differs from the model (a layer
   that scales when its height is unknown, as in an export traced with dynamic
-  sizes), exported as LiteRT from TensorFlow: its cell must fail.
+  sizes), exported as LiteRT from TensorFlow: its cell must fail;
+- "paths": our layer on the chunked path, then on the fused path, every
+  format from every backend: where a format cannot take the chunked path's
+  loop (`export.PATH_FALLBACKS`), it is exported on the full path and the
+  cell says so; everywhere else the artifact keeps the layer's paths.
 """
 
 import dataclasses
@@ -50,6 +54,20 @@ def _two_encodings(path):
     keras.Model(inputs, x).save(path)
 
 
+def _paths(path):
+    # Relative rows per chunk, chunks of 16: a ragged last chunk at both sizes
+    # (25 tokens = 16 + 9, 28 = 16 + 12; few chunks, as torch's exports trace
+    # every chunk unrolled); then the absolute term folded into the keys of
+    # the fused path.
+    inputs = keras.Input((None, None, 8))
+    x = MultiHeadSelfAttention2D(num_heads=2, position_encoding="relative",
+                                 position_size=(5, 5), attention_implementation="chunked",
+                                 chunk_size=16)(inputs)
+    x = MultiHeadSelfAttention2D(num_heads=2, position_encoding="absolute",
+                                 position_size=(5, 5), attention_implementation="fused")(x)
+    keras.Model(inputs, x).save(path)
+
+
 def _shape_bug(path):
     inputs = keras.Input((None, None, 8))
     x = keras.layers.Dense(8)(inputs)
@@ -71,6 +89,7 @@ def report(tmp_path_factory):
     _two_encodings(tmp / "two.keras")
     _shape_bug(tmp / "shapebug.keras")
     _two_outputs(tmp / "made.keras")
+    _paths(tmp / "paths.keras")
     tasks = (protocol.FORWARD, protocol.FORWARD64, protocol.EXPORT)
     to_run = [
         cases.Case("two", None, _variants(0), model_path=str(tmp / "two.keras"), tasks=tasks,
@@ -84,6 +103,8 @@ def report(tmp_path_factory):
             exports=("litert",)),
         dataclasses.replace(cases.model_case(tmp / "made.keras", name="made", tasks=tasks),
                             exports=("onnx",)),
+        cases.Case("paths", None, _variants(2), model_path=str(tmp / "paths.keras"),
+                   tasks=tasks, exports=protocol.EXPORT_FORMATS),
     ]
     return matrix.run_matrix(to_run, THREE, imports=["custom_layers"])
 
@@ -108,13 +129,14 @@ EXPECTED = [
 
 
 @needs_export
+@pytest.mark.parametrize("case", ["two", "paths"])
 @pytest.mark.parametrize("fmt, backend, expected", EXPECTED,
                          ids=[f"{f}-from-{b}" for f, b, _ in EXPECTED])
-def test_export_cell(report, fmt, backend, expected):
+def test_export_cell(report, case, fmt, backend, expected):
     needs = expected.removeprefix("skipped: needs ")
     if needs != expected and importlib.util.find_spec(needs) is not None:
         pytest.skip(f"{needs} is installed here: this cell is not skipped")
-    cell = report.cell("two", f"{fmt} export", backend)
+    cell = report.cell(case, f"{fmt} export", backend)
     if expected == "pass":
         assert cell.passed is True, cell
         assert cell.ratio <= 1.0 and cell.budget > 0
@@ -177,10 +199,43 @@ def test_both_sizes_ran_in_each_runtime(report):
 @needs_export
 def test_masked_layer_case_runs_in_litert_at_both_sizes(report):
     cell = report.cell("masked", "litert export", "tensorflow")
-    assert cell.passed is True and cell.scope == "", cell
+    # "auto" with dynamic sizes chooses full or chunked at run time; LiteRT
+    # cannot run the chunked loop, so the artifact is the full path's.
+    assert cell.passed is True and cell.scope == (
+        "exported on the full path: " + export.PATH_FALLBACKS[("litert", "tensorflow")][1]), cell
     res = report.runs["tensorflow"].results["masked"][protocol.EXPORT]
     assert [res[protocol.export_key("litert", v)].shape for v in (0, 1)] == [
         (2, 5, 6, 16), (1, 4, 7, 16)]
+
+
+FALLBACK_NOTE = "exported on the full path: "
+
+
+@needs_export
+@pytest.mark.parametrize("fmt, backend", [(f, b) for f, b, e in EXPECTED if e == "pass"],
+                         ids=[f"{f}-from-{b}" for f, b, e in EXPECTED if e == "pass"])
+def test_a_path_an_exporter_cannot_take_falls_back_to_full_and_says_so(report, fmt, backend):
+    """The chunked layer of "paths" is exported on the full path exactly
+    where `PATH_FALLBACKS` says the format cannot take its loop, and the cell
+    says why; elsewhere the artifact keeps the chunked (and fused) path and
+    the cell says nothing of it. The default layer ("two": "auto", dynamic
+    sizes) falls back only where the format cannot take its by-size choice."""
+    paths, why = export.PATH_FALLBACKS.get((fmt, backend), ((), ""))
+    cell = report.cell("paths", f"{fmt} export", backend)
+    if export.CHUNKED in paths:
+        assert cell.scope.endswith(FALLBACK_NOTE + why), cell
+    else:
+        assert FALLBACK_NOTE not in cell.scope, cell
+    by_size = backend == "tensorflow" and export.BY_SIZE in paths
+    assert (FALLBACK_NOTE in report.cell("two", f"{fmt} export", backend).scope) == by_size
+
+
+def test_fallback_paths_are_the_layers_path_names():
+    from mhsa_core.layers.attention import choice
+
+    assert (export.CHUNKED, export.BY_SIZE) == (choice.CHUNKED, choice.BY_SIZE)
+    assert {p for paths, _ in export.PATH_FALLBACKS.values() for p in paths} <= set(
+        choice.FALLBACK_PATHS)
 
 
 @needs_export

@@ -6,7 +6,10 @@
   a number, which specialised H and W ("Constraints violated (H, W)").
 - `jax.export` with shape polymorphism (the path of Keras's SavedModel and
   OpenVINO exports from JAX, via jax2tf): every input gets sizes of its own
-  ("a", "c"), so the attention mask's shape check must not compare symbols.
+  ("a", "c"), so the attention mask's shape check must not compare symbols;
+  and a symbolic N can be neither compared nor looped over: "auto" takes the
+  full path there (its by-size choice once raised InconclusiveDimension),
+  "chunked" is a ValueError naming `choice.fallback`, under which it exports.
 """
 
 import pytest
@@ -62,3 +65,29 @@ def test_jax_export_with_a_mask_of_its_own_symbolic_sizes():
         out = np.asarray(exported.call(x, mask))
         assert_float32_within_budget(out, x, weights, layer.get_config(), attention_mask=mask,
                                      what=f"exported, at {x.shape}")
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.export: the JAX backend only")
+def test_jax_export_of_the_chunked_path_falls_back_to_full_when_asked():
+    """Symbolic sizes cannot be looped over: "chunked" is a ValueError that
+    names `choice.fallback`; within it the artifact is the full path's and
+    runs at any size ("auto" takes the full path by itself there)."""
+    import jax
+    import numpy as np
+
+    from mhsa_core.layers.attention import choice
+
+    config = {"num_heads": 2, "position_encoding": "relative", "position_size": (5, 5),
+              "attention_implementation": "chunked", "chunk_size": 7}
+    layer, _, weights = make_case(config, (2, 5, 5, 8))
+    b, h, w = jax.export.symbolic_shape("b, h, w")
+    spec = jax.ShapeDtypeStruct((b, h, w, 8), np.float32)
+    with pytest.raises(ValueError, match=r"choice\.fallback\('chunked'\)"):
+        jax.export.export(jax.jit(layer))(spec)
+    with choice.fallback("chunked") as record:
+        exported = jax.export.export(jax.jit(layer))(spec)
+    assert record.taken == {"chunked"}
+    for seed, shape in enumerate([(2, 5, 5, 8), (1, 7, 4, 8)]):
+        x = random_input(shape, seed=seed)
+        assert_float32_within_budget(np.asarray(exported.call(x)), x, weights,
+                                     layer.get_config(), what=f"exported, at {shape}")

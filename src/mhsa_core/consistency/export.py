@@ -14,6 +14,12 @@ the reason in one line):
 - "ok": the artifact's outputs, judged by the matrix like the backends' own
   (the float64 oracle and its budgets).
 
+Attention paths: where a format cannot take a path of our layer from a
+backend (`PATH_FALLBACKS`, measured: the chunked path's loop), the model is
+exported within `choice.fallback`, so that every call of the layer that
+would take that path takes the full path; the cell says so when a call did.
+Everywhere else the artifact keeps the layer's own path.
+
 Dynamic sizes: the exporters that trace (Keras 3.15 with torch: ONNX,
 OpenVINO, LiteRT) replace every None dimension by 1 and record Python-level
 shape decisions at that size, so one artifact cannot serve every size. Those
@@ -23,6 +29,7 @@ exporter gets the model's own signature (None dimensions stay dynamic) and
 its one artifact runs at every variant.
 """
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -38,7 +45,7 @@ from mhsa_core.consistency.report import last_line
 from mhsa_core.consistency.runtime import RUNTIME_MODULES
 
 __all__ = ["EXTENSIONS", "NOT_SUPPORTED", "KNOWN_LIMITS", "EXPORTER_MODULES",
-           "STATIC_EXPORTS", "export_task"]
+           "STATIC_EXPORTS", "PATH_FALLBACKS", "export_task"]
 
 EXTENSIONS = {"tf_saved_model": "", "onnx": ".onnx", "openvino": ".xml", "litert": ".tflite"}
 
@@ -71,6 +78,26 @@ STATIC_EXPORTS = {
     ("onnx", "torch"): "Keras 3.15 traces torch ONNX exports at fixed input shapes",
     ("openvino", "torch"): "Keras 3.15 traces torch OpenVINO exports at fixed input shapes",
     ("litert", "torch"): "Keras 3.15 exports LiteRT from torch at fixed input shapes",
+}
+# The attention paths as `mhsa_core.layers.attention.choice` names them (that
+# module imports Keras, which the parent process must not).
+CHUNKED, BY_SIZE = "chunked", "full or chunked by size"
+_SYMBOLIC = "jax2tf traces symbolic sizes, which the chunked path's loop cannot take"
+# (format, backend) -> (the paths of our layer the exporter cannot take, why):
+# the model is exported within `choice.fallback(*paths)` (those calls take
+# the full path). Measured (Keras 3.15.1, TF 2.21, JAX 0.10.2, tf2onnx 1.17,
+# OpenVINO 2026.4, ai-edge-litert 2.3): every other (format, backend) takes
+# every path (tf2onnx converts the loop; torch's exports trace it unrolled at
+# fixed sizes; OpenVINO converts TensorFlow's by-size choice, whose loop sits
+# in a cond branch, but not the chunked path alone).
+PATH_FALLBACKS = {
+    ("openvino", "tensorflow"): (
+        (CHUNKED,), "OpenVINO cannot convert the chunked path's loop (TensorList ops)"),
+    ("litert", "tensorflow"): (
+        (CHUNKED, BY_SIZE),
+        "LiteRT runs the chunked path's loop only with the Flex delegate (TensorList ops)"),
+    ("tf_saved_model", "jax"): ((CHUNKED,), _SYMBOLIC),
+    ("openvino", "jax"): ((CHUNKED,), _SYMBOLIC),
 }
 RUNTIME_TIMEOUT = 600.0  # seconds one artifact may take to load and run
 
@@ -128,6 +155,15 @@ def _run_runtime(fmt, plan, names, work):
     return results
 
 
+def _path_fallback(paths):
+    """`choice.fallback(*paths)`, or a scope that changes nothing (None)."""
+    if not paths:
+        return contextlib.nullcontext(None)
+    from mhsa_core.layers.attention import choice  # imports Keras: worker only
+
+    return choice.fallback(*paths)
+
+
 def _sizes(variants):
     return ", ".join("x".join(str(d) for d in xs[0].shape) for xs in variants.values())
 
@@ -156,16 +192,20 @@ def _export_format(runner, fmt, work, timings):
         plan = [(work / f"case{runner.index}-{fmt}{EXTENSIONS[fmt]}", None, variants)]
         scope = ""
     start = time.perf_counter()
-    for path, signature, _ in plan:
-        try:
-            runner.model.export(str(path), format=fmt, verbose=False,
-                                input_signature=signature)
-        except Exception as e:  # noqa: BLE001 -- the exporter's own error, one line
-            for limit_fmt, limit_backend, text, why in KNOWN_LIMITS:
-                if (fmt, me) == (limit_fmt, limit_backend) and text in str(e):
-                    return f"{protocol.EXPORT_NA}: {why}", "", {}
-            message = f"{type(e).__name__}: {one_line(e)}"
-            return f"{protocol.EXPORT_FAILED}: export: {message}"[:300], scope, {}
+    paths, fallback_why = PATH_FALLBACKS.get((fmt, me), ((), ""))
+    with _path_fallback(paths) as fallback:
+        for path, signature, _ in plan:
+            try:
+                runner.model.export(str(path), format=fmt, verbose=False,
+                                    input_signature=signature)
+            except Exception as e:  # noqa: BLE001 -- the exporter's own error, one line
+                for limit_fmt, limit_backend, text, why in KNOWN_LIMITS:
+                    if (fmt, me) == (limit_fmt, limit_backend) and text in str(e):
+                        return f"{protocol.EXPORT_NA}: {why}", "", {}
+                message = f"{type(e).__name__}: {one_line(e)}"
+                return f"{protocol.EXPORT_FAILED}: export: {message}"[:300], scope, {}
+    if fallback is not None and fallback.taken:
+        scope = "; ".join(filter(None, [scope, f"exported on the full path: {fallback_why}"]))
     timings[f"{protocol.EXPORT}_{fmt}_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     try:

@@ -15,9 +15,22 @@
   else fused where it is supported and the backend's kernel is the fast one
   (`FUSED_FAST_BACKENDS`), else chunked. When N is known only at run time
   (a TensorFlow graph with dynamic H and W), the choice between full and
-  chunked is made then, by `ops.cond`; a symbolic N that cannot be compared
-  (jax.export with symbolic H and W) runs the full path.
+  chunked is made then, by `ops.cond`; when N is symbolic on JAX
+  (`jax.export`'s shape polymorphism, as in Keras's exports from JAX), the
+  full path: a symbolic size can be neither compared nor looped over.
+  "chunked" with a symbolic N on JAX is a ValueError naming `fallback`.
+
+Exporters that cannot take a path (`fallback`, a scoped setting): within
+`with choice.fallback("chunked"): model.export(...)` every call that would
+take one of the named paths takes the full path instead, the one path that
+every exporter takes (plain matmuls and a softmax), and the returned record
+says whether any call did. `mhsa-core matrix --export` uses it where a format
+cannot take the chunked path's loop (`consistency.export.PATH_FALLBACKS`) and
+says so in the export cell.
 """
+
+import contextlib
+import dataclasses
 
 import keras
 
@@ -40,19 +53,6 @@ TILE_ELEMENTS = 1 << 20
 MIN_CHUNK, MAX_CHUNK = 16, 1024
 
 
-# The chunked path's tile per backend: one head's (c, N) (an ops.map over
-# batch x heads, then chunks), or all heads' (B * heads, c, N) at once.
-# Measured forward at N = 4096, 8 heads, c = 256, one process each: TF 2.5 s
-# per head vs 3.8 s all heads (XLA: 1.7 vs 2.5); torch 31 s vs 8.7 s (256
-# eager steps of Python and checkpoint overhead against 16); JAX per head
-# (the issue's prototype: 0.22 s vs 0.54 s for the attention core).
-CHUNK_PER_HEAD = {"tensorflow": True, "jax": True, "torch": False}
-
-
-def chunk_per_head():
-    return CHUNK_PER_HEAD.get(keras.backend.backend(), True)
-
-
 def fused_misfit(position, query_dim, value_dim):
     """Why the fused path cannot run this layer at all, or None."""
     if position.spec.stage == "logits" and not position.folds_into_keys:
@@ -66,7 +66,28 @@ def fused_misfit(position, query_dim, value_dim):
 
 def resolve(implementation, *, n, dtype, query_dim, value_dim, position, scores,
             dropout):
-    """The path of one call: FULL, CHUNKED, FUSED or BY_SIZE (N dynamic)."""
+    """The path of one call: FULL, CHUNKED, FUSED or BY_SIZE (N dynamic),
+    after any active `fallback`."""
+    path = _fall_back(_rule(implementation, n=n, dtype=dtype, query_dim=query_dim,
+                            value_dim=value_dim, position=position, scores=scores,
+                            dropout=dropout))
+    if path == CHUNKED and _symbolic_on_jax(n):
+        raise ValueError(
+            "The chunked attention path cannot be traced with symbolic sizes "
+            "(jax.export's shape polymorphism, as in Keras's exports from JAX): its loop "
+            "needs a concrete number of chunks. Export within "
+            "`mhsa_core.layers.attention.choice.fallback('chunked')` (the full path), or "
+            "with a static input signature. "
+            f"Received: attention_implementation={implementation!r}, N={n}"
+        )
+    return path
+
+
+def _symbolic_on_jax(n):
+    return not isinstance(n, int) and keras.backend.backend() == "jax"
+
+
+def _rule(implementation, *, n, dtype, query_dim, value_dim, position, scores, dropout):
     if scores or dropout or implementation == FULL:
         return FULL
     fused_ok = (dtype != "float64"
@@ -76,17 +97,85 @@ def resolve(implementation, *, n, dtype, query_dim, value_dim, position, scores,
     if implementation == CHUNKED:
         return CHUNKED
     if not isinstance(n, int):
-        # N known only at run time. A tensor (a TensorFlow graph with
-        # dynamic H and W) is compared then, by `ops.cond`. A symbolic
-        # dimension (jax.export's shape polymorphism) can be neither compared
-        # nor chunked over (`n <= FULL_MAX_TOKENS` is inconclusive, the chunk
-        # count not a shape): the full path, as before the paths existed.
-        return BY_SIZE if keras.ops.is_tensor(n) else FULL
+        return FULL if _symbolic_on_jax(n) else BY_SIZE
     if n <= FULL_MAX_TOKENS:
         return FULL
     if fused_ok and dtype == "float32" and keras.backend.backend() in FUSED_FAST_BACKENDS:
         return FUSED
     return CHUNKED
+
+
+# ------------------------------------------------------------ fallback
+FALLBACK_PATHS = (CHUNKED, FUSED, BY_SIZE)
+
+
+@dataclasses.dataclass
+class Fallback:
+    """An active `fallback` scope.
+
+    Attributes:
+        paths: the paths that calls leave for the full path.
+        taken: the paths that calls within the scope did leave (empty: every
+            call took the path it would have taken anyway).
+    """
+
+    paths: frozenset
+    taken: set = dataclasses.field(default_factory=set)
+
+
+# Active scopes, innermost last. Process-wide, not per thread: an exporter
+# may trace on a thread of its own.
+_SCOPES = []
+
+
+@contextlib.contextmanager
+def fallback(*paths):
+    """Within the block, every call of the layer that would take one of
+    `paths` takes the full path instead: for an exporter that cannot take a
+    path (e.g. the chunked path's loop), while it traces the model.
+
+    Args:
+        *paths: any of "chunked", "fused" and `BY_SIZE` (the run-time choice
+            between full and chunked of a TensorFlow graph with dynamic H and
+            W, whose graph holds the chunked loop too). "chunked" alone
+            leaves BY_SIZE as it is.
+
+    Yields:
+        A `Fallback` record; its `taken` lists the paths calls left.
+
+    Example:
+
+    ```python
+    from mhsa_core.layers.attention import choice
+
+    with choice.fallback("chunked", choice.BY_SIZE) as record:
+        model.export("model.tflite", format="litert")
+    if record.taken:
+        print("exported on the full path instead of", sorted(record.taken))
+    ```
+    """
+    unknown = [p for p in paths if p not in FALLBACK_PATHS]
+    if unknown or not paths:
+        raise ValueError(
+            f"Received an invalid value for argument `paths`, expected one or more of "
+            f"{FALLBACK_PATHS}. Received: paths={paths!r}")
+    scope = Fallback(frozenset(paths))
+    _SCOPES.append(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPES.remove(scope)
+
+
+def _fall_back(path):
+    if not _SCOPES or path == FULL:
+        return path
+    left = [scope for scope in _SCOPES if path in scope.paths]
+    if not left:
+        return path
+    for scope in left:
+        scope.taken.add(path)
+    return FULL
 
 
 def default_chunk_size(n):
