@@ -1,8 +1,10 @@
 """`mhsa-core bench`: its arguments, its FLOP count, its JSON, table and plot.
 
-One bench run on the tiny config (JAX, compiled, forward+backward, one
-repeat: four worker processes, ~20 s) serves every test of the output; the
-rest needs no worker or a worker killed at once. No test asserts a speed.
+One bench run on the tiny_relative config (JAX, compiled, forward+backward,
+one repeat: four worker processes, ~20 s on a quiet machine) serves every
+test of the output, and checks the outputs of the layer's paths and of the
+native, relative terms included, against the float64 reference; the rest
+needs no worker or a worker killed at once. No test asserts a speed.
 """
 
 import json
@@ -21,6 +23,7 @@ from mhsa_core.consistency.runner import unavailable_reason
 
 FRAMEWORKS = ("keras", "tensorflow", "torch", "jax")
 RUN_PATHS = ("full", "chunked", "native", "keras_mha")
+TINY_RELATIVE_FLOPS = 98304 + 262144 + 32768  # test_flops_by_hand
 
 
 # ----------------------------------------------------------------- FLOPs
@@ -34,6 +37,8 @@ def test_flops_by_hand():
     # attention 2*2*36*4 = 576, position 2*2*6*(2 + 3)*2 = 240
     rel = BenchConfig("r", 1, 2, 3, 4, 2, "relative")
     assert forward_flops(rel) == 576 + 576 + 240
+    # tiny_relative: tiny + position 2*1*2*64*(8 + 8)*8 = 32768
+    assert forward_flops(CONFIGS["tiny_relative"]) == 98304 + 262144 + 32768
     # kd = dv = C/h: the closed form 6BNC^2 + 4BN^2C
     n4096 = CONFIGS["n4096"]
     assert forward_flops(n4096) == 6 * 2 * 4096 * 256**2 + 4 * 2 * 4096**2 * 256
@@ -96,7 +101,7 @@ def tiny_run(tmp_path_factory):
         pytest.skip(f"jax: {unavailable_reason('jax')}")
     out = tmp_path_factory.mktemp("bench")
     plot = out / "bench.png" if _has_matplotlib() else None
-    args = ["bench", "--backends", "jax", "--configs", "tiny", "--modes", "compiled",
+    args = ["bench", "--backends", "jax", "--configs", "tiny_relative", "--modes", "compiled",
             "--directions", "forward+backward", "--paths", ",".join(RUN_PATHS),
             "--repeats", "1", "--json", str(out / "bench.json")]
     if plot is not None:
@@ -129,19 +134,19 @@ def test_json_schema(tiny_run):
     assert doc["options"]["repeats"] == 1
     assert doc["backends"] == {"jax": {"version": doc["rows"][0]["framework_version"],
                                        "skipped": None}}
-    tiny = doc["configs"]["tiny"]
-    assert tiny["tokens"] == 64
-    assert tiny["forward_backward_gflop"] == pytest.approx(3 * 360448 / 1e9)
+    tiny = doc["configs"]["tiny_relative"]
+    assert tiny["tokens"] == 64 and tiny["position_encoding"] == "relative"
+    assert tiny["forward_backward_gflop"] == pytest.approx(3 * TINY_RELATIVE_FLOPS / 1e9)
     rows = doc["rows"]
     assert [r["path"] for r in rows] == list(RUN_PATHS)
     for row in rows:
         assert ROW_KEYS <= set(row), sorted(ROW_KEYS - set(row))
         assert (row["backend"], row["config"], row["mode"], row["direction"]) == (
-            "jax", "tiny", "compiled", "forward+backward")
+            "jax", "tiny_relative", "compiled", "forward+backward")
         assert row["status"] == "ok", row["reason"]
         assert len(row["times_ms"]) == 1 and row["ms"] == row["times_ms"][0]
         assert row["peak_gb"] >= 0 and row["ceiling_gflops"] > 0
-        assert row["gflops"] == pytest.approx(3 * 360448 / (row["ms"] / 1e3) / 1e9)
+        assert row["gflops"] == pytest.approx(3 * TINY_RELATIVE_FLOPS / (row["ms"] / 1e3) / 1e9)
         assert row["ceiling_pct"] == pytest.approx(100 * row["gflops"] / row["ceiling_gflops"])
     by_path = {r["path"]: r for r in rows}
     assert by_path["native"]["native_ratio"] == 1.0
@@ -153,8 +158,9 @@ def test_json_schema(tiny_run):
 
 
 def test_outputs_checked_against_the_reference(tiny_run):
-    # The layer's paths and the native compute the block: each output is within
-    # the float64 reference's budget. Keras's MHA is another block: unchecked.
+    # The layer's paths and the native compute the block, relative logits
+    # included: each output is within the float64 reference's budget. Keras's
+    # MHA is another block: unchecked.
     _, doc, _ = tiny_run
     for row in doc["rows"]:
         if row["path"] == "keras_mha":
@@ -167,7 +173,7 @@ def test_outputs_checked_against_the_reference(tiny_run):
 def test_text_table(tiny_run):
     proc, doc, _ = tiny_run
     text = proc.stdout
-    assert "tiny: 1x8x8x16, 2 heads (N=64;" in text
+    assert "tiny_relative: 1x8x8x16, 2 heads, relative (N=64;" in text
     header = next(line for line in text.splitlines() if line.startswith("path"))
     assert header.split() == ["path", "mode", "direction", "jax"]
     for row in doc["rows"]:
@@ -175,7 +181,7 @@ def test_text_table(tiny_run):
         assert line.split()[1:3] == ["compiled", "fwd+bwd"]
         assert f"{row['native_ratio']:.2f}x" in line and f"{row['peak_gb']:.2f} GB" in line
     assert "3 of 3 within budget" in text  # keras_mha is another block
-    assert "[1/4] jax tiny full compiled forward+backward: " in proc.stderr  # progress
+    assert "[1/4] jax tiny_relative full compiled forward+backward: " in proc.stderr
 
 
 def test_from_json_renders_without_running(tiny_run, tmp_path, capsys):
@@ -186,7 +192,29 @@ def test_from_json_renders_without_running(tiny_run, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| config | path | direction | jax |" in text
     full = next(r for r in doc["rows"] if r["path"] == "full")
-    assert f"| tiny | full | fwd+bwd | {report.cell(full)} |" in text
+    assert f"| tiny_relative | full | fwd+bwd | {report.cell(full)} |" in text
+
+
+def test_from_several_reports_merges_their_rows(tiny_run, tmp_path, capsys):
+    # A run made in parts: the second part's rows join the first's, a row
+    # measured again replaces the earlier one, the ratios are derived again.
+    _, doc, _ = tiny_run
+    first = {**doc, "rows": [r for r in doc["rows"] if r["path"] != "native"]}
+    again = {**next(r for r in doc["rows"] if r["path"] == "full"), "ms": 1e6}
+    second = {**doc, "rows": [r for r in doc["rows"] if r["path"] == "native"] + [again]}
+    paths = []
+    for i, part in enumerate((first, second)):
+        paths += ["--from", str(tmp_path / f"part{i}.json")]
+        (tmp_path / f"part{i}.json").write_text(json.dumps(part))
+    merged_path = tmp_path / "merged.json"
+    assert cli.main(["bench", *paths, "--json", str(merged_path)]) == 0
+    merged = json.loads(merged_path.read_text())
+    by_path = {r["path"]: r for r in merged["rows"]}
+    assert sorted(by_path) == sorted(RUN_PATHS) and len(merged["rows"]) == len(RUN_PATHS)
+    assert by_path["full"]["ms"] == 1e6
+    assert by_path["full"]["native_ratio"] == pytest.approx(1e6 / by_path["native"]["ms"])
+    assert len(merged["runs"]) == 2
+    capsys.readouterr()
 
 
 def test_plot_written(tiny_run):

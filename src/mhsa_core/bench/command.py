@@ -54,6 +54,7 @@ examples:
   mhsa-core bench --backends torch --configs n4096 --paths chunked,native --modes compiled
   mhsa-core bench --configs tiny --repeats 1 --json - | jq '.rows[].ms'
   mhsa-core bench --from bench.json --summary --markdown
+  mhsa-core bench --from tf.json --from torch.json --json bench.json   (runs made in parts)
 
 exit status: 0 at least one row ran; 1 none did; 2 bad usage."""
 
@@ -100,9 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", action="store_true",
                         help="print one table of the compiled mode (every config) instead "
                              "of a table per config")
-    parser.add_argument("--from", dest="from_json", metavar="PATH.json",
-                        help="run nothing: print (and --plot) the report of an earlier "
-                             "--json")
+    parser.add_argument("--from", dest="from_json", metavar="PATH.json", action="append",
+                        help="run nothing: print (and --plot, --json) the report of an "
+                             "earlier --json; repeatable: the rows of runs made in parts, "
+                             "a later file's row replacing the same row of an earlier one")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress lines (a line per row on stderr otherwise)")
 
@@ -194,7 +196,11 @@ def main(args, out=None) -> int:
     opts = options(args)
     out = out or (sys.stderr if args.json == "-" else sys.stdout)
     if args.from_json is not None:
-        return _show(_read_report(args.from_json), args, out)
+        reports = [_read_report(path) for path in args.from_json]
+        report = reports[0] if len(reports) == 1 else report_module.merge(reports)
+        if args.json is not None:
+            report_module.write_json(report, args.json)
+        return _show(report, args, out)
     measurements = plan_module.plan(opts["backends"], opts["configs"], opts["paths"],
                                     opts["modes"], opts["directions"])
     configs = {name: CONFIGS[name] for name in opts["configs"]}

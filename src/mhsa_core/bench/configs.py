@@ -3,7 +3,8 @@
 Each config is one input shape and one layer config. The names are what
 `mhsa-core bench --configs` takes; `DEFAULT_CONFIGS` are the ones of
 issue 10 (the legacy YOLOv4-MHSA size, N = 4096, N = 16384, and the relative
-encoding at N = 4096); `tiny` is for tests.
+encoding at N = 4096); `tiny` and `tiny_relative` are for tests (small enough that every
+output is checked against the float64 reference).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ CONFIGS = {
         BenchConfig("n4096_relative", 2, 64, 64, 256, 8, "relative",
                     note="BoTNet's relative position logits"),
         BenchConfig("tiny", 1, 8, 8, 16, 2, note="for tests: seconds per worker"),
+        BenchConfig("tiny_relative", 1, 8, 8, 16, 2, "relative",
+                    note="for tests: every output checked, the relative terms too"),
     )
 }
 

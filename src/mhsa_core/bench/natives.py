@@ -18,8 +18,10 @@ layer's tests): those live outside the installed package and carry every
 encoding, mask and dtype; these carry only what the bench runs, so the
 installed `mhsa-core bench` has them. Every bench worker checks the forward
 output of what it measured against the float64 NumPy reference where N is
-small enough (`worker.CHECK_MAX_LOGITS`), so these are checked at the tiny and
-legacy configs on every run.
+small enough (`worker.CHECK_MAX_LOGITS`): the "none" block at the legacy
+config of every default run, the relative one at `tiny_relative`
+(tests/consistency/test_bench.py runs it on JAX; `mhsa-core bench --configs
+tiny_relative --paths native` checks all three).
 
 Imports its framework inside each builder: a worker imports only its own.
 """

@@ -65,13 +65,6 @@ class Measurement:
     mode: str
     direction: str
 
-    @property
-    def is_layer(self) -> bool:
-        return self.path in LAYER_PATHS
-
-    def label(self) -> str:
-        return f"{self.backend} {self.config} {self.path} {self.mode} {self.direction}"
-
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -12,6 +12,8 @@ The JSON (`build`) holds everything the table and the plot show, and more:
      "backends": {backend: {"version": str | None, "skipped": reason | None}},
      "configs": {name: {BenchConfig fields, "tokens", "forward_gflop",
                         "forward_backward_gflop"}},
+     "runs": [...]  (only in a `merge` of several: each run's machine, seconds,
+              completeness and options),
      "rows": [{"backend", "config", "path", "mode", "direction",
                "status": one of worker.STATUSES, "reason": str | None,
                "ms", "times_ms", "first_ms", "gflops", "ceiling_gflops",
@@ -34,7 +36,7 @@ import mhsa_core
 from mhsa_core.bench.configs import BenchConfig
 from mhsa_core.bench.flops import DIRECTIONS, FORMULA, FORWARD, flops
 from mhsa_core.bench.plan import MODE_MEANINGS, MODES, NATIVE_MEANINGS, PATHS
-from mhsa_core.bench.run import median_ceiling
+from mhsa_core.bench.run import derive, median_ceiling
 from mhsa_core.bench.worker import OK, UNSUPPORTED
 from mhsa_core.consistency.report import format_table
 
@@ -84,6 +86,38 @@ def load_average():
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+def merge(reports):
+    """One report of the rows of several (runs in parts): a later report's row
+    replaces the same (backend, config, path, mode, direction) of an earlier
+    one; the ratios are derived again over the merged rows. "machine" is the
+    first report's; "runs" keeps each one's machine, seconds and completeness."""
+    def key(row):
+        return (row["backend"], row["config"], row["path"], row["mode"], row["direction"])
+
+    rows, configs, backends = {}, {}, {}
+    for report in reports:
+        configs.update(report["configs"])
+        for name, entry in report["backends"].items():
+            if name not in backends or backends[name]["skipped"]:
+                backends[name] = entry
+        rows.update({key(r): dict(r) for r in report["rows"]})
+    merged = dict(reports[0])
+    by_name = {name: BenchConfig.from_json(c) for name, c in configs.items()}
+    merged.update(
+        configs=configs,
+        backends=backends,
+        modes={k: v for r in reports for k, v in r.get("modes", {}).items()},
+        natives={k: v for r in reports for k, v in r.get("natives", {}).items()},
+        rows=derive(list(rows.values()), by_name),
+        seconds=sum(r.get("seconds") or 0 for r in reports),
+        complete=all(r.get("complete", True) for r in reports),
+        runs=[{"machine": r.get("machine"), "seconds": r.get("seconds"),
+               "complete": r.get("complete", True), "options": r.get("options")}
+              for r in reports],
+    )
+    return merged
 
 
 def write_json(report, path):
