@@ -97,7 +97,10 @@ def resolve(implementation, *, n, dtype, query_dim, value_dim, position, scores,
 
 
 def _symbolic_on_jax(n):
-    return not isinstance(n, int) and keras.backend.backend() == "jax"
+    # jax.export's symbolic dimension: neither an int nor a tensor (a tensor N
+    # is compared at run time, by `ops.cond`).
+    return (keras.backend.backend() == "jax" and not isinstance(n, int)
+            and not keras.ops.is_tensor(n))
 
 
 def _rule(implementation, *, n, dtype, query_dim, value_dim, position, scores, dropout):
