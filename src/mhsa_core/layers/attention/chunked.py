@@ -24,6 +24,8 @@ loop; sizes are read off the arguments' shapes); `ops.fori_loop` with
 `slice_update` has no TensorFlow gradient (`ops.map` does).
 """
 
+import functools
+
 import keras
 from keras import ops
 
@@ -85,6 +87,37 @@ def chunked_attention(query, key, value, *, chunk_size, key_scale, key_mask=None
     Returns:
         (B, heads, N, dv) in the dtype of `value`.
     """
+    if keras.backend.backend() == "jax" and isinstance(chunk_size, int):
+        return _compiled_on_jax(chunk_size, row_bias, per_head)(
+            query, key, value, key_scale, key_mask, tuple(tables))
+    return _chunks(query, key, value, chunk_size=chunk_size, key_scale=key_scale,
+                   key_mask=key_mask, row_bias=row_bias, tables=tables, per_head=per_head)
+
+
+@functools.cache
+def _compiled_on_jax(chunk_size, row_bias, per_head):
+    """One `jax.jit` of the chunked core per (chunk size, row term, layout).
+
+    Eager JAX runs `ops.map` (`lax.map`) by tracing and compiling its body
+    afresh at every call: an eager call of the chunked layer took 0.8 s at
+    8x8 tokens and its gradient 2.5 s, against 5 ms and 25 ms compiled once
+    (jax.jit then caches per shape and dtype). Inside a jit already (fit,
+    predict, the user's own jax.jit) the inner jit is inlined. The key is
+    hashable and small: an int, a position encoding's static `row_bias`
+    function or None, a bool.
+    """
+    import jax
+
+    def core(query, key, value, key_scale, key_mask, tables):
+        return _chunks(query, key, value, chunk_size=chunk_size, key_scale=key_scale,
+                       key_mask=key_mask, row_bias=row_bias, tables=tables,
+                       per_head=per_head)
+
+    return jax.jit(core)
+
+
+def _chunks(query, key, value, *, chunk_size, key_scale, key_mask, row_bias, tables,
+            per_head):
     shape = ops.shape(query)
     batch, heads, n, kd = shape[0], shape[1], shape[2], query.shape[-1]
     dv = value.shape[-1]
