@@ -82,14 +82,20 @@ STATIC_EXPORTS = {
 # The attention paths as `mhsa_core.layers.attention.choice` names them (that
 # module imports Keras, which the parent process must not).
 CHUNKED, BY_SIZE = "chunked", "full or chunked by size"
+_TORCH_TRACE = ("torch's trace of the chunked path does not convert or run "
+                "(int32/int64 shape values, aten::ravel)")
 _SYMBOLIC = "jax2tf traces symbolic sizes, which the chunked path's loop cannot take"
 # (format, backend) -> (the paths of our layer the exporter cannot take, why):
 # the model is exported within `choice.fallback(*paths)` (those calls take
 # the full path). Measured (Keras 3.15.1, TF 2.21, JAX 0.10.2, tf2onnx 1.17,
 # OpenVINO 2026.4, ai-edge-litert 2.3): every other (format, backend) takes
-# every path (tf2onnx converts the loop; torch's exports trace it unrolled at
-# fixed sizes; OpenVINO converts TensorFlow's by-size choice, whose loop sits
-# in a cond branch, but not the chunked path alone).
+# every path (tf2onnx converts the loop; LiteRT from torch traces it unrolled
+# at fixed sizes; OpenVINO converts TensorFlow's by-size choice, whose loop
+# sits in a cond branch, but not the chunked path alone). From torch, ONNX
+# and OpenVINO trace the chunked path's loop unrolled too, but what they make
+# of it does not run: ONNX Runtime rejects a Concat of int64 and int32 shape
+# values (and a Squeeze of the relative term's gather); OpenVINO has no
+# conversion rule for aten::ravel (Keras's torch `take`, in that gather).
 PATH_FALLBACKS = {
     ("openvino", "tensorflow"): (
         (CHUNKED,), "OpenVINO cannot convert the chunked path's loop (TensorList ops)"),
@@ -98,6 +104,8 @@ PATH_FALLBACKS = {
         "LiteRT runs the chunked path's loop only with the Flex delegate (TensorList ops)"),
     ("tf_saved_model", "jax"): ((CHUNKED,), _SYMBOLIC),
     ("openvino", "jax"): ((CHUNKED,), _SYMBOLIC),
+    ("onnx", "torch"): ((CHUNKED,), _TORCH_TRACE),
+    ("openvino", "torch"): ((CHUNKED,), _TORCH_TRACE),
 }
 RUNTIME_TIMEOUT = 600.0  # seconds one artifact may take to load and run
 
