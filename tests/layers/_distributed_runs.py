@@ -1,6 +1,8 @@
 """The training runs behind tests/layers/test_distribution.py, one engine per process.
 
     python _distributed_runs.py jax|tensorflow|torch   ->  one JSON line on stdout
+    python _distributed_runs.py torch RECIPE.py         ... and the README's torch
+                                                        recipe's train() in both ranks
 
 Each engine needs its set-up before its framework is imported (virtual
 devices, logical devices, a process group), hence a process of its own. Every
@@ -182,63 +184,115 @@ def torch_train(model, x, y, ddp=False):
         optimizer.step()
 
 
-def torch_rank(rank, port, queue):
+def torch_rank(rank, port, queue, recipe):
     import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=WORLD_SIZE)
     try:
-        x, y = (torch.tensor(a, dtype=torch.float32) for a in batch())
-        shard = slice(rank * SHAPE[0] // WORLD_SIZE, (rank + 1) * SHAPE[0] // WORLD_SIZE)
-        model = build("float32")
-        # Each rank its half of the batch; DDP averages the gradients, so the
-        # step is the full batch's (the loss is a mean over equal halves).
-        torch_train(model, x[shard], y[shard], ddp=True)
-        result = {"ddp": deltas(model), "world_size": dist.get_world_size()}
-        if rank == 0:  # the undistributed runs, in a process that has keras already
-            for dtype in ("float64", "float32"):
-                model = build(dtype)
-                xt, yt = (torch.tensor(a, dtype=getattr(torch, dtype)) for a in batch())
-                torch_train(model, xt, yt)
-                result[dtype] = (float64_run(model) if dtype == "float64"
-                                 else deltas(model))
-        queue.put((rank, result))
+        result = torch_runs(rank)
+        result["world_size"] = dist.get_world_size()
     finally:
         dist.destroy_process_group()
+    if recipe:
+        result.update(torch_recipe(recipe, rank))
+    queue.put((rank, result))
 
 
-def run_torch():
+def torch_runs(rank):
+    import torch
+
+    x, y = (torch.tensor(a, dtype=torch.float32) for a in batch())
+    shard = slice(rank * SHAPE[0] // WORLD_SIZE, (rank + 1) * SHAPE[0] // WORLD_SIZE)
+    model = build("float32")
+    if rank == 1:
+        # Other start weights on rank 1: DDP's start-up broadcast of rank 0's
+        # parameters must reach the Keras variables (else rank 1 ends
+        # elsewhere and fails its check).
+        model.set_weights([w + 1.0 for w in model.get_weights()])
+    # Each rank its half of the batch; DDP averages the gradients, so the
+    # step is the full batch's (the loss is a mean over equal halves).
+    torch_train(model, x[shard], y[shard], ddp=True)
+    result = {"ddp": deltas(model)}
+    # The undistributed runs, one per rank (each process has keras already).
+    dtype = ("float64", "float32")[rank]
+    model = build(dtype)
+    torch_train(model, *(torch.tensor(a, dtype=getattr(torch, dtype)) for a in batch()))
+    result[dtype] = float64_run(model) if dtype == "float64" else deltas(model)
+    return result
+
+
+def torch_recipe(path, rank):
+    """The README's PyTorch recipe: its `train(rank, world_size)` in this rank.
+
+    Only its `mp.spawn(...)` line does not run: spawning two more processes,
+    each importing keras, would double the torch lane's time.
+    """
+    import contextlib
+    import io
+    import runpy
+    import traceback
+
+    stdout = io.StringIO()
+    try:
+        namespace = runpy.run_path(path, run_name="__recipe__")  # defines train()
+        with contextlib.redirect_stdout(stdout):
+            namespace["train"](rank, WORLD_SIZE)
+    except Exception:
+        return {"recipe_error": traceback.format_exc(), "recipe_stdout": stdout.getvalue()}
+    return {"recipe_error": None, "recipe_stdout": stdout.getvalue()}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torch(recipe=None):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:  # a free port on localhost
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
+    recipe_port = free_port()
+    while recipe_port == port:
+        recipe_port = free_port()
+    # The recipe's process group reads these (its own init_process_group).
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(recipe_port))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=torch_rank, args=(r, port, queue)) for r in range(WORLD_SIZE)]
+    procs = [ctx.Process(target=torch_rank, args=(r, port, queue, recipe))
+             for r in range(WORLD_SIZE)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=240) for _ in procs)
+    stragglers = 0
     for p in procs:
-        p.join(timeout=60)
-    out = {"devices": WORLD_SIZE, **results[0]}
+        p.join(timeout=30)
+        if p.is_alive():  # done (its result is in) but stuck in its exit
+            p.terminate()
+            stragglers += 1
+    out = {"devices": WORLD_SIZE, "stragglers": stragglers, **results[0]}
+    out["float32"] = results[1]["float32"]
     out["ddp_rank1"] = results[1]["ddp"]
+    if recipe:
+        out["recipe_rank1_error"] = results[1]["recipe_error"]
     return out
 
 
 RUNS = {"jax": run_jax, "tensorflow": run_tensorflow, "torch": run_torch}
 
 
-def main(engine):
+def main(engine, recipe=None):
     os.environ["KERAS_BACKEND"] = engine
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if engine == "jax":
         # Before jax is imported: 8 virtual CPU devices, and real float64.
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
         os.environ["JAX_ENABLE_X64"] = "1"
-    print(json.dumps(RUNS[engine]()))
+    run = RUNS[engine]
+    print(json.dumps(run(recipe) if recipe else run()))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import keras
@@ -74,8 +75,13 @@ def report(engine):
             [SRC] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
         for name in ("XLA_FLAGS", "JAX_ENABLE_X64", "KERAS_BACKEND"):
             env.pop(name, None)  # the script sets them for its engine
-        proc = subprocess.run([sys.executable, str(RUNS), engine], capture_output=True,
-                              text=True, timeout=300, env=env)
+        with tempfile.TemporaryDirectory() as tmp:
+            command = [sys.executable, str(RUNS), engine]
+            if engine in RECIPE_IN_RUNS:
+                # The README recipe's train() runs in the DDP runner's ranks.
+                command.append(str(_write_recipe(engine, Path(tmp))))
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                  env=env, cwd=tmp)
         assert proc.returncode == 0, proc.stderr[-4000:]
         _REPORTS[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
     return _REPORTS[engine]
@@ -206,3 +212,65 @@ def test_torch_ddp_ran_on_two_processes():
     # Both ranks end with the same weights (DDP's all-reduce), checked above
     # against the oracle each; here against each other, exactly.
     assert out["ddp"] == out["ddp_rank1"]
+
+
+# --------------------------------------------------- the README recipes
+README = Path(__file__).resolve().parents[2] / "README.md"
+# The section's source until the README has it (the lead pastes it in).
+SECTION = README.parent / "docs" / "scaling-README-section.md"
+# lane -> (the recipe's first comment line, what it prints when it worked)
+RECIPES = {
+    "jax": ("Scaling out on JAX: keras.distribution, heads sharded across devices",
+            "P(None, 'model')"),
+    "tensorflow": ("Scaling out on TensorFlow: tf.distribute.MirroredStrategy",
+                   "2 replicas"),
+    "torch": ("Scaling out on PyTorch: DistributedDataParallel (run as a script)",
+              "on 2 processes"),
+}
+_PYTHON_BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```", re.M | re.S)
+
+
+def _recipe(block_id):
+    """The code of the ```python block that starts with `# block_id`: from
+    README.md, else from the section file."""
+    for source in (README, SECTION):
+        if source.exists():
+            for code in _PYTHON_BLOCK.findall(source.read_text(encoding="utf-8")):
+                if code.lstrip().startswith(f"# {block_id}\n"):
+                    return code
+    pytest.fail(f"no ```python block starting with '# {block_id}' in {README.name} "
+                f"or {SECTION.name}")
+
+
+def _write_recipe(engine, directory):
+    script = directory / "recipe.py"  # a name that shadows no module
+    script.write_text(_recipe(RECIPES[engine][0]), encoding="utf-8")
+    return script
+
+
+# The torch recipe's train() runs inside the DDP runner's two ranks (all of it
+# but its mp.spawn line): two more processes importing keras would take the
+# torch lane past its minute. The others run as scripts of their own.
+RECIPE_IN_RUNS = ("torch",)
+
+
+@pytest.mark.parametrize("engine", [pytest.param(e, marks=_lane(e)) for e in RECIPES])
+def test_scaling_recipe_runs(engine, tmp_path):
+    printed = RECIPES[engine][1]
+    if engine in RECIPE_IN_RUNS:
+        out = report(engine)
+        assert out["recipe_error"] is None, out["recipe_error"]
+        assert out["recipe_rank1_error"] is None, out["recipe_rank1_error"]
+        assert printed in out["recipe_stdout"], out["recipe_stdout"]
+        return
+    why = _engine_unavailable(engine)
+    if why:
+        pytest.skip(why)
+    script = _write_recipe(engine, tmp_path)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    for name in ("XLA_FLAGS", "JAX_ENABLE_X64", "KERAS_BACKEND"):
+        env.pop(name, None)  # the recipe sets its own
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=180, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert printed in proc.stdout, proc.stdout[-2000:]
