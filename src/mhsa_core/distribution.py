@@ -176,6 +176,7 @@ def check_head_sharding(layer) -> None:
                 f"{layer.__class__.__name__} {layer.name!r}: the layout splits "
                 f"the columns of {name} across mesh axis {axis!r}, so num_heads "
                 "must be divisible by that axis's size (each device holds whole "
-                f"heads). Received: num_heads={layer.num_heads}, "
-                f"model axis size={size}"
+                "heads; to replicate this layer instead, leave it out of the "
+                "rules, e.g. with `layout_map(..., layer_path=...)`). "
+                f"Received: num_heads={layer.num_heads}, model axis size={size}"
             )

@@ -174,6 +174,10 @@ def test_layout_rules_cover_every_weight_once(encoding, kwargs):
     # Another layer's variables are left to the user's rules.
     assert not any(re.fullmatch(p, "dense/kernel") for p in rules)
     assert not any(re.fullmatch(p, "mha/query/kernel") for p in rules)
+    # layer_path narrows the rules to some layers.
+    narrow = layout_rules(layer_path="encoder/attn_.*")
+    assert any(re.fullmatch(p, "encoder/attn_2/query_kernel") for p in narrow)
+    assert not any(re.fullmatch(p, "attn/query_kernel") for p in narrow)
 
 
 @_lane("jax")
