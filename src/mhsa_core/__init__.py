@@ -26,13 +26,13 @@ _LAZY = {
     "mhsa_block": "mhsa_core.layers.block",
     "assert_backends_agree": "mhsa_core.consistency.testing",
 }
-_SUBMODULES = ("layers", "reference", "convert", "consistency", "testing")
+_SUBMODULES = ("layers", "reference", "convert", "consistency", "testing", "distribution")
 
 __all__ = ["MultiHeadSelfAttention2D", "mhsa_block", "assert_backends_agree",
-           "reference", "convert", "testing", "__version__"]
+           "reference", "convert", "testing", "distribution", "__version__"]
 
 if TYPE_CHECKING:  # static type checkers see the eager imports
-    from mhsa_core import convert, reference, testing
+    from mhsa_core import convert, distribution, reference, testing
     from mhsa_core.consistency.testing import assert_backends_agree
     from mhsa_core.layers.block import mhsa_block
     from mhsa_core.layers.mhsa2d import MultiHeadSelfAttention2D

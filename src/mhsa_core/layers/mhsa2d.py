@@ -13,6 +13,7 @@ import numpy as np
 from keras import ops
 from numpy.typing import ArrayLike
 
+from mhsa_core.distribution import check_head_sharding
 from mhsa_core.layers import activations
 from mhsa_core.layers._arrays import as_float_array
 from mhsa_core.layers.attention import IMPLEMENTATIONS, attend, logits_dtype
@@ -376,6 +377,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             self.key_dim if self.key_dim is not None else channels // self.num_heads
         )
         qk_width = self.num_heads * self._head_key_dim
+        # Under keras.distribution (JAX): a layout must split q/k/v into whole heads.
+        check_head_sharding(self)
         # Creation order = the canonical weight-dict order
         # (`mhsa_core.reference.schema.weight_shapes`), which is also the
         # order of the YOLOv4-MHSA block's convs: a "tokens" encoding's
