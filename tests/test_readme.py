@@ -25,6 +25,12 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 NO_RUN = {
     "In the Keras 2 / tf_keras environment, with the trained model (old_model).":
         "needs the user's trained Keras 2 model under tf_keras",
+    "Scaling out on JAX: keras.distribution, heads sharded across devices":
+        "own process: run by tests/layers/test_distribution.py (jax lane)",
+    "Scaling out on TensorFlow: tf.distribute.MirroredStrategy":
+        "own process: run by tests/layers/test_distribution.py (tensorflow lane)",
+    "Scaling out on PyTorch: DistributedDataParallel (run as a script)":
+        "own process: run by tests/layers/test_distribution.py (torch lane)",
 }
 
 _FENCE = re.compile(r"^```(\S*)(.*)$")

@@ -222,8 +222,6 @@ def test_torch_ddp_ran_on_two_processes():
 
 # --------------------------------------------------- the README recipes
 README = Path(__file__).resolve().parents[2] / "README.md"
-# The section's source until the README has it (the lead pastes it in).
-SECTION = README.parent / "docs" / "scaling-README-section.md"
 # lane -> (the recipe's first comment line, what it prints when it worked)
 RECIPES = {
     "jax": ("Scaling out on JAX: keras.distribution, heads sharded across devices",
@@ -237,15 +235,11 @@ _PYTHON_BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```", re.M | re.S)
 
 
 def _recipe(block_id):
-    """The code of the ```python block that starts with `# block_id`: from
-    README.md, else from the section file."""
-    for source in (README, SECTION):
-        if source.exists():
-            for code in _PYTHON_BLOCK.findall(source.read_text(encoding="utf-8")):
-                if code.lstrip().startswith(f"# {block_id}\n"):
-                    return code
-    pytest.fail(f"no ```python block starting with '# {block_id}' in {README.name} "
-                f"or {SECTION.name}")
+    """The code of README.md's ```python block that starts with `# block_id`."""
+    for code in _PYTHON_BLOCK.findall(README.read_text(encoding="utf-8")):
+        if code.lstrip().startswith(f"# {block_id}\n"):
+            return code
+    pytest.fail(f"no ```python block starting with '# {block_id}' in {README.name}")
 
 
 def _write_recipe(engine, directory):
