@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -149,8 +148,7 @@ def plot_attention_maps(image, scores, height: int, width: int, *,
             ax.set_yticks([])
     # Written to a temporary file in the same folder, then renamed: a failed
     # save leaves no partial PNG at `path`.
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
+    tmp = f"{path}.{os.getpid()}.tmp.png"
     try:
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, path)
