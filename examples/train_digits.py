@@ -15,7 +15,7 @@ scikit-learn wheel: nothing is downloaded), upsampled to 16x16:
    trained 16x16 and at 24x24 (the layer takes any H x W; the relative tables
    are resized in the graph);
 3. runs the consistency matrix on the trained model (every backend in its own
-   worker: forward in float32 and float64, scores-free jit, gradients,
+   worker: forward in float32 and float64, a compiled forward, gradients,
    optimizer steps, each backend's `.keras` loaded by the others) and prints
    its verdict;
 4. writes the attention maps of the last attention layer for one test digit
