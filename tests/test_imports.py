@@ -28,6 +28,9 @@ IMPORTS = {
     "testing": "from mhsa_core.testing import assert_backends_agree",
     "cli": "from mhsa_core.consistency import cli",
     "distribution": "from mhsa_core.distribution import layout_rules; layout_rules()",
+    # NumPy only: matplotlib (the plot extra) is imported by the plot function.
+    "attention-maps": ("from mhsa_core.attention_maps import attention_maps; "
+                       "import sys; assert 'matplotlib' not in sys.modules"),
     "layer-then-keras": "import mhsa_core; import keras; mhsa_core.MultiHeadSelfAttention2D",
     # .keras loading finds the layer through Keras's registry: `import mhsa_core`
     # must fill it whichever of the two is imported first.
@@ -39,7 +42,7 @@ IMPORTS = {
         "assert keras.saving.get_registered_object('mhsa_core>MultiHeadSelfAttention2D')"),
 }
 # These must not load a framework (the CLI's parent process, the oracle).
-FRAMEWORK_FREE = ("package", "reference", "cli", "distribution")
+FRAMEWORK_FREE = ("package", "reference", "cli", "distribution", "attention-maps")
 
 
 def _run(code):
