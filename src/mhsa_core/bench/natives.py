@@ -28,6 +28,7 @@ Imports its framework inside each builder: a worker imports only its own.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -38,12 +39,31 @@ from mhsa_core.reference import schema
 ENCODINGS = ("none", "relative")
 
 
-def _check(config):
-    if config.position_encoding not in ENCODINGS:
-        raise ValueError(
-            f"The bench natives support position_encoding in {ENCODINGS}. "
-            f"Received: position_encoding={config.position_encoding!r}"
-        )
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """What every native needs of a config: sizes, scale, the relative tables."""
+
+    height: int
+    width: int
+    channels: int
+    heads: int
+    d: int  # head dim (kd = dv)
+    n: int  # tokens
+    scale: float
+    relative: bool
+    tables: tuple  # (name of R_h, name of R_w) in the weight dict, or ()
+
+    @classmethod
+    def of(cls, config: BenchConfig) -> _Block:
+        if config.position_encoding not in ENCODINGS:
+            raise ValueError(
+                f"The bench natives support position_encoding in {ENCODINGS}. "
+                f"Received: position_encoding={config.position_encoding!r}"
+            )
+        relative = config.position_encoding == "relative"
+        return cls(config.height, config.width, config.channels, config.num_heads,
+                   config.head_dim, config.tokens, 1.0 / math.sqrt(config.head_dim),
+                   relative, schema.table_names("relative") if relative else ())
 
 
 def _relative_index(length):
@@ -56,15 +76,13 @@ def torch_native(config: BenchConfig, weights: dict):
     import torch
     import torch.nn.functional as F
 
-    _check(config)
+    block = _Block.of(config)
     params = {k: torch.tensor(np.asarray(v, np.float32), requires_grad=True)
               for k, v in weights.items()}
-    height, width, channels = config.height, config.width, config.channels
-    heads, d, n = config.num_heads, config.head_dim, config.tokens
-    scale = 1.0 / math.sqrt(d)
-    relative = config.position_encoding == "relative"
+    height, width, channels = block.height, block.width, block.channels
+    heads, d, n, scale, relative = block.heads, block.d, block.n, block.scale, block.relative
     if relative:
-        name_h, name_w = schema.table_names("relative")
+        name_h, name_w = block.tables
         index_h = torch.as_tensor(_relative_index(height))
         index_w = torch.as_tensor(_relative_index(width))
 
@@ -95,14 +113,12 @@ def jax_native(config: BenchConfig, weights: dict):
     import jax
     import jax.numpy as jnp
 
-    _check(config)
+    block = _Block.of(config)
     params = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in weights.items()}
-    height, width, channels = config.height, config.width, config.channels
-    heads, d, n = config.num_heads, config.head_dim, config.tokens
-    scale = 1.0 / math.sqrt(d)
-    relative = config.position_encoding == "relative"
+    height, width, channels = block.height, block.width, block.channels
+    heads, d, n, scale, relative = block.heads, block.d, block.n, block.scale, block.relative
     if relative:
-        name_h, name_w = schema.table_names("relative")
+        name_h, name_w = block.tables
         index_h, index_w = _relative_index(height), _relative_index(width)
 
     def apply(params, x):
@@ -131,14 +147,12 @@ def tensorflow_native(config: BenchConfig, weights: dict):
     """(call(x) -> out, [tf.Variable]): x and out (B, H, W, C) float32."""
     import tensorflow as tf
 
-    _check(config)
+    block = _Block.of(config)
     params = {k: tf.Variable(np.asarray(v, np.float32), name=k) for k, v in weights.items()}
-    height, width, channels = config.height, config.width, config.channels
-    heads, d, n = config.num_heads, config.head_dim, config.tokens
-    scale = 1.0 / math.sqrt(d)
-    relative = config.position_encoding == "relative"
+    height, width, channels = block.height, block.width, block.channels
+    heads, d, n, scale, relative = block.heads, block.d, block.n, block.scale, block.relative
     if relative:
-        name_h, name_w = schema.table_names("relative")
+        name_h, name_w = block.tables
         index_h = tf.constant(_relative_index(height))
         index_w = tf.constant(_relative_index(width))
 
