@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BACKENDS ?= tensorflow torch jax
 STAMP := $(VENV)/.mhsa-core-installed
 
-.PHONY: demo example test install clean
+.PHONY: demo example test test-other-kernels install clean
 
 install: $(STAMP)
 
@@ -38,6 +38,16 @@ example: $(STAMP)
 # printed when both are done. Every run happens even if one fails; the target
 # fails if any did. No test asserts speed, so the overlap changes no verdict.
 LOGS := .test-logs
+# The other-kernels lane: the tests marked machine_sensitive (stored numbers,
+# float budgets against this machine's float64 oracle) again under each
+# setting of tests/kernels.py, which forces the frameworks' CPU kernels (and
+# NumPy's BLAS) onto other code paths: another machine on this one (1-2 min).
+KERNEL_SETTINGS ?= avx2 avx
+OTHER_KERNELS = for s in $(KERNEL_SETTINGS); do for b in $(BACKENDS); do \
+	  echo "=== other kernels: $$s, KERAS_BACKEND=$$b ==="; \
+	  $(PY) tests/kernels.py $$s -- env KERAS_BACKEND=$$b $(PY) -m pytest -q -m machine_sensitive \
+	    tests --ignore=tests/consistency || failed="$$failed $$s:$$b"; \
+	done; done
 
 test: $(STAMP)
 	@mkdir -p $(LOGS); rm -f $(LOGS)/matrix.log $(LOGS)/matrix.rc; \
@@ -48,12 +58,18 @@ test: $(STAMP)
 	  echo "=== KERAS_BACKEND=$$b ==="; \
 	  KERAS_BACKEND=$$b $(PY) -m pytest tests --ignore=tests/consistency || failed="$$failed $$b"; \
 	done; \
+	$(OTHER_KERNELS); \
 	wait; \
 	echo "=== cross-backend tests (ran alongside the above) ==="; \
 	cat $(LOGS)/matrix.log; \
 	[ "$$(cat $(LOGS)/matrix.rc 2>/dev/null)" = 0 ] || failed="$$failed matrix"; \
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; \
-	echo "all passed: $(BACKENDS) and the cross-backend matrix"
+	echo "all passed: $(BACKENDS), on other kernels ($(KERNEL_SETTINGS)), and the cross-backend matrix"
+
+test-other-kernels: $(STAMP)
+	@failed=""; $(OTHER_KERNELS); \
+	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; \
+	echo "all passed on other kernels: $(KERNEL_SETTINGS) x $(BACKENDS)"
 
 clean:
 	rm -rf $(VENV) $(LOGS) example-out build src/*.egg-info

@@ -10,6 +10,8 @@ from cases import YOLOV4_MHSA as BLOCK
 from harness import reference_config
 from mhsa_core import reference
 
+pytestmark = pytest.mark.machine_sensitive
+
 E = math.e
 # The reference's arguments of the Keras 2 YOLOv4-MHSA block (ReLU, the "conv"
 # encoding, unscaled logits): the defaults before 0.2.0.
