@@ -83,13 +83,30 @@ class BlockConfig:
     @property
     def weight_shapes(self) -> dict:
         """The canonical weight dict's shapes (`schema.weight_shapes`)."""
-        return schema.weight_shapes(self.channels, self.num_heads, self.key_dim,
-                                    self.position_encoding, self.use_bias, self.position_size)
+        return schema.weight_shapes(
+            self.channels,
+            self.num_heads,
+            self.key_dim,
+            self.position_encoding,
+            self.use_bias,
+            self.position_size,
+        )
 
 
-def check_config(channels, activations, *, num_heads, key_dim, activation,
-                 position_encoding, scale, scale_position_logits, data_format, use_bias,
-                 position_size):
+def check_config(
+    channels,
+    activations,
+    *,
+    num_heads,
+    key_dim,
+    activation,
+    position_encoding,
+    scale,
+    scale_position_logits,
+    data_format,
+    use_bias,
+    position_size,
+):
     """Check a block config for C=`channels`; returns its `BlockConfig`.
 
     `activations` is the native's own table (name -> function). `key_dim`
@@ -112,15 +129,21 @@ def check_config(channels, activations, *, num_heads, key_dim, activation,
     if int(num_heads) != num_heads or num_heads < 1 or channels % num_heads:
         raise ValueError(
             "Received an invalid value for argument `num_heads`, expected a positive "
-            f"integer that divides the channels C={channels}. Received: num_heads={num_heads}"
+            f"integer that divides the channels C={channels}. "
+            f"Received: num_heads={num_heads}"
         )
     head_dim = channels // num_heads
     key_dim = head_dim if key_dim is None else int(key_dim)
     return BlockConfig(
-        channels=channels, num_heads=num_heads, head_dim=head_dim, key_dim=key_dim,
-        activation=activation, position_encoding=position_encoding,
+        channels=channels,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        key_dim=key_dim,
+        activation=activation,
+        position_encoding=position_encoding,
         scale=1.0 / math.sqrt(key_dim) if scale is None else float(scale),
-        scale_position_logits=bool(scale_position_logits), data_format=data_format,
+        scale_position_logits=bool(scale_position_logits),
+        data_format=data_format,
         use_bias=bool(use_bias),
         position_size=check_position_size(position_encoding, position_size),
     )
@@ -134,11 +157,14 @@ def check_position_size(position_encoding, position_size):
     """
     if position_size is None or not schema.encoding(position_encoding).learned_tables:
         return None
-    if (not isinstance(position_size, (tuple, list)) or len(position_size) != 2
-            or any(int(n) != n or n < 1 for n in position_size)):
+    if (
+        not isinstance(position_size, (tuple, list))
+        or len(position_size) != 2
+        or any(int(n) != n or n < 1 for n in position_size)
+    ):
         raise ValueError(
-            f"position_encoding={position_encoding!r} needs position_size=(Hr, Wr), two "
-            f"positive integers. Received: position_size={position_size!r}"
+            f"position_encoding={position_encoding!r} needs position_size=(Hr, Wr), "
+            f"two positive integers. Received: position_size={position_size!r}"
         )
     return tuple(int(n) for n in position_size)
 
@@ -186,9 +212,11 @@ def check_weights(weights, expected):
     given = {name: tuple(np.shape(v)) for name, v in weights.items() if v is not None}
     unexpected = sorted(set(given) - set(expected))
     missing = sorted(set(expected) - set(given))
-    wrong = {name: f"{given[name]}, expected {tuple(shape)}"
-             for name, shape in expected.items()
-             if name in given and given[name] != tuple(shape)}
+    wrong = {
+        name: f"{given[name]}, expected {tuple(shape)}"
+        for name, shape in expected.items()
+        if name in given and given[name] != tuple(shape)
+    }
     if unexpected or missing or wrong:
         raise ValueError(
             f"The weight dict does not fit the block: unexpected {unexpected}, "
@@ -208,7 +236,8 @@ def numpy_config(x, weights, config):
     if config.get("use_bias") is None:
         config["use_bias"] = has_bias(weights)
     encoding = config["position_encoding"]
-    config["position_size"] = (check_position_size(encoding, config.get("position_size"))
-                               or position_size_of(weights, encoding))
+    config["position_size"] = check_position_size(
+        encoding, config.get("position_size")
+    ) or position_size_of(weights, encoding)
     channels = np.shape(x)[1 if config["data_format"] == "channels_first" else -1]
     return channels, config

@@ -72,15 +72,26 @@ _ACTIVATIONS = {
     None: lambda x: x,
     "linear": lambda x: x,
     "relu": jax.nn.relu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact, as the reference
+    "gelu": functools.partial(
+        jax.nn.gelu, approximate=False
+    ),  # exact, as the reference
     "sigmoid": jax.nn.sigmoid,
     "tanh": jnp.tanh,
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
 
-_STATIC = ("num_heads", "key_dim", "activation", "position_encoding", "scale",
-           "data_format", "scale_position_logits", "use_bias", "position_size")
+_STATIC = (
+    "num_heads",
+    "key_dim",
+    "activation",
+    "position_encoding",
+    "scale",
+    "data_format",
+    "scale_position_logits",
+    "use_bias",
+    "position_size",
+)
 
 
 def _dense(t, params, kernel, bias):
@@ -96,8 +107,9 @@ def _dense(t, params, kernel, bias):
 
 def _resize(table, length):
     """table (L, d) -> (length, d), linear along the rows, half-pixel centers."""
-    return jax.image.resize(table, (length, table.shape[1]), method="linear",
-                            antialias=False)
+    return jax.image.resize(
+        table, (length, table.shape[1]), method="linear", antialias=False
+    )
 
 
 def _pair_index(height, width, rows, relative, axis):
@@ -108,8 +120,11 @@ def _pair_index(height, width, rows, relative, axis):
     """
     ys, xs = np.divmod(np.arange(height * width), width)
     pos, length = (ys, height) if axis == "height" else (xs, width)
-    r = pos[None, :] - pos[:, None] + length - 1 if relative else np.broadcast_to(
-        pos[None, :], (pos.size, pos.size))
+    r = (
+        pos[None, :] - pos[:, None] + length - 1
+        if relative
+        else np.broadcast_to(pos[None, :], (pos.size, pos.size))
+    )
     return (np.arange(pos.size)[:, None] * rows + r).astype(np.int32)
 
 
@@ -124,8 +139,9 @@ def _position_logits(q, params, position_encoding, height, width):
     relative = position_encoding == "relative"
     batch, n, heads, _ = q.shape
     pos = 0
-    for name, axis, length in zip(schema.table_names(position_encoding),
-                                  ("height", "width"), (height, width)):
+    for name, axis, length in zip(
+        schema.table_names(position_encoding), ("height", "width"), (height, width)
+    ):
         rows = spec.rows(length)
         table = _resize(params[name], rows)  # (rows, kd)
         per_row = jnp.einsum("bnhd,rd->bhnr", q, table)  # (B, heads, N, rows)
@@ -143,16 +159,31 @@ def _sincos(height, width, channels, dtype):
     ang_x = jnp.arange(width, dtype=dtype)[:, None] * omega  # (W, d)
     emb_y = jnp.concatenate([jnp.sin(ang_y), jnp.cos(ang_y)], axis=-1)  # (H, 2d)
     emb_x = jnp.concatenate([jnp.sin(ang_x), jnp.cos(ang_x)], axis=-1)  # (W, 2d)
-    emb = jnp.concatenate([jnp.broadcast_to(emb_y[:, None, :], (height, width, 2 * d)),
-                           jnp.broadcast_to(emb_x[None, :, :], (height, width, 2 * d))],
-                          axis=-1)
+    emb = jnp.concatenate(
+        [
+            jnp.broadcast_to(emb_y[:, None, :], (height, width, 2 * d)),
+            jnp.broadcast_to(emb_x[None, :, :], (height, width, 2 * d)),
+        ],
+        axis=-1,
+    )
     return emb.reshape(height * width, channels)
 
 
-def apply(params, x, attention_mask=None, *, num_heads=1, key_dim=None,
-          activation=None, position_encoding="none", scale=None,
-          data_format="channels_last", scale_position_logits=True,
-          use_bias=None, position_size=None):
+def apply(
+    params,
+    x,
+    attention_mask=None,
+    *,
+    num_heads=1,
+    key_dim=None,
+    activation=None,
+    position_encoding="none",
+    scale=None,
+    data_format="channels_last",
+    scale_position_logits=True,
+    use_bias=None,
+    position_size=None,
+):
     """The block's forward pass, a pure function (jit it with the config static).
 
     Args:
@@ -179,11 +210,19 @@ def apply(params, x, attention_mask=None, *, num_heads=1, key_dim=None,
         x = jnp.transpose(x, (0, 2, 3, 1))  # (B, C, H, W) -> (B, H, W, C)
     batch, height, width, channels = x.shape
     cfg = _common.check_config(
-        channels, _ACTIVATIONS, num_heads=num_heads, key_dim=key_dim,
-        activation=activation, position_encoding=position_encoding, scale=scale,
-        scale_position_logits=scale_position_logits, data_format=data_format,
+        channels,
+        _ACTIVATIONS,
+        num_heads=num_heads,
+        key_dim=key_dim,
+        activation=activation,
+        position_encoding=position_encoding,
+        scale=scale,
+        scale_position_logits=scale_position_logits,
+        data_format=data_format,
         use_bias=_common.has_bias(params) if use_bias is None else use_bias,
-        position_size=position_size or _common.position_size_of(params, position_encoding))
+        position_size=position_size
+        or _common.position_size_of(params, position_encoding),
+    )
     _common.check_weights(params, cfg.weight_shapes)
     dv, kd, scale = cfg.head_dim, cfg.key_dim, cfg.scale  # dv: value width per head
     n = height * width
@@ -197,7 +236,9 @@ def apply(params, x, attention_mask=None, *, num_heads=1, key_dim=None,
         t = t + _sincos(height, width, channels, t.dtype)
 
     # (B, N, heads*d) -> (B, N, heads, d): head i is the channel slice [i*d, (i+1)*d).
-    q, k, v = (act(_dense(t, params, f"{p}_kernel", f"{p}_bias")) for p in schema.PROJECTIONS)
+    q, k, v = (
+        act(_dense(t, params, f"{p}_kernel", f"{p}_bias")) for p in schema.PROJECTIONS
+    )
     q = q.reshape(batch, n, num_heads, kd)
     k = k.reshape(batch, n, num_heads, kd)
     v = v.reshape(batch, n, num_heads, dv)
@@ -239,7 +280,8 @@ def _loss(params, x, attention_mask, loss_weights, config_items):
 
 
 _value_and_grad_jit = jax.jit(
-    jax.value_and_grad(_loss, argnums=(0, 1)), static_argnames=("config_items",))
+    jax.value_and_grad(_loss, argnums=(0, 1)), static_argnames=("config_items",)
+)
 
 
 def params_from_weight_dict(weights, dtype="float32"):
@@ -247,8 +289,11 @@ def params_from_weight_dict(weights, dtype="float32"):
 
     float64 needs 64-bit mode to be on (see the module docstring).
     """
-    return {k: jnp.asarray(np.asarray(v), dtype=dtype)
-            for k, v in weights.items() if v is not None}
+    return {
+        k: jnp.asarray(np.asarray(v), dtype=dtype)
+        for k, v in weights.items()
+        if v is not None
+    }
 
 
 def _precision(dtype):
@@ -260,7 +305,9 @@ def _precision(dtype):
 
 def _check_dtype(array, dtype):
     if array.dtype != np.dtype(dtype):
-        raise AssertionError(f"JAX computed in {array.dtype}, asked for {np.dtype(dtype)}")
+        raise AssertionError(
+            f"JAX computed in {array.dtype}, asked for {np.dtype(dtype)}"
+        )
     return array
 
 
@@ -273,13 +320,16 @@ def forward(x, weights, attention_mask=None, dtype="float32", **config):
     with _precision(dtype):
         params = params_from_weight_dict(weights, dtype)
         xj = jnp.asarray(np.asarray(x), dtype=dtype)
-        mask = None if attention_mask is None else jnp.asarray(attention_mask, dtype=bool)
+        mask = (
+            None if attention_mask is None else jnp.asarray(attention_mask, dtype=bool)
+        )
         out = np.asarray(_apply_jit(params, xj, mask, **config))
     return _check_dtype(out, dtype)
 
 
-def value_and_grad(x, weights, loss_weights, attention_mask=None, dtype="float32",
-                   **config):
+def value_and_grad(
+    x, weights, loss_weights, attention_mask=None, dtype="float32", **config
+):
     """Loss `sum(out * loss_weights)` and its gradients, as NumPy.
 
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped
@@ -290,9 +340,12 @@ def value_and_grad(x, weights, loss_weights, attention_mask=None, dtype="float32
         params = params_from_weight_dict(weights, dtype)
         xj = jnp.asarray(np.asarray(x), dtype=dtype)
         lw = jnp.asarray(np.asarray(loss_weights), dtype=dtype)
-        mask = None if attention_mask is None else jnp.asarray(attention_mask, dtype=bool)
+        mask = (
+            None if attention_mask is None else jnp.asarray(attention_mask, dtype=bool)
+        )
         loss, (grad_params, grad_x) = _value_and_grad_jit(
-            params, xj, mask, lw, config_items=tuple(sorted(config.items())))
+            params, xj, mask, lw, config_items=tuple(sorted(config.items()))
+        )
         loss = np.asarray(loss)
         grad_x = np.asarray(grad_x)
         grad_params = {k: np.asarray(v) for k, v in grad_params.items()}
@@ -310,7 +363,9 @@ _sincos_jit = jax.jit(_sincos, static_argnums=(0, 1, 2, 3))
 def resize_table(table, length, dtype="float32"):
     """The native's table resize on NumPy: (L, d) -> (length, d) in `dtype`."""
     with _precision(dtype):
-        out = np.asarray(_resize_jit(jnp.asarray(np.asarray(table), dtype=dtype), length))
+        out = np.asarray(
+            _resize_jit(jnp.asarray(np.asarray(table), dtype=dtype), length)
+        )
     return _check_dtype(out, dtype)
 
 

@@ -54,7 +54,13 @@ import tensorflow as tf
 
 from mhsa_core.reference import schema
 
-__all__ = ["NativeMHSA2D", "forward", "resize_table", "sinusoidal_embedding", "value_and_grad"]
+__all__ = [
+    "NativeMHSA2D",
+    "forward",
+    "resize_table",
+    "sinusoidal_embedding",
+    "value_and_grad",
+]
 
 
 def _gelu(x):
@@ -79,6 +85,7 @@ _ACTIVATIONS = {
     "swish": tf.nn.silu,
 }
 
+
 def _resize(table, length):
     """table (L, d) -> (length, d), linear along the rows, half-pixel centers.
 
@@ -92,8 +99,8 @@ def _resize(table, length):
     t = tf.cast(tf.range(length), dtype)
     s = (t + 0.5) * (rows / tf.cast(length, dtype)) - 0.5
     s = tf.clip_by_value(s, tf.zeros((), dtype), rows - 1)
-    l = tf.cast(tf.range(tf.shape(table)[0]), dtype)
-    weights = tf.nn.relu(1.0 - tf.abs(s[:, None] - l[None, :]))  # (length, L)
+    row_index = tf.cast(tf.range(tf.shape(table)[0]), dtype)
+    weights = tf.nn.relu(1.0 - tf.abs(s[:, None] - row_index[None, :]))  # (length, L)
     return tf.linalg.matmul(weights, table)
 
 
@@ -109,13 +116,20 @@ def _sincos(height, width, channels, dtype):
     """The fixed 2-D sine-cosine embedding (H*W, C), row-major over (H, W)."""
     d = channels // 4
     k = tf.range(d, dtype=tf.float64)
-    omega = tf.cast(1.0 / tf.pow(tf.constant(10000.0, tf.float64), k / d), dtype)  # (d,)
+    omega = tf.cast(
+        1.0 / tf.pow(tf.constant(10000.0, tf.float64), k / d), dtype
+    )  # (d,)
     ang_y = tf.cast(tf.range(height), dtype)[:, None] * omega  # (H, d)
     ang_x = tf.cast(tf.range(width), dtype)[:, None] * omega  # (W, d)
     emb_y = tf.concat([tf.sin(ang_y), tf.cos(ang_y)], axis=-1)  # (H, 2d)
     emb_x = tf.concat([tf.sin(ang_x), tf.cos(ang_x)], axis=-1)  # (W, 2d)
-    emb = tf.concat([tf.tile(emb_y[:, None, :], (1, width, 1)),
-                     tf.tile(emb_x[None, :, :], (height, 1, 1))], axis=-1)  # (H, W, C)
+    emb = tf.concat(
+        [
+            tf.tile(emb_y[:, None, :], (1, width, 1)),
+            tf.tile(emb_x[None, :, :], (height, 1, 1)),
+        ],
+        axis=-1,
+    )  # (H, W, C)
     return tf.reshape(emb, (height * width, channels))
 
 
@@ -136,20 +150,41 @@ class NativeMHSA2D(tf.Module):
     Variables start at zero; load the canonical weights with `load_weight_dict`.
     """
 
-    def __init__(self, channels, num_heads=1, key_dim=None, activation=None,
-                 position_encoding="none", scale=None, use_bias=True,
-                 data_format="channels_last", position_size=None,
-                 scale_position_logits=True, dtype="float32", name=None):
+    def __init__(
+        self,
+        channels,
+        num_heads=1,
+        key_dim=None,
+        activation=None,
+        position_encoding="none",
+        scale=None,
+        use_bias=True,
+        data_format="channels_last",
+        position_size=None,
+        scale_position_logits=True,
+        dtype="float32",
+        name=None,
+    ):
         super().__init__(name=name)
         self.config = _common.check_config(
-            channels, _ACTIVATIONS, num_heads=num_heads, key_dim=key_dim,
-            activation=activation, position_encoding=position_encoding, scale=scale,
-            scale_position_logits=scale_position_logits, data_format=data_format,
-            use_bias=use_bias, position_size=position_size)
+            channels,
+            _ACTIVATIONS,
+            num_heads=num_heads,
+            key_dim=key_dim,
+            activation=activation,
+            position_encoding=position_encoding,
+            scale=scale,
+            scale_position_logits=scale_position_logits,
+            data_format=data_format,
+            use_bias=use_bias,
+            position_size=position_size,
+        )
         self.compute_dtype = tf.as_dtype(np.dtype(dtype).name)
         # name -> tf.Variable, canonical names and shapes, in creation order.
-        self.weights = {name: tf.Variable(tf.zeros(shape, self.compute_dtype), name=name)
-                        for name, shape in self.config.weight_shapes.items()}
+        self.weights = {
+            name: tf.Variable(tf.zeros(shape, self.compute_dtype), name=name)
+            for name, shape in self.config.weight_shapes.items()
+        }
 
     def load_weight_dict(self, weights):
         """Assign a canonical weight dict (NumPy arrays, any float dtype).
@@ -157,8 +192,10 @@ class NativeMHSA2D(tf.Module):
         Values are cast to the module's dtype. Missing, unexpected or wrongly
         shaped entries raise ValueError.
         """
-        _common.check_weights(weights, {name: tuple(variable.shape)
-                                        for name, variable in self.weights.items()})
+        _common.check_weights(
+            weights,
+            {name: tuple(variable.shape) for name, variable in self.weights.items()},
+        )
         for name, variable in self.weights.items():
             variable.assign(tf.cast(np.asarray(weights[name]), self.compute_dtype))
         return self
@@ -185,8 +222,12 @@ class NativeMHSA2D(tf.Module):
         name_h, name_w = schema.table_names(spec.name)
         table_h = _resize(self.weights[name_h], spec.rows(height))
         table_w = _resize(self.weights[name_w], spec.rows(width))
-        emb_h = tf.gather(table_h, _index_matrix(height, relative))  # (H, H, kd): [y_i, y_j]
-        emb_w = tf.gather(table_w, _index_matrix(width, relative))  # (W, W, kd): [x_i, x_j]
+        emb_h = tf.gather(
+            table_h, _index_matrix(height, relative)
+        )  # (H, H, kd): [y_i, y_j]
+        emb_w = tf.gather(
+            table_w, _index_matrix(width, relative)
+        )  # (W, W, kd): [x_i, x_j]
         logits_h = tf.einsum("byxhd,yvd->bhyxv", q, emb_h)  # (B, heads, H, W, H)
         logits_w = tf.einsum("byxhd,xud->bhyxu", q, emb_w)  # (B, heads, H, W, W)
         # (B, heads, H, W, H, W): [y_i, x_i, y_j, x_j] -> (B, heads, N, N)
@@ -214,15 +255,18 @@ class NativeMHSA2D(tf.Module):
             t = t + _sincos(height, width, cfg.channels, self.compute_dtype)
 
         # (B, N, heads*d) -> (B, N, heads, d): head i is the slice [i*d, (i+1)*d).
-        q, k, v = (act(self._dense(t, f"{p}_kernel", f"{p}_bias")) for p in schema.PROJECTIONS)
+        q, k, v = (
+            act(self._dense(t, f"{p}_kernel", f"{p}_bias")) for p in schema.PROJECTIONS
+        )
         q = tf.reshape(q, (batch, n, heads, kd))
         k = tf.reshape(k, (batch, n, heads, kd))
         v = tf.reshape(v, (batch, n, heads, dv))
 
         logits = tf.einsum("bqhd,bkhd->bhqk", q, k)  # (B, heads, N, N)
         scale = tf.constant(cfg.scale, self.compute_dtype)
-        pos = self._position_logits(tf.reshape(q, (batch, height, width, heads, kd)),
-                                    height, width)
+        pos = self._position_logits(
+            tf.reshape(q, (batch, height, width, heads, kd)), height, width
+        )
         if pos is None:
             logits = logits * scale
         elif cfg.scale_position_logits:
@@ -243,7 +287,9 @@ class NativeMHSA2D(tf.Module):
             out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
             out = tf.where(has_key[:, None, None, None], out, tf.zeros_like(out))
 
-        out = tf.reshape(out, (batch, height, width, cfg.channels))  # heads concatenated
+        out = tf.reshape(
+            out, (batch, height, width, cfg.channels)
+        )  # heads concatenated
         if cfg.data_format == "channels_first":
             out = tf.transpose(out, (0, 3, 1, 2))  # -> (B, C, H, W)
         return out
@@ -270,11 +316,14 @@ def forward(x, weights, attention_mask=None, dtype="float32", **config):
     """
     x = np.asarray(x)
     module = _build(x, weights, dtype, config)
-    return module(tf.cast(x, module.compute_dtype), _mask_tensor(attention_mask)).numpy()
+    return module(
+        tf.cast(x, module.compute_dtype), _mask_tensor(attention_mask)
+    ).numpy()
 
 
-def value_and_grad(x, weights, loss_weights, attention_mask=None, dtype="float32",
-                   **config):
+def value_and_grad(
+    x, weights, loss_weights, attention_mask=None, dtype="float32", **config
+):
     """Loss `sum(out * loss_weights)` and its gradients, as NumPy.
 
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped
@@ -289,8 +338,11 @@ def value_and_grad(x, weights, loss_weights, attention_mask=None, dtype="float32
         out = module(xt, _mask_tensor(attention_mask))
         loss = tf.reduce_sum(out * lw)
     grad_x, grad_w = tape.gradient(loss, (xt, module.weights))
-    return (loss.numpy()[()], grad_x.numpy(),
-            {name: g.numpy() for name, g in grad_w.items()})
+    return (
+        loss.numpy()[()],
+        grad_x.numpy(),
+        {name: g.numpy() for name, g in grad_w.items()},
+    )
 
 
 def resize_table(table, length, dtype="float32"):

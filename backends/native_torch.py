@@ -58,7 +58,13 @@ from torch import nn
 
 from mhsa_core.reference import schema
 
-__all__ = ["NativeMHSA2D", "forward", "resize_table", "sinusoidal_embedding", "value_and_grad"]
+__all__ = [
+    "NativeMHSA2D",
+    "forward",
+    "resize_table",
+    "sinusoidal_embedding",
+    "value_and_grad",
+]
 
 _ACTIVATIONS = {
     None: lambda x: x,
@@ -89,8 +95,9 @@ def _torch_dtype(dtype):
 def _resize(table, length):
     """table (L, d) -> (length, d), linear along the rows, half-pixel centers."""
     # F.interpolate resizes the last axis of (N, C, L): the rows go last.
-    resized = F.interpolate(table.t()[None], size=length, mode="linear",
-                            align_corners=False)
+    resized = F.interpolate(
+        table.t()[None], size=length, mode="linear", align_corners=False
+    )
     return resized[0].t()
 
 
@@ -106,7 +113,7 @@ def _rel_to_abs(rel):
     *lead, length, _ = rel.shape
     flat = F.pad(rel, (0, 1)).reshape(*lead, 2 * length * length)
     flat = F.pad(flat, (0, length - 1))
-    return flat.reshape(*lead, length + 1, 2 * length - 1)[..., :length, length - 1:]
+    return flat.reshape(*lead, length + 1, 2 * length - 1)[..., :length, length - 1 :]
 
 
 def _sincos(height, width, channels, dtype, device):
@@ -118,8 +125,13 @@ def _sincos(height, width, channels, dtype, device):
     ang_x = torch.arange(width, dtype=dtype, device=device)[:, None] * omega  # (W, d)
     emb_y = torch.cat([ang_y.sin(), ang_y.cos()], dim=-1)  # (H, 2d)
     emb_x = torch.cat([ang_x.sin(), ang_x.cos()], dim=-1)  # (W, 2d)
-    emb = torch.cat([emb_y[:, None, :].expand(height, width, 2 * d),
-                     emb_x[None, :, :].expand(height, width, 2 * d)], dim=-1)
+    emb = torch.cat(
+        [
+            emb_y[:, None, :].expand(height, width, 2 * d),
+            emb_x[None, :, :].expand(height, width, 2 * d),
+        ],
+        dim=-1,
+    )
     return emb.reshape(height * width, channels)
 
 
@@ -141,40 +153,66 @@ class NativeMHSA2D(nn.Module):
     The dtype follows `.to(dtype)`.
     """
 
-    def __init__(self, channels, num_heads=1, key_dim=None, activation=None,
-                 position_encoding="none", scale=None, use_bias=True,
-                 data_format="channels_last", position_size=None,
-                 scale_position_logits=True):
+    def __init__(
+        self,
+        channels,
+        num_heads=1,
+        key_dim=None,
+        activation=None,
+        position_encoding="none",
+        scale=None,
+        use_bias=True,
+        data_format="channels_last",
+        position_size=None,
+        scale_position_logits=True,
+    ):
         super().__init__()
         self.config = cfg = _common.check_config(
-            channels, _ACTIVATIONS, num_heads=num_heads, key_dim=key_dim,
-            activation=activation, position_encoding=position_encoding, scale=scale,
-            scale_position_logits=scale_position_logits, data_format=data_format,
-            use_bias=use_bias, position_size=position_size)
+            channels,
+            _ACTIVATIONS,
+            num_heads=num_heads,
+            key_dim=key_dim,
+            activation=activation,
+            position_encoding=position_encoding,
+            scale=scale,
+            scale_position_logits=scale_position_logits,
+            data_format=data_format,
+            use_bias=use_bias,
+            position_size=position_size,
+        )
         # The canonical (in, out) shapes; also what `load_weight_dict` accepts.
         shapes = cfg.weight_shapes
 
         # nn.Linear(in, out): weight (out, in), bias (out,).
         self._token_weights = cfg.encoding.token_weights  # ("conv" only)
-        self.position = (nn.Linear(*shapes[self._token_weights[0]], bias=cfg.use_bias)
-                         if self._token_weights else None)
+        self.position = (
+            nn.Linear(*shapes[self._token_weights[0]], bias=cfg.use_bias)
+            if self._token_weights
+            else None
+        )
         self.query = nn.Linear(*shapes["query_kernel"], bias=cfg.use_bias)
         self.key = nn.Linear(*shapes["key_kernel"], bias=cfg.use_bias)
         self.value = nn.Linear(*shapes["value_kernel"], bias=cfg.use_bias)
 
         # Learned tables: canonical name -> nn.Parameter (rows, key_dim).
         stddev = schema.table_stddev(cfg.key_dim)
-        self.tables = nn.ParameterDict({
-            name: nn.Parameter(torch.randn(shape) * stddev)
-            for name, shape in schema.table_shapes(
-                position_encoding, cfg.position_size, cfg.key_dim).items()
-        })
+        self.tables = nn.ParameterDict(
+            {
+                name: nn.Parameter(torch.randn(shape) * stddev)
+                for name, shape in schema.table_shapes(
+                    position_encoding, cfg.position_size, cfg.key_dim
+                ).items()
+            }
+        )
 
     def _linears(self):
         """((kernel name, bias name), nn.Linear) pairs, in creation order."""
-        pairs = [(self._token_weights, self.position)] if self.position is not None else []
-        return pairs + [((f"{p}_kernel", f"{p}_bias"), getattr(self, p))
-                        for p in schema.PROJECTIONS]
+        pairs = (
+            [(self._token_weights, self.position)] if self.position is not None else []
+        )
+        return pairs + [
+            ((f"{p}_kernel", f"{p}_bias"), getattr(self, p)) for p in schema.PROJECTIONS
+        ]
 
     def load_weight_dict(self, weights):
         """Copy a canonical weight dict (NumPy arrays, any float dtype) in.
@@ -186,10 +224,15 @@ class NativeMHSA2D(nn.Module):
         with torch.no_grad():
             for (kernel, bias), linear in self._linears():
                 # Canonical (in, out) -> nn.Linear (out, in).
-                linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(
-                    np.asarray(weights[kernel]).T)))
+                linear.weight.copy_(
+                    torch.from_numpy(
+                        np.ascontiguousarray(np.asarray(weights[kernel]).T)
+                    )
+                )
                 if linear.bias is not None:
-                    linear.bias.copy_(torch.from_numpy(np.ascontiguousarray(weights[bias])))
+                    linear.bias.copy_(
+                        torch.from_numpy(np.ascontiguousarray(weights[bias]))
+                    )
             for name, table in self.tables.items():
                 table.copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))
         return self
@@ -258,7 +301,9 @@ class NativeMHSA2D(nn.Module):
         if bias is not None and cfg.scale_position_logits:
             bias = cfg.scale * bias
         if attention_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=cfg.scale)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, scale=cfg.scale
+            )
         else:
             keep = torch.as_tensor(attention_mask, device=x.device)
             keep = keep.to(torch.bool).reshape(batch, n)  # (B, N), per key
@@ -269,7 +314,9 @@ class NativeMHSA2D(nn.Module):
                 mask = safe[:, None, None, :]  # bool: True = attend
             else:  # float: the position term, -inf at the masked keys
                 mask = bias.masked_fill(~safe[:, None, None, :], float("-inf"))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=cfg.scale)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=cfg.scale
+            )
             out = torch.where(has_key[:, None, None, None], out, out.new_zeros(()))
         # out: (B, heads, N, dv) -> (B, N, heads, dv) -> (B, H, W, C)
         out = out.transpose(1, 2).reshape(batch, height, width, channels)
@@ -305,8 +352,9 @@ def forward(x, weights, attention_mask=None, dtype="float32", **config):
     return out.numpy()
 
 
-def value_and_grad(x, weights, loss_weights, attention_mask=None, dtype="float32",
-                   **config):
+def value_and_grad(
+    x, weights, loss_weights, attention_mask=None, dtype="float32", **config
+):
     """Loss `sum(out * loss_weights)` and its gradients, as NumPy.
 
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped

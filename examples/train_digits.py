@@ -81,9 +81,11 @@ def load_data(samples: int | None = None, seed: int = 0) -> dict:
         return resize(images[idx], size)[..., None].astype("float32")
 
     return {
-        "x_train": at(train, TRAIN_SIZE), "y_train": labels[train],
+        "x_train": at(train, TRAIN_SIZE),
+        "y_train": labels[train],
         f"x_test_{TRAIN_SIZE}": at(test, TRAIN_SIZE),
-        f"x_test_{EVAL_SIZE}": at(test, EVAL_SIZE), "y_test": labels[test],
+        f"x_test_{EVAL_SIZE}": at(test, EVAL_SIZE),
+        "y_test": labels[test],
     }
 
 
@@ -98,20 +100,26 @@ def build_model(neck: str = "botnet"):
     import mhsa_core
 
     inputs = keras.Input((None, None, 1), name="digits")
-    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv_1")(inputs)
-    x = keras.layers.Conv2D(CHANNELS, 3, strides=2, padding="same", activation="relu",
-                            name="conv_2")(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv_1")(
+        inputs
+    )
+    x = keras.layers.Conv2D(
+        CHANNELS, 3, strides=2, padding="same", activation="relu", name="conv_2"
+    )(x)
     side = TRAIN_SIZE // 2
     for i in range(NUM_BLOCKS):
         if neck == "botnet":
             # The relative tables belong to the 8x8 training map; other sizes
             # resize them (position_size is needed with H, W unknown).
             layer = mhsa_core.MultiHeadSelfAttention2D.botnet(
-                num_heads=NUM_HEADS, position_size=(side, side), name=f"mhsa_{i}")
+                num_heads=NUM_HEADS, position_size=(side, side), name=f"mhsa_{i}"
+            )
         elif neck == "legacy":
             layer = mhsa_core.MultiHeadSelfAttention2D.yolov4_mhsa(name=f"mhsa_{i}")
         else:
-            raise ValueError(f"`neck` must be 'botnet' or 'legacy'. Received: neck={neck!r}")
+            raise ValueError(
+                f"`neck` must be 'botnet' or 'legacy'. Received: neck={neck!r}"
+            )
         # Without the residual and the norm, four attention layers in a row
         # (the Keras 2 neck as it was) reached 73% test accuracy here in 10
         # epochs instead of 98% in 8.
@@ -122,22 +130,41 @@ def build_model(neck: str = "botnet"):
     return keras.Model(inputs, outputs, name=f"digits_{neck}")
 
 
-def train(model, data: dict, *, epochs: int, batch_size: int = 32, verbose="auto",
-          learning_rate: float = 2e-3):
+def train(
+    model,
+    data: dict,
+    *,
+    epochs: int,
+    batch_size: int = 32,
+    verbose="auto",
+    learning_rate: float = 2e-3,
+):
     """Compiles and fits `model` on data["x_train"]; returns the History."""
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    return model.fit(data["x_train"], data["y_train"], epochs=epochs,
-                     batch_size=batch_size, shuffle=True, verbose=verbose)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model.fit(
+        data["x_train"],
+        data["y_train"],
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=True,
+        verbose=verbose,
+    )
 
 
 def predict(model, data: dict) -> dict:
     """Class probabilities of the test digits at both sizes."""
-    return {f"probs_{s}": np.asarray(model.predict(data[f"x_test_{s}"], batch_size=128,
-                                                   verbose=0))
-            for s in (TRAIN_SIZE, EVAL_SIZE)}
+    return {
+        f"probs_{s}": np.asarray(
+            model.predict(data[f"x_test_{s}"], batch_size=128, verbose=0)
+        )
+        for s in (TRAIN_SIZE, EVAL_SIZE)
+    }
 
 
 def attention_scores(model, x, layer_name: str = f"mhsa_{NUM_BLOCKS - 1}"):
@@ -167,9 +194,15 @@ def _worker(args) -> None:
         history = train(model, data, epochs=args.epochs, verbose=1)
         model.save(out / "model.keras")
         x_map = data[f"x_test_{EVAL_SIZE}"][:1]
-        np.savez(out / "scores.npz", scores=attention_scores(model, x_map), image=x_map[0, :, :, 0])
-        extra = {"train_accuracy": float(history.history["accuracy"][-1]),
-                 "train_loss": float(history.history["loss"][-1])}
+        np.savez(
+            out / "scores.npz",
+            scores=attention_scores(model, x_map),
+            image=x_map[0, :, :, 0],
+        )
+        extra = {
+            "train_accuracy": float(history.history["accuracy"][-1]),
+            "train_loss": float(history.history["loss"][-1]),
+        }
     else:
         # compile=False: the file's compile config says jit_compile=True (what
         # "auto" resolved to under JAX), which torch's predict takes as
@@ -184,10 +217,25 @@ def _worker(args) -> None:
 # ------------------------------------------------------------ parent process
 def _run_backend(stage: str, backend: str, args) -> None:
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-    cmd = [sys.executable, __file__, "--worker", stage, "--out", str(args.out),
-           "--epochs", str(args.epochs), "--neck", args.neck, "--seed", str(args.seed)]
-    print(f"\n--- {backend}: {'train' if stage == 'train' else 'load model.keras, predict'}",
-          flush=True)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        stage,
+        "--out",
+        str(args.out),
+        "--epochs",
+        str(args.epochs),
+        "--neck",
+        args.neck,
+        "--seed",
+        str(args.seed),
+    ]
+    print(
+        f"\n--- {backend}: "
+        f"{'train' if stage == 'train' else 'load model.keras, predict'}",
+        flush=True,
+    )
     subprocess.run(cmd, env=env, check=True)
 
 
@@ -198,24 +246,31 @@ def compare(data: dict, probs: dict, trained_on: str) -> list[dict]:
     for backend, p in probs.items():
         for s in (TRAIN_SIZE, EVAL_SIZE):
             mine, ref = p[f"probs_{s}"], probs[trained_on][f"probs_{s}"]
-            rows.append({
-                "backend": backend, "size": s,
-                "accuracy": float(np.mean(mine.argmax(-1) == data["y_test"])),
-                "max_abs_diff": float(np.max(np.abs(mine - ref))),
-                "same_class": int(np.sum(mine.argmax(-1) == ref.argmax(-1))),
-                "n": len(mine),
-            })
+            rows.append(
+                {
+                    "backend": backend,
+                    "size": s,
+                    "accuracy": float(np.mean(mine.argmax(-1) == data["y_test"])),
+                    "max_abs_diff": float(np.max(np.abs(mine - ref))),
+                    "same_class": int(np.sum(mine.argmax(-1) == ref.argmax(-1))),
+                    "n": len(mine),
+                }
+            )
     return rows
 
 
 def format_comparison(rows: list[dict], trained_on: str) -> str:
-    lines = [f"{'backend':<11} {'model':<18} {'size':<6} {'test accuracy':<14} "
-             f"{'max |p - p_' + trained_on + '|':<20} same class as {trained_on}"]
+    lines = [
+        f"{'backend':<11} {'model':<18} {'size':<6} {'test accuracy':<14} "
+        f"{'max |p - p_' + trained_on + '|':<20} same class as {trained_on}"
+    ]
     for r in rows:
         how = "trained" if r["backend"] == trained_on else "loaded .keras"
-        lines.append(f"{r['backend']:<11} {how:<18} {r['size']}x{r['size']:<3} "
-                     f"{r['accuracy']:<14.4f} {r['max_abs_diff']:<20.2e} "
-                     f"{r['same_class']}/{r['n']}")
+        lines.append(
+            f"{r['backend']:<11} {how:<18} {r['size']}x{r['size']:<3} "
+            f"{r['accuracy']:<14.4f} {r['max_abs_diff']:<20.2e} "
+            f"{r['same_class']}/{r['n']}"
+        )
     return "\n".join(lines)
 
 
@@ -224,14 +279,24 @@ def run_matrix_on(out: Path, data: dict, backends) -> bool:
     input variants; prints its table and verdict, returns whether all agree."""
     from mhsa_core.consistency import cases, matrix, protocol, report
 
-    variants = [{"digits": data[f"x_test_{s}"][:MATRIX_BATCH]} for s in (TRAIN_SIZE, EVAL_SIZE)]
-    case = cases.Case("digits", None, variants, model_path=str(out / "model.keras"),
-                      tasks=tuple(protocol.ALL_TASKS))
+    variants = [
+        {"digits": data[f"x_test_{s}"][:MATRIX_BATCH]} for s in (TRAIN_SIZE, EVAL_SIZE)
+    ]
+    case = cases.Case(
+        "digits",
+        None,
+        variants,
+        model_path=str(out / "model.keras"),
+        tasks=tuple(protocol.ALL_TASKS),
+    )
     result = matrix.run_matrix([case], list(backends))
-    report.render(result, sys.stdout,
-                  f"mhsa-core matrix: {out / 'model.keras'}, {MATRIX_BATCH} test digits at "
-                  f"{TRAIN_SIZE}x{TRAIN_SIZE} (variant 0) and {EVAL_SIZE}x{EVAL_SIZE} "
-                  f"(variant 1) (error / budget; <= 1 passes)")
+    report.render(
+        result,
+        sys.stdout,
+        f"mhsa-core matrix: {out / 'model.keras'}, {MATRIX_BATCH} test digits at "
+        f"{TRAIN_SIZE}x{TRAIN_SIZE} (variant 0) and {EVAL_SIZE}x{EVAL_SIZE} "
+        f"(variant 1) (error / budget; <= 1 passes)",
+    )
     for backend, error in result.worker_errors.items():
         print(f"{backend}: {error}")
     print(report.verdict(result))
@@ -243,25 +308,49 @@ def plot_maps(out: Path, path: Path) -> Path:
 
     saved = np.load(out / "scores.npz")
     side = EVAL_SIZE // 2
-    return Path(plot_attention_maps(saved["image"], saved["scores"], side, side,
-                                    queries=list(MAP_QUERIES), path=path))
+    return Path(
+        plot_attention_maps(
+            saved["image"],
+            saved["scores"],
+            side,
+            side,
+            queries=list(MAP_QUERIES),
+            path=path,
+        )
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default="jax", choices=BACKENDS,
-                        help="the backend that trains (default jax); the others load")
-    parser.add_argument("--neck", default="botnet", choices=("botnet", "legacy"),
-                        help="the four attention layers: BoTNet's (4 heads, relative "
-                             "position logits; default) or the Keras 2 YOLOv4-MHSA block's")
+    parser.add_argument(
+        "--backend",
+        default="jax",
+        choices=BACKENDS,
+        help="the backend that trains (default jax); the others load",
+    )
+    parser.add_argument(
+        "--neck",
+        default="botnet",
+        choices=("botnet", "legacy"),
+        help="the four attention layers: BoTNet's (4 heads, relative "
+        "position logits; default) or the Keras 2 YOLOv4-MHSA block's",
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="example-out", help="folder for the files (created)")
-    parser.add_argument("--no-matrix", action="store_true", help="skip the matrix verdict")
-    parser.add_argument("--worker", choices=("train", "predict"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--out", default="example-out", help="folder for the files (created)"
+    )
+    parser.add_argument(
+        "--no-matrix", action="store_true", help="skip the matrix verdict"
+    )
+    parser.add_argument(
+        "--worker", choices=("train", "predict"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
-        parser.error(f"--epochs must be a positive integer. Received: --epochs={args.epochs}")
+        parser.error(
+            f"--epochs must be a positive integer. Received: --epochs={args.epochs}"
+        )
     if args.worker:
         _worker(args)
         return 0
@@ -271,21 +360,28 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = load_data()
     np.savez(out / "data.npz", **data)
-    print(f"digits: {len(data['y_train'])} train, {len(data['y_test'])} test, trained at "
-          f"{TRAIN_SIZE}x{TRAIN_SIZE}, also run at {EVAL_SIZE}x{EVAL_SIZE}; neck: "
-          f"{NUM_BLOCKS} x {args.neck}")
+    print(
+        f"digits: {len(data['y_train'])} train, {len(data['y_test'])} test, trained at "
+        f"{TRAIN_SIZE}x{TRAIN_SIZE}, also run at {EVAL_SIZE}x{EVAL_SIZE}; neck: "
+        f"{NUM_BLOCKS} x {args.neck}"
+    )
     order = [args.backend] + [b for b in BACKENDS if b != args.backend]
     for backend in order:
         _run_backend("train" if backend == args.backend else "predict", backend, args)
     probs = {b: dict(np.load(out / f"probs-{b}.npz")) for b in order}
     info = {b: json.loads((out / f"info-{b}.json").read_text()) for b in order}
 
-    print(f"\ntrained on {args.backend}: {args.epochs} epochs, train accuracy "
-          f"{info[args.backend]['train_accuracy']:.4f}; test digits:")
+    print(
+        f"\ntrained on {args.backend}: {args.epochs} epochs, train accuracy "
+        f"{info[args.backend]['train_accuracy']:.4f}; test digits:"
+    )
     print(format_comparison(compare(data, probs, args.backend), args.backend))
     png = plot_maps(out, out / "attention-maps.png")
-    print(f"\nattention maps (last attention layer, one test digit at {EVAL_SIZE}x{EVAL_SIZE}, "
-          f"queries {list(MAP_QUERIES)} on the {EVAL_SIZE // 2}x{EVAL_SIZE // 2} map): {png}")
+    print(
+        f"\nattention maps (last attention layer, one test digit at "
+        f"{EVAL_SIZE}x{EVAL_SIZE}, queries {list(MAP_QUERIES)} on the "
+        f"{EVAL_SIZE // 2}x{EVAL_SIZE // 2} map): {png}"
+    )
     agree = True
     if not args.no_matrix:
         print()

@@ -135,7 +135,9 @@ def _saved_torch(fn, *args):
             tuple(t.shape),
             t.stride(),
         )
-        saved.setdefault(key, Saved(tuple(t.shape), str(t.dtype).removeprefix("torch.")))
+        saved.setdefault(
+            key, Saved(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        )
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -176,7 +178,9 @@ def _scan_steps(jaxpr, var) -> int:
                 if index < eqn.params["num_carry"]:
                     return 1
                 return eqn.params["length"] * _scan_steps(inner, inner.outvars[index])
-            if inner is not None and len(getattr(inner, "outvars", ())) == len(eqn.outvars):
+            if inner is not None and len(getattr(inner, "outvars", ())) == len(
+                eqn.outvars
+            ):
                 # jit (pjit) and other call-like primitives: look inside.
                 return _scan_steps(inner, inner.outvars[index])
             return 1
@@ -213,7 +217,10 @@ def _saved_tensorflow(fn, *args):
         if not op.name.startswith(_TAPE_SCOPE):
             continue
         for t in op.inputs:
-            if t.op.name.startswith(_TAPE_SCOPE) or t.dtype in (tf.variant, tf.resource):
+            if t.op.name.startswith(_TAPE_SCOPE) or t.dtype in (
+                tf.variant,
+                tf.resource,
+            ):
                 continue
             # Loop accumulators are variants, counted below from their
             # element shapes; everything else is a forward tensor kept alive

@@ -26,7 +26,10 @@ CASES = {
     "standard": (STANDARD, (2, 7, 5, 32)),
     "multihead": ({"num_heads": 8}, (2, 5, 7, 64)),
     "key_dim": ({"num_heads": 4, "key_dim": 6}, (2, 6, 5, 32)),  # key_dim != C / heads
-    "channels_first": ({"num_heads": 8, "data_format": "channels_first"}, (2, 64, 7, 5)),
+    "channels_first": (
+        {"num_heads": 8, "data_format": "channels_first"},
+        (2, 64, 7, 5),
+    ),
     "botnet": (BOTNET, (2, 5, 6, 32)),  # position_size: the input's (make_case)
 }
 
@@ -34,7 +37,10 @@ CASES = {
 # one fully masked item, one padded at the right border and bottom row.
 MASKED = {
     "yolov4_mhsa-heads2": (yolov4_mhsa(num_heads=2), (2, 6, 7, 16)),
-    "channels_first": ({"num_heads": 4, "data_format": "channels_first"}, (2, 16, 6, 7)),
+    "channels_first": (
+        {"num_heads": 4, "data_format": "channels_first"},
+        (2, 16, 6, 7),
+    ),
 }
 
 # Position encodings at their reference size and others. The learned tables
@@ -48,17 +54,31 @@ POSITION_CHANNELS = 32
 POSITION_CONFIGS = {
     "relative": {"num_heads": 2, "position_encoding": "relative"},
     "relative-relu-heads4-key_dim6-unscaled-pos": {
-        "num_heads": 4, "key_dim": 6, "activation": "relu", "scale_position_logits": False,
-        "position_encoding": "relative"},
+        "num_heads": 4,
+        "key_dim": 6,
+        "activation": "relu",
+        "scale_position_logits": False,
+        "position_encoding": "relative",
+    },
     "relative-botnet-channels_first": {**BOTNET, "data_format": "channels_first"},
     "absolute": {"num_heads": 2, "position_encoding": "absolute"},
     "absolute-relu-scale0.5-unscaled-pos": {
-        "num_heads": 2, "activation": "relu", "scale": 0.5, "scale_position_logits": False,
-        "position_encoding": "absolute"},
+        "num_heads": 2,
+        "activation": "relu",
+        "scale": 0.5,
+        "scale_position_logits": False,
+        "position_encoding": "absolute",
+    },
     "sinusoidal": {"num_heads": 2, "position_encoding": "sinusoidal"},
     "sinusoidal-relu-unscaled-channels_first": {
-        "num_heads": 4, "activation": "relu", "scale": 1.0,
-        "data_format": "channels_first", "position_encoding": "sinusoidal"},
+        "num_heads": 4,
+        "activation": "relu",
+        "scale": 1.0,
+        "data_format": "channels_first",
+        "position_encoding": "sinusoidal",
+    },
 }
 # One config per encoding that has a position term of its own.
-ENCODING_CONFIGS = {name: POSITION_CONFIGS[name] for name in ("relative", "absolute", "sinusoidal")}
+ENCODING_CONFIGS = {
+    name: POSITION_CONFIGS[name] for name in ("relative", "absolute", "sinusoidal")
+}

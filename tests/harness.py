@@ -2,8 +2,8 @@
 
 import re
 
-import numpy as np
 import keras
+import numpy as np
 from keras import ops
 
 from mhsa_core import MultiHeadSelfAttention2D, reference
@@ -103,8 +103,10 @@ def yolov4_mhsa_arrays(channels=16, seed=0, squeeze=False):
     arrays = []
     for _ in range(4):
         kernel = rng.standard_normal((1, 1, channels, channels)).astype("float32")
-        arrays += [kernel[0, 0] if squeeze else kernel,
-                   rng.standard_normal(channels).astype("float32")]
+        arrays += [
+            kernel[0, 0] if squeeze else kernel,
+            rng.standard_normal(channels).astype("float32"),
+        ]
     return arrays
 
 
@@ -129,7 +131,9 @@ def assert_unchanged(layer, before):
         assert np.array_equal(b, a), f"{variable.name} was changed by a failed load"
 
 
-def assert_float32_within_budget(actual, x, weights, config, attention_mask=None, what="output"):
+def assert_float32_within_budget(
+    actual, x, weights, config, attention_mask=None, what="output"
+):
     """float32 result vs the float64 reference, within the float32 budget.
 
     Budget: 2x the error of the reference itself run in float32 (sequential

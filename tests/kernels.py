@@ -58,8 +58,10 @@ def environment(setting: str, base: dict | None = None) -> dict:
     """`base` (os.environ by default) with `setting`'s variables; XLA_FLAGS
     are appended to, not replaced."""
     if setting not in SETTINGS:
-        raise ValueError(f"Unknown kernel setting. Expected one of {sorted(SETTINGS)}. "
-                         f"Received: setting={setting!r}")
+        raise ValueError(
+            f"Unknown kernel setting. Expected one of {sorted(SETTINGS)}. "
+            f"Received: setting={setting!r}"
+        )
     env = dict(os.environ if base is None else base)
     for key, value in SETTINGS[setting].items():
         if key == "XLA_FLAGS" and env.get(key):
@@ -104,8 +106,10 @@ def _main(argv: list[str]) -> int:
             print(f"kernels.py: {error}", file=sys.stderr)
             return 2
         os.execvpe(argv[2], argv[2:], env)
-    print("usage: python tests/kernels.py SETTING -- COMMAND... | --outputs OUT.npz",
-          file=sys.stderr)
+    print(
+        "usage: python tests/kernels.py SETTING -- COMMAND... | --outputs OUT.npz",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -3,15 +3,15 @@
 Runs on the current backend (one pytest process per backend).
 """
 
+import keras
 import numpy as np
 import pytest
 
-import keras
-
-from harness import make_case
 from mhsa_core import reference
 from mhsa_core.consistency.budgets import FLOOR, PEER_FACTOR
 from mhsa_core.testing import BudgetVerdict, assert_within_budget, within_budget
+
+from harness import make_case
 
 
 def _dense_model(seed=0):
@@ -20,8 +20,12 @@ def _dense_model(seed=0):
     hidden = keras.layers.Dense(16, activation="tanh", name="hidden")(inputs)
     outputs = keras.layers.Dense(3, name="out")(hidden)
     model = keras.Model(inputs, outputs)
-    model.set_weights([rng.standard_normal(w.shape).astype("float32") * 0.5
-                       for w in model.get_weights()])
+    model.set_weights(
+        [
+            rng.standard_normal(w.shape).astype("float32") * 0.5
+            for w in model.get_weights()
+        ]
+    )
     return model, rng.standard_normal((4, 6)).astype("float32")
 
 
@@ -29,13 +33,18 @@ def _two_output_model():
     rng = np.random.default_rng(1)
     a, b = keras.Input((5,), name="a"), keras.Input((5,), name="b")
     total = keras.layers.Add()([a, b])
-    outputs = {"small": keras.layers.Dense(2, name="small")(total),
-               "big": keras.layers.Dense(4, name="big")(total)}
+    outputs = {
+        "small": keras.layers.Dense(2, name="small")(total),
+        "big": keras.layers.Dense(4, name="big")(total),
+    }
     model = keras.Model({"a": a, "b": b}, outputs)
-    model.set_weights([rng.standard_normal(w.shape).astype("float32")
-                       for w in model.get_weights()])
-    inputs = {"a": rng.standard_normal((3, 5)).astype("float32"),
-              "b": rng.standard_normal((3, 5)).astype("float32")}
+    model.set_weights(
+        [rng.standard_normal(w.shape).astype("float32") for w in model.get_weights()]
+    )
+    inputs = {
+        "a": rng.standard_normal((3, 5)).astype("float32"),
+        "b": rng.standard_normal((3, 5)).astype("float32"),
+    }
     return model, inputs
 
 
@@ -80,8 +89,9 @@ def test_our_layer_against_the_numpy_reference_float32():
     config = dict(num_heads=2, key_dim=4, position_encoding="relative")
     layer, x, weights = make_case(config, (2, 5, 4, 8))
     config = layer.get_config()
-    ref32 = reference.mhsa_forward(x, weights, dtype=np.float32,
-                                   **reference.reference_config(config))
+    ref32 = reference.mhsa_forward(
+        x, weights, dtype=np.float32, **reference.reference_config(config)
+    )
     assert within_budget(ref32, layer, x).passed
 
 
@@ -99,13 +109,26 @@ def test_rtol_budget():
         (lambda m, x: within_budget(np.zeros(3), m, x, rtol=0.0), "rtol"),
         (lambda m, x: within_budget([np.zeros((4, 3))] * 2, m, x), "2 arrays"),
         (lambda m, x: within_budget(np.zeros((4, 3)), "model", x), "Received: model="),
-        (lambda m, x: within_budget(np.zeros((4, 3)),
-                                    lambda t: keras.ops.convert_to_numpy(t).astype("float32"),
-                                    x), "not a float64 oracle"),
-        (lambda m, x: within_budget(np.zeros((4, 3)), keras.layers.Dense(3), x),
-         "must be built"),
+        (
+            lambda m, x: within_budget(
+                np.zeros((4, 3)),
+                lambda t: keras.ops.convert_to_numpy(t).astype("float32"),
+                x,
+            ),
+            "not a float64 oracle",
+        ),
+        (
+            lambda m, x: within_budget(np.zeros((4, 3)), keras.layers.Dense(3), x),
+            "must be built",
+        ),
     ],
-    ids=["rtol-zero", "output-count", "not-a-model", "float32-only-function", "unbuilt-layer"],
+    ids=[
+        "rtol-zero",
+        "output-count",
+        "not-a-model",
+        "float32-only-function",
+        "unbuilt-layer",
+    ],
 )
 def test_bad_arguments(call, match):
     model, x = _dense_model()

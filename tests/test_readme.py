@@ -23,14 +23,18 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 # The blocks fenced ```python no-run, by id, and why each cannot run.
 NO_RUN = {
-    "In the Keras 2 / tf_keras environment, with the trained model (old_model).":
-        "needs the user's trained Keras 2 model under tf_keras",
-    "Scaling out on JAX: keras.distribution, heads sharded across devices":
-        "own process: run by tests/layers/test_distribution.py (jax lane)",
-    "Scaling out on TensorFlow: tf.distribute.MirroredStrategy":
-        "own process: run by tests/layers/test_distribution.py (tensorflow lane)",
-    "Scaling out on PyTorch: DistributedDataParallel (run as a script)":
-        "own process: run by tests/layers/test_distribution.py (torch lane)",
+    "In the Keras 2 / tf_keras environment, with the trained model (old_model).": (
+        "needs the user's trained Keras 2 model under tf_keras"
+    ),
+    "Scaling out on JAX: keras.distribution, heads sharded across devices": (
+        "own process: run by tests/layers/test_distribution.py (jax lane)"
+    ),
+    "Scaling out on TensorFlow: tf.distribute.MirroredStrategy": (
+        "own process: run by tests/layers/test_distribution.py (tensorflow lane)"
+    ),
+    "Scaling out on PyTorch: DistributedDataParallel (run as a script)": (
+        "own process: run by tests/layers/test_distribution.py (torch lane)"
+    ),
 }
 
 _FENCE = re.compile(r"^```(\S*)(.*)$")
@@ -53,7 +57,9 @@ def _blocks(text):
             current = None
         else:
             current[2].append(line)
-    assert current is None, f"README.md: the block opened at line {current[1] - 1} is not closed"
+    assert current is None, (
+        f"README.md: the block opened at line {current[1] - 1} is not closed"
+    )
     return blocks
 
 
@@ -90,12 +96,27 @@ def fresh_keras_state(tmp_path, monkeypatch):
     keras.config.set_dtype_policy("float32")
 
 
-@pytest.mark.parametrize("line, code", [
-    pytest.param(line, code, id=block_id, marks=[pytest.mark.skip(
-        reason=f"README ```python no-run: {NO_RUN.get(block_id, 'not in NO_RUN')}")]
-        if no_run else [])
-    for block_id, line, code, no_run in BLOCKS
-])
+@pytest.mark.parametrize(
+    "line, code",
+    [
+        pytest.param(
+            line,
+            code,
+            id=block_id,
+            marks=[
+                pytest.mark.skip(
+                    reason=(
+                        "README ```python no-run: "
+                        f"{NO_RUN.get(block_id, 'not in NO_RUN')}"
+                    )
+                )
+            ]
+            if no_run
+            else [],
+        )
+        for block_id, line, code, no_run in BLOCKS
+    ],
+)
 def test_readme_snippet_runs(line, code, fresh_keras_state):
     # Padding with newlines makes tracebacks point at README.md's own lines.
     compiled = compile("\n" * (line - 1) + code, str(README), "exec")
@@ -138,7 +159,9 @@ def test_doc_links_exist():
     assert not missing, missing
 
 
-@pytest.mark.parametrize("phrase", ["the seed", "seed block", "seed's", "seed defaults"])
+@pytest.mark.parametrize(
+    "phrase", ["the seed", "seed block", "seed's", "seed defaults"]
+)
 def test_legacy_block_is_not_called_the_seed(phrase):
     # "seed" is only an RNG seed; the legacy block is the Keras 2 YOLOv4-MHSA block.
     text = README.read_text(encoding="utf-8").lower()

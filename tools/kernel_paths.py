@@ -38,19 +38,34 @@ KNOBS = {
     "MKL_CBWR AVX2": (["torch"], {"MKL_CBWR": "AVX2"}),
     "oneDNN AVX2": (["tensorflow", "torch"], {"ONEDNN_MAX_CPU_ISA": "AVX2"}),
     "oneDNN SSE41": (["tensorflow", "torch"], {"ONEDNN_MAX_CPU_ISA": "SSE41"}),
-    "oneDNN AVX512_CORE": (["tensorflow", "torch"], {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}),
+    "oneDNN AVX512_CORE": (
+        ["tensorflow", "torch"],
+        {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+    ),
     "TF oneDNN off": (["tensorflow"], {"TF_ENABLE_ONEDNN_OPTS": "0"}),
     "XLA AVX2": (["jax", "tensorflow"], {"XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}),
     "XLA AVX": (["jax", "tensorflow"], {"XLA_FLAGS": "--xla_cpu_max_isa=AVX"}),
     "XLA SSE4_2": (["jax", "tensorflow"], {"XLA_FLAGS": "--xla_cpu_max_isa=SSE4_2"}),
     "OpenBLAS Haswell": (None, {"OPENBLAS_CORETYPE": "Haswell"}),
     "OpenBLAS Sandybridge": (None, {"OPENBLAS_CORETYPE": "Sandybridge"}),
-    "NumPy no AVX512": (None, {"NPY_DISABLE_CPU_FEATURES":
-                               "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL "
-                               "AVX512_ICL AVX512_SPR"}),
-    "NumPy no AVX2": (None, {"NPY_DISABLE_CPU_FEATURES":
-                             "AVX2 FMA3 AVX512F AVX512CD AVX512_SKX AVX512_CLX "
-                             "AVX512_CNL AVX512_ICL AVX512_SPR"}),
+    "NumPy no AVX512": (
+        None,
+        {
+            "NPY_DISABLE_CPU_FEATURES": (
+                "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL "
+                "AVX512_ICL AVX512_SPR"
+            )
+        },
+    ),
+    "NumPy no AVX2": (
+        None,
+        {
+            "NPY_DISABLE_CPU_FEATURES": (
+                "AVX2 FMA3 AVX512F AVX512CD AVX512_SKX AVX512_CLX "
+                "AVX512_CNL AVX512_ICL AVX512_SPR"
+            )
+        },
+    ),
 }
 
 
@@ -74,20 +89,37 @@ def compute(out_path: str) -> None:
         stored = {k: data[k] for k in data.files}
     for path in sorted(DATA.glob("*.keras")):
         model = keras.saving.load_model(path)
-        layer = next(l for l in model.layers if isinstance(l, MultiHeadSelfAttention2D))
+        layer = next(
+            candidate
+            for candidate in model.layers
+            if isinstance(candidate, MultiHeadSelfAttention2D)
+        )
         config = reference.reference_config(layer.get_config())
         weights = layer.get_weight_dict()
         for i in range(2):
             x = stored[f"{path.stem}/x/{i}"]
-            arrays[f"{path.stem}/{i}"] = np.asarray(keras.ops.convert_to_numpy(model(x)))
-            arrays[f"{path.stem}/{i}/ref64"] = reference.mhsa_forward(x, weights, **config)
+            arrays[f"{path.stem}/{i}"] = np.asarray(
+                keras.ops.convert_to_numpy(model(x))
+            )
+            arrays[f"{path.stem}/{i}/ref64"] = reference.mhsa_forward(
+                x, weights, **config
+            )
     np.savez(out_path, **arrays)
 
 
 def _run(backend: str, env_extra: dict, out: Path) -> dict | str:
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2", **env_extra}
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(out)], env=env,
-                          capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **env_extra,
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         return proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
     with np.load(out) as data:
@@ -99,8 +131,13 @@ def compare(base: dict, other: dict) -> dict:
     arrays that changed bits, of how many, and the largest difference."""
     groups = {}
     for key, want in base.items():
-        group = ("reference" if key.endswith("ref64") or key.startswith("numpy")
-                 else "matmul" if key == "matmul" else "layer")
+        group = (
+            "reference"
+            if key.endswith("ref64") or key.startswith("numpy")
+            else "matmul"
+            if key == "matmul"
+            else "layer"
+        )
         got = other[key]
         changed = not np.array_equal(got, want)
         diff = float(np.max(np.abs(got.astype(np.float64) - want))) if changed else 0.0
@@ -139,8 +176,10 @@ def main(argv=None) -> int:
                 if isinstance(row, str):
                     print(f"{backend:10} {name:22} failed: {row}", flush=True)
                     continue
-                cells = "  ".join(f"{g} {v['changed']}/{v['of']} (max {v['max_diff']:.2g})"
-                                  for g, v in sorted(row.items()))
+                cells = "  ".join(
+                    f"{g} {v['changed']}/{v['of']} (max {v['max_diff']:.2g})"
+                    for g, v in sorted(row.items())
+                )
                 print(f"{backend:10} {name:22} {cells}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -51,9 +51,12 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         paths = _save_models(tmp, args.seeds)
-        to_run = [dataclasses.replace(cases.model_case(p, name=n),
-                                      tasks=(protocol.GRADS, protocol.GRADS64))
-                  for n, p in paths.items()]
+        to_run = [
+            dataclasses.replace(
+                cases.model_case(p, name=n), tasks=(protocol.GRADS, protocol.GRADS64)
+            )
+            for n, p in paths.items()
+        ]
         runs = run_backends(to_run, BACKENDS, portability=False)
     ratios = []
     for case in to_run:
@@ -63,17 +66,24 @@ def main():
                 g = runs[b].results[case.name][protocol.GRADS]
                 g64 = runs[b].results[case.name][protocol.GRADS64]
                 keys = [k for k in g if k.startswith((f"weight/{v}/", f"input/{v}/"))]
-                own[b] = max(float(np.max(np.abs(g[k].astype(np.float64) - g64[k])))
-                             for k in keys)
+                own[b] = max(
+                    float(np.max(np.abs(g[k].astype(np.float64) - g64[k])))
+                    for k in keys
+                )
             median = float(np.median(list(own.values())))
             draw = {b: e / median for b, e in own.items()}
             ratios.append(max(draw.values()))
-            print(f"{case.name:10s} size {'8x8' if v == 0 else '6x6'}  "
-                  + "  ".join(f"{b} {r:5.2f}" for b, r in draw.items()), flush=True)
+            print(
+                f"{case.name:10s} size {'8x8' if v == 0 else '6x6'}  "
+                + "  ".join(f"{b} {r:5.2f}" for b, r in draw.items()),
+                flush=True,
+            )
     ratios = np.array(ratios)
-    print(f"\n{len(ratios)} draws: largest own/median {ratios.max():.2f}; "
-          f"draws above 4: {(ratios > 4).sum()}; above PEER_FACTOR={PEER_FACTOR:g}: "
-          f"{(ratios > PEER_FACTOR).sum()}")
+    print(
+        f"\n{len(ratios)} draws: largest own/median {ratios.max():.2f}; "
+        f"draws above 4: {(ratios > 4).sum()}; above PEER_FACTOR={PEER_FACTOR:g}: "
+        f"{(ratios > PEER_FACTOR).sum()}"
+    )
 
 
 if __name__ == "__main__":

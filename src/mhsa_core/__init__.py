@@ -1,4 +1,5 @@
-"""mhsa_core: 2-D multi-head self-attention for Keras 3, identical on TensorFlow, PyTorch and JAX.
+"""mhsa_core: 2-D multi-head self-attention for Keras 3, identical on TensorFlow,
+PyTorch and JAX.
 
     import mhsa_core                       # before keras.saving.load_model
     layer = mhsa_core.MultiHeadSelfAttention2D(num_heads=8)
@@ -26,10 +27,25 @@ _LAZY = {
     "mhsa_block": "mhsa_core.layers.block",
     "assert_backends_agree": "mhsa_core.consistency.testing",
 }
-_SUBMODULES = ("layers", "reference", "convert", "consistency", "testing", "distribution")
+_SUBMODULES = (
+    "layers",
+    "reference",
+    "convert",
+    "consistency",
+    "testing",
+    "distribution",
+)
 
-__all__ = ["MultiHeadSelfAttention2D", "mhsa_block", "assert_backends_agree",
-           "reference", "convert", "testing", "distribution", "__version__"]
+__all__ = [
+    "MultiHeadSelfAttention2D",
+    "mhsa_block",
+    "assert_backends_agree",
+    "reference",
+    "convert",
+    "testing",
+    "distribution",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # static type checkers see the eager imports
     from mhsa_core import convert, distribution, reference, testing

@@ -20,9 +20,14 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def attention_maps(scores, height: int, width: int, *,
-                   queries: Sequence[tuple[int, int]] | None = None,
-                   heads: Sequence[int] | None = None) -> np.ndarray:
+def attention_maps(
+    scores,
+    height: int,
+    width: int,
+    *,
+    queries: Sequence[tuple[int, int]] | None = None,
+    heads: Sequence[int] | None = None,
+) -> np.ndarray:
     """Per-query (H, W) attention maps from the layer's attention scores.
 
     Args:
@@ -64,12 +69,19 @@ def attention_maps(scores, height: int, width: int, *,
     return picked.reshape(picked.shape[:3] + (height, width))
 
 
-def plot_attention_maps(image, scores, height: int, width: int, *,
-                        queries: Sequence[tuple[int, int]],
-                        path: str | os.PathLike,
-                        heads: Sequence[int] | None = None,
-                        item: int = 0, alpha: float = 0.6,
-                        cmap: str = "inferno") -> str:
+def plot_attention_maps(
+    image,
+    scores,
+    height: int,
+    width: int,
+    *,
+    queries: Sequence[tuple[int, int]],
+    path: str | os.PathLike,
+    heads: Sequence[int] | None = None,
+    item: int = 0,
+    alpha: float = 0.6,
+    cmap: str = "inferno",
+) -> str:
     """Writes a PNG of attention maps overlaid on the input image.
 
     One panel per (query, head): rows are the queries, columns the heads. Each
@@ -105,7 +117,9 @@ def plot_attention_maps(image, scores, height: int, width: int, *,
         raise ValueError(f"`path` must end in '.png'. Received: path={path!r}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ValueError(f"The folder of `path` does not exist. Received: path={path!r}")
+        raise ValueError(
+            f"The folder of `path` does not exist. Received: path={path!r}"
+        )
     image = _to_numpy(image)
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3))):
         raise ValueError(
@@ -115,12 +129,18 @@ def plot_attention_maps(image, scores, height: int, width: int, *,
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if queries is None or len(queries) == 0:
-        raise ValueError(f"Give at least one query position (y, x). Received: queries={queries!r}")
-    maps = attention_maps(scores, height, width, queries=queries, heads=heads)
-    if isinstance(item, bool) or not isinstance(item, (int, np.integer)) \
-            or not 0 <= item < maps.shape[0]:
         raise ValueError(
-            f"`item` must be a batch index in [0, {maps.shape[0]}). Received: item={item!r}"
+            f"Give at least one query position (y, x). Received: queries={queries!r}"
+        )
+    maps = attention_maps(scores, height, width, queries=queries, heads=heads)
+    if (
+        isinstance(item, bool)
+        or not isinstance(item, (int, np.integer))
+        or not 0 <= item < maps.shape[0]
+    ):
+        raise ValueError(
+            f"`item` must be a batch index in [0, {maps.shape[0]}). "
+            f"Received: item={item!r}"
         )
     head_index = _check_heads(heads, _to_numpy(scores).shape[1])
     query_pos = _check_queries(queries, height, width)
@@ -141,8 +161,14 @@ def plot_attention_maps(image, scores, height: int, width: int, *,
             m = _upsample_nearest(maps[h, q], image_h, image_w)
             top = float(maps[h, q].max())
             ax.imshow(m, cmap=cmap, alpha=alpha, vmin=0.0, vmax=top if top > 0 else 1.0)
-            ax.plot((x + 0.5) * cell_w - 0.5, (y + 0.5) * cell_h - 0.5, marker="x",
-                    color="cyan", markersize=9, markeredgewidth=2)
+            ax.plot(
+                (x + 0.5) * cell_w - 0.5,
+                (y + 0.5) * cell_h - 0.5,
+                marker="x",
+                color="cyan",
+                markersize=9,
+                markeredgewidth=2,
+            )
             ax.set_title(f"query ({y}, {x}), head {head}\nmax {top:.2f}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -200,9 +226,12 @@ def _check_queries(queries, height: int, width: int) -> list[tuple[int, int]]:
         return [(y, x) for y in range(height) for x in range(width)]
     queries = list(queries)
     ok = bool(queries) and all(
-        isinstance(q, (tuple, list, np.ndarray)) and len(q) == 2
-        and _is_int(q[0]) and _is_int(q[1])
-        and 0 <= q[0] < height and 0 <= q[1] < width
+        isinstance(q, (tuple, list, np.ndarray))
+        and len(q) == 2
+        and _is_int(q[0])
+        and _is_int(q[1])
+        and 0 <= q[0] < height
+        and 0 <= q[1] < width
         for q in queries
     )
     if not ok:

@@ -52,7 +52,9 @@ _SPLIT_BIASES = tuple(f"{p}_bias" for p in schema.PROJECTIONS)
 _REPLICATED_MATRICES = tuple(
     name
     for e in schema.ENCODINGS.values()
-    for name in (e.token_weights[:1] + (schema.table_names(e.name) if e.learned_tables else ()))
+    for name in (
+        e.token_weights[:1] + (schema.table_names(e.name) if e.learned_tables else ())
+    )
 )
 _REPLICATED_VECTORS = tuple(
     name for e in schema.ENCODINGS.values() for name in e.token_weights[1:]
@@ -71,7 +73,9 @@ def _check_axis_name(value, argument):
         )
 
 
-def layout_rules(*, model_axis: str = "model", layer_path: str = ".+") -> dict[str, tuple]:
+def layout_rules(
+    *, model_axis: str = "model", layer_path: str = ".+"
+) -> dict[str, tuple]:
     """The sharding rules of `MultiHeadSelfAttention2D`: {path regex: axes}.
 
     Plain data (no Keras), for a LayoutMap or for reading: each key is a
@@ -101,8 +105,9 @@ def layout_rules(*, model_axis: str = "model", layer_path: str = ".+") -> dict[s
     }
 
 
-def layout_map(device_mesh, *, model_axis: str = "model", layer_path: str = ".+",
-               layout_map=None):
+def layout_map(
+    device_mesh, *, model_axis: str = "model", layer_path: str = ".+", layout_map=None
+):
     """A `keras.distribution.LayoutMap` with the rules of `MultiHeadSelfAttention2D`.
 
     Args:
@@ -139,8 +144,9 @@ def layout_map(device_mesh, *, model_axis: str = "model", layer_path: str = ".+"
             f"Received: layout_map.device_mesh={layout_map.device_mesh}, "
             f"device_mesh={device_mesh}"
         )
-    for pattern, axes in layout_rules(model_axis=model_axis,
-                                      layer_path=layer_path).items():
+    for pattern, axes in layout_rules(
+        model_axis=model_axis, layer_path=layer_path
+    ).items():
         layout_map[pattern] = axes  # a duplicate key: LayoutMap's own ValueError
     return layout_map
 

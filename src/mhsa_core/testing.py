@@ -16,8 +16,15 @@ live in `mhsa_core.consistency.testing` and `mhsa_core.consistency.budget_check`
 """
 
 from mhsa_core.consistency.budget_check import BudgetVerdict as BudgetVerdict
-from mhsa_core.consistency.budget_check import assert_within_budget as assert_within_budget
+from mhsa_core.consistency.budget_check import (
+    assert_within_budget as assert_within_budget,
+)
 from mhsa_core.consistency.budget_check import within_budget as within_budget
 from mhsa_core.consistency.testing import assert_backends_agree as assert_backends_agree
 
-__all__ = ["assert_backends_agree", "within_budget", "assert_within_budget", "BudgetVerdict"]
+__all__ = [
+    "assert_backends_agree",
+    "within_budget",
+    "assert_within_budget",
+    "BudgetVerdict",
+]

@@ -41,12 +41,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from cases import yolov4_mhsa
-from harness import assert_float64_close, magnitude, padded_mask, random_mask
 
 from mhsa_core import reference
 from mhsa_core.reference import schema
 from mhsa_core.reference.forward import ACTIVATIONS
+
+from cases import yolov4_mhsa
+from harness import assert_float64_close, magnitude, padded_mask, random_mask
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "backends"))
 
@@ -57,8 +58,11 @@ _NATIVE_MODULES = {
 }
 BACKEND = keras.backend.backend()
 # Import only the current backend's native: each one imports its framework.
-NATIVE = (importlib.import_module(_NATIVE_MODULES[BACKEND])
-          if BACKEND in _NATIVE_MODULES else None)
+NATIVE = (
+    importlib.import_module(_NATIVE_MODULES[BACKEND])
+    if BACKEND in _NATIVE_MODULES
+    else None
+)
 
 
 # name -> config. "mask" selects an attention mask (`MASKS`); "use_bias",
@@ -80,39 +84,80 @@ CASES = {
     "mask_one_item_full": yolov4_mhsa(num_heads=2, mask="one_item_full"),
     "mask_partial": yolov4_mhsa(num_heads=2, mask="partial"),
     "mask_padded": yolov4_mhsa(num_heads=2, mask="padded"),
-    "combined": yolov4_mhsa(num_heads=4, key_dim=3, scale=None, use_bias=False,
-                       data_format="channels_first", mask="one_item_full"),
+    "combined": yolov4_mhsa(
+        num_heads=4,
+        key_dim=3,
+        scale=None,
+        use_bias=False,
+        data_format="channels_first",
+        mask="one_item_full",
+    ),
     # Every activation of the reference, on the default block.
-    **{f"activation_{name}": {"num_heads": 2, "activation": name} for name in ACTIVATIONS},
+    **{
+        f"activation_{name}": {"num_heads": 2, "activation": name}
+        for name in ACTIVATIONS
+    },
     # Position encodings. key_dim != C / heads = 32 / heads throughout; the
     # cases without scale_position_logits use a scale != 1 (with scale 1 the
     # two conventions coincide).
     "relative": yolov4_mhsa(num_heads=4, key_dim=6, position_encoding="relative"),
     "relative_unscaled_cf_masked": yolov4_mhsa(
-        num_heads=2, key_dim=5, position_encoding="relative", scale=None,
-        scale_position_logits=False, data_format="channels_first", mask="one_item_full"),
+        num_heads=2,
+        key_dim=5,
+        position_encoding="relative",
+        scale=None,
+        scale_position_logits=False,
+        data_format="channels_first",
+        mask="one_item_full",
+    ),
     "relative_linear_partial": yolov4_mhsa(
-        num_heads=8, key_dim=3, position_encoding="relative", activation=None,
-        scale=0.3, use_bias=False, mask="partial"),
+        num_heads=8,
+        key_dim=3,
+        position_encoding="relative",
+        activation=None,
+        scale=0.3,
+        use_bias=False,
+        mask="partial",
+    ),
     "relative_default": {"num_heads": 4, "key_dim": 6, "position_encoding": "relative"},
-    "absolute": yolov4_mhsa(num_heads=2, key_dim=12, position_encoding="absolute", scale=None),
+    "absolute": yolov4_mhsa(
+        num_heads=2, key_dim=12, position_encoding="absolute", scale=None
+    ),
     "absolute_unscaled_partial": yolov4_mhsa(
-        num_heads=4, key_dim=3, position_encoding="absolute", scale=0.5,
-        scale_position_logits=False, use_bias=False, mask="partial"),
+        num_heads=4,
+        key_dim=3,
+        position_encoding="absolute",
+        scale=0.5,
+        scale_position_logits=False,
+        use_bias=False,
+        mask="partial",
+    ),
     "absolute_cf_masked": yolov4_mhsa(
-        num_heads=4, key_dim=10, position_encoding="absolute", scale=None,
-        data_format="channels_first", mask="one_item_full"),
+        num_heads=4,
+        key_dim=10,
+        position_encoding="absolute",
+        scale=None,
+        data_format="channels_first",
+        mask="one_item_full",
+    ),
     "sinusoidal": yolov4_mhsa(num_heads=2, key_dim=4, position_encoding="sinusoidal"),
     "sinusoidal_cf_partial": yolov4_mhsa(
-        num_heads=4, key_dim=5, position_encoding="sinusoidal", scale=None,
-        activation="gelu", data_format="channels_first", mask="partial"),
+        num_heads=4,
+        key_dim=5,
+        position_encoding="sinusoidal",
+        scale=None,
+        activation="gelu",
+        data_format="channels_first",
+        mask="partial",
+    ),
 }
 
 # mask kind -> bool (B, H, W), True = the key may be attended to.
 MASKS = {
     "partial": lambda b, h, w, seed: random_mask(b, h, w, seed=seed),
-    "one_item_full": lambda b, h, w, seed: random_mask(b, h, w, seed=seed,
-                                                       fully_masked_item=True),
+    "one_item_full": lambda b, h, w, seed: random_mask(
+        b, h, w, seed=seed, fully_masked_item=True
+    ),
     "padded": lambda b, h, w, seed: padded_mask(b, h, w),
 }
 
@@ -133,38 +178,69 @@ MAP_SIZES = {
 }
 # The encodings whose result depends on the map size.
 SIZED_ENCODINGS = ("relative", "absolute", "sinusoidal")
-_POSITION_CASES = [name for name, case in CASES.items()
-                   if case.get("position_encoding") in SIZED_ENCODINGS]
+_POSITION_CASES = [
+    name
+    for name, case in CASES.items()
+    if case.get("position_encoding") in SIZED_ENCODINGS
+]
 # (case, map size): every case at the reference size, position cases at all.
-FORWARD_PARAMS = ([pytest.param(name, "ref", id=name)
-                   for name in CASES if name not in _POSITION_CASES]
-                  + [pytest.param(name, size, id=f"{name}-{size}")
-                     for name in _POSITION_CASES for size in MAP_SIZES])
+FORWARD_PARAMS = [
+    pytest.param(name, "ref", id=name) for name in CASES if name not in _POSITION_CASES
+] + [
+    pytest.param(name, size, id=f"{name}-{size}")
+    for name in _POSITION_CASES
+    for size in MAP_SIZES
+]
 # The gradient check: B=2 (one item fully masked when masked), 2x3 map, C=4.
 TINY_SHAPE = (2, 2, 3, 4)
 GRAD_CASES = {
     "default": {"num_heads": 2},
     "yolov4_mhsa": yolov4_mhsa(num_heads=2),
-    "key_dim_linear": yolov4_mhsa(num_heads=2, key_dim=3, activation=None, scale=None,
-                             data_format="channels_first"),
-    "masked_no_position": yolov4_mhsa(num_heads=2, position_encoding="none", use_bias=False,
-                                 mask="one_item_full"),
+    "key_dim_linear": yolov4_mhsa(
+        num_heads=2,
+        key_dim=3,
+        activation=None,
+        scale=None,
+        data_format="channels_first",
+    ),
+    "masked_no_position": yolov4_mhsa(
+        num_heads=2, position_encoding="none", use_bias=False, mask="one_item_full"
+    ),
     "masked": yolov4_mhsa(num_heads=2, mask="partial"),
     # Learned tables at a reference size other than the 2x3 map: (3, 2)
     # resizes the height tables down and the width tables up; at (2, 3) they
     # are used as they are.
-    "relative_resized": yolov4_mhsa(num_heads=2, position_encoding="relative", scale=None,
-                               position_size=(3, 2), mask="partial"),
-    "relative_unscaled": yolov4_mhsa(num_heads=2, key_dim=3, position_encoding="relative",
-                                scale=0.5, scale_position_logits=False,
-                                data_format="channels_first", mask="one_item_full"),
-    "absolute_resized": yolov4_mhsa(num_heads=2, key_dim=3, position_encoding="absolute",
-                               scale=0.5, scale_position_logits=False,
-                               position_size=(3, 2), activation=None),
-    "absolute": yolov4_mhsa(num_heads=2, position_encoding="absolute", use_bias=False,
-                       mask="partial"),
-    "sinusoidal": yolov4_mhsa(num_heads=2, key_dim=3, position_encoding="sinusoidal",
-                         scale=None),
+    "relative_resized": yolov4_mhsa(
+        num_heads=2,
+        position_encoding="relative",
+        scale=None,
+        position_size=(3, 2),
+        mask="partial",
+    ),
+    "relative_unscaled": yolov4_mhsa(
+        num_heads=2,
+        key_dim=3,
+        position_encoding="relative",
+        scale=0.5,
+        scale_position_logits=False,
+        data_format="channels_first",
+        mask="one_item_full",
+    ),
+    "absolute_resized": yolov4_mhsa(
+        num_heads=2,
+        key_dim=3,
+        position_encoding="absolute",
+        scale=0.5,
+        scale_position_logits=False,
+        position_size=(3, 2),
+        activation=None,
+    ),
+    "absolute": yolov4_mhsa(
+        num_heads=2, position_encoding="absolute", use_bias=False, mask="partial"
+    ),
+    "sinusoidal": yolov4_mhsa(
+        num_heads=2, key_dim=3, position_encoding="sinusoidal", scale=None
+    ),
 }
 
 
@@ -184,11 +260,19 @@ def _setup(case, shape, seed=0, position_size=None):
     if case.get("data_format") == "channels_first":
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     # The weight-shape arguments the case gives; the others keep the defaults.
-    shape_args = {k: case[k] for k in ("num_heads", "key_dim", "position_encoding")
-                  if k in case}
-    weights = reference.random_weights(channels, **shape_args, use_bias=use_bias,
-                                       seed=seed + 1, position_size=position_size)
-    mask = None if mask_kind is None else MASKS[mask_kind](batch, height, width, seed + 2)
+    shape_args = {
+        k: case[k] for k in ("num_heads", "key_dim", "position_encoding") if k in case
+    }
+    weights = reference.random_weights(
+        channels,
+        **shape_args,
+        use_bias=use_bias,
+        seed=seed + 1,
+        position_size=position_size,
+    )
+    mask = (
+        None if mask_kind is None else MASKS[mask_kind](batch, height, width, seed + 2)
+    )
     return x, weights, mask, case
 
 
@@ -206,34 +290,70 @@ def _without(weights, name):
 MISMATCHED_WEIGHTS = {
     "use_bias_false_with_biases": (lambda w: w, {"use_bias": False}),
     "missing_key_bias": (lambda w: _without(w, "key_bias"), {}),
-    "narrow_query_kernel": (lambda w: {**w, "query_kernel": w["query_kernel"][:, :2]},
-                            {}),
+    "narrow_query_kernel": (
+        lambda w: {**w, "query_kernel": w["query_kernel"][:, :2]},
+        {},
+    ),
 }
 
 
 # Missing, unexpected or wrongly shaped position tables.
 # id -> (case, edit of its well-formed weight dict, extra call arguments)
-RELATIVE_TINY = yolov4_mhsa(num_heads=2, position_encoding="relative", position_size=(3, 2))
+RELATIVE_TINY = yolov4_mhsa(
+    num_heads=2, position_encoding="relative", position_size=(3, 2)
+)
 ABSOLUTE_TINY = yolov4_mhsa(num_heads=2, position_encoding="absolute")
 MISMATCHED_TABLES = {
-    "relative_missing_table": (RELATIVE_TINY, lambda w: _without(w, "relative_width"), {}),
+    "relative_missing_table": (
+        RELATIVE_TINY,
+        lambda w: _without(w, "relative_width"),
+        {},
+    ),
     "relative_extra_absolute_table": (
-        RELATIVE_TINY, lambda w: {**w, "absolute_height": w["relative_height"]}, {}),
+        RELATIVE_TINY,
+        lambda w: {**w, "absolute_height": w["relative_height"]},
+        {},
+    ),
     "relative_wrong_key_dim": (
-        RELATIVE_TINY, lambda w: {**w, "relative_height": w["relative_height"][:, :1]}, {}),
+        RELATIVE_TINY,
+        lambda w: {**w, "relative_height": w["relative_height"][:, :1]},
+        {},
+    ),
     "relative_even_rows": (
-        RELATIVE_TINY, lambda w: {**w, "relative_width": w["relative_width"][:2]}, {}),
+        RELATIVE_TINY,
+        lambda w: {**w, "relative_width": w["relative_width"][:2]},
+        {},
+    ),
     # An explicit position_size must agree with the tables.
-    "relative_position_size_disagrees": (RELATIVE_TINY, lambda w: w, {"position_size": (2, 3)}),
+    "relative_position_size_disagrees": (
+        RELATIVE_TINY,
+        lambda w: w,
+        {"position_size": (2, 3)},
+    ),
     # Tables where the encoding has none.
     "conv_with_relative_tables": (
         yolov4_mhsa(num_heads=2),
-        lambda w: {**w, **{name: np.zeros(shape) for name, shape in schema.table_shapes(
-            "relative", (3, 2), TINY_SHAPE[-1] // 2).items()}},
-        {}),
+        lambda w: {
+            **w,
+            **{
+                name: np.zeros(shape)
+                for name, shape in schema.table_shapes(
+                    "relative", (3, 2), TINY_SHAPE[-1] // 2
+                ).items()
+            },
+        },
+        {},
+    ),
     "absolute_wrong_key_dim": (
-        ABSOLUTE_TINY, lambda w: {**w, "absolute_width": w["absolute_width"][:, :1]}, {}),
-    "absolute_missing_table": (ABSOLUTE_TINY, lambda w: _without(w, "absolute_height"), {}),
+        ABSOLUTE_TINY,
+        lambda w: {**w, "absolute_width": w["absolute_width"][:, :1]},
+        {},
+    ),
+    "absolute_missing_table": (
+        ABSOLUTE_TINY,
+        lambda w: _without(w, "absolute_height"),
+        {},
+    ),
 }
 
 
@@ -243,12 +363,22 @@ INVALID_CONFIGS = {
     "num_heads_not_dividing": ({"num_heads": 3}, "num_heads=3"),
     "num_heads_zero": ({"num_heads": 0}, "num_heads=0"),
     "activation": ({"activation": "softplus"}, "activation='softplus'"),
-    "data_format": ({"data_format": "channels_middle"}, "data_format='channels_middle'"),
-    "position_encoding": ({"position_encoding": "rotary"}, "position_encoding='rotary'"),
-    "position_size_one_axis": ({"position_encoding": "absolute", "position_size": (2,)},
-                               "position_size=(2,)"),
-    "position_size_zero": ({"position_encoding": "absolute", "position_size": (0, 3)},
-                           "position_size=(0, 3)"),
+    "data_format": (
+        {"data_format": "channels_middle"},
+        "data_format='channels_middle'",
+    ),
+    "position_encoding": (
+        {"position_encoding": "rotary"},
+        "position_encoding='rotary'",
+    ),
+    "position_size_one_axis": (
+        {"position_encoding": "absolute", "position_size": (2,)},
+        "position_size=(2,)",
+    ),
+    "position_size_zero": (
+        {"position_encoding": "absolute", "position_size": (0, 3)},
+        "position_size=(0, 3)",
+    ),
 }
 
 
@@ -264,23 +394,27 @@ class TestNative:
 
     @pytest.mark.parametrize("name, size", FORWARD_PARAMS)
     def test_forward_float64(self, name, size):
-        x, weights, mask, config = _setup(CASES[name], _sized(size),
-                                          position_size=POSITION_SIZE)
+        x, weights, mask, config = _setup(
+            CASES[name], _sized(size), position_size=POSITION_SIZE
+        )
         ref = reference.mhsa_forward(x, weights, attention_mask=mask, **config)
         out = NATIVE.forward(x, weights, attention_mask=mask, dtype="float64", **config)
         assert out.shape == ref.shape
-        assert_float64_close(out, ref, rtol=reference.FLOAT64_RTOL,
-                             what=f"{BACKEND} native float64")
+        assert_float64_close(
+            out, ref, rtol=reference.FLOAT64_RTOL, what=f"{BACKEND} native float64"
+        )
         if mask is not None and not mask[0].any():
             assert np.all(out[0] == 0), "fully masked item must give exact zeros"
 
     @pytest.mark.parametrize("name, size", FORWARD_PARAMS)
     def test_forward_float32(self, name, size):
-        x, weights, mask, config = _setup(CASES[name], _sized(size),
-                                          position_size=POSITION_SIZE)
+        x, weights, mask, config = _setup(
+            CASES[name], _sized(size), position_size=POSITION_SIZE
+        )
         ref64 = reference.mhsa_forward(x, weights, attention_mask=mask, **config)
-        ref32 = reference.mhsa_forward(x, weights, attention_mask=mask,
-                                       dtype=np.float32, **config)
+        ref32 = reference.mhsa_forward(
+            x, weights, attention_mask=mask, dtype=np.float32, **config
+        )
         ref32_err = magnitude(ref32.astype(np.float64) - ref64)
         budget = reference.float32_budget(ref32, ref64)
         out = NATIVE.forward(x, weights, attention_mask=mask, dtype="float32", **config)
@@ -289,15 +423,17 @@ class TestNative:
         assert err <= budget, (
             f"{BACKEND} native float32: error {err:.3e}, numpy float32 reference "
             f"error {ref32_err:.3e} (ratio {err / max(ref32_err, 1e-300):.2f}), "
-            f"budget {budget:.3e}")
+            f"budget {budget:.3e}"
+        )
         if mask is not None and not mask[0].any():
             assert np.all(out[0] == 0), "fully masked item must give exact zeros"
 
     @pytest.mark.parametrize("name", list(GRAD_CASES))
     def test_value_and_grad_float64(self, name):
         x, weights, mask, config = _setup(GRAD_CASES[name], TINY_SHAPE, seed=3)
-        out_shape = reference.mhsa_forward(x, weights, attention_mask=mask,
-                                           **config).shape
+        out_shape = reference.mhsa_forward(
+            x, weights, attention_mask=mask, **config
+        ).shape
         loss_weights = np.cos(np.arange(int(np.prod(out_shape)))).reshape(out_shape)
 
         def ref_loss(x_, weights_):
@@ -305,7 +441,8 @@ class TestNative:
             return float(np.sum(out * loss_weights))
 
         loss, grad_x, grad_w = NATIVE.value_and_grad(
-            x, weights, loss_weights, attention_mask=mask, dtype="float64", **config)
+            x, weights, loss_weights, attention_mask=mask, dtype="float64", **config
+        )
         ref = ref_loss(x, weights)
         assert np.asarray(loss).dtype == np.float64
         assert abs(float(loss) - ref) <= 1e-12 * max(1.0, abs(ref)), (float(loss), ref)
@@ -319,13 +456,17 @@ class TestNative:
                 plus, minus = array.copy(), array.copy()
                 plus[index] += step
                 minus[index] -= step
-                grad[index] = (ref_loss(*rebuild(plus)) - ref_loss(*rebuild(minus))) / (2 * step)
+                grad[index] = (ref_loss(*rebuild(plus)) - ref_loss(*rebuild(minus))) / (
+                    2 * step
+                )
             return grad
 
         checks = {"x": (grad_x, central_difference(x, lambda a: (a, weights)))}
         for key, value in weights.items():
-            checks[key] = (grad_w[key], central_difference(
-                value, lambda a, key=key: (x, {**weights, key: a})))
+            checks[key] = (
+                grad_w[key],
+                central_difference(value, lambda a, key=key: (x, {**weights, key: a})),
+            )
         # The finite-difference error is about the same for every entry (loss
         # rounding / step), whatever the entry's size, so the tolerance is
         # relative to the largest gradient entry overall, not per array: some
@@ -337,7 +478,8 @@ class TestNative:
             err = magnitude(grad - fd)
             assert err <= 1e-6 * scale, (
                 f"{BACKEND} d loss / d {key}: max error {err:.3e}, "
-                f"max |fd| {magnitude(fd):.3e}, largest gradient entry {scale:.3e}")
+                f"max |fd| {magnitude(fd):.3e}, largest gradient entry {scale:.3e}"
+            )
 
         if config.get("activation") is None and "key_bias" in weights:
             # With linear k, the key bias adds q . b_k to a whole row of logits:
@@ -352,42 +494,56 @@ class TestNative:
         entry = NATIVE.apply if BACKEND == "jax" else NATIVE.NativeMHSA2D
         native = inspect.signature(entry).parameters
         ours = inspect.signature(reference.mhsa_forward).parameters
-        shared = {"num_heads", "key_dim", "activation", "position_encoding", "scale",
-                  "scale_position_logits", "data_format"}
+        shared = {
+            "num_heads",
+            "key_dim",
+            "activation",
+            "position_encoding",
+            "scale",
+            "scale_position_logits",
+            "data_format",
+        }
         assert shared <= set(native)
         for name in shared:
             assert native[name].default == ours[name].default, name
 
-    @pytest.mark.parametrize("edit, extra", MISMATCHED_WEIGHTS.values(),
-                             ids=MISMATCHED_WEIGHTS.keys())
+    @pytest.mark.parametrize(
+        "edit, extra", MISMATCHED_WEIGHTS.values(), ids=MISMATCHED_WEIGHTS.keys()
+    )
     def test_rejects_mismatched_weights(self, edit, extra):
         x, weights, _, config = _setup(yolov4_mhsa(num_heads=2), TINY_SHAPE)
         NATIVE.forward(x, weights, **config)  # the well-formed dict runs
         with pytest.raises(ValueError):
             NATIVE.forward(x, edit(weights), **config, **extra)
 
-    @pytest.mark.parametrize("case, edit, extra", MISMATCHED_TABLES.values(),
-                             ids=MISMATCHED_TABLES.keys())
+    @pytest.mark.parametrize(
+        "case, edit, extra", MISMATCHED_TABLES.values(), ids=MISMATCHED_TABLES.keys()
+    )
     def test_rejects_mismatched_tables(self, case, edit, extra):
         x, weights, _, config = _setup(case, TINY_SHAPE)
         NATIVE.forward(x, weights, **config)  # the well-formed dict runs
         with pytest.raises(ValueError):
             NATIVE.forward(x, edit(weights), **config, **extra)
 
-    @pytest.mark.parametrize("change, message", INVALID_CONFIGS.values(),
-                             ids=INVALID_CONFIGS.keys())
+    @pytest.mark.parametrize(
+        "change, message", INVALID_CONFIGS.values(), ids=INVALID_CONFIGS.keys()
+    )
     def test_rejects_invalid_config(self, change, message):
         x, weights, _, _ = _setup({"position_encoding": "absolute"}, TINY_SHAPE)
         if change.get("position_encoding") != "absolute":
-            weights = {k: v for k, v in weights.items()
-                       if k not in schema.table_names("absolute")}
+            weights = {
+                k: v
+                for k, v in weights.items()
+                if k not in schema.table_names("absolute")
+            }
         with pytest.raises(ValueError, match=re.escape(message)):
             NATIVE.forward(x, weights, **change)
 
     def test_rejects_sinusoidal_channels(self):
         """The sine-cosine embedding needs C % 4 == 0, as the reference."""
-        x, weights, _, config = _setup({"num_heads": 2, "position_encoding": "sinusoidal"},
-                                       (2, 2, 3, 6))
+        x, weights, _, config = _setup(
+            {"num_heads": 2, "position_encoding": "sinusoidal"}, (2, 2, 3, 6)
+        )
         with pytest.raises(ValueError):
             reference.mhsa_forward(x, weights, **config)
         with pytest.raises(ValueError):
@@ -399,8 +555,11 @@ class TestNative:
 # Table resizes of the position tests: rows of the reference table -> rows at
 # the map size, both directions, to and from 1 row.
 _TABLE_ROWS = (1, 2, 3, 5, 9, 13, 17)
-RESIZES = [pytest.param(rows, length, id=f"{rows}to{length}") for rows in _TABLE_ROWS
-           for length in (1, 2, 3, 4, 5, 7, 9, 13, 15, 17, 25, 33)]
+RESIZES = [
+    pytest.param(rows, length, id=f"{rows}to{length}")
+    for rows in _TABLE_ROWS
+    for length in (1, 2, 3, 4, 5, 7, 9, 13, 15, 17, 25, 33)
+]
 
 
 class TestNativePositionPieces:
@@ -429,7 +588,9 @@ class TestNativePositionPieces:
         out = NATIVE.resize_table(table, length, "float64")
         assert out.dtype == np.float64 and out.shape == (length, 6)
         err = magnitude(out - ref) / magnitude(table)
-        assert err <= 1e-13, f"{BACKEND} resize {rows} -> {length}: rel. error {err:.2e}"
+        assert err <= 1e-13, (
+            f"{BACKEND} resize {rows} -> {length}: rel. error {err:.2e}"
+        )
 
     @pytest.mark.parametrize("rows, length", RESIZES)
     def test_resize_float32(self, rows, length):
@@ -442,10 +603,12 @@ class TestNativePositionPieces:
         out = NATIVE.resize_table(table, length, "float32")
         assert out.dtype == np.float32
         err = magnitude(out.astype(np.float64) - ref64)
-        assert err <= budget, (f"{BACKEND} resize {rows} -> {length}: error {err:.2e}, "
-                               f"budget {budget:.2e}")
+        assert err <= budget, (
+            f"{BACKEND} resize {rows} -> {length}: error {err:.2e}, budget {budget:.2e}"
+        )
 
     if BACKEND == "tensorflow":  # (torch and JAX resize with that op itself)
+
         @pytest.mark.parametrize("rows, length", RESIZES)
         def test_resize_matches_tf_image_resize(self, rows, length):
             """The TF native resizes by its own interpolation matrix, in the run's
@@ -460,16 +623,22 @@ class TestNativePositionPieces:
             import tensorflow as tf
 
             table = np.random.default_rng((3, rows, length)).standard_normal((rows, 6))
-            image = tf.image.resize(tf.constant(table, tf.float64)[:, None, :],
-                                    (length, 1), method="bilinear", antialias=False)
+            image = tf.image.resize(
+                tf.constant(table, tf.float64)[:, None, :],
+                (length, 1),
+                method="bilinear",
+                antialias=False,
+            )
             assert image.dtype == tf.float32  # whatever the input's dtype
             resized = image[:, 0, :].numpy()
             ref64 = reference.resize_table(table, length)
             ref32 = reference.resize_table(table, length, np.float32)
             budget = 2 * magnitude(ref32 - ref64) + 1e-6 * magnitude(table)
             err = magnitude(resized.astype(np.float64) - ref64)
-            assert err <= budget, (f"tf.image.resize {rows} -> {length}: error "
-                                   f"{err:.2e}, budget {budget:.2e}")
+            assert err <= budget, (
+                f"tf.image.resize {rows} -> {length}: error "
+                f"{err:.2e}, budget {budget:.2e}"
+            )
             # The native's float32 resize against the op: within the same budget.
             native = NATIVE.resize_table(table, length, "float32")
             assert magnitude(native.astype(np.float64) - resized) <= budget
@@ -477,8 +646,11 @@ class TestNativePositionPieces:
                 assert np.array_equal(resized, table.astype(np.float32))
 
     @pytest.mark.parametrize("channels", [4, 32, 12])
-    @pytest.mark.parametrize("height, width", [*MAP_SIZES.values(), (1, 1), (3, 40)],
-                             ids=[*MAP_SIZES, "one", "wide"])
+    @pytest.mark.parametrize(
+        "height, width",
+        [*MAP_SIZES.values(), (1, 1), (3, 40)],
+        ids=[*MAP_SIZES, "one", "wide"],
+    )
     def test_sinusoidal_embedding(self, height, width, channels):
         ref64 = reference.sinusoidal_embedding(height, width, channels)
         ref32 = reference.sinusoidal_embedding(height, width, channels, np.float32)
@@ -488,4 +660,5 @@ class TestNativePositionPieces:
         assert out64.shape == out32.shape == ref64.shape
         assert magnitude(out64 - ref64) <= 1e-14 * max(height, width)
         assert magnitude(out32.astype(np.float64) - ref64) <= reference.float32_budget(
-            ref32, ref64)
+            ref32, ref64
+        )

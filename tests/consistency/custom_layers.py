@@ -20,8 +20,12 @@ class BackendNoise(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, inputs):
-        noise = keras.random.normal(ops.shape(inputs), stddev=self.stddev,
-                                    seed=self.seed_generator, dtype=inputs.dtype)
+        noise = keras.random.normal(
+            ops.shape(inputs),
+            stddev=self.stddev,
+            seed=self.seed_generator,
+            dtype=inputs.dtype,
+        )
         return inputs + noise
 
     def get_config(self):

@@ -29,7 +29,8 @@ TINY_RELATIVE_FLOPS = 98304 + 262144 + 32768  # test_flops_by_hand
 # ----------------------------------------------------------------- FLOPs
 def test_flops_by_hand():
     # tiny: B=1, N=64, C=16, 2 heads of kd = dv = 8.
-    # q, k, v: 2*1*64*16*(2*2*8 + 16) = 98304; q k^T and probs v: 2*1*2*64^2*(8 + 8) = 262144
+    # q, k, v: 2*1*64*16*(2*2*8 + 16) = 98304; q k^T and probs v:
+    # 2*1*2*64^2*(8 + 8) = 262144
     tiny = CONFIGS["tiny"]
     assert forward_flops(tiny) == 98304 + 262144
     assert flops(tiny, "forward+backward") == 3 * (98304 + 262144)
@@ -67,8 +68,9 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize("argument,args,value", BAD_ARGUMENTS,
-                         ids=[f"{a}={v}" for a, _, v in BAD_ARGUMENTS])
+@pytest.mark.parametrize(
+    "argument,args,value", BAD_ARGUMENTS, ids=[f"{a}={v}" for a, _, v in BAD_ARGUMENTS]
+)
 def test_bad_argument_exits_2_with_one_line(argument, args, value, capsys):
     assert cli.main(["bench", "--configs", "tiny", *args]) == 2
     captured = capsys.readouterr()
@@ -83,12 +85,14 @@ def test_help_imports_no_framework():
     code = (
         "import sys\n"
         "from mhsa_core.consistency import cli\n"
-        "from mhsa_core.bench import command, configs, flops, memory, plan, report, run\n"
+        "from mhsa_core.bench import command, configs, flops, memory, plan, report, "
+        "run\n"
         "status = cli.main(['bench', '--help'])\n"
         f"print(status, sorted(m for m in {FRAMEWORKS!r} if m in sys.modules))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "n4096_relative" in proc.stdout  # the configs are listed
     assert proc.stdout.splitlines()[-1] == "0 []", proc.stdout[-500:]
@@ -101,13 +105,31 @@ def tiny_run(tmp_path_factory):
         pytest.skip(f"jax: {unavailable_reason('jax')}")
     out = tmp_path_factory.mktemp("bench")
     plot = out / "bench.png" if _has_matplotlib() else None
-    args = ["bench", "--backends", "jax", "--configs", "tiny_relative", "--modes", "compiled",
-            "--directions", "forward+backward", "--paths", ",".join(RUN_PATHS),
-            "--repeats", "1", "--json", str(out / "bench.json")]
+    args = [
+        "bench",
+        "--backends",
+        "jax",
+        "--configs",
+        "tiny_relative",
+        "--modes",
+        "compiled",
+        "--directions",
+        "forward+backward",
+        "--paths",
+        ",".join(RUN_PATHS),
+        "--repeats",
+        "1",
+        "--json",
+        str(out / "bench.json"),
+    ]
     if plot is not None:
         args += ["--plot", str(plot)]
-    proc = subprocess.run([sys.executable, "-m", "mhsa_core.consistency.cli", *args],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mhsa_core.consistency.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, json.loads((out / "bench.json").read_text()), plot
 
@@ -120,38 +142,83 @@ def _has_matplotlib():
     return True
 
 
-ROW_KEYS = {"backend", "config", "path", "mode", "direction", "status", "reason", "ms",
-            "times_ms", "first_ms", "gflops", "ceiling_gflops", "ceiling_op", "ceiling_pct",
-            "native_ratio", "peak_gb", "memory_exact", "chosen_path", "chunk_size", "check",
-            "note", "framework_version", "seconds"}
+ROW_KEYS = {
+    "backend",
+    "config",
+    "path",
+    "mode",
+    "direction",
+    "status",
+    "reason",
+    "ms",
+    "times_ms",
+    "first_ms",
+    "gflops",
+    "ceiling_gflops",
+    "ceiling_op",
+    "ceiling_pct",
+    "native_ratio",
+    "peak_gb",
+    "memory_exact",
+    "chosen_path",
+    "chunk_size",
+    "check",
+    "note",
+    "framework_version",
+    "seconds",
+}
 
 
 def test_json_schema(tiny_run):
     _, doc, _ = tiny_run
-    assert {"tool", "version", "seconds", "complete", "machine", "options", "flops", "modes",
-            "natives", "backends", "configs", "rows"} <= set(doc)
+    assert {
+        "tool",
+        "version",
+        "seconds",
+        "complete",
+        "machine",
+        "options",
+        "flops",
+        "modes",
+        "natives",
+        "backends",
+        "configs",
+        "rows",
+    } <= set(doc)
     assert doc["complete"] is True  # rewritten after each row, complete at the end
     assert doc["options"]["repeats"] == 1
-    assert doc["backends"] == {"jax": {"version": doc["rows"][0]["framework_version"],
-                                       "skipped": None}}
+    assert doc["backends"] == {
+        "jax": {"version": doc["rows"][0]["framework_version"], "skipped": None}
+    }
     tiny = doc["configs"]["tiny_relative"]
     assert tiny["tokens"] == 64 and tiny["position_encoding"] == "relative"
-    assert tiny["forward_backward_gflop"] == pytest.approx(3 * TINY_RELATIVE_FLOPS / 1e9)
+    assert tiny["forward_backward_gflop"] == pytest.approx(
+        3 * TINY_RELATIVE_FLOPS / 1e9
+    )
     rows = doc["rows"]
     assert [r["path"] for r in rows] == list(RUN_PATHS)
     for row in rows:
         assert ROW_KEYS <= set(row), sorted(ROW_KEYS - set(row))
         assert (row["backend"], row["config"], row["mode"], row["direction"]) == (
-            "jax", "tiny_relative", "compiled", "forward+backward")
+            "jax",
+            "tiny_relative",
+            "compiled",
+            "forward+backward",
+        )
         assert row["status"] == "ok", row["reason"]
         assert len(row["times_ms"]) == 1 and row["ms"] == row["times_ms"][0]
         assert row["peak_gb"] >= 0 and row["ceiling_gflops"] > 0
-        assert row["gflops"] == pytest.approx(3 * TINY_RELATIVE_FLOPS / (row["ms"] / 1e3) / 1e9)
-        assert row["ceiling_pct"] == pytest.approx(100 * row["gflops"] / row["ceiling_gflops"])
+        assert row["gflops"] == pytest.approx(
+            3 * TINY_RELATIVE_FLOPS / (row["ms"] / 1e3) / 1e9
+        )
+        assert row["ceiling_pct"] == pytest.approx(
+            100 * row["gflops"] / row["ceiling_gflops"]
+        )
     by_path = {r["path"]: r for r in rows}
     assert by_path["native"]["native_ratio"] == 1.0
     assert by_path["full"]["native_ratio"] == pytest.approx(
-        by_path["full"]["ms"] / by_path["native"]["ms"])
+        by_path["full"]["ms"] / by_path["native"]["ms"]
+    )
     assert by_path["chunked"]["chosen_path"] == "chunked"
     assert by_path["chunked"]["chunk_size"] == 64  # the default tile, capped at N
     assert by_path["full"]["chosen_path"] == "full"
@@ -177,9 +244,13 @@ def test_text_table(tiny_run):
     header = next(line for line in text.splitlines() if line.startswith("path"))
     assert header.split() == ["path", "mode", "direction", "jax"]
     for row in doc["rows"]:
-        line = next(line for line in text.splitlines() if line.startswith(row["path"] + " "))
+        line = next(
+            line for line in text.splitlines() if line.startswith(row["path"] + " ")
+        )
         assert line.split()[1:3] == ["compiled", "fwd+bwd"]
-        assert f"{row['native_ratio']:.2f}x" in line and f"{row['peak_gb']:.2f} GB" in line
+        assert (
+            f"{row['native_ratio']:.2f}x" in line and f"{row['peak_gb']:.2f} GB" in line
+        )
     assert "3 of 3 within budget" in text  # keras_mha is another block
     assert "[1/4] jax tiny_relative full compiled forward+backward: " in proc.stderr
 
@@ -201,7 +272,10 @@ def test_from_several_reports_merges_their_rows(tiny_run, tmp_path, capsys):
     _, doc, _ = tiny_run
     first = {**doc, "rows": [r for r in doc["rows"] if r["path"] != "native"]}
     again = {**next(r for r in doc["rows"] if r["path"] == "full"), "ms": 1e6}
-    second = {**doc, "rows": [r for r in doc["rows"] if r["path"] == "native"] + [again]}
+    second = {
+        **doc,
+        "rows": [r for r in doc["rows"] if r["path"] == "native"] + [again],
+    }
     paths = []
     for i, part in enumerate((first, second)):
         paths += ["--from", str(tmp_path / f"part{i}.json")]
@@ -210,9 +284,13 @@ def test_from_several_reports_merges_their_rows(tiny_run, tmp_path, capsys):
     assert cli.main(["bench", *paths, "--json", str(merged_path)]) == 0
     merged = json.loads(merged_path.read_text())
     by_path = {r["path"]: r for r in merged["rows"]}
-    assert sorted(by_path) == sorted(RUN_PATHS) and len(merged["rows"]) == len(RUN_PATHS)
+    assert sorted(by_path) == sorted(RUN_PATHS) and len(merged["rows"]) == len(
+        RUN_PATHS
+    )
     assert by_path["full"]["ms"] == 1e6
-    assert by_path["full"]["native_ratio"] == pytest.approx(1e6 / by_path["native"]["ms"])
+    assert by_path["full"]["native_ratio"] == pytest.approx(
+        1e6 / by_path["native"]["ms"]
+    )
     assert len(merged["runs"]) == 2
     capsys.readouterr()
 
@@ -226,8 +304,15 @@ def test_plot_written(tiny_run):
 
 # ------------------------------------------ rows that did not run, no workers
 def _row(path, status="ok", **fields):
-    row = {"backend": "torch", "config": "tiny", "path": path, "mode": "eager",
-           "direction": "forward", "status": status, "reason": None}
+    row = {
+        "backend": "torch",
+        "config": "tiny",
+        "path": path,
+        "mode": "eager",
+        "direction": "forward",
+        "status": status,
+        "reason": None,
+    }
     if status == "ok":
         row.update(ms=2.0, ceiling_gflops=1.0, peak_gb=0.5, check=None)
     return {**row, **fields}
@@ -241,30 +326,47 @@ def test_render_rows_that_did_not_run():
         _row("fused", "unsupported", reason="fused cannot run this layer"),
         _row("auto", "failed", reason="RuntimeError: boom"),
     ]
-    doc = report.build(run.derive(rows, CONFIGS), {"jax": "not installed: needs jax"},
-                       CONFIGS, backends=["torch", "jax"], options={}, seconds=1.0)
+    doc = report.build(
+        run.derive(rows, CONFIGS),
+        {"jax": "not installed: needs jax"},
+        CONFIGS,
+        backends=["torch", "jax"],
+        options={},
+        seconds=1.0,
+    )
     text = report.render(doc)
     lines = text.splitlines()
     assert "jax: skipped (not installed: needs jax)" in lines
-    cells = {line.split()[0]: line for line in lines if line.split()[:2][-1:] == ["eager"]}
+    cells = {
+        line.split()[0]: line for line in lines if line.split()[:2][-1:] == ["eager"]
+    }
     assert "2.00 ms, " in cells["native"] and "1.00x, 0.50 GB" in cells["native"]
     assert cells["full"].endswith("(OVER BUDGET)")
     assert cells["chunked"].endswith("out of memory")
-    assert "- out of memory (torch tiny chunked eager fwd): killed at 9.1 GB resident" in lines
+    assert (
+        "- out of memory (torch tiny chunked eager fwd): killed at 9.1 GB resident"
+        in lines
+    )
     assert "- unsupported (1 rows): fused cannot run this layer" in lines
     assert "- failed (torch tiny auto eager fwd): RuntimeError: boom" in lines
-    assert any(line.startswith("- over budget (torch tiny full eager fwd)") for line in lines)
+    assert any(
+        line.startswith("- over budget (torch tiny full eager fwd)") for line in lines
+    )
     markdown = report.config_table(doc, "tiny", markdown=True).splitlines()
     assert "| path | mode | direction | torch |" in markdown
 
 
 @pytest.mark.parametrize(
     "error,status",
-    [(Unsupported("no such path"), "unsupported"),
-     (MemoryError(), "out of memory"),
-     (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB"),
-      "out of memory"),
-     (ValueError("bad\nsecond line"), "failed")],
+    [
+        (Unsupported("no such path"), "unsupported"),
+        (MemoryError(), "out of memory"),
+        (
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB"),
+            "out of memory",
+        ),
+        (ValueError("bad\nsecond line"), "failed"),
+    ],
     ids=["unsupported", "MemoryError", "torch-allocator", "other"],
 )
 def test_worker_classifies_errors(error, status):
@@ -274,8 +376,14 @@ def test_worker_classifies_errors(error, status):
 
 @pytest.mark.parametrize(
     "limits,status,reason",
-    [({"timeout": 0.5, "max_memory_gb": 100.0}, "timeout", "over --timeout 0.5 s"),
-     ({"timeout": 60.0, "max_memory_gb": 0.001}, "out of memory", "over --max-memory 0.001 GB")],
+    [
+        ({"timeout": 0.5, "max_memory_gb": 100.0}, "timeout", "over --timeout 0.5 s"),
+        (
+            {"timeout": 60.0, "max_memory_gb": 0.001},
+            "out of memory",
+            "over --max-memory 0.001 GB",
+        ),
+    ],
     ids=["timeout", "memory"],
 )
 def test_watchdog_kills_a_worker_into_a_row(limits, status, reason):

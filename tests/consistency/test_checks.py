@@ -17,10 +17,14 @@ def test_case_names_are_unique():
     assert len(CASES_BY_NAME) == len(CASES)
 
 
-@pytest.mark.parametrize("name,config", [
-    ("yolov4_mhsa", schema.preset("yolov4_mhsa")),
-    ("botnet", schema.preset("botnet", num_heads=4, position_size=(6, 6))),
-], ids=["yolov4_mhsa", "botnet"])
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("yolov4_mhsa", schema.preset("yolov4_mhsa")),
+        ("botnet", schema.preset("botnet", num_heads=4, position_size=(6, 6))),
+    ],
+    ids=["yolov4_mhsa", "botnet"],
+)
 def test_preset_cases_are_the_presets(name, config):
     assert CASES_BY_NAME[name].config == config
 
@@ -55,8 +59,13 @@ def test_checks_read_known_tasks_and_have_unique_names():
 
 
 def _model_case():
-    return cases.Case("model", None, [{"input_0": np.zeros((2, 3), "float32")}],
-                      model_path="unused.keras", tasks=protocol.ALL_TASKS)
+    return cases.Case(
+        "model",
+        None,
+        [{"input_0": np.zeros((2, 3), "float32")}],
+        model_path="unused.keras",
+        tasks=protocol.ALL_TASKS,
+    )
 
 
 def test_needed_tasks_follow_the_checks():
@@ -71,29 +80,82 @@ def test_needed_tasks_follow_the_checks():
 
 # (case, rtol) -> the checks with cells, in report order.
 ROW_TABLE = [
-    ("masked", None, ["forward", "forward float64", "attention scores", "jit forward",
-                      "forward repeatable", "gradients", "gradients float64", "SGD step",
-                      "Adam step", ".keras saved by tensorflow", ".keras saved by torch",
-                      ".keras saved by jax"]),
-    ("float64", None, ["forward", "attention scores", "jit forward", "forward repeatable",
-                       "gradients", "gradients float64", "SGD step", "Adam step",
-                       ".keras saved by tensorflow", ".keras saved by torch",
-                       ".keras saved by jax"]),
-    ("model", None, ["forward", "forward float64", "jit forward", "forward repeatable",
-                     "gradients", "gradients float64", "SGD step", "Adam step",
-                     ".keras saved by tensorflow", ".keras saved by torch",
-                     ".keras saved by jax"]),
-    ("model", 1e-3, ["forward", "jit forward", "forward repeatable", "gradients",
-                     ".keras saved by tensorflow", ".keras saved by torch",
-                     ".keras saved by jax"]),
+    (
+        "masked",
+        None,
+        [
+            "forward",
+            "forward float64",
+            "attention scores",
+            "jit forward",
+            "forward repeatable",
+            "gradients",
+            "gradients float64",
+            "SGD step",
+            "Adam step",
+            ".keras saved by tensorflow",
+            ".keras saved by torch",
+            ".keras saved by jax",
+        ],
+    ),
+    (
+        "float64",
+        None,
+        [
+            "forward",
+            "attention scores",
+            "jit forward",
+            "forward repeatable",
+            "gradients",
+            "gradients float64",
+            "SGD step",
+            "Adam step",
+            ".keras saved by tensorflow",
+            ".keras saved by torch",
+            ".keras saved by jax",
+        ],
+    ),
+    (
+        "model",
+        None,
+        [
+            "forward",
+            "forward float64",
+            "jit forward",
+            "forward repeatable",
+            "gradients",
+            "gradients float64",
+            "SGD step",
+            "Adam step",
+            ".keras saved by tensorflow",
+            ".keras saved by torch",
+            ".keras saved by jax",
+        ],
+    ),
+    (
+        "model",
+        1e-3,
+        [
+            "forward",
+            "jit forward",
+            "forward repeatable",
+            "gradients",
+            ".keras saved by tensorflow",
+            ".keras saved by torch",
+            ".keras saved by jax",
+        ],
+    ),
 ]
 
 
-@pytest.mark.parametrize("name,rtol,rows", ROW_TABLE,
-                         ids=[f"{n}-rtol={r}" for n, r, _ in ROW_TABLE])
+@pytest.mark.parametrize(
+    "name,rtol,rows", ROW_TABLE, ids=[f"{n}-rtol={r}" for n, r, _ in ROW_TABLE]
+)
 def test_expected_rows(name, rtol, rows):
     case = _model_case() if name == "model" else CASES_BY_NAME[name]
-    got = list(dict.fromkeys(check for check, _ in matrix.expected_cells(case, BACKENDS, rtol)))
+    got = list(
+        dict.fromkeys(check for check, _ in matrix.expected_cells(case, BACKENDS, rtol))
+    )
     assert got == rows
 
 
@@ -105,7 +167,9 @@ def test_expected_backends(name):
     forward = [b for check, b in cells if check == "forward"]
     gradients = [b for check, b in cells if check == "gradients"]
     assert gradients == list(protocol.TRAINING_BACKENDS)
-    assert forward == (BACKENDS if case.dtype != "float64" else list(protocol.TRAINING_BACKENDS))
+    assert forward == (
+        BACKENDS if case.dtype != "float64" else list(protocol.TRAINING_BACKENDS)
+    )
     # A file is never loaded by the backend that saved it.
     assert all(not check.endswith(f"by {b}") for check, b in cells)
 
@@ -119,8 +183,12 @@ def test_reference_budgets_are_the_reference_rule(name):
     for v, variant in enumerate(case.variants):
         key = protocol.out_key(v)
         ref64, budget, _ = reference.error_budget(
-            variant["x"], case.weights, policy=case.dtype,
-            attention_mask=variant.get("attention_mask"), **config)
+            variant["x"],
+            case.weights,
+            policy=case.dtype,
+            attention_mask=variant.get("attention_mask"),
+            **config,
+        )
         np.testing.assert_array_equal(got["out"].values[key], ref64)
         assert got["out"].budgets[key] == budget
         assert got["out64"].budgets[key] == reference.float64_budget(ref64)
@@ -129,10 +197,14 @@ def test_reference_budgets_are_the_reference_rule(name):
 def test_step_oracle_matches_the_optimizer_formulas():
     """SGD: w - lr g; Adam's first step: w - lr sign(g) (up to epsilon)."""
     w, g = np.array([1.0, -2.0, 0.5]), np.array([0.5, -0.25, 1e-12])
-    np.testing.assert_allclose(oracles.step_oracle("sgd", w, g), w - protocol.SGD_LR * g)
+    np.testing.assert_allclose(
+        oracles.step_oracle("sgd", w, g), w - protocol.SGD_LR * g
+    )
     adam = oracles.step_oracle("adam", w, g)
     # epsilon against sqrt(1 - beta_2) |g| moves the step by < 1e-4 (relative) here.
-    np.testing.assert_allclose(adam[:2] - w[:2], -protocol.ADAM_LR * np.sign(g[:2]), rtol=1e-4)
+    np.testing.assert_allclose(
+        adam[:2] - w[:2], -protocol.ADAM_LR * np.sign(g[:2]), rtol=1e-4
+    )
     assert abs(adam[2] - w[2]) < protocol.ADAM_LR * 1e-4  # |g| << epsilon: ~no step
 
 
@@ -145,15 +217,30 @@ def test_a_model_xla_cannot_compile_is_a_note_not_a_failure():
     case = _model_case()
     out = np.ones((2, 3))
     runs = {
-        "tensorflow": BackendRun("tensorflow", results={"model": {
-            protocol.FORWARD: {protocol.out_key(0): out},
-            protocol.FORWARD64: {protocol.out_key(0): out},
-            protocol.JIT: {protocol.NOTE_KEY: np.array(
-                "not judged: XLA cannot compile ResizeBicubic")}}}),
-        "jax": BackendRun("jax", results={"model": {
-            protocol.FORWARD: {protocol.out_key(0): out},
-            protocol.FORWARD64: {protocol.out_key(0): out},
-            protocol.JIT: {protocol.out_key(0): out + 1.0}}}),
+        "tensorflow": BackendRun(
+            "tensorflow",
+            results={
+                "model": {
+                    protocol.FORWARD: {protocol.out_key(0): out},
+                    protocol.FORWARD64: {protocol.out_key(0): out},
+                    protocol.JIT: {
+                        protocol.NOTE_KEY: np.array(
+                            "not judged: XLA cannot compile ResizeBicubic"
+                        )
+                    },
+                }
+            },
+        ),
+        "jax": BackendRun(
+            "jax",
+            results={
+                "model": {
+                    protocol.FORWARD: {protocol.out_key(0): out},
+                    protocol.FORWARD64: {protocol.out_key(0): out},
+                    protocol.JIT: {protocol.out_key(0): out + 1.0},
+                }
+            },
+        ),
     }
     report = matrix.evaluate([case], runs, ["tensorflow", "jax"])
     tf_cell = report.cell("model", "jit forward", "tensorflow")

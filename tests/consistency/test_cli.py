@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import BACKEND
+
 from mhsa_core import reference
 from mhsa_core.consistency import cli, protocol, runner
 from mhsa_core.consistency.cases import Case
@@ -18,12 +18,17 @@ FRAMEWORKS = ("keras", "tensorflow", "torch", "jax")
 def _mhsa_core(*args):
     return subprocess.run(
         [sys.executable, "-m", "mhsa_core.consistency.cli", *args],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
-@pytest.mark.parametrize("args", [["--help"], ["matrix", "--help"], ["demo", "--help"]],
-                         ids=["help", "matrix-help", "demo-help"])
+@pytest.mark.parametrize(
+    "args",
+    [["--help"], ["matrix", "--help"], ["demo", "--help"]],
+    ids=["help", "matrix-help", "demo-help"],
+)
 def test_parent_imports_no_framework(args):
     """The parent process of `mhsa-core` never imports a framework, not even
     Keras: the backends run in workers. (A fresh interpreter: this test
@@ -35,8 +40,9 @@ def test_parent_imports_no_framework(args):
         "cases.default_cases(); cases.extended_cases()\n"
         f"print(status, sorted(m for m in {FRAMEWORKS!r} if m in sys.modules))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "0 []", proc.stdout[-500:]
 
@@ -65,9 +71,13 @@ def test_bad_usage_exits_2(args, capsys):
 def test_runner_reports_a_failing_case_and_keeps_the_others(backend):
     # The layer's defaults (standard attention) and the reference's are the same.
     x = np.random.default_rng(0).standard_normal((1, 3, 4, 8)).astype("float32")
-    good = Case("good", {"num_heads": 2}, {"x": x}, reference.random_weights(8, 2, seed=1))
+    good = Case(
+        "good", {"num_heads": 2}, {"x": x}, reference.random_weights(8, 2, seed=1)
+    )
     # Weights for 2 heads but 16 channels: set_weight_dict raises in the worker.
-    bad = Case("bad", {"num_heads": 2}, {"x": x}, reference.random_weights(16, 2, seed=1))
+    bad = Case(
+        "bad", {"num_heads": 2}, {"x": x}, reference.random_weights(16, 2, seed=1)
+    )
     runs = run_backends([good, bad], [backend], portability=False)
     run = runs[backend]
     assert not run.ok

@@ -11,15 +11,16 @@ what costs time); the usage errors run no worker at all.
 
 import json
 
+import keras
 import numpy as np
 import pytest
-import keras
 
-import custom_layers
 from mhsa_core import MultiHeadSelfAttention2D
 from mhsa_core.consistency import budgets, cases, cli, drift, matrix, protocol
 from mhsa_core.consistency.report import Report
 from mhsa_core.testing import assert_backends_agree
+
+import custom_layers
 
 THREE = ["tensorflow", "torch", "jax"]
 STEPS = 5
@@ -35,8 +36,9 @@ def _model(extra=None):
     """Our layer twice on a 6x6 map with 8 channels (a learned relative
     position table in the first), `extra` between them."""
     inputs = keras.Input((6, 6, 8))
-    x = MultiHeadSelfAttention2D(num_heads=2, position_encoding="relative",
-                                 position_size=(6, 6), name="mhsa_1")(inputs)
+    x = MultiHeadSelfAttention2D(
+        num_heads=2, position_encoding="relative", position_size=(6, 6), name="mhsa_1"
+    )(inputs)
     if extra is not None:
         x = extra(x)
     x = MultiHeadSelfAttention2D(num_heads=2, name="mhsa_2")(x)
@@ -56,7 +58,9 @@ def paths(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(paths):
     # Only the drift task (tasks=()): the other checks have their own tests.
-    to_run = [cases.model_case(path, name=name, tasks=()) for name, path in paths.items()]
+    to_run = [
+        cases.model_case(path, name=name, tasks=()) for name, path in paths.items()
+    ]
     return matrix.run_matrix(to_run, THREE, steps=STEPS, imports=["custom_layers"])
 
 
@@ -69,7 +73,10 @@ def test_correct_model_trains_the_same_on_every_backend(report):
     assert _passed(report, "clean") == {b: True for b in THREE}
     series = next(s for s in drift.report_series(report) if s.case == "clean")
     assert (series.steps, series.optimizer, series.oracle) == (
-        STEPS, "adam", "tensorflow float64")
+        STEPS,
+        "adam",
+        "tensorflow float64",
+    )
     assert series.weight_steps == list(range(1, STEPS + 1))
     for b in THREE:
         # Something drifted (the runs really are float32 and float64) ...
@@ -80,7 +87,11 @@ def test_correct_model_trains_the_same_on_every_backend(report):
 
 
 def test_planted_training_bug_is_flagged_on_jax_only(report):
-    assert _passed(report, "skewed") == {"tensorflow": True, "torch": True, "jax": False}
+    assert _passed(report, "skewed") == {
+        "tensorflow": True,
+        "torch": True,
+        "jax": False,
+    }
     cell = report.cell("skewed", drift.CHECK_NAME, "jax")
     assert cell.ratio > 1 and "step" in cell.note
     assert not report.agree
@@ -95,7 +106,7 @@ def test_table_shows_the_steps(report):
     for b in THREE:
         assert f"{b} weights" in header and f"{b} loss" in header
     start = lines.index(header) + 2  # after the dashes
-    steps = [int(line.split()[0]) for line in lines[start:start + 3]]
+    steps = [int(line.split()[0]) for line in lines[start : start + 3]]
     assert steps == protocol.drift_table_steps(STEPS) == [1, 2, 5]
 
 
@@ -112,12 +123,17 @@ def test_json_has_the_drift_series(report):
 
 
 def _clean_only(report):
-    return Report(report.backends, [r for r in report.rows if r.case == "clean"],
-                  report.worker_errors, report.runs)
+    return Report(
+        report.backends,
+        [r for r in report.rows if r.case == "clean"],
+        report.worker_errors,
+        report.runs,
+    )
 
 
-def test_cli_prints_the_table_and_writes_the_plot(report, paths, tmp_path, monkeypatch,
-                                                  capsys):
+def test_cli_prints_the_table_and_writes_the_plot(
+    report, paths, tmp_path, monkeypatch, capsys
+):
     """The CLI's wiring (options in, table and PNG out) on the fixture's run."""
     calls = []
 
@@ -127,8 +143,20 @@ def test_cli_prints_the_table_and_writes_the_plot(report, paths, tmp_path, monke
 
     monkeypatch.setattr(matrix, "run_matrix", run_matrix)
     png = tmp_path / "drift.png"
-    status = cli.main(["matrix", "--model", str(paths["clean"]), "--backends", ",".join(THREE),
-                       "--steps", str(STEPS), "--plot", str(png), "--quiet"])
+    status = cli.main(
+        [
+            "matrix",
+            "--model",
+            str(paths["clean"]),
+            "--backends",
+            ",".join(THREE),
+            "--steps",
+            str(STEPS),
+            "--plot",
+            str(png),
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0, out
     assert (calls[0]["steps"], calls[0]["optimizer"]) == (STEPS, "adam")
@@ -136,8 +164,17 @@ def test_cli_prints_the_table_and_writes_the_plot(report, paths, tmp_path, monke
     assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
     assert f"drift plot: {png}" in out
     assert [p.name for p in tmp_path.iterdir()] == ["drift.png"]  # no temporary left
-    status = cli.main(["matrix", "--model", str(paths["clean"]), "--steps", str(STEPS),
-                       "--optimizer", "sgd"])
+    status = cli.main(
+        [
+            "matrix",
+            "--model",
+            str(paths["clean"]),
+            "--steps",
+            str(STEPS),
+            "--optimizer",
+            "sgd",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0 and calls[1]["optimizer"] == "sgd"
     assert "training drift of clean" in out and "verdict: all" in out
@@ -154,10 +191,22 @@ BAD_USAGE = [
 ]
 
 
-@pytest.mark.parametrize("args,message", BAD_USAGE,
-                         ids=["zero", "text", "negative", "optimizer", "plot-alone",
-                              "optimizer-alone", "rtol"])
-def test_bad_drift_options_exit_2_with_one_line(args, message, paths, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "args,message",
+    BAD_USAGE,
+    ids=[
+        "zero",
+        "text",
+        "negative",
+        "optimizer",
+        "plot-alone",
+        "optimizer-alone",
+        "rtol",
+    ],
+)
+def test_bad_drift_options_exit_2_with_one_line(
+    args, message, paths, monkeypatch, capsys
+):
     monkeypatch.setattr(matrix, "run_matrix", _must_not_run)
     assert cli.main(["matrix", "--model", str(paths["clean"]), *args]) == 2
     err = capsys.readouterr().err
@@ -169,20 +218,26 @@ def _must_not_run(*args, **kwargs):
 
 
 @pytest.mark.parametrize("where", ["missing-dir", "parent-is-a-file", "a-directory"])
-def test_unwritable_plot_exits_2_and_writes_nothing(where, paths, tmp_path, monkeypatch,
-                                                    capsys):
+def test_unwritable_plot_exits_2_and_writes_nothing(
+    where, paths, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(matrix, "run_matrix", _must_not_run)
     (tmp_path / "file").write_text("x")
     (tmp_path / "dir.png").mkdir()
-    plot = {"missing-dir": tmp_path / "nope" / "d.png",
-            "parent-is-a-file": tmp_path / "file" / "d.png",
-            "a-directory": tmp_path / "dir.png"}[where]
+    plot = {
+        "missing-dir": tmp_path / "nope" / "d.png",
+        "parent-is-a-file": tmp_path / "file" / "d.png",
+        "a-directory": tmp_path / "dir.png",
+    }[where]
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    status = cli.main(["matrix", "--model", str(paths["clean"]), "--steps", "3",
-                       "--plot", str(plot)])
+    status = cli.main(
+        ["matrix", "--model", str(paths["clean"]), "--steps", "3", "--plot", str(plot)]
+    )
     err = capsys.readouterr().err
     assert status == 2
-    assert len(err.strip().splitlines()) == 1 and "--plot" in err and str(plot) in err, err
+    assert (
+        len(err.strip().splitlines()) == 1 and "--plot" in err and str(plot) in err
+    ), err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
@@ -190,22 +245,46 @@ def test_plot_without_matplotlib_exits_2(paths, tmp_path, monkeypatch, capsys):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real(name, *a),
+    )
     monkeypatch.setattr(matrix, "run_matrix", _must_not_run)
-    status = cli.main(["matrix", "--model", str(paths["clean"]), "--steps", "3",
-                       "--plot", str(tmp_path / "d.png")])
+    status = cli.main(
+        [
+            "matrix",
+            "--model",
+            str(paths["clean"]),
+            "--steps",
+            "3",
+            "--plot",
+            str(tmp_path / "d.png"),
+        ]
+    )
     err = capsys.readouterr().err
-    assert status == 2 and "needs matplotlib" in err and len(err.strip().splitlines()) == 1
+    assert (
+        status == 2 and "needs matplotlib" in err and len(err.strip().splitlines()) == 1
+    )
     assert not (tmp_path / "d.png").exists()
 
 
-@pytest.mark.parametrize("steps,optimizer,rtol", [(0, None, None), (2.0, None, None),
-                                                  (True, None, None), (None, "adam", None),
-                                                  (3, "rmsprop", None), (3, None, 1e-3)])
+@pytest.mark.parametrize(
+    "steps,optimizer,rtol",
+    [
+        (0, None, None),
+        (2.0, None, None),
+        (True, None, None),
+        (None, "adam", None),
+        (3, "rmsprop", None),
+        (3, None, 1e-3),
+    ],
+)
 def test_assert_backends_agree_refuses_bad_drift_options(steps, optimizer, rtol, paths):
     with pytest.raises(ValueError, match="steps|optimizer"):
-        assert_backends_agree(paths["clean"], steps=steps, optimizer=optimizer, rtol=rtol)
+        assert_backends_agree(
+            paths["clean"], steps=steps, optimizer=optimizer, rtol=rtol
+        )
 
 
 def test_drift_cells_only_when_asked():
@@ -213,12 +292,18 @@ def test_drift_cells_only_when_asked():
     it no case runs the task; a float64 case has nothing to drift from."""
     layer = cases.default_cases()[2]
     assert protocol.DRIFT not in matrix.needed_tasks(layer)
-    assert not [c for c in matrix.expected_cells(layer, protocol.BACKENDS)
-                if c[0] == drift.CHECK_NAME]
+    assert not [
+        c
+        for c in matrix.expected_cells(layer, protocol.BACKENDS)
+        if c[0] == drift.CHECK_NAME
+    ]
     asked = drift.with_drift(layer, 4)
     assert matrix.needed_tasks(asked)[-1] == protocol.DRIFT
-    assert [b for check, b in matrix.expected_cells(asked, protocol.BACKENDS)
-            if check == drift.CHECK_NAME] == list(protocol.TRAINING_BACKENDS)
+    assert [
+        b
+        for check, b in matrix.expected_cells(asked, protocol.BACKENDS)
+        if check == drift.CHECK_NAME
+    ] == list(protocol.TRAINING_BACKENDS)
     float64 = next(c for c in cases.extended_cases() if c.dtype == "float64")
     assert protocol.DRIFT not in matrix.needed_tasks(drift.with_drift(float64, 4))
 
@@ -226,7 +311,11 @@ def test_drift_cells_only_when_asked():
 def test_recorded_steps_are_bounded_and_hold_the_table():
     assert protocol.drift_recorded_steps(5) == [1, 2, 3, 4, 5]
     many = protocol.drift_recorded_steps(10_000)
-    assert many[0] == 1 and many[-1] == 10_000 and len(many) <= protocol.DRIFT_MAX_RECORDED + 4
+    assert (
+        many[0] == 1
+        and many[-1] == 10_000
+        and len(many) <= protocol.DRIFT_MAX_RECORDED + 4
+    )
     assert set(protocol.drift_table_steps(10_000)) <= set(many)
     assert protocol.drift_table_steps(1) == [1]
 
@@ -237,8 +326,11 @@ def _fake_result(w64, errors, own64, steps=2, start=None):
     (per variable), the same weights after every step, from `start`
     (default: 0.1 away), a loss of 10."""
     start = [w - 0.1 for w in w64] if start is None else start
-    result = {"steps": np.asarray(steps), "optimizer": np.asarray("sgd"),
-              "names": np.asarray([f"v{j}" for j in range(len(w64))])}
+    result = {
+        "steps": np.asarray(steps),
+        "optimizer": np.asarray("sgd"),
+        "names": np.asarray([f"v{j}" for j in range(len(w64))]),
+    }
     for j, w in enumerate(start):
         result[protocol.drift_weight_key("train", 0, j)] = w
     for s in range(1, steps + 1):
@@ -260,14 +352,19 @@ def test_peer_rule_judges_each_variable_against_its_own_drift():
     variable that rounding moves as much as the loss does (own drift 5e-4,
     moved 1e-3 from its start: a key bias) is not judged: JAX 1e-2 off there
     does not fail."""
-    kernel, bias, key_bias = np.array([1.0, -0.5]), np.array([0.1, -0.1]), np.array([1e-3])
+    kernel, bias, key_bias = (
+        np.array([1.0, -0.5]),
+        np.array([0.1, -0.1]),
+        np.array([1e-3]),
+    )
     w64 = [kernel, bias, key_bias]
     start = [kernel - 0.1, bias - 0.1, np.zeros(1)]
     results = {  # errors against the oracle, the own float64 run's offsets
         "tensorflow": _fake_result(w64, [1e-7, 5e-4, 5e-4], [0, 0, 0], start=start),
         "torch": _fake_result(w64, [1e-7, 1e-3, 5e-4], [0, 5e-4, 0], start=start),
-        "jax": _fake_result(w64, [1e-5, 5e-4, 1e-2], [1e-5 - 1e-7, 0, 1e-2 - 5e-4],
-                            start=start),
+        "jax": _fake_result(
+            w64, [1e-5, 5e-4, 1e-2], [1e-5 - 1e-7, 0, 1e-2 - 5e-4], start=start
+        ),
     }
     series = drift.series("fake", results)
     assert series.oracle == "tensorflow float64"
@@ -275,9 +372,14 @@ def test_peer_rule_judges_each_variable_against_its_own_drift():
     assert "not judged, moved by rounding" in drift.format_tables(_report_of(results))
     cell = series.cell("jax")
     assert cell.passed is False and cell.note == "v0, step 1"
-    assert cell.budget == pytest.approx(budgets.PEER_FACTOR * 1e-7 + budgets.FLOOR * 1.0)
+    assert cell.budget == pytest.approx(
+        budgets.PEER_FACTOR * 1e-7 + budgets.FLOOR * 1.0
+    )
     assert {b: series.cell(b).passed for b in results} == {
-        "tensorflow": True, "torch": True, "jax": False}
+        "tensorflow": True,
+        "torch": True,
+        "jax": False,
+    }
     # The max over all weights of torch (passing) is 100x JAX's kernel error.
     assert series.weights["torch"][0] == pytest.approx(100 * cell.error)
     results["tensorflow"][protocol.drift_loss_key("train", 2)] = np.asarray(np.nan)

@@ -21,22 +21,25 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
-import keras
 
-import custom_layers
 from mhsa_core import MultiHeadSelfAttention2D
-from mhsa_core.reference import schema
 from mhsa_core.consistency import cases, export, matrix, protocol
 from mhsa_core.consistency.report import cell_text
+from mhsa_core.reference import schema
+
+import custom_layers
 
 THREE = ["tensorflow", "torch", "jax"]
 RUNTIMES = ("onnxruntime", "openvino", "ai_edge_litert", "tensorflow", "torch", "jax")
 MISSING = [m for m in RUNTIMES if importlib.util.find_spec(m) is None]
 needs_export = pytest.mark.skipif(
-    bool(MISSING), reason=f"export runtimes/backends not installed: {', '.join(MISSING)} "
-                          "(pip install mhsa-core[export])")
+    bool(MISSING),
+    reason=f"export runtimes/backends not installed: {', '.join(MISSING)} "
+    "(pip install mhsa-core[export])",
+)
 
 SIZES = [(2, 5, 5, 8), (2, 7, 4, 8)]  # the tables' reference size, and another
 
@@ -48,8 +51,9 @@ def _variants(seed):
 
 def _two_encodings(path):
     inputs = keras.Input((None, None, 8))
-    x = MultiHeadSelfAttention2D(num_heads=2, position_encoding="relative",
-                                 position_size=(5, 5))(inputs)
+    x = MultiHeadSelfAttention2D(
+        num_heads=2, position_encoding="relative", position_size=(5, 5)
+    )(inputs)
     x = MultiHeadSelfAttention2D(num_heads=2, position_encoding="sinusoidal")(x)
     keras.Model(inputs, x).save(path)
 
@@ -60,11 +64,19 @@ def _paths(path):
     # every chunk unrolled); then the absolute term folded into the keys of
     # the fused path.
     inputs = keras.Input((None, None, 8))
-    x = MultiHeadSelfAttention2D(num_heads=2, position_encoding="relative",
-                                 position_size=(5, 5), attention_implementation="chunked",
-                                 chunk_size=16)(inputs)
-    x = MultiHeadSelfAttention2D(num_heads=2, position_encoding="absolute",
-                                 position_size=(5, 5), attention_implementation="fused")(x)
+    x = MultiHeadSelfAttention2D(
+        num_heads=2,
+        position_encoding="relative",
+        position_size=(5, 5),
+        attention_implementation="chunked",
+        chunk_size=16,
+    )(inputs)
+    x = MultiHeadSelfAttention2D(
+        num_heads=2,
+        position_encoding="absolute",
+        position_size=(5, 5),
+        attention_implementation="fused",
+    )(x)
     keras.Model(inputs, x).save(path)
 
 
@@ -92,19 +104,45 @@ def report(tmp_path_factory):
     _paths(tmp / "paths.keras")
     tasks = (protocol.FORWARD, protocol.FORWARD64, protocol.EXPORT)
     to_run = [
-        cases.Case("two", None, _variants(0), model_path=str(tmp / "two.keras"), tasks=tasks,
-                   exports=protocol.EXPORT_FORMATS),
-        cases.Case("shapebug", None, _variants(1), model_path=str(tmp / "shapebug.keras"),
-                   tasks=tasks, exports=("litert",)),
+        cases.Case(
+            "two",
+            None,
+            _variants(0),
+            model_path=str(tmp / "two.keras"),
+            tasks=tasks,
+            exports=protocol.EXPORT_FORMATS,
+        ),
+        cases.Case(
+            "shapebug",
+            None,
+            _variants(1),
+            model_path=str(tmp / "shapebug.keras"),
+            tasks=tasks,
+            exports=("litert",),
+        ),
         dataclasses.replace(
-            cases.layer_case("masked", schema.preset("yolov4_mhsa", num_heads=2),
-                             [(2, 5, 6, 16), (1, 4, 7, 16)], seed=20, mask=True,
-                             tasks=(protocol.FORWARD, protocol.EXPORT)),
-            exports=("litert",)),
-        dataclasses.replace(cases.model_case(tmp / "made.keras", name="made", tasks=tasks),
-                            exports=("onnx",)),
-        cases.Case("paths", None, _variants(2), model_path=str(tmp / "paths.keras"),
-                   tasks=tasks, exports=protocol.EXPORT_FORMATS),
+            cases.layer_case(
+                "masked",
+                schema.preset("yolov4_mhsa", num_heads=2),
+                [(2, 5, 6, 16), (1, 4, 7, 16)],
+                seed=20,
+                mask=True,
+                tasks=(protocol.FORWARD, protocol.EXPORT),
+            ),
+            exports=("litert",),
+        ),
+        dataclasses.replace(
+            cases.model_case(tmp / "made.keras", name="made", tasks=tasks),
+            exports=("onnx",),
+        ),
+        cases.Case(
+            "paths",
+            None,
+            _variants(2),
+            model_path=str(tmp / "paths.keras"),
+            tasks=tasks,
+            exports=protocol.EXPORT_FORMATS,
+        ),
     ]
     return matrix.run_matrix(to_run, THREE, imports=["custom_layers"])
 
@@ -130,8 +168,9 @@ EXPECTED = [
 
 @needs_export
 @pytest.mark.parametrize("case", ["two", "paths"])
-@pytest.mark.parametrize("fmt, backend, expected", EXPECTED,
-                         ids=[f"{f}-from-{b}" for f, b, _ in EXPECTED])
+@pytest.mark.parametrize(
+    "fmt, backend, expected", EXPECTED, ids=[f"{f}-from-{b}" for f, b, _ in EXPECTED]
+)
 def test_export_cell(report, case, fmt, backend, expected):
     needs = expected.removeprefix("skipped: needs ")
     if needs != expected and importlib.util.find_spec(needs) is not None:
@@ -148,16 +187,28 @@ def test_export_cell(report, case, fmt, backend, expected):
 @needs_export
 def test_every_expected_export_cell_is_there_and_the_run_agrees(report):
     """Every (format, exporting backend) has a cell: a verdict, or why not."""
-    two = cases.Case("two", None, _variants(0), model_path="unused.keras",
-                     tasks=(protocol.FORWARD, protocol.FORWARD64, protocol.EXPORT),
-                     exports=protocol.EXPORT_FORMATS)
-    expected = {c for c in matrix.expected_cells(two, THREE) if c[0].endswith(" export")}
-    present = {(r.check, b) for r in report.rows if r.case == "two"
-               and r.check.endswith(" export") for b in r.cells}
+    two = cases.Case(
+        "two",
+        None,
+        _variants(0),
+        model_path="unused.keras",
+        tasks=(protocol.FORWARD, protocol.FORWARD64, protocol.EXPORT),
+        exports=protocol.EXPORT_FORMATS,
+    )
+    expected = {
+        c for c in matrix.expected_cells(two, THREE) if c[0].endswith(" export")
+    }
+    present = {
+        (r.check, b)
+        for r in report.rows
+        if r.case == "two" and r.check.endswith(" export")
+        for b in r.cells
+    }
     assert expected == present == {(f"{f} export", b) for f, b, _ in EXPECTED}
     # Only the planted bug fails.
     assert {(r.case, r.check, b) for r, b, _ in report.failures} == {
-        ("shapebug", "litert export", "tensorflow")}
+        ("shapebug", "litert export", "tensorflow")
+    }
 
 
 @needs_export
@@ -182,18 +233,27 @@ def test_static_exports_say_which_sizes_were_checked(report):
         assert cell.scope == "static export per size: 2x5x5x8, 2x7x4x8", cell
         assert report.cell("two", f"{fmt} export", "tensorflow").scope == ""
         # The table's text says it (rich markup must not swallow it).
-        assert cell_text(cell)[0].endswith(" ok (static export per size: 2x5x5x8, 2x7x4x8)")
+        assert cell_text(cell)[0].endswith(
+            " ok (static export per size: 2x5x5x8, 2x7x4x8)"
+        )
 
 
 @needs_export
 def test_both_sizes_ran_in_each_runtime(report):
-    for backend, fmts in (("tensorflow", protocol.EXPORT_FORMATS),
-                          ("torch", ("onnx", "openvino")), ("jax", ("tf_saved_model",))):
+    for backend, fmts in (
+        ("tensorflow", protocol.EXPORT_FORMATS),
+        ("torch", ("onnx", "openvino")),
+        ("jax", ("tf_saved_model",)),
+    ):
         res = report.runs[backend].results["two"][protocol.EXPORT]
         for fmt in fmts:
             assert str(res[protocol.export_status_key(fmt)]) == protocol.EXPORT_OK
             for v, shape in enumerate(SIZES):
-                assert res[protocol.export_key(fmt, v)].shape == shape, (backend, fmt, v)
+                assert res[protocol.export_key(fmt, v)].shape == shape, (
+                    backend,
+                    fmt,
+                    v,
+                )
 
 
 @needs_export
@@ -202,19 +262,28 @@ def test_masked_layer_case_runs_in_litert_at_both_sizes(report):
     # "auto" with dynamic sizes chooses full or chunked at run time; LiteRT
     # cannot run the chunked loop, so the artifact is the full path's.
     assert cell.passed is True and cell.scope == (
-        "exported on the full path: " + export.PATH_FALLBACKS[("litert", "tensorflow")][1]), cell
+        "exported on the full path: "
+        + export.PATH_FALLBACKS[("litert", "tensorflow")][1]
+    ), cell
     res = report.runs["tensorflow"].results["masked"][protocol.EXPORT]
     assert [res[protocol.export_key("litert", v)].shape for v in (0, 1)] == [
-        (2, 5, 6, 16), (1, 4, 7, 16)]
+        (2, 5, 6, 16),
+        (1, 4, 7, 16),
+    ]
 
 
 FALLBACK_NOTE = "exported on the full path: "
 
 
 @needs_export
-@pytest.mark.parametrize("fmt, backend", [(f, b) for f, b, e in EXPECTED if e == "pass"],
-                         ids=[f"{f}-from-{b}" for f, b, e in EXPECTED if e == "pass"])
-def test_a_path_an_exporter_cannot_take_falls_back_to_full_and_says_so(report, fmt, backend):
+@pytest.mark.parametrize(
+    "fmt, backend",
+    [(f, b) for f, b, e in EXPECTED if e == "pass"],
+    ids=[f"{f}-from-{b}" for f, b, e in EXPECTED if e == "pass"],
+)
+def test_a_path_an_exporter_cannot_take_falls_back_to_full_and_says_so(
+    report, fmt, backend
+):
     """The chunked layer of "paths" is exported on the full path exactly
     where `PATH_FALLBACKS` says the format cannot take its loop, and the cell
     says why; elsewhere the artifact keeps the chunked (and fused) path and
@@ -227,7 +296,9 @@ def test_a_path_an_exporter_cannot_take_falls_back_to_full_and_says_so(report, f
     else:
         assert FALLBACK_NOTE not in cell.scope, cell
     by_size = backend == "tensorflow" and export.BY_SIZE in paths
-    assert (FALLBACK_NOTE in report.cell("two", f"{fmt} export", backend).scope) == by_size
+    assert (
+        FALLBACK_NOTE in report.cell("two", f"{fmt} export", backend).scope
+    ) == by_size
 
 
 def test_fallback_paths_are_the_layers_path_names():
@@ -235,7 +306,8 @@ def test_fallback_paths_are_the_layers_path_names():
 
     assert (export.CHUNKED, export.BY_SIZE) == (choice.CHUNKED, choice.BY_SIZE)
     assert {p for paths, _ in export.PATH_FALLBACKS.values() for p in paths} <= set(
-        choice.FALLBACK_PATHS)
+        choice.FALLBACK_PATHS
+    )
 
 
 @needs_export
@@ -253,8 +325,21 @@ def test_cli_unknown_export_format_exits_2_with_one_line(value):
         return
     env = {**os.environ, "KERAS_BACKEND": "numpy"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mhsa_core.consistency.cli", "matrix", "--export", value,
-         "--backends", "numpy"], capture_output=True, text=True, env=env, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "mhsa_core.consistency.cli",
+            "matrix",
+            "--export",
+            value,
+            "--backends",
+            "numpy",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "export=" in lines[0] and "Traceback" not in proc.stderr
@@ -262,25 +347,32 @@ def test_cli_unknown_export_format_exits_2_with_one_line(value):
 
 def test_runtime_process_imports_no_keras(tmp_path):
     """A runtime runs the artifact without the framework that exported it."""
-    code = ("import sys, mhsa_core.consistency.runtime as r; "
-            "print(sorted(m for m in ('keras', 'torch', 'jax', 'tensorflow') "
-            "if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import sys, mhsa_core.consistency.runtime as r; "
+        "print(sorted(m for m in ('keras', 'torch', 'jax', 'tensorflow') "
+        "if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert proc.stdout.strip() == "[]", proc.stderr
 
 
 def test_one_line_of_an_exporter_error():
-    text = ("Check 'false' failed at src/unconverted_ops_report.cpp:151:\n"
-            "Summary:\n-- No conversion rule found for operations: XlaCallModule\n")
-    assert export.one_line(text) == "-- No conversion rule found for operations: XlaCallModule"
+    text = (
+        "Check 'false' failed at src/unconverted_ops_report.cpp:151:\n"
+        "Summary:\n-- No conversion rule found for operations: XlaCallModule\n"
+    )
+    assert (
+        export.one_line(text)
+        == "-- No conversion rule found for operations: XlaCallModule"
+    )
     assert export.one_line("\n  first\nsecond") == "first"
 
 
 def test_run_matrix_refuses_an_unknown_format():
     with pytest.raises(ValueError, match="Received: export='pt2'"):
         matrix.run_matrix([], THREE, export=["onnx", "pt2"])
-
 
 
 def test_assert_backends_agree_refuses_an_unknown_format_before_running(tmp_path):

@@ -10,24 +10,32 @@ the others judge hand-made reports and run no worker.
 import contextlib
 import importlib.util
 import io
-from importlib.metadata import version
 import json
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 
 import keras
 import numpy as np
 import pytest
 
-import custom_layers
 import mhsa_core
 from mhsa_core.consistency import cases, cli, matrix, protocol, runner, testing, worker
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.report import (
-    NOT_JUDGED_LEGEND, Cell, Report, Row, cell_of, cell_text, render, verdict,
+    NOT_JUDGED_LEGEND,
+    Cell,
+    Report,
+    Row,
+    cell_of,
+    cell_text,
+    render,
+    verdict,
 )
 from mhsa_core.consistency.runner import BackendRun
+
+import custom_layers
 
 FRAMEWORKS = ("keras", "tensorflow", "torch", "jax")
 
@@ -40,6 +48,7 @@ def _without(modules):
         if name.split(".")[0] in modules:
             return None
         return real(name, *args, **kwargs)
+
     return find_spec
 
 
@@ -50,17 +59,29 @@ def _dense_model():
 
 
 # ------------------------------------------------ 2. what a backend needs
-@pytest.mark.parametrize("missing, backend, reason", [
-    (("scipy",), "numpy", "not installed: needs scipy"),
-    (("scipy",), "jax", "not installed: needs scipy"),
-    (("scipy",), "torch", None),
-    (("jaxlib",), "numpy", "not installed: needs jaxlib"),
-    (("jax", "jaxlib"), "jax", "not installed: needs jax, jaxlib"),
-    (("torch",), "torch", "not installed: needs torch"),
-    (("keras",), "tensorflow", "not installed: needs keras"),
-    ((), "numpy", None),
-], ids=["numpy-needs-scipy", "jax-needs-scipy", "torch-without-scipy", "numpy-needs-jaxlib",
-        "jax-needs-jax-jaxlib", "torch-missing", "no-keras", "all-installed"])
+@pytest.mark.parametrize(
+    "missing, backend, reason",
+    [
+        (("scipy",), "numpy", "not installed: needs scipy"),
+        (("scipy",), "jax", "not installed: needs scipy"),
+        (("scipy",), "torch", None),
+        (("jaxlib",), "numpy", "not installed: needs jaxlib"),
+        (("jax", "jaxlib"), "jax", "not installed: needs jax, jaxlib"),
+        (("torch",), "torch", "not installed: needs torch"),
+        (("keras",), "tensorflow", "not installed: needs keras"),
+        ((), "numpy", None),
+    ],
+    ids=[
+        "numpy-needs-scipy",
+        "jax-needs-scipy",
+        "torch-without-scipy",
+        "numpy-needs-jaxlib",
+        "jax-needs-jax-jaxlib",
+        "torch-missing",
+        "no-keras",
+        "all-installed",
+    ],
+)
 def test_unavailable_reason(monkeypatch, missing, backend, reason):
     monkeypatch.setattr(importlib.util, "find_spec", _without(missing))
     assert runner.unavailable_reason(backend) == reason
@@ -91,8 +112,17 @@ def torch_alone(tmp_path_factory):
         mp.setattr(importlib.util, "find_spec", _without(("scipy",)))
         mp.setattr(matrix, "run_matrix", keep)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            status = cli.main(["matrix", "--model", str(path), "--backends", "torch,numpy",
-                               "--json", "-"])
+            status = cli.main(
+                [
+                    "matrix",
+                    "--model",
+                    str(path),
+                    "--backends",
+                    "torch,numpy",
+                    "--json",
+                    "-",
+                ]
+            )
     return status, stdout.getvalue(), stderr.getvalue(), reports[0]
 
 
@@ -113,12 +143,18 @@ def test_json_to_stdout_is_strict_and_alone(torch_alone):
     assert data["schema_version"] == 1 and data["tool_version"] == mhsa_core.__version__
     assert data["verdict"] == "not_compared" and data["compared"] == ["torch"]
     assert data["backend_runs"]["numpy"] == {
-        "status": "skipped", "reason": "not installed: needs scipy", "keras_version": None,
-        "framework_version": None, "seconds": 0.0}
+        "status": "skipped",
+        "reason": "not installed: needs scipy",
+        "keras_version": None,
+        "framework_version": None,
+        "seconds": 0.0,
+    }
     torch_run = data["backend_runs"]["torch"]
     assert torch_run["status"] == "ran" and torch_run["reason"] is None
     assert torch_run["keras_version"] == keras.__version__
-    assert torch_run["framework_version"].split("+")[0] == version("torch").split("+")[0]
+    assert (
+        torch_run["framework_version"].split("+")[0] == version("torch").split("+")[0]
+    )
     assert data["worker_errors"] == {}
     assert "verdict:" in stderr  # the table and verdict went to stderr
 
@@ -130,8 +166,9 @@ def test_assert_backends_agree_fails_or_skips_on_one_backend(torch_alone, monkey
     with pytest.raises(AssertionError, match="only torch ran: nothing was compared"):
         testing.assert_backends_agree(path, backends=("torch", "numpy"))
     with pytest.raises(pytest.skip.Exception, match="only torch ran"):
-        testing.assert_backends_agree(path, backends=("torch", "numpy"),
-                                      skip_if_not_compared=True)
+        testing.assert_backends_agree(
+            path, backends=("torch", "numpy"), skip_if_not_compared=True
+        )
 
 
 # ---------------------------------------------- 1. verdicts, hand-made
@@ -147,19 +184,48 @@ OK, OVER = cell_of(1.0, 2.0), cell_of(3.0, 2.0)
 RAISED = Cell(passed=False, note="grads: ValueError: bad")
 
 
-@pytest.mark.parametrize("cells, missing, crashed, status, text", [
-    ({"torch": OK}, (), (), "not_compared", "NOT COMPARED: only torch ran"),
-    ({"torch": OK}, ("numpy",), (), "not_compared", "NOT COMPARED: only torch ran"),
-    ({"torch": OK, "jax": OK}, (), (), "agree", "all 2 cells agree across torch, jax"),
-    ({"torch": OK, "jax": OVER}, (), (), "disagree", "DISAGREE: 1 of 2 cells"),
-    ({"torch": OK}, (), ("jax",), "failed", "FAIL: worker(s) failed: jax"),
-    ({}, ("numpy",), (), "not_compared", "nothing was checked"),
-    ({"torch": OK, "jax": RAISED}, (), (), "failed",
-     "FAIL: 1 cells not computed (a task raised, or no oracle): m/forward/jax"),
-    ({"torch": OVER, "jax": RAISED}, (), (), "disagree",
-     "DISAGREE: 1 of 2 cells beyond tolerance: m/forward/torch; 1 cells not computed"),
-], ids=["one-backend", "one-ran-one-missing", "two-agree", "two-disagree", "crash",
-        "none-ran", "task-raised", "beyond-and-raised"])
+@pytest.mark.parametrize(
+    "cells, missing, crashed, status, text",
+    [
+        ({"torch": OK}, (), (), "not_compared", "NOT COMPARED: only torch ran"),
+        ({"torch": OK}, ("numpy",), (), "not_compared", "NOT COMPARED: only torch ran"),
+        (
+            {"torch": OK, "jax": OK},
+            (),
+            (),
+            "agree",
+            "all 2 cells agree across torch, jax",
+        ),
+        ({"torch": OK, "jax": OVER}, (), (), "disagree", "DISAGREE: 1 of 2 cells"),
+        ({"torch": OK}, (), ("jax",), "failed", "FAIL: worker(s) failed: jax"),
+        ({}, ("numpy",), (), "not_compared", "nothing was checked"),
+        (
+            {"torch": OK, "jax": RAISED},
+            (),
+            (),
+            "failed",
+            "FAIL: 1 cells not computed (a task raised, or no oracle): m/forward/jax",
+        ),
+        (
+            {"torch": OVER, "jax": RAISED},
+            (),
+            (),
+            "disagree",
+            "DISAGREE: 1 of 2 cells beyond tolerance: m/forward/torch; "
+            "1 cells not computed",
+        ),
+    ],
+    ids=[
+        "one-backend",
+        "one-ran-one-missing",
+        "two-agree",
+        "two-disagree",
+        "crash",
+        "none-ran",
+        "task-raised",
+        "beyond-and-raised",
+    ],
+)
 def test_verdict(cells, missing, crashed, status, text):
     report = _report(cells, missing, crashed)
     assert report.status == status
@@ -172,27 +238,49 @@ def _model_runs(backends, float64=True):
     a = np.linspace(-1.0, 1.0, 6).reshape(2, 3)
     runs = {}
     for i, b in enumerate(backends):
-        res = {protocol.FORWARD: {protocol.out_key(0): (a + 1e-7 * i).astype("float32"),
-                                  protocol.AGAIN_KEY: (a + 1e-7 * i).astype("float32")}}
+        res = {
+            protocol.FORWARD: {
+                protocol.out_key(0): (a + 1e-7 * i).astype("float32"),
+                protocol.AGAIN_KEY: (a + 1e-7 * i).astype("float32"),
+            }
+        }
         if float64:
             res[protocol.FORWARD64] = {protocol.out_key(0): a + 1e-15 * i}
         runs[b] = BackendRun(b, results={"m": res})
     return runs
 
 
-@pytest.mark.parametrize("backends, float64, expected", [
-    (["torch", "jax"], True, "forward, jit and .keras loads: the midpoint of torch and jax "
-     "(float64): a disagreement between them cannot be attributed to one of them"),
-    (["tensorflow", "torch"], True, "TensorFlow's float64 run"),
-    (["tensorflow", "torch", "jax"], False, "the median of the float32 runs of tensorflow, "
-     "torch, jax"),
-    (["torch"], True, "torch's own float64 run only (nothing to compare it with)"),
-], ids=["two-midpoint", "tensorflow-float64", "three-median-float32", "one"])
+@pytest.mark.parametrize(
+    "backends, float64, expected",
+    [
+        (
+            ["torch", "jax"],
+            True,
+            "forward, jit and .keras loads: the midpoint of torch and jax "
+            "(float64): a disagreement between them cannot be attributed to one of "
+            "them",
+        ),
+        (["tensorflow", "torch"], True, "TensorFlow's float64 run"),
+        (
+            ["tensorflow", "torch", "jax"],
+            False,
+            "the median of the float32 runs of tensorflow, torch, jax",
+        ),
+        (["torch"], True, "torch's own float64 run only (nothing to compare it with)"),
+    ],
+    ids=["two-midpoint", "tensorflow-float64", "three-median-float32", "one"],
+)
 def test_report_says_what_was_compared(backends, float64, expected):
-    case = Case("m", None, [{"input_0": np.zeros((2, 6), "float32")}],
-                model_path="m.keras", tasks=(protocol.FORWARD, protocol.FORWARD64))
-    report = matrix.evaluate([case], _model_runs(backends, float64), backends,
-                             rtol=None if float64 else 1e-3)
+    case = Case(
+        "m",
+        None,
+        [{"input_0": np.zeros((2, 6), "float32")}],
+        model_path="m.keras",
+        tasks=(protocol.FORWARD, protocol.FORWARD64),
+    )
+    report = matrix.evaluate(
+        [case], _model_runs(backends, float64), backends, rtol=None if float64 else 1e-3
+    )
     assert len(report.notes) == 1 and expected in report.notes[0], report.notes
     text = io.StringIO()
     render(report, text, "title")
@@ -202,11 +290,25 @@ def test_report_says_what_was_compared(backends, float64, expected):
 def test_unjudged_cell_says_so_under_its_title():
     """A lenient float64 cell (far over 1, not failed) says it was not
     judged, and the legend under the table says why."""
-    cell = Cell(passed=None, ratio=895.75, error=1e-4, budget=1.1e-7,
-                note="float32-level (Keras)")
+    cell = Cell(
+        passed=None,
+        ratio=895.75,
+        error=1e-4,
+        budget=1.1e-7,
+        note="float32-level (Keras)",
+    )
     assert cell_text(cell)[0] == "895.75 not judged"
-    report = Report(["tensorflow", "torch"], [Row("m", "forward float64", {
-        "tensorflow": cell_of(1e-9, 1e-7), "torch": cell})], {})
+    report = Report(
+        ["tensorflow", "torch"],
+        [
+            Row(
+                "m",
+                "forward float64",
+                {"tensorflow": cell_of(1e-9, 1e-7), "torch": cell},
+            )
+        ],
+        {},
+    )
     text = io.StringIO()
     render(report, text, "m (error / budget; <= 1 passes)")
     assert NOT_JUDGED_LEGEND.split(":")[0] in text.getvalue()
@@ -214,15 +316,22 @@ def test_unjudged_cell_says_so_under_its_title():
 
 
 # ------------------------------------------------------- 5. strict JSON
-@pytest.mark.parametrize("cell, nulls", [
-    (cell_of(1.0, 0.0), {"ratio": "inf"}),
-    (cell_of(float("nan"), 1.0), {"error": "nan", "ratio": "nan"}),
-    (cell_of(float("inf"), 1.0), {"error": "inf", "ratio": "inf"}),
-    (cell_of(0.5, 1.0), {}),
-], ids=["zero-budget", "nan-error", "inf-error", "finite"])
+@pytest.mark.parametrize(
+    "cell, nulls",
+    [
+        (cell_of(1.0, 0.0), {"ratio": "inf"}),
+        (cell_of(float("nan"), 1.0), {"error": "nan", "ratio": "nan"}),
+        (cell_of(float("inf"), 1.0), {"error": "inf", "ratio": "inf"}),
+        (cell_of(0.5, 1.0), {}),
+    ],
+    ids=["zero-budget", "nan-error", "inf-error", "finite"],
+)
 def test_json_is_strict(cell, nulls):
-    report = Report(["torch", "jax", "numpy"], [Row("m", "forward", {"torch": cell, "jax": OK})],
-                    {"numpy": "not installed: needs scipy"})
+    report = Report(
+        ["torch", "jax", "numpy"],
+        [Row("m", "forward", {"torch": cell, "jax": OK})],
+        {"numpy": "not installed: needs scipy"},
+    )
     data = report.to_json()
     text = json.dumps(data, allow_nan=False)  # raises on NaN / Infinity
     got = json.loads(text)["rows"][0]["cells"]["torch"]
@@ -246,18 +355,23 @@ sys.exit(cli.main({args!r}))
 """
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--help"], "usage: mhsa-core"),
-    (["matrix", "--help"], "exit status:"),
-    (["demo", "--help"], "usage: mhsa-core demo"),
-    (["--version"], f"mhsa-core {mhsa_core.__version__}"),
-], ids=["help", "matrix-help", "demo-help", "version"])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--help"], "usage: mhsa-core"),
+        (["matrix", "--help"], "exit status:"),
+        (["demo", "--help"], "usage: mhsa-core demo"),
+        (["--version"], f"mhsa-core {mhsa_core.__version__}"),
+    ],
+    ids=["help", "matrix-help", "demo-help", "version"],
+)
 def test_help_and_version_import_no_framework(args, expected):
     """A fresh interpreter where importing keras or a framework raises (a
     torch-only install where keras would default to TensorFlow)."""
     code = _BLOCKER.format(frameworks=FRAMEWORKS, args=args)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert expected in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -266,8 +380,16 @@ def test_help_and_version_import_no_framework(args, expected):
 def test_matrix_help_has_description_examples_and_exit_codes(capsys):
     assert cli.main(["matrix", "--help"]) == 0
     text = capsys.readouterr().out
-    for part in ("judges every result", "examples:", "mhsa-core matrix --model",
-                 "--json -", "exit status:", "  0  ", "  1  ", "  2  "):
+    for part in (
+        "judges every result",
+        "examples:",
+        "mhsa-core matrix --model",
+        "--json -",
+        "exit status:",
+        "  0  ",
+        "  1  ",
+        "  2  ",
+    ):
         assert part in text, part
 
 
@@ -288,8 +410,11 @@ def dict_model_run(tmp_path_factory):
     the inputs the workers make: (report, runs)."""
     path = tmp_path_factory.mktemp("dict_model") / "dict2.keras"
     _dict_two_output_model().save(path)
-    report = matrix.run_matrix([cases.model_case(path, name="dict2")], ["tensorflow", "jax"],
-                               imports=["custom_layers"])
+    report = matrix.run_matrix(
+        [cases.model_case(path, name="dict2")],
+        ["tensorflow", "jax"],
+        imports=["custom_layers"],
+    )
     return report, report.runs
 
 
@@ -314,18 +439,27 @@ def test_every_output_of_every_variant_is_judged(dict_model_run):
     assert forward.passed is False and forward.note in ("out/0/1", "out/1/1"), forward
     for check in ("forward", "jit forward", "gradients"):
         assert report.cell("dict2", check, "tensorflow").passed, check
-    assert report.cell("dict2", "gradients", "jax").passed is False  # the loss sees output 1
+    assert (
+        report.cell("dict2", "gradients", "jax").passed is False
+    )  # the loss sees output 1
     assert not report.agree and report.status == "disagree"
 
 
-@pytest.mark.parametrize("given, shapes, expected", [
-    (["b", "a"], [(2, 3), (2, 5, 4)], [(2, 5, 4), (2, 3)]),
-    (["x", "y"], [(2, 5, 4), (2, 3)], [(2, 5, 4), (2, 3)]),
-    (["x"], [(2, 5, 4)], "1 array(s) ['x'], the model takes 2 input(s) ['a', 'b']"),
-    (["a", "b"], [(2, 5, 4), (2, 4)], "array 'b' has shape (2, 4), the model's input "
-     "'b' expects (None, 3)"),
-    (["a", "b"], [(2, 4), (2, 3)], "array 'a' has shape (2, 4)"),
-], ids=["by-name", "by-order", "wrong-count", "wrong-shape", "wrong-rank"])
+@pytest.mark.parametrize(
+    "given, shapes, expected",
+    [
+        (["b", "a"], [(2, 3), (2, 5, 4)], [(2, 5, 4), (2, 3)]),
+        (["x", "y"], [(2, 5, 4), (2, 3)], [(2, 5, 4), (2, 3)]),
+        (["x"], [(2, 5, 4)], "1 array(s) ['x'], the model takes 2 input(s) ['a', 'b']"),
+        (
+            ["a", "b"],
+            [(2, 5, 4), (2, 4)],
+            "array 'b' has shape (2, 4), the model's input 'b' expects (None, 3)",
+        ),
+        (["a", "b"], [(2, 4), (2, 3)], "array 'a' has shape (2, 4)"),
+    ],
+    ids=["by-name", "by-order", "wrong-count", "wrong-shape", "wrong-rank"],
+)
 def test_given_inputs_are_matched_to_the_model(given, shapes, expected):
     spec = worker._ModelInputs(keras, _dict_two_output_model())
     assert spec.names == ["a", "b"] and spec.kind == "dict"
@@ -337,12 +471,18 @@ def test_given_inputs_are_matched_to_the_model(given, shapes, expected):
         assert [x.shape for x in spec.match(given, variants)[0]] == expected
 
 
-@pytest.mark.parametrize("specs, shapes", [
-    ([("x", (None, 6), "float32")], [[(2, 6)]]),
-    ([("x", (None, None, None, 3), "float32")], [[(2, 8, 8, 3)], [(2, 6, 6, 3)]]),
-    ([("x", (4, None), "float32"), ("m", (4, 5), "bool")], [[(4, 8), (4, 5)],
-                                                             [(4, 6), (4, 5)]]),
-], ids=["fixed", "none-spatial", "fixed-batch-and-mask"])
+@pytest.mark.parametrize(
+    "specs, shapes",
+    [
+        ([("x", (None, 6), "float32")], [[(2, 6)]]),
+        ([("x", (None, None, None, 3), "float32")], [[(2, 8, 8, 3)], [(2, 6, 6, 3)]]),
+        (
+            [("x", (4, None), "float32"), ("m", (4, 5), "bool")],
+            [[(4, 8), (4, 5)], [(4, 6), (4, 5)]],
+        ),
+    ],
+    ids=["fixed", "none-spatial", "fixed-batch-and-mask"],
+)
 def test_generate_inputs(specs, shapes):
     variants = cases.generate_inputs(specs)
     assert [[v[n].shape for n, _, _ in specs] for v in variants] == shapes
@@ -356,13 +496,26 @@ def test_bad_inputs_exit_2_with_the_workers_error(tmp_path, capsys):
     path = tmp_path / "small.keras"
     _dense_model().save(path)
     np.savez(tmp_path / "bad.npz", x=np.zeros((3, 5), "float32"))
-    status = cli.main(["matrix", "--model", str(path), "--inputs", str(tmp_path / "bad.npz"),
-                       "--backends", "jax", "--quiet", "--json", str(tmp_path / "r.json")])
+    status = cli.main(
+        [
+            "matrix",
+            "--model",
+            str(path),
+            "--inputs",
+            str(tmp_path / "bad.npz"),
+            "--backends",
+            "jax",
+            "--quiet",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2, err
     assert err.strip().splitlines()[-1] == (
-        "mhsa-core: error: the model could not run on any backend: ValueError: The inputs "
-        "do not fit the model: array 'x' has shape (3, 5), the model's input 'input_layer' "
-        "expects (None, 6) (None: any size).")
+        "mhsa-core: error: the model could not run on any backend: ValueError: The "
+        "inputs do not fit the model: array 'x' has shape (3, 5), the model's input "
+        "'input_layer' expects (None, 6) (None: any size)."
+    )
     assert "Traceback" not in err
     assert not (tmp_path / "r.json").exists()  # nothing half-written

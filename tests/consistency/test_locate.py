@@ -11,15 +11,16 @@ report (their wiring: flag, section, message), without starting workers again.
 import dataclasses
 import json
 
+import keras
 import numpy as np
 import pytest
-import keras
 
-import custom_layers
 from mhsa_core import MultiHeadSelfAttention2D
 from mhsa_core.consistency import budgets, cases, cli, locate, matrix, protocol, runner
 from mhsa_core.consistency import testing as consistency_testing
 from mhsa_core.consistency.runner import BackendRun
+
+import custom_layers
 
 BACKENDS = ["tensorflow", "torch", "jax"]
 # The forward checks (a failing cell) and the locate tasks: the rest of the
@@ -37,14 +38,16 @@ def _bicubic_model():
 
 
 def _planted_model():
-    return keras.Sequential([
-        keras.Input((8, 8, 2)),
-        keras.layers.Conv2D(3, 3, name="conv"),
-        keras.layers.Flatten(name="flat"),
-        keras.layers.Dense(4, activation="tanh", name="dense"),
-        custom_layers.ScaledOnJax(1.001, name="planted"),
-        keras.layers.Dense(2, name="head"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            keras.layers.Conv2D(3, 3, name="conv"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(4, activation="tanh", name="dense"),
+            custom_layers.ScaledOnJax(1.001, name="planted"),
+            keras.layers.Dense(2, name="head"),
+        ]
+    )
 
 
 def _clean_model():
@@ -52,11 +55,14 @@ def _clean_model():
     x = keras.layers.Conv2D(3, 3, padding="same", name="conv")(inputs)
     # A call with two output tensors: our layer with its attention scores.
     x, _ = MultiHeadSelfAttention2D(num_heads=1, key_dim=4, name="mhsa")(
-        x, return_attention_scores=True)
+        x, return_attention_scores=True
+    )
     inner_inputs = keras.Input((8, 8, 3))
-    inner = keras.Model(inner_inputs, keras.layers.Dense(3, activation="relu",
-                                                         name="inner_dense")(inner_inputs),
-                        name="inner")
+    inner = keras.Model(
+        inner_inputs,
+        keras.layers.Dense(3, activation="relu", name="inner_dense")(inner_inputs),
+        name="inner",
+    )
     x = inner(x)
     shared = keras.layers.Dense(3, activation="tanh", name="shared")
     a = shared(x)
@@ -83,9 +89,13 @@ def paths(tmp_path_factory):
 def report(paths):
     """The three models under three backends in one run, judged as
     `run_matrix(..., locate=True)` judges them (`matrix.evaluate`)."""
-    to_run = [dataclasses.replace(cases.model_case(p, name=n), tasks=TASKS)
-              for n, p in paths.items()]
-    runs = runner.run_backends(to_run, BACKENDS, imports=["custom_layers"], portability=False)
+    to_run = [
+        dataclasses.replace(cases.model_case(p, name=n), tasks=TASKS)
+        for n, p in paths.items()
+    ]
+    runs = runner.run_backends(
+        to_run, BACKENDS, imports=["custom_layers"], portability=False
+    )
     return matrix.evaluate(to_run, runs, BACKENDS)
 
 
@@ -135,25 +145,49 @@ def test_bicubic_upsampling_differs_on_torch(report, task):
     """The premise of the bicubic case, in float32 and in float64: torch's
     bicubic kernel is another one (not rounding: far above float32 level),
     JAX's agrees with TensorFlow's."""
-    names = list(_located(report, "bicubic", "tensorflow", task)[protocol.LAYER_NAMES_KEY])
+    names = list(
+        _located(report, "bicubic", "tensorflow", task)[protocol.LAYER_NAMES_KEY]
+    )
     key = protocol.layer_out_key(0, names.index("up"))
     tf = _located(report, "bicubic", "tensorflow", task)[key]
     scale = budgets.scale([tf])
-    assert budgets.max_abs(_located(report, "bicubic", "torch", task)[key], tf) > 1e-2 * scale
+    assert (
+        budgets.max_abs(_located(report, "bicubic", "torch", task)[key], tf)
+        > 1e-2 * scale
+    )
     assert budgets.max_abs(_located(report, "bicubic", "jax", task)[key], tf) <= (
-        budgets.FLOOR * scale)
+        budgets.FLOOR * scale
+    )
 
 
 # case, its layer calls in execution order (name, class)
 LAYER_CALLS = [
-    pytest.param("planted", [("conv", "Conv2D"), ("flat", "Flatten"), ("dense", "Dense"),
-                             ("planted", "ScaledOnJax"), ("head", "Dense")], id="sequential"),
-    pytest.param("clean", [("conv", "Conv2D"), ("mhsa", "MultiHeadSelfAttention2D"),
-                           ("inner", "Functional"),
-                           ("shared (call 1)", "Dense"), ("act", "Activation"),
-                           ("shared (call 2)", "Dense"), ("add", "Add"),
-                           ("pool", "GlobalAveragePooling2D"), ("head", "Dense")],
-                 id="functional-nested-shared"),
+    pytest.param(
+        "planted",
+        [
+            ("conv", "Conv2D"),
+            ("flat", "Flatten"),
+            ("dense", "Dense"),
+            ("planted", "ScaledOnJax"),
+            ("head", "Dense"),
+        ],
+        id="sequential",
+    ),
+    pytest.param(
+        "clean",
+        [
+            ("conv", "Conv2D"),
+            ("mhsa", "MultiHeadSelfAttention2D"),
+            ("inner", "Functional"),
+            ("shared (call 1)", "Dense"),
+            ("act", "Activation"),
+            ("shared (call 2)", "Dense"),
+            ("add", "Add"),
+            ("pool", "GlobalAveragePooling2D"),
+            ("head", "Dense"),
+        ],
+        id="functional-nested-shared",
+    ),
 ]
 
 
@@ -164,8 +198,14 @@ def test_layer_calls_in_execution_order(report, case, calls):
     the same weights through another model object)."""
     for backend in BACKENDS:
         result = _located(report, case, backend, protocol.LOCATE)
-        assert list(zip(result[protocol.LAYER_NAMES_KEY],
-                        result[protocol.LAYER_CLASSES_KEY])) == calls
+        assert (
+            list(
+                zip(
+                    result[protocol.LAYER_NAMES_KEY], result[protocol.LAYER_CLASSES_KEY]
+                )
+            )
+            == calls
+        )
         last = result[protocol.layer_out_key(0, len(calls) - 1)]
         out = report.runs[backend].results[case][protocol.FORWARD][protocol.out_key(0)]
         assert budgets.max_abs(last, out) <= budgets.repeat_budget(out), backend
@@ -176,8 +216,10 @@ def test_shared_layer_calls_are_the_right_tensors(report):
     (in float64, where the sum is exact to FLOAT64_RTOL)."""
     result = _located(report, "clean", "tensorflow", protocol.LOCATE64)
     names = list(result[protocol.LAYER_NAMES_KEY])
-    a, b, add = (result[protocol.layer_out_key(0, names.index(n))]
-                 for n in ("shared (call 1)", "shared (call 2)", "add"))
+    a, b, add = (
+        result[protocol.layer_out_key(0, names.index(n))]
+        for n in ("shared (call 1)", "shared (call 2)", "add")
+    )
     assert budgets.max_abs(a, b) > 0
     assert budgets.max_abs(add, a + b) <= budgets.float64_budget(add)
 
@@ -206,20 +248,42 @@ def test_cli_prints_the_section(report, paths, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(matrix, "run_matrix", fake_run_matrix)
     json_path = tmp_path / "r.json"
-    status = cli.main(["matrix", "--model", str(paths["bicubic"]), "--locate",
-                       "--backends", ",".join(BACKENDS), "--import", "custom_layers",
-                       "--json", str(json_path), "--quiet"])
+    status = cli.main(
+        [
+            "matrix",
+            "--model",
+            str(paths["bicubic"]),
+            "--locate",
+            "--backends",
+            ",".join(BACKENDS),
+            "--import",
+            "custom_layers",
+            "--json",
+            str(json_path),
+            "--quiet",
+        ]
+    )
     assert status == 1
     assert calls[0]["locate"] is True
     assert json.loads(json_path.read_text())[locate.SECTION][0]["case"] == "bicubic"
     capsys.readouterr()
-    status = cli.main(["matrix", "--model", str(paths["bicubic"]), "--locate",
-                       "--backends", ",".join(BACKENDS)])
+    status = cli.main(
+        [
+            "matrix",
+            "--model",
+            str(paths["bicubic"]),
+            "--locate",
+            "--backends",
+            ",".join(BACKENDS),
+        ]
+    )
     out = capsys.readouterr().out
     assert out.index("verdict:") > out.index("first divergence")
-    assert ("first divergence: layer 'up' (UpSampling2D) on torch: " in out
-            and "its budget; every layer call before it, so its inputs, was within budget"
-            in out)
+    assert (
+        "first divergence: layer 'up' (UpSampling2D) on torch: " in out
+        and "its budget; every layer call before it, so its inputs, was within budget"
+        in out
+    )
     assert "first divergence: layer 'planted' (ScaledOnJax) on jax: " in out
     assert "locate clean: no layer leaves its budget (9 layer calls" in out
 
@@ -237,10 +301,13 @@ def test_assert_backends_agree_names_the_layer(report, paths, monkeypatch):
         return report
 
     monkeypatch.setattr(consistency_testing.matrix, "run_matrix", fake_run_matrix)
-    with pytest.raises(AssertionError,
-                       match=r"first divergence: layer 'planted' \(ScaledOnJax\) on jax"):
-        consistency_testing.assert_backends_agree(paths["planted"], backends=BACKENDS,
-                                                  imports=["custom_layers"], locate=True)
+    with pytest.raises(
+        AssertionError,
+        match=r"first divergence: layer 'planted' \(ScaledOnJax\) on jax",
+    ):
+        consistency_testing.assert_backends_agree(
+            paths["planted"], backends=BACKENDS, imports=["custom_layers"], locate=True
+        )
     assert calls[0]["locate"] is True
 
 
@@ -282,10 +349,13 @@ def _layers(*arrays):
 
 
 def test_a_model_that_cannot_run_layer_by_layer_says_why():
-    case = cases.Case("sub", None, [{"input_0": np.zeros(2)}], model_path="m.keras",
-                      tasks=TASKS)
-    reason = locate.error_result("Traceback ...\nValueError: --locate runs functional and "
-                                 "Sequential models layer by layer; MyModel is neither")
+    case = cases.Case(
+        "sub", None, [{"input_0": np.zeros(2)}], model_path="m.keras", tasks=TASKS
+    )
+    reason = locate.error_result(
+        "Traceback ...\nValueError: --locate runs functional and "
+        "Sequential models layer by layer; MyModel is neither"
+    )
     runs = {b: _fake_run(b, case, reason, reason) for b in BACKENDS}
     section = locate.locate_case(case, runs, BACKENDS)
     assert section["checked"] == 0 and section["first_divergence"] is None
@@ -298,12 +368,15 @@ def test_first_divergence_with_a_shape_mismatch_and_the_median_oracle():
     """Without float64 runs (rtol): the median oracle; a backend whose layer
     output has another shape: no oracle there, so that call is where every
     backend diverges."""
-    case = cases.Case("m", None, [{"input_0": np.zeros(2)}], model_path="m.keras",
-                      tasks=TASKS)
+    case = cases.Case(
+        "m", None, [{"input_0": np.zeros(2)}], model_path="m.keras", tasks=TASKS
+    )
     ones, twos = np.ones((2, 3)), np.ones((2, 4))
-    runs = {"tensorflow": _fake_run("tensorflow", case, _layers(ones, ones)),
-            "torch": _fake_run("torch", case, _layers(ones, twos)),
-            "jax": _fake_run("jax", case, _layers(ones, ones))}
+    runs = {
+        "tensorflow": _fake_run("tensorflow", case, _layers(ones, ones)),
+        "torch": _fake_run("torch", case, _layers(ones, twos)),
+        "jax": _fake_run("jax", case, _layers(ones, ones)),
+    }
     section = locate.locate_case(case, runs, BACKENDS, rtol=1e-3)
     assert section["oracle"].startswith("the median float32 output")
     assert [layer["name"] for layer in section["layers"]] == ["l0", "l1"]

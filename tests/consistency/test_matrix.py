@@ -22,11 +22,19 @@ BACKENDS = list(protocol.BACKENDS)
 CASES = cases.extended_cases()
 CASES_BY_NAME = {c.name: c for c in CASES}
 
-CELLS = [(c.name, check, b) for c in CASES for check, b in matrix.expected_cells(c, BACKENDS)]
-FORWARD_PAIRS = [(c.name, a, b) for c in CASES
-                 for a, b in itertools.combinations(case_backends(c.dtype, BACKENDS), 2)]
-TRAINING_PAIRS = [(c.name, a, b) for c in CASES
-                  for a, b in itertools.combinations(TRAINING_BACKENDS, 2)]
+CELLS = [
+    (c.name, check, b) for c in CASES for check, b in matrix.expected_cells(c, BACKENDS)
+]
+FORWARD_PAIRS = [
+    (c.name, a, b)
+    for c in CASES
+    for a, b in itertools.combinations(case_backends(c.dtype, BACKENDS), 2)
+]
+TRAINING_PAIRS = [
+    (c.name, a, b)
+    for c in CASES
+    for a, b in itertools.combinations(TRAINING_BACKENDS, 2)
+]
 
 
 def _ids(triples):
@@ -41,25 +49,33 @@ def report():
 def test_every_worker_ran(report):
     assert report.worker_errors == {}
     errors = [r for r in report.rows if r.check == checks.ERRORS]
-    assert not errors, "\n".join(f"{r.case} {b}: {c.note}" for r in errors
-                                 for b, c in r.cells.items())
+    assert not errors, "\n".join(
+        f"{r.case} {b}: {c.note}" for r in errors for b, c in r.cells.items()
+    )
 
 
-@pytest.mark.parametrize("case,check,backend", CELLS,
-                         ids=[f"{c}-{chk}-{b}".replace(" ", "_") for c, chk, b in CELLS])
+@pytest.mark.parametrize(
+    "case,check,backend",
+    CELLS,
+    ids=[f"{c}-{chk}-{b}".replace(" ", "_") for c, chk, b in CELLS],
+)
 def test_cell_within_budget(report, case, check, backend):
     cell = report.cell(case, check, backend)
     assert cell is not None, f"no result for {case}/{check} on {backend}"
     assert cell.passed, (
-        f"{case}/{check} on {backend}: error {cell.error:.3g} > budget {cell.budget:.3g} "
-        f"(ratio {cell.ratio:.2f}) {cell.note}"
+        f"{case}/{check} on {backend}: error {cell.error:.3g} > budget "
+        f"{cell.budget:.3g} (ratio {cell.ratio:.2f}) {cell.note}"
     )
 
 
 def test_report_has_exactly_the_expected_cells(report):
     """Nothing missing, nothing extra: the report's cells are the derived list."""
-    got = {(r.case, r.check, b) for r in report.rows if r.check != checks.ERRORS
-           for b in r.cells}
+    got = {
+        (r.case, r.check, b)
+        for r in report.rows
+        if r.check != checks.ERRORS
+        for b in r.cells
+    }
     assert got == set(CELLS)
 
 
@@ -74,15 +90,19 @@ def test_every_check_yields_exactly_its_expected_cells(report, check):
 def test_a_new_check_is_one_object(report, monkeypatch):
     """Appending a Check to CHECKS is all it takes: the tasks, expected cells,
     rows and JSON follow."""
+
     def finite(ctx, saver):
-        return {b: Cell(passed=bool(np.all(np.isfinite(res[protocol.out_key(0)]))))
-                for b, res in ctx.results(protocol.FORWARD).items()}
+        return {
+            b: Cell(passed=bool(np.all(np.isfinite(res[protocol.out_key(0)]))))
+            for b, res in ctx.results(protocol.FORWARD).items()
+        }
 
     new = checks.Check("forward finite", (protocol.FORWARD,), finite, kinds=("layer",))
     monkeypatch.setattr(checks, "CHECKS", [*checks.CHECKS, new])
     case = CASES_BY_NAME["masked"]
     assert [c for c in matrix.expected_cells(case, BACKENDS) if c[0] == new.name] == [
-        (new.name, b) for b in BACKENDS]
+        (new.name, b) for b in BACKENDS
+    ]
     evaluated = matrix.evaluate([case], report.runs, BACKENDS)
     assert evaluated.rows[-1].check == new.name
     assert all(evaluated.cell("masked", new.name, b).passed for b in BACKENDS)
@@ -90,7 +110,7 @@ def test_a_new_check_is_one_object(report, monkeypatch):
     assert len(json_rows) == 1 and set(json_rows[0]["cells"]) == set(BACKENDS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_budgets(case_name):
     """The float64 reference and float32 budgets of a case's forward outputs
     (computed once per case, not once per backend pair)."""
@@ -112,10 +132,15 @@ def test_forward_agrees(report, case, a, b):
 @pytest.mark.parametrize("case,a,b", TRAINING_PAIRS, ids=_ids(TRAINING_PAIRS))
 def test_gradients_agree(report, case, a, b):
     grads = {k: report.runs[k].results[case][protocol.GRADS] for k in TRAINING_BACKENDS}
-    grads64 = {k: report.runs[k].results[case][protocol.GRADS64] for k in TRAINING_BACKENDS}
+    grads64 = {
+        k: report.runs[k].results[case][protocol.GRADS64] for k in TRAINING_BACKENDS
+    }
     keys = protocol.keys_with({a: grads64[a]}, protocol.GRADIENT_PREFIXES)
-    assert keys and keys == protocol.keys_with({b: grads[b]}, protocol.GRADIENT_PREFIXES)
-    # Every input variant was differentiated (`input_grad_key(v, k)`, `weight_grad_key(v, j)`).
+    assert keys and keys == protocol.keys_with(
+        {b: grads[b]}, protocol.GRADIENT_PREFIXES
+    )
+    # Every input variant was differentiated (`input_grad_key(v, k)`,
+    # `weight_grad_key(v, j)`).
     variants = len(CASES_BY_NAME[case].variants)
     assert {protocol.variant_of(k) for k in keys} == set(range(variants))
     oracle = oracles.float64_oracle(grads64, keys)
@@ -125,9 +150,13 @@ def test_gradients_agree(report, case, a, b):
         assert diff <= 2 * limits[key], f"{key}: |{a} - {b}| = {diff:.3g}"
         # float64: the backends agree to FLOAT64_RTOL of the variant's largest gradient.
         v = protocol.variant_of(key)
-        scale = max(np.max(np.abs(oracle[k])) for k in keys if protocol.variant_of(k) == v)
+        scale = max(
+            np.max(np.abs(oracle[k])) for k in keys if protocol.variant_of(k) == v
+        )
         diff64 = reference.max_abs(grads64[a][key], grads64[b][key])
-        assert diff64 <= 2 * reference.FLOAT64_RTOL * scale, f"{key} float64: {diff64:.3g}"
+        assert diff64 <= 2 * reference.FLOAT64_RTOL * scale, (
+            f"{key} float64: {diff64:.3g}"
+        )
 
 
 @pytest.mark.parametrize("case", [c.name for c in CASES])
@@ -141,7 +170,9 @@ def test_keras_files_load_bit_identical(report, case):
             if saver == loader:
                 continue
             result = report.runs[loader].loads[(saver, case)]
-            identical = [result[k] for k in result if k.startswith(protocol.IDENTICAL_PREFIX)]
+            identical = [
+                result[k] for k in result if k.startswith(protocol.IDENTICAL_PREFIX)
+            ]
             assert identical and all(bool(x) for x in identical), (saver, loader)
             loads += 1
     assert loads == len(TRAINING_BACKENDS) * (len(loaders) - 1)
@@ -159,13 +190,18 @@ def test_dynamic_case_ran_two_sizes(report):
 
 def test_float64_case_is_float64(report):
     for backend in TRAINING_BACKENDS:
-        out = report.runs[backend].results["float64"][protocol.FORWARD][protocol.out_key(0)]
+        out = report.runs[backend].results["float64"][protocol.FORWARD][
+            protocol.out_key(0)
+        ]
         assert out.dtype == np.float64, backend
 
 
 # ------------------------------------------------------- position encodings
-LEARNED = {name: schema.table_names(name) for name, spec in schema.ENCODINGS.items()
-           if spec.learned_tables}
+LEARNED = {
+    name: schema.table_names(name)
+    for name, spec in schema.ENCODINGS.items()
+    if spec.learned_tables
+}
 POSITION_CASES = [c for c in CASES if c.config["position_encoding"] in LEARNED]
 
 
@@ -201,23 +237,36 @@ def test_learned_position_case_ran_reference_and_other_size(report, case):
             tasks += [protocol.FORWARD64, protocol.JIT]
             for task in (protocol.GRADS, protocol.GRADS64):
                 grads = run.results[case][task]
-                got = [_spatial(c, grads[protocol.input_grad_key(v, 0)].shape)
-                       for v in range(len(sizes))]
+                got = [
+                    _spatial(c, grads[protocol.input_grad_key(v, 0)].shape)
+                    for v in range(len(sizes))
+                ]
                 assert got == sizes, (backend, task, got)
             optim = run.results[case][protocol.OPTIMIZERS]
             for v in range(len(sizes)):
                 for optimizer in protocol.OPTIMIZER_SETTINGS:
-                    assert protocol.step_key(optimizer, v, 0) in optim, (backend, optimizer, v)
+                    assert protocol.step_key(optimizer, v, 0) in optim, (
+                        backend,
+                        optimizer,
+                        v,
+                    )
         for task in tasks:
             out = run.results[case][task]
-            got = [_spatial(c, out[protocol.out_key(v)].shape) if task != protocol.SCORES
-                   else out[protocol.out_key(v)].shape[-1] for v in range(len(sizes))]
+            got = [
+                _spatial(c, out[protocol.out_key(v)].shape)
+                if task != protocol.SCORES
+                else out[protocol.out_key(v)].shape[-1]
+                for v in range(len(sizes))
+            ]
             want = sizes if task != protocol.SCORES else [h * w for h, w in sizes]
             assert got == want, (backend, task, got)
         for saver in TRAINING_BACKENDS:
             if saver != backend:
                 load = run.loads[(saver, case)]
-                got = [_spatial(c, load[protocol.out_key(v)].shape) for v in range(len(sizes))]
+                got = [
+                    _spatial(c, load[protocol.out_key(v)].shape)
+                    for v in range(len(sizes))
+                ]
                 assert got == sizes, (saver, backend, got)
 
 
@@ -231,9 +280,16 @@ def _table_indices(case, result):
     found = {}
     for name in tables:
         want = case.weights[name]
-        matches = [j for j, w in starts.items()
-                   if w.shape == want.shape and np.array_equal(w.astype(np.float64), want)]
-        assert len(matches) == 1, (name, want.shape, {j: w.shape for j, w in starts.items()})
+        matches = [
+            j
+            for j, w in starts.items()
+            if w.shape == want.shape and np.array_equal(w.astype(np.float64), want)
+        ]
+        assert len(matches) == 1, (
+            name,
+            want.shape,
+            {j: w.shape for j, w in starts.items()},
+        )
         found[name] = matches[0]
     return found
 
@@ -245,7 +301,9 @@ def test_position_tables_gradients_are_compared(report, case):
     and within that row's budget of the float64 oracle on every backend."""
     c = CASES_BY_NAME[case]
     grads = {b: report.runs[b].results[case][protocol.GRADS] for b in TRAINING_BACKENDS}
-    grads64 = {b: report.runs[b].results[case][protocol.GRADS64] for b in TRAINING_BACKENDS}
+    grads64 = {
+        b: report.runs[b].results[case][protocol.GRADS64] for b in TRAINING_BACKENDS
+    }
     keys = protocol.keys_with(grads64, protocol.GRADIENT_PREFIXES)
     oracle = oracles.float64_oracle(grads64, keys)
     limits = budgets.variant_budgets(grads, grads64, oracle, keys)
@@ -259,16 +317,21 @@ def test_position_tables_gradients_are_compared(report, case):
                 assert key in keys, key
                 assert grads[backend][key].shape == c.weights[name].shape
                 assert np.max(np.abs(oracle[key])) > 0, (name, v)
-                error = reference.max_abs(grads[backend][key].astype(np.float64), oracle[key])
+                error = reference.max_abs(
+                    grads[backend][key].astype(np.float64), oracle[key]
+                )
                 assert error <= limits[key], (backend, name, v, error, limits[key])
                 # The optimizer steps moved the tables too.
                 for optimizer in protocol.OPTIMIZER_SETTINGS:
-                    assert not np.array_equal(optim[protocol.step_key(optimizer, v, j)],
-                                              optim[protocol.start_key(j)]), optimizer
+                    assert not np.array_equal(
+                        optim[protocol.step_key(optimizer, v, j)],
+                        optim[protocol.start_key(j)],
+                    ), optimizer
 
 
-@pytest.mark.parametrize("case,saver", [(c.name, s) for c in POSITION_CASES
-                                        for s in TRAINING_BACKENDS])
+@pytest.mark.parametrize(
+    "case,saver", [(c.name, s) for c in POSITION_CASES for s in TRAINING_BACKENDS]
+)
 def test_position_keras_file_runs_at_a_new_size_elsewhere(report, case, saver):
     """A `.keras` file with learned tables, saved under `saver`, loads under
     every other backend (numpy too) with the exact tables, and runs there at a
@@ -280,9 +343,14 @@ def test_position_keras_file_runs_at_a_new_size_elsewhere(report, case, saver):
         if loader == saver:
             continue
         load = report.runs[loader].loads[(saver, case)]
-        assert all(bool(load[k]) for k in load if k.startswith(protocol.IDENTICAL_PREFIX))
-        resized = [v for v, variant in enumerate(c.variants)
-                   if _spatial(c, variant["x"].shape) != reference_size]
+        assert all(
+            bool(load[k]) for k in load if k.startswith(protocol.IDENTICAL_PREFIX)
+        )
+        resized = [
+            v
+            for v, variant in enumerate(c.variants)
+            if _spatial(c, variant["x"].shape) != reference_size
+        ]
         assert resized
         for v in resized:
             key = protocol.out_key(v)
@@ -294,14 +362,22 @@ def test_scale_position_logits_reaches_every_backend(report):
     """The case with scale_position_logits=False: its oracle honours the flag,
     and every backend's output is far (beyond the float32 budget) from what the
     flag's other value gives, so a layer or an oracle ignoring it would fail."""
-    case = next(c for c in POSITION_CASES if c.config.get("scale_position_logits") is False)
+    case = next(
+        c for c in POSITION_CASES if c.config.get("scale_position_logits") is False
+    )
     assert case.config["scale"] != 1.0  # else the flag changes nothing
     oracle, limits = _forward_budgets(case.name)
-    ref_config = {**reference.reference_config(case.config), "scale_position_logits": True}
+    ref_config = {
+        **reference.reference_config(case.config),
+        "scale_position_logits": True,
+    }
     for v, variant in enumerate(case.variants):
         other = reference.mhsa_forward(
-            variant["x"], case.weights, attention_mask=variant.get("attention_mask"),
-            **ref_config)
+            variant["x"],
+            case.weights,
+            attention_mask=variant.get("attention_mask"),
+            **ref_config,
+        )
         key = protocol.out_key(v)
         assert reference.max_abs(other, oracle[key]) > 100 * limits[key]
         for backend in case_backends(case.dtype, BACKENDS):
@@ -314,12 +390,16 @@ def test_table_gradient_bug_at_the_resized_size_only_is_caught():
     `resize_grad_bug`): invisible in the forward pass and at the reference
     size (variant 0 of "absolute"); the gradients row fails on JAX, on the
     resized variant's keys, and only there."""
-    case = dataclasses.replace(CASES_BY_NAME["absolute"],
-                               tasks=(protocol.FORWARD, protocol.GRADS, protocol.GRADS64))
+    case = dataclasses.replace(
+        CASES_BY_NAME["absolute"],
+        tasks=(protocol.FORWARD, protocol.GRADS, protocol.GRADS64),
+    )
     reference_size = tuple(case.config["position_size"])
     assert _spatial(case, case.variants[0]["x"].shape) == reference_size
     assert _spatial(case, case.variants[1]["x"].shape) != reference_size
-    report = matrix.run_matrix([case], ["tensorflow", "jax"], imports=["resize_grad_bug"])
+    report = matrix.run_matrix(
+        [case], ["tensorflow", "jax"], imports=["resize_grad_bug"]
+    )
     assert report.worker_errors == {}
     for backend in ("tensorflow", "jax"):
         assert report.cell("absolute", "forward", backend).passed
@@ -329,12 +409,19 @@ def test_table_gradient_bug_at_the_resized_size_only_is_caught():
         assert cell.passed is False and cell.note.startswith("weight/1/"), (check, cell)
     # Variant 0 (the reference size) alone is right on JAX: the bug would go
     # unseen by gradients taken at that size only.
-    grads = {b: report.runs[b].results["absolute"][protocol.GRADS]
-             for b in ("tensorflow", "jax")}
-    grads64 = {b: report.runs[b].results["absolute"][protocol.GRADS64]
-               for b in ("tensorflow", "jax")}
-    keys = [k for k in protocol.keys_with(grads64, protocol.GRADIENT_PREFIXES)
-            if protocol.variant_of(k) == 0]
+    grads = {
+        b: report.runs[b].results["absolute"][protocol.GRADS]
+        for b in ("tensorflow", "jax")
+    }
+    grads64 = {
+        b: report.runs[b].results["absolute"][protocol.GRADS64]
+        for b in ("tensorflow", "jax")
+    }
+    keys = [
+        k
+        for k in protocol.keys_with(grads64, protocol.GRADIENT_PREFIXES)
+        if protocol.variant_of(k) == 0
+    ]
     oracle = oracles.float64_oracle(grads64, keys)
     limits = budgets.variant_budgets(grads, grads64, oracle, keys)
     assert checks.judge(grads["jax"], oracle, keys, limits).passed

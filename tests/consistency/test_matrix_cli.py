@@ -9,14 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
-import keras
 
-import custom_layers
 from mhsa_core import mhsa_block
 from mhsa_core.consistency import cases, cli, matrix
 from mhsa_core.testing import assert_backends_agree
+
+import custom_layers
 
 HERE = Path(__file__).parent
 THREE = "tensorflow,torch,jax"
@@ -39,7 +40,10 @@ def _dense_model(extra=None):
 def _run(*args):
     return subprocess.run(
         [sys.executable, "-m", "mhsa_core.consistency.cli", "matrix", *args],
-        capture_output=True, text=True, timeout=1200, cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=HERE,
     )
 
 
@@ -51,15 +55,29 @@ def test_stacked_block_model_agrees(tmp_path):
         x = mhsa_block(x, 16, num_heads=4, scale=None)
     path = _save(keras.Model(inputs, x), tmp_path, "stacked")
     report_path = tmp_path / "report.json"
-    proc = _run("--model", str(path), "--backends", "tensorflow,torch,jax,numpy",
-                "--json", str(report_path))
+    proc = _run(
+        "--model",
+        str(path),
+        "--backends",
+        "tensorflow,torch,jax,numpy",
+        "--json",
+        str(report_path),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "verdict: all" in proc.stdout
     report = json.loads(report_path.read_text())
     assert report["verdict"] == "agree"
     checks = {row["check"] for row in report["rows"]}
-    assert {"forward", "forward float64", "gradients", "gradients float64", "SGD step",
-            "Adam step", "jit forward", ".keras saved by jax"} <= checks
+    assert {
+        "forward",
+        "forward float64",
+        "gradients",
+        "gradients float64",
+        "SGD step",
+        "Adam step",
+        "jit forward",
+        ".keras saved by jax",
+    } <= checks
     # Inputs from the spec: None dims -> 2 (batch) and 8.
     forward = next(r for r in report["rows"] if r["check"] == "forward")
     assert set(forward["cells"]) == {"tensorflow", "torch", "jax", "numpy"}
@@ -68,14 +86,25 @@ def test_stacked_block_model_agrees(tmp_path):
 def test_rng_layer_disagrees_and_exits_1(tmp_path):
     path = _save(_dense_model(custom_layers.BackendNoise(seed=3)), tmp_path, "noisy")
     report_path = tmp_path / "r.json"
-    proc = _run("--model", str(path), "--backends", THREE, "--import", "custom_layers",
-                "--json", str(report_path))
+    proc = _run(
+        "--model",
+        str(path),
+        "--backends",
+        THREE,
+        "--import",
+        "custom_layers",
+        "--json",
+        str(report_path),
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "DISAGREE" in proc.stdout
     report = json.loads(report_path.read_text())
     repeat = next(r for r in report["rows"] if r["check"] == "forward repeatable")
     assert {b: c["passed"] for b, c in repeat["cells"].items()} == {
-        "tensorflow": False, "torch": False, "jax": False}
+        "tensorflow": False,
+        "torch": False,
+        "jax": False,
+    }
     # And the backends differ from TensorFlow's float64 run beyond float32 level.
     forward64 = next(r for r in report["rows"] if r["check"] == "forward float64")
     assert forward64["cells"]["tensorflow"]["passed"]
@@ -84,16 +113,26 @@ def test_rng_layer_disagrees_and_exits_1(tmp_path):
 def test_jax_only_bug_marks_exactly_the_jax_cells(tmp_path):
     path = _save(_dense_model(custom_layers.ScaledOnJax(1.001)), tmp_path, "jaxbug")
     report = matrix.run_matrix(
-        [cases.model_case(path, name="jaxbug")], ["tensorflow", "torch", "jax"],
+        [cases.model_case(path, name="jaxbug")],
+        ["tensorflow", "torch", "jax"],
         imports=["custom_layers"],
     )
     assert not report.agree
     for check in ("forward", "gradients", "jit forward"):
-        cells = {b: report.cell("jaxbug", check, b).passed for b in ("tensorflow", "torch", "jax")}
-        assert cells == {"tensorflow": True, "torch": True, "jax": False}, (check, cells)
+        cells = {
+            b: report.cell("jaxbug", check, b).passed
+            for b in ("tensorflow", "torch", "jax")
+        }
+        assert cells == {"tensorflow": True, "torch": True, "jax": False}, (
+            check,
+            cells,
+        )
     # float64: TensorFlow is the oracle; torch's Dense computes float64 in
     # float32 in keras 3.15 (reported, not failed: passed is None); jax fails.
-    cells = {b: report.cell("jaxbug", "forward float64", b) for b in ("tensorflow", "torch", "jax")}
+    cells = {
+        b: report.cell("jaxbug", "forward float64", b)
+        for b in ("tensorflow", "torch", "jax")
+    }
     assert cells["tensorflow"].passed and cells["torch"].passed is not False
     assert cells["jax"].passed is False
     assert report.cell("jaxbug", "forward repeatable", "jax").passed
@@ -109,7 +148,9 @@ def test_assert_backends_agree_passes_and_fails(tmp_path):
     report = assert_backends_agree(_dense_model(), inputs=inputs)
     assert report.agree
     with pytest.raises(AssertionError, match=r"(?s)jax.*DISAGREE"):
-        assert_backends_agree(_dense_model(custom_layers.ScaledOnJax(1.01)), inputs=inputs)
+        assert_backends_agree(
+            _dense_model(custom_layers.ScaledOnJax(1.01)), inputs=inputs
+        )
 
 
 def test_lambda_refused_in_safe_mode(tmp_path):
@@ -120,7 +161,9 @@ def test_lambda_refused_in_safe_mode(tmp_path):
     assert "Lambda" in proc.stderr and "--unsafe" in proc.stderr
     assert "Traceback" not in proc.stderr
     # Two backends: one alone is not agreement (exit 1, NOT COMPARED).
-    proc = _run("--model", str(path), "--backends", "tensorflow,torch", "--unsafe", "--quiet")
+    proc = _run(
+        "--model", str(path), "--backends", "tensorflow,torch", "--unsafe", "--quiet"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -130,7 +173,9 @@ def test_corrupt_keras_file_exits_2(tmp_path, content):
     path.write_bytes(content)
     proc = _run("--model", str(path))
     assert proc.returncode == 2
-    assert "Not a readable .keras file" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        "Not a readable .keras file" in proc.stderr and "Traceback" not in proc.stderr
+    )
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):
@@ -141,8 +186,12 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert cli.main(["matrix", "--rtol", "-1"]) == 2
     good = _save(_dense_model(), tmp_path, "good")
     (tmp_path / "inputs.npz").write_bytes(b"garbage")
-    assert cli.main(["matrix", "--model", str(good), "--inputs",
-                     str(tmp_path / "inputs.npz")]) == 2
+    assert (
+        cli.main(
+            ["matrix", "--model", str(good), "--inputs", str(tmp_path / "inputs.npz")]
+        )
+        == 2
+    )
     assert "cannot read --inputs" in capsys.readouterr().err
 
 
@@ -150,10 +199,15 @@ def test_missing_backend_is_reported_and_skipped(tmp_path, monkeypatch, capsys):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "jax" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "jax" else real(name, *a),
+    )
     path = _save(_dense_model(), tmp_path, "small")
-    status = cli.main(["matrix", "--model", str(path), "--backends", "torch,jax", "--quiet"])
+    status = cli.main(
+        ["matrix", "--model", str(path), "--backends", "torch,jax", "--quiet"]
+    )
     out = capsys.readouterr().out
     # torch alone ran: nothing was compared (exit 1), and jax says why it is missing.
     assert status == 1, out

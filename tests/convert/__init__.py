@@ -1,1 +1,2 @@
-"""Tests of mhsa_core.convert (a package: test file names repeat across tests/ folders)."""
+"""Tests of mhsa_core.convert (a package: test file names repeat across tests/
+folders)."""

@@ -5,6 +5,8 @@ assigned (a built layer's weights unchanged, an unbuilt layer still unbuilt)."""
 import numpy as np
 import pytest
 
+from mhsa_core import MultiHeadSelfAttention2D, convert
+
 from cases import YOLOV4_MHSA, yolov4_mhsa
 from harness import (
     assert_unchanged,
@@ -13,7 +15,6 @@ from harness import (
     snapshot,
     yolov4_mhsa_arrays,
 )
-from mhsa_core import MultiHeadSelfAttention2D, convert
 
 # The layer's error message names the block it needs.
 SETTINGS = "needs a layer with the Keras 2 YOLOv4-MHSA block's settings"
@@ -24,8 +25,12 @@ SETTINGS = "needs a layer with the Keras 2 YOLOv4-MHSA block's settings"
 def test_yolov4_mhsa_wrong_count(count):
     layer = built_layer(16, **YOLOV4_MHSA)
     before = snapshot(layer)
-    with pytest.raises(ValueError, match=match_all("load_yolov4_mhsa_weights expects 8 arrays",
-                                                   f"Received: {count} arrays")):
+    with pytest.raises(
+        ValueError,
+        match=match_all(
+            "load_yolov4_mhsa_weights expects 8 arrays", f"Received: {count} arrays"
+        ),
+    ):
         layer.load_yolov4_mhsa_weights((yolov4_mhsa_arrays() * 2)[:count])
     assert_unchanged(layer, before)
 
@@ -43,23 +48,31 @@ YOLOV4_MHSA_BAD_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("index,what,bad_shape,expected", [
-    pytest.param(*case, id=f"{case[1]} {case[2]}") for case in YOLOV4_MHSA_BAD_SHAPES])
+@pytest.mark.parametrize(
+    "index,what,bad_shape,expected",
+    [pytest.param(*case, id=f"{case[1]} {case[2]}") for case in YOLOV4_MHSA_BAD_SHAPES],
+)
 def test_yolov4_mhsa_wrong_shape(index, what, bad_shape, expected):
     layer = built_layer(16, **YOLOV4_MHSA)
     before = snapshot(layer)
     arrays = yolov4_mhsa_arrays()
     arrays[index] = np.zeros(bad_shape, "float32")
-    with pytest.raises(ValueError, match=match_all(f"Weight {index} ({what})", str(expected),
-                                                   f"Received: shape={bad_shape}")):
+    with pytest.raises(
+        ValueError,
+        match=match_all(
+            f"Weight {index} ({what})", str(expected), f"Received: shape={bad_shape}"
+        ),
+    ):
         layer.load_yolov4_mhsa_weights(arrays)
     assert_unchanged(layer, before)
 
 
 # A layer that differs from the block in one setting, and how the message shows it.
 NOT_THE_BLOCK = {
-    "position_encoding=none": (yolov4_mhsa(position_encoding="none"),
-                               "position_encoding='none'"),
+    "position_encoding=none": (
+        yolov4_mhsa(position_encoding="none"),
+        "position_encoding='none'",
+    ),
     "use_bias=False": (yolov4_mhsa(use_bias=False), "use_bias=False"),
     "num_heads=2": (yolov4_mhsa(num_heads=2), "num_heads=2"),
     "scale=None": (yolov4_mhsa(scale=None), "scale=None"),
@@ -74,8 +87,10 @@ NOT_THE_BLOCK = {
 def test_yolov4_mhsa_needs_the_blocks_settings_unbuilt(name):
     config, shown = NOT_THE_BLOCK[name]
     layer = MultiHeadSelfAttention2D(**config)
-    with pytest.raises(ValueError, match=match_all("load_yolov4_mhsa_weights", SETTINGS,
-                                                   f"Received: {shown}")):
+    with pytest.raises(
+        ValueError,
+        match=match_all("load_yolov4_mhsa_weights", SETTINGS, f"Received: {shown}"),
+    ):
         layer.load_yolov4_mhsa_weights(yolov4_mhsa_arrays(16))
     assert not layer.built
 
@@ -85,18 +100,30 @@ def test_yolov4_mhsa_needs_the_blocks_settings_built(name):
     config, shown = NOT_THE_BLOCK[name]
     layer = built_layer(16, **config)
     before = snapshot(layer)
-    with pytest.raises(ValueError, match=match_all("load_yolov4_mhsa_weights", SETTINGS,
-                                                   shown)):
+    with pytest.raises(
+        ValueError, match=match_all("load_yolov4_mhsa_weights", SETTINGS, shown)
+    ):
         layer.load_yolov4_mhsa_weights(yolov4_mhsa_arrays())
     assert_unchanged(layer, before)
 
 
-@pytest.mark.parametrize("config,channels,parts", [
-    pytest.param(yolov4_mhsa(num_heads=2, key_dim=4), 16,
-                 (SETTINGS, "num_heads=2", "key_dim=4"), id="key_dim=4, 2 heads"),
-    pytest.param(YOLOV4_MHSA, 8, ("(position kernel)", "(8, 8)",
-                                  "Received: shape=(1, 1, 16, 16)"), id="C=8 layer"),
-])
+@pytest.mark.parametrize(
+    "config,channels,parts",
+    [
+        pytest.param(
+            yolov4_mhsa(num_heads=2, key_dim=4),
+            16,
+            (SETTINGS, "num_heads=2", "key_dim=4"),
+            id="key_dim=4, 2 heads",
+        ),
+        pytest.param(
+            YOLOV4_MHSA,
+            8,
+            ("(position kernel)", "(8, 8)", "Received: shape=(1, 1, 16, 16)"),
+            id="C=8 layer",
+        ),
+    ],
+)
 def test_yolov4_mhsa_layer_mismatch(config, channels, parts):
     """Built layers whose weights differ from the block's (C=16, width 16)."""
     layer = built_layer(channels, **config)
@@ -110,7 +137,9 @@ def test_failed_yolov4_mhsa_load_leaves_unbuilt_layer_unbuilt():
     layer = MultiHeadSelfAttention2D.yolov4_mhsa()
     arrays = yolov4_mhsa_arrays(16)
     arrays[0] = np.zeros((1, 1, 16, 8), "float32")  # position kernel, wrong C_out
-    with pytest.raises(ValueError, match=match_all("(position kernel)", "(1, 1, 16, 8)")):
+    with pytest.raises(
+        ValueError, match=match_all("(position kernel)", "(1, 1, 16, 8)")
+    ):
         layer.load_yolov4_mhsa_weights(arrays)
     assert not layer.built
     layer.load_yolov4_mhsa_weights(yolov4_mhsa_arrays(16))  # the corrected arrays
@@ -158,8 +187,10 @@ def test_botnet_wrong_shapes(built, name):
         before = snapshot(layer)
     arrays = _botnet_arrays()
     arrays[name] = np.zeros(shape)
-    with pytest.raises(ValueError, match=match_all(f"`{name}`", expected,
-                                                   f"Received: {name}.shape={shape}")):
+    with pytest.raises(
+        ValueError,
+        match=match_all(f"`{name}`", expected, f"Received: {name}.shape={shape}"),
+    ):
         layer.load_botnet_weights(**arrays)
     if built:
         assert_unchanged(layer, before)
@@ -174,11 +205,14 @@ def test_botnet_size_from_tables():
     arrays = _botnet_arrays(size=(3, 5))
     layer.load_botnet_weights(**arrays)
     assert layer.position_size == (3, 5) and layer.channels == 8
-    np.testing.assert_array_equal(layer.get_weight_dict()["relative_width"],
-                                  arrays["rel_width"].astype("float32"))
+    np.testing.assert_array_equal(
+        layer.get_weight_dict()["relative_width"], arrays["rel_width"].astype("float32")
+    )
     layer = MultiHeadSelfAttention2D.botnet(num_heads=2)
     arrays["rel_height"] = np.zeros((4, 4))
-    with pytest.raises(ValueError, match=match_all("`rel_height`", "odd", "shape=(4, 4)")):
+    with pytest.raises(
+        ValueError, match=match_all("`rel_height`", "odd", "shape=(4, 4)")
+    ):
         layer.load_botnet_weights(**arrays)
     assert not layer.built
 
@@ -188,7 +222,10 @@ NOT_BOTNET = {
     "defaults": ({}, "position_encoding='none'"),
     "yolov4_mhsa": (YOLOV4_MHSA, "position_encoding='conv'"),
     "use_bias": (RELATIVE, "use_bias=True"),
-    "relu": ({**RELATIVE, "use_bias": False, "activation": "relu"}, "activation='relu'"),
+    "relu": (
+        {**RELATIVE, "use_bias": False, "activation": "relu"},
+        "activation='relu'",
+    ),
 }
 
 
@@ -196,8 +233,9 @@ NOT_BOTNET = {
 def test_botnet_needs_botnet_structure(name):
     config, shown = NOT_BOTNET[name]
     layer = MultiHeadSelfAttention2D(**{"num_heads": 2, **config})
-    with pytest.raises(ValueError, match=match_all("load_botnet_weights", "BoTNet's structure",
-                                                   shown)):
+    with pytest.raises(
+        ValueError, match=match_all("load_botnet_weights", "BoTNet's structure", shown)
+    ):
         layer.load_botnet_weights(**_botnet_arrays())
     assert not layer.built
 
@@ -215,27 +253,55 @@ def test_botnet_non_numeric_changes_nothing():
 
 # ------------------------------------------------- from_official, from_timm
 def _official(**changes):
-    arrays = {"wq": np.zeros((8, 2, 4)), "wk": np.zeros((8, 2, 4)), "wv": np.zeros((8, 2, 4)),
-              "r_height": np.zeros((5, 4)), "r_width": np.zeros((9, 4))}
+    arrays = {
+        "wq": np.zeros((8, 2, 4)),
+        "wk": np.zeros((8, 2, 4)),
+        "wv": np.zeros((8, 2, 4)),
+        "r_height": np.zeros((5, 4)),
+        "r_width": np.zeros((9, 4)),
+    }
     return convert.from_official(**{**arrays, **changes})
 
 
 @pytest.mark.parametrize("name", ["wq", "wk", "wv"])
 def test_from_official_needs_3d_kernels(name):
-    with pytest.raises(ValueError, match=match_all(f"`{name}`", "(C, heads, dim)",
-                                                   f"Received: {name}.shape=(8, 8)")):
+    with pytest.raises(
+        ValueError,
+        match=match_all(
+            f"`{name}`", "(C, heads, dim)", f"Received: {name}.shape=(8, 8)"
+        ),
+    ):
         _official(**{name: np.zeros((8, 8))})
 
 
-@pytest.mark.parametrize("shape,num_heads,parts", [
-    pytest.param((24, 8, 3, 3), 2, ("`qkv_weight`", "Received: qkv_weight.shape=(24, 8, 3, 3)"),
-                 id="3x3 conv"),
-    pytest.param((24,), 2, ("`qkv_weight`", "Received: qkv_weight.shape=(24,)"), id="1-D"),
-    pytest.param((8, 8), 2, ("2 * num_heads * dqk + C", "qkv_weight.shape=(8, 8)",
-                             "num_heads=2"), id="no q and k rows"),
-    pytest.param((22, 8, 1, 1), 4, ("2 * num_heads * dqk + C", "(22, 8, 1, 1)",
-                                    "num_heads=4"), id="14 q and k rows for 4 heads"),
-])
+@pytest.mark.parametrize(
+    "shape,num_heads,parts",
+    [
+        pytest.param(
+            (24, 8, 3, 3),
+            2,
+            ("`qkv_weight`", "Received: qkv_weight.shape=(24, 8, 3, 3)"),
+            id="3x3 conv",
+        ),
+        pytest.param(
+            (24,), 2, ("`qkv_weight`", "Received: qkv_weight.shape=(24,)"), id="1-D"
+        ),
+        pytest.param(
+            (8, 8),
+            2,
+            ("2 * num_heads * dqk + C", "qkv_weight.shape=(8, 8)", "num_heads=2"),
+            id="no q and k rows",
+        ),
+        pytest.param(
+            (22, 8, 1, 1),
+            4,
+            ("2 * num_heads * dqk + C", "(22, 8, 1, 1)", "num_heads=4"),
+            id="14 q and k rows for 4 heads",
+        ),
+    ],
+)
 def test_from_timm_bad_qkv_weight(shape, num_heads, parts):
     with pytest.raises(ValueError, match=match_all(*parts)):
-        convert.from_timm(np.zeros(shape), np.zeros((5, 4)), np.zeros((9, 4)), num_heads)
+        convert.from_timm(
+            np.zeros(shape), np.zeros((5, 4)), np.zeros((9, 4)), num_heads
+        )

@@ -28,6 +28,8 @@ import keras
 import numpy as np
 import pytest
 
+from mhsa_core import MultiHeadSelfAttention2D, mhsa_block, reference
+
 from cases import YOLOV4_MHSA
 from harness import (
     assert_float32_within_budget,
@@ -35,7 +37,6 @@ from harness import (
     to_numpy,
     yolov4_mhsa_arrays,
 )
-from mhsa_core import MultiHeadSelfAttention2D, mhsa_block, reference
 
 needs_tf_keras = pytest.mark.skipif(
     importlib.util.find_spec("tf_keras") is None
@@ -53,7 +54,8 @@ ROLES = ("position", "query", "key", "value")  # the block's creation order
 BLOCK = reference_config(YOLOV4_MHSA)
 
 _KERAS2_SCRIPT = textwrap.dedent('''
-    """Runs the Keras 2 YOLOv4-MHSA block with tf_keras and saves inputs, outputs and weights."""
+    """Runs the Keras 2 YOLOv4-MHSA block with tf_keras and saves inputs, outputs
+    and weights."""
     import os
     import sys
 
@@ -71,11 +73,15 @@ _KERAS2_SCRIPT = textwrap.dedent('''
     def mhsa_block(input_layer, input_channel):
         W, H = int(input_layer.shape[1]), int(input_layer.shape[2])
         conv = Reshape((1, W*H, input_channel))(input_layer)
-        pos_encoding = Conv2D(input_channel, 1, activation='relu', padding='same', kernel_initializer='he_normal')(conv)
+        pos_encoding = Conv2D(input_channel, 1, activation='relu', padding='same',
+                              kernel_initializer='he_normal')(conv)
         conv = Add()([conv, pos_encoding])
-        conv_q = Conv2D(input_channel, 1, activation='relu', padding='same', kernel_initializer='he_normal')(conv)
-        conv_k = Conv2D(input_channel, 1, activation='relu', padding='same', kernel_initializer='he_normal')(conv)
-        conv_v = Conv2D(input_channel, 1, activation='relu', padding='same', kernel_initializer='he_normal')(conv)
+        conv_q = Conv2D(input_channel, 1, activation='relu', padding='same',
+                        kernel_initializer='he_normal')(conv)
+        conv_k = Conv2D(input_channel, 1, activation='relu', padding='same',
+                        kernel_initializer='he_normal')(conv)
+        conv_v = Conv2D(input_channel, 1, activation='relu', padding='same',
+                        kernel_initializer='he_normal')(conv)
         conv_k = Permute(dims=(1, 3, 2))(conv_k)
         conv = Dot(axes=(3,2))([conv_q, conv_k])
         conv = Reshape((1, W*H, W*H))(conv)
@@ -103,7 +109,9 @@ _KERAS2_SCRIPT = textwrap.dedent('''
         for i in range(4 * blocks):
             layer = model.get_layer(conv_name(i))
             kernel, bias = layer.get_weights()
-            layer.set_weights([kernel, (0.1 * rng.standard_normal(bias.shape)).astype("float32")])
+            layer.set_weights(
+                [kernel, (0.1 * rng.standard_normal(bias.shape)).astype("float32")]
+            )
         x = rng.standard_normal(shape).astype("float32")
         out[f"{tag}/x"] = x
         out[f"{tag}/y"] = model(x, training=False).numpy()
@@ -129,18 +137,27 @@ _KERAS2_SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="session")
 def keras2(tmp_path_factory):
-    """The Keras 2 block's data, produced by tf_keras in a subprocess (once per session)."""
+    """The Keras 2 block's data, produced by tf_keras in a subprocess (once per
+    session)."""
     directory = tmp_path_factory.mktemp("yolov4_mhsa")
     script = directory / "keras2_block.py"
     script.write_text(_KERAS2_SCRIPT)
     path = directory / "keras2_block.npz"
-    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "JAX_ENABLE_X64")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KERAS_BACKEND", "JAX_ENABLE_X64")
+    }
     result = subprocess.run(
         [sys.executable, str(script), str(path)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, (
-        f"tf_keras subprocess failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        f"tf_keras subprocess failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    )
     with np.load(path) as data:
         return {key: data[key] for key in data.files}
 
@@ -180,8 +197,9 @@ def _chain_budget(x, weight_dicts):
     ref32 = np.asarray(x, np.float32)
     for weights in weight_dicts:
         ref64 = reference.mhsa_forward(ref64, weights, dtype=np.float64, **BLOCK)
-        ref32 = reference.mhsa_forward(ref32, weights, dtype=np.float32,
-                                       accumulation="sequential", **BLOCK)
+        ref32 = reference.mhsa_forward(
+            ref32, weights, dtype=np.float32, accumulation="sequential", **BLOCK
+        )
     return ref64, reference.float32_budget(ref32, ref64)
 
 
@@ -197,7 +215,12 @@ def _assert_chain_within_budget(actual, ref64, budget, what):
 @needs_tf_keras
 def test_keras2_model_lists_convs_in_topological_order(keras2):
     """The premise of the README's warning: get_weights() is not creation order."""
-    assert list(keras2["one/conv_order"]) == ["conv2d", "conv2d_2", "conv2d_1", "conv2d_3"]
+    assert list(keras2["one/conv_order"]) == [
+        "conv2d",
+        "conv2d_2",
+        "conv2d_1",
+        "conv2d_3",
+    ]
     assert int(keras2["one/native_count"]) == 8
     native = [keras2[f"one/native/{j}"] for j in range(8)]
     by_name = _creation_order(keras2, "one")
@@ -209,7 +232,9 @@ def test_keras2_model_lists_convs_in_topological_order(keras2):
 
 # ------------------------------------------------------------- one block
 @needs_tf_keras
-@pytest.mark.parametrize("squeeze", [False, True], ids=["kernels_1x1xCxC", "kernels_CxC"])
+@pytest.mark.parametrize(
+    "squeeze", [False, True], ids=["kernels_1x1xCxC", "kernels_CxC"]
+)
 def test_layer_matches_keras2_block(keras2, squeeze):
     x, keras2_y = keras2["one/x"], keras2["one/y"]
     arrays = _creation_order(keras2, "one", squeeze=squeeze)
@@ -219,11 +244,15 @@ def test_layer_matches_keras2_block(keras2, squeeze):
     layer.load_yolov4_mhsa_weights(arrays)
     loaded = layer.get_weight_dict()
     for name, value in weights.items():
-        np.testing.assert_array_equal(loaded[name], value.astype(np.float32), err_msg=name)
+        np.testing.assert_array_equal(
+            loaded[name], value.astype(np.float32), err_msg=name
+        )
     y = to_numpy(layer(x))
     assert y.dtype == np.float32 and keras2_y.dtype == np.float32
     assert_float32_within_budget(y, x, weights, YOLOV4_MHSA, what="layer")
-    assert_float32_within_budget(keras2_y, x, weights, YOLOV4_MHSA, what="tf_keras block")
+    assert_float32_within_budget(
+        keras2_y, x, weights, YOLOV4_MHSA, what="tf_keras block"
+    )
 
 
 @needs_tf_keras
@@ -234,10 +263,14 @@ def test_topological_weight_order_is_a_trap(keras2):
     weights = _weight_dict(_creation_order(keras2, "one"))
     ref64, budget, _ = reference.error_budget(x, weights, **BLOCK)
     layer = MultiHeadSelfAttention2D.yolov4_mhsa()
-    layer.load_yolov4_mhsa_weights(native)  # accepted: every shape is (1, 1, C, C) / (C,)
+    layer.load_yolov4_mhsa_weights(
+        native
+    )  # accepted: every shape is (1, 1, C, C) / (C,)
     error = float(np.max(np.abs(to_numpy(layer(x)).astype(np.float64) - ref64)))
     assert error > 100 * budget, (
-        f"topological-order weights give error {error:.3g}, not > 100x budget {budget:.3g}")
+        f"topological-order weights give error {error:.3g}, "
+        f"not > 100x budget {budget:.3g}"
+    )
     keras2_error = reference.max_abs(keras2["one/y"].astype(np.float64), ref64)
     assert error > 100 * keras2_error
 
@@ -253,24 +286,36 @@ def test_unbuilt_preset_layer_is_built_by_the_load(keras2):
     assert layer.built and layer.channels == SHAPE_1[-1]
     assert len(layer.trainable_weights) == 8
     y = to_numpy(layer(x))
-    assert_float32_within_budget(y, x, weights, YOLOV4_MHSA,
-                                 what="layer built by load_yolov4_mhsa_weights")
+    assert_float32_within_budget(
+        y, x, weights, YOLOV4_MHSA, what="layer built by load_yolov4_mhsa_weights"
+    )
     # And from the squeezed (C, C) kernels, on a channels_first layer.
     first = MultiHeadSelfAttention2D.yolov4_mhsa(data_format="channels_first")
     first.load_yolov4_mhsa_weights(_creation_order(keras2, "one", squeeze=True))
     y_first = to_numpy(first(np.transpose(x, (0, 3, 1, 2))))
-    np.testing.assert_allclose(np.transpose(y_first, (0, 2, 3, 1)), y, rtol=0,
-                               atol=1e-5 * np.abs(y).max())
-    assert_float32_within_budget(keras2_y, x, weights, YOLOV4_MHSA, what="tf_keras block")
+    np.testing.assert_allclose(
+        np.transpose(y_first, (0, 2, 3, 1)), y, rtol=0, atol=1e-5 * np.abs(y).max()
+    )
+    assert_float32_within_budget(
+        keras2_y, x, weights, YOLOV4_MHSA, what="tf_keras block"
+    )
 
 
 # ------------------------------------------------------ two stacked blocks
 @needs_tf_keras
 def test_two_stacked_layers_match_two_stacked_keras2_blocks(keras2):
     x, keras2_y = keras2["two/x"], keras2["two/y"]
-    assert list(keras2["two/conv_order"])[:4] == ["conv2d", "conv2d_2", "conv2d_1", "conv2d_3"]
+    assert list(keras2["two/conv_order"])[:4] == [
+        "conv2d",
+        "conv2d_2",
+        "conv2d_1",
+        "conv2d_3",
+    ]
     inp = keras.Input(SHAPE_2[1:])
-    layers = [MultiHeadSelfAttention2D.yolov4_mhsa(), MultiHeadSelfAttention2D.yolov4_mhsa()]
+    layers = [
+        MultiHeadSelfAttention2D.yolov4_mhsa(),
+        MultiHeadSelfAttention2D.yolov4_mhsa(),
+    ]
     model = keras.Model(inp, layers[1](layers[0](inp)))
     dicts = []
     for block, layer in enumerate(layers):
@@ -291,14 +336,18 @@ def test_mhsa_block_four_stacked_on_unknown_spatial_size():
         y = mhsa_block(y, 16)  # the Keras 2 block's call signature
     assert tuple(y.shape) == (None, None, None, 16)
     model = keras.Model(inp, y)
-    blocks = [l for l in model.layers if isinstance(l, MultiHeadSelfAttention2D)]
+    blocks = [
+        layer for layer in model.layers if isinstance(layer, MultiHeadSelfAttention2D)
+    ]
     assert len(blocks) == 4
     dicts = []
     for i, layer in enumerate(blocks):
         weights = reference.random_weights(16, position_encoding="conv", seed=10 + i)
         # Tame weights: four unscaled ReLU blocks in a row otherwise give
         # near one-hot softmaxes, whose float32 error is all luck.
-        weights = {k: v * (0.5 if k.endswith("kernel") else 1.0) for k, v in weights.items()}
+        weights = {
+            k: v * (0.5 if k.endswith("kernel") else 1.0) for k, v in weights.items()
+        }
         layer.set_weight_dict(weights)
         dicts.append(weights)
     rng = np.random.default_rng(5)

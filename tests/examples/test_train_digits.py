@@ -8,8 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn", reason="the example's data: pip install scikit-learn "
-                    "(backends/requirements-example.txt)")
+pytest.importorskip(
+    "sklearn",
+    reason="the example's data: pip install scikit-learn "
+    "(backends/requirements-example.txt)",
+)
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_digits.py"
 

@@ -1,1 +1,2 @@
-"""Tests of mhsa_core.layers (a package: test file names repeat across tests/ folders)."""
+"""Tests of mhsa_core.layers (a package: test file names repeat across tests/
+folders)."""

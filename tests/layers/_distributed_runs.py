@@ -47,8 +47,12 @@ def start_weights(shapes):
     """Kernels and tables ~ N(0, 1/rows), vectors ~ N(0, 0.1^2), from NumPy
     (the same Keras seed gives different weights per backend)."""
     rng = np.random.default_rng(1)
-    return [rng.standard_normal(s) / np.sqrt(s[0]) if len(s) == 2
-            else 0.1 * rng.standard_normal(s) for s in shapes]
+    return [
+        rng.standard_normal(s) / np.sqrt(s[0])
+        if len(s) == 2
+        else 0.1 * rng.standard_normal(s)
+        for s in shapes
+    ]
 
 
 def build(dtype):
@@ -57,22 +61,36 @@ def build(dtype):
     from mhsa_core import MultiHeadSelfAttention2D
 
     inputs = keras.Input(SHAPE[1:], dtype=dtype)
-    h = MultiHeadSelfAttention2D(num_heads=NUM_HEADS, activation="relu",
-                                 position_encoding="conv", name="attn_conv",
-                                 dtype=dtype)(inputs)
-    h = MultiHeadSelfAttention2D(num_heads=NUM_HEADS, position_encoding="relative",
-                                 name="attn_relative", dtype=dtype)(h)
+    h = MultiHeadSelfAttention2D(
+        num_heads=NUM_HEADS,
+        activation="relu",
+        position_encoding="conv",
+        name="attn_conv",
+        dtype=dtype,
+    )(inputs)
+    h = MultiHeadSelfAttention2D(
+        num_heads=NUM_HEADS,
+        position_encoding="relative",
+        name="attn_relative",
+        dtype=dtype,
+    )(h)
     model = keras.Model(inputs, h)
-    model.set_weights([w.astype(dtype) for w in start_weights(
-        [tuple(v.shape) for v in model.weights])])
+    model.set_weights(
+        [
+            w.astype(dtype)
+            for w in start_weights([tuple(v.shape) for v in model.weights])
+        ]
+    )
     return model
 
 
 def deltas(model, dtype="float32"):
     start = start_weights([tuple(v.shape) for v in model.weights])
     # The start weights as the run stored them (float32-rounded in float32).
-    return [(np.asarray(v, np.float64) - w.astype(dtype).astype(np.float64)).tolist()
-            for v, w in zip(model.get_weights(), start)]
+    return [
+        (np.asarray(v, np.float64) - w.astype(dtype).astype(np.float64)).tolist()
+        for v, w in zip(model.get_weights(), start)
+    ]
 
 
 def float64_run(model):
@@ -95,8 +113,14 @@ def keras_fit(dtype, scope=None):
     with scope() if scope is not None else contextlib.nullcontext():
         model = build(dtype)
         model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss="mse")
-        model.fit(x.astype(dtype), y.astype(dtype), batch_size=SHAPE[0],
-                  epochs=STEPS, shuffle=False, verbose=0)
+        model.fit(
+            x.astype(dtype),
+            y.astype(dtype),
+            batch_size=SHAPE[0],
+            epochs=STEPS,
+            shuffle=False,
+            verbose=0,
+        )
     return model
 
 
@@ -118,7 +142,8 @@ def run_jax():
 
     mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), devices)
     model_parallel = keras.distribution.ModelParallel(
-        layout_map=layout_map(mesh), batch_dim_name="batch")
+        layout_map=layout_map(mesh), batch_dim_name="batch"
+    )
     model = keras_fit("float32", model_parallel.scope)
     out["model_parallel"] = deltas(model)
     out["model_parallel_sharding"] = shardings(model)
@@ -142,7 +167,11 @@ def shardings(model):
         value = v.value
         spec = [None if a is None else str(a) for a in value.sharding.spec]
         spec += [None] * (len(v.shape) - len(spec))  # P() may omit trailing Nones
-        out[v.path] = [spec, list(value.addressable_shards[0].data.shape), list(v.shape)]
+        out[v.path] = [
+            spec,
+            list(value.addressable_shards[0].data.shape),
+            list(v.shape),
+        ]
     return out
 
 
@@ -152,7 +181,8 @@ def run_tensorflow():
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     out = {"devices": strategy.num_replicas_in_sync}
     out["float64"] = float64_run(keras_fit("float64"))
@@ -161,9 +191,12 @@ def run_tensorflow():
     out["mirrored"] = deltas(model)
     # Each variable a MirroredVariable with a copy on each logical device.
     out["mirrored_copies"] = {
-        v.path: [type(v.value).__name__,
-                 sorted(c.device for c in strategy.experimental_local_results(v.value))]
-        for v in model.weights}
+        v.path: [
+            type(v.value).__name__,
+            sorted(c.device for c in strategy.experimental_local_results(v.value)),
+        ]
+        for v in model.weights
+    }
     return out
 
 
@@ -185,11 +218,11 @@ def torch_train(model, x, y, ddp=False):
 
 
 def torch_rank(rank, port, queue, recipe):
-    import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
+    )
     try:
         result = torch_runs(rank)
         result["world_size"] = dist.get_world_size()
@@ -240,7 +273,10 @@ def torch_recipe(path, rank):
         with contextlib.redirect_stdout(stdout):
             namespace["train"](rank, WORLD_SIZE)
     except Exception:
-        return {"recipe_error": traceback.format_exc(), "recipe_stdout": stdout.getvalue()}
+        return {
+            "recipe_error": traceback.format_exc(),
+            "recipe_stdout": stdout.getvalue(),
+        }
     return {"recipe_error": None, "recipe_stdout": stdout.getvalue()}
 
 
@@ -261,8 +297,10 @@ def run_torch(recipe=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(recipe_port))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=torch_rank, args=(r, port, queue, recipe))
-             for r in range(WORLD_SIZE)]
+    procs = [
+        ctx.Process(target=torch_rank, args=(r, port, queue, recipe))
+        for r in range(WORLD_SIZE)
+    ]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=240) for _ in procs)

@@ -46,8 +46,12 @@ BACKEND = keras.backend.backend()
 NAMES = sorted(p.stem for p in DATA.glob("*.keras"))
 SIZES = (0, 1)  # the tables' reference size, and another size
 # What each file is: its 0.1.0 config values that 0.2.0 no longer has as defaults.
-LEGACY_DEFAULTS = {"activation": "relu", "position_encoding": "conv", "scale": 1.0,
-                   "kernel_initializer": "he_normal"}
+LEGACY_DEFAULTS = {
+    "activation": "relu",
+    "position_encoding": "conv",
+    "scale": 1.0,
+    "kernel_initializer": "he_normal",
+}
 
 pytestmark = pytest.mark.machine_sensitive
 
@@ -67,7 +71,11 @@ def loaded():
     models = {}
     for name in NAMES:
         model = keras.saving.load_model(DATA / f"{name}.keras")
-        layer = next(l for l in model.layers if isinstance(l, MultiHeadSelfAttention2D))
+        layer = next(
+            candidate
+            for candidate in model.layers
+            if isinstance(candidate, MultiHeadSelfAttention2D)
+        )
         models[name] = model, layer
     return models
 
@@ -76,8 +84,11 @@ def _stored_layer_config(name):
     """The layer's config as the file stores it (not as the loaded layer reports it)."""
     with zipfile.ZipFile(DATA / f"{name}.keras") as archive:
         model_config = json.loads(archive.read("config.json"))
-    (layer,) = [l for l in model_config["config"]["layers"]
-                if l["class_name"] == "MultiHeadSelfAttention2D"]
+    (layer,) = [
+        entry
+        for entry in model_config["config"]["layers"]
+        if entry["class_name"] == "MultiHeadSelfAttention2D"
+    ]
     return layer["config"]
 
 
@@ -94,8 +105,16 @@ def _numpy(t):
 
 
 def test_fixtures_are_all_there():
-    assert NAMES == ["absolute", "botnet", "multihead_channels_first", "none", "relative",
-                     "sinusoidal", "yolov4_mhsa_defaults", "yolov4_mhsa_float64"]
+    assert NAMES == [
+        "absolute",
+        "botnet",
+        "multihead_channels_first",
+        "none",
+        "relative",
+        "sinusoidal",
+        "yolov4_mhsa_defaults",
+        "yolov4_mhsa_float64",
+    ]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -129,7 +148,8 @@ def test_loaded_model_is_the_current_layer_bit_exact(name, expected, loaded):
         assert out.dtype == want.dtype and out.shape == want.shape
         assert np.array_equal(out, want), (
             f"input {i}: the loaded model differs from a fresh layer by "
-            f"{reference.max_abs(out, want):.3g}")
+            f"{reference.max_abs(out, want):.3g}"
+        )
 
 
 @pytest.mark.parametrize("i", SIZES, ids=["reference-size", "other-size"])
@@ -145,14 +165,22 @@ def test_matches_0_1_0_within_the_budget(name, i, expected, loaded):
     config = reference.reference_config(layer.get_config())
     policy = "float64" if stored.dtype == np.float64 else "float32"
     ref64, budget, base_error = reference.error_budget(
-        x.astype(np.float64), layer.get_weight_dict(), policy=policy, **config)
-    rule = ("1e-10 x max|ref|" if policy == "float64"
-            else f"2 x the reference's float32 error {base_error:.3g} + 1e-6 x max|ref|")
-    for what, result in (("this machine's output", out), ("0.1.0's stored output", stored)):
+        x.astype(np.float64), layer.get_weight_dict(), policy=policy, **config
+    )
+    rule = (
+        "1e-10 x max|ref|"
+        if policy == "float64"
+        else f"2 x the reference's float32 error {base_error:.3g} + 1e-6 x max|ref|"
+    )
+    for what, result in (
+        ("this machine's output", out),
+        ("0.1.0's stored output", stored),
+    ):
         error = reference.max_abs(result, ref64)
         assert error <= budget, (
             f"{what}: error {error:.3g} exceeds the budget {budget:.3g} ({rule}); "
-            f"this machine differs from 0.1.0 by {reference.max_abs(out, stored):.3g}")
+            f"this machine differs from 0.1.0 by {reference.max_abs(out, stored):.3g}"
+        )
 
 
 @pytest.mark.parametrize("change", ["key-kernel-x1.001", "scale-default"])
@@ -173,18 +201,21 @@ def test_the_budget_sees_a_changed_meaning(name, change, expected, loaded):
     else:
         weights["key_kernel"] = weights["key_kernel"] * 1.001
     policy = "float64" if stored.dtype == np.float64 else "float32"
-    ref64, budget, _ = reference.error_budget(x.astype(np.float64), weights, policy=policy,
-                                              **config)
+    ref64, budget, _ = reference.error_budget(
+        x.astype(np.float64), weights, policy=policy, **config
+    )
     assert reference.max_abs(stored, ref64) > budget
 
 
 def test_old_default_config_keeps_the_legacy_block(loaded):
-    """A file saved with 0.1.0's defaults is the YOLOv4-MHSA block, not 0.2.0's default."""
+    """A file saved with 0.1.0's defaults is the YOLOv4-MHSA block, not 0.2.0's
+    default."""
     _, layer = loaded["yolov4_mhsa_defaults"]
     config = layer.get_config()
     for key, value in LEGACY_DEFAULTS.items():
-        assert config[key] == value or (key == "kernel_initializer"
-                                        and config[key]["class_name"] == "HeNormal"), key
+        assert config[key] == value or (
+            key == "kernel_initializer" and config[key]["class_name"] == "HeNormal"
+        ), key
     fresh = MultiHeadSelfAttention2D().get_config()
     assert fresh["position_encoding"] == "none" and fresh["activation"] == "linear"
     assert fresh["scale"] is None

@@ -8,8 +8,8 @@ padded its queries with `ops.pad` and recompiled every call. Dynamo alone
 (`backend="eager"`) decides recompiles, so the test skips inductor.
 """
 
-import pytest
 import keras
+import pytest
 
 from harness import make_case
 
@@ -25,8 +25,14 @@ PATHS = [("chunked", 4), ("fused", None)]
 def test_same_shape_does_not_recompile(implementation, chunk_size):
     import torch
 
-    layer, x, _ = make_case({"num_heads": 1, "attention_implementation": implementation,
-                             "chunk_size": chunk_size}, (1, 2, 3, 4))
+    layer, x, _ = make_case(
+        {
+            "num_heads": 1,
+            "attention_implementation": implementation,
+            "chunk_size": chunk_size,
+        },
+        (1, 2, 3, 4),
+    )
     x = torch.from_numpy(x)
     layer(x)  # eager first: Keras's first call ever sets global state dynamo guards on
     torch._dynamo.reset()

@@ -38,7 +38,8 @@ BACKEND = keras.backend.backend()
 RUNS = Path(__file__).with_name("_distributed_runs.py")
 SRC = str(Path(mhsa_core.__file__).resolve().parents[1])
 
-# engine (= lane) -> the distributed runs it reports, judged against its undistributed run.
+# engine (= lane) -> the distributed runs it reports, judged against its
+# undistributed run.
 DISTRIBUTED_RUNS = {
     "jax": ("data_parallel", "model_parallel"),
     "tensorflow": ("mirrored",),
@@ -49,7 +50,8 @@ DISTRIBUTED_RUNS = {
 def _lane(engine):
     return pytest.mark.skipif(
         BACKEND != engine,
-        reason=f"the {engine} engine runs once, in the KERAS_BACKEND={engine} lane")
+        reason=f"the {engine} engine runs once, in the KERAS_BACKEND={engine} lane",
+    )
 
 
 def _engine_unavailable(engine):
@@ -57,7 +59,9 @@ def _engine_unavailable(engine):
     if engine == "torch":
         import torch.distributed
 
-        if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        if not (
+            torch.distributed.is_available() and torch.distributed.is_gloo_available()
+        ):
             return "this torch build has no torch.distributed gloo backend"
     return None
 
@@ -72,8 +76,12 @@ def report(engine):
     if why:
         pytest.skip(why)
     if engine not in _REPORTS:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [SRC] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [SRC] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+            ),
+        }
         for name in ("XLA_FLAGS", "JAX_ENABLE_X64", "KERAS_BACKEND"):
             env.pop(name, None)  # the script sets them for its engine
         with tempfile.TemporaryDirectory() as tmp:
@@ -81,8 +89,9 @@ def report(engine):
             if engine in RECIPE_IN_RUNS:
                 # The README recipe's train() runs in the DDP runner's ranks.
                 command.append(str(_write_recipe(engine, Path(tmp))))
-            _REPORTS[engine] = subprocess.run(command, capture_output=True, text=True,
-                                              timeout=300, env=env, cwd=tmp)
+            _REPORTS[engine] = subprocess.run(
+                command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp
+            )
     proc = _REPORTS[engine]
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -93,6 +102,7 @@ def judge(out, run):
     over all weights, within PEER_FACTOR x the undistributed float32 run's
     own error + FLOOR x max|delta64| (docs/tolerances.md, the peer rule with
     this engine as the only peer)."""
+
     def flat(key):
         return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in out[key]])
 
@@ -102,8 +112,11 @@ def judge(out, run):
     return max_abs(flat(run), oracle), budget, float(np.max(np.abs(oracle)))
 
 
-CASES = [pytest.param(engine, run, marks=_lane(engine), id=f"{engine}-{run}")
-         for engine, runs in DISTRIBUTED_RUNS.items() for run in runs]
+CASES = [
+    pytest.param(engine, run, marks=_lane(engine), id=f"{engine}-{run}")
+    for engine, runs in DISTRIBUTED_RUNS.items()
+    for run in runs
+]
 
 
 @pytest.mark.parametrize("engine,run", CASES)
@@ -116,7 +129,8 @@ def test_distributed_fit_equals_undistributed(engine, run):
     assert trained > 100 * budget, (trained, budget)
     assert error <= budget, (
         f"{run}: weight changes {error:.3g} from the float64 undistributed run, "
-        f"budget {budget:.3g} (ratio {error / budget:.3g})")
+        f"budget {budget:.3g} (ratio {error / budget:.3g})"
+    )
 
 
 # ------------------------------------------------------------------ JAX
@@ -162,14 +176,22 @@ RULES = [
 @_lane("jax")
 @pytest.mark.parametrize("encoding,kwargs", RULES, ids=[r[0] for r in RULES])
 def test_layout_rules_cover_every_weight_once(encoding, kwargs):
-    layer = MultiHeadSelfAttention2D(num_heads=4, position_encoding=encoding,
-                                     name="attn", **kwargs)
+    layer = MultiHeadSelfAttention2D(
+        num_heads=4, position_encoding=encoding, name="attn", **kwargs
+    )
     layer.build((None, 4, 4, 16))
     rules = layout_rules(model_axis="m")
     for v in layer.weights:
-        matches = [axes for pattern, axes in rules.items() if re.fullmatch(pattern, v.path)]
-        expected = ((None, "m") if QKV.fullmatch(v.path) and len(v.shape) == 2
-                    else ("m",) if QKV.fullmatch(v.path) else (None,) * len(v.shape))
+        matches = [
+            axes for pattern, axes in rules.items() if re.fullmatch(pattern, v.path)
+        ]
+        expected = (
+            (None, "m")
+            if QKV.fullmatch(v.path) and len(v.shape) == 2
+            else ("m",)
+            if QKV.fullmatch(v.path)
+            else (None,) * len(v.shape)
+        )
         assert matches == [expected], v.path
     # Another layer's variables are left to the user's rules.
     assert not any(re.fullmatch(p, "dense/kernel") for p in rules)
@@ -207,7 +229,10 @@ def test_tensorflow_variables_are_mirrored_on_both_devices():
     assert len(out["mirrored_copies"]) == 16
     for path, (kind, devices) in out["mirrored_copies"].items():
         assert kind == "MirroredVariable", path
-        assert [d.rsplit(":", 2)[-2:] for d in devices] == [["CPU", "0"], ["CPU", "1"]], path
+        assert [d.rsplit(":", 2)[-2:] for d in devices] == [
+            ["CPU", "0"],
+            ["CPU", "1"],
+        ], path
 
 
 # -------------------------------------------------------------- PyTorch
@@ -224,12 +249,18 @@ def test_torch_ddp_ran_on_two_processes():
 README = Path(__file__).resolve().parents[2] / "README.md"
 # lane -> (the recipe's first comment line, what it prints when it worked)
 RECIPES = {
-    "jax": ("Scaling out on JAX: keras.distribution, heads sharded across devices",
-            "P(None, 'model')"),
-    "tensorflow": ("Scaling out on TensorFlow: tf.distribute.MirroredStrategy",
-                   "2 replicas"),
-    "torch": ("Scaling out on PyTorch: DistributedDataParallel (run as a script)",
-              "on 2 processes"),
+    "jax": (
+        "Scaling out on JAX: keras.distribution, heads sharded across devices",
+        "P(None, 'model')",
+    ),
+    "tensorflow": (
+        "Scaling out on TensorFlow: tf.distribute.MirroredStrategy",
+        "2 replicas",
+    ),
+    "torch": (
+        "Scaling out on PyTorch: DistributedDataParallel (run as a script)",
+        "on 2 processes",
+    ),
 }
 _PYTHON_BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```", re.M | re.S)
 
@@ -270,7 +301,13 @@ def test_scaling_recipe_runs(engine, tmp_path):
     env = {**os.environ, "PYTHONPATH": SRC}
     for name in ("XLA_FLAGS", "JAX_ENABLE_X64", "KERAS_BACKEND"):
         env.pop(name, None)  # the recipe sets its own
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=180, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert printed in proc.stdout, proc.stdout[-2000:]

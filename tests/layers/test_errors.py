@@ -12,6 +12,8 @@ import keras
 import numpy as np
 import pytest
 
+from mhsa_core import MultiHeadSelfAttention2D, mhsa_block, reference
+
 from cases import YOLOV4_MHSA
 from harness import (
     assert_unchanged,
@@ -20,16 +22,25 @@ from harness import (
     snapshot,
     to_numpy,
 )
-from mhsa_core import MultiHeadSelfAttention2D, mhsa_block, reference
-
 
 # ------------------------------------------------------------- constructor
 _INVALID_ARGUMENTS = {
     "num_heads": [0, -1, 2.5, True, "2", None],
     "key_dim": [0, -3, 1.5, True, "4"],
     "position_encoding": ["rotary", None, "CONV", "Relative"],
-    "position_size": [0, 5, (5,), [5], (5, 0), (5, -1), (5.0, 5), (True, 5), "5x5",
-                      (5, 5, 5), (2, None)],
+    "position_size": [
+        0,
+        5,
+        (5,),
+        [5],
+        (5, 0),
+        (5, -1),
+        (5.0, 5),
+        (True, 5),
+        "5x5",
+        (5, 5, 5),
+        (2, None),
+    ],
     "scale_position_logits": ["yes", 1, None, 0.0],
     "position_initializer": ["not_an_initializer", 3],
     "data_format": ["channels_middle", "NHWC"],
@@ -47,8 +58,9 @@ INVALID_ARGUMENTS = [
 
 @pytest.mark.parametrize("argument,value", INVALID_ARGUMENTS)
 def test_invalid_constructor_argument(argument, value):
-    with pytest.raises(ValueError, match=match_all(f"`{argument}`",
-                                                   f"Received: {argument}={value!r}")):
+    with pytest.raises(
+        ValueError, match=match_all(f"`{argument}`", f"Received: {argument}={value!r}")
+    ):
         MultiHeadSelfAttention2D(**{argument: value})
 
 
@@ -57,7 +69,10 @@ VALID_ARGUMENTS = [
     for kwargs in [
         {"num_heads": np.int64(2), "key_dim": np.int32(3)},
         *({"scale": scale} for scale in (np.float32(0.5), 1, None, 1e-30, 1e30)),
-        *({"dropout": dropout, "seed": 1} for dropout in (0, 0.0, 0.999, np.float64(0.5))),
+        *(
+            {"dropout": dropout, "seed": 1}
+            for dropout in (0, 0.0, 0.999, np.float64(0.5))
+        ),
         *({"activation": activation} for activation in (None, "linear", "gelu")),
     ]
 ] + [pytest.param({"activation": keras.activations.tanh}, id="activation=tanh")]
@@ -92,7 +107,9 @@ FIRST_CALLS = {
 def test_channels_not_divisible_by_heads(data_format, how):
     shape = (2, 10, 5, 5) if data_format == "channels_first" else (2, 5, 5, 10)
     layer = MultiHeadSelfAttention2D(num_heads=4, data_format=data_format)
-    with pytest.raises(ValueError, match=match_all("divisible", "channels=10", "num_heads=4")):
+    with pytest.raises(
+        ValueError, match=match_all("divisible", "channels=10", "num_heads=4")
+    ):
         FIRST_CALLS[how](layer, shape)
 
 
@@ -102,14 +119,22 @@ _BAD_RANKS = [(2, 5, 8), (2, 5, 5, 8, 1)]
 # answers build / compute_output_shape; through __call__ the InputSpec(ndim=4)
 # answers first, still a ValueError with the expected and received rank.
 RANK_CHECKS = {
-    "build": (lambda s: MultiHeadSelfAttention2D().build(s),
-              lambda s: ("rank-4", f"Received: inputs.shape={s}")),
-    "compute_output_shape": (lambda s: MultiHeadSelfAttention2D().compute_output_shape(s),
-                             lambda s: ("rank-4", f"Received: inputs.shape={s}")),
-    "eager": (lambda s: MultiHeadSelfAttention2D()(np.zeros(s, "float32")),
-              lambda s: ("ndim=4", f"ndim={len(s)}", str(s))),
-    "symbolic": (lambda s: MultiHeadSelfAttention2D()(keras.Input(s[1:])),
-                 lambda s: ("ndim=4", f"ndim={len(s)}", str((None,) + s[1:]))),
+    "build": (
+        lambda s: MultiHeadSelfAttention2D().build(s),
+        lambda s: ("rank-4", f"Received: inputs.shape={s}"),
+    ),
+    "compute_output_shape": (
+        lambda s: MultiHeadSelfAttention2D().compute_output_shape(s),
+        lambda s: ("rank-4", f"Received: inputs.shape={s}"),
+    ),
+    "eager": (
+        lambda s: MultiHeadSelfAttention2D()(np.zeros(s, "float32")),
+        lambda s: ("ndim=4", f"ndim={len(s)}", str(s)),
+    ),
+    "symbolic": (
+        lambda s: MultiHeadSelfAttention2D()(keras.Input(s[1:])),
+        lambda s: ("ndim=4", f"ndim={len(s)}", str((None,) + s[1:])),
+    ),
 }
 
 
@@ -122,12 +147,27 @@ def test_wrong_rank_on_first_build(how, shape):
 
 
 BUILT_LAYER_INPUTS = [
-    *(pytest.param(lambda s=s: np.zeros(s, "float32"),
-                   ("ndim=4", f"ndim={len(s)}", str(s)), id=f"eager{s}") for s in _BAD_RANKS),
-    *(pytest.param(lambda s=s: keras.Input(s[1:]), ("ndim=4", f"ndim={len(s)}"),
-                   id=f"symbolic{s}") for s in _BAD_RANKS),
-    pytest.param(lambda: np.zeros((2, 5, 5, 6), "float32"),
-                 ("axis -1", "value 8", "(2, 5, 5, 6)"), id="channels 6 instead of 8"),
+    *(
+        pytest.param(
+            lambda s=s: np.zeros(s, "float32"),
+            ("ndim=4", f"ndim={len(s)}", str(s)),
+            id=f"eager{s}",
+        )
+        for s in _BAD_RANKS
+    ),
+    *(
+        pytest.param(
+            lambda s=s: keras.Input(s[1:]),
+            ("ndim=4", f"ndim={len(s)}"),
+            id=f"symbolic{s}",
+        )
+        for s in _BAD_RANKS
+    ),
+    pytest.param(
+        lambda: np.zeros((2, 5, 5, 6), "float32"),
+        ("axis -1", "value 8", "(2, 5, 5, 6)"),
+        id="channels 6 instead of 8",
+    ),
 ]
 
 
@@ -140,15 +180,22 @@ def test_wrong_rank_or_channels_on_built_layer(make_input, parts):
         layer(make_input())
 
 
-@pytest.mark.parametrize("data_format,shape", [
-    ("channels_last", (None, None, None)),
-    ("channels_last", (5, 5, None)),
-    ("channels_first", (None, None, None)),
-    ("channels_first", (None, 5, 5)),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "data_format,shape",
+    [
+        ("channels_last", (None, None, None)),
+        ("channels_last", (5, 5, None)),
+        ("channels_first", (None, None, None)),
+        ("channels_first", (None, 5, 5)),
+    ],
+    ids=lambda v: str(v),
+)
 def test_unknown_channel_dimension(data_format, shape):
-    pattern = match_all("channel dimension", f"data_format={data_format!r}",
-                        f"Received: inputs.shape={(None,) + shape}")
+    pattern = match_all(
+        "channel dimension",
+        f"data_format={data_format!r}",
+        f"Received: inputs.shape={(None,) + shape}",
+    )
     with pytest.raises(ValueError, match=pattern):
         MultiHeadSelfAttention2D(data_format=data_format)(keras.Input(shape))
 
@@ -168,22 +215,30 @@ def test_wrong_mask_shape_eager(data_format, when, mask_shape):
     x = np.zeros(shape, "float32")
     if when == "built":
         layer(x, attention_mask=np.ones((2, 4, 5), bool))
-    pattern = match_all("`attention_mask`", "(B, H, W)=(2, 4, 5)",
-                        f"Received: attention_mask.shape={mask_shape}")
+    pattern = match_all(
+        "`attention_mask`",
+        "(B, H, W)=(2, 4, 5)",
+        f"Received: attention_mask.shape={mask_shape}",
+    )
     with pytest.raises(ValueError, match=pattern):
         layer(x, attention_mask=np.ones(mask_shape, bool))
 
 
-@pytest.mark.parametrize("mask_shape", [(20,), (4, 6), (4, 5, 1), (5, 4)],
-                         ids=lambda s: f"mask{(None,) + s}")
+@pytest.mark.parametrize(
+    "mask_shape", [(20,), (4, 6), (4, 5, 1), (5, 4)], ids=lambda s: f"mask{(None,) + s}"
+)
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 def test_wrong_mask_shape_symbolic(data_format, mask_shape):
     shape = (8, 4, 5) if data_format == "channels_first" else (4, 5, 8)
-    pattern = match_all("`attention_mask`", "(B, H, W)=(None, 4, 5)",
-                        f"Received: attention_mask.shape={(None,) + mask_shape}")
+    pattern = match_all(
+        "`attention_mask`",
+        "(B, H, W)=(None, 4, 5)",
+        f"Received: attention_mask.shape={(None,) + mask_shape}",
+    )
     with pytest.raises(ValueError, match=pattern):
         MultiHeadSelfAttention2D(data_format=data_format)(
-            keras.Input(shape), attention_mask=keras.Input(mask_shape, dtype="bool"))
+            keras.Input(shape), attention_mask=keras.Input(mask_shape, dtype="bool")
+        )
 
 
 def test_mask_with_unknown_spatial_size_is_accepted_symbolically():
@@ -197,11 +252,15 @@ def test_mask_with_unknown_spatial_size_is_accepted_symbolically():
 def test_from_config_unknown_key():
     layer = MultiHeadSelfAttention2D(num_heads=2)
     config = {**layer.get_config(), "bogus": 1}
-    pattern = match_all("Unknown key", "'bogus'", "MultiHeadSelfAttention2D", "'bogus': 1")
+    pattern = match_all(
+        "Unknown key", "'bogus'", "MultiHeadSelfAttention2D", "'bogus': 1"
+    )
     with pytest.raises(ValueError, match=pattern):
         MultiHeadSelfAttention2D.from_config(config)
     # An invalid value in a config is caught by the constructor's checks.
-    with pytest.raises(ValueError, match=match_all("`num_heads`", "Received: num_heads=0")):
+    with pytest.raises(
+        ValueError, match=match_all("`num_heads`", "Received: num_heads=0")
+    ):
         MultiHeadSelfAttention2D.from_config({**layer.get_config(), "num_heads": 0})
 
 
@@ -209,14 +268,22 @@ def test_deserialize_unknown_key():
     layer = MultiHeadSelfAttention2D(num_heads=2)
     serialized = keras.saving.serialize_keras_object(layer)
     serialized = {**serialized, "config": {**serialized["config"], "bogus": 1}}
-    with pytest.raises(ValueError, match=match_all("Unknown key", "'bogus'", "'bogus': 1")):
+    with pytest.raises(
+        ValueError, match=match_all("Unknown key", "'bogus'", "'bogus': 1")
+    ):
         keras.saving.deserialize_keras_object(serialized)
 
 
 # --------------------------------------------------------- set_weight_dict
 def _dict_for(layer, channels=8, seed=3):
-    return reference.random_weights(channels, layer.num_heads, layer.key_dim,
-                                    layer.position_encoding, layer.use_bias, seed=seed)
+    return reference.random_weights(
+        channels,
+        layer.num_heads,
+        layer.key_dim,
+        layer.position_encoding,
+        layer.use_bias,
+        seed=seed,
+    )
 
 
 def _without_key_bias(weights):
@@ -224,15 +291,23 @@ def _without_key_bias(weights):
     return weights
 
 
-@pytest.mark.parametrize("change,shown", [
-    pytest.param(_without_key_bias, "'key_bias'", id="missing key_bias"),
-    pytest.param(lambda w: {**w, "bogus_kernel": np.zeros((8, 8))}, "'bogus_kernel'",
-                 id="extra bogus_kernel"),
-])
+@pytest.mark.parametrize(
+    "change,shown",
+    [
+        pytest.param(_without_key_bias, "'key_bias'", id="missing key_bias"),
+        pytest.param(
+            lambda w: {**w, "bogus_kernel": np.zeros((8, 8))},
+            "'bogus_kernel'",
+            id="extra bogus_kernel",
+        ),
+    ],
+)
 def test_set_weight_dict_wrong_keys(change, shown):
     layer = built_layer(num_heads=2)
     before = snapshot(layer)
-    with pytest.raises(ValueError, match=match_all("`weights`", shown, "Received: keys=")):
+    with pytest.raises(
+        ValueError, match=match_all("`weights`", shown, "Received: keys=")
+    ):
         layer.set_weight_dict(change(_dict_for(layer)))
     assert_unchanged(layer, before)
 
@@ -247,8 +322,9 @@ def test_set_weight_dict_wrong_shape(name):
     good = weights[name].shape
     bad = good[:-1] + (good[-1] + 1,)
     weights[name] = np.zeros(bad)
-    with pytest.raises(ValueError, match=match_all(repr(name), str(good),
-                                                   f"Received: shape={bad}")):
+    with pytest.raises(
+        ValueError, match=match_all(repr(name), str(good), f"Received: shape={bad}")
+    ):
         layer.set_weight_dict(weights)
     assert_unchanged(layer, before)
 
@@ -274,8 +350,9 @@ def test_set_weight_dict_wrong_table_shape():
     weights = layer.get_weight_dict()
     before = snapshot(layer)
     weights["relative_width"] = np.zeros((6, 8))
-    with pytest.raises(ValueError, match=match_all("relative_width", "(7, 8)",
-                                                   "shape=(6, 8)")):
+    with pytest.raises(
+        ValueError, match=match_all("relative_width", "(7, 8)", "shape=(6, 8)")
+    ):
         layer.set_weight_dict(weights)
     assert_unchanged(layer, before)
 
@@ -284,17 +361,31 @@ def test_set_weight_dict_wrong_table_shape():
 MHSA_BLOCK_ERRORS = {
     "input_channel=16 on C=8": (
         lambda: mhsa_block(keras.Input((5, 5, 8)), input_channel=16),
-        ("`input_channel`", "Received: input_channel=16", "(None, 5, 5, 8)")),
+        ("`input_channel`", "Received: input_channel=16", "(None, 5, 5, 8)"),
+    ),
     "channels_first input_channel=5 on C=8": (
-        lambda: mhsa_block(keras.Input((8, 5, 5)), input_channel=5,
-                           data_format="channels_first"),
-        ("`input_channel`", "Received: input_channel=5", "(None, 8, 5, 5)", "channels_first")),
-    "rank 3": (lambda: mhsa_block(keras.Input((25, 8)), input_channel=8),
-               ("rank-4", "Received: inputs.shape=(None, 25, 8)")),
-    "num_heads=0": (lambda: mhsa_block(keras.Input((5, 5, 8)), num_heads=0),
-                    ("`num_heads`", "Received: num_heads=0")),
-    "num_heads=3 on C=8": (lambda: mhsa_block(keras.Input((5, 5, 8)), num_heads=3),
-                           ("channels=8", "num_heads=3")),
+        lambda: mhsa_block(
+            keras.Input((8, 5, 5)), input_channel=5, data_format="channels_first"
+        ),
+        (
+            "`input_channel`",
+            "Received: input_channel=5",
+            "(None, 8, 5, 5)",
+            "channels_first",
+        ),
+    ),
+    "rank 3": (
+        lambda: mhsa_block(keras.Input((25, 8)), input_channel=8),
+        ("rank-4", "Received: inputs.shape=(None, 25, 8)"),
+    ),
+    "num_heads=0": (
+        lambda: mhsa_block(keras.Input((5, 5, 8)), num_heads=0),
+        ("`num_heads`", "Received: num_heads=0"),
+    ),
+    "num_heads=3 on C=8": (
+        lambda: mhsa_block(keras.Input((5, 5, 8)), num_heads=3),
+        ("channels=8", "num_heads=3"),
+    ),
 }
 
 
@@ -310,23 +401,29 @@ def test_mhsa_block_errors(case):
 @pytest.mark.parametrize("encoding", ["relative", "absolute"])
 def test_learned_encoding_needs_a_size(encoding, how):
     """Unknown spatial size at build and no position_size: the error says so."""
-    pattern = match_all("`position_size`", "Received: position_size=None",
-                        "(None, None, None, 8)")
+    pattern = match_all(
+        "`position_size`", "Received: position_size=None", "(None, None, None, 8)"
+    )
     with pytest.raises(ValueError, match=pattern):
-        FIRST_CALLS[how](MultiHeadSelfAttention2D(position_encoding=encoding),
-                         (None, None, None, 8))
+        FIRST_CALLS[how](
+            MultiHeadSelfAttention2D(position_encoding=encoding), (None, None, None, 8)
+        )
 
 
 @pytest.mark.parametrize("encoding", ["relative", "absolute"])
 def test_learned_encoding_takes_either_known_size(encoding):
     MultiHeadSelfAttention2D(position_encoding=encoding).build((None, 3, 4, 8))
     MultiHeadSelfAttention2D(position_encoding=encoding, position_size=(3, 4)).build(
-        (None, None, None, 8))
+        (None, None, None, 8)
+    )
 
 
 @pytest.mark.parametrize("how,num_heads", [("build", 2), ("eager call", 1)])
 def test_sinusoidal_needs_channels_divisible_by_4(how, num_heads):
-    layer = MultiHeadSelfAttention2D(position_encoding="sinusoidal", num_heads=num_heads)
-    with pytest.raises(ValueError, match=match_all("sinusoidal", "divisible by 4",
-                                                   "channels=6")):
+    layer = MultiHeadSelfAttention2D(
+        position_encoding="sinusoidal", num_heads=num_heads
+    )
+    with pytest.raises(
+        ValueError, match=match_all("sinusoidal", "divisible by 4", "channels=6")
+    ):
         FIRST_CALLS[how](layer, (1, 3, 3, 6))

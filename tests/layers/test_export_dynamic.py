@@ -12,18 +12,25 @@
   "chunked" is a ValueError naming `choice.fallback`, under which it exports.
 """
 
-import pytest
 import keras
+import pytest
 
 from harness import (
-    LEARNED_ENCODINGS, assert_float32_within_budget, make_case, padded_mask, random_input,
+    LEARNED_ENCODINGS,
+    assert_float32_within_budget,
+    make_case,
+    padded_mask,
+    random_input,
 )
 
 BACKEND = keras.backend.backend()
 
 # (position encoding, reference size of its tables)
-CASES = [("none", None), ("sinusoidal", None),
-         *[(name, (5, 5)) for name in LEARNED_ENCODINGS]]
+CASES = [
+    ("none", None),
+    ("sinusoidal", None),
+    *[(name, (5, 5)) for name in LEARNED_ENCODINGS],
+]
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.export: the torch backend only")
@@ -37,15 +44,25 @@ def test_torch_export_keeps_height_and_width_dynamic(encoding, position_size):
     layer, x, weights = make_case(config, (2, 6, 6, 8))
     inputs = keras.Input((None, None, 8))
     model = keras.Model(inputs, layer(inputs))
-    height, width = torch.export.Dim("H", min=2, max=64), torch.export.Dim("W", min=2, max=64)
-    program = torch.export.export(model, (torch.from_numpy(x),),
-                                  dynamic_shapes=(({1: height, 2: width},),), strict=False)
-    for seed, shape in enumerate([(2, 5, 5, 8), (2, 7, 4, 8)]):  # the tables' size, another
+    height, width = (
+        torch.export.Dim("H", min=2, max=64),
+        torch.export.Dim("W", min=2, max=64),
+    )
+    program = torch.export.export(
+        model,
+        (torch.from_numpy(x),),
+        dynamic_shapes=(({1: height, 2: width},),),
+        strict=False,
+    )
+    for seed, shape in enumerate(
+        [(2, 5, 5, 8), (2, 7, 4, 8)]
+    ):  # the tables' size, another
         x = random_input(shape, seed=seed)
         with torch.no_grad():
             out = program.module()(torch.from_numpy(x)).numpy()
-        assert_float32_within_budget(out, x, weights, layer.get_config(),
-                                     what=f"exported at {shape}")
+        assert_float32_within_budget(
+            out, x, weights, layer.get_config(), what=f"exported at {shape}"
+        )
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="jax.export: the JAX backend only")
@@ -58,13 +75,20 @@ def test_jax_export_with_a_mask_of_its_own_symbolic_sizes():
     b, h, w, h2, w2 = jax.export.symbolic_shape("b, h, w, h2, w2")
     exported = jax.export.export(jax.jit(lambda x, m: layer(x, attention_mask=m)))(
         jax.ShapeDtypeStruct((b, h, w, 8), np.float32),
-        jax.ShapeDtypeStruct((b, h2, w2), np.bool_))
+        jax.ShapeDtypeStruct((b, h2, w2), np.bool_),
+    )
     for seed, (batch, height, width) in enumerate([(2, 5, 6), (1, 7, 4)]):
         x = random_input((batch, height, width, 8), seed=seed)
         mask = padded_mask(batch, height, width)
         out = np.asarray(exported.call(x, mask))
-        assert_float32_within_budget(out, x, weights, layer.get_config(), attention_mask=mask,
-                                     what=f"exported, at {x.shape}")
+        assert_float32_within_budget(
+            out,
+            x,
+            weights,
+            layer.get_config(),
+            attention_mask=mask,
+            what=f"exported, at {x.shape}",
+        )
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="jax.export: the JAX backend only")
@@ -77,8 +101,13 @@ def test_jax_export_of_the_chunked_path_falls_back_to_full_when_asked():
 
     from mhsa_core.layers.attention import choice
 
-    config = {"num_heads": 2, "position_encoding": "relative", "position_size": (5, 5),
-              "attention_implementation": "chunked", "chunk_size": 7}
+    config = {
+        "num_heads": 2,
+        "position_encoding": "relative",
+        "position_size": (5, 5),
+        "attention_implementation": "chunked",
+        "chunk_size": 7,
+    }
     layer, _, weights = make_case(config, (2, 5, 5, 8))
     b, h, w = jax.export.symbolic_shape("b, h, w")
     spec = jax.ShapeDtypeStruct((b, h, w, 8), np.float32)
@@ -89,5 +118,10 @@ def test_jax_export_of_the_chunked_path_falls_back_to_full_when_asked():
     assert record.taken == {"chunked"}
     for seed, shape in enumerate([(2, 5, 5, 8), (1, 7, 4, 8)]):
         x = random_input(shape, seed=seed)
-        assert_float32_within_budget(np.asarray(exported.call(x)), x, weights,
-                                     layer.get_config(), what=f"exported, at {shape}")
+        assert_float32_within_budget(
+            np.asarray(exported.call(x)),
+            x,
+            weights,
+            layer.get_config(),
+            what=f"exported, at {shape}",
+        )

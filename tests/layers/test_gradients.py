@@ -26,19 +26,20 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+
+from mhsa_core import MultiHeadSelfAttention2D, reference
+from mhsa_core.consistency import gradients
+
 from cases import YOLOV4_MHSA, yolov4_mhsa
 from harness import (
     channels_of,
-    make_case,
     magnitude,
+    make_case,
     random_mask,
     reference_config,
     spatial_of,
     to_numpy,
 )
-
-from mhsa_core import MultiHeadSelfAttention2D, reference
-from mhsa_core.consistency import gradients
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "backends"))
 
@@ -64,20 +65,39 @@ CASES = {
     "yolov4_mhsa": (YOLOV4_MHSA, SHAPE, None),
     "heads4_key_dim3": (yolov4_mhsa(num_heads=4, key_dim=3), SHAPE, None),
     "linear_scale_none": (yolov4_mhsa(activation=None, scale=None), SHAPE, None),
-    "channels_first": (yolov4_mhsa(num_heads=2, data_format="channels_first"),
-                       (2, 16, 5, 7), None),
+    "channels_first": (
+        yolov4_mhsa(num_heads=2, data_format="channels_first"),
+        (2, 16, 5, 7),
+        None,
+    ),
     "mask_one_item_full": (yolov4_mhsa(num_heads=2), SHAPE, "one_item_full"),
     # Position encodings: tables at another size (resized up in one axis and
     # down in the other), at the input's own size, and the fixed embedding.
-    "relative_resized": (yolov4_mhsa(num_heads=2, position_encoding="relative",
-                                     position_size=(3, 9)), SHAPE, None),
-    "relative_unscaled_pos_masked": (yolov4_mhsa(num_heads=2, position_encoding="relative",
-                                                 scale=None, scale_position_logits=False),
-                                     SHAPE, "one_item_full"),
-    "absolute_resized": (yolov4_mhsa(num_heads=2, position_encoding="absolute",
-                                     position_size=(8, 4)), SHAPE, None),
-    "sinusoidal": (yolov4_mhsa(num_heads=2, position_encoding="sinusoidal"),
-                   SHAPE, None),
+    "relative_resized": (
+        yolov4_mhsa(num_heads=2, position_encoding="relative", position_size=(3, 9)),
+        SHAPE,
+        None,
+    ),
+    "relative_unscaled_pos_masked": (
+        yolov4_mhsa(
+            num_heads=2,
+            position_encoding="relative",
+            scale=None,
+            scale_position_logits=False,
+        ),
+        SHAPE,
+        "one_item_full",
+    ),
+    "absolute_resized": (
+        yolov4_mhsa(num_heads=2, position_encoding="absolute", position_size=(8, 4)),
+        SHAPE,
+        None,
+    ),
+    "sinusoidal": (
+        yolov4_mhsa(num_heads=2, position_encoding="sinusoidal"),
+        SHAPE,
+        None,
+    ),
 }
 
 
@@ -88,10 +108,17 @@ def _weight_names(config, shape):
     if size is None and config.get("position_encoding") in ("relative", "absolute"):
         size = spatial_of(shape, data_format)
     # The weight-shape arguments the case gives; the others keep the defaults.
-    shape_args = {k: config[k] for k in ("num_heads", "key_dim", "position_encoding",
-                                         "use_bias") if k in config}
-    return set(reference.weight_shapes(channels_of(shape, data_format), **shape_args,
-                                       position_size=size))
+    shape_args = {
+        k: config[k]
+        for k in ("num_heads", "key_dim", "position_encoding", "use_bias")
+        if k in config
+    }
+    return set(
+        reference.weight_shapes(
+            channels_of(shape, data_format), **shape_args, position_size=size
+        )
+    )
+
 
 # float32 gradient budget, per gradient array g (the input's or a weight's):
 #
@@ -146,7 +173,9 @@ def _results(name, dtype):
         mask = random_mask(shape[0], height, width, seed=10, fully_masked_item=True)
     loss_weights = gradients.loss_weights(shape, seed=0)
     inputs = x if mask is None else [x, mask]
-    loss, input_grads, weight_grads = gradients.value_and_grad(layer, inputs, loss_weights)
+    loss, input_grads, weight_grads = gradients.value_and_grad(
+        layer, inputs, loss_weights
+    )
     assert len(input_grads) == (1 if mask is None else 2)
     if mask is not None:
         assert input_grads[1] is None  # the bool mask gets no gradient
@@ -155,21 +184,27 @@ def _results(name, dtype):
     # tables' size it reads off the weights).
     native_config = reference_config(config)
     native_loss, native_gx, native_gw = NATIVE.value_and_grad(
-        x, weights, loss_weights, attention_mask=mask, dtype=dtype, **native_config)
+        x, weights, loss_weights, attention_mask=mask, dtype=dtype, **native_config
+    )
     theirs = {"loss": float(native_loss), "grads": {"x": native_gx, **native_gw}}
     if dtype == "float64":
         out = layer(x) if mask is None else layer(x, attention_mask=mask)
         mine["out"] = to_numpy(out)
         mine["abs_loss"] = float(np.sum(np.abs(mine["out"] * loss_weights)))
-        theirs["out"] = NATIVE.forward(x, weights, attention_mask=mask, dtype=dtype,
-                                       **native_config)
+        theirs["out"] = NATIVE.forward(
+            x, weights, attention_mask=mask, dtype=dtype, **native_config
+        )
         if mask is not None:
             # Same shapes (no new compilation on JAX): item 0's input changed.
             changed = x.copy()
             changed[0] = np.random.default_rng(99).standard_normal(x.shape[1:]) * 3
             changed_loss, changed_in, changed_w = gradients.value_and_grad(
-                layer, [changed, mask], loss_weights)
-            mine["item0_changed"] = (changed_loss, _grad_dict(layer, changed_in, changed_w))
+                layer, [changed, mask], loss_weights
+            )
+            mine["item0_changed"] = (
+                changed_loss,
+                _grad_dict(layer, changed_in, changed_w),
+            )
     return mine, theirs, mask
 
 
@@ -184,10 +219,14 @@ class TestLayerVsNative:
         assert magnitude(mine["out"] - native["out"]) <= FLOAT64_RTOL * out_scale
         # The loss is a sum with cancellation: relative to the sum of |terms|.
         assert abs(mine["loss"] - native["loss"]) <= FLOAT64_RTOL * mine["abs_loss"], (
-            mine["loss"], native["loss"])
+            mine["loss"],
+            native["loss"],
+        )
 
         grads, native_grads = mine["grads"], native["grads"]
-        assert set(grads) == set(native_grads) == {"x", *_weight_names(*CASES[name][:2])}
+        assert (
+            set(grads) == set(native_grads) == {"x", *_weight_names(*CASES[name][:2])}
+        )
         # Relative to the largest entry of all gradient arrays: some are exactly
         # zero analytically (key_bias below), their computed value is rounding.
         scale = max(magnitude(g) for g in native_grads.values())
@@ -198,7 +237,8 @@ class TestLayerVsNative:
             err = magnitude(grad - expected)
             assert err <= FLOAT64_RTOL * scale, (
                 f"{BACKEND} {name} d loss / d {key}: error {err:.3e} > "
-                f"{FLOAT64_RTOL:g} x largest gradient entry {scale:.3e}")
+                f"{FLOAT64_RTOL:g} x largest gradient entry {scale:.3e}"
+            )
 
         config = CASES[name][0]
         if config.get("activation") is None and "key_bias" in grads:
@@ -227,7 +267,9 @@ class TestLayerVsNative:
         assert np.all(changed["x"][0] == 0)
         for key, grad in changed.items():
             err = magnitude(grad - mine["grads"][key])
-            assert err <= FLOAT64_RTOL * scale, f"item 0's input changed d loss / d {key}"
+            assert err <= FLOAT64_RTOL * scale, (
+                f"item 0's input changed d loss / d {key}"
+            )
 
     @pytest.mark.parametrize("name", list(CASES))
     def test_float32(self, name):
@@ -244,14 +286,18 @@ class TestLayerVsNative:
             err = magnitude(grad.astype(np.float64) - exact)
             native_err = magnitude(native_grad.astype(np.float64) - exact)
             budget = reference.float32_budget(native_grad, exact, scale=scale)
-            report.append(f"{key}: {err / scale:.2e} vs native {native_err / scale:.2e} "
-                          f"(ratio {err / max(native_err, 1e-300):.2f}, "
-                          f"of budget {err / budget:.2f})")
+            report.append(
+                f"{key}: {err / scale:.2e} vs native {native_err / scale:.2e} "
+                f"(ratio {err / max(native_err, 1e-300):.2f}, "
+                f"of budget {err / budget:.2f})"
+            )
             if err > budget:
                 failures.append(key)
         assert not failures, (
             f"{BACKEND} {name} float32 gradients over budget for {failures}; errors in "
-            f"units of the largest gradient entry {scale:.3e}:\n  " + "\n  ".join(report))
+            f"units of the largest gradient entry {scale:.3e}:\n  "
+            + "\n  ".join(report)
+        )
         if mask is not None:
             assert np.all(mine["grads"]["x"][0] == 0)
 
@@ -271,19 +317,34 @@ def _tiny_layer(config=None, seed=7):
 class TestFiniteDifferences:
     __test__ = HAS_GRADIENTS
 
-    @pytest.mark.parametrize("config", [
-        {"num_heads": 2},
-        None,
-        # Tables of another size than the 2x3 map: resized in the graph.
-        yolov4_mhsa(num_heads=2, scale=None, position_encoding="relative",
-                    position_size=(3, 2)),
-        yolov4_mhsa(num_heads=1, scale=0.5, position_encoding="absolute",
-                    position_size=(1, 4), scale_position_logits=False),
-        yolov4_mhsa(num_heads=2, position_encoding="sinusoidal"),
-    ], ids=["default", "yolov4_mhsa", "relative", "absolute", "sinusoidal"])
+    @pytest.mark.parametrize(
+        "config",
+        [
+            {"num_heads": 2},
+            None,
+            # Tables of another size than the 2x3 map: resized in the graph.
+            yolov4_mhsa(
+                num_heads=2,
+                scale=None,
+                position_encoding="relative",
+                position_size=(3, 2),
+            ),
+            yolov4_mhsa(
+                num_heads=1,
+                scale=0.5,
+                position_encoding="absolute",
+                position_size=(1, 4),
+                scale_position_logits=False,
+            ),
+            yolov4_mhsa(num_heads=2, position_encoding="sinusoidal"),
+        ],
+        ids=["default", "yolov4_mhsa", "relative", "absolute", "sinusoidal"],
+    )
     def test_central_differences(self, config):
         layer, x, weights, loss_weights = _tiny_layer(config)
-        loss, input_grads, weight_grads = gradients.value_and_grad(layer, x, loss_weights)
+        loss, input_grads, weight_grads = gradients.value_and_grad(
+            layer, x, loss_weights
+        )
         grads = _grad_dict(layer, input_grads, weight_grads)
         assert set(grads) == {"x", *weights}
         assert len(weights) == len(layer.trainable_weights)
@@ -295,15 +356,20 @@ class TestFiniteDifferences:
         assert abs(loss_of(x, weights) - loss) <= 1e-12 * max(1.0, abs(loss))
         # Entries to check: 6 of the input, 2 of every weight array.
         rng = np.random.default_rng(0)
-        entries = [("x", np.unravel_index(i, x.shape))
-                   for i in rng.choice(x.size, 6, replace=False)]
+        entries = [
+            ("x", np.unravel_index(i, x.shape))
+            for i in rng.choice(x.size, 6, replace=False)
+        ]
         for name, value in weights.items():
-            entries += [(name, np.unravel_index(i, value.shape))
-                        for i in rng.choice(value.size, 2, replace=False)]
+            entries += [
+                (name, np.unravel_index(i, value.shape))
+                for i in rng.choice(value.size, 2, replace=False)
+            ]
 
         step = 1e-6
         scale = max(magnitude(g) for g in grads.values())
         for name, index in entries:
+
             def perturbed(delta, name=name, index=index):
                 arrays = {"x": x, **weights}
                 array = arrays[name].copy()
@@ -316,8 +382,10 @@ class TestFiniteDifferences:
             # Rounding of the loss / step is about the same for every entry, so
             # relative to the largest gradient entry (as tests/test_native.py).
             assert err <= 1e-6 * scale, (
-                f"{BACKEND} d loss / d {name}{index}: autodiff {grads[name][index]:.10g}, "
-                f"central difference {fd:.10g}, largest gradient entry {scale:.3g}")
+                f"{BACKEND} d loss / d {name}{index}: "
+                f"autodiff {grads[name][index]:.10g}, "
+                f"central difference {fd:.10g}, largest gradient entry {scale:.3g}"
+            )
         layer.set_weight_dict(weights)
 
 
@@ -329,25 +397,29 @@ class TestAPI:
         assert a.dtype == np.float64 and a.shape == (2, 3, 4)
         np.testing.assert_array_equal(a, gradients.loss_weights([2, 3, 4], seed=3))
         np.testing.assert_array_equal(
-            a, np.random.default_rng(3).standard_normal((2, 3, 4)))
+            a, np.random.default_rng(3).standard_normal((2, 3, 4))
+        )
         assert not np.array_equal(a, gradients.loss_weights((2, 3, 4), seed=4))
         with pytest.raises(ValueError, match="shape"):
             gradients.loss_weights((None, 3))
 
     def test_inputs_outputs_and_models(self):
-        """One array or a list; bool inputs get None; tuple outputs; functional models."""
+        """One array or a list; bool inputs get None; tuple outputs; functional
+        models."""
         keras.utils.clear_session()
         layer, x, _, loss_weights = _tiny_layer()
         shape = x.shape
         mask = np.ones(shape[:3], dtype=bool)
         mask[0, 0, 1] = False
         loss, input_grads, weight_grads = gradients.value_and_grad(
-            layer, [x, mask], loss_weights)
+            layer, [x, mask], loss_weights
+        )
         assert isinstance(loss, float)
         assert len(input_grads) == 2 and input_grads[1] is None
         assert input_grads[0].shape == x.shape and input_grads[0].dtype == np.float64
         assert [g.shape for g in weight_grads] == [
-            tuple(v.shape) for v in layer.trainable_variables]
+            tuple(v.shape) for v in layer.trainable_variables
+        ]
         assert all(g.dtype == np.float64 for g in weight_grads)
 
         one = gradients.value_and_grad(layer, x, loss_weights)
@@ -365,7 +437,9 @@ class TestAPI:
         # output is used, the bool input gets None, the weights are the layer's.
         x_in = keras.Input(shape[1:], dtype="float64")
         mask_in = keras.Input(shape[1:3], dtype="bool")
-        outputs, scores = layer(x_in, attention_mask=mask_in, return_attention_scores=True)
+        outputs, scores = layer(
+            x_in, attention_mask=mask_in, return_attention_scores=True
+        )
         model = keras.Model([x_in, mask_in], [outputs, scores])
         result = gradients.value_and_grad(model, [x, mask], loss_weights)
         assert result[1][1] is None
@@ -390,14 +464,20 @@ class TestAPI:
         """`training` reaches the layer; dropout's seed state advances, on JAX too."""
         keras.utils.clear_session()
         shape = (1, 2, 3, 4)
-        layer = MultiHeadSelfAttention2D(num_heads=2, dropout=0.5, seed=1, dtype="float64")
+        layer = MultiHeadSelfAttention2D(
+            num_heads=2, dropout=0.5, seed=1, dtype="float64"
+        )
         layer.build(shape)
         x = np.random.default_rng(0).standard_normal(shape)
         loss_weights = gradients.loss_weights(shape)
-        inference = [gradients.value_and_grad(layer, x, loss_weights)[0] for _ in range(2)]
+        inference = [
+            gradients.value_and_grad(layer, x, loss_weights)[0] for _ in range(2)
+        ]
         assert inference[0] == inference[1]
-        training = [gradients.value_and_grad(layer, x, loss_weights, training=True)[0]
-                    for _ in range(3)]
+        training = [
+            gradients.value_and_grad(layer, x, loss_weights, training=True)[0]
+            for _ in range(3)
+        ]
         assert len(set(training)) == 3, training  # a new dropout mask each call
         assert inference[0] not in training
 
@@ -409,10 +489,13 @@ class TestAPI:
         layer.build(shape)
         x = np.random.default_rng(0).standard_normal(shape).astype("float32")
         loss, input_grads, weight_grads = gradients.value_and_grad(
-            layer, x, gradients.loss_weights(shape))
+            layer, x, gradients.loss_weights(shape)
+        )
         assert np.isfinite(loss)
         assert input_grads[0].dtype == np.float32
-        assert all(g.dtype == np.float32 and np.all(np.isfinite(g)) for g in weight_grads)
+        assert all(
+            g.dtype == np.float32 and np.all(np.isfinite(g)) for g in weight_grads
+        )
 
 
 class TestOptimizerStep:
@@ -438,25 +521,31 @@ class TestOptimizerStep:
             step = magnitude(exp - w)
             assert step > 0
             err = magnitude(new - exp)
-            assert err <= 1e-12 * step, f"{BACKEND} {what}: error {err / step:.3e} of the step"
+            assert err <= 1e-12 * step, (
+                f"{BACKEND} {what}: error {err / step:.3e} of the step"
+            )
 
     def test_sgd(self):
         # 2**-7 is exact in float32, the dtype Keras keeps the learning rate in.
-        lr = 2.0 ** -7
+        lr = 2.0**-7
         before, grads, after = self._step(lambda: keras.optimizers.SGD(lr))
-        self._assert_step(before, after, [w - lr * g for w, g in zip(before, grads)], "SGD")
+        self._assert_step(
+            before, after, [w - lr * g for w, g in zip(before, grads)], "SGD"
+        )
 
     def test_sgd_learning_rate_is_float32(self):
         # Keras stores the learning rate in a floatx (float32) variable: a
         # float64 model is stepped with float32(0.01), on every backend.
         lr32 = float(np.float32(0.01))
         before, grads, after = self._step(lambda: keras.optimizers.SGD(0.01))
-        self._assert_step(before, after, [w - lr32 * g for w, g in zip(before, grads)],
-                          "SGD(0.01)")
+        self._assert_step(
+            before, after, [w - lr32 * g for w, g in zip(before, grads)], "SGD(0.01)"
+        )
 
     @staticmethod
-    def _adam_first_step(w, g, lr, beta_1, beta_2, epsilon, beta_1_power=None,
-                         beta_2_power=None):
+    def _adam_first_step(
+        w, g, lr, beta_1, beta_2, epsilon, beta_1_power=None, beta_2_power=None
+    ):
         """Keras' Adam, first step (m = v = 0), in float64.
 
         m = (1 - b1) g, v = (1 - b2) g^2, alpha = lr sqrt(1 - b2^1) / (1 - b1^1),
@@ -473,15 +562,22 @@ class TestOptimizerStep:
 
     def test_adam(self):
         # Hyperparameters exact in float32 (see test_adam_defaults for why).
-        lr, beta_1, beta_2, epsilon = 2.0 ** -10, 0.875, 1 - 2.0 ** -10, 1e-7
-        before, grads, after = self._step(lambda: keras.optimizers.Adam(
-            lr, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon))
-        expected = [self._adam_first_step(w, g, lr, beta_1, beta_2, epsilon)
-                    for w, g in zip(before, grads)]
+        lr, beta_1, beta_2, epsilon = 2.0**-10, 0.875, 1 - 2.0**-10, 1e-7
+        before, grads, after = self._step(
+            lambda: keras.optimizers.Adam(
+                lr, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon
+            )
+        )
+        expected = [
+            self._adam_first_step(w, g, lr, beta_1, beta_2, epsilon)
+            for w, g in zip(before, grads)
+        ]
         self._assert_step(before, after, expected, "Adam")
         # The same, in the closed form of the first step.
-        closed = [w - lr * g / (np.abs(g) + epsilon / np.sqrt(1 - beta_2))
-                  for w, g in zip(before, grads)]
+        closed = [
+            w - lr * g / (np.abs(g) + epsilon / np.sqrt(1 - beta_2))
+            for w, g in zip(before, grads)
+        ]
         self._assert_step(before, after, closed, "Adam (closed form)")
 
     def test_adam_defaults(self):
@@ -498,11 +594,15 @@ class TestOptimizerStep:
         beta_1, beta_2, epsilon = 0.9, 0.999, 1e-7
         powers = {}
         if BACKEND == "tensorflow":
-            powers = {"beta_1_power": float(np.float32(beta_1)),
-                      "beta_2_power": float(np.float32(beta_2))}
+            powers = {
+                "beta_1_power": float(np.float32(beta_1)),
+                "beta_2_power": float(np.float32(beta_2)),
+            }
         before, grads, after = self._step(lambda: keras.optimizers.Adam(1e-3))
-        expected = [self._adam_first_step(w, g, lr32, beta_1, beta_2, epsilon, **powers)
-                    for w, g in zip(before, grads)]
+        expected = [
+            self._adam_first_step(w, g, lr32, beta_1, beta_2, epsilon, **powers)
+            for w, g in zip(before, grads)
+        ]
         self._assert_step(before, after, expected, "Adam(1e-3)")
 
 

@@ -1,9 +1,11 @@
 """Keras conformance of MultiHeadSelfAttention2D: config, shapes, training,
 dynamic sizes, jit, dropout, scores, mixed precision and .keras round trips."""
 
+import keras
 import numpy as np
 import pytest
-import keras
+
+from mhsa_core import MultiHeadSelfAttention2D, mhsa_block, reference
 
 from cases import BOTNET, ENCODING_CONFIGS, STANDARD, YOLOV4_MHSA, yolov4_mhsa
 from harness import (
@@ -12,24 +14,41 @@ from harness import (
     run_layer_test,
     to_numpy,
 )
-from mhsa_core import MultiHeadSelfAttention2D, mhsa_block, reference
 
 # name -> (layer arguments, input shape, trainable weights): config round trip,
 # shapes, and a fit step that changes every weight (position tables included).
 CONFORMANCE = {
     "yolov4_mhsa": (YOLOV4_MHSA, (2, 5, 7, 16), 8),
     "standard": (STANDARD, (2, 5, 7, 16), 6),
-    "yolov4_mhsa-heads4-key_dim3": (yolov4_mhsa(num_heads=4, key_dim=3), (2, 4, 6, 16), 8),
+    "yolov4_mhsa-heads4-key_dim3": (
+        yolov4_mhsa(num_heads=4, key_dim=3),
+        (2, 4, 6, 16),
+        8,
+    ),
     "no-position-no-bias": ({"use_bias": False}, (2, 3, 3, 8), 3),
-    "channels_first": ({"data_format": "channels_first", "num_heads": 2}, (2, 8, 3, 5), 6),
+    "channels_first": (
+        {"data_format": "channels_first", "num_heads": 2},
+        (2, 8, 3, 5),
+        6,
+    ),
     "dropout": ({"dropout": 0.1, "seed": 3}, (2, 3, 4, 8), 6),
     "gelu": ({"activation": "gelu"}, (2, 3, 4, 8), 6),
     "relative": (ENCODING_CONFIGS["relative"], (2, 5, 7, 16), 8),
-    "absolute-no-bias": ({**ENCODING_CONFIGS["absolute"], "use_bias": False}, (2, 4, 3, 16), 5),
+    "absolute-no-bias": (
+        {**ENCODING_CONFIGS["absolute"], "use_bias": False},
+        (2, 4, 3, 16),
+        5,
+    ),
     "sinusoidal": (ENCODING_CONFIGS["sinusoidal"], (2, 4, 3, 16), 6),
     "relative-channels_first": (
-        {**ENCODING_CONFIGS["relative"], "position_size": (3, 3),
-         "data_format": "channels_first"}, (2, 8, 5, 4), 8),
+        {
+            **ENCODING_CONFIGS["relative"],
+            "position_size": (3, 3),
+            "data_format": "channels_first",
+        },
+        (2, 8, 5, 4),
+        8,
+    ),
     "botnet": ({**BOTNET, "num_heads": 2}, (2, 4, 5, 8), 5),
 }
 
@@ -44,10 +63,24 @@ def test_layer_conformance(name):
 WEIGHT_ORDER = {
     "standard": ({"num_heads": 4, "key_dim": 5}, (4, 5, "none")),
     "yolov4_mhsa": (yolov4_mhsa(num_heads=4, key_dim=5), (4, 5, "conv")),
-    "relative": ({"num_heads": 4, "key_dim": 5, "position_encoding": "relative",
-                  "position_size": (6, 3)}, (4, 5, "relative", True, (6, 3))),
-    "absolute-no-bias": ({"num_heads": 2, "position_encoding": "absolute", "use_bias": False,
-                          "position_size": (4, 7)}, (2, None, "absolute", False, (4, 7))),
+    "relative": (
+        {
+            "num_heads": 4,
+            "key_dim": 5,
+            "position_encoding": "relative",
+            "position_size": (6, 3),
+        },
+        (4, 5, "relative", True, (6, 3)),
+    ),
+    "absolute-no-bias": (
+        {
+            "num_heads": 2,
+            "position_encoding": "absolute",
+            "use_bias": False,
+            "position_size": (4, 7),
+        },
+        (2, None, "absolute", False, (4, 7)),
+    ),
 }
 
 
@@ -83,15 +116,34 @@ def test_projections_are_named_attributes(use_bias):
 
 def test_config_has_every_argument():
     layer = MultiHeadSelfAttention2D(
-        num_heads=2, key_dim=4, activation=None, position_encoding="none", scale=None,
-        use_bias=False, dropout=0.25, data_format="channels_first",
-        kernel_initializer="glorot_uniform", bias_initializer="ones",
-        kernel_regularizer="l2", bias_regularizer="l1", kernel_constraint="max_norm",
-        bias_constraint="non_neg", seed=7, name="attn",
+        num_heads=2,
+        key_dim=4,
+        activation=None,
+        position_encoding="none",
+        scale=None,
+        use_bias=False,
+        dropout=0.25,
+        data_format="channels_first",
+        kernel_initializer="glorot_uniform",
+        bias_initializer="ones",
+        kernel_regularizer="l2",
+        bias_regularizer="l1",
+        kernel_constraint="max_norm",
+        bias_constraint="non_neg",
+        seed=7,
+        name="attn",
     )
     config = layer.get_config()
-    for key in ("num_heads", "key_dim", "position_encoding", "scale", "use_bias",
-                "dropout", "data_format", "seed"):
+    for key in (
+        "num_heads",
+        "key_dim",
+        "position_encoding",
+        "scale",
+        "use_bias",
+        "dropout",
+        "data_format",
+        "seed",
+    ):
         assert config[key] == getattr(layer, key), key
     assert config["activation"] == "linear"
     clone = MultiHeadSelfAttention2D.from_config(config)
@@ -116,7 +168,9 @@ def test_data_format_defaults_to_image_data_format():
     ids=["standard", "yolov4_mhsa"],
 )
 def test_regularizers_add_losses(config, n_losses):
-    layer = MultiHeadSelfAttention2D(**config, kernel_regularizer="l2", bias_regularizer="l2")
+    layer = MultiHeadSelfAttention2D(
+        **config, kernel_regularizer="l2", bias_regularizer="l2"
+    )
     layer(np.ones((1, 2, 2, 4), "float32"))
     assert len(layer.losses) == n_losses
 
@@ -162,7 +216,9 @@ def test_dynamic_sizes_compiled():
     for shape in [(2, 5, 7, 16), (1, 4, 9, 16)]:
         x = np.random.default_rng(shape[1]).standard_normal(shape).astype("float32")
         y = model.predict(x, verbose=0)
-        assert_float32_within_budget(y, x, weights, {"num_heads": 2}, what=f"jit {shape}")
+        assert_float32_within_budget(
+            y, x, weights, {"num_heads": 2}, what=f"jit {shape}"
+        )
     loss = model.train_on_batch(x, np.zeros_like(x))
     assert np.isfinite(loss)
 
@@ -200,7 +256,11 @@ def test_keras_round_trip(tmp_path):
     path = tmp_path / "block.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)  # safe mode: no custom_objects needed
-    new_layer = [l for l in loaded.layers if isinstance(l, MultiHeadSelfAttention2D)][0]
+    new_layer = [
+        candidate
+        for candidate in loaded.layers
+        if isinstance(candidate, MultiHeadSelfAttention2D)
+    ][0]
     assert new_layer.get_config() == layer.get_config()
     for a, b in zip(layer.weights, new_layer.weights):
         assert a.name == b.name
@@ -210,7 +270,9 @@ def test_keras_round_trip(tmp_path):
     x2 = np.random.default_rng(9).standard_normal((1, 3, 8, 16)).astype("float32")
     m2 = np.ones((1, 3, 8), bool)
     assert_float32_within_budget(
-        to_numpy(loaded([x2, m2])), x2, weights,
+        to_numpy(loaded([x2, m2])),
+        x2,
+        weights,
         {"num_heads": 4, "key_dim": 3, "scale": None},
     )
 
@@ -233,7 +295,9 @@ def test_block_stacked_as_in_yolov4_mhsa():
     for _ in range(4):
         x = mhsa_block(x, 16, num_heads=2)
     model = keras.Model(inputs, x)
-    assert sum(isinstance(l, MultiHeadSelfAttention2D) for l in model.layers) == 4
+    assert (
+        sum(isinstance(layer, MultiHeadSelfAttention2D) for layer in model.layers) == 4
+    )
     for shape in [(1, 5, 5, 16), (2, 3, 7, 16)]:
         y = model(np.random.default_rng(0).standard_normal(shape).astype("float32"))
         assert tuple(y.shape) == shape

@@ -2,9 +2,11 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
-import keras
+
+from mhsa_core import MultiHeadSelfAttention2D, reference
 
 from cases import CASES, MASKED, YOLOV4_MHSA, yolov4_mhsa
 from harness import (
@@ -16,7 +18,6 @@ from harness import (
     spatial_of,
     to_numpy,
 )
-from mhsa_core import MultiHeadSelfAttention2D, reference
 
 # Budgets against a float64 oracle computed by this machine's NumPy: rerun on
 # other kernels by the lane of tests/kernels.py.
@@ -35,7 +36,9 @@ NUMERIC_CASES = {
     "yolov4_mhsa-scale-none": (yolov4_mhsa(scale=None, num_heads=2), (2, 7, 5, 32)),
     "yolov4_mhsa-no-bias": (yolov4_mhsa(use_bias=False, num_heads=2), (2, 7, 5, 32)),
     "yolov4_mhsa-channels_first": (
-        yolov4_mhsa(data_format="channels_first", num_heads=8), (2, 64, 7, 5)),
+        yolov4_mhsa(data_format="channels_first", num_heads=8),
+        (2, 64, 7, 5),
+    ),
     "yolov4_mhsa-1xN": (yolov4_mhsa(num_heads=2), (2, 1, 9, 16)),
     "standard-heads4-no-bias": ({"use_bias": False, "num_heads": 4}, (2, 4, 9, 32)),
 }
@@ -62,7 +65,9 @@ def test_float64_matches_reference(name):
 def test_mask_and_scores(name, dtype):
     config, shape = MASKED[name]
     layer, x, weights = make_case(config, shape, dtype=dtype)
-    mask = padded_mask(shape[0], *spatial_of(shape, config.get("data_format", "channels_last")))
+    mask = padded_mask(
+        shape[0], *spatial_of(shape, config.get("data_format", "channels_last"))
+    )
     out, scores = layer(x, attention_mask=mask, return_attention_scores=True)
     out, scores = to_numpy(out), to_numpy(scores)
     n = 6 * 7
@@ -74,7 +79,10 @@ def test_mask_and_scores(name, dtype):
     assert np.all(scores[1][..., ~keep[1]] == 0)
     np.testing.assert_allclose(scores[1].sum(-1), 1.0, rtol=1e-5)
     ref_out, ref_scores = reference.mhsa_forward(
-        x, weights, attention_mask=mask, return_attention_scores=True,
+        x,
+        weights,
+        attention_mask=mask,
+        return_attention_scores=True,
         **reference_config(config),
     )
     if dtype == "float64":
@@ -119,11 +127,13 @@ def test_mixed_precision_matches_emulated_reference(policy):
     assert keras.backend.standardize_dtype(scores.dtype) == "float32"
     out = to_numpy(keras.ops.cast(out, "float32")).astype(np.float64)
     assert np.all(np.isfinite(out))
-    _, ref_scores = reference.mhsa_forward(x, weights, return_attention_scores=True,
-                                           **reference_config(config))
+    _, ref_scores = reference.mhsa_forward(
+        x, weights, return_attention_scores=True, **reference_config(config)
+    )
     assert ref_scores.max() > 0.9  # the logits really are large (peaked softmax)
-    ref64, budget, emulated_error = reference.error_budget(x, weights, policy=policy,
-                                                           **reference_config(config))
+    ref64, budget, emulated_error = reference.error_budget(
+        x, weights, policy=policy, **reference_config(config)
+    )
     error = float(np.abs(out - ref64).max())
     assert error <= budget, (
         f"{policy}: error {error:.3g} > budget {budget:.3g} "
@@ -140,10 +150,14 @@ def test_scale_none_uses_key_dim():
 # name -> (config, shape) of the statistical budget check.
 BUDGET_CASES = {
     "yolov4_mhsa-heads8-channels_first": (
-        yolov4_mhsa(num_heads=8, data_format="channels_first"), (2, 64, 7, 5)),
+        yolov4_mhsa(num_heads=8, data_format="channels_first"),
+        (2, 64, 7, 5),
+    ),
     "yolov4_mhsa": (YOLOV4_MHSA, (2, 7, 5, 32)),
     "yolov4_mhsa-heads2-linear-scaled": (
-        yolov4_mhsa(num_heads=2, activation=None, scale=None), (2, 4, 9, 32)),
+        yolov4_mhsa(num_heads=2, activation=None, scale=None),
+        (2, 4, 9, 32),
+    ),
     "yolov4_mhsa-heads4-key_dim6": (yolov4_mhsa(num_heads=4, key_dim=6), (2, 5, 6, 32)),
     "standard-heads4": ({"num_heads": 4}, (2, 5, 6, 32)),
 }
@@ -158,6 +172,8 @@ def test_budget_holds_over_many_seeds(name):
     worst = []
     for seed in range(100, 125):
         layer, x, weights = make_case(config, shape, seed=seed)
-        ref64, budget, _ = reference.error_budget(x, weights, **reference_config(config))
+        ref64, budget, _ = reference.error_budget(
+            x, weights, **reference_config(config)
+        )
         worst.append(float(np.abs(to_numpy(layer(x)) - ref64).max()) / budget)
     assert max(worst) <= 1.0, f"worst error / budget {max(worst):.2f}"

@@ -25,15 +25,21 @@ SCRIPT = kernels.__file__
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get(kernels.ACTIVE)),
-    reason="compares forced kernels with this process's: runs in the native lane only")
+    reason="compares forced kernels with this process's: runs in the native lane only",
+)
 
 
 def _outputs_under(setting, tmp_path):
     out = tmp_path / f"{setting}.npz"
     env = kernels.environment(setting)
     env["KERAS_BACKEND"] = BACKEND
-    proc = subprocess.run([sys.executable, SCRIPT, "--outputs", str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--outputs", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     with np.load(out) as data:
         return {k: data[k] for k in data.files}
@@ -45,11 +51,15 @@ def test_some_setting_moves_this_backends_bits(tmp_path):
     for setting in kernels.SETTINGS:
         forced = _outputs_under(setting, tmp_path)
         assert sorted(forced) == sorted(native)
-        moved[setting] = {k: float(np.max(np.abs(forced[k].astype(np.float64) - v)))
-                          for k, v in native.items() if not np.array_equal(forced[k], v)}
+        moved[setting] = {
+            k: float(np.max(np.abs(forced[k].astype(np.float64) - v)))
+            for k, v in native.items()
+            if not np.array_equal(forced[k], v)
+        }
     assert any(moved.values()), (
         f"no setting of tests/kernels.py changed a bit of {BACKEND}'s outputs: the "
         f"other-kernels lane runs the native kernels here; measure new knobs with "
-        f"tools/kernel_paths.py")
+        f"tools/kernel_paths.py"
+    )
     # Whether the moved outputs are still right is test_compat.py's verdict,
     # under the lane, by the budget rule.

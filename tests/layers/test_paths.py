@@ -41,6 +41,13 @@ import functools
 import keras
 import numpy as np
 import pytest
+from keras import ops
+
+from mhsa_core import MultiHeadSelfAttention2D, reference
+from mhsa_core.consistency import gradients
+from mhsa_core.layers import attention
+from mhsa_core.layers.attention import choice
+
 from cases import yolov4_mhsa
 from harness import (
     magnitude,
@@ -51,12 +58,6 @@ from harness import (
     reference_config,
     to_numpy,
 )
-from keras import ops
-
-from mhsa_core import MultiHeadSelfAttention2D, reference
-from mhsa_core.consistency import gradients
-from mhsa_core.layers import attention
-from mhsa_core.layers.attention import choice
 
 BACKEND = keras.backend.backend()
 HAS_GRADIENTS = BACKEND in ("tensorflow", "torch", "jax")
@@ -76,12 +77,26 @@ CASES = {
     "none-masked": ({"num_heads": 2}, True),
     # key_dim != C // heads (the fused path cannot take it, nor "relative").
     "relative-resized-key_dim3-unscaled_pos-masked": (
-        {"num_heads": 2, "key_dim": 3, "position_encoding": "relative",
-         "position_size": (3, 9), "scale_position_logits": False}, True),
+        {
+            "num_heads": 2,
+            "key_dim": 3,
+            "position_encoding": "relative",
+            "position_size": (3, 9),
+            "scale_position_logits": False,
+        },
+        True,
+    ),
     # position_scale / scale != 1: the key term is divided by the scale.
     "absolute-resized-scale0.5-unscaled_pos-masked": (
-        {"num_heads": 2, "position_encoding": "absolute", "position_size": (8, 4),
-         "scale": 0.5, "scale_position_logits": False}, True),
+        {
+            "num_heads": 2,
+            "position_encoding": "absolute",
+            "position_size": (8, 4),
+            "scale": 0.5,
+            "scale_position_logits": False,
+        },
+        True,
+    ),
     "sinusoidal": ({"num_heads": 2, "position_encoding": "sinusoidal"}, False),
     # The Keras 2 YOLOv4-MHSA block: ReLU, unscaled (large) logits, "conv".
     "conv-yolov4_mhsa": (yolov4_mhsa(num_heads=2), False),
@@ -90,14 +105,20 @@ RELATIVE = "relative-resized-key_dim3-unscaled_pos-masked"
 ABSOLUTE = "absolute-resized-scale0.5-unscaled_pos-masked"
 # (case, path) run in float64 too (each chunked run costs JAX a compile):
 # fused falls back to chunked there, checked on the encoding it folds in.
-FLOAT64_RUNS = (("none-masked", "chunked"), (RELATIVE, "chunked"), (ABSOLUTE, "chunked"),
-                (ABSOLUTE, "fused"))
+FLOAT64_RUNS = (
+    ("none-masked", "chunked"),
+    (RELATIVE, "chunked"),
+    (ABSOLUTE, "chunked"),
+    (ABSOLUTE, "fused"),
+)
 
 
 def _fused_supported(case):
     config, _ = CASES[case]
-    return (config.get("position_encoding") != "relative"
-            and config.get("key_dim") in (None, SHAPE[-1] // config.get("num_heads", 1)))
+    return config.get("position_encoding") != "relative" and config.get("key_dim") in (
+        None,
+        SHAPE[-1] // config.get("num_heads", 1),
+    )
 
 
 def _numeric_ids():
@@ -130,18 +151,24 @@ def _forward_and_grads(layer, x, mask, loss_weights):
             tape.watch(xt)
             out = layer(xt, attention_mask=mask)
             loss = tf.reduce_sum(out * tf.cast(loss_weights, out.dtype))
-        grads = tape.gradient(loss, [xt] + [v.value for v in variables],
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = tape.gradient(
+            loss,
+            [xt] + [v.value for v in variables],
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
     elif BACKEND == "torch":
         import torch
 
         xt = torch.tensor(x, requires_grad=True)
         out = layer(xt, attention_mask=None if mask is None else torch.tensor(mask))
         loss = (out * torch.as_tensor(loss_weights, dtype=out.dtype)).sum()
-        grads = torch.autograd.grad(loss, [xt] + [v.value for v in variables],
-                                    allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g
-                 for g, p in zip(grads, [xt] + [v.value for v in variables])]
+        grads = torch.autograd.grad(
+            loss, [xt] + [v.value for v in variables], allow_unused=True
+        )
+        grads = [
+            torch.zeros_like(p) if g is None else g
+            for g, p in zip(grads, [xt] + [v.value for v in variables])
+        ]
     else:
         import jax
         import jax.numpy as jnp
@@ -149,23 +176,28 @@ def _forward_and_grads(layer, x, mask, loss_weights):
         non_trainable = [v.value for v in layer.non_trainable_variables]
 
         def loss_fn(trainable, xj):
-            out, _ = layer.stateless_call(trainable, non_trainable, xj,
-                                          attention_mask=mask)
+            out, _ = layer.stateless_call(
+                trainable, non_trainable, xj, attention_mask=mask
+            )
             return jnp.sum(out * jnp.asarray(loss_weights, out.dtype)), out
 
         # jit: one compile of the whole step (eagerly, every primitive is
         # compiled at its shapes and every scan on its own: slower).
-        (_, out), (weight_grads, gx) = jax.jit(jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True))([v.value for v in variables],
-                                                    jnp.asarray(x))
+        (_, out), (weight_grads, gx) = jax.jit(
+            jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        )([v.value for v in variables], jnp.asarray(x))
         grads = [gx, *weight_grads]
     return to_numpy(out), _named(layer, [to_numpy(g) for g in grads])
 
 
 def _config(case, path, chunk_size=CHUNK):
     config, _ = CASES[case]
-    return {**config, "attention_implementation": path, "chunk_size": chunk_size,
-            **NO_RANDOM_INIT}
+    return {
+        **config,
+        "attention_implementation": path,
+        "chunk_size": chunk_size,
+        **NO_RANDOM_INIT,
+    }
 
 
 @functools.cache
@@ -198,8 +230,9 @@ def _reference(case, shape=SHAPE):
     config, _ = CASES[case]
     _, weights = _layer(case, "full", "float64")
     x, mask, _ = _data(case, shape, "float64")
-    ref64, budget, _ = reference.error_budget(x, weights, attention_mask=mask,
-                                              **reference_config(config))
+    ref64, budget, _ = reference.error_budget(
+        x, weights, attention_mask=mask, **reference_config(config)
+    )
     return ref64, budget
 
 
@@ -217,19 +250,27 @@ def _check_forward(out, dtype, case, shape=SHAPE, what="output"):
     """`out` against the NumPy reference, and (float32 at SHAPE) against the
     full path's own error."""
     ref64, budget = _reference(case, shape)
-    assert out.dtype == np.dtype(dtype) and out.shape == ref64.shape, (out.dtype, out.shape)
+    assert out.dtype == np.dtype(dtype) and out.shape == ref64.shape, (
+        out.dtype,
+        out.shape,
+    )
     assert np.all(np.isfinite(out)), f"{what}: non-finite values"
     error = reference.max_abs(out, ref64)
     if dtype == "float64":
         budget = reference.float64_budget(ref64)
-        assert error <= budget, f"{what}: float64 error {error:.3g} > budget {budget:.3g}"
+        assert error <= budget, (
+            f"{what}: float64 error {error:.3g} > budget {budget:.3g}"
+        )
         return
     full_budget = np.inf
     if shape == SHAPE:
-        full_budget = reference.float32_budget(_result(case, "full", "float32")[0], ref64)
+        full_budget = reference.float32_budget(
+            _result(case, "full", "float32")[0], ref64
+        )
     assert error <= budget and error <= full_budget, (
         f"{what}: float32 error {error:.3g}; budgets: reference rule {budget:.3g}, "
-        f"2x the full path's error + floor {full_budget:.3g}")
+        f"2x the full path's error + floor {full_budget:.3g}"
+    )
 
 
 def _check_grads(grads, dtype, case):
@@ -248,11 +289,15 @@ def _check_grads(grads, dtype, case):
         else:
             full_grad = _result(case, "full", "float32")[1][key]
             budget = reference.float32_budget(full_grad, exact, scale=scale)
-        report.append(f"{key}: {error / scale:.2e} of G, {error / budget:.2f} of budget")
+        report.append(
+            f"{key}: {error / scale:.2e} of G, {error / budget:.2f} of budget"
+        )
         if error > budget:
             failures.append(key)
-    assert not failures, (f"{dtype} gradients over budget for {failures} (G = largest "
-                          f"float64 gradient entry {scale:.3e}):\n  " + "\n  ".join(report))
+    assert not failures, (
+        f"{dtype} gradients over budget for {failures} (G = largest "
+        f"float64 gradient entry {scale:.3e}):\n  " + "\n  ".join(report)
+    )
 
 
 def _check_fully_masked_item(out, grads):
@@ -270,8 +315,11 @@ def _check_fully_masked_item(out, grads):
 class TestNumerics:
     __test__ = HAS_GRADIENTS
 
-    @pytest.mark.parametrize(("case", "path", "dtype"), _numeric_ids(),
-                             ids=["-".join(i) for i in _numeric_ids()])
+    @pytest.mark.parametrize(
+        ("case", "path", "dtype"),
+        _numeric_ids(),
+        ids=["-".join(i) for i in _numeric_ids()],
+    )
     def test_forward_and_gradients(self, case, path, dtype):
         out, grads = _result(case, path, dtype)
         _check_forward(out, dtype, case)
@@ -318,10 +366,13 @@ def test_mixed_precision(path, policy):
     out = to_numpy(ops.cast(out, "float32")).astype(np.float64)
     assert np.all(np.isfinite(out)) and np.all(out[0] == 0)
     ref64, budget, emulated = reference.error_budget(
-        x, weights, policy=policy, attention_mask=mask, **reference_config(config))
+        x, weights, policy=policy, attention_mask=mask, **reference_config(config)
+    )
     error = reference.max_abs(out, ref64)
-    assert error <= budget, (f"{policy} {path}: error {error:.3g} > budget {budget:.3g} "
-                             f"(emulated reference error {emulated:.3g})")
+    assert error <= budget, (
+        f"{policy} {path}: error {error:.3g} > budget {budget:.3g} "
+        f"(emulated reference error {emulated:.3g})"
+    )
 
 
 # -------------------------------------------------- dynamic H and W, compiled
@@ -341,8 +392,10 @@ SIZES = (SHAPE, (SHAPE[0],) + OTHER_SIZE + SHAPE[3:])
 
 
 def _dynamic_layers():
-    return {path: _layer(case, path, "float32", chunk)[0]
-            for path, (case, chunk) in DYNAMIC.items()}
+    return {
+        path: _layer(case, path, "float32", chunk)[0]
+        for path, (case, chunk) in DYNAMIC.items()
+    }
 
 
 def _check_dynamic(results):
@@ -375,10 +428,13 @@ class TestTensorFlowGraph:
 
         layers = _dynamic_layers()
 
-        @tf.function(input_signature=[
-            tf.TensorSpec((None, None, None, SHAPE[-1]), tf.float32),
-            tf.TensorSpec((None, None, None), tf.bool),
-            tf.TensorSpec((None, None, None, SHAPE[-1]), tf.float32)])
+        @tf.function(
+            input_signature=[
+                tf.TensorSpec((None, None, None, SHAPE[-1]), tf.float32),
+                tf.TensorSpec((None, None, None), tf.bool),
+                tf.TensorSpec((None, None, None, SHAPE[-1]), tf.float32),
+            ]
+        )
         def step(x, mask, loss_weights):
             results = {}
             for path, layer in layers.items():
@@ -395,14 +451,19 @@ class TestTensorFlowGraph:
         for shape in SIZES:
             raw = step(*_step_inputs(shape))
             results[shape] = {
-                path: (out.numpy(), _named(layers[path], [tf.convert_to_tensor(g).numpy()
-                                                  for g in grads]))
-                for path, (out, grads) in raw.items()}
+                path: (
+                    out.numpy(),
+                    _named(
+                        layers[path], [tf.convert_to_tensor(g).numpy() for g in grads]
+                    ),
+                )
+                for path, (out, grads) in raw.items()
+            }
         assert step.experimental_get_tracing_count() == 1
         _check_dynamic(results)
 
     def test_auto_picks_by_size_at_run_time(self, monkeypatch):
-        """"auto" with N unknown: `ops.cond` runs the full path up to
+        """ "auto" with N unknown: `ops.cond` runs the full path up to
         FULL_MAX_TOKENS and the chunked one above; which ran is counted by
         spies in the two branches (only the branch taken runs its ops)."""
         import tensorflow as tf
@@ -416,24 +477,35 @@ class TestTensorFlowGraph:
                 with tf.control_dependencies([ran[name].assign_add(1)]):
                     out = tf.identity(out)
                 return (out,) + tuple(result[1:]) if isinstance(result, tuple) else out
+
             return counted
 
-        monkeypatch.setattr(attention, "dot_product_attention",
-                            spy("full", attention.dot_product_attention))
-        monkeypatch.setattr(attention, "chunked_attention",
-                            spy("chunked", attention.chunked_attention))
+        monkeypatch.setattr(
+            attention,
+            "dot_product_attention",
+            spy("full", attention.dot_product_attention),
+        )
+        monkeypatch.setattr(
+            attention, "chunked_attention", spy("chunked", attention.chunked_attention)
+        )
         # C = 4: the >1024-token map stays tiny.
         config = {"num_heads": 1, **NO_RANDOM_INIT}
         layer, _, weights = make_case(config, (1, 5, 6, 4))
-        step = tf.function(lambda x: layer(x), input_signature=[
-            tf.TensorSpec((None, None, None, 4), tf.float32)])
+        step = tf.function(
+            lambda x: layer(x),
+            input_signature=[tf.TensorSpec((None, None, None, 4), tf.float32)],
+        )
         side = int(np.ceil(np.sqrt(choice.FULL_MAX_TOKENS + 1)))
-        for shape, expected in [((1, 5, 6, 4), {"full": 1, "chunked": 0}),
-                                ((1, side, side, 4), {"full": 1, "chunked": 1})]:
+        for shape, expected in [
+            ((1, 5, 6, 4), {"full": 1, "chunked": 0}),
+            ((1, side, side, 4), {"full": 1, "chunked": 1}),
+        ]:
             x = random_input(shape, seed=3)
             out = step(x).numpy()
             assert {k: int(v.numpy()) for k, v in ran.items()} == expected, shape
-            ref64, budget, _ = reference.error_budget(x, weights, **reference_config(config))
+            ref64, budget, _ = reference.error_budget(
+                x, weights, **reference_config(config)
+            )
             error = reference.max_abs(out, ref64)
             assert error <= budget, f"{shape}: error {error:.3g} > budget {budget:.3g}"
         assert side * side > choice.FULL_MAX_TOKENS
@@ -448,11 +520,17 @@ class TestJaxJit:
         specializes on shapes: a trace per size). At SHAPE these are the
         numerics tests' own runs (`_forward_and_grads` jits on JAX)."""
         layers = _dynamic_layers()
-        results = {SHAPE: {path: _result(case, path, "float32", chunk)
-                           for path, (case, chunk) in DYNAMIC.items()}}
+        results = {
+            SHAPE: {
+                path: _result(case, path, "float32", chunk)
+                for path, (case, chunk) in DYNAMIC.items()
+            }
+        }
         other = SIZES[1]
-        results[other] = {path: _forward_and_grads(layer, *_step_inputs(other))
-                          for path, layer in layers.items()}
+        results[other] = {
+            path: _forward_and_grads(layer, *_step_inputs(other))
+            for path, layer in layers.items()
+        }
         _check_dynamic(results)
 
 
@@ -478,7 +556,9 @@ class TestTorchCompile:
             layer(x, attention_mask=mask)
 
         def forward(x, mask):
-            return {path: layer(x, attention_mask=mask) for path, layer in layers.items()}
+            return {
+                path: layer(x, attention_mask=mask) for path, layer in layers.items()
+            }
 
         compiled = torch.compile(forward, dynamic=True, fullgraph=True, backend="eager")
         results = {}
@@ -496,14 +576,19 @@ class TestTorchCompile:
                 params = [v.value for v in layers[path].trainable_variables]
                 loss = (out * torch.as_tensor(loss_weights)).sum()
                 grads = torch.autograd.grad(loss, [xt] + params)
-                results[shape][path] = (to_numpy(out.detach()),
-                                        _named(layers[path], [to_numpy(g) for g in grads]))
+                results[shape][path] = (
+                    to_numpy(out.detach()),
+                    _named(layers[path], [to_numpy(g) for g in grads]),
+                )
         _check_dynamic(results)
 
 
 def _named(layer, grads):
     """[d x, d w...] -> {"x": ..., weight name: ...}."""
-    return {"x": grads[0], **{v.name: g for v, g in zip(layer.trainable_variables, grads[1:])}}
+    return {
+        "x": grads[0],
+        **{v.name: g for v, g in zip(layer.trainable_variables, grads[1:])},
+    }
 
 
 # ------------------------------------------------------ the calls that need full
@@ -515,8 +600,9 @@ def test_scores_with_chunked_run_the_full_path():
     case = ABSOLUTE
     x, mask, _ = _data(case, SHAPE, "float32")
     full, _ = _layer(case, "full", "float32")
-    want_out, want_scores = (to_numpy(t) for t in full(x, attention_mask=mask,
-                                                        return_attention_scores=True))
+    want_out, want_scores = (
+        to_numpy(t) for t in full(x, attention_mask=mask, return_attention_scores=True)
+    )
     n = SHAPE[1] * SHAPE[2]
     assert want_scores.shape == (SHAPE[0], 2, n, n)
     for path in ("chunked", "fused"):
@@ -529,11 +615,18 @@ def test_scores_with_chunked_run_the_full_path():
 @pytest.mark.parametrize("path", ["chunked", "fused"])
 def test_dropout_in_training_runs_the_full_path(path):
     """Same seed, same weights: the same dropped probabilities as "full"."""
-    config = {"num_heads": 2, "dropout": 0.5, "seed": 3, "chunk_size": CHUNK, **NO_RANDOM_INIT}
+    config = {
+        "num_heads": 2,
+        "dropout": 0.5,
+        "seed": 3,
+        "chunk_size": CHUNK,
+        **NO_RANDOM_INIT,
+    }
     outs = {}
     for implementation in ("full", path):
-        layer, x, _ = make_case({**config, "attention_implementation": implementation},
-                                SHAPE)
+        layer, x, _ = make_case(
+            {**config, "attention_implementation": implementation}, SHAPE
+        )
         outs[implementation] = (to_numpy(layer(x, training=True)), to_numpy(layer(x)))
     assert np.array_equal(outs[path][0], outs["full"][0])
     # Dropout really happened (training differs from inference).
@@ -566,14 +659,22 @@ CHOICES = {
     "fused-absolute": ("fused", {"position": "absolute"}, choice.FUSED),
     "auto-small": ("auto", {}, choice.FULL),
     "auto-at-max": ("auto", {"n": choice.FULL_MAX_TOKENS}, choice.FULL),
-    "auto-large": ("auto", {"n": _LARGE},
-                   {"torch": choice.FUSED, "tensorflow": choice.CHUNKED,
-                    "jax": choice.CHUNKED}),
-    "auto-large-absolute": ("auto", {"n": _LARGE, "position": "absolute"},
-                            {"torch": choice.FUSED, "tensorflow": choice.CHUNKED,
-                             "jax": choice.CHUNKED}),
+    "auto-large": (
+        "auto",
+        {"n": _LARGE},
+        {"torch": choice.FUSED, "tensorflow": choice.CHUNKED, "jax": choice.CHUNKED},
+    ),
+    "auto-large-absolute": (
+        "auto",
+        {"n": _LARGE, "position": "absolute"},
+        {"torch": choice.FUSED, "tensorflow": choice.CHUNKED, "jax": choice.CHUNKED},
+    ),
     "auto-large-float64": ("auto", {"n": _LARGE, "dtype": "float64"}, choice.CHUNKED),
-    "auto-large-relative": ("auto", {"n": _LARGE, "position": "relative"}, choice.CHUNKED),
+    "auto-large-relative": (
+        "auto",
+        {"n": _LARGE, "position": "relative"},
+        choice.CHUNKED,
+    ),
     "auto-large-key_dim3": ("auto", {"n": _LARGE, "query_dim": 3}, choice.CHUNKED),
     "auto-dynamic-N": ("auto", {"n": "tensor"}, choice.BY_SIZE),
     "chunked-dynamic-N": ("chunked", {"n": "tensor"}, choice.CHUNKED),
@@ -588,8 +689,16 @@ def test_choice(name):
     implementation, overrides, expected = CHOICES[name]
     if isinstance(expected, dict):
         expected = expected[BACKEND]
-    kwargs = {"n": 30, "dtype": "float32", "query_dim": 4, "value_dim": 4,
-              "position": "none", "scores": False, "dropout": False, **overrides}
+    kwargs = {
+        "n": 30,
+        "dtype": "float32",
+        "query_dim": 4,
+        "value_dim": 4,
+        "position": "none",
+        "scores": False,
+        "dropout": False,
+        **overrides,
+    }
     kwargs["position"] = _position(kwargs["position"])
     if kwargs["n"] == "tensor":  # N known only at run time
         kwargs["n"] = ops.convert_to_tensor(30)
@@ -601,53 +710,101 @@ def test_choice(name):
     assert choice.resolve(implementation, **kwargs) == expected
 
 
-@pytest.mark.parametrize(("n", "expected"), [
-    (1, choice.MAX_CHUNK), (1024, choice.MAX_CHUNK), (4096, 256),
-    (16384, 64), (1 << 20, choice.MIN_CHUNK)])
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [
+        (1, choice.MAX_CHUNK),
+        (1024, choice.MAX_CHUNK),
+        (4096, 256),
+        (16384, 64),
+        (1 << 20, choice.MIN_CHUNK),
+    ],
+)
 def test_default_chunk_size(n, expected):
     assert choice.default_chunk_size(n) == expected
-    assert int(to_numpy(choice.default_chunk_size(ops.convert_to_tensor(n)))) == expected
+    assert (
+        int(to_numpy(choice.default_chunk_size(ops.convert_to_tensor(n)))) == expected
+    )
 
 
 # ------------------------------------------------------- config and arguments
 
 
 def test_config_round_trip_and_keras_file(tmp_path):
-    layer, _, _ = make_case({"num_heads": 2, "attention_implementation": "chunked",
-                             "chunk_size": CHUNK, **NO_RANDOM_INIT}, SHAPE)
+    layer, _, _ = make_case(
+        {
+            "num_heads": 2,
+            "attention_implementation": "chunked",
+            "chunk_size": CHUNK,
+            **NO_RANDOM_INIT,
+        },
+        SHAPE,
+    )
     config = layer.get_config()
-    assert config["attention_implementation"] == "chunked" and config["chunk_size"] == CHUNK
+    assert (
+        config["attention_implementation"] == "chunked"
+        and config["chunk_size"] == CHUNK
+    )
     assert MultiHeadSelfAttention2D.from_config(config).get_config() == config
     defaults = MultiHeadSelfAttention2D().get_config()
-    assert defaults["attention_implementation"] == "auto" and defaults["chunk_size"] is None
+    assert (
+        defaults["attention_implementation"] == "auto"
+        and defaults["chunk_size"] is None
+    )
 
     inputs = keras.Input((None, None, SHAPE[-1]))
     model = keras.Model(inputs, layer(inputs))
     path = tmp_path / "chunked.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
-    (revived,) = [lay for lay in loaded.layers if isinstance(lay, MultiHeadSelfAttention2D)]
+    (revived,) = [
+        lay for lay in loaded.layers if isinstance(lay, MultiHeadSelfAttention2D)
+    ]
     assert revived.get_config() == config
     for a, b in zip(revived.weights, layer.weights):
         assert np.array_equal(to_numpy(a), to_numpy(b)), a.name
 
 
-@pytest.mark.parametrize(("kwargs", "parts"), [
-    ({"attention_implementation": "flash"},
-     ["attention_implementation", "Received: attention_implementation='flash'"]),
-    ({"attention_implementation": None},
-     ["attention_implementation", "Received: attention_implementation=None"]),
-    ({"chunk_size": 0}, ["chunk_size", "Received: chunk_size=0"]),
-    ({"chunk_size": -1}, ["chunk_size", "Received: chunk_size=-1"]),
-    ({"chunk_size": 1.5}, ["chunk_size", "Received: chunk_size=1.5"]),
-    ({"chunk_size": True}, ["chunk_size", "Received: chunk_size=True"]),
-    ({"chunk_size": "8"}, ["chunk_size", "Received: chunk_size='8'"]),
-    ({"attention_implementation": "fused", "position_encoding": "relative",
-      "position_size": (2, 2)},
-     ["attention_implementation='fused'", "Received: attention_implementation='fused'",
-      "position_encoding='relative'"]),
-], ids=["flash", "implementation-None", "chunk0", "chunk-1", "chunk1.5", "chunk-True",
-        "chunk-str", "fused-relative"])
+@pytest.mark.parametrize(
+    ("kwargs", "parts"),
+    [
+        (
+            {"attention_implementation": "flash"},
+            ["attention_implementation", "Received: attention_implementation='flash'"],
+        ),
+        (
+            {"attention_implementation": None},
+            ["attention_implementation", "Received: attention_implementation=None"],
+        ),
+        ({"chunk_size": 0}, ["chunk_size", "Received: chunk_size=0"]),
+        ({"chunk_size": -1}, ["chunk_size", "Received: chunk_size=-1"]),
+        ({"chunk_size": 1.5}, ["chunk_size", "Received: chunk_size=1.5"]),
+        ({"chunk_size": True}, ["chunk_size", "Received: chunk_size=True"]),
+        ({"chunk_size": "8"}, ["chunk_size", "Received: chunk_size='8'"]),
+        (
+            {
+                "attention_implementation": "fused",
+                "position_encoding": "relative",
+                "position_size": (2, 2),
+            },
+            [
+                "attention_implementation='fused'",
+                "Received: attention_implementation='fused'",
+                "position_encoding='relative'",
+            ],
+        ),
+    ],
+    ids=[
+        "flash",
+        "implementation-None",
+        "chunk0",
+        "chunk-1",
+        "chunk1.5",
+        "chunk-True",
+        "chunk-str",
+        "fused-relative",
+    ],
+)
 def test_bad_arguments(kwargs, parts):
     with pytest.raises(ValueError, match=match_all(*parts)):
         MultiHeadSelfAttention2D(**kwargs)
@@ -655,11 +812,19 @@ def test_bad_arguments(kwargs, parts):
 
 def test_fused_needs_one_head_width():
     """key_dim != C // num_heads: known at build (C), a ValueError there."""
-    layer = MultiHeadSelfAttention2D(num_heads=2, key_dim=3, attention_implementation="fused")
-    with pytest.raises(ValueError, match=match_all(
-            "attention_implementation='fused'", "key_dim=3",
-            "Received: attention_implementation='fused'")):
+    layer = MultiHeadSelfAttention2D(
+        num_heads=2, key_dim=3, attention_implementation="fused"
+    )
+    with pytest.raises(
+        ValueError,
+        match=match_all(
+            "attention_implementation='fused'",
+            "key_dim=3",
+            "Received: attention_implementation='fused'",
+        ),
+    ):
         layer.build((None, 5, 6, 8))
     # key_dim equal to C // num_heads is fine.
-    MultiHeadSelfAttention2D(num_heads=2, key_dim=4,
-                             attention_implementation="fused").build((None, 5, 6, 8))
+    MultiHeadSelfAttention2D(
+        num_heads=2, key_dim=4, attention_implementation="fused"
+    ).build((None, 5, 6, 8))

@@ -3,10 +3,13 @@ current backend: every encoding at its reference size and at other sizes
 (larger, smaller non-square, 1xN, Nx1), float32 and float64, masks and scores,
 mixed precision, jit with sizes unknown until run time, and .keras files."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 from keras import ops
+
+from mhsa_core import MultiHeadSelfAttention2D, reference
+from mhsa_core.layers import position
 
 from cases import ENCODING_CONFIGS, POSITION_CONFIGS, REF_SIZE, SIZES
 from cases import POSITION_CHANNELS as CHANNELS
@@ -20,8 +23,6 @@ from harness import (
     reference_config,
     to_numpy,
 )
-from mhsa_core import MultiHeadSelfAttention2D, reference
-from mhsa_core.layers import position
 
 BACKEND = keras.backend.backend()
 ENCODINGS = list(ENCODING_CONFIGS)  # relative, absolute, sinusoidal
@@ -39,7 +40,9 @@ def _layer(config, dtype="float32", seed=0):
     config = dict(config)
     if config["position_encoding"] in LEARNED_ENCODINGS:
         config["position_size"] = REF_SIZE
-    layer, _, weights = make_case(config, _shape(REF_SIZE, config), seed=seed, dtype=dtype)
+    layer, _, weights = make_case(
+        config, _shape(REF_SIZE, config), seed=seed, dtype=dtype
+    )
     return layer, weights, config
 
 
@@ -49,8 +52,9 @@ def test_float32_at_every_size(name, size):
     """Tables of REF_SIZE, run at `size`."""
     layer, weights, config = _layer(POSITION_CONFIGS[name])
     x = random_input(_shape(size, config), seed=sum(size))
-    assert_float32_within_budget(to_numpy(layer(x)), x, weights, config,
-                                 what=f"{name} at {size}")
+    assert_float32_within_budget(
+        to_numpy(layer(x)), x, weights, config, what=f"{name} at {size}"
+    )
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -71,8 +75,12 @@ def test_mask_and_scores_at_another_size(name):
     mask = padded_mask(2, 4, 6)
     out, scores = layer(x, attention_mask=mask, return_attention_scores=True)
     ref_out, ref_scores = reference.mhsa_forward(
-        x, weights, attention_mask=mask, return_attention_scores=True,
-        **reference_config(config))
+        x,
+        weights,
+        attention_mask=mask,
+        return_attention_scores=True,
+        **reference_config(config),
+    )
     assert_float64_close(to_numpy(out), ref_out, what="output")
     assert_float64_close(to_numpy(scores), ref_scores, what="scores")
     assert np.all(to_numpy(out)[0] == 0)
@@ -84,34 +92,41 @@ def test_position_term_is_not_a_no_op(name):
     the same layer with "none" equals the reference with zero tables."""
     layer, weights, config = _layer(ENCODING_CONFIGS[name], dtype="float64")
     x = random_input(_shape((4, 6), config), "float64")
-    zeroed = {k: (np.zeros_like(v) if k.endswith(("_height", "_width")) else v)
-              for k, v in weights.items()}
+    zeroed = {
+        k: (np.zeros_like(v) if k.endswith(("_height", "_width")) else v)
+        for k, v in weights.items()
+    }
     before = to_numpy(layer(x))
     layer.set_weight_dict(zeroed)
     after = to_numpy(layer(x))
     assert np.abs(before - after).max() > 1e-3
     plain = {k: v for k, v in weights.items() if not k.endswith(("_height", "_width"))}
-    none = reference.mhsa_forward(x, plain, **{**reference_config(config),
-                                               "position_encoding": "none"})
+    none = reference.mhsa_forward(
+        x, plain, **{**reference_config(config), "position_encoding": "none"}
+    )
     assert_float64_close(after, none)
 
 
 def test_sinusoidal_differs_from_none():
     layer, weights, config = _layer(ENCODING_CONFIGS["sinusoidal"], dtype="float64")
     x = random_input(_shape((4, 6), config), "float64")
-    none = reference.mhsa_forward(x, weights, **{**reference_config(config),
-                                                 "position_encoding": "none"})
+    none = reference.mhsa_forward(
+        x, weights, **{**reference_config(config), "position_encoding": "none"}
+    )
     assert np.abs(to_numpy(layer(x)) - none).max() > 1e-2
 
 
 # ------------------------------------------------------ the ops themselves
 @pytest.mark.parametrize("length_is", ["int", "tensor"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("rows,length", [(9, 9), (9, 15), (9, 5), (9, 1), (13, 17),
-                                         (1, 5), (4, 11)])
+@pytest.mark.parametrize(
+    "rows,length", [(9, 9), (9, 15), (9, 5), (9, 1), (13, 17), (1, 5), (4, 11)]
+)
 def test_resize_table_matches_reference(rows, length, dtype, length_is):
     """Static (int) and dynamic (tensor) lengths; bit-identical at the same size."""
-    table = np.random.default_rng(rows + length).standard_normal((rows, 3)).astype(dtype)
+    table = (
+        np.random.default_rng(rows + length).standard_normal((rows, 3)).astype(dtype)
+    )
     expected = reference.resize_table(table, length, np.dtype(dtype).type)
     n = length if length_is == "int" else ops.convert_to_tensor(length, dtype="int32")
     out = to_numpy(position.resize_table(ops.convert_to_tensor(table), n))
@@ -134,14 +149,22 @@ def test_sinusoidal_embedding_matches_reference(dtype):
     expected = reference.sinusoidal_embedding(7, 5, 16)
     static = to_numpy(position.sinusoidal_embedding(7, 5, 16, dtype))
     assert static.dtype == np.dtype(dtype)
-    np.testing.assert_allclose(static, expected, rtol=0,
-                               atol=1e-15 if dtype == "float64" else 6e-8)
-    dynamic = to_numpy(position.sinusoidal_embedding(
-        ops.convert_to_tensor(7, "int32"), ops.convert_to_tensor(5, "int32"), 16, dtype))
+    np.testing.assert_allclose(
+        static, expected, rtol=0, atol=1e-15 if dtype == "float64" else 6e-8
+    )
+    dynamic = to_numpy(
+        position.sinusoidal_embedding(
+            ops.convert_to_tensor(7, "int32"),
+            ops.convert_to_tensor(5, "int32"),
+            16,
+            dtype,
+        )
+    )
     if dtype == "float32" or BACKEND != "jax":
         # float32 sin of angles up to 6 rad: a few ulp of the angle.
-        np.testing.assert_allclose(dynamic, expected, rtol=0,
-                                   atol=1e-15 if dtype == "float64" else 1e-6)
+        np.testing.assert_allclose(
+            dynamic, expected, rtol=0, atol=1e-15 if dtype == "float64" else 1e-6
+        )
 
 
 # ------------------------------------------------------------ arguments
@@ -156,13 +179,18 @@ def test_position_size_defaults_to_the_build_size_and_is_in_the_config():
     clone.build((None, None, None, 8))  # no size needed any more
     assert clone.get_weight_dict()["absolute_height"].shape == (6, 4)
     # Non-learned encodings keep what they were given.
-    assert MultiHeadSelfAttention2D(position_encoding="sinusoidal").position_size is None
+    assert (
+        MultiHeadSelfAttention2D(position_encoding="sinusoidal").position_size is None
+    )
 
 
 def test_config_of_new_arguments_round_trips():
     layer = MultiHeadSelfAttention2D(
-        num_heads=2, position_encoding="relative", position_size=[5, 7],
-        scale_position_logits=False, position_initializer="zeros",
+        num_heads=2,
+        position_encoding="relative",
+        position_size=[5, 7],
+        scale_position_logits=False,
+        position_initializer="zeros",
     )
     config = layer.get_config()
     assert config["position_size"] == (5, 7)
@@ -175,8 +203,9 @@ def test_config_of_new_arguments_round_trips():
 
 def test_default_table_initializer_is_botnets():
     """N(0, 1/key_dim), as the official code and timm."""
-    layer = MultiHeadSelfAttention2D(num_heads=1, key_dim=64, position_encoding="relative",
-                                     position_size=(40, 40))
+    layer = MultiHeadSelfAttention2D(
+        num_heads=1, key_dim=64, position_encoding="relative", position_size=(40, 40)
+    )
     layer.build((None, None, None, 8))
     table = layer.get_weight_dict()["relative_height"]
     assert abs(table.std() - 1 / 8) < 0.01 and abs(table.mean()) < 0.01
@@ -185,8 +214,8 @@ def test_default_table_initializer_is_botnets():
 def test_symbolic_unknown_size_with_position_size():
     x = keras.Input((None, None, 16))
     out, scores = MultiHeadSelfAttention2D(
-        num_heads=2, position_encoding="relative", position_size=(4, 4))(
-        x, return_attention_scores=True)
+        num_heads=2, position_encoding="relative", position_size=(4, 4)
+    )(x, return_attention_scores=True)
     assert tuple(out.shape) == (None, None, None, 16)
     assert tuple(scores.shape) == (None, 2, None, None)
 
@@ -208,11 +237,13 @@ def test_mixed_precision_matches_emulated_reference(name, policy):
     out = mixed(x)
     assert keras.backend.standardize_dtype(out.dtype) == policy.split("_")[1]
     out = to_numpy(ops.cast(out, "float32")).astype(np.float64)
-    ref64, budget, emulated = reference.error_budget(x, weights, policy=policy,
-                                                     **reference_config(config))
+    ref64, budget, emulated = reference.error_budget(
+        x, weights, policy=policy, **reference_config(config)
+    )
     error = float(np.abs(out - ref64).max())
     assert error <= budget, (
-        f"{policy}: error {error:.3g} > budget {budget:.3g} (emulated {emulated:.3g})")
+        f"{policy}: error {error:.3g} > budget {budget:.3g} (emulated {emulated:.3g})"
+    )
 
 
 # -------------------------------------------------- jit and dynamic sizes
@@ -230,8 +261,9 @@ def test_compiled_model_at_two_sizes(name):
     model.compile(jit_compile=True, optimizer="sgd", loss="mse")
     for size in (REF_SIZE, (8, 3)):
         x = random_input(_shape(size, config), seed=size[1])
-        assert_float32_within_budget(model.predict(x, verbose=0), x, weights, config,
-                                     what=f"jit {size}")
+        assert_float32_within_budget(
+            model.predict(x, verbose=0), x, weights, config, what=f"jit {size}"
+        )
     before = to_numpy(layer.trainable_weights[-1]).copy()
     assert np.isfinite(model.train_on_batch(x, np.zeros_like(x)))
     assert not np.array_equal(before, to_numpy(layer.trainable_weights[-1]))
@@ -248,11 +280,14 @@ def test_tensorflow_graph_with_unknown_size(name, jit_compile):
 
     layer, weights, config = _layer(ENCODING_CONFIGS[name])
     spec = tf.TensorSpec([None, None, None, CHANNELS], tf.float32)
-    fn = tf.function(lambda x: layer(x), input_signature=[spec], jit_compile=jit_compile)
+    fn = tf.function(
+        lambda x: layer(x), input_signature=[spec], jit_compile=jit_compile
+    )
     for size in (REF_SIZE, (8, 9), (3, 2)):
         x = random_input(_shape(size, config), seed=size[0])
-        assert_float32_within_budget(fn(x).numpy(), x, weights, config,
-                                     what=f"graph {size}")
+        assert_float32_within_budget(
+            fn(x).numpy(), x, weights, config, what=f"graph {size}"
+        )
     assert len(fn.get_concrete_function().graph.inputs) >= 1
     assert fn.experimental_get_tracing_count() == 1
 

@@ -17,6 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from mhsa_core import reference
+from mhsa_core.reference import schema
+
 from harness import (
     assert_float32_within_budget,
     assert_float64_close,
@@ -24,8 +27,6 @@ from harness import (
     reference_config,
     to_numpy,
 )
-from mhsa_core import reference
-from mhsa_core.reference import schema
 
 ACTIVATIONS = (None, "relu", "gelu", "tanh", "sigmoid", "silu")
 # (batch, height, width, num_heads, head_dim, key_dim); C = num_heads * head_dim.
@@ -48,13 +49,17 @@ GEOMETRIES = (
 POSITION_SIZES = (1, 3, 6)
 # The initial weights are replaced by `make_case`; zeros spare JAX compiling a
 # random initializer for every new weight shape.
-ZERO_INITIALIZERS = {"kernel_initializer": "zeros", "bias_initializer": "zeros",
-                     "position_initializer": "zeros"}
+ZERO_INITIALIZERS = {
+    "kernel_initializer": "zeros",
+    "bias_initializer": "zeros",
+    "position_initializer": "zeros",
+}
 
 
 def _settings(max_examples):
-    return settings(max_examples=max_examples, deadline=None, derandomize=True,
-                    database=None)
+    return settings(
+        max_examples=max_examples, deadline=None, derandomize=True, database=None
+    )
 
 
 @st.composite
@@ -62,8 +67,9 @@ def configs(draw):
     """(layer config, input shape, attention mask or None)."""
     encoding = draw(st.sampled_from(schema.POSITION_ENCODINGS))
     multiple = schema.ENCODINGS[encoding].channels_multiple
-    batch, height, width, num_heads, head_dim, key_dim = draw(st.sampled_from(
-        [g for g in GEOMETRIES if (g[3] * g[4]) % multiple == 0]))
+    batch, height, width, num_heads, head_dim, key_dim = draw(
+        st.sampled_from([g for g in GEOMETRIES if (g[3] * g[4]) % multiple == 0])
+    )
     channels = num_heads * head_dim
     config = {
         "num_heads": num_heads,
@@ -77,8 +83,10 @@ def configs(draw):
         **ZERO_INITIALIZERS,
     }
     if schema.ENCODINGS[encoding].learned_tables:
-        config["position_size"] = (draw(st.sampled_from(POSITION_SIZES)),
-                                   draw(st.sampled_from(POSITION_SIZES)))
+        config["position_size"] = (
+            draw(st.sampled_from(POSITION_SIZES)),
+            draw(st.sampled_from(POSITION_SIZES)),
+        )
     if config["data_format"] == "channels_first":
         shape = (batch, channels, height, width)
     else:
@@ -99,7 +107,8 @@ def _run(config, shape, mask, seed, dtype):
     out, scores = layer(x, attention_mask=mask, return_attention_scores=True)
     out, scores = to_numpy(out), to_numpy(scores)
     assert out.dtype == dtype and scores.dtype == dtype, (
-        f"output {out.dtype}, scores {scores.dtype}: expected {dtype}")
+        f"output {out.dtype}, scores {scores.dtype}: expected {dtype}"
+    )
     return out, scores, x, weights
 
 
@@ -124,10 +133,12 @@ def _check_masked_softmax(out, scores, mask):
             assert np.all(scores[b] == 0), f"item {b} is fully masked: scores not zero"
             continue
         assert np.all(scores[b][..., ~keep[b]] == 0), (
-            f"item {b}: a masked key has probability")
+            f"item {b}: a masked key has probability"
+        )
         deviation = np.max(np.abs(scores[b].astype(np.float64).sum(-1) - 1))
         assert deviation <= tolerance, (
-            f"item {b}: rows sum to 1 +- {deviation:.3g} > {tolerance:.3g}")
+            f"item {b}: rows sum to 1 +- {deviation:.3g} > {tolerance:.3g}"
+        )
 
 
 @_settings(200)
@@ -138,8 +149,12 @@ def test_float64_matches_reference(case, seed):
     out, scores, x, weights = _run(config, shape, mask, seed, "float64")
     _check_masked_softmax(out, scores, mask)
     ref_out, ref_scores = reference.mhsa_forward(
-        x, weights, attention_mask=mask, return_attention_scores=True,
-        **reference_config(config))
+        x,
+        weights,
+        attention_mask=mask,
+        return_attention_scores=True,
+        **reference_config(config),
+    )
     assert_float64_close(out, ref_out)
     assert_float64_close(scores, ref_scores, what="scores")
 

@@ -46,11 +46,12 @@ helper's error is tested.
 import keras
 import numpy as np
 import pytest
-from _saved import Saved, layer_loss, saved_for_backward
-from harness import random_mask
 from keras import ops
 
 from mhsa_core import MultiHeadSelfAttention2D
+
+from _saved import Saved, layer_loss, saved_for_backward
+from harness import random_mask
 
 BACKEND = keras.backend.backend()
 HAS_GRADIENTS = BACKEND in ("tensorflow", "torch", "jax")
@@ -136,7 +137,11 @@ def _layer_case(implementation, height, width, encoding="relative"):
         attention_implementation=implementation,
         chunk_size=CHUNK,
     )
-    x = np.random.default_rng(0).standard_normal((1, height, width, 8)).astype("float32")
+    x = (
+        np.random.default_rng(0)
+        .standard_normal((1, height, width, 8))
+        .astype("float32")
+    )
     layer.build(x.shape)
     mask = random_mask(1, height, width)
     fn, args = layer_loss(layer, x, attention_mask=mask)
@@ -150,17 +155,26 @@ CASES = {
     "toy-chunked-N=64": (lambda: _toy_case(_toy_chunked(remat=False), 64), True),
     "toy-chunked-N=150": (lambda: _toy_case(_toy_chunked(remat=False), 150), True),
     "toy-chunked-remat-N=64": (lambda: _toy_case(_toy_chunked(remat=True), 64), False),
-    "toy-chunked-remat-N=150": (lambda: _toy_case(_toy_chunked(remat=True), 150), False),
+    "toy-chunked-remat-N=150": (
+        lambda: _toy_case(_toy_chunked(remat=True), 150),
+        False,
+    ),
     "toy-heads-chunked-N=64": (
-        lambda: _toy_case(_toy_per_head(_toy_chunked(remat=False)), 64), True),
+        lambda: _toy_case(_toy_per_head(_toy_chunked(remat=False)), 64),
+        True,
+    ),
     "toy-heads-chunked-remat-N=64": (
-        lambda: _toy_case(_toy_per_head(_toy_chunked(remat=True)), 64), False),
+        lambda: _toy_case(_toy_per_head(_toy_chunked(remat=True)), 64),
+        False,
+    ),
     "toy-full-N=64": (lambda: _toy_case(_toy_full, 64), True),
     "layer-chunked-8x8": (lambda: _layer_case("chunked", 8, 8), False),
     "layer-chunked-10x15": (lambda: _layer_case("chunked", 10, 15), False),
     "layer-chunked-16x16": (lambda: _layer_case("chunked", 16, 16), False),
     "layer-chunked-absolute-8x8": (
-        lambda: _layer_case("chunked", 8, 8, encoding="absolute"), False),
+        lambda: _layer_case("chunked", 8, 8, encoding="absolute"),
+        False,
+    ),
     "layer-full-8x8": (lambda: _layer_case("full", 8, 8), True),
 }
 
@@ -237,7 +251,8 @@ _GRADIENT_VARIANTS = {
     "chunked": (lambda: (_toy_chunked(remat=False), _toy_full)),
     "chunked-remat": (lambda: (_toy_chunked(remat=True), _toy_full)),
     "heads-chunked-remat": (
-        lambda: (_toy_per_head(_toy_chunked(remat=True)), _toy_per_head(_toy_full))),
+        lambda: (_toy_per_head(_toy_chunked(remat=True)), _toy_per_head(_toy_full))
+    ),
 }
 
 
@@ -279,4 +294,4 @@ def test_step_size():
     assert Saved((None, 16, 60), "float32", None).step_size == 16 * 60
     assert Saved((16, 60), "float32").step_size == 16 * 60
     with pytest.raises(ValueError, match=r"Received: shape=\(4, None\)"):
-        Saved((4, None), "float32").step_size
+        _ = Saved((4, None), "float32").step_size

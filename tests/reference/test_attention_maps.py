@@ -14,8 +14,9 @@ H, W = 2, 3  # N = 6 tokens, token = y * W + x
 def _scores():
     # scores[b, h, i, j] = 1000 b + 100 h + 10 i + j: every entry names its
     # own (item, head, query token, key token).
-    b, h, i, j = np.meshgrid(np.arange(2), np.arange(2), np.arange(6), np.arange(6),
-                             indexing="ij")
+    b, h, i, j = np.meshgrid(
+        np.arange(2), np.arange(2), np.arange(6), np.arange(6), indexing="ij"
+    )
     return (1000 * b + 100 * h + 10 * i + j).astype(np.float32)
 
 
@@ -28,7 +29,9 @@ def test_golden_maps():
     # Query (0, 1) is token 1.
     np.testing.assert_array_equal(maps[0, 0, 1], [[110, 111, 112], [113, 114, 115]])
     # Batch item 1, same query and head.
-    np.testing.assert_array_equal(maps[1, 0, 0], [[1150, 1151, 1152], [1153, 1154, 1155]])
+    np.testing.assert_array_equal(
+        maps[1, 0, 0], [[1150, 1151, 1152], [1153, 1154, 1155]]
+    )
 
 
 def test_defaults_are_every_query_and_head():
@@ -41,21 +44,36 @@ def test_defaults_are_every_query_and_head():
 def test_backend_tensor():
     import keras
 
-    maps = attention_maps(keras.ops.convert_to_tensor(_scores()), H, W,
-                          queries=[(1, 2)], heads=[0])
+    maps = attention_maps(
+        keras.ops.convert_to_tensor(_scores()), H, W, queries=[(1, 2)], heads=[0]
+    )
     assert isinstance(maps, np.ndarray)
-    np.testing.assert_array_equal(maps[1, 0, 0], [[1050, 1051, 1052], [1053, 1054, 1055]])
+    np.testing.assert_array_equal(
+        maps[1, 0, 0], [[1050, 1051, 1052], [1053, 1054, 1055]]
+    )
 
 
 ERRORS = [
-    pytest.param(dict(scores=np.zeros((2, 6, 6))), "Received: scores.shape=", id="rank-3"),
-    pytest.param(dict(scores=np.zeros((1, 2, 6, 5))), "Received: scores.shape=", id="not-square"),
+    pytest.param(
+        dict(scores=np.zeros((2, 6, 6))), "Received: scores.shape=", id="rank-3"
+    ),
+    pytest.param(
+        dict(scores=np.zeros((1, 2, 6, 5))), "Received: scores.shape=", id="not-square"
+    ),
     pytest.param(dict(height=3), "Received: height=3, width=3", id="n-mismatch"),
     pytest.param(dict(height=0), "Received: height=0", id="height-zero"),
     pytest.param(dict(width=3.0), "Received: height=2, width=3.0", id="width-float"),
-    pytest.param(dict(queries=[(2, 0)]), r"Received: queries=\[\(2, 0\)\]", id="query-y-out"),
-    pytest.param(dict(queries=[(0, -1)]), r"Received: queries=\[\(0, -1\)\]", id="query-x-negative"),
-    pytest.param(dict(queries=[(0,)]), r"Received: queries=\[\(0,\)\]", id="query-not-pair"),
+    pytest.param(
+        dict(queries=[(2, 0)]), r"Received: queries=\[\(2, 0\)\]", id="query-y-out"
+    ),
+    pytest.param(
+        dict(queries=[(0, -1)]),
+        r"Received: queries=\[\(0, -1\)\]",
+        id="query-x-negative",
+    ),
+    pytest.param(
+        dict(queries=[(0,)]), r"Received: queries=\[\(0,\)\]", id="query-not-pair"
+    ),
     pytest.param(dict(queries=[]), r"Received: queries=\[\]", id="no-query"),
     pytest.param(dict(heads=[2]), r"Received: heads=\[2\]", id="head-out"),
     pytest.param(dict(heads=[True]), r"Received: heads=\[True\]", id="head-bool"),
@@ -66,7 +84,9 @@ ERRORS = [
 def test_errors(change, message):
     args = dict(scores=_scores(), height=H, width=W, queries=None, heads=None) | change
     with pytest.raises(ValueError, match=message):
-        attention_maps(args.pop("scores"), args.pop("height"), args.pop("width"), **args)
+        attention_maps(
+            args.pop("scores"), args.pop("height"), args.pop("width"), **args
+        )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +94,9 @@ def png(tmp_path_factory):
     pytest.importorskip("matplotlib")
     path = tmp_path_factory.mktemp("maps") / "maps.png"
     image = np.linspace(0, 1, 8 * 12).reshape(8, 12)  # 4x the 2x3 map
-    out = plot_attention_maps(image, _scores() / 6000, H, W, queries=[(1, 2), (0, 0)],
-                              heads=[0, 1], path=path)
+    out = plot_attention_maps(
+        image, _scores() / 6000, H, W, queries=[(1, 2), (0, 0)], heads=[0, 1], path=path
+    )
     return path, out
 
 
@@ -91,12 +112,20 @@ def test_plot_writes_png(png):
 
 PLOT_ERRORS = [
     pytest.param(dict(path="maps.jpg"), "Received: path='maps.jpg'", id="not-png"),
-    pytest.param(dict(path="no/such/folder/m.png"), "Received: path='no/such/folder/m.png'",
-                 id="no-folder"),
-    pytest.param(dict(image=np.zeros((8, 12, 2))), r"Received: image.shape=\(8, 12, 2\)",
-                 id="image-channels"),
+    pytest.param(
+        dict(path="no/such/folder/m.png"),
+        "Received: path='no/such/folder/m.png'",
+        id="no-folder",
+    ),
+    pytest.param(
+        dict(image=np.zeros((8, 12, 2))),
+        r"Received: image.shape=\(8, 12, 2\)",
+        id="image-channels",
+    ),
     pytest.param(dict(item=2), "Received: item=2", id="item-out"),
-    pytest.param(dict(queries=[(5, 5)]), r"Received: queries=\[\(5, 5\)\]", id="query-out"),
+    pytest.param(
+        dict(queries=[(5, 5)]), r"Received: queries=\[\(5, 5\)\]", id="query-out"
+    ),
     pytest.param(dict(queries=[]), r"Received: queries=\[\]", id="no-query"),
     pytest.param(dict(heads=[3]), r"Received: heads=\[3\]", id="head-out"),
 ]
@@ -105,9 +134,25 @@ PLOT_ERRORS = [
 @pytest.mark.parametrize("change,message", PLOT_ERRORS)
 def test_plot_errors_write_nothing(change, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = dict(image=np.zeros((8, 12)), scores=_scores(), height=H, width=W,
-                queries=[(0, 0)], heads=None, item=0, path="maps.png") | change
+    args = (
+        dict(
+            image=np.zeros((8, 12)),
+            scores=_scores(),
+            height=H,
+            width=W,
+            queries=[(0, 0)],
+            heads=None,
+            item=0,
+            path="maps.png",
+        )
+        | change
+    )
     with pytest.raises(ValueError, match=message):
-        plot_attention_maps(args.pop("image"), args.pop("scores"), args.pop("height"),
-                            args.pop("width"), **args)
+        plot_attention_maps(
+            args.pop("image"),
+            args.pop("scores"),
+            args.pop("height"),
+            args.pop("width"),
+            **args,
+        )
     assert list(tmp_path.iterdir()) == []

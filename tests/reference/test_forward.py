@@ -6,9 +6,10 @@ import math
 import numpy as np
 import pytest
 
+from mhsa_core import reference
+
 from cases import YOLOV4_MHSA as BLOCK
 from harness import reference_config
-from mhsa_core import reference
 
 pytestmark = pytest.mark.machine_sensitive
 
@@ -32,7 +33,11 @@ def test_golden_two_tokens():
     # tokens (1, 0), (0, 1); q = k = v = t; logits [[1, 0], [0, 1]].
     x = np.array([[[[1.0, 0.0], [0.0, 1.0]]]])  # (1, 1, 2, 2)
     out, scores = reference.mhsa_forward(
-        x, identity_weights(), activation=None, position_encoding="none", scale=1.0,
+        x,
+        identity_weights(),
+        activation=None,
+        position_encoding="none",
+        scale=1.0,
         return_attention_scores=True,
     )
     a, b = E / (1 + E), 1 / (1 + E)
@@ -85,8 +90,12 @@ def test_scale_none_is_inverse_sqrt_key_dim():
     # Scaling q by 1/sqrt(3) is the same as scale=None on key_dim 3 (linear q).
     w_scaled["query_kernel"] = w["query_kernel"] / math.sqrt(3)
     w_scaled["query_bias"] = w["query_bias"] / math.sqrt(3)
-    a = reference.mhsa_forward(x, w, num_heads=2, key_dim=3, activation=None, scale=None)
-    b = reference.mhsa_forward(x, w_scaled, num_heads=2, key_dim=3, activation=None, scale=1.0)
+    a = reference.mhsa_forward(
+        x, w, num_heads=2, key_dim=3, activation=None, scale=None
+    )
+    b = reference.mhsa_forward(
+        x, w_scaled, num_heads=2, key_dim=3, activation=None, scale=1.0
+    )
     np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
@@ -111,8 +120,12 @@ CONFIGS = {"standard": {}, "yolov4_mhsa": YOLOV4_MHSA}
 def test_channels_first_is_a_transpose(name):
     config = {**CONFIGS[name], "num_heads": 4}
     x = np.random.default_rng(0).standard_normal((2, 3, 5, 8))
-    w = reference.random_weights(8, num_heads=4, seed=1,
-                                 position_encoding=config.get("position_encoding", "none"))
+    w = reference.random_weights(
+        8,
+        num_heads=4,
+        seed=1,
+        position_encoding=config.get("position_encoding", "none"),
+    )
     last = reference.mhsa_forward(x, w, **config)
     first = reference.mhsa_forward(
         x.transpose(0, 3, 1, 2), w, **{**config, "data_format": "channels_first"}
@@ -125,8 +138,12 @@ def test_channels_first_is_a_transpose(name):
 def test_accumulation_orders_agree_in_float64(storage, name):
     config = {**CONFIGS[name], "num_heads": 2}
     x = np.random.default_rng(0).standard_normal((1, 4, 5, 16))
-    w = reference.random_weights(16, num_heads=2, seed=1,
-                                 position_encoding=config.get("position_encoding", "none"))
+    w = reference.random_weights(
+        16,
+        num_heads=2,
+        seed=1,
+        position_encoding=config.get("position_encoding", "none"),
+    )
     dtype = np.float64 if storage is None else np.float32
     a = reference.mhsa_forward(x, w, dtype=dtype, storage_dtype=storage, **config)
     b = reference.mhsa_forward(
@@ -136,10 +153,10 @@ def test_accumulation_orders_agree_in_float64(storage, name):
     np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(a).max())
 
 
-
 # ------------------------------------------------------- position encodings
-def _brute_force_forward(x, weights, *, num_heads, key_dim, position_encoding,
-                         scale, scale_position_logits):
+def _brute_force_forward(
+    x, weights, *, num_heads, key_dim, position_encoding, scale, scale_position_logits
+):
     """The block with a position term, one scalar at a time: every logit of
     every (batch, head, query i, key j) is a double loop over (i, j) and a sum
     over channels, straight from the definition (key minus query offsets for
@@ -153,9 +170,11 @@ def _brute_force_forward(x, weights, *, num_heads, key_dim, position_encoding,
     v = t @ weights["value_kernel"] + weights["value_bias"]
     prefix = position_encoding
     table_h = reference.resize_table(
-        weights[f"{prefix}_height"], 2 * height - 1 if prefix == "relative" else height)
+        weights[f"{prefix}_height"], 2 * height - 1 if prefix == "relative" else height
+    )
     table_w = reference.resize_table(
-        weights[f"{prefix}_width"], 2 * width - 1 if prefix == "relative" else width)
+        weights[f"{prefix}_width"], 2 * width - 1 if prefix == "relative" else width
+    )
     out = np.zeros((batch, n, channels))
     for b in range(batch):
         for h in range(num_heads):
@@ -169,11 +188,18 @@ def _brute_force_forward(x, weights, *, num_heads, key_dim, position_encoding,
                         row_h, row_w = yj - yi + height - 1, xj - xi + width - 1
                     else:
                         row_h, row_w = yj, xj
-                    content = sum(q[b, i, qs][d] * k[b, j, qs][d] for d in range(key_dim))
-                    pos = sum(q[b, i, qs][d] * (table_h[row_h, d] + table_w[row_w, d])
-                              for d in range(key_dim))
-                    logits[i, j] = (scale * (content + pos) if scale_position_logits
-                                    else scale * content + pos)
+                    content = sum(
+                        q[b, i, qs][d] * k[b, j, qs][d] for d in range(key_dim)
+                    )
+                    pos = sum(
+                        q[b, i, qs][d] * (table_h[row_h, d] + table_w[row_w, d])
+                        for d in range(key_dim)
+                    )
+                    logits[i, j] = (
+                        scale * (content + pos)
+                        if scale_position_logits
+                        else scale * content + pos
+                    )
             p = np.exp(logits - logits.max(axis=1, keepdims=True))
             p /= p.sum(axis=1, keepdims=True)
             vs = slice(h * head_dim, (h + 1) * head_dim)
@@ -184,20 +210,34 @@ def _brute_force_forward(x, weights, *, num_heads, key_dim, position_encoding,
 @pytest.mark.parametrize("position_encoding", ["relative", "absolute"])
 @pytest.mark.parametrize("scale_position_logits", [True, False])
 @pytest.mark.parametrize("size", [(3, 4), (5, 2), (1, 4), (3, 1)], ids=str)
-def test_position_encodings_match_brute_force(position_encoding, scale_position_logits,
-                                              size):
+def test_position_encodings_match_brute_force(
+    position_encoding, scale_position_logits, size
+):
     """Reference size (3, 4), one larger non-square, 1xN and Nx1; 3 heads,
     key_dim 2, and a scale != 1 so that the two settings differ."""
-    config = dict(num_heads=3, key_dim=2, position_encoding=position_encoding,
-                  scale=0.7, scale_position_logits=scale_position_logits)
-    w = reference.random_weights(12, 3, 2, position_encoding, position_size=(3, 4), seed=5)
+    config = dict(
+        num_heads=3,
+        key_dim=2,
+        position_encoding=position_encoding,
+        scale=0.7,
+        scale_position_logits=scale_position_logits,
+    )
+    w = reference.random_weights(
+        12, 3, 2, position_encoding, position_size=(3, 4), seed=5
+    )
     x = np.random.default_rng(6).standard_normal((2,) + size + (12,))
     expected = _brute_force_forward(x, w, **config)
     actual = reference.mhsa_forward(x, w, activation=None, **config)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        actual, expected, rtol=0, atol=1e-12 * np.abs(expected).max()
+    )
     # The two settings really differ here (the flag is not ignored).
     other = reference.mhsa_forward(
-        x, w, activation=None, **{**config, "scale_position_logits": not scale_position_logits})
+        x,
+        w,
+        activation=None,
+        **{**config, "scale_position_logits": not scale_position_logits},
+    )
     assert np.abs(other - actual).max() > 1e-3
 
 
@@ -208,8 +248,9 @@ def test_golden_relative_offset_is_key_minus_query():
     w = identity_weights()
     w["relative_height"] = np.zeros((1, 2))
     w["relative_width"] = np.array([[0.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
-    out = reference.mhsa_forward(x, w, activation=None, position_encoding="relative",
-                                 scale=1.0)
+    out = reference.mhsa_forward(
+        x, w, activation=None, position_encoding="relative", scale=1.0
+    )
     # Query 0 (x=0): key 1 has offset +1 -> q0 . (2, 0) = 2: logits [1, 2].
     # Query 1 (x=1): key 0 has offset -1 -> 0: logits [0, 1].
     # Both rows: softmax [1, e] / (1 + e) -> out (1, e) / (1 + e).
@@ -223,15 +264,18 @@ def test_golden_absolute_uses_the_key_position():
     w = identity_weights()
     w["absolute_height"] = np.zeros((1, 2))
     w["absolute_width"] = np.array([[0.0, 0.0], [3.0, 0.0]])
-    out = reference.mhsa_forward(x, w, activation=None, position_encoding="absolute",
-                                 scale=1.0)
+    out = reference.mhsa_forward(
+        x, w, activation=None, position_encoding="absolute", scale=1.0
+    )
     # Query 0 = (1, 0): logits [1, 0 + 3]; query 1 = (0, 1): logits [0, 1 + 0].
     row0 = np.array([E, E**3]) / (E + E**3)
     row1 = np.array([1.0, E]) / (1.0 + E)
-    np.testing.assert_allclose(out[0, 0, 0], row0[0] * x[0, 0, 0] + row0[1] * x[0, 0, 1],
-                               rtol=1e-15)
-    np.testing.assert_allclose(out[0, 0, 1], row1[0] * x[0, 0, 0] + row1[1] * x[0, 0, 1],
-                               rtol=1e-15)
+    np.testing.assert_allclose(
+        out[0, 0, 0], row0[0] * x[0, 0, 0] + row0[1] * x[0, 0, 1], rtol=1e-15
+    )
+    np.testing.assert_allclose(
+        out[0, 0, 1], row1[0] * x[0, 0, 0] + row1[1] * x[0, 0, 1], rtol=1e-15
+    )
 
 
 def test_sinusoidal_is_added_to_the_tokens():

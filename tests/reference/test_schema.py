@@ -7,12 +7,20 @@ import sys
 
 import pytest
 
-from harness import match_all
 from mhsa_core.layers import position as layer_position
 from mhsa_core.reference import position as reference_position
 from mhsa_core.reference import schema
 
-QKV = ["query_kernel", "query_bias", "key_kernel", "key_bias", "value_kernel", "value_bias"]
+from harness import match_all
+
+QKV = [
+    "query_kernel",
+    "query_bias",
+    "key_kernel",
+    "key_bias",
+    "value_kernel",
+    "value_bias",
+]
 # encoding -> the canonical weight names, in the layer's creation order.
 WEIGHT_ORDER = {
     "none": QKV,
@@ -33,7 +41,9 @@ def test_weight_shapes_order(encoding, use_bias):
     """Token weights, then query, key, value (kernel, bias), then the tables;
     C=12, 3 heads of key_dim 5 (not C / heads) on a (4, 7) reference size."""
     shapes = schema.weight_shapes(12, 3, 5, encoding, use_bias, position_size=(4, 7))
-    expected = [n for n in WEIGHT_ORDER[encoding] if use_bias or not n.endswith("_bias")]
+    expected = [
+        n for n in WEIGHT_ORDER[encoding] if use_bias or not n.endswith("_bias")
+    ]
     assert list(shapes) == expected
     assert shapes["query_kernel"] == shapes["key_kernel"] == (12, 15)
     assert shapes["value_kernel"] == (12, 12)
@@ -46,14 +56,26 @@ def test_weight_shapes_order(encoding, use_bias):
 def test_weight_shapes_defaults_are_standard_attention():
     """No position weights by default; key_dim C / heads."""
     assert schema.weight_shapes(16, 4) == {
-        "query_kernel": (16, 16), "query_bias": (16,), "key_kernel": (16, 16),
-        "key_bias": (16,), "value_kernel": (16, 16), "value_bias": (16,)}
+        "query_kernel": (16, 16),
+        "query_bias": (16,),
+        "key_kernel": (16, 16),
+        "key_bias": (16,),
+        "value_kernel": (16, 16),
+        "value_bias": (16,),
+    }
 
 
 def test_weight_shapes_of_learned_encodings():
-    rel = schema.weight_shapes(16, 2, 5, "relative", use_bias=False, position_size=(4, 7))
-    assert list(rel) == ["query_kernel", "key_kernel", "value_kernel",
-                         "relative_height", "relative_width"]
+    rel = schema.weight_shapes(
+        16, 2, 5, "relative", use_bias=False, position_size=(4, 7)
+    )
+    assert list(rel) == [
+        "query_kernel",
+        "key_kernel",
+        "value_kernel",
+        "relative_height",
+        "relative_width",
+    ]
     assert rel["relative_height"] == (7, 5) and rel["relative_width"] == (13, 5)
     ab = schema.weight_shapes(16, 2, None, "absolute", position_size=(4, 7))
     assert ab["absolute_height"] == (4, 8) and ab["absolute_width"] == (7, 8)
@@ -62,14 +84,17 @@ def test_weight_shapes_of_learned_encodings():
         schema.weight_shapes(16, 2, None, "relative")
 
 
-@pytest.mark.parametrize("encoding,size,expected", [
-    ("relative", (4, 7), {"relative_height": (7, 5), "relative_width": (13, 5)}),
-    ("relative", (1, 1), {"relative_height": (1, 5), "relative_width": (1, 5)}),
-    ("absolute", (4, 7), {"absolute_height": (4, 5), "absolute_width": (7, 5)}),
-    ("none", (4, 7), {}),
-    ("conv", None, {}),
-    ("sinusoidal", None, {}),
-])
+@pytest.mark.parametrize(
+    "encoding,size,expected",
+    [
+        ("relative", (4, 7), {"relative_height": (7, 5), "relative_width": (13, 5)}),
+        ("relative", (1, 1), {"relative_height": (1, 5), "relative_width": (1, 5)}),
+        ("absolute", (4, 7), {"absolute_height": (4, 5), "absolute_width": (7, 5)}),
+        ("none", (4, 7), {}),
+        ("conv", None, {}),
+        ("sinusoidal", None, {}),
+    ],
+)
 def test_table_shapes(encoding, size, expected):
     shapes = schema.table_shapes(encoding, size, 5)
     assert shapes == expected and list(shapes) == list(expected)
@@ -83,8 +108,10 @@ def test_table_shapes_need_a_size(encoding):
 
 @pytest.mark.parametrize("name", ["rotary", None, "CONV", "Relative", ""])
 def test_encoding_unknown_name(name):
-    with pytest.raises(ValueError, match=match_all("`position_encoding`",
-                                                   f"Received: position_encoding={name!r}")):
+    with pytest.raises(
+        ValueError,
+        match=match_all("`position_encoding`", f"Received: position_encoding={name!r}"),
+    ):
         schema.encoding(name)
 
 
@@ -109,20 +136,32 @@ def test_no_layer_class_or_reference_entry_without_a_schema_entry():
 # ------------------------------------------------------------------ presets
 def test_yolov4_mhsa_preset_is_the_keras2_block():
     assert schema.preset("yolov4_mhsa") == {
-        "num_heads": 1, "key_dim": None, "activation": "relu", "position_encoding": "conv",
-        "scale": 1.0, "use_bias": True, "kernel_initializer": "he_normal"}
+        "num_heads": 1,
+        "key_dim": None,
+        "activation": "relu",
+        "position_encoding": "conv",
+        "scale": 1.0,
+        "use_bias": True,
+        "kernel_initializer": "he_normal",
+    }
 
 
 def test_botnet_preset():
     assert schema.preset("botnet") == {
-        "num_heads": 4, "activation": None, "use_bias": False, "scale": None,
-        "position_encoding": "relative", "scale_position_logits": True,
-        "kernel_initializer": "lecun_normal"}
+        "num_heads": 4,
+        "activation": None,
+        "use_bias": False,
+        "scale": None,
+        "position_encoding": "relative",
+        "scale_position_logits": True,
+        "kernel_initializer": "lecun_normal",
+    }
 
 
 def test_preset_overrides_and_copies():
-    preset = schema.preset("yolov4_mhsa", num_heads=2, data_format="channels_first",
-                           name="mhsa")  # `name` is a layer argument like any other
+    preset = schema.preset(
+        "yolov4_mhsa", num_heads=2, data_format="channels_first", name="mhsa"
+    )  # `name` is a layer argument like any other
     assert preset["num_heads"] == 2 and preset["activation"] == "relu"
     assert preset["data_format"] == "channels_first" and preset["name"] == "mhsa"
     preset["activation"] = None
@@ -139,8 +178,15 @@ def test_unknown_preset():
 # ------------------------------------------------------------- no framework
 def test_reference_imports_no_framework():
     """`import mhsa_core.reference` (and `import mhsa_core`) import NumPy only."""
-    code = ("import sys, mhsa_core, mhsa_core.reference; "
-            "print(sorted({'keras', 'tensorflow', 'torch', 'jax'} & set(sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=120)
+    code = (
+        "import sys, mhsa_core, mhsa_core.reference; "
+        "print(sorted({'keras', 'tensorflow', 'torch', 'jax'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -38,8 +38,12 @@ times out, runs out of memory or raises says so; the run goes on."""
 
 EPILOG = f"""\
 configs:
-{chr(10).join(f"  {c.name:15s} {c.describe()}" + (f"  ({c.note})" if c.note else "")
-              for c in CONFIGS.values())}
+{
+    chr(10).join(
+        f"  {c.name:15s} {c.describe()}" + (f"  ({c.note})" if c.note else "")
+        for c in CONFIGS.values()
+    )
+}
   (default: {",".join(DEFAULT_CONFIGS)})
 
 modes: compiled (tf.function(jit_compile=True) / torch.compile / jax.jit),
@@ -51,10 +55,12 @@ paths: full, chunked, fused, auto (the layer's attention_implementation),
 
 examples:
   mhsa-core bench --json bench.json --plot docs/bench.png
-  mhsa-core bench --backends torch --configs n4096 --paths chunked,native --modes compiled
+  mhsa-core bench --backends torch --configs n4096 --paths chunked,native \
+--modes compiled
   mhsa-core bench --configs tiny --repeats 1 --json - | jq '.rows[].ms'
   mhsa-core bench --from bench.json --summary --markdown
-  mhsa-core bench --from tf.json --from torch.json --json bench.json   (runs made in parts)
+  mhsa-core bench --from tf.json --from torch.json --json bench.json \
+  (runs made in parts)
 
 exit status: 0 at least one row ran; 1 none did; 2 bad usage."""
 
@@ -65,55 +71,99 @@ class BenchUsageError(ValueError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench's arguments, as text (checked by `options`)."""
-    parser.add_argument("--backends", default=",".join(BENCH_BACKENDS),
-                        help=f"comma-separated subset of {','.join(BENCH_BACKENDS)} (default: "
-                             "all; one not installed is skipped with the reason)")
-    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                        help=f"comma-separated subset of {','.join(CONFIGS)} "
-                             f"(default: {','.join(DEFAULT_CONFIGS)})")
-    parser.add_argument("--paths", default=",".join(PATHS),
-                        help=f"comma-separated subset of {','.join(PATHS)} (default: all)")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated subset of {','.join(MODES)} (default: all; "
-                             "a backend runs the modes it has)")
-    parser.add_argument("--directions", default=",".join(DIRECTIONS),
-                        help=f"comma-separated subset of {','.join(DIRECTIONS)} "
-                             "(default: both)")
-    parser.add_argument("--repeats", default=str(DEFAULT_REPEATS),
-                        help=f"timed calls per row after the warm-up; the row's time is "
-                             f"their median (default {DEFAULT_REPEATS})")
-    parser.add_argument("--timeout", default=str(DEFAULT_TIMEOUT),
-                        help=f"seconds per row's worker, compile included "
-                             f"(default {DEFAULT_TIMEOUT:g})")
-    parser.add_argument("--max-memory", dest="max_memory", metavar="GB",
-                        help="resident memory at which a row's worker is killed and the row "
-                             "recorded as out of memory (default: half of the memory "
-                             "available at the start)")
-    parser.add_argument("--json", metavar="PATH",
-                        help="also write the report as JSON; '-' for stdout (the table "
-                             "then goes to stderr). A file is rewritten after every row "
-                             "(\"complete\": false until the run ends)")
-    parser.add_argument("--plot", metavar="PATH.png",
-                        help="a PNG of time and memory against N per backend and path "
-                             "(needs matplotlib: mhsa-core[plot])")
-    parser.add_argument("--markdown", action="store_true",
-                        help="print the tables as Markdown")
-    parser.add_argument("--summary", action="store_true",
-                        help="print one table of the compiled mode (every config) instead "
-                             "of a table per config")
-    parser.add_argument("--from", dest="from_json", metavar="PATH.json", action="append",
-                        help="run nothing: print (and --plot, --json) the report of an "
-                             "earlier --json; repeatable: the rows of runs made in parts, "
-                             "a later file's row replacing the same row of an earlier one")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress lines (a line per row on stderr otherwise)")
+    parser.add_argument(
+        "--backends",
+        default=",".join(BENCH_BACKENDS),
+        help=f"comma-separated subset of {','.join(BENCH_BACKENDS)} (default: "
+        "all; one not installed is skipped with the reason)",
+    )
+    parser.add_argument(
+        "--configs",
+        default=",".join(DEFAULT_CONFIGS),
+        help=f"comma-separated subset of {','.join(CONFIGS)} "
+        f"(default: {','.join(DEFAULT_CONFIGS)})",
+    )
+    parser.add_argument(
+        "--paths",
+        default=",".join(PATHS),
+        help=f"comma-separated subset of {','.join(PATHS)} (default: all)",
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated subset of {','.join(MODES)} (default: all; "
+        "a backend runs the modes it has)",
+    )
+    parser.add_argument(
+        "--directions",
+        default=",".join(DIRECTIONS),
+        help=f"comma-separated subset of {','.join(DIRECTIONS)} (default: both)",
+    )
+    parser.add_argument(
+        "--repeats",
+        default=str(DEFAULT_REPEATS),
+        help=f"timed calls per row after the warm-up; the row's time is "
+        f"their median (default {DEFAULT_REPEATS})",
+    )
+    parser.add_argument(
+        "--timeout",
+        default=str(DEFAULT_TIMEOUT),
+        help=f"seconds per row's worker, compile included "
+        f"(default {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-memory",
+        dest="max_memory",
+        metavar="GB",
+        help="resident memory at which a row's worker is killed and the row "
+        "recorded as out of memory (default: half of the memory "
+        "available at the start)",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the report as JSON; '-' for stdout (the table "
+        "then goes to stderr). A file is rewritten after every row "
+        '("complete": false until the run ends)',
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="a PNG of time and memory against N per backend and path "
+        "(needs matplotlib: mhsa-core[plot])",
+    )
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the tables as Markdown"
+    )
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="print one table of the compiled mode (every config) instead "
+        "of a table per config",
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_json",
+        metavar="PATH.json",
+        action="append",
+        help="run nothing: print (and --plot, --json) the report of an "
+        "earlier --json; repeatable: the rows of runs made in parts, "
+        "a later file's row replacing the same row of an earlier one",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress lines (a line per row on stderr otherwise)",
+    )
 
 
 def _names(argument, text, choices):
     names = [n.strip() for n in str(text).split(",") if n.strip()]
     if not names or any(n not in choices for n in names):
-        raise BenchUsageError(f"--{argument}: expected a comma-separated subset of "
-                              f"{','.join(choices)}; received: {text!r}")
+        raise BenchUsageError(
+            f"--{argument}: expected a comma-separated subset of "
+            f"{','.join(choices)}; received: {text!r}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -132,9 +182,15 @@ def _writable(argument, path):
     """A file can be written at `path` (its directory exists and is writable)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK) or (
-            path.exists() and not os.access(path, os.W_OK)):
-        raise BenchUsageError(f"--{argument}: cannot write a file there; received: {str(path)!r}")
+    if (
+        path.is_dir()
+        or not parent.is_dir()
+        or not os.access(parent, os.W_OK)
+        or (path.exists() and not os.access(path, os.W_OK))
+    ):
+        raise BenchUsageError(
+            f"--{argument}: cannot write a file there; received: {str(path)!r}"
+        )
 
 
 def options(args) -> dict:
@@ -147,28 +203,40 @@ def options(args) -> dict:
         "directions": _names("directions", args.directions, DIRECTIONS),
         "repeats": _positive("repeats", args.repeats, int),
         "timeout": _positive("timeout", args.timeout, float),
-        "max_memory_gb": (run_module.default_max_memory_gb() if args.max_memory is None
-                          else _positive("max-memory", args.max_memory, float)),
+        "max_memory_gb": (
+            run_module.default_max_memory_gb()
+            if args.max_memory is None
+            else _positive("max-memory", args.max_memory, float)
+        ),
     }
     if args.json is not None and args.json != "-":
         _writable("json", args.json)
     if args.plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
-            raise BenchUsageError("--plot: needs matplotlib (pip install 'mhsa-core[plot]'); "
-                                  f"received: {args.plot!r}")
+            raise BenchUsageError(
+                "--plot: needs matplotlib (pip install 'mhsa-core[plot]'); "
+                f"received: {args.plot!r}"
+            )
         _writable("plot", args.plot)
     return checked
 
 
 def _progress(stream):
     def on_row(i, total, row):
-        what = f"{row['backend']} {row['config']} {row['path']} {row['mode']} {row['direction']}"
+        what = (
+            f"{row['backend']} {row['config']} {row['path']} {row['mode']} "
+            f"{row['direction']}"
+        )
         if row["status"] == "ok":
             result = f"{row['ms']:.4g} ms, {row['peak_gb']:.2f} GB"
         else:
             result = f"{row['status']}: {row.get('reason') or ''}"[:160]
-        print(f"  [{i + 1}/{total}] {what}: {result} ({row.get('seconds', 0):.0f} s)",
-              file=stream, flush=True)
+        print(
+            f"  [{i + 1}/{total}] {what}: {result} ({row.get('seconds', 0):.0f} s)",
+            file=stream,
+            flush=True,
+        )
+
     return on_row
 
 
@@ -178,21 +246,29 @@ def _read_report(path):
         if not isinstance(report.get("rows"), list):
             raise ValueError
     except (OSError, ValueError, AttributeError):
-        raise BenchUsageError(f"--from: not a readable bench report (--json); "
-                              f"received: {path!r}") from None
+        raise BenchUsageError(
+            f"--from: not a readable bench report (--json); received: {path!r}"
+        ) from None
     return report
 
 
 def _show(report, args, out):
-    print(report_module.render(report, markdown=args.markdown, summary=args.summary), file=out)
+    print(
+        report_module.render(report, markdown=args.markdown, summary=args.summary),
+        file=out,
+    )
     if args.plot is not None:
         drawn = report_module.plot(report, args.plot)
-        print(f"plot: {args.plot}" if drawn else "plot: nothing to plot (no row ran)", file=out)
+        print(
+            f"plot: {args.plot}" if drawn else "plot: nothing to plot (no row ran)",
+            file=out,
+        )
     return 0 if any(r["status"] == "ok" for r in report["rows"]) else 1
 
 
 def main(args, out=None) -> int:
-    """Run the bench of parsed `args`; returns the exit status (module docstring of cli)."""
+    """Run the bench of parsed `args`; returns the exit status (module docstring of
+    cli)."""
     opts = options(args)
     out = out or (sys.stderr if args.json == "-" else sys.stdout)
     if args.from_json is not None:
@@ -201,13 +277,22 @@ def main(args, out=None) -> int:
         if args.json is not None:
             report_module.write_json(report, args.json)
         return _show(report, args, out)
-    measurements = plan_module.plan(opts["backends"], opts["configs"], opts["paths"],
-                                    opts["modes"], opts["directions"])
+    measurements = plan_module.plan(
+        opts["backends"],
+        opts["configs"],
+        opts["paths"],
+        opts["modes"],
+        opts["directions"],
+    )
     configs = {name: CONFIGS[name] for name in opts["configs"]}
     if not args.quiet:
-        print(f"mhsa-core bench: {len(measurements)} rows, each in a fresh worker "
-              f"(--max-memory {opts['max_memory_gb']:g} GB, --timeout {opts['timeout']:g} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"mhsa-core bench: {len(measurements)} rows, each in a fresh worker "
+            f"(--max-memory {opts['max_memory_gb']:g} GB, "
+            f"--timeout {opts['timeout']:g} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     start = time.perf_counter()
     load_start = report_module.load_average()
     to_file = args.json not in (None, "-")
@@ -217,9 +302,15 @@ def main(args, out=None) -> int:
 
     def make_report(rows, complete):
         return report_module.build(
-            rows, skipped, configs, backends=opts["backends"],
+            rows,
+            skipped,
+            configs,
+            backends=opts["backends"],
             options={k: opts[k] for k in ("repeats", "timeout", "max_memory_gb")},
-            seconds=time.perf_counter() - start, complete=complete, load_start=load_start)
+            seconds=time.perf_counter() - start,
+            complete=complete,
+            load_start=load_start,
+        )
 
     def on_row(i, total, row):
         if progress is not None:
@@ -227,12 +318,18 @@ def main(args, out=None) -> int:
         done.append(row)
         if to_file:  # a long run's rows so far, should it be stopped
             partial = [dict(r) for r in done]
-            report_module.write_json(make_report(run_module.derive(partial, configs), False),
-                                     args.json)
+            report_module.write_json(
+                make_report(run_module.derive(partial, configs), False), args.json
+            )
 
     rows, skipped = run_module.run(
-        measurements, configs, repeats=opts["repeats"], timeout=opts["timeout"],
-        max_memory_gb=opts["max_memory_gb"], on_row=on_row)
+        measurements,
+        configs,
+        repeats=opts["repeats"],
+        timeout=opts["timeout"],
+        max_memory_gb=opts["max_memory_gb"],
+        on_row=on_row,
+    )
     report = make_report(rows, True)
     if args.json is not None:
         report_module.write_json(report, args.json)

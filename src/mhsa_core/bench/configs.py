@@ -32,7 +32,8 @@ class BenchConfig:
 
     @property
     def head_dim(self) -> int:
-        """Channels per head of query, key and value (key_dim is the default C // heads)."""
+        """Channels per head of query, key and value (key_dim is the default
+        C // heads)."""
         return self.channels // self.num_heads
 
     @property
@@ -42,12 +43,16 @@ class BenchConfig:
     @property
     def layer_config(self) -> dict:
         """The layer's (and the reference's) config, beyond the defaults."""
-        return {"num_heads": self.num_heads, "position_encoding": self.position_encoding}
+        return {
+            "num_heads": self.num_heads,
+            "position_encoding": self.position_encoding,
+        }
 
     def describe(self) -> str:
         """'2x64x64x256, 8 heads, relative' (the encoding only when there is one)."""
         text = f"{'x'.join(map(str, self.input_shape))}, {self.num_heads} head" + (
-            "s" if self.num_heads > 1 else "")
+            "s" if self.num_heads > 1 else ""
+        )
         if self.position_encoding != "none":
             text += f", {self.position_encoding}"
         return text
@@ -64,15 +69,32 @@ class BenchConfig:
 CONFIGS = {
     c.name: c
     for c in (
-        BenchConfig("legacy", 2, 25, 25, 512, 1,
-                    note="the Keras 2 YOLOv4-MHSA block's size"),
+        BenchConfig(
+            "legacy", 2, 25, 25, 512, 1, note="the Keras 2 YOLOv4-MHSA block's size"
+        ),
         BenchConfig("n4096", 2, 64, 64, 256, 8),
         BenchConfig("n16384", 1, 128, 128, 128, 4),
-        BenchConfig("n4096_relative", 2, 64, 64, 256, 8, "relative",
-                    note="BoTNet's relative position logits"),
+        BenchConfig(
+            "n4096_relative",
+            2,
+            64,
+            64,
+            256,
+            8,
+            "relative",
+            note="BoTNet's relative position logits",
+        ),
         BenchConfig("tiny", 1, 8, 8, 16, 2, note="for tests: seconds per worker"),
-        BenchConfig("tiny_relative", 1, 8, 8, 16, 2, "relative",
-                    note="for tests: every output checked, the relative terms too"),
+        BenchConfig(
+            "tiny_relative",
+            1,
+            8,
+            8,
+            16,
+            2,
+            "relative",
+            note="for tests: every output checked, the relative terms too",
+        ),
     )
 }
 

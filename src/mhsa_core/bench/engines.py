@@ -47,14 +47,16 @@ class Engine:
 
     def set_inputs(self, x, cotangent):
         """x, cotangent: NumPy float32 (B, H, W, C), made the backend's tensors
-        `self.x`, `self.g` (after the ceiling: they count in the measurement's memory)."""
+        `self.x`, `self.g` (after the ceiling: they count in the measurement's
+        memory)."""
         raise NotImplementedError
 
     def version(self) -> str:
         raise NotImplementedError
 
     def ceiling_gflops(self, rows: int, channels: int) -> float:
-        """GF/s of the backend's float32 (rows, C) @ (C, C), median of `CEILING_REPEATS`."""
+        """GF/s of the backend's float32 (rows, C) @ (C, C), median of
+        `CEILING_REPEATS`."""
         rng = np.random.default_rng(1)
         a = rng.standard_normal((rows, channels)).astype(np.float32)
         b = rng.standard_normal((channels, channels)).astype(np.float32)
@@ -145,9 +147,11 @@ class TorchEngine(Engine):
         torch, params = self.torch, subject.params
         fn = torch.compile(subject.call) if mode == "compiled" else subject.call
         if direction == FORWARD:
+
             def forward():
                 with torch.no_grad():
                     return fn(self.x)
+
             return forward
 
         def train():
@@ -156,6 +160,7 @@ class TorchEngine(Engine):
             loss = (out * self.g).sum()
             torch.autograd.grad(loss, [x, *params])
             return out.detach()
+
         return train
 
     @staticmethod
@@ -184,7 +189,13 @@ class JaxEngine(Engine):
         return lambda: self.jnp.matmul(a, b).block_until_ready()
 
     def step(self, subject, mode, direction):
-        jax, jnp, apply, params, g = self.jax, self.jnp, subject.call, subject.params, self.g
+        jax, jnp, apply, params, g = (
+            self.jax,
+            self.jnp,
+            subject.call,
+            subject.params,
+            self.g,
+        )
         if direction == FORWARD:
             fn = jax.jit(apply) if mode == "compiled" else apply
             return lambda: jax.block_until_ready(fn(params, self.x))

@@ -7,7 +7,8 @@ kd = C // h channels per head of query and key, dv = C // h of value:
              + 2*B*h*N*N*(kd + dv)         q k^T and probs @ v
              [+ 2*B*h*N*(H + W)*kd]        "relative": q against the H row and W column
                                            embeddings (the least the encoding needs)
-    backward = 2 * forward                 each product's gradient wrt both of its operands
+    backward = 2 * forward                 each product's gradient wrt both of its
+                                           operands
     forward+backward = 3 * forward
 
 With kd = dv = C / h the forward is 6*B*N*C^2 + 4*B*N^2*C. The softmax,
@@ -25,8 +26,10 @@ FORWARD = "forward"
 FORWARD_BACKWARD = "forward+backward"
 DIRECTIONS = (FORWARD, FORWARD_BACKWARD)
 
-FORMULA = ("forward = 2BNC(2h*kd + C) + 2BhN^2(kd + dv) [+ 2BhN(H + W)kd relative]; "
-           "forward+backward = 3 x forward")
+FORMULA = (
+    "forward = 2BNC(2h*kd + C) + 2BhN^2(kd + dv) [+ 2BhN(H + W)kd relative]; "
+    "forward+backward = 3 x forward"
+)
 
 
 def forward_flops(config: BenchConfig) -> int:
@@ -44,7 +47,9 @@ def forward_flops(config: BenchConfig) -> int:
 def flops(config: BenchConfig, direction: str) -> int:
     """FLOPs of `direction` ("forward" or "forward+backward") at `config`."""
     if direction not in DIRECTIONS:
-        raise ValueError(f"Expected a direction in {DIRECTIONS}. Received: direction={direction!r}")
+        raise ValueError(
+            f"Expected a direction in {DIRECTIONS}. Received: direction={direction!r}"
+        )
     return forward_flops(config) * (1 if direction == FORWARD else 3)
 
 

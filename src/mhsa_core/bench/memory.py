@@ -37,7 +37,9 @@ def _maxrss_bytes():
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, kB on Linux
+    return (
+        rss if sys.platform == "darwin" else rss * 1024
+    )  # bytes on macOS, kB on Linux
 
 
 class PeakMemory:
@@ -59,5 +61,6 @@ class PeakMemory:
         return _status_kb("VmHWM") if self.exact else _maxrss_bytes()
 
     def growth_gb(self) -> float:
-        """Peak resident set since `start()` minus the resident set at `start()`, in GB (1e9)."""
+        """Peak resident set since `start()` minus the resident set at `start()`,
+        in GB (1e9)."""
         return max(0, self.peak_bytes() - self._before) / GB

@@ -61,9 +61,17 @@ class _Block:
                 f"Received: position_encoding={config.position_encoding!r}"
             )
         relative = config.position_encoding == "relative"
-        return cls(config.height, config.width, config.channels, config.num_heads,
-                   config.head_dim, config.tokens, 1.0 / math.sqrt(config.head_dim),
-                   relative, schema.table_names("relative") if relative else ())
+        return cls(
+            config.height,
+            config.width,
+            config.channels,
+            config.num_heads,
+            config.head_dim,
+            config.tokens,
+            1.0 / math.sqrt(config.head_dim),
+            relative,
+            schema.table_names("relative") if relative else (),
+        )
 
 
 def _relative_index(length):
@@ -77,10 +85,18 @@ def torch_native(config: BenchConfig, weights: dict):
     import torch.nn.functional as F
 
     block = _Block.of(config)
-    params = {k: torch.tensor(np.asarray(v, np.float32), requires_grad=True)
-              for k, v in weights.items()}
+    params = {
+        k: torch.tensor(np.asarray(v, np.float32), requires_grad=True)
+        for k, v in weights.items()
+    }
     height, width, channels = block.height, block.width, block.channels
-    heads, d, n, scale, relative = block.heads, block.d, block.n, block.scale, block.relative
+    heads, d, n, scale, relative = (
+        block.heads,
+        block.d,
+        block.n,
+        block.scale,
+        block.relative,
+    )
     if relative:
         name_h, name_w = block.tables
         index_h = torch.as_tensor(_relative_index(height))
@@ -100,7 +116,9 @@ def torch_native(config: BenchConfig, weights: dict):
             q5 = q.reshape(b, heads, height, width, d)
             logits_h = torch.einsum("bhyxd,yvd->bhyxv", q5, params[name_h][index_h])
             logits_w = torch.einsum("bhyxd,xud->bhyxu", q5, params[name_w][index_w])
-            bias = (logits_h[..., :, None] + logits_w[..., None, :]).reshape(b, heads, n, n)
+            bias = (logits_h[..., :, None] + logits_w[..., None, :]).reshape(
+                b, heads, n, n
+            )
             bias = bias * scale
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         return out.transpose(1, 2).reshape(b, height, width, channels)
@@ -116,7 +134,13 @@ def jax_native(config: BenchConfig, weights: dict):
     block = _Block.of(config)
     params = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in weights.items()}
     height, width, channels = block.height, block.width, block.channels
-    heads, d, n, scale, relative = block.heads, block.d, block.n, block.scale, block.relative
+    heads, d, n, scale, relative = (
+        block.heads,
+        block.d,
+        block.n,
+        block.scale,
+        block.relative,
+    )
     if relative:
         name_h, name_w = block.tables
         index_h, index_w = _relative_index(height), _relative_index(width)
@@ -135,7 +159,9 @@ def jax_native(config: BenchConfig, weights: dict):
             q5 = q.reshape(b, height, width, heads, d)
             logits_h = jnp.einsum("byxhd,yvd->bhyxv", q5, params[name_h][index_h])
             logits_w = jnp.einsum("byxhd,xud->bhyxu", q5, params[name_w][index_w])
-            bias = (logits_h[..., :, None] + logits_w[..., None, :]).reshape(b, heads, n, n)
+            bias = (logits_h[..., :, None] + logits_w[..., None, :]).reshape(
+                b, heads, n, n
+            )
             bias = bias * scale
         out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
         return out.reshape(b, height, width, channels)
@@ -148,9 +174,17 @@ def tensorflow_native(config: BenchConfig, weights: dict):
     import tensorflow as tf
 
     block = _Block.of(config)
-    params = {k: tf.Variable(np.asarray(v, np.float32), name=k) for k, v in weights.items()}
+    params = {
+        k: tf.Variable(np.asarray(v, np.float32), name=k) for k, v in weights.items()
+    }
     height, width, channels = block.height, block.width, block.channels
-    heads, d, n, scale, relative = block.heads, block.d, block.n, block.scale, block.relative
+    heads, d, n, scale, relative = (
+        block.heads,
+        block.d,
+        block.n,
+        block.scale,
+        block.relative,
+    )
     if relative:
         name_h, name_w = block.tables
         index_h = tf.constant(_relative_index(height))
@@ -161,16 +195,25 @@ def tensorflow_native(config: BenchConfig, weights: dict):
         t = tf.reshape(x, (b, n, channels))
 
         def project(name):  # (B, N, heads, d)
-            y = tf.einsum("bnc,cd->bnd", t, params[f"{name}_kernel"]) + params[f"{name}_bias"]
+            y = (
+                tf.einsum("bnc,cd->bnd", t, params[f"{name}_kernel"])
+                + params[f"{name}_bias"]
+            )
             return tf.reshape(y, (b, n, heads, d))
 
         q, k, v = project("query"), project("key"), project("value")
         logits = tf.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, heads, N, N)
         if relative:
             q5 = tf.reshape(q, (b, height, width, heads, d))
-            logits_h = tf.einsum("byxhd,yvd->bhyxv", q5, tf.gather(params[name_h], index_h))
-            logits_w = tf.einsum("byxhd,xud->bhyxu", q5, tf.gather(params[name_w], index_w))
-            pos = tf.reshape(logits_h[..., :, None] + logits_w[..., None, :], (b, heads, n, n))
+            logits_h = tf.einsum(
+                "byxhd,yvd->bhyxv", q5, tf.gather(params[name_h], index_h)
+            )
+            logits_w = tf.einsum(
+                "byxhd,xud->bhyxu", q5, tf.gather(params[name_w], index_w)
+            )
+            pos = tf.reshape(
+                logits_h[..., :, None] + logits_w[..., None, :], (b, heads, n, n)
+            )
             logits = logits + pos * scale
         probs = tf.nn.softmax(logits, axis=-1)
         out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, d)

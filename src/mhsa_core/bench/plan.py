@@ -28,9 +28,11 @@ PATHS = LAYER_PATHS + (NATIVE, KERAS_MHA)
 
 MODES = ("compiled", "graph", "eager")
 MODE_MEANINGS = {
-    "tensorflow": {"compiled": "tf.function(jit_compile=True) (XLA)",
-                   "graph": "tf.function (graph, no XLA)",
-                   "eager": "eager"},
+    "tensorflow": {
+        "compiled": "tf.function(jit_compile=True) (XLA)",
+        "graph": "tf.function (graph, no XLA)",
+        "eager": "eager",
+    },
     "torch": {"compiled": "torch.compile", "eager": "eager"},
     "jax": {"compiled": "jax.jit of the stateless call", "eager": "op by op, no jit"},
 }
@@ -44,8 +46,11 @@ NATIVE_MEANINGS = {
     "torch": "F.scaled_dot_product_attention",
     "jax": "jax.nn.dot_product_attention under jax.jit",
 }
-NATIVE_MODES = {"tensorflow": ("compiled",), "torch": ("compiled", "eager"),
-                "jax": ("compiled",)}
+NATIVE_MODES = {
+    "tensorflow": ("compiled",),
+    "torch": ("compiled", "eager"),
+    "jax": ("compiled",),
+}
 
 
 def backend_modes(backend: str, path: str | None = None) -> tuple[str, ...]:

@@ -41,13 +41,24 @@ from mhsa_core.bench.worker import OK, UNSUPPORTED
 from mhsa_core.consistency.report import format_table
 
 SHORT_DIRECTIONS = {"forward": "fwd", "forward+backward": "fwd+bwd"}
-LEGEND = ("cell: median time of the repeats; % of the backend's own float32 matmul rate "
-          "measured in the same process; time / the backend's fastest native; peak "
-          "resident-memory growth of the measurement (inputs, compile and steps)")
+LEGEND = (
+    "cell: median time of the repeats; % of the backend's own float32 matmul rate "
+    "measured in the same process; time / the backend's fastest native; peak "
+    "resident-memory growth of the measurement (inputs, compile and steps)"
+)
 
 
-def build(rows, skipped, configs, *, backends, options, seconds, complete=True,
-          load_start=None):
+def build(
+    rows,
+    skipped,
+    configs,
+    *,
+    backends,
+    options,
+    seconds,
+    complete=True,
+    load_start=None,
+):
     """The report document (module docstring) of a run's rows.
 
     `complete` False: a run still going (the rows so far); `load_start`: the
@@ -62,20 +73,29 @@ def build(rows, skipped, configs, *, backends, options, seconds, complete=True,
         "version": mhsa_core.__version__,
         "seconds": seconds,
         "complete": complete,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "load_average_start": load_start, "load_average_end": load_average()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_start": load_start,
+            "load_average_end": load_average(),
+        },
         "options": options,
         "flops": FORMULA,
         "modes": {b: MODE_MEANINGS[b] for b in backends},
         "natives": {b: NATIVE_MEANINGS[b] for b in backends},
-        "backends": {b: {"version": versions.get(b), "skipped": skipped.get(b)}
-                     for b in backends},
-        "configs": {name: {**configs[name].to_json(),
-                           "forward_gflop": flops(configs[name], "forward") / 1e9,
-                           "forward_backward_gflop":
-                               flops(configs[name], "forward+backward") / 1e9}
-                    for name in used},
+        "backends": {
+            b: {"version": versions.get(b), "skipped": skipped.get(b)} for b in backends
+        },
+        "configs": {
+            name: {
+                **configs[name].to_json(),
+                "forward_gflop": flops(configs[name], "forward") / 1e9,
+                "forward_backward_gflop": flops(configs[name], "forward+backward")
+                / 1e9,
+            }
+            for name in used
+        },
         "rows": rows,
     }
 
@@ -93,8 +113,15 @@ def merge(reports):
     replaces the same (backend, config, path, mode, direction) of an earlier
     one; the ratios are derived again over the merged rows. "machine" is the
     first report's; "runs" keeps each one's machine, seconds and completeness."""
+
     def key(row):
-        return (row["backend"], row["config"], row["path"], row["mode"], row["direction"])
+        return (
+            row["backend"],
+            row["config"],
+            row["path"],
+            row["mode"],
+            row["direction"],
+        )
 
     rows, configs, backends = {}, {}, {}
     for report in reports:
@@ -113,9 +140,15 @@ def merge(reports):
         rows=derive(list(rows.values()), by_name),
         seconds=sum(r.get("seconds") or 0 for r in reports),
         complete=all(r.get("complete", True) for r in reports),
-        runs=[{"machine": r.get("machine"), "seconds": r.get("seconds"),
-               "complete": r.get("complete", True), "options": r.get("options")}
-              for r in reports],
+        runs=[
+            {
+                "machine": r.get("machine"),
+                "seconds": r.get("seconds"),
+                "complete": r.get("complete", True),
+                "options": r.get("options"),
+            }
+            for r in reports
+        ],
     )
     return merged
 
@@ -146,7 +179,9 @@ def cell(row):
     if row["status"] != OK:
         return row["status"]
     ms = row["ms"]
-    parts = [f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms" if ms >= 10 else f"{ms:.2f} ms"]
+    parts = [
+        f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms" if ms >= 10 else f"{ms:.2f} ms"
+    ]
     if row.get("ceiling_pct") is not None:
         parts.append(f"{row['ceiling_pct']:.0f}%")
     if row.get("native_ratio") is not None:
@@ -161,9 +196,11 @@ def cell(row):
 def _config_title(report, name):
     c = report["configs"][name]
     config = BenchConfig.from_json(c)
-    return (f"{name}: {config.describe()} (N={config.tokens}; "
-            f"{c['forward_gflop']:.3g} GFLOP forward, "
-            f"{c['forward_backward_gflop']:.3g} forward+backward)")
+    return (
+        f"{name}: {config.describe()} (N={config.tokens}; "
+        f"{c['forward_gflop']:.3g} GFLOP forward, "
+        f"{c['forward_backward_gflop']:.3g} forward+backward)"
+    )
 
 
 def _ceiling_line(report, name, backends):
@@ -173,8 +210,10 @@ def _ceiling_line(report, name, backends):
     for b in backends:
         value = median_ceiling(report["rows"], b, name)
         values.append(f"{b} {value:.3g}" if value else f"{b} -")
-    return (f"matmul ceiling GF/s, ({rows}, {c.channels}) @ ({c.channels}, {c.channels}), "
-            f"median over the workers: " + ", ".join(values))
+    return (
+        f"matmul ceiling GF/s, ({rows}, {c.channels}) @ ({c.channels}, {c.channels}), "
+        f"median over the workers: " + ", ".join(values)
+    )
 
 
 def _paths_line(report, name, backends):
@@ -184,22 +223,35 @@ def _paths_line(report, name, backends):
     for row in report["rows"]:
         if row["config"] != name or row["status"] != OK or not row.get("chosen_path"):
             continue
-        chosen = row["chosen_path"] + (f" ({row['chunk_size']} queries/chunk)"
-                                       if row.get("chunk_size") else "")
-        if row["path"] == "auto" or row["path"] != row["chosen_path"] or row.get("chunk_size"):
-            runs.setdefault(row["path"], {}).setdefault(row["backend"], set()).add(chosen)
+        chosen = row["chosen_path"] + (
+            f" ({row['chunk_size']} queries/chunk)" if row.get("chunk_size") else ""
+        )
+        if (
+            row["path"] == "auto"
+            or row["path"] != row["chosen_path"]
+            or row.get("chunk_size")
+        ):
+            runs.setdefault(row["path"], {}).setdefault(row["backend"], set()).add(
+                chosen
+            )
     if not runs:
         return None
     return "layer paths run: " + "; ".join(
-        f"{path} -> " + ", ".join(f"{b} {'/'.join(sorted(by[b]))}" for b in backends if b in by)
-        for path, by in runs.items())
+        f"{path} -> "
+        + ", ".join(f"{b} {'/'.join(sorted(by[b]))}" for b in backends if b in by)
+        for path, by in runs.items()
+    )
 
 
 def config_table(report, name, markdown=False):
-    """The table of config `name`: a line per (path, mode, direction), a column per backend."""
+    """The table of config `name`: a line per (path, mode, direction), a column
+    per backend."""
     backends = [b for b in report["backends"] if not report["backends"][b]["skipped"]]
-    index = {(r["backend"], r["path"], r["mode"], r["direction"]): r
-             for r in report["rows"] if r["config"] == name}
+    index = {
+        (r["backend"], r["path"], r["mode"], r["direction"]): r
+        for r in report["rows"]
+        if r["config"] == name
+    }
     header = ("path", "mode", "direction", *backends)
     lines = []
     for path in PATHS:
@@ -207,25 +259,40 @@ def config_table(report, name, markdown=False):
             for direction in DIRECTIONS:
                 found = [index.get((b, path, mode, direction)) for b in backends]
                 if any(found):
-                    lines.append((path, mode, SHORT_DIRECTIONS[direction],
-                                  *[cell(r) for r in found]))
+                    lines.append(
+                        (
+                            path,
+                            mode,
+                            SHORT_DIRECTIONS[direction],
+                            *[cell(r) for r in found],
+                        )
+                    )
     table = _markdown(header, lines) if markdown else format_table(header, lines)
     extra = [_ceiling_line(report, name, backends), _paths_line(report, name, backends)]
-    return "\n".join([_config_title(report, name), "", table, "",
-                      *[e for e in extra if e]])
+    return "\n".join(
+        [_config_title(report, name), "", table, "", *[e for e in extra if e]]
+    )
 
 
 def _markdown(header, lines):
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      *["| " + " | ".join(line) + " |" for line in lines]])
+    return "\n".join(
+        [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *["| " + " | ".join(line) + " |" for line in lines],
+        ]
+    )
 
 
 def summary_table(report, markdown=False, mode="compiled"):
     """One table of every config in one mode (default "compiled", each
     backend's usual way): a line per (config, path, direction)."""
     backends = [b for b in report["backends"] if not report["backends"][b]["skipped"]]
-    index = {(r["backend"], r["config"], r["path"], r["direction"]): r
-             for r in report["rows"] if r["mode"] == mode}
+    index = {
+        (r["backend"], r["config"], r["path"], r["direction"]): r
+        for r in report["rows"]
+        if r["mode"] == mode
+    }
     header = ("config", "path", "direction", *backends)
     lines = []
     for name in report["configs"]:
@@ -233,11 +300,18 @@ def summary_table(report, markdown=False, mode="compiled"):
             for direction in DIRECTIONS:
                 found = [index.get((b, name, path, direction)) for b in backends]
                 if any(found):
-                    lines.append((name, path, SHORT_DIRECTIONS[direction],
-                                  *[cell(r) for r in found]))
+                    lines.append(
+                        (
+                            name,
+                            path,
+                            SHORT_DIRECTIONS[direction],
+                            *[cell(r) for r in found],
+                        )
+                    )
     title = f"mode: {mode}; " + "; ".join(
         _config_title(report, name).replace(f"{name}: ", f"{name} = ", 1)
-        for name in report["configs"])
+        for name in report["configs"]
+    )
     table = _markdown(header, lines) if markdown else format_table(header, lines)
     return title + "\n\n" + table
 
@@ -248,9 +322,15 @@ def notes(report):
     for row in report["rows"]:
         if row["status"] == OK:
             if row.get("check") and not row["check"]["passed"]:
-                groups.setdefault(("over budget", "forward output vs the float64 reference: "
-                                   f"error {row['check']['error']:.3g} > budget "
-                                   f"{row['check']['budget']:.3g}"), []).append(row)
+                groups.setdefault(
+                    (
+                        "over budget",
+                        "forward output vs the float64 reference: "
+                        f"error {row['check']['error']:.3g} > budget "
+                        f"{row['check']['budget']:.3g}",
+                    ),
+                    [],
+                ).append(row)
             continue
         groups.setdefault((row["status"], row.get("reason") or ""), []).append(row)
     lines = []
@@ -258,8 +338,11 @@ def notes(report):
         if status == UNSUPPORTED or len(rows) > 3:
             where = f"{len(rows)} rows"
         else:
-            where = "; ".join(f"{r['backend']} {r['config']} {r['path']} {r['mode']} "
-                              f"{SHORT_DIRECTIONS[r['direction']]}" for r in rows)
+            where = "; ".join(
+                f"{r['backend']} {r['config']} {r['path']} {r['mode']} "
+                f"{SHORT_DIRECTIONS[r['direction']]}"
+                for r in rows
+            )
         lines.append(f"- {status} ({where}): {reason}")
     return lines
 
@@ -267,12 +350,17 @@ def notes(report):
 def checks_line(report):
     checked = [r for r in report["rows"] if r["status"] == OK and r.get("check")]
     if not checked:
-        return "forward outputs checked against the float64 reference: none (N too large)"
+        return (
+            "forward outputs checked against the float64 reference: none (N too large)"
+        )
     passed = sum(r["check"]["passed"] for r in checked)
     configs = sorted({r["config"] for r in checked})
-    return (f"forward outputs checked against the float64 NumPy reference (its budget rule): "
-            f"{passed} of {len(checked)} within budget (configs {', '.join(configs)}; "
-            f"Keras MultiHeadAttention is a different block, not checked)")
+    return (
+        "forward outputs checked against the float64 NumPy reference "
+        "(its budget rule): "
+        f"{passed} of {len(checked)} within budget (configs {', '.join(configs)}; "
+        f"Keras MultiHeadAttention is a different block, not checked)"
+    )
 
 
 def render(report, markdown=False, summary=False):
@@ -289,10 +377,12 @@ def render(report, markdown=False, summary=False):
             parts.append(config_table(report, name, markdown))
     machine = report["machine"]
     if machine.get("load_average_start") is not None:
-        parts.append(f"machine: {machine['cpus']} CPUs; 1-minute load average "
-                     f"{machine['load_average_start']:.1f} at the start, "
-                     f"{machine['load_average_end']:.1f} at the end (a load above the "
-                     "CPU count slows and scatters every time; torch's most).")
+        parts.append(
+            f"machine: {machine['cpus']} CPUs; 1-minute load average "
+            f"{machine['load_average_start']:.1f} at the start, "
+            f"{machine['load_average_end']:.1f} at the end (a load above the "
+            "CPU count slows and scatters every time; torch's most)."
+        )
     parts.append(LEGEND + ".")
     parts.append(f"GF/s counts {report['flops']}.")
     parts.append(checks_line(report) + ".")
@@ -321,15 +411,21 @@ def plot(report, path):
         if row["status"] != OK:
             continue
         config = report["configs"][row["config"]]
-        key = (row["backend"], row["path"], row["direction"], config["position_encoding"])
+        key = (
+            row["backend"],
+            row["path"],
+            row["direction"],
+            config["position_encoding"],
+        )
         points = best.setdefault(key, {})
         n = config["tokens"]
         if n not in points or row["ms"] < points[n]["ms"]:
             points[n] = row
     if not best:
         return 0
-    figure, axes = plt.subplots(2, len(backends), figsize=(5.5 * len(backends), 8.5),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        2, len(backends), figsize=(5.5 * len(backends), 8.5), squeeze=False
+    )
     colours = dict(zip(PATHS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     drawn = 0
     for col, backend in enumerate(backends):
@@ -340,10 +436,17 @@ def plot(report, path):
             style = "-" if direction == FORWARD else "--"
             marker = "o" if encoding == "none" else "x"
             label = f"{attention} {SHORT_DIRECTIONS[direction]}" + (
-                "" if encoding == "none" else f" ({encoding})")
+                "" if encoding == "none" else f" ({encoding})"
+            )
             for r, key in enumerate(("ms", "peak_gb")):
-                axes[r][col].plot(ns, [points[n][key] for n in ns], style, marker=marker,
-                                  color=colours.get(attention), label=label)
+                axes[r][col].plot(
+                    ns,
+                    [points[n][key] for n in ns],
+                    style,
+                    marker=marker,
+                    color=colours.get(attention),
+                    label=label,
+                )
             drawn += 1
         for r, what in enumerate(("median time, ms", "peak memory growth, GB")):
             ax = axes[r][col]
@@ -354,9 +457,11 @@ def plot(report, path):
             ax.set_title(f"{backend}: {what.split(',')[0]}")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][col].legend(fontsize=7)
-    figure.suptitle("mhsa-core bench (the fastest mode at each point)\n"
-                    "solid: forward, dashed: forward+backward, x: relative encoding",
-                    fontsize=10)
+    figure.suptitle(
+        "mhsa-core bench (the fastest mode at each point)\n"
+        "solid: forward, dashed: forward+backward, x: relative encoding",
+        fontsize=10,
+    )
     figure.tight_layout()
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp.png")

@@ -55,7 +55,9 @@ def _rss_bytes(pid):
 
 def _kill_group(proc):
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker's own group (start_new_session)
+        os.killpg(
+            proc.pid, signal.SIGKILL
+        )  # the worker's own group (start_new_session)
     except ProcessLookupError:
         pass
     proc.wait()
@@ -70,12 +72,18 @@ def _watch(proc, start, limit, timeout, max_memory_gb):
         elapsed = time.perf_counter() - start
         killed = None
         if peak > limit:
-            killed = {"status": worker_protocol.OUT_OF_MEMORY,
-                      "reason": f"killed at {peak / GB:.1f} GB resident "
-                                f"(over --max-memory {max_memory_gb:g} GB)"}
+            killed = {
+                "status": worker_protocol.OUT_OF_MEMORY,
+                "reason": f"killed at {peak / GB:.1f} GB resident "
+                f"(over --max-memory {max_memory_gb:g} GB)",
+            }
         elif elapsed > timeout:
-            killed = {"status": worker_protocol.TIMEOUT,
-                      "reason": f"killed after {elapsed:.0f} s (over --timeout {timeout:g} s)"}
+            killed = {
+                "status": worker_protocol.TIMEOUT,
+                "reason": (
+                    f"killed after {elapsed:.0f} s (over --timeout {timeout:g} s)"
+                ),
+            }
         if killed:
             _kill_group(proc)
             return killed
@@ -89,23 +97,37 @@ def _env(backend):
     return env
 
 
-def run_worker(measurement: Measurement, config: BenchConfig, repeats: int,
-               timeout: float, max_memory_gb: float) -> dict:
+def run_worker(
+    measurement: Measurement,
+    config: BenchConfig,
+    repeats: int,
+    timeout: float,
+    max_memory_gb: float,
+) -> dict:
     """One measurement in a fresh worker process; its result dict (never raises
     for what the worker does)."""
-    spec = json.dumps({"measurement": measurement.to_json(), "config": config.to_json(),
-                       "repeats": repeats})
+    spec = json.dumps(
+        {
+            "measurement": measurement.to_json(),
+            "config": config.to_json(),
+            "repeats": repeats,
+        }
+    )
     limit = max_memory_gb * GB
     with tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, "-m", "mhsa_core.bench.worker", spec],
-            stdout=subprocess.PIPE, stderr=stderr, env=_env(measurement.backend),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=_env(measurement.backend),
             start_new_session=True,
         )
         try:
             killed = _watch(proc, start, limit, timeout, max_memory_gb)
-        except BaseException:  # Ctrl-C: the worker is in a session of its own, stop it too
+        except (
+            BaseException
+        ):  # Ctrl-C: the worker is in a session of its own, stop it too
             _kill_group(proc)
             raise
         seconds = time.perf_counter() - start
@@ -122,13 +144,20 @@ def run_worker(measurement: Measurement, config: BenchConfig, repeats: int,
         except json.JSONDecodeError:
             pass
     code = proc.returncode
-    how = (f"killed by signal {-code}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
-           if code < 0 else f"exited with status {code}")
+    how = (
+        f"killed by signal {-code}"
+        + (" (out of memory?)" if code == -signal.SIGKILL else "")
+        if code < 0
+        else f"exited with status {code}"
+    )
     status = worker_protocol.FAILED
     if code == -signal.SIGKILL:
         status = worker_protocol.OUT_OF_MEMORY
-    return {"status": status, "reason": f"worker {how}: {last_line(err_text, 'no output')}",
-            "seconds": seconds}
+    return {
+        "status": status,
+        "reason": f"worker {how}: {last_line(err_text, 'no output')}",
+        "seconds": seconds,
+    }
 
 
 def derive(rows, configs):
@@ -186,6 +215,9 @@ def run(measurements, configs, *, repeats, timeout, max_memory_gb, on_row=None):
 
 def median_ceiling(rows, backend, config):
     """The median of the ceilings the workers of (backend, config) measured, or None."""
-    values = [r["ceiling_gflops"] for r in rows
-              if r["backend"] == backend and r["config"] == config and r.get("ceiling_gflops")]
+    values = [
+        r["ceiling_gflops"]
+        for r in rows
+        if r["backend"] == backend and r["config"] == config and r.get("ceiling_gflops")
+    ]
     return statistics.median(values) if values else None

@@ -43,6 +43,7 @@ def _keras_subject(backend, obj, call_args, x):
 
         def apply(params, x):
             return obj.stateless_call(params, fixed, *call_args(x))[0]
+
         return apply, params
     return (lambda x: obj(*call_args(x))), [v.value for v in obj.trainable_variables]
 
@@ -55,13 +56,22 @@ def _layer_choice(layer, config: BenchConfig):
         from mhsa_core.layers.attention import choice
     except ImportError:
         return None, None
-    path = choice.resolve(layer.attention_implementation, n=config.tokens, dtype="float32",
-                          query_dim=layer.head_key_dim, value_dim=config.head_dim,
-                          position=layer.position, scores=False, dropout=False)
+    path = choice.resolve(
+        layer.attention_implementation,
+        n=config.tokens,
+        dtype="float32",
+        query_dim=layer.head_key_dim,
+        value_dim=config.head_dim,
+        position=layer.position,
+        scores=False,
+        dropout=False,
+    )
     chunk = None
     if path == choice.CHUNKED:
         # min: the chunked path never makes a chunk longer than N
-        chunk = min(layer.chunk_size or choice.default_chunk_size(config.tokens), config.tokens)
+        chunk = min(
+            layer.chunk_size or choice.default_chunk_size(config.tokens), config.tokens
+        )
     return path, chunk
 
 
@@ -75,7 +85,9 @@ def layer_subject(backend, config: BenchConfig, path, weights, x):
 
     kwargs = dict(config.layer_config)
     note = ""
-    accepts = PATH_ARGUMENT in inspect.signature(MultiHeadSelfAttention2D.__init__).parameters
+    accepts = (
+        PATH_ARGUMENT in inspect.signature(MultiHeadSelfAttention2D.__init__).parameters
+    )
     if accepts:
         kwargs[PATH_ARGUMENT] = path
     elif path == "full":
@@ -96,14 +108,15 @@ def layer_subject(backend, config: BenchConfig, path, weights, x):
 
 
 def keras_mha_subject(backend, config: BenchConfig, x):
-    """`keras.layers.MultiHeadAttention(num_heads, key_dim=C // heads, attention_axes=(1, 2))`
-    as self-attention, mha(x, x), its own (Glorot, unseeded) weights: its time
-    does not depend on their values. It has an output
+    """`keras.layers.MultiHeadAttention(num_heads, key_dim=C // heads,
+    attention_axes=(1, 2))` as self-attention, mha(x, x), its own (Glorot,
+    unseeded) weights: its time does not depend on their values. It has an output
     projection the block has not, so it is not the same block."""
     import keras
 
     mha = keras.layers.MultiHeadAttention(
-        config.num_heads, key_dim=config.head_dim, attention_axes=(1, 2))
+        config.num_heads, key_dim=config.head_dim, attention_axes=(1, 2)
+    )
     call, params = _keras_subject(backend, mha, lambda x: (x, x), x)
     note = ""
     if config.position_encoding != "none":

@@ -37,19 +37,34 @@ from mhsa_core.bench.configs import BenchConfig
 from mhsa_core.bench.memory import PeakMemory
 from mhsa_core.bench.plan import Measurement
 
-CHECK_MAX_LOGITS = 4_000_000  # the legacy config's 781k is checked; N = 4096's 268M is not
+CHECK_MAX_LOGITS = (
+    4_000_000  # the legacy config's 781k is checked; N = 4096's 268M is not
+)
 # Calls between the first (compiling, timed apart) and the timed ones: none;
 # the median of the repeats absorbs a slow second call.
 WARMUP_CALLS = 0
 
 OK, FAILED, UNSUPPORTED, OUT_OF_MEMORY, TIMEOUT, SKIPPED = (
-    "ok", "failed", "unsupported", "out of memory", "timeout", "skipped")
+    "ok",
+    "failed",
+    "unsupported",
+    "out of memory",
+    "timeout",
+    "skipped",
+)
 STATUSES = (OK, FAILED, UNSUPPORTED, OUT_OF_MEMORY, TIMEOUT, SKIPPED)
 
 # How the frameworks spell running out of memory (TF, XLA, torch).
-_OOM_TEXTS = ("ResourceExhausted", "RESOURCE_EXHAUSTED", "OOM when allocating",
-              "out of memory", "Out of memory", "can't allocate memory",
-              "not enough memory", "std::bad_alloc")
+_OOM_TEXTS = (
+    "ResourceExhausted",
+    "RESOURCE_EXHAUSTED",
+    "OOM when allocating",
+    "out of memory",
+    "Out of memory",
+    "can't allocate memory",
+    "not enough memory",
+    "std::bad_alloc",
+)
 
 
 def inputs(config: BenchConfig):
@@ -62,9 +77,16 @@ def inputs(config: BenchConfig):
     position_size = None
     if schema.encoding(config.position_encoding).learned_tables:
         position_size = (config.height, config.width)
-    weights = schema.random_weights(config.channels, config.num_heads, None,
-                                    config.position_encoding, True, seed=1,
-                                    dtype=np.float32, position_size=position_size)
+    weights = schema.random_weights(
+        config.channels,
+        config.num_heads,
+        None,
+        config.position_encoding,
+        True,
+        seed=1,
+        dtype=np.float32,
+        position_size=position_size,
+    )
     return x, cotangent, weights
 
 
@@ -93,7 +115,9 @@ def measure(measurement: Measurement, config: BenchConfig, repeats: int) -> dict
     memory = PeakMemory()
     memory.start()
     engine.set_inputs(x, cotangent)
-    subject = subjects.build(measurement.backend, config, measurement.path, weights, engine.x)
+    subject = subjects.build(
+        measurement.backend, config, measurement.path, weights, engine.x
+    )
     step = engine.step(subject, measurement.mode, measurement.direction)
     start = time.perf_counter()
     out = step()
@@ -115,7 +139,7 @@ def measure(measurement: Measurement, config: BenchConfig, repeats: int) -> dict
         chunk_size=subject.chunk_size,
         note=subject.note,
     )
-    logits = config.batch * config.num_heads * config.tokens ** 2
+    logits = config.batch * config.num_heads * config.tokens**2
     result["check"] = None
     if subject.same_block and logits <= CHECK_MAX_LOGITS:
         result["check"] = _check(config, x, weights, engine.to_numpy(out))

@@ -64,12 +64,17 @@ class BudgetVerdict:
     scale: float
 
     def __str__(self):
-        rule = (f"{PEER_FACTOR:g} x rounding error {self.rounding_error:.3g} + "
-                f"{FLOOR:g} x max|oracle| {self.scale:.3g}"
-                if self.rounding_error is not None else f"rtol x max|oracle| {self.scale:.3g}")
+        rule = (
+            f"{PEER_FACTOR:g} x rounding error {self.rounding_error:.3g} + "
+            f"{FLOOR:g} x max|oracle| {self.scale:.3g}"
+            if self.rounding_error is not None
+            else f"rtol x max|oracle| {self.scale:.3g}"
+        )
         word = "within" if self.passed else "BEYOND"
-        return (f"error {self.error:.3g} {word} budget {self.budget:.3g} "
-                f"(ratio {self.ratio:.3g}; budget = {rule})")
+        return (
+            f"error {self.error:.3g} {word} budget {self.budget:.3g} "
+            f"(ratio {self.ratio:.3g}; budget = {rule})"
+        )
 
 
 def _leaves(structure, what):
@@ -119,9 +124,9 @@ def _runs(model, inputs):
     low = [a.dtype for a in high if a.dtype.kind == "f" and a.dtype != np.float64]
     if low:
         raise ValueError(
-            f"The float64 run of `model` returned {low[0]}: it is not a float64 oracle. "
-            "Under JAX set JAX_ENABLE_X64=1 before importing jax; a function must "
-            "compute in the dtype of its inputs."
+            f"The float64 run of `model` returned {low[0]}: it is not a float64 "
+            "oracle. Under JAX set JAX_ENABLE_X64=1 before importing jax; a function "
+            "must compute in the dtype of its inputs."
         )
     return own, high
 
@@ -144,7 +149,9 @@ def within_budget(result, model, inputs, *, rtol: float | None = None) -> Budget
         A `BudgetVerdict` (error, budget, ratio, passed, rounding_error, scale).
     """
     if rtol is not None and not rtol > 0:
-        raise ValueError(f"`rtol` must be a positive number or None. Received: rtol={rtol!r}")
+        raise ValueError(
+            f"`rtol` must be a positive number or None. Received: rtol={rtol!r}"
+        )
     own, oracle = _runs(model, inputs)
     results = _leaves(result, "result")
     if len(results) != len(oracle):
@@ -160,11 +167,19 @@ def within_budget(result, model, inputs, *, rtol: float | None = None) -> Budget
     else:
         rounding, budget = None, rtol * magnitude
     ratio = error / budget if budget > 0 else (0.0 if error == 0 else float("inf"))
-    return BudgetVerdict(error=error, budget=budget, ratio=ratio, passed=bool(error <= budget),
-                         rounding_error=rounding, scale=magnitude)
+    return BudgetVerdict(
+        error=error,
+        budget=budget,
+        ratio=ratio,
+        passed=bool(error <= budget),
+        rounding_error=rounding,
+        scale=magnitude,
+    )
 
 
-def assert_within_budget(result, model, inputs, *, rtol: float | None = None) -> BudgetVerdict:
+def assert_within_budget(
+    result, model, inputs, *, rtol: float | None = None
+) -> BudgetVerdict:
     """`within_budget`, raising AssertionError (with the numbers) when it fails.
 
     Returns:

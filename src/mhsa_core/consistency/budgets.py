@@ -17,12 +17,28 @@ The README's tolerance policy has the reasoning.
 import numpy as np
 
 from mhsa_core.consistency import protocol
-from mhsa_core.reference.budget import FLOAT64_RTOL, FLOOR, float32_budget, float64_budget, max_abs
+from mhsa_core.reference.budget import (
+    FLOAT64_RTOL,
+    FLOOR,
+    float32_budget,
+    float64_budget,
+    max_abs,
+)
 
 __all__ = [
-    "FLOOR", "FLOAT64_RTOL", "PEER_FACTOR", "float32_budget", "float64_budget", "max_abs",
-    "scale", "peer_budgets", "variant_budgets", "float64_budgets",
-    "variant_float64_budgets", "repeat_budget", "step_budget",
+    "FLOOR",
+    "FLOAT64_RTOL",
+    "PEER_FACTOR",
+    "float32_budget",
+    "float64_budget",
+    "max_abs",
+    "scale",
+    "peer_budgets",
+    "variant_budgets",
+    "float64_budgets",
+    "variant_float64_budgets",
+    "repeat_budget",
+    "step_budget",
 ]
 
 # Correct float32 backends differ by more than 2x once errors compound, and

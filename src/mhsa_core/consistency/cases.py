@@ -18,20 +18,35 @@ import zipfile
 
 import numpy as np
 
-from mhsa_core.reference import schema
 from mhsa_core.consistency import protocol
+from mhsa_core.reference import schema
 
 __all__ = [
-    "Case", "EXPLICIT_KEYS", "layer_case",
-    "default_cases", "extended_cases", "ModelFileError", "read_model_config",
-    "check_safe", "generate_inputs", "model_case", "DEFAULT_SIZE", "VARIABLE_SIZES",
+    "Case",
+    "EXPLICIT_KEYS",
+    "layer_case",
+    "default_cases",
+    "extended_cases",
+    "ModelFileError",
+    "read_model_config",
+    "check_safe",
+    "generate_inputs",
+    "model_case",
+    "DEFAULT_SIZE",
+    "VARIABLE_SIZES",
     "DEFAULT_BATCH",
 ]
 
 # A layer case's config must state these: the arguments whose defaults
 # changed, and those that decide the weights.
-EXPLICIT_KEYS = ("num_heads", "activation", "position_encoding", "scale", "use_bias",
-                 "kernel_initializer")
+EXPLICIT_KEYS = (
+    "num_heads",
+    "activation",
+    "position_encoding",
+    "scale",
+    "use_bias",
+    "kernel_initializer",
+)
 DEFAULT_SIZE = 8  # a None spatial/feature dimension of a user model's input
 DEFAULT_BATCH = 2  # a None batch dimension
 
@@ -72,7 +87,7 @@ class Case:
 
     @property
     def kind(self):
-        """"layer" (our layer, a NumPy oracle exists) or "model" (a user's file)."""
+        """ "layer" (our layer, a NumPy oracle exists) or "model" (a user's file)."""
         return "layer" if self.config is not None else "model"
 
 
@@ -81,12 +96,14 @@ def _check_explicit(name, config):
     if missing:
         raise ValueError(
             f"A layer case states every argument whose default matters; case {name!r} "
-            f"lacks {missing} (start from `schema.preset(...)`). Received: config={config}"
+            f"lacks {missing} (start from `schema.preset(...)`). "
+            f"Received: config={config}"
         )
 
 
-def layer_case(name, config, shapes, *, seed, tasks=protocol.ALL_TASKS, dtype="float32",
-               mask=False):
+def layer_case(
+    name, config, shapes, *, seed, tasks=protocol.ALL_TASKS, dtype="float32", mask=False
+):
     """A case of `MultiHeadSelfAttention2D(**config)` with NumPy-drawn weights.
 
     Args:
@@ -110,11 +127,16 @@ def layer_case(name, config, shapes, *, seed, tasks=protocol.ALL_TASKS, dtype="f
     rng = np.random.default_rng(seed)
     variants = []
     for shape in shapes:
-        x = rng.standard_normal(shape).astype(np.float64 if dtype == "float64" else np.float32)
+        x = rng.standard_normal(shape).astype(
+            np.float64 if dtype == "float64" else np.float32
+        )
         variant = {"x": x}
         if mask:
-            b, h, w = (shape[0], shape[2], shape[3]) if data_format == "channels_first" \
+            b, h, w = (
+                (shape[0], shape[2], shape[3])
+                if data_format == "channels_first"
                 else shape[:3]
+            )
             m = np.ones((b, h, w), dtype=bool)
             m[0] = False  # an item with every key masked: zeros, never NaN
             if b > 1:
@@ -123,12 +145,19 @@ def layer_case(name, config, shapes, *, seed, tasks=protocol.ALL_TASKS, dtype="f
         variants.append(variant)
     channels = shapes[0][1] if data_format == "channels_first" else shapes[0][-1]
     weights = schema.random_weights(
-        channels, config["num_heads"], config.get("key_dim"), config["position_encoding"],
-        config["use_bias"], seed=seed + 1, dtype=np.float32,
+        channels,
+        config["num_heads"],
+        config.get("key_dim"),
+        config["position_encoding"],
+        config["use_bias"],
+        seed=seed + 1,
+        dtype=np.float32,
         position_size=config.get("position_size"),
     )
     weights = {k: v.astype(np.float64) for k, v in weights.items()}
-    return Case(name, dict(config), variants, weights=weights, tasks=tuple(tasks), dtype=dtype)
+    return Case(
+        name, dict(config), variants, weights=weights, tasks=tuple(tasks), dtype=dtype
+    )
 
 
 def default_cases():
@@ -136,15 +165,27 @@ def default_cases():
     yolov4_mhsa = schema.preset("yolov4_mhsa")
     return [
         layer_case("yolov4_mhsa", yolov4_mhsa, [(2, 25, 25, 512)], seed=0),
-        layer_case("multihead", {**yolov4_mhsa, "num_heads": 8,
-                                 "data_format": "channels_first"},
-                   [(2, 64, 7, 5)], seed=10),
-        layer_case("masked", {**yolov4_mhsa, "num_heads": 2}, [(2, 6, 7, 32)], seed=20,
-                   mask=True),
+        layer_case(
+            "multihead",
+            {**yolov4_mhsa, "num_heads": 8, "data_format": "channels_first"},
+            [(2, 64, 7, 5)],
+            seed=10,
+        ),
+        layer_case(
+            "masked",
+            {**yolov4_mhsa, "num_heads": 2},
+            [(2, 6, 7, 32)],
+            seed=20,
+            mask=True,
+        ),
         # MultiHeadSelfAttention2D.botnet(num_heads=4, position_size=(6, 6)): relative
         # tables learned for 6x6, run at 6x6 and at 4x9 (resized in the graph).
-        layer_case("botnet", schema.preset("botnet", num_heads=4, position_size=(6, 6)),
-                   [(2, 6, 6, 32), (1, 4, 9, 32)], seed=70),
+        layer_case(
+            "botnet",
+            schema.preset("botnet", num_heads=4, position_size=(6, 6)),
+            [(2, 6, 6, 32), (1, 4, 9, 32)],
+            seed=70,
+        ),
     ] + _path_cases()
 
 
@@ -164,15 +205,29 @@ def _path_cases():
         # leave a ragged last chunk at both sizes (16 tokens = 10 + 6,
         # 18 = 10 + 8). Two chunks: torch.compile traces every (head, chunk)
         # body unrolled.
-        layer_case("botnet-chunked",
-                   {**schema.preset("botnet", num_heads=2, position_size=(4, 4)),
-                    "attention_implementation": "chunked", "chunk_size": 10},
-                   [(2, 4, 4, 16), (2, 3, 6, 16)], seed=130, mask=True),
+        layer_case(
+            "botnet-chunked",
+            {
+                **schema.preset("botnet", num_heads=2, position_size=(4, 4)),
+                "attention_implementation": "chunked",
+                "chunk_size": 10,
+            },
+            [(2, 4, 4, 16), (2, 3, 6, 16)],
+            seed=130,
+            mask=True,
+        ),
         # The "masked" case on the backends' fused kernels (its shapes, so
         # that JAX reuses the compiled projections).
-        layer_case("masked-fused", {**schema.preset("yolov4_mhsa", num_heads=2),
-                                    "attention_implementation": "fused"},
-                   [(2, 6, 7, 32)], seed=20, mask=True),
+        layer_case(
+            "masked-fused",
+            {
+                **schema.preset("yolov4_mhsa", num_heads=2),
+                "attention_implementation": "fused",
+            },
+            [(2, 6, 7, 32)],
+            seed=20,
+            mask=True,
+        ),
     ]
 
 
@@ -186,21 +241,52 @@ def _position_cases():
     yolov4_mhsa = schema.preset("yolov4_mhsa")
     return [
         # Non-square reference size, channels_first; the other size comes first.
-        ("relative", {**yolov4_mhsa, "num_heads": 2, "position_encoding": "relative",
-                      "position_size": (5, 7), "scale": None,
-                      "data_format": "channels_first"},
-         [(2, 16, 8, 6), (1, 16, 5, 7)], {}),
+        (
+            "relative",
+            {
+                **yolov4_mhsa,
+                "num_heads": 2,
+                "position_encoding": "relative",
+                "position_size": (5, 7),
+                "scale": None,
+                "data_format": "channels_first",
+            },
+            [(2, 16, 8, 6), (1, 16, 5, 7)],
+            {},
+        ),
         # scale multiplies q.k only; a masked batch; key_dim != C / heads.
-        ("absolute", {**yolov4_mhsa, "num_heads": 2, "key_dim": 6,
-                      "position_encoding": "absolute", "position_size": (6, 5),
-                      "scale": None, "scale_position_logits": False},
-         [(2, 6, 5, 16), (2, 8, 9, 16)], {"mask": True}),
+        (
+            "absolute",
+            {
+                **yolov4_mhsa,
+                "num_heads": 2,
+                "key_dim": 6,
+                "position_encoding": "absolute",
+                "position_size": (6, 5),
+                "scale": None,
+                "scale_position_logits": False,
+            },
+            [(2, 6, 5, 16), (2, 8, 9, 16)],
+            {"mask": True},
+        ),
         # Fixed, no weights: any size is its own embedding.
-        ("sinusoidal", {**yolov4_mhsa, "num_heads": 2, "position_encoding": "sinusoidal",
-                        "scale": None},
-         [(2, 5, 6, 16), (1, 8, 9, 16)], {}),
-        ("none", {**yolov4_mhsa, "num_heads": 2, "position_encoding": "none"},
-         [(2, 4, 5, 16)], {}),
+        (
+            "sinusoidal",
+            {
+                **yolov4_mhsa,
+                "num_heads": 2,
+                "position_encoding": "sinusoidal",
+                "scale": None,
+            },
+            [(2, 5, 6, 16), (1, 8, 9, 16)],
+            {},
+        ),
+        (
+            "none",
+            {**yolov4_mhsa, "num_heads": 2, "position_encoding": "none"},
+            [(2, 4, 5, 16)],
+            {},
+        ),
     ]
 
 
@@ -208,23 +294,52 @@ def extended_cases():
     """`default_cases` plus the configurations the test suite adds."""
     yolov4_mhsa = schema.preset("yolov4_mhsa")
     # The layer's defaults (standard scaled dot-product attention), spelled out.
-    standard = {"num_heads": 2, "key_dim": None, "activation": None,
-                "position_encoding": "none", "scale": None, "use_bias": True,
-                "kernel_initializer": "glorot_uniform"}
-    return default_cases() + [
-        layer_case("heads4-key_dim6", {**yolov4_mhsa, "num_heads": 4, "key_dim": 6},
-                   [(2, 5, 6, 32)], seed=30),
-        layer_case("conv-linear-scaled", {**yolov4_mhsa, "activation": None, "scale": None,
-                                          "num_heads": 2},
-                   [(2, 4, 9, 32)], seed=40),
-        layer_case("float64", {**yolov4_mhsa, "num_heads": 2}, [(2, 5, 4, 16)], seed=50,
-                   dtype="float64"),
-        layer_case("dynamic", {**yolov4_mhsa, "num_heads": 2},
-                   [(2, 5, 7, 16), (1, 9, 4, 16)], seed=60),
-    ] + [layer_case(name, config, shapes, seed=80 + 10 * i, **options)
-         for i, (name, config, shapes, options) in enumerate(_position_cases())] + [
-        layer_case("standard", standard, [(2, 4, 9, 32)], seed=120),
-    ]
+    standard = {
+        "num_heads": 2,
+        "key_dim": None,
+        "activation": None,
+        "position_encoding": "none",
+        "scale": None,
+        "use_bias": True,
+        "kernel_initializer": "glorot_uniform",
+    }
+    return (
+        default_cases()
+        + [
+            layer_case(
+                "heads4-key_dim6",
+                {**yolov4_mhsa, "num_heads": 4, "key_dim": 6},
+                [(2, 5, 6, 32)],
+                seed=30,
+            ),
+            layer_case(
+                "conv-linear-scaled",
+                {**yolov4_mhsa, "activation": None, "scale": None, "num_heads": 2},
+                [(2, 4, 9, 32)],
+                seed=40,
+            ),
+            layer_case(
+                "float64",
+                {**yolov4_mhsa, "num_heads": 2},
+                [(2, 5, 4, 16)],
+                seed=50,
+                dtype="float64",
+            ),
+            layer_case(
+                "dynamic",
+                {**yolov4_mhsa, "num_heads": 2},
+                [(2, 5, 7, 16), (1, 9, 4, 16)],
+                seed=60,
+            ),
+        ]
+        + [
+            layer_case(name, config, shapes, seed=80 + 10 * i, **options)
+            for i, (name, config, shapes, options) in enumerate(_position_cases())
+        ]
+        + [
+            layer_case("standard", standard, [(2, 4, 9, 32)], seed=120),
+        ]
+    )
 
 
 # --------------------------------------------------------- user models
@@ -257,8 +372,11 @@ def _walk(obj):
 
 def check_safe(config, path):
     """Refuses (ModelFileError) a model that Keras safe mode would refuse."""
-    lambdas = [d.get("config", {}).get("name", "?") for d in _walk(config)
-               if d.get("class_name") == "Lambda"]
+    lambdas = [
+        d.get("config", {}).get("name", "?")
+        for d in _walk(config)
+        if d.get("class_name") == "Lambda"
+    ]
     if lambdas:
         raise ModelFileError(
             f"{path} contains Lambda layer(s) {lambdas}: loading them runs arbitrary "
@@ -301,8 +419,10 @@ def generate_inputs(specs, seed=0):
     for size in sizes:
         variant = {}
         for name, shape, dtype in specs:
-            shape = [DEFAULT_BATCH if (i == 0 and d is None) else (size if d is None else d)
-                     for i, d in enumerate(shape)]
+            shape = [
+                DEFAULT_BATCH if (i == 0 and d is None) else (size if d is None else d)
+                for i, d in enumerate(shape)
+            ]
             dtype = _dtype_name(dtype)
             if dtype == "bool":
                 array = rng.random(shape) < 0.5
@@ -310,7 +430,8 @@ def generate_inputs(specs, seed=0):
                 array = rng.integers(0, 10, size=shape).astype(dtype)
             else:
                 array = rng.standard_normal(shape).astype(
-                    "float64" if dtype == "float64" else "float32")
+                    "float64" if dtype == "float64" else "float32"
+                )
             variant[name] = array
         variants.append(variant)
     return variants
@@ -340,6 +461,12 @@ def model_case(path, inputs=None, *, name="model", tasks=protocol.ALL_TASKS):
     elif isinstance(inputs, dict):
         variants = [{str(k): np.asarray(a) for k, a in inputs.items()}]
     else:
-        variants = [{f"input_{k}": np.asarray(a) for k, a in enumerate(
-            inputs if isinstance(inputs, (list, tuple)) else [inputs])}]
+        variants = [
+            {
+                f"input_{k}": np.asarray(a)
+                for k, a in enumerate(
+                    inputs if isinstance(inputs, (list, tuple)) else [inputs]
+                )
+            }
+        ]
     return Case(name, None, variants, model_path=str(path), tasks=tuple(tasks))

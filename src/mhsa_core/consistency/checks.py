@@ -36,11 +36,28 @@ from collections.abc import Callable
 from mhsa_core.consistency import budgets, drift, oracles, protocol
 from mhsa_core.consistency.oracles import Oracle
 from mhsa_core.consistency.protocol import (
-    DRIFT, EXPORT, FORWARD, FORWARD64, GRADS, GRADS64, JIT, OPTIMIZERS, SAVE, SCORES,
+    DRIFT,
+    EXPORT,
+    FORWARD,
+    FORWARD64,
+    GRADS,
+    GRADS64,
+    JIT,
+    OPTIMIZERS,
+    SAVE,
+    SCORES,
 )
 from mhsa_core.consistency.report import Cell, Row, cell_of, last_line
 
-__all__ = ["Check", "CHECKS", "CaseContext", "SharedOracle", "ERRORS", "judge", "judge_step"]
+__all__ = [
+    "Check",
+    "CHECKS",
+    "CaseContext",
+    "SharedOracle",
+    "ERRORS",
+    "judge",
+    "judge_step",
+]
 
 _KINDS = ("layer", "model")
 # The row of tasks that raised (the CLI prints their tracebacks' last lines).
@@ -78,9 +95,14 @@ def judge_step(result, optimizer, variants):
         if not all(protocol.step_grad_key(v, j) in result for j in range(n)):
             return Cell(passed=False, note=f"no {optimizer} step of input variant {v}")
         for j, key in enumerate(group):
-            oracle[key] = oracles.step_oracle(optimizer, result[protocol.start_key(j)],
-                                              result[protocol.step_grad_key(v, j)])
-        steps = [oracle[key] - result[protocol.start_key(j)] for j, key in enumerate(group)]
+            oracle[key] = oracles.step_oracle(
+                optimizer,
+                result[protocol.start_key(j)],
+                result[protocol.step_grad_key(v, j)],
+            )
+        steps = [
+            oracle[key] - result[protocol.start_key(j)] for j, key in enumerate(group)
+        ]
         budget = budgets.step_budget([oracle[k] for k in group], steps)
         by_key.update({k: budget for k in group})
         keys += group
@@ -136,16 +158,24 @@ class CaseContext:
         multi-output model `output_key(v, o)` of each output any backend
         returned (a backend that lacks one fails it)."""
         keys = [protocol.out_key(v) for v in range(self.variants)]
-        found = {**self.results(FORWARD), **{f"{b}64": r for b, r in
-                                             self.results(FORWARD64).items()}}
-        more = [k for k in protocol.keys_with(found, (protocol.OUT_PREFIX,))
-                if k not in keys]
+        found = {
+            **self.results(FORWARD),
+            **{f"{b}64": r for b, r in self.results(FORWARD64).items()},
+        }
+        more = [
+            k
+            for k in protocol.keys_with(found, (protocol.OUT_PREFIX,))
+            if k not in keys
+        ]
         return keys + more
 
     def results(self, task):
         """{backend: result} of `task` on the backends that returned one."""
-        return {b: r.results[self.name][task] for b, r in self.runs.items()
-                if b in self.backends and task in r.results.get(self.name, {})}
+        return {
+            b: r.results[self.name][task]
+            for b, r in self.runs.items()
+            if b in self.backends and task in r.results.get(self.name, {})
+        }
 
     @functools.cached_property
     def reference(self):
@@ -159,33 +189,55 @@ class CaseContext:
         if self.case.kind == "layer":
             return SharedOracle(*self.reference["out"], keys)
         fwd, fwd64 = self.results(FORWARD), self.results(FORWARD64)
-        oracle = (None if self.rtol is not None or not fwd64
-                  else oracles.float64_oracle(fwd64, keys))
+        oracle = (
+            None
+            if self.rtol is not None or not fwd64
+            else oracles.float64_oracle(fwd64, keys)
+        )
         if oracle is not None:
-            return SharedOracle(oracle, budgets.peer_budgets(fwd, fwd64, oracle, keys), keys,
-                                float64=True)
+            return SharedOracle(
+                oracle,
+                budgets.peer_budgets(fwd, fwd64, oracle, keys),
+                keys,
+                float64=True,
+            )
         # No float64 run: the median float32 result and an explicit rtol.
         oracle = oracles.median_oracle(fwd, keys)
         return SharedOracle(
-            oracle, {} if oracle is None else
-            budgets.peer_budgets(fwd, None, oracle, keys, rtol=self.rtol), keys)
+            oracle,
+            {}
+            if oracle is None
+            else budgets.peer_budgets(fwd, None, oracle, keys, rtol=self.rtol),
+            keys,
+        )
 
     @functools.cached_property
     def gradients(self):
         """The gradients' oracle (None: no gradients came back at all)."""
         grads, grads64 = self.results(GRADS), self.results(GRADS64)
         keys = protocol.keys_with(grads64 or grads, protocol.GRADIENT_PREFIXES)
-        oracle = (oracles.float64_oracle(grads64, keys)
-                  if grads64 and self.rtol is None else None)
+        oracle = (
+            oracles.float64_oracle(grads64, keys)
+            if grads64 and self.rtol is None
+            else None
+        )
         if oracle is not None:
-            return SharedOracle(oracle, budgets.variant_budgets(grads, grads64, oracle, keys),
-                                keys, float64=True)
+            return SharedOracle(
+                oracle,
+                budgets.variant_budgets(grads, grads64, oracle, keys),
+                keys,
+                float64=True,
+            )
         if not grads:
             return None
         oracle = oracles.median_oracle(grads, keys)
         return SharedOracle(
-            oracle, {} if oracle is None else
-            budgets.variant_budgets(grads, None, oracle, keys, rtol=self.rtol), keys)
+            oracle,
+            {}
+            if oracle is None
+            else budgets.variant_budgets(grads, None, oracle, keys, rtol=self.rtol),
+            keys,
+        )
 
     # ---------------------------------------------------------- cells
     def compare(self, task, oracle, keys):
@@ -193,10 +245,14 @@ class CaseContext:
         `budgets`) on `keys`."""
         results = self.results(task)
         if oracle.values is None:
-            return {b: Cell(passed=False, note="no oracle: the backends' shapes differ")
-                    for b in results}
-        return {b: judge(res, oracle.values, keys, oracle.budgets)
-                for b, res in results.items()}
+            return {
+                b: Cell(passed=False, note="no oracle: the backends' shapes differ")
+                for b in results
+            }
+        return {
+            b: judge(res, oracle.values, keys, oracle.budgets)
+            for b, res in results.items()
+        }
 
     def lenient_float64(self, task, oracle, float32_budgets, keys):
         """float64 cells of a user model: a deviation that float32 arithmetic
@@ -208,7 +264,9 @@ class CaseContext:
         for b, res in self.results(task).items():
             cell = judge(res, oracle, keys, strict)
             if not cell.passed and judge(res, oracle, keys, float32_budgets).passed:
-                cell = dataclasses.replace(cell, passed=None, note="float32-level (Keras)")
+                cell = dataclasses.replace(
+                    cell, passed=None, note="float32-level (Keras)"
+                )
             cells[b] = cell
         return cells
 
@@ -220,27 +278,41 @@ class CaseContext:
         missing = [v for v in range(self.variants) if v not in present]
         if not missing:
             return None
-        return {b: Cell(passed=False, note=f"no gradients of input variant(s) {missing}")
-                for b in self.results(task)}
+        return {
+            b: Cell(passed=False, note=f"no gradients of input variant(s) {missing}")
+            for b in self.results(task)
+        }
 
     def oracle_note(self):
         """What this case's results were compared with, in words (a report note)."""
         parts = []
         if self.case.kind == "layer":
-            parts.append("forward, scores, jit and .keras loads: the NumPy float64 "
-                         "reference (mhsa_core.reference)")
+            parts.append(
+                "forward, scores, jit and .keras loads: the NumPy float64 "
+                "reference (mhsa_core.reference)"
+            )
         else:
             forward = self.forward
-            parts.append(_describe_oracle(
-                "forward, jit and .keras loads",
-                self.results(FORWARD64) if forward.float64 else self.results(FORWARD),
-                forward.float64, self.backends))
+            parts.append(
+                _describe_oracle(
+                    "forward, jit and .keras loads",
+                    self.results(FORWARD64)
+                    if forward.float64
+                    else self.results(FORWARD),
+                    forward.float64,
+                    self.backends,
+                )
+            )
         grads = self.gradients
         if grads is not None:
-            parts.append(_describe_oracle(
-                "gradients",
-                self.results(GRADS64) if grads.float64 else self.results(GRADS),
-                grads.float64, self.backends))
+            parts.append(
+                _describe_oracle(
+                    "gradients",
+                    self.results(GRADS64) if grads.float64 else self.results(GRADS),
+                    grads.float64,
+                    self.backends,
+                )
+            )
         return f"{self.name}: " + "; ".join(parts)
 
     def saved(self, saver):
@@ -258,9 +330,13 @@ def _describe_oracle(what, results, float64, backends):
     if len(names) == 1:
         return f"{what}: {names[0]}'s own {kind} run only (nothing to compare it with)"
     if len(names) == 2:
-        return (f"{what}: the midpoint of {names[0]} and {names[1]} ({kind}): a "
-                f"disagreement between them cannot be attributed to one of them")
-    return f"{what}: the median of the {kind} runs of {', '.join(names) or 'no backend'}"
+        return (
+            f"{what}: the midpoint of {names[0]} and {names[1]} ({kind}): a "
+            f"disagreement between them cannot be attributed to one of them"
+        )
+    return (
+        f"{what}: the median of the {kind} runs of {', '.join(names) or 'no backend'}"
+    )
 
 
 # -------------------------------------------------------------- checks
@@ -326,8 +402,11 @@ class Check:
 
     def savers(self, case, backends):
         """The backends whose saved files it judges (`per_saver`)."""
-        return [b for b in protocol.case_backends(case.dtype, backends)
-                if b in protocol.TRAINING_BACKENDS]
+        return [
+            b
+            for b in protocol.case_backends(case.dtype, backends)
+            if b in protocol.TRAINING_BACKENDS
+        ]
 
     def expected_cells(self, case, backends, rtol=None):
         """[(row title, backend)] of a complete run of `case`."""
@@ -335,10 +414,16 @@ class Check:
             return []
         loaders = self.cell_backends(case, backends)
         if self.per_saver:
-            return [(self.name.format(saver=s), b) for s in self.savers(case, backends)
-                    for b in loaders if b != s]
+            return [
+                (self.name.format(saver=s), b)
+                for s in self.savers(case, backends)
+                for b in loaders
+                if b != s
+            ]
         if self.per_format:
-            return [(self.name.format(format=f), b) for f in case.exports for b in loaders]
+            return [
+                (self.name.format(format=f), b) for f in case.exports for b in loaders
+            ]
         return [(self.name, b) for b in loaders]
 
     def rows(self, ctx):
@@ -352,8 +437,13 @@ class Check:
         for saver in savers:
             cells = self.judge(ctx, saver)
             if cells is not None:
-                title = (self.name.format(saver=saver) if self.per_saver else
-                         self.name.format(format=saver) if self.per_format else self.name)
+                title = (
+                    self.name.format(saver=saver)
+                    if self.per_saver
+                    else self.name.format(format=saver)
+                    if self.per_format
+                    else self.name
+                )
                 rows.append(Row(ctx.name, title, cells))
         return rows
 
@@ -369,8 +459,7 @@ def _forward64(ctx, saver):
     forward = ctx.forward
     if not forward.float64:
         return None
-    return ctx.lenient_float64(FORWARD64, forward.values, forward.budgets,
-                               ctx.out_keys)
+    return ctx.lenient_float64(FORWARD64, forward.values, forward.budgets, ctx.out_keys)
 
 
 def _scores(ctx, saver):
@@ -391,8 +480,12 @@ def _repeatable(ctx, saver):
     first, again = protocol.out_key(0), protocol.AGAIN_KEY
     for b, res in ctx.results(FORWARD).items():
         if again in res:
-            cells[b] = judge(res, {again: res[first]}, [again],
-                             {again: budgets.repeat_budget(res[first])})
+            cells[b] = judge(
+                res,
+                {again: res[first]},
+                [again],
+                {again: budgets.repeat_budget(res[first])},
+            )
     return cells
 
 
@@ -427,6 +520,7 @@ def _optimizer_step(optimizer):
         if grads is None or not grads.float64 or not steps:
             return None
         return {b: judge_step(res, optimizer, ctx.variants) for b, res in steps.items()}
+
     return judge_optimizer
 
 
@@ -470,8 +564,11 @@ def _export(ctx, fmt):
         elif forward.values is None:
             cells[b] = Cell(passed=False, note="no oracle: the backends' shapes differ")
         else:
-            outputs = {protocol.out_key(v): res[protocol.export_key(fmt, v)]
-                       for v in range(ctx.variants) if protocol.export_key(fmt, v) in res}
+            outputs = {
+                protocol.out_key(v): res[protocol.export_key(fmt, v)]
+                for v in range(ctx.variants)
+                if protocol.export_key(fmt, v) in res
+            }
             # The runtimes return the artifact's first output (their output
             # order is their own): a multi-output model is judged on output 0,
             # and the cell says so.
@@ -481,7 +578,11 @@ def _export(ctx, fmt):
             cell = judge(outputs, forward.values, first, forward.budgets)
             cells[b] = dataclasses.replace(cell, scope=note)
     for b in ctx.backends:  # the export task raised: the errors row has why
-        if b not in cells and b in ctx.runs and EXPORT in ctx.runs[b].errors.get(ctx.name, {}):
+        if (
+            b not in cells
+            and b in ctx.runs
+            and EXPORT in ctx.runs[b].errors.get(ctx.name, {})
+        ):
             cells[b] = Cell(passed=False, note="export task failed")
     return cells
 
@@ -504,28 +605,63 @@ CHECKS = [
     Check("forward", (FORWARD, FORWARD64), _forward),
     # A layer case's float64 run against the reference; a model's against
     # the float64 oracle, float32-level deviations reported (Keras).
-    Check("forward float64", (FORWARD64,), _forward64, float64_cases=False,
-          exact_for=("model",), backends="training"),
+    Check(
+        "forward float64",
+        (FORWARD64,),
+        _forward64,
+        float64_cases=False,
+        exact_for=("model",),
+        backends="training",
+    ),
     Check("attention scores", (SCORES,), _scores, kinds=("layer",)),
     Check("jit forward", (JIT, FORWARD, FORWARD64), _jit, backends="training"),
     Check("forward repeatable", (FORWARD,), _repeatable),
     Check("gradients", (GRADS, GRADS64), _gradients, backends="training"),
-    Check("gradients float64", (GRADS, GRADS64), _gradients64,
-          exact_for=_KINDS, backends="training"),
-    Check("SGD step", (OPTIMIZERS, GRADS, GRADS64), _optimizer_step("sgd"),
-          exact_for=_KINDS, backends="training"),
-    Check("Adam step", (OPTIMIZERS, GRADS, GRADS64), _optimizer_step("adam"),
-          exact_for=_KINDS, backends="training"),
-    Check(".keras saved by {saver}", (SAVE, FORWARD, FORWARD64), _keras_file,
-          per_saver=True),
+    Check(
+        "gradients float64",
+        (GRADS, GRADS64),
+        _gradients64,
+        exact_for=_KINDS,
+        backends="training",
+    ),
+    Check(
+        "SGD step",
+        (OPTIMIZERS, GRADS, GRADS64),
+        _optimizer_step("sgd"),
+        exact_for=_KINDS,
+        backends="training",
+    ),
+    Check(
+        "Adam step",
+        (OPTIMIZERS, GRADS, GRADS64),
+        _optimizer_step("adam"),
+        exact_for=_KINDS,
+        backends="training",
+    ),
+    Check(
+        ".keras saved by {saver}",
+        (SAVE, FORWARD, FORWARD64),
+        _keras_file,
+        per_saver=True,
+    ),
     # Opt-in (`--steps K`): K optimizer steps in float32 and float64 on each
     # backend, judged by the peer rule at every step (`drift`).
-    Check(drift.CHECK_NAME, (DRIFT,), drift.judge_drift, float64_cases=False,
-          exact_for=_KINDS, backends="training"),
+    Check(
+        drift.CHECK_NAME,
+        (DRIFT,),
+        drift.judge_drift,
+        float64_cases=False,
+        exact_for=_KINDS,
+        backends="training",
+    ),
     # `model.export` per format of the case (opt-in: `run_matrix(export=...)`),
     # each artifact run in its own runtime; cells per exporting backend.
-    Check("{format} export", (EXPORT, FORWARD, FORWARD64), _export, backends="training",
-          per_format=True),
+    Check(
+        "{format} export",
+        (EXPORT, FORWARD, FORWARD64),
+        _export,
+        backends="training",
+        per_format=True,
+    ),
     Check(ERRORS, (), _errors, expected=False),
 ]
-

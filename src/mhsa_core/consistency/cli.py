@@ -41,7 +41,13 @@ from mhsa_core.consistency import cases, drift, locate, matrix, protocol
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.checks import ERRORS
 from mhsa_core.consistency.protocol import BACKENDS, TRAINING_BACKENDS
-from mhsa_core.consistency.report import cell_of, format_table, last_line, render, verdict
+from mhsa_core.consistency.report import (
+    cell_of,
+    format_table,
+    last_line,
+    render,
+    verdict,
+)
 from mhsa_core.consistency.runner import run_backends, unavailable_reason
 from mhsa_core.reference import schema
 
@@ -98,7 +104,9 @@ def _positive_int(text):
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; received: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer; received: {text!r}"
+        )
     return value
 
 
@@ -108,7 +116,9 @@ def _positive_float(text):
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number; received: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number; received: {text!r}"
+        )
     return value
 
 
@@ -122,36 +132,59 @@ def demo(args, out=None):
     shape = (args.batch, args.size, args.size, args.channels)
     array_dtype = np.float64 if args.dtype == "float64" else np.float32
     x = rng.standard_normal(shape).astype(array_dtype)
-    weights = schema.random_weights(args.channels, config["num_heads"], config["key_dim"],
-                                    config["position_encoding"], config["use_bias"],
-                                    seed=1, dtype=array_dtype)
-    case = Case(DEMO_CASE, config=config, inputs={"x": x}, weights=weights, dtype=args.dtype)
+    weights = schema.random_weights(
+        args.channels,
+        config["num_heads"],
+        config["key_dim"],
+        config["position_encoding"],
+        config["use_bias"],
+        seed=1,
+        dtype=array_dtype,
+    )
+    case = Case(
+        DEMO_CASE, config=config, inputs={"x": x}, weights=weights, dtype=args.dtype
+    )
 
     print(
-        f"mhsa-core demo: the Keras 2 YOLOv4-MHSA block (1 head, ReLU projections, conv "
-        f"position term, scale 1.0) on a {'x'.join(map(str, shape))} map, dtype {args.dtype}",
+        "mhsa-core demo: the Keras 2 YOLOv4-MHSA block (1 head, ReLU projections, "
+        f"conv position term, scale 1.0) on a {'x'.join(map(str, shape))} map, "
+        f"dtype {args.dtype}",
         file=out,
     )
-    ref64, budget, base_error = reference.error_budget(x, weights, policy=args.dtype,
-                                                       **ref_config)
+    ref64, budget, base_error = reference.error_budget(
+        x, weights, policy=args.dtype, **ref_config
+    )
     start = time.perf_counter()
     reference.mhsa_forward(x, weights, dtype=np.float32, **ref_config)
     numpy_seconds = time.perf_counter() - start
     if base_error is None:
         rule = f"budget {budget:.2e} ({reference.FLOAT64_RTOL:g} max|out|)"
     else:
-        rule = (f"NumPy {args.dtype} error {base_error:.2e} -> budget {budget:.2e} "
-                f"({reference.budget.FLOAT32_FACTOR:g}x that + {reference.FLOOR:g} max|out|)")
-    print(f"oracle: float64 NumPy reference, max|out| {np.abs(ref64).max():.3g}; {rule}",
-          file=out)
+        rule = (
+            f"NumPy {args.dtype} error {base_error:.2e} -> budget {budget:.2e} "
+            f"({reference.budget.FLOAT32_FACTOR:g}x that + "
+            f"{reference.FLOOR:g} max|out|)"
+        )
+    print(
+        f"oracle: float64 NumPy reference, max|out| {np.abs(ref64).max():.3g}; {rule}",
+        file=out,
+    )
 
     def progress(backend, event, detail=None):
         if event == "start":
             print(f"  running {backend} ...", file=out, flush=True)
 
     runs = run_backends([case], args.backends, on_event=progress, portability=False)
-    header = ("backend", "version", "output shape", "forward ms", "vs NumPy f32",
-              "max |err|", "err / NumPy err", "verdict")
+    header = (
+        "backend",
+        "version",
+        "output shape",
+        "forward ms",
+        "vs NumPy f32",
+        "max |err|",
+        "err / NumPy err",
+        "verdict",
+    )
     rows, failed = [], False
     for backend in args.backends:
         run = runs[backend]
@@ -170,29 +203,34 @@ def demo(args, out=None):
         seconds = run.info["timings"][DEMO_CASE][protocol.FORWARD_SECONDS]
         cell = cell_of(reference.max_abs(output, ref64), budget)
         failed |= not cell.passed
-        rows.append((
-            backend,
-            run.info.get("framework_version") or "?",
-            str(tuple(output.shape)),
-            f"{seconds * 1e3:.1f}",
-            f"{seconds / numpy_seconds:.2f}x",
-            f"{cell.error:.2e}",
-            "-" if base_error is None else f"{cell.error / base_error:.2f}",
-            "ok" if cell.passed else "FAIL: over budget",
-        ))
+        rows.append(
+            (
+                backend,
+                run.info.get("framework_version") or "?",
+                str(tuple(output.shape)),
+                f"{seconds * 1e3:.1f}",
+                f"{seconds / numpy_seconds:.2f}x",
+                f"{cell.error:.2e}",
+                "-" if base_error is None else f"{cell.error / base_error:.2f}",
+                "ok" if cell.passed else "FAIL: over budget",
+            )
+        )
     print("", file=out)
     print(format_table(header, rows), file=out)
     print(
         f"\n'vs NumPy f32': forward time / NumPy float32 BLAS forward "
-        f"({numpy_seconds * 1e3:.1f} ms) in this run. Times are noisy on a shared machine.",
+        f"({numpy_seconds * 1e3:.1f} ms) in this run. Times are noisy on a shared "
+        "machine.",
         file=out,
     )
     ran = [r for r in rows if not r[-1].startswith("skipped")]
     if not ran:
         print("verdict: no backend installed", file=out)
         return 1
-    print("verdict: " + ("FAIL" if failed else f"all {len(ran)} backends within budget"),
-          file=out)
+    print(
+        "verdict: " + ("FAIL" if failed else f"all {len(ran)} backends within budget"),
+        file=out,
+    )
     return 1 if failed else 0
 
 
@@ -289,14 +327,20 @@ def _drift_options(args):
     except ValueError:
         steps = 0
     if steps < 1:
-        raise UsageError(f"--steps expects a positive integer; received: {args.steps!r}")
+        raise UsageError(
+            f"--steps expects a positive integer; received: {args.steps!r}"
+        )
     optimizer = args.optimizer or protocol.DEFAULT_DRIFT_OPTIMIZER
     if optimizer not in protocol.OPTIMIZER_SETTINGS:
-        raise UsageError(f"--optimizer expects one of {'|'.join(protocol.OPTIMIZER_SETTINGS)}; "
-                         f"received: {args.optimizer!r}")
+        raise UsageError(
+            f"--optimizer expects one of {'|'.join(protocol.OPTIMIZER_SETTINGS)}; "
+            f"received: {args.optimizer!r}"
+        )
     if args.rtol is not None:
-        raise UsageError("--steps judges training against float64 runs, which --rtol "
-                         "(a model that cannot run in float64) rules out")
+        raise UsageError(
+            "--steps judges training against float64 runs, which --rtol "
+            "(a model that cannot run in float64) rules out"
+        )
     if args.plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
             raise UsageError("--plot needs matplotlib: pip install 'mhsa-core[plot]'")
@@ -309,12 +353,16 @@ def _drift_options(args):
 
 def _print_export_notes(report, out):
     """The export cells' reasons and scopes in full (the table cuts long ones)."""
-    lines = [f"  {row.case} {row.check} from {backend}: "
-             + "; ".join(t for t in (cell.note if cell.passed is not True else "",
-                                     cell.scope) if t)
-             for row in report.rows if row.check.endswith(" export")
-             for backend, cell in row.cells.items()
-             if cell.scope or (cell.passed is not True and cell.note)]
+    lines = [
+        f"  {row.case} {row.check} from {backend}: "
+        + "; ".join(
+            t for t in (cell.note if cell.passed is not True else "", cell.scope) if t
+        )
+        for row in report.rows
+        if row.check.endswith(" export")
+        for backend, cell in row.cells.items()
+        if cell.scope or (cell.passed is not True and cell.note)
+    ]
     if lines:
         print("\nexports:", *lines, sep="\n", file=out)
 
@@ -347,9 +395,17 @@ def run_matrix_command(args, out=None):
         out = sys.stderr
     with _Progress(sys.stderr, args.quiet) as progress:
         report = matrix.run_matrix(
-            to_run, args.backends, rtol=args.rtol, safe_mode=safe_mode,
-            on_event=progress, timeout=args.timeout, imports=args.imports,
-            locate=args.locate, steps=steps, optimizer=optimizer, export=export,
+            to_run,
+            args.backends,
+            rtol=args.rtol,
+            safe_mode=safe_mode,
+            on_event=progress,
+            timeout=args.timeout,
+            imports=args.imports,
+            locate=args.locate,
+            steps=steps,
+            optimizer=optimizer,
+            export=export,
         )
     for case in to_run if args.model is not None else []:
         unusable = _model_error(report, case.name)
@@ -360,8 +416,10 @@ def run_matrix_command(args, out=None):
     if not args.quiet:
         render(report, out, title)
         if steps is not None:
-            print("\n" + (drift.format_tables(report) or "training drift: no results"),
-                  file=out)
+            print(
+                "\n" + (drift.format_tables(report) or "training drift: no results"),
+                file=out,
+            )
         for backend, error in report.worker_errors.items():
             print(f"\n{backend}: {error}", file=out)
         for row in report.rows:
@@ -376,8 +434,10 @@ def run_matrix_command(args, out=None):
             plotted = drift.plot(report, args.plot)
         except OSError as e:
             raise UsageError(f"cannot write --plot {args.plot}: {e}") from None
-        print(f"drift plot: {args.plot}" if plotted else "drift plot: nothing to plot",
-              file=out)
+        print(
+            f"drift plot: {args.plot}" if plotted else "drift plot: nothing to plot",
+            file=out,
+        )
     print(verdict(report), file=out)
     if report.agree:
         return 0
@@ -387,77 +447,136 @@ def run_matrix_command(args, out=None):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="mhsa-core",
-        description="2-D multi-head self-attention for Keras 3, checked across backends.",
+        description=(
+            "2-D multi-head self-attention for Keras 3, checked across backends."
+        ),
     )
-    parser.add_argument("--version", action="version",
-                        version=f"%(prog)s {mhsa_core.__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {mhsa_core.__version__}"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run the Keras 2 YOLOv4-MHSA block under each "
-                                    "installed backend")
-    p.add_argument("--backends", type=_backend_list, default=list(TRAINING_BACKENDS),
-                   help=f"comma-separated backends (default: {','.join(TRAINING_BACKENDS)})")
+    p = sub.add_parser(
+        "demo", help="run the Keras 2 YOLOv4-MHSA block under each installed backend"
+    )
+    p.add_argument(
+        "--backends",
+        type=_backend_list,
+        default=list(TRAINING_BACKENDS),
+        help=f"comma-separated backends (default: {','.join(TRAINING_BACKENDS)})",
+    )
     p.add_argument("--size", type=_positive_int, default=25, help="H = W (default 25)")
-    p.add_argument("--batch", type=_positive_int, default=2, help="batch size (default 2)")
-    p.add_argument("--channels", type=_positive_int, default=512,
-                   help="channels (default 512)")
-    p.add_argument("--dtype", default="float32",
-                   choices=["float32", "float64", "mixed_float16", "mixed_bfloat16"],
-                   help="the layer's dtype policy (default float32)")
+    p.add_argument(
+        "--batch", type=_positive_int, default=2, help="batch size (default 2)"
+    )
+    p.add_argument(
+        "--channels", type=_positive_int, default=512, help="channels (default 512)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64", "mixed_float16", "mixed_bfloat16"],
+        help="the layer's dtype policy (default float32)",
+    )
     p.set_defaults(func=demo)
 
     m = sub.add_parser(
-        "matrix", help="check that the backends agree",
-        description=MATRIX_DESCRIPTION, epilog=MATRIX_EPILOG,
+        "matrix",
+        help="check that the backends agree",
+        description=MATRIX_DESCRIPTION,
+        epilog=MATRIX_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m.add_argument("--backends", type=_backend_list, default=list(BACKENDS),
-                   help=f"comma-separated (default: {','.join(BACKENDS)}; backends other "
-                        f"than {','.join(TRAINING_BACKENDS)} run inference only)")
+    m.add_argument(
+        "--backends",
+        type=_backend_list,
+        default=list(BACKENDS),
+        help=f"comma-separated (default: {','.join(BACKENDS)}; backends other "
+        f"than {','.join(TRAINING_BACKENDS)} run inference only)",
+    )
     m.add_argument("--model", help="a .keras file (default: the built-in cases)")
-    m.add_argument("--inputs", metavar="NPZ",
-                   help=".npz of the model's inputs: matched by name when its keys are the "
-                   "model's input names, else by order (default: made from the loaded "
-                   f"model's inputs, None dims -> {cases.DEFAULT_BATCH} for the batch; "
-                   "other None dims run at two sizes, "
-                   f"{' and '.join(map(str, cases.VARIABLE_SIZES))})")
-    m.add_argument("--rtol", type=_positive_float,
-                   help="tolerance relative to max|output| when no float64 run is "
-                        "possible (or to override it)")
-    m.add_argument("--unsafe", action="store_true",
-                   help="load with Keras safe mode off (Lambda layers): only for trusted files")
-    m.add_argument("--import", dest="imports", action="append", default=[],
-                   metavar="MODULE", help="a module the workers import first "
-                   "(where the model's custom layers are registered); repeatable")
-    m.add_argument("--export", metavar="FORMATS",
-                   help="also export the model from each backend in these formats "
-                        "(comma-separated: tf_saved_model,onnx,openvino,litert), run each "
-                        "artifact in its runtime and judge it like the backends "
-                        "(needs the `export` extra)")
-    m.add_argument("--locate", action="store_true",
-                   help="also run the model layer by layer on each backend and name the "
-                        "first layer whose output leaves its budget (after the table)")
-    m.add_argument("--steps", metavar="K",
-                   help="also train K optimizer steps on each training backend, in float32 "
-                        "and float64 from the same weights and data, and judge how far "
-                        "each drifts from the float64 run (a 'training drift' row and a "
-                        "table of steps)")
-    m.add_argument("--optimizer", metavar="NAME",
-                   help=f"the optimizer of --steps: {'|'.join(protocol.OPTIMIZER_SETTINGS)} "
-                        f"(default {protocol.DEFAULT_DRIFT_OPTIMIZER})")
-    m.add_argument("--plot", metavar="PATH.png",
-                   help="with --steps: a PNG of the drift vs step per backend "
-                        "(needs matplotlib: mhsa-core[plot])")
-    m.add_argument("--json", metavar="PATH",
-                   help="also write the report as JSON to PATH; '-' for stdout (then the "
-                        "table and the verdict go to stderr)")
+    m.add_argument(
+        "--inputs",
+        metavar="NPZ",
+        help=".npz of the model's inputs: matched by name when its keys are the "
+        "model's input names, else by order (default: made from the loaded "
+        f"model's inputs, None dims -> {cases.DEFAULT_BATCH} for the batch; "
+        "other None dims run at two sizes, "
+        f"{' and '.join(map(str, cases.VARIABLE_SIZES))})",
+    )
+    m.add_argument(
+        "--rtol",
+        type=_positive_float,
+        help="tolerance relative to max|output| when no float64 run is "
+        "possible (or to override it)",
+    )
+    m.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="load with Keras safe mode off (Lambda layers): only for trusted files",
+    )
+    m.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module the workers import first "
+        "(where the model's custom layers are registered); repeatable",
+    )
+    m.add_argument(
+        "--export",
+        metavar="FORMATS",
+        help="also export the model from each backend in these formats "
+        "(comma-separated: tf_saved_model,onnx,openvino,litert), run each "
+        "artifact in its runtime and judge it like the backends "
+        "(needs the `export` extra)",
+    )
+    m.add_argument(
+        "--locate",
+        action="store_true",
+        help="also run the model layer by layer on each backend and name the "
+        "first layer whose output leaves its budget (after the table)",
+    )
+    m.add_argument(
+        "--steps",
+        metavar="K",
+        help="also train K optimizer steps on each training backend, in float32 "
+        "and float64 from the same weights and data, and judge how far "
+        "each drifts from the float64 run (a 'training drift' row and a "
+        "table of steps)",
+    )
+    m.add_argument(
+        "--optimizer",
+        metavar="NAME",
+        help=f"the optimizer of --steps: {'|'.join(protocol.OPTIMIZER_SETTINGS)} "
+        f"(default {protocol.DEFAULT_DRIFT_OPTIMIZER})",
+    )
+    m.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="with --steps: a PNG of the drift vs step per backend "
+        "(needs matplotlib: mhsa-core[plot])",
+    )
+    m.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the report as JSON to PATH; '-' for stdout (then the "
+        "table and the verdict go to stderr)",
+    )
     m.add_argument("--quiet", action="store_true", help="print only the verdict")
-    m.add_argument("--timeout", type=_positive_float, default=1800.0,
-                   help="seconds per backend worker (default 1800)")
+    m.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=1800.0,
+        help="seconds per backend worker (default 1800)",
+    )
     m.set_defaults(func=run_matrix_command)
 
     b = sub.add_parser(
-        "bench", help="measure the layer's speed and memory on each backend",
-        description=bench_command.DESCRIPTION, epilog=bench_command.EPILOG,
+        "bench",
+        help="measure the layer's speed and memory on each backend",
+        description=bench_command.DESCRIPTION,
+        epilog=bench_command.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench_command.add_arguments(b)

@@ -64,9 +64,20 @@ from mhsa_core.consistency.arrays import portable
 from mhsa_core.consistency.protocol import DRIFT, DRIFT_RUNS
 from mhsa_core.consistency.report import Cell, cell_of, format_table
 
-__all__ = ["CHECK_NAME", "ROUNDING_DRIVEN", "check_options", "with_drift", "train",
-           "DriftSeries", "series", "judge_drift", "report_series", "format_tables",
-           "check_plot_path", "plot"]
+__all__ = [
+    "CHECK_NAME",
+    "ROUNDING_DRIVEN",
+    "check_options",
+    "with_drift",
+    "train",
+    "DriftSeries",
+    "series",
+    "judge_drift",
+    "report_series",
+    "format_tables",
+    "check_plot_path",
+    "plot",
+]
 
 CHECK_NAME = "training drift"
 # Result keys of task DRIFT besides the runs' losses and weights.
@@ -95,20 +106,25 @@ def check_options(steps, optimizer, rtol=None):
     """
     if steps is None:
         if optimizer is not None:
-            raise ValueError(f"`optimizer` needs `steps`. Received: optimizer={optimizer!r}")
+            raise ValueError(
+                f"`optimizer` needs `steps`. Received: optimizer={optimizer!r}"
+            )
         return None, None
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(
-            f"`steps` must be a positive integer. Received: steps={steps!r}")
+            f"`steps` must be a positive integer. Received: steps={steps!r}"
+        )
     optimizer = protocol.DEFAULT_DRIFT_OPTIMIZER if optimizer is None else optimizer
     if optimizer not in protocol.OPTIMIZER_SETTINGS:
         raise ValueError(
             f"`optimizer` must be one of {sorted(protocol.OPTIMIZER_SETTINGS)}. "
-            f"Received: optimizer={optimizer!r}")
+            f"Received: optimizer={optimizer!r}"
+        )
     if rtol is not None:
         raise ValueError(
             "`steps` judges training against float64 runs; `rtol` is for models that "
-            f"cannot run in float64. Received: steps={steps}, rtol={rtol}")
+            f"cannot run in float64. Received: steps={steps}, rtol={rtol}"
+        )
     return int(steps), optimizer
 
 
@@ -146,11 +162,16 @@ def train(runner, steps, optimizer_name):
     start = [np.array(keras.ops.convert_to_numpy(v)) for v in model.trainable_variables]
     recorded = set(protocol.drift_recorded_steps(steps))
     class_name, arguments = protocol.OPTIMIZER_SETTINGS[optimizer_name]
-    variants = {_RUN: runner.variants,
-                _RUN64: [runner._as_float64(xs) for xs in runner.variants]}
+    variants = {
+        _RUN: runner.variants,
+        _RUN64: [runner._as_float64(xs) for xs in runner.variants],
+    }
     loss_weights = {}  # per variant: the same L in both runs
-    results = {_STEPS_KEY: np.asarray(steps), _OPTIMIZER_KEY: np.asarray(optimizer_name),
-               _NAMES_KEY: np.asarray([v.path for v in model.trainable_variables], dtype=str)}
+    results = {
+        _STEPS_KEY: np.asarray(steps),
+        _OPTIMIZER_KEY: np.asarray(optimizer_name),
+        _NAMES_KEY: np.asarray([v.path for v in model.trainable_variables], dtype=str),
+    }
     for j, w in enumerate(start):
         results[protocol.drift_weight_key(_RUN, 0, j)] = portable(w)
     try:
@@ -165,9 +186,12 @@ def train(runner, steps, optimizer_name):
                     # so that an SGD step does not grow with the output (with
                     # the sum, SGD(0.01) overflowed float32 within 12 steps
                     # on a 2x6x6x8 output). Adam nearly ignores the scale.
-                    loss_weights[v] = gradients.loss_weights(shape) / max(1, int(np.prod(shape)))
+                    loss_weights[v] = gradients.loss_weights(shape) / max(
+                        1, int(np.prod(shape))
+                    )
                 loss, _, grads = gradients.value_and_grad(
-                    trained, runner._call_inputs(xs), loss_weights[v])
+                    trained, runner._call_inputs(xs), loss_weights[v]
+                )
                 results[protocol.drift_loss_key(run, s)] = np.asarray(loss, np.float64)
                 new = gradients.apply_optimizer_step(trained, grads, optimizer)
                 if s in recorded:
@@ -233,19 +257,25 @@ class DriftSeries:
 
     def loss_cell(self, backend, s):
         """The loss of step s (1..K) against its budget."""
-        return cell_of(self.loss[backend][s - 1], self.loss_budgets[s - 1],
-                       note=f"loss, step {s}")
+        return cell_of(
+            self.loss[backend][s - 1], self.loss_budgets[s - 1], note=f"loss, step {s}"
+        )
 
     def step_cell(self, backend, s):
         """The worst of the weights and the loss at a weight step s."""
-        cells = [self.weight_cells[backend][self.weight_steps.index(s)],
-                 self.loss_cell(backend, s)]
+        cells = [
+            self.weight_cells[backend][self.weight_steps.index(s)],
+            self.loss_cell(backend, s),
+        ]
         return _worst(cells)
 
     def cell(self, backend):
         """The backend's worst step, weights or loss: the check's cell."""
-        cells = [c for s, c in zip(self.weight_steps, self.weight_cells[backend])
-                 if s <= self.judged]
+        cells = [
+            c
+            for s, c in zip(self.weight_steps, self.weight_cells[backend])
+            if s <= self.judged
+        ]
         cells += [self.loss_cell(backend, s) for s in range(1, self.judged + 1)]
         if self.diverges is None:
             return _worst(cells)
@@ -290,8 +320,10 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 def _in_range(arrays):
     """Whether float32 can hold every value of `arrays` (finite, |x| <= max)."""
-    return all(np.all(np.isfinite(a)) and np.max(np.abs(a), initial=0) <= _FLOAT32_MAX
-               for a in arrays)
+    return all(
+        np.all(np.isfinite(a)) and np.max(np.abs(a), initial=0) <= _FLOAT32_MAX
+        for a in arrays
+    )
 
 
 def series(name, results):
@@ -309,21 +341,34 @@ def series(name, results):
     weight_steps = protocol.drift_recorded_steps(steps)
     n = sum(1 for k in first if k.startswith(f"{_RUN}/weight/{weight_steps[0]}/"))
     loss64 = [protocol.drift_loss_key(_RUN64, s) for s in range(1, steps + 1)]
-    weights64 = [protocol.drift_weight_key(_RUN64, s, j) for s in weight_steps
-                 for j in range(n)]
+    weights64 = [
+        protocol.drift_weight_key(_RUN64, s, j) for s in weight_steps for j in range(n)
+    ]
     # A run that stopped midway writes nothing: every result has every key.
-    wanted = loss64 + weights64 + [k.replace(_RUN64, _RUN, 1) for k in loss64 + weights64]
+    wanted = (
+        loss64 + weights64 + [k.replace(_RUN64, _RUN, 1) for k in loss64 + weights64]
+    )
     wanted += [protocol.drift_weight_key(_RUN, 0, j) for j in range(n)]
     results = {b: r for b, r in results.items() if all(k in r for k in wanted)}
     oracle = oracles.float64_oracle(results, loss64 + weights64) if results else None
     if oracle is None:
-        raise ValueError("no float64 oracle: the backends' weights differ in shape or number")
+        raise ValueError(
+            "no float64 oracle: the backends' weights differ in shape or number"
+        )
     tf = "tensorflow" in results
-    out = DriftSeries(name, steps, optimizer, "tensorflow float64" if tf else "median float64",
-                      weight_steps)
+    out = DriftSeries(
+        name,
+        steps,
+        optimizer,
+        "tensorflow float64" if tf else "median float64",
+        weight_steps,
+    )
     names = first.get(_NAMES_KEY)
-    out.names = ([str(x) for x in names] if names is not None and len(names) == n
-                 else [f"weight {j}" for j in range(n)])
+    out.names = (
+        [str(x) for x in names]
+        if names is not None and len(names) == n
+        else [f"weight {j}" for j in range(n)]
+    )
     diverges = []
     for s in weight_steps:
         if not _weight_step(out, results, oracle, s, n):
@@ -331,15 +376,18 @@ def series(name, results):
     in_range = [_in_range([oracle[k]]) for k in loss64]
     diverges += [s for s, ok in enumerate(in_range, start=1) if not ok]
     # The loss's scale: its largest value before training diverges.
-    magnitude = max((abs(float(oracle[k])) for k, ok in zip(loss64, in_range) if ok),
-                    default=0.0)
+    magnitude = max(
+        (abs(float(oracle[k])) for k, ok in zip(loss64, in_range) if ok), default=0.0
+    )
     for s, key64 in enumerate(loss64, start=1):
         for b, r in results.items():
             loss = float(r[protocol.drift_loss_key(_RUN, s)])
             out.loss.setdefault(b, []).append(
-                _relative(abs(loss - float(oracle[key64])), magnitude))
+                _relative(abs(loss - float(oracle[key64])), magnitude)
+            )
             out.own_loss.setdefault(b, []).append(
-                _relative(abs(loss - float(r[key64])), magnitude))
+                _relative(abs(loss - float(r[key64])), magnitude)
+            )
         own = _median(out.own_loss[b][-1] for b in results)
         if not math.isfinite(own):
             diverges.append(s)
@@ -355,29 +403,45 @@ def _weight_step(out, results, oracle, s, n):
     out of float32's range, or most own float32 runs not finite)."""
     w64 = [oracle[protocol.drift_weight_key(_RUN64, s, j)] for j in range(n)]
     # The start is the same everywhere (the case's weights).
-    start = [next(iter(results.values()))[protocol.drift_weight_key(_RUN, 0, j)]
-             for j in range(n)]
+    start = [
+        next(iter(results.values()))[protocol.drift_weight_key(_RUN, 0, j)]
+        for j in range(n)
+    ]
     # errors[b][j], own[b][j]: |w - w64| against the oracle and the backend's own.
     errors, own = {}, {}
     for b, r in results.items():
         w = [r[protocol.drift_weight_key(_RUN, s, j)] for j in range(n)]
         errors[b] = [_max_abs(a, o) for a, o in zip(w, w64)]
-        own[b] = [_max_abs(a, r[protocol.drift_weight_key(_RUN64, s, j)])
-                  for j, a in enumerate(w)]
+        own[b] = [
+            _max_abs(a, r[protocol.drift_weight_key(_RUN64, s, j)])
+            for j, a in enumerate(w)
+        ]
     magnitude = budgets.scale(w64)
     medians = [_median(own[b][j] for b in results) for j in range(n)]
-    limits = [budgets.PEER_FACTOR * medians[j] + budgets.FLOOR * budgets.scale([w64[j]])
-              for j in range(n)]
-    judged = [j for j in range(n)
-              if not medians[j] > ROUNDING_DRIVEN * _max_abs(w64[j], start[j])]
+    limits = [
+        budgets.PEER_FACTOR * medians[j] + budgets.FLOOR * budgets.scale([w64[j]])
+        for j in range(n)
+    ]
+    judged = [
+        j
+        for j in range(n)
+        if not medians[j] > ROUNDING_DRIVEN * _max_abs(w64[j], start[j])
+    ]
     out.rounding_driven.append([j for j in range(n) if j not in judged])
     for b in results:
-        out.weights.setdefault(b, []).append(_relative(max(errors[b], default=0.0), magnitude))
-        out.own_weights.setdefault(b, []).append(_relative(max(own[b], default=0.0), magnitude))
-        cells = [cell_of(errors[b][j], limits[j], note=f"{out.names[j]}, step {s}")
-                 for j in judged]
+        out.weights.setdefault(b, []).append(
+            _relative(max(errors[b], default=0.0), magnitude)
+        )
+        out.own_weights.setdefault(b, []).append(
+            _relative(max(own[b], default=0.0), magnitude)
+        )
+        cells = [
+            cell_of(errors[b][j], limits[j], note=f"{out.names[j]}, step {s}")
+            for j in judged
+        ]
         out.weight_cells.setdefault(b, []).append(
-            _worst(cells) if cells else Cell(passed=None, note="no weight judged"))
+            _worst(cells) if cells else Cell(passed=None, note="no weight judged")
+        )
     return _in_range(w64) and all(math.isfinite(limit) for limit in limits)
 
 
@@ -392,8 +456,10 @@ def judge_drift(ctx, saver):
         return None
     if len(drift.backends) < 2:
         only = ", ".join(drift.backends)
-        return {b: Cell(passed=None, note=f"only {only} trained: nothing was compared")
-                for b in drift.backends}
+        return {
+            b: Cell(passed=None, note=f"only {only} trained: nothing was compared")
+            for b in drift.backends
+        }
     return {b: drift.cell(b) for b in drift.backends}
 
 
@@ -409,18 +475,31 @@ def series_json(drift):
     """A `DriftSeries` as strict JSON: what the table and the plot show, at
     every recorded step (non-finite numbers are null)."""
     return {
-        "case": drift.case, "steps": drift.steps, "optimizer": drift.optimizer,
-        "oracle": drift.oracle, "diverges": drift.diverges, "judged_up_to": drift.judged,
+        "case": drift.case,
+        "steps": drift.steps,
+        "optimizer": drift.optimizer,
+        "oracle": drift.oracle,
+        "diverges": drift.diverges,
+        "judged_up_to": drift.judged,
         "weight_steps": list(drift.weight_steps),
         "weights": {b: _finite(v) for b, v in drift.weights.items()},
         "own_weights": {b: _finite(v) for b, v in drift.own_weights.items()},
         "loss": {b: _finite(v) for b, v in drift.loss.items()},
         "own_loss": {b: _finite(v) for b, v in drift.own_loss.items()},
         "loss_budgets": _finite(drift.loss_budgets),
-        "ratios": {b: _finite([drift.step_cell(b, s).ratio for s in drift.weight_steps
-                               if s <= drift.judged]) for b in drift.backends},
-        "not_judged_weights": sorted({drift.names[j] for step in drift.rounding_driven
-                                      for j in step}),
+        "ratios": {
+            b: _finite(
+                [
+                    drift.step_cell(b, s).ratio
+                    for s in drift.weight_steps
+                    if s <= drift.judged
+                ]
+            )
+            for b in drift.backends
+        },
+        "not_judged_weights": sorted(
+            {drift.names[j] for step in drift.rounding_driven for j in step}
+        ),
     }
 
 
@@ -430,8 +509,11 @@ def report_series(report):
     for row in report.rows:
         if row.check != CHECK_NAME:
             continue
-        results = {b: run.results[row.case][DRIFT] for b, run in report.runs.items()
-                   if DRIFT in run.results.get(row.case, {})}
+        results = {
+            b: run.results[row.case][DRIFT]
+            for b, run in report.runs.items()
+            if DRIFT in run.results.get(row.case, {})
+        }
         try:
             drift = series(row.case, results)
         except ValueError:  # the row says why
@@ -456,9 +538,12 @@ def _rounding_note(drift):
     skipped = sorted({j for step in drift.rounding_driven for j in step})
     if not skipped:
         return ""
-    return ("not judged, moved by rounding more than by the loss (float32 and float64 "
-            f"differ by > {ROUNDING_DRIVEN:g} of their motion): "
-            + ", ".join(drift.names[j] for j in skipped) + "\n")
+    return (
+        "not judged, moved by rounding more than by the loss (float32 and float64 "
+        f"differ by > {ROUNDING_DRIVEN:g} of their motion): "
+        + ", ".join(drift.names[j] for j in skipped)
+        + "\n"
+    )
 
 
 def format_tables(report):
@@ -466,28 +551,46 @@ def format_tables(report):
     parts = []
     for drift in report_series(report):
         backends = drift.backends
-        header = ["step", *(f"{b} weights" for b in backends), "loss budget",
-                  *(f"{b} loss" for b in backends), *(f"{b} ratio" for b in backends)]
+        header = [
+            "step",
+            *(f"{b} weights" for b in backends),
+            "loss budget",
+            *(f"{b} loss" for b in backends),
+            *(f"{b} ratio" for b in backends),
+        ]
         rows = []
         for s in protocol.drift_table_steps(drift.steps):
             i = drift.weight_steps.index(s)
-            rows.append([s, *(_number(drift.weights[b][i]) for b in backends),
-                         _number(drift.loss_budgets[s - 1]),
-                         *(_number(drift.loss[b][s - 1]) for b in backends),
-                         *(_ratio(drift.step_cell(b, s)) if s <= drift.judged else "-"
-                           for b in backends)])
+            rows.append(
+                [
+                    s,
+                    *(_number(drift.weights[b][i]) for b in backends),
+                    _number(drift.loss_budgets[s - 1]),
+                    *(_number(drift.loss[b][s - 1]) for b in backends),
+                    *(
+                        _ratio(drift.step_cell(b, s)) if s <= drift.judged else "-"
+                        for b in backends
+                    ),
+                ]
+            )
         parts.append(
-            f"training drift of {drift.case}: {drift.steps} {drift.optimizer} steps from the "
-            f"same weights and data, float32 against {drift.oracle}\n"
-            + ("" if drift.diverges is None else
-               f"training diverges at step {drift.diverges} (the float64 run leaves "
-               "float32's range, or the float32 runs are not finite): judged up to step "
-               f"{drift.judged}\n") +
-            "weights: max|w - w64| / max|w64| over all weights; loss: |loss - loss64| / "
-            "max|loss64|; ratio: the worst of the loss and of each trainable variable, "
-            f"drift / budget (<= 1 passes); budget: {budgets.PEER_FACTOR:g} x the median "
-            f"over backends of their own float32-vs-float64 drift + {budgets.FLOOR:g} x "
-            "scale\n" + _rounding_note(drift) + format_table(header, rows))
+            f"training drift of {drift.case}: {drift.steps} {drift.optimizer} "
+            f"steps from the same weights and data, float32 against {drift.oracle}\n"
+            + (
+                ""
+                if drift.diverges is None
+                else f"training diverges at step {drift.diverges} (the float64 run "
+                "leaves float32's range, or the float32 runs are not finite): judged "
+                f"up to step {drift.judged}\n"
+            )
+            + "weights: max|w - w64| / max|w64| over all weights; loss: "
+            "|loss - loss64| / max|loss64|; ratio: the worst of the loss and of each "
+            "trainable variable, drift / budget (<= 1 passes); budget: "
+            f"{budgets.PEER_FACTOR:g} x the median over backends of their own "
+            f"float32-vs-float64 drift + {budgets.FLOOR:g} x scale\n"
+            + _rounding_note(drift)
+            + format_table(header, rows)
+        )
     return "\n\n".join(parts)
 
 
@@ -499,8 +602,12 @@ def check_plot_path(path):
     if path.is_dir():
         raise ValueError(f"the plot path is a directory. Received: plot={str(path)!r}")
     if not parent.is_dir():
-        raise ValueError(f"the plot's directory does not exist. Received: plot={str(path)!r}")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(
+            f"the plot's directory does not exist. Received: plot={str(path)!r}"
+        )
+    if not os.access(parent, os.W_OK) or (
+        path.exists() and not os.access(path, os.W_OK)
+    ):
         raise ValueError(f"the plot path is not writable. Received: plot={str(path)!r}")
 
 
@@ -529,13 +636,30 @@ def plot(report, path):
     for c, drift in enumerate(drifts):
         loss_steps = list(range(1, drift.steps + 1))
         panels = (
-            ("weights: max|w - w64| / max|w64|", drift.weight_steps, drift.weights, None,
-             None),
-            ("loss: |loss - loss64| / max|loss64|", loss_steps, drift.loss,
-             drift.loss_budgets, "budget"),
-            ("worst drift / budget (<= 1 passes)", drift.weight_steps,
-             {b: [drift.step_cell(b, s).ratio for s in drift.weight_steps]
-              for b in drift.backends}, [1.0] * len(drift.weight_steps), "1 = budget"),
+            (
+                "weights: max|w - w64| / max|w64|",
+                drift.weight_steps,
+                drift.weights,
+                None,
+                None,
+            ),
+            (
+                "loss: |loss - loss64| / max|loss64|",
+                loss_steps,
+                drift.loss,
+                drift.loss_budgets,
+                "budget",
+            ),
+            (
+                "worst drift / budget (<= 1 passes)",
+                drift.weight_steps,
+                {
+                    b: [drift.step_cell(b, s).ratio for s in drift.weight_steps]
+                    for b in drift.backends
+                },
+                [1.0] * len(drift.weight_steps),
+                "1 = budget",
+            ),
         )
         for r, (what, steps, values, limits, label) in enumerate(panels):
             ax = axes[r][c]
@@ -549,8 +673,9 @@ def plot(report, path):
             ax.set_ylabel(what, fontsize=8)
             ax.grid(True, alpha=0.3)
             if r == 0:
-                ax.set_title(f"{drift.case}: {drift.optimizer}, vs {drift.oracle}",
-                             fontsize=9)
+                ax.set_title(
+                    f"{drift.case}: {drift.optimizer}, vs {drift.oracle}", fontsize=9
+                )
             ax.legend(fontsize=7)
     figure.tight_layout()
     path = Path(path)

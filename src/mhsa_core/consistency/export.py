@@ -44,10 +44,22 @@ from mhsa_core.consistency import protocol
 from mhsa_core.consistency.report import last_line
 from mhsa_core.consistency.runtime import RUNTIME_MODULES
 
-__all__ = ["EXTENSIONS", "NOT_SUPPORTED", "KNOWN_LIMITS", "EXPORTER_MODULES",
-           "STATIC_EXPORTS", "PATH_FALLBACKS", "export_task"]
+__all__ = [
+    "EXTENSIONS",
+    "NOT_SUPPORTED",
+    "KNOWN_LIMITS",
+    "EXPORTER_MODULES",
+    "STATIC_EXPORTS",
+    "PATH_FALLBACKS",
+    "export_task",
+]
 
-EXTENSIONS = {"tf_saved_model": "", "onnx": ".onnx", "openvino": ".xml", "litert": ".tflite"}
+EXTENSIONS = {
+    "tf_saved_model": "",
+    "onnx": ".onnx",
+    "openvino": ".xml",
+    "litert": ".tflite",
+}
 
 # (format, backend) -> why Keras 3.15 cannot export it, for any model.
 NOT_SUPPORTED = {
@@ -56,8 +68,12 @@ NOT_SUPPORTED = {
 # (format, backend, text of the exporter's error) -> why, for any model:
 # checked with a one-Dense model, which fails the same way.
 KNOWN_LIMITS = [
-    ("openvino", "jax", "XlaCallModule",
-     "OpenVINO cannot convert jax2tf's XlaCallModule (Keras 3.15, any model)"),
+    (
+        "openvino",
+        "jax",
+        "XlaCallModule",
+        "OpenVINO cannot convert jax2tf's XlaCallModule (Keras 3.15, any model)",
+    ),
 ]
 # (format, backend) -> the modules Keras's exporter imports.
 EXPORTER_MODULES = {
@@ -76,14 +92,19 @@ EXPORTER_MODULES = {
 # (format, backend) -> why it is exported once per input size.
 STATIC_EXPORTS = {
     ("onnx", "torch"): "Keras 3.15 traces torch ONNX exports at fixed input shapes",
-    ("openvino", "torch"): "Keras 3.15 traces torch OpenVINO exports at fixed input shapes",
+    (
+        "openvino",
+        "torch",
+    ): "Keras 3.15 traces torch OpenVINO exports at fixed input shapes",
     ("litert", "torch"): "Keras 3.15 exports LiteRT from torch at fixed input shapes",
 }
 # The attention paths as `mhsa_core.layers.attention.choice` names them (that
 # module imports Keras, which the parent process must not).
 CHUNKED, BY_SIZE = "chunked", "full or chunked by size"
-_TORCH_TRACE = ("torch's trace of the chunked path does not convert or run "
-                "(int32/int64 shape values, aten::ravel)")
+_TORCH_TRACE = (
+    "torch's trace of the chunked path does not convert or run "
+    "(int32/int64 shape values, aten::ravel)"
+)
 _SYMBOLIC = "jax2tf traces symbolic sizes, which the chunked path's loop cannot take"
 # (format, backend) -> (the paths of our layer the exporter cannot take, why):
 # the model is exported within `choice.fallback(*paths)` (those calls take
@@ -98,10 +119,14 @@ _SYMBOLIC = "jax2tf traces symbolic sizes, which the chunked path's loop cannot 
 # conversion rule for aten::ravel (Keras's torch `take`, in that gather).
 PATH_FALLBACKS = {
     ("openvino", "tensorflow"): (
-        (CHUNKED,), "OpenVINO cannot convert the chunked path's loop (TensorList ops)"),
+        (CHUNKED,),
+        "OpenVINO cannot convert the chunked path's loop (TensorList ops)",
+    ),
     ("litert", "tensorflow"): (
         (CHUNKED, BY_SIZE),
-        "LiteRT runs the chunked path's loop only with the Flex delegate (TensorList ops)"),
+        "LiteRT runs the chunked path's loop only with the Flex delegate "
+        "(TensorList ops)",
+    ),
     ("tf_saved_model", "jax"): ((CHUNKED,), _SYMBOLIC),
     ("openvino", "jax"): ((CHUNKED,), _SYMBOLIC),
     ("onnx", "torch"): ((CHUNKED,), _TORCH_TRACE),
@@ -128,8 +153,10 @@ def one_line(text, limit=240):
 
 def _signature(keras, xs, names):
     """A static input signature of one variant's arrays (`model.export`)."""
-    specs = [keras.InputSpec(shape=x.shape, dtype=str(x.dtype), name=n)
-             for x, n in zip(xs, names)]
+    specs = [
+        keras.InputSpec(shape=x.shape, dtype=str(x.dtype), name=n)
+        for x, n in zip(xs, names)
+    ]
     return specs if len(specs) == 1 else [specs]
 
 
@@ -141,8 +168,10 @@ def _run_runtime(fmt, plan, names, work):
     for path, _, runs in plan:
         inputs = work / f"{Path(path).name}-inputs.npz"
         out = work / f"{Path(path).name}-outputs.npz"
-        np.savez(inputs, **{f"{v}/{n}": x for v, xs in runs.items()
-                            for n, x in zip(names, xs)})
+        np.savez(
+            inputs,
+            **{f"{v}/{n}": x for v, xs in runs.items() for n, x in zip(names, xs)},
+        )
         argv += [str(path), str(inputs), str(out)]
         outputs.append(out)
     env = dict(os.environ)
@@ -150,9 +179,15 @@ def _run_runtime(fmt, plan, names, work):
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "mhsa_core.consistency.runtime", fmt, *argv],
-            capture_output=True, text=True, env=env, timeout=RUNTIME_TIMEOUT)
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=RUNTIME_TIMEOUT,
+        )
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"the {fmt} runtime took over {RUNTIME_TIMEOUT:.0f} s") from None
+        raise RuntimeError(
+            f"the {fmt} runtime took over {RUNTIME_TIMEOUT:.0f} s"
+        ) from None
     if proc.returncode != 0 or not all(out.exists() for out in outputs):
         why = last_line(proc.stderr, f"exit {proc.returncode}")
         raise RuntimeError(f"runtime: {why}"[:240])
@@ -188,13 +223,22 @@ def _export_format(runner, fmt, work, timings):
     # The variants are in the model's input order: its input names for a model
     # case (given or made from the loaded model), the case's for a layer case.
     spec = runner.input_spec
-    names = list(spec.names) if spec is not None and spec.known else list(
-        runner.case["input_names"])
+    names = (
+        list(spec.names)
+        if spec is not None and spec.known
+        else list(runner.case["input_names"])
+    )
     variants = dict(enumerate(runner.variants))
     # [(artifact path, input signature or None: the model's own, the variants it runs)]
     if (fmt, me) in STATIC_EXPORTS:
-        plan = [(work / f"case{runner.index}-{fmt}-v{v}{EXTENSIONS[fmt]}",
-                 _signature(keras, xs, names), {v: xs}) for v, xs in variants.items()]
+        plan = [
+            (
+                work / f"case{runner.index}-{fmt}-v{v}{EXTENSIONS[fmt]}",
+                _signature(keras, xs, names),
+                {v: xs},
+            )
+            for v, xs in variants.items()
+        ]
         scope = f"static export per size: {_sizes(variants)}"
     else:
         plan = [(work / f"case{runner.index}-{fmt}{EXTENSIONS[fmt]}", None, variants)]
@@ -204,8 +248,9 @@ def _export_format(runner, fmt, work, timings):
     with _path_fallback(paths) as fallback:
         for path, signature, _ in plan:
             try:
-                runner.model.export(str(path), format=fmt, verbose=False,
-                                    input_signature=signature)
+                runner.model.export(
+                    str(path), format=fmt, verbose=False, input_signature=signature
+                )
             except Exception as e:  # noqa: BLE001 -- the exporter's own error, one line
                 for limit_fmt, limit_backend, text, why in KNOWN_LIMITS:
                     if (fmt, me) == (limit_fmt, limit_backend) and text in str(e):
@@ -213,7 +258,9 @@ def _export_format(runner, fmt, work, timings):
                 message = f"{type(e).__name__}: {one_line(e)}"
                 return f"{protocol.EXPORT_FAILED}: export: {message}"[:300], scope, {}
     if fallback is not None and fallback.taken:
-        scope = "; ".join(filter(None, [scope, f"exported on the full path: {fallback_why}"]))
+        scope = "; ".join(
+            filter(None, [scope, f"exported on the full path: {fallback_why}"])
+        )
     timings[f"{protocol.EXPORT}_{fmt}_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     try:
@@ -221,8 +268,11 @@ def _export_format(runner, fmt, work, timings):
     except RuntimeError as e:
         return f"{protocol.EXPORT_FAILED}: {e}", scope, {}
     timings[f"{protocol.EXPORT}_{fmt}_runtime_seconds"] = time.perf_counter() - start
-    results = {protocol.export_key(fmt, v): outs[protocol.out_key(v)]
-               for v in variants if protocol.out_key(v) in outs}
+    results = {
+        protocol.export_key(fmt, v): outs[protocol.out_key(v)]
+        for v in variants
+        if protocol.out_key(v) in outs
+    }
     return protocol.EXPORT_OK, scope, results
 
 

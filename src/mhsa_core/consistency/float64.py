@@ -45,8 +45,9 @@ def float64_clone(model):
     if not clone.built and not isinstance(clone, keras.Model):
         # A bare layer: build it with the shapes of the original.
         clone.build(*_build_shapes(model))
-    clone.set_weights([w.astype(np.float64) if w.dtype.kind in _FLOAT_KINDS else w
-                       for w in weights])
+    clone.set_weights(
+        [w.astype(np.float64) if w.dtype.kind in _FLOAT_KINDS else w for w in weights]
+    )
     for v in clone.weights:
         if keras.backend.is_float_dtype(v.dtype) and v.dtype != "float64":
             raise ValueError(f"weight {v.path} stayed {v.dtype} in the float64 clone")

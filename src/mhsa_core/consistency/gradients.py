@@ -41,9 +41,8 @@ raises ValueError there.
 
 import inspect
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
 
 from mhsa_core.consistency.protocol import TRAINING_BACKENDS
@@ -71,7 +70,8 @@ def loss_weights(shape, seed=0):
     shape = tuple(shape)
     if any(d is None or int(d) != d or d < 0 for d in shape):
         raise ValueError(
-            f"`shape` must be fully known non-negative integers. Received: shape={shape}"
+            "`shape` must be fully known non-negative integers. "
+            f"Received: shape={shape}"
         )
     return np.random.default_rng(seed).standard_normal(tuple(int(d) for d in shape))
 
@@ -131,7 +131,8 @@ def _takes_inputs_as_one_structure(model, count):
         if p.kind is p.VAR_POSITIONAL:
             return False
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in (
-            "training", "mask"
+            "training",
+            "mask",
         ):
             positional += 1
     return positional < count
@@ -146,7 +147,8 @@ def _select_output(outputs):
     if isinstance(outputs, dict):
         raise ValueError(
             "value_and_grad needs a model that returns a tensor or a tuple/list "
-            f"of tensors (the first is used). Received a dict with keys {sorted(outputs)}"
+            "of tensors (the first is used). "
+            f"Received a dict with keys {sorted(outputs)}"
         )
     return outputs
 
@@ -230,32 +232,44 @@ def value_and_grad(model, inputs, loss_weights, *, training=False):
             "value_and_grad needs a built model: call it on an input (or "
             "`build(input_shape)`) first."
         )
-    weights = ([np.asarray(w) for w in loss_weights] if isinstance(loss_weights, list)
-               else np.asarray(loss_weights))
+    weights = (
+        [np.asarray(w) for w in loss_weights]
+        if isinstance(loss_weights, list)
+        else np.asarray(loss_weights)
+    )
     names = list(inputs) if isinstance(inputs, dict) else None
     tensors, is_float = _prepare_inputs(list(inputs.values()) if names else inputs)
     if names is not None:
+
         def pack(values):  # model({name: x, ...}): a model with dict inputs
             return (dict(zip(names, values)),)
     elif _takes_inputs_as_one_structure(model, len(tensors)):
+
         def pack(values):  # model([x1, x2, ...])
             return (list(values),)
     else:
+
         def pack(values):  # model(x1, x2, ...)
             return tuple(values)
+
     variables = list(model.trainable_variables)
     if backend == "tensorflow":
         loss, input_grads, weight_grads = _tensorflow(
-            model, pack, tensors, is_float, variables, weights, training)
+            model, pack, tensors, is_float, variables, weights, training
+        )
     elif backend == "torch":
         loss, input_grads, weight_grads = _torch(
-            model, pack, tensors, is_float, variables, weights, training)
+            model, pack, tensors, is_float, variables, weights, training
+        )
     else:
         loss, input_grads, weight_grads = _jax(
-            model, pack, tensors, is_float, variables, weights, training)
+            model, pack, tensors, is_float, variables, weights, training
+        )
     _check_dtypes(weight_grads, [v.dtype for v in variables], "trainable variable")
     _check_dtypes(
-        input_grads, [keras.backend.standardize_dtype(t.dtype) for t in tensors], "input"
+        input_grads,
+        [keras.backend.standardize_dtype(t.dtype) for t in tensors],
+        "input",
     )
     return float(loss), input_grads, weight_grads
 
@@ -275,7 +289,11 @@ def _tensorflow(model, pack, tensors, is_float, variables, weights, training):
     )
     # IndexedSlices (e.g. from an embedding lookup) -> dense.
     grads = [tf.convert_to_tensor(g).numpy() for g in grads]
-    return loss.numpy(), _scatter(grads[: len(sources)], is_float), grads[len(sources):]
+    return (
+        loss.numpy(),
+        _scatter(grads[: len(sources)], is_float),
+        grads[len(sources) :],
+    )
 
 
 def _torch(model, pack, tensors, is_float, variables, weights, training):
@@ -283,27 +301,28 @@ def _torch(model, pack, tensors, is_float, variables, weights, training):
 
     # Fresh leaves: autograd.grad returns their gradients without touching
     # any `.grad` attribute (of the inputs or of the variables).
-    tensors = [t.detach().requires_grad_(True) if f else t
-               for t, f in zip(tensors, is_float)]
+    tensors = [
+        t.detach().requires_grad_(True) if f else t for t, f in zip(tensors, is_float)
+    ]
     sources = [t for t, f in zip(tensors, is_float) if f]
     params = [v.value for v in variables]  # torch Parameters
     with torch.enable_grad():
         loss = _loss(model(*pack(tensors), training=training), weights)
         grads = torch.autograd.grad(loss, sources + params, allow_unused=True)
     grads = [
-        torch.zeros_like(p) if g is None else g
-        for g, p in zip(grads, sources + params)
+        torch.zeros_like(p) if g is None else g for g, p in zip(grads, sources + params)
     ]
     grads = [g.detach().cpu().numpy() for g in grads]
     loss = loss.detach().cpu().numpy()
-    return loss, _scatter(grads[: len(sources)], is_float), grads[len(sources):]
+    return loss, _scatter(grads[: len(sources)], is_float), grads[len(sources) :]
 
 
 def _jax(model, pack, tensors, is_float, variables, weights, training):
     import jax
 
     wanted64 = [v.dtype for v in variables] + [
-        keras.backend.standardize_dtype(t.dtype) for t in tensors]
+        keras.backend.standardize_dtype(t.dtype) for t in tensors
+    ]
     if "float64" in wanted64 and not jax.config.read("jax_enable_x64"):
         raise ValueError(
             "float64 gradients under JAX need 64-bit mode: set JAX_ENABLE_X64=1 "
@@ -321,11 +340,13 @@ def _jax(model, pack, tensors, is_float, variables, weights, training):
             if f:
                 args[i] = next(source_iter)
         outputs, new_non_trainable = model.stateless_call(
-            trainable_values, non_trainable, *pack(args), training=training)
+            trainable_values, non_trainable, *pack(args), training=training
+        )
         return _loss(outputs, weights), new_non_trainable
 
     (loss, new_non_trainable), (weight_grads, input_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(trainable, sources)
+        loss_fn, argnums=(0, 1), has_aux=True
+    )(trainable, sources)
     for variable, value in zip(model.non_trainable_variables, new_non_trainable):
         variable.assign(value)
     input_grads = [np.asarray(g) for g in input_grads]

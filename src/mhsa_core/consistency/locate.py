@@ -41,7 +41,11 @@ from mhsa_core.consistency import budgets, oracles, protocol
 from mhsa_core.consistency.arrays import portable
 from mhsa_core.consistency.checks import judge
 from mhsa_core.consistency.protocol import (
-    LAYER_CLASSES_KEY, LAYER_NAMES_KEY, LOCATE, LOCATE64, LOCATE_ERROR_KEY,
+    LAYER_CLASSES_KEY,
+    LAYER_NAMES_KEY,
+    LOCATE,
+    LOCATE64,
+    LOCATE_ERROR_KEY,
 )
 from mhsa_core.consistency.report import Cell, cell_text, format_table, last_line
 
@@ -75,8 +79,12 @@ def _functional_calls(config):
         nodes = layer.get("inbound_nodes") or []
         for n, node in enumerate(nodes):
             parents[(layer["name"], n)] = [(name, i) for name, i, _ in _histories(node)]
-            name = layer["name"] if len(nodes) == 1 else f"{layer['name']} (call {n + 1})"
-            calls.append((position, n, layer["name"], name, layer.get("class_name", "?")))
+            name = (
+                layer["name"] if len(nodes) == 1 else f"{layer['name']} (call {n + 1})"
+            )
+            calls.append(
+                (position, n, layer["name"], name, layer.get("class_name", "?"))
+            )
     # Depths by an explicit depth-first walk (deep models would exceed
     # Python's recursion limit): the config lists each layer once, at its
     # first call, so a shared layer's later call may read calls listed after it.
@@ -147,8 +155,11 @@ def layer_outputs(keras, model, variants, call_inputs):
                     results[protocol.layer_out_key(v, i, t)] = portable(convert(out))
     else:
         config = model.get_config()
-        if not isinstance(config, dict) or not {"layers", "input_layers",
-                                                "output_layers"} <= set(config):
+        if not isinstance(config, dict) or not {
+            "layers",
+            "input_layers",
+            "output_layers",
+        } <= set(config):
             raise ValueError(
                 f"--locate runs functional and Sequential models layer by layer; "
                 f"{type(model).__name__} {model.name!r} is neither (a subclassed model)"
@@ -161,7 +172,9 @@ def layer_outputs(keras, model, variants, call_inputs):
             k = 0
             for i, (_, _, count) in enumerate(counted):
                 for t in range(count):
-                    results[protocol.layer_out_key(v, i, t)] = portable(convert(outs[k]))
+                    results[protocol.layer_out_key(v, i, t)] = portable(
+                        convert(outs[k])
+                    )
                     k += 1
     results[LAYER_NAMES_KEY] = np.array([name for name, _ in entries], dtype=str)
     results[LAYER_CLASSES_KEY] = np.array([cls for _, cls in entries], dtype=str)
@@ -180,7 +193,9 @@ def _json_cell(cell):
     for k in ("ratio", "error", "budget"):
         if data[k] is not None and not math.isfinite(data[k]):
             data[k] = None
-            data["note"] = (data["note"] + " " if data["note"] else "") + f"{k} not finite"
+            data["note"] = (
+                data["note"] + " " if data["note"] else ""
+            ) + f"{k} not finite"
     return data
 
 
@@ -228,11 +243,21 @@ def locate_case(case, runs, backends, rtol=None):
             if result is None:
                 continue
             if LOCATE_ERROR_KEY in result:
-                notes.append(f"{b} ({task}): {last_line(result[LOCATE_ERROR_KEY], 'failed')}")
+                notes.append(
+                    f"{b} ({task}): {last_line(result[LOCATE_ERROR_KEY], 'failed')}"
+                )
                 continue
             into[b] = result
-    section = {"case": case.name, "oracle": None, "backends": [], "layers": [],
-               "checked": 0, "total": 0, "first_divergence": None, "notes": notes}
+    section = {
+        "case": case.name,
+        "oracle": None,
+        "backends": [],
+        "layers": [],
+        "checked": 0,
+        "total": 0,
+        "first_divergence": None,
+        "notes": notes,
+    }
     if not results32:
         notes.append("no backend ran the model layer by layer")
         return section
@@ -242,7 +267,9 @@ def locate_case(case, runs, backends, rtol=None):
     for group in (results32, results64):
         for b in list(group):
             if list(group[b][LAYER_NAMES_KEY]) != names:
-                notes.append(f"{b}: other layer calls than {next(iter(results32))}; left out")
+                notes.append(
+                    f"{b}: other layer calls than {next(iter(results32))}; left out"
+                )
                 del group[b]
     section["backends"] = [b for b in backends if b in results32]
     keys_of = _layer_keys(first)
@@ -254,25 +281,41 @@ def locate_case(case, runs, backends, rtol=None):
             by_key = budgets.peer_budgets(results32, results64, oracle, keys)
         else:
             oracle = oracles.median_oracle(results32, keys)
-            by_key = (None if oracle is None else
-                      budgets.peer_budgets(results32, None, oracle, keys, rtol=rtol))
+            by_key = (
+                None
+                if oracle is None
+                else budgets.peer_budgets(results32, None, oracle, keys, rtol=rtol)
+            )
         if section["oracle"] is None:
             section["oracle"] = _oracle_text(exact, results64, rtol)
         cells = {}
         for b, res in results32.items():
             if oracle is None:
-                cells[b] = Cell(passed=False, note="no oracle: the backends' shapes differ")
+                cells[b] = Cell(
+                    passed=False, note="no oracle: the backends' shapes differ"
+                )
             else:
                 cells[b] = judge(res, oracle, keys, by_key)
-        section["layers"].append({"index": i, "name": names[i], "class": classes[i],
-                                  "cells": {b: _json_cell(c) for b, c in cells.items()}})
+        section["layers"].append(
+            {
+                "index": i,
+                "name": names[i],
+                "class": classes[i],
+                "cells": {b: _json_cell(c) for b, c in cells.items()},
+            }
+        )
         section["checked"] += 1
         off = {b: c.ratio for b, c in cells.items() if c.passed is False}
         if off:
             section["first_divergence"] = {
-                "index": i, "name": names[i], "class": classes[i],
-                "backends": {b: (r if r is not None and math.isfinite(r) else None)
-                             for b, r in off.items()}}
+                "index": i,
+                "name": names[i],
+                "class": classes[i],
+                "backends": {
+                    b: (r if r is not None and math.isfinite(r) else None)
+                    for b, r in off.items()
+                },
+            }
             break
     return section
 
@@ -288,8 +331,11 @@ def _oracle_text(exact, results64, rtol):
 
 def locate_cases(cases, runs, backends, rtol=None):
     """`locate_case` of every model case that ran task LOCATE somewhere."""
-    return [locate_case(case, runs, backends, rtol) for case in cases
-            if LOCATE in case.tasks]
+    return [
+        locate_case(case, runs, backends, rtol)
+        for case in cases
+        if LOCATE in case.tasks
+    ]
 
 
 def _ratio_text(ratio):
@@ -318,18 +364,27 @@ def format_section(section):
         header = ["#", "layer", "class", *backends]
         rows = []
         for layer in section["layers"]:
-            cells = [cell_text(Cell(**layer["cells"][b]))[0] if b in layer["cells"] else "-"
-                     for b in backends]
+            cells = [
+                cell_text(Cell(**layer["cells"][b]))[0] if b in layer["cells"] else "-"
+                for b in backends
+            ]
             rows.append([str(layer["index"]), layer["name"], layer["class"], *cells])
-        lines.append(f"{head}every layer call's float32 output against {section['oracle']} "
-                     "(error / budget; <= 1 passes)")
+        lines.append(
+            f"{head}every layer call's float32 output against {section['oracle']} "
+            "(error / budget; <= 1 passes)"
+        )
         lines.append(format_table(header, rows))
-        where = ", ".join(f"{b}: {_ratio_text(r)} its budget"
-                          for b, r in first["backends"].items())
-        before = ("it is the first layer call (its inputs are the model's inputs)"
-                  if first["index"] == 0 else
-                  "every layer call before it, so its inputs, was within budget")
-        lines.append(f"first divergence: layer '{first['name']}' ({first['class']}) on "
-                     f"{where}; {before}")
+        where = ", ".join(
+            f"{b}: {_ratio_text(r)} its budget" for b, r in first["backends"].items()
+        )
+        before = (
+            "it is the first layer call (its inputs are the model's inputs)"
+            if first["index"] == 0
+            else "every layer call before it, so its inputs, was within budget"
+        )
+        lines.append(
+            f"first divergence: layer '{first['name']}' ({first['class']}) on "
+            f"{where}; {before}"
+        )
     lines += [f"  note: {n}" for n in section["notes"]]
     return "\n".join(lines)

@@ -17,12 +17,20 @@ from mhsa_core.consistency.locate import SECTION, locate_cases
 from mhsa_core.consistency.report import Report
 from mhsa_core.consistency.runner import run_backends
 
-__all__ = ["run_matrix", "evaluate", "expected_cells", "needed_tasks", "with_worker_inputs"]
+__all__ = [
+    "run_matrix",
+    "evaluate",
+    "expected_cells",
+    "needed_tasks",
+    "with_worker_inputs",
+]
 
 
 def needed_tasks(case, rtol=None):
     """The tasks of `case` that its checks read, in `protocol.KNOWN_TASKS` order."""
-    needed = {t for check in checks.CHECKS if check.applies(case, rtol) for t in check.tasks}
+    needed = {
+        t for check in checks.CHECKS if check.applies(case, rtol) for t in check.tasks
+    }
     return tuple(t for t in protocol.KNOWN_TASKS if t in needed and t in case.tasks)
 
 
@@ -36,8 +44,11 @@ def evaluate(cases, runs, backends, rtol=None):
             rows.extend(check.rows(ctx))
         if any(ctx.results(task) for task in (protocol.FORWARD, protocol.FORWARD64)):
             notes.append(ctx.oracle_note())
-    worker_errors = {b: r.error for b, r in runs.items()
-                     if r.error and r.error != "some tasks failed"}
+    worker_errors = {
+        b: r.error
+        for b, r in runs.items()
+        if r.error and r.error != "some tasks failed"
+    }
     report = Report(list(backends), rows, worker_errors, runs, notes=notes)
     located = locate_cases(cases, runs, backends, rtol)
     if located:
@@ -48,9 +59,20 @@ def evaluate(cases, runs, backends, rtol=None):
     return report
 
 
-def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
-               timeout=1800.0, imports=(), locate=False, steps=None, optimizer=None,
-               export=()):
+def run_matrix(
+    cases,
+    backends,
+    *,
+    rtol=None,
+    safe_mode=True,
+    on_event=None,
+    timeout=1800.0,
+    imports=(),
+    locate=False,
+    steps=None,
+    optimizer=None,
+    export=(),
+):
     """Runs `cases` under `backends` and judges every check; returns a `Report`.
 
     Each case runs the tasks among its `tasks` that its checks read
@@ -81,17 +103,33 @@ def run_matrix(cases, backends, *, rtol=None, safe_mode=True, on_event=None,
     export = validate_formats(export)
     cases = [drift.with_drift(case, steps) for case in cases]
     if export:
-        cases = [dataclasses.replace(case, exports=export,
-                                     tasks=tuple(case.tasks) + (protocol.EXPORT,))
-                 for case in cases]
-    cases = [dataclasses.replace(case, tasks=needed_tasks(case, rtol)
-                                 + (protocol.LOCATE_TASKS if locate and case.kind == "model"
-                                    else ())) for case in cases]
-    runs = run_backends(cases, backends, on_event=on_event, safe_mode=safe_mode,
-                        timeout=timeout, imports=imports, drift_steps=steps,
-                        drift_optimizer=optimizer)
-    return evaluate([with_worker_inputs(case, runs) for case in cases], runs, backends,
-                    rtol=rtol)
+        cases = [
+            dataclasses.replace(
+                case, exports=export, tasks=tuple(case.tasks) + (protocol.EXPORT,)
+            )
+            for case in cases
+        ]
+    cases = [
+        dataclasses.replace(
+            case,
+            tasks=needed_tasks(case, rtol)
+            + (protocol.LOCATE_TASKS if locate and case.kind == "model" else ()),
+        )
+        for case in cases
+    ]
+    runs = run_backends(
+        cases,
+        backends,
+        on_event=on_event,
+        safe_mode=safe_mode,
+        timeout=timeout,
+        imports=imports,
+        drift_steps=steps,
+        drift_optimizer=optimizer,
+    )
+    return evaluate(
+        [with_worker_inputs(case, runs) for case in cases], runs, backends, rtol=rtol
+    )
 
 
 def with_worker_inputs(case, runs):
@@ -116,7 +154,9 @@ def validate_formats(formats):
     if unknown:
         raise ValueError(
             f"Received an invalid value for argument `export`, expected a subset of "
-            f"{','.join(protocol.EXPORT_FORMATS)}. Received: export={','.join(unknown)!r}")
+            f"{','.join(protocol.EXPORT_FORMATS)}. "
+            f"Received: export={','.join(unknown)!r}"
+        )
     return formats
 
 
@@ -127,5 +167,8 @@ def expected_cells(case, backends, rtol=None):
     A report that lacks one of them lost a result somewhere; the tests use
     this to make sure that nothing is silently missing.
     """
-    return [cell for check in checks.CHECKS
-            for cell in check.expected_cells(case, backends, rtol)]
+    return [
+        cell
+        for check in checks.CHECKS
+        for cell in check.expected_cells(case, backends, rtol)
+    ]

@@ -19,7 +19,13 @@ import numpy as np
 from mhsa_core import reference
 from mhsa_core.consistency import protocol
 
-__all__ = ["Oracle", "reference_oracles", "float64_oracle", "median_oracle", "step_oracle"]
+__all__ = [
+    "Oracle",
+    "reference_oracles",
+    "float64_oracle",
+    "median_oracle",
+    "step_oracle",
+]
 
 
 class Oracle(NamedTuple):
@@ -44,20 +50,29 @@ def reference_oracles(case):
     out, out_b, out64_b, scores, scores_b = {}, {}, {}, {}, {}
     for v, variant in enumerate(case.variants):
         key = protocol.out_key(v)
-        kwargs = dict(attention_mask=variant.get("attention_mask"),
-                      return_attention_scores=True, **config)
-        out[key], scores[key] = reference.mhsa_forward(variant["x"], case.weights, **kwargs)
+        kwargs = dict(
+            attention_mask=variant.get("attention_mask"),
+            return_attention_scores=True,
+            **config,
+        )
+        out[key], scores[key] = reference.mhsa_forward(
+            variant["x"], case.weights, **kwargs
+        )
         out64_b[key] = reference.float64_budget(out[key])
         if case.dtype == "float64":
             out_b[key] = out64_b[key]
             scores_b[key] = reference.float64_budget(scores[key])
         else:
             out32, scores32 = reference.rounded_forward(
-                variant["x"], case.weights, case.dtype, **kwargs)
+                variant["x"], case.weights, case.dtype, **kwargs
+            )
             out_b[key] = reference.float32_budget(out32, out[key])
             scores_b[key] = reference.float32_budget(scores32, scores[key])
-    return {"out": Oracle(out, out_b), "out64": Oracle(out, out64_b),
-            "scores": Oracle(scores, scores_b)}
+    return {
+        "out": Oracle(out, out_b),
+        "out64": Oracle(out, out64_b),
+        "scores": Oracle(scores, scores_b),
+    }
 
 
 def _median(arrays):

@@ -246,7 +246,9 @@ def keys_with(results, prefixes):
     """The keys starting with `prefixes` in any of `results` ({backend: result}),
     in natural order ("weight/0/10" after "weight/0/2")."""
     keys = {k for res in results.values() for k in res if k.startswith(prefixes)}
-    return sorted(keys, key=lambda k: [int(p) if p.isdigit() else p for p in k.split("/")])
+    return sorted(
+        keys, key=lambda k: [int(p) if p.isdigit() else p for p in k.split("/")]
+    )
 
 
 def count_keys(result, prefix):
@@ -267,8 +269,15 @@ ADAM_EPSILON = 1e-7
 # result-key prefix -> (keras.optimizers class name, its arguments)
 OPTIMIZER_SETTINGS = {
     "sgd": ("SGD", {"learning_rate": SGD_LR}),
-    "adam": ("Adam", {"learning_rate": ADAM_LR, "beta_1": ADAM_BETA_1,
-                      "beta_2": ADAM_BETA_2, "epsilon": ADAM_EPSILON}),
+    "adam": (
+        "Adam",
+        {
+            "learning_rate": ADAM_LR,
+            "beta_1": ADAM_BETA_1,
+            "beta_2": ADAM_BETA_2,
+            "epsilon": ADAM_EPSILON,
+        },
+    ),
 }
 
 
@@ -320,8 +329,10 @@ def drift_recorded_steps(steps):
     table's steps."""
     if steps <= DRIFT_MAX_RECORDED:
         return list(range(1, steps + 1))
-    spaced = {round(1 + i * (steps - 1) / (DRIFT_MAX_RECORDED - 1))
-              for i in range(DRIFT_MAX_RECORDED)}
+    spaced = {
+        round(1 + i * (steps - 1) / (DRIFT_MAX_RECORDED - 1))
+        for i in range(DRIFT_MAX_RECORDED)
+    }
     return sorted(spaced | set(drift_table_steps(steps)))
 
 

@@ -9,9 +9,19 @@ check of one case across backends. Every row comes from a check of
 import dataclasses
 import math
 
-__all__ = ["Cell", "Row", "Report", "cell_of", "format_table", "cell_text", "render",
-           "footer", "NOT_JUDGED_LEGEND",
-           "verdict", "last_line"]
+__all__ = [
+    "Cell",
+    "Row",
+    "Report",
+    "cell_of",
+    "format_table",
+    "cell_text",
+    "render",
+    "footer",
+    "NOT_JUDGED_LEGEND",
+    "verdict",
+    "last_line",
+]
 
 
 @dataclasses.dataclass
@@ -32,8 +42,9 @@ def cell_of(error, budget, note=""):
     """The Cell of `error` against `budget` (passes when error <= budget)."""
     error, budget = float(error), float(budget)
     ratio = error / budget if budget > 0 else (0.0 if error == 0 else math.inf)
-    return Cell(passed=bool(error <= budget), ratio=ratio, error=error, budget=budget,
-                note=note)
+    return Cell(
+        passed=bool(error <= budget), ratio=ratio, error=error, budget=budget, note=note
+    )
 
 
 @dataclasses.dataclass
@@ -60,8 +71,11 @@ class Report:
     @property
     def ran(self):
         """The backends with at least one result compared with an oracle."""
-        return [b for b in self.backends
-                if any(b in r.cells and r.cells[b].ratio is not None for r in self.rows)]
+        return [
+            b
+            for b in self.backends
+            if any(b in r.cells and r.cells[b].ratio is not None for r in self.rows)
+        ]
 
     @property
     def compared(self):
@@ -71,18 +85,28 @@ class Report:
 
     @property
     def failures(self):
-        return [(r, b, c) for r in self.rows for b, c in r.cells.items() if c.passed is False]
+        return [
+            (r, b, c)
+            for r in self.rows
+            for b, c in r.cells.items()
+            if c.passed is False
+        ]
 
     @property
     def missing(self):
         """Backends that were asked for but are not installed."""
-        return [b for b, e in self.worker_errors.items() if e.startswith("not installed")]
+        return [
+            b for b, e in self.worker_errors.items() if e.startswith("not installed")
+        ]
 
     @property
     def agree(self):
         crashed = [b for b in self.worker_errors if b not in self.missing]
-        return not self.failures and not crashed and self.compared and any(
-            c.passed for r in self.rows for c in r.cells.values()
+        return (
+            not self.failures
+            and not crashed
+            and self.compared
+            and any(c.passed for r in self.rows for c in r.cells.values())
         )
 
     def cell(self, case, check, backend):
@@ -95,7 +119,7 @@ class Report:
 
     @property
     def status(self):
-        """"agree", "disagree" (cells beyond budget), "failed" (a worker
+        """ "agree", "disagree" (cells beyond budget), "failed" (a worker
         crashed, or a task raised and nothing is beyond budget) or
         "not_compared" (fewer than two backends ran)."""
         if set(self.worker_errors) - set(self.missing):
@@ -113,7 +137,7 @@ class Report:
             run = self.runs.get(b)
             info = getattr(run, "info", {}) or {}
             error = self.worker_errors.get(b)
-            status = ("skipped" if b in self.missing else "failed" if error else "ran")
+            status = "skipped" if b in self.missing else "failed" if error else "ran"
             entries[b] = {
                 "status": status,
                 "reason": error,
@@ -137,12 +161,16 @@ class Report:
             "backends": self.backends,
             "compared": self.ran,
             "backend_runs": self.backend_entries(),
-            "worker_errors": {b: e for b, e in self.worker_errors.items()
-                              if b not in self.missing},
+            "worker_errors": {
+                b: e for b, e in self.worker_errors.items() if b not in self.missing
+            },
             "oracles": self.notes,
             "rows": [
-                {"case": r.case, "check": r.check,
-                 "cells": {b: _json_cell(c) for b, c in r.cells.items()}}
+                {
+                    "case": r.case,
+                    "check": r.check,
+                    "cells": {b: _json_cell(c) for b, c in r.cells.items()},
+                }
                 for r in self.rows
             ],
             **self.sections,
@@ -205,16 +233,19 @@ def cell_text(cell):
 
 NOT_JUDGED_LEGEND = (
     "'not judged': the ratio is reported, not judged by the '<= 1' rule: a float64 run "
-    "that Keras computes partly in float32 on that backend (float32-level; Keras 3.15 maps "
-    "float64 to float32 for some ops on torch and JAX). It is within the float32 budget; "
-    "its ratio to the strict float64 budget is shown for information."
+    "that Keras computes partly in float32 on that backend (float32-level; Keras 3.15 "
+    "maps float64 to float32 for some ops on torch and JAX). It is within the float32 "
+    "budget; its ratio to the strict float64 budget is shown for information."
 )
 
 
 def not_judged(report):
     """Whether some cell shows a ratio without a verdict (the legend applies)."""
-    return any(c.passed is None and c.ratio is not None
-               for r in report.rows for c in r.cells.values())
+    return any(
+        c.passed is None and c.ratio is not None
+        for r in report.rows
+        for c in r.cells.values()
+    )
 
 
 def footer(report):
@@ -231,7 +262,13 @@ def render(report, out, title):
     header = ["case", "check", *report.backends]
     rows = []
     for row in report.rows:
-        rows.append([row.case, row.check, *(cell_text(row.cells.get(b)) for b in report.backends)])
+        rows.append(
+            [
+                row.case,
+                row.check,
+                *(cell_text(row.cells.get(b)) for b in report.backends),
+            ]
+        )
     try:
         from rich.console import Console
         from rich.table import Table
@@ -249,8 +286,11 @@ def render(report, out, title):
     for r in rows:
         case = r[0] if r[0] != previous else ""
         previous = r[0]
-        table.add_row(case, r[1], *(f"[{style}]{text}[/]" if style else text
-                                    for text, style in r[2:]))
+        table.add_row(
+            case,
+            r[1],
+            *(f"[{style}]{text}[/]" if style else text for text, style in r[2:]),
+        )
     console = Console(file=out, width=max(100, 30 + 22 * len(report.backends)))
     console.print(table)
     for line in footer(report):
@@ -265,11 +305,18 @@ def _where(failures):
 def verdict(report):
     """The one-line verdict: agree, disagree (where), a worker failed, or
     nothing checked."""
-    checked = sum(1 for r in report.rows for c in r.cells.values() if c.passed is not None)
+    checked = sum(
+        1 for r in report.rows for c in r.cells.values() if c.passed is not None
+    )
     parts = []
     if report.missing:
-        parts.append("not installed, skipped: " + ", ".join(
-            f"{b} ({report.worker_errors[b].split(': ', 1)[-1]})" for b in report.missing))
+        parts.append(
+            "not installed, skipped: "
+            + ", ".join(
+                f"{b} ({report.worker_errors[b].split(': ', 1)[-1]})"
+                for b in report.missing
+            )
+        )
     crashed = {b: e for b, e in report.worker_errors.items() if b not in report.missing}
     if crashed:
         return "verdict: FAIL: worker(s) failed: " + ", ".join(crashed)
@@ -280,19 +327,28 @@ def verdict(report):
         broken = [f for f in report.failures if f[2].ratio is None]
         text = []
         if beyond:
-            text.append(f"DISAGREE: {len(beyond)} of {checked} cells beyond tolerance: "
-                        + _where(beyond))
+            text.append(
+                f"DISAGREE: {len(beyond)} of {checked} cells beyond tolerance: "
+                + _where(beyond)
+            )
         if broken:
-            text.append(f"{'' if beyond else 'FAIL: '}{len(broken)} cells not computed "
-                        f"(a task raised, or no oracle): " + _where(broken))
+            text.append(
+                f"{'' if beyond else 'FAIL: '}{len(broken)} cells not computed "
+                f"(a task raised, or no oracle): " + _where(broken)
+            )
         return "verdict: " + "; ".join(text)
     if not checked:
-        return "verdict: nothing was checked" + (f" ({'; '.join(parts)})" if parts else "")
+        return "verdict: nothing was checked" + (
+            f" ({'; '.join(parts)})" if parts else ""
+        )
     ran = report.ran
     if not report.compared:
         who = f"only {ran[0]} ran" if ran else "no backend produced a result"
-        return (f"verdict: NOT COMPARED: {who}: nothing was compared across backends "
-                f"(at least two must run; its {checked} cells above are against their "
-                f"oracles only)" + (f" ({'; '.join(parts)})" if parts else ""))
-    return (f"verdict: all {checked} cells agree across {', '.join(ran)}"
-            + (f" ({'; '.join(parts)})" if parts else ""))
+        return (
+            f"verdict: NOT COMPARED: {who}: nothing was compared across backends "
+            f"(at least two must run; its {checked} cells above are against their "
+            f"oracles only)" + (f" ({'; '.join(parts)})" if parts else "")
+        )
+    return f"verdict: all {checked} cells agree across {', '.join(ran)}" + (
+        f" ({'; '.join(parts)})" if parts else ""
+    )

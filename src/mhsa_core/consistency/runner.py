@@ -1,4 +1,5 @@
-"""Cross-backend runner: the same cases under each Keras backend, one worker process each.
+"""Cross-backend runner: the same cases under each Keras backend, one worker process
+each.
 
 Keras fixes its backend at import, and importing TensorFlow and torch in one
 process can crash, so every backend gets its own worker process
@@ -60,7 +61,8 @@ def missing_modules(backend):
     importing any (`importlib.util.find_spec` of top-level names)."""
     if backend not in BACKENDS:
         raise ValueError(
-            f"Unknown backend. Expected one of {BACKENDS}. Received: backend={backend!r}"
+            f"Unknown backend. Expected one of {BACKENDS}. "
+            f"Received: backend={backend!r}"
         )
     return [m for m in BACKEND_MODULES[backend] if importlib.util.find_spec(m) is None]
 
@@ -106,8 +108,12 @@ def _write_job(job_dir, cases, options):
     for i, case in enumerate(cases):
         arrays = {}
         for v, variant in enumerate(case.variants):
-            arrays.update({protocol.job_input_key(v, k): np.asarray(a)
-                           for k, a in variant.items()})
+            arrays.update(
+                {
+                    protocol.job_input_key(v, k): np.asarray(a)
+                    for k, a in variant.items()
+                }
+            )
         for k, a in (case.weights or {}).items():
             arrays[protocol.job_weight_key(k)] = np.asarray(a)
         np.savez(job_dir / protocol.case_file(i), **arrays)
@@ -159,8 +165,13 @@ class _Worker:
         self.stderr_path = out_dir / protocol.STDERR_FILE
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mhsa_core.consistency.worker", str(job_dir),
-             str(out_dir)],
+            [
+                sys.executable,
+                "-m",
+                "mhsa_core.consistency.worker",
+                str(job_dir),
+                str(out_dir),
+            ],
             env=worker_env(backend),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -195,7 +206,8 @@ class _Worker:
             if line is None:
                 self.proc.wait()
                 return self._failure(
-                    f"worker exited with status {self.proc.returncode} in phase {phase!r}"
+                    f"worker exited with status {self.proc.returncode} "
+                    f"in phase {phase!r}"
                 )
             if line == protocol.done_line(phase):
                 return None
@@ -220,9 +232,19 @@ class _Worker:
         self.proc.wait()
 
 
-def run_backends(cases, backends, *, timeout=1800.0, on_event=None, job_dir=None,
-                 safe_mode=True, portability=True, imports=(), drift_steps=None,
-                 drift_optimizer=protocol.DEFAULT_DRIFT_OPTIMIZER):
+def run_backends(
+    cases,
+    backends,
+    *,
+    timeout=1800.0,
+    on_event=None,
+    job_dir=None,
+    safe_mode=True,
+    portability=True,
+    imports=(),
+    drift_steps=None,
+    drift_optimizer=protocol.DEFAULT_DRIFT_OPTIMIZER,
+):
     """Runs `cases` under each backend; returns {backend: BackendRun}.
 
     Backends run one after another within a phase, so that each worker's
@@ -250,9 +272,13 @@ def run_backends(cases, backends, *, timeout=1800.0, on_event=None, job_dir=None
     with tempfile.TemporaryDirectory(prefix="mhsa-core-") as tmp:
         root = Path(job_dir) if job_dir is not None else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        options = {"safe_mode": bool(safe_mode), "backends": list(backends),
-                   "imports": list(imports), protocol.DRIFT_STEPS: drift_steps,
-                   protocol.DRIFT_OPTIMIZER: drift_optimizer}
+        options = {
+            "safe_mode": bool(safe_mode),
+            "backends": list(backends),
+            "imports": list(imports),
+            protocol.DRIFT_STEPS: drift_steps,
+            protocol.DRIFT_OPTIMIZER: drift_optimizer,
+        }
         job = _write_job(root, cases, options)
         runs, workers = {}, {}
         for backend in backends:

@@ -77,15 +77,20 @@ class _SavedModel:
         args = self.model.serve.concrete_functions[0].structured_input_signature[0]
         single = len(tensors) == 1 and not isinstance(args[0], (list, tuple))
         out = self.model.serve(tensors[0] if single else tensors)
-        return _first(out.numpy() if hasattr(out, "numpy") else
-                      self.tf.nest.map_structure(lambda t: t.numpy(), out))
+        return _first(
+            out.numpy()
+            if hasattr(out, "numpy")
+            else self.tf.nest.map_structure(lambda t: t.numpy(), out)
+        )
 
 
 class _Onnx:
     def __init__(self, path):
         import onnxruntime
 
-        self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(
+            path, providers=["CPUExecutionProvider"]
+        )
 
     def __call__(self, names, xs):
         declared = [i.name for i in self.session.get_inputs()]
@@ -98,10 +103,13 @@ class _OpenVino:
         import openvino
 
         self.compiled = openvino.Core().compile_model(
-            path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+        )
 
     def __call__(self, names, xs):
-        declared = [i.get_any_name() if i.get_names() else "" for i in self.compiled.inputs]
+        declared = [
+            i.get_any_name() if i.get_names() else "" for i in self.compiled.inputs
+        ]
         result = self.compiled(_by_name(declared, names, xs))
         return np.asarray(result[self.compiled.outputs[0]])
 
@@ -126,14 +134,20 @@ class _LiteRT:
         return np.asarray(it.get_tensor(it.get_output_details()[0]["index"]))
 
 
-_RUNTIMES = {"tf_saved_model": _SavedModel, "onnx": _Onnx, "openvino": _OpenVino,
-             "litert": _LiteRT}
+_RUNTIMES = {
+    "tf_saved_model": _SavedModel,
+    "onnx": _Onnx,
+    "openvino": _OpenVino,
+    "litert": _LiteRT,
+}
 
 
 def run(fmt, artifact, inputs):
     """{out_key(v): output} of `artifact` on `inputs` ({v: (names, arrays)})."""
     runtime = _RUNTIMES[fmt](str(artifact))
-    return {protocol.out_key(v): runtime(names, xs) for v, (names, xs) in inputs.items()}
+    return {
+        protocol.out_key(v): runtime(names, xs) for v, (names, xs) in inputs.items()
+    }
 
 
 def read_inputs(path):
@@ -152,7 +166,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     fmt, triples = argv[0], argv[1:]
     for i in range(0, len(triples), 3):
-        artifact, inputs, outputs = triples[i:i + 3]
+        artifact, inputs, outputs = triples[i : i + 3]
         results = run(fmt, artifact, read_inputs(inputs))
         tmp = outputs + ".tmp.npz"
         np.savez(tmp, **results)

@@ -37,10 +37,21 @@ def _custom_modules(model):
     return sorted(modules)
 
 
-def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS,
-                          rtol=None, *, safe_mode=True, imports=None, timeout=1800.0,
-                          skip_if_not_compared=False, locate=False, steps=None,
-                          optimizer=None, export=()):
+def assert_backends_agree(
+    model_or_path,
+    inputs=None,
+    backends=TRAINING_BACKENDS,
+    rtol=None,
+    *,
+    safe_mode=True,
+    imports=None,
+    timeout=1800.0,
+    skip_if_not_compared=False,
+    locate=False,
+    steps=None,
+    optimizer=None,
+    export=(),
+):
     """Asserts that `backends` agree on a Keras model; returns the `report.Report`.
 
     Args:
@@ -86,17 +97,32 @@ def assert_backends_agree(model_or_path, inputs=None, backends=TRAINING_BACKENDS
         else:
             path = Path(tmp) / "model.keras"
             model_or_path.save(path)
-            imports = list(imports) if imports is not None else _custom_modules(model_or_path)
+            imports = (
+                list(imports) if imports is not None else _custom_modules(model_or_path)
+            )
         config = cases.read_model_config(path)
         if safe_mode:
             cases.check_safe(config, path)
         case = cases.model_case(path, inputs, name=path.stem)
-        report = matrix.run_matrix([case], list(backends), rtol=rtol, safe_mode=safe_mode,
-                                   imports=imports, timeout=timeout, locate=locate,
-                                   steps=steps, optimizer=optimizer, export=export)
+        report = matrix.run_matrix(
+            [case],
+            list(backends),
+            rtol=rtol,
+            safe_mode=safe_mode,
+            imports=imports,
+            timeout=timeout,
+            locate=locate,
+            steps=steps,
+            optimizer=optimizer,
+            export=export,
+        )
     if not report.agree:
-        if skip_if_not_compared and not report.compared and not report.failures and not (
-                set(report.worker_errors) - set(report.missing)):
+        if (
+            skip_if_not_compared
+            and not report.compared
+            and not report.failures
+            and not (set(report.worker_errors) - set(report.missing))
+        ):
             import pytest  # only here: the helper is usable without pytest
 
             pytest.skip(verdict(report).removeprefix("verdict: "))

@@ -46,7 +46,14 @@ from mhsa_core.consistency import protocol
 from mhsa_core.consistency.arrays import portable
 from mhsa_core.consistency.float64 import float64_clone
 from mhsa_core.consistency.protocol import (
-    AGAIN_KEY, COMPUTE, FORWARD_SECONDS, LOAD, SAVE, SETUP_ERROR, case_backends, out_key,
+    AGAIN_KEY,
+    COMPUTE,
+    FORWARD_SECONDS,
+    LOAD,
+    SAVE,
+    SETUP_ERROR,
+    case_backends,
+    out_key,
 )
 
 _TIMED_REPEATS = 3
@@ -57,7 +64,8 @@ def _xla_cannot_compile(error):
     """Whether a TensorFlow error is XLA lacking a kernel for some op."""
     text = str(error)
     return type(error).__name__ in ("InvalidArgumentError", "UnimplementedError") and (
-        "XLA" in text or "not compilable" in text or "No registered" in text)
+        "XLA" in text or "not compilable" in text or "No registered" in text
+    )
 
 
 class _ModelInputs:
@@ -84,8 +92,11 @@ class _ModelInputs:
                 tensors = list(model.inputs or [])
             except (AttributeError, ValueError):
                 tensors = []
-            self.kind = "list" if isinstance(struct, (list, tuple)) or len(tensors) > 1 \
+            self.kind = (
+                "list"
+                if isinstance(struct, (list, tuple)) or len(tensors) > 1
                 else "single"
+            )
             self.names = [t.name for t in tensors]
         self.shapes = [tuple(t.shape) for t in tensors]
         self.dtypes = [keras.backend.standardize_dtype(t.dtype) for t in tensors]
@@ -112,8 +123,10 @@ class _ModelInputs:
                 "model?); pass inputs (--inputs)."
             )
         specs = list(zip(self.names, self.shapes, self.dtypes))
-        return [[variant[n] for n in self.names]
-                for variant in cases.generate_inputs(specs, seed)]
+        return [
+            [variant[n] for n in self.names]
+            for variant in cases.generate_inputs(specs, seed)
+        ]
 
     def match(self, given, variants):
         """Given input variants (lists, in the order of the names `given`)
@@ -134,11 +147,12 @@ class _ModelInputs:
         for xs in matched:
             for k, (x, name, shape) in enumerate(zip(xs, self.names, self.shapes)):
                 if len(x.shape) != len(shape) or any(
-                        d is not None and d != e for d, e in zip(shape, x.shape)):
+                    d is not None and d != e for d, e in zip(shape, x.shape)
+                ):
                     raise ValueError(
-                        f"The inputs do not fit the model: array {given[order[k]]!r} has "
-                        f"shape {tuple(x.shape)}, the model's input {name!r} expects "
-                        f"{shape} (None: any size)."
+                        "The inputs do not fit the model: array "
+                        f"{given[order[k]]!r} has shape {tuple(x.shape)}, the "
+                        f"model's input {name!r} expects {shape} (None: any size)."
                     )
         return matched
 
@@ -156,7 +170,9 @@ class _CaseRunner:
         options: the job's options (job.json "options").
     """
 
-    def __init__(self, keras, case, arrays, safe_mode, out_dir=None, index=0, options=None):
+    def __init__(
+        self, keras, case, arrays, safe_mode, out_dir=None, index=0, options=None
+    ):
         self.keras = keras
         self.case = case
         self.safe_mode = safe_mode
@@ -165,10 +181,13 @@ class _CaseRunner:
         self.options = options or {}
         n = case["variants"]
         names = case["input_names"]
-        self.variants = [[arrays[protocol.job_input_key(v, k)] for k in names]
-                         for v in range(n)]
+        self.variants = [
+            [arrays[protocol.job_input_key(v, k)] for k in names] for v in range(n)
+        ]
         prefix = protocol.JOB_WEIGHT_PREFIX
-        self.weights = {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
+        self.weights = {
+            k[len(prefix) :]: a for k, a in arrays.items() if k.startswith(prefix)
+        }
         self.input_spec = None  # a model case: what the loaded model takes
         self.model, self.layer = self._build(case["dtype"])
         if case["kind"] == "model":
@@ -179,22 +198,29 @@ class _CaseRunner:
         to its inputs, or made here (and saved for the parent)."""
         self.input_spec = _ModelInputs(self.keras, self.model)
         if self.variants:
-            self.variants = self.input_spec.match(list(self.case["input_names"]),
-                                                  self.variants)
+            self.variants = self.input_spec.match(
+                list(self.case["input_names"]), self.variants
+            )
             return
         self.variants = self.input_spec.generate(seed=0)
         if self.out_dir is not None:
-            np.savez(self.out_dir / protocol.inputs_file(self.index), **{
-                protocol.job_input_key(v, name): x
-                for v, xs in enumerate(self.variants)
-                for name, x in zip(self.input_spec.names, xs)})
+            np.savez(
+                self.out_dir / protocol.inputs_file(self.index),
+                **{
+                    protocol.job_input_key(v, name): x
+                    for v, xs in enumerate(self.variants)
+                    for name, x in zip(self.input_spec.names, xs)
+                },
+            )
 
     # -------------------------------------------------------------- models
     def _build(self, dtype):
         keras = self.keras
         case = self.case
         if case["kind"] == "model":
-            model = keras.saving.load_model(case["model_path"], safe_mode=self.safe_mode)
+            model = keras.saving.load_model(
+                case["model_path"], safe_mode=self.safe_mode
+            )
             if dtype == "float64":
                 model = float64_clone(model)
             return model, None
@@ -241,14 +267,18 @@ class _CaseRunner:
     def _outputs(self, model, xs):
         """Every output of the model (flattened: list, tuple or dict), as NumPy."""
         out = model(self._call_inputs(xs), training=False)
-        return [portable(self.keras.ops.convert_to_numpy(o))
-                for o in self.keras.tree.flatten(out)]
+        return [
+            portable(self.keras.ops.convert_to_numpy(o))
+            for o in self.keras.tree.flatten(out)
+        ]
 
     def _output_results(self, model, variants):
         """{`protocol.output_key(v, o)`: output o of variant v} of `model`."""
-        return {protocol.output_key(v, o): out
-                for v, xs in enumerate(variants)
-                for o, out in enumerate(self._outputs(model, xs))}
+        return {
+            protocol.output_key(v, o): out
+            for v, xs in enumerate(variants)
+            for o, out in enumerate(self._outputs(model, xs))
+        }
 
     # --------------------------------------------------------------- tasks
     def task_forward(self, timings):
@@ -268,7 +298,9 @@ class _CaseRunner:
 
     def task_forward64(self, timings):
         model = self.model64()
-        return self._output_results(model, [self._as_float64(xs) for xs in self.variants])
+        return self._output_results(
+            model, [self._as_float64(xs) for xs in self.variants]
+        )
 
     def task_scores(self, timings):
         if self.layer is None:
@@ -285,13 +317,19 @@ class _CaseRunner:
         a position table is resized, and differentiated, differently at each)."""
         from mhsa_core.consistency import gradients
 
-        results = {protocol.start_key(j): portable(self.keras.ops.convert_to_numpy(w))
-                   for j, w in enumerate(model.trainable_variables)}
+        results = {
+            protocol.start_key(j): portable(self.keras.ops.convert_to_numpy(w))
+            for j, w in enumerate(model.trainable_variables)
+        }
         for v, xs in enumerate(variants):
             outs = self._outputs(model, xs)  # the loss covers every output
-            loss_weights = (gradients.loss_weights(outs[0].shape) if len(outs) == 1 else
-                            [gradients.loss_weights(o.shape, seed=k)
-                             for k, o in enumerate(outs)])
+            loss_weights = (
+                gradients.loss_weights(outs[0].shape)
+                if len(outs) == 1
+                else [
+                    gradients.loss_weights(o.shape, seed=k) for k, o in enumerate(outs)
+                ]
+            )
             loss, input_grads, weight_grads = gradients.value_and_grad(
                 model, self._call_inputs(xs), loss_weights
             )
@@ -307,7 +345,9 @@ class _CaseRunner:
         return self._grads(self.model, self.variants)
 
     def task_grads64(self, timings):
-        return self._grads(self.model64(), [self._as_float64(xs) for xs in self.variants])
+        return self._grads(
+            self.model64(), [self._as_float64(xs) for xs in self.variants]
+        )
 
     def task_optimizers(self, timings):
         """One step of each optimizer of `protocol.OPTIMIZER_SETTINGS` per input
@@ -328,7 +368,9 @@ class _CaseRunner:
                 new = gradients.apply_optimizer_step(model, g, optimizer)
                 for j, w in enumerate(new):
                     results[protocol.step_key(name, v, j)] = portable(w)
-                for var, w in zip(model.trainable_variables, start):  # back to the start
+                for var, w in zip(
+                    model.trainable_variables, start
+                ):  # back to the start
                     var.assign(w)
         return results
 
@@ -351,8 +393,11 @@ class _CaseRunner:
         if backend == "tensorflow":
             import tensorflow as tf
 
-            compiled = tf.function(lambda xs: model(xs, training=False), jit_compile=True,
-                                   reduce_retracing=True)
+            compiled = tf.function(
+                lambda xs: model(xs, training=False),
+                jit_compile=True,
+                reduce_retracing=True,
+            )
 
             def run(xs):
                 return compiled(xs)
@@ -360,13 +405,18 @@ class _CaseRunner:
             import jax
 
             def pure(trainable, non_trainable, xs):
-                return model.stateless_call(trainable, non_trainable, xs, training=False)[0]
+                return model.stateless_call(
+                    trainable, non_trainable, xs, training=False
+                )[0]
 
             compiled = jax.jit(pure)
 
             def run(xs):
-                return compiled([v.value for v in model.trainable_variables],
-                                [v.value for v in model.non_trainable_variables], xs)
+                return compiled(
+                    [v.value for v in model.trainable_variables],
+                    [v.value for v in model.non_trainable_variables],
+                    xs,
+                )
         elif backend == "torch":
             import torch
 
@@ -397,26 +447,41 @@ class _CaseRunner:
                 # UpSampling2D). A model XLA cannot compile is not a
                 # disagreement of the backends: the cell says so, unjudged.
                 ops = re.search(r"on XLA_\w+: ([\w, ]+)", str(e))
-                what = ops.group(1).strip() if ops else str(e).strip().splitlines()[0][:120]
-                return {protocol.NOTE_KEY: np.array(f"not judged: XLA cannot compile {what}")}
+                what = (
+                    ops.group(1).strip()
+                    if ops
+                    else str(e).strip().splitlines()[0][:120]
+                )
+                return {
+                    protocol.NOTE_KEY: np.array(
+                        f"not judged: XLA cannot compile {what}"
+                    )
+                }
             for o, each in enumerate(keras.tree.flatten(out)):
-                results[protocol.output_key(v, o)] = portable(keras.ops.convert_to_numpy(each))
+                results[protocol.output_key(v, o)] = portable(
+                    keras.ops.convert_to_numpy(each)
+                )
         return results
 
     def task_drift(self, timings):
         """K optimizer steps of the model and of its float64 clone (`drift.train`)."""
         from mhsa_core.consistency import drift
 
-        return drift.train(self, self.options[protocol.DRIFT_STEPS],
-                           self.options[protocol.DRIFT_OPTIMIZER])
+        return drift.train(
+            self,
+            self.options[protocol.DRIFT_STEPS],
+            self.options[protocol.DRIFT_OPTIMIZER],
+        )
 
     def task_save(self, timings):
         path = self.out_dir / protocol.model_file(self.index)
         tmp = path.with_suffix(".tmp.keras")
         self.model.save(tmp)
         os.replace(tmp, path)
-        return {protocol.saved_weight_key(j): portable(w)
-                for j, w in enumerate(self.model.get_weights())}
+        return {
+            protocol.saved_weight_key(j): portable(w)
+            for j, w in enumerate(self.model.get_weights())
+        }
 
     def task_export(self, timings):
         """`model.export` in each of the case's `exports`, each artifact run in
@@ -425,14 +490,15 @@ class _CaseRunner:
 
         return export.export_task(self, self.case.get("exports", []), timings)
 
-
     def task_locate(self, timings):
         """Every layer call's output (`locate.layer_outputs`), as the model computes."""
         return self._locate(lambda: self.model, self.variants)
 
     def task_locate64(self, timings):
         """Every layer call's output of the float64 clone (`model64`)."""
-        return self._locate(self.model64, [self._as_float64(xs) for xs in self.variants])
+        return self._locate(
+            self.model64, [self._as_float64(xs) for xs in self.variants]
+        )
 
     def _locate(self, make_model, variants):
         # A diagnosis, not a check: what cannot run layer by layer is
@@ -440,10 +506,12 @@ class _CaseRunner:
         from mhsa_core.consistency import locate
 
         try:
-            return locate.layer_outputs(self.keras, make_model(), variants,
-                                        self._call_inputs)
+            return locate.layer_outputs(
+                self.keras, make_model(), variants, self._call_inputs
+            )
         except Exception:  # noqa: BLE001
             return locate.error_result(traceback.format_exc())
+
 
 def _versions(keras):
     backend = keras.backend.backend()
@@ -451,8 +519,11 @@ def _versions(keras):
         framework = __import__(backend).__version__
     except (ImportError, AttributeError):
         framework = None
-    return {"backend": backend, "keras_version": keras.__version__,
-            "framework_version": framework}
+    return {
+        "backend": backend,
+        "keras_version": keras.__version__,
+        "framework_version": framework,
+    }
 
 
 def _write_json(path, data):
@@ -478,7 +549,9 @@ def run_compute(keras, job, job_dir, out_dir):
         try:
             with np.load(job_dir / case["file"]) as data:
                 arrays = {k: data[k] for k in data.files}
-            runner = _CaseRunner(keras, case, arrays, safe_mode, out_dir, i, job["options"])
+            runner = _CaseRunner(
+                keras, case, arrays, safe_mode, out_dir, i, job["options"]
+            )
             _VARIANTS[i] = runner.variants  # the load phase runs the same inputs
         except Exception:  # noqa: BLE001 -- reported per case, the run goes on
             errors[SETUP_ERROR] = traceback.format_exc()[-3000:]
@@ -506,7 +579,9 @@ def run_load(keras, job, job_dir, out_dir):
         if SAVE not in case["tasks"] or me not in case_backends(case["dtype"], [me]):
             continue
         variants = _VARIANTS.get(i)
-        if variants is None:  # the case's setup failed in phase compute (an error there)
+        if (
+            variants is None
+        ):  # the case's setup failed in phase compute (an error there)
             continue
         for saver in job["options"]["backends"]:
             path = job_dir / saver / protocol.model_file(i)
@@ -515,7 +590,10 @@ def run_load(keras, job, job_dir, out_dir):
             try:
                 model = keras.saving.load_model(path, safe_mode=safe_mode)
                 with np.load(job_dir / saver / protocol.result_file(i, SAVE)) as data:
-                    saved = [data[protocol.saved_weight_key(j)] for j in range(len(data.files))]
+                    saved = [
+                        data[protocol.saved_weight_key(j)]
+                        for j in range(len(data.files))
+                    ]
                 loaded = [portable(w) for w in model.get_weights()]
                 if len(loaded) != len(saved):
                     raise ValueError(
@@ -523,22 +601,29 @@ def run_load(keras, job, job_dir, out_dir):
                     )
                 results = {
                     protocol.identical_key(j): np.asarray(
-                        a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+                        a.shape == b.shape
+                        and a.dtype == b.dtype
+                        and np.array_equal(a, b)
                     )
                     for j, (a, b) in enumerate(zip(loaded, saved))
                 }
                 spec = _ModelInputs(keras, model) if case["kind"] == "model" else None
                 for v, xs in enumerate(variants):
-                    call = spec.structure(xs) if spec else (xs[0] if len(xs) == 1 else list(xs))
+                    call = (
+                        spec.structure(xs)
+                        if spec
+                        else (xs[0] if len(xs) == 1 else list(xs))
+                    )
                     out = model(call, training=False)
                     for o, each in enumerate(keras.tree.flatten(out)):
                         results[protocol.output_key(v, o)] = portable(
-                            keras.ops.convert_to_numpy(each))
+                            keras.ops.convert_to_numpy(each)
+                        )
                 np.savez(out_dir / protocol.load_file(saver, i), **results)
             except Exception:  # noqa: BLE001
-                info["errors"].setdefault(case["name"], {})[protocol.load_error_key(saver)] = (
-                    traceback.format_exc()[-3000:]
-                )
+                info["errors"].setdefault(case["name"], {})[
+                    protocol.load_error_key(saver)
+                ] = traceback.format_exc()[-3000:]
     _write_json(out_dir / protocol.phase_file(LOAD), info)
 
 

@@ -23,21 +23,32 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from mhsa_core.convert._checks import as_float_array, build_for_channels, require_settings
+from mhsa_core.convert._checks import (
+    as_float_array,
+    build_for_channels,
+    require_settings,
+)
 from mhsa_core.reference import schema
 
 __all__ = ["load_botnet_weights", "from_official", "from_timm"]
 
 _ARRAYS = ("q_kernel", "k_kernel", "v_kernel", "rel_height", "rel_width")
-_NAMES = dict(zip(_ARRAYS, ("query_kernel", "key_kernel", "value_kernel",
-                            *schema.table_names("relative"))))
+_NAMES = dict(
+    zip(
+        _ARRAYS,
+        ("query_kernel", "key_kernel", "value_kernel", *schema.table_names("relative")),
+    )
+)
 # BoTNet's structure; num_heads, scale and scale_position_logits are free.
-_STRUCTURE = {k: schema.PRESETS["botnet"][k]
-              for k in ("position_encoding", "use_bias", "activation")}
+_STRUCTURE = {
+    k: schema.PRESETS["botnet"][k]
+    for k in ("position_encoding", "use_bias", "activation")
+}
 
 
-def from_official(wq: ArrayLike, wk: ArrayLike, wv: ArrayLike, r_height: ArrayLike,
-                  r_width: ArrayLike) -> dict[str, np.ndarray]:
+def from_official(
+    wq: ArrayLike, wk: ArrayLike, wv: ArrayLike, r_height: ArrayLike, r_width: ArrayLike
+) -> dict[str, np.ndarray]:
     """Our five arrays from the official code's q, k, v `group_pointwise`
     kernels (C, heads, dim) and its `r_height`, `r_width` tables."""
     kernels = []
@@ -45,14 +56,16 @@ def from_official(wq: ArrayLike, wk: ArrayLike, wv: ArrayLike, r_height: ArrayLi
         w = np.asarray(w)
         if w.ndim != 3:
             raise ValueError(
-                f"`{name}` must have shape (C, heads, dim). Received: {name}.shape={w.shape}"
+                f"`{name}` must have shape (C, heads, dim). "
+                f"Received: {name}.shape={w.shape}"
             )
         kernels.append(w.reshape(w.shape[0], -1))
     return dict(zip(_ARRAYS, (*kernels, np.asarray(r_height), np.asarray(r_width))))
 
 
-def from_timm(qkv_weight: ArrayLike, height_rel: ArrayLike, width_rel: ArrayLike,
-              num_heads: int) -> dict[str, np.ndarray]:
+def from_timm(
+    qkv_weight: ArrayLike, height_rel: ArrayLike, width_rel: ArrayLike, num_heads: int
+) -> dict[str, np.ndarray]:
     """Our five arrays from timm's `qkv.weight` (2*h*dqk + C, C, 1, 1) (or
     without the 1x1 axes), `pos_embed.height_rel` and `pos_embed.width_rel`."""
     w = np.asarray(qkv_weight)
@@ -71,11 +84,19 @@ def from_timm(qkv_weight: ArrayLike, height_rel: ArrayLike, width_rel: ArrayLike
             f"qkv_weight.shape={np.shape(qkv_weight)}, num_heads={num_heads}"
         )
     q, k, v = np.split(w, [qk // 2, qk], axis=0)
-    return dict(zip(_ARRAYS, (q.T, k.T, v.T, np.asarray(height_rel), np.asarray(width_rel))))
+    return dict(
+        zip(_ARRAYS, (q.T, k.T, v.T, np.asarray(height_rel), np.asarray(width_rel)))
+    )
 
 
-def load_botnet_weights(layer, q_kernel: ArrayLike, k_kernel: ArrayLike, v_kernel: ArrayLike,
-                        rel_height: ArrayLike, rel_width: ArrayLike) -> None:
+def load_botnet_weights(
+    layer,
+    q_kernel: ArrayLike,
+    k_kernel: ArrayLike,
+    v_kernel: ArrayLike,
+    rel_height: ArrayLike,
+    rel_width: ArrayLike,
+) -> None:
     """Loads the weights of a BoTNet (official or timm) attention into `layer`.
 
     Args:
@@ -93,11 +114,21 @@ def load_botnet_weights(layer, q_kernel: ArrayLike, k_kernel: ArrayLike, v_kerne
 
     Nothing is built or assigned unless every array is valid.
     """
-    require_settings(layer, "load_botnet_weights",
-                     "BoTNet's structure (see MultiHeadSelfAttention2D.botnet)",
-                     **_STRUCTURE)
-    arrays = dict(zip(_ARRAYS, (np.asarray(a) for a in
-                                (q_kernel, k_kernel, v_kernel, rel_height, rel_width))))
+    require_settings(
+        layer,
+        "load_botnet_weights",
+        "BoTNet's structure (see MultiHeadSelfAttention2D.botnet)",
+        **_STRUCTURE,
+    )
+    arrays = dict(
+        zip(
+            _ARRAYS,
+            (
+                np.asarray(a)
+                for a in (q_kernel, k_kernel, v_kernel, rel_height, rel_width)
+            ),
+        )
+    )
     if layer.built:
         channels = layer.channels
     elif arrays["q_kernel"].ndim == 2 and arrays["q_kernel"].shape[0] > 0:
@@ -117,8 +148,10 @@ def load_botnet_weights(layer, q_kernel: ArrayLike, k_kernel: ArrayLike, v_kerne
     size = layer.position_size
     spec = schema.ENCODINGS["relative"]
     if size is None:  # read off the tables
-        size = tuple(spec.size_for_rows(arrays[n].shape[0]) if arrays[n].ndim == 2 else None
-                     for n in ("rel_height", "rel_width"))
+        size = tuple(
+            spec.size_for_rows(arrays[n].shape[0]) if arrays[n].ndim == 2 else None
+            for n in ("rel_height", "rel_width")
+        )
     rows = spec.rows
     expected = {
         "q_kernel": (channels, heads * key_dim),

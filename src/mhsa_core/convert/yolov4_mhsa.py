@@ -7,7 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from mhsa_core.convert._checks import as_float_array, build_for_channels, require_settings
+from mhsa_core.convert._checks import (
+    as_float_array,
+    build_for_channels,
+    require_settings,
+)
 from mhsa_core.reference import schema
 
 # The block's four 1x1 Conv2D layers in creation order, and the canonical
@@ -19,8 +23,9 @@ _NAMES = {
 }
 # The settings that make the layer compute that block (data_format and
 # dropout are free; key_dim must be None: C // heads).
-_SETTINGS = {k: v for k, v in schema.PRESETS["yolov4_mhsa"].items()
-             if k != "kernel_initializer"}
+_SETTINGS = {
+    k: v for k, v in schema.PRESETS["yolov4_mhsa"].items() if k != "kernel_initializer"
+}
 
 
 def load_yolov4_mhsa_weights(layer, weights: Sequence[ArrayLike]) -> None:
@@ -48,8 +53,12 @@ def load_yolov4_mhsa_weights(layer, weights: Sequence[ArrayLike]) -> None:
             "position, query, key and value convs). "
             f"Received: {len(weights)} arrays"
         )
-    require_settings(layer, "load_yolov4_mhsa_weights",
-                     "the Keras 2 YOLOv4-MHSA block's settings", **_SETTINGS)
+    require_settings(
+        layer,
+        "load_yolov4_mhsa_weights",
+        "the Keras 2 YOLOv4-MHSA block's settings",
+        **_SETTINGS,
+    )
     arrays = [np.asarray(w) for w in weights]
     kernel = arrays[0]
     if layer.built:

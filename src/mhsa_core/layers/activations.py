@@ -16,13 +16,15 @@ from keras import ops
 
 
 def _gelu_erf(x):
-    """Exact GELU, 0.5 * x * (1 + erf(x / sqrt(2))), as keras's gelu(approximate=False)."""
+    """Exact GELU, 0.5 * x * (1 + erf(x / sqrt(2))), as keras's
+    gelu(approximate=False)."""
     inv_sqrt2 = ops.convert_to_tensor(1.0 / math.sqrt(2.0), dtype=x.dtype)
     return 0.5 * x * (1.0 + ops.erf(x * inv_sqrt2))
 
 
 def _tanh_expm1(x):
-    """tanh(x) = sign(x) * -expm1(-2|x|) / (2 + expm1(-2|x|)): no cancellation near 0."""
+    """tanh(x) = sign(x) * -expm1(-2|x|) / (2 + expm1(-2|x|)): no cancellation
+    near 0."""
     e = ops.expm1(-2.0 * ops.abs(x))
     return ops.sign(x) * (-e / (2.0 + e))
 

@@ -29,8 +29,7 @@ def mhsa_block(inputs, input_channel: int | None = None, **layer_kwargs):
         shape = tuple(inputs.shape)
         if len(shape) != 4:
             raise ValueError(
-                "mhsa_block expects a rank-4 input. "
-                f"Received: inputs.shape={shape}"
+                f"mhsa_block expects a rank-4 input. Received: inputs.shape={shape}"
             )
         axis = -1 if layer.data_format == "channels_last" else 1
         if shape[axis] != input_channel:

@@ -1,12 +1,13 @@
-"""`MultiHeadSelfAttention2D`: the 2-D multi-head self-attention block as one Keras 3 layer."""
+"""`MultiHeadSelfAttention2D`: the 2-D multi-head self-attention block as one
+Keras 3 layer."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
 import math
 import numbers
 import warnings
+from collections.abc import Callable, Mapping
 
 import keras
 import numpy as np
@@ -266,7 +267,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         try:
             self.position_initializer = (
-                None if position_initializer is None
+                None
+                if position_initializer is None
                 else keras.initializers.get(position_initializer)
             )
         except (ValueError, TypeError) as e:
@@ -324,7 +326,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         # shape polymorphism in jax2tf exports, torch.export) names each
         # input's dimensions apart, so "a" != "c" says nothing about the sizes.
         ok = len(mask_shape) == 3 and all(
-            not (_is_int(e) and _is_int(m)) or e == m for e, m in zip(expected, mask_shape)
+            not (_is_int(e) and _is_int(m)) or e == m
+            for e, m in zip(expected, mask_shape)
         )
         if not ok:
             raise ValueError(
@@ -386,11 +389,14 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         if self.position.spec.stage == "tokens":
             self.position.build(channels, self._head_key_dim)
         self.query_kernel, self.query_bias = self._add_dense(
-            ("query_kernel", "query_bias"), channels, qk_width)
+            ("query_kernel", "query_bias"), channels, qk_width
+        )
         self.key_kernel, self.key_bias = self._add_dense(
-            ("key_kernel", "key_bias"), channels, qk_width)
+            ("key_kernel", "key_bias"), channels, qk_width
+        )
         self.value_kernel, self.value_bias = self._add_dense(
-            ("value_kernel", "value_bias"), channels, channels)
+            ("value_kernel", "value_bias"), channels, channels
+        )
         if self.position.spec.stage != "tokens":
             self.position.build(channels, self._head_key_dim)
         self.input_spec = keras.InputSpec(ndim=4, axes={self._channel_axis: channels})
@@ -475,12 +481,15 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         tokens = ops.reshape(x, (batch, n, channels))  # (B, N, C), row-major
         tokens = self.position.tokens(tokens, height, width)
         activation = activations.for_dtype(self.activation, self.compute_dtype)
-        q = self._dense(tokens, self.query_kernel, self.query_bias,
-                        activation)  # (B, N, heads*kd)
-        k = self._dense(tokens, self.key_kernel, self.key_bias,
-                        activation)  # (B, N, heads*kd)
-        v = self._dense(tokens, self.value_kernel, self.value_bias,
-                        activation)  # (B, N, C)
+        q = self._dense(
+            tokens, self.query_kernel, self.query_bias, activation
+        )  # (B, N, heads*kd)
+        k = self._dense(
+            tokens, self.key_kernel, self.key_bias, activation
+        )  # (B, N, heads*kd)
+        v = self._dense(
+            tokens, self.value_kernel, self.value_bias, activation
+        )  # (B, N, C)
 
         def split_heads(t, dim):  # (B, N, heads*dim) -> (B, heads, N, dim)
             return ops.transpose(ops.reshape(t, (batch, n, heads, dim)), (0, 2, 1, 3))
@@ -519,7 +528,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
 
     # ------------------------------------------------------------ weights I/O
     def get_weight_dict(self) -> dict[str, np.ndarray]:
-        """The weights as the canonical dict of NumPy arrays (see `mhsa_core.reference`)."""
+        """The weights as the canonical dict of NumPy arrays (see
+        `mhsa_core.reference`)."""
         self._require_built("get_weight_dict")
         out = {}
         for variable in self.trainable_weights:
@@ -527,7 +537,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return out
 
     def set_weight_dict(self, weights: Mapping[str, ArrayLike]) -> None:
-        """Assigns weights from the canonical dict of arrays (names as `get_weight_dict`).
+        """Assigns weights from the canonical dict of arrays (names as
+        `get_weight_dict`).
 
         Every weight must be given, with its exact shape; arrays are cast to the
         variables' dtype.
@@ -566,9 +577,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return cls(**schema.preset("yolov4_mhsa", **kwargs))
 
     @classmethod
-    def botnet(cls, num_heads: int | None = None,
-               position_size: tuple[int, int] | None = None,
-               **kwargs) -> MultiHeadSelfAttention2D:
+    def botnet(
+        cls,
+        num_heads: int | None = None,
+        position_size: tuple[int, int] | None = None,
+        **kwargs,
+    ) -> MultiHeadSelfAttention2D:
         """BoTNet's multi-head self-attention (Srinivas et al. 2021).
 
         Linear, bias-free q/k/v projections (`activation=None`,
@@ -610,8 +624,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         )
         self.load_yolov4_mhsa_weights(weights)
 
-    def load_botnet_weights(self, q_kernel, k_kernel, v_kernel, rel_height,
-                            rel_width) -> None:
+    def load_botnet_weights(
+        self, q_kernel, k_kernel, v_kernel, rel_height, rel_width
+    ) -> None:
         """Loads the weights of a BoTNet (official or timm) attention layer.
 
         See `mhsa_core.convert.load_botnet_weights`: kernels (C, heads * kd)
@@ -649,14 +664,17 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 ),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer),
                 "position_initializer": (
-                    None if self.position_initializer is None
+                    None
+                    if self.position_initializer is None
                     else keras.initializers.serialize(self.position_initializer)
                 ),
                 "kernel_regularizer": keras.regularizers.serialize(
                     self.kernel_regularizer
                 ),
                 "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
-                "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+                "kernel_constraint": keras.constraints.serialize(
+                    self.kernel_constraint
+                ),
                 "bias_constraint": keras.constraints.serialize(self.bias_constraint),
                 "seed": self.seed,
                 "attention_implementation": self.attention_implementation,

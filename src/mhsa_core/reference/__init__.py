@@ -24,7 +24,22 @@ from mhsa_core.reference.schema import random_weights as random_weights
 from mhsa_core.reference.schema import weight_shapes as weight_shapes
 
 __all__ = [
-    "mhsa_forward", "rounded_forward", "reference_config", "LAYER_ARGUMENTS", "error_budget", "float32_budget", "float64_budget",
-    "max_abs", "FLOAT64_RTOL", "FLOOR", "random_weights", "weight_shapes", "resize_table",
-    "sinusoidal_embedding", "position_logits", "POSITION_ENCODINGS", "PRESETS", "schema",
+    "mhsa_forward",
+    "rounded_forward",
+    "reference_config",
+    "LAYER_ARGUMENTS",
+    "error_budget",
+    "float32_budget",
+    "float64_budget",
+    "max_abs",
+    "FLOAT64_RTOL",
+    "FLOOR",
+    "random_weights",
+    "weight_shapes",
+    "resize_table",
+    "sinusoidal_embedding",
+    "position_logits",
+    "POSITION_ENCODINGS",
+    "PRESETS",
+    "schema",
 ]

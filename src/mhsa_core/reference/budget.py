@@ -17,8 +17,14 @@ from numpy.typing import ArrayLike
 
 from mhsa_core.reference.forward import mhsa_forward, rounded_forward
 
-__all__ = ["FLOAT64_RTOL", "FLOOR", "float32_budget", "float64_budget", "max_abs",
-           "error_budget"]
+__all__ = [
+    "FLOAT64_RTOL",
+    "FLOOR",
+    "float32_budget",
+    "float64_budget",
+    "max_abs",
+    "error_budget",
+]
 
 FLOAT64_RTOL = 1e-10
 # x max|oracle|: a budget never goes below float32 resolution.
@@ -42,7 +48,9 @@ def _scale(oracle):
     return float(np.max(np.abs(oracle))) if oracle.size else 0.0
 
 
-def float32_budget(rounded: ArrayLike, oracle: ArrayLike, scale: float | None = None) -> float:
+def float32_budget(
+    rounded: ArrayLike, oracle: ArrayLike, scale: float | None = None
+) -> float:
     """The budget of a float32 result: 2 x |rounded - oracle| + FLOOR x scale.
 
     `rounded` is a trusted float32 computation of the same thing (the
@@ -60,8 +68,9 @@ def float64_budget(oracle: ArrayLike) -> float:
     return FLOAT64_RTOL * _scale(oracle)
 
 
-def error_budget(x: ArrayLike, weights: dict, policy: str = "float32",
-                 **config) -> tuple[np.ndarray, float, float | None]:
+def error_budget(
+    x: ArrayLike, weights: dict, policy: str = "float32", **config
+) -> tuple[np.ndarray, float, float | None]:
     """Reference output and the error budget of a result computed under `policy`.
 
     Returns `(ref64, budget, base_error)`:

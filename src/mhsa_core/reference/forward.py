@@ -22,13 +22,26 @@ from numpy.typing import ArrayLike
 from mhsa_core.reference import schema
 from mhsa_core.reference.position import dense, position_logits, token_term
 
-__all__ = ["mhsa_forward", "rounded_forward", "reference_config", "ACTIVATIONS", "POLICIES",
-           "LAYER_ARGUMENTS"]
+__all__ = [
+    "mhsa_forward",
+    "rounded_forward",
+    "reference_config",
+    "ACTIVATIONS",
+    "POLICIES",
+    "LAYER_ARGUMENTS",
+]
 
 # The `MultiHeadSelfAttention2D` arguments that `mhsa_forward` takes too (same
 # names, same defaults).
-LAYER_ARGUMENTS = ("num_heads", "key_dim", "activation", "position_encoding", "scale",
-                   "scale_position_logits", "data_format")
+LAYER_ARGUMENTS = (
+    "num_heads",
+    "key_dim",
+    "activation",
+    "position_encoding",
+    "scale",
+    "scale_position_logits",
+    "data_format",
+)
 
 
 def reference_config(layer_config: dict) -> dict:
@@ -73,17 +86,27 @@ def _matmul_sequential(a, b):
     """
     acc = np.zeros(a.shape[:-1] + b.shape[-1:], dtype=np.result_type(a, b))
     for i in range(a.shape[-1]):
-        acc += a[..., i:i + 1] * b[..., i:i + 1, :]
+        acc += a[..., i : i + 1] * b[..., i : i + 1, :]
     return acc
 
 
-def mhsa_forward(x: ArrayLike, weights: dict, *, num_heads: int = 1,
-                 key_dim: int | None = None, activation: str | None = None,
-                 position_encoding: str = "none", scale: float | None = None,
-                 scale_position_logits: bool = True, data_format: str = "channels_last",
-                 attention_mask: ArrayLike | None = None,
-                 return_attention_scores: bool = False, dtype=np.float64,
-                 accumulation: str = "blas", storage_dtype=None):
+def mhsa_forward(
+    x: ArrayLike,
+    weights: dict,
+    *,
+    num_heads: int = 1,
+    key_dim: int | None = None,
+    activation: str | None = None,
+    position_encoding: str = "none",
+    scale: float | None = None,
+    scale_position_logits: bool = True,
+    data_format: str = "channels_last",
+    attention_mask: ArrayLike | None = None,
+    return_attention_scores: bool = False,
+    dtype=np.float64,
+    accumulation: str = "blas",
+    storage_dtype=None,
+):
     """Forward pass of the block in NumPy, every step in `dtype`.
 
     Args:
@@ -124,11 +147,14 @@ def mhsa_forward(x: ArrayLike, weights: dict, *, num_heads: int = 1,
     act = ACTIVATIONS[activation]
     matmul = {"blas": np.matmul, "sequential": _matmul_sequential}[accumulation]
     if storage_dtype is None:
+
         def store(a):
             return a
     else:
+
         def store(a):
             return np.asarray(a).astype(storage_dtype).astype(dtype)
+
     x = store(x)
 
     # Step 1: tokens, row-major over (H, W).
@@ -137,8 +163,10 @@ def mhsa_forward(x: ArrayLike, weights: dict, *, num_heads: int = 1,
     schema.encoding(position_encoding)  # a ValueError for an unknown one
     t = token_term(t, weights, position_encoding, height, width, dtype, matmul, store)
     # Step 3: projections.
-    q, k, v = (act(dense(t, weights, f"{p}_kernel", f"{p}_bias", dtype, matmul, store))
-               for p in schema.PROJECTIONS)  # (B, N, heads*kd) twice, (B, N, C)
+    q, k, v = (
+        act(dense(t, weights, f"{p}_kernel", f"{p}_bias", dtype, matmul, store))
+        for p in schema.PROJECTIONS
+    )  # (B, N, heads*kd) twice, (B, N, C)
 
     if attention_mask is None:
         keep = np.ones((batch, n), dtype=bool)
@@ -150,15 +178,16 @@ def mhsa_forward(x: ArrayLike, weights: dict, *, num_heads: int = 1,
     for b in range(batch):
         valid = keep[b]
         for h in range(num_heads):
-            qh = q[b, :, h * key_dim:(h + 1) * key_dim]  # (N, kd)
-            kh = k[b, :, h * key_dim:(h + 1) * key_dim]  # (N, kd)
-            vh = v[b, :, h * head_dim:(h + 1) * head_dim]  # (N, dv)
+            qh = q[b, :, h * key_dim : (h + 1) * key_dim]  # (N, kd)
+            kh = k[b, :, h * key_dim : (h + 1) * key_dim]  # (N, kd)
+            vh = v[b, :, h * head_dim : (h + 1) * head_dim]  # (N, dv)
             if not valid.any():
                 # Every key masked: probabilities and output are zero.
                 continue
             logits = matmul(qh, kh.T)  # (N, N)
-            pos = position_logits(qh, weights, position_encoding, height, width,
-                                  dtype, matmul)
+            pos = position_logits(
+                qh, weights, position_encoding, height, width, dtype, matmul
+            )
             if pos is None:
                 logits = dtype(scale) * logits
             elif scale_position_logits:
@@ -169,7 +198,9 @@ def mhsa_forward(x: ArrayLike, weights: dict, *, num_heads: int = 1,
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
             p = e / e.sum(axis=1, keepdims=True)
             scores[b, h][:, valid] = p
-            out[b, :, h * head_dim:(h + 1) * head_dim] = store(matmul(store(p), vh[valid]))
+            out[b, :, h * head_dim : (h + 1) * head_dim] = store(
+                matmul(store(p), vh[valid])
+            )
 
     out = out.reshape(batch, height, width, channels)
     if data_format == "channels_first":
@@ -203,5 +234,11 @@ def rounded_forward(x: ArrayLike, weights: dict, policy: str = "float32", **conf
         import ml_dtypes  # a dependency of keras; NumPy has no bfloat16
 
         storage = ml_dtypes.bfloat16
-    return mhsa_forward(x, weights, dtype=dtype, accumulation="sequential",
-                        storage_dtype=storage, **config)
+    return mhsa_forward(
+        x,
+        weights,
+        dtype=dtype,
+        accumulation="sequential",
+        storage_dtype=storage,
+        **config,
+    )

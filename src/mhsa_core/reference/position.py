@@ -20,8 +20,14 @@ import numpy as np
 
 from mhsa_core.reference import schema
 
-__all__ = ["resize_table", "sinusoidal_embedding", "position_logits", "token_term",
-           "TOKEN_TERMS", "KEY_EMBEDDINGS"]
+__all__ = [
+    "resize_table",
+    "sinusoidal_embedding",
+    "position_logits",
+    "token_term",
+    "TOKEN_TERMS",
+    "KEY_EMBEDDINGS",
+]
 
 
 def resize_table(table, length, dtype=np.float64):
@@ -76,9 +82,9 @@ def sinusoidal_embedding(height, width, channels, dtype=np.float64):
         for x in range(width):
             i = y * width + x
             out[i, 0:d] = np.sin(dtype(y) * omega)
-            out[i, d:2 * d] = np.cos(dtype(y) * omega)
-            out[i, 2 * d:3 * d] = np.sin(dtype(x) * omega)
-            out[i, 3 * d:4 * d] = np.cos(dtype(x) * omega)
+            out[i, d : 2 * d] = np.cos(dtype(y) * omega)
+            out[i, 2 * d : 3 * d] = np.sin(dtype(x) * omega)
+            out[i, 3 * d : 4 * d] = np.cos(dtype(x) * omega)
     return out
 
 
@@ -127,8 +133,9 @@ def token_term(t, weights, position_encoding, height, width, dtype, matmul, stor
     return t if term is None else term(t, weights, height, width, dtype, matmul, store)
 
 
-def position_logits(q, weights, position_encoding, height, width, dtype=np.float64,
-                    matmul=np.matmul):
+def position_logits(
+    q, weights, position_encoding, height, width, dtype=np.float64, matmul=np.matmul
+):
     """The position term of one head's logits, (N, N), or None.
 
     Args:
@@ -139,8 +146,10 @@ def position_logits(q, weights, position_encoding, height, width, dtype=np.float
     spec = schema.encoding(position_encoding)
     if spec.stage != "logits":
         return None
-    tables = [resize_table(weights[name], spec.rows(n), dtype)
-              for name, n in zip(schema.table_names(position_encoding), (height, width))]
+    tables = [
+        resize_table(weights[name], spec.rows(n), dtype)
+        for name, n in zip(schema.table_names(position_encoding), (height, width))
+    ]
     embedding_of = KEY_EMBEDDINGS[position_encoding]
     n = height * width
     ys, xs = np.divmod(np.arange(n), width)  # (y_j, x_j) of every token

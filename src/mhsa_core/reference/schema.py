@@ -34,9 +34,19 @@ from collections.abc import Callable
 import numpy as np
 
 __all__ = [
-    "Encoding", "ENCODINGS", "POSITION_ENCODINGS", "PRESETS", "PROJECTIONS",
-    "encoding", "table_names", "table_shapes", "weight_shapes", "random_weights",
-    "table_stddev", "logits_dtype", "preset",
+    "Encoding",
+    "ENCODINGS",
+    "POSITION_ENCODINGS",
+    "PRESETS",
+    "PROJECTIONS",
+    "encoding",
+    "table_names",
+    "table_shapes",
+    "weight_shapes",
+    "random_weights",
+    "table_stddev",
+    "logits_dtype",
+    "preset",
 ]
 
 
@@ -80,21 +90,33 @@ ENCODINGS: dict[str, Encoding] = {
     for e in (
         Encoding("none", None, summary="no position term"),
         Encoding(
-            "conv", "tokens", token_weights=("position_kernel", "position_bias"),
+            "conv",
+            "tokens",
+            token_weights=("position_kernel", "position_bias"),
             summary="the Keras 2 YOLOv4-MHSA block's ReLU 1x1 conv of each token, "
-                    "added to the tokens (it carries no position)",
+            "added to the tokens (it carries no position)",
         ),
         Encoding(
-            "sinusoidal", "tokens", channels_multiple=4,
+            "sinusoidal",
+            "tokens",
+            channels_multiple=4,
             summary="fixed 2-D sine-cosine embedding added to the tokens",
         ),
         Encoding(
-            "relative", "logits", tables="relative", rows=lambda n: 2 * n - 1,
+            "relative",
+            "logits",
+            tables="relative",
+            rows=lambda n: 2 * n - 1,
             summary="BoTNet's 2-D relative position logits",
         ),
         Encoding(
-            "absolute", "logits", tables="absolute", rows=lambda n: n,
-            summary="learned factorized row and column embeddings of the key, in the logits",
+            "absolute",
+            "logits",
+            tables="absolute",
+            rows=lambda n: n,
+            summary=(
+                "learned factorized row and column embeddings of the key, in the logits"
+            ),
         ),
     )
 }
@@ -109,7 +131,8 @@ def encoding(name) -> Encoding:
     if name not in ENCODINGS:
         raise ValueError(
             "Received an invalid value for argument `position_encoding`, "
-            f"expected one of {POSITION_ENCODINGS}. Received: position_encoding={name!r}"
+            f"expected one of {POSITION_ENCODINGS}. "
+            f"Received: position_encoding={name!r}"
         )
     return ENCODINGS[name]
 
@@ -136,8 +159,14 @@ def table_shapes(name, position_size, key_dim) -> dict[str, tuple[int, int]]:
     }
 
 
-def weight_shapes(channels, num_heads=1, key_dim=None, position_encoding="none",
-                  use_bias=True, position_size=None) -> dict[str, tuple[int, ...]]:
+def weight_shapes(
+    channels,
+    num_heads=1,
+    key_dim=None,
+    position_encoding="none",
+    use_bias=True,
+    position_size=None,
+) -> dict[str, tuple[int, ...]]:
     """Shapes of the canonical weight dict, in the layer's creation order.
 
     `position_size` (Hr, Wr) is needed by the learned encodings only.
@@ -164,8 +193,16 @@ def table_stddev(key_dim) -> float:
     return 1.0 / math.sqrt(key_dim)
 
 
-def random_weights(channels, num_heads=1, key_dim=None, position_encoding="none",
-                   use_bias=True, seed=0, dtype=np.float64, position_size=None):
+def random_weights(
+    channels,
+    num_heads=1,
+    key_dim=None,
+    position_encoding="none",
+    use_bias=True,
+    seed=0,
+    dtype=np.float64,
+    position_size=None,
+):
     """He-normal kernels, small random biases, N(0, 1/key_dim) position tables,
     drawn with NumPy.
 
@@ -173,11 +210,15 @@ def random_weights(channels, num_heads=1, key_dim=None, position_encoding="none"
     different initial values on each backend.
     """
     rng = np.random.default_rng(seed)
-    tables = (set(table_names(position_encoding))
-              if encoding(position_encoding).learned_tables else set())
+    tables = (
+        set(table_names(position_encoding))
+        if encoding(position_encoding).learned_tables
+        else set()
+    )
     out = {}
-    for name, shape in weight_shapes(channels, num_heads, key_dim, position_encoding,
-                                     use_bias, position_size).items():
+    for name, shape in weight_shapes(
+        channels, num_heads, key_dim, position_encoding, use_bias, position_size
+    ).items():
         if name in tables:
             std = table_stddev(shape[1])
         elif name.endswith("kernel"):
@@ -235,6 +276,7 @@ def preset(name, /, **overrides) -> dict:
     """A copy of `PRESETS[name]` with `overrides` applied."""
     if name not in PRESETS:
         raise ValueError(
-            f"Unknown preset. Expected one of {sorted(PRESETS)}. Received: name={name!r}"
+            f"Unknown preset. Expected one of {sorted(PRESETS)}. "
+            f"Received: name={name!r}"
         )
     return {**PRESETS[name], **overrides}

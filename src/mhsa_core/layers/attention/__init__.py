@@ -21,9 +21,24 @@ from mhsa_core.layers.attention.fused import fused_attention
 IMPLEMENTATIONS = choice.IMPLEMENTATIONS
 
 
-def attend(query, key, value, *, scale, position, position_scale, height, width,
-           key_mask=None, dropout=0.0, training=False, seed_generator=None,
-           return_attention_scores=False, implementation="auto", chunk_size=None):
+def attend(
+    query,
+    key,
+    value,
+    *,
+    scale,
+    position,
+    position_scale,
+    height,
+    width,
+    key_mask=None,
+    dropout=0.0,
+    training=False,
+    seed_generator=None,
+    return_attention_scores=False,
+    implementation="auto",
+    chunk_size=None,
+):
     """Softmax attention of every query over the keys, per head, by one path.
 
     Args:
@@ -63,21 +78,37 @@ def attend(query, key, value, *, scale, position, position_scale, height, width,
         if bias is not None and position_scale != 1.0:
             bias = bias * ops.convert_to_tensor(position_scale, dtype=softmax_dtype)
         return dot_product_attention(
-            query, key, value, scale=scale, logits_bias=bias, key_mask=key_mask,
-            dropout=dropout, training=training, seed_generator=seed_generator,
+            query,
+            key,
+            value,
+            scale=scale,
+            logits_bias=bias,
+            key_mask=key_mask,
+            dropout=dropout,
+            training=training,
+            seed_generator=seed_generator,
         )
 
     if path == choice.FULL:
         return full()
     if path == choice.FUSED:
-        return fused_attention(query, _keys_with_term(key, position, position_scale / scale,
-                                                      height, width),
-                               value, scale=scale, key_mask=key_mask), None
+        return fused_attention(
+            query,
+            _keys_with_term(key, position, position_scale / scale, height, width),
+            value,
+            scale=scale,
+            key_mask=key_mask,
+        ), None
 
     def chunked():
         q = ops.cast(query, softmax_dtype)
-        k = _keys_with_term(ops.cast(key, softmax_dtype), position,
-                            position_scale / scale, height, width)
+        k = _keys_with_term(
+            ops.cast(key, softmax_dtype),
+            position,
+            position_scale / scale,
+            height,
+            width,
+        )
         tables, row_bias = (), None
         if not position.folds_into_keys:
             tables = position.row_tables(height, width, softmax_dtype)
@@ -86,9 +117,14 @@ def attend(query, key, value, *, scale, position, position_scale, height, width,
                 tables, row_bias = tuple(t * factor for t in tables), position.row_bias
         size = chunk_size if chunk_size is not None else choice.default_chunk_size(n)
         return chunked_attention(
-            q, k, value, chunk_size=size,
+            q,
+            k,
+            value,
+            chunk_size=size,
             key_scale=ops.convert_to_tensor(scale, dtype=softmax_dtype),
-            key_mask=key_mask, row_bias=row_bias, tables=tables,
+            key_mask=key_mask,
+            row_bias=row_bias,
+            tables=tables,
             per_head=choice.chunk_per_head(),
         )
 

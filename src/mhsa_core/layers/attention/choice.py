@@ -69,28 +69,42 @@ def chunk_per_head():
 def fused_misfit(position, query_dim, value_dim):
     """Why the fused path cannot run this layer at all, or None."""
     if position.spec.stage == "logits" and not position.folds_into_keys:
-        return (f"position_encoding={position.name!r} adds a term that depends on "
-                "the query's position, which the fused kernels cannot take")
+        return (
+            f"position_encoding={position.name!r} adds a term that depends on "
+            "the query's position, which the fused kernels cannot take"
+        )
     if query_dim is not None and value_dim is not None and query_dim != value_dim:
-        return (f"the fused kernels need query and value heads of one width "
-                f"(key_dim={query_dim}, value head width={value_dim})")
+        return (
+            f"the fused kernels need query and value heads of one width "
+            f"(key_dim={query_dim}, value head width={value_dim})"
+        )
     return None
 
 
-def resolve(implementation, *, n, dtype, query_dim, value_dim, position, scores,
-            dropout):
+def resolve(
+    implementation, *, n, dtype, query_dim, value_dim, position, scores, dropout
+):
     """The path of one call: FULL, CHUNKED, FUSED or BY_SIZE (N dynamic),
     after any active `fallback`."""
-    path = _fall_back(_rule(implementation, n=n, dtype=dtype, query_dim=query_dim,
-                            value_dim=value_dim, position=position, scores=scores,
-                            dropout=dropout))
+    path = _fall_back(
+        _rule(
+            implementation,
+            n=n,
+            dtype=dtype,
+            query_dim=query_dim,
+            value_dim=value_dim,
+            position=position,
+            scores=scores,
+            dropout=dropout,
+        )
+    )
     if path == CHUNKED and _symbolic_on_jax(n):
         raise ValueError(
             "The chunked attention path cannot be traced with symbolic sizes "
-            "(jax.export's shape polymorphism, as in Keras's exports from JAX): its loop "
-            "needs a concrete number of chunks. Export within "
-            "`mhsa_core.layers.attention.choice.fallback('chunked')` (the full path), or "
-            "with a static input signature. "
+            "(jax.export's shape polymorphism, as in Keras's exports from JAX): its "
+            "loop needs a concrete number of chunks. Export within "
+            "`mhsa_core.layers.attention.choice.fallback('chunked')` (the full path), "
+            "or with a static input signature. "
             f"Received: attention_implementation={implementation!r}, N={n}"
         )
     return path
@@ -99,15 +113,19 @@ def resolve(implementation, *, n, dtype, query_dim, value_dim, position, scores,
 def _symbolic_on_jax(n):
     # jax.export's symbolic dimension: neither an int nor a tensor (a tensor N
     # is compared at run time, by `ops.cond`).
-    return (keras.backend.backend() == "jax" and not isinstance(n, int)
-            and not keras.ops.is_tensor(n))
+    return (
+        keras.backend.backend() == "jax"
+        and not isinstance(n, int)
+        and not keras.ops.is_tensor(n)
+    )
 
 
 def _rule(implementation, *, n, dtype, query_dim, value_dim, position, scores, dropout):
     if scores or dropout or implementation == FULL:
         return FULL
-    fused_ok = (dtype != "float64"
-                and fused_misfit(position, query_dim, value_dim) is None)
+    fused_ok = (
+        dtype != "float64" and fused_misfit(position, query_dim, value_dim) is None
+    )
     if implementation == FUSED:
         return FUSED if fused_ok else CHUNKED
     if implementation == CHUNKED:
@@ -116,7 +134,11 @@ def _rule(implementation, *, n, dtype, query_dim, value_dim, position, scores, d
         return FULL if _symbolic_on_jax(n) else BY_SIZE
     if n <= FULL_MAX_TOKENS:
         return FULL
-    if fused_ok and dtype == "float32" and keras.backend.backend() in FUSED_FAST_BACKENDS:
+    if (
+        fused_ok
+        and dtype == "float32"
+        and keras.backend.backend() in FUSED_FAST_BACKENDS
+    ):
         return FUSED
     return CHUNKED
 
@@ -174,7 +196,8 @@ def fallback(*paths):
     if unknown or not paths:
         raise ValueError(
             f"Received an invalid value for argument `paths`, expected one or more of "
-            f"{FALLBACK_PATHS}. Received: paths={paths!r}")
+            f"{FALLBACK_PATHS}. Received: paths={paths!r}"
+        )
     scope = Fallback(frozenset(paths))
     _SCOPES.append(scope)
     try:

@@ -59,13 +59,25 @@ def _chunk_body(with_mask, row_bias):
             # Masked keys are already exactly 0; a query whose keys are all
             # masked was a finite softmax: zero it, as the full path does.
             probs = probs * keep
-        return ops.einsum("...cn,...nd->...cd", ops.cast(probs, v.dtype), v)  # (..., c, dv)
+        return ops.einsum(
+            "...cn,...nd->...cd", ops.cast(probs, v.dtype), v
+        )  # (..., c, dv)
 
     return keras.remat(body)
 
 
-def chunked_attention(query, key, value, *, chunk_size, key_scale, key_mask=None,
-                      row_bias=None, tables=(), per_head=True):
+def chunked_attention(
+    query,
+    key,
+    value,
+    *,
+    chunk_size,
+    key_scale,
+    key_mask=None,
+    row_bias=None,
+    tables=(),
+    per_head=True,
+):
     """Softmax attention, queries in chunks of `chunk_size`.
 
     Args:
@@ -89,9 +101,19 @@ def chunked_attention(query, key, value, *, chunk_size, key_scale, key_mask=None
     """
     if keras.backend.backend() == "jax" and isinstance(chunk_size, int):
         return _compiled_on_jax(chunk_size, row_bias, per_head)(
-            query, key, value, key_scale, key_mask, tuple(tables))
-    return _chunks(query, key, value, chunk_size=chunk_size, key_scale=key_scale,
-                   key_mask=key_mask, row_bias=row_bias, tables=tables, per_head=per_head)
+            query, key, value, key_scale, key_mask, tuple(tables)
+        )
+    return _chunks(
+        query,
+        key,
+        value,
+        chunk_size=chunk_size,
+        key_scale=key_scale,
+        key_mask=key_mask,
+        row_bias=row_bias,
+        tables=tables,
+        per_head=per_head,
+    )
 
 
 @functools.cache
@@ -109,15 +131,24 @@ def _compiled_on_jax(chunk_size, row_bias, per_head):
     import jax
 
     def core(query, key, value, key_scale, key_mask, tables):
-        return _chunks(query, key, value, chunk_size=chunk_size, key_scale=key_scale,
-                       key_mask=key_mask, row_bias=row_bias, tables=tables,
-                       per_head=per_head)
+        return _chunks(
+            query,
+            key,
+            value,
+            chunk_size=chunk_size,
+            key_scale=key_scale,
+            key_mask=key_mask,
+            row_bias=row_bias,
+            tables=tables,
+            per_head=per_head,
+        )
 
     return jax.jit(core)
 
 
-def _chunks(query, key, value, *, chunk_size, key_scale, key_mask, row_bias, tables,
-            per_head):
+def _chunks(
+    query, key, value, *, chunk_size, key_scale, key_mask, row_bias, tables, per_head
+):
     shape = ops.shape(query)
     batch, heads, n, kd = shape[0], shape[1], shape[2], query.shape[-1]
     dv = value.shape[-1]
@@ -152,11 +183,14 @@ def _chunks(query, key, value, *, chunk_size, key_scale, key_mask, row_bias, tab
     operands = [q, k, v]
     if key_mask is not None:
         keep = ops.cast(key_mask, k.dtype)  # (B, N); float: remat rejects bool
-        keep = ops.reshape(ops.repeat(ops.expand_dims(keep, 1), heads, axis=1), (bh, 1, n))
+        keep = ops.reshape(
+            ops.repeat(ops.expand_dims(keep, 1), heads, axis=1), (bh, 1, n)
+        )
         operands += [keep, (keep - 1.0) * -MASKED_LOGIT]
     chunk = _chunk_body(key_mask is not None, row_bias)
 
     if per_head:
+
         def head(xs):
             q_head, *rest = xs  # (num_chunks, c, kd), then k, v [, keep, penalty]
 
@@ -174,7 +208,9 @@ def _chunks(query, key, value, *, chunk_size, key_scale, key_mask, row_bias, tab
             q_chunk, rows_chunk = ys  # (BH, c, kd), (c,)
             return chunk(q_chunk, rows_chunk, *rest, *tables)
 
-        out = ops.map(one, (ops.transpose(q, (1, 0, 2, 3)), rows))  # (num_chunks, BH, c, dv)
+        out = ops.map(
+            one, (ops.transpose(q, (1, 0, 2, 3)), rows)
+        )  # (num_chunks, BH, c, dv)
         out = ops.transpose(out, (1, 0, 2, 3))
     out = ops.reshape(out, (bh, padded, dv))[:, :n]
     return ops.reshape(out, (batch, heads, n, dv))

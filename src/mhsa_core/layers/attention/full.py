@@ -3,9 +3,7 @@ whole (B, heads, N, N). The only path that returns scores or drops out
 probabilities; the reference arithmetic of the other two.
 """
 
-from keras import backend
-from keras import ops
-from keras import random
+from keras import backend, ops, random
 
 from mhsa_core.reference import schema
 
@@ -73,7 +71,9 @@ def dot_product_attention(
         # strided slice with new axes has no LiteRT builtin (a Flex op, which
         # the LiteRT interpreter cannot run).
         keep = ops.expand_dims(ops.cast(key_mask, "bool"), (1, 2))
-        logits = ops.where(keep, logits, ops.convert_to_tensor(MASKED_LOGIT, dtype=softmax_dtype))
+        logits = ops.where(
+            keep, logits, ops.convert_to_tensor(MASKED_LOGIT, dtype=softmax_dtype)
+        )
     if logits.shape[-1] == 1:
         # One key (a 1x1 map): softmax is exp(x - x) / 1. Spelled out, since
         # keras warns on a softmax over an axis of size 1 (an error under

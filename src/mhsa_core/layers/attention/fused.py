@@ -32,8 +32,9 @@ def fused_attention(query, key, value, *, scale, key_mask=None):
     # (measured 1.2-1.6x the mixed-precision budget).
     dtype = logits_dtype(query.dtype)
     # Keras's layout is (B, N, heads, d).
-    q, k, v = (ops.transpose(ops.cast(t, dtype), (0, 2, 1, 3))
-               for t in (query, key, value))
+    q, k, v = (
+        ops.transpose(ops.cast(t, dtype), (0, 2, 1, 3)) for t in (query, key, value)
+    )
     mask = any_key = None
     if key_mask is not None:
         keep = ops.cast(key_mask, "bool")  # (B, N)
@@ -48,8 +49,9 @@ def fused_attention(query, key, value, *, scale, key_mask=None):
     # picks its fastest kernel itself (the flash kernel on CPU). Elsewhere
     # None lets Keras choose (cuDNN / Pallas on accelerators).
     flash = False if keras.backend.backend() == "torch" else None
-    out = ops.dot_product_attention(q, k, v, mask=mask, scale=scale,
-                                    flash_attention=flash)  # (B, N, heads, d)
+    out = ops.dot_product_attention(
+        q, k, v, mask=mask, scale=scale, flash_attention=flash
+    )  # (B, N, heads, d)
     if any_key is not None:
         out = ops.where(ops.reshape(any_key, (-1, 1, 1, 1)), out, ops.zeros_like(out))
     return ops.cast(ops.transpose(out, (0, 2, 1, 3)), value.dtype)

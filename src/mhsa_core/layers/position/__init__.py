@@ -12,12 +12,19 @@ from mhsa_core.layers.position.conv import ConvPosition
 from mhsa_core.layers.position.none import NoPosition
 from mhsa_core.layers.position.relative import RelativePosition
 from mhsa_core.layers.position.sinusoidal import SinusoidalPosition
-from mhsa_core.layers.position.sinusoidal import sinusoidal_embedding as sinusoidal_embedding
+from mhsa_core.layers.position.sinusoidal import (
+    sinusoidal_embedding as sinusoidal_embedding,
+)
 
 ENCODINGS = {
     cls.spec.name: cls
-    for cls in (NoPosition, ConvPosition, SinusoidalPosition, RelativePosition,
-                AbsolutePosition)
+    for cls in (
+        NoPosition,
+        ConvPosition,
+        SinusoidalPosition,
+        RelativePosition,
+        AbsolutePosition,
+    )
 }
 
 __all__ = ["ENCODINGS", "PositionEncoding", "resize_table", "sinusoidal_embedding"]

@@ -68,5 +68,3 @@ def combine(along_h, along_w, height, width):
     n = height * width
     full = ops.expand_dims(along_h, -1) + ops.expand_dims(along_w, -2)
     return ops.reshape(full, (shape[0], shape[1], n, n))
-
-

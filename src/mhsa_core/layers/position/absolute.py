@@ -1,4 +1,5 @@
-"""position_encoding="absolute": learned factorized embeddings of the key's row and column."""
+"""position_encoding="absolute": learned factorized embeddings of the key's row and
+column."""
 
 from keras import ops
 
@@ -30,8 +31,9 @@ class AbsolutePosition(LearnedTables):
     folds_into_keys = True
 
     def logits_bias(self, q, height, width):
-        return absolute_logits(q, *self.resized_tables(height, width, q.dtype),
-                               height, width)
+        return absolute_logits(
+            q, *self.resized_tables(height, width, q.dtype), height, width
+        )
 
     def key_term(self, height, width, dtype):
         # e_j = E_h[y_j] + E_w[x_j], (N, kd) row-major over (H, W).

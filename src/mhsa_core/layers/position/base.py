@@ -57,7 +57,8 @@ class PositionEncoding:
         """Creates this encoding's weights on the layer (none by default)."""
 
     def tokens(self, tokens, height, width):
-        """Tokens (B, N, C) -> tokens with this encoding's term (unchanged by default)."""
+        """Tokens (B, N, C) -> tokens with this encoding's term (unchanged by
+        default)."""
         return tokens
 
     def logits_bias(self, q, height, width):

@@ -21,5 +21,6 @@ class ConvPosition(PositionEncoding):
         )
 
     def tokens(self, tokens, height, width):
-        return tokens + self.layer._dense(tokens, self.kernel, self.bias,
-                                          keras.activations.relu)
+        return tokens + self.layer._dense(
+            tokens, self.kernel, self.bias, keras.activations.relu
+        )

@@ -48,16 +48,20 @@ def relative_row_logits(q_rows, rows, rel_h, rel_w):
         # einsum, not matmul: keras 3.15's torch matmul computes float64 in float32.
         per_row = ops.einsum("...cd,kd->...ck", q_rows, table)  # (..., c, 2 size - 1)
         span = 2 * size - 1
-        index = (ops.expand_dims(ops.arange(size, dtype="int32"), 0)
-                 - ops.expand_dims(own, 1) + (size - 1))  # (c, size)
+        index = (
+            ops.expand_dims(ops.arange(size, dtype="int32"), 0)
+            - ops.expand_dims(own, 1)
+            + (size - 1)
+        )  # (c, size)
         # Query i's entries sit at i * span + index in the flattened last two
         # axes: one gather along one axis, whatever the leading axes.
         flat = ops.reshape(per_row, (*ops.shape(per_row)[:-2], c * span))
         index = index + ops.expand_dims(ops.arange(c, dtype="int32") * span, 1)
         return ops.take(flat, index, axis=-1)
 
-    term = (ops.expand_dims(along(rel_h, height, y), -1)
-            + ops.expand_dims(along(rel_w, width, x), -2))  # (..., c, H, W)
+    term = ops.expand_dims(along(rel_h, height, y), -1) + ops.expand_dims(
+        along(rel_w, width, x), -2
+    )  # (..., c, H, W)
     return ops.reshape(term, (*ops.shape(term)[:-3], c, height * width))
 
 
@@ -68,8 +72,9 @@ class RelativePosition(LearnedTables):
     spec = schema.ENCODINGS["relative"]
 
     def logits_bias(self, q, height, width):
-        return relative_logits(q, *self.resized_tables(height, width, q.dtype),
-                               height, width)
+        return relative_logits(
+            q, *self.resized_tables(height, width, q.dtype), height, width
+        )
 
     def row_tables(self, height, width, dtype):
         return self.resized_tables(height, width, dtype)

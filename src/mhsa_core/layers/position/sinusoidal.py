@@ -42,8 +42,9 @@ def sinusoidal_embedding(height, width, channels, dtype):
     dynamic size is computed with `keras.ops` in `dtype`.
     """
     if is_static(height) and is_static(width):
-        return ops.convert_to_tensor(_sinusoidal_float64(height, width, channels),
-                                     dtype=dtype)
+        return ops.convert_to_tensor(
+            _sinusoidal_float64(height, width, channels), dtype=dtype
+        )
     omega = ops.convert_to_tensor(_frequencies(channels), dtype=dtype)
     n = height * width
     index = ops.arange(n, dtype="int32")
@@ -52,7 +53,8 @@ def sinusoidal_embedding(height, width, channels, dtype):
     angle_y = ops.expand_dims(rows, -1) * omega  # (N, D)
     angle_x = ops.expand_dims(cols, -1) * omega  # (N, D)
     return ops.concatenate(
-        [ops.sin(angle_y), ops.cos(angle_y), ops.sin(angle_x), ops.cos(angle_x)], axis=-1
+        [ops.sin(angle_y), ops.cos(angle_y), ops.sin(angle_x), ops.cos(angle_x)],
+        axis=-1,
     )
 
 

@@ -24,8 +24,9 @@ class LearnedTables(PositionEncoding):
         )
         shapes = schema.table_shapes(self.name, layer.position_size, key_dim)
         self.height_table, self.width_table = (
-            layer.add_weight(name=name, shape=shape, initializer=initializer,
-                             autocast=False)
+            layer.add_weight(
+                name=name, shape=shape, initializer=initializer, autocast=False
+            )
             for name, shape in shapes.items()
         )
 
@@ -33,6 +34,7 @@ class LearnedTables(PositionEncoding):
         """(table_h, table_w) cast to `dtype` and resized to rows(H), rows(W)."""
         rows = self.spec.rows
         dtype = keras.backend.standardize_dtype(dtype)
-        return (resize_table(ops.cast(self.height_table, dtype), rows(height)),
-                resize_table(ops.cast(self.width_table, dtype), rows(width)))
-
+        return (
+            resize_table(ops.cast(self.height_table, dtype), rows(height)),
+            resize_table(ops.cast(self.width_table, dtype), rows(width)),
+        )
