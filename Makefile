@@ -6,11 +6,11 @@ PY := $(VENV)/bin/python
 BACKENDS ?= tensorflow torch jax
 STAMP := $(VENV)/.mhsa-core-installed
 
-.PHONY: demo example test test-other-kernels install clean
+.PHONY: demo example lint test test-other-kernels install clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml backends/requirements-common.txt backends/requirements-tensorflow.txt backends/requirements-torch.txt backends/requirements-jax.txt backends/requirements-export.txt backends/requirements-example.txt backends/requirements-all.txt
+$(STAMP): pyproject.toml backends/requirements-common.txt backends/requirements-tensorflow.txt backends/requirements-torch.txt backends/requirements-jax.txt backends/requirements-export.txt backends/requirements-example.txt backends/requirements-dev.txt backends/requirements-all.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r backends/requirements-all.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
@@ -49,7 +49,13 @@ OTHER_KERNELS = for s in $(KERNEL_SETTINGS); do for b in $(BACKENDS); do \
 	    tests --ignore=tests/consistency || failed="$$failed $$s:$$b"; \
 	done; done
 
-test: $(STAMP)
+# Lint and format, first in `make test`: they fail in seconds, before the
+# 20-minute suite starts.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	@mkdir -p $(LOGS); rm -f $(LOGS)/matrix.log $(LOGS)/matrix.rc; \
 	( KERAS_BACKEND=numpy $(PY) -m pytest tests/consistency > $(LOGS)/matrix.log 2>&1; \
 	  echo $$? > $(LOGS)/matrix.rc ) & \
