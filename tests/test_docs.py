@@ -19,9 +19,15 @@
   of the repository, from a docs page to a file inside docs/ (the site has
   nothing outside it). Anchors are GitHub's, which mkdocs.yml configures the
   site to use too, so one link works in both.
+- The site builds with `mkdocs build --strict` (backend-independent: in the
+  TensorFlow lane only), which also fails on a page missing from the nav, a
+  broken link between pages, or an API page whose object is gone.
 """
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -173,7 +179,7 @@ def test_docs_have_runnable_snippets():
 
 
 def test_yaml_blocks_parse():
-    yaml = pytest.importorskip("yaml")
+    yaml = pytest.importorskip("yaml", reason="PyYAML comes with the docs tools")
     found, errors = 0, []
     for page in PAGES:
         for info, line, code, _ in _blocks(page.read_text("utf-8"), _name(page)):
@@ -253,8 +259,9 @@ def test_links_resolve(page):
     assert not broken, broken
 
 
-# Pages that exist for the site only (none yet).
-SITE_ONLY = ()
+# Pages that exist for the site only: its home page (the README is the
+# repository's), and the changelog's include of CHANGELOG.md.
+SITE_ONLY = ("index", "changelog")
 
 
 def test_readme_links_every_docs_page():
@@ -271,3 +278,31 @@ def test_legacy_block_is_not_called_the_seed(phrase):
     # "seed" is only an RNG seed; the legacy block is the Keras 2 YOLOv4-MHSA block.
     found = [_name(p) for p in PAGES if phrase in p.read_text("utf-8").lower()]
     assert not found, found
+
+
+# -------------------------------------------------------------- the site
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="backend-independent; runs in the tensorflow pass",
+)
+def test_site_builds_strict(tmp_path):
+    pytest.importorskip(
+        "mkdocs", reason="the docs tools (backends/requirements-docs.txt) are absent"
+    )
+    site = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        # Material's banner about its successor, printed at every build.
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # The API pages are rendered from the docstrings, not left as directives.
+    layer = (site / "api" / "layer" / "index.html").read_text("utf-8")
+    assert 'id="mhsa_core.MultiHeadSelfAttention2D"' in layer
+    assert "::: mhsa_core" not in layer
+    changelog = (site / "changelog" / "index.html").read_text("utf-8")
+    assert "0.2.0" in changelog  # CHANGELOG.md included, not its include line
