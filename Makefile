@@ -6,11 +6,11 @@ PY := $(VENV)/bin/python
 BACKENDS ?= tensorflow torch jax
 STAMP := $(VENV)/.mhsa-core-installed
 
-.PHONY: demo example lint test test-other-kernels install clean
+.PHONY: demo example lint test test-other-kernels docs install clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml backends/requirements-common.txt backends/requirements-tensorflow.txt backends/requirements-torch.txt backends/requirements-jax.txt backends/requirements-export.txt backends/requirements-example.txt backends/requirements-dev.txt backends/requirements-all.txt
+$(STAMP): pyproject.toml backends/requirements-common.txt backends/requirements-tensorflow.txt backends/requirements-torch.txt backends/requirements-jax.txt backends/requirements-export.txt backends/requirements-example.txt backends/requirements-dev.txt backends/requirements-docs.txt backends/requirements-all.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r backends/requirements-all.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
@@ -77,5 +77,11 @@ test-other-kernels: $(STAMP)
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; \
 	echo "all passed on other kernels: $(KERNEL_SETTINGS) x $(BACKENDS)"
 
+# The docs site (mkdocs, Material theme, API pages from the docstrings) into
+# site/. --strict, as in tests/test_docs.py and CI: a broken link or anchor, a
+# page missing from the nav, or an API page whose object is gone fails it.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) $(LOGS) example-out build src/*.egg-info
+	rm -rf $(VENV) $(LOGS) example-out build site src/*.egg-info

@@ -87,7 +87,7 @@ def report(engine):
         with tempfile.TemporaryDirectory() as tmp:
             command = [sys.executable, str(RUNS), engine]
             if engine in RECIPE_IN_RUNS:
-                # The README recipe's train() runs in the DDP runner's ranks.
+                # The docs recipe's train() runs in the DDP runner's ranks.
                 command.append(str(_write_recipe(engine, Path(tmp))))
             _REPORTS[engine] = subprocess.run(
                 command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp
@@ -245,8 +245,8 @@ def test_torch_ddp_ran_on_two_processes():
     assert out["ddp"] == out["ddp_rank1"]
 
 
-# --------------------------------------------------- the README recipes
-README = Path(__file__).resolve().parents[2] / "README.md"
+# ------------------------------------------- the recipes of docs/scaling.md
+RECIPES_PAGE = Path(__file__).resolve().parents[2] / "docs" / "scaling.md"
 # lane -> (the recipe's first comment line, what it prints when it worked)
 RECIPES = {
     "jax": (
@@ -266,11 +266,11 @@ _PYTHON_BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```", re.M | re.S)
 
 
 def _recipe(block_id):
-    """The code of README.md's ```python block that starts with `# block_id`."""
-    for code in _PYTHON_BLOCK.findall(README.read_text(encoding="utf-8")):
+    """The code of docs/scaling.md's ```python block that starts with `# block_id`."""
+    for code in _PYTHON_BLOCK.findall(RECIPES_PAGE.read_text(encoding="utf-8")):
         if code.lstrip().startswith(f"# {block_id}\n"):
             return code
-    pytest.fail(f"no ```python block starting with '# {block_id}' in {README.name}")
+    pytest.fail(f"no ```python block starting with '# {block_id}' in {RECIPES_PAGE}")
 
 
 def _write_recipe(engine, directory):
