@@ -14,7 +14,7 @@ from keras import ops
 from numpy.typing import ArrayLike
 
 from mhsa_core.distribution import check_head_sharding
-from mhsa_core.layers import activations
+from mhsa_core.layers import activations, weight_import
 from mhsa_core.layers._arrays import as_float_array
 from mhsa_core.layers.attention import attend, logits_dtype
 from mhsa_core.layers.attention.choice import fused_misfit
@@ -506,15 +506,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     def load_yolov4_mhsa_weights(self, weights) -> None:
         """Loads the eight arrays of a Keras 2 YOLOv4-MHSA `mhsa_block`.
 
-        See `mhsa_core.convert.load_yolov4_mhsa_weights`: position, query,
+        See `mhsa_core.layers.weight_import.load_yolov4_mhsa_weights`: position, query,
         key, value conv kernels and biases in creation order (not the
         topological order of `model.get_weights()`). The layer needs the
         block's settings (`MultiHeadSelfAttention2D.yolov4_mhsa()`); nothing
         is built or assigned unless every array is valid.
         """
-        from mhsa_core.convert.yolov4_mhsa import load_yolov4_mhsa_weights
-
-        load_yolov4_mhsa_weights(self, weights)
+        weight_import.load_yolov4_mhsa_weights(self, weights)
 
     def load_seed_weights(self, weights) -> None:
         """Deprecated alias of `load_yolov4_mhsa_weights` (kept for this release)."""
@@ -531,13 +529,14 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     ) -> None:
         """Loads the weights of a BoTNet (official or timm) attention layer.
 
-        See `mhsa_core.convert.load_botnet_weights`: kernels (C, heads * kd)
-        (value (C, C)), relative tables (2Hr - 1, kd) and (2Wr - 1, kd).
+        See `mhsa_core.layers.weight_import.load_botnet_weights`: kernels
+        (C, heads * kd) (value (C, C)), relative tables (2Hr - 1, kd) and
+        (2Wr - 1, kd).
         Nothing is built or assigned unless every array is valid.
         """
-        from mhsa_core.convert.botnet import load_botnet_weights
-
-        load_botnet_weights(self, q_kernel, k_kernel, v_kernel, rel_height, rel_width)
+        weight_import.load_botnet_weights(
+            self, q_kernel, k_kernel, v_kernel, rel_height, rel_width
+        )
 
     def _require_built(self, what):
         if not self.built:
