@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mhsa_core.reference.arguments import is_int as _is_int
+
 
 def attention_maps(
     scores,
@@ -194,10 +196,6 @@ def _to_numpy(x) -> np.ndarray:
         if keras.ops.is_tensor(x):
             return np.asarray(keras.ops.convert_to_numpy(x))
     return np.asarray(x)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _check_size(height, width):

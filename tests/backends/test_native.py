@@ -1,4 +1,5 @@
-"""The native per-framework references in `backends/` against the NumPy oracle.
+"""The native per-framework references (`mhsa_core.natives`) against the NumPy
+oracle.
 
 One pytest process runs per Keras backend (KERAS_BACKEND = tensorflow, torch or
 jax) and tests only the native reference of that framework, so that no process
@@ -26,43 +27,34 @@ Checks:
   `reference.sinusoidal_embedding`;
 - the defaults of the natives' signatures are the reference's;
 - mismatched weight dicts (the tables included) and invalid configs raise
-  ValueError.
+  ValueError, with the layer's own message for the arguments they share;
+- the fused forms the bench measures (`fused_block`), within the float32
+  budget of the reference.
 
 jax float64 needs JAX_ENABLE_X64=1 in the environment (tests/conftest.py sets
 it); the native's NumPy helpers also switch 64-bit mode on, scoped, by themselves.
 """
 
-import importlib
+import ast
+import dataclasses
 import inspect
 import re
 import sys
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-from mhsa_core import reference
+from mhsa_core import MultiHeadSelfAttention2D, natives, reference
 from mhsa_core.reference import schema
 from mhsa_core.reference.forward import ACTIVATIONS
 
 from cases import yolov4_mhsa
 from harness import assert_float64_close, magnitude, padded_mask, random_mask
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "backends"))
-
-_NATIVE_MODULES = {
-    "tensorflow": "native_tensorflow",
-    "torch": "native_torch",
-    "jax": "native_jax",
-}
 BACKEND = keras.backend.backend()
 # Import only the current backend's native: each one imports its framework.
-NATIVE = (
-    importlib.import_module(_NATIVE_MODULES[BACKEND])
-    if BACKEND in _NATIVE_MODULES
-    else None
-)
+NATIVE = natives.module(BACKEND) if BACKEND in natives.BACKENDS else None
 
 
 # name -> config. "mask" selects an attention mask (`MASKS`); "use_bias",
@@ -381,10 +373,41 @@ INVALID_CONFIGS = {
     ),
 }
 
+# The arguments the natives share with the layer, a bad value each: a native's
+# message is the layer's, word for word (one table: `reference.arguments`).
+SHARED_BAD_ARGUMENTS = {
+    "num_heads": 0,
+    "key_dim": 1.5,
+    "position_encoding": "rotary",
+    "position_size": (0, 3),
+    "scale_position_logits": "yes",
+    "scale": -1.0,
+    "data_format": "channels_middle",
+}
+
 
 class TestNative:
     # No native reference under the numpy backend: collect nothing (not skips).
     __test__ = NATIVE is not None
+
+    def test_imports_its_framework_only(self):
+        """A native module imports its own framework, NumPy, the standard
+        library and `mhsa_core.reference` / `mhsa_core.natives`: never Keras,
+        the layer or another framework. Read from its source, not from
+        `sys.modules`: importing TensorFlow imports Keras (and JAX) by itself."""
+        imported = set()
+        for node in ast.walk(ast.parse(inspect.getsource(NATIVE))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module)
+        allowed = {BACKEND, "numpy", *sys.stdlib_module_names}
+        ours = ("mhsa_core.reference", "mhsa_core.natives")
+        foreign = sorted(
+            m for m in imported if m.split(".")[0] not in allowed and m not in ours
+        )
+        assert not foreign, foreign
+        assert BACKEND in {m.split(".")[0] for m in imported}
 
     def test_cases_cover_every_encoding(self):
         """A new encoding in the schema needs a case here."""
@@ -539,6 +562,28 @@ class TestNative:
         with pytest.raises(ValueError, match=re.escape(message)):
             NATIVE.forward(x, weights, **change)
 
+    @pytest.mark.parametrize(
+        "argument, value",
+        SHARED_BAD_ARGUMENTS.items(),
+        ids=[f"{k}={v!r}" for k, v in SHARED_BAD_ARGUMENTS.items()],
+    )
+    def test_invalid_argument_gets_the_layers_message(self, argument, value):
+        with pytest.raises(ValueError) as layer_error:
+            MultiHeadSelfAttention2D(**{argument: value})
+        x, weights, _, _ = _setup({}, TINY_SHAPE)
+        with pytest.raises(ValueError) as native_error:
+            NATIVE.forward(x, weights, **{argument: value})
+        assert str(native_error.value) == str(layer_error.value)
+        assert f"Received: {argument}={value!r}" in str(native_error.value)
+
+    def test_channels_not_divisible_by_heads_gets_the_layers_message(self):
+        with pytest.raises(ValueError) as layer_error:
+            MultiHeadSelfAttention2D(num_heads=3).build(TINY_SHAPE)
+        x, weights, _, _ = _setup({}, TINY_SHAPE)
+        with pytest.raises(ValueError) as native_error:
+            NATIVE.forward(x, weights, num_heads=3)
+        assert str(native_error.value) == str(layer_error.value)
+
     def test_rejects_sinusoidal_channels(self):
         """The sine-cosine embedding needs C % 4 == 0, as the reference."""
         x, weights, _, config = _setup(
@@ -662,3 +707,76 @@ class TestNativePositionPieces:
         assert magnitude(out32.astype(np.float64) - ref64) <= reference.float32_budget(
             ref32, ref64
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _BenchShape:
+    """What `fused_block` reads of a bench config (`BenchConfig`'s attributes)."""
+
+    height: int
+    width: int
+    channels: int
+    num_heads: int
+    position_encoding: str
+
+    @property
+    def tokens(self):
+        return self.height * self.width
+
+    @property
+    def head_dim(self):
+        return self.channels // self.num_heads
+
+
+# The fused forms carry the bench's encodings only ("none", "relative"),
+# at the tables' reference size; 4x5 is not square, so a swapped axis shows.
+FUSED_SHAPES = {name: _BenchShape(4, 5, 16, 2, name) for name in ("none", "relative")}
+
+
+def _run_fused(shape, weights, x):
+    """`fused_block`'s output on NumPy `x`, as NumPy, in the backend's idiom."""
+    call, params = NATIVE.fused_block(shape, weights)
+    if BACKEND == "jax":
+        return np.asarray(call(params, x))
+    if BACKEND == "torch":
+        import torch
+
+        with torch.no_grad():
+            return call(torch.from_numpy(x)).numpy()
+    return call(x).numpy()
+
+
+class TestFusedBlock:
+    """The fused form the bench measures (`natives.<backend>.fused_block`)
+    against the float64 reference, within the float32 budget the bench's own
+    check applies (`reference.error_budget`)."""
+
+    __test__ = NATIVE is not None
+
+    def test_shapes_cover_the_fused_encodings(self):
+        assert set(FUSED_SHAPES) == set(natives._common.FUSED_ENCODINGS)
+
+    @pytest.mark.parametrize("name", list(FUSED_SHAPES))
+    def test_fused_block_within_the_float32_budget(self, name):
+        shape = FUSED_SHAPES[name]
+        size = (shape.height, shape.width)
+        weights = reference.random_weights(
+            shape.channels,
+            shape.num_heads,
+            position_encoding=name,
+            seed=4,
+            dtype=np.float32,
+            position_size=size if name == "relative" else None,
+        )
+        x = np.random.default_rng(5).standard_normal((2, *size, shape.channels))
+        x = x.astype(np.float32)
+        config = {"num_heads": shape.num_heads, "position_encoding": name}
+        ref64, budget, _ = reference.error_budget(x, weights, **config)
+        out = _run_fused(shape, weights, x)
+        assert out.dtype == np.float32 and out.shape == x.shape
+        error = magnitude(out.astype(np.float64) - ref64)
+        assert error <= budget, f"{BACKEND} fused {name}: {error:.2e} > {budget:.2e}"
+
+    def test_fused_block_rejects_other_encodings(self):
+        with pytest.raises(ValueError, match="position_encoding='absolute'"):
+            NATIVE.fused_block(_BenchShape(4, 5, 16, 2, "absolute"), {})

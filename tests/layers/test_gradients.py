@@ -3,7 +3,7 @@
 One pytest process runs per Keras backend. Under tensorflow, torch and jax:
 
 1. The Keras layer against the native reference of the same framework
-   (`backends/native_*.py`, only the current backend's is imported), the same
+   (`mhsa_core.natives`, only the current backend's is imported), the same
    NumPy weights injected into both: forward, loss and the gradients of
    loss = sum(out * L) with respect to the input and every weight, in float64
    (1e-10 relative) and in float32 (a budget derived from the native's own
@@ -19,15 +19,12 @@ Nothing is skipped: tests that do not apply to a backend are not collected.
 """
 
 import functools
-import importlib
-import sys
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-from mhsa_core import MultiHeadSelfAttention2D, reference
+from mhsa_core import MultiHeadSelfAttention2D, natives, reference
 from mhsa_core.consistency import gradients
 
 from cases import YOLOV4_MHSA, yolov4_mhsa
@@ -41,18 +38,11 @@ from harness import (
     to_numpy,
 )
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "backends"))
-
 BACKEND = keras.backend.backend()
-_NATIVE_MODULES = {
-    "tensorflow": "native_tensorflow",
-    "torch": "native_torch",
-    "jax": "native_jax",
-}
-HAS_GRADIENTS = BACKEND in _NATIVE_MODULES
+HAS_GRADIENTS = BACKEND in natives.BACKENDS
 # Only the current backend's native reference: each imports its framework, and
 # TF + torch in one process can segfault.
-NATIVE = importlib.import_module(_NATIVE_MODULES[BACKEND]) if HAS_GRADIENTS else None
+NATIVE = natives.module(BACKEND) if HAS_GRADIENTS else None
 
 # name -> (layer config, input shape, mask kind). The default shape of this
 # file: B=2, a 5x7 map, C=16. The cases written for the YOLOv4-MHSA block

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from mhsa_core.bench import natives
+from mhsa_core import natives
 from mhsa_core.bench.configs import BenchConfig
 from mhsa_core.bench.plan import KERAS_MHA, LAYER_PATHS, NATIVE
 

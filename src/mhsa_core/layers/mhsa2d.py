@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Mapping
 
@@ -15,38 +14,20 @@ from keras import ops
 from numpy.typing import ArrayLike
 
 from mhsa_core.distribution import check_head_sharding
-from mhsa_core.layers import activations
+from mhsa_core.layers import activations, weight_import
 from mhsa_core.layers._arrays import as_float_array
-from mhsa_core.layers.attention import IMPLEMENTATIONS, attend, logits_dtype
+from mhsa_core.layers.attention import attend, logits_dtype
 from mhsa_core.layers.attention.choice import fused_misfit
 from mhsa_core.layers.position import ENCODINGS
-from mhsa_core.reference import schema
+from mhsa_core.layers.weights import WeightFactory, dense
+from mhsa_core.reference import arguments, schema
 
-_DATA_FORMATS = ("channels_last", "channels_first")
 # Keyword arguments that keras.layers.Layer itself accepts and may write into a config.
 _BASE_LAYER_KEYS = ("name", "trainable", "dtype", "autocast", "activity_regularizer")
 
 
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_position_size(position_size):
-    """`position_size` as a tuple of two positive ints (or None), else ValueError."""
-    if position_size is None:
-        return None
-    ok = (
-        isinstance(position_size, (tuple, list))
-        and len(position_size) == 2
-        and all(_is_int(v) and v >= 1 for v in position_size)
-    )
-    if not ok:
-        raise ValueError(
-            "Received an invalid value for argument `position_size`, expected None "
-            "or two positive integers (height, width). "
-            f"Received: position_size={position_size!r}"
-        )
-    return tuple(int(v) for v in position_size)
+def _initializer_or_none(value):
+    return None if value is None else keras.initializers.get(value)
 
 
 @keras.saving.register_keras_serializable(package="mhsa_core")
@@ -185,79 +166,39 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not _is_int(num_heads) or num_heads < 1:
-            raise ValueError(
-                "Received an invalid value for argument `num_heads`, expected a "
-                f"positive integer. Received: num_heads={num_heads!r}"
-            )
-        if key_dim is not None and (not _is_int(key_dim) or key_dim < 1):
-            raise ValueError(
-                "Received an invalid value for argument `key_dim`, expected None "
-                f"or a positive integer. Received: key_dim={key_dim!r}"
-            )
-        schema.encoding(position_encoding)  # ValueError naming the argument
-        position_size = _check_position_size(position_size)
-        if not isinstance(scale_position_logits, (bool, np.bool_)):
-            raise ValueError(
-                "Received an invalid value for argument `scale_position_logits`, "
-                "expected a boolean. "
-                f"Received: scale_position_logits={scale_position_logits!r}"
-            )
-        if scale is not None and (
-            isinstance(scale, bool)
-            or not isinstance(scale, numbers.Real)
-            or not math.isfinite(scale)
-            or scale <= 0
-        ):
-            raise ValueError(
-                "Received an invalid value for argument `scale`, expected None or "
-                f"a positive finite number. Received: scale={scale!r}"
-            )
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, numbers.Real)
-            or not 0.0 <= dropout < 1.0
-        ):
-            raise ValueError(
-                "Received an invalid value for argument `dropout`, expected a "
-                f"number in [0, 1). Received: dropout={dropout!r}"
-            )
         if data_format is None:
             data_format = keras.config.image_data_format()
-        if data_format not in _DATA_FORMATS:
-            raise ValueError(
-                "Received an invalid value for argument `data_format`, expected "
-                f"one of {_DATA_FORMATS}. Received: data_format={data_format!r}"
-            )
-        if seed is not None and not _is_int(seed):
-            raise ValueError(
-                "Received an invalid value for argument `seed`, expected None or "
-                f"an integer. Received: seed={seed!r}"
-            )
-        if attention_implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                "Received an invalid value for argument `attention_implementation`, "
-                f"expected one of {IMPLEMENTATIONS}. "
-                f"Received: attention_implementation={attention_implementation!r}"
-            )
-        if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
-            raise ValueError(
-                "Received an invalid value for argument `chunk_size`, expected None "
-                f"or a positive integer. Received: chunk_size={chunk_size!r}"
-            )
-        try:
-            self.activation = keras.activations.get(activation)
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                "Received an invalid value for argument `activation`, expected "
-                "None, the name of a Keras activation or a callable. "
-                f"Received: activation={activation!r}"
-            ) from e
+        # Every rule and message: `mhsa_core.reference.arguments` (the natives
+        # apply the same table). Keras resolves what only it can judge.
+        checked = arguments.check_arguments(
+            {
+                "num_heads": num_heads,
+                "key_dim": key_dim,
+                "position_encoding": position_encoding,
+                "position_size": position_size,
+                "scale_position_logits": scale_position_logits,
+                "scale": scale,
+                "dropout": dropout,
+                "data_format": data_format,
+                "seed": seed,
+                "attention_implementation": attention_implementation,
+                "chunk_size": chunk_size,
+                "activation": activation,
+                "position_initializer": position_initializer,
+            },
+            convert={
+                "activation": keras.activations.get,
+                "position_initializer": _initializer_or_none,
+            },
+        )
 
         self.num_heads = int(num_heads)
         self.key_dim = None if key_dim is None else int(key_dim)
+        self.activation = checked["activation"]
         self.position_encoding = position_encoding
-        self.position_size = position_size
+        self.position_size = (
+            None if position_size is None else tuple(int(n) for n in position_size)
+        )
         self.scale_position_logits = bool(scale_position_logits)
         self.scale = None if scale is None else float(scale)
         self.use_bias = bool(use_bias)
@@ -265,18 +206,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.data_format = data_format
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        try:
-            self.position_initializer = (
-                None
-                if position_initializer is None
-                else keras.initializers.get(position_initializer)
-            )
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                "Received an invalid value for argument `position_initializer`, "
-                "expected None, the name of a Keras initializer or an initializer. "
-                f"Received: position_initializer={position_initializer!r}"
-            ) from e
+        self.position_initializer = checked["position_initializer"]
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
@@ -285,11 +215,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.seed_generator = (
             keras.random.SeedGenerator(self.seed) if self.dropout > 0 else None
         )
-        self._channel_axis = -1 if data_format == "channels_last" else 1
-        # The encoding object: its weights, its tokens / logits terms.
         self.attention_implementation = attention_implementation
         self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.position = ENCODINGS[position_encoding](self)
+        self._channel_axis = -1 if data_format == "channels_last" else 1
+        # The encoding object: its weights, its tokens / logits terms.
+        self.position = ENCODINGS[position_encoding]()
         if attention_implementation == "fused":
             self._check_fused(key_dim, None)
         self.input_spec = keras.InputSpec(ndim=4)
@@ -326,7 +256,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         # shape polymorphism in jax2tf exports, torch.export) names each
         # input's dimensions apart, so "a" != "c" says nothing about the sizes.
         ok = len(mask_shape) == 3 and all(
-            not (_is_int(e) and _is_int(m)) or e == m
+            not (arguments.is_int(e) and arguments.is_int(m)) or e == m
             for e, m in zip(expected, mask_shape)
         )
         if not ok:
@@ -365,12 +295,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     def build(self, input_shape):
         input_shape = self._check_input_shape(input_shape)
         channels = self._spatial_and_channels(input_shape)[2]
-        if channels % self.num_heads:
-            raise ValueError(
-                "The number of channels must be divisible by `num_heads`. "
-                f"Received: channels={channels}, num_heads={self.num_heads}"
-            )
-        self.position.check_channels(channels)
+        arguments.check_channels(channels, self.num_heads, self.position_encoding)
         if self.attention_implementation == "fused":
             self._check_fused(self.key_dim, channels // self.num_heads)
         if self.position.spec.learned_tables:
@@ -382,23 +307,36 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         qk_width = self.num_heads * self._head_key_dim
         # Under keras.distribution (JAX): a layout must split q/k/v into whole heads.
         check_head_sharding(self)
+        weights = WeightFactory(
+            self.add_weight,
+            use_bias=self.use_bias,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+            kernel_regularizer=self.kernel_regularizer,
+            bias_regularizer=self.bias_regularizer,
+            kernel_constraint=self.kernel_constraint,
+            bias_constraint=self.bias_constraint,
+            position_initializer=self.position_initializer,
+            position_size=self.position_size,
+            variable_dtype=self.variable_dtype,
+        )
         # Creation order = the canonical weight-dict order
         # (`mhsa_core.reference.schema.weight_shapes`), which is also the
         # order of the YOLOv4-MHSA block's convs: a "tokens" encoding's
         # weights, the projections, then a "logits" encoding's tables.
         if self.position.spec.stage == "tokens":
-            self.position.build(channels, self._head_key_dim)
-        self.query_kernel, self.query_bias = self._add_dense(
+            self.position.build(weights, channels, self._head_key_dim)
+        self.query_kernel, self.query_bias = weights.projection(
             ("query_kernel", "query_bias"), channels, qk_width
         )
-        self.key_kernel, self.key_bias = self._add_dense(
+        self.key_kernel, self.key_bias = weights.projection(
             ("key_kernel", "key_bias"), channels, qk_width
         )
-        self.value_kernel, self.value_bias = self._add_dense(
+        self.value_kernel, self.value_bias = weights.projection(
             ("value_kernel", "value_bias"), channels, channels
         )
         if self.position.spec.stage != "tokens":
-            self.position.build(channels, self._head_key_dim)
+            self.position.build(weights, channels, self._head_key_dim)
         self.input_spec = keras.InputSpec(ndim=4, axes={self._channel_axis: channels})
 
     def _check_fused(self, key_dim, value_dim):
@@ -410,27 +348,6 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 f"Received: attention_implementation='fused', "
                 f"position_encoding={self.position_encoding!r}, key_dim={key_dim!r}"
             )
-
-    def _add_dense(self, names, in_width, out_width):
-        """(kernel (in, out), bias (out,) or None) of a 1x1 projection."""
-        kernel_name, bias_name = names
-        kernel = self.add_weight(
-            name=kernel_name,
-            shape=(in_width, out_width),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        bias = None
-        if self.use_bias:
-            bias = self.add_weight(
-                name=bias_name,
-                shape=(out_width,),
-                initializer=self.bias_initializer,
-                regularizer=self.bias_regularizer,
-                constraint=self.bias_constraint,
-            )
-        return kernel, bias
 
     def compute_output_shape(self, input_shape):
         return tuple(self._check_input_shape(input_shape))
@@ -452,16 +369,6 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return outputs, scores
 
     # -------------------------------------------------------------------- call
-    @staticmethod
-    def _dense(tokens, kernel, bias, activation):
-        """activation(tokens @ kernel + bias), tokens (B, N, C_in)."""
-        # einsum, not matmul: keras 3.15's torch `ops.matmul` computes float64
-        # inputs in float32 (its result_type maps 64-bit to 32-bit).
-        y = ops.einsum("bnc,cd->bnd", tokens, kernel)
-        if bias is not None:
-            y = y + bias
-        return activation(y)
-
     def call(
         self,
         inputs,
@@ -481,15 +388,10 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         tokens = ops.reshape(x, (batch, n, channels))  # (B, N, C), row-major
         tokens = self.position.tokens(tokens, height, width)
         activation = activations.for_dtype(self.activation, self.compute_dtype)
-        q = self._dense(
-            tokens, self.query_kernel, self.query_bias, activation
-        )  # (B, N, heads*kd)
-        k = self._dense(
-            tokens, self.key_kernel, self.key_bias, activation
-        )  # (B, N, heads*kd)
-        v = self._dense(
-            tokens, self.value_kernel, self.value_bias, activation
-        )  # (B, N, C)
+        q = dense(tokens, self.query_kernel, self.query_bias, activation)
+        k = dense(tokens, self.key_kernel, self.key_bias, activation)
+        v = dense(tokens, self.value_kernel, self.value_bias, activation)
+        # q, k: (B, N, heads*kd); v: (B, N, C)
 
         def split_heads(t, dim):  # (B, N, heads*dim) -> (B, heads, N, dim)
             return ops.transpose(ops.reshape(t, (batch, n, heads, dim)), (0, 2, 1, 3))
@@ -604,15 +506,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     def load_yolov4_mhsa_weights(self, weights) -> None:
         """Loads the eight arrays of a Keras 2 YOLOv4-MHSA `mhsa_block`.
 
-        See `mhsa_core.convert.load_yolov4_mhsa_weights`: position, query,
+        See `mhsa_core.layers.weight_import.load_yolov4_mhsa_weights`: position, query,
         key, value conv kernels and biases in creation order (not the
         topological order of `model.get_weights()`). The layer needs the
         block's settings (`MultiHeadSelfAttention2D.yolov4_mhsa()`); nothing
         is built or assigned unless every array is valid.
         """
-        from mhsa_core.convert.yolov4_mhsa import load_yolov4_mhsa_weights
-
-        load_yolov4_mhsa_weights(self, weights)
+        weight_import.load_yolov4_mhsa_weights(self, weights)
 
     def load_seed_weights(self, weights) -> None:
         """Deprecated alias of `load_yolov4_mhsa_weights` (kept for this release)."""
@@ -629,13 +529,14 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     ) -> None:
         """Loads the weights of a BoTNet (official or timm) attention layer.
 
-        See `mhsa_core.convert.load_botnet_weights`: kernels (C, heads * kd)
-        (value (C, C)), relative tables (2Hr - 1, kd) and (2Wr - 1, kd).
+        See `mhsa_core.layers.weight_import.load_botnet_weights`: kernels
+        (C, heads * kd) (value (C, C)), relative tables (2Hr - 1, kd) and
+        (2Wr - 1, kd).
         Nothing is built or assigned unless every array is valid.
         """
-        from mhsa_core.convert.botnet import load_botnet_weights
-
-        load_botnet_weights(self, q_kernel, k_kernel, v_kernel, rel_height, rel_width)
+        weight_import.load_botnet_weights(
+            self, q_kernel, k_kernel, v_kernel, rel_height, rel_width
+        )
 
     def _require_built(self, what):
         if not self.built:

@@ -1,9 +1,11 @@
-"""The NumPy oracle: float64 forward pass, position encodings, budgets, schema.
+"""The NumPy oracle: float64 forward pass, position encodings, budgets, schema,
+and the layer's argument rules (`arguments`).
 
 Imports nothing but NumPy (no framework), so tests, the CLI's parent process
 and the native references can use it anywhere.
 """
 
+from mhsa_core.reference import arguments as arguments
 from mhsa_core.reference import schema as schema
 from mhsa_core.reference.budget import FLOAT64_RTOL as FLOAT64_RTOL
 from mhsa_core.reference.budget import FLOOR as FLOOR
@@ -42,4 +44,5 @@ __all__ = [
     "POSITION_ENCODINGS",
     "PRESETS",
     "schema",
+    "arguments",
 ]

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from mhsa_core.reference import schema
-from mhsa_core.reference.position import dense, position_logits, token_term
+from mhsa_core.reference.position import dense, position_logits, relu, token_term
 
 __all__ = [
     "mhsa_forward",
@@ -50,10 +50,6 @@ def reference_config(layer_config: dict) -> dict:
     return {k: layer_config[k] for k in LAYER_ARGUMENTS if k in layer_config}
 
 
-def _relu(x):
-    return np.maximum(x, 0)
-
-
 def _gelu(x):
     # Exact (erf) GELU, as keras.activations.gelu(approximate=False).
     erf = np.vectorize(math.erf, otypes=[x.dtype])
@@ -67,7 +63,7 @@ def _sigmoid(x):
 ACTIVATIONS = {
     None: lambda x: x,
     "linear": lambda x: x,
-    "relu": _relu,
+    "relu": relu,
     "gelu": _gelu,
     "sigmoid": _sigmoid,
     "tanh": np.tanh,

@@ -88,7 +88,8 @@ def sinusoidal_embedding(height, width, channels, dtype=np.float64):
     return out
 
 
-def _relu(x):
+def relu(x):
+    """max(x, 0): the "conv" token term's activation, and the reference's "relu"."""
     return np.maximum(x, 0)
 
 
@@ -103,7 +104,7 @@ def dense(t, weights, kernel, bias, dtype, matmul, store):
 
 def _conv_tokens(t, weights, height, width, dtype, matmul, store):
     kernel, bias = schema.ENCODINGS["conv"].token_weights
-    return store(t + _relu(dense(t, weights, kernel, bias, dtype, matmul, store)))
+    return store(t + relu(dense(t, weights, kernel, bias, dtype, matmul, store)))
 
 
 def _sinusoidal_tokens(t, weights, height, width, dtype, matmul, store):

@@ -1,7 +1,7 @@
 """The schema every implementation shares: encodings, weights, presets (NumPy only).
 
 The layer (`mhsa_core.layers`), the float64 reference (`mhsa_core.reference`),
-the native per-framework references (`backends/native_*.py`) and the
+the native per-framework references (`mhsa_core.natives`) and the
 consistency tool all read these facts from here, so each is written once:
 
 - `ENCODINGS`: each position encoding's stage (tokens or logits), its learned

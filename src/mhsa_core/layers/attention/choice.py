@@ -34,7 +34,10 @@ import dataclasses
 
 import keras
 
-IMPLEMENTATIONS = ("auto", "full", "chunked", "fused")
+# The values of `attention_implementation` live with the layer's other argument
+# rules (framework-free, so the rule has no copy).
+from mhsa_core.reference.arguments import IMPLEMENTATIONS as IMPLEMENTATIONS
+
 FULL, CHUNKED, FUSED = "full", "chunked", "fused"
 BY_SIZE = "full or chunked by size"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from mhsa_core.layers.weights import WeightFactory
 from mhsa_core.reference import schema
 
 
@@ -11,11 +12,13 @@ class PositionEncoding:
     """One position encoding: its weights, and the terms it adds.
 
     The layer asks its encoding, it never branches on the encoding's name:
-    `build` creates the encoding's weights on the layer (so they are the
-    layer's own variables, in the canonical order of
-    `mhsa_core.reference.schema.weight_shapes`), `tokens` may add a term to
+    `build` creates the encoding's weights through the `WeightFactory` the
+    layer hands it (`mhsa_core.layers.weights`: the layer's own variables,
+    with its settings, under the canonical names and in the canonical order
+    of `mhsa_core.reference.schema.weight_shapes`), `tokens` may add a term to
     the tokens before the projections, and `logits_bias` may return a term
-    for the attention logits. The defaults do nothing.
+    for the attention logits. The defaults do nothing. An encoding never sees
+    the layer: what it needs of it comes through the factory.
 
     A logits term is given three ways, one per attention path
     (`mhsa_core.layers.attention`): `logits_bias` whole, (B, heads, N, N), for
@@ -29,7 +32,6 @@ class PositionEncoding:
 
     Attributes:
         spec: the encoding's `schema.Encoding` (stage, tables, constraints).
-        layer: the `MultiHeadSelfAttention2D` it belongs to.
     """
 
     spec: ClassVar[schema.Encoding] = schema.ENCODINGS["none"]
@@ -37,24 +39,19 @@ class PositionEncoding:
     # the fused kernels included, can take it in the keys.
     folds_into_keys: ClassVar[bool] = False
 
-    def __init__(self, layer):
-        self.layer = layer
-
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def check_channels(self, channels: int) -> None:
-        """ValueError unless this encoding can work with `channels`."""
-        multiple = self.spec.channels_multiple
-        if channels % multiple:
-            raise ValueError(
-                f"position_encoding={self.name!r} needs channels divisible by "
-                f"{multiple}. Received: channels={channels}"
-            )
+    def build(self, weights: WeightFactory, channels: int, key_dim: int) -> None:
+        """Creates this encoding's weights with `weights` (none by default).
 
-    def build(self, channels: int, key_dim: int) -> None:
-        """Creates this encoding's weights on the layer (none by default)."""
+        Args:
+            weights: the layer's `WeightFactory` (its `projection`, `table`,
+                `position_size` and `variable_dtype`).
+            channels: C of the tokens.
+            key_dim: channels per head of q and k.
+        """
 
     def tokens(self, tokens, height, width):
         """Tokens (B, N, C) -> tokens with this encoding's term (unchanged by

@@ -3,6 +3,7 @@
 import keras
 
 from mhsa_core.layers.position.base import PositionEncoding
+from mhsa_core.layers.weights import dense
 from mhsa_core.reference import schema
 
 
@@ -15,12 +16,10 @@ class ConvPosition(PositionEncoding):
 
     spec = schema.ENCODINGS["conv"]
 
-    def build(self, channels, key_dim):
-        self.kernel, self.bias = self.layer._add_dense(
+    def build(self, weights, channels, key_dim):
+        self.kernel, self.bias = weights.projection(
             self.spec.token_weights, channels, channels
         )
 
     def tokens(self, tokens, height, width):
-        return tokens + self.layer._dense(
-            tokens, self.kernel, self.bias, keras.activations.relu
-        )
+        return tokens + dense(tokens, self.kernel, self.bias, keras.activations.relu)

@@ -64,10 +64,13 @@ class SinusoidalPosition(PositionEncoding):
 
     spec = schema.ENCODINGS["sinusoidal"]
 
+    def build(self, weights, channels, key_dim):
+        # The embedding is computed in the variable dtype (float32 under mixed
+        # precision) and rounded once to the compute dtype.
+        self.embedding_dtype = weights.variable_dtype
+
     def tokens(self, tokens, height, width):
-        # Computed in the variable dtype (float32 under mixed precision),
-        # rounded once to the compute dtype.
         embedding = sinusoidal_embedding(
-            height, width, tokens.shape[-1], self.layer.variable_dtype
+            height, width, tokens.shape[-1], self.embedding_dtype
         )  # (N, C)
         return tokens + ops.cast(embedding, tokens.dtype)

@@ -10,24 +10,18 @@ from mhsa_core.reference import schema
 
 class LearnedTables(PositionEncoding):
     """An encoding with a (rows(Hr), kd) height table and a (rows(Wr), kd)
-    width table, learned for the reference size `layer.position_size` and
-    linearly resized (`resize_table`) to rows(H), rows(W) at any other size.
+    width table, learned for the reference size (Hr, Wr) (the layer's
+    `position_size`) and linearly resized (`resize_table`) to rows(H), rows(W)
+    at any other size.
 
-    The tables are float32 under mixed precision (`autocast=False`), like the
-    logits they feed.
+    The tables are float32 under mixed precision (`WeightFactory.table`), like
+    the logits they feed.
     """
 
-    def build(self, channels, key_dim):
-        layer = self.layer
-        initializer = layer.position_initializer or keras.initializers.RandomNormal(
-            stddev=schema.table_stddev(key_dim)
-        )
-        shapes = schema.table_shapes(self.name, layer.position_size, key_dim)
+    def build(self, weights, channels, key_dim):
+        shapes = schema.table_shapes(self.name, weights.position_size, key_dim)
         self.height_table, self.width_table = (
-            layer.add_weight(
-                name=name, shape=shape, initializer=initializer, autocast=False
-            )
-            for name, shape in shapes.items()
+            weights.table(name, shape) for name, shape in shapes.items()
         )
 
     def resized_tables(self, height, width, dtype):

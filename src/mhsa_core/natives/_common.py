@@ -1,20 +1,27 @@
-"""What the three native references share: the schema's facts, checked one way.
+"""What the native implementations share: the schema's facts and the layer's
+argument rules, applied one way, and the bench configs' block.
 
-`native_tensorflow.py`, `native_torch.py` and `native_jax.py` are independent
-implementations, each in its framework's idiom; that is their worth as
-oracles. What they must agree on is not theirs to define, so it is read here
-from the NumPy reference, never written again:
+`tensorflow.py`, `torch.py` and `jax.py` are independent implementations,
+each in its framework's idiom; that is their worth as oracles. What they must
+agree on is not theirs to define, so it is read here from the NumPy
+reference, never written again:
 
 - the position encodings, their tables (names, rows for a reference size) and
   the canonical weight dict: `mhsa_core.reference.schema`;
+- the argument rules and their messages: `mhsa_core.reference.arguments`, the
+  table the layer applies too (`check_config` -> `BlockConfig`), and the
+  weight-dict check (`check_weights`);
 - the config's defaults: those of `mhsa_core.reference.mhsa_forward` (the
   layer's); the natives' signatures spell them out, tests/backends checks
-  that they agree;
-- the argument rules (`check_config` -> `BlockConfig`, `check_weights`) and
-  how the NumPy helpers complete a config from the weights (`numpy_config`).
+  that they agree; how the NumPy helpers complete a config from the weights
+  (`numpy_config`);
+- for the fused forms the bench measures: what they need of a bench config
+  (`FusedBlock`) and the relative tables' offset index (`relative_index`).
 
 Imports NumPy and `mhsa_core.reference` only (no framework, no Keras).
 """
+
+from __future__ import annotations
 
 import dataclasses
 import inspect
@@ -22,21 +29,21 @@ import math
 
 import numpy as np
 
-from mhsa_core.reference import LAYER_ARGUMENTS, mhsa_forward, schema
+from mhsa_core.reference import LAYER_ARGUMENTS, arguments, mhsa_forward, schema
 
 __all__ = [
-    "DATA_FORMATS",
     "DEFAULTS",
-    "check_channels",
+    "FUSED_ENCODINGS",
+    "BlockConfig",
+    "FusedBlock",
     "check_config",
-    "check_position_size",
     "check_weights",
     "has_bias",
+    "learned_size",
     "numpy_config",
     "position_size_of",
+    "relative_index",
 ]
-
-DATA_FORMATS = ("channels_last", "channels_first")
 
 # The block's config arguments and their defaults, as the reference's.
 DEFAULTS = {
@@ -44,20 +51,6 @@ DEFAULTS = {
     for name, parameter in inspect.signature(mhsa_forward).parameters.items()
     if name in LAYER_ARGUMENTS
 }
-
-
-def check_channels(position_encoding, channels):
-    """Raise ValueError unless `position_encoding` is known and accepts C=`channels`.
-
-    Returns the encoding's `schema.Encoding`.
-    """
-    spec = schema.encoding(position_encoding)
-    if channels % spec.channels_multiple:
-        raise ValueError(
-            f"position_encoding={position_encoding!r} needs channels divisible by "
-            f"{spec.channels_multiple}. Received: channels={channels}"
-        )
-    return spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,34 +102,32 @@ def check_config(
 ):
     """Check a block config for C=`channels`; returns its `BlockConfig`.
 
-    `activations` is the native's own table (name -> function). `key_dim`
+    The layer's rules (`reference.arguments`), but for `activation`: a name
+    of `activations`, the native's own table (name -> function). `key_dim`
     defaults to C // num_heads; `scale` None means 1/sqrt(key_dim).
 
     Raises:
         ValueError: naming the argument and the value received.
     """
-    if data_format not in DATA_FORMATS:
-        raise ValueError(
-            f"Received an invalid value for argument `data_format`, expected one of "
-            f"{DATA_FORMATS}. Received: data_format={data_format!r}"
-        )
-    if activation not in activations:
-        raise ValueError(
-            f"Received an invalid value for argument `activation`, expected one of "
-            f"{sorted(activations, key=str)}. Received: activation={activation!r}"
-        )
-    check_channels(position_encoding, channels)
-    if int(num_heads) != num_heads or num_heads < 1 or channels % num_heads:
-        raise ValueError(
-            "Received an invalid value for argument `num_heads`, expected a positive "
-            f"integer that divides the channels C={channels}. "
-            f"Received: num_heads={num_heads}"
-        )
+    arguments.check_arguments(
+        {
+            "num_heads": num_heads,
+            "key_dim": key_dim,
+            "position_encoding": position_encoding,
+            "scale_position_logits": scale_position_logits,
+            "scale": scale,
+            "data_format": data_format,
+            "activation": activation,
+        },
+        rules={"activation": arguments.one_of(sorted(activations, key=str))},
+    )
+    position_size = learned_size(position_encoding, position_size)
+    arguments.check_channels(channels, num_heads, position_encoding)
     head_dim = channels // num_heads
     key_dim = head_dim if key_dim is None else int(key_dim)
     return BlockConfig(
         channels=channels,
-        num_heads=num_heads,
+        num_heads=int(num_heads),
         head_dim=head_dim,
         key_dim=key_dim,
         activation=activation,
@@ -145,27 +136,19 @@ def check_config(
         scale_position_logits=bool(scale_position_logits),
         data_format=data_format,
         use_bias=bool(use_bias),
-        position_size=check_position_size(position_encoding, position_size),
+        position_size=position_size,
     )
 
 
-def check_position_size(position_encoding, position_size):
-    """`position_size` as a tuple (Hr, Wr) of positive ints, or None.
-
-    None when not given, or when the encoding has no learned tables (the
-    argument is then ignored). A ValueError for anything but two positive ints.
+def learned_size(position_encoding, position_size):
+    """`position_size` checked (the layer's rule), as a tuple (Hr, Wr) of ints
+    for an encoding with learned tables; else None (the argument is ignored).
     """
+    arguments.check_arguments(
+        {"position_encoding": position_encoding, "position_size": position_size}
+    )
     if position_size is None or not schema.encoding(position_encoding).learned_tables:
         return None
-    if (
-        not isinstance(position_size, (tuple, list))
-        or len(position_size) != 2
-        or any(int(n) != n or n < 1 for n in position_size)
-    ):
-        raise ValueError(
-            f"position_encoding={position_encoding!r} needs position_size=(Hr, Wr), "
-            f"two positive integers. Received: position_size={position_size!r}"
-        )
     return tuple(int(n) for n in position_size)
 
 
@@ -236,8 +219,57 @@ def numpy_config(x, weights, config):
     if config.get("use_bias") is None:
         config["use_bias"] = has_bias(weights)
     encoding = config["position_encoding"]
-    config["position_size"] = check_position_size(
+    config["position_size"] = learned_size(
         encoding, config.get("position_size")
     ) or position_size_of(weights, encoding)
     channels = np.shape(x)[1 if config["data_format"] == "channels_first" else -1]
     return channels, config
+
+
+# ------------------------------------------------------ the bench's fused forms
+# What the fused forms carry (the bench's configs); the oracles carry all.
+FUSED_ENCODINGS = ("none", "relative")
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedBlock:
+    """What every fused form needs of a bench config: sizes, scale, the
+    relative tables (at their reference size, the config's)."""
+
+    height: int
+    width: int
+    channels: int
+    heads: int
+    d: int  # head dim (kd = dv)
+    n: int  # tokens
+    scale: float
+    relative: bool
+    tables: tuple  # (name of R_h, name of R_w) in the weight dict, or ()
+
+    @classmethod
+    def of(cls, config) -> FusedBlock:
+        """From a bench config (`mhsa_core.bench.configs.BenchConfig`, or any
+        object with its `height`, `width`, `channels`, `num_heads`,
+        `head_dim`, `tokens` and `position_encoding`)."""
+        if config.position_encoding not in FUSED_ENCODINGS:
+            raise ValueError(
+                f"The fused natives support position_encoding in {FUSED_ENCODINGS}. "
+                f"Received: position_encoding={config.position_encoding!r}"
+            )
+        relative = config.position_encoding == "relative"
+        return cls(
+            config.height,
+            config.width,
+            config.channels,
+            config.num_heads,
+            config.head_dim,
+            config.tokens,
+            1.0 / math.sqrt(config.head_dim),
+            relative,
+            schema.table_names("relative") if relative else (),
+        )
+
+
+def relative_index(length):
+    """(L, L) int rows of a relative table for (query a, key b): b - a + L - 1."""
+    return np.arange(length)[None, :] - np.arange(length)[:, None] + length - 1

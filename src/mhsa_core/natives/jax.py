@@ -5,9 +5,11 @@ function `apply(params, x, attention_mask, *, config)` on a dict of arrays,
 `jax.numpy` einsums, `jax.nn.softmax(..., where=mask)` for the masked softmax,
 `jax.jit` with the config as static arguments, and `jax.value_and_grad` for
 gradients. It serves as an independent oracle for the Keras layer on the jax
-backend and, later, as the native baseline of the benchmarks.
+backend (every encoding, mask and dtype); `fused_block`, at the end, is the
+form the bench measures (`jax.nn.dot_product_attention` with the position term
+as its bias).
 
-What it computes is `mhsa_core.reference.mhsa_forward` (backends/README.md);
+What it computes is `mhsa_core.reference.mhsa_forward` (`mhsa_core.natives`);
 the schema's facts and the argument rules come from `_common`. In JAX's idiom:
 
 - "relative" (BoTNet): pos(i, j) = q_i . (R_h[y_j - y_i + H - 1]
@@ -52,16 +54,17 @@ This file imports JAX, NumPy and the NumPy-only `mhsa_core.reference`.
 import contextlib
 import functools
 
-import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mhsa_core.reference import schema
+from mhsa_core.natives import _common
+from mhsa_core.reference import arguments, schema
 
 __all__ = [
     "apply",
     "forward",
+    "fused_block",
     "params_from_weight_dict",
     "resize_table",
     "sinusoidal_embedding",
@@ -371,7 +374,54 @@ def resize_table(table, length, dtype="float32"):
 
 def sinusoidal_embedding(height, width, channels, dtype="float32"):
     """The native's sine-cosine embedding on NumPy: (H*W, C) in `dtype`."""
-    _common.check_channels("sinusoidal", channels)
+    arguments.check_channels(channels, position_encoding="sinusoidal")
     with _precision(dtype):
         out = np.asarray(_sincos_jit(height, width, channels, np.dtype(dtype)))
     return _check_dtype(out, dtype)
+
+
+# ------------------------------------------------------- the bench's fused form
+def fused_block(config, weights: dict):
+    """The bench's form: (apply(params, x) -> out, params), pure, for
+    `jax.jit` / `jax.grad`, for a bench config (`_common.FusedBlock.of`).
+
+    `jax.nn.dot_product_attention`, "relative"'s term (gathered with the
+    offset index, times the scale) as its `bias`. float32; no mask, no other
+    encoding.
+    """
+    block = _common.FusedBlock.of(config)
+    params = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in weights.items()}
+    height, width, channels = block.height, block.width, block.channels
+    heads, d, n, scale, relative = (
+        block.heads,
+        block.d,
+        block.n,
+        block.scale,
+        block.relative,
+    )
+    if relative:
+        name_h, name_w = block.tables
+        index_h, index_w = _common.relative_index(height), _common.relative_index(width)
+
+    def apply(params, x):
+        b = x.shape[0]
+        t = x.reshape(b, n, channels)
+
+        def project(name):  # (B, N, heads, d), the layout of dot_product_attention
+            y = t @ params[f"{name}_kernel"] + params[f"{name}_bias"]
+            return y.reshape(b, n, heads, d)
+
+        q, k, v = project("query"), project("key"), project("value")
+        bias = None
+        if relative:
+            q5 = q.reshape(b, height, width, heads, d)
+            logits_h = jnp.einsum("byxhd,yvd->bhyxv", q5, params[name_h][index_h])
+            logits_w = jnp.einsum("byxhd,xud->bhyxu", q5, params[name_w][index_w])
+            bias = (logits_h[..., :, None] + logits_w[..., None, :]).reshape(
+                b, heads, n, n
+            )
+            bias = bias * scale
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale)
+        return out.reshape(b, height, width, channels)
+
+    return apply, params

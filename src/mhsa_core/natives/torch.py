@@ -3,9 +3,10 @@
 Written the way a PyTorch user would write the block by hand, with no Keras:
 `nn.Linear` projections and `F.scaled_dot_product_attention` (SDPA) for the
 attention itself. It serves as an independent oracle for the Keras layer on the
-torch backend and as the native baseline of the benchmarks.
+torch backend (every encoding, mask and dtype); `fused_block`, at the end, is
+the form the bench measures (SDPA with the position term as its float mask).
 
-What it computes is `mhsa_core.reference.mhsa_forward` (backends/README.md);
+What it computes is `mhsa_core.reference.mhsa_forward` (`mhsa_core.natives`);
 the schema's facts and the argument rules come from `_common`. In PyTorch's idiom:
 
 - "relative" (BoTNet), pos(i, j) = q_i . (R_h[y_j - y_i + H - 1]
@@ -45,22 +46,23 @@ SDPA notes:
   to its math kernel. Both give the same result up to rounding.
 
 NumPy in, NumPy out: `forward`, `value_and_grad`, `resize_table`,
-`sinusoidal_embedding` (backends/README.md).
+`sinusoidal_embedding` (`mhsa_core.natives`).
 """
 
 import math
 
-import _common
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mhsa_core.reference import schema
+from mhsa_core.natives import _common
+from mhsa_core.reference import arguments, schema
 
 __all__ = [
     "NativeMHSA2D",
     "forward",
+    "fused_block",
     "resize_table",
     "sinusoidal_embedding",
     "value_and_grad",
@@ -380,5 +382,56 @@ def resize_table(table, length, dtype="float32"):
 
 def sinusoidal_embedding(height, width, channels, dtype="float32"):
     """The native's sine-cosine embedding on NumPy: (H*W, C) in `dtype`."""
-    _common.check_channels("sinusoidal", channels)
+    arguments.check_channels(channels, position_encoding="sinusoidal")
     return _sincos(height, width, channels, _torch_dtype(dtype), "cpu").numpy()
+
+
+# ------------------------------------------------------- the bench's fused form
+def fused_block(config, weights: dict):
+    """The bench's form: (call(x) -> out, [parameters]), x and out (B, H, W, C)
+    torch float32, for a bench config (`_common.FusedBlock.of`).
+
+    SDPA as the bench measures it: the flash kernel on CPU when there is no
+    position term, else "relative"'s term (gathered with the offset index,
+    times the scale) as its float `attn_mask`. No mask, no other encoding.
+    """
+    block = _common.FusedBlock.of(config)
+    params = {
+        k: torch.tensor(np.asarray(v, np.float32), requires_grad=True)
+        for k, v in weights.items()
+    }
+    height, width, channels = block.height, block.width, block.channels
+    heads, d, n, scale, relative = (
+        block.heads,
+        block.d,
+        block.n,
+        block.scale,
+        block.relative,
+    )
+    if relative:
+        name_h, name_w = block.tables
+        index_h = torch.as_tensor(_common.relative_index(height))
+        index_w = torch.as_tensor(_common.relative_index(width))
+
+    def call(x):
+        b = x.shape[0]
+        t = x.reshape(b, n, channels)
+
+        def project(name):  # (B, N, C) -> (B, heads, N, d)
+            y = t @ params[f"{name}_kernel"] + params[f"{name}_bias"]
+            return y.reshape(b, n, heads, d).transpose(1, 2)
+
+        q, k, v = project("query"), project("key"), project("value")
+        bias = None
+        if relative:
+            q5 = q.reshape(b, heads, height, width, d)
+            logits_h = torch.einsum("bhyxd,yvd->bhyxv", q5, params[name_h][index_h])
+            logits_w = torch.einsum("bhyxd,xud->bhyxu", q5, params[name_w][index_w])
+            bias = (logits_h[..., :, None] + logits_w[..., None, :]).reshape(
+                b, heads, n, n
+            )
+            bias = bias * scale
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return out.transpose(1, 2).reshape(b, height, width, channels)
+
+    return call, list(params.values())

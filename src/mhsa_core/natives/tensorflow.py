@@ -4,11 +4,12 @@ Written the way a TensorFlow user would write the block by hand, with no Keras:
 a `tf.Module` holding `tf.Variable`s, `tf.einsum` projections and logits,
 `tf.where` + `tf.nn.softmax` for the masked softmax, and `tf.GradientTape` for
 gradients. It runs eagerly; `__call__` has no Python control flow on tensor
-values, so it can be wrapped in `tf.function` for the benchmarks. It serves as an
-independent oracle for the Keras layer on the tensorflow backend and, later, as
-the native baseline of the benchmarks.
+values, so it can be wrapped in `tf.function`. It serves as an independent
+oracle for the Keras layer on the tensorflow backend (every encoding, mask and
+dtype); `fused_block`, at the end, is the form the bench measures (einsum,
+softmax, einsum, which XLA fuses).
 
-What it computes is `mhsa_core.reference.mhsa_forward` (backends/README.md);
+What it computes is `mhsa_core.reference.mhsa_forward` (`mhsa_core.natives`);
 the schema's facts and the argument rules come from `_common`. In TensorFlow's idiom:
 
 - "relative" (BoTNet): pos(i, j) = q_i . (R_h[y_j - y_i + H - 1]
@@ -43,20 +44,21 @@ attend to every key instead (finite, unused) and their output is zeroed with
 `tf.where`, which also gives them zero gradients.
 
 NumPy in, NumPy out: `forward`, `value_and_grad`, `resize_table`,
-`sinusoidal_embedding` (backends/README.md).
+`sinusoidal_embedding` (`mhsa_core.natives`).
 """
 
 import math
 
-import _common
 import numpy as np
 import tensorflow as tf
 
-from mhsa_core.reference import schema
+from mhsa_core.natives import _common
+from mhsa_core.reference import arguments, schema
 
 __all__ = [
     "NativeMHSA2D",
     "forward",
+    "fused_block",
     "resize_table",
     "sinusoidal_embedding",
     "value_and_grad",
@@ -353,5 +355,63 @@ def resize_table(table, length, dtype="float32"):
 
 def sinusoidal_embedding(height, width, channels, dtype="float32"):
     """The native's sine-cosine embedding on NumPy: (H*W, C) in `dtype`."""
-    _common.check_channels("sinusoidal", channels)
+    arguments.check_channels(channels, position_encoding="sinusoidal")
     return _sincos(height, width, channels, tf.as_dtype(np.dtype(dtype).name)).numpy()
+
+
+# ------------------------------------------------------- the bench's fused form
+def fused_block(config, weights: dict):
+    """The bench's form: (call(x) -> out, [tf.Variable]), x and out
+    (B, H, W, C) float32, for a bench config (`_common.FusedBlock.of`).
+
+    TensorFlow has no fused attention op: einsum, softmax, einsum, which is
+    what XLA (`jit_compile=True`) fuses. "relative"'s term gathered with the
+    offset index, times the scale. No mask, no other encoding.
+    """
+    block = _common.FusedBlock.of(config)
+    params = {
+        k: tf.Variable(np.asarray(v, np.float32), name=k) for k, v in weights.items()
+    }
+    height, width, channels = block.height, block.width, block.channels
+    heads, d, n, scale, relative = (
+        block.heads,
+        block.d,
+        block.n,
+        block.scale,
+        block.relative,
+    )
+    if relative:
+        name_h, name_w = block.tables
+        index_h = tf.constant(_common.relative_index(height))
+        index_w = tf.constant(_common.relative_index(width))
+
+    def call(x):
+        b = tf.shape(x)[0]
+        t = tf.reshape(x, (b, n, channels))
+
+        def project(name):  # (B, N, heads, d)
+            y = (
+                tf.einsum("bnc,cd->bnd", t, params[f"{name}_kernel"])
+                + params[f"{name}_bias"]
+            )
+            return tf.reshape(y, (b, n, heads, d))
+
+        q, k, v = project("query"), project("key"), project("value")
+        logits = tf.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, heads, N, N)
+        if relative:
+            q5 = tf.reshape(q, (b, height, width, heads, d))
+            logits_h = tf.einsum(
+                "byxhd,yvd->bhyxv", q5, tf.gather(params[name_h], index_h)
+            )
+            logits_w = tf.einsum(
+                "byxhd,xud->bhyxu", q5, tf.gather(params[name_w], index_w)
+            )
+            pos = tf.reshape(
+                logits_h[..., :, None] + logits_w[..., None, :], (b, heads, n, n)
+            )
+            logits = logits + pos * scale
+        probs = tf.nn.softmax(logits, axis=-1)
+        out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, d)
+        return tf.reshape(out, (b, height, width, channels))
+
+    return call, list(params.values())

@@ -1,0 +1,125 @@
+"""How the layer's weights are made and applied: `WeightFactory` and `dense`.
+
+`MultiHeadSelfAttention2D.build` makes one `WeightFactory` and creates its
+q/k/v projections and its position encoding's weights through it, so every
+weight gets the layer's settings (initializers, regularizers, constraints,
+`use_bias`, dtype policy) in one place, and an encoding never sees the layer.
+The factory creates variables under the names it is given (the canonical names
+of `mhsa_core.reference.schema.weight_shapes`); the layer's variable paths are
+"<layer path>/<name>", as `add_weight` makes them, and the order of creation
+is the order of the calls (the canonical order, which `.keras` files and the
+layer's weight dict rely on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+from keras import ops
+
+from mhsa_core.reference import schema
+
+__all__ = ["WeightFactory", "dense"]
+
+
+def dense(tokens, kernel, bias, activation: Callable | None = None):
+    """activation(tokens @ kernel + bias), tokens (B, N, C_in) -> (B, N, C_out).
+
+    `bias` may be None (`use_bias=False`), `activation` None (linear).
+    """
+    # einsum, not matmul: keras 3.15's torch `ops.matmul` computes float64
+    # inputs in float32 (its result_type maps 64-bit to 32-bit).
+    y = ops.einsum("bnc,cd->bnd", tokens, kernel)
+    if bias is not None:
+        y = y + bias
+    return y if activation is None else activation(y)
+
+
+class WeightFactory:
+    """Creates a layer's weights with its settings.
+
+    Args:
+        add_weight: the layer's `add_weight` (the variables are the layer's
+            own: tracked, saved and loaded with it).
+        use_bias: whether projections get a bias.
+        kernel_initializer, bias_initializer, kernel_regularizer,
+            bias_regularizer, kernel_constraint, bias_constraint: the
+            projections' settings (Keras objects).
+        position_initializer: the tables' initializer, or None: normal with
+            stddev `schema.table_stddev(key_dim)` (BoTNet's and timm's).
+        position_size: (Hr, Wr), the reference size of learned tables, or None.
+        variable_dtype: the layer's variable dtype (float32 under mixed
+            precision), for weights computed rather than learned.
+    """
+
+    def __init__(
+        self,
+        add_weight: Callable,
+        *,
+        use_bias: bool,
+        kernel_initializer,
+        bias_initializer,
+        kernel_regularizer,
+        bias_regularizer,
+        kernel_constraint,
+        bias_constraint,
+        position_initializer,
+        position_size: tuple[int, int] | None,
+        variable_dtype: str,
+    ):
+        self._add_weight = add_weight
+        self._use_bias = use_bias
+        self._kernel = {
+            "initializer": kernel_initializer,
+            "regularizer": kernel_regularizer,
+            "constraint": kernel_constraint,
+        }
+        self._bias = {
+            "initializer": bias_initializer,
+            "regularizer": bias_regularizer,
+            "constraint": bias_constraint,
+        }
+        self._position_initializer = position_initializer
+        self._default_table_initializers = {}
+        self.position_size = position_size
+        self.variable_dtype = variable_dtype
+
+    def projection(self, names: tuple[str, str], in_width: int, out_width: int):
+        """(kernel (in, out), bias (out,) or None) of a 1x1 projection.
+
+        `names`: (kernel name, bias name), e.g. ("query_kernel", "query_bias").
+        """
+        kernel_name, bias_name = names
+        kernel = self._add_weight(
+            name=kernel_name, shape=(in_width, out_width), **self._kernel
+        )
+        bias = None
+        if self._use_bias:
+            bias = self._add_weight(name=bias_name, shape=(out_width,), **self._bias)
+        return kernel, bias
+
+    def table(self, name: str, shape: tuple[int, int]):
+        """A learned position table (rows, key_dim).
+
+        Not autocast: float32 under mixed precision, like the logits it feeds.
+        """
+        return self._add_weight(
+            name=name,
+            shape=shape,
+            initializer=self._table_initializer(shape[1]),
+            autocast=False,
+        )
+
+    def _table_initializer(self, key_dim):
+        if self._position_initializer is not None:
+            return self._position_initializer
+        # One default initializer per factory (per build), shared by the
+        # tables, as the layer always made it: an unseeded Keras initializer
+        # draws its seed once, when it is made, so a second one would change
+        # the tables that `keras.utils.set_random_seed` gives.
+        if key_dim not in self._default_table_initializers:
+            self._default_table_initializers[key_dim] = keras.initializers.RandomNormal(
+                stddev=schema.table_stddev(key_dim)
+            )
+        return self._default_table_initializers[key_dim]

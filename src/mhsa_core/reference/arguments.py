@@ -1,0 +1,212 @@
+"""The layer's argument rules, written once (NumPy and the standard library only).
+
+`MultiHeadSelfAttention2D.__init__` and the natives' `check_config`
+(`mhsa_core.natives._common`) both apply `ARGUMENTS`, so a rule and its
+message exist in one place. The table maps each argument to a `Rule`: what it
+expects (the words of the message) and the test a value must pass. A bad value
+gets Keras's wording:
+
+    Received an invalid value for argument `num_heads`, expected a positive
+    integer. Received: num_heads=0
+
+Two kinds of argument cannot be judged without a framework: `activation` and
+`position_initializer` are whatever Keras can resolve. Their rules carry only
+the words; the caller passes its resolver (`convert=`), and a resolver's
+ValueError or TypeError becomes the rule's message. The natives, which take
+activation names from their own table, pass their own rule instead
+(`rules={"activation": one_of(...)}`).
+
+`check_channels` is the rule between the channels of an input and the config
+(divisible by `num_heads`, and by what the encoding needs), applied where the
+channels are first known: the layer's `build`, a native's constructor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from mhsa_core.reference import schema
+
+__all__ = [
+    "ARGUMENTS",
+    "DATA_FORMATS",
+    "IMPLEMENTATIONS",
+    "Rule",
+    "check_arguments",
+    "check_channels",
+    "invalid",
+    "is_int",
+    "one_of",
+]
+
+DATA_FORMATS = ("channels_last", "channels_first")
+# The layer's attention paths (`mhsa_core.layers.attention.choice` says which
+# runs when).
+IMPLEMENTATIONS = ("auto", "full", "chunked", "fused")
+
+
+def is_int(value) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def invalid(name: str, value, expected: str) -> ValueError:
+    """The error of a bad argument, in Keras's words."""
+    return ValueError(
+        f"Received an invalid value for argument `{name}`, expected {expected}. "
+        f"Received: {name}={value!r}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one argument accepts.
+
+    Attributes:
+        expected: the message's words for the accepted values.
+        accepts: value -> bool. None: the caller resolves the value
+            (`check_arguments(convert=...)`), which is the test.
+    """
+
+    expected: str
+    accepts: Callable[[object], bool] | None = None
+
+    def check(self, name: str, value) -> None:
+        if self.accepts is None:
+            raise TypeError(f"`{name}` is checked by resolving it: pass a converter")
+        if not self.accepts(value):
+            raise invalid(name, value, self.expected)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lookup:
+    """An argument that the schema itself looks up: its ValueError (naming the
+    argument) is the message, so it is written once, there."""
+
+    lookup: Callable[[object], object]
+
+    def check(self, name: str, value) -> None:
+        self.lookup(value)
+
+
+def one_of(options) -> Rule:
+    """A rule accepting the members of `options` (shown as given: a tuple or a
+    list)."""
+    return Rule(f"one of {options}", lambda value: value in options)
+
+
+def _optional(accepts):
+    return lambda value: value is None or accepts(value)
+
+
+def _positive_int(value) -> bool:
+    return is_int(value) and value >= 1
+
+
+def _positive_finite(value) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _rate(value) -> bool:
+    # NaN fails both comparisons.
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and 0.0 <= value < 1.0
+    )
+
+
+def _size(value) -> bool:
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(_positive_int(n) for n in value)
+    )
+
+
+# In the order the layer checks them (the first bad one is reported).
+ARGUMENTS: dict[str, Rule | _Lookup] = {
+    "num_heads": Rule("a positive integer", _positive_int),
+    "key_dim": Rule("None or a positive integer", _optional(_positive_int)),
+    "position_encoding": _Lookup(schema.encoding),
+    "position_size": Rule(
+        "None or two positive integers (height, width)", _optional(_size)
+    ),
+    "scale_position_logits": Rule(
+        "a boolean", lambda value: isinstance(value, (bool, np.bool_))
+    ),
+    "scale": Rule("None or a positive finite number", _optional(_positive_finite)),
+    "dropout": Rule("a number in [0, 1)", _rate),
+    "data_format": one_of(DATA_FORMATS),
+    "seed": Rule("None or an integer", _optional(is_int)),
+    "attention_implementation": one_of(IMPLEMENTATIONS),
+    "chunk_size": Rule("None or a positive integer", _optional(_positive_int)),
+    "activation": Rule("None, the name of a Keras activation or a callable"),
+    "position_initializer": Rule(
+        "None, the name of a Keras initializer or an initializer"
+    ),
+}
+
+
+def check_arguments(
+    values: Mapping[str, object],
+    *,
+    rules: Mapping[str, Rule] | None = None,
+    convert: Mapping[str, Callable] | None = None,
+) -> dict[str, object]:
+    """Checks each of `values` against its rule, in the order of `ARGUMENTS`.
+
+    Args:
+        values: argument name -> value, names of `ARGUMENTS`.
+        rules: rules that replace those of `ARGUMENTS` for this caller.
+        convert: name -> resolver for the arguments whose rule has no test
+            (its ValueError or TypeError becomes the rule's message).
+
+    Returns:
+        The values, those with a resolver resolved.
+
+    Raises:
+        ValueError: naming the first bad argument and the value received.
+    """
+    table = {**ARGUMENTS, **(rules or {})}
+    convert = convert or {}
+    unknown = sorted(set(values) - set(table))
+    if unknown:
+        raise TypeError(f"No rule for argument(s) {unknown}")
+    out = dict(values)
+    for name in sorted(values, key=list(table).index):
+        rule, value = table[name], values[name]
+        if name in convert:
+            try:
+                out[name] = convert[name](value)
+            except (ValueError, TypeError) as e:
+                raise invalid(name, value, rule.expected) from e
+        else:
+            rule.check(name, value)
+    return out
+
+
+def check_channels(channels: int, num_heads: int = 1, position_encoding="none"):
+    """ValueError unless C=`channels` splits into `num_heads` heads and suits
+    `position_encoding` (e.g. "sinusoidal" needs C divisible by 4)."""
+    if channels % num_heads:
+        raise ValueError(
+            "The number of channels must be divisible by `num_heads`. "
+            f"Received: channels={channels}, num_heads={num_heads}"
+        )
+    multiple = schema.encoding(position_encoding).channels_multiple
+    if channels % multiple:
+        raise ValueError(
+            f"position_encoding={position_encoding!r} needs channels divisible by "
+            f"{multiple}. Received: channels={channels}"
+        )

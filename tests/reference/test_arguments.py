@@ -1,0 +1,115 @@
+"""The layer's argument rules (`mhsa_core.reference.arguments`): one table that
+the layer's constructor and the natives both apply (their own tests check that
+they do: tests/layers/test_errors.py, tests/backends/test_native.py)."""
+
+import inspect
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mhsa_core import MultiHeadSelfAttention2D
+from mhsa_core.reference import arguments
+
+
+def test_message_is_keras_wording():
+    """Golden string: the wording the layer has always had (Keras's)."""
+    with pytest.raises(ValueError) as info:
+        arguments.check_arguments({"num_heads": 0})
+    assert str(info.value) == (
+        "Received an invalid value for argument `num_heads`, expected a positive "
+        "integer. Received: num_heads=0"
+    )
+
+
+def test_every_rule_is_a_layer_argument():
+    """A rule for an argument the layer does not take would be dead."""
+    layer_arguments = inspect.signature(MultiHeadSelfAttention2D.__init__).parameters
+    assert set(arguments.ARGUMENTS) <= set(layer_arguments)
+
+
+def test_first_bad_argument_in_table_order_is_reported():
+    with pytest.raises(ValueError, match="Received: num_heads=0"):
+        arguments.check_arguments({"dropout": 2.0, "num_heads": 0})
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("num_heads", np.int64(3)),
+        ("key_dim", None),
+        ("position_size", [2, 3]),
+        ("scale_position_logits", np.bool_(False)),
+        ("scale", np.float32(0.5)),
+        ("dropout", 0),
+        ("data_format", "channels_first"),
+        ("seed", np.int32(7)),
+        ("attention_implementation", "chunked"),
+        ("chunk_size", None),
+        ("position_encoding", "absolute"),
+    ],
+)
+def test_valid_values_pass_unchanged(name, value):
+    assert arguments.check_arguments({name: value}) == {name: value}
+
+
+def test_resolver_result_is_returned_and_its_errors_get_the_rule_message():
+    def resolve(value):
+        if value == "bad":
+            raise TypeError("no")
+        return value.upper()
+
+    out = arguments.check_arguments(
+        {"activation": "relu"}, convert={"activation": resolve}
+    )
+    assert out == {"activation": "RELU"}
+    with pytest.raises(ValueError) as info:
+        arguments.check_arguments(
+            {"activation": "bad"}, convert={"activation": resolve}
+        )
+    assert str(info.value) == (
+        "Received an invalid value for argument `activation`, expected None, the "
+        "name of a Keras activation or a callable. Received: activation='bad'"
+    )
+
+
+def test_a_caller_can_replace_a_rule():
+    rules = {"activation": arguments.one_of(["relu", None])}
+    arguments.check_arguments({"activation": None}, rules=rules)
+    with pytest.raises(ValueError, match=r"one of \['relu', None\]"):
+        arguments.check_arguments({"activation": "gelu"}, rules=rules)
+
+
+def test_an_argument_without_a_rule_or_a_resolver_is_a_programming_error():
+    with pytest.raises(TypeError, match="bogus"):
+        arguments.check_arguments({"bogus": 1})
+    with pytest.raises(TypeError, match="converter"):
+        arguments.check_arguments({"activation": "relu"})
+
+
+@pytest.mark.parametrize(
+    "channels, num_heads, encoding, parts",
+    [
+        (8, 3, "none", ("divisible by `num_heads`", "channels=8, num_heads=3")),
+        (6, 2, "sinusoidal", ("'sinusoidal'", "divisible by 4", "channels=6")),
+    ],
+)
+def test_check_channels(channels, num_heads, encoding, parts):
+    with pytest.raises(ValueError) as info:
+        arguments.check_channels(channels, num_heads, encoding)
+    for part in parts:
+        assert part in str(info.value)
+    arguments.check_channels(12, 3, encoding)  # divisible by both: accepted
+
+
+def test_imports_no_framework():
+    """The natives' shared module and the CLI's parent import it: NumPy only."""
+    code = (
+        "import sys, mhsa_core.reference.arguments, mhsa_core.natives._common\n"
+        "loaded = [m for m in ('keras', 'tensorflow', 'torch', 'jax') "
+        "if m in sys.modules]\n"
+        "assert not loaded, loaded"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
