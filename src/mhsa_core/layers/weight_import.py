@@ -169,8 +169,9 @@ def load_botnet_weights(
             `activation=None`, as `MultiHeadSelfAttention2D.botnet()` makes
             it); built from the arrays' shapes if needed, (Hr, Wr) taken from
             the tables when `position_size` is None.
-        q_kernel, k_kernel: (C, num_heads * key_dim), head h in columns
+        q_kernel: (C, num_heads * key_dim), head h in columns
             [h * key_dim, (h + 1) * key_dim).
+        k_kernel: (C, num_heads * key_dim), laid out as `q_kernel`.
         v_kernel: (C, C), head h in columns [h * C/heads, (h + 1) * C/heads).
         rel_height: (2 * Hr - 1, key_dim); row Hr - 1 + d holds a key d rows
             below the query (key minus query), shared across heads.

@@ -108,10 +108,16 @@ def mhsa_forward(
     Args:
         x: (B, H, W, C) for "channels_last", (B, C, H, W) for "channels_first".
         weights: the canonical weight dict (`mhsa_core.reference.schema`).
-        num_heads, key_dim, activation, position_encoding, scale,
-            scale_position_logits, data_format: as the layer's arguments, with
-            the layer's defaults (`schema.PRESETS` has the YOLOv4-MHSA block's
-            and BoTNet's).
+        num_heads: as the layer's argument of that name, with its default;
+            likewise `key_dim`, `activation`, `position_encoding`, `scale`,
+            `scale_position_logits` and `data_format` (`schema.PRESETS` has
+            the YOLOv4-MHSA block's values and BoTNet's).
+        key_dim: as the layer's.
+        activation: as the layer's.
+        position_encoding: as the layer's.
+        scale: as the layer's.
+        scale_position_logits: as the layer's.
+        data_format: as the layer's.
         attention_mask: optional bool (B, H, W); True = may be attended to.
         dtype: the float dtype of every intermediate (float64 for the oracle,
             float32 for the float32 error budget).
