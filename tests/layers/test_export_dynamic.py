@@ -65,6 +65,44 @@ def test_torch_export_keeps_height_and_width_dynamic(encoding, position_size):
         )
 
 
+@pytest.mark.skipif(
+    BACKEND != "torch", reason="ONNX from torch: the torch backend only"
+)
+def test_onnx_export_from_torch_without_a_signature(tmp_path):
+    """`model.export(format="onnx")` with no input_signature traces the
+    model at size 1 for each None dimension and keeps the sizes dynamic in
+    the artifact. The full path branched on a size-1 key axis (a shortcut
+    for the softmax), so the exported graph gave every key weight 1 at every
+    size (max error 11.8 on this case); the artifact must compute the layer."""
+    import warnings
+
+    import torch
+
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+
+    config = {"num_heads": 2, "attention_implementation": "full"}
+    layer, x, weights = make_case(config, (2, 5, 5, 8))
+    inputs = keras.Input((None, None, 8))
+    model = keras.Model(inputs, layer(inputs))
+    model(x)  # Keras exports only a model that was called
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        # The legacy TorchScript tracer of Keras's torch ONNX export warns on
+        # every Python value it records as a constant: expected, and what
+        # this test is about (the artifact must compute the layer anyway).
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        model.export(str(path), format="onnx", verbose=False)
+    session = ort.InferenceSession(str(path))
+    name = session.get_inputs()[0].name
+    for seed, shape in enumerate([(2, 5, 5, 8), (1, 4, 7, 8)]):
+        x = random_input(shape, seed=seed)
+        (out,) = session.run(None, {name: x})
+        assert_float32_within_budget(
+            out, x, weights, layer.get_config(), what=f"ONNX artifact at {shape}"
+        )
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="jax.export: the JAX backend only")
 def test_jax_export_with_a_mask_of_its_own_symbolic_sizes():
     import jax

@@ -3,6 +3,8 @@ whole (B, heads, N, N). The only path that returns scores or drops out
 probabilities; the reference arithmetic of the other two.
 """
 
+import warnings
+
 from keras import backend, ops, random
 
 from mhsa_core.reference import schema
@@ -75,10 +77,20 @@ def dot_product_attention(
             keep, logits, ops.convert_to_tensor(MASKED_LOGIT, dtype=softmax_dtype)
         )
     if logits.shape[-1] == 1:
-        # One key (a 1x1 map): softmax is exp(x - x) / 1. Spelled out, since
-        # keras warns on a softmax over an axis of size 1 (an error under
-        # strict warnings); this keeps NaN and inf propagating as softmax does.
-        probs = ops.exp(logits - logits)
+        # One key (a 1x1 map, or a trace at size 1): keras warns on a softmax
+        # over an axis of size 1 (an error under strict warnings). Silence
+        # that warning only; the op stays the softmax, because an exporter
+        # that traces at size 1 with the sizes left dynamic (Keras's ONNX
+        # export from torch without an input_signature) keeps this branch's
+        # graph for every size: a size-1 shortcut (exp(x - x)) exported
+        # attention weights of 1 for every key.
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore",
+                message="You are using a softmax over axis",
+                category=UserWarning,
+            )
+            probs = ops.softmax(logits, axis=-1)
     else:
         probs = ops.softmax(logits, axis=-1)
     if key_mask is not None:
