@@ -33,12 +33,12 @@ import platform
 from pathlib import Path
 
 import mhsa_core
+from mhsa_core._text import format_table
 from mhsa_core.bench.configs import BenchConfig
 from mhsa_core.bench.flops import DIRECTIONS, FORMULA, FORWARD, flops
 from mhsa_core.bench.plan import MODE_MEANINGS, MODES, NATIVE_MEANINGS, PATHS
 from mhsa_core.bench.run import derive, median_ceiling
 from mhsa_core.bench.worker import OK, UNSUPPORTED
-from mhsa_core.consistency.report import format_table
 
 SHORT_DIRECTIONS = {"forward": "fwd", "forward+backward": "fwd+bwd"}
 LEGEND = (
@@ -267,20 +267,10 @@ def config_table(report, name, markdown=False):
                             *[cell(r) for r in found],
                         )
                     )
-    table = _markdown(header, lines) if markdown else format_table(header, lines)
+    table = format_table(header, lines, markdown=markdown)
     extra = [_ceiling_line(report, name, backends), _paths_line(report, name, backends)]
     return "\n".join(
         [_config_title(report, name), "", table, "", *[e for e in extra if e]]
-    )
-
-
-def _markdown(header, lines):
-    return "\n".join(
-        [
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *["| " + " | ".join(line) + " |" for line in lines],
-        ]
     )
 
 
@@ -312,7 +302,7 @@ def summary_table(report, markdown=False, mode="compiled"):
         _config_title(report, name).replace(f"{name}: ", f"{name} = ", 1)
         for name in report["configs"]
     )
-    table = _markdown(header, lines) if markdown else format_table(header, lines)
+    table = format_table(header, lines, markdown=markdown)
     return title + "\n\n" + table
 
 

@@ -23,11 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from mhsa_core._text import last_line
 from mhsa_core.bench import worker as worker_protocol
 from mhsa_core.bench.configs import BenchConfig
 from mhsa_core.bench.flops import flops
 from mhsa_core.bench.plan import NATIVE, Measurement
-from mhsa_core.consistency.report import last_line
 from mhsa_core.consistency.runner import unavailable_reason, worker_env
 
 POLL_SECONDS = 0.05

@@ -33,6 +33,7 @@ import functools
 import math
 from collections.abc import Callable
 
+from mhsa_core._text import last_line
 from mhsa_core.consistency import budgets, drift, oracles, protocol
 from mhsa_core.consistency.oracles import Oracle
 from mhsa_core.consistency.protocol import (
@@ -47,7 +48,7 @@ from mhsa_core.consistency.protocol import (
     SAVE,
     SCORES,
 )
-from mhsa_core.consistency.report import Cell, Row, cell_of, last_line
+from mhsa_core.consistency.report import Cell, Row, cell_of
 
 __all__ = [
     "Check",

@@ -59,10 +59,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mhsa_core._text import format_table
 from mhsa_core.consistency import budgets, oracles, protocol
 from mhsa_core.consistency.arrays import portable
 from mhsa_core.consistency.protocol import DRIFT, DRIFT_RUNS
-from mhsa_core.consistency.report import Cell, cell_of, format_table
+from mhsa_core.consistency.report import Cell, cell_of
 
 __all__ = [
     "CHECK_NAME",

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mhsa_core._text import last_line
 from mhsa_core.consistency import protocol
-from mhsa_core.consistency.report import last_line
 from mhsa_core.consistency.runtime import RUNTIME_MODULES
 
 __all__ = [

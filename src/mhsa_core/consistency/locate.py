@@ -37,6 +37,7 @@ import math
 
 import numpy as np
 
+from mhsa_core._text import format_table, last_line
 from mhsa_core.consistency import budgets, oracles, protocol
 from mhsa_core.consistency.arrays import portable
 from mhsa_core.consistency.checks import judge
@@ -47,7 +48,7 @@ from mhsa_core.consistency.protocol import (
     LOCATE64,
     LOCATE_ERROR_KEY,
 )
-from mhsa_core.consistency.report import Cell, cell_text, format_table, last_line
+from mhsa_core.consistency.report import Cell, cell_text
 
 __all__ = ["layer_outputs", "locate_case", "locate_cases", "format_section", "SECTION"]
 

@@ -9,18 +9,18 @@ check of one case across backends. Every row comes from a check of
 import dataclasses
 import math
 
+from mhsa_core._text import format_table
+
 __all__ = [
     "Cell",
     "Row",
     "Report",
     "cell_of",
-    "format_table",
     "cell_text",
     "render",
     "footer",
     "NOT_JUDGED_LEGEND",
     "verdict",
-    "last_line",
 ]
 
 
@@ -197,22 +197,6 @@ def _json_cell(cell):
 
 
 # ------------------------------------------------------------------ text
-def last_line(text, default=""):
-    """The last non-empty line of an error text (a traceback's exception line)."""
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else default
-
-
-def format_table(header, rows):
-    """A plain-text table, columns padded to their widest entry."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
-
-
 def cell_text(cell):
     """(text, rich style) of a cell in the table."""
     if cell is None:
