@@ -13,13 +13,13 @@ import sys
 
 import pytest
 
+from mhsa_core._subprocess import unavailable_reason
 from mhsa_core.bench import command, report, run, worker
 from mhsa_core.bench.configs import CONFIGS, BenchConfig
 from mhsa_core.bench.flops import flops, forward_flops
 from mhsa_core.bench.plan import Measurement, plan
 from mhsa_core.bench.subjects import Unsupported
 from mhsa_core.consistency import cli
-from mhsa_core.consistency.runner import unavailable_reason
 
 FRAMEWORKS = ("keras", "tensorflow", "torch", "jax")
 RUN_PATHS = ("full", "chunked", "native", "keras_mha")

@@ -36,6 +36,7 @@ import numpy as np
 
 import mhsa_core
 from mhsa_core import reference
+from mhsa_core._subprocess import unavailable_reason
 from mhsa_core._text import format_table, last_line
 from mhsa_core.bench import command as bench_command
 from mhsa_core.consistency import cases, drift, locate, matrix, protocol
@@ -43,7 +44,7 @@ from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.checks import ERRORS
 from mhsa_core.consistency.protocol import BACKENDS, TRAINING_BACKENDS
 from mhsa_core.consistency.report import cell_of, render, verdict
-from mhsa_core.consistency.runner import run_backends, unavailable_reason
+from mhsa_core.consistency.runner import run_backends
 from mhsa_core.reference import schema
 
 DEMO_CASE = "yolov4_mhsa"

@@ -32,16 +32,15 @@ its one artifact runs at every variant.
 import contextlib
 import importlib.util
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from mhsa_core import _subprocess
 from mhsa_core._text import last_line
-from mhsa_core.consistency import protocol
+from mhsa_core.consistency import protocol, runtime
 from mhsa_core.consistency.runtime import RUNTIME_MODULES
 
 __all__ = [
@@ -170,26 +169,26 @@ def _run_runtime(fmt, plan, names, work):
         out = work / f"{Path(path).name}-outputs.npz"
         np.savez(
             inputs,
-            **{f"{v}/{n}": x for v, xs in runs.items() for n, x in zip(names, xs)},
+            **{
+                runtime.input_key(v, n): x
+                for v, xs in runs.items()
+                for n, x in zip(names, xs)
+            },
         )
         argv += [str(path), str(inputs), str(out)]
         outputs.append(out)
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    process = _subprocess.Process(runtime.__name__, [fmt, *argv], env=env)
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "mhsa_core.consistency.runtime", fmt, *argv],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=RUNTIME_TIMEOUT,
-        )
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(
-            f"the {fmt} runtime took over {RUNTIME_TIMEOUT:.0f} s"
-        ) from None
-    if proc.returncode != 0 or not all(out.exists() for out in outputs):
-        why = last_line(proc.stderr, f"exit {proc.returncode}")
+        if not process.wait(RUNTIME_TIMEOUT):
+            process.kill()
+            raise RuntimeError(f"the {fmt} runtime took over {RUNTIME_TIMEOUT:.0f} s")
+        code, stderr = process.returncode, process.stderr_tail()
+    finally:
+        process.close()
+    if code != 0 or not all(out.exists() for out in outputs):
+        why = last_line(stderr, f"exit {code}")
         raise RuntimeError(f"runtime: {why}"[:240])
     results = {}
     for out in outputs:

@@ -37,6 +37,7 @@ import math
 
 import numpy as np
 
+from mhsa_core._subprocess import NOT_INSTALLED, tail
 from mhsa_core._text import format_table, last_line
 from mhsa_core.consistency import budgets, oracles, protocol
 from mhsa_core.consistency.arrays import portable
@@ -54,7 +55,6 @@ __all__ = ["layer_outputs", "locate_case", "locate_cases", "format_section", "SE
 
 # The name of the report's section (`Report.sections`, JSON key).
 SECTION = "locate"
-_ERROR_CHARS = 2000
 
 
 # =================================================================== worker
@@ -184,7 +184,7 @@ def layer_outputs(keras, model, variants, call_inputs):
 
 def error_result(text):
     """The result of a locate task that could not run (a 0-d str array)."""
-    return {LOCATE_ERROR_KEY: np.array(text.strip()[-_ERROR_CHARS:])}
+    return {LOCATE_ERROR_KEY: np.array(tail(text.strip()))}
 
 
 # =================================================================== parent
@@ -236,7 +236,7 @@ def locate_case(case, runs, backends, rtol=None):
         if LOCATE not in mine:
             errors = run.errors.get(case.name, {})
             error = errors.get(LOCATE) or errors.get(protocol.SETUP_ERROR) or run.error
-            if error and not str(error).startswith("not installed"):
+            if error and not str(error).startswith(NOT_INSTALLED):
                 notes.append(f"{b}: no layer outputs ({last_line(error, 'failed')})")
             continue
         for task, into in ((LOCATE, results32), (LOCATE64, results64)):

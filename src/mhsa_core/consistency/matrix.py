@@ -15,7 +15,7 @@ import dataclasses
 from mhsa_core.consistency import checks, drift, protocol
 from mhsa_core.consistency.locate import SECTION, locate_cases
 from mhsa_core.consistency.report import Report
-from mhsa_core.consistency.runner import run_backends
+from mhsa_core.consistency.runner import SOME_TASKS_FAILED, run_backends
 
 __all__ = [
     "run_matrix",
@@ -45,9 +45,7 @@ def evaluate(cases, runs, backends, rtol=None):
         if any(ctx.results(task) for task in (protocol.FORWARD, protocol.FORWARD64)):
             notes.append(ctx.oracle_note())
     worker_errors = {
-        b: r.error
-        for b, r in runs.items()
-        if r.error and r.error != "some tasks failed"
+        b: r.error for b, r in runs.items() if r.error and r.error != SOME_TASKS_FAILED
     }
     report = Report(list(backends), rows, worker_errors, runs, notes=notes)
     located = locate_cases(cases, runs, backends, rtol)

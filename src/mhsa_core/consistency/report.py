@@ -9,6 +9,7 @@ check of one case across backends. Every row comes from a check of
 import dataclasses
 import math
 
+from mhsa_core._subprocess import NOT_INSTALLED
 from mhsa_core._text import format_table
 
 __all__ = [
@@ -95,9 +96,7 @@ class Report:
     @property
     def missing(self):
         """Backends that were asked for but are not installed."""
-        return [
-            b for b, e in self.worker_errors.items() if e.startswith("not installed")
-        ]
+        return [b for b, e in self.worker_errors.items() if e.startswith(NOT_INSTALLED)]
 
     @property
     def agree(self):

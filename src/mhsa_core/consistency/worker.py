@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mhsa_core._subprocess import tail
 from mhsa_core.consistency import protocol
 from mhsa_core.consistency.arrays import portable
 from mhsa_core.consistency.float64 import float64_clone
@@ -554,7 +555,7 @@ def run_compute(keras, job, job_dir, out_dir):
             )
             _VARIANTS[i] = runner.variants  # the load phase runs the same inputs
         except Exception:  # noqa: BLE001 -- reported per case, the run goes on
-            errors[SETUP_ERROR] = traceback.format_exc()[-3000:]
+            errors[SETUP_ERROR] = tail(traceback.format_exc())
             info["errors"][case["name"]] = errors
             continue
         # e.g. the numpy backend: no gradients, jit or saving
@@ -563,7 +564,7 @@ def run_compute(keras, job, job_dir, out_dir):
                 results = getattr(runner, f"task_{task}")(timings)
                 np.savez(out_dir / protocol.result_file(i, task), **results)
             except Exception:  # noqa: BLE001
-                errors[task] = traceback.format_exc()[-3000:]
+                errors[task] = tail(traceback.format_exc())
         info["timings"][case["name"]] = timings
         if errors:
             info["errors"][case["name"]] = errors
@@ -623,7 +624,7 @@ def run_load(keras, job, job_dir, out_dir):
             except Exception:  # noqa: BLE001
                 info["errors"].setdefault(case["name"], {})[
                     protocol.load_error_key(saver)
-                ] = traceback.format_exc()[-3000:]
+                ] = tail(traceback.format_exc())
     _write_json(out_dir / protocol.phase_file(LOAD), info)
 
 
