@@ -15,8 +15,8 @@ import keras
 import numpy as np
 import pytest
 
-from mhsa_core import MultiHeadSelfAttention2D
-from mhsa_core.consistency import budgets, cases, cli, drift, matrix, protocol
+from mhsa_core import MultiHeadSelfAttention2D, cli
+from mhsa_core.consistency import budgets, cases, drift, matrix, protocol
 from mhsa_core.consistency.report import Report
 from mhsa_core.testing import assert_backends_agree
 

@@ -328,7 +328,7 @@ def test_cli_unknown_export_format_exits_2_with_one_line(value):
         [
             sys.executable,
             "-m",
-            "mhsa_core.consistency.cli",
+            "mhsa_core.cli",
             "matrix",
             "--export",
             value,

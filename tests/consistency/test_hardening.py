@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import mhsa_core
-from mhsa_core.consistency import cases, cli, matrix, protocol, runner, testing, worker
+from mhsa_core import cli
+from mhsa_core.consistency import cases, matrix, protocol, runner, testing, worker
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.report import (
     NOT_JUDGED_LEGEND,
@@ -350,7 +351,7 @@ class Blocker(importlib.abc.MetaPathFinder):
             raise ImportError(f"blocked for this test: {{name}}")
         return None
 sys.meta_path.insert(0, Blocker())
-from mhsa_core.consistency import cli
+from mhsa_core import cli
 sys.exit(cli.main({args!r}))
 """
 

@@ -15,8 +15,8 @@ import keras
 import numpy as np
 import pytest
 
-from mhsa_core import MultiHeadSelfAttention2D
-from mhsa_core.consistency import budgets, cases, cli, locate, matrix, protocol, runner
+from mhsa_core import MultiHeadSelfAttention2D, cli
+from mhsa_core.consistency import budgets, cases, locate, matrix, protocol, runner
 from mhsa_core.consistency import testing as consistency_testing
 from mhsa_core.consistency.runner import BackendRun
 

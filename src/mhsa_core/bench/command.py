@@ -2,7 +2,7 @@
 
 The arguments are taken as text and checked here, so that a bad value is one
 line naming the argument and the value (`BenchUsageError`, exit status 2 in
-`mhsa_core.consistency.cli`), before any worker starts.
+`mhsa_core.cli`), before any worker starts.
 """
 
 from __future__ import annotations
@@ -267,8 +267,7 @@ def _show(report, args, out):
 
 
 def main(args, out=None) -> int:
-    """Run the bench of parsed `args`; returns the exit status (module docstring of
-    cli)."""
+    """Run the bench of parsed `args`; returns the exit status (`EPILOG`)."""
     opts = options(args)
     out = out or (sys.stderr if args.json == "-" else sys.stdout)
     if args.from_json is not None:

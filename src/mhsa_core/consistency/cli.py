@@ -1,4 +1,4 @@
-"""The `mhsa-core` command.
+"""The consistency tool's commands of `mhsa-core` (`mhsa_core.cli`):
 
     mhsa-core matrix [--backends tensorflow,torch,jax,numpy] [--json PATH] [--quiet]
     mhsa-core matrix --model PATH.keras [--inputs PATH.npz] [--rtol R] [--unsafe]
@@ -6,23 +6,21 @@
                      [--steps K [--optimizer adam|sgd] [--plot PNG]]
     mhsa-core demo [--backends ...] [--size 25] [--batch 2] [--channels 512]
                    [--dtype float32]
-    mhsa-core bench [--backends ...] [--configs ...] [--paths ...] [--modes ...]
-                    [--repeats 3] [--json PATH] [--plot PNG]
 
 `matrix` runs cases under each backend in its own process and checks that the
 backends agree (`matrix`, `checks`): with no arguments the default cases of
 our layer (`cases.default_cases`), with `--model` any saved Keras model.
 `demo` runs only the forward pass of the Keras 2 YOLOv4-MHSA block and prints
 per backend the shape, the time and the error against the float64 NumPy
-reference, judged by `reference.budget`'s rule. `bench` measures speed and
-memory (`mhsa_core.bench`).
+reference, judged by `reference.budget`'s rule.
 
 The parent process imports no framework (not even Keras): each backend runs
 in a worker process of its own (`runner`, `worker`).
 
-Exit status: 0 all backends agree (at least two ran); 1 a disagreement beyond
-tolerance, a backend crashed, or fewer than two backends ran; 2 bad usage, an
-unreadable model file, or inputs the model does not accept.
+Exit status of `matrix`: 0 all backends agree (at least two ran); 1 a
+disagreement beyond tolerance, a backend crashed, or fewer than two backends
+ran; 2 bad usage, an unreadable model file, or inputs the model does not
+accept.
 """
 
 import argparse
@@ -34,11 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-import mhsa_core
 from mhsa_core import reference
 from mhsa_core._subprocess import unavailable_reason
 from mhsa_core._text import format_table, last_line
-from mhsa_core.bench import command as bench_command
 from mhsa_core.consistency import cases, drift, locate, matrix, protocol
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.checks import ERRORS
@@ -80,7 +76,8 @@ exit status:
 
 
 class UsageError(Exception):
-    """Bad usage found after parsing (exit status 2)."""
+    """Bad usage found after parsing: `mhsa-core` prints it in one line and
+    exits with status 2."""
 
 
 def _backend_list(text):
@@ -440,18 +437,11 @@ def run_matrix_command(args, out=None):
     return 1
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="mhsa-core",
-        description=(
-            "2-D multi-head self-attention for Keras 3, checked across backends."
-        ),
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {mhsa_core.__version__}"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
+def add_commands(subparsers):
+    """Adds `demo` and `matrix` to the `mhsa-core` command's subparsers
+    (`mhsa_core.cli`); each sets `func(args)` -> exit status, and raises
+    `UsageError` on bad usage found after parsing."""
+    p = subparsers.add_parser(
         "demo", help="run the Keras 2 YOLOv4-MHSA block under each installed backend"
     )
     p.add_argument(
@@ -475,7 +465,7 @@ def build_parser():
     )
     p.set_defaults(func=demo)
 
-    m = sub.add_parser(
+    m = subparsers.add_parser(
         "matrix",
         help="check that the backends agree",
         description=MATRIX_DESCRIPTION,
@@ -567,38 +557,3 @@ def build_parser():
         help="seconds per backend worker (default 1800)",
     )
     m.set_defaults(func=run_matrix_command)
-
-    b = sub.add_parser(
-        "bench",
-        help="measure the layer's speed and memory on each backend",
-        description=bench_command.DESCRIPTION,
-        epilog=bench_command.EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench_command.add_arguments(b)
-    b.set_defaults(func=run_bench_command)
-    return parser
-
-
-def run_bench_command(args):
-    try:
-        return bench_command.main(args)
-    except (bench_command.BenchUsageError, OSError) as e:
-        raise UsageError(str(e)) from None
-
-
-def main(argv=None):
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
-        return int(e.code or 0)
-    try:
-        return args.func(args)
-    except UsageError as e:
-        print(f"mhsa-core: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
