@@ -382,3 +382,24 @@ def test_first_divergence_with_a_shape_mismatch_and_the_median_oracle():
     assert [layer["name"] for layer in section["layers"]] == ["l0", "l1"]
     assert section["first_divergence"]["name"] == "l1"
     assert set(section["first_divergence"]["backends"]) == set(BACKENDS)
+
+
+def test_a_non_finite_layer_cell_is_encoded_as_every_cell_of_the_json():
+    """One form for every cell of the report's JSON (docs/consistency.md, "The
+    JSON report"): a non-finite number is null, spelled in "non_finite"."""
+    case = cases.Case(
+        "m", None, [{"input_0": np.zeros(2)}], model_path="m.keras", tasks=TASKS
+    )
+    ones, off = np.ones((2, 3)), np.full((2, 3), np.inf)
+    runs = {
+        "tensorflow": _fake_run("tensorflow", case, _layers(ones)),
+        "torch": _fake_run("torch", case, _layers(off)),
+        "jax": _fake_run("jax", case, _layers(ones)),
+    }
+    section = locate.locate_case(case, runs, BACKENDS, rtol=1e-3)
+    cell = json.loads(json.dumps(section, allow_nan=False))["layers"][0]["cells"]
+    assert cell["torch"]["ratio"] is None and cell["torch"]["passed"] is False
+    assert cell["torch"]["non_finite"] == {"ratio": "inf", "error": "inf"}
+    assert cell["jax"]["judged"] and "non_finite" not in cell["jax"]
+    text = locate.format_section(section)
+    assert "layer 'l0' (Dense) on torch: not finite its budget" in text

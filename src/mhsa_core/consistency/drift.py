@@ -310,10 +310,11 @@ def _max_abs(a, b):
     return math.inf if math.isnan(error) else error
 
 
-def _median(values):
-    """The median, NaN counted as infinite (0 without values)."""
-    values = [math.inf if math.isnan(d) else d for d in values]
-    return float(np.median(values)) if values else 0.0
+def _peer_median(drifts):
+    """The median over the backends of their own drifts (`oracles.median`), a
+    NaN counted as infinite: a backend whose own run broke is the farthest
+    off, not a hole in the median."""
+    return float(oracles.median([math.inf if math.isnan(d) else d for d in drifts]))
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -389,7 +390,7 @@ def series(name, results):
             out.own_loss.setdefault(b, []).append(
                 _relative(abs(loss - float(r[key64])), magnitude)
             )
-        own = _median(out.own_loss[b][-1] for b in results)
+        own = _peer_median([out.own_loss[b][-1] for b in results])
         if not math.isfinite(own):
             diverges.append(s)
         out.loss_budgets.append(budgets.PEER_FACTOR * own + budgets.FLOOR)
@@ -418,7 +419,7 @@ def _weight_step(out, results, oracle, s, n):
             for j, a in enumerate(w)
         ]
     magnitude = budgets.scale(w64)
-    medians = [_median(own[b][j] for b in results) for j in range(n)]
+    medians = [_peer_median([own[b][j] for b in results]) for j in range(n)]
     limits = [
         budgets.PEER_FACTOR * medians[j] + budgets.FLOOR * budgets.scale([w64[j]])
         for j in range(n)

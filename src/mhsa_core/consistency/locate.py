@@ -32,7 +32,6 @@ module; nothing here imports a framework), `locate_case` and `format_section`
 run in the parent.
 """
 
-import dataclasses
 import math
 
 import numpy as np
@@ -49,7 +48,7 @@ from mhsa_core.consistency.protocol import (
     LOCATE64,
     LOCATE_ERROR_KEY,
 )
-from mhsa_core.consistency.report import Cell, cell_text
+from mhsa_core.consistency.report import Cell, cell_from_json, cell_text, json_cell
 
 __all__ = ["layer_outputs", "locate_case", "locate_cases", "format_section", "SECTION"]
 
@@ -188,18 +187,6 @@ def error_result(text):
 
 
 # =================================================================== parent
-def _json_cell(cell):
-    """A Cell as strict JSON (a non-finite number is null, with the note)."""
-    data = dataclasses.asdict(cell)
-    for k in ("ratio", "error", "budget"):
-        if data[k] is not None and not math.isfinite(data[k]):
-            data[k] = None
-            data["note"] = (
-                data["note"] + " " if data["note"] else ""
-            ) + f"{k} not finite"
-    return data
-
-
 def _layer_keys(result):
     """{call i: its keys} of one LOCATE result, in call order."""
     groups = {}
@@ -302,7 +289,7 @@ def locate_case(case, runs, backends, rtol=None):
                 "index": i,
                 "name": names[i],
                 "class": classes[i],
-                "cells": {b: _json_cell(c) for b, c in cells.items()},
+                "cells": {b: json_cell(c) for b, c in cells.items()},
             }
         )
         section["checked"] += 1
@@ -366,7 +353,9 @@ def format_section(section):
         rows = []
         for layer in section["layers"]:
             cells = [
-                cell_text(Cell(**layer["cells"][b]))[0] if b in layer["cells"] else "-"
+                cell_text(cell_from_json(layer["cells"][b]))[0]
+                if b in layer["cells"]
+                else "-"
                 for b in backends
             ]
             rows.append([str(layer["index"]), layer["name"], layer["class"], *cells])

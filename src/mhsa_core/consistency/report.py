@@ -17,6 +17,8 @@ __all__ = [
     "Row",
     "Report",
     "cell_of",
+    "json_cell",
+    "cell_from_json",
     "cell_text",
     "render",
     "footer",
@@ -168,7 +170,7 @@ class Report:
                 {
                     "case": r.case,
                     "check": r.check,
-                    "cells": {b: _json_cell(c) for b, c in r.cells.items()},
+                    "cells": {b: json_cell(c) for b, c in r.cells.items()},
                 }
                 for r in self.rows
             ],
@@ -179,13 +181,17 @@ class Report:
 SCHEMA_VERSION = 1
 
 
-def _json_cell(cell):
-    """A cell as JSON: a non-finite number (an error of NaN, a zero budget)
-    becomes null, its value spelled in "non_finite" ({"ratio": "inf"})."""
+_NUMBERS = ("ratio", "error", "budget")
+
+
+def json_cell(cell):
+    """A cell as strict JSON, the one form of every cell in the report's JSON
+    (rows and sections): a non-finite number (an error of NaN, a zero
+    budget) becomes null, its value spelled in "non_finite" ({"ratio": "inf"})."""
     data = dataclasses.asdict(cell)
     data["judged"] = cell.passed is not None
     non_finite = {}
-    for key in ("ratio", "error", "budget"):
+    for key in _NUMBERS:
         value = data[key]
         if value is not None and not math.isfinite(value):
             non_finite[key] = str(value)  # "inf", "-inf", "nan"
@@ -193,6 +199,15 @@ def _json_cell(cell):
     if non_finite:
         data["non_finite"] = non_finite
     return data
+
+
+def cell_from_json(data):
+    """The `Cell` of `json_cell(cell)`, its non-finite numbers restored."""
+    fields = {f.name for f in dataclasses.fields(Cell)}
+    cell = {k: v for k, v in data.items() if k in fields}
+    for key, text in data.get("non_finite", {}).items():
+        cell[key] = float(text)
+    return Cell(**cell)
 
 
 # ------------------------------------------------------------------ text
