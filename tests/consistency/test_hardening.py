@@ -22,7 +22,14 @@ import pytest
 
 import mhsa_core
 from mhsa_core import cli
-from mhsa_core.consistency import cases, matrix, protocol, runner, testing, worker
+from mhsa_core.consistency import (
+    cases,
+    matrix,
+    protocol,
+    runner,
+    task_context,
+    testing,
+)
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.report import (
     NOT_JUDGED_LEGEND,
@@ -462,7 +469,7 @@ def test_every_output_of_every_variant_is_judged(dict_model_run):
     ids=["by-name", "by-order", "wrong-count", "wrong-shape", "wrong-rank"],
 )
 def test_given_inputs_are_matched_to_the_model(given, shapes, expected):
-    spec = worker._ModelInputs(keras, _dict_two_output_model())
+    spec = task_context.ModelInputs(keras, _dict_two_output_model())
     assert spec.names == ["a", "b"] and spec.kind == "dict"
     variants = [[np.zeros(s, "float32") for s in shapes]]
     if isinstance(expected, str):

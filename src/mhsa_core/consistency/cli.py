@@ -24,7 +24,6 @@ accept.
 """
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -35,9 +34,10 @@ import numpy as np
 from mhsa_core import reference
 from mhsa_core._subprocess import unavailable_reason
 from mhsa_core._text import format_table, last_line
-from mhsa_core.consistency import cases, drift, locate, matrix, protocol
+from mhsa_core.consistency import cases, features, matrix, protocol
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.checks import ERRORS
+from mhsa_core.consistency.features import FEATURES
 from mhsa_core.consistency.protocol import BACKENDS, TRAINING_BACKENDS
 from mhsa_core.consistency.report import cell_of, render, verdict
 from mhsa_core.consistency.runner import run_backends
@@ -56,23 +56,28 @@ alone is reported, but not agreement.
 With no --model: the built-in cases of the MultiHeadSelfAttention2D layer,
 judged against the NumPy float64 reference."""
 
-MATRIX_EPILOG = """\
-examples:
-  mhsa-core matrix
-  mhsa-core matrix --model my_model.keras --backends tensorflow,torch,jax
-  mhsa-core matrix --model my_model.keras --inputs batch.npz --import my_layers
-  mhsa-core matrix --model my_model.keras --json report.json
-  mhsa-core matrix --model my_model.keras --json - --quiet | jq .verdict
-  mhsa-core matrix --model my_model.keras --export tf_saved_model,onnx,openvino,litert
-  mhsa-core matrix --model my_model.keras --locate
-  mhsa-core matrix --model my_model.keras --steps 20 --plot drift.png
-
+_EXAMPLES = (
+    "mhsa-core matrix",
+    "mhsa-core matrix --model my_model.keras --backends tensorflow,torch,jax",
+    "mhsa-core matrix --model my_model.keras --inputs batch.npz --import my_layers",
+    "mhsa-core matrix --model my_model.keras --json report.json",
+    "mhsa-core matrix --model my_model.keras --json - --quiet | jq .verdict",
+    # then each opt-in feature's (`Feature.examples`)
+)
+MATRIX_EPILOG = (
+    "examples:\n"
+    + "".join(
+        f"  {line}\n"
+        for line in _EXAMPLES + tuple(e for f in FEATURES for e in f.examples)
+    )
+    + """
 exit status:
   0  the backends agree: at least two ran, every cell within its budget
   1  a disagreement beyond budget, a backend's worker failed, or fewer than
      two backends ran (nothing was compared)
   2  bad usage: a bad argument, an unreadable model file, inputs the model
      does not accept"""
+)
 
 
 class UsageError(Exception):
@@ -308,69 +313,38 @@ def _model_error(report, name):
     return None
 
 
-def _drift_options(args):
-    """(steps, optimizer) of `--steps/--optimizer/--plot`, checked before any
-    worker starts: (None, None) without `--steps`."""
-    if args.steps is None:
-        if args.optimizer is not None or args.plot is not None:
-            raise UsageError("--optimizer and --plot need --steps")
-        return None, None
-    try:
-        steps = int(args.steps)
-    except ValueError:
-        steps = 0
-    if steps < 1:
-        raise UsageError(
-            f"--steps expects a positive integer; received: {args.steps!r}"
-        )
-    optimizer = args.optimizer or protocol.DEFAULT_DRIFT_OPTIMIZER
-    if optimizer not in protocol.OPTIMIZER_SETTINGS:
-        raise UsageError(
-            f"--optimizer expects one of {'|'.join(protocol.OPTIMIZER_SETTINGS)}; "
-            f"received: {args.optimizer!r}"
-        )
-    if args.rtol is not None:
-        raise UsageError(
-            "--steps judges training against float64 runs, which --rtol "
-            "(a model that cannot run in float64) rules out"
-        )
-    if args.plot is not None:
-        if importlib.util.find_spec("matplotlib") is None:
-            raise UsageError("--plot needs matplotlib: pip install 'mhsa-core[plot]'")
+def _feature_options(args):
+    """{feature name: its options} of the parsed command line, checked before
+    any worker starts (each feature reads its own arguments)."""
+    options = {}
+    for feature in FEATURES:
         try:
-            drift.check_plot_path(args.plot)
+            options[feature.name] = feature.options_from_args(args)
         except ValueError as e:
-            raise UsageError(f"--plot: {e}") from None
-    return steps, optimizer
+            raise UsageError(str(e)) from None
+    return options
 
 
-def _print_export_notes(report, out):
-    """The export cells' reasons and scopes in full (the table cuts long ones)."""
-    lines = [
-        f"  {row.case} {row.check} from {backend}: "
-        + "; ".join(
-            t for t in (cell.note if cell.passed is not True else "", cell.scope) if t
-        )
-        for row in report.rows
-        if row.check.endswith(" export")
-        for backend, cell in row.cells.items()
-        if cell.scope or (cell.passed is not True and cell.note)
-    ]
-    if lines:
-        print("\nexports:", *lines, sep="\n", file=out)
+def _needs_model(args, options):
+    """The one line of arguments given without --model that need it, or None."""
+    flags = ["--inputs", "--rtol"]
+    given = args.inputs is not None or args.rtol is not None
+    for feature in FEATURES:
+        if feature.model_flag is not None:
+            flags.append(feature.model_flag)
+            given = given or feature.enabled(options[feature.name])
+    if not given:
+        return None
+    return f"{', '.join(flags[:-1])} and {flags[-1]} need --model"
 
 
 def run_matrix_command(args, out=None):
     out = out or sys.stdout
     safe_mode = not args.unsafe
-    steps, optimizer = _drift_options(args)
-    try:
-        export = matrix.validate_formats(args.export or "")
-    except ValueError as e:
-        raise UsageError(f"--export: {e}") from None
+    options = _feature_options(args)
     if args.model is None:
-        if args.inputs is not None or args.rtol is not None or args.locate:
-            raise UsageError("--inputs, --rtol and --locate need --model")
+        if _needs_model(args, options):
+            raise UsageError(_needs_model(args, options))
         to_run = cases.default_cases()
         title = "mhsa-core matrix: default cases (error / budget; <= 1 passes)"
     else:
@@ -395,10 +369,7 @@ def run_matrix_command(args, out=None):
             on_event=progress,
             timeout=args.timeout,
             imports=args.imports,
-            locate=args.locate,
-            steps=steps,
-            optimizer=optimizer,
-            export=export,
+            **features.keywords(options),
         )
     for case in to_run if args.model is not None else []:
         unusable = _model_error(report, case.name)
@@ -408,29 +379,23 @@ def run_matrix_command(args, out=None):
         _write_json(report, args.json)
     if not args.quiet:
         render(report, out, title)
-        if steps is not None:
-            print(
-                "\n" + (drift.format_tables(report) or "training drift: no results"),
-                file=out,
-            )
+        for feature in FEATURES:
+            for text in feature.tables(report, options[feature.name]):
+                print("\n" + text, file=out)
         for backend, error in report.worker_errors.items():
             print(f"\n{backend}: {error}", file=out)
         for row in report.rows:
             if row.check == ERRORS:
                 for backend, cell in row.cells.items():
                     print(f"\n{row.case} on {backend}: {cell.note}", file=out)
-        _print_export_notes(report, out)
-        for section in report.sections.get(locate.SECTION, []):
-            print("\n" + locate.format_section(section), file=out)
-    if args.plot is not None:
+        for feature in FEATURES:
+            for text in feature.notes(report, options[feature.name]):
+                print("\n" + text, file=out)
+    for feature in FEATURES:  # files asked for: also with --quiet
         try:
-            plotted = drift.plot(report, args.plot)
-        except OSError as e:
-            raise UsageError(f"cannot write --plot {args.plot}: {e}") from None
-        print(
-            f"drift plot: {args.plot}" if plotted else "drift plot: nothing to plot",
-            file=out,
-        )
+            feature.write_outputs(report, args, out)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     print(verdict(report), file=out)
     if report.agree:
         return 0
@@ -509,40 +474,8 @@ def add_commands(subparsers):
         help="a module the workers import first "
         "(where the model's custom layers are registered); repeatable",
     )
-    m.add_argument(
-        "--export",
-        metavar="FORMATS",
-        help="also export the model from each backend in these formats "
-        "(comma-separated: tf_saved_model,onnx,openvino,litert), run each "
-        "artifact in its runtime and judge it like the backends "
-        "(needs the `export` extra)",
-    )
-    m.add_argument(
-        "--locate",
-        action="store_true",
-        help="also run the model layer by layer on each backend and name the "
-        "first layer whose output leaves its budget (after the table)",
-    )
-    m.add_argument(
-        "--steps",
-        metavar="K",
-        help="also train K optimizer steps on each training backend, in float32 "
-        "and float64 from the same weights and data, and judge how far "
-        "each drifts from the float64 run (a 'training drift' row and a "
-        "table of steps)",
-    )
-    m.add_argument(
-        "--optimizer",
-        metavar="NAME",
-        help=f"the optimizer of --steps: {'|'.join(protocol.OPTIMIZER_SETTINGS)} "
-        f"(default {protocol.DEFAULT_DRIFT_OPTIMIZER})",
-    )
-    m.add_argument(
-        "--plot",
-        metavar="PATH.png",
-        help="with --steps: a PNG of the drift vs step per backend "
-        "(needs matplotlib: mhsa-core[plot])",
-    )
+    for feature in FEATURES:  # each opt-in feature's own arguments
+        feature.add_arguments(m)
     m.add_argument(
         "--json",
         metavar="PATH",

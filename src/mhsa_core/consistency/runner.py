@@ -36,7 +36,7 @@ from mhsa_core._subprocess import (
     missing_modules,
     unavailable_reason,
 )
-from mhsa_core.consistency import protocol, worker
+from mhsa_core.consistency import features, protocol, worker
 
 __all__ = [
     "BackendRun",
@@ -93,7 +93,7 @@ def _write_job(job_dir, cases, options):
         for k, a in (case.weights or {}).items():
             arrays[protocol.job_weight_key(k)] = np.asarray(a)
         np.savez(job_dir / protocol.case_file(i), **arrays)
-        unknown = set(case.tasks) - set(protocol.KNOWN_TASKS)
+        unknown = set(case.tasks) - set(features.KNOWN_TASKS)
         if unknown:
             raise ValueError(f"Unknown tasks {sorted(unknown)} in case {case.name!r}")
         job["cases"].append(
@@ -108,7 +108,11 @@ def _write_job(job_dir, cases, options):
                 "input_names": list(case.variants[0]) if case.variants else [],
                 "tasks": list(case.tasks),
                 "dtype": case.dtype,
-                "exports": list(getattr(case, "exports", ())),
+                # {feature name: its options}: what its tasks read (`worker`)
+                "features": {
+                    name: dataclasses.asdict(options)
+                    for name, options in case.features.items()
+                },
             }
         )
     (job_dir / protocol.JOB_FILE).write_text(json.dumps(job, indent=1))
@@ -174,8 +178,6 @@ def run_backends(
     safe_mode=True,
     portability=True,
     imports=(),
-    drift_steps=None,
-    drift_optimizer=protocol.DEFAULT_DRIFT_OPTIMIZER,
 ):
     """Runs `cases` under each backend; returns {backend: BackendRun}.
 
@@ -195,8 +197,6 @@ def run_backends(
         portability: run the "load" phase (each backend loads the others' files).
         imports: modules each worker imports first (e.g. where a user model's
             custom layers are registered).
-        drift_steps: the optimizer steps of task DRIFT (cases that have it).
-        drift_optimizer: its optimizer, a key of `protocol.OPTIMIZER_SETTINGS`.
     """
     for backend in backends:
         backend_available(backend)  # validates the name
@@ -208,8 +208,6 @@ def run_backends(
             "safe_mode": bool(safe_mode),
             "backends": list(backends),
             "imports": list(imports),
-            protocol.DRIFT_STEPS: drift_steps,
-            protocol.DRIFT_OPTIMIZER: drift_optimizer,
         }
         job = _write_job(root, cases, options)
         runs, workers = {}, {}

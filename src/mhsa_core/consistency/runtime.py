@@ -3,7 +3,7 @@
 (one or more ARTIFACT INPUTS OUTPUTS triples of one format).
 
 A fresh process per artifact, started by the worker's export task
-(`consistency.export`), which imports no Keras: the artifact runs as a
+(`consistency.features.export`), which imports no Keras: the artifact runs as a
 deployment would run it, without the framework that exported it (a torch
 worker never imports TensorFlow; a SavedModel runs in TensorFlow alone).
 
