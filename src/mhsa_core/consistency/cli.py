@@ -37,7 +37,6 @@ from mhsa_core._text import format_table, last_line
 from mhsa_core.consistency import cases, features, matrix, protocol
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.checks import ERRORS
-from mhsa_core.consistency.features import FEATURES
 from mhsa_core.consistency.protocol import BACKENDS, TRAINING_BACKENDS
 from mhsa_core.consistency.report import cell_of, render, verdict
 from mhsa_core.consistency.runner import run_backends
@@ -64,20 +63,20 @@ _EXAMPLES = (
     "mhsa-core matrix --model my_model.keras --json - --quiet | jq .verdict",
     # then each opt-in feature's (`Feature.examples`)
 )
-MATRIX_EPILOG = (
-    "examples:\n"
-    + "".join(
-        f"  {line}\n"
-        for line in _EXAMPLES + tuple(e for f in FEATURES for e in f.examples)
-    )
-    + """
+_EXIT_STATUS = """\
 exit status:
   0  the backends agree: at least two ran, every cell within its budget
   1  a disagreement beyond budget, a backend's worker failed, or fewer than
      two backends ran (nothing was compared)
   2  bad usage: a bad argument, an unreadable model file, inputs the model
      does not accept"""
-)
+
+
+def matrix_epilog():
+    """`mhsa-core matrix --help`'s examples (the opt-in features' after the
+    others) and exit statuses."""
+    examples = _EXAMPLES + tuple(e for f in features.FEATURES for e in f.examples)
+    return "examples:\n" + "".join(f"  {e}\n" for e in examples) + "\n" + _EXIT_STATUS
 
 
 class UsageError(Exception):
@@ -317,7 +316,7 @@ def _feature_options(args):
     """{feature name: its options} of the parsed command line, checked before
     any worker starts (each feature reads its own arguments)."""
     options = {}
-    for feature in FEATURES:
+    for feature in features.FEATURES:
         try:
             options[feature.name] = feature.options_from_args(args)
         except ValueError as e:
@@ -329,7 +328,7 @@ def _needs_model(args, options):
     """The one line of arguments given without --model that need it, or None."""
     flags = ["--inputs", "--rtol"]
     given = args.inputs is not None or args.rtol is not None
-    for feature in FEATURES:
+    for feature in features.FEATURES:
         if feature.model_flag is not None:
             flags.append(feature.model_flag)
             given = given or feature.enabled(options[feature.name])
@@ -343,8 +342,9 @@ def run_matrix_command(args, out=None):
     safe_mode = not args.unsafe
     options = _feature_options(args)
     if args.model is None:
-        if _needs_model(args, options):
-            raise UsageError(_needs_model(args, options))
+        needs_model = _needs_model(args, options)
+        if needs_model:
+            raise UsageError(needs_model)
         to_run = cases.default_cases()
         title = "mhsa-core matrix: default cases (error / budget; <= 1 passes)"
     else:
@@ -379,7 +379,7 @@ def run_matrix_command(args, out=None):
         _write_json(report, args.json)
     if not args.quiet:
         render(report, out, title)
-        for feature in FEATURES:
+        for feature in features.FEATURES:
             for text in feature.tables(report, options[feature.name]):
                 print("\n" + text, file=out)
         for backend, error in report.worker_errors.items():
@@ -388,10 +388,10 @@ def run_matrix_command(args, out=None):
             if row.check == ERRORS:
                 for backend, cell in row.cells.items():
                     print(f"\n{row.case} on {backend}: {cell.note}", file=out)
-        for feature in FEATURES:
+        for feature in features.FEATURES:
             for text in feature.notes(report, options[feature.name]):
                 print("\n" + text, file=out)
-    for feature in FEATURES:  # files asked for: also with --quiet
+    for feature in features.FEATURES:  # files asked for: also with --quiet
         try:
             feature.write_outputs(report, args, out)
         except ValueError as e:
@@ -434,7 +434,7 @@ def add_commands(subparsers):
         "matrix",
         help="check that the backends agree",
         description=MATRIX_DESCRIPTION,
-        epilog=MATRIX_EPILOG,
+        epilog=matrix_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     m.add_argument(
@@ -474,7 +474,7 @@ def add_commands(subparsers):
         help="a module the workers import first "
         "(where the model's custom layers are registered); repeatable",
     )
-    for feature in FEATURES:  # each opt-in feature's own arguments
+    for feature in features.FEATURES:  # each opt-in feature's own arguments
         feature.add_arguments(m)
     m.add_argument(
         "--json",

@@ -40,14 +40,14 @@ def all_checks():
 
 def needed_tasks(case, rtol=None):
     """The tasks of `case` that its checks read (and the features it asks for
-    read themselves, `Feature.reads`), in `features.KNOWN_TASKS` order."""
+    read themselves, `Feature.reads`), in `features.known_tasks()` order."""
     needed = {
         t for check in all_checks() if check.applies(case, rtol) for t in check.tasks
     }
     for feature in features.FEATURES:
         if feature.name in case.features:
             needed.update(feature.reads(case))
-    return tuple(t for t in features.KNOWN_TASKS if t in needed and t in case.tasks)
+    return tuple(t for t in features.known_tasks() if t in needed and t in case.tasks)
 
 
 def evaluate(cases, runs, backends, rtol=None):

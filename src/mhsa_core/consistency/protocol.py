@@ -47,7 +47,7 @@ OPTIMIZERS = "optimizers"  # one step of each of `OPTIMIZER_SETTINGS`
 JIT = "jit"  # the forward pass compiled by the backend's compiler
 SAVE = "save"  # a `.keras` file, loaded by the other backends in phase LOAD
 # The matrix's own tasks (`tasks.TASKS`). The opt-in features' tasks are
-# theirs (`features.TASKS`): a task not in ALL_TASKS runs only in the cases
+# theirs (`features.tasks()`): a task not in ALL_TASKS runs only in the cases
 # that ask for it.
 ALL_TASKS = (FORWARD, FORWARD64, SCORES, GRADS, GRADS64, OPTIMIZERS, JIT, SAVE)
 # Those of ALL_TASKS that a backend outside TRAINING_BACKENDS runs.
@@ -57,7 +57,7 @@ INFERENCE_TASKS = (FORWARD, SCORES)
 def backend_tasks(backend, tasks, inference_tasks=INFERENCE_TASKS):
     """The subset of `tasks` that `backend` runs: all of them on a training
     backend, else those of `inference_tasks` (with the features':
-    `features.INFERENCE_TASKS`)."""
+    `features.inference_tasks()`)."""
     if backend in TRAINING_BACKENDS:
         return list(tasks)
     return [t for t in tasks if t in inference_tasks]

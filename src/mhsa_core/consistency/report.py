@@ -2,8 +2,9 @@
 
 A `Cell` is one check on one backend: the error against the check's oracle,
 the budget it is allowed and their `ratio` (passes when <= 1). A `Row` is one
-check of one case across backends. Every row comes from a check of
-`checks.CHECKS`; nothing here knows which checks exist.
+check of one case across backends. Every row comes from a check of the
+matrix (`matrix.all_checks`); nothing here knows which checks exist. The
+opt-in features add named sections (`Report.sections`), JSON-ready.
 """
 
 import dataclasses

@@ -93,7 +93,7 @@ def _write_job(job_dir, cases, options):
         for k, a in (case.weights or {}).items():
             arrays[protocol.job_weight_key(k)] = np.asarray(a)
         np.savez(job_dir / protocol.case_file(i), **arrays)
-        unknown = set(case.tasks) - set(features.KNOWN_TASKS)
+        unknown = set(case.tasks) - set(features.known_tasks())
         if unknown:
             raise ValueError(f"Unknown tasks {sorted(unknown)} in case {case.name!r}")
         job["cases"].append(

@@ -3,7 +3,7 @@ backend (`TaskContext`), and the inputs a loaded model takes (`ModelInputs`).
 
 The worker (`worker`) builds one `TaskContext` per case and hands it to every
 task, the matrix's own (`tasks.TASKS`) and the opt-in features'
-(`features.TASKS`): the model built or loaded in the case's dtype, its float64
+(`features.tasks()`): the model built or loaded in the case's dtype, its float64
 twin, the input variants in the model's input order and the call structure
 the model takes, its outputs as NumPy, and where a task writes its files.
 Tasks use nothing else of the worker.

@@ -5,7 +5,7 @@ A task is `task(ctx, timings) -> {result key: array}`: `ctx` the case's
 `task_context.TaskContext`, `timings` a dict it may add seconds to; the keys
 are `protocol`'s. Every case runs the ones its checks read
 (`matrix.needed_tasks`); the opt-in features' tasks are theirs
-(`features.TASKS`).
+(`features.tasks()`).
 
 Results, per input variant v:
 - FORWARD / FORWARD64 / JIT / SCORES: `out_key(v)` (`output_key(v, o)` per

@@ -9,7 +9,7 @@ input. See `runner` for the exchange and `protocol` for every file and key.
 Phase "compute", per case i of JOB_DIR/job.json: one `TaskContext` (the
 case's model and inputs, `task_context`), then each of the case's tasks that
 this backend runs, looked up in two tables: the matrix's own (`tasks.TASKS`)
-and the opt-in features' (`features.TASKS`, each given the case's options of
+and the opt-in features' (`features.tasks()`, each given the case's options of
 its feature). Files written to OUT_DIR:
 - `result_file(i, task)`: the task's results (`tasks`, and each feature's
   module, name their keys);
@@ -51,11 +51,11 @@ from mhsa_core.consistency.task_context import (
 
 def run_task(task, ctx, case, timings):
     """Runs `task` of job.json's `case` on its `ctx`: the matrix's own
-    (`tasks.TASKS`) or a feature's (`features.TASKS`), which also gets the
+    (`tasks.TASKS`) or a feature's (`features.tasks()`), which also gets the
     case's options of its feature (the feature's defaults if it has none)."""
     if task in tasks.TASKS:
         return tasks.TASKS[task](ctx, timings)
-    feature = features.TASKS[task]
+    feature = features.tasks()[task]
     options = feature.options_from_json(case.get("features", {}).get(feature.name))
     return feature.tasks[task](ctx, options, timings)
 
@@ -105,7 +105,8 @@ def run_compute(keras, job, job_dir, out_dir):
             info["errors"][case["name"]] = errors
             continue
         # e.g. the numpy backend: no gradients, jit or saving
-        for task in protocol.backend_tasks(me, case["tasks"], features.INFERENCE_TASKS):
+        inference = features.inference_tasks()
+        for task in protocol.backend_tasks(me, case["tasks"], inference):
             try:
                 results = run_task(task, ctx, case, timings)
                 np.savez(out_dir / protocol.result_file(i, task), **results)

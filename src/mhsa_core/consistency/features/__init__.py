@@ -21,9 +21,9 @@ from mhsa_core.consistency.features.base import Feature
 __all__ = [
     "Feature",
     "FEATURES",
-    "TASKS",
-    "KNOWN_TASKS",
-    "INFERENCE_TASKS",
+    "tasks",
+    "known_tasks",
+    "inference_tasks",
     "options",
     "keywords",
 ]
@@ -33,16 +33,26 @@ __all__ = [
 # after its errors, their sections of the JSON.
 FEATURES = (export.FEATURE, locate.FEATURE, drift.FEATURE)
 
-# task name -> the feature whose task it is (the worker runs
-# `feature.tasks[task]` with the case's options of that feature).
-TASKS = {task: f for f in FEATURES for task in f.tasks}
-# Every task a case may have: the matrix's own, then the features', in the
-# order a worker runs them.
-KNOWN_TASKS = protocol.ALL_TASKS + tuple(TASKS)
-# The tasks that a backend without training (numpy) runs.
-INFERENCE_TASKS = protocol.INFERENCE_TASKS + tuple(
-    t for f in FEATURES for t in f.inference_tasks
-)
+# What follows reads FEATURES when called, never a copy of it.
+
+
+def tasks():
+    """{task name: the feature whose task it is}: the worker runs
+    `feature.tasks[task]` with the case's options of that feature."""
+    return {task: f for f in FEATURES for task in f.tasks}
+
+
+def known_tasks():
+    """Every task a case may have: the matrix's own, then the features', in
+    the order a worker runs them."""
+    return protocol.ALL_TASKS + tuple(tasks())
+
+
+def inference_tasks():
+    """The tasks that a backend without training (numpy) runs."""
+    return protocol.INFERENCE_TASKS + tuple(
+        t for f in FEATURES for t in f.inference_tasks
+    )
 
 
 def options(*, rtol=None, **keywords):
