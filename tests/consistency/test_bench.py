@@ -13,13 +13,13 @@ import sys
 
 import pytest
 
+from mhsa_core import cli
+from mhsa_core._subprocess import unavailable_reason
 from mhsa_core.bench import command, report, run, worker
 from mhsa_core.bench.configs import CONFIGS, BenchConfig
 from mhsa_core.bench.flops import flops, forward_flops
 from mhsa_core.bench.plan import Measurement, plan
 from mhsa_core.bench.subjects import Unsupported
-from mhsa_core.consistency import cli
-from mhsa_core.consistency.runner import unavailable_reason
 
 FRAMEWORKS = ("keras", "tensorflow", "torch", "jax")
 RUN_PATHS = ("full", "chunked", "native", "keras_mha")
@@ -84,7 +84,7 @@ def test_bad_argument_exits_2_with_one_line(argument, args, value, capsys):
 def test_help_imports_no_framework():
     code = (
         "import sys\n"
-        "from mhsa_core.consistency import cli\n"
+        "from mhsa_core import cli\n"
         "from mhsa_core.bench import command, configs, flops, memory, plan, report, "
         "run\n"
         "status = cli.main(['bench', '--help'])\n"
@@ -125,7 +125,7 @@ def tiny_run(tmp_path_factory):
     if plot is not None:
         args += ["--plot", str(plot)]
     proc = subprocess.run(
-        [sys.executable, "-m", "mhsa_core.consistency.cli", *args],
+        [sys.executable, "-m", "mhsa_core.cli", *args],
         capture_output=True,
         text=True,
         timeout=600,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mhsa_core import reference
-from mhsa_core.consistency import cases, checks, matrix, oracles, protocol
+from mhsa_core.consistency import cases, features, matrix, oracles, protocol
 from mhsa_core.reference import schema
 
 BACKENDS = list(protocol.BACKENDS)
@@ -51,10 +51,10 @@ def test_layer_case_refuses_an_implicit_config(missing):
 
 
 def test_checks_read_known_tasks_and_have_unique_names():
-    names = [c.name for c in checks.CHECKS]
+    names = [c.name for c in matrix.all_checks()]
     assert len(set(names)) == len(names)
-    for check in checks.CHECKS:
-        assert set(check.tasks) <= set(protocol.KNOWN_TASKS), check.name
+    for check in matrix.all_checks():
+        assert set(check.tasks) <= set(features.known_tasks()), check.name
         assert check.backends in ("case", "training"), check.name
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import BACKEND
 
-from mhsa_core import reference
-from mhsa_core.consistency import cli, protocol, runner
+from mhsa_core import cli, reference
+from mhsa_core.consistency import protocol, runner
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.runner import run_backends
 
@@ -17,7 +17,7 @@ FRAMEWORKS = ("keras", "tensorflow", "torch", "jax")
 
 def _mhsa_core(*args):
     return subprocess.run(
-        [sys.executable, "-m", "mhsa_core.consistency.cli", *args],
+        [sys.executable, "-m", "mhsa_core.cli", *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -35,7 +35,8 @@ def test_parent_imports_no_framework(args):
     process has Keras already.)"""
     code = (
         "import sys\n"
-        "from mhsa_core.consistency import cases, checks, cli, matrix, report, runner\n"
+        "from mhsa_core import cli\n"
+        "from mhsa_core.consistency import cases, checks, matrix, report, runner\n"
         f"status = cli.main({args!r})\n"
         "cases.default_cases(); cases.extended_cases()\n"
         f"print(status, sorted(m for m in {FRAMEWORKS!r} if m in sys.modules))\n"

@@ -15,8 +15,9 @@ import keras
 import numpy as np
 import pytest
 
-from mhsa_core import MultiHeadSelfAttention2D
-from mhsa_core.consistency import budgets, cases, cli, drift, matrix, protocol
+from mhsa_core import MultiHeadSelfAttention2D, cli
+from mhsa_core.consistency import budgets, cases, matrix, protocol
+from mhsa_core.consistency.features import drift
 from mhsa_core.consistency.report import Report
 from mhsa_core.testing import assert_backends_agree
 
@@ -107,7 +108,7 @@ def test_table_shows_the_steps(report):
         assert f"{b} weights" in header and f"{b} loss" in header
     start = lines.index(header) + 2  # after the dashes
     steps = [int(line.split()[0]) for line in lines[start : start + 3]]
-    assert steps == protocol.drift_table_steps(STEPS) == [1, 2, 5]
+    assert steps == drift.drift_table_steps(STEPS) == [1, 2, 5]
 
 
 def test_json_has_the_drift_series(report):
@@ -291,33 +292,35 @@ def test_drift_cells_only_when_asked():
     """`--steps` adds a "training drift" cell per training backend; without
     it no case runs the task; a float64 case has nothing to drift from."""
     layer = cases.default_cases()[2]
-    assert protocol.DRIFT not in matrix.needed_tasks(layer)
+    assert drift.DRIFT not in matrix.needed_tasks(layer)
     assert not [
         c
         for c in matrix.expected_cells(layer, protocol.BACKENDS)
         if c[0] == drift.CHECK_NAME
     ]
-    asked = drift.with_drift(layer, 4)
-    assert matrix.needed_tasks(asked)[-1] == protocol.DRIFT
+    asked = drift.FEATURE.apply(layer, drift.FEATURE.options(steps=4))
+    assert matrix.needed_tasks(asked)[-1] == drift.DRIFT
     assert [
         b
         for check, b in matrix.expected_cells(asked, protocol.BACKENDS)
         if check == drift.CHECK_NAME
     ] == list(protocol.TRAINING_BACKENDS)
     float64 = next(c for c in cases.extended_cases() if c.dtype == "float64")
-    assert protocol.DRIFT not in matrix.needed_tasks(drift.with_drift(float64, 4))
+    assert drift.DRIFT not in matrix.needed_tasks(
+        drift.FEATURE.apply(float64, drift.FEATURE.options(steps=4))
+    )
 
 
 def test_recorded_steps_are_bounded_and_hold_the_table():
-    assert protocol.drift_recorded_steps(5) == [1, 2, 3, 4, 5]
-    many = protocol.drift_recorded_steps(10_000)
+    assert drift.drift_recorded_steps(5) == [1, 2, 3, 4, 5]
+    many = drift.drift_recorded_steps(10_000)
     assert (
         many[0] == 1
         and many[-1] == 10_000
-        and len(many) <= protocol.DRIFT_MAX_RECORDED + 4
+        and len(many) <= drift.DRIFT_MAX_RECORDED + 4
     )
-    assert set(protocol.drift_table_steps(10_000)) <= set(many)
-    assert protocol.drift_table_steps(1) == [1]
+    assert set(drift.drift_table_steps(10_000)) <= set(many)
+    assert drift.drift_table_steps(1) == [1]
 
 
 def _fake_result(w64, errors, own64, steps=2, start=None):
@@ -332,13 +335,13 @@ def _fake_result(w64, errors, own64, steps=2, start=None):
         "names": np.asarray([f"v{j}" for j in range(len(w64))]),
     }
     for j, w in enumerate(start):
-        result[protocol.drift_weight_key("train", 0, j)] = w
+        result[drift.drift_weight_key("train", 0, j)] = w
     for s in range(1, steps + 1):
-        result[protocol.drift_loss_key("train", s)] = np.asarray(10.0)
-        result[protocol.drift_loss_key("train64", s)] = np.asarray(10.0)
+        result[drift.drift_loss_key("train", s)] = np.asarray(10.0)
+        result[drift.drift_loss_key("train64", s)] = np.asarray(10.0)
         for j, w in enumerate(w64):
-            result[protocol.drift_weight_key("train64", s, j)] = w + own64[j]
-            result[protocol.drift_weight_key("train", s, j)] = w + errors[j]
+            result[drift.drift_weight_key("train64", s, j)] = w + own64[j]
+            result[drift.drift_weight_key("train", s, j)] = w + errors[j]
     return result
 
 
@@ -382,7 +385,7 @@ def test_peer_rule_judges_each_variable_against_its_own_drift():
     }
     # The max over all weights of torch (passing) is 100x JAX's kernel error.
     assert series.weights["torch"][0] == pytest.approx(100 * cell.error)
-    results["tensorflow"][protocol.drift_loss_key("train", 2)] = np.asarray(np.nan)
+    results["tensorflow"][drift.drift_loss_key("train", 2)] = np.asarray(np.nan)
     cell = drift.series("fake", results).cell("tensorflow")
     assert cell.passed is False and cell.note == "loss, step 2"
 
@@ -395,8 +398,8 @@ def test_diverging_training_is_judged_up_to_the_divergence():
     w64 = [np.array([1.0, -0.5])]
     results = {b: _fake_result(w64, [1e-7], [0], steps=3) for b in THREE}
     for result in results.values():
-        result[protocol.drift_loss_key("train64", 3)] = np.asarray(1e300)
-        result[protocol.drift_loss_key("train", 3)] = np.asarray(np.inf)
+        result[drift.drift_loss_key("train64", 3)] = np.asarray(1e300)
+        result[drift.drift_loss_key("train", 3)] = np.asarray(np.inf)
     series = drift.series("fake", results)
     assert (series.diverges, series.judged) == (3, 2)
     cell = series.cell("jax")
@@ -407,7 +410,7 @@ def test_diverging_training_is_judged_up_to_the_divergence():
 def _report_of(results):
     from mhsa_core.consistency.report import Row
 
-    runs = {b: _Run({"fake": {protocol.DRIFT: r}}) for b, r in results.items()}
+    runs = {b: _Run({"fake": {drift.DRIFT: r}}) for b, r in results.items()}
     return Report(THREE, [Row("fake", drift.CHECK_NAME, {})], {}, runs)
 
 

@@ -11,11 +11,10 @@ One matrix run (module-scoped: exports take seconds each) of two cases:
   sizes), exported as LiteRT from TensorFlow: its cell must fail;
 - "paths": our layer on the chunked path, then on the fused path, every
   format from every backend: where a format cannot take the chunked path's
-  loop (`export.PATH_FALLBACKS`), it is exported on the full path and the
+  loop (`export.path_fallbacks()`), it is exported on the full path and the
   cell says so; everywhere else the artifact keeps the layer's paths.
 """
 
-import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -26,8 +25,10 @@ import numpy as np
 import pytest
 
 from mhsa_core import MultiHeadSelfAttention2D
-from mhsa_core.consistency import cases, export, matrix, protocol
+from mhsa_core.consistency import cases, matrix, protocol
+from mhsa_core.consistency.features import export
 from mhsa_core.consistency.report import cell_text
+from mhsa_core.layers.attention import choice
 from mhsa_core.reference import schema
 
 import custom_layers
@@ -95,6 +96,11 @@ def _two_outputs(path):
     keras.Model(inputs, [y, keras.layers.ReLU(name="relu")(x)]).save(path)
 
 
+def _exporting(case, formats):
+    """`case` exported in `formats` (the export feature's options)."""
+    return export.FEATURE.apply(case, export.FEATURE.options(export=formats))
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
@@ -102,46 +108,52 @@ def report(tmp_path_factory):
     _shape_bug(tmp / "shapebug.keras")
     _two_outputs(tmp / "made.keras")
     _paths(tmp / "paths.keras")
-    tasks = (protocol.FORWARD, protocol.FORWARD64, protocol.EXPORT)
+    tasks = (protocol.FORWARD, protocol.FORWARD64, export.EXPORT)
     to_run = [
-        cases.Case(
-            "two",
-            None,
-            _variants(0),
-            model_path=str(tmp / "two.keras"),
-            tasks=tasks,
-            exports=protocol.EXPORT_FORMATS,
+        _exporting(
+            cases.Case(
+                "two",
+                None,
+                _variants(0),
+                model_path=str(tmp / "two.keras"),
+                tasks=tasks,
+            ),
+            export.EXPORT_FORMATS,
         ),
-        cases.Case(
-            "shapebug",
-            None,
-            _variants(1),
-            model_path=str(tmp / "shapebug.keras"),
-            tasks=tasks,
-            exports=("litert",),
+        _exporting(
+            cases.Case(
+                "shapebug",
+                None,
+                _variants(1),
+                model_path=str(tmp / "shapebug.keras"),
+                tasks=tasks,
+            ),
+            ("litert",),
         ),
-        dataclasses.replace(
+        _exporting(
             cases.layer_case(
                 "masked",
                 schema.preset("yolov4_mhsa", num_heads=2),
                 [(2, 5, 6, 16), (1, 4, 7, 16)],
                 seed=20,
                 mask=True,
-                tasks=(protocol.FORWARD, protocol.EXPORT),
+                tasks=(protocol.FORWARD, export.EXPORT),
             ),
-            exports=("litert",),
+            ("litert",),
         ),
-        dataclasses.replace(
+        _exporting(
             cases.model_case(tmp / "made.keras", name="made", tasks=tasks),
-            exports=("onnx",),
+            ("onnx",),
         ),
-        cases.Case(
-            "paths",
-            None,
-            _variants(2),
-            model_path=str(tmp / "paths.keras"),
-            tasks=tasks,
-            exports=protocol.EXPORT_FORMATS,
+        _exporting(
+            cases.Case(
+                "paths",
+                None,
+                _variants(2),
+                model_path=str(tmp / "paths.keras"),
+                tasks=tasks,
+            ),
+            export.EXPORT_FORMATS,
         ),
     ]
     return matrix.run_matrix(to_run, THREE, imports=["custom_layers"])
@@ -187,13 +199,15 @@ def test_export_cell(report, case, fmt, backend, expected):
 @needs_export
 def test_every_expected_export_cell_is_there_and_the_run_agrees(report):
     """Every (format, exporting backend) has a cell: a verdict, or why not."""
-    two = cases.Case(
-        "two",
-        None,
-        _variants(0),
-        model_path="unused.keras",
-        tasks=(protocol.FORWARD, protocol.FORWARD64, protocol.EXPORT),
-        exports=protocol.EXPORT_FORMATS,
+    two = _exporting(
+        cases.Case(
+            "two",
+            None,
+            _variants(0),
+            model_path="unused.keras",
+            tasks=(protocol.FORWARD, protocol.FORWARD64, export.EXPORT),
+        ),
+        export.EXPORT_FORMATS,
     )
     expected = {
         c for c in matrix.expected_cells(two, THREE) if c[0].endswith(" export")
@@ -241,15 +255,15 @@ def test_static_exports_say_which_sizes_were_checked(report):
 @needs_export
 def test_both_sizes_ran_in_each_runtime(report):
     for backend, fmts in (
-        ("tensorflow", protocol.EXPORT_FORMATS),
+        ("tensorflow", export.EXPORT_FORMATS),
         ("torch", ("onnx", "openvino")),
         ("jax", ("tf_saved_model",)),
     ):
-        res = report.runs[backend].results["two"][protocol.EXPORT]
+        res = report.runs[backend].results["two"][export.EXPORT]
         for fmt in fmts:
-            assert str(res[protocol.export_status_key(fmt)]) == protocol.EXPORT_OK
+            assert str(res[export.export_status_key(fmt)]) == export.EXPORT_OK
             for v, shape in enumerate(SIZES):
-                assert res[protocol.export_key(fmt, v)].shape == shape, (
+                assert res[export.export_key(fmt, v)].shape == shape, (
                     backend,
                     fmt,
                     v,
@@ -263,10 +277,10 @@ def test_masked_layer_case_runs_in_litert_at_both_sizes(report):
     # cannot run the chunked loop, so the artifact is the full path's.
     assert cell.passed is True and cell.scope == (
         "exported on the full path: "
-        + export.PATH_FALLBACKS[("litert", "tensorflow")][1]
+        + export.path_fallbacks()[("litert", "tensorflow")][1]
     ), cell
-    res = report.runs["tensorflow"].results["masked"][protocol.EXPORT]
-    assert [res[protocol.export_key("litert", v)].shape for v in (0, 1)] == [
+    res = report.runs["tensorflow"].results["masked"][export.EXPORT]
+    assert [res[export.export_key("litert", v)].shape for v in (0, 1)] == [
         (2, 5, 6, 16),
         (1, 4, 7, 16),
     ]
@@ -289,25 +303,27 @@ def test_a_path_an_exporter_cannot_take_falls_back_to_full_and_says_so(
     says why; elsewhere the artifact keeps the chunked (and fused) path and
     the cell says nothing of it. The default layer ("two": "auto", dynamic
     sizes) falls back only where the format cannot take its by-size choice."""
-    paths, why = export.PATH_FALLBACKS.get((fmt, backend), ((), ""))
+    paths, why = export.path_fallbacks().get((fmt, backend), ((), ""))
     cell = report.cell("paths", f"{fmt} export", backend)
-    if export.CHUNKED in paths:
+    if choice.CHUNKED in paths:
         assert cell.scope.endswith(FALLBACK_NOTE + why), cell
     else:
         assert FALLBACK_NOTE not in cell.scope, cell
-    by_size = backend == "tensorflow" and export.BY_SIZE in paths
+    by_size = backend == "tensorflow" and choice.BY_SIZE in paths
     assert (
         FALLBACK_NOTE in report.cell("two", f"{fmt} export", backend).scope
     ) == by_size
 
 
 def test_fallback_paths_are_the_layers_path_names():
-    from mhsa_core.layers.attention import choice
-
-    assert (export.CHUNKED, export.BY_SIZE) == (choice.CHUNKED, choice.BY_SIZE)
-    assert {p for paths, _ in export.PATH_FALLBACKS.values() for p in paths} <= set(
+    """The table names the layer's paths with the layer's own constants (no
+    copy of them), each a path `choice.fallback` takes, for formats and
+    backends that exist."""
+    assert {p for paths, _ in export.path_fallbacks().values() for p in paths} <= set(
         choice.FALLBACK_PATHS
     )
+    assert {fmt for fmt, _ in export.path_fallbacks()} <= set(export.EXPORT_FORMATS)
+    assert {b for _, b in export.path_fallbacks()} <= set(protocol.TRAINING_BACKENDS)
 
 
 @needs_export
@@ -321,14 +337,14 @@ def test_an_exported_graph_that_differs_fails(report):
 @pytest.mark.parametrize("value", ["onnx,tflite", "pt2", ","])
 def test_cli_unknown_export_format_exits_2_with_one_line(value):
     if value == ",":  # an empty list is no export at all: not an error
-        assert matrix.validate_formats(value) == ()
+        assert export.validate_formats(value) == ()
         return
     env = {**os.environ, "KERAS_BACKEND": "numpy"}
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
-            "mhsa_core.consistency.cli",
+            "mhsa_core.cli",
             "matrix",
             "--export",
             value,

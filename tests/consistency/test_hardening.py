@@ -21,7 +21,15 @@ import numpy as np
 import pytest
 
 import mhsa_core
-from mhsa_core.consistency import cases, cli, matrix, protocol, runner, testing, worker
+from mhsa_core import cli
+from mhsa_core.consistency import (
+    cases,
+    matrix,
+    protocol,
+    runner,
+    task_context,
+    testing,
+)
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.report import (
     NOT_JUDGED_LEGEND,
@@ -350,7 +358,7 @@ class Blocker(importlib.abc.MetaPathFinder):
             raise ImportError(f"blocked for this test: {{name}}")
         return None
 sys.meta_path.insert(0, Blocker())
-from mhsa_core.consistency import cli
+from mhsa_core import cli
 sys.exit(cli.main({args!r}))
 """
 
@@ -461,7 +469,7 @@ def test_every_output_of_every_variant_is_judged(dict_model_run):
     ids=["by-name", "by-order", "wrong-count", "wrong-shape", "wrong-rank"],
 )
 def test_given_inputs_are_matched_to_the_model(given, shapes, expected):
-    spec = worker._ModelInputs(keras, _dict_two_output_model())
+    spec = task_context.ModelInputs(keras, _dict_two_output_model())
     assert spec.names == ["a", "b"] and spec.kind == "dict"
     variants = [[np.zeros(s, "float32") for s in shapes]]
     if isinstance(expected, str):

@@ -15,9 +15,10 @@ import keras
 import numpy as np
 import pytest
 
-from mhsa_core import MultiHeadSelfAttention2D
-from mhsa_core.consistency import budgets, cases, cli, locate, matrix, protocol, runner
+from mhsa_core import MultiHeadSelfAttention2D, cli
+from mhsa_core.consistency import budgets, cases, matrix, protocol, runner
 from mhsa_core.consistency import testing as consistency_testing
+from mhsa_core.consistency.features import locate
 from mhsa_core.consistency.runner import BackendRun
 
 import custom_layers
@@ -25,7 +26,7 @@ import custom_layers
 BACKENDS = ["tensorflow", "torch", "jax"]
 # The forward checks (a failing cell) and the locate tasks: the rest of the
 # matrix (gradients, jit, saved files) is not what these tests are about.
-TASKS = (protocol.FORWARD, protocol.FORWARD64) + protocol.LOCATE_TASKS
+TASKS = (protocol.FORWARD, protocol.FORWARD64) + locate.LOCATE_TASKS
 
 
 def _bicubic_model():
@@ -100,7 +101,7 @@ def report(paths):
 
 
 def _section(report, case):
-    return next(s for s in report.sections[locate.SECTION] if s["case"] == case)
+    return next(s for s in report.sections[locate.NAME] if s["case"] == case)
 
 
 def _located(report, case, backend, task):
@@ -140,15 +141,15 @@ def test_first_divergence_is_named(report, case, layer, off):
     assert {b for b, c in last.items() if not c["passed"]} == off
 
 
-@pytest.mark.parametrize("task", [protocol.LOCATE, protocol.LOCATE64])
+@pytest.mark.parametrize("task", [locate.LOCATE, locate.LOCATE64])
 def test_bicubic_upsampling_differs_on_torch(report, task):
     """The premise of the bicubic case, in float32 and in float64: torch's
     bicubic kernel is another one (not rounding: far above float32 level),
     JAX's agrees with TensorFlow's."""
     names = list(
-        _located(report, "bicubic", "tensorflow", task)[protocol.LAYER_NAMES_KEY]
+        _located(report, "bicubic", "tensorflow", task)[locate.LAYER_NAMES_KEY]
     )
-    key = protocol.layer_out_key(0, names.index("up"))
+    key = locate.layer_out_key(0, names.index("up"))
     tf = _located(report, "bicubic", "tensorflow", task)[key]
     scale = budgets.scale([tf])
     assert (
@@ -197,16 +198,12 @@ def test_layer_calls_in_execution_order(report, case, calls):
     call's output is the model's output (within the repeatability budget:
     the same weights through another model object)."""
     for backend in BACKENDS:
-        result = _located(report, case, backend, protocol.LOCATE)
+        result = _located(report, case, backend, locate.LOCATE)
         assert (
-            list(
-                zip(
-                    result[protocol.LAYER_NAMES_KEY], result[protocol.LAYER_CLASSES_KEY]
-                )
-            )
+            list(zip(result[locate.LAYER_NAMES_KEY], result[locate.LAYER_CLASSES_KEY]))
             == calls
         )
-        last = result[protocol.layer_out_key(0, len(calls) - 1)]
+        last = result[locate.layer_out_key(0, len(calls) - 1)]
         out = report.runs[backend].results[case][protocol.FORWARD][protocol.out_key(0)]
         assert budgets.max_abs(last, out) <= budgets.repeat_budget(out), backend
 
@@ -214,10 +211,10 @@ def test_layer_calls_in_execution_order(report, case, calls):
 def test_shared_layer_calls_are_the_right_tensors(report):
     """add = shared (call 1) + shared (call 2): each call's output is its own
     (in float64, where the sum is exact to FLOAT64_RTOL)."""
-    result = _located(report, "clean", "tensorflow", protocol.LOCATE64)
-    names = list(result[protocol.LAYER_NAMES_KEY])
+    result = _located(report, "clean", "tensorflow", locate.LOCATE64)
+    names = list(result[locate.LAYER_NAMES_KEY])
     a, b, add = (
-        result[protocol.layer_out_key(0, names.index(n))]
+        result[locate.layer_out_key(0, names.index(n))]
         for n in ("shared (call 1)", "shared (call 2)", "add")
     )
     assert budgets.max_abs(a, b) > 0
@@ -226,16 +223,16 @@ def test_shared_layer_calls_are_the_right_tensors(report):
 
 def test_a_call_with_two_outputs_has_both(report):
     """The block's (output, attention scores): both judged, both kept."""
-    result = _located(report, "clean", "torch", protocol.LOCATE)
-    i = list(result[protocol.LAYER_NAMES_KEY]).index("mhsa")
-    assert result[protocol.layer_out_key(0, i, 0)].shape == (2, 8, 8, 3)
-    assert result[protocol.layer_out_key(0, i, 1)].shape == (2, 1, 64, 64)
-    assert protocol.layer_out_key(0, i, 2) not in result
+    result = _located(report, "clean", "torch", locate.LOCATE)
+    i = list(result[locate.LAYER_NAMES_KEY]).index("mhsa")
+    assert result[locate.layer_out_key(0, i, 0)].shape == (2, 8, 8, 3)
+    assert result[locate.layer_out_key(0, i, 1)].shape == (2, 1, 64, 64)
+    assert locate.layer_out_key(0, i, 2) not in result
 
 
 def test_report_json_has_the_section(report):
     data = json.loads(json.dumps(report.to_json(), allow_nan=False))
-    assert [s["case"] for s in data[locate.SECTION]] == list(MODELS)
+    assert [s["case"] for s in data[locate.NAME]] == list(MODELS)
     assert "locate" not in {r["check"] for r in data["rows"]}
 
 
@@ -265,7 +262,7 @@ def test_cli_prints_the_section(report, paths, tmp_path, monkeypatch, capsys):
     )
     assert status == 1
     assert calls[0]["locate"] is True
-    assert json.loads(json_path.read_text())[locate.SECTION][0]["case"] == "bicubic"
+    assert json.loads(json_path.read_text())[locate.NAME][0]["case"] == "bicubic"
     capsys.readouterr()
     status = cli.main(
         [
@@ -329,22 +326,22 @@ def test_run_matrix_adds_the_locate_tasks_to_model_cases_only(paths, monkeypatch
         with pytest.raises(Ran):
             matrix.run_matrix([layer_case, model_case], ["tensorflow"], locate=flag)
         tasks = {c.name: c.tasks for c in seen}
-        assert not set(protocol.LOCATE_TASKS) & set(tasks[layer_case.name])
-        assert (set(protocol.LOCATE_TASKS) <= set(tasks["clean"])) is flag
+        assert not set(locate.LOCATE_TASKS) & set(tasks[layer_case.name])
+        assert (set(locate.LOCATE_TASKS) <= set(tasks["clean"])) is flag
 
 
 # ------------------------------------------------ parent only, no workers
 def _fake_run(backend, case, locate_result, locate64_result=None):
-    results = {protocol.LOCATE: locate_result}
+    results = {locate.LOCATE: locate_result}
     if locate64_result is not None:
-        results[protocol.LOCATE64] = locate64_result
+        results[locate.LOCATE64] = locate64_result
     return BackendRun(backend, results={case.name: results})
 
 
 def _layers(*arrays):
-    out = {protocol.layer_out_key(0, i): a for i, a in enumerate(arrays)}
-    out[protocol.LAYER_NAMES_KEY] = np.array([f"l{i}" for i in range(len(arrays))])
-    out[protocol.LAYER_CLASSES_KEY] = np.array(["Dense"] * len(arrays))
+    out = {locate.layer_out_key(0, i): a for i, a in enumerate(arrays)}
+    out[locate.LAYER_NAMES_KEY] = np.array([f"l{i}" for i in range(len(arrays))])
+    out[locate.LAYER_CLASSES_KEY] = np.array(["Dense"] * len(arrays))
     return out
 
 
@@ -382,3 +379,24 @@ def test_first_divergence_with_a_shape_mismatch_and_the_median_oracle():
     assert [layer["name"] for layer in section["layers"]] == ["l0", "l1"]
     assert section["first_divergence"]["name"] == "l1"
     assert set(section["first_divergence"]["backends"]) == set(BACKENDS)
+
+
+def test_a_non_finite_layer_cell_is_encoded_as_every_cell_of_the_json():
+    """One form for every cell of the report's JSON (docs/consistency.md, "The
+    JSON report"): a non-finite number is null, spelled in "non_finite"."""
+    case = cases.Case(
+        "m", None, [{"input_0": np.zeros(2)}], model_path="m.keras", tasks=TASKS
+    )
+    ones, off = np.ones((2, 3)), np.full((2, 3), np.inf)
+    runs = {
+        "tensorflow": _fake_run("tensorflow", case, _layers(ones)),
+        "torch": _fake_run("torch", case, _layers(off)),
+        "jax": _fake_run("jax", case, _layers(ones)),
+    }
+    section = locate.locate_case(case, runs, BACKENDS, rtol=1e-3)
+    cell = json.loads(json.dumps(section, allow_nan=False))["layers"][0]["cells"]
+    assert cell["torch"]["ratio"] is None and cell["torch"]["passed"] is False
+    assert cell["torch"]["non_finite"] == {"ratio": "inf", "error": "inf"}
+    assert cell["jax"]["judged"] and "non_finite" not in cell["jax"]
+    text = locate.format_section(section)
+    assert "layer 'l0' (Dense) on torch: not finite its budget" in text

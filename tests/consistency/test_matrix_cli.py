@@ -13,8 +13,8 @@ import keras
 import numpy as np
 import pytest
 
-from mhsa_core import mhsa_block
-from mhsa_core.consistency import cases, cli, matrix
+from mhsa_core import cli, mhsa_block
+from mhsa_core.consistency import cases, matrix
 from mhsa_core.testing import assert_backends_agree
 
 import custom_layers
@@ -39,7 +39,7 @@ def _dense_model(extra=None):
 
 def _run(*args):
     return subprocess.run(
-        [sys.executable, "-m", "mhsa_core.consistency.cli", "matrix", *args],
+        [sys.executable, "-m", "mhsa_core.cli", "matrix", *args],
         capture_output=True,
         text=True,
         timeout=1200,

@@ -2,7 +2,7 @@
 
 The arguments are taken as text and checked here, so that a bad value is one
 line naming the argument and the value (`BenchUsageError`, exit status 2 in
-`mhsa_core.consistency.cli`), before any worker starts.
+`mhsa_core.cli`), before any worker starts.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from mhsa_core.bench import run as run_module
 from mhsa_core.bench.configs import CONFIGS, DEFAULT_CONFIGS
 from mhsa_core.bench.flops import DIRECTIONS
 from mhsa_core.bench.plan import BENCH_BACKENDS, MODES, PATHS
+from mhsa_core.bench.worker import OK
 
 DEFAULT_REPEATS = 3
 DEFAULT_TIMEOUT = 900.0
@@ -227,7 +228,7 @@ def _progress(stream):
             f"{row['backend']} {row['config']} {row['path']} {row['mode']} "
             f"{row['direction']}"
         )
-        if row["status"] == "ok":
+        if row["status"] == OK:
             result = f"{row['ms']:.4g} ms, {row['peak_gb']:.2f} GB"
         else:
             result = f"{row['status']}: {row.get('reason') or ''}"[:160]
@@ -263,12 +264,11 @@ def _show(report, args, out):
             f"plot: {args.plot}" if drawn else "plot: nothing to plot (no row ran)",
             file=out,
         )
-    return 0 if any(r["status"] == "ok" for r in report["rows"]) else 1
+    return 0 if any(r["status"] == OK for r in report["rows"]) else 1
 
 
 def main(args, out=None) -> int:
-    """Run the bench of parsed `args`; returns the exit status (module docstring of
-    cli)."""
+    """Run the bench of parsed `args`; returns the exit status (`EPILOG`)."""
     opts = options(args)
     out = out or (sys.stderr if args.json == "-" else sys.stdout)
     if args.from_json is not None:

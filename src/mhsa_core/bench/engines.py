@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from mhsa_core.bench.flops import FORWARD, matmul_flops
+from mhsa_core.bench.plan import COMPILED, GRAPH
 
 CEILING_WARMUP = 3
 CEILING_REPEATS = 10
@@ -97,9 +98,9 @@ class TensorFlowEngine(Engine):
         return lambda: tf.linalg.matmul(a, b)
 
     def _wrap(self, fn, mode):
-        if mode == "compiled":
+        if mode == COMPILED:
             return self.tf.function(fn, jit_compile=True)
-        if mode == "graph":
+        if mode == GRAPH:
             return self.tf.function(fn)
         return fn
 
@@ -145,7 +146,7 @@ class TorchEngine(Engine):
 
     def step(self, subject, mode, direction):
         torch, params = self.torch, subject.params
-        fn = torch.compile(subject.call) if mode == "compiled" else subject.call
+        fn = torch.compile(subject.call) if mode == COMPILED else subject.call
         if direction == FORWARD:
 
             def forward():
@@ -197,7 +198,7 @@ class JaxEngine(Engine):
             self.g,
         )
         if direction == FORWARD:
-            fn = jax.jit(apply) if mode == "compiled" else apply
+            fn = jax.jit(apply) if mode == COMPILED else apply
             return lambda: jax.block_until_ready(fn(params, self.x))
 
         def loss(params, x):
@@ -205,7 +206,7 @@ class JaxEngine(Engine):
             return jnp.sum(out * g), out
 
         grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
-        fn = jax.jit(grad) if mode == "compiled" else grad
+        fn = jax.jit(grad) if mode == COMPILED else grad
         return lambda: jax.block_until_ready(fn(params, self.x))[1]
 
 

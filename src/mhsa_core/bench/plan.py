@@ -21,12 +21,14 @@ from mhsa_core.bench.flops import DIRECTIONS
 
 BENCH_BACKENDS = ("tensorflow", "torch", "jax")
 
-LAYER_PATHS = ("full", "chunked", "fused", "auto")
+FULL, CHUNKED, FUSED, AUTO = "full", "chunked", "fused", "auto"
+LAYER_PATHS = (FULL, CHUNKED, FUSED, AUTO)
 NATIVE = "native"
 KERAS_MHA = "keras_mha"
 PATHS = LAYER_PATHS + (NATIVE, KERAS_MHA)
 
-MODES = ("compiled", "graph", "eager")
+COMPILED, GRAPH, EAGER = "compiled", "graph", "eager"
+MODES = (COMPILED, GRAPH, EAGER)
 MODE_MEANINGS = {
     "tensorflow": {
         "compiled": "tf.function(jit_compile=True) (XLA)",

@@ -33,14 +33,27 @@ import platform
 from pathlib import Path
 
 import mhsa_core
+from mhsa_core._text import format_table
 from mhsa_core.bench.configs import BenchConfig
-from mhsa_core.bench.flops import DIRECTIONS, FORMULA, FORWARD, flops
-from mhsa_core.bench.plan import MODE_MEANINGS, MODES, NATIVE_MEANINGS, PATHS
+from mhsa_core.bench.flops import (
+    DIRECTIONS,
+    FORMULA,
+    FORWARD,
+    FORWARD_BACKWARD,
+    flops,
+)
+from mhsa_core.bench.plan import (
+    AUTO,
+    COMPILED,
+    MODE_MEANINGS,
+    MODES,
+    NATIVE_MEANINGS,
+    PATHS,
+)
 from mhsa_core.bench.run import derive, median_ceiling
 from mhsa_core.bench.worker import OK, UNSUPPORTED
-from mhsa_core.consistency.report import format_table
 
-SHORT_DIRECTIONS = {"forward": "fwd", "forward+backward": "fwd+bwd"}
+SHORT_DIRECTIONS = {FORWARD: "fwd", FORWARD_BACKWARD: "fwd+bwd"}
 LEGEND = (
     "cell: median time of the repeats; % of the backend's own float32 matmul rate "
     "measured in the same process; time / the backend's fastest native; peak "
@@ -90,9 +103,8 @@ def build(
         "configs": {
             name: {
                 **configs[name].to_json(),
-                "forward_gflop": flops(configs[name], "forward") / 1e9,
-                "forward_backward_gflop": flops(configs[name], "forward+backward")
-                / 1e9,
+                "forward_gflop": flops(configs[name], FORWARD) / 1e9,
+                "forward_backward_gflop": flops(configs[name], FORWARD_BACKWARD) / 1e9,
             }
             for name in used
         },
@@ -227,7 +239,7 @@ def _paths_line(report, name, backends):
             f" ({row['chunk_size']} queries/chunk)" if row.get("chunk_size") else ""
         )
         if (
-            row["path"] == "auto"
+            row["path"] == AUTO
             or row["path"] != row["chosen_path"]
             or row.get("chunk_size")
         ):
@@ -267,24 +279,14 @@ def config_table(report, name, markdown=False):
                             *[cell(r) for r in found],
                         )
                     )
-    table = _markdown(header, lines) if markdown else format_table(header, lines)
+    table = format_table(header, lines, markdown=markdown)
     extra = [_ceiling_line(report, name, backends), _paths_line(report, name, backends)]
     return "\n".join(
         [_config_title(report, name), "", table, "", *[e for e in extra if e]]
     )
 
 
-def _markdown(header, lines):
-    return "\n".join(
-        [
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *["| " + " | ".join(line) + " |" for line in lines],
-        ]
-    )
-
-
-def summary_table(report, markdown=False, mode="compiled"):
+def summary_table(report, markdown=False, mode=COMPILED):
     """One table of every config in one mode (default "compiled", each
     backend's usual way): a line per (config, path, direction)."""
     backends = [b for b in report["backends"] if not report["backends"][b]["skipped"]]
@@ -312,7 +314,7 @@ def summary_table(report, markdown=False, mode="compiled"):
         _config_title(report, name).replace(f"{name}: ", f"{name} = ", 1)
         for name in report["configs"]
     )
-    table = _markdown(header, lines) if markdown else format_table(header, lines)
+    table = format_table(header, lines, markdown=markdown)
     return title + "\n\n" + table
 
 

@@ -2,7 +2,7 @@
 rows collected and the ratios between them derived.
 
 The parent imports no framework. Each worker (`python -m mhsa_core.bench.worker`)
-runs under its backend's environment (`consistency.runner.worker_env`, without
+runs under its backend's environment (`_subprocess.worker_env`, without
 JAX's 64-bit mode: the bench is float32). The parent polls the worker's
 resident set and its time: over `max_memory_gb` or `timeout` seconds it kills
 the worker's process group (the worker and what it started, e.g.
@@ -14,25 +14,21 @@ last line of its stderr. Nothing a worker does stops the run.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
+from mhsa_core import _subprocess
+from mhsa_core._subprocess import unavailable_reason
+from mhsa_core._text import last_line
 from mhsa_core.bench import worker as worker_protocol
 from mhsa_core.bench.configs import BenchConfig
 from mhsa_core.bench.flops import flops
 from mhsa_core.bench.plan import NATIVE, Measurement
-from mhsa_core.consistency.report import last_line
-from mhsa_core.consistency.runner import unavailable_reason, worker_env
 
 POLL_SECONDS = 0.05
 GB = 1e9
-_STDERR_TAIL = 4000  # characters of a worker's stderr kept for its reason
 
 
 def default_max_memory_gb() -> float:
@@ -45,30 +41,12 @@ def default_max_memory_gb() -> float:
         return 8.0
 
 
-def _rss_bytes(pid):
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-        return int(text.split("VmRSS:")[1].split()[0]) * 1024
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _kill_group(proc):
-    try:
-        os.killpg(
-            proc.pid, signal.SIGKILL
-        )  # the worker's own group (start_new_session)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def _watch(proc, start, limit, timeout, max_memory_gb):
+def _watch(process, start, limit, timeout, max_memory_gb):
     """Wait for the worker; kill its group over the memory limit or the time.
     Returns None, or the status and reason of the kill."""
     peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _rss_bytes(proc.pid))
+    while process.running:
+        peak = max(peak, process.rss_bytes())
         elapsed = time.perf_counter() - start
         killed = None
         if peak > limit:
@@ -85,16 +63,10 @@ def _watch(proc, start, limit, timeout, max_memory_gb):
                 ),
             }
         if killed:
-            _kill_group(proc)
+            process.kill()
             return killed
         time.sleep(POLL_SECONDS)
     return None
-
-
-def _env(backend):
-    env = worker_env(backend)
-    env.pop("JAX_ENABLE_X64", None)  # float32 throughout; x64 changes JAX's defaults
-    return env
 
 
 def run_worker(
@@ -114,36 +86,35 @@ def run_worker(
         }
     )
     limit = max_memory_gb * GB
-    with tempfile.TemporaryFile() as stderr:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mhsa_core.bench.worker", spec],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=_env(measurement.backend),
-            start_new_session=True,
-        )
+    start = time.perf_counter()
+    # float32 throughout: no JAX 64-bit mode. A session of its own: the
+    # watchdog kills the worker with what it started (torch.compile's workers).
+    process = _subprocess.Process(
+        worker_protocol.__name__,
+        [spec],
+        env=_subprocess.worker_env(measurement.backend),
+        own_group=True,
+    )
+    try:
         try:
-            killed = _watch(proc, start, limit, timeout, max_memory_gb)
-        except (
-            BaseException
-        ):  # Ctrl-C: the worker is in a session of its own, stop it too
-            _kill_group(proc)
+            killed = _watch(process, start, limit, timeout, max_memory_gb)
+        except BaseException:  # Ctrl-C: the worker is in a session of its own
+            process.kill()
             raise
+        process.wait()
         seconds = time.perf_counter() - start
-        stdout = proc.stdout.read().decode(errors="replace")
-        proc.stdout.close()
-        stderr.seek(0)
-        err_text = stderr.read().decode(errors="replace")[-_STDERR_TAIL:]
+        lines = [line for line in process.stdout_lines() if line.startswith("{")]
+        err_text = process.stderr_tail()
+    finally:
+        process.close()
     if killed:
         return {**killed, "seconds": seconds}
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if lines:
         try:
             return {**json.loads(lines[-1]), "seconds": seconds}
         except json.JSONDecodeError:
             pass
-    code = proc.returncode
+    code = process.returncode
     how = (
         f"killed by signal {-code}"
         + (" (out of memory?)" if code == -signal.SIGKILL else "")

@@ -13,7 +13,7 @@ import inspect
 
 from mhsa_core import natives
 from mhsa_core.bench.configs import BenchConfig
-from mhsa_core.bench.plan import KERAS_MHA, LAYER_PATHS, NATIVE
+from mhsa_core.bench.plan import FULL, KERAS_MHA, LAYER_PATHS, NATIVE
 
 # The layer argument that selects the path (issue 10).
 PATH_ARGUMENT = "attention_implementation"
@@ -90,7 +90,7 @@ def layer_subject(backend, config: BenchConfig, path, weights, x):
     )
     if accepts:
         kwargs[PATH_ARGUMENT] = path
-    elif path == "full":
+    elif path == FULL:
         note = f"the layer has no `{PATH_ARGUMENT}`: its one path, today's (full)"
     else:
         raise Unsupported(f"the layer has no `{PATH_ARGUMENT}` argument")
@@ -103,7 +103,7 @@ def layer_subject(backend, config: BenchConfig, path, weights, x):
     layer.build(config.input_shape)
     layer.set_weight_dict(weights)
     call, params = _keras_subject(backend, layer, lambda x: (x,), x)
-    chosen, chunk = _layer_choice(layer, config) if accepts else ("full", None)
+    chosen, chunk = _layer_choice(layer, config) if accepts else (FULL, None)
     return Subject(call, params, chosen_path=chosen, chunk_size=chunk, note=note)
 
 

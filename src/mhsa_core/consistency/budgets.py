@@ -16,7 +16,7 @@ The README's tolerance policy has the reasoning.
 
 import numpy as np
 
-from mhsa_core.consistency import protocol
+from mhsa_core.consistency import oracles, protocol
 from mhsa_core.reference.budget import (
     FLOAT64_RTOL,
     FLOOR,
@@ -87,7 +87,7 @@ def peer_budgets(results32, results64, oracle, keys, rtol=None):
             r64 = (results64 or {}).get(b)
             if r64 is not None and all(k in r32 and k in r64 for k in keys):
                 errors.append(max((max_abs(r32[k], r64[k]) for k in keys), default=0.0))
-        median = float(np.median(errors)) if errors else 0.0
+        median = float(oracles.median(errors)) if errors else 0.0
         budget = PEER_FACTOR * median + FLOOR * magnitude
     return {k: budget for k in keys}
 

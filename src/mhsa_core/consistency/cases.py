@@ -66,10 +66,12 @@ class Case:
             loaded model (`model_case`).
         weights: the canonical weight dict (layer cases only).
         model_path: a `.keras` file (model cases only).
-        tasks: a subset of `protocol.ALL_TASKS`.
+        tasks: worker tasks: of `protocol.ALL_TASKS`, and of the opt-in
+            features the case asks for.
         dtype: the layer's dtype policy (layer cases).
-        exports: formats of `protocol.EXPORT_FORMATS` to export the model in
-            and run in their runtimes (task `protocol.EXPORT`).
+        features: {name: options} of the opt-in features the case asks for
+            (`features.FEATURES`, each adds its tasks with `Feature.apply`);
+            the worker gets the options with the case.
     """
 
     name: str
@@ -79,7 +81,7 @@ class Case:
     model_path: str | None = None
     tasks: tuple = (protocol.FORWARD,)
     dtype: str = "float32"
-    exports: tuple = ()
+    features: dict = dataclasses.field(default_factory=dict)
 
     @property
     def variants(self):

@@ -2,12 +2,14 @@
 
 A `Check` says which worker tasks it reads, which cases and backends it
 applies to, and how it judges them (its `judge`). Everything that enumerates
-checks is derived from `CHECKS`: the tasks a case runs
-(`matrix.run_matrix`), the cells a complete report has
+checks is derived from the list of all checks (`matrix.all_checks`: `CHECKS`,
+then each opt-in feature's `checks`, then `ERRORS_CHECK`): the tasks a case
+runs (`matrix.run_matrix`), the cells a complete report has
 (`matrix.expected_cells`), the report's rows and so its table and JSON
 (`matrix.evaluate`). Adding a check is appending one `Check` to `CHECKS`
 (and, if it needs a result no task computes yet, a task in `protocol` and
-`worker`).
+`tasks`), or, for work no default run should pay for, to a feature's
+`checks` (`features`).
 
 Oracles and budgets (`oracles`, `budgets`; the README's tolerance policy has
 the reasoning):
@@ -33,11 +35,10 @@ import functools
 import math
 from collections.abc import Callable
 
-from mhsa_core.consistency import budgets, drift, oracles, protocol
+from mhsa_core._text import last_line
+from mhsa_core.consistency import budgets, oracles, protocol
 from mhsa_core.consistency.oracles import Oracle
 from mhsa_core.consistency.protocol import (
-    DRIFT,
-    EXPORT,
     FORWARD,
     FORWARD64,
     GRADS,
@@ -47,19 +48,21 @@ from mhsa_core.consistency.protocol import (
     SAVE,
     SCORES,
 )
-from mhsa_core.consistency.report import Cell, Row, cell_of, last_line
+from mhsa_core.consistency.report import Cell, Row, cell_of
 
 __all__ = [
     "Check",
     "CHECKS",
+    "ERRORS",
+    "ERRORS_CHECK",
+    "KINDS",
     "CaseContext",
     "SharedOracle",
-    "ERRORS",
     "judge",
     "judge_step",
 ]
 
-_KINDS = ("layer", "model")
+KINDS = ("layer", "model")
 # The row of tasks that raised (the CLI prints their tracebacks' last lines).
 ERRORS = "errors"
 
@@ -349,9 +352,9 @@ class Check:
         name: the row's title; with `per_saver`, a format string with
             `{saver}`.
         tasks: the worker tasks whose results it reads.
-        judge: `judge(ctx, saver) -> {backend: Cell}` or None for no row;
-            `ctx` a `CaseContext`, `saver` the saving backend (`per_saver`)
-            or None.
+        judge: `judge(ctx, item) -> {backend: Cell}` or None for no row;
+            `ctx` a `CaseContext`, `item` the saving backend (`per_saver`),
+            the row's item (`each`) or None.
         kinds: the case kinds it applies to ("layer": our layer, with its
             NumPy oracle; "model": a user's `.keras` file).
         float64_cases: whether it applies to cases computed in float64.
@@ -364,34 +367,44 @@ class Check:
             its cells are the other backends (that load it).
         expected: False for a row that only appears when something went
             wrong (no cells of a complete run).
-        per_format: one row per export format of the case (`Case.exports`;
-            none without); `name` a format string with `{format}`, `judge`
-            gets the format as `saver`.
+        each: one row per item of `each(case)` (e.g. the formats a case is
+            exported in; no item, no row): `name` is a format string with
+            `{}`, and `judge` gets the item as its second argument.
     """
 
     name: str
     tasks: tuple
     judge: Callable
-    kinds: tuple = _KINDS
+    kinds: tuple = KINDS
     float64_cases: bool = True
     exact_for: tuple = ()
     backends: str = "case"
     per_saver: bool = False
     expected: bool = True
-    per_format: bool = False
+    each: Callable | None = None
 
     def applies(self, case, rtol=None):
         """Whether `case` has this check (with the user's `rtol`)."""
         if case.kind not in self.kinds:
             return False
-        if self.per_format and not getattr(case, "exports", ()):
+        if self.each is not None and not self.each(case):
             return False
         if case.dtype == "float64" and not self.float64_cases:
             return False
-        # An opt-in task (e.g. DRIFT, `--steps`) runs only where it was asked for.
-        if any(t in protocol.OPT_IN_TASKS and t not in case.tasks for t in self.tasks):
+        # A task not among the matrix's own is an opt-in feature's: it runs
+        # only where it was asked for (`Feature.apply`).
+        if any(t not in protocol.ALL_TASKS and t not in case.tasks for t in self.tasks):
             return False
         return not (rtol is not None and case.kind in self.exact_for)
+
+    def title(self, item=None):
+        """The row's title: `name`, with the saver (`per_saver`) or the item
+        (`each`)."""
+        if self.per_saver:
+            return self.name.format(saver=item)
+        if self.each is not None:
+            return self.name.format(item)
+        return self.name
 
     def cell_backends(self, case, backends):
         """The backends of its cells for `case` (the loaders with `per_saver`)."""
@@ -415,36 +428,27 @@ class Check:
         loaders = self.cell_backends(case, backends)
         if self.per_saver:
             return [
-                (self.name.format(saver=s), b)
+                (self.title(s), b)
                 for s in self.savers(case, backends)
                 for b in loaders
                 if b != s
             ]
-        if self.per_format:
-            return [
-                (self.name.format(format=f), b) for f in case.exports for b in loaders
-            ]
+        if self.each is not None:
+            return [(self.title(x), b) for x in self.each(case) for b in loaders]
         return [(self.name, b) for b in loaders]
 
     def rows(self, ctx):
         """Its report rows for the case of `ctx` (a `CaseContext`)."""
         if not self.applies(ctx.case, ctx.rtol):
             return []
-        savers = [s for s in ctx.backends if ctx.saved(s)] if self.per_saver else [None]
-        if self.per_format:
-            savers = list(ctx.case.exports)
+        items = [s for s in ctx.backends if ctx.saved(s)] if self.per_saver else [None]
+        if self.each is not None:
+            items = list(self.each(ctx.case))
         rows = []
-        for saver in savers:
-            cells = self.judge(ctx, saver)
+        for item in items:
+            cells = self.judge(ctx, item)
             if cells is not None:
-                title = (
-                    self.name.format(saver=saver)
-                    if self.per_saver
-                    else self.name.format(format=saver)
-                    if self.per_format
-                    else self.name
-                )
-                rows.append(Row(ctx.name, title, cells))
+                rows.append(Row(ctx.name, self.title(item), cells))
         return rows
 
 
@@ -548,45 +552,6 @@ def _keras_file(ctx, saver):
     return cells
 
 
-def _export(ctx, fmt):
-    """The artifact of format `fmt` exported by each backend, run in its own
-    runtime, against the forward oracle (`consistency.export` says what is
-    not applicable, skipped or a failure)."""
-    cells = {}
-    forward = ctx.forward
-    for b, res in ctx.results(EXPORT).items():
-        status = str(res.get(protocol.export_status_key(fmt), "failed: no result"))
-        note = str(res.get(protocol.export_note_key(fmt), ""))
-        if status.startswith((protocol.EXPORT_NA, protocol.EXPORT_SKIPPED)):
-            cells[b] = Cell(passed=None, note=status)
-        elif status != protocol.EXPORT_OK:
-            cells[b] = Cell(passed=False, note=status, scope=note)
-        elif forward.values is None:
-            cells[b] = Cell(passed=False, note="no oracle: the backends' shapes differ")
-        else:
-            outputs = {
-                protocol.out_key(v): res[protocol.export_key(fmt, v)]
-                for v in range(ctx.variants)
-                if protocol.export_key(fmt, v) in res
-            }
-            # The runtimes return the artifact's first output (their output
-            # order is their own): a multi-output model is judged on output 0,
-            # and the cell says so.
-            first = [protocol.out_key(v) for v in range(ctx.variants)]
-            if len(ctx.out_keys) > len(first):
-                note = "; ".join(t for t in (note, "first output only") if t)
-            cell = judge(outputs, forward.values, first, forward.budgets)
-            cells[b] = dataclasses.replace(cell, scope=note)
-    for b in ctx.backends:  # the export task raised: the errors row has why
-        if (
-            b not in cells
-            and b in ctx.runs
-            and EXPORT in ctx.runs[b].errors.get(ctx.name, {})
-        ):
-            cells[b] = Cell(passed=False, note="export task failed")
-    return cells
-
-
 def _errors(ctx, saver):
     """Tasks that raised, so that they show as failures."""
     cells = {}
@@ -598,7 +563,8 @@ def _errors(ctx, saver):
     return cells or None
 
 
-# The matrix's checks, in report order. The forward oracle of a model case
+# The matrix's own checks, in report order (the features' come after them,
+# then ERRORS_CHECK: `matrix.all_checks`). The forward oracle of a model case
 # (forward, jit, .keras) comes from its FORWARD64 runs; the optimizer steps
 # are judged where the gradients have a float64 oracle (GRADS64).
 CHECKS = [
@@ -621,21 +587,21 @@ CHECKS = [
         "gradients float64",
         (GRADS, GRADS64),
         _gradients64,
-        exact_for=_KINDS,
+        exact_for=KINDS,
         backends="training",
     ),
     Check(
         "SGD step",
         (OPTIMIZERS, GRADS, GRADS64),
         _optimizer_step("sgd"),
-        exact_for=_KINDS,
+        exact_for=KINDS,
         backends="training",
     ),
     Check(
         "Adam step",
         (OPTIMIZERS, GRADS, GRADS64),
         _optimizer_step("adam"),
-        exact_for=_KINDS,
+        exact_for=KINDS,
         backends="training",
     ),
     Check(
@@ -644,24 +610,6 @@ CHECKS = [
         _keras_file,
         per_saver=True,
     ),
-    # Opt-in (`--steps K`): K optimizer steps in float32 and float64 on each
-    # backend, judged by the peer rule at every step (`drift`).
-    Check(
-        drift.CHECK_NAME,
-        (DRIFT,),
-        drift.judge_drift,
-        float64_cases=False,
-        exact_for=_KINDS,
-        backends="training",
-    ),
-    # `model.export` per format of the case (opt-in: `run_matrix(export=...)`),
-    # each artifact run in its own runtime; cells per exporting backend.
-    Check(
-        "{format} export",
-        (EXPORT, FORWARD, FORWARD64),
-        _export,
-        backends="training",
-        per_format=True,
-    ),
-    Check(ERRORS, (), _errors, expected=False),
 ]
+# The row of tasks that raised: last, after the features' rows.
+ERRORS_CHECK = Check(ERRORS, (), _errors, expected=False)

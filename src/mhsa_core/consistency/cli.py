@@ -1,4 +1,4 @@
-"""The `mhsa-core` command.
+"""The consistency tool's commands of `mhsa-core` (`mhsa_core.cli`):
 
     mhsa-core matrix [--backends tensorflow,torch,jax,numpy] [--json PATH] [--quiet]
     mhsa-core matrix --model PATH.keras [--inputs PATH.npz] [--rtol R] [--unsafe]
@@ -6,27 +6,24 @@
                      [--steps K [--optimizer adam|sgd] [--plot PNG]]
     mhsa-core demo [--backends ...] [--size 25] [--batch 2] [--channels 512]
                    [--dtype float32]
-    mhsa-core bench [--backends ...] [--configs ...] [--paths ...] [--modes ...]
-                    [--repeats 3] [--json PATH] [--plot PNG]
 
 `matrix` runs cases under each backend in its own process and checks that the
 backends agree (`matrix`, `checks`): with no arguments the default cases of
 our layer (`cases.default_cases`), with `--model` any saved Keras model.
 `demo` runs only the forward pass of the Keras 2 YOLOv4-MHSA block and prints
 per backend the shape, the time and the error against the float64 NumPy
-reference, judged by `reference.budget`'s rule. `bench` measures speed and
-memory (`mhsa_core.bench`).
+reference, judged by `reference.budget`'s rule.
 
 The parent process imports no framework (not even Keras): each backend runs
 in a worker process of its own (`runner`, `worker`).
 
-Exit status: 0 all backends agree (at least two ran); 1 a disagreement beyond
-tolerance, a backend crashed, or fewer than two backends ran; 2 bad usage, an
-unreadable model file, or inputs the model does not accept.
+Exit status of `matrix`: 0 all backends agree (at least two ran); 1 a
+disagreement beyond tolerance, a backend crashed, or fewer than two backends
+ran; 2 bad usage, an unreadable model file, or inputs the model does not
+accept.
 """
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -34,21 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-import mhsa_core
 from mhsa_core import reference
-from mhsa_core.bench import command as bench_command
-from mhsa_core.consistency import cases, drift, locate, matrix, protocol
+from mhsa_core._subprocess import unavailable_reason
+from mhsa_core._text import format_table, last_line
+from mhsa_core.consistency import cases, features, matrix, protocol
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.checks import ERRORS
 from mhsa_core.consistency.protocol import BACKENDS, TRAINING_BACKENDS
-from mhsa_core.consistency.report import (
-    cell_of,
-    format_table,
-    last_line,
-    render,
-    verdict,
-)
-from mhsa_core.consistency.runner import run_backends, unavailable_reason
+from mhsa_core.consistency.report import cell_of, render, verdict
+from mhsa_core.consistency.runner import run_backends
 from mhsa_core.reference import schema
 
 DEMO_CASE = "yolov4_mhsa"
@@ -64,17 +55,15 @@ alone is reported, but not agreement.
 With no --model: the built-in cases of the MultiHeadSelfAttention2D layer,
 judged against the NumPy float64 reference."""
 
-MATRIX_EPILOG = """\
-examples:
-  mhsa-core matrix
-  mhsa-core matrix --model my_model.keras --backends tensorflow,torch,jax
-  mhsa-core matrix --model my_model.keras --inputs batch.npz --import my_layers
-  mhsa-core matrix --model my_model.keras --json report.json
-  mhsa-core matrix --model my_model.keras --json - --quiet | jq .verdict
-  mhsa-core matrix --model my_model.keras --export tf_saved_model,onnx,openvino,litert
-  mhsa-core matrix --model my_model.keras --locate
-  mhsa-core matrix --model my_model.keras --steps 20 --plot drift.png
-
+_EXAMPLES = (
+    "mhsa-core matrix",
+    "mhsa-core matrix --model my_model.keras --backends tensorflow,torch,jax",
+    "mhsa-core matrix --model my_model.keras --inputs batch.npz --import my_layers",
+    "mhsa-core matrix --model my_model.keras --json report.json",
+    "mhsa-core matrix --model my_model.keras --json - --quiet | jq .verdict",
+    # then each opt-in feature's (`Feature.examples`)
+)
+_EXIT_STATUS = """\
 exit status:
   0  the backends agree: at least two ran, every cell within its budget
   1  a disagreement beyond budget, a backend's worker failed, or fewer than
@@ -83,8 +72,16 @@ exit status:
      does not accept"""
 
 
+def matrix_epilog():
+    """`mhsa-core matrix --help`'s examples (the opt-in features' after the
+    others) and exit statuses."""
+    examples = _EXAMPLES + tuple(e for f in features.FEATURES for e in f.examples)
+    return "examples:\n" + "".join(f"  {e}\n" for e in examples) + "\n" + _EXIT_STATUS
+
+
 class UsageError(Exception):
-    """Bad usage found after parsing (exit status 2)."""
+    """Bad usage found after parsing: `mhsa-core` prints it in one line and
+    exits with status 2."""
 
 
 def _backend_list(text):
@@ -315,69 +312,39 @@ def _model_error(report, name):
     return None
 
 
-def _drift_options(args):
-    """(steps, optimizer) of `--steps/--optimizer/--plot`, checked before any
-    worker starts: (None, None) without `--steps`."""
-    if args.steps is None:
-        if args.optimizer is not None or args.plot is not None:
-            raise UsageError("--optimizer and --plot need --steps")
-        return None, None
-    try:
-        steps = int(args.steps)
-    except ValueError:
-        steps = 0
-    if steps < 1:
-        raise UsageError(
-            f"--steps expects a positive integer; received: {args.steps!r}"
-        )
-    optimizer = args.optimizer or protocol.DEFAULT_DRIFT_OPTIMIZER
-    if optimizer not in protocol.OPTIMIZER_SETTINGS:
-        raise UsageError(
-            f"--optimizer expects one of {'|'.join(protocol.OPTIMIZER_SETTINGS)}; "
-            f"received: {args.optimizer!r}"
-        )
-    if args.rtol is not None:
-        raise UsageError(
-            "--steps judges training against float64 runs, which --rtol "
-            "(a model that cannot run in float64) rules out"
-        )
-    if args.plot is not None:
-        if importlib.util.find_spec("matplotlib") is None:
-            raise UsageError("--plot needs matplotlib: pip install 'mhsa-core[plot]'")
+def _feature_options(args):
+    """{feature name: its options} of the parsed command line, checked before
+    any worker starts (each feature reads its own arguments)."""
+    options = {}
+    for feature in features.FEATURES:
         try:
-            drift.check_plot_path(args.plot)
+            options[feature.name] = feature.options_from_args(args)
         except ValueError as e:
-            raise UsageError(f"--plot: {e}") from None
-    return steps, optimizer
+            raise UsageError(str(e)) from None
+    return options
 
 
-def _print_export_notes(report, out):
-    """The export cells' reasons and scopes in full (the table cuts long ones)."""
-    lines = [
-        f"  {row.case} {row.check} from {backend}: "
-        + "; ".join(
-            t for t in (cell.note if cell.passed is not True else "", cell.scope) if t
-        )
-        for row in report.rows
-        if row.check.endswith(" export")
-        for backend, cell in row.cells.items()
-        if cell.scope or (cell.passed is not True and cell.note)
-    ]
-    if lines:
-        print("\nexports:", *lines, sep="\n", file=out)
+def _needs_model(args, options):
+    """The one line of arguments given without --model that need it, or None."""
+    flags = ["--inputs", "--rtol"]
+    given = args.inputs is not None or args.rtol is not None
+    for feature in features.FEATURES:
+        if feature.model_flag is not None:
+            flags.append(feature.model_flag)
+            given = given or feature.enabled(options[feature.name])
+    if not given:
+        return None
+    return f"{', '.join(flags[:-1])} and {flags[-1]} need --model"
 
 
 def run_matrix_command(args, out=None):
     out = out or sys.stdout
     safe_mode = not args.unsafe
-    steps, optimizer = _drift_options(args)
-    try:
-        export = matrix.validate_formats(args.export or "")
-    except ValueError as e:
-        raise UsageError(f"--export: {e}") from None
+    options = _feature_options(args)
     if args.model is None:
-        if args.inputs is not None or args.rtol is not None or args.locate:
-            raise UsageError("--inputs, --rtol and --locate need --model")
+        needs_model = _needs_model(args, options)
+        if needs_model:
+            raise UsageError(needs_model)
         to_run = cases.default_cases()
         title = "mhsa-core matrix: default cases (error / budget; <= 1 passes)"
     else:
@@ -402,10 +369,7 @@ def run_matrix_command(args, out=None):
             on_event=progress,
             timeout=args.timeout,
             imports=args.imports,
-            locate=args.locate,
-            steps=steps,
-            optimizer=optimizer,
-            export=export,
+            **features.keywords(options),
         )
     for case in to_run if args.model is not None else []:
         unusable = _model_error(report, case.name)
@@ -415,47 +379,34 @@ def run_matrix_command(args, out=None):
         _write_json(report, args.json)
     if not args.quiet:
         render(report, out, title)
-        if steps is not None:
-            print(
-                "\n" + (drift.format_tables(report) or "training drift: no results"),
-                file=out,
-            )
+        for feature in features.FEATURES:
+            for text in feature.tables(report, options[feature.name]):
+                print("\n" + text, file=out)
         for backend, error in report.worker_errors.items():
             print(f"\n{backend}: {error}", file=out)
         for row in report.rows:
             if row.check == ERRORS:
                 for backend, cell in row.cells.items():
                     print(f"\n{row.case} on {backend}: {cell.note}", file=out)
-        _print_export_notes(report, out)
-        for section in report.sections.get(locate.SECTION, []):
-            print("\n" + locate.format_section(section), file=out)
-    if args.plot is not None:
+        for feature in features.FEATURES:
+            for text in feature.notes(report, options[feature.name]):
+                print("\n" + text, file=out)
+    for feature in features.FEATURES:  # files asked for: also with --quiet
         try:
-            plotted = drift.plot(report, args.plot)
-        except OSError as e:
-            raise UsageError(f"cannot write --plot {args.plot}: {e}") from None
-        print(
-            f"drift plot: {args.plot}" if plotted else "drift plot: nothing to plot",
-            file=out,
-        )
+            feature.write_outputs(report, args, out)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     print(verdict(report), file=out)
     if report.agree:
         return 0
     return 1
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="mhsa-core",
-        description=(
-            "2-D multi-head self-attention for Keras 3, checked across backends."
-        ),
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {mhsa_core.__version__}"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
+def add_commands(subparsers):
+    """Adds `demo` and `matrix` to the `mhsa-core` command's subparsers
+    (`mhsa_core.cli`); each sets `func(args)` -> exit status, and raises
+    `UsageError` on bad usage found after parsing."""
+    p = subparsers.add_parser(
         "demo", help="run the Keras 2 YOLOv4-MHSA block under each installed backend"
     )
     p.add_argument(
@@ -479,11 +430,11 @@ def build_parser():
     )
     p.set_defaults(func=demo)
 
-    m = sub.add_parser(
+    m = subparsers.add_parser(
         "matrix",
         help="check that the backends agree",
         description=MATRIX_DESCRIPTION,
-        epilog=MATRIX_EPILOG,
+        epilog=matrix_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     m.add_argument(
@@ -523,40 +474,8 @@ def build_parser():
         help="a module the workers import first "
         "(where the model's custom layers are registered); repeatable",
     )
-    m.add_argument(
-        "--export",
-        metavar="FORMATS",
-        help="also export the model from each backend in these formats "
-        "(comma-separated: tf_saved_model,onnx,openvino,litert), run each "
-        "artifact in its runtime and judge it like the backends "
-        "(needs the `export` extra)",
-    )
-    m.add_argument(
-        "--locate",
-        action="store_true",
-        help="also run the model layer by layer on each backend and name the "
-        "first layer whose output leaves its budget (after the table)",
-    )
-    m.add_argument(
-        "--steps",
-        metavar="K",
-        help="also train K optimizer steps on each training backend, in float32 "
-        "and float64 from the same weights and data, and judge how far "
-        "each drifts from the float64 run (a 'training drift' row and a "
-        "table of steps)",
-    )
-    m.add_argument(
-        "--optimizer",
-        metavar="NAME",
-        help=f"the optimizer of --steps: {'|'.join(protocol.OPTIMIZER_SETTINGS)} "
-        f"(default {protocol.DEFAULT_DRIFT_OPTIMIZER})",
-    )
-    m.add_argument(
-        "--plot",
-        metavar="PATH.png",
-        help="with --steps: a PNG of the drift vs step per backend "
-        "(needs matplotlib: mhsa-core[plot])",
-    )
+    for feature in features.FEATURES:  # each opt-in feature's own arguments
+        feature.add_arguments(m)
     m.add_argument(
         "--json",
         metavar="PATH",
@@ -571,38 +490,3 @@ def build_parser():
         help="seconds per backend worker (default 1800)",
     )
     m.set_defaults(func=run_matrix_command)
-
-    b = sub.add_parser(
-        "bench",
-        help="measure the layer's speed and memory on each backend",
-        description=bench_command.DESCRIPTION,
-        epilog=bench_command.EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    bench_command.add_arguments(b)
-    b.set_defaults(func=run_bench_command)
-    return parser
-
-
-def run_bench_command(args):
-    try:
-        return bench_command.main(args)
-    except (bench_command.BenchUsageError, OSError) as e:
-        raise UsageError(str(e)) from None
-
-
-def main(argv=None):
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
-        return int(e.code or 0)
-    try:
-        return args.func(args)
-    except UsageError as e:
-        print(f"mhsa-core: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,61 +1,73 @@
 """The cross-backend consistency matrix: run cases under every backend, judge
-every check of `checks.CHECKS`.
+every check.
 
 Every check of every case yields one cell per backend: the error of that
 backend against the check's oracle, the budget it is allowed, and their
 `ratio` = error / budget (a cell passes when ratio <= 1). What runs, what
-is judged and which cells a complete report has all derive from
-`checks.CHECKS`.
+is judged and which cells a complete report has all derive from the checks
+(`all_checks`: the matrix's own, `checks.CHECKS`, and the opt-in features',
+`features.FEATURES`).
 
 Imports no framework: the workers (`runner`) do.
 """
 
 import dataclasses
 
-from mhsa_core.consistency import checks, drift, protocol
-from mhsa_core.consistency.locate import SECTION, locate_cases
+from mhsa_core.consistency import checks, features, protocol
 from mhsa_core.consistency.report import Report
-from mhsa_core.consistency.runner import run_backends
+from mhsa_core.consistency.runner import SOME_TASKS_FAILED, run_backends
 
 __all__ = [
     "run_matrix",
     "evaluate",
+    "all_checks",
     "expected_cells",
     "needed_tasks",
     "with_worker_inputs",
 ]
 
 
+def all_checks():
+    """Every check, in report order: the matrix's own (`checks.CHECKS`), each
+    feature's (`Feature.checks`, in `features.FEATURES` order), then the row
+    of tasks that raised (`checks.ERRORS_CHECK`)."""
+    return [
+        *checks.CHECKS,
+        *(check for feature in features.FEATURES for check in feature.checks),
+        checks.ERRORS_CHECK,
+    ]
+
+
 def needed_tasks(case, rtol=None):
-    """The tasks of `case` that its checks read, in `protocol.KNOWN_TASKS` order."""
+    """The tasks of `case` that its checks read (and the features it asks for
+    read themselves, `Feature.reads`), in `features.known_tasks()` order."""
     needed = {
-        t for check in checks.CHECKS if check.applies(case, rtol) for t in check.tasks
+        t for check in all_checks() if check.applies(case, rtol) for t in check.tasks
     }
-    return tuple(t for t in protocol.KNOWN_TASKS if t in needed and t in case.tasks)
+    for feature in features.FEATURES:
+        if feature.name in case.features:
+            needed.update(feature.reads(case))
+    return tuple(t for t in features.known_tasks() if t in needed and t in case.tasks)
 
 
 def evaluate(cases, runs, backends, rtol=None):
-    """Judges every check of every case on the workers' `runs`; a `Report`
-    (with the section `locate.SECTION` when cases ran the locate tasks)."""
+    """Judges every check of every case on the workers' `runs`; a `Report`,
+    with the sections of the features that have one (`Feature.section`)."""
     rows, notes = [], []
     for case in cases:
         ctx = checks.CaseContext(case, runs, backends, rtol)
-        for check in checks.CHECKS:
+        for check in all_checks():
             rows.extend(check.rows(ctx))
         if any(ctx.results(task) for task in (protocol.FORWARD, protocol.FORWARD64)):
             notes.append(ctx.oracle_note())
     worker_errors = {
-        b: r.error
-        for b, r in runs.items()
-        if r.error and r.error != "some tasks failed"
+        b: r.error for b, r in runs.items() if r.error and r.error != SOME_TASKS_FAILED
     }
     report = Report(list(backends), rows, worker_errors, runs, notes=notes)
-    located = locate_cases(cases, runs, backends, rtol)
-    if located:
-        report.sections[SECTION] = located
-    trained = drift.report_series(report)
-    if trained:
-        report.sections[drift.SECTION] = [drift.series_json(s) for s in trained]
+    for feature in features.FEATURES:
+        section = feature.section(report, cases, rtol)
+        if section:
+            report.sections[feature.name] = section
     return report
 
 
@@ -68,10 +80,7 @@ def run_matrix(
     on_event=None,
     timeout=1800.0,
     imports=(),
-    locate=False,
-    steps=None,
-    optimizer=None,
-    export=(),
+    **feature_options,
 ):
     """Runs `cases` under `backends` and judges every check; returns a `Report`.
 
@@ -87,35 +96,21 @@ def run_matrix(
         on_event: progress callback, see `runner.run_backends`.
         timeout: seconds per backend worker.
         imports: modules every worker imports first (custom layers).
-        locate: also run every model case layer by layer, and name the first
-            layer whose output leaves its budget (`locate`; the report's
-            section `locate.SECTION`).
-        steps: train this many optimizer steps on each training backend, in
-            the case's dtype and in float64, and judge the drift (`drift`);
-            needs the float64 runs, so not with `rtol`.
-        optimizer: the optimizer of those steps, a key of
-            `protocol.OPTIMIZER_SETTINGS` (default "adam"); only with `steps`.
-        export: formats of `protocol.EXPORT_FORMATS`: export every case's
-            model in each from each backend, run the artifacts in their
-            runtimes, judge them like the backends (rows "{format} export").
+        **feature_options: the keywords of the opt-in features
+            (`features.FEATURES`: `export=` formats, `locate=True`, `steps=K`
+            and `optimizer=`; each feature's module says what it does), each
+            feature applied to every case it fits (`Feature.apply`).
+
+    Raises:
+        TypeError: a keyword of no feature.
+        ValueError: a bad option (before any worker starts).
     """
-    steps, optimizer = drift.check_options(steps, optimizer, rtol)
-    export = validate_formats(export)
-    cases = [drift.with_drift(case, steps) for case in cases]
-    if export:
-        cases = [
-            dataclasses.replace(
-                case, exports=export, tasks=tuple(case.tasks) + (protocol.EXPORT,)
-            )
-            for case in cases
-        ]
+    options = features.options(rtol=rtol, **feature_options)
+    for feature in features.FEATURES:
+        if feature.enabled(options[feature.name]):
+            cases = [feature.apply(case, options[feature.name]) for case in cases]
     cases = [
-        dataclasses.replace(
-            case,
-            tasks=needed_tasks(case, rtol)
-            + (protocol.LOCATE_TASKS if locate and case.kind == "model" else ()),
-        )
-        for case in cases
+        dataclasses.replace(case, tasks=needed_tasks(case, rtol)) for case in cases
     ]
     runs = run_backends(
         cases,
@@ -124,8 +119,6 @@ def run_matrix(
         safe_mode=safe_mode,
         timeout=timeout,
         imports=imports,
-        drift_steps=steps,
-        drift_optimizer=optimizer,
     )
     return evaluate(
         [with_worker_inputs(case, runs) for case in cases], runs, backends, rtol=rtol
@@ -144,31 +137,15 @@ def with_worker_inputs(case, runs):
     return case
 
 
-def validate_formats(formats):
-    """`formats` (a list, or a comma-separated string) as a tuple of
-    `protocol.EXPORT_FORMATS`; ValueError naming an unknown one."""
-    if isinstance(formats, str):
-        formats = [f.strip() for f in formats.split(",") if f.strip()]
-    formats = tuple(dict.fromkeys(formats or ()))
-    unknown = [f for f in formats if f not in protocol.EXPORT_FORMATS]
-    if unknown:
-        raise ValueError(
-            f"Received an invalid value for argument `export`, expected a subset of "
-            f"{','.join(protocol.EXPORT_FORMATS)}. "
-            f"Received: export={','.join(unknown)!r}"
-        )
-    return formats
-
-
 def expected_cells(case, backends, rtol=None):
     """The (check, backend) cells a complete run of `case` produces, in report
-    order: those of every check of `checks.CHECKS` (`Check.expected_cells`).
+    order: those of every check (`all_checks`, `Check.expected_cells`).
 
     A report that lacks one of them lost a result somewhere; the tests use
     this to make sure that nothing is silently missing.
     """
     return [
         cell
-        for check in checks.CHECKS
+        for check in all_checks()
         for cell in check.expected_cells(case, backends, rtol)
     ]

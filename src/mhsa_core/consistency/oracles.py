@@ -23,6 +23,7 @@ __all__ = [
     "Oracle",
     "reference_oracles",
     "float64_oracle",
+    "median",
     "median_oracle",
     "step_oracle",
 ]
@@ -75,8 +76,12 @@ def reference_oracles(case):
     }
 
 
-def _median(arrays):
-    arrays = [np.asarray(a, np.float64) for a in arrays]
+def median(values):
+    """The elementwise median over the backends of `values` (arrays of one
+    shape, or numbers), in float64; None when their shapes differ or there
+    are none. The one median of the tool: the median oracle, the peer
+    budgets' median own error, the drift's."""
+    arrays = [np.asarray(a, np.float64) for a in values]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         return None
@@ -88,7 +93,7 @@ def median_oracle(results, keys):
     key is missing everywhere or the backends' shapes differ."""
     oracle = {}
     for k in keys:
-        m = _median([res[k] for res in results.values() if k in res])
+        m = median([res[k] for res in results.values() if k in res])
         if m is None:
             return None
         oracle[k] = m

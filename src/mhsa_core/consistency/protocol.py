@@ -2,7 +2,9 @@
 
 The parent (`runner`, `checks`) and each worker (`worker`) exchange only
 files; this module names everything in them once, so that the writer and the
-reader of a result cannot drift apart:
+reader of a result cannot drift apart (an opt-in feature names its own tasks
+and keys in its module, `features`, whose two halves are the writer and the
+reader):
 
 - the backends and what each can do (`BACKENDS`, `TRAINING_BACKENDS`,
   `case_backends`);
@@ -14,11 +16,14 @@ reader of a result cannot drift apart:
 - the optimizer settings of the optimizer-step task, which the worker builds
   and the step oracle (`oracles.step_oracle`) recomputes.
 
-Imports nothing but the standard library.
+Imports nothing but the standard library (and `_subprocess`, which imports
+nothing else).
 """
 
+from mhsa_core._subprocess import BACKEND_MODULES
+
 # ------------------------------------------------------------------ backends
-BACKENDS = ("tensorflow", "torch", "jax", "numpy")
+BACKENDS = tuple(BACKEND_MODULES)  # tensorflow, torch, jax, numpy
 # What a backend can do. Keras's numpy backend has no gradients, optimizers or
 # jit: it loads and runs models (inference only), and in float32 only: its
 # einsum/matmul compute float64 inputs in float32 (keras 3.15 result_type).
@@ -41,27 +46,21 @@ GRADS64 = "grads64"
 OPTIMIZERS = "optimizers"  # one step of each of `OPTIMIZER_SETTINGS`
 JIT = "jit"  # the forward pass compiled by the backend's compiler
 SAVE = "save"  # a `.keras` file, loaded by the other backends in phase LOAD
-# `model.export` in each format of the case's `exports`, each artifact run in
-# its own runtime (`export`, `runtime`); opt-in: only cases with `exports`.
-EXPORT = "export"
+# The matrix's own tasks (`tasks.TASKS`). The opt-in features' tasks are
+# theirs (`features.tasks()`): a task not in ALL_TASKS runs only in the cases
+# that ask for it.
 ALL_TASKS = (FORWARD, FORWARD64, SCORES, GRADS, GRADS64, OPTIMIZERS, JIT, SAVE)
-LOCATE = "locate"  # every layer's output, in the case's dtype (`--locate`)
-LOCATE64 = "locate64"  # every layer's output of the float64 clone (`--locate`)
-LOCATE_TASKS = (LOCATE, LOCATE64)
-DRIFT = "drift"  # K optimizer steps in the case's dtype and in float64 (`--steps`)
-# Tasks a case runs only when asked (their options are in job.json): not in
-# ALL_TASKS, so no case runs them by default.
-OPT_IN_TASKS = (DRIFT, EXPORT, *LOCATE_TASKS)
-KNOWN_TASKS = ALL_TASKS + OPT_IN_TASKS
-# The tasks of a backend outside TRAINING_BACKENDS.
-INFERENCE_TASKS = (FORWARD, SCORES, LOCATE)
+# Those of ALL_TASKS that a backend outside TRAINING_BACKENDS runs.
+INFERENCE_TASKS = (FORWARD, SCORES)
 
 
-def backend_tasks(backend, tasks):
-    """The subset of `tasks` that `backend` runs."""
+def backend_tasks(backend, tasks, inference_tasks=INFERENCE_TASKS):
+    """The subset of `tasks` that `backend` runs: all of them on a training
+    backend, else those of `inference_tasks` (with the features':
+    `features.inference_tasks()`)."""
     if backend in TRAINING_BACKENDS:
         return list(tasks)
-    return [t for t in tasks if t in INFERENCE_TASKS]
+    return [t for t in tasks if t in inference_tasks]
 
 
 # A worker runs phase COMPUTE (every case's tasks), then phase LOAD (the
@@ -90,6 +89,12 @@ def case_file(i):
 def result_file(i, task):
     """Case i's results of `task` (a worker's output directory)."""
     return f"case{i}-{task}.npz"
+
+
+def work_file(i, name):
+    """A file a task of case i writes in its worker's output directory
+    besides its results (e.g. an exported artifact): "case{i}-{name}"."""
+    return f"case{i}-{name}"
 
 
 def model_file(i):
@@ -192,33 +197,6 @@ def step_key(optimizer, v, j):
     return f"{optimizer}/{v}/{j}"
 
 
-def export_key(fmt, v):
-    """EXPORT: the output of variant v of the artifact of format `fmt`, run in
-    that format's runtime."""
-    return f"{fmt}/out/{v}"
-
-
-def export_status_key(fmt):
-    """EXPORT: a string array, what became of format `fmt` (`EXPORT_STATUSES`:
-    "ok", or "n/a", "skipped", "failed" then ": " and the reason in one line)."""
-    return f"{fmt}/status"
-
-
-def export_note_key(fmt):
-    """EXPORT: a string array, the scope of the check when it is less than one
-    artifact run at every variant (e.g. one static export per size), else ""."""
-    return f"{fmt}/note"
-
-
-# The formats of `keras.Model.export` the matrix runs in their own runtimes.
-EXPORT_FORMATS = ("tf_saved_model", "onnx", "openvino", "litert")
-EXPORT_OK = "ok"
-EXPORT_NA = "n/a"  # the exporter does not support this backend (any model)
-EXPORT_SKIPPED = "skipped"  # a module it needs is not installed
-EXPORT_FAILED = "failed"  # the export or the runtime raised
-EXPORT_STATUSES = (EXPORT_OK, EXPORT_NA, EXPORT_SKIPPED, EXPORT_FAILED)
-
-
 def saved_weight_key(j):
     """SAVE: `model.get_weights()[j]` of the saved model."""
     return f"weight/{j}"
@@ -279,70 +257,3 @@ OPTIMIZER_SETTINGS = {
         },
     ),
 }
-
-
-# ---------------------------------------------------------------- locate task
-# LOCATE / LOCATE64: the outputs of every layer call of a model, in execution
-# order (`locate.layer_outputs`); call i's output tensor t of variant v is
-# `layer_out_key(v, i, t)`.
-LAYER_NAMES_KEY = "layer_names"  # 1-D str array: call i's name
-LAYER_CLASSES_KEY = "layer_classes"  # 1-D str array: call i's layer class
-# A model that cannot be run layer by layer (e.g. a subclassed model), or a
-# failure while doing it: the reason, as a 0-d str array (the locate tasks
-# never raise: they are a diagnosis, not a check, and must not fail a run).
-LOCATE_ERROR_KEY = "locate_error"
-LAYER_OUT_PREFIX = "layer/"
-
-
-def layer_out_key(v, i, t=0):
-    """LOCATE / LOCATE64: output tensor t of layer call i, input variant v."""
-    return f"{LAYER_OUT_PREFIX}{v}/{i}/{t}"
-
-
-def layer_of(key):
-    """The layer call of a `layer_out_key`, "layer/{v}/{i}/{t}" -> i."""
-    return int(key.split("/")[2])
-
-
-# -------------------------------------------------------------- drift task
-# job.json "options" of task DRIFT: the number of optimizer steps, and the
-# optimizer (a key of OPTIMIZER_SETTINGS).
-DRIFT_STEPS = "drift_steps"
-DRIFT_OPTIMIZER = "drift_optimizer"
-DEFAULT_DRIFT_OPTIMIZER = "adam"
-# The two training runs of task DRIFT: the model as it is (its dtype policy),
-# and its float64 clone, from the same weights.
-DRIFT_RUNS = ("train", "train64")
-# Weights are kept at most at this many steps (a large model times many steps
-# would not fit on disk); losses at every step.
-DRIFT_MAX_RECORDED = 64
-
-
-def drift_table_steps(steps):
-    """The steps the drift table shows: 1, K/4, K/2 and K."""
-    return sorted({1, max(1, steps // 4), max(1, steps // 2), steps})
-
-
-def drift_recorded_steps(steps):
-    """The steps after which task DRIFT keeps the weights: every step up to
-    DRIFT_MAX_RECORDED steps, else that many evenly spaced, always with the
-    table's steps."""
-    if steps <= DRIFT_MAX_RECORDED:
-        return list(range(1, steps + 1))
-    spaced = {
-        round(1 + i * (steps - 1) / (DRIFT_MAX_RECORDED - 1))
-        for i in range(DRIFT_MAX_RECORDED)
-    }
-    return sorted(spaced | set(drift_table_steps(steps)))
-
-
-def drift_loss_key(run, s):
-    """DRIFT: the loss that step s (1..K) of `run` differentiated, i.e. at the
-    weights after s - 1 steps (as `fit` logs a step's loss)."""
-    return f"{run}/loss/{s}"
-
-
-def drift_weight_key(run, s, j):
-    """DRIFT: trainable variable j of `run` after s steps (s of
-    `drift_recorded_steps`)."""
-    return f"{run}/weight/{s}/{j}"

@@ -2,25 +2,29 @@
 
 A `Cell` is one check on one backend: the error against the check's oracle,
 the budget it is allowed and their `ratio` (passes when <= 1). A `Row` is one
-check of one case across backends. Every row comes from a check of
-`checks.CHECKS`; nothing here knows which checks exist.
+check of one case across backends. Every row comes from a check of the
+matrix (`matrix.all_checks`); nothing here knows which checks exist. The
+opt-in features add named sections (`Report.sections`), JSON-ready.
 """
 
 import dataclasses
 import math
+
+from mhsa_core._subprocess import NOT_INSTALLED
+from mhsa_core._text import format_table
 
 __all__ = [
     "Cell",
     "Row",
     "Report",
     "cell_of",
-    "format_table",
+    "json_cell",
+    "cell_from_json",
     "cell_text",
     "render",
     "footer",
     "NOT_JUDGED_LEGEND",
     "verdict",
-    "last_line",
 ]
 
 
@@ -95,9 +99,7 @@ class Report:
     @property
     def missing(self):
         """Backends that were asked for but are not installed."""
-        return [
-            b for b, e in self.worker_errors.items() if e.startswith("not installed")
-        ]
+        return [b for b, e in self.worker_errors.items() if e.startswith(NOT_INSTALLED)]
 
     @property
     def agree(self):
@@ -169,7 +171,7 @@ class Report:
                 {
                     "case": r.case,
                     "check": r.check,
-                    "cells": {b: _json_cell(c) for b, c in r.cells.items()},
+                    "cells": {b: json_cell(c) for b, c in r.cells.items()},
                 }
                 for r in self.rows
             ],
@@ -180,13 +182,17 @@ class Report:
 SCHEMA_VERSION = 1
 
 
-def _json_cell(cell):
-    """A cell as JSON: a non-finite number (an error of NaN, a zero budget)
-    becomes null, its value spelled in "non_finite" ({"ratio": "inf"})."""
+_NUMBERS = ("ratio", "error", "budget")
+
+
+def json_cell(cell):
+    """A cell as strict JSON, the one form of every cell in the report's JSON
+    (rows and sections): a non-finite number (an error of NaN, a zero
+    budget) becomes null, its value spelled in "non_finite" ({"ratio": "inf"})."""
     data = dataclasses.asdict(cell)
     data["judged"] = cell.passed is not None
     non_finite = {}
-    for key in ("ratio", "error", "budget"):
+    for key in _NUMBERS:
         value = data[key]
         if value is not None and not math.isfinite(value):
             non_finite[key] = str(value)  # "inf", "-inf", "nan"
@@ -196,23 +202,16 @@ def _json_cell(cell):
     return data
 
 
+def cell_from_json(data):
+    """The `Cell` of `json_cell(cell)`, its non-finite numbers restored."""
+    fields = {f.name for f in dataclasses.fields(Cell)}
+    cell = {k: v for k, v in data.items() if k in fields}
+    for key, text in data.get("non_finite", {}).items():
+        cell[key] = float(text)
+    return Cell(**cell)
+
+
 # ------------------------------------------------------------------ text
-def last_line(text, default=""):
-    """The last non-empty line of an error text (a traceback's exception line)."""
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else default
-
-
-def format_table(header, rows):
-    """A plain-text table, columns padded to their widest entry."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
-
-
 def cell_text(cell):
     """(text, rich style) of a cell in the table."""
     if cell is None:

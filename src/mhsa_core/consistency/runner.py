@@ -22,60 +22,36 @@ The parent never runs a framework; workers import only their own.
 """
 
 import dataclasses
-import importlib.util
 import json
-import os
-import queue
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-import mhsa_core
-from mhsa_core.consistency import protocol
-from mhsa_core.consistency.protocol import BACKENDS
+from mhsa_core import _subprocess
+from mhsa_core._subprocess import (
+    NOT_INSTALLED,
+    backend_available,
+    missing_modules,
+    unavailable_reason,
+)
+from mhsa_core.consistency import features, protocol, worker
 
-_STDERR_TAIL_CHARS = 3000
+__all__ = [
+    "BackendRun",
+    "run_backends",
+    "worker_env",
+    "backend_available",
+    "missing_modules",
+    "unavailable_reason",
+    "NOT_INSTALLED",
+    "SOME_TASKS_FAILED",
+]
 
-
-# What `import keras` needs under each backend, besides Keras's own pip
-# dependencies (Keras 3.15.1, measured by blocking each module in turn): the
-# numpy backend imports scipy.linalg (its linalg) and jax (its nn), jax
-# imports scipy and jaxlib. A backend counted as installed without them
-# would crash its worker (the default matrix FAILed on a keras+torch install).
-BACKEND_MODULES = {
-    "tensorflow": ("keras", "tensorflow"),
-    "torch": ("keras", "torch"),
-    "jax": ("keras", "jax", "jaxlib", "scipy"),
-    "numpy": ("keras", "scipy", "jax", "jaxlib"),
-}
-NOT_INSTALLED = "not installed"  # the start of a skipped backend's reason
-
-
-def missing_modules(backend):
-    """The modules a Keras backend needs that cannot be found here, without
-    importing any (`importlib.util.find_spec` of top-level names)."""
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"Unknown backend. Expected one of {BACKENDS}. "
-            f"Received: backend={backend!r}"
-        )
-    return [m for m in BACKEND_MODULES[backend] if importlib.util.find_spec(m) is None]
-
-
-def backend_available(backend):
-    """Whether everything a Keras backend imports is installed here."""
-    return not missing_modules(backend)
-
-
-def unavailable_reason(backend):
-    """Why `backend` is skipped ("not installed: needs scipy"), or None."""
-    missing = missing_modules(backend)
-    return f"{NOT_INSTALLED}: needs {', '.join(missing)}" if missing else None
+# A run's error when its worker ran to the end but some tasks raised (their
+# tracebacks are in `BackendRun.errors`): not a crash of the worker.
+SOME_TASKS_FAILED = "some tasks failed"
 
 
 @dataclasses.dataclass
@@ -117,7 +93,7 @@ def _write_job(job_dir, cases, options):
         for k, a in (case.weights or {}).items():
             arrays[protocol.job_weight_key(k)] = np.asarray(a)
         np.savez(job_dir / protocol.case_file(i), **arrays)
-        unknown = set(case.tasks) - set(protocol.KNOWN_TASKS)
+        unknown = set(case.tasks) - set(features.known_tasks())
         if unknown:
             raise ValueError(f"Unknown tasks {sorted(unknown)} in case {case.name!r}")
         job["cases"].append(
@@ -132,7 +108,11 @@ def _write_job(job_dir, cases, options):
                 "input_names": list(case.variants[0]) if case.variants else [],
                 "tasks": list(case.tasks),
                 "dtype": case.dtype,
-                "exports": list(getattr(case, "exports", ())),
+                # {feature name: its options}: what its tasks read (`worker`)
+                "features": {
+                    name: dataclasses.asdict(options)
+                    for name, options in case.features.items()
+                },
             }
         )
     (job_dir / protocol.JOB_FILE).write_text(json.dumps(job, indent=1))
@@ -140,96 +120,52 @@ def _write_job(job_dir, cases, options):
 
 
 def worker_env(backend):
-    """The environment of a worker process for `backend`."""
-    env = dict(os.environ)
-    env["KERAS_BACKEND"] = backend
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if backend == "jax":
-        # float64 tasks must really be float64 (JAX computes them in float32
-        # otherwise); float32 arrays are unaffected.
-        env["JAX_ENABLE_X64"] = "1"
-    # The worker imports this very copy of mhsa_core, and finds what the
-    # parent finds (a user's modules of custom layers).
-    src = str(Path(mhsa_core.__file__).resolve().parents[1])
-    paths = [src, *[p for p in sys.path if p], env.get("PYTHONPATH", "")]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
-    return env
+    """The environment of a matrix worker for `backend`: JAX in 64-bit mode
+    (`_subprocess.worker_env`), as the float64 tasks need."""
+    return _subprocess.worker_env(backend, jax_x64=True)
 
 
 class _Worker:
-    """A worker process and a thread that reads its stdout lines."""
+    """A worker process (`python -m mhsa_core.consistency.worker`) through
+    the phases of a run."""
 
     def __init__(self, backend, job_dir, out_dir):
         self.backend = backend
-        self.out_dir = out_dir
-        self.stderr_path = out_dir / protocol.STDERR_FILE
-        self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mhsa_core.consistency.worker",
-                str(job_dir),
-                str(out_dir),
-            ],
+        self.process = _subprocess.Process(
+            worker.__name__,
+            [job_dir, out_dir],
             env=worker_env(backend),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
+            stdin=True,
+            stderr_path=out_dir / protocol.STDERR_FILE,
         )
-        self.lines = queue.Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
-        self.lines.put(None)  # EOF: the process ended
 
     def run_phase(self, phase, deadline):
         """Sends `phase` and waits for `done PHASE`; returns an error or None."""
-        try:
-            self.proc.stdin.write(phase + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
+        if not self.process.send(phase):
             return self._failure("worker exited before phase " + phase)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.kill()
+                self.process.kill()
                 return self._failure(f"timed out in phase {phase!r}")
             try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
+                line = self.process.next_line(remaining)
+            except TimeoutError:
                 continue
             if line is None:
-                self.proc.wait()
+                self.process.wait()
                 return self._failure(
-                    f"worker exited with status {self.proc.returncode} "
+                    f"worker exited with status {self.process.returncode} "
                     f"in phase {phase!r}"
                 )
             if line == protocol.done_line(phase):
                 return None
 
     def _failure(self, what):
-        self._stderr.flush()
-        tail = self.stderr_path.read_text(errors="replace")[-_STDERR_TAIL_CHARS:]
-        return f"{what}\n{tail}".rstrip()
+        return f"{what}\n{self.process.stderr_tail()}".rstrip()
 
     def close(self):
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            self.kill()
-        self._reader.join(timeout=5)  # it ends at the pipe's EOF
-        self.proc.stdout.close()
-        self._stderr.close()
-
-    def kill(self):
-        self.proc.kill()
-        self.proc.wait()
+        self.process.close()
 
 
 def run_backends(
@@ -242,8 +178,6 @@ def run_backends(
     safe_mode=True,
     portability=True,
     imports=(),
-    drift_steps=None,
-    drift_optimizer=protocol.DEFAULT_DRIFT_OPTIMIZER,
 ):
     """Runs `cases` under each backend; returns {backend: BackendRun}.
 
@@ -263,8 +197,6 @@ def run_backends(
         portability: run the "load" phase (each backend loads the others' files).
         imports: modules each worker imports first (e.g. where a user model's
             custom layers are registered).
-        drift_steps: the optimizer steps of task DRIFT (cases that have it).
-        drift_optimizer: its optimizer, a key of `protocol.OPTIMIZER_SETTINGS`.
     """
     for backend in backends:
         backend_available(backend)  # validates the name
@@ -276,8 +208,6 @@ def run_backends(
             "safe_mode": bool(safe_mode),
             "backends": list(backends),
             "imports": list(imports),
-            protocol.DRIFT_STEPS: drift_steps,
-            protocol.DRIFT_OPTIMIZER: drift_optimizer,
         }
         job = _write_job(root, cases, options)
         runs, workers = {}, {}
@@ -352,4 +282,4 @@ def _collect(run, out_dir, job):
                 run.loads[(saver, case["name"])] = _load_npz(path)
     if run.ok and any(run.errors.values()):
         run.ok = False
-        run.error = "some tasks failed"
+        run.error = SOME_TASKS_FAILED

@@ -3,11 +3,11 @@
 (one or more ARTIFACT INPUTS OUTPUTS triples of one format).
 
 A fresh process per artifact, started by the worker's export task
-(`consistency.export`), which imports no Keras: the artifact runs as a
+(`consistency.features.export`), which imports no Keras: the artifact runs as a
 deployment would run it, without the framework that exported it (a torch
 worker never imports TensorFlow; a SavedModel runs in TensorFlow alone).
 
-INPUTS is an `.npz` with keys `{v}/{name}`: input `name` of input variant `v`,
+INPUTS is an `.npz` with keys `input_key(v, name)`: input `name` of variant `v`,
 the inputs of a variant in the model's input order. OUTPUTS gets
 `protocol.out_key(v)` per variant: the artifact's first output. A runtime
 that raises exits non-zero with the error on stderr (its last line is what
@@ -150,12 +150,17 @@ def run(fmt, artifact, inputs):
     }
 
 
+def input_key(v, name):
+    """INPUTS: input `name` of input variant `v`."""
+    return f"{v}/{name}"
+
+
 def read_inputs(path):
     """{v: (names, arrays)} of an INPUTS file, in the file's order."""
     variants = {}
     with np.load(path) as data:
         for key in data.files:
-            v, name = key.split("/", 1)
+            v, name = key.split("/", 1)  # `input_key`
             names, xs = variants.setdefault(int(v), ([], []))
             names.append(name)
             xs.append(data[key])

@@ -17,8 +17,7 @@ import io
 import tempfile
 from pathlib import Path
 
-from mhsa_core.consistency import cases, drift, matrix
-from mhsa_core.consistency import locate as layer_locate
+from mhsa_core.consistency import cases, features, matrix
 from mhsa_core.consistency.protocol import TRAINING_BACKENDS
 from mhsa_core.consistency.report import render, verdict
 
@@ -51,6 +50,7 @@ def assert_backends_agree(
     steps=None,
     optimizer=None,
     export=(),
+    **feature_options,
 ):
     """Asserts that `backends` agree on a Keras model; returns the `report.Report`.
 
@@ -72,10 +72,10 @@ def assert_backends_agree(
             Default False: one backend is not agreement.
         locate: also run the model layer by layer on each backend; the
             message then names the first layer whose output leaves its
-            budget (`mhsa_core.consistency.locate`).
+            budget (`mhsa_core.consistency.features.locate`).
         steps: also train this many optimizer steps on each backend, in float32
             and float64 from the same weights, and fail when a backend drifts
-            from the float64 run beyond the peer budget (`drift`; the
+            from the float64 run beyond the peer budget (`features.drift`; the
             "training drift" row). Not with `rtol`.
         optimizer: the optimizer of `steps`: "adam" (default) or "sgd".
         export: formats of `model.export` ("tf_saved_model", "onnx",
@@ -83,13 +83,23 @@ def assert_backends_agree(
             artifact runs in its own runtime and is judged like the backends
             (a format a backend cannot export, or whose runtime is not
             installed, is reported, not failed).
+        **feature_options: the keywords of other opt-in features
+            (`mhsa_core.consistency.features.FEATURES`).
 
     Raises:
+        ValueError: a bad option, before anything is saved or run.
         AssertionError: a check failed, a worker crashed, or fewer than two
             backends ran (nothing was compared); the message has the whole
             table and the verdict.
     """
-    drift.check_options(steps, optimizer, rtol)  # before anything is saved or run
+    keywords = dict(
+        locate=locate,
+        steps=steps,
+        optimizer=optimizer,
+        export=export,
+        **feature_options,
+    )
+    options = features.options(rtol=rtol, **keywords)  # before anything runs
     with tempfile.TemporaryDirectory(prefix="mhsa-core-model-") as tmp:
         if isinstance(model_or_path, (str, Path)):
             path = Path(model_or_path)
@@ -111,10 +121,7 @@ def assert_backends_agree(
             safe_mode=safe_mode,
             imports=imports,
             timeout=timeout,
-            locate=locate,
-            steps=steps,
-            optimizer=optimizer,
-            export=export,
+            **keywords,
         )
     if not report.agree:
         if (
@@ -130,9 +137,11 @@ def assert_backends_agree(
         render(report, text, f"backends disagree on {path.name}")
         for backend, error in report.worker_errors.items():
             text.write(f"\n{backend}: {error}\n")
-        for section in report.sections.get(layer_locate.SECTION, []):
-            text.write("\n" + layer_locate.format_section(section) + "\n")
-        if steps is not None:
-            text.write("\n" + drift.format_tables(report) + "\n")
+        for feature in features.FEATURES:
+            for part in feature.notes(report, options[feature.name]):
+                text.write("\n" + part + "\n")
+        for feature in features.FEATURES:
+            for part in feature.tables(report, options[feature.name]):
+                text.write("\n" + part + "\n")
         raise AssertionError(text.getvalue() + "\n" + verdict(report))
     return report

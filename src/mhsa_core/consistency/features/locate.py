@@ -1,14 +1,16 @@
 """Locating a divergence: the first layer whose output leaves its budget.
 
-When a cell of the matrix fails, `--locate` (`run_matrix(..., locate=True)`)
-runs the model layer by layer on every backend: the same inputs, and the
-output of every layer call, in float32 (task LOCATE) and through the float64
-clone (task LOCATE64). Each layer call is then judged as the forward check
-judges the model's output: against the float64 oracle (TensorFlow's float64
-run, else the median: `oracles.float64_oracle`) with a peer budget
-(`budgets.peer_budgets`, from the backends' own float32-vs-float64 error *of
-that layer's output*). The first call, in execution order, that leaves its
-budget on some backend is where the divergence starts.
+An opt-in feature (`FEATURE`, `base.Feature`). When a cell of the matrix
+fails, `--locate` (`run_matrix(..., locate=True)`) runs a model case (a
+user's `.keras` file; our layer alone is one layer) layer by layer on every
+backend: the same inputs, and the output of every layer call, in float32
+(task LOCATE) and through the float64 clone (task LOCATE64). Each layer call
+is then judged as the forward check judges the model's output: against the
+float64 oracle (TensorFlow's float64 run, else the median:
+`oracles.float64_oracle`) with a peer budget (`budgets.peer_budgets`, from
+the backends' own float32-vs-float64 error *of that layer's output*). The
+first call, in execution order, that leaves its budget on some backend is
+where the divergence starts.
 
 Why the first one in order is enough: calls are ordered so that every call
 comes after the calls that produce its inputs (a topological order); at the
@@ -27,33 +29,68 @@ What is a "layer call":
   are not located inside it (run `--locate` on the nested model for that);
 - other (subclassed) models cannot be run layer by layer: the section says so.
 
-Two halves: `layer_outputs` runs in the worker (it is handed the `keras`
-module; nothing here imports a framework), `locate_case` and `format_section`
-run in the parent.
+Two halves: the tasks LOCATE and LOCATE64 (`layer_outputs`) run in the
+worker (Keras comes with the task's context; nothing here imports a
+framework), `locate_case` and `format_section` run in the parent: the
+report's section `NAME` ("locate" in the JSON) and its text after the errors.
+A section, not a check row: locate explains failing cells (as a row it would
+count the same disagreement twice), and it never changes the verdict.
 """
 
 import dataclasses
 import math
+import traceback
 
 import numpy as np
 
+from mhsa_core._subprocess import NOT_INSTALLED, tail
+from mhsa_core._text import format_table, last_line
 from mhsa_core.consistency import budgets, oracles, protocol
 from mhsa_core.consistency.arrays import portable
 from mhsa_core.consistency.checks import judge
-from mhsa_core.consistency.protocol import (
-    LAYER_CLASSES_KEY,
-    LAYER_NAMES_KEY,
-    LOCATE,
-    LOCATE64,
-    LOCATE_ERROR_KEY,
-)
-from mhsa_core.consistency.report import Cell, cell_text, format_table, last_line
+from mhsa_core.consistency.features.base import Feature
+from mhsa_core.consistency.report import Cell, cell_from_json, cell_text, json_cell
 
-__all__ = ["layer_outputs", "locate_case", "locate_cases", "format_section", "SECTION"]
+__all__ = [
+    "FEATURE",
+    "NAME",
+    "LocateOptions",
+    "LOCATE",
+    "LOCATE64",
+    "LOCATE_TASKS",
+    "layer_out_key",
+    "layer_outputs",
+    "locate_case",
+    "locate_cases",
+    "format_section",
+]
 
-# The name of the report's section (`Report.sections`, JSON key).
-SECTION = "locate"
-_ERROR_CHARS = 2000
+NAME = "locate"  # the feature's name: its report section, its JSON key
+
+# ------------------------------------------------------------ tasks and keys
+LOCATE = "locate"  # every layer call's output, in the case's dtype
+LOCATE64 = "locate64"  # every layer call's output of the float64 twin
+LOCATE_TASKS = (LOCATE, LOCATE64)
+# The outputs of every layer call of a model, in execution order
+# (`layer_outputs`); call i's output tensor t of variant v is
+# `layer_out_key(v, i, t)`.
+LAYER_NAMES_KEY = "layer_names"  # 1-D str array: call i's name
+LAYER_CLASSES_KEY = "layer_classes"  # 1-D str array: call i's layer class
+# A model that cannot be run layer by layer (e.g. a subclassed model), or a
+# failure while doing it: the reason, as a 0-d str array (the locate tasks
+# never raise: they are a diagnosis, not a check, and must not fail a run).
+LOCATE_ERROR_KEY = "locate_error"
+LAYER_OUT_PREFIX = "layer/"
+
+
+def layer_out_key(v, i, t=0):
+    """Output tensor t of layer call i, input variant v."""
+    return f"{LAYER_OUT_PREFIX}{v}/{i}/{t}"
+
+
+def layer_of(key):
+    """The layer call of a `layer_out_key`, "layer/{v}/{i}/{t}" -> i."""
+    return int(key.split("/")[2])
 
 
 # =================================================================== worker
@@ -135,7 +172,7 @@ def layer_outputs(keras, model, variants, call_inputs):
 
     Returns:
         {LAYER_NAMES_KEY, LAYER_CLASSES_KEY: 1-D str arrays,
-        `protocol.layer_out_key(v, i, t)`: output t of call i on variant v}.
+        `layer_out_key(v, i, t)`: output t of call i on variant v}.
 
     Raises:
         ValueError: a model that is neither functional nor Sequential.
@@ -152,7 +189,7 @@ def layer_outputs(keras, model, variants, call_inputs):
                 # takes the mask from the input tensor (as Sequential.call).
                 x = layer(x, training=False)
                 for t, out in enumerate(keras.tree.flatten(x)):
-                    results[protocol.layer_out_key(v, i, t)] = portable(convert(out))
+                    results[layer_out_key(v, i, t)] = portable(convert(out))
     else:
         config = model.get_config()
         if not isinstance(config, dict) or not {
@@ -172,9 +209,7 @@ def layer_outputs(keras, model, variants, call_inputs):
             k = 0
             for i, (_, _, count) in enumerate(counted):
                 for t in range(count):
-                    results[protocol.layer_out_key(v, i, t)] = portable(
-                        convert(outs[k])
-                    )
+                    results[layer_out_key(v, i, t)] = portable(convert(outs[k]))
                     k += 1
     results[LAYER_NAMES_KEY] = np.array([name for name, _ in entries], dtype=str)
     results[LAYER_CLASSES_KEY] = np.array([cls for _, cls in entries], dtype=str)
@@ -183,27 +218,34 @@ def layer_outputs(keras, model, variants, call_inputs):
 
 def error_result(text):
     """The result of a locate task that could not run (a 0-d str array)."""
-    return {LOCATE_ERROR_KEY: np.array(text.strip()[-_ERROR_CHARS:])}
+    return {LOCATE_ERROR_KEY: np.array(tail(text.strip()))}
+
+
+def _located(ctx, make_model, variants):
+    # A diagnosis, not a check: what cannot run layer by layer is reported in
+    # the result (LOCATE_ERROR_KEY), never as a failed task.
+    try:
+        return layer_outputs(ctx.keras, make_model(), variants, ctx.call_inputs)
+    except Exception:  # noqa: BLE001
+        return error_result(traceback.format_exc())
+
+
+def locate_task(ctx, options, timings):
+    """Task LOCATE: every layer call's output, as the model computes."""
+    return _located(ctx, lambda: ctx.model, ctx.variants)
+
+
+def locate64_task(ctx, options, timings):
+    """Task LOCATE64: every layer call's output of the float64 twin."""
+    return _located(ctx, ctx.model64, ctx.variants64)
 
 
 # =================================================================== parent
-def _json_cell(cell):
-    """A Cell as strict JSON (a non-finite number is null, with the note)."""
-    data = dataclasses.asdict(cell)
-    for k in ("ratio", "error", "budget"):
-        if data[k] is not None and not math.isfinite(data[k]):
-            data[k] = None
-            data["note"] = (
-                data["note"] + " " if data["note"] else ""
-            ) + f"{k} not finite"
-    return data
-
-
 def _layer_keys(result):
     """{call i: its keys} of one LOCATE result, in call order."""
     groups = {}
-    for key in protocol.keys_with({"": result}, (protocol.LAYER_OUT_PREFIX,)):
-        groups.setdefault(protocol.layer_of(key), []).append(key)
+    for key in protocol.keys_with({"": result}, (LAYER_OUT_PREFIX,)):
+        groups.setdefault(layer_of(key), []).append(key)
     return dict(sorted(groups.items()))
 
 
@@ -235,7 +277,7 @@ def locate_case(case, runs, backends, rtol=None):
         if LOCATE not in mine:
             errors = run.errors.get(case.name, {})
             error = errors.get(LOCATE) or errors.get(protocol.SETUP_ERROR) or run.error
-            if error and not str(error).startswith("not installed"):
+            if error and not str(error).startswith(NOT_INSTALLED):
                 notes.append(f"{b}: no layer outputs ({last_line(error, 'failed')})")
             continue
         for task, into in ((LOCATE, results32), (LOCATE64, results64)):
@@ -301,7 +343,7 @@ def locate_case(case, runs, backends, rtol=None):
                 "index": i,
                 "name": names[i],
                 "class": classes[i],
-                "cells": {b: _json_cell(c) for b, c in cells.items()},
+                "cells": {b: json_cell(c) for b, c in cells.items()},
             }
         )
         section["checked"] += 1
@@ -330,7 +372,7 @@ def _oracle_text(exact, results64, rtol):
 
 
 def locate_cases(cases, runs, backends, rtol=None):
-    """`locate_case` of every model case that ran task LOCATE somewhere."""
+    """`locate_case` of every case that has task LOCATE."""
     return [
         locate_case(case, runs, backends, rtol)
         for case in cases
@@ -365,7 +407,9 @@ def format_section(section):
         rows = []
         for layer in section["layers"]:
             cells = [
-                cell_text(Cell(**layer["cells"][b]))[0] if b in layer["cells"] else "-"
+                cell_text(cell_from_json(layer["cells"][b]))[0]
+                if b in layer["cells"]
+                else "-"
                 for b in backends
             ]
             rows.append([str(layer["index"]), layer["name"], layer["class"], *cells])
@@ -388,3 +432,53 @@ def format_section(section):
         )
     lines += [f"  note: {n}" for n in section["notes"]]
     return "\n".join(lines)
+
+
+# ================================================================== feature
+@dataclasses.dataclass(frozen=True)
+class LocateOptions:
+    """locate: run every model case layer by layer (`--locate`)."""
+
+    locate: bool = False
+
+
+class _Locate(Feature):
+    name = NAME
+    Options = LocateOptions
+    tasks = {LOCATE: locate_task, LOCATE64: locate64_task}
+    # numpy runs the model as it is (float32), not its float64 twin.
+    inference_tasks = (LOCATE,)
+    model_flag = "--locate"
+    examples = ("mhsa-core matrix --model my_model.keras --locate",)
+
+    def options(self, *, rtol=None, locate=False):
+        return LocateOptions(bool(locate))
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--locate",
+            action="store_true",
+            help="also run the model layer by layer on each backend and name the "
+            "first layer whose output leaves its budget (after the table)",
+        )
+
+    def options_from_args(self, args):
+        return LocateOptions(bool(args.locate))
+
+    def apply(self, case, options):
+        """Model cases only: our layer alone is one layer."""
+        if case.kind != "model":
+            return case
+        return super().apply(case, options)
+
+    def reads(self, case):
+        return LOCATE_TASKS
+
+    def section(self, report, cases, rtol=None):
+        return locate_cases(cases, report.runs, report.backends, rtol) or None
+
+    def notes(self, report, options):
+        return [format_section(s) for s in report.sections.get(NAME, [])]
+
+
+FEATURE = _Locate()

@@ -1,11 +1,12 @@
 """Training drift: does a model trained under one backend train the same under another?
 
-`mhsa-core matrix --steps K` (and `assert_backends_agree(..., steps=K)`)
-trains K optimizer steps on each training backend, twice, from the same
-weights and on the same data: the model as it is (its dtype policy, float32
-usually) and its float64 clone (`worker._CaseRunner.model64`, whose weights
-are the model's, cast). Then it measures, after every step s, how far each
-backend's float32 run has moved from the float64 run of the oracle:
+An opt-in feature (`FEATURE`, `base.Feature`): `mhsa-core matrix --steps K`
+(and `assert_backends_agree(..., steps=K)`) trains K optimizer steps on each
+training backend, twice, from the same weights and on the same data: the
+model as it is (its dtype policy, float32 usually) and its float64 twin
+(`TaskContext.model64`, whose weights are the model's, cast). Then it
+measures, after every step s, how far each backend's float32 run has moved
+from the float64 run of the oracle:
 
 - weights: max over all trainable variables of |w_s - w64_s|, relative to
   max|w64_s| of the oracle;
@@ -13,7 +14,8 @@ backend's float32 run has moved from the float64 run of the oracle:
   oracle's run (the loss crosses zero as it falls, so its own value at a step
   is no scale).
 
-The training (task DRIFT, run in the worker by `train`):
+The training (task DRIFT, run in the worker by `train`, on the case's
+`task_context.TaskContext`):
 - the loss of the gradient checks, `sum(output * L)` with a fixed random L
   (`gradients.loss_weights`), so that every output entry is trained, divided
   by the output's size (a mean: SGD's steps do not grow with the output);
@@ -45,13 +47,16 @@ which softmax ignores), which are shown, not judged. Steps from the one at
 which training diverges (float32's range left) are shown, not judged.
 docs/consistency.md has the measurements.
 
-The parent side (`series`, `judge_drift`, `format_tables`, `plot`) imports no
-framework; `plot` imports matplotlib (Agg), only when a plot is asked for.
+The parent side (`series`, `judge_drift`: the "training drift" row;
+`series_json`: the report's section `NAME`; `format_tables`: the table after
+the main one; `plot`: `--plot`) imports no framework; `plot` imports
+matplotlib (Agg), only when a plot is asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import tempfile
@@ -59,16 +64,25 @@ from pathlib import Path
 
 import numpy as np
 
+from mhsa_core._text import format_table
 from mhsa_core.consistency import budgets, oracles, protocol
 from mhsa_core.consistency.arrays import portable
-from mhsa_core.consistency.protocol import DRIFT, DRIFT_RUNS
-from mhsa_core.consistency.report import Cell, cell_of, format_table
+from mhsa_core.consistency.checks import KINDS, Check
+from mhsa_core.consistency.features.base import Feature
+from mhsa_core.consistency.report import Cell, cell_of
 
 __all__ = [
+    "FEATURE",
+    "NAME",
+    "DriftOptions",
+    "DRIFT",
     "CHECK_NAME",
     "ROUNDING_DRIVEN",
+    "drift_loss_key",
+    "drift_weight_key",
+    "drift_recorded_steps",
+    "drift_table_steps",
     "check_options",
-    "with_drift",
     "train",
     "DriftSeries",
     "series",
@@ -79,7 +93,50 @@ __all__ = [
     "plot",
 ]
 
+NAME = "drift"  # the feature's name: its report section, its JSON key
 CHECK_NAME = "training drift"
+
+# ------------------------------------------------------------ task and keys
+DRIFT = "drift"  # K optimizer steps in the case's dtype and in float64
+DEFAULT_DRIFT_OPTIMIZER = "adam"  # a key of `protocol.OPTIMIZER_SETTINGS`
+# The two training runs of task DRIFT: the model as it is (its dtype policy),
+# and its float64 clone, from the same weights.
+DRIFT_RUNS = ("train", "train64")
+# Weights are kept at most at this many steps (a large model times many steps
+# would not fit on disk); losses at every step.
+DRIFT_MAX_RECORDED = 64
+
+
+def drift_table_steps(steps):
+    """The steps the drift table shows: 1, K/4, K/2 and K."""
+    return sorted({1, max(1, steps // 4), max(1, steps // 2), steps})
+
+
+def drift_recorded_steps(steps):
+    """The steps after which task DRIFT keeps the weights: every step up to
+    DRIFT_MAX_RECORDED steps, else that many evenly spaced, always with the
+    table's steps."""
+    if steps <= DRIFT_MAX_RECORDED:
+        return list(range(1, steps + 1))
+    spaced = {
+        round(1 + i * (steps - 1) / (DRIFT_MAX_RECORDED - 1))
+        for i in range(DRIFT_MAX_RECORDED)
+    }
+    return sorted(spaced | set(drift_table_steps(steps)))
+
+
+def drift_loss_key(run, s):
+    """The loss that step s (1..K) of `run` differentiated, i.e. at the
+    weights after s - 1 steps (as `fit` logs a step's loss)."""
+    return f"{run}/loss/{s}"
+
+
+def drift_weight_key(run, s, j):
+    """Trainable variable j of `run` after s steps (s of
+    `drift_recorded_steps`)."""
+    return f"{run}/weight/{s}/{j}"
+
+
 # Result keys of task DRIFT besides the runs' losses and weights.
 _STEPS_KEY = "steps"
 _OPTIMIZER_KEY = "optimizer"
@@ -114,7 +171,7 @@ def check_options(steps, optimizer, rtol=None):
         raise ValueError(
             f"`steps` must be a positive integer. Received: steps={steps!r}"
         )
-    optimizer = protocol.DEFAULT_DRIFT_OPTIMIZER if optimizer is None else optimizer
+    optimizer = DEFAULT_DRIFT_OPTIMIZER if optimizer is None else optimizer
     if optimizer not in protocol.OPTIMIZER_SETTINGS:
         raise ValueError(
             f"`optimizer` must be one of {sorted(protocol.OPTIMIZER_SETTINGS)}. "
@@ -128,43 +185,37 @@ def check_options(steps, optimizer, rtol=None):
     return int(steps), optimizer
 
 
-def with_drift(case, steps):
-    """`case` with task DRIFT when `steps` is given, without it otherwise."""
-    tasks = tuple(t for t in case.tasks if t != DRIFT)
-    if steps is not None:
-        tasks += (DRIFT,)
-    return dataclasses.replace(case, tasks=tasks)
-
-
 # ---------------------------------------------------------- the worker
-def train(runner, steps, optimizer_name):
-    """Task DRIFT in a worker: K steps of the model and of its float64 clone.
+def train(ctx, options, timings):
+    """Task DRIFT in a worker: K steps of the model and of its float64 twin.
 
     Args:
-        runner: the worker's `_CaseRunner` of the case.
-        steps: the number of optimizer steps K.
-        optimizer_name: a key of `protocol.OPTIMIZER_SETTINGS`.
+        ctx: the case's `task_context.TaskContext`.
+        options: `DriftOptions`: the number of optimizer steps K, and the
+            optimizer (a key of `protocol.OPTIMIZER_SETTINGS`).
+        timings: unused.
 
     Returns:
-        {key: array}: `protocol.drift_loss_key(run, s)` for s = 1..K and
-        `protocol.drift_weight_key(run, s, j)` for the recorded steps s
-        (`protocol.drift_recorded_steps`), for both runs of
-        `protocol.DRIFT_RUNS`; the start weights (step 0 of the first run),
+        {key: array}: `drift_loss_key(run, s)` for s = 1..K and
+        `drift_weight_key(run, s, j)` for the recorded steps s
+        (`drift_recorded_steps`), for both runs of
+        `DRIFT_RUNS`; the start weights (step 0 of the first run),
         the variables' paths, the steps and the optimizer's name. The model's
         weights are restored afterwards (the other tasks use it).
     """
     from mhsa_core.consistency import gradients  # imports Keras: worker only
 
-    keras = runner.keras
-    model = runner.model
-    # Before any step: the clone's weights are the model's, cast to float64.
-    model64 = runner.model64()
+    steps, optimizer_name = options.steps, options.optimizer
+    keras = ctx.keras
+    model = ctx.model
+    # Before any step: the twin's weights are the model's, cast to float64.
+    model64 = ctx.model64()
     start = [np.array(keras.ops.convert_to_numpy(v)) for v in model.trainable_variables]
-    recorded = set(protocol.drift_recorded_steps(steps))
+    recorded = set(drift_recorded_steps(steps))
     class_name, arguments = protocol.OPTIMIZER_SETTINGS[optimizer_name]
     variants = {
-        _RUN: runner.variants,
-        _RUN64: [runner._as_float64(xs) for xs in runner.variants],
+        _RUN: ctx.variants,
+        _RUN64: ctx.variants64,
     }
     loss_weights = {}  # per variant: the same L in both runs
     results = {
@@ -173,7 +224,7 @@ def train(runner, steps, optimizer_name):
         _NAMES_KEY: np.asarray([v.path for v in model.trainable_variables], dtype=str),
     }
     for j, w in enumerate(start):
-        results[protocol.drift_weight_key(_RUN, 0, j)] = portable(w)
+        results[drift_weight_key(_RUN, 0, j)] = portable(w)
     try:
         for run, trained in ((_RUN, model), (_RUN64, model64)):
             optimizer = getattr(keras.optimizers, class_name)(**arguments)
@@ -181,7 +232,7 @@ def train(runner, steps, optimizer_name):
                 v = (s - 1) % len(variants[run])
                 xs = variants[run][v]
                 if v not in loss_weights:
-                    shape = runner._forward(trained, xs).shape
+                    shape = ctx.forward(trained, xs).shape
                     # The gradient checks' L, over the output's size: a mean,
                     # so that an SGD step does not grow with the output (with
                     # the sum, SGD(0.01) overflowed float32 within 12 steps
@@ -190,13 +241,13 @@ def train(runner, steps, optimizer_name):
                         1, int(np.prod(shape))
                     )
                 loss, _, grads = gradients.value_and_grad(
-                    trained, runner._call_inputs(xs), loss_weights[v]
+                    trained, ctx.call_inputs(xs), loss_weights[v]
                 )
-                results[protocol.drift_loss_key(run, s)] = np.asarray(loss, np.float64)
+                results[drift_loss_key(run, s)] = np.asarray(loss, np.float64)
                 new = gradients.apply_optimizer_step(trained, grads, optimizer)
                 if s in recorded:
                     for j, w in enumerate(new):
-                        results[protocol.drift_weight_key(run, s, j)] = portable(w)
+                        results[drift_weight_key(run, s, j)] = portable(w)
     finally:
         for variable, w in zip(model.trainable_variables, start):
             variable.assign(w)
@@ -214,7 +265,7 @@ class DriftSeries:
         optimizer: the key of `protocol.OPTIMIZER_SETTINGS` it trained with.
         oracle: which float64 run is the oracle ("tensorflow float64" or
             "median float64").
-        weight_steps: the steps with weights (`protocol.drift_recorded_steps`).
+        weight_steps: the steps with weights (`drift_recorded_steps`).
         weights, own_weights: {backend: [drift per weight step]}: max over all
             weights of |w - w64| / max|w64|, against the oracle and against the
             backend's own float64 run (what the table and plot show).
@@ -309,10 +360,11 @@ def _max_abs(a, b):
     return math.inf if math.isnan(error) else error
 
 
-def _median(values):
-    """The median, NaN counted as infinite (0 without values)."""
-    values = [math.inf if math.isnan(d) else d for d in values]
-    return float(np.median(values)) if values else 0.0
+def _peer_median(drifts):
+    """The median over the backends of their own drifts (`oracles.median`), a
+    NaN counted as infinite: a backend whose own run broke is the farthest
+    off, not a hole in the median."""
+    return float(oracles.median([math.inf if math.isnan(d) else d for d in drifts]))
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -338,17 +390,15 @@ def series(name, results):
         return None
     first = next(iter(results.values()))
     steps, optimizer = int(first[_STEPS_KEY]), str(first[_OPTIMIZER_KEY])
-    weight_steps = protocol.drift_recorded_steps(steps)
+    weight_steps = drift_recorded_steps(steps)
     n = sum(1 for k in first if k.startswith(f"{_RUN}/weight/{weight_steps[0]}/"))
-    loss64 = [protocol.drift_loss_key(_RUN64, s) for s in range(1, steps + 1)]
-    weights64 = [
-        protocol.drift_weight_key(_RUN64, s, j) for s in weight_steps for j in range(n)
-    ]
+    loss64 = [drift_loss_key(_RUN64, s) for s in range(1, steps + 1)]
+    weights64 = [drift_weight_key(_RUN64, s, j) for s in weight_steps for j in range(n)]
     # A run that stopped midway writes nothing: every result has every key.
     wanted = (
         loss64 + weights64 + [k.replace(_RUN64, _RUN, 1) for k in loss64 + weights64]
     )
-    wanted += [protocol.drift_weight_key(_RUN, 0, j) for j in range(n)]
+    wanted += [drift_weight_key(_RUN, 0, j) for j in range(n)]
     results = {b: r for b, r in results.items() if all(k in r for k in wanted)}
     oracle = oracles.float64_oracle(results, loss64 + weights64) if results else None
     if oracle is None:
@@ -381,14 +431,14 @@ def series(name, results):
     )
     for s, key64 in enumerate(loss64, start=1):
         for b, r in results.items():
-            loss = float(r[protocol.drift_loss_key(_RUN, s)])
+            loss = float(r[drift_loss_key(_RUN, s)])
             out.loss.setdefault(b, []).append(
                 _relative(abs(loss - float(oracle[key64])), magnitude)
             )
             out.own_loss.setdefault(b, []).append(
                 _relative(abs(loss - float(r[key64])), magnitude)
             )
-        own = _median(out.own_loss[b][-1] for b in results)
+        own = _peer_median([out.own_loss[b][-1] for b in results])
         if not math.isfinite(own):
             diverges.append(s)
         out.loss_budgets.append(budgets.PEER_FACTOR * own + budgets.FLOOR)
@@ -401,23 +451,21 @@ def _weight_step(out, results, oracle, s, n):
     cells judged (each trainable variable against its own peer budget).
     Returns whether the runs still compute the same thing (False: the oracle
     out of float32's range, or most own float32 runs not finite)."""
-    w64 = [oracle[protocol.drift_weight_key(_RUN64, s, j)] for j in range(n)]
+    w64 = [oracle[drift_weight_key(_RUN64, s, j)] for j in range(n)]
     # The start is the same everywhere (the case's weights).
     start = [
-        next(iter(results.values()))[protocol.drift_weight_key(_RUN, 0, j)]
-        for j in range(n)
+        next(iter(results.values()))[drift_weight_key(_RUN, 0, j)] for j in range(n)
     ]
     # errors[b][j], own[b][j]: |w - w64| against the oracle and the backend's own.
     errors, own = {}, {}
     for b, r in results.items():
-        w = [r[protocol.drift_weight_key(_RUN, s, j)] for j in range(n)]
+        w = [r[drift_weight_key(_RUN, s, j)] for j in range(n)]
         errors[b] = [_max_abs(a, o) for a, o in zip(w, w64)]
         own[b] = [
-            _max_abs(a, r[protocol.drift_weight_key(_RUN64, s, j)])
-            for j, a in enumerate(w)
+            _max_abs(a, r[drift_weight_key(_RUN64, s, j)]) for j, a in enumerate(w)
         ]
     magnitude = budgets.scale(w64)
-    medians = [_median(own[b][j] for b in results) for j in range(n)]
+    medians = [_peer_median([own[b][j] for b in results]) for j in range(n)]
     limits = [
         budgets.PEER_FACTOR * medians[j] + budgets.FLOOR * budgets.scale([w64[j]])
         for j in range(n)
@@ -461,9 +509,6 @@ def judge_drift(ctx, saver):
             for b in drift.backends
         }
     return {b: drift.cell(b) for b in drift.backends}
-
-
-SECTION = "drift"  # the report's section (and JSON key) of the drift series
 
 
 def _finite(values):
@@ -559,7 +604,7 @@ def format_tables(report):
             *(f"{b} ratio" for b in backends),
         ]
         rows = []
-        for s in protocol.drift_table_steps(drift.steps):
+        for s in drift_table_steps(drift.steps):
             i = drift.weight_steps.index(s)
             rows.append(
                 [
@@ -690,3 +735,120 @@ def plot(report, path):
     finally:
         plt.close(figure)
     return len(drifts)
+
+
+# ================================================================== feature
+# Opt-in (`--steps K`): K optimizer steps in float32 and float64 on each
+# training backend, judged by the peer rule at every step.
+CHECK = Check(
+    CHECK_NAME,
+    (DRIFT,),
+    judge_drift,
+    float64_cases=False,
+    exact_for=KINDS,
+    backends="training",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftOptions:
+    """steps: optimizer steps to train (None: no training); optimizer: a key
+    of `protocol.OPTIMIZER_SETTINGS` (with steps; `DEFAULT_DRIFT_OPTIMIZER`)."""
+
+    steps: int | None = None
+    optimizer: str | None = None
+
+
+class _Drift(Feature):
+    name = NAME
+    Options = DriftOptions
+    tasks = {DRIFT: train}
+    checks = (CHECK,)
+    examples = ("mhsa-core matrix --model my_model.keras --steps 20 --plot drift.png",)
+
+    def options(self, *, rtol=None, steps=None, optimizer=None):
+        return DriftOptions(*check_options(steps, optimizer, rtol))
+
+    def enabled(self, options):
+        return options.steps is not None
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--steps",
+            metavar="K",
+            help="also train K optimizer steps on each training backend, in float32 "
+            "and float64 from the same weights and data, and judge how far "
+            "each drifts from the float64 run (a 'training drift' row and a "
+            "table of steps)",
+        )
+        parser.add_argument(
+            "--optimizer",
+            metavar="NAME",
+            help=f"the optimizer of --steps: {'|'.join(protocol.OPTIMIZER_SETTINGS)} "
+            f"(default {DEFAULT_DRIFT_OPTIMIZER})",
+        )
+        parser.add_argument(
+            "--plot",
+            metavar="PATH.png",
+            help="with --steps: a PNG of the drift vs step per backend "
+            "(needs matplotlib: mhsa-core[plot])",
+        )
+
+    def options_from_args(self, args):
+        """`--steps/--optimizer/--plot`, checked before any worker starts."""
+        if args.steps is None:
+            if args.optimizer is not None or args.plot is not None:
+                raise ValueError("--optimizer and --plot need --steps")
+            return DriftOptions()
+        try:
+            steps = int(args.steps)
+        except ValueError:
+            steps = 0
+        if steps < 1:
+            raise ValueError(
+                f"--steps expects a positive integer; received: {args.steps!r}"
+            )
+        optimizer = args.optimizer or DEFAULT_DRIFT_OPTIMIZER
+        if optimizer not in protocol.OPTIMIZER_SETTINGS:
+            raise ValueError(
+                f"--optimizer expects one of {'|'.join(protocol.OPTIMIZER_SETTINGS)}; "
+                f"received: {args.optimizer!r}"
+            )
+        if args.rtol is not None:
+            raise ValueError(
+                "--steps judges training against float64 runs, which --rtol "
+                "(a model that cannot run in float64) rules out"
+            )
+        if args.plot is not None:
+            if importlib.util.find_spec("matplotlib") is None:
+                raise ValueError(
+                    "--plot needs matplotlib: pip install 'mhsa-core[plot]'"
+                )
+            try:
+                check_plot_path(args.plot)
+            except ValueError as e:
+                raise ValueError(f"--plot: {e}") from None
+        return DriftOptions(steps, optimizer)
+
+    def section(self, report, cases, rtol=None):
+        return [series_json(s) for s in report_series(report)] or None
+
+    def tables(self, report, options):
+        if not self.enabled(options):
+            return []
+        return [format_tables(report) or "training drift: no results"]
+
+    def write_outputs(self, report, args, out):
+        if args.plot is None:
+            return
+        try:
+            plotted = plot(report, args.plot)
+        except OSError as e:
+            raise ValueError(f"cannot write --plot {args.plot}: {e}") from None
+        print(
+            f"drift plot: {args.plot}" if plotted else "drift plot: nothing to plot",
+            file=out,
+        )
+
+
+FEATURE = _Drift()
