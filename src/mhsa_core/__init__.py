@@ -34,6 +34,7 @@ _SUBMODULES = (
     "consistency",
     "testing",
     "distribution",
+    "natives",
 )
 
 __all__ = [

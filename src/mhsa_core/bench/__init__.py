@@ -9,10 +9,10 @@ One concept per module:
 - `run`: the parent: a fresh worker per row, a watchdog on its memory and time;
 - `worker`: one row in its own process (`python -m mhsa_core.bench.worker`);
 - `engines`: how each backend compiles, differentiates, synchronises, and its
-  matmul ceiling; `subjects`: the layer / native / Keras MHA being measured;
-  `natives`: the bench's native fused references; `memory`: peak RSS growth;
+  matmul ceiling; `subjects`: the layer / native (`fused_block` of
+  `mhsa_core.natives`) / Keras MHA being measured; `memory`: peak RSS growth;
 - `report`: the JSON, the tables, the plot; `command`: the CLI's arguments.
 
-The parent (everything but `worker`, `engines`, `subjects`, `natives`)
+The parent (everything but `worker`, `engines`, `subjects`)
 imports no framework.
 """

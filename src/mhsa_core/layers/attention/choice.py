@@ -25,7 +25,7 @@ Exporters that cannot take a path (`fallback`, a scoped setting): within
 take one of the named paths takes the full path instead, the one path that
 every exporter takes (plain matmuls and a softmax), and the returned record
 says whether any call did. `mhsa-core matrix --export` uses it where a format
-cannot take the chunked path's loop (`consistency.export.PATH_FALLBACKS`) and
+cannot take the chunked path's loop (`consistency.features.export`'s path fallbacks) and
 says so in the export cell.
 """
 
