@@ -135,6 +135,23 @@ def litert_export_from_jax_refused(tmp_path):
     return False
 
 
+def openvino_from_jax_fails_on_xla_call_module(tmp_path):
+    # In its own process: OpenVINO's converter forks, which JAX warns about
+    # (an error under this suite's warnings-as-errors).
+    pytest.importorskip("openvino")
+    code = (
+        "import keras\n"
+        "inputs = keras.Input((4,))\n"
+        "model = keras.Model(inputs, keras.layers.Dense(2)(inputs))\n"
+        "try:\n"
+        f"    model.export({str(tmp_path / 'm.xml')!r}, format='openvino')\n"
+        "    print('exported')\n"
+        "except Exception as error:\n"
+        "    print('XlaCallModule' in str(error))\n"
+    )
+    return _in_subprocess("jax", code).splitlines()[-1] == "True"
+
+
 @dataclass(frozen=True)
 class Quirk:
     probe: Callable
@@ -213,8 +230,19 @@ QUIRKS = {
     "litert-from-jax": Quirk(
         litert_export_from_jax_refused,
         ("jax",),
-        "the ('litert', 'jax') n/a cell of consistency/export.py",
+        "the ('litert', 'jax') n/a cell of consistency/features/export.py",
     ),
+    "openvino-from-jax": Quirk(
+        openvino_from_jax_fails_on_xla_call_module,
+        ("jax",),
+        "the ('openvino', 'jax') known limit of consistency/features/export.py",
+    ),
+}
+
+# Probes that write files take pytest's tmp_path.
+NEEDS_TMP_PATH = {
+    litert_export_from_jax_refused,
+    openvino_from_jax_fails_on_xla_call_module,
 }
 
 
@@ -223,7 +251,7 @@ def test_quirk_is_still_there(name, tmp_path):
     quirk = QUIRKS[name]
     if BACKEND not in quirk.backends:
         pytest.skip(f"{name} was found on {', '.join(quirk.backends)}")
-    args = (tmp_path,) if quirk.probe is litert_export_from_jax_refused else ()
+    args = (tmp_path,) if quirk.probe in NEEDS_TMP_PATH else ()
     assert quirk.probe(*args), (
         f"upstream changed: {name} ({quirk.probe.__name__}) no longer shows on "
         f"{BACKEND}. Remove or revisit the workaround: {quirk.workaround}; and "
