@@ -3,7 +3,7 @@ NumPy ports of the two public parameter layouts (the official TF1 code of
 Srinivas et al. 2021 and timm's `BottleneckAttn`), written here from their
 algorithms: per-head einsums and the pad/reshape "rel_to_abs" trick for the
 relative logits, which is independent of the layer's gather. Trained weights
-in either layout, mapped as the README documents, give the same outputs in
+in either layout, mapped as docs/presets.md documents, give the same outputs in
 our layer, on every backend, to float64 precision."""
 
 import math

@@ -15,7 +15,7 @@ Both the Keras 2 block's and the layer's outputs are float32; each must be
 within the float32 error budget (`reference.error_budget`) of the float64
 NumPy reference run with the same weights. Loading `model.get_weights()` as-is
 (topological order: position, key, query, value) must give a clearly wrong
-output: that is the trap the README warns about.
+output: that is the trap docs/presets.md warns about.
 """
 
 import importlib.util
@@ -214,7 +214,7 @@ def _assert_chain_within_budget(actual, ref64, budget, what):
 # ---------------------------------------------------------------- premise
 @needs_tf_keras
 def test_keras2_model_lists_convs_in_topological_order(keras2):
-    """The premise of the README's warning: get_weights() is not creation order."""
+    """The premise of docs/presets.md's warning: get_weights() is not creation order."""
     assert list(keras2["one/conv_order"]) == [
         "conv2d",
         "conv2d_2",

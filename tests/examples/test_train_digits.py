@@ -1,6 +1,6 @@
 """examples/train_digits.py's pieces on a tiny subset, under this lane's backend:
 64 digits, one epoch (seconds). The full example (three backends, the matrix)
-is `make example`; its figures are in the README."""
+is `make example`; its figures are in docs/example.md."""
 
 import importlib.util
 from pathlib import Path

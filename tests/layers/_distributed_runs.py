@@ -1,7 +1,7 @@
 """The training runs behind tests/layers/test_distribution.py, one engine per process.
 
     python _distributed_runs.py jax|tensorflow|torch   ->  one JSON line on stdout
-    python _distributed_runs.py torch RECIPE.py         ... and the README's torch
+    python _distributed_runs.py torch RECIPE.py         ... and docs/scaling.md's torch
                                                         recipe's train() in both ranks
 
 Each engine needs its set-up before its framework is imported (virtual
@@ -257,7 +257,7 @@ def torch_runs(rank):
 
 
 def torch_recipe(path, rank):
-    """The README's PyTorch recipe: its `train(rank, world_size)` in this rank.
+    """docs/scaling.md's PyTorch recipe: its `train(rank, world_size)` in this rank.
 
     Only its `mp.spawn(...)` line does not run: spawning two more processes,
     each importing keras, would double the torch lane's time.

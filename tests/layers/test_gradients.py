@@ -115,7 +115,7 @@ def _weight_names(config, shape):
 #     max|g32 - g64| <= 2 * max|g_native32 - g64| + FLOAT32_FLOOR * G,
 #     G = the largest |entry| of all float64 gradient arrays together.
 #
-# "2x the native float32 error" alone (the README's forward policy) is not a
+# "2x the native float32 error" alone (docs/tolerances.md's forward policy) is not a
 # sound budget for gradients. Over 75 seeded cases per backend (these five
 # configs x 15 seeds) the per-array ratio layer error / native error reached
 # 4.6 on JAX and 2.9 on torch (1.5 on TF, whose native does nearly the same
@@ -129,7 +129,7 @@ def _weight_names(config, shape):
 # terms summed into it, which can be large while the entry is small or exactly
 # zero (key_bias with linear activations). Hence the floor relative to the
 # largest entry of the whole gradient (the gradient of one scalar, seen as one
-# vector), with the README forward policy's constant: 1e-6, about 8 float32
+# vector), with docs/tolerances.md's forward constant: 1e-6, about 8 float32
 # ulps of the largest entry. Measured on those 75 cases, worst error / budget:
 # 0.88 (JAX), 0.62 (torch), 0.45 (TF); on this file's cases see the report in
 # the failure message. The floor is a property of float32, not tuned per case.
