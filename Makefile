@@ -72,6 +72,14 @@ test: lint
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; \
 	echo "all passed: $(BACKENDS), on other kernels ($(KERNEL_SETTINGS)), and the cross-backend matrix"
 
+# The fast lane, while developing: lint, then one backend's tests that are not
+# marked slow, and the cross-backend tests that start no worker (under the
+# numpy backend). About 2 minutes; `make test` stays the whole proof.
+FAST_BACKEND ?= tensorflow
+test-fast: lint
+	KERAS_BACKEND=$(FAST_BACKEND) $(PY) -m pytest -q -m "not slow" tests --ignore=tests/consistency
+	KERAS_BACKEND=numpy $(PY) -m pytest -q -m "not slow" tests/consistency
+
 test-other-kernels: $(STAMP)
 	@failed=""; $(OTHER_KERNELS); \
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi; \

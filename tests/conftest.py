@@ -37,3 +37,16 @@ def _reset_keras_state():
     keras.utils.clear_session(free_memory=False)
     yield
     keras.config.set_dtype_policy("float32")
+
+
+# The cross-backend tests' one rule for the `slow` marker: a test that uses a
+# fixture which runs the matrix or the bench in worker processes (seconds to
+# minutes, once per module) is slow, so `make test-fast` never starts those
+# workers. (Tests that start workers themselves carry the marker.)
+WORKER_FIXTURES = {"report", "tiny_run", "torch_alone", "dict_model_run", "tally"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if WORKER_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

@@ -66,6 +66,7 @@ def _run(code):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(IMPORTS))
 def test_imports_in_a_fresh_process(name):
     code = IMPORTS[name]

@@ -246,7 +246,21 @@ NEEDS_TMP_PATH = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(QUIRKS))
+# Probes in a process of their own (seconds each).
+IN_SUBPROCESS = {
+    "numpy-backend-float32",
+    "keras-imports-frameworks",
+    "openvino-from-jax",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name in IN_SUBPROCESS else name
+        for name in sorted(QUIRKS)
+    ],
+)
 def test_quirk_is_still_there(name, tmp_path):
     quirk = QUIRKS[name]
     if BACKEND not in quirk.backends:

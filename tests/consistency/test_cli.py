@@ -49,6 +49,7 @@ def test_parent_imports_no_framework(args):
 
 
 # The parent runs no framework: every backend is tested from this one process.
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", protocol.BACKENDS)
 def test_demo_runs_on_each_backend(backend):
     proc = _mhsa_core("demo", "--backends", backend, "--size", "5", "--channels", "16")
@@ -68,6 +69,7 @@ def test_bad_usage_exits_2(args, capsys):
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", protocol.BACKENDS)
 def test_runner_reports_a_failing_case_and_keeps_the_others(backend):
     # The layer's defaults (standard attention) and the reference's are the same.

@@ -500,6 +500,7 @@ def test_generate_inputs(specs, shapes):
             np.testing.assert_array_equal(v[name], w[name])
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_the_workers_error(tmp_path, capsys):
     path = tmp_path / "small.keras"
     _dense_model().save(path)

@@ -387,6 +387,7 @@ def test_scale_position_logits_reaches_every_backend(report):
             assert reference.max_abs(out, other) > 10 * limits[key], (backend, key)
 
 
+@pytest.mark.slow
 def test_table_gradient_bug_at_the_resized_size_only_is_caught():
     """A JAX-only bug in the gradients of the resized tables (planted by
     `resize_grad_bug`): invisible in the forward pass and at the reference

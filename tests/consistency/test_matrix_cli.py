@@ -47,6 +47,7 @@ def _run(*args):
     )
 
 
+@pytest.mark.slow
 def test_stacked_block_model_agrees(tmp_path):
     """A user model made of the block (4x, any size) through the CLI, with --json."""
     inputs = keras.Input((None, None, 16))
@@ -83,6 +84,7 @@ def test_stacked_block_model_agrees(tmp_path):
     assert set(forward["cells"]) == {"tensorflow", "torch", "jax", "numpy"}
 
 
+@pytest.mark.slow
 def test_rng_layer_disagrees_and_exits_1(tmp_path):
     path = _save(_dense_model(custom_layers.BackendNoise(seed=3)), tmp_path, "noisy")
     report_path = tmp_path / "r.json"
@@ -110,6 +112,7 @@ def test_rng_layer_disagrees_and_exits_1(tmp_path):
     assert forward64["cells"]["tensorflow"]["passed"]
 
 
+@pytest.mark.slow
 def test_jax_only_bug_marks_exactly_the_jax_cells(tmp_path):
     path = _save(_dense_model(custom_layers.ScaledOnJax(1.001)), tmp_path, "jaxbug")
     report = matrix.run_matrix(
@@ -143,6 +146,7 @@ def test_jax_only_bug_marks_exactly_the_jax_cells(tmp_path):
     assert report.cell("jaxbug", ".keras saved by jax", "torch").passed
 
 
+@pytest.mark.slow
 def test_assert_backends_agree_passes_and_fails(tmp_path):
     inputs = np.random.default_rng(0).standard_normal((3, 6)).astype("float32")
     report = assert_backends_agree(_dense_model(), inputs=inputs)
@@ -153,6 +157,7 @@ def test_assert_backends_agree_passes_and_fails(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_lambda_refused_in_safe_mode(tmp_path):
     lambda_layer = keras.layers.Lambda(lambda t: t * 2.0, output_shape=(5,))
     path = _save(_dense_model(lambda_layer), tmp_path, "lam")
@@ -195,6 +200,7 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert "cannot read --inputs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_backend_is_reported_and_skipped(tmp_path, monkeypatch, capsys):
     import importlib.util
 

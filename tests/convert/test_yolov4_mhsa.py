@@ -212,6 +212,7 @@ def _assert_chain_within_budget(actual, ref64, budget, what):
 
 
 # ---------------------------------------------------------------- premise
+@pytest.mark.slow
 @needs_tf_keras
 def test_keras2_model_lists_convs_in_topological_order(keras2):
     """The premise of docs/presets.md's warning: get_weights() is not creation order."""
@@ -235,6 +236,7 @@ def test_keras2_model_lists_convs_in_topological_order(keras2):
 @pytest.mark.parametrize(
     "squeeze", [False, True], ids=["kernels_1x1xCxC", "kernels_CxC"]
 )
+@pytest.mark.slow
 def test_layer_matches_keras2_block(keras2, squeeze):
     x, keras2_y = keras2["one/x"], keras2["one/y"]
     arrays = _creation_order(keras2, "one", squeeze=squeeze)
@@ -255,6 +257,7 @@ def test_layer_matches_keras2_block(keras2, squeeze):
     )
 
 
+@pytest.mark.slow
 @needs_tf_keras
 def test_topological_weight_order_is_a_trap(keras2):
     """Loading model.get_weights() as-is swaps query and key: clearly wrong."""
@@ -275,6 +278,7 @@ def test_topological_weight_order_is_a_trap(keras2):
     assert error > 100 * keras2_error
 
 
+@pytest.mark.slow
 @needs_tf_keras
 def test_unbuilt_preset_layer_is_built_by_the_load(keras2):
     x, keras2_y = keras2["one/x"], keras2["one/y"]
@@ -302,6 +306,7 @@ def test_unbuilt_preset_layer_is_built_by_the_load(keras2):
 
 
 # ------------------------------------------------------ two stacked blocks
+@pytest.mark.slow
 @needs_tf_keras
 def test_two_stacked_layers_match_two_stacked_keras2_blocks(keras2):
     x, keras2_y = keras2["two/x"], keras2["two/y"]
@@ -329,6 +334,7 @@ def test_two_stacked_layers_match_two_stacked_keras2_blocks(keras2):
 
 
 # ---------------------------------------------------------------- mhsa_block
+@pytest.mark.slow
 def test_mhsa_block_four_stacked_on_unknown_spatial_size():
     inp = keras.Input((None, None, 16))
     y = inp

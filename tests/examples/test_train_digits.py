@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Trains a model (seconds per test on every backend).
+pytestmark = pytest.mark.slow
+
 pytest.importorskip(
     "sklearn",
     reason="the example's data: pip install scikit-learn "

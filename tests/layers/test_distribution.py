@@ -34,6 +34,9 @@ from mhsa_core import MultiHeadSelfAttention2D
 from mhsa_core.consistency.budgets import FLOOR, PEER_FACTOR, max_abs
 from mhsa_core.distribution import layout_map, layout_rules
 
+# Distributed runs in processes of their own (seconds each).
+pytestmark = pytest.mark.slow
+
 BACKEND = keras.backend.backend()
 RUNS = Path(__file__).with_name("_distributed_runs.py")
 SRC = str(Path(mhsa_core.__file__).resolve().parents[1])

@@ -201,6 +201,7 @@ def test_dynamic_sizes_one_instance_eager():
 
 # Keras's torch trainer reads .grad of non-leaf tensors while dynamo traces it
 # (a warning from keras+torch internals, not from this layer).
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 def test_dynamic_sizes_compiled():
     """A model on Input((None, None, C)) under jit_compile=True: XLA on TF and

@@ -23,10 +23,13 @@ import kernels
 BACKEND = keras.backend.backend()
 SCRIPT = kernels.__file__
 
-pytestmark = pytest.mark.skipif(
-    bool(os.environ.get(kernels.ACTIVE)),
-    reason="compares forced kernels with this process's: runs in the native lane only",
-)
+pytestmark = [
+    pytest.mark.slow,  # a process per setting
+    pytest.mark.skipif(
+        bool(os.environ.get(kernels.ACTIVE)),
+        reason="compares forced kernels with this process's: the native lane only",
+    ),
+]
 
 
 def _outputs_under(setting, tmp_path):

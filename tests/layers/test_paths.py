@@ -418,6 +418,7 @@ def _step_inputs(shape):
     return x, mask, loss_weights.astype("float32")
 
 
+@pytest.mark.slow
 class TestTensorFlowGraph:
     __test__ = BACKEND == "tensorflow"
 

@@ -249,6 +249,7 @@ def test_mixed_precision_matches_emulated_reference(name, policy):
 # -------------------------------------------------- jit and dynamic sizes
 # Keras's torch trainer reads .grad of non-leaf tensors while dynamo traces it
 # (a warning from keras+torch internals, not from this layer).
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 @pytest.mark.parametrize("name", ENCODINGS)
 def test_compiled_model_at_two_sizes(name):
@@ -269,6 +270,7 @@ def test_compiled_model_at_two_sizes(name):
     assert not np.array_equal(before, to_numpy(layer.trainable_weights[-1]))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow graphs only")
 @pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("name", ENCODINGS)

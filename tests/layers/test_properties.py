@@ -13,6 +13,7 @@ each op for each new shape, so the number of distinct shapes bounds the time.
 """
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -27,6 +28,9 @@ from harness import (
     reference_config,
     to_numpy,
 )
+
+# Hypothesis draws many configurations per test.
+pytestmark = pytest.mark.slow
 
 ACTIVATIONS = (None, "relu", "gelu", "tanh", "sigmoid", "silu")
 # (batch, height, width, num_heads, head_dim, key_dim); C = num_heads * head_dim.
