@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
-__all__ = ["DType", "Tensor"]
+__all__ = ["DType", "Nested", "Tensor"]
 
 # A backend tensor, KerasTensor or Variable (see above).
 Tensor: TypeAlias = Any
+# An array or tensor, or a list, tuple or dict of them (nested): a model's
+# inputs or outputs, as `keras.tree` walks them.
+Nested: TypeAlias = Any
 # A dtype as Keras and the frameworks hand it over: a name ("float32") or a
 # backend's own dtype object (`torch.float32`, `tf.float32`).
 DType: TypeAlias = Any
