@@ -49,11 +49,13 @@ OTHER_KERNELS = for s in $(KERNEL_SETTINGS); do for b in $(BACKENDS); do \
 	    tests --ignore=tests/consistency || failed="$$failed $$s:$$b"; \
 	done; done
 
-# Lint and format, first in `make test`: they fail in seconds, before the
-# 20-minute suite starts.
+# Lint, format and types, first in `make test`: they fail in seconds, before
+# the 20-minute suite starts. mypy's settings (what each package is held to)
+# are in pyproject.toml.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: lint
 	@mkdir -p $(LOGS); rm -f $(LOGS)/matrix.log $(LOGS)/matrix.rc; \

@@ -17,7 +17,10 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 
@@ -55,7 +58,7 @@ if TYPE_CHECKING:  # static type checkers see the eager imports
     from mhsa_core.layers.mhsa2d import MultiHeadSelfAttention2D
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
     elif name in _SUBMODULES:
@@ -66,7 +69,7 @@ def __getattr__(name):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
@@ -82,7 +85,12 @@ class _RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
     keras.saving.load_model(...)` working.
     """
 
-    def find_spec(self, fullname, path=None, target=None):
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None = None,
+        target: ModuleType | None = None,
+    ) -> ModuleSpec | None:
         if fullname != "keras":
             return None
         sys.meta_path.remove(self)  # one shot; the lookup below skips us
@@ -91,15 +99,16 @@ class _RegisterWhenKerasLoads(importlib.abc.MetaPathFinder):
             return spec
         exec_module = spec.loader.exec_module
 
-        def exec_then_register(module):
+        def exec_then_register(module: ModuleType) -> None:
             exec_module(module)
             importlib.import_module("mhsa_core.layers")
 
-        spec.loader.exec_module = exec_then_register
+        # This spec's loader, patched: the point of the finder.
+        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
         return spec
 
 
-def _register_with_keras():
+def _register_with_keras() -> None:
     if "keras" in sys.modules:
         importlib.import_module("mhsa_core.layers")
     elif not any(isinstance(f, _RegisterWhenKerasLoads) for f in sys.meta_path):

@@ -24,7 +24,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterable
 from pathlib import Path
+from typing import IO, cast
 
 __all__ = [
     "BACKEND_MODULES",
@@ -56,12 +58,12 @@ NOT_INSTALLED = "not installed"  # the start of a skipped backend's reason
 TAIL_CHARS = 3000
 
 
-def tail(text):
+def tail(text: str) -> str:
     """The end of an error text that reports keep (`TAIL_CHARS`)."""
     return text[-TAIL_CHARS:]
 
 
-def missing_modules(backend):
+def missing_modules(backend: str) -> list[str]:
     """The modules a Keras backend needs that cannot be found here, without
     importing any (`importlib.util.find_spec` of top-level names)."""
     if backend not in BACKEND_MODULES:
@@ -72,18 +74,18 @@ def missing_modules(backend):
     return [m for m in BACKEND_MODULES[backend] if importlib.util.find_spec(m) is None]
 
 
-def backend_available(backend):
+def backend_available(backend: str) -> bool:
     """Whether everything a Keras backend imports is installed here."""
     return not missing_modules(backend)
 
 
-def unavailable_reason(backend):
+def unavailable_reason(backend: str) -> str | None:
     """Why `backend` is skipped ("not installed: needs scipy"), or None."""
     missing = missing_modules(backend)
     return f"{NOT_INSTALLED}: needs {', '.join(missing)}" if missing else None
 
 
-def worker_env(backend, *, jax_x64=False):
+def worker_env(backend: str, *, jax_x64: bool = False) -> dict[str, str]:
     """The environment of a worker process for Keras backend `backend`.
 
     Args:
@@ -130,14 +132,14 @@ class Process:
 
     def __init__(
         self,
-        module,
-        args=(),
+        module: str,
+        args: Iterable[object] = (),
         *,
-        env=None,
-        stdin=False,
-        own_group=False,
-        stderr_path=None,
-    ):
+        env: dict[str, str] | None = None,
+        stdin: bool = False,
+        own_group: bool = False,
+        stderr_path: str | os.PathLike[str] | None = None,
+    ) -> None:
         self._own_group = own_group
         self._stderr = (
             open(stderr_path, "w+b")  # read back by `stderr_tail`
@@ -154,30 +156,34 @@ class Process:
             errors="replace",
             start_new_session=own_group,
         )
-        self._lines = queue.Queue()
+        # stdout=PIPE: Popen's pipe, never None (typeshed's IO[str] | None).
+        self._stdout = cast(IO[str], self.proc.stdout)
+        self._lines: queue.Queue[str | None] = queue.Queue()
         self._eof = False
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
-    def _read(self):
-        for line in self.proc.stdout:
+    def _read(self) -> None:
+        for line in self._stdout:
             self._lines.put(line.strip())
         self._lines.put(None)  # EOF: the process ended
 
     @property
-    def pid(self):
+    def pid(self) -> int:
         return self.proc.pid
 
     @property
-    def running(self):
+    def running(self) -> bool:
         return self.proc.poll() is None
 
     @property
-    def returncode(self):
+    def returncode(self) -> int | None:
         return self.proc.returncode
 
-    def send(self, line):
+    def send(self, line: str) -> bool:
         """Writes `line` on its stdin; False if it no longer reads it."""
+        if self.proc.stdin is None:
+            raise ValueError("`send` needs a process started with stdin=True")
         try:
             self.proc.stdin.write(line + "\n")
             self.proc.stdin.flush()
@@ -185,7 +191,7 @@ class Process:
             return False
         return True
 
-    def next_line(self, timeout):
+    def next_line(self, timeout: float) -> str | None:
         """Its next stdout line, None once it has ended (EOF).
 
         Raises:
@@ -200,7 +206,7 @@ class Process:
         self._eof = line is None
         return line
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: float | None = None) -> bool:
         """Whether it ended within `timeout` seconds (None: waits)."""
         try:
             self.proc.wait(timeout=timeout)
@@ -208,7 +214,7 @@ class Process:
             return False
         return True
 
-    def kill(self):
+    def kill(self) -> None:
         """Kills it (with its session, `own_group`) and waits for it."""
         try:
             if self._own_group:
@@ -219,7 +225,7 @@ class Process:
             pass
         self.proc.wait()
 
-    def rss_bytes(self):
+    def rss_bytes(self) -> int:
         """Its resident set now (Linux `/proc`), 0 if unknown."""
         try:
             text = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -227,7 +233,7 @@ class Process:
         except (OSError, IndexError, ValueError):
             return 0
 
-    def stdout_lines(self):
+    def stdout_lines(self) -> list[str]:
         """The stdout lines not read yet, once it has ended (after `wait` or
         `kill`): everything up to EOF."""
         self._reader.join()
@@ -239,7 +245,7 @@ class Process:
                 lines.append(line)
         return lines
 
-    def stderr_tail(self):
+    def stderr_tail(self) -> str:
         """The end of what it wrote on stderr so far (`TAIL_CHARS`)."""
         fd = self._stderr.fileno()
         size = os.fstat(fd).st_size
@@ -248,7 +254,7 @@ class Process:
         start = max(0, size - 4 * TAIL_CHARS)
         return tail(os.pread(fd, size - start, start).decode(errors="replace"))
 
-    def close(self, timeout=30.0):
+    def close(self, timeout: float = 30.0) -> None:
         """Ends its stdin and waits up to `timeout` seconds for it to exit
         (then kills it); releases the pipes and the stderr file."""
         try:
@@ -259,5 +265,5 @@ class Process:
         except OSError:
             self.kill()
         self._reader.join(timeout=5)  # it ends at the pipe's EOF
-        self.proc.stdout.close()
+        self._stdout.close()
         self._stderr.close()

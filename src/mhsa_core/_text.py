@@ -6,10 +6,19 @@ Owned by neither tool, so that both use it without importing each other.
 Imports nothing.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 __all__ = ["format_table", "last_line"]
 
 
-def format_table(header, rows, *, markdown=False):
+def format_table(
+    header: Sequence[object],
+    rows: Sequence[Sequence[object]],
+    *,
+    markdown: bool = False,
+) -> str:
     """A table of `rows` under `header` as text: columns padded to their
     widest entry, or with `markdown` a Markdown table (`| a | b |`)."""
     if markdown:
@@ -28,7 +37,7 @@ def format_table(header, rows, *, markdown=False):
     return "\n".join(lines)
 
 
-def last_line(text, default=""):
+def last_line(text: object, default: str = "") -> str:
     """The last non-empty line of an error text (a traceback's exception line)."""
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     return lines[-1] if lines else default

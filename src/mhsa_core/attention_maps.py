@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
+from mhsa_core._typing import Tensor
 from mhsa_core.reference.arguments import is_int as _is_int
 
 
 def attention_maps(
-    scores,
+    scores: Tensor | ArrayLike,
     height: int,
     width: int,
     *,
@@ -72,8 +74,8 @@ def attention_maps(
 
 
 def plot_attention_maps(
-    image,
-    scores,
+    image: Tensor | ArrayLike,
+    scores: Tensor | ArrayLike,
     height: int,
     width: int,
     *,
@@ -186,7 +188,7 @@ def plot_attention_maps(
     return str(path)
 
 
-def _to_numpy(x) -> np.ndarray:
+def _to_numpy(x: Tensor | ArrayLike) -> np.ndarray:
     # A backend tensor (a torch tensor that requires grad refuses
     # np.asarray) goes through Keras when Keras is already loaded; this module
     # never imports a framework itself.
@@ -198,7 +200,7 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _check_size(height, width):
+def _check_size(height: object, width: object) -> tuple[int, int]:
     if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
         raise ValueError(
             "`height` and `width` must be positive integers. "
@@ -207,7 +209,7 @@ def _check_size(height, width):
     return int(height), int(width)
 
 
-def _check_heads(heads, num_heads: int) -> list[int]:
+def _check_heads(heads: Iterable[int] | None, num_heads: int) -> list[int]:
     if heads is None:
         return list(range(num_heads))
     heads = list(heads)
@@ -219,7 +221,9 @@ def _check_heads(heads, num_heads: int) -> list[int]:
     return [int(h) for h in heads]
 
 
-def _check_queries(queries, height: int, width: int) -> list[tuple[int, int]]:
+def _check_queries(
+    queries: Iterable[Sequence[int]] | None, height: int, width: int
+) -> list[tuple[int, int]]:
     if queries is None:
         return [(y, x) for y in range(height) for x in range(width)]
     queries = list(queries)

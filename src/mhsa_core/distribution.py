@@ -41,7 +41,13 @@ Keras is imported inside the functions: `import mhsa_core` stays light.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from mhsa_core.reference import schema
+
+if TYPE_CHECKING:  # imported inside the functions: `import mhsa_core` stays light
+    import keras
 
 __all__ = ["layout_rules", "layout_map", "check_head_sharding"]
 
@@ -61,11 +67,11 @@ _REPLICATED_VECTORS = tuple(
 )
 
 
-def _any_of(names):
+def _any_of(names: Iterable[str]) -> str:
     return "(?:" + "|".join(names) + ")"
 
 
-def _check_axis_name(value, argument):
+def _check_axis_name(value: object, argument: str) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(
             f"Received an invalid value for argument `{argument}`, expected a "
@@ -75,7 +81,7 @@ def _check_axis_name(value, argument):
 
 def layout_rules(
     *, model_axis: str = "model", layer_path: str = ".+"
-) -> dict[str, tuple]:
+) -> dict[str, tuple[str | None, ...]]:
     """The sharding rules of `MultiHeadSelfAttention2D`: {path regex: axes}.
 
     Plain data (no Keras), for a LayoutMap or for reading: each key is a
@@ -106,8 +112,12 @@ def layout_rules(
 
 
 def layout_map(
-    device_mesh, *, model_axis: str = "model", layer_path: str = ".+", layout_map=None
-):
+    device_mesh: keras.distribution.DeviceMesh,
+    *,
+    model_axis: str = "model",
+    layer_path: str = ".+",
+    layout_map: keras.distribution.LayoutMap | None = None,
+) -> keras.distribution.LayoutMap:
     """A `keras.distribution.LayoutMap` with the rules of `MultiHeadSelfAttention2D`.
 
     Args:
@@ -151,7 +161,7 @@ def layout_map(
     return layout_map
 
 
-def check_head_sharding(layer) -> None:
+def check_head_sharding(layer: keras.layers.Layer) -> None:
     """ValueError unless the active distribution splits `layer`'s q/k/v
     projections into whole heads.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import ClassVar
 
 import numpy as np
 
@@ -43,8 +44,8 @@ def _median_seconds(fn, warmup, repeats):
 class Engine:
     """One backend's way of running things (subclasses per backend)."""
 
-    backend = None
-    ceiling_op = None
+    backend: ClassVar[str | None] = None  # each subclass's
+    ceiling_op: ClassVar[str | None] = None
 
     def set_inputs(self, x, cotangent):
         """x, cotangent: NumPy float32 (B, H, W, C), made the backend's tensors

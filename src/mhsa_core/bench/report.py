@@ -76,7 +76,7 @@ def build(
 
     `complete` False: a run still going (the rows so far); `load_start`: the
     1-minute load average when the run began (the machine's, all users')."""
-    versions = {}
+    versions: dict[str, str] = {}
     for row in rows:
         if row.get("framework_version"):
             versions.setdefault(row["backend"], row["framework_version"])
@@ -135,7 +135,9 @@ def merge(reports):
             row["direction"],
         )
 
-    rows, configs, backends = {}, {}, {}
+    rows: dict[tuple[str, ...], dict] = {}
+    configs: dict[str, dict] = {}
+    backends: dict[str, dict] = {}
     for report in reports:
         configs.update(report["configs"])
         for name, entry in report["backends"].items():
@@ -231,7 +233,7 @@ def _ceiling_line(report, name, backends):
 def _paths_line(report, name, backends):
     """What the layer ran for "auto" (and the chunk size of chunked runs),
     by the layer's own rule, per backend."""
-    runs = {}
+    runs: dict[str, dict[str, set[str]]] = {}  # path -> backend -> chosen paths
     for row in report["rows"]:
         if row["config"] != name or row["status"] != OK or not row.get("chosen_path"):
             continue
@@ -320,7 +322,7 @@ def summary_table(report, markdown=False, mode=COMPILED):
 
 def notes(report):
     """Why rows did not run: one line per distinct (status, reason), with its rows."""
-    groups = {}
+    groups: dict[tuple[str, str], list[dict]] = {}  # (status, reason) -> rows
     for row in report["rows"]:
         if row["status"] == OK:
             if row.get("check") and not row["check"]["passed"]:
@@ -408,7 +410,8 @@ def plot(report, path):
     from matplotlib import pyplot as plt
 
     backends = [b for b in report["backends"] if not report["backends"][b]["skipped"]]
-    best = {}  # (backend, attention path, direction, encoding) -> {N: row}
+    # (backend, attention path, direction, encoding) -> {N: row}
+    best: dict[tuple[str, str, str, str], dict[int, dict]] = {}
     for row in report["rows"]:
         if row["status"] != OK:
             continue
@@ -440,10 +443,10 @@ def plot(report, path):
             label = f"{attention} {SHORT_DIRECTIONS[direction]}" + (
                 "" if encoding == "none" else f" ({encoding})"
             )
-            for r, key in enumerate(("ms", "peak_gb")):
+            for r, stat in enumerate(("ms", "peak_gb")):
                 axes[r][col].plot(
                     ns,
-                    [points[n][key] for n in ns],
+                    [points[n][stat] for n in ns],
                     style,
                     marker=marker,
                     color=colours.get(attention),

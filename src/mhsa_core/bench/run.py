@@ -18,6 +18,7 @@ import signal
 import statistics
 import time
 from pathlib import Path
+from typing import cast
 
 from mhsa_core import _subprocess
 from mhsa_core._subprocess import unavailable_reason
@@ -114,7 +115,7 @@ def run_worker(
             return {**json.loads(lines[-1]), "seconds": seconds}
         except json.JSONDecodeError:
             pass
-    code = process.returncode
+    code = cast(int, process.returncode)  # not None: it ended (`wait` above)
     how = (
         f"killed by signal {-code}"
         + (" (out of memory?)" if code == -signal.SIGKILL else "")
@@ -134,7 +135,7 @@ def run_worker(
 def derive(rows, configs):
     """Fill each row's GF/s, % of its own ceiling and ratio to the fastest
     native of its (backend, config, direction), in place."""
-    fastest = {}
+    fastest: dict[tuple[str, str, str], float] = {}
     for row in rows:
         if row["path"] == NATIVE and row["status"] == worker_protocol.OK:
             key = (row["backend"], row["config"], row["direction"])

@@ -34,10 +34,17 @@ oracle that is not one.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
+from mhsa_core._typing import Nested
 from mhsa_core.consistency.budgets import FLOOR, PEER_FACTOR, max_abs, scale
+
+if TYPE_CHECKING:
+    import keras
 
 __all__ = ["BudgetVerdict", "within_budget", "assert_within_budget"]
 
@@ -63,7 +70,7 @@ class BudgetVerdict:
     rounding_error: float | None
     scale: float
 
-    def __str__(self):
+    def __str__(self) -> str:
         rule = (
             f"{PEER_FACTOR:g} x rounding error {self.rounding_error:.3g} + "
             f"{FLOOR:g} x max|oracle| {self.scale:.3g}"
@@ -77,7 +84,7 @@ class BudgetVerdict:
         )
 
 
-def _leaves(structure, what):
+def _leaves(structure: Nested, what: str) -> list[np.ndarray]:
     import keras
 
     leaves = keras.tree.flatten(structure)
@@ -86,17 +93,19 @@ def _leaves(structure, what):
     return [np.asarray(keras.ops.convert_to_numpy(leaf)) for leaf in leaves]
 
 
-def _cast_floats(structure, dtype):
+def _cast_floats(structure: Nested, dtype: DTypeLike) -> Nested:
     import keras
 
-    def cast(x):
+    def cast(x: Any) -> np.ndarray:
         x = np.asarray(keras.ops.convert_to_numpy(x))
         return x.astype(dtype) if x.dtype.kind == "f" else x
 
     return keras.tree.map_structure(cast, structure)
 
 
-def _runs(model, inputs):
+def _runs(
+    model: keras.layers.Layer | Callable[[Nested], Nested], inputs: Nested
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(outputs in the model's own precision, outputs in float64), as leaves."""
     import keras
 
@@ -131,7 +140,13 @@ def _runs(model, inputs):
     return own, high
 
 
-def within_budget(result, model, inputs, *, rtol: float | None = None) -> BudgetVerdict:
+def within_budget(
+    result: Nested,
+    model: keras.layers.Layer | Callable[[Nested], Nested],
+    inputs: Nested,
+    *,
+    rtol: float | None = None,
+) -> BudgetVerdict:
     """Judges `result` as the matrix's forward check would: a `BudgetVerdict`.
 
     Args:
@@ -178,7 +193,11 @@ def within_budget(result, model, inputs, *, rtol: float | None = None) -> Budget
 
 
 def assert_within_budget(
-    result, model, inputs, *, rtol: float | None = None
+    result: Nested,
+    model: keras.layers.Layer | Callable[[Nested], Nested],
+    inputs: Nested,
+    *,
+    rtol: float | None = None,
 ) -> BudgetVerdict:
     """`within_budget`, raising AssertionError (with the numbers) when it fails.
 

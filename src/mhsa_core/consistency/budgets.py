@@ -94,7 +94,7 @@ def peer_budgets(results32, results64, oracle, keys, rtol=None):
 
 def _by_variant(keys):
     """{v: the keys of input variant v}, in variant order."""
-    groups = {}
+    groups: dict[int, list[str]] = {}
     for k in keys:
         groups.setdefault(protocol.variant_of(k), []).append(k)
     return dict(sorted(groups.items()))

@@ -181,7 +181,7 @@ class CaseContext:
         }
 
     @functools.cached_property
-    def reference(self):
+    def reference(self) -> dict[str, oracles.Oracle]:
         """`oracles.reference_oracles` of a layer case."""
         return oracles.reference_oracles(self.case)
 

@@ -12,7 +12,7 @@
 """
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class Oracle(NamedTuple):
     budgets: dict
 
 
-def reference_oracles(case):
+def reference_oracles(case: Any) -> dict[str, Oracle]:
     """Oracles and budgets of a layer case from `mhsa_core.reference`.
 
     Returns:

@@ -92,7 +92,9 @@ def _write_job(job_dir, cases, options):
             )
         for k, a in (case.weights or {}).items():
             arrays[protocol.job_weight_key(k)] = np.asarray(a)
-        np.savez(job_dir / protocol.case_file(i), **arrays)
+        # numpy's stub: a ** dict might name savez's allow_pickle; these keys
+        # are job keys ("input/0/x", "weight/..."), never that.
+        np.savez(job_dir / protocol.case_file(i), **arrays)  # type: ignore[arg-type]
         unknown = set(case.tasks) - set(features.known_tasks())
         if unknown:
             raise ValueError(f"Unknown tasks {sorted(unknown)} in case {case.name!r}")
@@ -268,7 +270,7 @@ def _collect(run, out_dir, job):
         if path.exists():
             arrays = _load_npz(path)
             count = 1 + max((protocol.variant_of(k) for k in arrays), default=-1)
-            variants = [{} for _ in range(count)]
+            variants: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
             for k, a in arrays.items():  # "input/{v}/{name}"
                 variants[protocol.variant_of(k)][k.split("/", 2)[2]] = a
             run.inputs[case["name"]] = variants

@@ -26,6 +26,8 @@ Runtimes (each optional: `RUNTIME_MODULES`):
 import os
 import re
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -134,7 +136,8 @@ class _LiteRT:
         return np.asarray(it.get_tensor(it.get_output_details()[0]["index"]))
 
 
-_RUNTIMES = {
+# format -> its runtime's class: (artifact path) -> (names, arrays) -> outputs
+_RUNTIMES: dict[str, Callable[[str], Callable[..., Any]]] = {
     "tf_saved_model": _SavedModel,
     "onnx": _Onnx,
     "openvino": _OpenVino,
@@ -157,7 +160,7 @@ def input_key(v, name):
 
 def read_inputs(path):
     """{v: (names, arrays)} of an INPUTS file, in the file's order."""
-    variants = {}
+    variants: dict[int, tuple[list[str], list[np.ndarray]]] = {}
     with np.load(path) as data:
         for key in data.files:
             v, name = key.split("/", 1)  # `input_key`

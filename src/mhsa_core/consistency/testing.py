@@ -13,18 +13,26 @@ fewer than two backends ran: one backend alone is not agreement
 (`skip_if_not_compared=True` skips the test instead).
 """
 
+from __future__ import annotations
+
 import io
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from mhsa_core._typing import Nested
 from mhsa_core.consistency import cases, features, matrix
 from mhsa_core.consistency.protocol import TRAINING_BACKENDS
-from mhsa_core.consistency.report import render, verdict
+from mhsa_core.consistency.report import Report, render, verdict
+
+if TYPE_CHECKING:
+    import keras
 
 __all__ = ["assert_backends_agree"]
 
 
-def _custom_modules(model):
+def _custom_modules(model: keras.Model) -> list[str]:
     """Modules that define the model's non-Keras layers, for the workers to import."""
     modules, stack = set(), [model]
     while stack:
@@ -37,21 +45,21 @@ def _custom_modules(model):
 
 
 def assert_backends_agree(
-    model_or_path,
-    inputs=None,
-    backends=TRAINING_BACKENDS,
-    rtol=None,
+    model_or_path: keras.Model | str | Path,
+    inputs: Nested | None = None,
+    backends: Sequence[str] = TRAINING_BACKENDS,
+    rtol: float | None = None,
     *,
-    safe_mode=True,
-    imports=None,
-    timeout=1800.0,
-    skip_if_not_compared=False,
-    locate=False,
-    steps=None,
-    optimizer=None,
-    export=(),
-    **feature_options,
-):
+    safe_mode: bool = True,
+    imports: Sequence[str] | None = None,
+    timeout: float = 1800.0,
+    skip_if_not_compared: bool = False,
+    locate: bool = False,
+    steps: int | None = None,
+    optimizer: str | None = None,
+    export: Sequence[str] = (),
+    **feature_options: Any,
+) -> Report:
     """Asserts that `backends` agree on a Keras model; returns the `report.Report`.
 
     Args:

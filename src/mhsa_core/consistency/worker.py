@@ -81,7 +81,7 @@ def _write_json(path, data):
 
 # case index -> its input variants (in the model's input order), kept from the
 # compute phase for the load phase (one worker process runs both).
-_VARIANTS = {}
+_VARIANTS: dict[int, list] = {}
 
 
 def run_compute(keras, job, job_dir, out_dir):
@@ -92,7 +92,7 @@ def run_compute(keras, job, job_dir, out_dir):
         if me not in case_backends(case["dtype"], [me]):
             continue
         errors = {}
-        timings = {}
+        timings: dict[str, float] = {}
         try:
             with np.load(job_dir / case["file"]) as data:
                 arrays = {k: data[k] for k in data.files}
@@ -162,7 +162,10 @@ def run_load(keras, job, job_dir, out_dir):
                         results[protocol.output_key(v, o)] = portable(
                             keras.ops.convert_to_numpy(each)
                         )
-                np.savez(out_dir / protocol.load_file(saver, i), **results)
+                # numpy's stub: a ** dict might name savez's allow_pickle; these
+                # keys are result keys ("out/0/..."), never that.
+                file = out_dir / protocol.load_file(saver, i)
+                np.savez(file, **results)  # type: ignore[arg-type]
             except Exception:  # noqa: BLE001
                 info["errors"].setdefault(case["name"], {})[
                     protocol.load_error_key(saver)

@@ -9,20 +9,25 @@ other dtypes it uses the Keras activation as it is: its float32 result is
 within float32 round-off, and `.keras` files keep their exact output bits.
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Callable
 
 import keras
 from keras import ops
 
+from mhsa_core._typing import DType, Tensor
 
-def _gelu_erf(x):
+
+def _gelu_erf(x: Tensor) -> Tensor:
     """Exact GELU, 0.5 * x * (1 + erf(x / sqrt(2))), as keras's
     gelu(approximate=False)."""
     inv_sqrt2 = ops.convert_to_tensor(1.0 / math.sqrt(2.0), dtype=x.dtype)
     return 0.5 * x * (1.0 + ops.erf(x * inv_sqrt2))
 
 
-def _tanh_expm1(x):
+def _tanh_expm1(x: Tensor) -> Tensor:
     """tanh(x) = sign(x) * -expm1(-2|x|) / (2 + expm1(-2|x|)): no cancellation
     near 0."""
     e = ops.expm1(-2.0 * ops.abs(x))
@@ -35,7 +40,9 @@ _FLOAT64_EXACT = {
 }
 
 
-def for_dtype(activation, dtype):
+def for_dtype(
+    activation: Callable[[Tensor], Tensor] | None, dtype: DType
+) -> Callable[[Tensor], Tensor] | None:
     """`activation`, or its float64-exact stand-in when `dtype` is float64."""
     if dtype == "float64":
         return _FLOAT64_EXACT.get(activation, activation)

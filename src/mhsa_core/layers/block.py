@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from mhsa_core._typing import Tensor
 from mhsa_core.layers.mhsa2d import MultiHeadSelfAttention2D
 
 
-def mhsa_block(inputs, input_channel: int | None = None, **layer_kwargs):
+def mhsa_block(
+    inputs: Tensor, input_channel: int | None = None, **layer_kwargs: Any
+) -> Tensor:
     """The Keras 2 YOLOv4-MHSA block applied to `inputs`; returns its output.
 
     Replaces `mhsa_block(input_layer, input_channel)` of the Keras 2

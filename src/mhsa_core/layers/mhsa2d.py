@@ -6,13 +6,15 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 from numpy.typing import ArrayLike
 
+from mhsa_core._typing import Tensor
 from mhsa_core.distribution import check_head_sharding
 from mhsa_core.layers import activations, weight_import
 from mhsa_core.layers._arrays import as_float_array
@@ -26,7 +28,7 @@ from mhsa_core.reference import arguments, schema
 _BASE_LAYER_KEYS = ("name", "trainable", "dtype", "autocast", "activity_regularizer")
 
 
-def _initializer_or_none(value):
+def _initializer_or_none(value: Any) -> keras.initializers.Initializer | None:
     return None if value is None else keras.initializers.get(value)
 
 
@@ -145,7 +147,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self,
         num_heads: int = 1,
         key_dim: int | None = None,
-        activation: str | Callable | None = None,
+        activation: str | Callable[[Tensor], Tensor] | None = None,
         position_encoding: str = "none",
         position_size: tuple[int, int] | None = None,
         scale_position_logits: bool = True,
@@ -153,18 +155,18 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         use_bias: bool = True,
         dropout: float = 0.0,
         data_format: str | None = None,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
-        position_initializer=None,
-        kernel_regularizer=None,
-        bias_regularizer=None,
-        kernel_constraint=None,
-        bias_constraint=None,
+        kernel_initializer: str | keras.initializers.Initializer = "glorot_uniform",
+        bias_initializer: str | keras.initializers.Initializer = "zeros",
+        position_initializer: str | keras.initializers.Initializer | None = None,
+        kernel_regularizer: str | keras.regularizers.Regularizer | None = None,
+        bias_regularizer: str | keras.regularizers.Regularizer | None = None,
+        kernel_constraint: str | keras.constraints.Constraint | None = None,
+        bias_constraint: str | keras.constraints.Constraint | None = None,
         seed: int | None = None,
         attention_implementation: str = "auto",
         chunk_size: int | None = None,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if data_format is None:
             data_format = keras.config.image_data_format()
@@ -225,13 +227,15 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.input_spec = keras.InputSpec(ndim=4)
 
     # ------------------------------------------------------------------ shapes
-    def _spatial_and_channels(self, input_shape):
+    # A shape's entries are ints, None (unknown) or symbolic sizes (jax.export,
+    # torch.export): `Any`.
+    def _spatial_and_channels(self, input_shape: Sequence[Any]) -> tuple[Any, Any, Any]:
         """(H, W, C) of a static input shape, any of them None if unknown."""
         if self.data_format == "channels_last":
             return input_shape[1], input_shape[2], input_shape[3]
         return input_shape[2], input_shape[3], input_shape[1]
 
-    def _check_input_shape(self, input_shape):
+    def _check_input_shape(self, input_shape: Sequence[Any]) -> tuple[Any, ...]:
         input_shape = tuple(input_shape)
         if len(input_shape) != 4:
             raise ValueError(
@@ -248,7 +252,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             )
         return input_shape
 
-    def _check_mask_shape(self, input_shape, mask_shape):
+    def _check_mask_shape(
+        self, input_shape: Sequence[Any], mask_shape: Sequence[Any]
+    ) -> None:
         height, width, _ = self._spatial_and_channels(input_shape)
         expected = (input_shape[0], height, width)
         mask_shape = tuple(mask_shape)
@@ -277,7 +283,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             return 1.0 / math.sqrt(self._head_key_dim)
         return self.scale
 
-    def _resolve_position_size(self, input_shape):
+    def _resolve_position_size(self, input_shape: Sequence[Any]) -> tuple[int, ...]:
         """position_size, defaulting to the static spatial size of the input."""
         if self.position_size is not None:
             return self.position_size
@@ -292,7 +298,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             )
         return (int(height), int(width))
 
-    def build(self, input_shape):
+    def build(self, input_shape: Sequence[int | None]) -> None:
         input_shape = self._check_input_shape(input_shape)
         channels = self._spatial_and_channels(input_shape)[2]
         arguments.check_channels(channels, self.num_heads, self.position_encoding)
@@ -339,7 +345,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             self.position.build(weights, channels, self._head_key_dim)
         self.input_spec = keras.InputSpec(ndim=4, axes={self._channel_axis: channels})
 
-    def _check_fused(self, key_dim, value_dim):
+    def _check_fused(self, key_dim: int | None, value_dim: int | None) -> None:
         misfit = fused_misfit(self.position, key_dim, value_dim)
         if misfit is not None:
             raise ValueError(
@@ -349,12 +355,18 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 f"position_encoding={self.position_encoding!r}, key_dim={key_dim!r}"
             )
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(
+        self, input_shape: Sequence[int | None]
+    ) -> tuple[int | None, ...]:
         return tuple(self._check_input_shape(input_shape))
 
     def compute_output_spec(
-        self, inputs, attention_mask=None, return_attention_scores=False, training=None
-    ):
+        self,
+        inputs: keras.KerasTensor,
+        attention_mask: keras.KerasTensor | None = None,
+        return_attention_scores: bool = False,
+        training: bool | None = None,
+    ) -> keras.KerasTensor | tuple[keras.KerasTensor, keras.KerasTensor]:
         shape = self._check_input_shape(inputs.shape)
         if attention_mask is not None:
             self._check_mask_shape(shape, attention_mask.shape)
@@ -371,11 +383,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     # -------------------------------------------------------------------- call
     def call(
         self,
-        inputs,
-        attention_mask=None,
+        inputs: Tensor,
+        attention_mask: Tensor | None = None,
         return_attention_scores: bool = False,
         training: bool | None = None,
-    ):
+    ) -> Tensor | tuple[Tensor, Tensor]:
         x = inputs
         if self.data_format == "channels_first":
             # 1x1 projections act on tokens, so the layout is resolved once here.
@@ -393,7 +405,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         v = dense(tokens, self.value_kernel, self.value_bias, activation)
         # q, k: (B, N, heads*kd); v: (B, N, C)
 
-        def split_heads(t, dim):  # (B, N, heads*dim) -> (B, heads, N, dim)
+        def split_heads(t: Tensor, dim: int) -> Tensor:  # (B, N, h*d) -> (B, h, N, d)
             return ops.transpose(ops.reshape(t, (batch, n, heads, dim)), (0, 2, 1, 3))
 
         key_mask = None
@@ -433,7 +445,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         """The weights as the canonical dict of NumPy arrays (see
         `mhsa_core.reference`)."""
         self._require_built("get_weight_dict")
-        out = {}
+        out: dict[str, np.ndarray] = {}
         for variable in self.trainable_weights:
             out[variable.name] = keras.ops.convert_to_numpy(variable)
         return out
@@ -452,7 +464,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "`weights` must have exactly the keys "
                 f"{sorted(expected)}. Received: keys={sorted(weights)}"
             )
-        arrays = {}
+        arrays: dict[str, np.ndarray] = {}
         for name, variable in expected.items():
             array = np.asarray(weights[name])
             if array.shape != tuple(variable.shape):
@@ -467,7 +479,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
 
     # ------------------------------------------------------------ presets
     @classmethod
-    def yolov4_mhsa(cls, **kwargs) -> MultiHeadSelfAttention2D:
+    def yolov4_mhsa(cls, **kwargs: Any) -> MultiHeadSelfAttention2D:
         """The Keras 2 YOLOv4-MHSA / CSPDarknet53-MHSA `mhsa_block`, exactly.
 
         One head, ReLU 1x1 projections with biases, the block's ReLU 1x1
@@ -483,7 +495,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         cls,
         num_heads: int | None = None,
         position_size: tuple[int, int] | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> MultiHeadSelfAttention2D:
         """BoTNet's multi-head self-attention (Srinivas et al. 2021).
 
@@ -503,7 +515,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return cls(**schema.preset("botnet", position_size=position_size, **kwargs))
 
     # ------------------------------------------------------------ converters
-    def load_yolov4_mhsa_weights(self, weights) -> None:
+    def load_yolov4_mhsa_weights(self, weights: Sequence[ArrayLike]) -> None:
         """Loads the eight arrays of a Keras 2 YOLOv4-MHSA `mhsa_block`.
 
         See `mhsa_core.layers.weight_import.load_yolov4_mhsa_weights`: position, query,
@@ -514,7 +526,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         """
         weight_import.load_yolov4_mhsa_weights(self, weights)
 
-    def load_seed_weights(self, weights) -> None:
+    def load_seed_weights(self, weights: Sequence[ArrayLike]) -> None:
         """Deprecated alias of `load_yolov4_mhsa_weights` (kept for this release)."""
         warnings.warn(
             "load_seed_weights is renamed load_yolov4_mhsa_weights; the alias "
@@ -525,7 +537,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.load_yolov4_mhsa_weights(weights)
 
     def load_botnet_weights(
-        self, q_kernel, k_kernel, v_kernel, rel_height, rel_width
+        self,
+        q_kernel: ArrayLike,
+        k_kernel: ArrayLike,
+        v_kernel: ArrayLike,
+        rel_height: ArrayLike,
+        rel_width: ArrayLike,
     ) -> None:
         """Loads the weights of a BoTNet (official or timm) attention layer.
 
@@ -538,7 +555,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             self, q_kernel, k_kernel, v_kernel, rel_height, rel_width
         )
 
-    def _require_built(self, what):
+    def _require_built(self, what: str) -> None:
         if not self.built:
             raise ValueError(
                 f"{what} needs a built layer: call the layer on an input (or "
@@ -546,7 +563,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             )
 
     # ------------------------------------------------------------------ config
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             {
@@ -585,7 +602,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return config
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict[str, Any]) -> MultiHeadSelfAttention2D:
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
         known |= set(_BASE_LAYER_KEYS)
         unknown = sorted(set(config) - known)

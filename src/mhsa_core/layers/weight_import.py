@@ -15,6 +15,7 @@ runs one way: `convert` (the rearrangement of other projects' parameters,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import keras
 import numpy as np
@@ -23,15 +24,20 @@ from numpy.typing import ArrayLike
 from mhsa_core.layers._arrays import as_float_array
 from mhsa_core.reference import schema
 
+if TYPE_CHECKING:  # the layer imports this module
+    from mhsa_core.layers.mhsa2d import MultiHeadSelfAttention2D
+
 __all__ = ["BOTNET_ARRAYS", "load_botnet_weights", "load_yolov4_mhsa_weights"]
 
 
 # ------------------------------------------------------------------ checks
-def _require_settings(layer, what, description, **expected):
+def _require_settings(
+    layer: MultiHeadSelfAttention2D, what: str, description: str, **expected: Any
+) -> None:
     """ValueError listing every setting of `layer` that differs from `expected`
     (activations compared by their serialized names)."""
 
-    def comparable(name, value):
+    def comparable(name: str, value: Any) -> Any:
         if name == "activation":
             return keras.activations.serialize(keras.activations.get(value))
         return value
@@ -49,9 +55,9 @@ def _require_settings(layer, what, description, **expected):
         )
 
 
-def _build_for_channels(layer, channels):
+def _build_for_channels(layer: MultiHeadSelfAttention2D, channels: int) -> None:
     """Builds `layer` for inputs of `channels` channels and unknown H, W."""
-    shape = [None, None, None, None]
+    shape: list[int | None] = [None, None, None, None]
     shape[-1 if layer.data_format == "channels_last" else 1] = channels
     layer.build(tuple(shape))
 
@@ -71,7 +77,9 @@ _YOLOV4_MHSA_SETTINGS = {
 }
 
 
-def load_yolov4_mhsa_weights(layer, weights: Sequence[ArrayLike]) -> None:
+def load_yolov4_mhsa_weights(
+    layer: MultiHeadSelfAttention2D, weights: Sequence[ArrayLike]
+) -> None:
     """Loads the eight arrays of a Keras 2 `mhsa_block` into `layer`.
 
     Args:
@@ -154,7 +162,7 @@ _BOTNET_STRUCTURE = {
 
 
 def load_botnet_weights(
-    layer,
+    layer: MultiHeadSelfAttention2D,
     q_kernel: ArrayLike,
     k_kernel: ArrayLike,
     v_kernel: ArrayLike,
@@ -210,14 +218,14 @@ def load_botnet_weights(
             f"Received: channels={channels} (q_kernel.shape[0]), num_heads={heads}"
         )
     key_dim = layer.key_dim if layer.key_dim is not None else channels // heads
-    size = layer.position_size
+    size: tuple[int | None, ...] | None = layer.position_size
     spec = schema.ENCODINGS["relative"]
     if size is None:  # read off the tables
         size = tuple(
             spec.size_for_rows(arrays[n].shape[0]) if arrays[n].ndim == 2 else None
             for n in ("rel_height", "rel_width")
         )
-    rows = spec.rows
+    rows = spec.table_rows
     expected = {
         "q_kernel": (channels, heads * key_dim),
         "k_kernel": (channels, heads * key_dim),
@@ -234,6 +242,8 @@ def load_botnet_weights(
             )
     converted = {_BOTNET_NAMES[n]: as_float_array(a, n) for n, a in arrays.items()}
     if not layer.built:
-        layer.position_size = size
+        # Every entry an int: a None (no size gives a table's rows) failed
+        # the shape check above.
+        layer.position_size = cast("tuple[int, ...]", size)
         _build_for_channels(layer, channels)
     layer.set_weight_dict(converted)

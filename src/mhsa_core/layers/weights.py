@@ -14,16 +14,23 @@ layer's weight dict rely on).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import keras
 from keras import ops
 
+from mhsa_core._typing import Tensor
 from mhsa_core.reference import schema
 
 __all__ = ["WeightFactory", "dense"]
 
 
-def dense(tokens, kernel, bias, activation: Callable | None = None):
+def dense(
+    tokens: Tensor,
+    kernel: Tensor,
+    bias: Tensor | None,
+    activation: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """activation(tokens @ kernel + bias), tokens (B, N, C_in) -> (B, N, C_out).
 
     `bias` may be None (`use_bias=False`), `activation` None (linear).
@@ -55,19 +62,19 @@ class WeightFactory:
 
     def __init__(
         self,
-        add_weight: Callable,
+        add_weight: Callable[..., Tensor],
         *,
         use_bias: bool,
-        kernel_initializer,
-        bias_initializer,
-        kernel_regularizer,
-        bias_regularizer,
-        kernel_constraint,
-        bias_constraint,
-        position_initializer,
-        position_size: tuple[int, int] | None,
+        kernel_initializer: keras.initializers.Initializer,
+        bias_initializer: keras.initializers.Initializer,
+        kernel_regularizer: keras.regularizers.Regularizer | None,
+        bias_regularizer: keras.regularizers.Regularizer | None,
+        kernel_constraint: keras.constraints.Constraint | None,
+        bias_constraint: keras.constraints.Constraint | None,
+        position_initializer: keras.initializers.Initializer | None,
+        position_size: tuple[int, ...] | None,
         variable_dtype: str,
-    ):
+    ) -> None:
         self._add_weight = add_weight
         self._use_bias = use_bias
         self._kernel = {
@@ -81,11 +88,13 @@ class WeightFactory:
             "constraint": bias_constraint,
         }
         self._position_initializer = position_initializer
-        self._default_table_initializers = {}
+        self._default_table_initializers: dict[int, Any] = {}
         self.position_size = position_size
         self.variable_dtype = variable_dtype
 
-    def projection(self, names: tuple[str, str], in_width: int, out_width: int):
+    def projection(
+        self, names: tuple[str, str], in_width: int, out_width: int
+    ) -> tuple[Tensor, Tensor | None]:
         """(kernel (in, out), bias (out,) or None) of a 1x1 projection.
 
         `names`: (kernel name, bias name), e.g. ("query_kernel", "query_bias").
@@ -99,7 +108,7 @@ class WeightFactory:
             bias = self._add_weight(name=bias_name, shape=(out_width,), **self._bias)
         return kernel, bias
 
-    def table(self, name: str, shape: tuple[int, int]):
+    def table(self, name: str, shape: tuple[int, int]) -> Tensor:
         """A learned position table (rows, key_dim).
 
         Not autocast: float32 under mixed precision, like the logits it feeds.
@@ -111,7 +120,7 @@ class WeightFactory:
             autocast=False,
         )
 
-    def _table_initializer(self, key_dim):
+    def _table_initializer(self, key_dim: int) -> keras.initializers.Initializer:
         if self._position_initializer is not None:
             return self._position_initializer
         # One default initializer per factory (per build), shared by the

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator, Mapping
 from types import ModuleType
+from typing import Any
 
 __all__ = ["BACKENDS", "BUILDERS", "module"]
 
@@ -33,10 +34,10 @@ def module(backend: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{backend}")
 
 
-class _FusedBuilders(Mapping):
+class _FusedBuilders(Mapping[str, Callable[..., Any]]):
     """backend -> its `fused_block`, the module imported on lookup."""
 
-    def __getitem__(self, backend: str) -> Callable:
+    def __getitem__(self, backend: str) -> Callable[..., Any]:
         if backend not in BACKENDS:
             raise KeyError(backend)
         return module(backend).fused_block
@@ -49,4 +50,4 @@ class _FusedBuilders(Mapping):
 
 
 # backend -> fused_block(config, weights): the bench's native subjects.
-BUILDERS: Mapping[str, Callable] = _FusedBuilders()
+BUILDERS: Mapping[str, Callable[..., Any]] = _FusedBuilders()

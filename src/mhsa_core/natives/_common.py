@@ -26,8 +26,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from mhsa_core.reference import LAYER_ARGUMENTS, arguments, mhsa_forward, schema
 
@@ -61,20 +64,20 @@ class BlockConfig:
     num_heads: int
     head_dim: int  # value width per head, C // num_heads
     key_dim: int
-    activation: object
+    activation: str | None  # a name of the native's table
     position_encoding: str
     scale: float
     scale_position_logits: bool
     data_format: str
     use_bias: bool
-    position_size: tuple | None
+    position_size: tuple[int, ...] | None
 
     @property
     def encoding(self) -> schema.Encoding:
         return schema.encoding(self.position_encoding)
 
     @property
-    def weight_shapes(self) -> dict:
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """The canonical weight dict's shapes (`schema.weight_shapes`)."""
         return schema.weight_shapes(
             self.channels,
@@ -87,19 +90,19 @@ class BlockConfig:
 
 
 def check_config(
-    channels,
-    activations,
+    channels: int,
+    activations: Mapping[str | None, Callable[..., Any]],
     *,
-    num_heads,
-    key_dim,
-    activation,
-    position_encoding,
-    scale,
-    scale_position_logits,
-    data_format,
-    use_bias,
-    position_size,
-):
+    num_heads: int,
+    key_dim: int | None,
+    activation: str | None,
+    position_encoding: str,
+    scale: float | None,
+    scale_position_logits: bool,
+    data_format: str,
+    use_bias: bool,
+    position_size: Sequence[int] | None,
+) -> BlockConfig:
     """Check a block config for C=`channels`; returns its `BlockConfig`.
 
     The layer's rules (`reference.arguments`), but for `activation`: a name
@@ -140,7 +143,9 @@ def check_config(
     )
 
 
-def learned_size(position_encoding, position_size):
+def learned_size(
+    position_encoding: str, position_size: Sequence[int] | None
+) -> tuple[int, ...] | None:
     """`position_size` checked (the layer's rule), as a tuple (Hr, Wr) of ints
     for an encoding with learned tables; else None (the argument is ignored).
     """
@@ -152,7 +157,9 @@ def learned_size(position_encoding, position_size):
     return tuple(int(n) for n in position_size)
 
 
-def position_size_of(weights, position_encoding):
+def position_size_of(
+    weights: Mapping[str, ArrayLike | None], position_encoding: str
+) -> tuple[int, ...] | None:
     """(Hr, Wr) read off the learned tables in `weights`, or None (no tables).
 
     Raises ValueError when a table is missing, not 2-D, or has a row count
@@ -174,18 +181,20 @@ def position_size_of(weights, position_encoding):
         if n is None:
             raise ValueError(
                 f"{name} has {rows} rows, which no reference size gives "
-                f"(rows(1), rows(2) = {spec.rows(1)}, {spec.rows(2)})"
+                f"(rows(1), rows(2) = {spec.table_rows(1)}, {spec.table_rows(2)})"
             )
         size.append(n)
     return tuple(size)
 
 
-def has_bias(weights):
+def has_bias(weights: Mapping[str, object]) -> bool:
     """Whether a weight dict has biases (None entries count as absent)."""
     return any(v is not None for k, v in weights.items() if k.endswith("_bias"))
 
 
-def check_weights(weights, expected):
+def check_weights(
+    weights: Mapping[str, ArrayLike | None], expected: Mapping[str, Sequence[int]]
+) -> None:
     """Raise ValueError unless `weights` has exactly the names and shapes of `expected`.
 
     `weights`: name -> array (None entries count as absent); `expected`:
@@ -207,7 +216,9 @@ def check_weights(weights, expected):
         )
 
 
-def numpy_config(x, weights, config):
+def numpy_config(
+    x: ArrayLike, weights: Mapping[str, ArrayLike | None], config: Mapping[str, Any]
+) -> tuple[int, dict[str, Any]]:
     """A NumPy helper's config, complete; returns (channels, config).
 
     The natives' `forward` / `value_and_grad` take the config as keywords:
@@ -215,20 +226,41 @@ def numpy_config(x, weights, config):
     has biases and `position_size` to the size read off its tables (if given,
     it must agree with them: the weight check says so).
     """
-    config = {**DEFAULTS, **config}
-    if config.get("use_bias") is None:
-        config["use_bias"] = has_bias(weights)
-    encoding = config["position_encoding"]
-    config["position_size"] = learned_size(
-        encoding, config.get("position_size")
+    complete = {**DEFAULTS, **config}
+    if complete.get("use_bias") is None:
+        complete["use_bias"] = has_bias(weights)
+    encoding = complete["position_encoding"]
+    complete["position_size"] = learned_size(
+        encoding, complete.get("position_size")
     ) or position_size_of(weights, encoding)
-    channels = np.shape(x)[1 if config["data_format"] == "channels_first" else -1]
-    return channels, config
+    channels = np.shape(x)[1 if complete["data_format"] == "channels_first" else -1]
+    return channels, complete
 
 
 # ------------------------------------------------------ the bench's fused forms
 # What the fused forms carry (the bench's configs); the oracles carry all.
 FUSED_ENCODINGS = ("none", "relative")
+
+
+class BenchShape(Protocol):
+    """What `FusedBlock.of` reads of a bench config
+    (`mhsa_core.bench.configs.BenchConfig`; the natives do not import the
+    bench)."""
+
+    @property
+    def height(self) -> int: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def position_encoding(self) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,10 +276,10 @@ class FusedBlock:
     n: int  # tokens
     scale: float
     relative: bool
-    tables: tuple  # (name of R_h, name of R_w) in the weight dict, or ()
+    tables: tuple[str, ...]  # (name of R_h, name of R_w) in the weight dict, or ()
 
     @classmethod
-    def of(cls, config) -> FusedBlock:
+    def of(cls, config: BenchShape) -> FusedBlock:
         """From a bench config (`mhsa_core.bench.configs.BenchConfig`, or any
         object with its `height`, `width`, `channels`, `num_heads`,
         `head_dim`, `tokens` and `position_encoding`)."""
@@ -270,6 +302,6 @@ class FusedBlock:
         )
 
 
-def relative_index(length):
+def relative_index(length: int) -> np.ndarray:
     """(L, L) int rows of a relative table for (query a, key b): b - a + L - 1."""
     return np.arange(length)[None, :] - np.arange(length)[:, None] + length - 1

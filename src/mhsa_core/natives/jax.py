@@ -51,12 +51,18 @@ position-encoding pieces on their own (jitted, same precision rule).
 This file imports JAX, NumPy and the NumPy-only `mhsa_core.reference`.
 """
 
+from __future__ import annotations
+
 import contextlib
 import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from mhsa_core.natives import _common
 from mhsa_core.reference import arguments, schema
@@ -71,7 +77,7 @@ __all__ = [
     "value_and_grad",
 ]
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
     None: lambda x: x,
     "linear": lambda x: x,
     "relu": jax.nn.relu,
@@ -97,7 +103,9 @@ _STATIC = (
 )
 
 
-def _dense(t, params, kernel, bias):
+def _dense(
+    t: jax.Array, params: Mapping[str, jax.Array], kernel: str, bias: str
+) -> jax.Array:
     """t (B, N, C_in) @ kernel (C_in, C_out) [+ bias (C_out,)] -> (B, N, C_out).
 
     `kernel`, `bias`: canonical weight names (no bias when `params` has none).
@@ -108,14 +116,16 @@ def _dense(t, params, kernel, bias):
     return y
 
 
-def _resize(table, length):
+def _resize(table: jax.Array, length: int) -> jax.Array:
     """table (L, d) -> (length, d), linear along the rows, half-pixel centers."""
     return jax.image.resize(
         table, (length, table.shape[1]), method="linear", antialias=False
     )
 
 
-def _pair_index(height, width, rows, relative, axis):
+def _pair_index(
+    height: int, width: int, rows: int, relative: bool, axis: str
+) -> np.ndarray:
     """Static flat indices (N, N) into logits (N, rows) flattened, per (i, j).
 
     Entry (i, j) is i * rows + r, r the table row of the pair along `axis`
@@ -131,7 +141,13 @@ def _pair_index(height, width, rows, relative, axis):
     return (np.arange(pos.size)[:, None] * rows + r).astype(np.int32)
 
 
-def _position_logits(q, params, position_encoding, height, width):
+def _position_logits(
+    q: jax.Array,
+    params: Mapping[str, jax.Array],
+    position_encoding: str,
+    height: int,
+    width: int,
+) -> jax.Array | None:
     """The position term (B, heads, N, N) of "relative"/"absolute", else None.
 
     q: (B, N, heads, kd). Row i = (y_i, x_i) is a query, column j a key.
@@ -145,7 +161,7 @@ def _position_logits(q, params, position_encoding, height, width):
     for name, axis, length in zip(
         schema.table_names(position_encoding), ("height", "width"), (height, width)
     ):
-        rows = spec.rows(length)
+        rows = spec.table_rows(length)
         table = _resize(params[name], rows)  # (rows, kd)
         per_row = jnp.einsum("bnhd,rd->bhnr", q, table)  # (B, heads, N, rows)
         index = _pair_index(height, width, rows, relative, axis)
@@ -154,7 +170,7 @@ def _position_logits(q, params, position_encoding, height, width):
     return pos
 
 
-def _sincos(height, width, channels, dtype):
+def _sincos(height: int, width: int, channels: int, dtype: DTypeLike) -> jax.Array:
     """The fixed 2-D sine-cosine embedding (H*W, C), row-major over (H, W)."""
     d = channels // 4
     omega = jnp.asarray(np.power(10000.0, -np.arange(d) / d), dtype=dtype)  # (d,)
@@ -173,20 +189,20 @@ def _sincos(height, width, channels, dtype):
 
 
 def apply(
-    params,
-    x,
-    attention_mask=None,
+    params: Mapping[str, jax.Array],
+    x: jax.Array,
+    attention_mask: jax.Array | None = None,
     *,
-    num_heads=1,
-    key_dim=None,
-    activation=None,
-    position_encoding="none",
-    scale=None,
-    data_format="channels_last",
-    scale_position_logits=True,
-    use_bias=None,
-    position_size=None,
-):
+    num_heads: int = 1,
+    key_dim: int | None = None,
+    activation: str | None = None,
+    position_encoding: str = "none",
+    scale: float | None = None,
+    data_format: str = "channels_last",
+    scale_position_logits: bool = True,
+    use_bias: bool | None = None,
+    position_size: Sequence[int] | None = None,
+) -> jax.Array:
     """The block's forward pass, a pure function (jit it with the config static).
 
     Args:
@@ -276,7 +292,13 @@ def apply(
 _apply_jit = jax.jit(apply, static_argnames=_STATIC)
 
 
-def _loss(params, x, attention_mask, loss_weights, config_items):
+def _loss(
+    params: Mapping[str, jax.Array],
+    x: jax.Array,
+    attention_mask: jax.Array | None,
+    loss_weights: jax.Array,
+    config_items: Iterable[tuple[str, Any]],
+) -> jax.Array:
     """sum(out * loss_weights); the config comes as hashable (name, value) pairs."""
     out = apply(params, x, attention_mask, **dict(config_items))
     return jnp.sum(out * loss_weights)
@@ -287,7 +309,9 @@ _value_and_grad_jit = jax.jit(
 )
 
 
-def params_from_weight_dict(weights, dtype="float32"):
+def params_from_weight_dict(
+    weights: Mapping[str, ArrayLike | None], dtype: DTypeLike = "float32"
+) -> dict[str, jax.Array]:
     """Canonical NumPy weight dict -> dict of jnp arrays of `dtype` (None dropped).
 
     float64 needs 64-bit mode to be on (see the module docstring).
@@ -299,14 +323,14 @@ def params_from_weight_dict(weights, dtype="float32"):
     }
 
 
-def _precision(dtype):
+def _precision(dtype: DTypeLike) -> AbstractContextManager[Any]:
     """jax.enable_x64(True) for float64 (scoped), else nothing."""
     if np.dtype(dtype) == np.float64:
         return jax.enable_x64(True)
     return contextlib.nullcontext()
 
 
-def _check_dtype(array, dtype):
+def _check_dtype(array: np.ndarray, dtype: DTypeLike) -> np.ndarray:
     if array.dtype != np.dtype(dtype):
         raise AssertionError(
             f"JAX computed in {array.dtype}, asked for {np.dtype(dtype)}"
@@ -314,7 +338,13 @@ def _check_dtype(array, dtype):
     return array
 
 
-def forward(x, weights, attention_mask=None, dtype="float32", **config):
+def forward(
+    x: ArrayLike,
+    weights: Mapping[str, ArrayLike | None],
+    attention_mask: ArrayLike | None = None,
+    dtype: DTypeLike = "float32",
+    **config: Any,
+) -> np.ndarray:
     """Run the block on NumPy inputs; returns the output as a NumPy array.
 
     `config`: keywords of `apply`, completed by `_common.numpy_config`.
@@ -331,8 +361,13 @@ def forward(x, weights, attention_mask=None, dtype="float32", **config):
 
 
 def value_and_grad(
-    x, weights, loss_weights, attention_mask=None, dtype="float32", **config
-):
+    x: ArrayLike,
+    weights: Mapping[str, ArrayLike | None],
+    loss_weights: ArrayLike,
+    attention_mask: ArrayLike | None = None,
+    dtype: DTypeLike = "float32",
+    **config: Any,
+) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:  # loss: a NumPy scalar
     """Loss `sum(out * loss_weights)` and its gradients, as NumPy.
 
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped
@@ -363,7 +398,9 @@ _resize_jit = jax.jit(_resize, static_argnames=("length",))
 _sincos_jit = jax.jit(_sincos, static_argnums=(0, 1, 2, 3))
 
 
-def resize_table(table, length, dtype="float32"):
+def resize_table(
+    table: ArrayLike, length: int, dtype: DTypeLike = "float32"
+) -> np.ndarray:
     """The native's table resize on NumPy: (L, d) -> (length, d) in `dtype`."""
     with _precision(dtype):
         out = np.asarray(
@@ -372,7 +409,9 @@ def resize_table(table, length, dtype="float32"):
     return _check_dtype(out, dtype)
 
 
-def sinusoidal_embedding(height, width, channels, dtype="float32"):
+def sinusoidal_embedding(
+    height: int, width: int, channels: int, dtype: DTypeLike = "float32"
+) -> np.ndarray:
     """The native's sine-cosine embedding on NumPy: (H*W, C) in `dtype`."""
     arguments.check_channels(channels, position_encoding="sinusoidal")
     with _precision(dtype):
@@ -381,7 +420,11 @@ def sinusoidal_embedding(height, width, channels, dtype="float32"):
 
 
 # ------------------------------------------------------- the bench's fused form
-def fused_block(config, weights: dict):
+def fused_block(
+    config: _common.BenchShape, weights: Mapping[str, ArrayLike]
+) -> tuple[
+    Callable[[Mapping[str, jax.Array], jax.Array], jax.Array], dict[str, jax.Array]
+]:
     """The bench's form: (apply(params, x) -> out, params), pure, for
     `jax.jit` / `jax.grad`, for a bench config (`_common.FusedBlock.of`).
 
@@ -403,11 +446,13 @@ def fused_block(config, weights: dict):
         name_h, name_w = block.tables
         index_h, index_w = _common.relative_index(height), _common.relative_index(width)
 
-    def apply(params, x):
+    def apply(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
         b = x.shape[0]
         t = x.reshape(b, n, channels)
 
-        def project(name):  # (B, N, heads, d), the layout of dot_product_attention
+        def project(
+            name: str,
+        ) -> jax.Array:  # (B, N, heads, d): dot_product_attention's
             y = t @ params[f"{name}_kernel"] + params[f"{name}_bias"]
             return y.reshape(b, n, heads, d)
 

@@ -47,10 +47,15 @@ NumPy in, NumPy out: `forward`, `value_and_grad`, `resize_table`,
 `sinusoidal_embedding` (`mhsa_core.natives`).
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from numpy.typing import ArrayLike, DTypeLike
 
 from mhsa_core.natives import _common
 from mhsa_core.reference import arguments, schema
@@ -65,7 +70,7 @@ __all__ = [
 ]
 
 
-def _gelu(x):
+def _gelu(x: tf.Tensor) -> tf.Tensor:
     """Exact (erf) GELU, as the reference: x/2 * erfc(-x / sqrt(2)).
 
     Not `tf.nn.gelu(approximate=False)`: it builds its 1/sqrt(2) with
@@ -76,7 +81,7 @@ def _gelu(x):
     return 0.5 * x * tf.math.erfc(-x * tf.constant(1.0 / math.sqrt(2.0), x.dtype))
 
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str | None, Callable[[tf.Tensor], tf.Tensor]] = {
     None: lambda x: x,
     "linear": lambda x: x,
     "relu": tf.nn.relu,
@@ -88,7 +93,7 @@ _ACTIVATIONS = {
 }
 
 
-def _resize(table, length):
+def _resize(table: tf.Tensor, length: int | tf.Tensor) -> tf.Tensor:
     """table (L, d) -> (length, d), linear along the rows, half-pixel centers.
 
     M (length, L) @ table, M[t, l] = max(0, 1 - |s_t - l|) the "tent" weights
@@ -106,7 +111,7 @@ def _resize(table, length):
     return tf.linalg.matmul(weights, table)
 
 
-def _index_matrix(length, relative):
+def _index_matrix(length: int | tf.Tensor, relative: bool) -> tf.Tensor:
     """(L, L) int32 table rows for (query a, key b): b - a + L - 1, or b."""
     b = tf.range(length)[None, :]
     if relative:
@@ -114,7 +119,9 @@ def _index_matrix(length, relative):
     return tf.tile(b, (length, 1))
 
 
-def _sincos(height, width, channels, dtype):
+def _sincos(
+    height: int | tf.Tensor, width: int | tf.Tensor, channels: int, dtype: tf.DType
+) -> tf.Tensor:
     """The fixed 2-D sine-cosine embedding (H*W, C), row-major over (H, W)."""
     d = channels // 4
     k = tf.range(d, dtype=tf.float64)
@@ -154,19 +161,19 @@ class NativeMHSA2D(tf.Module):
 
     def __init__(
         self,
-        channels,
-        num_heads=1,
-        key_dim=None,
-        activation=None,
-        position_encoding="none",
-        scale=None,
-        use_bias=True,
-        data_format="channels_last",
-        position_size=None,
-        scale_position_logits=True,
-        dtype="float32",
-        name=None,
-    ):
+        channels: int,
+        num_heads: int = 1,
+        key_dim: int | None = None,
+        activation: str | None = None,
+        position_encoding: str = "none",
+        scale: float | None = None,
+        use_bias: bool = True,
+        data_format: str = "channels_last",
+        position_size: Sequence[int] | None = None,
+        scale_position_logits: bool = True,
+        dtype: DTypeLike = "float32",
+        name: str | None = None,
+    ) -> None:
         super().__init__(name=name)
         self.config = _common.check_config(
             channels,
@@ -188,7 +195,7 @@ class NativeMHSA2D(tf.Module):
             for name, shape in self.config.weight_shapes.items()
         }
 
-    def load_weight_dict(self, weights):
+    def load_weight_dict(self, weights: Mapping[str, ArrayLike]) -> NativeMHSA2D:
         """Assign a canonical weight dict (NumPy arrays, any float dtype).
 
         Values are cast to the module's dtype. Missing, unexpected or wrongly
@@ -202,7 +209,7 @@ class NativeMHSA2D(tf.Module):
             variable.assign(tf.cast(np.asarray(weights[name]), self.compute_dtype))
         return self
 
-    def _dense(self, t, kernel, bias):
+    def _dense(self, t: tf.Tensor, kernel: str, bias: str) -> tf.Tensor:
         """t (B, N, C_in) @ kernel (C_in, C_out) [+ bias (C_out,)] -> (B, N, C_out).
 
         `kernel`, `bias`: canonical weight names.
@@ -212,7 +219,9 @@ class NativeMHSA2D(tf.Module):
             y = y + self.weights[bias]
         return y
 
-    def _position_logits(self, q, height, width):
+    def _position_logits(
+        self, q: tf.Tensor, height: tf.Tensor, width: tf.Tensor
+    ) -> tf.Tensor | None:
         """The position term (B, heads, N, N) of "relative"/"absolute", else None.
 
         q: (B, H, W, heads, kd). Row i = (y_i, x_i) is a query, column j a key.
@@ -222,8 +231,8 @@ class NativeMHSA2D(tf.Module):
             return None
         relative = spec.name == "relative"
         name_h, name_w = schema.table_names(spec.name)
-        table_h = _resize(self.weights[name_h], spec.rows(height))
-        table_w = _resize(self.weights[name_w], spec.rows(width))
+        table_h = _resize(self.weights[name_h], spec.table_rows(height))
+        table_w = _resize(self.weights[name_w], spec.table_rows(width))
         emb_h = tf.gather(
             table_h, _index_matrix(height, relative)
         )  # (H, H, kd): [y_i, y_j]
@@ -237,7 +246,9 @@ class NativeMHSA2D(tf.Module):
         n = height * width
         return tf.reshape(pos, (tf.shape(q)[0], self.config.num_heads, n, n))
 
-    def __call__(self, x, attention_mask=None):
+    def __call__(
+        self, x: tf.Tensor, attention_mask: tf.Tensor | None = None
+    ) -> tf.Tensor:
         """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W) or None."""
         cfg = self.config
         act = _ACTIVATIONS[cfg.activation]
@@ -297,43 +308,59 @@ class NativeMHSA2D(tf.Module):
         return out
 
 
-def _build(x, weights, dtype, config):
+def _build(
+    x: np.ndarray,
+    weights: Mapping[str, ArrayLike],
+    dtype: DTypeLike,
+    config: Mapping[str, Any],
+) -> NativeMHSA2D:
     """A module of the complete config and dtype, with `weights` loaded."""
     channels, config = _common.numpy_config(x, weights, config)
     module = NativeMHSA2D(channels, dtype=dtype, **config)
     return module.load_weight_dict(weights)
 
 
-def _mask_tensor(attention_mask):
+def _mask_tensor(attention_mask: ArrayLike | None) -> tf.Tensor | None:
     if attention_mask is None:
         return None
     return tf.convert_to_tensor(np.asarray(attention_mask, dtype=bool))
 
 
-def forward(x, weights, attention_mask=None, dtype="float32", **config):
+def forward(
+    x: ArrayLike,
+    weights: Mapping[str, ArrayLike],
+    attention_mask: ArrayLike | None = None,
+    dtype: DTypeLike = "float32",
+    **config: Any,
+) -> np.ndarray:
     """Run the block on NumPy inputs; returns the output as a NumPy array.
 
     `config`: keywords of `NativeMHSA2D` but `channels` (read off `x`) and
     `dtype`, completed by `_common.numpy_config`.
     """
-    x = np.asarray(x)
-    module = _build(x, weights, dtype, config)
+    array = np.asarray(x)
+    module = _build(array, weights, dtype, config)
     return module(
-        tf.cast(x, module.compute_dtype), _mask_tensor(attention_mask)
+        tf.cast(array, module.compute_dtype), _mask_tensor(attention_mask)
     ).numpy()
 
 
 def value_and_grad(
-    x, weights, loss_weights, attention_mask=None, dtype="float32", **config
-):
+    x: ArrayLike,
+    weights: Mapping[str, ArrayLike],
+    loss_weights: ArrayLike,
+    attention_mask: ArrayLike | None = None,
+    dtype: DTypeLike = "float32",
+    **config: Any,
+) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:  # loss: a NumPy scalar
     """Loss `sum(out * loss_weights)` and its gradients, as NumPy.
 
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped
     like `x`, and a canonical weight dict of gradients.
     """
-    x = np.asarray(x)
-    module = _build(x, weights, dtype, config)
-    xt = tf.cast(x, module.compute_dtype)
+    array = np.asarray(x)
+    module = _build(array, weights, dtype, config)
+    xt = tf.cast(array, module.compute_dtype)
     lw = tf.cast(np.asarray(loss_weights), module.compute_dtype)
     with tf.GradientTape() as tape:
         tape.watch(xt)
@@ -347,20 +374,26 @@ def value_and_grad(
     )
 
 
-def resize_table(table, length, dtype="float32"):
+def resize_table(
+    table: ArrayLike, length: int, dtype: DTypeLike = "float32"
+) -> np.ndarray:
     """The native's table resize on NumPy: (L, d) -> (length, d) in `dtype`."""
-    table = tf.constant(np.asarray(table), dtype=tf.as_dtype(np.dtype(dtype).name))
-    return _resize(table, length).numpy()
+    tensor = tf.constant(np.asarray(table), dtype=tf.as_dtype(np.dtype(dtype).name))
+    return _resize(tensor, length).numpy()
 
 
-def sinusoidal_embedding(height, width, channels, dtype="float32"):
+def sinusoidal_embedding(
+    height: int, width: int, channels: int, dtype: DTypeLike = "float32"
+) -> np.ndarray:
     """The native's sine-cosine embedding on NumPy: (H*W, C) in `dtype`."""
     arguments.check_channels(channels, position_encoding="sinusoidal")
     return _sincos(height, width, channels, tf.as_dtype(np.dtype(dtype).name)).numpy()
 
 
 # ------------------------------------------------------- the bench's fused form
-def fused_block(config, weights: dict):
+def fused_block(
+    config: _common.BenchShape, weights: Mapping[str, ArrayLike]
+) -> tuple[Callable[[tf.Tensor], tf.Tensor], list[tf.Variable]]:
     """The bench's form: (call(x) -> out, [tf.Variable]), x and out
     (B, H, W, C) float32, for a bench config (`_common.FusedBlock.of`).
 
@@ -385,11 +418,11 @@ def fused_block(config, weights: dict):
         index_h = tf.constant(_common.relative_index(height))
         index_w = tf.constant(_common.relative_index(width))
 
-    def call(x):
+    def call(x: tf.Tensor) -> tf.Tensor:
         b = tf.shape(x)[0]
         t = tf.reshape(x, (b, n, channels))
 
-        def project(name):  # (B, N, heads, d)
+        def project(name: str) -> tf.Tensor:  # (B, N, heads, d)
             y = (
                 tf.einsum("bnc,cd->bnd", t, params[f"{name}_kernel"])
                 + params[f"{name}_bias"]

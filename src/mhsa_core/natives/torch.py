@@ -49,11 +49,16 @@ NumPy in, NumPy out: `forward`, `value_and_grad`, `resize_table`,
 `sinusoidal_embedding` (`mhsa_core.natives`).
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike, DTypeLike
 from torch import nn
 
 from mhsa_core.natives import _common
@@ -68,7 +73,7 @@ __all__ = [
     "value_and_grad",
 ]
 
-_ACTIVATIONS = {
+_ACTIVATIONS: dict[str | None, Callable[[torch.Tensor], torch.Tensor]] = {
     None: lambda x: x,
     "linear": lambda x: x,
     "relu": F.relu,
@@ -87,14 +92,14 @@ _TORCH_DTYPES = {
 }
 
 
-def _torch_dtype(dtype):
+def _torch_dtype(dtype: DTypeLike | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    name = dtype if dtype == "bfloat16" else np.dtype(dtype).name
+    name = "bfloat16" if dtype == "bfloat16" else np.dtype(dtype).name
     return _TORCH_DTYPES[name]
 
 
-def _resize(table, length):
+def _resize(table: torch.Tensor, length: int) -> torch.Tensor:
     """table (L, d) -> (length, d), linear along the rows, half-pixel centers."""
     # F.interpolate resizes the last axis of (N, C, L): the rows go last.
     resized = F.interpolate(
@@ -103,7 +108,7 @@ def _resize(table, length):
     return resized[0].t()
 
 
-def _rel_to_abs(rel):
+def _rel_to_abs(rel: torch.Tensor) -> torch.Tensor:
     """Relative logits (..., L, 2L - 1) -> absolute logits (..., L, L).
 
     rel[..., i, m] is the logit of query i for the key at offset m - (L - 1)
@@ -118,7 +123,13 @@ def _rel_to_abs(rel):
     return flat.reshape(*lead, length + 1, 2 * length - 1)[..., :length, length - 1 :]
 
 
-def _sincos(height, width, channels, dtype, device):
+def _sincos(
+    height: int,
+    width: int,
+    channels: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:
     """The fixed 2-D sine-cosine embedding (H*W, C), row-major over (H, W)."""
     d = channels // 4
     k = torch.arange(d, dtype=torch.float64, device=device)
@@ -157,17 +168,17 @@ class NativeMHSA2D(nn.Module):
 
     def __init__(
         self,
-        channels,
-        num_heads=1,
-        key_dim=None,
-        activation=None,
-        position_encoding="none",
-        scale=None,
-        use_bias=True,
-        data_format="channels_last",
-        position_size=None,
-        scale_position_logits=True,
-    ):
+        channels: int,
+        num_heads: int = 1,
+        key_dim: int | None = None,
+        activation: str | None = None,
+        position_encoding: str = "none",
+        scale: float | None = None,
+        use_bias: bool = True,
+        data_format: str = "channels_last",
+        position_size: Sequence[int] | None = None,
+        scale_position_logits: bool = True,
+    ) -> None:
         super().__init__()
         self.config = cfg = _common.check_config(
             channels,
@@ -207,7 +218,7 @@ class NativeMHSA2D(nn.Module):
             }
         )
 
-    def _linears(self):
+    def _linears(self) -> list[tuple[tuple[str, ...], nn.Linear]]:
         """((kernel name, bias name), nn.Linear) pairs, in creation order."""
         pairs = (
             [(self._token_weights, self.position)] if self.position is not None else []
@@ -216,7 +227,7 @@ class NativeMHSA2D(nn.Module):
             ((f"{p}_kernel", f"{p}_bias"), getattr(self, p)) for p in schema.PROJECTIONS
         ]
 
-    def load_weight_dict(self, weights):
+    def load_weight_dict(self, weights: Mapping[str, ArrayLike]) -> NativeMHSA2D:
         """Copy a canonical weight dict (NumPy arrays, any float dtype) in.
 
         Values are cast to the dtype of the module's parameters. Missing,
@@ -239,7 +250,7 @@ class NativeMHSA2D(nn.Module):
                 table.copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))
         return self
 
-    def weight_grad_dict(self):
+    def weight_grad_dict(self) -> dict[str, np.ndarray]:
         """Gradients of the parameters as a canonical dict of NumPy arrays."""
         grads = {}
         for (kernel, bias), linear in self._linears():
@@ -250,7 +261,9 @@ class NativeMHSA2D(nn.Module):
             grads[name] = table.grad.detach().cpu().numpy()
         return grads
 
-    def _position_logits(self, q, height, width):
+    def _position_logits(
+        self, q: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor | None:
         """The position term (B, heads, N, N) of "relative"/"absolute", else None.
 
         q: (B, heads, N, kd). Row i = (y_i, x_i) is a query, column j a key.
@@ -259,8 +272,8 @@ class NativeMHSA2D(nn.Module):
         if not spec.learned_tables:
             return None
         name_h, name_w = schema.table_names(spec.name)
-        table_h = _resize(self.tables[name_h], spec.rows(height))
-        table_w = _resize(self.tables[name_w], spec.rows(width))
+        table_h = _resize(self.tables[name_h], spec.table_rows(height))
+        table_w = _resize(self.tables[name_w], spec.table_rows(width))
         batch, heads, n, kd = q.shape
         q = q.reshape(batch, heads, height, width, kd)
         if spec.name == "relative":
@@ -276,7 +289,9 @@ class NativeMHSA2D(nn.Module):
         pos = logits_h[..., :, None] + logits_w[..., None, :]
         return pos.reshape(batch, heads, n, n)
 
-    def forward(self, x, attention_mask=None):
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W) or None."""
         cfg = self.config
         act = _ACTIVATIONS[cfg.activation]
@@ -327,45 +342,61 @@ class NativeMHSA2D(nn.Module):
         return out
 
 
-def _build(x, weights, dtype, config):
+def _build(
+    x: np.ndarray,
+    weights: Mapping[str, ArrayLike],
+    dtype: DTypeLike | torch.dtype,
+    config: Mapping[str, Any],
+) -> NativeMHSA2D:
     """A module of the complete config and dtype, with `weights` loaded."""
     channels, config = _common.numpy_config(x, weights, config)
     module = NativeMHSA2D(channels, **config).to(_torch_dtype(dtype))
     return module.load_weight_dict(weights)
 
 
-def _mask_tensor(attention_mask):
+def _mask_tensor(attention_mask: ArrayLike | None) -> torch.Tensor | None:
     if attention_mask is None:
         return None
     return torch.from_numpy(np.asarray(attention_mask, dtype=bool))
 
 
-def forward(x, weights, attention_mask=None, dtype="float32", **config):
+def forward(
+    x: ArrayLike,
+    weights: Mapping[str, ArrayLike],
+    attention_mask: ArrayLike | None = None,
+    dtype: DTypeLike | torch.dtype = "float32",
+    **config: Any,
+) -> np.ndarray:
     """Run the block on NumPy inputs; returns the output as a NumPy array.
 
     `config`: keywords of `NativeMHSA2D` but `channels` (read off `x`),
     completed by `_common.numpy_config`.
     """
-    x = np.asarray(x)
-    module = _build(x, weights, dtype, config)
-    xt = torch.from_numpy(np.ascontiguousarray(x)).to(_torch_dtype(dtype))
+    array = np.asarray(x)
+    module = _build(array, weights, dtype, config)
+    xt = torch.from_numpy(np.ascontiguousarray(array)).to(_torch_dtype(dtype))
     with torch.no_grad():
         out = module(xt, _mask_tensor(attention_mask))
     return out.numpy()
 
 
 def value_and_grad(
-    x, weights, loss_weights, attention_mask=None, dtype="float32", **config
-):
+    x: ArrayLike,
+    weights: Mapping[str, ArrayLike],
+    loss_weights: ArrayLike,
+    attention_mask: ArrayLike | None = None,
+    dtype: DTypeLike | torch.dtype = "float32",
+    **config: Any,
+) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:  # loss: a NumPy scalar
     """Loss `sum(out * loss_weights)` and its gradients, as NumPy.
 
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped
     like `x`, and a canonical weight dict (kernels (in, out)) of gradients.
     """
-    x = np.asarray(x)
+    array = np.asarray(x)
     tdtype = _torch_dtype(dtype)
-    module = _build(x, weights, dtype, config)
-    xt = torch.from_numpy(np.ascontiguousarray(x)).to(tdtype).requires_grad_(True)
+    module = _build(array, weights, dtype, config)
+    xt = torch.from_numpy(np.ascontiguousarray(array)).to(tdtype).requires_grad_(True)
     lw = torch.from_numpy(np.ascontiguousarray(loss_weights)).to(tdtype)
     out = module(xt, _mask_tensor(attention_mask))
     loss = torch.sum(out * lw)
@@ -373,21 +404,27 @@ def value_and_grad(
     return (loss.detach().numpy()[()], xt.grad.numpy(), module.weight_grad_dict())
 
 
-def resize_table(table, length, dtype="float32"):
+def resize_table(
+    table: ArrayLike, length: int, dtype: DTypeLike | torch.dtype = "float32"
+) -> np.ndarray:
     """The native's table resize on NumPy: (L, d) -> (length, d) in `dtype`."""
-    table = torch.from_numpy(np.ascontiguousarray(table)).to(_torch_dtype(dtype))
+    tensor = torch.from_numpy(np.ascontiguousarray(table)).to(_torch_dtype(dtype))
     with torch.no_grad():
-        return _resize(table, length).numpy()
+        return _resize(tensor, length).numpy()
 
 
-def sinusoidal_embedding(height, width, channels, dtype="float32"):
+def sinusoidal_embedding(
+    height: int, width: int, channels: int, dtype: DTypeLike | torch.dtype = "float32"
+) -> np.ndarray:
     """The native's sine-cosine embedding on NumPy: (H*W, C) in `dtype`."""
     arguments.check_channels(channels, position_encoding="sinusoidal")
     return _sincos(height, width, channels, _torch_dtype(dtype), "cpu").numpy()
 
 
 # ------------------------------------------------------- the bench's fused form
-def fused_block(config, weights: dict):
+def fused_block(
+    config: _common.BenchShape, weights: Mapping[str, ArrayLike]
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.Tensor]]:
     """The bench's form: (call(x) -> out, [parameters]), x and out (B, H, W, C)
     torch float32, for a bench config (`_common.FusedBlock.of`).
 
@@ -413,11 +450,11 @@ def fused_block(config, weights: dict):
         index_h = torch.as_tensor(_common.relative_index(height))
         index_w = torch.as_tensor(_common.relative_index(width))
 
-    def call(x):
+    def call(x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         t = x.reshape(b, n, channels)
 
-        def project(name):  # (B, N, C) -> (B, heads, N, d)
+        def project(name: str) -> torch.Tensor:  # (B, N, C) -> (B, heads, N, d)
             y = t @ params[f"{name}_kernel"] + params[f"{name}_bias"]
             return y.reshape(b, n, heads, d).transpose(1, 2)
 

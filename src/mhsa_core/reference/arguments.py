@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -50,12 +51,21 @@ DATA_FORMATS = ("channels_last", "channels_first")
 IMPLEMENTATIONS = ("auto", "full", "chunked", "fused")
 
 
-def is_int(value) -> bool:
+def is_int(value: object) -> TypeGuard[int | np.integer]:
     """An integer (Python or NumPy), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def invalid(name: str, value, expected: str) -> ValueError:
+def _is_real(value: object) -> TypeGuard[float]:
+    """A real number (Python, NumPy, `Fraction`, ...), not a bool.
+
+    Typed `float`, which every such number compares like: the `numbers.Real`
+    ABC declares too few comparisons for a type checker (no `>`, `>=`).
+    """
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def invalid(name: str, value: object, expected: str) -> ValueError:
     """The error of a bad argument, in Keras's words."""
     return ValueError(
         f"Received an invalid value for argument `{name}`, expected {expected}. "
@@ -76,7 +86,7 @@ class Rule:
     expected: str
     accepts: Callable[[object], bool] | None = None
 
-    def check(self, name: str, value) -> None:
+    def check(self, name: str, value: object) -> None:
         if self.accepts is None:
             raise TypeError(f"`{name}` is checked by resolving it: pass a converter")
         if not self.accepts(value):
@@ -88,45 +98,36 @@ class _Lookup:
     """An argument that the schema itself looks up: its ValueError (naming the
     argument) is the message, so it is written once, there."""
 
-    lookup: Callable[[object], object]
+    lookup: Callable[[Any], object]
 
-    def check(self, name: str, value) -> None:
+    def check(self, name: str, value: object) -> None:
         self.lookup(value)
 
 
-def one_of(options) -> Rule:
+def one_of(options: Collection[Any]) -> Rule:
     """A rule accepting the members of `options` (shown as given: a tuple or a
     list)."""
     return Rule(f"one of {options}", lambda value: value in options)
 
 
-def _optional(accepts):
+def _optional(accepts: Callable[[object], bool]) -> Callable[[object], bool]:
     return lambda value: value is None or accepts(value)
 
 
-def _positive_int(value) -> bool:
-    return is_int(value) and value >= 1
+def _positive_int(value: object) -> bool:
+    return is_int(value) and bool(value >= 1)  # bool(): NumPy ints compare to np.bool
 
 
-def _positive_finite(value) -> bool:
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+def _positive_finite(value: object) -> bool:
+    return _is_real(value) and math.isfinite(value) and value > 0
 
 
-def _rate(value) -> bool:
+def _rate(value: object) -> bool:
     # NaN fails both comparisons.
-    return (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and 0.0 <= value < 1.0
-    )
+    return _is_real(value) and 0.0 <= value < 1.0
 
 
-def _size(value) -> bool:
+def _size(value: object) -> bool:
     return (
         isinstance(value, (tuple, list))
         and len(value) == 2
@@ -162,8 +163,8 @@ def check_arguments(
     values: Mapping[str, object],
     *,
     rules: Mapping[str, Rule] | None = None,
-    convert: Mapping[str, Callable] | None = None,
-) -> dict[str, object]:
+    convert: Mapping[str, Callable[[Any], object]] | None = None,
+) -> dict[str, Any]:
     """Checks each of `values` against its rule, in the order of `ARGUMENTS`.
 
     Args:
@@ -187,6 +188,10 @@ def check_arguments(
     for name in sorted(values, key=list(table).index):
         rule, value = table[name], values[name]
         if name in convert:
+            if not isinstance(rule, Rule):
+                # A schema lookup judges the value itself (and has no words
+                # for a converter's error): a converter would skip it.
+                raise TypeError(f"`{name}` is checked by the schema: pass no converter")
             try:
                 out[name] = convert[name](value)
             except (ValueError, TypeError) as e:
@@ -196,7 +201,9 @@ def check_arguments(
     return out
 
 
-def check_channels(channels: int, num_heads: int = 1, position_encoding="none"):
+def check_channels(
+    channels: int, num_heads: int = 1, position_encoding: str = "none"
+) -> None:
     """ValueError unless C=`channels` splits into `num_heads` heads and suits
     `position_encoding` (e.g. "sinusoidal" needs C divisible by 4)."""
     if channels % num_heads:

@@ -12,6 +12,9 @@ Why sequential accumulation and 2x: docs/tolerances.md.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from numpy.typing import ArrayLike
 
@@ -43,9 +46,9 @@ def max_abs(a: ArrayLike, b: ArrayLike) -> float:
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
-def _scale(oracle):
-    oracle = np.asarray(oracle)
-    return float(np.max(np.abs(oracle))) if oracle.size else 0.0
+def _scale(oracle: ArrayLike) -> float:
+    array = np.asarray(oracle)
+    return float(np.max(np.abs(array))) if array.size else 0.0
 
 
 def float32_budget(
@@ -69,7 +72,10 @@ def float64_budget(oracle: ArrayLike) -> float:
 
 
 def error_budget(
-    x: ArrayLike, weights: dict, policy: str = "float32", **config
+    x: ArrayLike,
+    weights: Mapping[str, np.ndarray],
+    policy: str = "float32",
+    **config: Any,
 ) -> tuple[np.ndarray, float, float | None]:
     """Reference output and the error budget of a result computed under `policy`.
 

@@ -15,12 +15,22 @@ shared across heads.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, overload
 
 import numpy as np
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, DTypeLike
 
 from mhsa_core.reference import schema
-from mhsa_core.reference.position import dense, position_logits, relu, token_term
+from mhsa_core.reference.position import (
+    FloatType,
+    Matmul,
+    Store,
+    dense,
+    position_logits,
+    relu,
+    token_term,
+)
 
 __all__ = [
     "mhsa_forward",
@@ -44,23 +54,23 @@ LAYER_ARGUMENTS = (
 )
 
 
-def reference_config(layer_config: dict) -> dict:
+def reference_config(layer_config: Mapping[str, Any]) -> dict[str, Any]:
     """The `mhsa_forward` arguments in a layer config (the others, such as
     initializers or dropout, do not change the forward pass)."""
     return {k: layer_config[k] for k in LAYER_ARGUMENTS if k in layer_config}
 
 
-def _gelu(x):
+def _gelu(x: np.ndarray) -> np.ndarray:
     # Exact (erf) GELU, as keras.activations.gelu(approximate=False).
     erf = np.vectorize(math.erf, otypes=[x.dtype])
     return x * (0.5 * (1.0 + erf(x / math.sqrt(2.0)))).astype(x.dtype)
 
 
-def _sigmoid(x):
+def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str | None, Callable[[np.ndarray], np.ndarray]] = {
     None: lambda x: x,
     "linear": lambda x: x,
     "relu": relu,
@@ -72,7 +82,7 @@ ACTIVATIONS = {
 }
 
 
-def _matmul_sequential(a, b):
+def _matmul_sequential(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b with every dot product summed left to right, one rounding per step.
 
     This is the textbook float32 algorithm, and the accuracy that XLA's CPU
@@ -86,9 +96,69 @@ def _matmul_sequential(a, b):
     return acc
 
 
+@overload
 def mhsa_forward(
     x: ArrayLike,
-    weights: dict,
+    weights: Mapping[str, np.ndarray],
+    *,
+    num_heads: int = ...,
+    key_dim: int | None = ...,
+    activation: str | None = ...,
+    position_encoding: str = ...,
+    scale: float | None = ...,
+    scale_position_logits: bool = ...,
+    data_format: str = ...,
+    attention_mask: ArrayLike | None = ...,
+    return_attention_scores: Literal[False] = ...,
+    dtype: FloatType = ...,
+    accumulation: str = ...,
+    storage_dtype: DTypeLike | None = ...,
+) -> np.ndarray: ...
+
+
+@overload
+def mhsa_forward(
+    x: ArrayLike,
+    weights: Mapping[str, np.ndarray],
+    *,
+    num_heads: int = ...,
+    key_dim: int | None = ...,
+    activation: str | None = ...,
+    position_encoding: str = ...,
+    scale: float | None = ...,
+    scale_position_logits: bool = ...,
+    data_format: str = ...,
+    attention_mask: ArrayLike | None = ...,
+    return_attention_scores: Literal[True],
+    dtype: FloatType = ...,
+    accumulation: str = ...,
+    storage_dtype: DTypeLike | None = ...,
+) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@overload
+def mhsa_forward(
+    x: ArrayLike,
+    weights: Mapping[str, np.ndarray],
+    *,
+    num_heads: int = ...,
+    key_dim: int | None = ...,
+    activation: str | None = ...,
+    position_encoding: str = ...,
+    scale: float | None = ...,
+    scale_position_logits: bool = ...,
+    data_format: str = ...,
+    attention_mask: ArrayLike | None = ...,
+    return_attention_scores: bool,
+    dtype: FloatType = ...,
+    accumulation: str = ...,
+    storage_dtype: DTypeLike | None = ...,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
+
+
+def mhsa_forward(
+    x: ArrayLike,
+    weights: Mapping[str, np.ndarray],
     *,
     num_heads: int = 1,
     key_dim: int | None = None,
@@ -99,10 +169,10 @@ def mhsa_forward(
     data_format: str = "channels_last",
     attention_mask: ArrayLike | None = None,
     return_attention_scores: bool = False,
-    dtype=np.float64,
+    dtype: FloatType = np.float64,
     accumulation: str = "blas",
-    storage_dtype=None,
-):
+    storage_dtype: DTypeLike | None = None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Forward pass of the block in NumPy, every step in `dtype`.
 
     Args:
@@ -135,32 +205,34 @@ def mhsa_forward(
         The output in the layout of `x`, and with `return_attention_scores`
         also the attention probabilities (B, num_heads, N, N), N = H*W.
     """
-    x = np.asarray(x).astype(dtype)
+    inputs = np.asarray(x).astype(dtype)
     if data_format == "channels_first":
-        x = x.transpose(0, 2, 3, 1)
+        inputs = inputs.transpose(0, 2, 3, 1)
     elif data_format != "channels_last":
         raise ValueError(f"Unknown data_format. Received: data_format={data_format!r}")
-    batch, height, width, channels = x.shape
+    batch, height, width, channels = inputs.shape
     n = height * width
     head_dim = channels // num_heads
     key_dim = head_dim if key_dim is None else key_dim
     if scale is None:
         scale = 1.0 / math.sqrt(key_dim)
     act = ACTIVATIONS[activation]
-    matmul = {"blas": np.matmul, "sequential": _matmul_sequential}[accumulation]
+    matmuls: dict[str, Matmul] = {"blas": np.matmul, "sequential": _matmul_sequential}
+    matmul = matmuls[accumulation]
+    store: Store
     if storage_dtype is None:
 
-        def store(a):
+        def store(a: np.ndarray) -> np.ndarray:
             return a
     else:
 
-        def store(a):
+        def store(a: np.ndarray) -> np.ndarray:
             return np.asarray(a).astype(storage_dtype).astype(dtype)
 
-    x = store(x)
+    inputs = store(inputs)
 
     # Step 1: tokens, row-major over (H, W).
-    t = x.reshape(batch, n, channels)
+    t = inputs.reshape(batch, n, channels)
     # Step 2: a position encoding that acts on the tokens.
     schema.encoding(position_encoding)  # a ValueError for an unknown one
     t = token_term(t, weights, position_encoding, height, width, dtype, matmul, store)
@@ -212,7 +284,8 @@ def mhsa_forward(
     return out
 
 
-_POLICY_ROUNDING = {  # policy -> (compute dtype, storage dtype between ops)
+# policy -> (compute dtype, storage dtype between ops)
+_POLICY_ROUNDING: dict[str, tuple[FloatType, DTypeLike | None]] = {
     "float32": (np.float32, None),
     "mixed_float16": (np.float32, np.float16),
     "mixed_bfloat16": (np.float32, "bfloat16"),
@@ -220,7 +293,12 @@ _POLICY_ROUNDING = {  # policy -> (compute dtype, storage dtype between ops)
 POLICIES = ("float64", *_POLICY_ROUNDING)
 
 
-def rounded_forward(x: ArrayLike, weights: dict, policy: str = "float32", **config):
+def rounded_forward(
+    x: ArrayLike,
+    weights: Mapping[str, np.ndarray],
+    policy: str = "float32",
+    **config: Any,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """This reference run with the roundings of a Keras dtype `policy`.
 
     float32 arithmetic with sequential accumulation; for mixed_* also 16-bit

@@ -14,9 +14,14 @@ query and j a key:
   resized to H and W rows.
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Callable, Mapping
+from typing import TypeAlias
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from mhsa_core.reference import schema
 
@@ -29,8 +34,20 @@ __all__ = [
     "KEY_EMBEDDINGS",
 ]
 
+# The float scalar type every step computes in (np.float64 for the oracle,
+# np.float32 for the budgets): called on Python numbers, `dtype(0.5)`.
+FloatType: TypeAlias = type[np.floating]
+# a @ b, NumPy's or summed in order (`forward._matmul_sequential`).
+Matmul: TypeAlias = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# The rounding between ops (identity, or through a 16-bit storage dtype).
+Store: TypeAlias = Callable[[np.ndarray], np.ndarray]
+# The canonical weight dict (`schema.weight_shapes`).
+Weights: TypeAlias = Mapping[str, np.ndarray]
 
-def resize_table(table, length, dtype=np.float64):
+
+def resize_table(
+    table: ArrayLike, length: int, dtype: FloatType = np.float64
+) -> np.ndarray:
     """`table` (L, d) linearly interpolated along axis 0 to `length` rows.
 
     Row t of the result sits at source position s = (t + 0.5) * L / length - 0.5
@@ -59,7 +76,9 @@ def resize_table(table, length, dtype=np.float64):
     return out
 
 
-def sinusoidal_embedding(height, width, channels, dtype=np.float64):
+def sinusoidal_embedding(
+    height: int, width: int, channels: int, dtype: FloatType = np.float64
+) -> np.ndarray:
     """The fixed 2-D sine-cosine embedding P, (H*W, C), row-major over (H, W).
 
     With D = C / 4 frequencies w_k = 10000^(-k / D), k = 0..D-1, the token at
@@ -88,12 +107,20 @@ def sinusoidal_embedding(height, width, channels, dtype=np.float64):
     return out
 
 
-def relu(x):
+def relu(x: np.ndarray) -> np.ndarray:
     """max(x, 0): the "conv" token term's activation, and the reference's "relu"."""
     return np.maximum(x, 0)
 
 
-def dense(t, weights, kernel, bias, dtype, matmul, store):
+def dense(
+    t: np.ndarray,
+    weights: Weights,
+    kernel: str,
+    bias: str,
+    dtype: FloatType,
+    matmul: Matmul,
+    store: Store,
+) -> np.ndarray:
     """t @ weights[kernel] + weights[bias] (bias optional), rounded by `store`."""
     y = store(matmul(t, store(weights[kernel].astype(dtype))))
     b = weights.get(bias)
@@ -102,41 +129,91 @@ def dense(t, weights, kernel, bias, dtype, matmul, store):
     return y
 
 
-def _conv_tokens(t, weights, height, width, dtype, matmul, store):
+def _conv_tokens(
+    t: np.ndarray,
+    weights: Weights,
+    height: int,
+    width: int,
+    dtype: FloatType,
+    matmul: Matmul,
+    store: Store,
+) -> np.ndarray:
     kernel, bias = schema.ENCODINGS["conv"].token_weights
     return store(t + relu(dense(t, weights, kernel, bias, dtype, matmul, store)))
 
 
-def _sinusoidal_tokens(t, weights, height, width, dtype, matmul, store):
+def _sinusoidal_tokens(
+    t: np.ndarray,
+    weights: Weights,
+    height: int,
+    width: int,
+    dtype: FloatType,
+    matmul: Matmul,
+    store: Store,
+) -> np.ndarray:
     return store(t + store(sinusoidal_embedding(height, width, t.shape[-1], dtype)))
 
 
 # name -> f(tokens (B, N, C), weights, H, W, dtype, matmul, store) -> tokens
-TOKEN_TERMS = {"conv": _conv_tokens, "sinusoidal": _sinusoidal_tokens}
+TOKEN_TERMS: dict[
+    str, Callable[[np.ndarray, Weights, int, int, FloatType, Matmul, Store], np.ndarray]
+] = {"conv": _conv_tokens, "sinusoidal": _sinusoidal_tokens}
 
 
-def _relative_embedding(tables, ys, xs, i, height, width):
+def _relative_embedding(
+    tables: list[np.ndarray],
+    ys: np.ndarray,
+    xs: np.ndarray,
+    i: int,
+    height: int,
+    width: int,
+) -> np.ndarray:
     return tables[0][ys - ys[i] + height - 1] + tables[1][xs - xs[i] + width - 1]
 
 
-def _absolute_embedding(tables, ys, xs, i, height, width):
+def _absolute_embedding(
+    tables: list[np.ndarray],
+    ys: np.ndarray,
+    xs: np.ndarray,
+    i: int,
+    height: int,
+    width: int,
+) -> np.ndarray:
     return tables[0][ys] + tables[1][xs]
 
 
 # name -> f((table_h, table_w) resized, ys, xs, query i, H, W) -> (N, kd):
 # row j is what q_i is dotted with for key j.
-KEY_EMBEDDINGS = {"relative": _relative_embedding, "absolute": _absolute_embedding}
+KEY_EMBEDDINGS: dict[
+    str,
+    Callable[[list[np.ndarray], np.ndarray, np.ndarray, int, int, int], np.ndarray],
+] = {"relative": _relative_embedding, "absolute": _absolute_embedding}
 
 
-def token_term(t, weights, position_encoding, height, width, dtype, matmul, store):
+def token_term(
+    t: np.ndarray,
+    weights: Weights,
+    position_encoding: str,
+    height: int,
+    width: int,
+    dtype: FloatType,
+    matmul: Matmul,
+    store: Store,
+) -> np.ndarray:
     """The tokens after a "tokens" stage encoding (unchanged for the others)."""
     term = TOKEN_TERMS.get(position_encoding)
     return t if term is None else term(t, weights, height, width, dtype, matmul, store)
 
 
 def position_logits(
-    q, weights, position_encoding, height, width, dtype=np.float64, matmul=np.matmul
-):
+    q: np.ndarray,
+    weights: Weights,
+    position_encoding: str,
+    height: int,
+    width: int,
+    dtype: FloatType = np.float64,
+    matmul: Matmul = np.matmul,
+) -> np.ndarray | None:
     """The position term of one head's logits, (N, N), or None.
 
     Args:
@@ -148,7 +225,7 @@ def position_logits(
     if spec.stage != "logits":
         return None
     tables = [
-        resize_table(weights[name], spec.rows(n), dtype)
+        resize_table(weights[name], spec.table_rows(n), dtype)
         for name, n in zip(schema.table_names(position_encoding), (height, width))
     ]
     embedding_of = KEY_EMBEDDINGS[position_encoding]

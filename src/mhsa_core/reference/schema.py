@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 __all__ = [
     "Encoding",
@@ -60,7 +62,8 @@ class Encoding:
             "logits" (a term added to the attention logits) or None (nothing).
         tables: prefix of the learned per-axis tables ("relative" gives
             `relative_height`, `relative_width`), or None.
-        rows: rows of a table for a reference size of n along its axis.
+        rows: rows of a table for a reference size of n along its axis
+            (None without tables; `table_rows` is the checked call).
         token_weights: names of the weights of a "tokens" stage, kernel then
             bias, (C, C) and (C,), created before the projections.
         channels_multiple: C must be a multiple of this.
@@ -79,10 +82,22 @@ class Encoding:
     def learned_tables(self) -> bool:
         return self.tables is not None
 
+    def table_rows(self, n: int) -> int:
+        """`rows(n)`: the rows of a table for a reference size of n along its
+        axis; a ValueError for an encoding without learned tables."""
+        if self.rows is None:
+            raise ValueError(
+                f"position_encoding={self.name!r} has no learned tables, so no "
+                f"table rows. Received: n={n!r}"
+            )
+        return self.rows(n)
+
     def size_for_rows(self, rows: int) -> int | None:
         """The reference size n whose table has `rows` rows, or None if no n
         gives that many (an even count for "relative")."""
-        return next((n for n in range(1, int(rows) + 1) if self.rows(n) == rows), None)
+        return next(
+            (n for n in range(1, int(rows) + 1) if self.table_rows(n) == rows), None
+        )
 
 
 ENCODINGS: dict[str, Encoding] = {
@@ -126,7 +141,7 @@ POSITION_ENCODINGS = tuple(ENCODINGS)
 PROJECTIONS = ("query", "key", "value")
 
 
-def encoding(name) -> Encoding:
+def encoding(name: str) -> Encoding:
     """The `Encoding` of `name`, or a ValueError naming `position_encoding`."""
     if name not in ENCODINGS:
         raise ValueError(
@@ -137,13 +152,15 @@ def encoding(name) -> Encoding:
     return ENCODINGS[name]
 
 
-def table_names(name) -> tuple[str, str]:
+def table_names(name: str) -> tuple[str, str]:
     """(height table, width table) names of a learned encoding."""
     prefix = encoding(name).tables
     return (f"{prefix}_height", f"{prefix}_width")
 
 
-def table_shapes(name, position_size, key_dim) -> dict[str, tuple[int, int]]:
+def table_shapes(
+    name: str, position_size: Sequence[int] | None, key_dim: int
+) -> dict[str, tuple[int, int]]:
     """{table name: shape} of a learned encoding at reference size (Hr, Wr)."""
     spec = encoding(name)
     if not spec.learned_tables:
@@ -154,18 +171,18 @@ def table_shapes(name, position_size, key_dim) -> dict[str, tuple[int, int]]:
             "position_size=(Hr, Wr). Received: position_size=None"
         )
     return {
-        table: (spec.rows(int(n)), int(key_dim))
+        table: (spec.table_rows(int(n)), int(key_dim))
         for table, n in zip(table_names(name), position_size)
     }
 
 
 def weight_shapes(
-    channels,
-    num_heads=1,
-    key_dim=None,
-    position_encoding="none",
-    use_bias=True,
-    position_size=None,
+    channels: int,
+    num_heads: int = 1,
+    key_dim: int | None = None,
+    position_encoding: str = "none",
+    use_bias: bool = True,
+    position_size: Sequence[int] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Shapes of the canonical weight dict, in the layer's creation order.
 
@@ -174,7 +191,7 @@ def weight_shapes(
     spec = encoding(position_encoding)
     key_dim = channels // num_heads if key_dim is None else key_dim
     qk = num_heads * key_dim
-    shapes = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     if spec.token_weights:
         kernel, bias = spec.token_weights
         shapes[kernel] = (channels, channels)
@@ -188,21 +205,21 @@ def weight_shapes(
     return shapes
 
 
-def table_stddev(key_dim) -> float:
+def table_stddev(key_dim: int) -> float:
     """BoTNet's (and timm's) initial standard deviation of the position tables."""
     return 1.0 / math.sqrt(key_dim)
 
 
 def random_weights(
-    channels,
-    num_heads=1,
-    key_dim=None,
-    position_encoding="none",
-    use_bias=True,
-    seed=0,
-    dtype=np.float64,
-    position_size=None,
-):
+    channels: int,
+    num_heads: int = 1,
+    key_dim: int | None = None,
+    position_encoding: str = "none",
+    use_bias: bool = True,
+    seed: int | None = 0,
+    dtype: DTypeLike = np.float64,
+    position_size: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
     """He-normal kernels, small random biases, N(0, 1/key_dim) position tables,
     drawn with NumPy.
 
@@ -229,7 +246,7 @@ def random_weights(
     return out
 
 
-def logits_dtype(dtype) -> str:
+def logits_dtype(dtype: str) -> str:
     """The dtype the logits and softmax are computed in, for inputs of `dtype`.
 
     At least float32: under mixed_float16 the YOLOv4-MHSA block's unscaled
@@ -243,7 +260,7 @@ def logits_dtype(dtype) -> str:
 # Layer configurations of the blocks the library reproduces. The classmethods
 # `MultiHeadSelfAttention2D.yolov4_mhsa()` / `.botnet()`, the reference and the
 # consistency tool's cases all take them from here.
-PRESETS: dict[str, dict] = {
+PRESETS: dict[str, dict[str, Any]] = {
     # The Keras 2 `mhsa_block` of YOLOv4-MHSA / CSPDarknet53-MHSA: one head,
     # ReLU 1x1 projections with biases, a ReLU 1x1 "position" conv added to the
     # tokens, unscaled logits, he_normal kernels (Conv2D's in that code).
@@ -272,7 +289,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(name, /, **overrides) -> dict:
+def preset(name: str, /, **overrides: Any) -> dict[str, Any]:
     """A copy of `PRESETS[name]` with `overrides` applied."""
     if name not in PRESETS:
         raise ValueError(

@@ -29,7 +29,15 @@ what it needs inside its functions.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from mhsa_core.consistency.cases import Case
+    from mhsa_core.consistency.checks import Check
+    from mhsa_core.consistency.report import Report
 
 __all__ = ["Feature"]
 
@@ -51,21 +59,23 @@ class Feature:
         examples: lines of `mhsa-core matrix --help`'s examples.
     """
 
-    name = ""
-    Options = None
-    tasks = {}
-    inference_tasks = ()
-    checks = ()
-    model_flag = None
-    examples = ()
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[Any]]  # every feature sets it
+    tasks: ClassVar[dict[str, Callable[..., Any]]] = {}
+    inference_tasks: ClassVar[tuple[str, ...]] = ()
+    checks: ClassVar[tuple[Check, ...]] = ()
+    model_flag: ClassVar[str | None] = None
+    examples: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------ options
     @property
-    def keywords(self):
+    def keywords(self) -> tuple[str, ...]:
         """Its keywords of `run_matrix` / `assert_backends_agree`."""
         return tuple(f.name for f in dataclasses.fields(self.Options))
 
-    def options(self, *, rtol=None, **keywords):
+    # A feature's `options` takes its own keywords, by name: `features.options`
+    # passes each feature only those (the subclasses' overrides name them).
+    def options(self, *, rtol: float | None = None, **keywords: Any) -> Any:
         """Its `Options` from keywords (omitted ones: off), checked against
         the run's `rtol`.
 
@@ -74,14 +84,14 @@ class Feature:
         """
         return self.Options(**keywords)
 
-    def enabled(self, options):
+    def enabled(self, options: Any) -> bool:
         """Whether `options` ask for the feature."""
         return options != self.Options()
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Adds its arguments to `mhsa-core matrix`'s parser."""
 
-    def options_from_args(self, args):
+    def options_from_args(self, args: argparse.Namespace) -> Any:
         """Its `Options` from the parsed command line.
 
         Raises:
@@ -89,7 +99,7 @@ class Feature:
         """
         return self.Options()
 
-    def options_from_json(self, data):
+    def options_from_json(self, data: Mapping[str, Any] | None) -> Any:
         """Its `Options` from a case's job.json entry (None: the defaults)."""
         fields = {f.name for f in dataclasses.fields(self.Options)}
         return self.Options(
@@ -101,7 +111,7 @@ class Feature:
         )
 
     # -------------------------------------------------------------- cases
-    def apply(self, case, options):
+    def apply(self, case: Case, options: Any) -> Case:
         """`case` asking for the feature: its tasks added, its options in
         `case.features`."""
         tasks = tuple(case.tasks) + tuple(t for t in self.tasks if t not in case.tasks)
@@ -109,27 +119,31 @@ class Feature:
             case, tasks=tasks, features={**case.features, self.name: options}
         )
 
-    def reads(self, case):
+    def reads(self, case: Case) -> tuple[str, ...]:
         """The tasks of `case` that its parent half reads itself, besides its
         checks' (they are run when the case has them)."""
         return ()
 
     # ------------------------------------------------------------- parent
-    def section(self, report, cases, rtol=None):
+    def section(
+        self, report: Report, cases: Sequence[Case], rtol: float | None = None
+    ) -> dict[str, Any] | None:
         """Its JSON-ready section of `report` (`Report.sections[name]`), or
         None: nothing to show."""
         return None
 
-    def tables(self, report, options):
+    def tables(self, report: Report, options: Any) -> list[str]:
         """Texts printed after the report's table (each after a blank line)."""
         return []
 
-    def notes(self, report, options):
+    def notes(self, report: Report, options: Any) -> list[str]:
         """Texts printed after the errors (each after a blank line), also in
         `assert_backends_agree`'s message."""
         return []
 
-    def write_outputs(self, report, args, out):
+    def write_outputs(
+        self, report: Report, args: argparse.Namespace, out: IO[str]
+    ) -> None:
         """Writes the files its command-line arguments ask for (also with
         --quiet), saying so on `out`.
 

@@ -766,7 +766,9 @@ class _Drift(Feature):
     checks = (CHECK,)
     examples = ("mhsa-core matrix --model my_model.keras --steps 20 --plot drift.png",)
 
-    def options(self, *, rtol=None, steps=None, optimizer=None):
+    # Its own keywords only (`features.options` passes no other): narrower
+    # than the base's **keywords on purpose.
+    def options(self, *, rtol=None, steps=None, optimizer=None):  # type: ignore[override]
         return DriftOptions(*check_options(steps, optimizer, rtol))
 
     def enabled(self, options):

@@ -435,7 +435,9 @@ class _Export(Feature):
         "tf_saved_model,onnx,openvino,litert",
     )
 
-    def options(self, *, rtol=None, export=()):
+    # Its own keywords only (`features.options` passes no other): narrower
+    # than the base's **keywords on purpose.
+    def options(self, *, rtol=None, export=()):  # type: ignore[override]
         return ExportOptions(validate_formats(export))
 
     def add_arguments(self, parser):

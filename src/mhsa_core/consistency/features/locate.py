@@ -125,7 +125,7 @@ def _functional_calls(config):
     # Depths by an explicit depth-first walk (deep models would exceed
     # Python's recursion limit): the config lists each layer once, at its
     # first call, so a shared layer's later call may read calls listed after it.
-    depth = {}
+    depth: dict[tuple[str, int], int] = {}
     for start in parents:
         stack = [start]
         while stack:
@@ -243,7 +243,7 @@ def locate64_task(ctx, options, timings):
 # =================================================================== parent
 def _layer_keys(result):
     """{call i: its keys} of one LOCATE result, in call order."""
-    groups = {}
+    groups: dict[int, list[str]] = {}
     for key in protocol.keys_with({"": result}, (LAYER_OUT_PREFIX,)):
         groups.setdefault(layer_of(key), []).append(key)
     return dict(sorted(groups.items()))
@@ -268,7 +268,8 @@ def locate_case(case, runs, backends, rtol=None):
         "backends": {backend: ratio}}; "notes": [why a backend is missing].
     """
     notes = []
-    results32, results64 = {}, {}
+    results32: dict[str, dict[str, np.ndarray]] = {}
+    results64: dict[str, dict[str, np.ndarray]] = {}
     for b in backends:
         run = runs.get(b)
         if run is None:
@@ -451,7 +452,9 @@ class _Locate(Feature):
     model_flag = "--locate"
     examples = ("mhsa-core matrix --model my_model.keras --locate",)
 
-    def options(self, *, rtol=None, locate=False):
+    # Its own keywords only (`features.options` passes no other): narrower
+    # than the base's **keywords on purpose.
+    def options(self, *, rtol=None, locate=False):  # type: ignore[override]
         return LocateOptions(bool(locate))
 
     def add_arguments(self, parser):

@@ -11,34 +11,42 @@
 `attend` is the one entry point; `choice.py` holds the rule that picks a path.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from keras import ops
 
+from mhsa_core._typing import Tensor
 from mhsa_core.layers.attention import choice
 from mhsa_core.layers.attention.chunked import chunked_attention
 from mhsa_core.layers.attention.full import dot_product_attention, logits_dtype
 from mhsa_core.layers.attention.fused import fused_attention
 
+if TYPE_CHECKING:
+    from mhsa_core.layers.position.base import PositionEncoding
+
 IMPLEMENTATIONS = choice.IMPLEMENTATIONS
 
 
 def attend(
-    query,
-    key,
-    value,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
     *,
-    scale,
-    position,
-    position_scale,
-    height,
-    width,
-    key_mask=None,
-    dropout=0.0,
-    training=False,
-    seed_generator=None,
-    return_attention_scores=False,
-    implementation="auto",
-    chunk_size=None,
-):
+    scale: float,
+    position: PositionEncoding,
+    position_scale: float,
+    height: int | Tensor,
+    width: int | Tensor,
+    key_mask: Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool | None = False,
+    seed_generator: Any = None,
+    return_attention_scores: bool = False,
+    implementation: str = "auto",
+    chunk_size: int | Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Softmax attention of every query over the keys, per head, by one path.
 
     Args:
@@ -73,7 +81,7 @@ def attend(
         dropout=bool(training) and dropout > 0.0,
     )
 
-    def full():
+    def full() -> tuple[Tensor, Tensor]:
         bias = position.logits_bias(ops.cast(query, softmax_dtype), height, width)
         if bias is not None and position_scale != 1.0:
             bias = bias * ops.convert_to_tensor(position_scale, dtype=softmax_dtype)
@@ -100,7 +108,7 @@ def attend(
             key_mask=key_mask,
         ), None
 
-    def chunked():
+    def chunked() -> Tensor:
         q = ops.cast(query, softmax_dtype)
         k = _keys_with_term(
             ops.cast(key, softmax_dtype),
@@ -109,7 +117,8 @@ def attend(
             height,
             width,
         )
-        tables, row_bias = (), None
+        tables: tuple[Tensor, ...] = ()
+        row_bias = None
         if not position.folds_into_keys:
             tables = position.row_tables(height, width, softmax_dtype)
             if tables:
@@ -136,7 +145,13 @@ def attend(
     return out, None
 
 
-def _keys_with_term(key, position, factor, height, width):
+def _keys_with_term(
+    key: Tensor,
+    position: PositionEncoding,
+    factor: float,
+    height: int | Tensor,
+    width: int | Tensor,
+) -> Tensor:
     """k + factor * e_j when the position term is q_i . e_j (`key_term`), so
     that scale * q.k' = scale * q.k + position_scale * q.e."""
     term = position.key_term(height, width, key.dtype)

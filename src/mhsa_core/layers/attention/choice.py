@@ -29,14 +29,23 @@ cannot take the chunked path's loop (`consistency.features.export`'s path fallba
 says so in the export cell.
 """
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import keras
+
+from mhsa_core._typing import Tensor
 
 # The values of `attention_implementation` live with the layer's other argument
 # rules (framework-free, so the rule has no copy).
 from mhsa_core.reference.arguments import IMPLEMENTATIONS as IMPLEMENTATIONS
+
+if TYPE_CHECKING:
+    from mhsa_core.layers.position.base import PositionEncoding
 
 FULL, CHUNKED, FUSED = "full", "chunked", "fused"
 BY_SIZE = "full or chunked by size"
@@ -65,11 +74,13 @@ MIN_CHUNK, MAX_CHUNK = 16, 1024
 CHUNK_PER_HEAD = {"tensorflow": True, "jax": True, "torch": False}
 
 
-def chunk_per_head():
+def chunk_per_head() -> bool:
     return CHUNK_PER_HEAD.get(keras.backend.backend(), True)
 
 
-def fused_misfit(position, query_dim, value_dim):
+def fused_misfit(
+    position: PositionEncoding, query_dim: int | None, value_dim: int | None
+) -> str | None:
     """Why the fused path cannot run this layer at all, or None."""
     if position.spec.stage == "logits" and not position.folds_into_keys:
         return (
@@ -85,8 +96,16 @@ def fused_misfit(position, query_dim, value_dim):
 
 
 def resolve(
-    implementation, *, n, dtype, query_dim, value_dim, position, scores, dropout
-):
+    implementation: str,
+    *,
+    n: int | Tensor,
+    dtype: str,
+    query_dim: int | None,
+    value_dim: int | None,
+    position: PositionEncoding,
+    scores: bool,
+    dropout: bool,
+) -> str:
     """The path of one call: FULL, CHUNKED, FUSED or BY_SIZE (N dynamic),
     after any active `fallback`."""
     path = _fall_back(
@@ -113,7 +132,7 @@ def resolve(
     return path
 
 
-def _symbolic_on_jax(n):
+def _symbolic_on_jax(n: object) -> bool:
     # jax.export's symbolic dimension: neither an int nor a tensor (a tensor N
     # is compared at run time, by `ops.cond`).
     return (
@@ -123,7 +142,17 @@ def _symbolic_on_jax(n):
     )
 
 
-def _rule(implementation, *, n, dtype, query_dim, value_dim, position, scores, dropout):
+def _rule(
+    implementation: str,
+    *,
+    n: int | Tensor,
+    dtype: str,
+    query_dim: int | None,
+    value_dim: int | None,
+    position: PositionEncoding,
+    scores: bool,
+    dropout: bool,
+) -> str:
     if scores or dropout or implementation == FULL:
         return FULL
     fused_ok = (
@@ -160,17 +189,17 @@ class Fallback:
             call took the path it would have taken anyway).
     """
 
-    paths: frozenset
-    taken: set = dataclasses.field(default_factory=set)
+    paths: frozenset[str]
+    taken: set[str] = dataclasses.field(default_factory=set)
 
 
 # Active scopes, innermost last. Process-wide, not per thread: an exporter
 # may trace on a thread of its own.
-_SCOPES = []
+_SCOPES: list[Fallback] = []
 
 
 @contextlib.contextmanager
-def fallback(*paths):
+def fallback(*paths: str) -> Iterator[Fallback]:
     """Within the block, every call of the layer that would take one of
     `paths` takes the full path instead: for an exporter that cannot take a
     path (e.g. the chunked path's loop), while it traces the model.
@@ -209,7 +238,7 @@ def fallback(*paths):
         _SCOPES.remove(scope)
 
 
-def _fall_back(path):
+def _fall_back(path: str) -> str:
     if not _SCOPES or path == FULL:
         return path
     left = [scope for scope in _SCOPES if path in scope.paths]
@@ -220,7 +249,7 @@ def _fall_back(path):
     return FULL
 
 
-def default_chunk_size(n):
+def default_chunk_size(n: int | Tensor) -> int | Tensor:
     """Queries per chunk for N tokens: a (c, N) tile of about TILE_ELEMENTS,
     c in [MIN_CHUNK, MAX_CHUNK] (N may be a scalar tensor)."""
     if isinstance(n, int):

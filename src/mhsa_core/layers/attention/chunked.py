@@ -24,15 +24,23 @@ loop; sizes are read off the arguments' shapes); `ops.fori_loop` with
 `slice_update` has no TensorFlow gradient (`ops.map` does).
 """
 
+from __future__ import annotations
+
 import functools
+from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 import keras
 from keras import ops
 
+from mhsa_core._typing import Tensor
 from mhsa_core.layers.attention.full import MASKED_LOGIT
 
+# `PositionEncoding.row_bias`: (q_rows, rows, tables) -> the chunk's term.
+RowBias: TypeAlias = Callable[[Tensor, Tensor, tuple[Tensor, ...]], Tensor]
 
-def _chunk_body(with_mask, row_bias):
+
+def _chunk_body(with_mask: bool, row_bias: RowBias | None) -> Callable[..., Tensor]:
     """The remat'd function of one chunk of one head.
 
     Its arguments (all tensors): q (c, d), rows (c,) int32, k (N, d) already
@@ -40,7 +48,7 @@ def _chunk_body(with_mask, row_bias):
     floats], *tables.
     """
 
-    def body(q, rows, k, v, *rest):
+    def body(q: Tensor, rows: Tensor, k: Tensor, v: Tensor, *rest: Tensor) -> Tensor:
         logits = ops.einsum("...cd,...nd->...cn", q, k)  # (..., c, N)
         if with_mask:
             (keep, penalty), tables = rest[:2], rest[2:]
@@ -67,17 +75,17 @@ def _chunk_body(with_mask, row_bias):
 
 
 def chunked_attention(
-    query,
-    key,
-    value,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
     *,
-    chunk_size,
-    key_scale,
-    key_mask=None,
-    row_bias=None,
-    tables=(),
-    per_head=True,
-):
+    chunk_size: int | Tensor,
+    key_scale: Tensor,
+    key_mask: Tensor | None = None,
+    row_bias: RowBias | None = None,
+    tables: Sequence[Tensor] = (),
+    per_head: bool = True,
+) -> Tensor:
     """Softmax attention, queries in chunks of `chunk_size`.
 
     Args:
@@ -117,7 +125,9 @@ def chunked_attention(
 
 
 @functools.cache
-def _compiled_on_jax(chunk_size, row_bias, per_head):
+def _compiled_on_jax(
+    chunk_size: int, row_bias: RowBias | None, per_head: bool
+) -> Callable[..., Tensor]:
     """One `jax.jit` of the chunked core per (chunk size, row term, layout).
 
     Eager JAX runs `ops.map` (`lax.map`) by tracing and compiling its body
@@ -130,7 +140,14 @@ def _compiled_on_jax(chunk_size, row_bias, per_head):
     """
     import jax
 
-    def core(query, key, value, key_scale, key_mask, tables):
+    def core(
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_scale: Tensor,
+        key_mask: Tensor | None,
+        tables: tuple[Tensor, ...],
+    ) -> Tensor:
         return _chunks(
             query,
             key,
@@ -147,8 +164,17 @@ def _compiled_on_jax(chunk_size, row_bias, per_head):
 
 
 def _chunks(
-    query, key, value, *, chunk_size, key_scale, key_mask, row_bias, tables, per_head
-):
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    chunk_size: int | Tensor,
+    key_scale: Tensor,
+    key_mask: Tensor | None,
+    row_bias: RowBias | None,
+    tables: Sequence[Tensor],
+    per_head: bool,
+) -> Tensor:
     shape = ops.shape(query)
     batch, heads, n, kd = shape[0], shape[1], shape[2], query.shape[-1]
     dv = value.shape[-1]
@@ -191,10 +217,10 @@ def _chunks(
 
     if per_head:
 
-        def head(xs):
+        def head(xs: tuple[Tensor, ...]) -> Tensor:
             q_head, *rest = xs  # (num_chunks, c, kd), then k, v [, keep, penalty]
 
-            def one(ys):
+            def one(ys: tuple[Tensor, Tensor]) -> Tensor:
                 q_chunk, rows_chunk = ys
                 return chunk(q_chunk, rows_chunk, *rest, *tables)
 
@@ -204,7 +230,7 @@ def _chunks(
     else:
         rest = operands[1:]
 
-        def one(ys):
+        def one(ys: tuple[Tensor, Tensor]) -> Tensor:
             q_chunk, rows_chunk = ys  # (BH, c, kd), (c,)
             return chunk(q_chunk, rows_chunk, *rest, *tables)
 

@@ -3,10 +3,14 @@ whole (B, heads, N, N). The only path that returns scores or drops out
 probabilities; the reference arithmetic of the other two.
 """
 
+from __future__ import annotations
+
 import warnings
+from typing import Any
 
 from keras import backend, ops, random
 
+from mhsa_core._typing import DType, Tensor
 from mhsa_core.reference import schema
 
 # Logit given to masked keys before the softmax. It is finite on purpose: with
@@ -16,7 +20,7 @@ from mhsa_core.reference import schema
 MASKED_LOGIT = -1e9
 
 
-def logits_dtype(dtype):
+def logits_dtype(dtype: DType) -> str:
     """The dtype the logits and softmax are computed in, for tensors of `dtype`
     (the rule: `mhsa_core.reference.schema.logits_dtype`)."""
     # standardize_dtype: torch reports torch.float16, not "float16".
@@ -24,17 +28,17 @@ def logits_dtype(dtype):
 
 
 def dot_product_attention(
-    query,
-    key,
-    value,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
     *,
-    scale,
-    logits_bias=None,
-    key_mask=None,
-    dropout=0.0,
-    training=False,
-    seed_generator=None,
-):
+    scale: float,
+    logits_bias: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool | None = False,
+    seed_generator: Any = None,
+) -> tuple[Tensor, Tensor]:
     """Softmax attention of every query over the keys, per head.
 
     Args:

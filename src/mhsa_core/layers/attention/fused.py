@@ -8,13 +8,23 @@ folds into the keys (none or "absolute"). Under mixed precision the kernel
 runs in float32, as the other paths' logits and softmax.
 """
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
+from mhsa_core._typing import Tensor
 from mhsa_core.layers.attention.full import logits_dtype
 
 
-def fused_attention(query, key, value, *, scale, key_mask=None):
+def fused_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    scale: float,
+    key_mask: Tensor | None = None,
+) -> Tensor:
     """Softmax attention with the backend's fused kernel.
 
     Args:

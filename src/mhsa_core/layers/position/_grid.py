@@ -6,14 +6,20 @@ here works with both. The float64 oracle of each is in
 `mhsa_core.reference.position`.
 """
 
+from __future__ import annotations
+
+from typing import TypeGuard
+
 from keras import ops
 
+from mhsa_core._typing import Tensor
 
-def is_static(value):
+
+def is_static(value: object) -> TypeGuard[int]:
     return isinstance(value, int)
 
 
-def resize_table(table, length):
+def resize_table(table: Tensor, length: int | Tensor) -> Tensor:
     """`table` (L, d) linearly interpolated along axis 0 to `length` rows.
 
     Half-pixel rule (torch `F.interpolate(mode="linear", align_corners=False)`):
@@ -47,7 +53,7 @@ def resize_table(table, length):
     return ops.take(table, i0, axis=0) * (1.0 - f) + ops.take(table, i1, axis=0) * f
 
 
-def offsets(size):
+def offsets(size: int | Tensor) -> Tensor:
     """(size, size) int32: [query, key] -> key - query + size - 1, the row of a
     relative table of 2 * size - 1 rows. Gathering with it is the whole
     relative-to-absolute step (no pad/reshape trick)."""
@@ -55,13 +61,15 @@ def offsets(size):
     return ops.expand_dims(r, 0) - ops.expand_dims(r, 1) + (size - 1)
 
 
-def split_rows(q, height, width):
+def split_rows(q: Tensor, height: int | Tensor, width: int | Tensor) -> Tensor:
     """(B, heads, N, d) -> (B, heads, H, W, d), N = H * W row-major."""
     shape = ops.shape(q)
     return ops.reshape(q, (shape[0], shape[1], height, width, q.shape[-1]))
 
 
-def combine(along_h, along_w, height, width):
+def combine(
+    along_h: Tensor, along_w: Tensor, height: int | Tensor, width: int | Tensor
+) -> Tensor:
     """(B, heads, H, W, H_k) + (B, heads, H, W, W_k) -> (B, heads, N, N), the
     key axis row-major over (H_k, W_k) like the query axis."""
     shape = ops.shape(along_h)

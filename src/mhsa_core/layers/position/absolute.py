@@ -1,14 +1,23 @@
 """position_encoding="absolute": learned factorized embeddings of the key's row and
 column."""
 
+from __future__ import annotations
+
 from keras import ops
 
+from mhsa_core._typing import DType, Tensor
 from mhsa_core.layers.position._grid import combine, split_rows
 from mhsa_core.layers.position.tables import LearnedTables
 from mhsa_core.reference import schema
 
 
-def absolute_logits(q, emb_h, emb_w, height, width):
+def absolute_logits(
+    q: Tensor,
+    emb_h: Tensor,
+    emb_w: Tensor,
+    height: int | Tensor,
+    width: int | Tensor,
+) -> Tensor:
     """[i, j] = q_i . (E_h[y_j] + E_w[x_j]).
 
     Args:
@@ -30,12 +39,16 @@ class AbsolutePosition(LearnedTables):
     spec = schema.ENCODINGS["absolute"]
     folds_into_keys = True
 
-    def logits_bias(self, q, height, width):
+    def logits_bias(
+        self, q: Tensor, height: int | Tensor, width: int | Tensor
+    ) -> Tensor:
         return absolute_logits(
             q, *self.resized_tables(height, width, q.dtype), height, width
         )
 
-    def key_term(self, height, width, dtype):
+    def key_term(
+        self, height: int | Tensor, width: int | Tensor, dtype: DType
+    ) -> Tensor:
         # e_j = E_h[y_j] + E_w[x_j], (N, kd) row-major over (H, W).
         emb_h, emb_w = self.resized_tables(height, width, dtype)
         grid = ops.expand_dims(emb_h, 1) + ops.expand_dims(emb_w, 0)  # (H, W, kd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from mhsa_core._typing import DType, Tensor
 from mhsa_core.layers.weights import WeightFactory
 from mhsa_core.reference import schema
 
@@ -53,18 +54,24 @@ class PositionEncoding:
             key_dim: channels per head of q and k.
         """
 
-    def tokens(self, tokens, height, width):
+    def tokens(
+        self, tokens: Tensor, height: int | Tensor, width: int | Tensor
+    ) -> Tensor:
         """Tokens (B, N, C) -> tokens with this encoding's term (unchanged by
         default)."""
         return tokens
 
-    def logits_bias(self, q, height, width):
+    def logits_bias(
+        self, q: Tensor, height: int | Tensor, width: int | Tensor
+    ) -> Tensor | None:
         """The unscaled position term of the logits for queries q (B, heads,
         N, kd) in the logits dtype, (B, heads, N, N) or broadcastable; None
         by default."""
         return None
 
-    def key_term(self, height, width, dtype):
+    def key_term(
+        self, height: int | Tensor, width: int | Tensor, dtype: DType
+    ) -> Tensor | None:
         """(N, kd) e_j such that the logits term is q_i . e_j, or None.
 
         An encoding that has one lets every attention path fold its term into
@@ -73,7 +80,9 @@ class PositionEncoding:
         """
         return None
 
-    def row_tables(self, height, width, dtype):
+    def row_tables(
+        self, height: int | Tensor, width: int | Tensor, dtype: DType
+    ) -> tuple[Tensor, ...]:
         """The tensors `row_bias` needs at this size, a tuple (empty: no term).
 
         Computed once per call, outside the chunk loop, and passed to
@@ -84,7 +93,7 @@ class PositionEncoding:
         return ()
 
     @staticmethod
-    def row_bias(q_rows, rows, tables):
+    def row_bias(q_rows: Tensor, rows: Tensor, tables: tuple[Tensor, ...]) -> Tensor:
         """The logits term of a chunk of queries, (c, N).
 
         Args:

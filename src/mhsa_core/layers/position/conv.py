@@ -1,9 +1,12 @@
 """position_encoding="conv": the Keras 2 YOLOv4-MHSA block's "position" conv."""
 
+from __future__ import annotations
+
 import keras
 
+from mhsa_core._typing import Tensor
 from mhsa_core.layers.position.base import PositionEncoding
-from mhsa_core.layers.weights import dense
+from mhsa_core.layers.weights import WeightFactory, dense
 from mhsa_core.reference import schema
 
 
@@ -16,10 +19,11 @@ class ConvPosition(PositionEncoding):
 
     spec = schema.ENCODINGS["conv"]
 
-    def build(self, weights, channels, key_dim):
-        self.kernel, self.bias = weights.projection(
-            self.spec.token_weights, channels, channels
-        )
+    def build(self, weights: WeightFactory, channels: int, key_dim: int) -> None:
+        kernel, bias = self.spec.token_weights
+        self.kernel, self.bias = weights.projection((kernel, bias), channels, channels)
 
-    def tokens(self, tokens, height, width):
+    def tokens(
+        self, tokens: Tensor, height: int | Tensor, width: int | Tensor
+    ) -> Tensor:
         return tokens + dense(tokens, self.kernel, self.bias, keras.activations.relu)

@@ -1,13 +1,22 @@
 """position_encoding="relative": BoTNet's 2-D relative position logits."""
 
+from __future__ import annotations
+
 from keras import ops
 
+from mhsa_core._typing import DType, Tensor
 from mhsa_core.layers.position._grid import combine, offsets, split_rows
 from mhsa_core.layers.position.tables import LearnedTables
 from mhsa_core.reference import schema
 
 
-def relative_logits(q, rel_h, rel_w, height, width):
+def relative_logits(
+    q: Tensor,
+    rel_h: Tensor,
+    rel_w: Tensor,
+    height: int | Tensor,
+    width: int | Tensor,
+) -> Tensor:
     """[i, j] = q_i . (R_h[y_j - y_i + H - 1] + R_w[x_j - x_i + W - 1]).
 
     Args:
@@ -28,7 +37,9 @@ def relative_logits(q, rel_h, rel_w, height, width):
     return combine(along_h, along_w, height, width)
 
 
-def relative_row_logits(q_rows, rows, rel_h, rel_w):
+def relative_row_logits(
+    q_rows: Tensor, rows: Tensor, rel_h: Tensor, rel_w: Tensor
+) -> Tensor:
     """`relative_logits` for a chunk of queries, (..., c, N).
 
     Args:
@@ -44,7 +55,7 @@ def relative_row_logits(q_rows, rows, rel_h, rel_w):
     c = ops.shape(q_rows)[-2]
     y, x = rows // width, rows % width  # (c,)
 
-    def along(table, size, own):  # -> (..., c, size)
+    def along(table: Tensor, size: Tensor, own: Tensor) -> Tensor:  # (..., c, size)
         # einsum, not matmul: keras 3.15's torch matmul computes float64 in float32.
         per_row = ops.einsum("...cd,kd->...ck", q_rows, table)  # (..., c, 2 size - 1)
         span = 2 * size - 1
@@ -71,14 +82,18 @@ class RelativePosition(LearnedTables):
 
     spec = schema.ENCODINGS["relative"]
 
-    def logits_bias(self, q, height, width):
+    def logits_bias(
+        self, q: Tensor, height: int | Tensor, width: int | Tensor
+    ) -> Tensor:
         return relative_logits(
             q, *self.resized_tables(height, width, q.dtype), height, width
         )
 
-    def row_tables(self, height, width, dtype):
+    def row_tables(
+        self, height: int | Tensor, width: int | Tensor, dtype: DType
+    ) -> tuple[Tensor, Tensor]:
         return self.resized_tables(height, width, dtype)
 
     @staticmethod
-    def row_bias(q_rows, rows, tables):
+    def row_bias(q_rows: Tensor, rows: Tensor, tables: tuple[Tensor, ...]) -> Tensor:
         return relative_row_logits(q_rows, rows, *tables)

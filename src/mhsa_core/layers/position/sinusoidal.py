@@ -1,20 +1,24 @@
 """position_encoding="sinusoidal": a fixed 2-D sine-cosine embedding of (y, x)."""
 
+from __future__ import annotations
+
 import numpy as np
 from keras import ops
 
+from mhsa_core._typing import DType, Tensor
 from mhsa_core.layers.position._grid import is_static
 from mhsa_core.layers.position.base import PositionEncoding
+from mhsa_core.layers.weights import WeightFactory
 from mhsa_core.reference import schema
 
 
-def _frequencies(channels):
+def _frequencies(channels: int) -> list[float]:
     """w_k = 10000^(-k / D), k < D = C / 4, as Python floats (as the reference)."""
     d = channels // 4
     return [10000.0 ** (-k / d) for k in range(d)]
 
 
-def _sinusoidal_float64(height, width, channels):
+def _sinusoidal_float64(height: int, width: int, channels: int) -> np.ndarray:
     """The embedding of a static size, in float64 NumPy.
 
     Not cached: torch.compile (dynamo) warns on every lru_cache it traces
@@ -29,7 +33,9 @@ def _sinusoidal_float64(height, width, channels):
     )
 
 
-def sinusoidal_embedding(height, width, channels, dtype):
+def sinusoidal_embedding(
+    height: int | Tensor, width: int | Tensor, channels: int, dtype: DType
+) -> Tensor:
     """The fixed 2-D sine-cosine embedding, (N, C), row-major over (H, W).
 
     With D = C / 4 and w_k = 10000^(-k / D), token (y, x) gets
@@ -64,12 +70,14 @@ class SinusoidalPosition(PositionEncoding):
 
     spec = schema.ENCODINGS["sinusoidal"]
 
-    def build(self, weights, channels, key_dim):
+    def build(self, weights: WeightFactory, channels: int, key_dim: int) -> None:
         # The embedding is computed in the variable dtype (float32 under mixed
         # precision) and rounded once to the compute dtype.
         self.embedding_dtype = weights.variable_dtype
 
-    def tokens(self, tokens, height, width):
+    def tokens(
+        self, tokens: Tensor, height: int | Tensor, width: int | Tensor
+    ) -> Tensor:
         embedding = sinusoidal_embedding(
             height, width, tokens.shape[-1], self.embedding_dtype
         )  # (N, C)

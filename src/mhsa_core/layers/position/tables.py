@@ -1,10 +1,14 @@
 """Learned per-axis position tables: the shared part of "relative" and "absolute"."""
 
+from __future__ import annotations
+
 import keras
 from keras import ops
 
+from mhsa_core._typing import DType, Tensor
 from mhsa_core.layers.position._grid import resize_table
 from mhsa_core.layers.position.base import PositionEncoding
+from mhsa_core.layers.weights import WeightFactory
 from mhsa_core.reference import schema
 
 
@@ -18,15 +22,17 @@ class LearnedTables(PositionEncoding):
     the logits they feed.
     """
 
-    def build(self, weights, channels, key_dim):
+    def build(self, weights: WeightFactory, channels: int, key_dim: int) -> None:
         shapes = schema.table_shapes(self.name, weights.position_size, key_dim)
         self.height_table, self.width_table = (
             weights.table(name, shape) for name, shape in shapes.items()
         )
 
-    def resized_tables(self, height, width, dtype):
+    def resized_tables(
+        self, height: int | Tensor, width: int | Tensor, dtype: DType
+    ) -> tuple[Tensor, Tensor]:
         """(table_h, table_w) cast to `dtype` and resized to rows(H), rows(W)."""
-        rows = self.spec.rows
+        rows = self.spec.table_rows
         dtype = keras.backend.standardize_dtype(dtype)
         return (
             resize_table(ops.cast(self.height_table, dtype), rows(height)),
