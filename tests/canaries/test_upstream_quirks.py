@@ -1,6 +1,7 @@
 """Canaries: each workaround for a Keras or framework behaviour has a probe of
 that behaviour here, which fails when upstream changes it.
 
+Each workaround's comment in src/ names its canary (`canary "<name>"`).
 A failing canary is good news: the behaviour it probes is gone (fixed
 upstream, or changed), and the message names the workaround to remove or
 revisit. Each probe runs only on the backends where the behaviour was found

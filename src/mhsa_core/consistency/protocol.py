@@ -26,7 +26,8 @@ from mhsa_core._subprocess import BACKEND_MODULES
 BACKENDS = tuple(BACKEND_MODULES)  # tensorflow, torch, jax, numpy
 # What a backend can do. Keras's numpy backend has no gradients, optimizers or
 # jit: it loads and runs models (inference only), and in float32 only: its
-# einsum/matmul compute float64 inputs in float32 (keras 3.15 result_type).
+# einsum/matmul compute float64 inputs in float32 (keras 3.15 result_type;
+# canary "numpy-backend-float32" in tests/canaries).
 TRAINING_BACKENDS = ("tensorflow", "torch", "jax")
 
 

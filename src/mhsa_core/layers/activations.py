@@ -3,7 +3,8 @@
 Keras 3.15 computes two activations of float64 inputs less exactly than
 float64 allows (docs/keras-quirks.md): `gelu` on TensorFlow goes through
 `tf.math.erfc`, off by up to 5e-9 there, and `ops.tanh` on JAX returns
-float32. Under a float64 compute dtype the layer uses the formulas below,
+float32 (canaries "gelu-float64", "tanh-float64" in tests/canaries). Under
+a float64 compute dtype the layer uses the formulas below,
 built from ops that stay exact in float64 on every backend (erf, expm1). In
 other dtypes it uses the Keras activation as it is: its float32 result is
 within float32 round-off, and `.keras` files keep their exact output bits.

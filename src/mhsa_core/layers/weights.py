@@ -36,7 +36,8 @@ def dense(
     `bias` may be None (`use_bias=False`), `activation` None (linear).
     """
     # einsum, not matmul: keras 3.15's torch `ops.matmul` computes float64
-    # inputs in float32 (its result_type maps 64-bit to 32-bit).
+    # inputs in float32 (its result_type maps 64-bit to 32-bit; canary
+    # "matmul-float64" in tests/canaries).
     y = ops.einsum("bnc,cd->bnd", tokens, kernel)
     if bias is not None:
         y = y + bias

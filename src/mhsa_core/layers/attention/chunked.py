@@ -13,7 +13,7 @@ full path streams the (B, heads, N, N) logits through memory several times
 Each row's softmax is the full path's (same logits, same max-subtracted
 softmax over all N keys), so the two agree to float32 round-off, and float64
 stays float64 (einsum everywhere: keras 3.15's torch matmul computes float64
-in float32).
+in float32; canary "matmul-float64" in tests/canaries).
 
 Traps this code steps around (all verified): TensorFlow's `recompute_grad`
 rejects None and bool arguments and differentiates only its arguments (the

@@ -46,7 +46,7 @@ def resize_table(table: Tensor, length: int | Tensor) -> Tensor:
     s = ops.clip(s, 0.0, float(rows - 1))
     # floor(s) as a cast (s >= 0 truncates): keras 3.15's `ops.floor` returns
     # float32 for float64 input on torch and JAX, which can round s up to the
-    # next integer and make f slightly negative.
+    # next integer and make f slightly negative (canary "floor-float64").
     i0 = ops.cast(s, "int32")
     i1 = ops.minimum(i0 + 1, rows - 1)
     f = ops.expand_dims(s - ops.cast(i0, dtype), -1)  # (length, 1)

@@ -56,7 +56,8 @@ def relative_row_logits(
     y, x = rows // width, rows % width  # (c,)
 
     def along(table: Tensor, size: Tensor, own: Tensor) -> Tensor:  # (..., c, size)
-        # einsum, not matmul: keras 3.15's torch matmul computes float64 in float32.
+        # einsum, not matmul: keras 3.15's torch matmul computes float64 in
+        # float32 (canary "matmul-float64").
         per_row = ops.einsum("...cd,kd->...ck", q_rows, table)  # (..., c, 2 size - 1)
         span = 2 * size - 1
         index = (

@@ -44,7 +44,8 @@ def sinusoidal_embedding(
 
     A static size (every backend except TensorFlow graphs with unknown H or W)
     gets a constant computed in float64 NumPy and rounded once to `dtype`:
-    keras 3.15's `ops.sin`/`ops.cos` compute float64 in float32 on JAX. A
+    keras 3.15's `ops.sin`/`ops.cos` compute float64 in float32 on JAX
+    (canary "sin-cos-float64" in tests/canaries). A
     dynamic size is computed with `keras.ops` in `dtype`.
     """
     if is_static(height) and is_static(width):
