@@ -34,7 +34,8 @@ The divisibility of num_heads cannot be a regex: the layer checks it when it
 builds (`check_head_sharding`), against whatever layout the active
 distribution gives its projections, ours or a user's. Only the JAX backend
 implements `keras.distribution` in Keras 3.15; TensorFlow users take
-`tf.distribute`, PyTorch users DistributedDataParallel (docs/distribution.md).
+`tf.distribute`, PyTorch users DistributedDataParallel (docs/distribution.md;
+canary "distribution-jax-only" in tests/canaries).
 
 Keras is imported inside the functions: `import mhsa_core` stays light.
 """

@@ -129,12 +129,14 @@ EXTENSIONS = {
     "litert": ".tflite",
 }
 
-# (format, backend) -> why Keras 3.15 cannot export it, for any model.
+# (format, backend) -> why Keras 3.15 cannot export it, for any model (canary
+# "litert-from-jax" in tests/canaries).
 NOT_SUPPORTED = {
     ("litert", "jax"): "Keras 3.15 exports LiteRT from tensorflow and torch only",
 }
 # (format, backend, text of the exporter's error) -> why, for any model:
-# checked with a one-Dense model, which fails the same way.
+# checked with a one-Dense model, which fails the same way (canary
+# "openvino-from-jax").
 KNOWN_LIMITS = [
     (
         "openvino",
