@@ -381,7 +381,8 @@ def apply_optimizer_step(model, weight_grads, optimizer):
     Precision notes (keras 3.15): Keras keeps the learning rate in a variable of
     dtype `keras.config.floatx()` (float32), so a float64 model is stepped with
     the learning rate rounded to float32 (e.g. SGD(0.01) steps with
-    float32(0.01)), on every backend (canary "learning-rate-float32"). On TensorFlow, Adam-style optimizers also
+    float32(0.01)), on every backend (canary "learning-rate-float32"). On
+    TensorFlow, Adam-style optimizers also
     compute their bias corrections from `ops.cast(beta, "float64")`, which
     rounds the Python float beta through float32: the first float64 Adam(1e-3)
     step is then about 7e-6 (relative) off the exact formula. Hyperparameters
