@@ -37,6 +37,8 @@ __all__ = [
     "ARGUMENTS",
     "DATA_FORMATS",
     "IMPLEMENTATIONS",
+    "OUTPUT_NORMS",
+    "QK_NORMS",
     "Rule",
     "check_arguments",
     "check_channels",
@@ -49,6 +51,10 @@ DATA_FORMATS = ("channels_last", "channels_first")
 # The layer's attention paths (`mhsa_core.layers.attention.choice` says which
 # runs when).
 IMPLEMENTATIONS = ("auto", "full", "chunked", "fused")
+# The norms of `qk_norm` (on each head's queries and keys) and `output_norm`
+# (on the merged heads): timm's LayerNorm and RmsNorm (`reference.norms`).
+QK_NORMS = (None, "layer", "rms")
+OUTPUT_NORMS = (None, "layer")
 
 
 def is_int(value: object) -> TypeGuard[int | np.integer]:
@@ -122,6 +128,10 @@ def _positive_finite(value: object) -> bool:
     return _is_real(value) and math.isfinite(value) and value > 0
 
 
+def _bool(value: object) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
 def _rate(value: object) -> bool:
     # NaN fails both comparisons.
     return _is_real(value) and 0.0 <= value < 1.0
@@ -152,6 +162,11 @@ ARGUMENTS: dict[str, Rule | _Lookup] = {
     "seed": Rule("None or an integer", _optional(is_int)),
     "attention_implementation": one_of(IMPLEMENTATIONS),
     "chunk_size": Rule("None or a positive integer", _optional(_positive_int)),
+    "use_key_bias": Rule("None or a boolean", _optional(_bool)),
+    "qk_norm": one_of(QK_NORMS),
+    "output_norm": one_of(OUTPUT_NORMS),
+    "output_dense": Rule("a boolean", _bool),
+    "norm_epsilon": Rule("a positive finite number", _positive_finite),
     "activation": Rule("None, the name of a Keras activation or a callable"),
     "position_initializer": Rule(
         "None, the name of a Keras initializer or an initializer"

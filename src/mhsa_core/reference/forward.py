@@ -9,7 +9,9 @@ budget of a float32 backend (`mhsa_core.reference.budget`).
 Weights are the canonical dict of `mhsa_core.reference.schema`. With
 `scale_position_logits` (default) the logits are scale * (q_i . k_j +
 position term), else scale * q_i . k_j + position term; the position term is
-shared across heads.
+shared across heads. The options of timm's and EVA's attention act where
+timm's do: `qk_norm` on each head's q and k before the logits,
+`output_norm` on the merged heads and then `output_dense` (`norms.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import Any, Literal, overload
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from mhsa_core.reference import schema
+from mhsa_core.reference import arguments, schema
+from mhsa_core.reference.norms import norm
 from mhsa_core.reference.position import (
     FloatType,
     Matmul,
@@ -51,6 +54,11 @@ LAYER_ARGUMENTS = (
     "scale",
     "scale_position_logits",
     "data_format",
+    "use_key_bias",
+    "qk_norm",
+    "output_norm",
+    "output_dense",
+    "norm_epsilon",
 )
 
 
@@ -108,6 +116,11 @@ def mhsa_forward(
     scale: float | None = ...,
     scale_position_logits: bool = ...,
     data_format: str = ...,
+    use_key_bias: bool | None = ...,
+    qk_norm: str | None = ...,
+    output_norm: str | None = ...,
+    output_dense: bool = ...,
+    norm_epsilon: float = ...,
     attention_mask: ArrayLike | None = ...,
     return_attention_scores: Literal[False] = ...,
     dtype: FloatType = ...,
@@ -128,6 +141,11 @@ def mhsa_forward(
     scale: float | None = ...,
     scale_position_logits: bool = ...,
     data_format: str = ...,
+    use_key_bias: bool | None = ...,
+    qk_norm: str | None = ...,
+    output_norm: str | None = ...,
+    output_dense: bool = ...,
+    norm_epsilon: float = ...,
     attention_mask: ArrayLike | None = ...,
     return_attention_scores: Literal[True],
     dtype: FloatType = ...,
@@ -148,6 +166,11 @@ def mhsa_forward(
     scale: float | None = ...,
     scale_position_logits: bool = ...,
     data_format: str = ...,
+    use_key_bias: bool | None = ...,
+    qk_norm: str | None = ...,
+    output_norm: str | None = ...,
+    output_dense: bool = ...,
+    norm_epsilon: float = ...,
     attention_mask: ArrayLike | None = ...,
     return_attention_scores: bool,
     dtype: FloatType = ...,
@@ -167,6 +190,11 @@ def mhsa_forward(
     scale: float | None = None,
     scale_position_logits: bool = True,
     data_format: str = "channels_last",
+    use_key_bias: bool | None = None,
+    qk_norm: str | None = None,
+    output_norm: str | None = None,
+    output_dense: bool = False,
+    norm_epsilon: float = 1e-6,
     attention_mask: ArrayLike | None = None,
     return_attention_scores: bool = False,
     dtype: FloatType = np.float64,
@@ -188,6 +216,15 @@ def mhsa_forward(
         scale: as the layer's.
         scale_position_logits: as the layer's.
         data_format: as the layer's.
+        use_key_bias: as the layer's, but the biases come from `weights` (as
+            every bias here): False only asserts that it has no key_bias.
+        qk_norm: as the layer's: None, "layer" or "rms" on each head's q and
+            k (`query_norm_*`, `key_norm_*` of `weights`).
+        output_norm: as the layer's: None or "layer" on the merged heads
+            (`output_norm_*`).
+        output_dense: as the layer's: the (C, C) projection `output_kernel`
+            (+ `output_bias`) last.
+        norm_epsilon: as the layer's: the norms' epsilon.
         attention_mask: optional bool (B, H, W); True = may be attended to.
         dtype: the float dtype of every intermediate (float64 for the oracle,
             float32 for the float32 error budget).
@@ -199,7 +236,10 @@ def mhsa_forward(
             probabilities, output) are rounded to it, while each op computes in
             `dtype`, and the logits and softmax stay in `dtype` (as the layer
             does under a mixed_* policy). Position tables are not rounded
-            (the layer keeps them, and the position term, in float32).
+            (the layer keeps them, and the position term, in float32), nor
+            are the norms' weights (float32 too); a norm computes in `dtype`
+            from its rounded input and hands on a rounded result, as Keras's
+            LayerNormalization does.
 
     Returns:
         The output in the layout of `x`, and with `return_attention_scores`
@@ -216,6 +256,20 @@ def mhsa_forward(
     key_dim = head_dim if key_dim is None else key_dim
     if scale is None:
         scale = 1.0 / math.sqrt(key_dim)
+    arguments.check_arguments(
+        {
+            "use_key_bias": use_key_bias,
+            "qk_norm": qk_norm,
+            "output_norm": output_norm,
+            "output_dense": output_dense,
+            "norm_epsilon": norm_epsilon,
+        }
+    )
+    if use_key_bias is False and weights.get("key_bias") is not None:
+        raise ValueError(
+            "use_key_bias=False, and `weights` has a key_bias. "
+            f"Received: key_bias.shape={np.shape(weights['key_bias'])}"
+        )
     act = ACTIVATIONS[activation]
     matmuls: dict[str, Matmul] = {"blas": np.matmul, "sequential": _matmul_sequential}
     matmul = matmuls[accumulation]
@@ -241,12 +295,23 @@ def mhsa_forward(
         act(dense(t, weights, f"{p}_kernel", f"{p}_bias", dtype, matmul, store))
         for p in schema.PROJECTIONS
     )  # (B, N, heads*kd) twice, (B, N, C)
+    # Step 4: a norm of each head's q and k (over its kd channels; one
+    # scale, and bias, shared by the heads).
+    if qk_norm is not None:
+
+        def head_norm(t: np.ndarray, prefix: str) -> np.ndarray:
+            per_head = t.reshape(batch, n, num_heads, key_dim)
+            normed = norm(per_head, weights, prefix, qk_norm, norm_epsilon, dtype)
+            return store(normed.reshape(batch, n, num_heads * key_dim))
+
+        q, k = head_norm(q, "query"), head_norm(k, "key")
 
     if attention_mask is None:
         keep = np.ones((batch, n), dtype=bool)
     else:
         keep = np.asarray(attention_mask, dtype=bool).reshape(batch, n)
 
+    # Step 5: attention, per batch item and head.
     out = np.zeros((batch, n, channels), dtype=dtype)
     scores = np.zeros((batch, num_heads, n, n), dtype=dtype)
     for b in range(batch):
@@ -275,6 +340,14 @@ def mhsa_forward(
             out[b, :, h * head_dim : (h + 1) * head_dim] = store(
                 matmul(store(p), vh[valid])
             )
+
+    # Step 6: the merged heads (B, N, C), normed and projected. (A fully
+    # masked item's zeros become what they give: the bias terms.)
+    if output_norm is not None:
+        out = store(norm(out, weights, "output", output_norm, norm_epsilon, dtype))
+    if output_dense:
+        kernel, bias = schema.OUTPUT_PROJECTION
+        out = dense(out, weights, kernel, bias, dtype, matmul, store)
 
     out = out.reshape(batch, height, width, channels)
     if data_format == "channels_first":

@@ -12,7 +12,8 @@ consistency tool all read these facts from here, so each is written once:
 - `PRESETS`: the configurations of the Keras 2 YOLOv4-MHSA block and BoTNet;
 - `logits_dtype`: the dtype the logits and softmax are computed in.
 
-Canonical weight dict (biases only with `use_bias`):
+Canonical weight dict (biases only with `use_bias`; key_bias only with
+`use_key_bias`, which defaults to `use_bias`):
 
     position_kernel (C, C)          position_bias (C,)       # "conv" only
     query_kernel    (C, heads*kd)   query_bias (heads*kd,)
@@ -20,16 +21,22 @@ Canonical weight dict (biases only with `use_bias`):
     value_kernel    (C, C)          value_bias (C,)
     relative_height (2*Hr - 1, kd)  relative_width (2*Wr - 1, kd)   # "relative" only
     absolute_height (Hr, kd)        absolute_width (Wr, kd)         # "absolute" only
+    query_norm_scale (kd,)          query_norm_bias (kd,)    # qk_norm ("layer": bias)
+    key_norm_scale   (kd,)          key_norm_bias   (kd,)    # qk_norm ("layer": bias)
+    output_norm_scale (C,)          output_norm_bias (C,)    # output_norm="layer"
+    output_kernel   (C, C)          output_bias (C,)         # output_dense
 
 (Hr, Wr) is the reference size of the learned tables (the layer's
-`position_size`).
+`position_size`). The norms' weights are one per channel of a head, shared by
+the heads (timm's `q_norm` / `k_norm`), and have no bias for "rms" (timm's
+RmsNorm has none); their bias does not follow `use_bias`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,11 +48,15 @@ __all__ = [
     "POSITION_ENCODINGS",
     "PRESETS",
     "PROJECTIONS",
+    "WEIGHT_ARGUMENTS",
     "encoding",
+    "norm_weight_names",
+    "option_weight_shapes",
     "table_names",
     "table_shapes",
     "weight_shapes",
     "random_weights",
+    "weight_arguments",
     "table_stddev",
     "logits_dtype",
     "preset",
@@ -140,6 +151,26 @@ POSITION_ENCODINGS = tuple(ENCODINGS)
 # The q/k/v projections, in creation order (after a "tokens" encoding's weights).
 PROJECTIONS = ("query", "key", "value")
 
+# The layer arguments that decide the weight dict: `weight_shapes`'s (and
+# `random_weights`') arguments after the channels.
+WEIGHT_ARGUMENTS = (
+    "num_heads",
+    "key_dim",
+    "position_encoding",
+    "use_bias",
+    "position_size",
+    "use_key_bias",
+    "qk_norm",
+    "output_norm",
+    "output_dense",
+)
+
+# The learned vectors of each norm: timm's LayerNorm has a scale and a bias,
+# its RmsNorm a scale only.
+_NORM_PARAMETERS = {"layer": ("scale", "bias"), "rms": ("scale",)}
+# (kernel, bias) of the output projection (`output_dense`).
+OUTPUT_PROJECTION = ("output_kernel", "output_bias")
+
 
 def encoding(name: str) -> Encoding:
     """The `Encoding` of `name`, or a ValueError naming `position_encoding`."""
@@ -176,6 +207,37 @@ def table_shapes(
     }
 
 
+def norm_weight_names(prefix: str, norm: str | None) -> tuple[str, ...]:
+    """The weights of a norm: ("query_norm_scale", "query_norm_bias") for
+    `prefix` "query" and `norm` "layer", ("query_norm_scale",) for "rms",
+    () for None."""
+    return tuple(f"{prefix}_norm_{p}" for p in _NORM_PARAMETERS.get(norm or "", ()))
+
+
+def option_weight_shapes(
+    channels: int,
+    key_dim: int,
+    use_bias: bool = True,
+    qk_norm: str | None = None,
+    output_norm: str | None = None,
+    output_dense: bool = False,
+) -> dict[str, tuple[int, ...]]:
+    """The weights that follow a "logits" encoding's tables, in creation
+    order: the q and k norms (key_dim each, shared by the heads), the norm of
+    the merged heads (C) and the output projection ((C, C), a bias with
+    `use_bias`)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for prefix in ("query", "key"):
+        shapes.update({n: (key_dim,) for n in norm_weight_names(prefix, qk_norm)})
+    shapes.update({n: (channels,) for n in norm_weight_names("output", output_norm)})
+    if output_dense:
+        kernel, bias = OUTPUT_PROJECTION
+        shapes[kernel] = (channels, channels)
+        if use_bias:
+            shapes[bias] = (channels,)
+    return shapes
+
+
 def weight_shapes(
     channels: int,
     num_heads: int = 1,
@@ -183,14 +245,25 @@ def weight_shapes(
     position_encoding: str = "none",
     use_bias: bool = True,
     position_size: Sequence[int] | None = None,
+    *,
+    use_key_bias: bool | None = None,
+    qk_norm: str | None = None,
+    output_norm: str | None = None,
+    output_dense: bool = False,
 ) -> dict[str, tuple[int, ...]]:
     """Shapes of the canonical weight dict, in the layer's creation order.
 
-    `position_size` (Hr, Wr) is needed by the learned encodings only.
+    `position_size` (Hr, Wr) is needed by the learned encodings only;
+    `use_key_bias` None means `use_bias`.
     """
     spec = encoding(position_encoding)
     key_dim = channels // num_heads if key_dim is None else key_dim
     qk = num_heads * key_dim
+    biases = {
+        "query": use_bias,
+        "key": use_bias if use_key_bias is None else use_key_bias,
+        "value": use_bias,
+    }
     shapes: dict[str, tuple[int, ...]] = {}
     if spec.token_weights:
         kernel, bias = spec.token_weights
@@ -199,10 +272,21 @@ def weight_shapes(
             shapes[bias] = (channels,)
     for name, width in zip(PROJECTIONS, (qk, qk, channels)):
         shapes[f"{name}_kernel"] = (channels, width)
-        if use_bias:
+        if biases[name]:
             shapes[f"{name}_bias"] = (width,)
     shapes.update(table_shapes(position_encoding, position_size, key_dim))
+    shapes.update(
+        option_weight_shapes(
+            channels, key_dim, use_bias, qk_norm, output_norm, output_dense
+        )
+    )
     return shapes
+
+
+def weight_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The `WEIGHT_ARGUMENTS` a layer config states (for `weight_shapes` /
+    `random_weights` after the channels)."""
+    return {k: config[k] for k in WEIGHT_ARGUMENTS if k in config}
 
 
 def table_stddev(key_dim: int) -> float:
@@ -219,9 +303,16 @@ def random_weights(
     seed: int | None = 0,
     dtype: DTypeLike = np.float64,
     position_size: Sequence[int] | None = None,
+    *,
+    use_key_bias: bool | None = None,
+    qk_norm: str | None = None,
+    output_norm: str | None = None,
+    output_dense: bool = False,
 ) -> dict[str, np.ndarray]:
     """He-normal kernels, small random biases, N(0, 1/key_dim) position tables,
-    drawn with NumPy.
+    norm scales N(1, 0.2^2), drawn with NumPy (in creation order, so the
+    weights that an option adds at the end leave the others' draws as they
+    were).
 
     Cross-backend comparisons always inject these: the same Keras seed gives
     different initial values on each backend.
@@ -234,15 +325,29 @@ def random_weights(
     )
     out = {}
     for name, shape in weight_shapes(
-        channels, num_heads, key_dim, position_encoding, use_bias, position_size
+        channels,
+        num_heads,
+        key_dim,
+        position_encoding,
+        use_bias,
+        position_size,
+        use_key_bias=use_key_bias,
+        qk_norm=qk_norm,
+        output_norm=output_norm,
+        output_dense=output_dense,
     ).items():
         if name in tables:
             std = table_stddev(shape[1])
         elif name.endswith("kernel"):
             std = math.sqrt(2.0 / shape[0])
+        elif name.endswith("_norm_scale"):
+            std = 0.2
         else:
             std = 0.1
-        out[name] = (rng.standard_normal(shape) * std).astype(dtype)
+        values = rng.standard_normal(shape) * std
+        if name.endswith("_norm_scale"):
+            values = 1.0 + values  # around the norms' initial scale, 1
+        out[name] = values.astype(dtype)
     return out
 
 
