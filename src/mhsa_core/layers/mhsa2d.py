@@ -20,6 +20,7 @@ from mhsa_core.layers import activations, weight_import
 from mhsa_core.layers._arrays import as_float_array
 from mhsa_core.layers.attention import attend, logits_dtype
 from mhsa_core.layers.attention.choice import fused_misfit
+from mhsa_core.layers.norms import apply_norm
 from mhsa_core.layers.position import ENCODINGS
 from mhsa_core.layers.weights import WeightFactory, dense
 from mhsa_core.reference import arguments, schema
@@ -45,8 +46,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         t = tokens(x)                                  # (B, N, C)
         t = position.tokens(t)                         # "conv", "sinusoidal"
         q, k, v = act(t @ Wq + bq), act(t @ Wk + bk), act(t @ Wv + bv)
+        q_i, k_i = norm(q_i), norm(k_i)                # qk_norm (off by default)
         head i: softmax(scale * q_i k_i^T + bias) v_i  # channels [i*d, (i+1)*d)
-        out = concat(heads) reshaped to x's layout
+        o = norm(concat(heads))                        # output_norm (off)
+        o = o @ Wo + bo                                # output_dense (off)
+        out = o reshaped to x's layout
 
     Position encodings ((y, x) = a token's row and column, i a query, j a key):
     "relative" (BoTNet) adds q_i . (R_h[y_j - y_i + H - 1] + R_w[x_j - x_i + W - 1])
@@ -117,6 +121,25 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         chunk_size: Queries per chunk of the chunked path. Default None: a
             (chunk, N) tile of about 1M elements (256 queries at N = 4096),
             between 16 and 1024.
+        use_key_bias: Whether the key projection has a bias. Default None:
+            `use_bias`. EVA's attention has q and v biases and no k bias
+            (`use_bias=True, use_key_bias=False`).
+        qk_norm: None (default), "layer" or "rms": a LayerNorm or RMSNorm of
+            each head's queries and keys over their key_dim channels, before
+            the logits and any position term (timm's `Attention(qk_norm=True)`
+            with `norm_layer` LayerNorm or RmsNorm): one learned scale (and,
+            for "layer", bias) of key_dim entries each for q and for k,
+            shared by the heads.
+        output_norm: None (default) or "layer": a LayerNorm of the merged
+            heads (C channels) before the output projection (timm's and
+            EVA's `scale_norm`).
+        output_dense: Whether a learned (C, C) projection (with a bias if
+            `use_bias`) follows the merged heads (timm's `proj`, the output
+            projection of Keras's MultiHeadAttention). Default False: the
+            output is the heads' values concatenated.
+        norm_epsilon: The norms' epsilon, added to the variance (mean square
+            for "rms") under the square root. Default 1e-6, timm's ViT/EVA
+            norm layers' (torch's `nn.LayerNorm` default is 1e-5).
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -133,7 +156,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         The output, same shape as `inputs` and in the compute dtype; with
         `return_attention_scores=True` the tuple `(outputs, scores)`, scores of
         shape (B, num_heads, H * W, H * W) (float32 under mixed precision: they
-        are computed in float32).
+        are computed in float32). A query whose keys are all masked has zero
+        attention output: the output itself with no output_norm or
+        output_dense, else what those make of zeros (their bias terms).
+        Under mixed precision the norms compute in float32 (their weights
+        are float32) and return the compute dtype, as Keras's
+        LayerNormalization.
 
     Example:
 
@@ -165,6 +193,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         seed: int | None = None,
         attention_implementation: str = "auto",
         chunk_size: int | None = None,
+        use_key_bias: bool | None = None,
+        qk_norm: str | None = None,
+        output_norm: str | None = None,
+        output_dense: bool = False,
+        norm_epsilon: float = 1e-6,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -185,6 +218,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "seed": seed,
                 "attention_implementation": attention_implementation,
                 "chunk_size": chunk_size,
+                "use_key_bias": use_key_bias,
+                "qk_norm": qk_norm,
+                "output_norm": output_norm,
+                "output_dense": output_dense,
+                "norm_epsilon": norm_epsilon,
                 "activation": activation,
                 "position_initializer": position_initializer,
             },
@@ -219,6 +257,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         )
         self.attention_implementation = attention_implementation
         self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.use_key_bias = None if use_key_bias is None else bool(use_key_bias)
+        self.qk_norm = qk_norm
+        self.output_norm = output_norm
+        self.output_dense = bool(output_dense)
+        self.norm_epsilon = float(norm_epsilon)
         self._channel_axis = -1 if data_format == "channels_last" else 1
         # The encoding object: its weights, its tokens / logits terms.
         self.position = ENCODINGS[position_encoding]()
@@ -336,14 +379,41 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             ("query_kernel", "query_bias"), channels, qk_width
         )
         self.key_kernel, self.key_bias = weights.projection(
-            ("key_kernel", "key_bias"), channels, qk_width
+            ("key_kernel", "key_bias"), channels, qk_width, use_bias=self.use_key_bias
         )
         self.value_kernel, self.value_bias = weights.projection(
             ("value_kernel", "value_bias"), channels, channels
         )
         if self.position.spec.stage != "tokens":
             self.position.build(weights, channels, self._head_key_dim)
+        self._build_options(weights, channels)
         self.input_spec = keras.InputSpec(ndim=4, axes={self._channel_axis: channels})
+
+    def _build_options(self, weights: WeightFactory, channels: int) -> None:
+        """The q/k norms, the output norm and the output projection (each
+        None when off), after the position tables: the canonical order."""
+        self.query_norm_scale, self.query_norm_bias = self._norm_weights(
+            weights, "query", self.qk_norm, self._head_key_dim
+        )
+        self.key_norm_scale, self.key_norm_bias = self._norm_weights(
+            weights, "key", self.qk_norm, self._head_key_dim
+        )
+        self.output_norm_scale, self.output_norm_bias = self._norm_weights(
+            weights, "output", self.output_norm, channels
+        )
+        self.output_kernel = self.output_bias = None
+        if self.output_dense:
+            self.output_kernel, self.output_bias = weights.projection(
+                schema.OUTPUT_PROJECTION, channels, channels
+            )
+
+    @staticmethod
+    def _norm_weights(
+        weights: WeightFactory, prefix: str, kind: str | None, width: int
+    ) -> tuple[Tensor | None, Tensor | None]:
+        if kind is None:
+            return None, None
+        return weights.norm(schema.norm_weight_names(prefix, kind), width)
 
     def _check_fused(self, key_dim: int | None, value_dim: int | None) -> None:
         misfit = fused_misfit(self.position, key_dim, value_dim)
@@ -414,9 +484,27 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             self._check_mask_shape(tuple(inputs.shape), tuple(attention_mask.shape))
             key_mask = ops.reshape(attention_mask, (batch, n))  # (B, N)
 
+        query, key = split_heads(q, key_dim), split_heads(k, key_dim)  # (B, h, N, kd)
+        if self.qk_norm is not None:
+            # Per head over kd, one scale (and bias) for every head, as timm.
+            query = apply_norm(
+                query,
+                self.qk_norm,
+                self.query_norm_scale,
+                self.query_norm_bias,
+                self.norm_epsilon,
+            )
+            key = apply_norm(
+                key,
+                self.qk_norm,
+                self.key_norm_scale,
+                self.key_norm_bias,
+                self.norm_epsilon,
+            )
+
         outputs, scores = attend(
-            split_heads(q, key_dim),  # (B, heads, N, kd)
-            split_heads(k, key_dim),
+            query,
+            key,
             split_heads(v, channels // heads),
             scale=self.scale_value,
             position=self.position,
@@ -432,8 +520,19 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             chunk_size=self.chunk_size,
         )  # (B, heads, N, C // heads), (B, heads, N, N) or None
         outputs = ops.reshape(
-            ops.transpose(outputs, (0, 2, 1, 3)), (batch, height, width, channels)
-        )
+            ops.transpose(outputs, (0, 2, 1, 3)), (batch, n, channels)
+        )  # the heads merged: (B, N, C)
+        if self.output_norm is not None:
+            outputs = apply_norm(
+                outputs,
+                self.output_norm,
+                self.output_norm_scale,
+                self.output_norm_bias,
+                self.norm_epsilon,
+            )
+        if self.output_dense:
+            outputs = dense(outputs, self.output_kernel, self.output_bias)
+        outputs = ops.reshape(outputs, (batch, height, width, channels))
         if self.data_format == "channels_first":
             outputs = ops.transpose(outputs, (0, 3, 1, 2))
         if return_attention_scores:
@@ -597,6 +696,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "seed": self.seed,
                 "attention_implementation": self.attention_implementation,
                 "chunk_size": self.chunk_size,
+                "use_key_bias": self.use_key_bias,
+                "qk_norm": self.qk_norm,
+                "output_norm": self.output_norm,
+                "output_dense": self.output_dense,
+                "norm_epsilon": self.norm_epsilon,
             }
         )
         return config

@@ -94,20 +94,46 @@ class WeightFactory:
         self.variable_dtype = variable_dtype
 
     def projection(
-        self, names: tuple[str, str], in_width: int, out_width: int
+        self,
+        names: tuple[str, str],
+        in_width: int,
+        out_width: int,
+        *,
+        use_bias: bool | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """(kernel (in, out), bias (out,) or None) of a 1x1 projection.
 
         `names`: (kernel name, bias name), e.g. ("query_kernel", "query_bias").
+        `use_bias`: whether this one has a bias; None: the factory's setting
+        (EVA's key projection has none while q and v have one).
         """
         kernel_name, bias_name = names
         kernel = self._add_weight(
             name=kernel_name, shape=(in_width, out_width), **self._kernel
         )
         bias = None
-        if self._use_bias:
+        if self._use_bias if use_bias is None else use_bias:
             bias = self._add_weight(name=bias_name, shape=(out_width,), **self._bias)
         return kernel, bias
+
+    def norm(self, names: tuple[str, ...], width: int) -> tuple[Tensor, Tensor | None]:
+        """(scale (width,), bias (width,) or None) of a norm, initialized to 1
+        and 0 as Keras's LayerNormalization and timm's norms.
+
+        `names`: (scale name,) or (scale name, bias name)
+        (`schema.norm_weight_names`). Not autocast: float32 under mixed
+        precision, the dtype the norm computes in (`layers/norms.py`). No
+        regularizer or constraint: those of the layer are the projections'.
+        """
+        scale = self._add_weight(
+            name=names[0], shape=(width,), initializer="ones", autocast=False
+        )
+        bias = None
+        if len(names) > 1:
+            bias = self._add_weight(
+                name=names[1], shape=(width,), initializer="zeros", autocast=False
+            )
+        return scale, bias
 
     def table(self, name: str, shape: tuple[int, int]) -> Tensor:
         """A learned position table (rows, key_dim).
