@@ -71,10 +71,21 @@ class BlockConfig:
     data_format: str
     use_bias: bool
     position_size: tuple[int, ...] | None
+    use_key_bias: bool = True  # resolved: `use_bias` when given as None
+    qk_norm: str | None = None
+    output_norm: str | None = None
+    output_dense: bool = False
+    norm_epsilon: float = 1e-6
 
     @property
     def encoding(self) -> schema.Encoding:
         return schema.encoding(self.position_encoding)
+
+    def norm_weights(self, prefix: str) -> tuple[str, ...]:
+        """The canonical names of the norm `prefix` ("query", "key" or
+        "output"): (scale,), (scale, bias) or () when that norm is off."""
+        kind = self.output_norm if prefix == "output" else self.qk_norm
+        return schema.norm_weight_names(prefix, kind)
 
     @property
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -86,6 +97,10 @@ class BlockConfig:
             self.position_encoding,
             self.use_bias,
             self.position_size,
+            use_key_bias=self.use_key_bias,
+            qk_norm=self.qk_norm,
+            output_norm=self.output_norm,
+            output_dense=self.output_dense,
         )
 
 
@@ -102,12 +117,18 @@ def check_config(
     data_format: str,
     use_bias: bool,
     position_size: Sequence[int] | None,
+    use_key_bias: bool | None = None,
+    qk_norm: str | None = None,
+    output_norm: str | None = None,
+    output_dense: bool = False,
+    norm_epsilon: float = 1e-6,
 ) -> BlockConfig:
     """Check a block config for C=`channels`; returns its `BlockConfig`.
 
     The layer's rules (`reference.arguments`), but for `activation`: a name
     of `activations`, the native's own table (name -> function). `key_dim`
-    defaults to C // num_heads; `scale` None means 1/sqrt(key_dim).
+    defaults to C // num_heads; `scale` None means 1/sqrt(key_dim);
+    `use_key_bias` None means `use_bias`.
 
     Raises:
         ValueError: naming the argument and the value received.
@@ -120,6 +141,11 @@ def check_config(
             "scale_position_logits": scale_position_logits,
             "scale": scale,
             "data_format": data_format,
+            "use_key_bias": use_key_bias,
+            "qk_norm": qk_norm,
+            "output_norm": output_norm,
+            "output_dense": output_dense,
+            "norm_epsilon": norm_epsilon,
             "activation": activation,
         },
         rules={"activation": arguments.one_of(sorted(activations, key=str))},
@@ -140,6 +166,11 @@ def check_config(
         data_format=data_format,
         use_bias=bool(use_bias),
         position_size=position_size,
+        use_key_bias=bool(use_bias if use_key_bias is None else use_key_bias),
+        qk_norm=qk_norm,
+        output_norm=output_norm,
+        output_dense=bool(output_dense),
+        norm_epsilon=float(norm_epsilon),
     )
 
 
@@ -188,8 +219,14 @@ def position_size_of(
 
 
 def has_bias(weights: Mapping[str, object]) -> bool:
-    """Whether a weight dict has biases (None entries count as absent)."""
-    return any(v is not None for k, v in weights.items() if k.endswith("_bias"))
+    """Whether a weight dict has the biases of `use_bias` (None entries count
+    as absent): those of the projections but the key's (`use_key_bias`), not
+    the norms' (a LayerNorm's bias is there whatever `use_bias` says)."""
+    return any(
+        v is not None
+        for k, v in weights.items()
+        if k.endswith("_bias") and k != "key_bias" and "_norm_" not in k
+    )
 
 
 def check_weights(

@@ -30,6 +30,11 @@ the schema's facts and the argument rules come from `_common`. In JAX's idiom:
 - "sinusoidal": w_k = 10000^(-k / D), D = C / 4 (the frequencies a float64
   NumPy constant, cast; angles and sin/cos by `jnp` in the dtype of x).
 
+- The norms (`qk_norm` on each head's q and k, `output_norm` on the merged
+  heads), as Flax writes them: `jnp.mean` and `jnp.var` (biased) over the
+  last axis and `jax.lax.rsqrt`, the scale (and bias) broadcast over the
+  heads. `output_dense`: one more einsum projection, (C, C).
+
 `params` is the canonical weight dict itself (kernels (in, out)), with jnp
 arrays instead of NumPy arrays; `params_from_weight_dict` drops None entries.
 
@@ -100,6 +105,11 @@ _STATIC = (
     "scale_position_logits",
     "use_bias",
     "position_size",
+    "use_key_bias",
+    "qk_norm",
+    "output_norm",
+    "output_dense",
+    "norm_epsilon",
 )
 
 
@@ -114,6 +124,20 @@ def _dense(
     if params.get(bias) is not None:
         y = y + params[bias]
     return y
+
+
+def _norm(
+    x: jax.Array, params: Mapping[str, jax.Array], names: Sequence[str], eps: float
+) -> jax.Array:
+    """x normalized over its last axis: LayerNorm with (scale, bias) `names`,
+    RMSNorm with (scale,)."""
+    if len(names) == 1:  # "rms"
+        mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(mean_square + eps) * params[names[0]]
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.var(x, axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(variance + eps)
+    return y * params[names[0]] + params[names[1]]
 
 
 def _resize(table: jax.Array, length: int) -> jax.Array:
@@ -202,6 +226,11 @@ def apply(
     scale_position_logits: bool = True,
     use_bias: bool | None = None,
     position_size: Sequence[int] | None = None,
+    use_key_bias: bool | None = None,
+    qk_norm: str | None = None,
+    output_norm: str | None = None,
+    output_dense: bool = False,
+    norm_epsilon: float = 1e-6,
 ) -> jax.Array:
     """The block's forward pass, a pure function (jit it with the config static).
 
@@ -216,6 +245,8 @@ def apply(
             it is True (else they are read off `params`).
         position_size: optional (Hr, Wr); when given, the learned tables must
             have that reference size (it is read off their shapes anyway).
+        use_key_bias, qk_norm, output_norm, output_dense, norm_epsilon: as
+            the reference's (`use_key_bias` None: `use_bias`).
 
     Returns:
         The output in the layout and dtype of `x`.
@@ -241,6 +272,11 @@ def apply(
         use_bias=_common.has_bias(params) if use_bias is None else use_bias,
         position_size=position_size
         or _common.position_size_of(params, position_encoding),
+        use_key_bias=use_key_bias,
+        qk_norm=qk_norm,
+        output_norm=output_norm,
+        output_dense=output_dense,
+        norm_epsilon=norm_epsilon,
     )
     _common.check_weights(params, cfg.weight_shapes)
     dv, kd, scale = cfg.head_dim, cfg.key_dim, cfg.scale  # dv: value width per head
@@ -261,6 +297,9 @@ def apply(
     q = q.reshape(batch, n, num_heads, kd)
     k = k.reshape(batch, n, num_heads, kd)
     v = v.reshape(batch, n, num_heads, dv)
+    if qk_norm is not None:  # over kd, every head with the same weights
+        q = _norm(q, params, cfg.norm_weights("query"), norm_epsilon)
+        k = _norm(k, params, cfg.norm_weights("key"), norm_epsilon)
 
     # The Python float `scale` is weakly typed: it keeps the dtype of the logits.
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (B, heads, N, N)
@@ -283,7 +322,12 @@ def apply(
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
         out = jnp.where(has_key[:, None, None, None], out, 0)
 
-    out = out.reshape(batch, height, width, channels)  # heads concatenated
+    out = out.reshape(batch, n, channels)  # heads concatenated
+    if output_norm is not None:
+        out = _norm(out, params, cfg.norm_weights("output"), norm_epsilon)
+    if output_dense:
+        out = _dense(out, params, *schema.OUTPUT_PROJECTION)
+    out = out.reshape(batch, height, width, channels)
     if data_format == "channels_first":
         out = jnp.transpose(out, (0, 3, 1, 2))  # -> (B, C, H, W)
     return out

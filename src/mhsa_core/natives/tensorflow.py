@@ -34,6 +34,12 @@ the schema's facts and the argument rules come from `_common`. In TensorFlow's i
 - "sinusoidal": w_k = 1 / 10000^(k / D), D = C / 4 (the frequencies in
   float64, then cast; angles and sin/cos in the module's dtype).
 
+- The norms (`qk_norm` on each head's q and k, `output_norm` on the merged
+  heads): "layer" as Keras 2's LayerNormalization wrote it, `tf.nn.moments`
+  (the biased variance) and `tf.nn.batch_normalization`; "rms" as
+  x * rsqrt(reduce_mean(x^2) + eps) * scale. `output_dense`: one more
+  `tf.einsum` projection, (C, C).
+
 The variables use the canonical layout itself (kernels (in, out), what
 `tf.einsum("bnc,cd->bnd")` wants), under the canonical names.
 
@@ -154,6 +160,8 @@ class NativeMHSA2D(tf.Module):
         use_bias: whether the projections have biases.
         position_size: (Hr, Wr), the reference size of the learned tables;
             required by "relative" and "absolute", ignored otherwise.
+        use_key_bias, qk_norm, output_norm, output_dense, norm_epsilon: as
+            the reference's (`use_key_bias` None: `use_bias`).
         dtype: dtype of the variables and of the computation.
 
     Variables start at zero; load the canonical weights with `load_weight_dict`.
@@ -171,6 +179,11 @@ class NativeMHSA2D(tf.Module):
         data_format: str = "channels_last",
         position_size: Sequence[int] | None = None,
         scale_position_logits: bool = True,
+        use_key_bias: bool | None = None,
+        qk_norm: str | None = None,
+        output_norm: str | None = None,
+        output_dense: bool = False,
+        norm_epsilon: float = 1e-6,
         dtype: DTypeLike = "float32",
         name: str | None = None,
     ) -> None:
@@ -187,6 +200,11 @@ class NativeMHSA2D(tf.Module):
             data_format=data_format,
             use_bias=use_bias,
             position_size=position_size,
+            use_key_bias=use_key_bias,
+            qk_norm=qk_norm,
+            output_norm=output_norm,
+            output_dense=output_dense,
+            norm_epsilon=norm_epsilon,
         )
         self.compute_dtype = tf.as_dtype(np.dtype(dtype).name)
         # name -> tf.Variable, canonical names and shapes, in creation order.
@@ -215,9 +233,23 @@ class NativeMHSA2D(tf.Module):
         `kernel`, `bias`: canonical weight names.
         """
         y = tf.einsum("bnc,cd->bnd", t, self.weights[kernel])
-        if self.config.use_bias:
+        if bias in self.weights:  # use_bias (use_key_bias for the key)
             y = y + self.weights[bias]
         return y
+
+    def _norm(self, x: tf.Tensor, prefix: str) -> tf.Tensor:
+        """x normalized over its last axis by the norm `prefix` ("query",
+        "key", "output"), with its weights."""
+        names = self.config.norm_weights(prefix)
+        scale = self.weights[names[0]]
+        eps = tf.constant(self.config.norm_epsilon, self.compute_dtype)
+        if len(names) == 1:  # "rms"
+            mean_square = tf.reduce_mean(tf.square(x), axis=-1, keepdims=True)
+            return x * tf.math.rsqrt(mean_square + eps) * scale
+        mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+        return tf.nn.batch_normalization(
+            x, mean, variance, self.weights[names[1]], scale, eps
+        )
 
     def _position_logits(
         self, q: tf.Tensor, height: tf.Tensor, width: tf.Tensor
@@ -274,6 +306,8 @@ class NativeMHSA2D(tf.Module):
         q = tf.reshape(q, (batch, n, heads, kd))
         k = tf.reshape(k, (batch, n, heads, kd))
         v = tf.reshape(v, (batch, n, heads, dv))
+        if cfg.qk_norm is not None:  # over kd, every head with the same weights
+            q, k = self._norm(q, "query"), self._norm(k, "key")
 
         logits = tf.einsum("bqhd,bkhd->bhqk", q, k)  # (B, heads, N, N)
         scale = tf.constant(cfg.scale, self.compute_dtype)
@@ -300,9 +334,12 @@ class NativeMHSA2D(tf.Module):
             out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
             out = tf.where(has_key[:, None, None, None], out, tf.zeros_like(out))
 
-        out = tf.reshape(
-            out, (batch, height, width, cfg.channels)
-        )  # heads concatenated
+        out = tf.reshape(out, (batch, n, cfg.channels))  # heads concatenated
+        if cfg.output_norm is not None:
+            out = self._norm(out, "output")
+        if cfg.output_dense:
+            out = self._dense(out, *schema.OUTPUT_PROJECTION)
+        out = tf.reshape(out, (batch, height, width, cfg.channels))
         if cfg.data_format == "channels_first":
             out = tf.transpose(out, (0, 3, 1, 2))  # -> (B, C, H, W)
         return out

@@ -24,6 +24,11 @@ the schema's facts and the argument rules come from `_common`. In PyTorch's idio
   scaling: scale * pos is passed when `scale_position_logits`, pos otherwise.
 - "sinusoidal": w_k = exp(-k ln(10000) / D), D = C / 4 (the frequencies in
   float64, then cast; angles and sin/cos in the run's dtype).
+- The options of timm's `Attention` as timm writes them: `qk_norm` is one
+  `nn.LayerNorm(key_dim)` or `nn.RMSNorm(key_dim)` each for q and k, applied
+  to (B, heads, N, key_dim) (so shared by the heads); `output_norm` an
+  `nn.LayerNorm(C)` of the merged heads; `output_dense` an `nn.Linear(C, C)`
+  after it. `use_key_bias=False`: the key's `nn.Linear` has no bias.
 
 `nn.Linear.weight` is (out, in) while the canonical kernels are (in, out), so
 `load_weight_dict` stores `kernel.T` and `weight_grad_dict` returns the
@@ -148,6 +153,12 @@ def _sincos(
     return emb.reshape(height * width, channels)
 
 
+def _norm_parameters(norm: nn.Module) -> tuple[torch.Tensor, ...]:
+    """(weight,) of an nn.RMSNorm, (weight, bias) of an nn.LayerNorm."""
+    bias = getattr(norm, "bias", None)
+    return (norm.weight,) if bias is None else (norm.weight, bias)
+
+
 class NativeMHSA2D(nn.Module):
     """The 2-D multi-head self-attention block as a `torch.nn.Module`.
 
@@ -160,6 +171,8 @@ class NativeMHSA2D(nn.Module):
         use_bias: whether the projections have biases.
         position_size: (Hr, Wr), the reference size of the learned tables;
             required by "relative" and "absolute", ignored otherwise.
+        use_key_bias, qk_norm, output_norm, output_dense, norm_epsilon: as
+            the reference's (`use_key_bias` None: `use_bias`).
 
     The parameters are created by `nn.Linear` (PyTorch's default init) and the
     tables N(0, 1/key_dim); load the canonical weights with `load_weight_dict`.
@@ -178,6 +191,11 @@ class NativeMHSA2D(nn.Module):
         data_format: str = "channels_last",
         position_size: Sequence[int] | None = None,
         scale_position_logits: bool = True,
+        use_key_bias: bool | None = None,
+        qk_norm: str | None = None,
+        output_norm: str | None = None,
+        output_dense: bool = False,
+        norm_epsilon: float = 1e-6,
     ) -> None:
         super().__init__()
         self.config = cfg = _common.check_config(
@@ -192,6 +210,11 @@ class NativeMHSA2D(nn.Module):
             data_format=data_format,
             use_bias=use_bias,
             position_size=position_size,
+            use_key_bias=use_key_bias,
+            qk_norm=qk_norm,
+            output_norm=output_norm,
+            output_dense=output_dense,
+            norm_epsilon=norm_epsilon,
         )
         # The canonical (in, out) shapes; also what `load_weight_dict` accepts.
         shapes = cfg.weight_shapes
@@ -204,7 +227,7 @@ class NativeMHSA2D(nn.Module):
             else None
         )
         self.query = nn.Linear(*shapes["query_kernel"], bias=cfg.use_bias)
-        self.key = nn.Linear(*shapes["key_kernel"], bias=cfg.use_bias)
+        self.key = nn.Linear(*shapes["key_kernel"], bias=cfg.use_key_bias)
         self.value = nn.Linear(*shapes["value_kernel"], bias=cfg.use_bias)
 
         # Learned tables: canonical name -> nn.Parameter (rows, key_dim).
@@ -218,13 +241,41 @@ class NativeMHSA2D(nn.Module):
             }
         )
 
+        # timm's q_norm / k_norm / norm (scale_norm) / proj; None when off.
+        def make_norm(kind: str | None, width: int) -> nn.Module | None:
+            if kind is None:
+                return None
+            norm = nn.LayerNorm if kind == "layer" else nn.RMSNorm
+            return norm(width, eps=cfg.norm_epsilon)
+
+        self.query_norm = make_norm(cfg.qk_norm, cfg.key_dim)
+        self.key_norm = make_norm(cfg.qk_norm, cfg.key_dim)
+        self.output_norm = make_norm(cfg.output_norm, channels)
+        self.output = (
+            nn.Linear(*shapes[schema.OUTPUT_PROJECTION[0]], bias=cfg.use_bias)
+            if cfg.output_dense
+            else None
+        )
+
     def _linears(self) -> list[tuple[tuple[str, ...], nn.Linear]]:
         """((kernel name, bias name), nn.Linear) pairs, in creation order."""
         pairs = (
             [(self._token_weights, self.position)] if self.position is not None else []
         )
-        return pairs + [
+        pairs += [
             ((f"{p}_kernel", f"{p}_bias"), getattr(self, p)) for p in schema.PROJECTIONS
+        ]
+        if self.output is not None:
+            pairs.append((schema.OUTPUT_PROJECTION, self.output))
+        return pairs
+
+    def _norms(self) -> list[tuple[tuple[str, ...], nn.Module]]:
+        """((scale name[, bias name]), norm module) pairs, in creation order."""
+        modules = (self.query_norm, self.key_norm, self.output_norm)
+        return [
+            (self.config.norm_weights(prefix), module)
+            for prefix, module in zip(("query", "key", "output"), modules)
+            if module is not None
         ]
 
     def load_weight_dict(self, weights: Mapping[str, ArrayLike]) -> NativeMHSA2D:
@@ -248,6 +299,11 @@ class NativeMHSA2D(nn.Module):
                     )
             for name, table in self.tables.items():
                 table.copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))
+            for names, norm in self._norms():
+                for name, parameter in zip(names, _norm_parameters(norm)):
+                    parameter.copy_(
+                        torch.from_numpy(np.ascontiguousarray(weights[name]))
+                    )
         return self
 
     def weight_grad_dict(self) -> dict[str, np.ndarray]:
@@ -259,6 +315,9 @@ class NativeMHSA2D(nn.Module):
                 grads[bias] = linear.bias.grad.detach().cpu().numpy()
         for name, table in self.tables.items():
             grads[name] = table.grad.detach().cpu().numpy()
+        for names, norm in self._norms():
+            for name, parameter in zip(names, _norm_parameters(norm)):
+                grads[name] = parameter.grad.detach().cpu().numpy()
         return grads
 
     def _position_logits(
@@ -312,6 +371,8 @@ class NativeMHSA2D(nn.Module):
         q = act(self.query(t)).view(batch, n, heads, kd).transpose(1, 2)
         k = act(self.key(t)).view(batch, n, heads, kd).transpose(1, 2)
         v = act(self.value(t)).view(batch, n, heads, dv).transpose(1, 2)
+        if self.query_norm is not None and self.key_norm is not None:
+            q, k = self.query_norm(q), self.key_norm(k)  # over kd: timm's q/k_norm
 
         # Float mask added by SDPA to the scaled logits, or None.
         bias = self._position_logits(q, height, width)
@@ -335,8 +396,13 @@ class NativeMHSA2D(nn.Module):
                 q, k, v, attn_mask=mask, scale=cfg.scale
             )
             out = torch.where(has_key[:, None, None, None], out, out.new_zeros(()))
-        # out: (B, heads, N, dv) -> (B, N, heads, dv) -> (B, H, W, C)
-        out = out.transpose(1, 2).reshape(batch, height, width, channels)
+        # out: (B, heads, N, dv) -> (B, N, heads, dv) -> (B, N, C)
+        out = out.transpose(1, 2).reshape(batch, n, channels)
+        if self.output_norm is not None:
+            out = self.output_norm(out)
+        if self.output is not None:
+            out = self.output(out)
+        out = out.reshape(batch, height, width, channels)
         if cfg.data_format == "channels_first":
             out = out.permute(0, 3, 1, 2)  # -> (B, C, H, W)
         return out
