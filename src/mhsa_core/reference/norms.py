@@ -16,14 +16,14 @@ fast_norm.py `rms_norm`). The scale and bias are the canonical weights
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from mhsa_core.reference import schema
 from mhsa_core.reference.position import FloatType, Weights
 
 __all__ = ["NORMS", "layer_norm", "rms_norm", "norm"]
+
+NORMS = ("layer", "rms")
 
 
 def layer_norm(
@@ -56,17 +56,6 @@ def rms_norm(
     return x / np.sqrt(mean_square + dtype(epsilon)) * np.asarray(scale).astype(dtype)
 
 
-# name -> f(x, weights, prefix, epsilon, dtype)
-NORMS: dict[str, Callable[[np.ndarray, Weights, str, float, FloatType], np.ndarray]] = {
-    "layer": lambda x, w, prefix, eps, dtype: layer_norm(
-        x, *(w[n] for n in schema.norm_weight_names(prefix, "layer")), eps, dtype
-    ),
-    "rms": lambda x, w, prefix, eps, dtype: rms_norm(
-        x, *(w[n] for n in schema.norm_weight_names(prefix, "rms")), eps, dtype
-    ),
-}
-
-
 def norm(
     x: np.ndarray,
     weights: Weights,
@@ -77,4 +66,10 @@ def norm(
 ) -> np.ndarray:
     """x normalized over its last axis by the norm `kind` ("layer", "rms")
     with the weights `<prefix>_norm_*` of `weights`."""
-    return NORMS[kind](x, weights, prefix, epsilon, dtype)
+    names = schema.norm_weight_names(prefix, kind)
+    if kind == "layer":
+        scale, bias = (weights[name] for name in names)
+        return layer_norm(x, scale, bias, epsilon, dtype)
+    if kind == "rms":
+        return rms_norm(x, weights[names[0]], epsilon, dtype)
+    raise ValueError(f"Unknown norm. Expected one of {NORMS}. Received: kind={kind!r}")
