@@ -19,11 +19,17 @@ The rules, one regex per group of the layer's variables (their paths are
   the model axis. Head h owns columns [h*d, (h+1)*d), so with num_heads
   divisible by the axis size each device holds whole heads, and the
   attention of a head needs no other device's q, k or v;
-- the layer has no output projection (its output is the heads' values
-  concatenated), so there is no row-split weight;
+- the output projection (`output_dense`) kernel (C, C): rows split across
+  the model axis. Its rows are the merged heads' channels, head h's values
+  in rows [h*dv, (h+1)*dv), so each device multiplies the heads it holds
+  and the partial products are summed across the axis (one all-reduce, as
+  Megatron's row-parallel output projection); its bias is replicated (added
+  once, after the sum);
 - the "conv" encoding's kernel and bias (the Keras 2 YOLOv4-MHSA block's
-  position conv) and the learned position tables ("relative", "absolute"):
-  replicated. Every head reads all of them; they are small.
+  position conv), the learned position tables ("relative", "absolute") and
+  the norms' scales and biases (`qk_norm`, shared by the heads;
+  `output_norm`, over all C channels): replicated. Every head reads all of
+  them; they are small.
 
 A variable that no rule matches is replicated by `ModelParallel`, so the rules
 can be added to a user's own LayoutMap (`layout_map(mesh, layout_map=theirs)`)
@@ -55,6 +61,8 @@ __all__ = ["layout_rules", "layout_map", "check_head_sharding"]
 # Weights split by columns (= by heads): the q/k/v projections.
 _SPLIT_KERNELS = tuple(f"{p}_kernel" for p in schema.PROJECTIONS)
 _SPLIT_BIASES = tuple(f"{p}_bias" for p in schema.PROJECTIONS)
+# Split by rows (= by heads): the output projection's kernel.
+_ROW_SPLIT_KERNELS = schema.OUTPUT_PROJECTION[:1]
 # Weights every device holds whole: the "tokens" encodings' conv, the tables.
 _REPLICATED_MATRICES = tuple(
     name
@@ -63,8 +71,14 @@ _REPLICATED_MATRICES = tuple(
         e.token_weights[:1] + (schema.table_names(e.name) if e.learned_tables else ())
     )
 )
-_REPLICATED_VECTORS = tuple(
-    name for e in schema.ENCODINGS.values() for name in e.token_weights[1:]
+_REPLICATED_VECTORS = (
+    tuple(name for e in schema.ENCODINGS.values() for name in e.token_weights[1:])
+    + schema.OUTPUT_PROJECTION[1:]
+    + tuple(
+        name
+        for prefix in ("query", "key", "output")
+        for name in schema.norm_weight_names(prefix, "layer")
+    )
 )
 
 
@@ -99,7 +113,8 @@ def layout_rules(
 
     Returns:
         {regex: axes tuple}: q/k/v kernels `(None, model_axis)`, biases
-        `(model_axis,)`, the position conv and tables replicated.
+        `(model_axis,)`, the output kernel `(model_axis, None)`; the position
+        conv and tables, the norms and the output bias replicated.
     """
     _check_axis_name(model_axis, "model_axis")
     _check_axis_name(layer_path, "layer_path")
@@ -107,6 +122,7 @@ def layout_rules(
     return {
         prefix + _any_of(_SPLIT_KERNELS): (None, model_axis),
         prefix + _any_of(_SPLIT_BIASES): (model_axis,),
+        prefix + _any_of(_ROW_SPLIT_KERNELS): (model_axis, None),
         prefix + _any_of(_REPLICATED_MATRICES): (None, None),
         prefix + _any_of(_REPLICATED_VECTORS): (None,),
     }
@@ -164,7 +180,8 @@ def layout_map(
 
 def check_head_sharding(layer: keras.layers.Layer) -> None:
     """ValueError unless the active distribution splits `layer`'s q/k/v
-    projections into whole heads.
+    projections (by columns) and output projection (by rows) into whole
+    heads.
 
     Called by `MultiHeadSelfAttention2D.build` before it creates the
     projections, so a bad layout fails there, with the numbers, rather than
@@ -179,19 +196,23 @@ def check_head_sharding(layer: keras.layers.Layer) -> None:
     if distribution is None:
         return
     mesh = distribution.device_mesh
-    for name in _SPLIT_KERNELS + _SPLIT_BIASES:
+    # name -> its axis that holds the heads: the last, the output kernel's rows.
+    head_axes = {name: -1 for name in _SPLIT_KERNELS + _SPLIT_BIASES}
+    head_axes.update({name: 0 for name in _ROW_SPLIT_KERNELS})
+    for name, head_axis in head_axes.items():
         try:
             layout = distribution.get_tensor_layout(f"{layer.path}/{name}")
         except NotImplementedError:  # a Distribution that lays out no paths
             return
-        axis = None if layout is None or not layout.axes else layout.axes[-1]
+        axis = None if layout is None or not layout.axes else layout.axes[head_axis]
         if axis is None:
             continue
         size = mesh.shape[list(mesh.axis_names).index(axis)]
         if layer.num_heads % size:
             raise ValueError(
                 f"{layer.__class__.__name__} {layer.name!r}: the layout splits "
-                f"the columns of {name} across mesh axis {axis!r}, so num_heads "
+                f"the {'rows' if head_axis == 0 else 'columns'} of {name} across "
+                f"mesh axis {axis!r}, so num_heads "
                 "must be divisible by that axis's size (each device holds whole "
                 "heads; to replicate this layer instead, leave it out of the "
                 "rules, e.g. with `layout_map(..., layer_path=...)`). "

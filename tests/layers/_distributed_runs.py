@@ -8,8 +8,10 @@ Each engine needs its set-up before its framework is imported (virtual
 devices, logical devices, a process group), hence a process of its own. Every
 engine trains the same tiny model (two MultiHeadSelfAttention2D layers: the
 "conv" encoding with ReLU projections, the legacy block's kind, then BoTNet's
-"relative" one) from the same NumPy weights on the same batch, for STEPS
-full-batch SGD steps, and reports the weight changes of:
+"relative" one with timm's options: q/k LayerNorms, the output LayerNorm and
+the output projection, whose kernel ModelParallel splits by rows) from the
+same NumPy weights on the same batch, for STEPS full-batch SGD steps, and
+reports the weight changes of:
 
 - "float64": undistributed, float64 (the oracle of the peer budget rule);
 - "float32": undistributed, float32 (its distance from the oracle is what
@@ -45,7 +47,8 @@ def batch():
 
 def start_weights(shapes):
     """Kernels and tables ~ N(0, 1/rows), vectors ~ N(0, 0.1^2), from NumPy
-    (the same Keras seed gives different weights per backend)."""
+    (the same Keras seed gives different weights per backend). A norm's
+    scale is a vector too: small scales only shrink the logits."""
     rng = np.random.default_rng(1)
     return [
         rng.standard_normal(s) / np.sqrt(s[0])
@@ -71,6 +74,9 @@ def build(dtype):
     h = MultiHeadSelfAttention2D(
         num_heads=NUM_HEADS,
         position_encoding="relative",
+        qk_norm="layer",
+        output_norm="layer",
+        output_dense=True,
         name="attn_relative",
         dtype=dtype,
     )(h)
@@ -157,6 +163,21 @@ def run_jax():
         out["bad_heads_error"] = None
     except ValueError as e:
         out["bad_heads_error"] = str(e)
+    # The same, from a user's layout that splits only the output kernel's rows.
+    rows_only = keras.distribution.LayoutMap(mesh)
+    rows_only[".*/output_kernel"] = ("model", None)
+    try:
+        with keras.distribution.ModelParallel(
+            layout_map=rows_only, batch_dim_name="batch"
+        ).scope():
+            from mhsa_core import MultiHeadSelfAttention2D
+
+            MultiHeadSelfAttention2D(num_heads=6, output_dense=True)(
+                keras.Input((4, 4, 24))
+            )
+        out["bad_heads_rows_error"] = None
+    except ValueError as e:
+        out["bad_heads_rows_error"] = str(e)
     return out
 
 

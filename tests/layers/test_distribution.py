@@ -138,6 +138,7 @@ def test_distributed_fit_equals_undistributed(engine, run):
 
 # ------------------------------------------------------------------ JAX
 QKV = re.compile(r".*/(query|key|value)_(kernel|bias)")
+OUTPUT_KERNEL = re.compile(r".*/output_kernel")
 
 
 def _expected_sharding(path, shape, run):
@@ -145,6 +146,8 @@ def _expected_sharding(path, shape, run):
     if run == "model_parallel" and QKV.fullmatch(path):
         spec = [None, "model"] if len(shape) == 2 else ["model"]
         return [spec, [*shape[:-1], shape[-1] // 4]]  # 4 = the model axis
+    if run == "model_parallel" and OUTPUT_KERNEL.fullmatch(path):
+        return [["model", None], [shape[0] // 4, shape[1]]]  # rows: the heads
     return [[None] * len(shape), list(shape)]  # replicated
 
 
@@ -154,7 +157,8 @@ def test_jax_variables_are_sharded_as_the_rules_say(run):
     out = report("jax")
     assert out["devices"] == 8
     shardings = out[f"{run}_sharding"]
-    assert len(shardings) == 16  # 8 weights x 2 layers ("conv" + "relative")
+    # 8 weights of "conv", 8 + 4 q/k norm + 2 output norm + 2 output of "relative"
+    assert len(shardings) == 24
     for path, (spec, shard, shape) in shardings.items():
         assert [spec, shard] == _expected_sharding(path, shape, run), path
 
@@ -164,20 +168,33 @@ def test_jax_model_parallel_rejects_num_heads_not_divisible():
     message = report("jax")["bad_heads_error"]
     assert message is not None, "num_heads=6 on a model axis of 4 built without error"
     assert message.endswith("Received: num_heads=6, model axis size=4"), message
+    # A layout that splits only the output projection's rows is checked too.
+    message = report("jax")["bad_heads_rows_error"]
+    assert message is not None, "output_kernel's rows split 4 ways for 6 heads"
+    assert "the rows of output_kernel" in message, message
+    assert message.endswith("Received: num_heads=6, model axis size=4"), message
 
 
-# Which rule each of the layer's weights falls under, for every encoding.
+# Which rule each of the layer's weights falls under, for every encoding
+# and every option that adds weights.
 RULES = [
     ("none", {}),
     ("conv", {"activation": "relu"}),
     ("sinusoidal", {}),
     ("relative", {"position_size": (4, 4)}),
     ("absolute", {"position_size": (4, 4)}),
+    ("none", {"qk_norm": "layer", "output_norm": "layer", "output_dense": True}),
+    ("none", {"qk_norm": "rms", "use_key_bias": False, "output_dense": True}),
+    ("none", {"use_bias": False, "output_dense": True}),
+]
+RULE_IDS = [
+    "-".join([encoding, *(f"{k}={v}" for k, v in kwargs.items())])
+    for encoding, kwargs in RULES
 ]
 
 
 @_lane("jax")
-@pytest.mark.parametrize("encoding,kwargs", RULES, ids=[r[0] for r in RULES])
+@pytest.mark.parametrize("encoding,kwargs", RULES, ids=RULE_IDS)
 def test_layout_rules_cover_every_weight_once(encoding, kwargs):
     layer = MultiHeadSelfAttention2D(
         num_heads=4, position_encoding=encoding, name="attn", **kwargs
@@ -193,6 +210,8 @@ def test_layout_rules_cover_every_weight_once(encoding, kwargs):
             if QKV.fullmatch(v.path) and len(v.shape) == 2
             else ("m",)
             if QKV.fullmatch(v.path)
+            else ("m", None)
+            if OUTPUT_KERNEL.fullmatch(v.path)
             else (None,) * len(v.shape)
         )
         assert matches == [expected], v.path
@@ -214,6 +233,8 @@ def test_layout_map_adds_to_a_users_map_and_checks_the_mesh():
     result = layout_map(mesh, layout_map=theirs)
     assert result is theirs and len(theirs) == 1 + len(layout_rules())
     assert theirs["attn/key_kernel"].axes == (None, "model")
+    assert theirs["attn/output_kernel"].axes == ("model", None)
+    assert theirs["attn/query_norm_scale"].axes == (None,)
     assert theirs["attn/relative_width"].axes == (None, None)
     with pytest.raises(ValueError, match=r"Received: model_axis='heads'$"):
         layout_map(mesh, model_axis="heads")
