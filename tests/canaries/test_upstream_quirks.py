@@ -70,6 +70,26 @@ def sin_cos_float64_in_float32():
     return _dtype(ops.sin(X)) != "float64" or _dtype(ops.cos(X)) != "float64"
 
 
+def _float64_inexact(got, want):
+    return _dtype(got) != "float64" or (
+        float(np.max(np.abs(ops.convert_to_numpy(got) - want))) > 1e-12
+    )
+
+
+def mean_float64_in_float32():
+    # Returns float64, computed in float32 (measured: 3e-8 off on torch).
+    return _float64_inexact(ops.mean(X * 3 + 1, axis=-1), (X * 3 + 1).mean(-1))
+
+
+def var_float64_in_float32():
+    return _float64_inexact(ops.var(X * 3 + 1, axis=-1), (X * 3 + 1).var(-1))
+
+
+def layer_normalization_float64_in_float32():
+    want = (X - X.mean(-1, keepdims=True)) / np.sqrt(X.var(-1, keepdims=True) + 1e-6)
+    return _float64_inexact(ops.layer_normalization(X, epsilon=1e-6), want)
+
+
 def cast_python_float_through_float32():
     return float(ops.convert_to_numpy(ops.cast(0.1, "float64"))) != 0.1
 
@@ -182,6 +202,22 @@ QUIRKS = {
         sin_cos_float64_in_float32,
         ("jax",),
         "the NumPy float64 sinusoidal table in layers/position/sinusoidal.py",
+    ),
+    "mean-float64": Quirk(
+        mean_float64_in_float32,
+        ("torch", "jax"),
+        "the norms' means as ops.sum / n in layers/norms.py (`_mean_last`)",
+    ),
+    "var-float64": Quirk(
+        var_float64_in_float32,
+        ("torch", "jax"),
+        "the LayerNorm's variance as a mean of squares in layers/norms.py",
+    ),
+    "layer-normalization-float64": Quirk(
+        layer_normalization_float64_in_float32,
+        ("torch", "jax"),
+        "the norms of layers/norms.py written out instead of "
+        "ops.layer_normalization / ops.rms_normalization",
     ),
     "cast-python-float": Quirk(
         cast_python_float_through_float32,
