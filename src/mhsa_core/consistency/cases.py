@@ -147,14 +147,7 @@ def layer_case(
         variants.append(variant)
     channels = shapes[0][1] if data_format == "channels_first" else shapes[0][-1]
     weights = schema.random_weights(
-        channels,
-        config["num_heads"],
-        config.get("key_dim"),
-        config["position_encoding"],
-        config["use_bias"],
-        seed=seed + 1,
-        dtype=np.float32,
-        position_size=config.get("position_size"),
+        channels, **schema.weight_arguments(config), seed=seed + 1, dtype=np.float32
     )
     weights = {k: v.astype(np.float64) for k, v in weights.items()}
     return Case(
@@ -188,7 +181,7 @@ def default_cases():
             [(2, 6, 6, 32), (1, 4, 9, 32)],
             seed=70,
         ),
-    ] + _path_cases()
+    ] + [*_path_cases(), *_option_cases()]
 
 
 def _path_cases():
@@ -228,6 +221,31 @@ def _path_cases():
             },
             [(2, 6, 7, 32)],
             seed=20,
+            mask=True,
+        ),
+    ]
+
+
+def _option_cases():
+    """timm's attention options (issue 19): q/k LayerNorms and the output
+    projection, on standard attention, 4 heads of 4 channels, a masked batch
+    (item 0's zeros become the projection's bias). Small: a 4x5 map."""
+    return [
+        layer_case(
+            "qknorm_proj",
+            {
+                "num_heads": 4,
+                "key_dim": None,
+                "activation": None,
+                "position_encoding": "none",
+                "scale": None,
+                "use_bias": True,
+                "kernel_initializer": "glorot_uniform",
+                "qk_norm": "layer",
+                "output_dense": True,
+            },
+            [(2, 4, 5, 16)],
+            seed=140,
             mask=True,
         ),
     ]
