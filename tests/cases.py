@@ -19,6 +19,38 @@ YOLOV4_MHSA = yolov4_mhsa()
 STANDARD = {}  # the layer's defaults
 BOTNET = schema.preset("botnet")  # 4 heads, relative logits, no biases
 
+# timm's and EVA's attention options (issue 19), alone and together: the
+# per-head q/k norms, the norm of the merged heads, the output projection,
+# EVA's q and v biases without a k bias, the norms' epsilon.
+OPTION_CONFIGS = {
+    "qk_layer-proj": {"num_heads": 4, "qk_norm": "layer", "output_dense": True},
+    "qk_rms-key_dim6": {"num_heads": 4, "key_dim": 6, "qk_norm": "rms"},
+    # EVA-02's attention: no k bias, scale_norm (output_norm) before proj.
+    "eva": {
+        "num_heads": 4,
+        "use_key_bias": False,
+        "output_norm": "layer",
+        "output_dense": True,
+    },
+    "all-no_bias-eps1e-5-relu-channels_first": {
+        "num_heads": 2,
+        "activation": "relu",
+        "use_bias": False,
+        "qk_norm": "layer",
+        "output_norm": "layer",
+        "output_dense": True,
+        "norm_epsilon": 1e-5,
+        "data_format": "channels_first",
+    },
+    "qk_rms-relative-key_bias_only": {
+        "num_heads": 2,
+        "use_bias": False,
+        "use_key_bias": True,
+        "qk_norm": "rms",
+        "position_encoding": "relative",
+    },
+}
+
 # name -> (config, input shape): each named configuration at one size, H != W
 # (a swapped flattening fails).
 CASES = {
@@ -31,6 +63,8 @@ CASES = {
         (2, 64, 7, 5),
     ),
     "botnet": (BOTNET, (2, 5, 6, 32)),  # position_size: the input's (make_case)
+    "qk_layer-proj": (OPTION_CONFIGS["qk_layer-proj"], (2, 5, 7, 32)),
+    "eva": (OPTION_CONFIGS["eva"], (2, 6, 5, 32)),
 }
 
 # name -> (config, input shape) of the cases run with `harness.padded_mask`:
@@ -41,6 +75,8 @@ MASKED = {
         {"num_heads": 4, "data_format": "channels_first"},
         (2, 16, 6, 7),
     ),
+    # No output projection: the fully masked item's output stays zero.
+    "qk_rms-heads4": ({"num_heads": 4, "qk_norm": "rms"}, (2, 6, 7, 16)),
 }
 
 # Position encodings at their reference size and others. The learned tables

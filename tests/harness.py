@@ -8,6 +8,7 @@ from keras import ops
 
 from mhsa_core import MultiHeadSelfAttention2D, reference
 from mhsa_core.reference import reference_config as reference_config
+from mhsa_core.reference import schema
 from mhsa_core.reference.schema import ENCODINGS
 
 LEARNED_ENCODINGS = tuple(name for name, e in ENCODINGS.items() if e.learned_tables)
@@ -37,13 +38,9 @@ def make_case(config, shape, *, seed=0, dtype="float32", x_scale=1.0):
     x = (rng.standard_normal(shape) * x_scale).astype(dtype)
     weights = reference.random_weights(
         channels,
-        config.get("num_heads", 1),
-        config.get("key_dim"),
-        config.get("position_encoding", "none"),
-        config.get("use_bias", True),
+        **schema.weight_arguments(config),
         seed=seed + 1,
         dtype=np.float64,
-        position_size=config.get("position_size"),
     )
     layer = MultiHeadSelfAttention2D(**config, dtype=dtype)
     layer.build(shape)

@@ -19,6 +19,8 @@ Checks:
   the reference, on a tiny case, for every input and weight entry (the learned
   position tables included, also at a map size other than their reference
   size);
+- timm's and EVA's options (q/k norms, the output norm and projection, no
+  key bias, the norms' epsilon), alone and with the encodings and masks;
 - the position encodings ("relative", "absolute", "sinusoidal") at the
   reference size of the learned tables and at other map sizes (larger, smaller
   and non-square, 1xN, Nx1); the native's table resize against
@@ -46,7 +48,7 @@ import numpy as np
 import pytest
 
 from mhsa_core import MultiHeadSelfAttention2D, natives, reference
-from mhsa_core.reference import schema
+from mhsa_core.reference import LAYER_ARGUMENTS, schema
 from mhsa_core.reference.forward import ACTIVATIONS
 
 from cases import yolov4_mhsa
@@ -142,6 +144,32 @@ CASES = {
         data_format="channels_first",
         mask="partial",
     ),
+    # timm's and EVA's options.
+    "qk_layer_output_dense_masked": {
+        "num_heads": 4,
+        "qk_norm": "layer",
+        "output_dense": True,
+        "mask": "one_item_full",
+    },
+    "eva_key_dim6": {
+        "num_heads": 4,
+        "key_dim": 6,
+        "use_key_bias": False,
+        "qk_norm": "rms",
+        "output_norm": "layer",
+        "output_dense": True,
+        "norm_epsilon": 1e-5,
+    },
+    "options_relative_cf_no_bias": yolov4_mhsa(
+        num_heads=2,
+        position_encoding="relative",
+        use_bias=False,
+        qk_norm="layer",
+        output_norm="layer",
+        output_dense=True,
+        data_format="channels_first",
+        mask="partial",
+    ),
 }
 
 # mask kind -> bool (B, H, W), True = the key may be attended to.
@@ -233,6 +261,21 @@ GRAD_CASES = {
     "sinusoidal": yolov4_mhsa(
         num_heads=2, key_dim=3, position_encoding="sinusoidal", scale=None
     ),
+    "options_masked": {
+        "num_heads": 1,
+        "qk_norm": "layer",
+        "use_key_bias": False,
+        "output_norm": "layer",
+        "output_dense": True,
+        "mask": "one_item_full",
+    },
+    "rms_key_dim3_output_dense": {
+        "num_heads": 2,
+        "key_dim": 3,
+        "qk_norm": "rms",
+        "output_dense": True,
+        "norm_epsilon": 1e-3,
+    },
 }
 
 
@@ -252,9 +295,7 @@ def _setup(case, shape, seed=0, position_size=None):
     if case.get("data_format") == "channels_first":
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     # The weight-shape arguments the case gives; the others keep the defaults.
-    shape_args = {
-        k: case[k] for k in ("num_heads", "key_dim", "position_encoding") if k in case
-    }
+    shape_args = schema.weight_arguments(case)
     weights = reference.random_weights(
         channels,
         **shape_args,
@@ -266,6 +307,12 @@ def _setup(case, shape, seed=0, position_size=None):
         None if mask_kind is None else MASKS[mask_kind](batch, height, width, seed + 2)
     )
     return x, weights, mask, case
+
+
+def _output_ops(config):
+    """Whether an output norm or projection follows the heads (a fully
+    masked item then gives their bias terms, not zeros)."""
+    return bool(config.get("output_norm") or config.get("output_dense"))
 
 
 def _sized(size):
@@ -285,6 +332,20 @@ MISMATCHED_WEIGHTS = {
     "narrow_query_kernel": (
         lambda w: {**w, "query_kernel": w["query_kernel"][:, :2]},
         {},
+    ),
+    "use_key_bias_false_with_key_bias": (lambda w: w, {"use_key_bias": False}),
+    "qk_norm_without_its_weights": (lambda w: w, {"qk_norm": "layer"}),
+    "output_dense_without_bias": (
+        lambda w: {**w, "output_kernel": np.zeros((4, 4))},
+        {"output_dense": True},
+    ),
+    "rms_with_a_norm_bias": (
+        lambda w: {
+            **w,
+            **{n: np.ones(2) for n in ("query_norm_scale", "key_norm_scale")},
+            "query_norm_bias": np.zeros(2),
+        },
+        {"qk_norm": "rms"},
     ),
 }
 
@@ -383,6 +444,11 @@ SHARED_BAD_ARGUMENTS = {
     "scale_position_logits": "yes",
     "scale": -1.0,
     "data_format": "channels_middle",
+    "use_key_bias": "no",
+    "qk_norm": "batch",
+    "output_norm": "rms",
+    "output_dense": None,
+    "norm_epsilon": 0.0,
 }
 
 
@@ -426,7 +492,7 @@ class TestNative:
         assert_float64_close(
             out, ref, rtol=reference.FLOAT64_RTOL, what=f"{BACKEND} native float64"
         )
-        if mask is not None and not mask[0].any():
+        if mask is not None and not mask[0].any() and not _output_ops(config):
             assert np.all(out[0] == 0), "fully masked item must give exact zeros"
 
     @pytest.mark.parametrize("name, size", FORWARD_PARAMS)
@@ -448,7 +514,7 @@ class TestNative:
             f"error {ref32_err:.3e} (ratio {err / max(ref32_err, 1e-300):.2f}), "
             f"budget {budget:.3e}"
         )
-        if mask is not None and not mask[0].any():
+        if mask is not None and not mask[0].any() and not _output_ops(config):
             assert np.all(out[0] == 0), "fully masked item must give exact zeros"
 
     @pytest.mark.parametrize("name", list(GRAD_CASES))
@@ -504,7 +570,11 @@ class TestNative:
                 f"max |fd| {magnitude(fd):.3e}, largest gradient entry {scale:.3e}"
             )
 
-        if config.get("activation") is None and "key_bias" in weights:
+        if (
+            config.get("activation") is None
+            and config.get("qk_norm") is None
+            and "key_bias" in weights
+        ):
             # With linear k, the key bias adds q . b_k to a whole row of logits:
             # the softmax ignores it, its exact gradient is zero.
             assert magnitude(grad_w["key_bias"]) <= 1e-12 * scale
@@ -517,15 +587,7 @@ class TestNative:
         entry = NATIVE.apply if BACKEND == "jax" else NATIVE.NativeMHSA2D
         native = inspect.signature(entry).parameters
         ours = inspect.signature(reference.mhsa_forward).parameters
-        shared = {
-            "num_heads",
-            "key_dim",
-            "activation",
-            "position_encoding",
-            "scale",
-            "scale_position_logits",
-            "data_format",
-        }
+        shared = set(LAYER_ARGUMENTS)
         assert shared <= set(native)
         for name in shared:
             assert native[name].default == ours[name].default, name

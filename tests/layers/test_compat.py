@@ -219,3 +219,27 @@ def test_old_default_config_keeps_the_legacy_block(loaded):
     fresh = MultiHeadSelfAttention2D().get_config()
     assert fresh["position_encoding"] == "none" and fresh["activation"] == "linear"
     assert fresh["scale"] is None
+
+
+# The options added after 0.1.0 (timm's attention, issue 19) and the value
+# that leaves the computation as it was.
+LATER_OPTIONS = {
+    "use_key_bias": None,
+    "qk_norm": None,
+    "output_norm": None,
+    "output_dense": False,
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_later_options_are_off_in_old_files(name, loaded):
+    """A 0.1.0 file has none of the later options in its config: the loaded
+    layer has them off, and exactly the weights the file stores, by name."""
+    assert not set(LATER_OPTIONS) & set(_stored_layer_config(name))
+    _, layer = loaded[name]
+    config = layer.get_config()
+    for key, value in LATER_OPTIONS.items():
+        assert config[key] == value, key
+    for weight in layer.weights:
+        assert "_norm_" not in weight.name and not weight.name.startswith("output_")
+    assert layer.key_bias is not None or not layer.use_bias

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mhsa_core import MultiHeadSelfAttention2D, mhsa_block, reference
+from mhsa_core.reference import schema
 
 from cases import YOLOV4_MHSA
 from harness import (
@@ -48,6 +49,11 @@ _INVALID_ARGUMENTS = {
     "dropout": [-0.1, 1.0, 1.5, "x", float("nan"), True, None],
     "scale": [0, -1, float("nan"), float("inf"), -float("inf"), True, "1.0", 0.0],
     "seed": ["abc", 1.5, True],
+    "qk_norm": ["rms_norm", "LayerNorm", True, "none", 1],
+    "output_norm": ["rms", "Layer", False, "none"],
+    "output_dense": [None, 1, "yes", 0.0],
+    "use_key_bias": [0, "False", 1.0],
+    "norm_epsilon": [0, 0.0, -1e-6, float("nan"), float("inf"), True, "1e-6", None],
 }
 INVALID_ARGUMENTS = [
     pytest.param(argument, value, id=f"{argument}={value!r}")
@@ -74,6 +80,10 @@ VALID_ARGUMENTS = [
             for dropout in (0, 0.0, 0.999, np.float64(0.5))
         ),
         *({"activation": activation} for activation in (None, "linear", "gelu")),
+        *({"qk_norm": norm} for norm in (None, "layer", "rms")),
+        {"output_norm": "layer", "output_dense": np.True_},
+        *({"use_key_bias": value} for value in (None, False, True, np.False_)),
+        *({"norm_epsilon": eps} for eps in (1e-30, 1, np.float32(1e-5))),
     ]
 ] + [pytest.param({"activation": keras.activations.tanh}, id="activation=tanh")]
 
@@ -277,12 +287,7 @@ def test_deserialize_unknown_key():
 # --------------------------------------------------------- set_weight_dict
 def _dict_for(layer, channels=8, seed=3):
     return reference.random_weights(
-        channels,
-        layer.num_heads,
-        layer.key_dim,
-        layer.position_encoding,
-        layer.use_bias,
-        seed=seed,
+        channels, **schema.weight_arguments(layer.get_config()), seed=seed
     )
 
 
@@ -309,6 +314,33 @@ def test_set_weight_dict_wrong_keys(change, shown):
         ValueError, match=match_all("`weights`", shown, "Received: keys=")
     ):
         layer.set_weight_dict(change(_dict_for(layer)))
+    assert_unchanged(layer, before)
+
+
+@pytest.mark.parametrize(
+    "config,missing",
+    [
+        ({"num_heads": 2, "qk_norm": "layer"}, "key_norm_bias"),
+        ({"num_heads": 2, "output_dense": True}, "output_kernel"),
+        ({"num_heads": 2, "use_key_bias": False, "output_norm": "layer"}, None),
+    ],
+    ids=["qk_norm without key_norm_bias", "output_dense without kernel", "eva"],
+)
+def test_set_weight_dict_with_options(config, missing):
+    """The options' weights are part of the dict: a missing one is named, and
+    a dict with a key_bias does not fit use_key_bias=False."""
+    layer = built_layer(**config)
+    weights = _dict_for(layer)
+    layer.set_weight_dict(weights)  # the complete dict loads
+    before = snapshot(layer)
+    if missing is None:
+        missing, weights = "key_bias", {**weights, "key_bias": np.zeros(8)}
+    else:
+        weights = {k: v for k, v in weights.items() if k != missing}
+    with pytest.raises(
+        ValueError, match=match_all("`weights`", repr(missing), "Received: keys=")
+    ):
+        layer.set_weight_dict(weights)
     assert_unchanged(layer, before)
 
 

@@ -26,6 +26,7 @@ import pytest
 
 from mhsa_core import MultiHeadSelfAttention2D, natives, reference
 from mhsa_core.consistency import gradients
+from mhsa_core.reference import schema
 
 from cases import YOLOV4_MHSA, yolov4_mhsa
 from harness import (
@@ -88,6 +89,32 @@ CASES = {
         SHAPE,
         None,
     ),
+    # timm's and EVA's options: q/k LayerNorms, no k bias, the output norm
+    # and projection (item 0's zeros become their bias terms).
+    "options_masked": (
+        {
+            "num_heads": 4,
+            "qk_norm": "layer",
+            "use_key_bias": False,
+            "output_norm": "layer",
+            "output_dense": True,
+        },
+        SHAPE,
+        "one_item_full",
+    ),
+    # RMS-normed q into the relative term; ReLU, the output projection.
+    "rms_relative_output_dense": (
+        yolov4_mhsa(
+            num_heads=2,
+            qk_norm="rms",
+            position_encoding="relative",
+            position_size=(3, 9),
+            output_dense=True,
+            norm_epsilon=1e-5,
+        ),
+        SHAPE,
+        None,
+    ),
 }
 
 
@@ -98,16 +125,8 @@ def _weight_names(config, shape):
     if size is None and config.get("position_encoding") in ("relative", "absolute"):
         size = spatial_of(shape, data_format)
     # The weight-shape arguments the case gives; the others keep the defaults.
-    shape_args = {
-        k: config[k]
-        for k in ("num_heads", "key_dim", "position_encoding", "use_bias")
-        if k in config
-    }
-    return set(
-        reference.weight_shapes(
-            channels_of(shape, data_format), **shape_args, position_size=size
-        )
-    )
+    shape_args = {**schema.weight_arguments(config), "position_size": size}
+    return set(reference.weight_shapes(channels_of(shape, data_format), **shape_args))
 
 
 # float32 gradient budget, per gradient array g (the input's or a weight's):
@@ -231,9 +250,14 @@ class TestLayerVsNative:
             )
 
         config = CASES[name][0]
-        if config.get("activation") is None and "key_bias" in grads:
+        if (
+            config.get("activation") is None
+            and config.get("qk_norm") is None
+            and "key_bias" in grads
+        ):
             # Linear k: the key bias adds q . b_k to a whole softmax row, which
-            # the softmax ignores: its exact gradient is 0.
+            # the softmax ignores: its exact gradient is 0 (not so under a
+            # k norm, which is not linear).
             assert magnitude(grads["key_bias"]) <= 1e-12 * scale
         if mask is not None:
             self._check_fully_masked_item(mine, mask, scale)
@@ -249,7 +273,12 @@ class TestLayerVsNative:
         weight gradients, not item 1's input gradient.
         """
         assert not mask[0].any()
-        assert np.all(mine["out"][0] == 0)
+        item0 = mine["out"][0]
+        if "output_kernel" in mine["grads"] or "output_norm_scale" in mine["grads"]:
+            # The output norm / projection of zeros: one vector everywhere.
+            assert np.all(item0 == item0.reshape(-1, item0.shape[-1])[:1])
+        else:
+            assert np.all(item0 == 0)
         assert np.all(mine["grads"]["x"][0] == 0), "masked item: input gradient not 0"
         assert magnitude(mine["grads"]["x"][1]) > 0
         changed_loss, changed = mine["item0_changed"]
@@ -327,8 +356,24 @@ class TestFiniteDifferences:
                 scale_position_logits=False,
             ),
             yolov4_mhsa(num_heads=2, position_encoding="sinusoidal"),
+            {
+                "num_heads": 1,
+                "qk_norm": "layer",
+                "use_key_bias": False,
+                "output_norm": "layer",
+                "output_dense": True,
+            },
+            {"num_heads": 2, "qk_norm": "rms", "output_dense": True},
         ],
-        ids=["default", "yolov4_mhsa", "relative", "absolute", "sinusoidal"],
+        ids=[
+            "default",
+            "yolov4_mhsa",
+            "relative",
+            "absolute",
+            "sinusoidal",
+            "qk_layer-no_key_bias-output_norm-output_dense",
+            "qk_rms-output_dense",
+        ],
     )
     def test_central_differences(self, config):
         layer, x, weights, loss_weights = _tiny_layer(config)

@@ -50,6 +50,29 @@ CONFORMANCE = {
         8,
     ),
     "botnet": ({**BOTNET, "num_heads": 2}, (2, 4, 5, 8), 5),
+    # timm's options: 6 projections + 4 q/k norm + 2 output norm + 2 output.
+    "qk_norm-output_norm-output_dense": (
+        {
+            "num_heads": 2,
+            "qk_norm": "layer",
+            "output_norm": "layer",
+            "output_dense": True,
+        },
+        (2, 4, 5, 16),
+        14,
+    ),
+    # EVA without the k bias: 5 projections + 2 RMS scales + 2 output.
+    "rms-no_key_bias-output_dense-channels_first": (
+        {
+            "num_heads": 2,
+            "qk_norm": "rms",
+            "use_key_bias": False,
+            "output_dense": True,
+            "data_format": "channels_first",
+        },
+        (2, 8, 3, 5),
+        9,
+    ),
 }
 
 

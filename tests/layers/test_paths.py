@@ -17,7 +17,9 @@ rule (`mhsa_core.reference.budget`), never by a hand-picked tolerance:
   test_gradients.py, where that floor is explained); float64:
   `float64_budget` of the whole gradient seen as one vector.
 
-Cases: every position encoding (fused: those it supports), masks whose batch
+Cases: every position encoding (fused: those it supports), timm's options
+(q/k norms act before `attend`, so every path gets them; the output norm and
+projection after), masks whose batch
 item 0 has every key masked (zero output and zero gradients, never NaN), a
 ragged last chunk (N = 30 = 4 * 7 + 2 in every case) and chunk sizes 1 (N a
 multiple) and 64 (> N), float32 and float64 (where fused falls back to
@@ -100,9 +102,27 @@ CASES = {
     "sinusoidal": ({"num_heads": 2, "position_encoding": "sinusoidal"}, False),
     # The Keras 2 YOLOv4-MHSA block: ReLU, unscaled (large) logits, "conv".
     "conv-yolov4_mhsa": (yolov4_mhsa(num_heads=2), False),
+    # timm/EVA options: normed q and k into every path (fused included), the
+    # output norm and projection after; item 0's zeros become their bias terms.
+    "qk_layer-out_norm-proj-no_key_bias-masked": (
+        {
+            "num_heads": 2,
+            "qk_norm": "layer",
+            "use_key_bias": False,
+            "output_norm": "layer",
+            "output_dense": True,
+        },
+        True,
+    ),
+    # RMS-normed q in the relative rows of every chunk.
+    "qk_rms-relative": (
+        {"num_heads": 2, "qk_norm": "rms", "position_encoding": "relative"},
+        False,
+    ),
 }
 RELATIVE = "relative-resized-key_dim3-unscaled_pos-masked"
 ABSOLUTE = "absolute-resized-scale0.5-unscaled_pos-masked"
+OPTIONS = "qk_layer-out_norm-proj-no_key_bias-masked"
 # (case, path) run in float64 too (each chunked run costs JAX a compile):
 # fused falls back to chunked there, checked on the encoding it folds in.
 FLOAT64_RUNS = (
@@ -110,6 +130,7 @@ FLOAT64_RUNS = (
     (RELATIVE, "chunked"),
     (ABSOLUTE, "chunked"),
     (ABSOLUTE, "fused"),
+    (OPTIONS, "chunked"),
 )
 
 
@@ -301,10 +322,16 @@ def _check_grads(grads, dtype, case):
 
 
 def _check_fully_masked_item(out, grads):
-    """Batch item 0 has every key masked: exactly zero output and input
-    gradient. (Its share of the weight gradients is 0 too: they are within
-    budget of the oracle's, where it is exactly 0, and finite.)"""
-    assert np.all(out[0] == 0), "fully masked item: output not 0"
+    """Batch item 0 has every key masked: exactly zero attention output and
+    input gradient. (Its share of the weight gradients is 0 too: they are
+    within budget of the oracle's, where it is exactly 0, and finite.) The
+    layer's output is then zero, or, after an output norm / projection, what
+    they make of zeros: one vector at every position, exactly."""
+    assert np.all(out[0] == out[0].reshape(-1, out.shape[-1])[:1]), (
+        "fully masked item: not one output at every position"
+    )
+    if "output_kernel" not in grads and "output_norm_scale" not in grads:
+        assert np.all(out[0] == 0), "fully masked item: output not 0"
     assert np.all(grads["x"][0] == 0), "fully masked item: input gradient not 0"
     assert magnitude(grads["x"][1]) > 0
 
