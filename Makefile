@@ -10,9 +10,10 @@ STAMP := $(VENV)/.mhsa-core-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml backends/requirements-common.txt backends/requirements-tensorflow.txt backends/requirements-torch.txt backends/requirements-jax.txt backends/requirements-export.txt backends/requirements-example.txt backends/requirements-dev.txt backends/requirements-docs.txt backends/requirements-all.txt
+$(STAMP): pyproject.toml backends/requirements-common.txt backends/requirements-tensorflow.txt backends/requirements-torch.txt backends/requirements-jax.txt backends/requirements-export.txt backends/requirements-example.txt backends/requirements-dev.txt backends/requirements-docs.txt backends/requirements-all.txt backends/requirements-peers.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r backends/requirements-all.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r backends/requirements-peers.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 

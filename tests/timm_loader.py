@@ -1,0 +1,100 @@
+"""timm's own module files, loaded without timm's package `__init__`.
+
+`import timm` runs timm/__init__.py, which imports timm.layers and
+timm.models, whose `__init__`s import torchvision (`create_norm`'s
+FrozenBatchNorm2d, timm.data's transforms): not installed here. The tests
+need a few module files that import none of it. `module("timm.layers.norm")`
+registers stand-ins for the packages `timm`, `timm.layers` and
+`timm.models` in `sys.modules` (empty modules with timm's real `__path__`),
+so Python imports the real file, and the files its relative imports name,
+and never runs an `__init__`. `eva_attention()` is timm's `EvaAttention`
+class compiled from its own source in timm/models/eva.py, whose module
+imports half of timm.
+
+timm is a test peer (backends/requirements-peers.txt, installed with
+--no-deps): `available()` says whether it is installed, without importing
+it.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import importlib.util
+import sys
+import types
+import typing
+from pathlib import Path
+
+PACKAGES = ("timm", "timm.layers", "timm.models")
+
+
+@functools.cache
+def _root():
+    """timm's installed directory, found without importing it (or None)."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def available():
+    return _root() is not None
+
+
+def _register_packages():
+    root = _root()
+    if root is None:
+        raise ImportError("timm is not installed (backends/requirements-peers.txt)")
+    for name in PACKAGES:
+        if name in sys.modules:
+            continue
+        package = types.ModuleType(name)
+        package.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
+        package.__package__ = name
+        sys.modules[name] = package
+    return root
+
+
+def module(name):
+    """The timm module `name` (e.g. "timm.layers.attention"), loaded from its
+    file, its package `__init__`s skipped."""
+    _register_packages()
+    return importlib.import_module(name)
+
+
+def eva_attention():
+    """timm's `EvaAttention` (timm/models/eva.py), its class statement run
+    in a namespace of the names it uses, from the timm.layers files that
+    define them."""
+    root = _register_packages()
+    source = (root / "models" / "eva.py").read_text(encoding="utf-8")
+    (node,) = [
+        n
+        for n in ast.parse(source).body
+        if isinstance(n, ast.ClassDef) and n.name == "EvaAttention"
+    ]
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    attention = module("timm.layers.attention")
+    namespace = {
+        "torch": torch,
+        "nn": nn,
+        "F": F,
+        **{name: getattr(typing, name) for name in typing.__all__},
+        "use_fused_attn": module("timm.layers.config").use_fused_attn,
+        "apply_rot_embed_cat": module(
+            "timm.layers.pos_embed_sincos"
+        ).apply_rot_embed_cat,
+        "maybe_add_mask": attention.maybe_add_mask,
+        "resolve_self_attn_mask": attention.resolve_self_attn_mask,
+        "__name__": "timm.models.eva",
+    }
+    code = compile(
+        ast.Module([node], type_ignores=[]), str(root / "models/eva.py"), "exec"
+    )
+    exec(code, namespace)  # noqa: S102 -- timm's own class statement
+    return namespace["EvaAttention"]
