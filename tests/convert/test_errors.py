@@ -78,6 +78,10 @@ NOT_THE_BLOCK = {
     "scale=None": (yolov4_mhsa(scale=None), "scale=None"),
     "activation=None": (yolov4_mhsa(activation=None), "activation='linear'"),
     "key_dim=16": (yolov4_mhsa(key_dim=16), "key_dim=16"),
+    # timm's options add weights the block has not.
+    "qk_norm=layer": (yolov4_mhsa(qk_norm="layer"), "qk_norm='layer'"),
+    "output_dense": (yolov4_mhsa(output_dense=True), "output_dense=True"),
+    "use_key_bias=False": (yolov4_mhsa(use_key_bias=False), "use_key_bias=False"),
     # The layer's defaults since 0.2.0 are not the block.
     "defaults": ({}, "activation='linear', position_encoding='none', scale=None"),
 }
@@ -225,6 +229,10 @@ NOT_BOTNET = {
     "relu": (
         {**RELATIVE, "use_bias": False, "activation": "relu"},
         "activation='relu'",
+    ),
+    "output_norm": (
+        {**RELATIVE, "use_bias": False, "output_norm": "layer"},
+        "output_norm='layer'",
     ),
 }
 

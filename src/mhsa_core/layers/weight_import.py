@@ -70,10 +70,23 @@ _CONV_NAMES = {
     "position": schema.ENCODINGS["conv"].token_weights,
     **{p: (f"{p}_kernel", f"{p}_bias") for p in schema.PROJECTIONS},
 }
+# Neither block has timm's options (their weights are not among the arrays):
+# checked with the settings, so a layer with them is refused before it is built.
+_NO_OPTIONS = {
+    "use_key_bias": None,
+    "qk_norm": None,
+    "output_norm": None,
+    "output_dense": False,
+}
 # The settings that make the layer compute that block (data_format and
 # dropout are free; key_dim must be None: C // heads).
 _YOLOV4_MHSA_SETTINGS = {
-    k: v for k, v in schema.PRESETS["yolov4_mhsa"].items() if k != "kernel_initializer"
+    **{
+        k: v
+        for k, v in schema.PRESETS["yolov4_mhsa"].items()
+        if k != "kernel_initializer"
+    },
+    **_NO_OPTIONS,
 }
 
 
@@ -156,8 +169,11 @@ _BOTNET_NAMES = dict(
 )
 # BoTNet's structure; num_heads, scale and scale_position_logits are free.
 _BOTNET_STRUCTURE = {
-    k: schema.PRESETS["botnet"][k]
-    for k in ("position_encoding", "use_bias", "activation")
+    **{
+        k: schema.PRESETS["botnet"][k]
+        for k in ("position_encoding", "use_bias", "activation")
+    },
+    **_NO_OPTIONS,
 }
 
 
