@@ -139,6 +139,9 @@ def test_distributed_fit_equals_undistributed(engine, run):
 # ------------------------------------------------------------------ JAX
 QKV = re.compile(r".*/(query|key|value)_(kernel|bias)")
 OUTPUT_KERNEL = re.compile(r".*/output_kernel")
+# The test model's weights: 8 of "conv"; 8 of "relative" + 4 of its q/k
+# norms, 2 of its output norm, 2 of its output projection.
+MODEL_WEIGHTS = 24
 
 
 def _expected_sharding(path, shape, run):
@@ -157,8 +160,7 @@ def test_jax_variables_are_sharded_as_the_rules_say(run):
     out = report("jax")
     assert out["devices"] == 8
     shardings = out[f"{run}_sharding"]
-    # 8 weights of "conv", 8 + 4 q/k norm + 2 output norm + 2 output of "relative"
-    assert len(shardings) == 24
+    assert len(shardings) == MODEL_WEIGHTS
     for path, (spec, shard, shape) in shardings.items():
         assert [spec, shard] == _expected_sharding(path, shape, run), path
 
@@ -250,7 +252,7 @@ def test_layout_map_adds_to_a_users_map_and_checks_the_mesh():
 def test_tensorflow_variables_are_mirrored_on_both_devices():
     out = report("tensorflow")
     assert out["devices"] == 2
-    assert len(out["mirrored_copies"]) == 16
+    assert len(out["mirrored_copies"]) == MODEL_WEIGHTS
     for path, (kind, devices) in out["mirrored_copies"].items():
         assert kind == "MirroredVariable", path
         assert [d.rsplit(":", 2)[-2:] for d in devices] == [
