@@ -9,13 +9,14 @@ budget of a float32 backend (`mhsa_core.reference.budget`).
 Weights are the canonical dict of `mhsa_core.reference.schema`. With
 `scale_position_logits` (default) the logits are scale * (q_i . k_j +
 position term), else scale * q_i . k_j + position term; the position term is
-shared across heads.
+shared across heads. A rotary encoding ("rope", "rope_mixed") rotates each
+head's q and k first (`reference.position.rotate`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -29,6 +30,8 @@ from mhsa_core.reference.position import (
     dense,
     position_logits,
     relu,
+    rotate,
+    rotation_angles,
     token_term,
 )
 
@@ -51,6 +54,8 @@ LAYER_ARGUMENTS = (
     "scale",
     "scale_position_logits",
     "data_format",
+    "position_size",
+    *schema.ROPE_DEFAULTS,
 )
 
 
@@ -108,6 +113,13 @@ def mhsa_forward(
     scale: float | None = ...,
     scale_position_logits: bool = ...,
     data_format: str = ...,
+    position_size: Sequence[int] | None = ...,
+    rope_temperature: float | None = ...,
+    rope_layout: str = ...,
+    rope_grid_indexing: str | None = ...,
+    rope_grid_offset: float = ...,
+    rope_in_pixels: bool = ...,
+    rope_max_resolution: float = ...,
     attention_mask: ArrayLike | None = ...,
     return_attention_scores: Literal[False] = ...,
     dtype: FloatType = ...,
@@ -128,6 +140,13 @@ def mhsa_forward(
     scale: float | None = ...,
     scale_position_logits: bool = ...,
     data_format: str = ...,
+    position_size: Sequence[int] | None = ...,
+    rope_temperature: float | None = ...,
+    rope_layout: str = ...,
+    rope_grid_indexing: str | None = ...,
+    rope_grid_offset: float = ...,
+    rope_in_pixels: bool = ...,
+    rope_max_resolution: float = ...,
     attention_mask: ArrayLike | None = ...,
     return_attention_scores: Literal[True],
     dtype: FloatType = ...,
@@ -148,6 +167,13 @@ def mhsa_forward(
     scale: float | None = ...,
     scale_position_logits: bool = ...,
     data_format: str = ...,
+    position_size: Sequence[int] | None = ...,
+    rope_temperature: float | None = ...,
+    rope_layout: str = ...,
+    rope_grid_indexing: str | None = ...,
+    rope_grid_offset: float = ...,
+    rope_in_pixels: bool = ...,
+    rope_max_resolution: float = ...,
     attention_mask: ArrayLike | None = ...,
     return_attention_scores: bool,
     dtype: FloatType = ...,
@@ -167,6 +193,13 @@ def mhsa_forward(
     scale: float | None = None,
     scale_position_logits: bool = True,
     data_format: str = "channels_last",
+    position_size: Sequence[int] | None = None,
+    rope_temperature: float | None = None,
+    rope_layout: str = "interleaved",
+    rope_grid_indexing: str | None = None,
+    rope_grid_offset: float = 0.0,
+    rope_in_pixels: bool = False,
+    rope_max_resolution: float = 224,
     attention_mask: ArrayLike | None = None,
     return_attention_scores: bool = False,
     dtype: FloatType = np.float64,
@@ -188,6 +221,12 @@ def mhsa_forward(
         scale: as the layer's.
         scale_position_logits: as the layer's.
         data_format: as the layer's.
+        position_size: as the layer's: the reference grid of "rope"
+            (ignored by the others; learned tables give their size by their
+            shapes).
+        rope_temperature, rope_layout, rope_grid_indexing, rope_grid_offset,
+            rope_in_pixels, rope_max_resolution: as the layer's (the
+            rotary encodings' settings, `schema.rope_settings`).
         attention_mask: optional bool (B, H, W); True = may be attended to.
         dtype: the float dtype of every intermediate (float64 for the oracle,
             float32 for the float32 error budget).
@@ -199,7 +238,9 @@ def mhsa_forward(
             probabilities, output) are rounded to it, while each op computes in
             `dtype`, and the logits and softmax stay in `dtype` (as the layer
             does under a mixed_* policy). Position tables are not rounded
-            (the layer keeps them, and the position term, in float32).
+            (the layer keeps them, and the position term, in float32), nor
+            are rotary tables and the rotated q and k (the layer rotates in
+            float32).
 
     Returns:
         The output in the layout of `x`, and with `return_attention_scores`
@@ -241,6 +282,20 @@ def mhsa_forward(
         act(dense(t, weights, f"{p}_kernel", f"{p}_bias", dtype, matmul, store))
         for p in schema.PROJECTIONS
     )  # (B, N, heads*kd) twice, (B, N, C)
+    # Step 4: a rotary encoding's angles, (heads or 1, N, kd / 2).
+    settings = schema.rope_settings(
+        position_encoding,
+        position_size=position_size,
+        rope_temperature=rope_temperature,
+        rope_layout=rope_layout,
+        rope_grid_indexing=rope_grid_indexing,
+        rope_grid_offset=rope_grid_offset,
+        rope_in_pixels=rope_in_pixels,
+        rope_max_resolution=rope_max_resolution,
+    )
+    angles = rotation_angles(
+        weights, position_encoding, settings, height, width, key_dim, dtype
+    )
 
     if attention_mask is None:
         keep = np.ones((batch, n), dtype=bool)
@@ -255,6 +310,10 @@ def mhsa_forward(
             qh = q[b, :, h * key_dim : (h + 1) * key_dim]  # (N, kd)
             kh = k[b, :, h * key_dim : (h + 1) * key_dim]  # (N, kd)
             vh = v[b, :, h * head_dim : (h + 1) * head_dim]  # (N, dv)
+            if angles is not None and settings is not None:
+                head_angles = angles[h % angles.shape[0]]  # (N, kd / 2)
+                qh = rotate(qh, head_angles, settings.layout)
+                kh = rotate(kh, head_angles, settings.layout)
             if not valid.any():
                 # Every key masked: probabilities and output are zero.
                 continue
