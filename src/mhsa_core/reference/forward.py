@@ -22,7 +22,7 @@ from typing import Any, Literal, overload
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from mhsa_core.reference import schema
+from mhsa_core.reference import arguments, schema
 from mhsa_core.reference.position import (
     FloatType,
     Matmul,
@@ -283,15 +283,18 @@ def mhsa_forward(
         for p in schema.PROJECTIONS
     )  # (B, N, heads*kd) twice, (B, N, C)
     # Step 4: a rotary encoding's angles, (heads or 1, N, kd / 2).
+    rope = {
+        "rope_temperature": rope_temperature,
+        "rope_layout": rope_layout,
+        "rope_grid_indexing": rope_grid_indexing,
+        "rope_grid_offset": rope_grid_offset,
+        "rope_in_pixels": rope_in_pixels,
+        "rope_max_resolution": rope_max_resolution,
+    }
+    arguments.check_arguments({"position_encoding": position_encoding, **rope})
+    arguments.check_key_dim(key_dim, position_encoding)
     settings = schema.rope_settings(
-        position_encoding,
-        position_size=position_size,
-        rope_temperature=rope_temperature,
-        rope_layout=rope_layout,
-        rope_grid_indexing=rope_grid_indexing,
-        rope_grid_offset=rope_grid_offset,
-        rope_in_pixels=rope_in_pixels,
-        rope_max_resolution=rope_max_resolution,
+        position_encoding, position_size=position_size, **rope
     )
     angles = rotation_angles(
         weights, position_encoding, settings, height, width, key_dim, dtype

@@ -141,6 +141,9 @@ class Encoding:
         channels_multiple: C must be a multiple of this.
         key_dim_multiple: the key_dim of a head must be a multiple of this.
         rotary: the `rope_*` arguments it reads and their defaults, or None.
+        reference_grid: whether `position_size` is the reference grid its
+            positions are normalised against ("rope": EVA's `ref_feat_shape`;
+            None there means no normalisation).
         frequencies: the name of its learned rotary frequencies, (2, heads,
             kd / 2) (a "qk" stage weight, created after the projections), or
             None.
@@ -155,6 +158,7 @@ class Encoding:
     channels_multiple: int = 1
     key_dim_multiple: int = 1
     rotary: Rotary | None = None
+    reference_grid: bool = False
     frequencies: str | None = None
     summary: str = ""
 
@@ -218,6 +222,7 @@ ENCODINGS: dict[str, Encoding] = {
             "qk",
             key_dim_multiple=4,
             rotary=Rotary(10000.0, "ij", tuple(ROPE_DEFAULTS)),
+            reference_grid=True,
             summary="2-D axial rotary embedding of q and k (EVA's RotaryEmbeddingCat)",
         ),
         Encoding(
@@ -292,10 +297,10 @@ def rope_settings(
     is the reference grid of "rope" (EVA's `ref_feat_shape`); "rope_mixed"
     has none (timm's RotaryEmbeddingMixed takes no `ref_feat_shape`).
     """
-    rotary = encoding(position_encoding).rotary
+    spec = encoding(position_encoding)
+    rotary = spec.rotary
     if rotary is None:
         return None
-    scaled = "rope_grid_offset" in rotary.arguments and position_size is not None
     return RopeSettings(
         temperature=float(
             rotary.temperature if rope_temperature is None else rope_temperature
@@ -309,7 +314,7 @@ def rope_settings(
         max_resolution=float(rope_max_resolution),
         reference_size=(
             (int(position_size[0]), int(position_size[1]))
-            if scaled and position_size is not None
+            if spec.reference_grid and position_size is not None
             else None
         ),
     )
