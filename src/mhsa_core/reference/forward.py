@@ -283,7 +283,7 @@ def mhsa_forward(
         for p in schema.PROJECTIONS
     )  # (B, N, heads*kd) twice, (B, N, C)
     # Step 4: a rotary encoding's angles, (heads or 1, N, kd / 2).
-    rope = {
+    rope: dict[str, Any] = {
         "rope_temperature": rope_temperature,
         "rope_layout": rope_layout,
         "rope_grid_indexing": rope_grid_indexing,
