@@ -224,9 +224,13 @@ def mhsa_forward(
         position_size: as the layer's: the reference grid of "rope"
             (ignored by the others; learned tables give their size by their
             shapes).
-        rope_temperature, rope_layout, rope_grid_indexing, rope_grid_offset,
-            rope_in_pixels, rope_max_resolution: as the layer's (the
-            rotary encodings' settings, `schema.rope_settings`).
+        rope_temperature: as the layer's (the rotary encodings' settings,
+            resolved by `schema.rope_settings`); likewise the next five.
+        rope_layout: as the layer's.
+        rope_grid_indexing: as the layer's.
+        rope_grid_offset: as the layer's.
+        rope_in_pixels: as the layer's.
+        rope_max_resolution: as the layer's.
         attention_mask: optional bool (B, H, W); True = may be attended to.
         dtype: the float dtype of every intermediate (float64 for the oracle,
             float32 for the float32 error budget).
