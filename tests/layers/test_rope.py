@@ -295,6 +295,7 @@ def test_rope_config_round_trips():
         rope_layout="half",
         rope_grid_indexing="xy",
         rope_grid_offset=1,
+        rope_max_resolution=np.float32(224),  # stored as a Python float
     )
     config = layer.get_config()
     assert {k: v for k, v in config.items() if k.startswith("rope_")} == {
@@ -303,9 +304,10 @@ def test_rope_config_round_trips():
         "rope_grid_indexing": "xy",
         "rope_grid_offset": 1.0,
         "rope_in_pixels": False,
-        "rope_max_resolution": 224,
+        "rope_max_resolution": 224.0,
     }
     assert config["position_size"] == (6, 8)
+    assert all(type(v) in (str, float, bool) for k, v in config.items() if "rope" in k)
     clone = MultiHeadSelfAttention2D.from_config(config)
     assert clone.get_config() == config
     assert clone.position.settings == layer.position.settings

@@ -270,7 +270,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.rope_grid_indexing = rope_grid_indexing
         self.rope_grid_offset = float(rope_grid_offset)
         self.rope_in_pixels = bool(rope_in_pixels)
-        self.rope_max_resolution = rope_max_resolution
+        self.rope_max_resolution = float(rope_max_resolution)
         self._channel_axis = -1 if data_format == "channels_last" else 1
         # The encoding object: its weights, its tokens / logits terms, its
         # rotation of q and k; it reads its own settings among the arguments.
