@@ -113,8 +113,41 @@ POSITION_CONFIGS = {
         "data_format": "channels_first",
         "position_encoding": "sinusoidal",
     },
+    # The rotary encodings. "rope" with its reference grid at REF_SIZE (EVA's
+    # ref_feat_shape): every other size is a rescaled grid.
+    "rope": {"num_heads": 2, "position_encoding": "rope", "position_size": REF_SIZE},
+    "rope-no_reference_grid": {"num_heads": 4, "position_encoding": "rope"},
+    "rope-half-xy-offset1-temperature100-key_dim12-channels_first": {
+        "num_heads": 2,
+        "key_dim": 12,
+        "position_encoding": "rope",
+        "position_size": REF_SIZE,
+        "rope_layout": "half",
+        "rope_grid_indexing": "xy",
+        "rope_grid_offset": 1.0,
+        "rope_temperature": 100.0,
+        "data_format": "channels_first",
+    },
+    "rope-in_pixels-relu": {
+        "num_heads": 2,
+        "activation": "relu",
+        "position_encoding": "rope",
+        "position_size": REF_SIZE,
+        "rope_in_pixels": True,
+        "rope_max_resolution": 32,
+    },
+    "rope_mixed": {"num_heads": 2, "position_encoding": "rope_mixed"},
+    "rope_mixed-ij-half-unscaled": {
+        "num_heads": 4,
+        "key_dim": 4,
+        "scale": 1.0,
+        "position_encoding": "rope_mixed",
+        "rope_grid_indexing": "ij",
+        "rope_layout": "half",
+    },
 }
 # One config per encoding that has a position term of its own.
 ENCODING_CONFIGS = {
-    name: POSITION_CONFIGS[name] for name in ("relative", "absolute", "sinusoidal")
+    name: POSITION_CONFIGS[name]
+    for name in ("relative", "absolute", "sinusoidal", "rope", "rope_mixed")
 }

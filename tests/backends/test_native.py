@@ -21,9 +21,11 @@ Checks:
   size);
 - timm's and EVA's options (q/k norms, the output norm and projection, no
   key bias, the norms' epsilon), alone and with the encodings and masks;
-- the position encodings ("relative", "absolute", "sinusoidal") at the
-  reference size of the learned tables and at other map sizes (larger, smaller
-  and non-square, 1xN, Nx1); the native's table resize against
+- the position encodings ("relative", "absolute", "sinusoidal", "rope",
+  "rope_mixed") at the reference size of the learned tables and at other map
+  sizes (larger, smaller and non-square, 1xN, Nx1), the rotary ones in both
+  layouts, both grid orders, with and without a reference grid, in pixels;
+  the rotary frequencies' gradient; the native's table resize against
   `reference.resize_table` (bit-identical at the reference size) and, on
   TensorFlow, against `tf.image.resize`; its sine-cosine embedding against
   `reference.sinusoidal_embedding`;
@@ -170,6 +172,40 @@ CASES = {
         data_format="channels_first",
         mask="partial",
     ),
+    # The rotary encodings: no position_size (no reference grid) unless the
+    # case gives one; key_dim a multiple of 4, != C / heads where it can be.
+    "rope": {"num_heads": 2, "key_dim": 8, "position_encoding": "rope"},
+    "rope_ref_half_xy_offset_cf_masked": {
+        "num_heads": 4,
+        "key_dim": 12,
+        "position_encoding": "rope",
+        "position_size": (4, 6),
+        "rope_layout": "half",
+        "rope_grid_indexing": "xy",
+        "rope_grid_offset": 1.0,
+        "rope_temperature": 100.0,
+        "data_format": "channels_first",
+        "mask": "one_item_full",
+    },
+    "rope_in_pixels_gelu_partial": {
+        "num_heads": 2,
+        "position_encoding": "rope",
+        "position_size": (5, 7),
+        "rope_in_pixels": True,
+        "rope_max_resolution": 64,
+        "activation": "gelu",
+        "mask": "partial",
+    },
+    "rope_mixed": {"num_heads": 2, "key_dim": 8, "position_encoding": "rope_mixed"},
+    "rope_mixed_ij_half_cf_padded": {
+        "num_heads": 4,
+        "position_encoding": "rope_mixed",
+        "rope_layout": "half",
+        "rope_grid_indexing": "ij",
+        "scale": 0.3,
+        "data_format": "channels_first",
+        "mask": "padded",
+    },
 }
 
 # mask kind -> bool (B, H, W), True = the key may be attended to.
@@ -197,7 +233,7 @@ MAP_SIZES = {
     "single": (1, 1),
 }
 # The encodings whose result depends on the map size.
-SIZED_ENCODINGS = ("relative", "absolute", "sinusoidal")
+SIZED_ENCODINGS = ("relative", "absolute", "sinusoidal", "rope", "rope_mixed")
 _POSITION_CASES = [
     name
     for name, case in CASES.items()
@@ -276,6 +312,29 @@ GRAD_CASES = {
         "output_dense": True,
         "norm_epsilon": 1e-3,
     },
+    # Rotary: "rope" with a reference grid of another size; "rope_mixed"'s
+    # learned frequencies get their gradient checked too.
+    "rope_half_reference_grid": {
+        "num_heads": 1,
+        "position_encoding": "rope",
+        "position_size": (3, 4),
+        "rope_layout": "half",
+        "mask": "partial",
+    },
+    "rope_mixed": {
+        "num_heads": 2,
+        "key_dim": 4,
+        "position_encoding": "rope_mixed",
+        "activation": "relu",
+        "mask": "one_item_full",
+    },
+    "rope_mixed_ij_half": {
+        "num_heads": 1,
+        "position_encoding": "rope_mixed",
+        "rope_grid_indexing": "ij",
+        "rope_layout": "half",
+        "data_format": "channels_first",
+    },
 }
 
 
@@ -283,14 +342,19 @@ def _setup(case, shape, seed=0, position_size=None):
     """(x, weights, mask, config) for a case; x in the case's data_format.
 
     The learned position tables get the reference size `position_size`, or the
-    case's "position_size", or by default the map size of `shape`.
+    case's "position_size", or by default the map size of `shape`. A
+    reference grid ("rope") is the case's "position_size", if it has one.
     """
     case = dict(case)
     case.pop("kernel_initializer", None)  # a native takes weights, not initializers
     mask_kind = case.pop("mask", None)
     use_bias = case.pop("use_bias", True)
     batch, height, width, channels = shape
-    position_size = case.pop("position_size", position_size or (height, width))
+    grid = schema.encoding(case.get("position_encoding", "none")).reference_grid
+    if grid and "position_size" in case:
+        position_size = case["position_size"]
+    else:
+        position_size = case.pop("position_size", position_size or (height, width))
     x = np.random.default_rng(seed).standard_normal(shape)
     if case.get("data_format") == "channels_first":
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
@@ -432,6 +496,16 @@ INVALID_CONFIGS = {
         {"position_encoding": "absolute", "position_size": (0, 3)},
         "position_size=(0, 3)",
     ),
+    # C=4 in 2 heads: key_dim 2, not a multiple of 4.
+    "rope_key_dim": ({"num_heads": 2, "position_encoding": "rope"}, "key_dim=None"),
+    "rope_layout": (
+        {"position_encoding": "rope", "rope_layout": "diagonal"},
+        "rope_layout='diagonal'",
+    ),
+    "rope_offset_with_pixels": (
+        {"position_encoding": "rope", "rope_in_pixels": True, "rope_grid_offset": 1},
+        "rope_grid_offset=1",
+    ),
 }
 
 # The arguments the natives share with the layer, a bad value each: a native's
@@ -449,6 +523,12 @@ SHARED_BAD_ARGUMENTS = {
     "output_norm": "rms",
     "output_dense": None,
     "norm_epsilon": 0.0,
+    "rope_temperature": 0.0,
+    "rope_layout": "diagonal",
+    "rope_grid_indexing": "yx",
+    "rope_grid_offset": float("nan"),
+    "rope_in_pixels": "yes",
+    "rope_max_resolution": -224,
 }
 
 
@@ -570,13 +650,17 @@ class TestNative:
                 f"max |fd| {magnitude(fd):.3e}, largest gradient entry {scale:.3e}"
             )
 
+        rotated = schema.encoding(config.get("position_encoding", "none")).stage
         if (
             config.get("activation") is None
             and config.get("qk_norm") is None
             and "key_bias" in weights
+            and rotated != "qk"
         ):
             # With linear k, the key bias adds q . b_k to a whole row of logits:
-            # the softmax ignores it, its exact gradient is zero.
+            # the softmax ignores it, its exact gradient is zero. (Not under a
+            # k norm, which is not linear, nor with a rotation: key j's bias is
+            # turned by j's angles, q_i . R_j b_k.)
             assert magnitude(grad_w["key_bias"]) <= 1e-12 * scale
 
         if mask is not None and not mask[0].any():
@@ -790,9 +874,11 @@ class _BenchShape:
         return self.channels // self.num_heads
 
 
-# The fused forms carry the bench's encodings only ("none", "relative"),
+# The fused forms carry the bench's encodings only ("none", "relative", "rope"),
 # at the tables' reference size; 4x5 is not square, so a swapped axis shows.
-FUSED_SHAPES = {name: _BenchShape(4, 5, 16, 2, name) for name in ("none", "relative")}
+FUSED_SHAPES = {
+    name: _BenchShape(4, 5, 16, 2, name) for name in ("none", "relative", "rope")
+}
 
 
 def _run_fused(shape, weights, x):

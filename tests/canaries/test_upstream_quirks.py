@@ -201,7 +201,9 @@ QUIRKS = {
     "sin-cos-float64": Quirk(
         sin_cos_float64_in_float32,
         ("jax",),
-        "the NumPy float64 sinusoidal table in layers/position/sinusoidal.py",
+        "the NumPy float64 sinusoidal and rope tables in layers/position/"
+        "sinusoidal.py and rope.py, and the float64 sin_cos of "
+        "layers/position/_trig.py (rope_mixed, dynamic sizes)",
     ),
     "mean-float64": Quirk(
         mean_float64_in_float32,

@@ -54,6 +54,12 @@ _INVALID_ARGUMENTS = {
     "output_dense": [None, 1, "yes", 0.0],
     "use_key_bias": [0, "False", 1.0],
     "norm_epsilon": [0, 0.0, -1e-6, float("nan"), float("inf"), True, "1e-6", None],
+    "rope_temperature": [0, -1.0, float("nan"), float("inf"), True, "10000"],
+    "rope_layout": ["rotate_half", None, "Half", True],
+    "rope_grid_indexing": ["yx", "IJ", 0],
+    "rope_grid_offset": [None, float("nan"), float("inf"), "1", True],
+    "rope_in_pixels": ["yes", 1, None],
+    "rope_max_resolution": [0, -224, float("inf"), None, "224"],
 }
 INVALID_ARGUMENTS = [
     pytest.param(argument, value, id=f"{argument}={value!r}")
@@ -93,6 +99,64 @@ def test_valid_boundary_arguments_are_accepted(kwargs):
     MultiHeadSelfAttention2D(**kwargs)
 
 
+# -------------------------------------------------------- rotary encodings
+# kwargs -> the argument the message names and its received value: a rope_*
+# setting that nothing would read is an error, not a silent no-op.
+UNREAD_ROPE_SETTINGS = {
+    "temperature-without-rope": (
+        {"position_encoding": "relative", "rope_temperature": 100.0},
+        ("`rope_temperature`", "position_encoding='relative'", "=100.0"),
+    ),
+    "layout-without-rope": (
+        {"rope_layout": "half"},
+        ("`rope_layout`", "position_encoding='none'", "rope_layout='half'"),
+    ),
+    "offset-with-rope_mixed": (
+        {"position_encoding": "rope_mixed", "rope_grid_offset": 1.0},
+        ("`rope_grid_offset`", "'rope_mixed'", "rope_grid_offset=1.0"),
+    ),
+    "in_pixels-with-rope_mixed": (
+        {"position_encoding": "rope_mixed", "rope_in_pixels": True},
+        ("`rope_in_pixels`", "'rope_mixed'", "rope_in_pixels=True"),
+    ),
+    "temperature-in_pixels": (
+        {"position_encoding": "rope", "rope_in_pixels": True, "rope_temperature": 10},
+        ("`rope_temperature`", "rope_in_pixels=True", "rope_temperature=10"),
+    ),
+    "offset-in_pixels": (
+        {"position_encoding": "rope", "rope_in_pixels": True, "rope_grid_offset": 1},
+        ("`rope_grid_offset`", "rope_in_pixels=True", "rope_grid_offset=1"),
+    ),
+    "max_resolution-not-in_pixels": (
+        {"position_encoding": "rope", "rope_max_resolution": 448},
+        ("`rope_max_resolution`", "rope_in_pixels=False", "rope_max_resolution=448"),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "kwargs,parts", UNREAD_ROPE_SETTINGS.values(), ids=UNREAD_ROPE_SETTINGS.keys()
+)
+def test_unread_rope_setting(kwargs, parts):
+    with pytest.raises(ValueError, match=match_all(*parts)):
+        MultiHeadSelfAttention2D(**kwargs)
+
+
+VALID_ROPE = [
+    {"position_encoding": "rope", "rope_grid_offset": 1, "rope_temperature": 100},
+    {"position_encoding": "rope", "rope_in_pixels": True, "rope_max_resolution": 64},
+    {"position_encoding": "rope_mixed", "rope_temperature": 10, "rope_layout": "half"},
+    {"position_encoding": "rope_mixed", "rope_grid_indexing": "ij"},
+    # Defaults given explicitly are fine with any encoding.
+    {"position_encoding": "none", "rope_layout": "interleaved", "rope_grid_offset": 0},
+]
+
+
+@pytest.mark.parametrize("kwargs", VALID_ROPE, ids=lambda k: repr(k))
+def test_valid_rope_settings_are_accepted(kwargs):
+    MultiHeadSelfAttention2D(**kwargs)
+
+
 def test_tiny_scale_and_key_dim_1_give_a_finite_output():
     layer = MultiHeadSelfAttention2D(dropout=0.0, scale=1e-30, key_dim=1)
     assert np.all(np.isfinite(to_numpy(layer(np.ones((1, 2, 2, 4), "float32")))))
@@ -121,6 +185,25 @@ def test_channels_not_divisible_by_heads(data_format, how):
         ValueError, match=match_all("divisible", "channels=10", "num_heads=4")
     ):
         FIRST_CALLS[how](layer, shape)
+
+
+@pytest.mark.parametrize("encoding", ["rope", "rope_mixed"])
+@pytest.mark.parametrize("how", list(FIRST_CALLS))
+def test_rope_key_dim_not_divisible_by_4(encoding, how):
+    """An explicit key_dim fails at once; the default C // num_heads when the
+    channels are known, naming key_dim, channels and num_heads."""
+    with pytest.raises(
+        ValueError, match=match_all("`key_dim`", "divisible by 4", "key_dim=6")
+    ):
+        MultiHeadSelfAttention2D(position_encoding=encoding, key_dim=6)
+    layer = MultiHeadSelfAttention2D(position_encoding=encoding, num_heads=2)
+    with pytest.raises(
+        ValueError,
+        match=match_all(
+            "`key_dim`", "divisible by 4", "key_dim=None", "channels=12", "num_heads=2"
+        ),
+    ):
+        FIRST_CALLS[how](layer, (2, 5, 5, 12))
 
 
 # ------------------------------------------------------------- input rank

@@ -73,6 +73,13 @@ CONFORMANCE = {
         (2, 8, 3, 5),
         9,
     ),
+    "rope": (ENCODING_CONFIGS["rope"], (2, 4, 6, 16), 6),
+    # fit must move the frequencies too.
+    "rope_mixed-channels_first": (
+        {**ENCODING_CONFIGS["rope_mixed"], "data_format": "channels_first"},
+        (2, 16, 3, 5),
+        7,
+    ),
 }
 
 
@@ -103,6 +110,11 @@ WEIGHT_ORDER = {
             "position_size": (4, 7),
         },
         (2, None, "absolute", False, (4, 7)),
+    ),
+    # The frequencies after the projections (the contract's step 3).
+    "rope_mixed": (
+        {"num_heads": 4, "key_dim": 8, "position_encoding": "rope_mixed"},
+        (4, 8, "rope_mixed"),
     ),
 }
 

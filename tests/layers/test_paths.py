@@ -17,8 +17,9 @@ rule (`mhsa_core.reference.budget`), never by a hand-picked tolerance:
   test_gradients.py, where that floor is explained); float64:
   `float64_budget` of the whole gradient seen as one vector.
 
-Cases: every position encoding (fused: those it supports), timm's options
-(q/k norms act before `attend`, so every path gets them; the output norm and
+Cases: every position encoding (fused: those it supports, the rotary ones
+included: q and k are rotated before any path runs), timm's options (q/k
+norms act before `attend`, so every path gets them; the output norm and
 projection after), masks whose batch
 item 0 has every key masked (zero output and zero gradients, never NaN), a
 ragged last chunk (N = 30 = 4 * 7 + 2 in every case) and chunk sizes 1 (N a
@@ -119,10 +120,25 @@ CASES = {
         {"num_heads": 2, "qk_norm": "rms", "position_encoding": "relative"},
         False,
     ),
+    # Rotations of q and k, computed once before any path: on every path,
+    # the fused one included. A reference grid other than 5x6; timm's half
+    # layout; RoPE-Mixed's learned frequencies (their gradients too).
+    "rope-reference_grid-half-masked": (
+        {
+            "num_heads": 2,
+            "position_encoding": "rope",
+            "position_size": (3, 9),
+            "rope_layout": "half",
+        },
+        True,
+    ),
+    "rope_mixed-masked": ({"num_heads": 2, "position_encoding": "rope_mixed"}, True),
 }
 RELATIVE = "relative-resized-key_dim3-unscaled_pos-masked"
 ABSOLUTE = "absolute-resized-scale0.5-unscaled_pos-masked"
 OPTIONS = "qk_layer-out_norm-proj-no_key_bias-masked"
+ROPE = "rope-reference_grid-half-masked"
+ROPE_MIXED = "rope_mixed-masked"
 # (case, path) run in float64 too (each chunked run costs JAX a compile):
 # fused falls back to chunked there, checked on the encoding it folds in.
 FLOAT64_RUNS = (
@@ -131,6 +147,8 @@ FLOAT64_RUNS = (
     (ABSOLUTE, "chunked"),
     (ABSOLUTE, "fused"),
     (OPTIONS, "chunked"),
+    (ROPE, "chunked"),
+    (ROPE_MIXED, "fused"),
 )
 
 
@@ -372,9 +390,12 @@ class TestNumerics:
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("path", ["chunked", "fused"])
-def test_mixed_precision(path, policy):
+@pytest.mark.parametrize("encoding", ["conv", "rope_mixed"])
+def test_mixed_precision(encoding, path, policy):
     """Logits and softmax in float32 under mixed precision on every path: the
     output within the budget of the reference run with the policy's roundings.
+    With "rope_mixed": q and k rounded to 16 bits by the projections, then
+    rotated in float32 with float32 frequencies, as the emulated reference.
 
     (2, 12, 10, 64) and the YOLOv4-MHSA block's unscaled logits, as the full
     path's test in test_numerics.py: at C = 8 the policy's budget is not
@@ -382,7 +403,12 @@ def test_mixed_precision(path, policy):
     mixed_bfloat16).
     """
     shape = (2, 12, 10, 64)
-    config = yolov4_mhsa(attention_implementation=path, chunk_size=32, **NO_RANDOM_INIT)
+    config = yolov4_mhsa(
+        position_encoding=encoding,
+        attention_implementation=path,
+        chunk_size=32,
+        **NO_RANDOM_INIT,
+    )
     _, x, weights = make_case(config, shape)
     layer = MultiHeadSelfAttention2D(**config, dtype=policy)
     layer.build(shape)
@@ -412,16 +438,30 @@ def test_mixed_precision(path, policy):
 # (a guard 2H - 1 == 9: a recompile per H). OTHER_SIZE shares neither H nor W
 # with the tables' reference sizes (3, 9) and (8, 4): `resize_table` skips
 # the reference size, one guard more.
+# "rope": the rotary tables of a size known only at run time (keras.ops,
+# not the NumPy constants of a static size), on the fused path where it is
+# the fast one (torch), else chunked.
 DYNAMIC = {
-    "torch": {"chunked": ("none-masked", 16), "fused": (ABSOLUTE, CHUNK)},
-}.get(BACKEND, {"chunked": (RELATIVE, CHUNK), "fused": (ABSOLUTE, CHUNK)})
+    "torch": {
+        "chunked": ("none-masked", "chunked", 16),
+        "fused": (ABSOLUTE, "fused", CHUNK),
+        "rope": (ROPE_MIXED, "fused", CHUNK),
+    },
+}.get(
+    BACKEND,
+    {
+        "chunked": (RELATIVE, "chunked", CHUNK),
+        "fused": (ABSOLUTE, "fused", CHUNK),
+        "rope": (ROPE, "chunked", CHUNK),
+    },
+)
 SIZES = (SHAPE, (SHAPE[0],) + OTHER_SIZE + SHAPE[3:])
 
 
 def _dynamic_layers():
     return {
-        path: _layer(case, path, "float32", chunk)[0]
-        for path, (case, chunk) in DYNAMIC.items()
+        label: _layer(case, path, "float32", chunk)[0]
+        for label, (case, path, chunk) in DYNAMIC.items()
     }
 
 
@@ -430,7 +470,7 @@ def _check_dynamic(results):
     at both sizes against the NumPy reference, the gradients at SHAPE against
     the oracle and at the other size finite, item 0 (fully masked) zero."""
     for shape in SIZES:
-        for path, (case, _) in DYNAMIC.items():
+        for path, (case, _, _) in DYNAMIC.items():
             out, grads = results[shape][path]
             _check_forward(out, "float32", case, shape, what=f"{path} at {shape}")
             if shape == SHAPE:
@@ -550,8 +590,8 @@ class TestJaxJit:
         layers = _dynamic_layers()
         results = {
             SHAPE: {
-                path: _result(case, path, "float32", chunk)
-                for path, (case, chunk) in DYNAMIC.items()
+                label: _result(case, path, "float32", chunk)
+                for label, (case, path, chunk) in DYNAMIC.items()
             }
         }
         other = SIZES[1]

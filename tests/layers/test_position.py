@@ -1,7 +1,9 @@
 """Position encodings of the layer against the float64 NumPy reference, on the
 current backend: every encoding at its reference size and at other sizes
 (larger, smaller non-square, 1xN, Nx1), float32 and float64, masks and scores,
-mixed precision, jit with sizes unknown until run time, and .keras files."""
+mixed precision, jit with sizes unknown until run time, and .keras files.
+The rotary encodings' own pieces (tables, sin/cos, init, invariances) are in
+test_rope.py, the comparison with timm in test_rope_timm.py."""
 
 import keras
 import numpy as np
@@ -25,7 +27,9 @@ from harness import (
 )
 
 BACKEND = keras.backend.backend()
-ENCODINGS = list(ENCODING_CONFIGS)  # relative, absolute, sinusoidal
+ENCODINGS = list(ENCODING_CONFIGS)  # relative, absolute, sinusoidal, rope(_mixed)
+# The weights kept in float32 under mixed precision, like the logits.
+POSITION_WEIGHTS = ("_height", "_width", "_frequencies")
 
 
 def _shape(size, config, batch=2):
@@ -223,15 +227,16 @@ def test_symbolic_unknown_size_with_position_size():
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("name", ENCODINGS)
 def test_mixed_precision_matches_emulated_reference(name, policy):
-    """Tables stay float32 (the position term is computed like the logits);
-    the output is within 2x the error of the reference run with the same
-    16-bit roundings, at a size other than the reference size."""
+    """Tables and frequencies stay float32 (the position term and the
+    rotation are computed like the logits); the output is within 2x the error
+    of the reference run with the same 16-bit roundings, at a size other than
+    the reference size."""
     _, weights, config = _layer(ENCODING_CONFIGS[name])
     mixed = MultiHeadSelfAttention2D(**config, dtype=policy)
     mixed.build((None, None, None, CHANNELS))
     mixed.set_weight_dict(weights)
     for w in mixed.trainable_weights:
-        if w.name.endswith(("_height", "_width")):
+        if w.name.endswith(POSITION_WEIGHTS):
             assert keras.backend.standardize_dtype(w.dtype) == "float32"
     x = random_input(_shape((6, 4), config))
     out = mixed(x)

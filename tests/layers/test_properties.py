@@ -2,7 +2,8 @@
 
 Hypothesis draws a configuration (`configs()`): heads, key_dim, every position
 encoding (learned tables at a reference size drawn independently of the input,
-so they are resized up and down), data format, activation, scale,
+so they are resized up and down; the rotary encodings with their settings
+and a reference grid drawn likewise), data format, activation, scale,
 scale_position_logits, use_bias, timm's options (qk_norm, output_norm,
 output_dense, use_key_bias, norm_epsilon), an attention mask (none, random,
 with fully masked items), spatial sizes down to 1xN and Nx1, and the batch.
@@ -49,6 +50,9 @@ GEOMETRIES = (
     (3, 6, 1, 4, 1, None),  # Nx1, 4 heads of 1 channel
     (2, 4, 5, 3, 1, None),  # C = 3: not a multiple of 4, 3 heads
     (1, 6, 5, 4, 2, 1),  # the largest grid, key_dim below C // heads
+    # key_dim a multiple of 4, which the rotary encodings need:
+    (2, 3, 4, 2, 4, 8),  # key_dim above C // heads
+    (1, 1, 6, 1, 4, None),  # 1xN
 )
 # Reference sizes of learned tables, drawn independently of H and W: the tables
 # are resized up, down or not at all.
@@ -74,9 +78,17 @@ def _settings(max_examples):
 def configs(draw):
     """(layer config, input shape, attention mask or None)."""
     encoding = draw(st.sampled_from(schema.POSITION_ENCODINGS))
-    multiple = schema.ENCODINGS[encoding].channels_multiple
+    spec = schema.ENCODINGS[encoding]
+    multiple = spec.channels_multiple
     batch, height, width, num_heads, head_dim, key_dim = draw(
-        st.sampled_from([g for g in GEOMETRIES if (g[3] * g[4]) % multiple == 0])
+        st.sampled_from(
+            [
+                g
+                for g in GEOMETRIES
+                if (g[3] * g[4]) % multiple == 0
+                and (g[5] or g[4]) % spec.key_dim_multiple == 0
+            ]
+        )
     )
     channels = num_heads * head_dim
     config = {
@@ -95,11 +107,24 @@ def configs(draw):
         "norm_epsilon": draw(st.sampled_from(NORM_EPSILONS)),
         **ZERO_INITIALIZERS,
     }
-    if schema.ENCODINGS[encoding].learned_tables:
+    if spec.learned_tables or (spec.reference_grid and draw(st.booleans())):
         config["position_size"] = (
             draw(st.sampled_from(POSITION_SIZES)),
             draw(st.sampled_from(POSITION_SIZES)),
         )
+    if spec.rotary is not None:
+        config["rope_layout"] = draw(st.sampled_from(schema.ROPE_LAYOUTS))
+        config["rope_grid_indexing"] = draw(
+            st.sampled_from((None, *schema.GRID_INDEXINGS))
+        )
+        in_pixels = "rope_in_pixels" in spec.rotary.arguments and draw(st.booleans())
+        if in_pixels:
+            config["rope_in_pixels"] = True
+            config["rope_max_resolution"] = draw(st.sampled_from((16, 224)))
+        else:
+            config["rope_temperature"] = draw(st.sampled_from((None, 10.0, 1e4)))
+            if "rope_grid_offset" in spec.rotary.arguments:
+                config["rope_grid_offset"] = draw(st.sampled_from((0.0, 1.0, -0.5)))
     if config["data_format"] == "channels_first":
         shape = (batch, channels, height, width)
     else:

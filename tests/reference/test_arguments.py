@@ -48,10 +48,43 @@ def test_first_bad_argument_in_table_order_is_reported():
         ("attention_implementation", "chunked"),
         ("chunk_size", None),
         ("position_encoding", "absolute"),
+        ("rope_temperature", np.float64(100.0)),
+        ("rope_layout", "half"),
+        ("rope_grid_indexing", "xy"),
+        ("rope_grid_offset", -0.5),
+        ("rope_in_pixels", np.bool_(True)),
+        ("rope_max_resolution", 448),
     ],
 )
 def test_valid_values_pass_unchanged(name, value):
     assert arguments.check_arguments({name: value}) == {name: value}
+
+
+def test_rope_rules_join_arguments():
+    """key_dim and the rope_* settings are judged with the encoding: a
+    rotary key_dim is a multiple of 4; a setting nothing reads is an error.
+    A golden message of each."""
+    with pytest.raises(ValueError) as info:
+        arguments.check_arguments({"position_encoding": "rope", "key_dim": 6})
+    assert str(info.value) == (
+        "position_encoding='rope' rotates pairs of query and key channels, half "
+        "of them per axis of the map, so `key_dim` must be divisible by 4. "
+        "Received: key_dim=6"
+    )
+    with pytest.raises(ValueError) as info:
+        arguments.check_arguments(
+            {"position_encoding": "rope_mixed", "rope_grid_offset": 1.0}
+        )
+    assert str(info.value) == (
+        "`rope_grid_offset` has no effect with position_encoding='rope_mixed'; "
+        "leave it at its default 0.0. Received: rope_grid_offset=1.0"
+    )
+    # Alone, or with a key_dim that fits, they pass.
+    arguments.check_arguments({"key_dim": 6, "rope_grid_offset": 1.0})
+    arguments.check_arguments({"position_encoding": "rope", "key_dim": 8})
+    with pytest.raises(ValueError, match="key_dim=None .C // num_heads = 6."):
+        arguments.check_channels(12, 2, "rope")
+    arguments.check_channels(12, 2, "rope", key_dim=4)
 
 
 def test_resolver_result_is_returned_and_its_errors_get_the_rule_message():

@@ -9,7 +9,7 @@ import pytest
 from mhsa_core import reference
 
 from cases import YOLOV4_MHSA as BLOCK
-from harness import reference_config
+from harness import match_all, reference_config
 
 pytestmark = pytest.mark.machine_sensitive
 
@@ -286,3 +286,81 @@ def test_sinusoidal_is_added_to_the_tokens():
     a = reference.mhsa_forward(x, w, num_heads=2, position_encoding="sinusoidal")
     b = reference.mhsa_forward(x + p, w, num_heads=2, position_encoding="none")
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(a).max())
+
+
+# ------------------------------------------------------ rotary encodings
+# A 1x2 map, tokens (1, 0, 1, 0) and (0, 1, 0, 1), identity projections, one
+# head of kd = 4: one frequency (1) per axis, token 1 = (y, x) = (0, 1).
+ROPE_X = np.array([[[[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]]]])
+LINEAR = dict(activation=None, scale=1.0)
+
+
+def _two_token_output(l01, l11, l00=2.0):
+    """Both rows' softmax over logits [[l00, l01], [l01, l11]] times the
+    (unrotated) values."""
+    p0 = np.array([math.exp(l00), math.exp(l01)]) / (math.exp(l00) + math.exp(l01))
+    p1 = np.array([math.exp(l01), math.exp(l11)]) / (math.exp(l01) + math.exp(l11))
+    v = ROPE_X[0, 0]
+    return np.array([[[p0 @ v, p1 @ v]]])
+
+
+def test_golden_rope_interleaved():
+    # "ij": token 1's angles (0, 1): pair (2, 3) turned by 1 radian:
+    # q1 = k1 = (0, 1, -sin 1, cos 1); q0 = k0 = (1, 0, 1, 0).
+    # Logits [[2, -sin 1], [-sin 1, 2]]: a rotation keeps |q1|^2 = 2.
+    out = reference.mhsa_forward(
+        ROPE_X, identity_weights(4), position_encoding="rope", **LINEAR
+    )
+    expected = _two_token_output(-math.sin(1.0), 2.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-14)
+
+
+def test_golden_rope_half_with_timms_tables():
+    # "half": channel i with i + 2, tables [cos 0, cos 0, cos 1, cos 1]:
+    # q1 = (0, 1, 0 cos 1 + 0 sin 1, 1 cos 1 + 1 sin 1) = (0, 1, 0, cos 1 + sin 1),
+    # not a rotation: |q1|^2 = 1 + (cos 1 + sin 1)^2 = 2 + sin 2; q0 . q1 = 0.
+    out = reference.mhsa_forward(
+        ROPE_X,
+        identity_weights(4),
+        position_encoding="rope",
+        rope_layout="half",
+        **LINEAR,
+    )
+    expected = _two_token_output(0.0, 2.0 + math.sin(2.0))
+    np.testing.assert_allclose(out, expected, rtol=1e-14)
+
+
+@pytest.mark.parametrize("indexing,angle", [("xy", 1.0), ("ij", 3.0)], ids=["xy", "ij"])
+def test_golden_rope_mixed(indexing, angle):
+    # F[0] = (1, 0), F[1] = (0, 3). "xy": t_x = x = 1, t_y = 0: angles
+    # (1, 0), pair (0, 1) turned by 1: q1 = (-sin 1, cos 1, 0, 1).
+    # "ij": t_x = y = 0, t_y = x = 1: angles (0, 3), pair (2, 3) by 3:
+    # q1 = (0, 1, -sin 3, cos 3). Either way q0 . q1 = -sin(angle).
+    w = identity_weights(4)
+    w["rope_frequencies"] = np.array([[[1.0, 0.0]], [[0.0, 3.0]]])
+    out = reference.mhsa_forward(
+        ROPE_X,
+        w,
+        position_encoding="rope_mixed",
+        rope_grid_indexing=indexing,
+        **LINEAR,
+    )
+    expected = _two_token_output(-math.sin(angle), 2.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-14)
+
+
+def test_rope_checks_its_arguments():
+    with pytest.raises(ValueError, match=match_all("`key_dim`", "key_dim=6")):
+        reference.mhsa_forward(
+            np.zeros((1, 2, 2, 12)),
+            reference.random_weights(12, 2),
+            num_heads=2,
+            position_encoding="rope",
+        )
+    with pytest.raises(ValueError, match="rope_layout='diagonal'"):
+        reference.mhsa_forward(
+            ROPE_X,
+            identity_weights(4),
+            position_encoding="rope",
+            rope_layout="diagonal",
+        )

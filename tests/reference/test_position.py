@@ -1,6 +1,6 @@
-"""The reference's position helpers: the sinusoidal embedding and the
-linear resize of the learned tables, against values computed by hand and
-np.interp."""
+"""The reference's position helpers: the sinusoidal embedding, the linear
+resize of the learned tables and the rotary angles and rotation, against
+values computed by hand and np.interp."""
 
 import math
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mhsa_core import reference
+from mhsa_core.reference import position, schema
 
 pytestmark = pytest.mark.machine_sensitive
 
@@ -78,3 +79,85 @@ def test_resized_relative_table_keeps_offset_zero_in_the_middle(ref_size, size):
     table = np.random.default_rng(0).standard_normal((2 * ref_size - 1, 4))
     resized = reference.resize_table(table, 2 * size - 1)
     np.testing.assert_array_equal(resized[size - 1], table[ref_size - 1])
+
+
+# ------------------------------------------------------ rotary encodings
+def _rope(**arguments):
+    position_size = arguments.pop("position_size", None)
+    return schema.rope_settings("rope", position_size=position_size, **arguments)
+
+
+@pytest.mark.parametrize(
+    "arguments,expected",
+    [
+        # kd = 8: frequencies 1 and 100^(-1/2) = 0.1; offset 1: t_y = [1],
+        # t_x = [1, 2]; token 1 = (y, x) = (0, 1): [1, 0.1 | 2, 0.2] ("ij").
+        (
+            {"rope_temperature": 100.0, "rope_grid_offset": 1.0},
+            [[1, 0.1, 1, 0.1], [1, 0.1, 2, 0.2]],
+        ),
+        # "xy": the column's angles first.
+        (
+            {"rope_temperature": 100.0, "rope_grid_indexing": "xy"},
+            [[0, 0, 0, 0], [1, 0.1, 0, 0]],
+        ),
+        # Reference grid (2, 4) at 1x2: t_y = 0 / 1 * 2 = [0], t_x = [0, 1] / 2 * 4.
+        (
+            {"rope_temperature": 100.0, "position_size": (2, 4)},
+            [[0, 0, 0, 0], [0, 0, 2, 0.2]],
+        ),
+        # In pixels, max resolution 8: t = linspace(-1, 1) ([-1] for one cell),
+        # frequencies pi * 2^[0, log2(8) - 1] = [pi, 4 pi].
+        (
+            {"rope_in_pixels": True, "rope_max_resolution": 8},
+            np.pi * np.array([[-1, -4, -1, -4], [-1, -4, 1, 4]]),
+        ),
+    ],
+    ids=["offset", "xy", "reference_grid", "in_pixels"],
+)
+def test_golden_rope_angles(arguments, expected):
+    angles = position.rope_angles(1, 2, 8, _rope(**arguments))
+    np.testing.assert_allclose(angles, expected, rtol=1e-15, atol=1e-15)
+
+
+def test_golden_rope_mixed_angles():
+    # One head, kd = 4: token (y, x) gets t_x F[0] + t_y F[1].
+    f = np.array([[[1.0, 0.5]], [[0.0, 3.0]]])  # (2, 1, 2)
+    xy = position.rope_mixed_angles(2, 2, f, "xy")[0]  # t_x = x, t_y = y
+    ij = position.rope_mixed_angles(2, 2, f, "ij")[0]  # t_x = y, t_y = x
+    # tokens (0, 0), (0, 1), (1, 0), (1, 1)
+    np.testing.assert_allclose(xy, [[0, 0], [1, 0.5], [0, 3], [1, 3.5]])
+    np.testing.assert_allclose(ij, [[0, 0], [0, 3], [1, 0.5], [1, 3.5]])
+
+
+def test_golden_rotate():
+    v = np.array([[1.0, 2.0, 3.0, 4.0]])
+    a, b = 0.3, 1.1  # the two angles of the token
+    c, s = math.cos, math.sin
+    # Interleaved: pairs (0, 1) by a, (2, 3) by b.
+    np.testing.assert_allclose(
+        position.rotate(v, np.array([[a, b]]), "interleaved"),
+        [
+            [
+                1 * c(a) - 2 * s(a),
+                2 * c(a) + 1 * s(a),
+                3 * c(b) - 4 * s(b),
+                4 * c(b) + 3 * s(b),
+            ]
+        ],
+        rtol=1e-15,
+    )
+    # Half: channel i with i + 2; tables [cos a, cos a, cos b, cos b] (timm's),
+    # so channel 0 and 1 use a, 2 and 3 use b.
+    np.testing.assert_allclose(
+        position.rotate(v, np.array([[a, b]]), "half"),
+        [
+            [
+                1 * c(a) - 3 * s(a),
+                2 * c(a) - 4 * s(a),
+                3 * c(b) + 1 * s(b),
+                4 * c(b) + 2 * s(b),
+            ]
+        ],
+        rtol=1e-15,
+    )

@@ -5,6 +5,7 @@ the layer and the reference."""
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mhsa_core.layers import position as layer_position
@@ -28,6 +29,8 @@ WEIGHT_ORDER = {
     "sinusoidal": QKV,
     "relative": [*QKV, "relative_height", "relative_width"],
     "absolute": [*QKV, "absolute_height", "absolute_width"],
+    "rope": QKV,
+    "rope_mixed": [*QKV, "rope_frequencies"],
 }
 
 
@@ -51,6 +54,8 @@ def test_weight_shapes_order(encoding, use_bias):
         assert shapes["query_bias"] == (15,) and shapes["value_bias"] == (12,)
     if encoding == "conv":
         assert shapes["position_kernel"] == (12, 12)
+    if encoding == "rope_mixed":  # (2, heads, kd / 2)
+        assert shapes["rope_frequencies"] == (2, 3, 2)
 
 
 def test_weight_shapes_defaults_are_standard_attention():
@@ -125,12 +130,48 @@ def test_encoding_has_a_layer_class_and_a_reference_entry(name):
     assert (name in reference_position.TOKEN_TERMS) == (spec.stage == "tokens")
     assert (name in reference_position.KEY_EMBEDDINGS) == (spec.stage == "logits")
     assert spec.learned_tables == (spec.stage == "logits")
+    # A "qk" stage rotates q and k: its settings and key_dim rule.
+    assert (spec.rotary is not None) == (spec.stage == "qk")
+    assert (spec.key_dim_multiple == 4) == (spec.stage == "qk")
 
 
 def test_no_layer_class_or_reference_entry_without_a_schema_entry():
     assert set(layer_position.ENCODINGS) == set(schema.ENCODINGS)
     assert set(reference_position.TOKEN_TERMS) <= set(schema.ENCODINGS)
     assert set(reference_position.KEY_EMBEDDINGS) <= set(schema.ENCODINGS)
+
+
+# ---------------------------------------------------------------- rotary
+def test_rope_settings_resolve_the_encodings_defaults():
+    rope = schema.rope_settings("rope")
+    assert (rope.temperature, rope.grid_indexing, rope.layout) == (
+        10000.0,
+        "ij",
+        "interleaved",
+    )
+    assert rope.reference_size is None
+    assert schema.rope_settings("rope", position_size=[3, 4]).reference_size == (3, 4)
+    mixed = schema.rope_settings("rope_mixed", position_size=(3, 4))
+    assert (mixed.temperature, mixed.grid_indexing) == (10.0, "xy")
+    assert mixed.reference_size is None  # no reference grid
+    given = schema.rope_settings(
+        "rope_mixed", rope_temperature=100, rope_grid_indexing="ij"
+    )
+    assert (given.temperature, given.grid_indexing) == (100.0, "ij")
+    assert schema.rope_settings("relative") is None
+
+
+def test_rope_mixed_frequencies_by_hand():
+    # kd = 8: magnitudes 1 and 10^(-1/2); angle 0 for head 0, pi/2 for head 1.
+    f = schema.rope_mixed_frequencies(2, 8, np.array([0.0, np.pi / 2]))
+    m = 10.0**-0.5
+    np.testing.assert_allclose(f[0, 0], [1, m, 0, 0], atol=1e-15)  # cos 0, cos pi/2
+    np.testing.assert_allclose(f[1, 0], [0, 0, 1, m], atol=1e-15)  # sin 0, sin pi/2
+    np.testing.assert_allclose(f[0, 1], [0, 0, -1, -m], atol=1e-15)
+    np.testing.assert_allclose(f[1, 1], [1, m, 0, 0], atol=1e-15)
+    w = schema.random_weights(16, 2, 8, "rope_mixed", seed=0)
+    assert w["rope_frequencies"].shape == (2, 2, 4)
+    assert list(w)[-1] == "rope_frequencies"
 
 
 # ------------------------------------------------------------------ presets

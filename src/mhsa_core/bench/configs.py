@@ -4,7 +4,9 @@ Each config is one input shape and one layer config. The names are what
 `mhsa-core bench --configs` takes; `DEFAULT_CONFIGS` are the ones of
 issue 10 (the legacy YOLOv4-MHSA size, N = 4096, N = 16384, and the relative
 encoding at N = 4096); `tiny` and `tiny_relative` are for tests (small enough that every
-output is checked against the float64 reference).
+output is checked against the float64 reference). `rope_n4096` measures the
+rotary encoding (EVA-02's settings) at N = 4096: it runs on every path, the
+fused one included.
 """
 
 from __future__ import annotations
@@ -83,6 +85,16 @@ CONFIGS = {
             8,
             "relative",
             note="BoTNet's relative position logits",
+        ),
+        BenchConfig(
+            "rope_n4096",
+            2,
+            64,
+            64,
+            256,
+            8,
+            "rope",
+            note="EVA-02's axial rotary embedding of q and k",
         ),
         BenchConfig("tiny", 1, 8, 8, 16, 2, note="for tests: seconds per worker"),
         BenchConfig(

@@ -15,7 +15,8 @@ With kd = dv = C / h the forward is 6*B*N*C^2 + 4*B*N^2*C. The softmax,
 scale, bias, mask and activations are elementwise and not counted. Every
 row of a config is credited the same count (the block's), so within a config
 GF/s is proportional to 1 / time: `keras.layers.MultiHeadAttention` does an
-extra output projection (2*B*N*C^2) that is not credited.
+extra output projection (2*B*N*C^2) that is not credited. The rotation of
+"rope" (x * cos + rotated(x) * sin on q and k) is elementwise too.
 """
 
 from __future__ import annotations

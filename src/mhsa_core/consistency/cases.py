@@ -257,7 +257,8 @@ def _position_cases():
     axis and up along the other); every check, gradients and optimizer steps
     included, runs at both sizes. "botnet" (in the default cases) is the third
     learned case. They keep the YOLOv4-MHSA block's ReLU projections with
-    biases and change the encoding and the scale."""
+    biases and change the encoding and the scale. The rotary cases come last
+    (the others keep their seeds)."""
     yolov4_mhsa = schema.preset("yolov4_mhsa")
     return [
         # Non-square reference size, channels_first; the other size comes first.
@@ -306,6 +307,32 @@ def _position_cases():
             {**yolov4_mhsa, "num_heads": 2, "position_encoding": "none"},
             [(2, 4, 5, 16)],
             {},
+        ),
+        # Rotary (q and k rotated before the attention): EVA-02's settings
+        # with a reference grid, at it and at another size (the grid
+        # rescaled); RoPE-Mixed's learned frequencies (rope-vit's defaults).
+        (
+            "rope",
+            {
+                **yolov4_mhsa,
+                "num_heads": 2,
+                "position_encoding": "rope",
+                "position_size": (4, 5),
+                "scale": None,
+            },
+            [(2, 4, 5, 16), (1, 6, 3, 16)],
+            {},
+        ),
+        (
+            "rope_mixed",
+            {
+                **yolov4_mhsa,
+                "num_heads": 2,
+                "position_encoding": "rope_mixed",
+                "scale": None,
+            },
+            [(2, 3, 5, 16), (1, 5, 4, 16)],
+            {"mask": True},
         ),
     ]
 

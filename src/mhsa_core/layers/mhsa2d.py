@@ -60,6 +60,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     the Keras 2 YOLOv4-MHSA block's ReLU 1x1 conv of each token added to the
     tokens. The learned tables R, E belong to the size `position_size`; at any
     other size they are linearly resized, so one layer runs at any H x W.
+    "rope" (EVA-02's axial rotary embedding) and "rope_mixed" (RoPE-Mixed's
+    learned per-head frequencies) rotate every head's q and k by angles of
+    the token's (y, x) before the attention, on every attention path.
 
     Presets: `MultiHeadSelfAttention2D.yolov4_mhsa()` is the Keras 2
     YOLOv4-MHSA / CSPDarknet53-MHSA `mhsa_block` exactly (one head, ReLU
@@ -80,11 +83,18 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             and column, in the logits), "sinusoidal" (fixed 2-D sine-cosine
             embedding added to the tokens; C divisible by 4) or "conv" (the
             YOLOv4-MHSA block's ReLU 1x1 conv of each token's own features,
-            added to the tokens; it carries no position).
+            added to the tokens; it carries no position), "rope" (2-D axial
+            rotary embedding of q and k, timm's EVA `RotaryEmbeddingCat`;
+            key_dim divisible by 4) or "rope_mixed" (rotary embedding with
+            learned per-head frequencies, RoPE-Mixed / timm's
+            `RotaryEmbeddingMixed`; key_dim divisible by 4).
         position_size: (Hr, Wr), the reference size of the learned tables of
             "relative" (2*Hr - 1 and 2*Wr - 1 rows of key_dim) and "absolute"
             (Hr and Wr rows). Default: the spatial size seen at build, which
-            must then be static. Ignored by the other encodings.
+            must then be static. For "rope", the reference grid (EVA's
+            `ref_feat_shape`): at H x W the grid positions are scaled by
+            Hr / H and Wr / W; default None, no scaling. Ignored by the other
+            encodings.
         scale_position_logits: Whether `scale` multiplies the position term
             of "relative"/"absolute" too (BoTNet's official code: True) or
             only q.k (timm's default: False).
@@ -140,6 +150,28 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         norm_epsilon: The norms' epsilon, added to the variance (mean square
             for "rms") under the square root. Default 1e-6, timm's ViT/EVA
             norm layers' (torch's `nn.LayerNorm` default is 1e-5).
+        rope_temperature: Base of the rotary frequencies: "rope"'s w_k =
+            rope_temperature^(-k / (key_dim / 4)), "rope_mixed"'s initial
+            magnitudes. Default None: 10000 for "rope" (EVA-02), 10 for
+            "rope_mixed" (RoPE-Mixed).
+        rope_layout: How the rotation pairs the channels of q and k:
+            "interleaved" (default; channels 2m and 2m + 1, timm's `rot`, EVA-02)
+            or "half" (channel i with i + key_dim / 2, timm's
+            `rope_rotate_half`). The sin/cos tables keep timm's layout in both
+            (angle m at channels 2m and 2m + 1).
+        rope_grid_indexing: Which axis the first half of the rotary angles
+            follows: "ij" (the row, then the column) or "xy" (the column
+            first; for "rope_mixed", t_x is the column). Default None: "ij"
+            for "rope" (EVA-02), "xy" for "rope_mixed" (rope-vit, timm's
+            `RotaryEmbeddingMixed`).
+        rope_grid_offset: Added to the integer positions of "rope"'s grid
+            (timm's `grid_offset`; Perception Encoder uses 1). Default 0.
+        rope_in_pixels: "rope" with positions linspace(-1, 1) per axis and
+            pixel frequencies pi * 2^u, u evenly spaced in
+            [0, log2(rope_max_resolution) - 1] (timm's `in_pixels=True`).
+            Default False (EVA-02).
+        rope_max_resolution: The top of the pixel frequencies with
+            `rope_in_pixels` (timm's `max_res`). Default 224.
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -198,6 +230,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         output_norm: str | None = None,
         output_dense: bool = False,
         norm_epsilon: float = 1e-6,
+        rope_temperature: float | None = None,
+        rope_layout: str = "interleaved",
+        rope_grid_indexing: str | None = None,
+        rope_grid_offset: float = 0.0,
+        rope_in_pixels: bool = False,
+        rope_max_resolution: float = 224,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -225,6 +263,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "norm_epsilon": norm_epsilon,
                 "activation": activation,
                 "position_initializer": position_initializer,
+                "rope_temperature": rope_temperature,
+                "rope_layout": rope_layout,
+                "rope_grid_indexing": rope_grid_indexing,
+                "rope_grid_offset": rope_grid_offset,
+                "rope_in_pixels": rope_in_pixels,
+                "rope_max_resolution": rope_max_resolution,
             },
             convert={
                 "activation": keras.activations.get,
@@ -262,9 +306,20 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.output_norm = output_norm
         self.output_dense = bool(output_dense)
         self.norm_epsilon = float(norm_epsilon)
+        self.rope_temperature = (
+            None if rope_temperature is None else float(rope_temperature)
+        )
+        self.rope_layout = rope_layout
+        self.rope_grid_indexing = rope_grid_indexing
+        self.rope_grid_offset = float(rope_grid_offset)
+        self.rope_in_pixels = bool(rope_in_pixels)
+        self.rope_max_resolution = float(rope_max_resolution)
         self._channel_axis = -1 if data_format == "channels_last" else 1
-        # The encoding object: its weights, its tokens / logits terms.
-        self.position = ENCODINGS[position_encoding]()
+        # The encoding object: its weights, its tokens / logits terms, its
+        # rotation of q and k; it reads its own settings among the arguments.
+        self.position = ENCODINGS[position_encoding].from_arguments(
+            {**checked, "position_size": self.position_size}
+        )
         if attention_implementation == "fused":
             self._check_fused(key_dim, None)
         self.input_spec = keras.InputSpec(ndim=4)
@@ -344,7 +399,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     def build(self, input_shape: Sequence[int | None]) -> None:
         input_shape = self._check_input_shape(input_shape)
         channels = self._spatial_and_channels(input_shape)[2]
-        arguments.check_channels(channels, self.num_heads, self.position_encoding)
+        arguments.check_channels(
+            channels, self.num_heads, self.position_encoding, self.key_dim
+        )
         if self.attention_implementation == "fused":
             self._check_fused(self.key_dim, channels // self.num_heads)
         if self.position.spec.learned_tables:
@@ -368,11 +425,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             position_initializer=self.position_initializer,
             position_size=self.position_size,
             variable_dtype=self.variable_dtype,
+            num_heads=self.num_heads,
         )
         # Creation order = the canonical weight-dict order
         # (`mhsa_core.reference.schema.weight_shapes`), which is also the
         # order of the YOLOv4-MHSA block's convs: a "tokens" encoding's
-        # weights, the projections, then a "logits" encoding's tables.
+        # weights, the projections, then a "logits" encoding's tables or a
+        # "qk" encoding's frequencies.
         if self.position.spec.stage == "tokens":
             self.position.build(weights, channels, self._head_key_dim)
         self.query_kernel, self.query_bias = weights.projection(
@@ -502,6 +561,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 self.norm_epsilon,
             )
 
+        # A rotary encoding rotates the (normed) q and k here, once, so every
+        # attention path takes the rotated q and k (after the norm, as timm).
+        query, key = self.position.rotate(query, key, height, width)
         outputs, scores = attend(
             query,
             key,
@@ -701,6 +763,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "output_norm": self.output_norm,
                 "output_dense": self.output_dense,
                 "norm_epsilon": self.norm_epsilon,
+                "rope_temperature": self.rope_temperature,
+                "rope_layout": self.rope_layout,
+                "rope_grid_indexing": self.rope_grid_indexing,
+                "rope_grid_offset": self.rope_grid_offset,
+                "rope_in_pixels": self.rope_in_pixels,
+                "rope_max_resolution": self.rope_max_resolution,
             }
         )
         return config

@@ -57,6 +57,7 @@ class WeightFactory:
         position_initializer: the tables' initializer, or None: normal with
             stddev `schema.table_stddev(key_dim)` (BoTNet's and timm's).
         position_size: (Hr, Wr), the reference size of learned tables, or None.
+        num_heads: the layer's heads (per-head position weights).
         variable_dtype: the layer's variable dtype (float32 under mixed
             precision), for weights computed rather than learned.
     """
@@ -75,6 +76,7 @@ class WeightFactory:
         position_initializer: keras.initializers.Initializer | None,
         position_size: tuple[int, ...] | None,
         variable_dtype: str,
+        num_heads: int = 1,
     ) -> None:
         self._add_weight = add_weight
         self._use_bias = use_bias
@@ -92,6 +94,7 @@ class WeightFactory:
         self._default_table_initializers: dict[int, Any] = {}
         self.position_size = position_size
         self.variable_dtype = variable_dtype
+        self.num_heads = num_heads
 
     def projection(
         self,
@@ -144,6 +147,23 @@ class WeightFactory:
             name=name,
             shape=shape,
             initializer=self._table_initializer(shape[1]),
+            autocast=False,
+        )
+
+    def position_weight(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        initializer: keras.initializers.Initializer,
+    ) -> Tensor:
+        """A learned position weight other than a table (RoPE-Mixed's
+        frequencies): `position_initializer` if the layer has one, else the
+        encoding's own `initializer`. Not autocast (float32 under mixed
+        precision), like the tables."""
+        return self._add_weight(
+            name=name,
+            shape=shape,
+            initializer=self._position_initializer or initializer,
             autocast=False,
         )
 

@@ -76,6 +76,7 @@ class BlockConfig:
     output_norm: str | None = None
     output_dense: bool = False
     norm_epsilon: float = 1e-6
+    rope: schema.RopeSettings | None = None  # the rotary encodings' settings
 
     @property
     def encoding(self) -> schema.Encoding:
@@ -122,13 +123,16 @@ def check_config(
     output_norm: str | None = None,
     output_dense: bool = False,
     norm_epsilon: float = 1e-6,
+    **rope: Any,
 ) -> BlockConfig:
     """Check a block config for C=`channels`; returns its `BlockConfig`.
 
     The layer's rules (`reference.arguments`), but for `activation`: a name
     of `activations`, the native's own table (name -> function). `key_dim`
     defaults to C // num_heads; `scale` None means 1/sqrt(key_dim);
-    `use_key_bias` None means `use_bias`.
+    `use_key_bias` None means `use_bias`. `rope`:
+    the layer's `rope_*` arguments (`schema.ROPE_DEFAULTS`), resolved into
+    `BlockConfig.rope` for a rotary encoding.
 
     Raises:
         ValueError: naming the argument and the value received.
@@ -147,11 +151,12 @@ def check_config(
             "output_dense": output_dense,
             "norm_epsilon": norm_epsilon,
             "activation": activation,
+            **rope,
         },
         rules={"activation": arguments.one_of(sorted(activations, key=str))},
     )
     position_size = learned_size(position_encoding, position_size)
-    arguments.check_channels(channels, num_heads, position_encoding)
+    arguments.check_channels(channels, num_heads, position_encoding, key_dim)
     head_dim = channels // num_heads
     key_dim = head_dim if key_dim is None else int(key_dim)
     return BlockConfig(
@@ -171,6 +176,9 @@ def check_config(
         output_norm=output_norm,
         output_dense=bool(output_dense),
         norm_epsilon=float(norm_epsilon),
+        rope=schema.rope_settings(
+            position_encoding, position_size=position_size, **rope
+        ),
     )
 
 
@@ -178,12 +186,14 @@ def learned_size(
     position_encoding: str, position_size: Sequence[int] | None
 ) -> tuple[int, ...] | None:
     """`position_size` checked (the layer's rule), as a tuple (Hr, Wr) of ints
-    for an encoding with learned tables; else None (the argument is ignored).
+    for an encoding with learned tables or a reference grid ("rope"); else
+    None (the argument is ignored).
     """
     arguments.check_arguments(
         {"position_encoding": position_encoding, "position_size": position_size}
     )
-    if position_size is None or not schema.encoding(position_encoding).learned_tables:
+    spec = schema.encoding(position_encoding)
+    if position_size is None or not (spec.learned_tables or spec.reference_grid):
         return None
     return tuple(int(n) for n in position_size)
 
@@ -276,7 +286,7 @@ def numpy_config(
 
 # ------------------------------------------------------ the bench's fused forms
 # What the fused forms carry (the bench's configs); the oracles carry all.
-FUSED_ENCODINGS = ("none", "relative")
+FUSED_ENCODINGS = ("none", "relative", "rope")
 
 
 class BenchShape(Protocol):
@@ -303,7 +313,8 @@ class BenchShape(Protocol):
 @dataclasses.dataclass(frozen=True)
 class FusedBlock:
     """What every fused form needs of a bench config: sizes, scale, the
-    relative tables (at their reference size, the config's)."""
+    relative tables (at their reference size, the config's), rope's settings
+    (the layer's defaults, EVA-02's)."""
 
     height: int
     width: int
@@ -314,6 +325,7 @@ class FusedBlock:
     scale: float
     relative: bool
     tables: tuple[str, ...]  # (name of R_h, name of R_w) in the weight dict, or ()
+    rope: schema.RopeSettings | None = None  # "rope": q and k rotated
 
     @classmethod
     def of(cls, config: BenchShape) -> FusedBlock:
@@ -336,6 +348,7 @@ class FusedBlock:
             1.0 / math.sqrt(config.head_dim),
             relative,
             schema.table_names("relative") if relative else (),
+            schema.rope_settings(config.position_encoding),
         )
 
 

@@ -29,6 +29,14 @@ the schema's facts and the argument rules come from `_common`. In JAX's idiom:
   reference's rule.
 - "sinusoidal": w_k = 10000^(-k / D), D = C / 4 (the frequencies a float64
   NumPy constant, cast; angles and sin/cos by `jnp` in the dtype of x).
+- "rope", "rope_mixed": q and k rotated before the logits. "rope": the
+  positions of each axis (`jnp.arange` + offset, or `jnp.linspace(-1, 1)`,
+  times reference / size) times the frequencies (a float64 NumPy constant,
+  cast), in a `jnp.meshgrid`; "rope_mixed": the positions times the learned
+  frequencies (`params["rope_frequencies"]` (2, heads, kd / 2)), by
+  `jnp.einsum`. sin and cos `jnp.repeat`ed to kd, then x * cos + r(x) * sin,
+  r the interleaved pair swap (`x.reshape(..., kd / 2, 2)`, the pair
+  reversed with one sign flipped) or the half swap (`jnp.split`).
 
 - The norms (`qk_norm` on each head's q and k, `output_norm` on the merged
   heads), as Flax writes them: `jnp.mean` and `jnp.var` (biased) over the
@@ -110,6 +118,7 @@ _STATIC = (
     "output_norm",
     "output_dense",
     "norm_epsilon",
+    *schema.ROPE_DEFAULTS,
 )
 
 
@@ -212,6 +221,71 @@ def _sincos(height: int, width: int, channels: int, dtype: DTypeLike) -> jax.Arr
     return emb.reshape(height * width, channels)
 
 
+def _rope_angles(
+    height: int, width: int, key_dim: int, rope: schema.RopeSettings, dtype: DTypeLike
+) -> jax.Array:
+    """ "rope"'s angles (N, kd / 2): per token, the positions of its row and
+    column ("ij"; column first for "xy") times the kd / 4 frequencies."""
+    count = key_dim // 4
+    if rope.in_pixels:
+        top = np.log2(rope.max_resolution) - 1.0
+        bands = np.pi * 2.0 ** np.linspace(0.0, top, count)
+    else:
+        bands = 1.0 / rope.temperature ** (np.arange(count) / count)
+    bands = jnp.asarray(bands, dtype=dtype)
+
+    def positions(size: int, reference: int | None) -> jax.Array:
+        if rope.in_pixels:
+            t = jnp.linspace(-1.0, 1.0, size, dtype=dtype)
+        else:
+            t = jnp.arange(size, dtype=dtype) + rope.grid_offset
+        return t if reference is None else t / size * reference
+
+    ref_h, ref_w = rope.reference_size or (None, None)
+    t_y, t_x = jnp.meshgrid(
+        positions(height, ref_h), positions(width, ref_w), indexing="ij"
+    )  # (H, W) each
+    first, second = (t_y, t_x) if rope.grid_indexing == "ij" else (t_x, t_y)
+    angles = jnp.concatenate([first[..., None] * bands, second[..., None] * bands], -1)
+    return angles.reshape(height * width, 2 * count)
+
+
+def _mixed_angles(
+    height: int, width: int, frequencies: jax.Array, grid_indexing: str
+) -> jax.Array:
+    """ "rope_mixed"'s angles (N, heads, kd / 2): t_x F[0] + t_y F[1]."""
+    ys, xs = jnp.divmod(jnp.arange(height * width), width)
+    ys, xs = ys.astype(frequencies.dtype), xs.astype(frequencies.dtype)
+    t_x, t_y = (xs, ys) if grid_indexing == "xy" else (ys, xs)
+    return jnp.einsum("n,hp->nhp", t_x, frequencies[0]) + jnp.einsum(
+        "n,hp->nhp", t_y, frequencies[1]
+    )
+
+
+def _sin_cos(angles: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The rotary tables (..., kd): the angles' sin and cos repeated twice
+    each (angle m at channels 2m and 2m + 1, whatever the layout)."""
+    return (
+        jnp.repeat(jnp.sin(angles), 2, axis=-1),
+        jnp.repeat(jnp.cos(angles), 2, axis=-1),
+    )
+
+
+def _rotate(
+    x: jax.Array, tables: tuple[jax.Array, jax.Array], layout: str
+) -> jax.Array:
+    """x (B, N, heads, kd) * cos + r(x) * sin; (sin, cos) = `tables`, (N, 1
+    or heads, kd)."""
+    sin, cos = tables
+    if layout == "half":
+        x1, x2 = jnp.split(x, 2, axis=-1)
+        rotated = jnp.concatenate([-x2, x1], axis=-1)
+    else:
+        pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+        rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    return x * cos + rotated * sin
+
+
 def apply(
     params: Mapping[str, jax.Array],
     x: jax.Array,
@@ -231,6 +305,12 @@ def apply(
     output_norm: str | None = None,
     output_dense: bool = False,
     norm_epsilon: float = 1e-6,
+    rope_temperature: float | None = None,
+    rope_layout: str = "interleaved",
+    rope_grid_indexing: str | None = None,
+    rope_grid_offset: float = 0.0,
+    rope_in_pixels: bool = False,
+    rope_max_resolution: float = 224,
 ) -> jax.Array:
     """The block's forward pass, a pure function (jit it with the config static).
 
@@ -244,9 +324,13 @@ def apply(
         use_bias: optional; when given, `params` must have biases exactly when
             it is True (else they are read off `params`).
         position_size: optional (Hr, Wr); when given, the learned tables must
-            have that reference size (it is read off their shapes anyway).
+            have that reference size (it is read off their shapes anyway);
+            "rope"'s reference grid.
         use_key_bias, qk_norm, output_norm, output_dense, norm_epsilon: as
             the reference's (`use_key_bias` None: `use_bias`).
+        rope_temperature, rope_layout, rope_grid_indexing, rope_grid_offset,
+            rope_in_pixels, rope_max_resolution: the rotary encodings'
+            settings, as the layer's.
 
     Returns:
         The output in the layout and dtype of `x`.
@@ -277,6 +361,12 @@ def apply(
         output_norm=output_norm,
         output_dense=output_dense,
         norm_epsilon=norm_epsilon,
+        rope_temperature=rope_temperature,
+        rope_layout=rope_layout,
+        rope_grid_indexing=rope_grid_indexing,
+        rope_grid_offset=rope_grid_offset,
+        rope_in_pixels=rope_in_pixels,
+        rope_max_resolution=rope_max_resolution,
     )
     _common.check_weights(params, cfg.weight_shapes)
     dv, kd, scale = cfg.head_dim, cfg.key_dim, cfg.scale  # dv: value width per head
@@ -300,6 +390,16 @@ def apply(
     if qk_norm is not None:  # over kd, every head with the same weights
         q = _norm(q, params, cfg.norm_weights("query"), norm_epsilon)
         k = _norm(k, params, cfg.norm_weights("key"), norm_epsilon)
+    if cfg.rope is not None:
+        name = cfg.encoding.frequencies
+        angles = (  # (N, 1 or heads, kd / 2)
+            _mixed_angles(height, width, params[name], cfg.rope.grid_indexing)
+            if name is not None
+            else _rope_angles(height, width, kd, cfg.rope, q.dtype)[:, None]
+        )
+        tables = _sin_cos(angles)
+        q = _rotate(q, tables, cfg.rope.layout)
+        k = _rotate(k, tables, cfg.rope.layout)
 
     # The Python float `scale` is weakly typed: it keeps the dtype of the logits.
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (B, heads, N, N)
@@ -473,8 +573,8 @@ def fused_block(
     `jax.jit` / `jax.grad`, for a bench config (`_common.FusedBlock.of`).
 
     `jax.nn.dot_product_attention`, "relative"'s term (gathered with the
-    offset index, times the scale) as its `bias`. float32; no mask, no other
-    encoding.
+    offset index, times the scale) as its `bias`; "rope" rotates q and k
+    first (the tables computed once). float32; no mask, no other encoding.
     """
     block = _common.FusedBlock.of(config)
     params = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in weights.items()}
@@ -489,6 +589,10 @@ def fused_block(
     if relative:
         name_h, name_w = block.tables
         index_h, index_w = _common.relative_index(height), _common.relative_index(width)
+    rope = block.rope
+    if rope is not None:
+        sin, cos = _sin_cos(_rope_angles(height, width, d, rope, jnp.float32))
+        tables = (sin[:, None], cos[:, None])  # (N, 1, d)
 
     def apply(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
         b = x.shape[0]
@@ -501,6 +605,8 @@ def fused_block(
             return y.reshape(b, n, heads, d)
 
         q, k, v = project("query"), project("key"), project("value")
+        if rope is not None:
+            q, k = _rotate(q, tables, rope.layout), _rotate(k, tables, rope.layout)
         bias = None
         if relative:
             q5 = q.reshape(b, height, width, heads, d)

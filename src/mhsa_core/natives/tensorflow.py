@@ -33,6 +33,14 @@ the schema's facts and the argument rules come from `_common`. In TensorFlow's i
   `tf.image.resize`.
 - "sinusoidal": w_k = 1 / 10000^(k / D), D = C / 4 (the frequencies in
   float64, then cast; angles and sin/cos in the module's dtype).
+- "rope", "rope_mixed": q and k rotated before the logits. "rope": the
+  positions of each axis (`tf.range` + offset, or `tf.linspace(-1, 1)`,
+  times reference / size) times the frequencies, per axis, tiled over the
+  other axis and concatenated in the grid order; "rope_mixed": the
+  positions times the learned frequencies (`tf.Variable` (2, heads, kd / 2)),
+  contracted with `tf.einsum`. sin and cos `tf.repeat`ed to kd, then
+  x * cos + r(x) * sin, r the interleaved pair swap (strided slices
+  x[..., 1::2], x[..., ::2], stacked) or the half swap (`tf.split`).
 
 - The norms (`qk_norm` on each head's q and k, `output_norm` on the merged
   heads): "layer" as Keras 2's LayerNormalization wrote it, `tf.nn.moments`
@@ -117,6 +125,63 @@ def _resize(table: tf.Tensor, length: int | tf.Tensor) -> tf.Tensor:
     return tf.linalg.matmul(weights, table)
 
 
+def _rope_angles(
+    height: int | tf.Tensor,
+    width: int | tf.Tensor,
+    key_dim: int,
+    rope: schema.RopeSettings,
+    dtype: tf.DType,
+) -> tf.Tensor:
+    """ "rope"'s angles (N, kd / 2): per token, the positions of its row and
+    column ("ij"; column first for "xy") times the kd / 4 frequencies."""
+    count = key_dim // 4
+    if rope.in_pixels:
+        top = math.log2(rope.max_resolution) - 1.0
+        exponent = tf.linspace(tf.constant(0.0, tf.float64), top, count)
+        bands = math.pi * tf.pow(tf.constant(2.0, tf.float64), exponent)
+    else:
+        exponent = tf.range(count, dtype=tf.float64) / count
+        bands = 1.0 / tf.pow(tf.constant(rope.temperature, tf.float64), exponent)
+    bands = tf.cast(bands, dtype)
+
+    def along(size: int | tf.Tensor, reference: int | None) -> tf.Tensor:
+        if rope.in_pixels:
+            t = tf.linspace(tf.constant(-1.0, dtype), tf.constant(1.0, dtype), size)
+        else:
+            t = tf.cast(tf.range(size), dtype) + tf.constant(rope.grid_offset, dtype)
+        if reference is not None:
+            t = t / tf.cast(size, dtype) * tf.constant(reference, dtype)
+        return t[:, None] * bands  # (size, kd / 4)
+
+    ref_h, ref_w = rope.reference_size or (None, None)
+    along_y = tf.tile(along(height, ref_h)[:, None], (1, width, 1))  # (H, W, kd/4)
+    along_x = tf.tile(along(width, ref_w)[None], (height, 1, 1))  # (H, W, kd/4)
+    halves = [along_y, along_x] if rope.grid_indexing == "ij" else [along_x, along_y]
+    return tf.reshape(tf.concat(halves, axis=-1), (height * width, 2 * count))
+
+
+def _sin_cos(angles: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The rotary tables (..., kd): the angles' sin and cos repeated twice
+    each (angle m at channels 2m and 2m + 1, whatever the layout)."""
+    return tf.repeat(tf.sin(angles), 2, axis=-1), tf.repeat(tf.cos(angles), 2, axis=-1)
+
+
+def _rotate(
+    x: tf.Tensor, tables: tuple[tf.Tensor, tf.Tensor], layout: str
+) -> tf.Tensor:
+    """x (B, N, heads, kd) * cos + r(x) * sin; (sin, cos) = `tables`, (N, 1
+    or heads, kd)."""
+    sin, cos = tables
+    if layout == "half":
+        x1, x2 = tf.split(x, 2, axis=-1)
+        rotated = tf.concat([-x2, x1], axis=-1)
+    else:
+        rotated = tf.reshape(
+            tf.stack([-x[..., 1::2], x[..., ::2]], axis=-1), tf.shape(x)
+        )
+    return x * cos + rotated * sin
+
+
 def _index_matrix(length: int | tf.Tensor, relative: bool) -> tf.Tensor:
     """(L, L) int32 table rows for (query a, key b): b - a + L - 1, or b."""
     b = tf.range(length)[None, :]
@@ -184,6 +249,12 @@ class NativeMHSA2D(tf.Module):
         output_norm: str | None = None,
         output_dense: bool = False,
         norm_epsilon: float = 1e-6,
+        rope_temperature: float | None = None,
+        rope_layout: str = "interleaved",
+        rope_grid_indexing: str | None = None,
+        rope_grid_offset: float = 0.0,
+        rope_in_pixels: bool = False,
+        rope_max_resolution: float = 224,
         dtype: DTypeLike = "float32",
         name: str | None = None,
     ) -> None:
@@ -205,6 +276,12 @@ class NativeMHSA2D(tf.Module):
             output_norm=output_norm,
             output_dense=output_dense,
             norm_epsilon=norm_epsilon,
+            rope_temperature=rope_temperature,
+            rope_layout=rope_layout,
+            rope_grid_indexing=rope_grid_indexing,
+            rope_grid_offset=rope_grid_offset,
+            rope_in_pixels=rope_in_pixels,
+            rope_max_resolution=rope_max_resolution,
         )
         self.compute_dtype = tf.as_dtype(np.dtype(dtype).name)
         # name -> tf.Variable, canonical names and shapes, in creation order.
@@ -278,6 +355,22 @@ class NativeMHSA2D(tf.Module):
         n = height * width
         return tf.reshape(pos, (tf.shape(q)[0], self.config.num_heads, n, n))
 
+    def _rotary_angles(self, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+        """The rotary angles, (N, 1, kd / 2) ("rope") or (N, heads, kd / 2)
+        ("rope_mixed"), row-major over (H, W)."""
+        rope, dtype = self.config.rope, self.compute_dtype
+        assert rope is not None
+        name = self.config.encoding.frequencies
+        if name is not None:
+            index = tf.range(height * width)
+            ys = tf.cast(index // width, dtype)
+            xs = tf.cast(index % width, dtype)
+            t_x, t_y = (xs, ys) if rope.grid_indexing == "xy" else (ys, xs)
+            f = self.weights[name]  # (2, heads, kd / 2)
+            return tf.einsum("n,hp->nhp", t_x, f[0]) + tf.einsum("n,hp->nhp", t_y, f[1])
+        angles = _rope_angles(height, width, self.config.key_dim, rope, dtype)
+        return angles[:, None]  # (N, 1, kd / 2)
+
     def __call__(
         self, x: tf.Tensor, attention_mask: tf.Tensor | None = None
     ) -> tf.Tensor:
@@ -308,6 +401,10 @@ class NativeMHSA2D(tf.Module):
         v = tf.reshape(v, (batch, n, heads, dv))
         if cfg.qk_norm is not None:  # over kd, every head with the same weights
             q, k = self._norm(q, "query"), self._norm(k, "key")
+        if cfg.rope is not None:
+            tables = _sin_cos(self._rotary_angles(height, width))
+            q = _rotate(q, tables, cfg.rope.layout)
+            k = _rotate(k, tables, cfg.rope.layout)
 
         logits = tf.einsum("bqhd,bkhd->bhqk", q, k)  # (B, heads, N, N)
         scale = tf.constant(cfg.scale, self.compute_dtype)
@@ -436,7 +533,8 @@ def fused_block(
 
     TensorFlow has no fused attention op: einsum, softmax, einsum, which is
     what XLA (`jit_compile=True`) fuses. "relative"'s term gathered with the
-    offset index, times the scale. No mask, no other encoding.
+    offset index, times the scale; "rope" rotates q and k first (the tables
+    computed once). No mask, no other encoding.
     """
     block = _common.FusedBlock.of(config)
     params = {
@@ -454,6 +552,10 @@ def fused_block(
         name_h, name_w = block.tables
         index_h = tf.constant(_common.relative_index(height))
         index_w = tf.constant(_common.relative_index(width))
+    rope = block.rope
+    if rope is not None:
+        sin, cos = _sin_cos(_rope_angles(height, width, d, rope, tf.float32))
+        tables = (sin[:, None], cos[:, None])  # (N, 1, d)
 
     def call(x: tf.Tensor) -> tf.Tensor:
         b = tf.shape(x)[0]
@@ -467,6 +569,8 @@ def fused_block(
             return tf.reshape(y, (b, n, heads, d))
 
         q, k, v = project("query"), project("key"), project("value")
+        if rope is not None:
+            q, k = _rotate(q, tables, rope.layout), _rotate(k, tables, rope.layout)
         logits = tf.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, heads, N, N)
         if relative:
             q5 = tf.reshape(q, (b, height, width, heads, d))

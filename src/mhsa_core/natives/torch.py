@@ -29,6 +29,14 @@ the schema's facts and the argument rules come from `_common`. In PyTorch's idio
   to (B, heads, N, key_dim) (so shared by the heads); `output_norm` an
   `nn.LayerNorm(C)` of the merged heads; `output_dense` an `nn.Linear(C, C)`
   after it. `use_key_bias=False`: the key's `nn.Linear` has no bias.
+- "rope", "rope_mixed": q and k rotated before SDPA. "rope": a
+  `torch.meshgrid` of the two axes' positions (`torch.arange` + offset, or
+  `torch.linspace(-1, 1)`, times reference / size) times the frequencies
+  (float64, then cast); "rope_mixed": the positions times the learned
+  frequencies (`nn.Parameter` (2, heads, kd / 2)), per head. sin and cos
+  `repeat_interleave`d to kd, then x * cos + rot(x) * sin, rot the
+  interleaved pair swap (`torch.stack([-x[..., 1::2], x[..., ::2]], -1)`) or
+  the half swap (`torch.cat([-x2, x1])`).
 
 `nn.Linear.weight` is (out, in) while the canonical kernels are (in, out), so
 `load_weight_dict` stores `kernel.T` and `weight_grad_dict` returns the
@@ -159,6 +167,66 @@ def _norm_parameters(norm: nn.Module) -> tuple[torch.Tensor, ...]:
     return (norm.weight,) if bias is None else (norm.weight, bias)
 
 
+def _rope_angles(
+    height: int,
+    width: int,
+    key_dim: int,
+    rope: schema.RopeSettings,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """ "rope"'s angles (N, kd / 2): per token, the positions of its row and
+    column ("ij"; column first for "xy") times the kd / 4 frequencies."""
+    count = key_dim // 4
+    if rope.in_pixels:
+        top = math.log2(rope.max_resolution) - 1
+        bands = math.pi * 2.0 ** torch.linspace(0.0, top, count, dtype=torch.float64)
+    else:
+        exponent = torch.arange(count, dtype=torch.float64) / count
+        bands = 1.0 / rope.temperature**exponent
+    bands = bands.to(dtype=dtype, device=device)
+
+    def positions(size: int, reference: int | None) -> torch.Tensor:
+        if rope.in_pixels:
+            t = torch.linspace(-1.0, 1.0, size, dtype=dtype, device=device)
+        else:
+            t = torch.arange(size, dtype=dtype, device=device) + rope.grid_offset
+        return t if reference is None else t / size * reference
+
+    ref_h, ref_w = rope.reference_size or (None, None)
+    grid = torch.stack(
+        torch.meshgrid(
+            positions(height, ref_h), positions(width, ref_w), indexing="ij"
+        ),
+        dim=-1,
+    )  # (H, W, 2): [t_y, t_x]
+    if rope.grid_indexing == "xy":
+        grid = grid.flip(-1)  # [t_x, t_y]
+    return (grid[..., None] * bands).reshape(height * width, 2 * count)
+
+
+def _sin_cos(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary tables (..., kd): the angles' sin and cos repeated twice
+    each (angle m at channels 2m and 2m + 1, whatever the layout)."""
+    return (
+        angles.sin().repeat_interleave(2, dim=-1),
+        angles.cos().repeat_interleave(2, dim=-1),
+    )
+
+
+def _rotate(
+    x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], layout: str
+) -> torch.Tensor:
+    """x (B, heads, N, kd) * cos + rot(x) * sin, (sin, cos) = `tables`."""
+    sin, cos = tables
+    if layout == "half":
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+    else:
+        rotated = torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
+    return x * cos + rotated * sin
+
+
 class NativeMHSA2D(nn.Module):
     """The 2-D multi-head self-attention block as a `torch.nn.Module`.
 
@@ -196,6 +264,12 @@ class NativeMHSA2D(nn.Module):
         output_norm: str | None = None,
         output_dense: bool = False,
         norm_epsilon: float = 1e-6,
+        rope_temperature: float | None = None,
+        rope_layout: str = "interleaved",
+        rope_grid_indexing: str | None = None,
+        rope_grid_offset: float = 0.0,
+        rope_in_pixels: bool = False,
+        rope_max_resolution: float = 224,
     ) -> None:
         super().__init__()
         self.config = cfg = _common.check_config(
@@ -215,6 +289,12 @@ class NativeMHSA2D(nn.Module):
             output_norm=output_norm,
             output_dense=output_dense,
             norm_epsilon=norm_epsilon,
+            rope_temperature=rope_temperature,
+            rope_layout=rope_layout,
+            rope_grid_indexing=rope_grid_indexing,
+            rope_grid_offset=rope_grid_offset,
+            rope_in_pixels=rope_in_pixels,
+            rope_max_resolution=rope_max_resolution,
         )
         # The canonical (in, out) shapes; also what `load_weight_dict` accepts.
         shapes = cfg.weight_shapes
@@ -239,6 +319,11 @@ class NativeMHSA2D(nn.Module):
                     position_encoding, cfg.position_size, cfg.key_dim
                 ).items()
             }
+        )
+        # RoPE-Mixed's learned frequencies (2, heads, kd / 2), or None.
+        name = cfg.encoding.frequencies
+        self.frequencies = (
+            nn.Parameter(torch.zeros(shapes[name])) if name is not None else None
         )
 
         # timm's q_norm / k_norm / norm (scale_norm) / proj; None when off.
@@ -304,6 +389,11 @@ class NativeMHSA2D(nn.Module):
                     parameter.copy_(
                         torch.from_numpy(np.ascontiguousarray(weights[name]))
                     )
+            name = self.config.encoding.frequencies
+            if self.frequencies is not None and name is not None:
+                self.frequencies.copy_(
+                    torch.from_numpy(np.ascontiguousarray(weights[name]))
+                )
         return self
 
     def weight_grad_dict(self) -> dict[str, np.ndarray]:
@@ -318,6 +408,9 @@ class NativeMHSA2D(nn.Module):
         for names, norm in self._norms():
             for name, parameter in zip(names, _norm_parameters(norm)):
                 grads[name] = parameter.grad.detach().cpu().numpy()
+        name = self.config.encoding.frequencies
+        if self.frequencies is not None and name is not None:
+            grads[name] = self.frequencies.grad.detach().cpu().numpy()
         return grads
 
     def _position_logits(
@@ -348,6 +441,28 @@ class NativeMHSA2D(nn.Module):
         pos = logits_h[..., :, None] + logits_w[..., None, :]
         return pos.reshape(batch, heads, n, n)
 
+    def _rotary_angles(
+        self, height: int, width: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """The rotary angles, (N, kd / 2) ("rope") or (heads, N, kd / 2)
+        ("rope_mixed"), row-major over (H, W)."""
+        rope = self.config.rope
+        assert rope is not None
+        if self.frequencies is not None:
+            ys, xs = torch.meshgrid(
+                torch.arange(height, dtype=dtype, device=device),
+                torch.arange(width, dtype=dtype, device=device),
+                indexing="ij",
+            )
+            ys, xs = ys.flatten(), xs.flatten()  # (N,)
+            t_x, t_y = (xs, ys) if rope.grid_indexing == "xy" else (ys, xs)
+            f = self.frequencies.to(dtype)
+            # (heads, N, kd / 2)
+            return (
+                t_x[None, :, None] * f[0][:, None] + t_y[None, :, None] * f[1][:, None]
+            )
+        return _rope_angles(height, width, self.config.key_dim, rope, dtype, device)
+
     def forward(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -373,6 +488,12 @@ class NativeMHSA2D(nn.Module):
         v = act(self.value(t)).view(batch, n, heads, dv).transpose(1, 2)
         if self.query_norm is not None and self.key_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)  # over kd: timm's q/k_norm
+        if cfg.rope is not None:
+            tables = _sin_cos(self._rotary_angles(height, width, q.dtype, q.device))
+            q, k = (
+                _rotate(q, tables, cfg.rope.layout),
+                _rotate(k, tables, cfg.rope.layout),
+            )
 
         # Float mask added by SDPA to the scaled logits, or None.
         bias = self._position_logits(q, height, width)
@@ -495,8 +616,9 @@ def fused_block(
     torch float32, for a bench config (`_common.FusedBlock.of`).
 
     SDPA as the bench measures it: the flash kernel on CPU when there is no
-    position term, else "relative"'s term (gathered with the offset index,
-    times the scale) as its float `attn_mask`. No mask, no other encoding.
+    position term ("rope" rotates q and k before it, the tables computed
+    once), else "relative"'s term (gathered with the offset index, times the
+    scale) as its float `attn_mask`. No mask, no other encoding.
     """
     block = _common.FusedBlock.of(config)
     params = {
@@ -515,6 +637,9 @@ def fused_block(
         name_h, name_w = block.tables
         index_h = torch.as_tensor(_common.relative_index(height))
         index_w = torch.as_tensor(_common.relative_index(width))
+    rope = block.rope
+    if rope is not None:
+        tables = _sin_cos(_rope_angles(height, width, d, rope, torch.float32, "cpu"))
 
     def call(x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
@@ -525,6 +650,8 @@ def fused_block(
             return y.reshape(b, n, heads, d).transpose(1, 2)
 
         q, k, v = project("query"), project("key"), project("value")
+        if rope is not None:
+            q, k = _rotate(q, tables, rope.layout), _rotate(k, tables, rope.layout)
         bias = None
         if relative:
             q5 = q.reshape(b, heads, height, width, d)

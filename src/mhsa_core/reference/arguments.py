@@ -16,6 +16,11 @@ ValueError or TypeError becomes the rule's message. The natives, which take
 activation names from their own table, pass their own rule instead
 (`rules={"activation": one_of(...)}`).
 
+Two rules join arguments, and `check_arguments` applies them after the table
+when their arguments are among the values: a rotary encoding's `key_dim` is a
+multiple of 4 (`check_key_dim`), and a `rope_*` argument that the encoding
+(or `rope_in_pixels`) leaves unread keeps its default (`check_rope`).
+
 `check_channels` is the rule between the channels of an input and the config
 (divisible by `num_heads`, and by what the encoding needs), applied where the
 channels are first known: the layer's `build`, a native's constructor.
@@ -42,6 +47,8 @@ __all__ = [
     "Rule",
     "check_arguments",
     "check_channels",
+    "check_key_dim",
+    "check_rope",
     "invalid",
     "is_int",
     "one_of",
@@ -137,6 +144,10 @@ def _rate(value: object) -> bool:
     return _is_real(value) and 0.0 <= value < 1.0
 
 
+def _finite(value: object) -> bool:
+    return _is_real(value) and math.isfinite(value)
+
+
 def _size(value: object) -> bool:
     return (
         isinstance(value, (tuple, list))
@@ -156,6 +167,20 @@ ARGUMENTS: dict[str, Rule | _Lookup] = {
     "scale_position_logits": Rule(
         "a boolean", lambda value: isinstance(value, (bool, np.bool_))
     ),
+    # The rotary encodings' settings (`schema.rope_settings`).
+    "rope_temperature": Rule(
+        "None or a positive finite number", _optional(_positive_finite)
+    ),
+    "rope_layout": one_of(schema.ROPE_LAYOUTS),
+    "rope_grid_indexing": Rule(
+        f"None or one of {schema.GRID_INDEXINGS}",
+        lambda value: value is None or value in schema.GRID_INDEXINGS,
+    ),
+    "rope_grid_offset": Rule("a finite number", _finite),
+    "rope_in_pixels": Rule(
+        "a boolean", lambda value: isinstance(value, (bool, np.bool_))
+    ),
+    "rope_max_resolution": Rule("a positive finite number", _positive_finite),
     "scale": Rule("None or a positive finite number", _optional(_positive_finite)),
     "dropout": Rule("a number in [0, 1)", _rate),
     "data_format": one_of(DATA_FORMATS),
@@ -213,14 +238,80 @@ def check_arguments(
                 raise invalid(name, value, rule.expected) from e
         else:
             rule.check(name, value)
+    if "position_encoding" in values:
+        encoding = str(values["position_encoding"])
+        key_dim = values.get("key_dim")
+        if is_int(key_dim):
+            check_key_dim(int(key_dim), encoding)
+        check_rope(
+            encoding, {k: v for k, v in values.items() if k in schema.ROPE_DEFAULTS}
+        )
     return out
 
 
+def check_key_dim(
+    key_dim: int,
+    position_encoding: str = "none",
+    *,
+    channels: int | None = None,
+    num_heads: int | None = None,
+) -> None:
+    """ValueError unless a head's `key_dim` suits `position_encoding` (a
+    rotary encoding rotates pairs of channels, half of them per axis: a
+    multiple of 4). `channels` and `num_heads`, when given, say that key_dim
+    is the default C // num_heads (for the message)."""
+    multiple = schema.encoding(position_encoding).key_dim_multiple
+    if key_dim % multiple == 0:
+        return
+    received = f"key_dim={key_dim}"
+    if channels is not None:
+        received = (
+            f"key_dim=None (C // num_heads = {key_dim}), channels={channels}, "
+            f"num_heads={num_heads}"
+        )
+    raise ValueError(
+        f"position_encoding={position_encoding!r} rotates pairs of query and key "
+        f"channels, half of them per axis of the map, so `key_dim` must be "
+        f"divisible by {multiple}. Received: {received}"
+    )
+
+
+def check_rope(position_encoding: str, values: Mapping[str, object]) -> None:
+    """ValueError for a `rope_*` argument (of `values`) set away from its
+    default where nothing reads it: with an encoding that does not read it
+    (`schema.Encoding.rotary`), `rope_temperature` / `rope_grid_offset` with
+    `rope_in_pixels=True`, `rope_max_resolution` without it (timm's
+    `RotaryEmbeddingCat` uses each in one mode only)."""
+    rotary = schema.encoding(position_encoding).rotary
+    in_pixels = bool(values.get("rope_in_pixels", False))
+    for name, value in values.items():
+        default = schema.ROPE_DEFAULTS[name]
+        if value is None or value == default:
+            continue
+        if rotary is None or name not in rotary.arguments:
+            where = f"position_encoding={position_encoding!r}"
+        elif in_pixels and name in ("rope_temperature", "rope_grid_offset"):
+            where = "rope_in_pixels=True (the pixel frequencies and grid)"
+        elif not in_pixels and name == "rope_max_resolution":
+            where = "rope_in_pixels=False"
+        else:
+            continue
+        raise ValueError(
+            f"`{name}` has no effect with {where}; leave it at its default "
+            f"{default!r}. Received: {name}={value!r}"
+        )
+
+
 def check_channels(
-    channels: int, num_heads: int = 1, position_encoding: str = "none"
+    channels: int,
+    num_heads: int = 1,
+    position_encoding: str = "none",
+    key_dim: int | None = None,
 ) -> None:
     """ValueError unless C=`channels` splits into `num_heads` heads and suits
-    `position_encoding` (e.g. "sinusoidal" needs C divisible by 4)."""
+    `position_encoding` (e.g. "sinusoidal" needs C divisible by 4), and the
+    heads' key_dim (`key_dim`, or C // num_heads) suits it too ("rope": a
+    multiple of 4)."""
     if channels % num_heads:
         raise ValueError(
             "The number of channels must be divisible by `num_heads`. "
@@ -232,3 +323,12 @@ def check_channels(
             f"position_encoding={position_encoding!r} needs channels divisible by "
             f"{multiple}. Received: channels={channels}"
         )
+    if key_dim is None:
+        check_key_dim(
+            channels // num_heads,
+            position_encoding,
+            channels=channels,
+            num_heads=num_heads,
+        )
+    else:
+        check_key_dim(key_dim, position_encoding)

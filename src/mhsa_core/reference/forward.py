@@ -11,13 +11,15 @@ Weights are the canonical dict of `mhsa_core.reference.schema`. With
 position term), else scale * q_i . k_j + position term; the position term is
 shared across heads. The options of timm's and EVA's attention act where
 timm's do: `qk_norm` on each head's q and k before the logits,
-`output_norm` on the merged heads and then `output_dense` (`norms.py`).
+`output_norm` on the merged heads and then `output_dense` (`norms.py`). A
+rotary encoding ("rope", "rope_mixed") rotates each head's (normed) q and k
+before the logits (`reference.position.rotate`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -32,6 +34,8 @@ from mhsa_core.reference.position import (
     dense,
     position_logits,
     relu,
+    rotate,
+    rotation_angles,
     token_term,
 )
 
@@ -59,6 +63,8 @@ LAYER_ARGUMENTS = (
     "output_norm",
     "output_dense",
     "norm_epsilon",
+    "position_size",
+    *schema.ROPE_DEFAULTS,
 )
 
 
@@ -121,6 +127,13 @@ def mhsa_forward(
     output_norm: str | None = ...,
     output_dense: bool = ...,
     norm_epsilon: float = ...,
+    position_size: Sequence[int] | None = ...,
+    rope_temperature: float | None = ...,
+    rope_layout: str = ...,
+    rope_grid_indexing: str | None = ...,
+    rope_grid_offset: float = ...,
+    rope_in_pixels: bool = ...,
+    rope_max_resolution: float = ...,
     attention_mask: ArrayLike | None = ...,
     return_attention_scores: Literal[False] = ...,
     dtype: FloatType = ...,
@@ -146,6 +159,13 @@ def mhsa_forward(
     output_norm: str | None = ...,
     output_dense: bool = ...,
     norm_epsilon: float = ...,
+    position_size: Sequence[int] | None = ...,
+    rope_temperature: float | None = ...,
+    rope_layout: str = ...,
+    rope_grid_indexing: str | None = ...,
+    rope_grid_offset: float = ...,
+    rope_in_pixels: bool = ...,
+    rope_max_resolution: float = ...,
     attention_mask: ArrayLike | None = ...,
     return_attention_scores: Literal[True],
     dtype: FloatType = ...,
@@ -171,6 +191,13 @@ def mhsa_forward(
     output_norm: str | None = ...,
     output_dense: bool = ...,
     norm_epsilon: float = ...,
+    position_size: Sequence[int] | None = ...,
+    rope_temperature: float | None = ...,
+    rope_layout: str = ...,
+    rope_grid_indexing: str | None = ...,
+    rope_grid_offset: float = ...,
+    rope_in_pixels: bool = ...,
+    rope_max_resolution: float = ...,
     attention_mask: ArrayLike | None = ...,
     return_attention_scores: bool,
     dtype: FloatType = ...,
@@ -195,6 +222,13 @@ def mhsa_forward(
     output_norm: str | None = None,
     output_dense: bool = False,
     norm_epsilon: float = 1e-6,
+    position_size: Sequence[int] | None = None,
+    rope_temperature: float | None = None,
+    rope_layout: str = "interleaved",
+    rope_grid_indexing: str | None = None,
+    rope_grid_offset: float = 0.0,
+    rope_in_pixels: bool = False,
+    rope_max_resolution: float = 224,
     attention_mask: ArrayLike | None = None,
     return_attention_scores: bool = False,
     dtype: FloatType = np.float64,
@@ -225,6 +259,16 @@ def mhsa_forward(
         output_dense: as the layer's: the (C, C) projection `output_kernel`
             (+ `output_bias`) last.
         norm_epsilon: as the layer's: the norms' epsilon.
+        position_size: as the layer's: the reference grid of "rope"
+            (ignored by the others; learned tables give their size by their
+            shapes).
+        rope_temperature: as the layer's (the rotary encodings' settings,
+            resolved by `schema.rope_settings`); likewise the next five.
+        rope_layout: as the layer's.
+        rope_grid_indexing: as the layer's.
+        rope_grid_offset: as the layer's.
+        rope_in_pixels: as the layer's.
+        rope_max_resolution: as the layer's.
         attention_mask: optional bool (B, H, W); True = may be attended to.
         dtype: the float dtype of every intermediate (float64 for the oracle,
             float32 for the float32 error budget).
@@ -239,7 +283,8 @@ def mhsa_forward(
             (the layer keeps them, and the position term, in float32), nor
             are the norms' weights (float32 too); a norm computes in `dtype`
             from its rounded input and hands on a rounded result, as Keras's
-            LayerNormalization does.
+            LayerNormalization does. Nor are rotary tables and the rotated q
+            and k (the layer rotates in float32).
 
     Returns:
         The output in the layout of `x`, and with `return_attention_scores`
@@ -295,7 +340,7 @@ def mhsa_forward(
         act(dense(t, weights, f"{p}_kernel", f"{p}_bias", dtype, matmul, store))
         for p in schema.PROJECTIONS
     )  # (B, N, heads*kd) twice, (B, N, C)
-    # Step 4: a norm of each head's q and k (over its kd channels; one
+    # Step 4a: a norm of each head's q and k (over its kd channels; one
     # scale, and bias, shared by the heads).
     if qk_norm is not None:
 
@@ -305,6 +350,24 @@ def mhsa_forward(
             return store(normed.reshape(batch, n, num_heads * key_dim))
 
         q, k = head_norm(q, "query"), head_norm(k, "key")
+    # Step 4b: a rotary encoding's angles, (heads or 1, N, kd / 2); the
+    # rotation (step 5) acts on the normed q and k, as timm.
+    rope: dict[str, Any] = {
+        "rope_temperature": rope_temperature,
+        "rope_layout": rope_layout,
+        "rope_grid_indexing": rope_grid_indexing,
+        "rope_grid_offset": rope_grid_offset,
+        "rope_in_pixels": rope_in_pixels,
+        "rope_max_resolution": rope_max_resolution,
+    }
+    arguments.check_arguments({"position_encoding": position_encoding, **rope})
+    arguments.check_key_dim(key_dim, position_encoding)
+    settings = schema.rope_settings(
+        position_encoding, position_size=position_size, **rope
+    )
+    angles = rotation_angles(
+        weights, position_encoding, settings, height, width, key_dim, dtype
+    )
 
     if attention_mask is None:
         keep = np.ones((batch, n), dtype=bool)
@@ -320,6 +383,10 @@ def mhsa_forward(
             qh = q[b, :, h * key_dim : (h + 1) * key_dim]  # (N, kd)
             kh = k[b, :, h * key_dim : (h + 1) * key_dim]  # (N, kd)
             vh = v[b, :, h * head_dim : (h + 1) * head_dim]  # (N, dv)
+            if angles is not None and settings is not None:
+                head_angles = angles[h % angles.shape[0]]  # (N, kd / 2)
+                qh = rotate(qh, head_angles, settings.layout)
+                kh = rotate(kh, head_angles, settings.layout)
             if not valid.any():
                 # Every key masked: probabilities and output are zero.
                 continue

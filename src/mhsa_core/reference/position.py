@@ -11,7 +11,11 @@ query and j a key:
 - "relative" (BoTNet): logits(i, j) += q_i . (R_h[y_j - y_i + H - 1]
   + R_w[x_j - x_i + W - 1]), the tables resized to 2H - 1 and 2W - 1 rows;
 - "absolute": logits(i, j) += q_i . (E_h[y_j] + E_w[x_j]), the tables
-  resized to H and W rows.
+  resized to H and W rows;
+- "rope", "rope_mixed" (stage "qk"): q and k of every head rotated by angles
+  of the token's (y, x) before the logits (`rotation_angles`, `rotate`), as
+  timm's `RotaryEmbeddingCat` / `RotaryEmbeddingMixed` and
+  `apply_rot_embed_cat`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ __all__ = [
     "token_term",
     "TOKEN_TERMS",
     "KEY_EMBEDDINGS",
+    "rope_angles",
+    "rope_mixed_angles",
+    "rotation_angles",
+    "rotate",
 ]
 
 # The float scalar type every step computes in (np.float64 for the oracle,
@@ -235,4 +243,157 @@ def position_logits(
     for i in range(n):
         emb = embedding_of(tables, ys, xs, i, height, width)  # (N, kd)
         out[i] = matmul(emb, q[i][:, None])[:, 0]  # (N, kd) @ (kd, 1)
+    return out
+
+
+# ------------------------------------------------------ rotary encodings
+def _linspace(start: float, stop: float, steps: int, dtype: FloatType) -> np.ndarray:
+    """`steps` evenly spaced values from `start` to `stop` ([start] for one)."""
+    if steps == 1:
+        return np.asarray([dtype(start)])
+    step = (dtype(stop) - dtype(start)) / dtype(steps - 1)
+    return np.asarray([dtype(start) + dtype(i) * step for i in range(steps)])
+
+
+def _rope_bands(
+    key_dim: int, settings: schema.RopeSettings, dtype: FloatType
+) -> np.ndarray:
+    """The kd / 4 frequencies of one axis: temperature^(-k / (kd / 4)), or
+    with `in_pixels` pi * 2^u, u = kd / 4 values evenly spaced from 0 to
+    log2(max_resolution) - 1 (timm's `freq_bands` and `pixel_freq_bands`)."""
+    count = key_dim // 4
+    if settings.in_pixels:
+        top = math.log2(settings.max_resolution) - 1.0
+        return np.asarray(
+            [
+                dtype(math.pi) * dtype(2.0) ** u
+                for u in _linspace(0.0, top, count, dtype)
+            ]
+        )
+    return np.asarray(
+        [
+            dtype(1) / dtype(settings.temperature) ** (dtype(k) / dtype(count))
+            for k in range(count)
+        ]
+    )
+
+
+def _rope_grid(
+    size: int, reference: int | None, settings: schema.RopeSettings, dtype: FloatType
+) -> np.ndarray:
+    """The positions along one axis of `size` cells: i + grid_offset, or
+    linspace(-1, 1) with `in_pixels`; times reference / size when the grid is
+    normalised against a reference size."""
+    if settings.in_pixels:
+        t = _linspace(-1.0, 1.0, size, dtype)
+    else:
+        t = np.asarray([dtype(i) + dtype(settings.grid_offset) for i in range(size)])
+    if reference is not None:
+        t = np.asarray([v / dtype(size) * dtype(reference) for v in t])
+    return t
+
+
+def rope_angles(
+    height: int,
+    width: int,
+    key_dim: int,
+    settings: schema.RopeSettings,
+    dtype: FloatType = np.float64,
+) -> np.ndarray:
+    """The angles of "rope" (EVA's `RotaryEmbeddingCat`), (N, kd / 2),
+    row-major over (H, W).
+
+    Token (y, x) gets [t_y * w, t_x * w] ("ij") or [t_x * w, t_y * w] ("xy"),
+    t the positions of `_rope_grid` and w the kd / 4 frequencies of
+    `_rope_bands`. Angle m turns the channel pair of `rotate`.
+    """
+    bands = _rope_bands(key_dim, settings, dtype)
+    count = bands.size
+    ref_h, ref_w = settings.reference_size or (None, None)
+    t_y = _rope_grid(height, ref_h, settings, dtype)
+    t_x = _rope_grid(width, ref_w, settings, dtype)
+    out = np.zeros((height * width, 2 * count), dtype=dtype)
+    for y in range(height):
+        for x in range(width):
+            first, second = (
+                (t_y[y], t_x[x]) if settings.grid_indexing == "ij" else (t_x[x], t_y[y])
+            )
+            out[y * width + x, :count] = first * bands
+            out[y * width + x, count:] = second * bands
+    return out
+
+
+def rope_mixed_angles(
+    height: int,
+    width: int,
+    frequencies: np.ndarray,
+    grid_indexing: str = "xy",
+    dtype: FloatType = np.float64,
+) -> np.ndarray:
+    """The angles of "rope_mixed" (RoPE-Mixed), (heads, N, kd / 2).
+
+    Token (y, x), head h, pair m: t_x * F[0, h, m] + t_y * F[1, h, m], with
+    (t_x, t_y) = (x, y) for "xy" (rope-vit's convention) and (y, x) for "ij"
+    (timm's `get_mixed_grid`): no offset, no reference scaling.
+    """
+    f = np.asarray(frequencies).astype(dtype)
+    heads, pairs = f.shape[1], f.shape[2]
+    out = np.zeros((heads, height * width, pairs), dtype=dtype)
+    for y in range(height):
+        for x in range(width):
+            t_x, t_y = (dtype(x), dtype(y)) if grid_indexing == "xy" else (y, x)
+            out[:, y * width + x] = dtype(t_x) * f[0] + dtype(t_y) * f[1]
+    return out
+
+
+def rotation_angles(
+    weights: Weights,
+    position_encoding: str,
+    settings: schema.RopeSettings | None,
+    height: int,
+    width: int,
+    key_dim: int,
+    dtype: FloatType = np.float64,
+) -> np.ndarray | None:
+    """The rotation angles of a "qk" stage encoding, (heads or 1, N, kd / 2),
+    or None for the others."""
+    spec = schema.encoding(position_encoding)
+    if spec.stage != "qk" or settings is None:
+        return None
+    if spec.frequencies is not None:
+        return rope_mixed_angles(
+            height, width, weights[spec.frequencies], settings.grid_indexing, dtype
+        )
+    return rope_angles(height, width, key_dim, settings, dtype)[None]
+
+
+def rotate(v: np.ndarray, angles: np.ndarray, layout: str) -> np.ndarray:
+    """q or k of one head, (N, kd), rotated by `angles` (N, kd / 2).
+
+    timm's `apply_rot_embed_cat(v, emb, half)`: v * cos + r(v) * sin, with
+    the tables cos, sin (N, kd) holding angle m at channels 2m and 2m + 1
+    (`RotaryEmbeddingCat`'s and `get_mixed_freqs`'s layout, whatever the
+    rotation), and
+
+    - "interleaved" (`rot`): r(v)[2m] = -v[2m + 1], r(v)[2m + 1] = v[2m]: pair
+      (2m, 2m + 1) turned by angle m;
+    - "half" (`rope_rotate_half`): r(v)[i] = -v[i + kd / 2], r(v)[i + kd / 2]
+      = v[i] (i < kd / 2): channel i is paired with i + kd / 2, and each uses
+      the angle of its own table slot, i // 2 and (i + kd / 2) // 2, which
+      differ (timm's layout, a rotation only when both angles are equal).
+    """
+    n, kd = v.shape
+    sin, cos = np.sin(angles), np.cos(angles)  # (N, kd / 2)
+    out = np.zeros_like(v)
+    if layout == "interleaved":
+        for m in range(kd // 2):
+            a, b = v[:, 2 * m], v[:, 2 * m + 1]
+            out[:, 2 * m] = a * cos[:, m] - b * sin[:, m]
+            out[:, 2 * m + 1] = b * cos[:, m] + a * sin[:, m]
+        return out
+    half = kd // 2
+    for i in range(half):
+        j = i + half
+        out[:, i] = v[:, i] * cos[:, i // 2] - v[:, j] * sin[:, i // 2]
+        out[:, j] = v[:, j] * cos[:, j // 2] + v[:, i] * sin[:, j // 2]
     return out

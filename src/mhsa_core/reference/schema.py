@@ -21,6 +21,7 @@ Canonical weight dict (biases only with `use_bias`; key_bias only with
     value_kernel    (C, C)          value_bias (C,)
     relative_height (2*Hr - 1, kd)  relative_width (2*Wr - 1, kd)   # "relative" only
     absolute_height (Hr, kd)        absolute_width (Wr, kd)         # "absolute" only
+    rope_frequencies (2, heads, kd / 2)                             # "rope_mixed" only
     query_norm_scale (kd,)          query_norm_bias (kd,)    # qk_norm ("layer": bias)
     key_norm_scale   (kd,)          key_norm_bias   (kd,)    # qk_norm ("layer": bias)
     output_norm_scale (C,)          output_norm_bias (C,)    # output_norm="layer"
@@ -29,7 +30,9 @@ Canonical weight dict (biases only with `use_bias`; key_bias only with
 (Hr, Wr) is the reference size of the learned tables (the layer's
 `position_size`). The norms' weights are one per channel of a head, shared by
 the heads (timm's `q_norm` / `k_norm`), and have no bias for "rms" (timm's
-RmsNorm has none); their bias does not follow `use_bias`.
+RmsNorm has none); their bias does not follow `use_bias`. The rotary
+encodings ("rope", "rope_mixed") act on q and k (stage "qk"); their settings
+are the layer's `rope_*` arguments, resolved by `rope_settings`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,13 @@ from numpy.typing import DTypeLike
 __all__ = [
     "Encoding",
     "ENCODINGS",
+    "GRID_INDEXINGS",
+    "ROPE_DEFAULTS",
+    "ROPE_LAYOUTS",
+    "RopeSettings",
+    "Rotary",
+    "rope_mixed_frequencies",
+    "rope_settings",
     "POSITION_ENCODINGS",
     "PRESETS",
     "PROJECTIONS",
@@ -63,6 +73,67 @@ __all__ = [
 ]
 
 
+# The rotation layouts of the rotary encodings: timm's `rot` (pairs of
+# neighbouring channels) and `rope_rotate_half` (channel i with i + kd / 2).
+ROPE_LAYOUTS = ("interleaved", "half")
+# How the two grid axes map onto the rotary channels (timm's `grid_indexing`).
+GRID_INDEXINGS = ("ij", "xy")
+# The layer's rope_* arguments and their defaults (EVA-02's settings; None:
+# the encoding's own default, `Rotary`).
+ROPE_DEFAULTS: dict[str, Any] = {
+    "rope_temperature": None,
+    "rope_layout": "interleaved",
+    "rope_grid_indexing": None,
+    "rope_grid_offset": 0.0,
+    "rope_in_pixels": False,
+    "rope_max_resolution": 224,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotary:
+    """What a rotary encoding ("qk" stage) reads of the `rope_*` arguments.
+
+    Attributes:
+        temperature: the default of `rope_temperature`.
+        grid_indexing: the default of `rope_grid_indexing`.
+        arguments: the `rope_*` arguments it reads; any other one must keep
+            its default (`ROPE_DEFAULTS`).
+    """
+
+    temperature: float
+    grid_indexing: str
+    arguments: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSettings:
+    """The resolved settings of a rotary encoding (`rope_settings`).
+
+    Attributes:
+        temperature: base of the frequencies ("rope": w_k =
+            temperature^(-k / (kd / 4)); "rope_mixed": of their initial
+            magnitudes).
+        layout: "interleaved" or "half" (`ROPE_LAYOUTS`).
+        grid_indexing: "ij" (the first half of the rotary channels follows
+            the row) or "xy" (the column).
+        grid_offset: added to the integer grid ("rope", not in pixels).
+        in_pixels: the grid is linspace(-1, 1) per axis and the frequencies
+            pixel bands up to `max_resolution` ("rope").
+        max_resolution: see `in_pixels`.
+        reference_size: (Hr, Wr): the grid is scaled by Hr / H and Wr / W
+            (EVA's `ref_feat_shape`), or None: unscaled.
+    """
+
+    temperature: float
+    layout: str
+    grid_indexing: str
+    grid_offset: float
+    in_pixels: bool
+    max_resolution: float
+    reference_size: tuple[int, int] | None
+
+
 @dataclasses.dataclass(frozen=True)
 class Encoding:
     """What every implementation must know of one position encoding.
@@ -70,7 +141,8 @@ class Encoding:
     Attributes:
         name: the value of `position_encoding`.
         stage: "tokens" (a term added to the tokens before the projections),
-            "logits" (a term added to the attention logits) or None (nothing).
+            "logits" (a term added to the attention logits), "qk" (a
+            rotation of q and k before the attention) or None (nothing).
         tables: prefix of the learned per-axis tables ("relative" gives
             `relative_height`, `relative_width`), or None.
         rows: rows of a table for a reference size of n along its axis
@@ -78,6 +150,14 @@ class Encoding:
         token_weights: names of the weights of a "tokens" stage, kernel then
             bias, (C, C) and (C,), created before the projections.
         channels_multiple: C must be a multiple of this.
+        key_dim_multiple: the key_dim of a head must be a multiple of this.
+        rotary: the `rope_*` arguments it reads and their defaults, or None.
+        reference_grid: whether `position_size` is the reference grid its
+            positions are normalised against ("rope": EVA's `ref_feat_shape`;
+            None there means no normalisation).
+        frequencies: the name of its learned rotary frequencies, (2, heads,
+            kd / 2) (a "qk" stage weight, created after the projections), or
+            None.
         summary: one line for errors and docs.
     """
 
@@ -87,6 +167,10 @@ class Encoding:
     rows: Callable[[int], int] | None = None
     token_weights: tuple[str, ...] = ()
     channels_multiple: int = 1
+    key_dim_multiple: int = 1
+    rotary: Rotary | None = None
+    reference_grid: bool = False
+    frequencies: str | None = None
     summary: str = ""
 
     @property
@@ -143,6 +227,25 @@ ENCODINGS: dict[str, Encoding] = {
             summary=(
                 "learned factorized row and column embeddings of the key, in the logits"
             ),
+        ),
+        Encoding(
+            "rope",
+            "qk",
+            key_dim_multiple=4,
+            rotary=Rotary(10000.0, "ij", tuple(ROPE_DEFAULTS)),
+            reference_grid=True,
+            summary="2-D axial rotary embedding of q and k (EVA's RotaryEmbeddingCat)",
+        ),
+        Encoding(
+            "rope_mixed",
+            "qk",
+            key_dim_multiple=4,
+            rotary=Rotary(
+                10.0, "xy", ("rope_temperature", "rope_layout", "rope_grid_indexing")
+            ),
+            frequencies="rope_frequencies",
+            summary="2-D rotary embedding of q and k with learned per-head "
+            "frequencies (RoPE-Mixed)",
         ),
     )
 }
@@ -238,6 +341,47 @@ def option_weight_shapes(
     return shapes
 
 
+def rope_settings(
+    position_encoding: str,
+    *,
+    position_size: Sequence[int] | None = None,
+    rope_temperature: float | None = None,
+    rope_layout: str = "interleaved",
+    rope_grid_indexing: str | None = None,
+    rope_grid_offset: float = 0.0,
+    rope_in_pixels: bool = False,
+    rope_max_resolution: float = 224,
+) -> RopeSettings | None:
+    """The resolved `RopeSettings` of a rotary encoding, None for the others.
+
+    The arguments are the layer's (unchecked here: `reference.arguments`);
+    None takes the encoding's default (`Encoding.rotary`). `position_size`
+    is the reference grid of "rope" (EVA's `ref_feat_shape`); "rope_mixed"
+    has none (timm's RotaryEmbeddingMixed takes no `ref_feat_shape`).
+    """
+    spec = encoding(position_encoding)
+    rotary = spec.rotary
+    if rotary is None:
+        return None
+    return RopeSettings(
+        temperature=float(
+            rotary.temperature if rope_temperature is None else rope_temperature
+        ),
+        layout=rope_layout,
+        grid_indexing=rotary.grid_indexing
+        if rope_grid_indexing is None
+        else rope_grid_indexing,
+        grid_offset=float(rope_grid_offset),
+        in_pixels=bool(rope_in_pixels),
+        max_resolution=float(rope_max_resolution),
+        reference_size=(
+            (int(position_size[0]), int(position_size[1]))
+            if spec.reference_grid and position_size is not None
+            else None
+        ),
+    )
+
+
 def weight_shapes(
     channels: int,
     num_heads: int = 1,
@@ -275,6 +419,8 @@ def weight_shapes(
         if biases[name]:
             shapes[f"{name}_bias"] = (width,)
     shapes.update(table_shapes(position_encoding, position_size, key_dim))
+    if spec.frequencies is not None:
+        shapes[spec.frequencies] = (2, num_heads, key_dim // 2)
     shapes.update(
         option_weight_shapes(
             channels, key_dim, use_bias, qk_norm, output_norm, output_dense
@@ -294,6 +440,23 @@ def table_stddev(key_dim: int) -> float:
     return 1.0 / math.sqrt(key_dim)
 
 
+def rope_mixed_frequencies(
+    num_heads: int, key_dim: int, angles: np.ndarray, temperature: float = 10.0
+) -> np.ndarray:
+    """RoPE-Mixed's initial frequencies (2, heads, kd / 2), as timm's
+    `init_random_2d_freqs` for one layer.
+
+    Per head h, with magnitudes m_k = temperature^(-4k / kd), k < kd / 4, and
+    the head's angle a_h (`angles`, (heads,), uniform in [0, 2 pi) at init):
+    f_x = [m cos(a_h), m cos(a_h + pi / 2)], f_y = [m sin(a_h), m sin(a_h + pi / 2)].
+    """
+    magnitude = 1.0 / temperature ** (np.arange(0, key_dim, 4) / key_dim)  # (kd/4,)
+    a = np.asarray(angles, np.float64).reshape(num_heads, 1)
+    fx = np.concatenate([magnitude * np.cos(a), magnitude * np.cos(a + np.pi / 2)], -1)
+    fy = np.concatenate([magnitude * np.sin(a), magnitude * np.sin(a + np.pi / 2)], -1)
+    return np.stack([fx, fy])  # (2, heads, kd / 2)
+
+
 def random_weights(
     channels: int,
     num_heads: int = 1,
@@ -310,9 +473,9 @@ def random_weights(
     output_dense: bool = False,
 ) -> dict[str, np.ndarray]:
     """He-normal kernels, small random biases, N(0, 1/key_dim) position tables,
-    norm scales N(1, 0.2^2), drawn with NumPy (in creation order, so the
-    weights that an option adds at the end leave the others' draws as they
-    were).
+    RoPE-Mixed's initial frequencies (a random angle per head), norm scales
+    N(1, 0.2^2), drawn with NumPy (in creation order, so the weights that an
+    option adds at the end leave the others' draws as they were).
 
     Cross-backend comparisons always inject these: the same Keras seed gives
     different initial values on each backend.
@@ -323,6 +486,7 @@ def random_weights(
         if encoding(position_encoding).learned_tables
         else set()
     )
+    spec = encoding(position_encoding)
     out = {}
     for name, shape in weight_shapes(
         channels,
@@ -336,6 +500,12 @@ def random_weights(
         output_norm=output_norm,
         output_dense=output_dense,
     ).items():
+        if name == spec.frequencies and spec.rotary is not None:
+            angles = rng.uniform(0.0, 2 * np.pi, shape[1])
+            out[name] = rope_mixed_frequencies(
+                shape[1], 2 * shape[2], angles, spec.rotary.temperature
+            ).astype(dtype)
+            continue
         if name in tables:
             std = table_stddev(shape[1])
         elif name.endswith("kernel"):

@@ -9,6 +9,9 @@
   SDPA on torch), where it is exact enough.
 
 `attend` is the one entry point; `choice.py` holds the rule that picks a path.
+A rotary encoding's q and k arrive already rotated (the layer calls
+`PositionEncoding.rotate` before `attend`): every path takes them as they are,
+and the chunked path's loop never recomputes the rotation.
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@
   the fused kernels are not exact enough (float64: torch and JAX compute it
   in float32 there). Structural misfits of "fused" (a relative position
   term, query and value heads of different widths) are a ValueError when
-  the layer is made or built, not a fallback.
+  the layer is made or built, not a fallback. A rotation of q and k
+  ("rope", "rope_mixed") is no misfit: the layer rotates them before any
+  path runs (`PositionEncoding.rotate`), so every path, the fused kernels
+  included, takes the rotated q and k.
 - "auto": the full path for maps of at most `FULL_MAX_TOKENS` tokens (it is
   near each backend's matmul ceiling there and the only one with scores),
   else fused where it is supported and the backend's kernel is the fast one
@@ -81,7 +84,13 @@ def chunk_per_head() -> bool:
 def fused_misfit(
     position: PositionEncoding, query_dim: int | None, value_dim: int | None
 ) -> str | None:
-    """Why the fused path cannot run this layer at all, or None."""
+    """Why the fused path cannot run this layer at all, or None.
+
+    Only a logits term that depends on the query's position misfits: a
+    "tokens" encoding acts before the projections, a "qk" encoding (rope)
+    rotates q and k before the attention, and a term q_i . e_j folds into
+    the keys (`PositionEncoding.key_term`).
+    """
     if position.spec.stage == "logits" and not position.folds_into_keys:
         return (
             f"position_encoding={position.name!r} adds a term that depends on "

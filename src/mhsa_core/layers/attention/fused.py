@@ -4,8 +4,10 @@ On torch CPU it reaches SDPA's flash kernel, whose backward is O(N) memory.
 Used only where it is exact enough (`choice.resolve`, `choice.fused_misfit`):
 float32 or lower (torch and JAX compute 64-bit in 32-bit there), query and
 value heads of one width, no scores, no dropout, and a position term that
-folds into the keys (none or "absolute"). Under mixed precision the kernel
-runs in float32, as the other paths' logits and softmax.
+folds into the keys (none or "absolute"), or none at all: a rotary encoding
+("rope", "rope_mixed") has rotated q and k before (`PositionEncoding.rotate`).
+Under mixed precision the kernel runs in float32, as the other paths'
+logits and softmax.
 """
 
 from __future__ import annotations

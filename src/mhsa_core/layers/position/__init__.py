@@ -11,6 +11,8 @@ from mhsa_core.layers.position.base import PositionEncoding as PositionEncoding
 from mhsa_core.layers.position.conv import ConvPosition
 from mhsa_core.layers.position.none import NoPosition
 from mhsa_core.layers.position.relative import RelativePosition
+from mhsa_core.layers.position.rope import RopePosition
+from mhsa_core.layers.position.rope_mixed import MixedRopePosition
 from mhsa_core.layers.position.sinusoidal import SinusoidalPosition
 from mhsa_core.layers.position.sinusoidal import (
     sinusoidal_embedding as sinusoidal_embedding,
@@ -24,6 +26,8 @@ ENCODINGS = {
         SinusoidalPosition,
         RelativePosition,
         AbsolutePosition,
+        RopePosition,
+        MixedRopePosition,
     )
 }
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from mhsa_core._typing import DType, Tensor
 from mhsa_core.layers.weights import WeightFactory
@@ -17,9 +18,11 @@ class PositionEncoding:
     layer hands it (`mhsa_core.layers.weights`: the layer's own variables,
     with its settings, under the canonical names and in the canonical order
     of `mhsa_core.reference.schema.weight_shapes`), `tokens` may add a term to
-    the tokens before the projections, and `logits_bias` may return a term
-    for the attention logits. The defaults do nothing. An encoding never sees
-    the layer: what it needs of it comes through the factory.
+    the tokens before the projections, `rotate` may rotate every head's q and
+    k before the attention (a "qk" stage: "rope", "rope_mixed"), and
+    `logits_bias` may return a term for the attention logits. The defaults
+    do nothing. An encoding never sees the layer: what it needs of it comes
+    through the factory, and its own settings through `from_arguments`.
 
     A logits term is given three ways, one per attention path
     (`mhsa_core.layers.attention`): `logits_bias` whole, (B, heads, N, N), for
@@ -44,6 +47,14 @@ class PositionEncoding:
     def name(self) -> str:
         return self.spec.name
 
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> PositionEncoding:
+        """The encoding for the layer's checked arguments (name -> value,
+        the names of `mhsa_core.reference.arguments`); it reads its own
+        settings among them (the rotary encodings: the `rope_*` ones). No
+        settings by default."""
+        return cls()
+
     def build(self, weights: WeightFactory, channels: int, key_dim: int) -> None:
         """Creates this encoding's weights with `weights` (none by default).
 
@@ -60,6 +71,20 @@ class PositionEncoding:
         """Tokens (B, N, C) -> tokens with this encoding's term (unchanged by
         default)."""
         return tokens
+
+    def rotate(
+        self, query: Tensor, key: Tensor, height: int | Tensor, width: int | Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """q and k (B, heads, N, kd) as the attention takes them (unchanged by
+        default).
+
+        The layer calls it once per call, after the projections (and any
+        normalization of q and k), before every attention path: the full,
+        chunked and fused paths take what it returns, and the chunked path
+        never rotates inside its loop. An encoding that rotates returns q
+        and k in the logits dtype (float32 under mixed precision).
+        """
+        return query, key
 
     def logits_bias(
         self, q: Tensor, height: int | Tensor, width: int | Tensor
