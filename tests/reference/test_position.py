@@ -104,9 +104,7 @@ def test_golden_resize_bias_table():
     # clamp to the table's ends: the table padded by its edge rows/columns.
     table = np.arange(9.0).reshape(3, 3, 1)
     out = reference_position.resize_bias_table(table, 5, 5)
-    np.testing.assert_array_equal(
-        out[..., 0], np.pad(table[..., 0], 1, mode="edge")
-    )
+    np.testing.assert_array_equal(out[..., 0], np.pad(table[..., 0], 1, mode="edge"))
     # 1x1 -> any size: one offset, a constant table.
     out = reference_position.resize_bias_table(np.full((1, 1, 2), 3.0), 3, 5)
     np.testing.assert_array_equal(out, np.full((3, 5, 2), 3.0))

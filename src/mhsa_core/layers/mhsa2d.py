@@ -20,6 +20,7 @@ from mhsa_core.layers import activations, weight_import
 from mhsa_core.layers._arrays import as_float_array
 from mhsa_core.layers.attention import attend, logits_dtype
 from mhsa_core.layers.attention.choice import fused_misfit
+from mhsa_core.layers.attention.windows import Windows
 from mhsa_core.layers.position import ENCODINGS
 from mhsa_core.layers.weights import WeightFactory, dense
 from mhsa_core.reference import arguments, schema
@@ -54,8 +55,17 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     across heads; times `scale` too if `scale_position_logits`), "sinusoidal"
     adds a fixed sine-cosine embedding of (y, x) to the tokens, and "conv" is
     the Keras 2 YOLOv4-MHSA block's ReLU 1x1 conv of each token added to the
-    tokens. The learned tables R, E belong to the size `position_size`; at any
-    other size they are linearly resized, so one layer runs at any H x W.
+    tokens. "relative_bias" (Swin) adds a learned bias per head and offset,
+    B[y_i - y_j + H - 1, x_i - x_j + W - 1, h]. The learned tables R, E belong
+    to the size `position_size`; at any other size they are resized (R and E
+    linearly, B by timm's rule for Swin's tables), so one layer runs at any
+    H x W.
+
+    Windows (Swin, `window_size`): every token attends only to the tokens of
+    its window; with `shift_size` the windows are cyclically shifted and the
+    tokens the shift wrapped around are masked from their new neighbours, as
+    Swin's shifted windows. A map not divisible by the window is padded, and
+    the padding is masked (timm's Swin does not mask it).
 
     Presets: `MultiHeadSelfAttention2D.yolov4_mhsa()` is the Keras 2
     YOLOv4-MHSA / CSPDarknet53-MHSA `mhsa_block` exactly (one head, ReLU
@@ -74,13 +84,28 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         position_encoding: "none" (default), "relative" (BoTNet's 2-D relative
             logits), "absolute" (learned factorized embeddings of the key's row
             and column, in the logits), "sinusoidal" (fixed 2-D sine-cosine
-            embedding added to the tokens; C divisible by 4) or "conv" (the
+            embedding added to the tokens; C divisible by 4), "conv" (the
             YOLOv4-MHSA block's ReLU 1x1 conv of each token's own features,
-            added to the tokens; it carries no position).
+            added to the tokens; it carries no position) or "relative_bias"
+            (Swin's learned per-head bias of the offset, in the logits).
         position_size: (Hr, Wr), the reference size of the learned tables of
-            "relative" (2*Hr - 1 and 2*Wr - 1 rows of key_dim) and "absolute"
-            (Hr and Wr rows). Default: the spatial size seen at build, which
-            must then be static. Ignored by the other encodings.
+            "relative" (2*Hr - 1 and 2*Wr - 1 rows of key_dim), "absolute"
+            (Hr and Wr rows) and "relative_bias" ((2*Hr - 1, 2*Wr - 1, heads)).
+            Default: the window with `window_size`, else the spatial size seen
+            at build, which must then be static. Ignored by the other
+            encodings.
+        window_size: None (default: every token attends to the whole map),
+            or (wh, ww) (an int: square): attention within non-overlapping
+            windows of the map, Swin's window attention. Memory and time
+            O(N * wh * ww). The map is padded at the bottom and right to
+            whole windows and the padding is masked. "absolute" cannot run
+            inside windows.
+        shift_size: 0 (default), or (sh, sw) (an int: both), each smaller
+            than the window: Swin's shifted windows (the map rolled by
+            -shift before the windows, back after; keys the roll wrapped
+            around get -100 against the others, as Swin's mask). Dropped
+            along an axis where the map fits in one window, as timm. Needs
+            `window_size`.
         scale_position_logits: Whether `scale` multiplies the position term
             of "relative"/"absolute" too (BoTNet's official code: True) or
             only q.k (timm's default: False).
@@ -124,7 +149,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             channels_first. H and W may differ from call to call.
         attention_mask: Optional bool (B, H, W). True = this position may be
             attended to (e.g. the valid part of a padded image). A query whose
-            keys are all masked gets a zero output.
+            keys are all masked (with windows: all of its window's) gets a
+            zero output.
         return_attention_scores: If True, also return the attention
             probabilities.
         training: Whether dropout is active.
@@ -133,7 +159,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         The output, same shape as `inputs` and in the compute dtype; with
         `return_attention_scores=True` the tuple `(outputs, scores)`, scores of
         shape (B, num_heads, H * W, H * W) (float32 under mixed precision: they
-        are computed in float32).
+        are computed in float32; with windows, zero between tokens of
+        different windows).
 
     Example:
 
@@ -165,6 +192,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         seed: int | None = None,
         attention_implementation: str = "auto",
         chunk_size: int | None = None,
+        window_size: int | tuple[int, int] | None = None,
+        shift_size: int | tuple[int, int] = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -178,6 +207,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "key_dim": key_dim,
                 "position_encoding": position_encoding,
                 "position_size": position_size,
+                "window_size": window_size,
+                "shift_size": shift_size,
                 "scale_position_logits": scale_position_logits,
                 "scale": scale,
                 "dropout": dropout,
@@ -193,6 +224,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "position_initializer": _initializer_or_none,
             },
         )
+        arguments.check_window(window_size, shift_size, position_encoding)
 
         self.num_heads = int(num_heads)
         self.key_dim = None if key_dim is None else int(key_dim)
@@ -219,6 +251,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         )
         self.attention_implementation = attention_implementation
         self.chunk_size = None if chunk_size is None else int(chunk_size)
+        # As pairs (height, width): the config's canonical form.
+        self.window_size = None if window_size is None else arguments.pair(window_size)
+        self.shift_size = arguments.pair(shift_size)
         self._channel_axis = -1 if data_format == "channels_last" else 1
         # The encoding object: its weights, its tokens / logits terms.
         self.position = ENCODINGS[position_encoding]()
@@ -284,9 +319,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return self.scale
 
     def _resolve_position_size(self, input_shape: Sequence[Any]) -> tuple[int, ...]:
-        """position_size, defaulting to the static spatial size of the input."""
+        """position_size, defaulting to the window, else to the static
+        spatial size of the input."""
         if self.position_size is not None:
             return self.position_size
+        if self.window_size is not None:
+            return self.window_size
         height, width, _ = self._spatial_and_channels(input_shape)
         if height is None or width is None:
             raise ValueError(
@@ -325,6 +363,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             position_initializer=self.position_initializer,
             position_size=self.position_size,
             variable_dtype=self.variable_dtype,
+            num_heads=self.num_heads,
         )
         # Creation order = the canonical weight-dict order
         # (`mhsa_core.reference.schema.weight_shapes`), which is also the
@@ -414,15 +453,30 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             self._check_mask_shape(tuple(inputs.shape), tuple(attention_mask.shape))
             key_mask = ops.reshape(attention_mask, (batch, n))  # (B, N)
 
+        query = split_heads(q, key_dim)  # (B, heads, N, kd)
+        key = split_heads(k, key_dim)
+        value = split_heads(v, channels // heads)  # (B, heads, N, dv)
+
+        # Swin's windows: each window a batch item of the attention, with
+        # the padding masked and the shift regions apart.
+        windows = regions = None
+        extent = (height, width)  # the grid the attention (and its terms) see
+        if self.window_size is not None:
+            windows = Windows(height, width, self.window_size, self.shift_size)
+            query, key, value = (windows.partition(t) for t in (query, key, value))
+            key_mask = windows.key_mask(key_mask, batch)  # (B * nW, Nw) or None
+            regions = windows.regions(batch)  # (B * nW, Nw) or None
+            extent = windows.window
+
         outputs, scores = attend(
-            split_heads(q, key_dim),  # (B, heads, N, kd)
-            split_heads(k, key_dim),
-            split_heads(v, channels // heads),
+            query,
+            key,
+            value,
             scale=self.scale_value,
             position=self.position,
             position_scale=self.scale_value if self.scale_position_logits else 1.0,
-            height=height,
-            width=width,
+            height=extent[0],
+            width=extent[1],
             key_mask=key_mask,
             dropout=self.dropout,
             training=training,
@@ -430,7 +484,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             return_attention_scores=return_attention_scores,
             implementation=self.attention_implementation,
             chunk_size=self.chunk_size,
-        )  # (B, heads, N, C // heads), (B, heads, N, N) or None
+            regions=regions,
+        )  # (B', heads, N', C // heads), (B', heads, N', N') or None
+        if windows is not None:
+            outputs = windows.merge(outputs)  # (B, heads, N, dv)
+            if scores is not None:
+                scores = windows.scores_to_map(scores)  # (B, heads, N, N)
         outputs = ops.reshape(
             ops.transpose(outputs, (0, 2, 1, 3)), (batch, height, width, channels)
         )
@@ -597,6 +656,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "seed": self.seed,
                 "attention_implementation": self.attention_implementation,
                 "chunk_size": self.chunk_size,
+                "window_size": self.window_size,
+                "shift_size": self.shift_size,
             }
         )
         return config

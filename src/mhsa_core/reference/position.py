@@ -100,6 +100,7 @@ def geometric_offsets(src_rows: int, dst_rows: int) -> list[float]:
     offset. Near offsets keep their spacing, far ones stretch. Without room to
     stretch (m <= n) q stays at about 1.01: a near-identity that crops.
     """
+
     def geometric_progression(a: float, r: float, n: int) -> float:
         return a * (1.0 - r**n) / (1.0 - r)
 

@@ -20,7 +20,7 @@ Canonical weight dict (biases only with `use_bias`):
     value_kernel    (C, C)          value_bias (C,)
     relative_height (2*Hr - 1, kd)  relative_width (2*Wr - 1, kd)   # "relative" only
     absolute_height (Hr, kd)        absolute_width (Wr, kd)         # "absolute" only
-    relative_bias_table (2*Hr - 1, 2*Wr - 1, heads)                 # "relative_bias" only
+    relative_bias_table (2*Hr - 1, 2*Wr - 1, heads)       # "relative_bias" only
 
 (Hr, Wr) is the reference size of the learned tables (the layer's
 `position_size`; with windows it defaults to the window).

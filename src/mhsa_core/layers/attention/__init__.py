@@ -9,6 +9,8 @@
   SDPA on torch), where it is exact enough.
 
 `attend` is the one entry point; `choice.py` holds the rule that picks a path.
+Windows (`windows.py`, Swin) come before it: the layer hands `attend` the
+windows as batch items, with their masks and shift regions.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mhsa_core.layers.attention import choice
 from mhsa_core.layers.attention.chunked import chunked_attention
 from mhsa_core.layers.attention.full import dot_product_attention, logits_dtype
 from mhsa_core.layers.attention.fused import fused_attention
+from mhsa_core.reference import schema
 
 if TYPE_CHECKING:
     from mhsa_core.layers.position.base import PositionEncoding
@@ -46,6 +49,7 @@ def attend(
     return_attention_scores: bool = False,
     implementation: str = "auto",
     chunk_size: int | Tensor | None = None,
+    regions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Softmax attention of every query over the keys, per head, by one path.
 
@@ -63,6 +67,9 @@ def attend(
             `attention_implementation`); `choice.resolve` says which path runs.
         chunk_size: queries per chunk of the chunked path, None for the
             default (`choice.default_chunk_size`).
+        regions: optional int (B, N): Swin's shift region of each token (the
+            batch axis holds windows); logits between tokens of two regions
+            get `schema.SHIFT_MASK_LOGIT` (-100), on every path.
 
     Returns:
         `(outputs, scores)`: outputs (B, heads, N, dv) in the dtype of
@@ -79,18 +86,29 @@ def attend(
         position=position,
         scores=return_attention_scores,
         dropout=bool(training) and dropout > 0.0,
+        bias=position.bias_term or regions is not None,
     )
 
+    def logits_bias(with_position: bool = True) -> Tensor | None:
+        """The whole additive term of the logits, (B or 1, heads or 1, N, N):
+        the position term (times its scale) and the shift mask."""
+        bias = None
+        if with_position:
+            bias = position.logits_bias(ops.cast(query, softmax_dtype), height, width)
+            if bias is not None and position_scale != 1.0:
+                bias = bias * ops.convert_to_tensor(position_scale, dtype=softmax_dtype)
+        if regions is not None:
+            shift_mask = _shift_mask(regions, softmax_dtype)  # (B, 1, N, N)
+            bias = shift_mask if bias is None else bias + shift_mask
+        return bias
+
     def full() -> tuple[Tensor, Tensor]:
-        bias = position.logits_bias(ops.cast(query, softmax_dtype), height, width)
-        if bias is not None and position_scale != 1.0:
-            bias = bias * ops.convert_to_tensor(position_scale, dtype=softmax_dtype)
         return dot_product_attention(
             query,
             key,
             value,
             scale=scale,
-            logits_bias=bias,
+            logits_bias=logits_bias(),
             key_mask=key_mask,
             dropout=dropout,
             training=training,
@@ -106,6 +124,9 @@ def attend(
             value,
             scale=scale,
             key_mask=key_mask,
+            # A term of no query ("relative_bias") and the shift mask: the
+            # kernel's additive bias (a term folded into the keys is not).
+            bias=logits_bias(with_position=position.bias_term),
         ), None
 
     def chunked() -> Tensor:
@@ -118,12 +139,18 @@ def attend(
             width,
         )
         tables: tuple[Tensor, ...] = ()
+        head_tables: tuple[Tensor, ...] = ()
         row_bias = None
         if not position.folds_into_keys:
             tables = position.row_tables(height, width, softmax_dtype)
             if tables:
                 factor = ops.convert_to_tensor(position_scale, dtype=softmax_dtype)
                 tables, row_bias = tuple(t * factor for t in tables), position.row_bias
+        if position.row_tables_per_head:
+            # (heads, ...) -> (B * heads, ...), batch major like the chunks.
+            batch = ops.shape(query)[0]
+            head_tables = tuple(_per_item(t, batch) for t in tables)
+            tables = ()
         size = chunk_size if chunk_size is not None else choice.default_chunk_size(n)
         return chunked_attention(
             q,
@@ -135,6 +162,13 @@ def attend(
             row_bias=row_bias,
             tables=tables,
             per_head=choice.chunk_per_head(),
+            head_tables=head_tables,
+            regions=regions,
+            region_logit=(
+                None
+                if regions is None
+                else ops.convert_to_tensor(schema.SHIFT_MASK_LOGIT, dtype=softmax_dtype)
+            ),
         )
 
     if path == choice.CHUNKED:
@@ -143,6 +177,26 @@ def attend(
     # dynamic H, W): the full path for small maps, chunked above.
     out = ops.cond(n <= choice.FULL_MAX_TOKENS, lambda: full()[0], chunked)
     return out, None
+
+
+def _shift_mask(regions: Tensor, dtype: str) -> Tensor:
+    """(B, N) region labels -> (B, 1, N, N): 0 within a region, the
+    shift-mask logit (-100) across two."""
+    same = ops.equal(ops.expand_dims(regions, 2), ops.expand_dims(regions, 1))
+    mask = ops.where(
+        same,
+        ops.zeros((), dtype=dtype),
+        ops.convert_to_tensor(schema.SHIFT_MASK_LOGIT, dtype=dtype),
+    )
+    return ops.expand_dims(mask, 1)
+
+
+def _per_item(table: Tensor, batch: int | Tensor) -> Tensor:
+    """(heads, ...) -> (batch * heads, ...): the per-head table of every
+    (batch item, head) pair, batch major."""
+    tiled = ops.repeat(ops.expand_dims(table, 0), batch, axis=0)
+    shape = ops.shape(table)
+    return ops.reshape(tiled, (batch * shape[0], *shape[1:]))
 
 
 def _keys_with_term(

@@ -11,6 +11,7 @@ from mhsa_core.layers.position.base import PositionEncoding as PositionEncoding
 from mhsa_core.layers.position.conv import ConvPosition
 from mhsa_core.layers.position.none import NoPosition
 from mhsa_core.layers.position.relative import RelativePosition
+from mhsa_core.layers.position.relative_bias import RelativeBias
 from mhsa_core.layers.position.sinusoidal import SinusoidalPosition
 from mhsa_core.layers.position.sinusoidal import (
     sinusoidal_embedding as sinusoidal_embedding,
@@ -24,6 +25,7 @@ ENCODINGS = {
         SinusoidalPosition,
         RelativePosition,
         AbsolutePosition,
+        RelativeBias,
     )
 }
 
