@@ -15,6 +15,10 @@ reference, never written again:
   layer's); the natives' signatures spell them out, tests/backends checks
   that they agree; how the NumPy helpers complete a config from the weights
   (`numpy_config`);
+- Swin's "relative_bias" and windows: where the resize of a per-head table
+  puts the source offsets (`bias_offsets`, timm's bisection, read from the
+  reference: scalar Python, no framework idiom to it); each native does the
+  interpolation, the gather and the windows in its own idiom;
 - for the fused forms the bench measures: what they need of a bench config
   (`FusedBlock`) and the relative tables' offset index (`relative_index`).
 
@@ -33,12 +37,14 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from mhsa_core.reference import LAYER_ARGUMENTS, arguments, mhsa_forward, schema
+from mhsa_core.reference.position import geometric_offsets
 
 __all__ = [
     "DEFAULTS",
     "FUSED_ENCODINGS",
     "BlockConfig",
     "FusedBlock",
+    "bias_offsets",
     "check_config",
     "check_weights",
     "has_bias",
@@ -71,6 +77,8 @@ class BlockConfig:
     data_format: str
     use_bias: bool
     position_size: tuple[int, ...] | None
+    window_size: tuple[int, int] | None = None  # (wh, ww), or None: no windows
+    shift_size: tuple[int, int] = (0, 0)
 
     @property
     def encoding(self) -> schema.Encoding:
@@ -102,6 +110,8 @@ def check_config(
     data_format: str,
     use_bias: bool,
     position_size: Sequence[int] | None,
+    window_size: int | Sequence[int] | None = None,
+    shift_size: int | Sequence[int] = 0,
 ) -> BlockConfig:
     """Check a block config for C=`channels`; returns its `BlockConfig`.
 
@@ -121,9 +131,12 @@ def check_config(
             "scale": scale,
             "data_format": data_format,
             "activation": activation,
+            "window_size": window_size,
+            "shift_size": shift_size,
         },
         rules={"activation": arguments.one_of(sorted(activations, key=str))},
     )
+    arguments.check_window(window_size, shift_size, position_encoding)
     position_size = learned_size(position_encoding, position_size)
     arguments.check_channels(channels, num_heads, position_encoding)
     head_dim = channels // num_heads
@@ -140,6 +153,8 @@ def check_config(
         data_format=data_format,
         use_bias=bool(use_bias),
         position_size=position_size,
+        window_size=None if window_size is None else arguments.pair(window_size),
+        shift_size=arguments.pair(shift_size),
     )
 
 
@@ -168,6 +183,22 @@ def position_size_of(
     spec = schema.encoding(position_encoding)
     if not spec.learned_tables:
         return None
+    if spec.per_head_table:
+        (name,) = schema.table_names(position_encoding)
+        table = weights.get(name)
+        shape = None if table is None else np.shape(table)
+        size_of = (
+            None
+            if shape is None
+            else schema.position_size_of_table(position_encoding, shape)
+        )
+        if size_of is None:
+            raise ValueError(
+                f"position_encoding={position_encoding!r} needs a table {name!r} "
+                "(2Hr - 1, 2Wr - 1, heads), odd rows and columns. "
+                f"Received: {shape}"
+            )
+        return size_of
     size = []
     for name in schema.table_names(position_encoding):
         table = weights.get(name)
@@ -227,6 +258,9 @@ def numpy_config(
     it must agree with them: the weight check says so).
     """
     complete = {**DEFAULTS, **config}
+    for name in ("window_size", "shift_size"):  # hashable (JAX's static arguments)
+        if isinstance(complete.get(name), list):
+            complete[name] = tuple(complete[name])
     if complete.get("use_bias") is None:
         complete["use_bias"] = has_bias(weights)
     encoding = complete["position_encoding"]
@@ -300,6 +334,14 @@ class FusedBlock:
             relative,
             schema.table_names("relative") if relative else (),
         )
+
+
+def bias_offsets(src_rows: int, dst_rows: int) -> np.ndarray:
+    """float64 (src_rows,): where timm's resize of a per-head bias table puts
+    the source table's offsets on the axis of a table of `dst_rows` rows
+    (`reference.position.geometric_offsets`); the new table's offsets are
+    the integers -(dst_rows // 2)..dst_rows // 2."""
+    return np.asarray(geometric_offsets(src_rows, dst_rows), dtype=np.float64)
 
 
 def relative_index(length: int) -> np.ndarray:

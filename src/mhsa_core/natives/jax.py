@@ -29,6 +29,17 @@ the schema's facts and the argument rules come from `_common`. In JAX's idiom:
   reference's rule.
 - "sinusoidal": w_k = 10000^(-k / D), D = C / 4 (the frequencies a float64
   NumPy constant, cast; angles and sin/cos by `jnp` in the dtype of x).
+- "relative_bias" (Swin), pos(i, j) = B[y_i - y_j + H - 1, x_i - x_j + W - 1,
+  head]: the table indexed with static NumPy offset matrices, heads first. At
+  another size the table is resized as timm resizes Swin's: `jnp.interp` of
+  the new integer offsets on the respaced source offsets, along one axis
+  then the other (`jax.vmap` over the rest; `jnp.interp` holds the end
+  values beyond the ends, as timm).
+- Windows (`window_size`, `shift_size`; `_partition` / `_merge`): `jnp.roll`
+  by -shift, `jnp.pad` at the bottom and right, reshapes into (B * nW,
+  wh * ww, C) windows that the attention takes as its batch, with the shift
+  mask (-100 between the regions of the shift, a static NumPy array) and the
+  padding masked, and back.
 
 `params` is the canonical weight dict itself (kernels (in, out)), with jnp
 arrays instead of NumPy arrays; `params_from_weight_dict` drops None entries.
@@ -100,6 +111,8 @@ _STATIC = (
     "scale_position_logits",
     "use_bias",
     "position_size",
+    "window_size",
+    "shift_size",
 )
 
 
@@ -121,6 +134,81 @@ def _resize(table: jax.Array, length: int) -> jax.Array:
     return jax.image.resize(
         table, (length, table.shape[1]), method="linear", antialias=False
     )
+
+
+def _resize_bias(table: jax.Array, rows_h: int, rows_w: int) -> jax.Array:
+    """(S_h, S_w, heads) -> (rows_h, rows_w, heads) by timm's rule for Swin's
+    tables: per axis, `jnp.interp` of the integer offsets on the respaced
+    source offsets (`_common.bias_offsets`). The identity at the same size."""
+    src_h, src_w, heads = table.shape
+    if (src_h, src_w) == (rows_h, rows_w):
+        return table
+
+    def along_rows(t: jax.Array, dst: int) -> jax.Array:  # (src, M) -> (dst, M)
+        points = jnp.asarray(_common.bias_offsets(t.shape[0], dst), dtype=t.dtype)
+        x = jnp.arange(dst, dtype=t.dtype) - dst // 2
+        return jax.vmap(lambda col: jnp.interp(x, points, col), 1, 1)(t)
+
+    t = along_rows(table.reshape(src_h, src_w * heads), rows_h)
+    t = t.reshape(rows_h, src_w, heads).transpose(1, 0, 2)  # (S_w, rows_h, heads)
+    t = along_rows(t.reshape(src_w, rows_h * heads), rows_w)
+    return t.reshape(rows_w, rows_h, heads).transpose(1, 0, 2)
+
+
+def _window_layout(
+    height: int, width: int, window: tuple[int, int], shift: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(shift, pad): the shift applied (none along an axis the map fits in
+    one window, as timm) and the padding to whole windows."""
+    applied = tuple(
+        0 if size <= w else s for size, w, s in zip((height, width), window, shift)
+    )
+    return applied, ((-height) % window[0], (-width) % window[1])
+
+
+def _partition(
+    x: jax.Array, window: tuple[int, int], shift: Sequence[int], pad: Sequence[int]
+) -> jax.Array:
+    """(B, H, W, C) -> (B * nW, wh * ww, C): rolled, padded, cut."""
+    x = jnp.roll(x, (-shift[0], -shift[1]), axis=(1, 2))
+    x = jnp.pad(x, ((0, 0), (0, pad[0]), (0, pad[1]), (0, 0)))
+    batch, height, width, channels = x.shape
+    wh, ww = window
+    x = x.reshape(batch, height // wh, wh, width // ww, ww, channels)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, channels)
+
+
+def _merge(
+    windows: jax.Array,
+    size: tuple[int, int],
+    window: tuple[int, int],
+    shift: Sequence[int],
+    pad: Sequence[int],
+) -> jax.Array:
+    """(B * nW, wh * ww, C) -> (B, H, W, C): `_partition` undone."""
+    (wh, ww), channels = window, windows.shape[-1]
+    rows, cols = (size[0] + pad[0]) // wh, (size[1] + pad[1]) // ww
+    x = windows.reshape(-1, rows, cols, wh, ww, channels).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(-1, rows * wh, cols * ww, channels)[:, : size[0], : size[1]]
+    return jnp.roll(x, tuple(shift), axis=(1, 2))
+
+
+def _shift_mask(
+    height: int,
+    width: int,
+    window: tuple[int, int],
+    shift: Sequence[int],
+    pad: Sequence[int],
+) -> jax.Array:
+    """(nW, Nw, Nw): -100 between two regions of the shift (tokens of the
+    first sh rows / sw columns of the map, which the roll wrapped, against
+    the others), else 0 (constants: XLA folds them)."""
+    ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    labels = 2 * (ys < shift[0]) + (xs < shift[1])
+    windows = _partition(jnp.asarray(labels)[None, :, :, None], window, shift, pad)
+    windows = windows[..., 0]  # (nW, Nw)
+    differ = windows[:, None, :] != windows[:, :, None]
+    return jnp.where(differ, schema.SHIFT_MASK_LOGIT, 0.0)
 
 
 def _pair_index(
@@ -155,6 +243,15 @@ def _position_logits(
     spec = schema.encoding(position_encoding)
     if not spec.learned_tables:
         return None
+    if spec.per_head_table:  # "relative_bias": (1, heads, N, N), no q
+        (name,) = schema.table_names(position_encoding)
+        table = _resize_bias(
+            params[name], spec.table_rows(height), spec.table_rows(width)
+        )
+        ys, xs = np.divmod(np.arange(height * width), width)
+        rows = ys[:, None] - ys[None, :] + height - 1  # query minus key
+        cols = xs[:, None] - xs[None, :] + width - 1
+        return jnp.transpose(table[rows, cols], (2, 0, 1))[None]
     relative = position_encoding == "relative"
     batch, n, heads, _ = q.shape
     pos = 0
@@ -202,6 +299,8 @@ def apply(
     scale_position_logits: bool = True,
     use_bias: bool | None = None,
     position_size: Sequence[int] | None = None,
+    window_size: int | Sequence[int] | None = None,
+    shift_size: int | Sequence[int] = 0,
 ) -> jax.Array:
     """The block's forward pass, a pure function (jit it with the config static).
 
@@ -216,6 +315,7 @@ def apply(
             it is True (else they are read off `params`).
         position_size: optional (Hr, Wr); when given, the learned tables must
             have that reference size (it is read off their shapes anyway).
+        window_size, shift_size: Swin's windows, as the layer's.
 
     Returns:
         The output in the layout and dtype of `x`.
@@ -241,6 +341,8 @@ def apply(
         use_bias=_common.has_bias(params) if use_bias is None else use_bias,
         position_size=position_size
         or _common.position_size_of(params, position_encoding),
+        window_size=window_size,
+        shift_size=shift_size,
     )
     _common.check_weights(params, cfg.weight_shapes)
     dv, kd, scale = cfg.head_dim, cfg.key_dim, cfg.scale  # dv: value width per head
@@ -258,30 +360,57 @@ def apply(
     q, k, v = (
         act(_dense(t, params, f"{p}_kernel", f"{p}_bias")) for p in schema.PROJECTIONS
     )
-    q = q.reshape(batch, n, num_heads, kd)
-    k = k.reshape(batch, n, num_heads, kd)
-    v = v.reshape(batch, n, num_heads, dv)
+    keep = None  # (B, N) bool, per key
+    if attention_mask is not None:
+        keep = jnp.asarray(attention_mask, dtype=bool).reshape(batch, n)
+
+    # Swin's windows become the batch: (B * nW, wh * ww, heads*d).
+    size, shift_mask = (height, width), None  # of the grid attention runs on
+    if cfg.window_size is not None:
+        window = cfg.window_size
+        shift, pad = _window_layout(height, width, window, cfg.shift_size)
+        q, k, v = (
+            _partition(t.reshape(batch, height, width, -1), window, shift, pad)
+            for t in (q, k, v)
+        )
+        if keep is not None or any(pad):
+            image = jnp.ones((batch, n), bool) if keep is None else keep
+            image = image.reshape(batch, height, width, 1).astype(jnp.int32)
+            keep = _partition(image, window, shift, pad)[..., 0].astype(bool)
+        if any(shift):
+            mask = _shift_mask(height, width, window, shift, pad)  # (nW, Nw, Nw)
+            shift_mask = jnp.tile(mask, (batch, 1, 1))[:, None].astype(q.dtype)
+        size = window
+    items, tokens = q.shape[0], q.shape[1]
+    q = q.reshape(items, tokens, num_heads, kd)
+    k = k.reshape(items, tokens, num_heads, kd)
+    v = v.reshape(items, tokens, num_heads, dv)
 
     # The Python float `scale` is weakly typed: it keeps the dtype of the logits.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (B, heads, N, N)
-    pos = _position_logits(q, params, position_encoding, height, width)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (B', heads, N', N')
+    pos = _position_logits(q, params, position_encoding, *size)
     if pos is None:
         logits = scale * logits
     elif scale_position_logits:
         logits = scale * (logits + pos)
     else:
         logits = scale * logits + pos
-    if attention_mask is None:
+    if shift_mask is not None:
+        logits = logits + shift_mask
+    if keep is None:
         probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B', N', heads, dv)
     else:
-        keep = jnp.asarray(attention_mask, dtype=bool).reshape(batch, n)  # (B, N)
-        has_key = jnp.any(keep, axis=1)  # (B,)
+        has_key = jnp.any(keep, axis=1)  # (B',)
         # Fully masked items attend to everything (finite, discarded below).
-        safe = keep | ~has_key[:, None]  # (B, N)
+        safe = keep | ~has_key[:, None]  # (B', N')
         probs = jax.nn.softmax(logits, axis=-1, where=safe[:, None, None, :])
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B', N', heads, dv)
         out = jnp.where(has_key[:, None, None, None], out, 0)
+    if cfg.window_size is not None:
+        out = _merge(
+            out.reshape(items, tokens, channels), (height, width), window, shift, pad
+        )
 
     out = out.reshape(batch, height, width, channels)  # heads concatenated
     if data_format == "channels_first":

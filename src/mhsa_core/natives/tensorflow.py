@@ -33,6 +33,18 @@ the schema's facts and the argument rules come from `_common`. In TensorFlow's i
   `tf.image.resize`.
 - "sinusoidal": w_k = 1 / 10000^(k / D), D = C / 4 (the frequencies in
   float64, then cast; angles and sin/cos in the module's dtype).
+- "relative_bias" (Swin), pos(i, j) = B[y_i - y_j + H - 1, x_i - x_j + W - 1,
+  head]: `tf.gather_nd` of the table with the (N, N, 2) offsets of every
+  (query, key), heads first. At another size the table is resized as timm
+  resizes Swin's: per axis an interpolation matrix (`_bias_matrix`:
+  `tf.searchsorted` of the new integer offsets among the respaced source
+  offsets, `tf.one_hot` weights of the two around each), then M_h @ B @ M_w^T
+  per head.
+- Windows (`window_size`, `shift_size`; `_Windows`): `tf.roll` by -shift,
+  `tf.pad` at the bottom and right, reshape/transpose into (B * nW, wh * ww,
+  C) windows that the attention takes as its batch, the shift mask (-100
+  between the regions of the shift) and the padding masked, and back. These
+  need a static spatial size (`x.shape`), as the window layout is Python.
 
 The variables use the canonical layout itself (kernels (in, out), what
 `tf.einsum("bnc,cd->bnd")` wants), under the canonical names.
@@ -119,6 +131,102 @@ def _index_matrix(length: int | tf.Tensor, relative: bool) -> tf.Tensor:
     return tf.tile(b, (length, 1))
 
 
+def _bias_matrix(src: int, dst: int, dtype: tf.DType) -> tf.Tensor:
+    """(dst, src): one axis of timm's resize of a per-head table, linear
+    interpolation of the integer offsets -(dst // 2)..dst // 2 on the
+    respaced source offsets (`_common.bias_offsets`), the end value beyond
+    either end."""
+    points = tf.constant(_common.bias_offsets(src, dst), dtype)
+    x = tf.cast(tf.range(dst) - dst // 2, dtype)
+    right = tf.minimum(tf.searchsorted(points, x, side="left"), src - 1)
+    left = tf.maximum(right - 1, 0)
+    to_left = tf.nn.relu(x - tf.gather(points, left))
+    to_right = tf.nn.relu(tf.gather(points, right) - x)
+    total = to_left + to_right
+    single = tf.equal(total, 0.0)  # on one point (left == right): its value
+    w_left = tf.where(single, tf.ones_like(x), to_right / tf.where(single, 1.0, total))
+    return (
+        tf.one_hot(left, src, dtype=dtype) * w_left[:, None]
+        + tf.one_hot(right, src, dtype=dtype) * (1.0 - w_left)[:, None]
+    )
+
+
+def _resize_bias(table: tf.Tensor, rows_h: int, rows_w: int) -> tf.Tensor:
+    """(S_h, S_w, heads) -> (rows_h, rows_w, heads), timm's rule; the identity
+    at the same size."""
+    src_h, src_w = table.shape[:2]
+    if (src_h, src_w) == (rows_h, rows_w):
+        return table
+    m_h = _bias_matrix(src_h, rows_h, table.dtype)
+    m_w = _bias_matrix(src_w, rows_w, table.dtype)
+    return tf.einsum("as,stk,bt->abk", m_h, table, m_w)
+
+
+class _Windows:
+    """Swin's window partition of an H x W map (static sizes)."""
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        window: tuple[int, int],
+        shift: tuple[int, int],
+    ) -> None:
+        self.height, self.width = height, width
+        self.window = window
+        self.tokens = window[0] * window[1]
+        # No shift along an axis the map fits in one window (timm's rule).
+        self.shift = [
+            0 if size <= w else s for size, w, s in zip((height, width), window, shift)
+        ]
+        self.pad = [(-height) % window[0], (-width) % window[1]]
+
+    def partition(self, x: tf.Tensor) -> tf.Tensor:
+        """(B, H, W, C) -> (B * nW, wh * ww, C)."""
+        x = tf.roll(x, shift=[-self.shift[0], -self.shift[1]], axis=[1, 2])
+        x = tf.pad(x, [[0, 0], [0, self.pad[0]], [0, self.pad[1]], [0, 0]])
+        (wh, ww), channels = self.window, x.shape[-1]
+        rows, cols = (self.height + self.pad[0]) // wh, (self.width + self.pad[1]) // ww
+        x = tf.reshape(x, (-1, rows, wh, cols, ww, channels))
+        x = tf.transpose(x, (0, 1, 3, 2, 4, 5))
+        return tf.reshape(x, (-1, self.tokens, channels))
+
+    def merge(self, windows: tf.Tensor) -> tf.Tensor:
+        """(B * nW, wh * ww, C) -> (B, H, W, C)."""
+        (wh, ww), channels = self.window, windows.shape[-1]
+        rows, cols = (self.height + self.pad[0]) // wh, (self.width + self.pad[1]) // ww
+        x = tf.reshape(windows, (-1, rows, cols, wh, ww, channels))
+        x = tf.transpose(x, (0, 1, 3, 2, 4, 5))
+        x = tf.reshape(x, (-1, rows * wh, cols * ww, channels))
+        x = x[:, : self.height, : self.width]
+        return tf.roll(x, shift=self.shift, axis=[1, 2])
+
+    def keep(self, keep: tf.Tensor | None, batch: tf.Tensor) -> tf.Tensor | None:
+        """(B * nW, wh * ww) bool: the keys each window may see (not padding)."""
+        if keep is None and not any(self.pad):
+            return None
+        if keep is None:
+            keep = tf.ones((batch, self.height * self.width), tf.bool)
+        image = tf.reshape(tf.cast(keep, tf.int32), (-1, self.height, self.width, 1))
+        return tf.cast(self.partition(image)[..., 0], tf.bool)
+
+    def shift_mask(self, batch: tf.Tensor, dtype: tf.DType) -> tf.Tensor | None:
+        """(B * nW, 1, Nw, Nw): -100 between two regions of the shift (tokens
+        of the first sh rows / sw columns of the map, which the roll wrapped,
+        against the others), else 0; None without a shift."""
+        if not any(self.shift):
+            return None
+        ys = tf.cast(tf.range(self.height) < self.shift[0], tf.int32)
+        xs = tf.cast(tf.range(self.width) < self.shift[1], tf.int32)
+        labels = 2 * ys[:, None] + xs[None, :]  # (H, W)
+        windows = self.partition(labels[None, :, :, None])[..., 0]  # (nW, Nw)
+        differ = tf.not_equal(windows[:, None, :], windows[:, :, None])
+        mask = tf.where(
+            differ, tf.constant(schema.SHIFT_MASK_LOGIT, dtype), tf.zeros((), dtype)
+        )
+        return tf.tile(mask, (batch, 1, 1))[:, None]  # window b * nW + w
+
+
 def _sincos(
     height: int | tf.Tensor, width: int | tf.Tensor, channels: int, dtype: tf.DType
 ) -> tf.Tensor:
@@ -153,7 +261,9 @@ class NativeMHSA2D(tf.Module):
             dot-product attention by default).
         use_bias: whether the projections have biases.
         position_size: (Hr, Wr), the reference size of the learned tables;
-            required by "relative" and "absolute", ignored otherwise.
+            required by "relative", "absolute" and "relative_bias", ignored
+            otherwise.
+        window_size, shift_size: Swin's windows, as the layer's.
         dtype: dtype of the variables and of the computation.
 
     Variables start at zero; load the canonical weights with `load_weight_dict`.
@@ -171,6 +281,8 @@ class NativeMHSA2D(tf.Module):
         data_format: str = "channels_last",
         position_size: Sequence[int] | None = None,
         scale_position_logits: bool = True,
+        window_size: int | Sequence[int] | None = None,
+        shift_size: int | Sequence[int] = 0,
         dtype: DTypeLike = "float32",
         name: str | None = None,
     ) -> None:
@@ -187,6 +299,8 @@ class NativeMHSA2D(tf.Module):
             data_format=data_format,
             use_bias=use_bias,
             position_size=position_size,
+            window_size=window_size,
+            shift_size=shift_size,
         )
         self.compute_dtype = tf.as_dtype(np.dtype(dtype).name)
         # name -> tf.Variable, canonical names and shapes, in creation order.
@@ -229,6 +343,20 @@ class NativeMHSA2D(tf.Module):
         spec = self.config.encoding
         if not spec.learned_tables:
             return None
+        if spec.per_head_table:  # "relative_bias": (1, heads, N, N), no q
+            (name,) = schema.table_names(spec.name)
+            table = _resize_bias(
+                self.weights[name],
+                int(spec.table_rows(height)),
+                int(spec.table_rows(width)),
+            )
+            rows = _index_matrix(height * width, relative=False)  # (N, N): key j
+            ys, xs = rows // width, rows % width
+            offsets = tf.stack(
+                [tf.transpose(ys) - ys + height - 1, tf.transpose(xs) - xs + width - 1],
+                axis=-1,
+            )  # (N, N, 2): query minus key, [i, j]
+            return tf.transpose(tf.gather_nd(table, offsets), (2, 0, 1))[None]
         relative = spec.name == "relative"
         name_h, name_w = schema.table_names(spec.name)
         table_h = _resize(self.weights[name_h], spec.table_rows(height))
@@ -271,34 +399,52 @@ class NativeMHSA2D(tf.Module):
         q, k, v = (
             act(self._dense(t, f"{p}_kernel", f"{p}_bias")) for p in schema.PROJECTIONS
         )
-        q = tf.reshape(q, (batch, n, heads, kd))
-        k = tf.reshape(k, (batch, n, heads, kd))
-        v = tf.reshape(v, (batch, n, heads, dv))
+        keep = None  # (B, N) bool, per key
+        if attention_mask is not None:
+            keep = tf.reshape(tf.cast(attention_mask, tf.bool), (batch, n))
 
-        logits = tf.einsum("bqhd,bkhd->bhqk", q, k)  # (B, heads, N, N)
+        # Swin's windows become the batch: (B * nW, wh * ww, heads*d).
+        windows = shift_mask = None
+        size = (height, width)  # of the grid attention runs on
+        if cfg.window_size is not None:
+            windows = _Windows(*x.shape[1:3], cfg.window_size, cfg.shift_size)
+            q, k, v = (
+                windows.partition(tf.reshape(t, (batch, height, width, -1)))
+                for t in (q, k, v)
+            )
+            keep = windows.keep(keep, batch)
+            shift_mask = windows.shift_mask(batch, self.compute_dtype)
+            size = windows.window
+        items, tokens = tf.shape(q)[0], tf.shape(q)[1]
+        q = tf.reshape(q, (items, tokens, heads, kd))
+        k = tf.reshape(k, (items, tokens, heads, kd))
+        v = tf.reshape(v, (items, tokens, heads, dv))
+
+        logits = tf.einsum("bqhd,bkhd->bhqk", q, k)  # (B', heads, N', N')
         scale = tf.constant(cfg.scale, self.compute_dtype)
-        pos = self._position_logits(
-            tf.reshape(q, (batch, height, width, heads, kd)), height, width
-        )
+        pos = self._position_logits(tf.reshape(q, (items, *size, heads, kd)), *size)
         if pos is None:
             logits = logits * scale
         elif cfg.scale_position_logits:
             logits = (logits + pos) * scale
         else:
             logits = logits * scale + pos
-        if attention_mask is None:
+        if shift_mask is not None:
+            logits = logits + shift_mask
+        if keep is None:
             probs = tf.nn.softmax(logits, axis=-1)
-            out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
+            out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B', N', heads, dv)
         else:
-            keep = tf.reshape(tf.cast(attention_mask, tf.bool), (batch, n))  # (B, N)
-            has_key = tf.reduce_any(keep, axis=1)  # (B,)
+            has_key = tf.reduce_any(keep, axis=1)  # (B',)
             # Fully masked items attend to everything (finite, discarded below).
-            safe = tf.logical_or(keep, tf.logical_not(has_key)[:, None])  # (B, N)
+            safe = tf.logical_or(keep, tf.logical_not(has_key)[:, None])  # (B', N')
             minus_inf = tf.constant(-np.inf, self.compute_dtype)
             logits = tf.where(safe[:, None, None, :], logits, minus_inf)
             probs = tf.nn.softmax(logits, axis=-1)
-            out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
+            out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B', N', heads, dv)
             out = tf.where(has_key[:, None, None, None], out, tf.zeros_like(out))
+        if windows is not None:
+            out = windows.merge(tf.reshape(out, (items, tokens, cfg.channels)))
 
         out = tf.reshape(
             out, (batch, height, width, cfg.channels)
