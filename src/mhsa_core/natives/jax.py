@@ -160,8 +160,9 @@ def _window_layout(
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """(shift, pad): the shift applied (none along an axis the map fits in
     one window, as timm) and the padding to whole windows."""
-    applied = tuple(
-        0 if size <= w else s for size, w, s in zip((height, width), window, shift)
+    applied = (
+        0 if height <= window[0] else shift[0],
+        0 if width <= window[1] else shift[1],
     )
     return applied, ((-height) % window[0], (-width) % window[1])
 
@@ -249,9 +250,9 @@ def _position_logits(
             params[name], spec.table_rows(height), spec.table_rows(width)
         )
         ys, xs = np.divmod(np.arange(height * width), width)
-        rows = ys[:, None] - ys[None, :] + height - 1  # query minus key
-        cols = xs[:, None] - xs[None, :] + width - 1
-        return jnp.transpose(table[rows, cols], (2, 0, 1))[None]
+        offset_y = ys[:, None] - ys[None, :] + height - 1  # query minus key
+        offset_x = xs[:, None] - xs[None, :] + width - 1
+        return jnp.transpose(table[offset_y, offset_x], (2, 0, 1))[None]
     relative = position_encoding == "relative"
     batch, n, heads, _ = q.shape
     pos = 0

@@ -407,7 +407,9 @@ class NativeMHSA2D(tf.Module):
         windows = shift_mask = None
         size = (height, width)  # of the grid attention runs on
         if cfg.window_size is not None:
-            windows = _Windows(*x.shape[1:3], cfg.window_size, cfg.shift_size)
+            windows = _Windows(
+                int(x.shape[1]), int(x.shape[2]), cfg.window_size, cfg.shift_size
+            )
             q, k, v = (
                 windows.partition(tf.reshape(t, (batch, height, width, -1)))
                 for t in (q, k, v)
