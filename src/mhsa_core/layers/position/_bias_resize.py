@@ -23,8 +23,6 @@ oracle, written as timm writes it, is
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 from keras import ops
 
@@ -82,23 +80,19 @@ def _tent(points: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return weights
 
 
-@functools.cache
+# Not cached: torch.compile (dynamo) warns on every lru_cache it traces
+# through (an error under the tests' strict warnings), and each costs
+# microseconds (the q table, only for sizes known at run time, is traced once).
 def resize_matrix(src_rows: int, dst_rows: int) -> np.ndarray:
-    """float64 (dst_rows, src_rows): one axis of timm's resize, as a matrix
-    (cached per pair of sizes; read-only)."""
+    """float64 (dst_rows, src_rows): one axis of timm's resize, as a matrix."""
     q = float(_bisect(src_rows // 2, np.asarray(float(dst_rows // 2))))
     m = dst_rows // 2
-    matrix = _tent(_positions(q, src_rows // 2), np.arange(-m, m + 1, dtype=float))
-    matrix.setflags(write=False)
-    return matrix
+    return _tent(_positions(q, src_rows // 2), np.arange(-m, m + 1, dtype=float))
 
 
-@functools.cache
 def _q_by_offset(n: int) -> np.ndarray:
     """float64 (DYNAMIC_MAX_OFFSET,): q for every largest new offset m."""
-    q = _bisect(n, np.arange(DYNAMIC_MAX_OFFSET, dtype=float))
-    q.setflags(write=False)
-    return q
+    return _bisect(n, np.arange(DYNAMIC_MAX_OFFSET, dtype=float))
 
 
 def _dynamic_matrix(src_rows: int, dst_rows: Tensor, dtype: str) -> Tensor:
@@ -111,7 +105,14 @@ def _dynamic_matrix(src_rows: int, dst_rows: Tensor, dtype: str) -> Tensor:
         return ops.ones_like(targets)  # one offset: every row reads it
     index = ops.minimum(m, DYNAMIC_MAX_OFFSET - 1)
     q = ops.take(ops.convert_to_tensor(_q_by_offset(n), dtype=dtype), index)
-    dis = ops.cumsum(ops.power(q, ops.arange(n, dtype=dtype)))
+    # 1, 1 + q, 1 + q + q^2, ...: summed in a Python loop (n is the table's,
+    # static), not ops.cumsum, which computes float64 in float32 on torch
+    # (canary "cumsum-float64").
+    powers = ops.power(q, ops.arange(n, dtype=dtype))
+    sums = [powers[0]]
+    for i in range(1, n):
+        sums.append(sums[-1] + powers[i])
+    dis = ops.stack(sums)
     points = ops.concatenate([-ops.flip(dis, 0), ops.zeros((1,), dtype), dis])
     lo, hi = points[:-1], points[1:]
     inside = ops.logical_and(targets >= lo, targets <= hi)  # (dst, S - 1)
@@ -119,7 +120,9 @@ def _dynamic_matrix(src_rows: int, dst_rows: Tensor, dtype: str) -> Tensor:
     zero = ops.zeros_like(targets)
     lower = ops.concatenate([ops.where(inside, 1.0 - f, 0.0), zero], axis=1)
     upper = ops.concatenate([zero, ops.where(inside, f, 0.0)], axis=1)
-    weights = ops.maximum(lower, upper)  # (dst, S)
+    # max, as a where: ops.maximum computes float64 in float32 on torch
+    # (canary "maximum-float64").
+    weights = ops.where(lower > upper, lower, upper)  # (dst, S)
     first = ops.where(targets <= points[0], 1.0, weights[:, :1])
     last = ops.where(targets >= points[-1], 1.0, weights[:, -1:])
     return ops.concatenate([first, weights[:, 1:-1], last], axis=1)
