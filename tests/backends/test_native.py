@@ -19,9 +19,11 @@ Checks:
   the reference, on a tiny case, for every input and weight entry (the learned
   position tables included, also at a map size other than their reference
   size);
-- the position encodings ("relative", "absolute", "sinusoidal") at the
-  reference size of the learned tables and at other map sizes (larger, smaller
-  and non-square, 1xN, Nx1); the native's table resize against
+- the position encodings ("relative", "absolute", "sinusoidal",
+  "relative_bias") at the reference size of the learned tables and at other
+  map sizes (larger, smaller and non-square, 1xN, Nx1), and Swin's windows
+  (shifted, padded, larger than the map) at those sizes too; the native's
+  table resize against
   `reference.resize_table` (bit-identical at the reference size) and, on
   TensorFlow, against `tf.image.resize`; its sine-cosine embedding against
   `reference.sinusoidal_embedding`;
@@ -142,6 +144,49 @@ CASES = {
         data_format="channels_first",
         mask="partial",
     ),
+    # Swin's per-head bias (tables of the (5, 7) map, resized at the others),
+    # then windows: shifted, padded at most sizes, the shift dropped where the
+    # map fits one window; the tables of the window, or of another size.
+    "relative_bias": {"num_heads": 4, "position_encoding": "relative_bias"},
+    "relative_bias_unscaled_cf_masked": {
+        "num_heads": 2,
+        "key_dim": 5,
+        "position_encoding": "relative_bias",
+        "scale_position_logits": False,
+        "data_format": "channels_first",
+        "mask": "one_item_full",
+    },
+    "swin_window3_shift1_partial": {
+        "num_heads": 4,
+        "position_encoding": "relative_bias",
+        "position_size": (3, 3),
+        "window_size": 3,
+        "shift_size": 1,
+        "scale_position_logits": False,
+        "mask": "partial",
+    },
+    "swin_window2x4_table3x2_cf": {
+        "num_heads": 2,
+        "position_encoding": "relative_bias",
+        "position_size": (3, 2),
+        "window_size": (2, 4),
+        "shift_size": (1, 3),
+        "data_format": "channels_first",
+    },
+    "relative_window3_shift2": yolov4_mhsa(
+        num_heads=2,
+        position_encoding="relative",
+        position_size=(3, 3),
+        window_size=3,
+        shift_size=2,
+        mask="padded",
+    ),
+    "none_window4_shift2_masked": {
+        "num_heads": 2,
+        "window_size": 4,
+        "shift_size": 2,
+        "mask": "one_item_full",
+    },
 }
 
 # mask kind -> bool (B, H, W), True = the key may be attended to.
@@ -168,12 +213,12 @@ MAP_SIZES = {
     "column": (6, 1),
     "single": (1, 1),
 }
-# The encodings whose result depends on the map size.
-SIZED_ENCODINGS = ("relative", "absolute", "sinusoidal")
+# The encodings whose result depends on the map size, and windows.
+SIZED_ENCODINGS = ("relative", "absolute", "sinusoidal", "relative_bias")
 _POSITION_CASES = [
     name
     for name, case in CASES.items()
-    if case.get("position_encoding") in SIZED_ENCODINGS
+    if case.get("position_encoding") in SIZED_ENCODINGS or "window_size" in case
 ]
 # (case, map size): every case at the reference size, position cases at all.
 FORWARD_PARAMS = [
@@ -233,6 +278,22 @@ GRAD_CASES = {
     "sinusoidal": yolov4_mhsa(
         num_heads=2, key_dim=3, position_encoding="sinusoidal", scale=None
     ),
+    # The per-head table resized (3x2 -> 2x3), and 2x2 windows of the 2x3
+    # map (shifted along W only, W padded to 4), masked.
+    "relative_bias_resized": {
+        "num_heads": 2,
+        "position_encoding": "relative_bias",
+        "position_size": (3, 2),
+        "mask": "partial",
+    },
+    "swin_window2_shift1_masked": {
+        "num_heads": 2,
+        "position_encoding": "relative_bias",
+        "position_size": (2, 2),
+        "window_size": 2,
+        "shift_size": 1,
+        "mask": "one_item_full",
+    },
 }
 
 
@@ -295,6 +356,11 @@ RELATIVE_TINY = yolov4_mhsa(
     num_heads=2, position_encoding="relative", position_size=(3, 2)
 )
 ABSOLUTE_TINY = yolov4_mhsa(num_heads=2, position_encoding="absolute")
+BIAS_TINY = {
+    "num_heads": 2,
+    "position_encoding": "relative_bias",
+    "position_size": (3, 2),
+}
 MISMATCHED_TABLES = {
     "relative_missing_table": (
         RELATIVE_TINY,
@@ -346,6 +412,31 @@ MISMATCHED_TABLES = {
         lambda w: _without(w, "absolute_height"),
         {},
     ),
+    "relative_bias_missing_table": (
+        BIAS_TINY,
+        lambda w: _without(w, "relative_bias_table"),
+        {},
+    ),
+    "relative_bias_wrong_heads": (
+        BIAS_TINY,
+        lambda w: {**w, "relative_bias_table": w["relative_bias_table"][..., :1]},
+        {},
+    ),
+    "relative_bias_even_rows": (
+        BIAS_TINY,
+        lambda w: {**w, "relative_bias_table": w["relative_bias_table"][:2]},
+        {},
+    ),
+    "relative_bias_flat_table": (
+        BIAS_TINY,
+        lambda w: {**w, "relative_bias_table": w["relative_bias_table"][:, 0]},
+        {},
+    ),
+    "relative_bias_position_size_disagrees": (
+        BIAS_TINY,
+        lambda w: w,
+        {"position_size": (2, 3)},
+    ),
 }
 
 
@@ -371,6 +462,16 @@ INVALID_CONFIGS = {
         {"position_encoding": "absolute", "position_size": (0, 3)},
         "position_size=(0, 3)",
     ),
+    "window_size_zero": ({"window_size": 0}, "window_size=0"),
+    "shift_size_not_below_window": (
+        {"window_size": 2, "shift_size": 2},
+        "shift_size=2",
+    ),
+    "shift_size_without_window": ({"shift_size": 1}, "shift_size=1"),
+    "absolute_in_windows": (
+        {"position_encoding": "absolute", "window_size": 2},
+        "position_encoding='absolute'",
+    ),
 }
 
 # The arguments the natives share with the layer, a bad value each: a native's
@@ -383,6 +484,8 @@ SHARED_BAD_ARGUMENTS = {
     "scale_position_logits": "yes",
     "scale": -1.0,
     "data_format": "channels_middle",
+    "window_size": (2, 0),
+    "shift_size": -1,
 }
 
 
@@ -525,6 +628,8 @@ class TestNative:
             "scale",
             "scale_position_logits",
             "data_format",
+            "window_size",
+            "shift_size",
         }
         assert shared <= set(native)
         for name in shared:

@@ -48,6 +48,8 @@ _INVALID_ARGUMENTS = {
     "dropout": [-0.1, 1.0, 1.5, "x", float("nan"), True, None],
     "scale": [0, -1, float("nan"), float("inf"), -float("inf"), True, "1.0", 0.0],
     "seed": ["abc", 1.5, True],
+    "window_size": [0, -7, 7.0, True, "7", (7,), (7, 0), (7, 7, 7)],
+    "shift_size": [-1, None, 1.5, (1,), (1, -1), 2],
 }
 INVALID_ARGUMENTS = [
     pytest.param(argument, value, id=f"{argument}={value!r}")
@@ -398,7 +400,7 @@ def test_mhsa_block_errors(case):
 
 # ------------------------------------------------------- position encodings
 @pytest.mark.parametrize("how", ["build", "symbolic call"])
-@pytest.mark.parametrize("encoding", ["relative", "absolute"])
+@pytest.mark.parametrize("encoding", ["relative", "absolute", "relative_bias"])
 def test_learned_encoding_needs_a_size(encoding, how):
     """Unknown spatial size at build and no position_size: the error says so."""
     pattern = match_all(
@@ -410,12 +412,20 @@ def test_learned_encoding_needs_a_size(encoding, how):
         )
 
 
-@pytest.mark.parametrize("encoding", ["relative", "absolute"])
+@pytest.mark.parametrize("encoding", ["relative", "absolute", "relative_bias"])
 def test_learned_encoding_takes_either_known_size(encoding):
     MultiHeadSelfAttention2D(position_encoding=encoding).build((None, 3, 4, 8))
     MultiHeadSelfAttention2D(position_encoding=encoding, position_size=(3, 4)).build(
         (None, None, None, 8)
     )
+
+
+@pytest.mark.parametrize("encoding", ["relative", "relative_bias"])
+def test_learned_encoding_in_windows_takes_the_window(encoding):
+    """With windows the tables belong to the window: no size needed at build."""
+    layer = MultiHeadSelfAttention2D(position_encoding=encoding, window_size=(3, 4))
+    layer.build((None, None, None, 8))
+    assert layer.position_size == (3, 4)
 
 
 @pytest.mark.parametrize("how,num_heads", [("build", 2), ("eager call", 1)])

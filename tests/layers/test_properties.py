@@ -2,9 +2,11 @@
 
 Hypothesis draws a configuration (`configs()`): heads, key_dim, every position
 encoding (learned tables at a reference size drawn independently of the input,
-so they are resized up and down), data format, activation, scale,
-scale_position_logits, use_bias, an attention mask (none, random, with fully
-masked items), spatial sizes down to 1xN and Nx1, and the batch. Weights come
+so they are resized up and down), Swin's windows and shift (for the
+encodings that run inside windows; padded, shifted, or larger than the map),
+data format, activation, scale, scale_position_logits, use_bias, an attention
+mask (none, random, with fully masked items), spatial sizes down to 1xN and
+Nx1, and the batch. Weights come
 from `reference.random_weights` (`harness.make_case` injects them).
 
 Runs are reproducible (`derandomize=True`) and keep no example database
@@ -51,6 +53,9 @@ GEOMETRIES = (
 # Reference sizes of learned tables, drawn independently of H and W: the tables
 # are resized up, down or not at all.
 POSITION_SIZES = (1, 3, 6)
+# Windows (drawn half of the time, else global attention) and their shifts:
+# few, as each is a new geometry of the attention for JAX to compile.
+WINDOWS = (2, 3, (2, 3))
 # The initial weights are replaced by `make_case`; zeros spare JAX compiling a
 # random initializer for every new weight shape.
 ZERO_INITIALIZERS = {
@@ -91,6 +96,9 @@ def configs(draw):
             draw(st.sampled_from(POSITION_SIZES)),
             draw(st.sampled_from(POSITION_SIZES)),
         )
+    if not schema.ENCODINGS[encoding].refused_in_windows and draw(st.booleans()):
+        config["window_size"] = draw(st.sampled_from(WINDOWS))
+        config["shift_size"] = draw(st.sampled_from((0, 1)))
     if config["data_format"] == "channels_first":
         shape = (batch, channels, height, width)
     else:
@@ -116,13 +124,30 @@ def _run(config, shape, mask, seed, dtype):
     return out, scores, x, weights
 
 
-def _check_masked_softmax(out, scores, mask):
+def _visible(config, batch, height, width, keep):
+    """bool (B, N): whether each query has a key it may attend to: one not
+    masked in its window (the whole map without windows)."""
+    _, windows, _ = reference.window_layout(
+        height,
+        width,
+        config.get("window_size"),
+        config.get("shift_size", 0),
+    )
+    visible = np.zeros((batch, height * width), bool)
+    for slots in windows:
+        tokens = [t for t in slots if t >= 0]
+        visible[:, tokens] = keep[:, tokens].any(axis=1, keepdims=True)
+    return visible
+
+
+def _check_masked_softmax(out, scores, mask, config):
     """Facts of the masked softmax that hold exactly, whatever the configuration.
 
-    A fully masked item gives zeros (never NaN); a masked key gets probability
-    exactly 0; every other row sums to 1 within the rounding of a softmax of
-    n terms: the n exps are summed (n - 1 roundings, and the exps' own errors
-    cancel as the sum is of the same values) and each divided by the sum (1
+    A fully masked item gives zeros (never NaN), and so does every query whose
+    keys (its window's) are all masked; a masked key gets probability exactly
+    0; every other row sums to 1 within the rounding of a softmax of n terms:
+    the n exps are summed (n - 1 roundings, and the exps' own errors cancel
+    as the sum is of the same values) and each divided by the sum (1
     rounding), so |sum - 1| <= n * eps / 2 at first order. We allow 2x that,
     plus one rounding, for a backend that multiplies by the reciprocal.
     """
@@ -130,16 +155,22 @@ def _check_masked_softmax(out, scores, mask):
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(scores))
     assert np.all(scores >= 0)
     keep = np.ones((batch, n), bool) if mask is None else mask.reshape(batch, n)
+    height, width = (
+        out.shape[2:4] if config["data_format"] == "channels_first" else out.shape[1:3]
+    )
+    visible = _visible(config, batch, height, width, keep)
     tolerance = (n + 1) * np.finfo(scores.dtype).eps
     for b in range(batch):
         if not keep[b].any():
             assert np.all(out[b] == 0), f"item {b} is fully masked: output not zero"
-            assert np.all(scores[b] == 0), f"item {b} is fully masked: scores not zero"
-            continue
+        assert np.all(scores[b][:, ~visible[b]] == 0), (
+            f"item {b}: a query without keys has probabilities"
+        )
         assert np.all(scores[b][..., ~keep[b]] == 0), (
             f"item {b}: a masked key has probability"
         )
-        deviation = np.max(np.abs(scores[b].astype(np.float64).sum(-1) - 1))
+        rows = scores[b][:, visible[b]].astype(np.float64).sum(-1)
+        deviation = np.max(np.abs(rows - 1), initial=0.0)
         assert deviation <= tolerance, (
             f"item {b}: rows sum to 1 +- {deviation:.3g} > {tolerance:.3g}"
         )
@@ -151,7 +182,7 @@ def test_float64_matches_reference(case, seed):
     """float64 output and scores within 1e-10 x max|reference|."""
     config, shape, mask = case
     out, scores, x, weights = _run(config, shape, mask, seed, "float64")
-    _check_masked_softmax(out, scores, mask)
+    _check_masked_softmax(out, scores, mask, config)
     ref_out, ref_scores = reference.mhsa_forward(
         x,
         weights,
@@ -169,5 +200,5 @@ def test_float32_within_budget(case, seed):
     """float32 output within the float32 budget of the float64 reference."""
     config, shape, mask = case
     out, scores, x, weights = _run(config, shape, mask, seed, "float32")
-    _check_masked_softmax(out, scores, mask)
+    _check_masked_softmax(out, scores, mask, config)
     assert_float32_within_budget(out, x, weights, config, attention_mask=mask)
