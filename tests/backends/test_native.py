@@ -823,6 +823,8 @@ class _BenchShape:
     channels: int
     num_heads: int
     position_encoding: str
+    window_size: int = 0
+    shift_size: int = 0
 
     @property
     def tokens(self):
@@ -833,9 +835,13 @@ class _BenchShape:
         return self.channels // self.num_heads
 
 
-# The fused forms carry the bench's encodings only ("none", "relative"),
-# at the tables' reference size; 4x5 is not square, so a swapped axis shows.
-FUSED_SHAPES = {name: _BenchShape(4, 5, 16, 2, name) for name in ("none", "relative")}
+# The fused forms carry the bench's encodings only ("none", "relative",
+# "relative_bias" in shifted windows that divide the map), at the tables'
+# reference size; 4x5 and 6x9 are not square, so a swapped axis shows.
+FUSED_SHAPES = {
+    **{name: _BenchShape(4, 5, 16, 2, name) for name in ("none", "relative")},
+    "relative_bias": _BenchShape(6, 9, 16, 2, "relative_bias", 3, 1),
+}
 
 
 def _run_fused(shape, weights, x):
@@ -865,17 +871,24 @@ class TestFusedBlock:
     def test_fused_block_within_the_float32_budget(self, name):
         shape = FUSED_SHAPES[name]
         size = (shape.height, shape.width)
+        window = (shape.window_size,) * 2
         weights = reference.random_weights(
             shape.channels,
             shape.num_heads,
             position_encoding=name,
             seed=4,
             dtype=np.float32,
-            position_size=size if name == "relative" else None,
+            position_size={"relative": size, "relative_bias": window}.get(name),
         )
         x = np.random.default_rng(5).standard_normal((2, *size, shape.channels))
         x = x.astype(np.float32)
         config = {"num_heads": shape.num_heads, "position_encoding": name}
+        if shape.window_size:  # timm's Swin: the bias is not scaled
+            config.update(
+                window_size=shape.window_size,
+                shift_size=shape.shift_size,
+                scale_position_logits=False,
+            )
         ref64, budget, _ = reference.error_budget(x, weights, **config)
         out = _run_fused(shape, weights, x)
         assert out.dtype == np.float32 and out.shape == x.shape
@@ -885,3 +898,7 @@ class TestFusedBlock:
     def test_fused_block_rejects_other_encodings(self):
         with pytest.raises(ValueError, match="position_encoding='absolute'"):
             NATIVE.fused_block(_BenchShape(4, 5, 16, 2, "absolute"), {})
+        with pytest.raises(ValueError, match="window_size=0"):
+            NATIVE.fused_block(_BenchShape(4, 5, 16, 2, "relative_bias"), {})
+        with pytest.raises(ValueError, match="window_size=3"):
+            NATIVE.fused_block(_BenchShape(4, 5, 16, 2, "relative_bias", 3), {})

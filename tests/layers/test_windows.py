@@ -304,3 +304,23 @@ def test_relative_bias_with_fused_is_accepted():
         attention_implementation="fused",
     )
     layer.build((None, 6, 6, 8))
+
+
+def test_the_maps_scores_are_made_only_when_asked(monkeypatch):
+    """(B, heads, N, N) scores of a windowed layer cost O(N^2): a call without
+    `return_attention_scores` never makes them (it once did, 30x slower)."""
+    from mhsa_core.layers.attention.windows import Windows
+
+    layer, _, config = _layer("swin-window3-shift1")
+    x = random_input(_shape((6, 6), config))
+    made = []
+    original = Windows.scores_to_map
+    monkeypatch.setattr(
+        Windows,
+        "scores_to_map",
+        lambda self, scores: made.append(1) or original(self, scores),
+    )
+    layer(x)
+    assert not made
+    layer(x, return_attention_scores=True)
+    assert made

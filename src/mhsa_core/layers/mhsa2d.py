@@ -488,7 +488,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         )  # (B', heads, N', C // heads), (B', heads, N', N') or None
         if windows is not None:
             outputs = windows.merge(outputs)  # (B, heads, N, dv)
-            if scores is not None:
+            if return_attention_scores and scores is not None:
+                # O(N^2): only when asked (the full path always has them).
                 scores = windows.scores_to_map(scores)  # (B, heads, N, N)
         outputs = ops.reshape(
             ops.transpose(outputs, (0, 2, 1, 3)), (batch, height, width, channels)

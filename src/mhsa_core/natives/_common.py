@@ -37,6 +37,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from mhsa_core.reference import LAYER_ARGUMENTS, arguments, mhsa_forward, schema
+from mhsa_core.reference.forward import window_layout
 from mhsa_core.reference.position import geometric_offsets
 
 __all__ = [
@@ -273,7 +274,7 @@ def numpy_config(
 
 # ------------------------------------------------------ the bench's fused forms
 # What the fused forms carry (the bench's configs); the oracles carry all.
-FUSED_ENCODINGS = ("none", "relative")
+FUSED_ENCODINGS = ("none", "relative", "relative_bias")
 
 
 class BenchShape(Protocol):
@@ -295,12 +296,18 @@ class BenchShape(Protocol):
     def tokens(self) -> int: ...
     @property
     def position_encoding(self) -> str: ...
+    @property
+    def window_size(self) -> int: ...
+    @property
+    def shift_size(self) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class FusedBlock:
     """What every fused form needs of a bench config: sizes, scale, the
-    relative tables (at their reference size, the config's)."""
+    relative tables (at their reference size, the config's), and Swin's
+    windows (square, the map divisible by them, no padding) with the per-head
+    bias table of the window (timm's convention: the bias is not scaled)."""
 
     height: int
     width: int
@@ -311,6 +318,9 @@ class FusedBlock:
     scale: float
     relative: bool
     tables: tuple[str, ...]  # (name of R_h, name of R_w) in the weight dict, or ()
+    window: int = 0  # square windows of this side, or 0: global attention
+    shift: int = 0
+    bias_table: str | None = None  # "relative_bias": the table's name
 
     @classmethod
     def of(cls, config: BenchShape) -> FusedBlock:
@@ -323,6 +333,19 @@ class FusedBlock:
                 f"Received: position_encoding={config.position_encoding!r}"
             )
         relative = config.position_encoding == "relative"
+        window = getattr(config, "window_size", 0)
+        if window and (relative or config.height % window or config.width % window):
+            raise ValueError(
+                "The fused natives take windows that divide the map, with no "
+                "position term or 'relative_bias'. Received: "
+                f"window_size={window}, map {config.height}x{config.width}, "
+                f"position_encoding={config.position_encoding!r}"
+            )
+        if config.position_encoding == "relative_bias" and not window:
+            raise ValueError(
+                "The fused natives take 'relative_bias' in windows only. "
+                f"Received: window_size={window}"
+            )
         return cls(
             config.height,
             config.width,
@@ -333,6 +356,36 @@ class FusedBlock:
             1.0 / math.sqrt(config.head_dim),
             relative,
             schema.table_names("relative") if relative else (),
+            window=window,
+            shift=getattr(config, "shift_size", 0) if window else 0,
+            bias_table=(
+                schema.table_names("relative_bias")[0]
+                if config.position_encoding == "relative_bias"
+                else None
+            ),
+        )
+
+    @property
+    def windows(self) -> int:
+        """Windows per map."""
+        return (self.height // self.window) * (self.width // self.window)
+
+    def window_bias(self) -> np.ndarray:
+        """(nW, Nw, Nw) float32: Swin's shift mask of each window (-100 between
+        the shift's regions, 0 within; all 0 without a shift), from the
+        reference's window layout."""
+        _, _, regions = window_layout(self.height, self.width, self.window, self.shift)
+        labels = np.asarray(regions)  # (nW, Nw), no padding here
+        apart = labels[:, :, None] != labels[:, None, :]
+        return np.where(apart, schema.SHIFT_MASK_LOGIT, 0.0).astype(np.float32)
+
+    def bias_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """((Nw, Nw), (Nw, Nw)) int: the (row, column) of the per-head table
+        for (query, key) of a window: query minus key + window - 1."""
+        ys, xs = np.divmod(np.arange(self.window**2), self.window)
+        return (
+            ys[:, None] - ys[None, :] + self.window - 1,
+            xs[:, None] - xs[None, :] + self.window - 1,
         )
 
 

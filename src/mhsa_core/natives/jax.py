@@ -559,8 +559,10 @@ def fused_block(
     `jax.jit` / `jax.grad`, for a bench config (`_common.FusedBlock.of`).
 
     `jax.nn.dot_product_attention`, "relative"'s term (gathered with the
-    offset index, times the scale) as its `bias`. float32; no mask, no other
-    encoding.
+    offset index, times the scale) as its `bias`. With Swin's windows:
+    `jnp.roll`, the windows as the batch, the per-head bias (gathered with
+    the window's index) plus the shift mask as `bias`, merged and rolled
+    back. float32; no mask, no other encoding.
     """
     block = _common.FusedBlock.of(config)
     params = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in weights.items()}
@@ -575,18 +577,38 @@ def fused_block(
     if relative:
         name_h, name_w = block.tables
         index_h, index_w = _common.relative_index(height), _common.relative_index(width)
+    w, shift = block.window, block.shift
+    if w:
+        rows, cols = block.bias_index()
+        shift_mask = block.window_bias()[:, None]  # (nW, 1, Nw, Nw)
 
     def apply(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
         b = x.shape[0]
-        t = x.reshape(b, n, channels)
+        if w:  # (B * nW, Nw, C) windows of the rolled map
+            t = jnp.roll(x, (-shift, -shift), axis=(1, 2))
+            t = t.reshape(b, height // w, w, width // w, w, channels)
+            t = t.transpose(0, 1, 3, 2, 4, 5).reshape(-1, w * w, channels)
+        else:
+            t = x.reshape(b, n, channels)
+        items, tokens = t.shape[0], t.shape[1]
 
         def project(
             name: str,
-        ) -> jax.Array:  # (B, N, heads, d): dot_product_attention's
+        ) -> jax.Array:  # (B', N', heads, d): dot_product_attention's
             y = t @ params[f"{name}_kernel"] + params[f"{name}_bias"]
-            return y.reshape(b, n, heads, d)
+            return y.reshape(items, tokens, heads, d)
 
         q, k, v = project("query"), project("key"), project("value")
+        if w:
+            window_bias = jnp.tile(jnp.asarray(shift_mask), (b, 1, 1, 1))
+            if block.bias_table is not None:
+                table = params[block.bias_table][rows, cols].transpose(2, 0, 1)
+                window_bias = window_bias + table  # (B * nW, heads, Nw, Nw)
+            window_bias = jnp.broadcast_to(window_bias, (items, heads, tokens, tokens))
+            out = jax.nn.dot_product_attention(q, k, v, bias=window_bias, scale=scale)
+            out = out.reshape(b, height // w, width // w, w, w, channels)
+            out = out.transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, channels)
+            return jnp.roll(out, (shift, shift), axis=(1, 2))
         bias = None
         if relative:
             q5 = q.reshape(b, height, width, heads, d)

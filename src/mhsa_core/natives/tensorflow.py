@@ -547,7 +547,10 @@ def fused_block(
 
     TensorFlow has no fused attention op: einsum, softmax, einsum, which is
     what XLA (`jit_compile=True`) fuses. "relative"'s term gathered with the
-    offset index, times the scale. No mask, no other encoding.
+    offset index, times the scale. With Swin's windows: `tf.roll`, the
+    windows as the batch, the per-head bias (gathered with the window's
+    index) and the shift mask added to the logits, merged and rolled back.
+    No mask, no other encoding.
     """
     block = _common.FusedBlock.of(config)
     params = {
@@ -565,20 +568,44 @@ def fused_block(
         name_h, name_w = block.tables
         index_h = tf.constant(_common.relative_index(height))
         index_w = tf.constant(_common.relative_index(width))
+    w, shift = block.window, block.shift
+    if w:
+        offsets = tf.constant(np.stack(block.bias_index(), axis=-1))  # (Nw, Nw, 2)
+        shift_mask = tf.constant(block.window_bias())[:, None]  # (nW, 1, Nw, Nw)
 
     def call(x: tf.Tensor) -> tf.Tensor:
         b = tf.shape(x)[0]
-        t = tf.reshape(x, (b, n, channels))
+        if w:  # (B * nW, Nw, C) windows of the rolled map
+            t = tf.roll(x, shift=[-shift, -shift], axis=[1, 2])
+            t = tf.reshape(t, (b, height // w, w, width // w, w, channels))
+            t = tf.reshape(tf.transpose(t, (0, 1, 3, 2, 4, 5)), (-1, w * w, channels))
+        else:
+            t = tf.reshape(x, (b, n, channels))
+        items, tokens = tf.shape(t)[0], t.shape[1]
 
-        def project(name: str) -> tf.Tensor:  # (B, N, heads, d)
+        def project(name: str) -> tf.Tensor:  # (B', N', heads, d)
             y = (
                 tf.einsum("bnc,cd->bnd", t, params[f"{name}_kernel"])
                 + params[f"{name}_bias"]
             )
-            return tf.reshape(y, (b, n, heads, d))
+            return tf.reshape(y, (items, tokens, heads, d))
 
         q, k, v = project("query"), project("key"), project("value")
-        logits = tf.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, heads, N, N)
+        logits = tf.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B', heads, N', N')
+        if w:
+            logits = logits + tf.tile(shift_mask, (b, 1, 1, 1))
+            if block.bias_table is not None:
+                # The variable read first: XLA has no gather_nd of a resource.
+                table = tf.convert_to_tensor(params[block.bias_table])
+                table = tf.gather_nd(table, offsets)
+                logits = logits + tf.transpose(table, (2, 0, 1))
+            probs = tf.nn.softmax(logits, axis=-1)
+            out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B * nW, Nw, heads, d)
+            out = tf.reshape(out, (b, height // w, width // w, w, w, channels))
+            out = tf.reshape(
+                tf.transpose(out, (0, 1, 3, 2, 4, 5)), (b, height, width, channels)
+            )
+            return tf.roll(out, shift=[shift, shift], axis=[1, 2])
         if relative:
             q5 = tf.reshape(q, (b, height, width, heads, d))
             logits_h = tf.einsum(

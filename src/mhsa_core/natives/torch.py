@@ -591,7 +591,10 @@ def fused_block(
 
     SDPA as the bench measures it: the flash kernel on CPU when there is no
     position term, else "relative"'s term (gathered with the offset index,
-    times the scale) as its float `attn_mask`. No mask, no other encoding.
+    times the scale) as its float `attn_mask`. With Swin's windows, as timm's
+    block: the map rolled and cut into windows (a batch of B * nW), the
+    per-head bias gathered with the window's index plus the shift mask as
+    `attn_mask`, merged and rolled back. No mask, no other encoding.
     """
     block = _common.FusedBlock.of(config)
     params = {
@@ -610,16 +613,35 @@ def fused_block(
         name_h, name_w = block.tables
         index_h = torch.as_tensor(_common.relative_index(height))
         index_w = torch.as_tensor(_common.relative_index(width))
+    w, shift = block.window, block.shift
+    if w:
+        rows, cols = (torch.as_tensor(i) for i in block.bias_index())
+        shift_mask = torch.as_tensor(block.window_bias())[:, None]  # (nW, 1, Nw, Nw)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        t = x.reshape(b, n, channels)
+        if w:  # (B * nW, Nw, C) windows of the rolled map
+            t = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+            t = t.view(b, height // w, w, width // w, w, channels)
+            t = t.permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, channels)
+        else:
+            t = x.reshape(b, n, channels)
+        items, tokens = t.shape[0], t.shape[1]
 
-        def project(name: str) -> torch.Tensor:  # (B, N, C) -> (B, heads, N, d)
+        def project(name: str) -> torch.Tensor:  # (B', N', C) -> (B', heads, N', d)
             y = t @ params[f"{name}_kernel"] + params[f"{name}_bias"]
-            return y.reshape(b, n, heads, d).transpose(1, 2)
+            return y.reshape(items, tokens, heads, d).transpose(1, 2)
 
         q, k, v = project("query"), project("key"), project("value")
+        if w:
+            bias = shift_mask.repeat(b, 1, 1, 1)  # (B * nW, 1, Nw, Nw)
+            if block.bias_table is not None:
+                table = params[block.bias_table][rows, cols].permute(2, 0, 1)
+                bias = bias + table  # (B * nW, heads, Nw, Nw)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+            out = out.transpose(1, 2).reshape(b, height // w, width // w, w, w, -1)
+            out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, height, width, channels)
+            return torch.roll(out, shifts=(shift, shift), dims=(1, 2))
         bias = None
         if relative:
             q5 = q.reshape(b, heads, height, width, d)

@@ -89,18 +89,16 @@ def attend(
         bias=position.bias_term or regions is not None,
     )
 
-    def logits_bias(with_position: bool = True) -> Tensor | None:
-        """The whole additive term of the logits, (B or 1, heads or 1, N, N):
-        the position term (times its scale) and the shift mask."""
-        bias = None
-        if with_position:
-            bias = position.logits_bias(ops.cast(query, softmax_dtype), height, width)
-            if bias is not None and position_scale != 1.0:
-                bias = bias * ops.convert_to_tensor(position_scale, dtype=softmax_dtype)
-        if regions is not None:
-            shift_mask = _shift_mask(regions, softmax_dtype)  # (B, 1, N, N)
-            bias = shift_mask if bias is None else bias + shift_mask
+    def position_bias() -> Tensor | None:
+        """The position term of the logits (times its scale), (B or 1,
+        heads, N, N), or None."""
+        bias = position.logits_bias(ops.cast(query, softmax_dtype), height, width)
+        if bias is not None and position_scale != 1.0:
+            bias = bias * ops.convert_to_tensor(position_scale, dtype=softmax_dtype)
         return bias
+
+    def shift_mask() -> Tensor | None:  # (B, 1, N, N)
+        return None if regions is None else _shift_mask(regions, softmax_dtype)
 
     def full() -> tuple[Tensor, Tensor]:
         return dot_product_attention(
@@ -108,7 +106,8 @@ def attend(
             key,
             value,
             scale=scale,
-            logits_bias=logits_bias(),
+            logits_bias=position_bias(),
+            logits_mask=shift_mask(),
             key_mask=key_mask,
             dropout=dropout,
             training=training,
@@ -118,15 +117,19 @@ def attend(
     if path == choice.FULL:
         return full()
     if path == choice.FUSED:
+        # A term of no query ("relative_bias") and the shift mask: the
+        # kernel's one additive bias (a term folded into the keys is not).
+        bias = position_bias() if position.bias_term else None
+        mask = shift_mask()
+        if mask is not None:
+            bias = mask if bias is None else bias + mask
         return fused_attention(
             query,
             _keys_with_term(key, position, position_scale / scale, height, width),
             value,
             scale=scale,
             key_mask=key_mask,
-            # A term of no query ("relative_bias") and the shift mask: the
-            # kernel's additive bias (a term folded into the keys is not).
-            bias=logits_bias(with_position=position.bias_term),
+            bias=bias,
         ), None
 
     def chunked() -> Tensor:
