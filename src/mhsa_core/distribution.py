@@ -60,8 +60,20 @@ _REPLICATED_MATRICES = tuple(
     name
     for e in schema.ENCODINGS.values()
     for name in (
-        e.token_weights[:1] + (schema.table_names(e.name) if e.learned_tables else ())
+        e.token_weights[:1]
+        + (
+            schema.table_names(e.name)
+            if e.learned_tables and not e.per_head_table
+            else ()
+        )
     )
+)
+# Swin's per-head bias tables (rows, rows, heads): small, replicated too.
+_REPLICATED_TENSORS = tuple(
+    name
+    for e in schema.ENCODINGS.values()
+    if e.per_head_table
+    for name in schema.table_names(e.name)
 )
 _REPLICATED_VECTORS = tuple(
     name for e in schema.ENCODINGS.values() for name in e.token_weights[1:]
@@ -109,6 +121,7 @@ def layout_rules(
         prefix + _any_of(_SPLIT_BIASES): (model_axis,),
         prefix + _any_of(_REPLICATED_MATRICES): (None, None),
         prefix + _any_of(_REPLICATED_VECTORS): (None,),
+        prefix + _any_of(_REPLICATED_TENSORS): (None, None, None),
     }
 
 

@@ -173,6 +173,7 @@ RULES = [
     ("sinusoidal", {}),
     ("relative", {"position_size": (4, 4)}),
     ("absolute", {"position_size": (4, 4)}),
+    ("relative_bias", {"window_size": 2}),
 ]
 
 
