@@ -82,8 +82,8 @@ class Windows:
         batch, heads, d = shape[0], shape[1], t.shape[-1]
         (wh, ww), (nh, nw) = self.window, self.counts
         grid = ops.reshape(t, (batch, heads, self.height, self.width, d))
-        grid = _roll(grid, -self.shift[0], axis=2)
-        grid = _roll(grid, -self.shift[1], axis=3)
+        grid = _roll(grid, self.shift[0], axis=2, size=self.height, back=False)
+        grid = _roll(grid, self.shift[1], axis=3, size=self.width, back=False)
         grid = _pad(grid, self.pad[0], axis=2)
         grid = _pad(grid, self.pad[1], axis=3)
         grid = ops.reshape(grid, (batch, heads, nh, wh, nw, ww, d))
@@ -102,8 +102,8 @@ class Windows:
         grid = ops.reshape(grid, (batch, heads, nh * wh, nw * ww, d))
         if self.padded:
             grid = grid[:, :, : self.height, : self.width]
-        grid = _roll(grid, self.shift[0], axis=2)
-        grid = _roll(grid, self.shift[1], axis=3)
+        grid = _roll(grid, self.shift[0], axis=2, size=self.height, back=True)
+        grid = _roll(grid, self.shift[1], axis=3, size=self.width, back=True)
         return ops.reshape(grid, (batch, heads, self.height * self.width, d))
 
     # ------------------------------------------------------------ masks
@@ -163,19 +163,37 @@ class Windows:
         return ops.where(same, full, ops.zeros_like(full))
 
 
+def _count(size: int | Tensor) -> Tensor:
+    """A size known at run time as an int32 tensor, summed from an arange:
+    never a cast of the size itself, which torch.export turns into a Python
+    number (pinning H and W; see `position._grid.resize_table`)."""
+    return ops.sum(ops.ones_like(ops.arange(size, dtype="int32")))
+
+
 def _effective_shift(size: int | Tensor, window: int, shift: int) -> int | Tensor:
-    """`shift`, or 0 when the map fits in one window along the axis (timm)."""
+    """`shift`, or 0 when the map fits in one window along the axis (timm);
+    an int32 tensor for a size known at run time."""
     if shift == 0:
         return 0
     if is_static(size):
         return shift if size > window else 0
-    return ops.where(ops.greater(size, window), shift, 0)
+    return ops.where(ops.greater(_count(size), window), shift, 0)
 
 
-def _roll(t: Tensor, shift: int | Tensor, axis: int) -> Tensor:
-    if is_static(shift) and shift == 0:
-        return t
-    return ops.roll(t, shift, axis=axis)
+def _roll(
+    t: Tensor, shift: int | Tensor, axis: int, size: int | Tensor, back: bool
+) -> Tensor:
+    """`t` rolled along `axis` (of `size`) by -shift, or by +shift (`back`).
+
+    A Python shift is `ops.roll`; a tensor one (a size known only at run
+    time decides it) a gather of the rolled indices: torch.roll takes no
+    tensor shift.
+    """
+    if is_static(shift):
+        return t if shift == 0 else ops.roll(t, shift if back else -shift, axis=axis)
+    index = ops.arange(size, dtype="int32")
+    index = (index - shift if back else index + shift) % _count(size)
+    return ops.take(t, index, axis=axis)
 
 
 def _pad(t: Tensor, amount: int | Tensor, axis: int) -> Tensor:

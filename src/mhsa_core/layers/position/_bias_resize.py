@@ -95,11 +95,17 @@ def _q_by_offset(n: int) -> np.ndarray:
     return _bisect(n, np.arange(DYNAMIC_MAX_OFFSET, dtype=float))
 
 
+def _count(rows: int | Tensor) -> Tensor:
+    """`rows` as an int32 tensor, summed from an arange: never a cast of the
+    size itself, which torch.export turns into a Python number (pinning H
+    and W; see `_grid.resize_table`)."""
+    return ops.sum(ops.ones_like(ops.arange(rows, dtype="int32")))
+
+
 def _dynamic_matrix(src_rows: int, dst_rows: Tensor, dtype: str) -> Tensor:
-    """`resize_matrix` with `keras.ops`, for a size known at run time; the
-    identity when the size is the table's own along both axes (`same`)."""
+    """`resize_matrix` with `keras.ops`, for a size known at run time."""
     n = src_rows // 2
-    m = dst_rows // 2
+    m = _count(dst_rows) // 2
     targets = ops.cast(ops.arange(dst_rows, dtype="int32") - m, dtype)[:, None]
     if n == 0:
         return ops.ones_like(targets)  # one offset: every row reads it
@@ -149,7 +155,9 @@ def resize_bias_table(
         m_h = ops.convert_to_tensor(resize_matrix(src_h, rows_h), dtype=dtype)
         m_w = ops.convert_to_tensor(resize_matrix(src_w, rows_w), dtype=dtype)
     else:
-        same = ops.logical_and(ops.equal(rows_h, src_h), ops.equal(rows_w, src_w))
+        same = ops.logical_and(
+            ops.equal(_count(rows_h), src_h), ops.equal(_count(rows_w), src_w)
+        )
         m_h = ops.where(
             same,
             _identity(rows_h, src_h, dtype),
@@ -160,4 +168,7 @@ def resize_bias_table(
             _identity(rows_w, src_w, dtype),
             _dynamic_matrix(src_w, rows_w, dtype),
         )
-    return ops.einsum("as,stk,bt->abk", m_h, table, m_w)
+    # Two products, not one three-operand einsum: torch plans those with
+    # opt_einsum, whose size comparisons pin a size torch.export keeps dynamic.
+    rows = ops.einsum("as,stk->atk", m_h, table)
+    return ops.einsum("atk,bt->abk", rows, m_w)
