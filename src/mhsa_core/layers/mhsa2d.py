@@ -107,8 +107,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             along an axis where the map fits in one window, as timm. Needs
             `window_size`.
         scale_position_logits: Whether `scale` multiplies the position term
-            of "relative"/"absolute" too (BoTNet's official code: True) or
-            only q.k (timm's default: False).
+            of "relative"/"absolute"/"relative_bias" too (BoTNet's official
+            code: True) or only q.k (timm's default, and Swin's: False).
         scale: Factor of the logits. Default None: 1 / sqrt(key_dim). The
             YOLOv4-MHSA block uses 1.0 (no scaling).
         use_bias: Whether the projections have biases.
