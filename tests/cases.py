@@ -145,9 +145,67 @@ POSITION_CONFIGS = {
         "rope_grid_indexing": "ij",
         "rope_layout": "half",
     },
+    # Swin's per-head bias over the whole map (no windows), resized by timm's
+    # rule at every other size; timm's convention (bias not scaled).
+    "relative_bias": {"num_heads": 2, "position_encoding": "relative_bias"},
+    "relative_bias-heads4-unscaled-pos-channels_first": {
+        "num_heads": 4,
+        "scale_position_logits": False,
+        "data_format": "channels_first",
+        "position_encoding": "relative_bias",
+    },
 }
 # One config per encoding that has a position term of its own.
 ENCODING_CONFIGS = {
     name: POSITION_CONFIGS[name]
-    for name in ("relative", "absolute", "sinusoidal", "rope", "rope_mixed")
+    for name in (
+        "relative",
+        "absolute",
+        "sinusoidal",
+        "rope",
+        "rope_mixed",
+        "relative_bias",
+    )
 }
+
+# Swin's windows: name -> config. Tables (where learned) belong to the window
+# (the default position_size). The sizes of WINDOW_SIZES make them pad, shift
+# or not (the map fits one window along an axis: no shift there).
+SWIN = {
+    "num_heads": 2,
+    "position_encoding": "relative_bias",
+    "scale_position_logits": False,
+}
+WINDOW_CONFIGS = {
+    "swin-window3-shift1": {**SWIN, "window_size": 3, "shift_size": 1},
+    "swin-window2x3-shift1x2-heads4": {
+        **SWIN,
+        "num_heads": 4,
+        "window_size": (2, 3),
+        "shift_size": (1, 2),
+    },
+    # Tables of another size than the window: resized to it (timm's rule).
+    "swin-window3-table4x2-scaled-channels_first": {
+        **SWIN,
+        "window_size": 3,
+        "shift_size": 2,
+        "position_size": (4, 2),
+        "scale_position_logits": True,
+        "data_format": "channels_first",
+    },
+    "none-window4-shift2": {"num_heads": 2, "window_size": 4, "shift_size": 2},
+    "relative-window3-shift1": {
+        "num_heads": 2,
+        "position_encoding": "relative",
+        "window_size": 3,
+        "shift_size": 1,
+    },
+    "sinusoidal-window3": {
+        "num_heads": 2,
+        "position_encoding": "sinusoidal",
+        "window_size": 3,
+    },
+}
+# Map sizes of the window cases: divisible by 3 (and by 2x3), not (padded),
+# smaller than the window along one axis (one window, no shift there), 1x1.
+WINDOW_SIZES = [(6, 6), (7, 5), (2, 8), (1, 1)]

@@ -9,6 +9,7 @@ from keras import ops
 from mhsa_core import MultiHeadSelfAttention2D, reference
 from mhsa_core.reference import reference_config as reference_config
 from mhsa_core.reference import schema
+from mhsa_core.reference.arguments import pair
 from mhsa_core.reference.schema import ENCODINGS
 
 LEARNED_ENCODINGS = tuple(name for name, e in ENCODINGS.items() if e.learned_tables)
@@ -27,13 +28,18 @@ def make_case(config, shape, *, seed=0, dtype="float32", x_scale=1.0):
 
     Weights are drawn in NumPy and injected: the same Keras seed gives
     different initial values on each backend. A learned position encoding
-    without `position_size` in `config` gets the input's spatial size.
+    without `position_size` in `config` gets the window (with `window_size`,
+    as the layer's default) or the input's spatial size.
     """
     config = dict(config)
     data_format = config.get("data_format", "channels_last")
     channels = channels_of(shape, data_format)
     if config.get("position_encoding") in LEARNED_ENCODINGS:
-        config.setdefault("position_size", spatial_of(shape, data_format))
+        window = config.get("window_size")
+        config.setdefault(
+            "position_size",
+            spatial_of(shape, data_format) if window is None else pair(window),
+        )
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * x_scale).astype(dtype)
     weights = reference.random_weights(

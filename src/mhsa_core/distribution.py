@@ -68,9 +68,22 @@ _REPLICATED_MATRICES = tuple(
     name
     for e in schema.ENCODINGS.values()
     for name in (
-        e.token_weights[:1] + (schema.table_names(e.name) if e.learned_tables else ())
+        e.token_weights[:1]
+        + (
+            schema.table_names(e.name)
+            if e.learned_tables and not e.per_head_table
+            else ()
+        )
     )
 )
+# Swin's per-head bias tables (rows, rows, heads) and RoPE-Mixed's per-head
+# frequencies (2, heads, kd / 2): small, replicated too.
+_REPLICATED_TENSORS = tuple(
+    name
+    for e in schema.ENCODINGS.values()
+    if e.per_head_table
+    for name in schema.table_names(e.name)
+) + tuple(e.frequencies for e in schema.ENCODINGS.values() if e.frequencies)
 _REPLICATED_VECTORS = (
     tuple(name for e in schema.ENCODINGS.values() for name in e.token_weights[1:])
     + schema.OUTPUT_PROJECTION[1:]
@@ -114,7 +127,8 @@ def layout_rules(
     Returns:
         {regex: axes tuple}: q/k/v kernels `(None, model_axis)`, biases
         `(model_axis,)`, the output kernel `(model_axis, None)`; the position
-        conv and tables, the norms and the output bias replicated.
+        conv and tables, RoPE-Mixed's frequencies, the norms and the output bias
+        replicated.
     """
     _check_axis_name(model_axis, "model_axis")
     _check_axis_name(layer_path, "layer_path")
@@ -125,6 +139,7 @@ def layout_rules(
         prefix + _any_of(_ROW_SPLIT_KERNELS): (model_axis, None),
         prefix + _any_of(_REPLICATED_MATRICES): (None, None),
         prefix + _any_of(_REPLICATED_VECTORS): (None,),
+        prefix + _any_of(_REPLICATED_TENSORS): (None, None, None),
     }
 
 

@@ -22,10 +22,12 @@ Checks:
 - timm's and EVA's options (q/k norms, the output norm and projection, no
   key bias, the norms' epsilon), alone and with the encodings and masks;
 - the position encodings ("relative", "absolute", "sinusoidal", "rope",
-  "rope_mixed") at the reference size of the learned tables and at other map
-  sizes (larger, smaller and non-square, 1xN, Nx1), the rotary ones in both
-  layouts, both grid orders, with and without a reference grid, in pixels;
-  the rotary frequencies' gradient; the native's table resize against
+  "rope_mixed", "relative_bias") at the reference size of the learned tables
+  and at other map sizes (larger, smaller and non-square, 1xN, Nx1), the
+  rotary ones in both layouts, both grid orders, with and without a reference
+  grid, in pixels; the rotary frequencies' gradient; Swin's windows
+  (shifted, padded, larger than the map) at those sizes too; the native's
+  table resize against
   `reference.resize_table` (bit-identical at the reference size) and, on
   TensorFlow, against `tf.image.resize`; its sine-cosine embedding against
   `reference.sinusoidal_embedding`;
@@ -206,6 +208,49 @@ CASES = {
         "data_format": "channels_first",
         "mask": "padded",
     },
+    # Swin's per-head bias (tables of the (5, 7) map, resized at the others),
+    # then windows: shifted, padded at most sizes, the shift dropped where the
+    # map fits one window; the tables of the window, or of another size.
+    "relative_bias": {"num_heads": 4, "position_encoding": "relative_bias"},
+    "relative_bias_unscaled_cf_masked": {
+        "num_heads": 2,
+        "key_dim": 5,
+        "position_encoding": "relative_bias",
+        "scale_position_logits": False,
+        "data_format": "channels_first",
+        "mask": "one_item_full",
+    },
+    "swin_window3_shift1_partial": {
+        "num_heads": 4,
+        "position_encoding": "relative_bias",
+        "position_size": (3, 3),
+        "window_size": 3,
+        "shift_size": 1,
+        "scale_position_logits": False,
+        "mask": "partial",
+    },
+    "swin_window2x4_table3x2_cf": {
+        "num_heads": 2,
+        "position_encoding": "relative_bias",
+        "position_size": (3, 2),
+        "window_size": (2, 4),
+        "shift_size": (1, 3),
+        "data_format": "channels_first",
+    },
+    "relative_window3_shift2": yolov4_mhsa(
+        num_heads=2,
+        position_encoding="relative",
+        position_size=(3, 3),
+        window_size=3,
+        shift_size=2,
+        mask="padded",
+    ),
+    "none_window4_shift2_masked": {
+        "num_heads": 2,
+        "window_size": 4,
+        "shift_size": 2,
+        "mask": "one_item_full",
+    },
 }
 
 # mask kind -> bool (B, H, W), True = the key may be attended to.
@@ -232,12 +277,19 @@ MAP_SIZES = {
     "column": (6, 1),
     "single": (1, 1),
 }
-# The encodings whose result depends on the map size.
-SIZED_ENCODINGS = ("relative", "absolute", "sinusoidal", "rope", "rope_mixed")
+# The encodings whose result depends on the map size, and windows.
+SIZED_ENCODINGS = (
+    "relative",
+    "absolute",
+    "sinusoidal",
+    "rope",
+    "rope_mixed",
+    "relative_bias",
+)
 _POSITION_CASES = [
     name
     for name, case in CASES.items()
-    if case.get("position_encoding") in SIZED_ENCODINGS
+    if case.get("position_encoding") in SIZED_ENCODINGS or "window_size" in case
 ]
 # (case, map size): every case at the reference size, position cases at all.
 FORWARD_PARAMS = [
@@ -335,6 +387,22 @@ GRAD_CASES = {
         "rope_layout": "half",
         "data_format": "channels_first",
     },
+    # The per-head table resized (3x2 -> 2x3), and 2x2 windows of the 2x3
+    # map (shifted along W only, W padded to 4), masked.
+    "relative_bias_resized": {
+        "num_heads": 2,
+        "position_encoding": "relative_bias",
+        "position_size": (3, 2),
+        "mask": "partial",
+    },
+    "swin_window2_shift1_masked": {
+        "num_heads": 2,
+        "position_encoding": "relative_bias",
+        "position_size": (2, 2),
+        "window_size": 2,
+        "shift_size": 1,
+        "mask": "one_item_full",
+    },
 }
 
 
@@ -358,8 +426,11 @@ def _setup(case, shape, seed=0, position_size=None):
     x = np.random.default_rng(seed).standard_normal(shape)
     if case.get("data_format") == "channels_first":
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    # The weight-shape arguments the case gives; the others keep the defaults.
-    shape_args = schema.weight_arguments(case)
+    # The weight-shape arguments the case gives (but the position_size
+    # resolved above); the others keep the defaults.
+    shape_args = schema.weight_arguments(
+        {k: v for k, v in case.items() if k != "position_size"}
+    )
     weights = reference.random_weights(
         channels,
         **shape_args,
@@ -420,6 +491,11 @@ RELATIVE_TINY = yolov4_mhsa(
     num_heads=2, position_encoding="relative", position_size=(3, 2)
 )
 ABSOLUTE_TINY = yolov4_mhsa(num_heads=2, position_encoding="absolute")
+BIAS_TINY = {
+    "num_heads": 2,
+    "position_encoding": "relative_bias",
+    "position_size": (3, 2),
+}
 MISMATCHED_TABLES = {
     "relative_missing_table": (
         RELATIVE_TINY,
@@ -471,6 +547,31 @@ MISMATCHED_TABLES = {
         lambda w: _without(w, "absolute_height"),
         {},
     ),
+    "relative_bias_missing_table": (
+        BIAS_TINY,
+        lambda w: _without(w, "relative_bias_table"),
+        {},
+    ),
+    "relative_bias_wrong_heads": (
+        BIAS_TINY,
+        lambda w: {**w, "relative_bias_table": w["relative_bias_table"][..., :1]},
+        {},
+    ),
+    "relative_bias_even_rows": (
+        BIAS_TINY,
+        lambda w: {**w, "relative_bias_table": w["relative_bias_table"][:2]},
+        {},
+    ),
+    "relative_bias_flat_table": (
+        BIAS_TINY,
+        lambda w: {**w, "relative_bias_table": w["relative_bias_table"][:, 0]},
+        {},
+    ),
+    "relative_bias_position_size_disagrees": (
+        BIAS_TINY,
+        lambda w: w,
+        {"position_size": (2, 3)},
+    ),
 }
 
 
@@ -506,6 +607,16 @@ INVALID_CONFIGS = {
         {"position_encoding": "rope", "rope_in_pixels": True, "rope_grid_offset": 1},
         "rope_grid_offset=1",
     ),
+    "window_size_zero": ({"window_size": 0}, "window_size=0"),
+    "shift_size_not_below_window": (
+        {"window_size": 2, "shift_size": 2},
+        "shift_size=2",
+    ),
+    "shift_size_without_window": ({"shift_size": 1}, "shift_size=1"),
+    "absolute_in_windows": (
+        {"position_encoding": "absolute", "window_size": 2},
+        "position_encoding='absolute'",
+    ),
 }
 
 # The arguments the natives share with the layer, a bad value each: a native's
@@ -529,6 +640,8 @@ SHARED_BAD_ARGUMENTS = {
     "rope_grid_offset": float("nan"),
     "rope_in_pixels": "yes",
     "rope_max_resolution": -224,
+    "window_size": (2, 0),
+    "shift_size": -1,
 }
 
 
@@ -864,6 +977,8 @@ class _BenchShape:
     channels: int
     num_heads: int
     position_encoding: str
+    window_size: int = 0
+    shift_size: int = 0
 
     @property
     def tokens(self):
@@ -874,10 +989,12 @@ class _BenchShape:
         return self.channels // self.num_heads
 
 
-# The fused forms carry the bench's encodings only ("none", "relative", "rope"),
-# at the tables' reference size; 4x5 is not square, so a swapped axis shows.
+# The fused forms carry the bench's encodings only ("none", "relative",
+# "rope", "relative_bias" in shifted windows that divide the map), at the
+# tables' reference size; 4x5 and 6x9 are not square, so a swapped axis shows.
 FUSED_SHAPES = {
-    name: _BenchShape(4, 5, 16, 2, name) for name in ("none", "relative", "rope")
+    **{name: _BenchShape(4, 5, 16, 2, name) for name in ("none", "relative", "rope")},
+    "relative_bias": _BenchShape(6, 9, 16, 2, "relative_bias", 3, 1),
 }
 
 
@@ -908,17 +1025,24 @@ class TestFusedBlock:
     def test_fused_block_within_the_float32_budget(self, name):
         shape = FUSED_SHAPES[name]
         size = (shape.height, shape.width)
+        window = (shape.window_size,) * 2
         weights = reference.random_weights(
             shape.channels,
             shape.num_heads,
             position_encoding=name,
             seed=4,
             dtype=np.float32,
-            position_size=size if name == "relative" else None,
+            position_size={"relative": size, "relative_bias": window}.get(name),
         )
         x = np.random.default_rng(5).standard_normal((2, *size, shape.channels))
         x = x.astype(np.float32)
         config = {"num_heads": shape.num_heads, "position_encoding": name}
+        if shape.window_size:  # timm's Swin: the bias is not scaled
+            config.update(
+                window_size=shape.window_size,
+                shift_size=shape.shift_size,
+                scale_position_logits=False,
+            )
         ref64, budget, _ = reference.error_budget(x, weights, **config)
         out = _run_fused(shape, weights, x)
         assert out.dtype == np.float32 and out.shape == x.shape
@@ -928,3 +1052,7 @@ class TestFusedBlock:
     def test_fused_block_rejects_other_encodings(self):
         with pytest.raises(ValueError, match="position_encoding='absolute'"):
             NATIVE.fused_block(_BenchShape(4, 5, 16, 2, "absolute"), {})
+        with pytest.raises(ValueError, match="window_size=0"):
+            NATIVE.fused_block(_BenchShape(4, 5, 16, 2, "relative_bias"), {})
+        with pytest.raises(ValueError, match="window_size=3"):
+            NATIVE.fused_block(_BenchShape(4, 5, 16, 2, "relative_bias", 3), {})

@@ -66,6 +66,14 @@ def floor_float64_in_float32():
     return _dtype(ops.floor(X)) != "float64"
 
 
+def cumsum_float64_in_float32():
+    return _dtype(ops.cumsum(X)) != "float64"
+
+
+def maximum_float64_in_float32():
+    return _dtype(ops.maximum(X, X)) != "float64"
+
+
 def sin_cos_float64_in_float32():
     return _dtype(ops.sin(X)) != "float64" or _dtype(ops.cos(X)) != "float64"
 
@@ -197,6 +205,18 @@ QUIRKS = {
         floor_float64_in_float32,
         ("torch", "jax"),
         "floor as an int cast in layers/position/_grid.py (`resize`)",
+    ),
+    "cumsum-float64": Quirk(
+        cumsum_float64_in_float32,
+        ("torch",),
+        "the offsets of the dynamic bias-table resize summed in a Python loop "
+        "(layers/position/_bias_resize.py `_dynamic_matrix`)",
+    ),
+    "maximum-float64": Quirk(
+        maximum_float64_in_float32,
+        ("torch",),
+        "ops.where instead of ops.maximum in layers/position/_bias_resize.py "
+        "(`_dynamic_matrix`)",
     ),
     "sin-cos-float64": Quirk(
         sin_cos_float64_in_float32,

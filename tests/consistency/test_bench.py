@@ -43,6 +43,29 @@ def test_flops_by_hand():
     # kd = dv = C/h: the closed form 6BNC^2 + 4BN^2C
     n4096 = CONFIGS["n4096"]
     assert forward_flops(n4096) == 6 * 2 * 4096 * 256**2 + 4 * 2 * 4096**2 * 256
+    # swin: each query attends to its 7x7 window's 49 keys, not N = 3136:
+    # 6BNC^2 + 4BNKC (the per-head bias is a gather, not counted).
+    swin = CONFIGS["swin"]
+    assert swin.keys == 49
+    assert forward_flops(swin) == 6 * 2 * 3136 * 96**2 + 4 * 2 * 3136 * 49 * 96
+
+
+def test_swin_config_is_swin_ts_first_stage():
+    """56x56x96, 3 heads, 7x7 windows shifted by 3: the layer's arguments,
+    its tables of the window, its description; not a default config."""
+    swin = CONFIGS["swin"]
+    assert swin.layer_config == {
+        "num_heads": 3,
+        "position_encoding": "relative_bias",
+        "window_size": 7,
+        "shift_size": 3,
+        "scale_position_logits": False,
+    }
+    assert swin.position_size == (7, 7)
+    assert swin.describe() == ("2x56x56x96, 3 heads, relative_bias, window 7 shifted 3")
+    assert BenchConfig.from_json(swin.to_json()) == swin
+    _, _, weights = worker.inputs(swin)
+    assert weights["relative_bias_table"].shape == (13, 13, 3)
 
 
 def test_plan_gives_each_backend_its_modes():

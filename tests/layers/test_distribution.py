@@ -188,6 +188,8 @@ RULES = [
     ("none", {"qk_norm": "layer", "output_norm": "layer", "output_dense": True}),
     ("none", {"qk_norm": "rms", "use_key_bias": False, "output_dense": True}),
     ("none", {"use_bias": False, "output_dense": True}),
+    ("relative_bias", {"window_size": 2}),
+    ("rope_mixed", {}),
 ]
 RULE_IDS = [
     "-".join([encoding, *(f"{k}={v}" for k, v in kwargs.items())])

@@ -60,6 +60,8 @@ _INVALID_ARGUMENTS = {
     "rope_grid_offset": [None, float("nan"), float("inf"), "1", True],
     "rope_in_pixels": ["yes", 1, None],
     "rope_max_resolution": [0, -224, float("inf"), None, "224"],
+    "window_size": [0, -7, 7.0, True, "7", (7,), (7, 0), (7, 7, 7)],
+    "shift_size": [-1, None, 1.5, (1,), (1, -1), 2],
 }
 INVALID_ARGUMENTS = [
     pytest.param(argument, value, id=f"{argument}={value!r}")
@@ -513,7 +515,7 @@ def test_mhsa_block_errors(case):
 
 # ------------------------------------------------------- position encodings
 @pytest.mark.parametrize("how", ["build", "symbolic call"])
-@pytest.mark.parametrize("encoding", ["relative", "absolute"])
+@pytest.mark.parametrize("encoding", ["relative", "absolute", "relative_bias"])
 def test_learned_encoding_needs_a_size(encoding, how):
     """Unknown spatial size at build and no position_size: the error says so."""
     pattern = match_all(
@@ -525,12 +527,20 @@ def test_learned_encoding_needs_a_size(encoding, how):
         )
 
 
-@pytest.mark.parametrize("encoding", ["relative", "absolute"])
+@pytest.mark.parametrize("encoding", ["relative", "absolute", "relative_bias"])
 def test_learned_encoding_takes_either_known_size(encoding):
     MultiHeadSelfAttention2D(position_encoding=encoding).build((None, 3, 4, 8))
     MultiHeadSelfAttention2D(position_encoding=encoding, position_size=(3, 4)).build(
         (None, None, None, 8)
     )
+
+
+@pytest.mark.parametrize("encoding", ["relative", "relative_bias"])
+def test_learned_encoding_in_windows_takes_the_window(encoding):
+    """With windows the tables belong to the window: no size needed at build."""
+    layer = MultiHeadSelfAttention2D(position_encoding=encoding, window_size=(3, 4))
+    layer.build((None, None, None, 8))
+    assert layer.position_size == (3, 4)
 
 
 @pytest.mark.parametrize("how,num_heads", [("build", 2), ("eager call", 1)])

@@ -27,9 +27,11 @@ import pytest
 from mhsa_core import MultiHeadSelfAttention2D, natives, reference
 from mhsa_core.consistency import gradients
 from mhsa_core.reference import schema
+from mhsa_core.reference.arguments import pair
 
 from cases import YOLOV4_MHSA, yolov4_mhsa
 from harness import (
+    LEARNED_ENCODINGS,
     channels_of,
     magnitude,
     make_case,
@@ -102,6 +104,25 @@ CASES = {
         SHAPE,
         "one_item_full",
     ),
+    # Swin's per-head bias table: learned at another size (resized by timm's
+    # rule, up along one axis and down along the other), over the whole map;
+    # then in shifted 3x3 windows of the padded 5x7 map, masked.
+    "relative_bias_resized": (
+        {"num_heads": 2, "position_encoding": "relative_bias", "position_size": (3, 9)},
+        SHAPE,
+        None,
+    ),
+    "swin_window3_shift1_masked": (
+        {
+            "num_heads": 4,
+            "position_encoding": "relative_bias",
+            "window_size": 3,
+            "shift_size": 1,
+            "scale_position_logits": False,
+        },
+        SHAPE,
+        "one_item_full",
+    ),
     # RMS-normed q into the relative term; ReLU, the output projection.
     "rms_relative_output_dense": (
         yolov4_mhsa(
@@ -154,6 +175,18 @@ CASES = {
         SHAPE,
         None,
     ),
+    "relative_window2x3_chunked": (
+        yolov4_mhsa(
+            num_heads=2,
+            position_encoding="relative",
+            window_size=(2, 3),
+            shift_size=(1, 1),
+            attention_implementation="chunked",
+            chunk_size=4,
+        ),
+        SHAPE,
+        None,
+    ),
 }
 
 
@@ -161,8 +194,9 @@ def _weight_names(config, shape):
     """The canonical weight names of a case (its position encoding decides)."""
     data_format = config.get("data_format", "channels_last")
     size = config.get("position_size")
-    if size is None and config.get("position_encoding") in ("relative", "absolute"):
-        size = spatial_of(shape, data_format)
+    if size is None and config.get("position_encoding") in LEARNED_ENCODINGS:
+        window = config.get("window_size")
+        size = spatial_of(shape, data_format) if window is None else pair(window)
     # The weight-shape arguments the case gives; the others keep the defaults.
     shape_args = {**schema.weight_arguments(config), "position_size": size}
     return set(reference.weight_shapes(channels_of(shape, data_format), **shape_args))
@@ -408,6 +442,21 @@ class TestFiniteDifferences:
                 "output_dense": True,
             },
             {"num_heads": 2, "qk_norm": "rms", "output_dense": True},
+            # The per-head table resized (3x2 -> the 2x3 map), and in
+            # windows: 2x2 windows shifted along W only (the map's 2 rows fit
+            # one window), W padded to 4.
+            {
+                "num_heads": 2,
+                "position_encoding": "relative_bias",
+                "position_size": (3, 2),
+            },
+            {
+                "num_heads": 2,
+                "position_encoding": "relative_bias",
+                "window_size": 2,
+                "shift_size": 1,
+                "position_size": (1, 3),
+            },
         ],
         ids=[
             "default",
@@ -417,6 +466,8 @@ class TestFiniteDifferences:
             "sinusoidal",
             "qk_layer-no_key_bias-output_norm-output_dense",
             "qk_rms-output_dense",
+            "relative_bias",
+            "swin",
         ],
     )
     def test_central_differences(self, config):

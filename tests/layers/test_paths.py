@@ -20,9 +20,10 @@ rule (`mhsa_core.reference.budget`), never by a hand-picked tolerance:
 Cases: every position encoding (fused: those it supports, the rotary ones
 included: q and k are rotated before any path runs), timm's options (q/k
 norms act before `attend`, so every path gets them; the output norm and
-projection after), masks whose batch
-item 0 has every key masked (zero output and zero gradients, never NaN), a
-ragged last chunk (N = 30 = 4 * 7 + 2 in every case) and chunk sizes 1 (N a
+projection after), Swin's shifted windows on a padded map (each window a
+batch item of the paths: 9 tokens, 9 = 7 + 2), masks whose batch item 0 has
+every key masked (zero output and zero gradients, never NaN), a ragged last
+chunk (N = 30 = 4 * 7 + 2 in every other case) and chunk sizes 1 (N a
 multiple) and 64 (> N), float32 and float64 (where fused falls back to
 chunked and must stay float64-exact), mixed precision (forward); dynamic H
 and W under each backend's compiler (TF: tf.function with None sizes, one
@@ -133,12 +134,32 @@ CASES = {
         True,
     ),
     "rope_mixed-masked": ({"num_heads": 2, "position_encoding": "rope_mixed"}, True),
+    # Swin's bias over the whole map, its table learned at another size (the
+    # fused kernels take it as their additive bias).
+    "relative_bias-resized-masked": (
+        {"num_heads": 2, "position_encoding": "relative_bias", "position_size": (3, 4)},
+        True,
+    ),
+    # Swin's shifted windows: 3x3 windows of the 5x6 map padded to 6x6,
+    # shifted by (1, 1): the bias, the shift mask, the padding and the key
+    # mask on each path, per window.
+    "swin-window3-shift1-masked": (
+        {
+            "num_heads": 2,
+            "position_encoding": "relative_bias",
+            "window_size": 3,
+            "shift_size": 1,
+            "scale_position_logits": False,
+        },
+        True,
+    ),
 }
 RELATIVE = "relative-resized-key_dim3-unscaled_pos-masked"
 ABSOLUTE = "absolute-resized-scale0.5-unscaled_pos-masked"
 OPTIONS = "qk_layer-out_norm-proj-no_key_bias-masked"
 ROPE = "rope-reference_grid-half-masked"
 ROPE_MIXED = "rope_mixed-masked"
+SWIN = "swin-window3-shift1-masked"
 # (case, path) run in float64 too (each chunked run costs JAX a compile):
 # fused falls back to chunked there, checked on the encoding it folds in.
 FLOAT64_RUNS = (
@@ -149,6 +170,9 @@ FLOAT64_RUNS = (
     (OPTIONS, "chunked"),
     (ROPE, "chunked"),
     (ROPE_MIXED, "fused"),
+    ("relative_bias-resized-masked", "chunked"),
+    (SWIN, "chunked"),
+    (SWIN, "fused"),
 )
 
 
@@ -725,6 +749,9 @@ CHOICES = {
     "dropout-auto-large": ("auto", {"dropout": True, "n": 4096}, choice.FULL),
     "fused-float64": ("fused", {"dtype": "float64"}, choice.CHUNKED),
     "fused-absolute": ("fused", {"position": "absolute"}, choice.FUSED),
+    # A bias of no query is the fused kernels' additive bias.
+    "fused-relative_bias": ("fused", {"position": "relative_bias"}, choice.FUSED),
+    "fused-shift-mask": ("fused", {"bias": True}, choice.FUSED),
     "auto-small": ("auto", {}, choice.FULL),
     "auto-at-max": ("auto", {"n": choice.FULL_MAX_TOKENS}, choice.FULL),
     "auto-large": (
@@ -744,6 +771,13 @@ CHOICES = {
         choice.CHUNKED,
     ),
     "auto-large-key_dim3": ("auto", {"n": _LARGE, "query_dim": 3}, choice.CHUNKED),
+    # A (heads, N, N) bias on a large map: not the fused kernel by default
+    # (its memory is what chunks avoid; SDPA's flash kernel takes no bias).
+    "auto-large-relative_bias": (
+        "auto",
+        {"n": _LARGE, "position": "relative_bias", "bias": True},
+        choice.CHUNKED,
+    ),
     "auto-dynamic-N": ("auto", {"n": "tensor"}, choice.BY_SIZE),
     "chunked-dynamic-N": ("chunked", {"n": "tensor"}, choice.CHUNKED),
 }

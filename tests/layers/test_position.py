@@ -27,9 +27,9 @@ from harness import (
 )
 
 BACKEND = keras.backend.backend()
-ENCODINGS = list(ENCODING_CONFIGS)  # relative, absolute, sinusoidal, rope(_mixed)
+ENCODINGS = list(ENCODING_CONFIGS)  # relative, absolute, sinusoidal, rope(_mixed), ...
 # The weights kept in float32 under mixed precision, like the logits.
-POSITION_WEIGHTS = ("_height", "_width", "_frequencies")
+POSITION_WEIGHTS = ("_height", "_width", "_frequencies", "_table")
 
 
 def _shape(size, config, batch=2):
@@ -213,6 +213,47 @@ def test_default_table_initializer_is_botnets():
     layer.build((None, None, None, 8))
     table = layer.get_weight_dict()["relative_height"]
     assert abs(table.std() - 1 / 8) < 0.01 and abs(table.mean()) < 0.01
+
+
+def test_relative_bias_table_and_its_default_initializer():
+    """One (2Hr - 1, 2Wr - 1, heads) table, N(0, 0.02) as timm's Swin; its
+    reference size defaults to the window with windows."""
+    layer = MultiHeadSelfAttention2D(
+        num_heads=3, position_encoding="relative_bias", window_size=(7, 5)
+    )
+    layer.build((None, None, None, 12))
+    assert layer.position_size == (7, 5)
+    table = layer.get_weight_dict()["relative_bias_table"]
+    assert table.shape == (13, 9, 3)
+    assert abs(table.std() - 0.02) < 0.004 and abs(table.mean()) < 0.004
+    assert list(layer.get_weight_dict())[-1] == "relative_bias_table"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("size_is", ["int", "tensor"])
+@pytest.mark.parametrize(
+    "shape, rows", [((13, 13), (23, 23)), ((13, 13), (9, 9)), ((5, 9), (13, 7))]
+)
+def test_resize_bias_table_matches_reference(shape, rows, size_is, dtype):
+    """timm's rule for Swin's tables: static sizes (float64 NumPy matrices)
+    and sizes known at run time (keras.ops, q from a float64 table)."""
+    from mhsa_core.layers.position._bias_resize import resize_bias_table
+
+    table = np.random.default_rng(0).standard_normal((*shape, 2)).astype(dtype)
+    expected = reference.resize_bias_table(table, *rows)
+    sizes = rows if size_is == "int" else [ops.convert_to_tensor(r) for r in rows]
+    out = to_numpy(resize_bias_table(ops.convert_to_tensor(table), *sizes))
+    assert out.dtype == np.dtype(dtype)
+    # A few roundings of max|T| (the interpolation weights and the two sums).
+    tol = 16 * np.finfo(dtype).eps * np.abs(table).max()
+    np.testing.assert_allclose(out, expected, rtol=0, atol=tol)
+    same = to_numpy(
+        resize_bias_table(
+            ops.convert_to_tensor(table),
+            *(shape if size_is == "int" else [ops.convert_to_tensor(r) for r in shape]),
+        )
+    )
+    np.testing.assert_array_equal(same, table)  # its own size: the table itself
 
 
 def test_symbolic_unknown_size_with_position_size():

@@ -3,12 +3,13 @@
 Hypothesis draws a configuration (`configs()`): heads, key_dim, every position
 encoding (learned tables at a reference size drawn independently of the input,
 so they are resized up and down; the rotary encodings with their settings
-and a reference grid drawn likewise), data format, activation, scale,
-scale_position_logits, use_bias, timm's options (qk_norm, output_norm,
-output_dense, use_key_bias, norm_epsilon), an attention mask (none, random,
-with fully masked items), spatial sizes down to 1xN and Nx1, and the batch.
-Weights come from `reference.random_weights` (`harness.make_case` injects
-them).
+and a reference grid drawn likewise), Swin's windows and shift (for the
+encodings that run inside windows; padded, shifted, or larger than the map),
+data format, activation, scale, scale_position_logits, use_bias, timm's
+options (qk_norm, output_norm, output_dense, use_key_bias, norm_epsilon), an
+attention mask (none, random, with fully masked items), spatial sizes down to
+1xN and Nx1, and the batch. Weights come from `reference.random_weights`
+(`harness.make_case` injects them).
 
 Runs are reproducible (`derandomize=True`) and keep no example database
 (`database=None`). Sizes are drawn from small sets on purpose: JAX compiles
@@ -59,6 +60,9 @@ GEOMETRIES = (
 POSITION_SIZES = (1, 3, 6)
 # The norms' epsilons: timm's ViT/EVA, torch's nn.LayerNorm default, a large one.
 NORM_EPSILONS = (1e-6, 1e-5, 0.1)
+# Windows (drawn half of the time, else global attention) and their shifts:
+# few, as each is a new geometry of the attention for JAX to compile.
+WINDOWS = (2, 3, (2, 3))
 # The initial weights are replaced by `make_case`; zeros spare JAX compiling a
 # random initializer for every new weight shape.
 ZERO_INITIALIZERS = {
@@ -125,6 +129,9 @@ def configs(draw):
             config["rope_temperature"] = draw(st.sampled_from((None, 10.0, 1e4)))
             if "rope_grid_offset" in spec.rotary.arguments:
                 config["rope_grid_offset"] = draw(st.sampled_from((0.0, 1.0, -0.5)))
+    if not schema.ENCODINGS[encoding].refused_in_windows and draw(st.booleans()):
+        config["window_size"] = draw(st.sampled_from(WINDOWS))
+        config["shift_size"] = draw(st.sampled_from((0, 1)))
     if config["data_format"] == "channels_first":
         shape = (batch, channels, height, width)
     else:
@@ -150,15 +157,32 @@ def _run(config, shape, mask, seed, dtype):
     return out, scores, x, weights
 
 
+def _visible(config, batch, height, width, keep):
+    """bool (B, N): whether each query has a key it may attend to: one not
+    masked in its window (the whole map without windows)."""
+    _, windows, _ = reference.window_layout(
+        height,
+        width,
+        config.get("window_size"),
+        config.get("shift_size", 0),
+    )
+    visible = np.zeros((batch, height * width), bool)
+    for slots in windows:
+        tokens = [t for t in slots if t >= 0]
+        visible[:, tokens] = keep[:, tokens].any(axis=1, keepdims=True)
+    return visible
+
+
 def _check_masked_softmax(out, scores, mask, config):
     """Facts of the masked softmax that hold exactly, whatever the configuration.
 
     A fully masked item gives zeros (never NaN), or with an output norm or
-    projection what they make of zeros, one vector at every position; a
-    masked key gets probability
-    exactly 0; every other row sums to 1 within the rounding of a softmax of
-    n terms: the n exps are summed (n - 1 roundings, and the exps' own errors
-    cancel as the sum is of the same values) and each divided by the sum (1
+    projection what they make of zeros, one vector at every position; a query
+    whose keys (its window's) are all masked gets no probabilities; a masked
+    key gets probability exactly 0; every other row sums to 1 within the
+    rounding of a softmax of n terms:
+    the n exps are summed (n - 1 roundings, and the exps' own errors cancel
+    as the sum is of the same values) and each divided by the sum (1
     rounding), so |sum - 1| <= n * eps / 2 at first order. We allow 2x that,
     plus one rounding, for a backend that multiplies by the reciprocal.
     """
@@ -166,6 +190,10 @@ def _check_masked_softmax(out, scores, mask, config):
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(scores))
     assert np.all(scores >= 0)
     keep = np.ones((batch, n), bool) if mask is None else mask.reshape(batch, n)
+    height, width = (
+        out.shape[2:4] if config["data_format"] == "channels_first" else out.shape[1:3]
+    )
+    visible = _visible(config, batch, height, width, keep)
     tolerance = (n + 1) * np.finfo(scores.dtype).eps
     output_ops = config["output_norm"] is not None or config["output_dense"]
     for b in range(batch):
@@ -179,10 +207,14 @@ def _check_masked_softmax(out, scores, mask, config):
             )
             assert np.all(scores[b] == 0), f"item {b} is fully masked: scores not zero"
             continue
+        assert np.all(scores[b][:, ~visible[b]] == 0), (
+            f"item {b}: a query without keys has probabilities"
+        )
         assert np.all(scores[b][..., ~keep[b]] == 0), (
             f"item {b}: a masked key has probability"
         )
-        deviation = np.max(np.abs(scores[b].astype(np.float64).sum(-1) - 1))
+        rows = scores[b][:, visible[b]].astype(np.float64).sum(-1)
+        deviation = np.max(np.abs(rows - 1), initial=0.0)
         assert deviation <= tolerance, (
             f"item {b}: rows sum to 1 +- {deviation:.3g} > {tolerance:.3g}"
         )

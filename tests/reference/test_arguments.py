@@ -54,6 +54,11 @@ def test_first_bad_argument_in_table_order_is_reported():
         ("rope_grid_offset", -0.5),
         ("rope_in_pixels", np.bool_(True)),
         ("rope_max_resolution", 448),
+        ("window_size", 7),
+        ("window_size", (7, 5)),
+        ("window_size", None),
+        ("shift_size", 0),
+        ("shift_size", [3, 2]),
     ],
 )
 def test_valid_values_pass_unchanged(name, value):
@@ -134,6 +139,67 @@ def test_check_channels(channels, num_heads, encoding, parts):
     for part in parts:
         assert part in str(info.value)
     arguments.check_channels(12, 3, encoding)  # divisible by both: accepted
+
+
+@pytest.mark.parametrize(
+    "values, parts",
+    [
+        ({"window_size": 0}, ("`window_size`", "Received: window_size=0")),
+        ({"window_size": (7,)}, ("`window_size`", "Received: window_size=(7,)")),
+        ({"window_size": 7.0}, ("`window_size`", "Received: window_size=7.0")),
+        ({"shift_size": -1}, ("`shift_size`", "Received: shift_size=-1")),
+        ({"shift_size": None}, ("`shift_size`", "Received: shift_size=None")),
+        ({"shift_size": (1, 2, 3)}, ("`shift_size`", "shift_size=(1, 2, 3)")),
+    ],
+    ids=lambda v: str(v),
+)
+def test_window_and_shift_rules(values, parts):
+    with pytest.raises(ValueError) as info:
+        arguments.check_arguments(values)
+    for part in parts:
+        assert part in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "window, shift, encoding, parts",
+    [
+        (None, 2, "none", ("`shift_size`", "window_size=None", "shift_size=2")),
+        (None, (0, 1), "none", ("`shift_size`", "shift_size=(0, 1)")),
+        (7, 7, "none", ("`shift_size`", "window_size=7", "Received: shift_size=7")),
+        ((4, 8), (2, 8), "none", ("smaller than the window", "shift_size=(2, 8)")),
+        (
+            7,
+            0,
+            "absolute",
+            ("position_encoding='absolute'", "inside windows", "window_size=7"),
+        ),
+    ],
+)
+def test_check_window(window, shift, encoding, parts):
+    with pytest.raises(ValueError) as info:
+        arguments.check_window(window, shift, encoding)
+    for part in parts:
+        assert part in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "window, shift, encoding",
+    [
+        (None, 0, "absolute"),
+        (None, (0, 0), "none"),
+        (7, 3, "relative_bias"),
+        ((4, 8), (3, 7), "relative"),
+        (1, 0, "sinusoidal"),
+        (2, 1, "conv"),
+    ],
+)
+def test_check_window_accepts(window, shift, encoding):
+    arguments.check_window(window, shift, encoding)
+
+
+def test_pair():
+    assert arguments.pair(7) == (7, 7)
+    assert arguments.pair([3, np.int64(4)]) == (3, 4)
 
 
 def test_imports_no_framework():

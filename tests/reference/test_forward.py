@@ -364,3 +364,139 @@ def test_rope_checks_its_arguments():
             position_encoding="rope",
             rope_layout="diagonal",
         )
+
+
+# --------------------------------------------------------------- windows
+def _swin_weights(channels, heads, size, seed=0):
+    return reference.random_weights(
+        channels, heads, None, "relative_bias", position_size=size, seed=seed
+    )
+
+
+SWIN = {"num_heads": 2, "position_encoding": "relative_bias", "activation": None}
+
+
+def test_golden_relative_bias_is_added_per_head():
+    """A 1x2 map, identity projections, tokens (1, 0) and (0, 1), two heads of
+    one channel each: head h adds table[0, 1 + x_i - x_j, h] to q.k."""
+    x = np.array([[[[1.0, 0.0], [0.0, 1.0]]]])
+    w = identity_weights()
+    # (1, 3, 2): offsets -1, 0, +1 (query minus key) per head.
+    w["relative_bias_table"] = np.array([[[1.0, 0.0], [0.0, 0.0], [2.0, -1.0]]])
+    out, scores = reference.mhsa_forward(
+        x,
+        w,
+        num_heads=2,
+        position_encoding="relative_bias",
+        scale=1.0,
+        return_attention_scores=True,
+    )
+    # Head 0 (channel 0), query 0 (x=0): q.k [1, 0]; key 0 is offset 0 (+0),
+    # key 1 offset 0 - 1 = -1 (+1): logits [1, 1].
+    np.testing.assert_allclose(scores[0, 0, 0], [0.5, 0.5], rtol=1e-15)
+    # Head 0, query 1: q.k [0, 0]; key 0 offset +1 (+2), key 1 (+0): [2, 0].
+    expected = np.array([E**2, 1.0]) / (E**2 + 1)
+    np.testing.assert_allclose(scores[0, 0, 1], expected, rtol=1e-15)
+    # Head 1 (channel 1), query 1: q.k [0, 1]; key 0 (-1), key 1 (+0): [-1, 1].
+    np.testing.assert_allclose(scores[0, 1, 1], expected[::-1], rtol=1e-15)
+    assert out.shape == x.shape
+
+
+def test_one_window_over_the_whole_map_is_global_attention():
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 8))
+    w = _swin_weights(8, 2, (4, 6))
+    plain = reference.mhsa_forward(x, w, **SWIN)
+    windowed = reference.mhsa_forward(x, w, window_size=(4, 6), **SWIN)
+    np.testing.assert_array_equal(windowed, plain)
+
+
+def test_windows_are_separate_attentions():
+    """No shift, a divisible map: each window is the block on its own crop."""
+    x = np.random.default_rng(1).standard_normal((2, 4, 6, 8))
+    w = _swin_weights(8, 2, (2, 3))
+    out = reference.mhsa_forward(x, w, window_size=(2, 3), **SWIN)
+    for y in (0, 2):
+        for x0 in (0, 3):
+            crop = x[:, y : y + 2, x0 : x0 + 3]
+            np.testing.assert_allclose(
+                out[:, y : y + 2, x0 : x0 + 3],
+                reference.mhsa_forward(crop, w, **SWIN),
+                rtol=0,
+                atol=1e-14,
+            )
+
+
+def test_padded_keys_get_zero_weight():
+    """A 3x2 map in one 4x4 window: three padding rows/columns that are no
+    keys. The result is global attention over the map with the table's
+    entries at the map's true offsets (its center 5x3, no resize)."""
+    x = np.random.default_rng(2).standard_normal((2, 3, 2, 8))
+    w = _swin_weights(8, 2, (4, 4))  # a 7x7 table
+    out, scores = reference.mhsa_forward(
+        x, w, window_size=4, shift_size=2, return_attention_scores=True, **SWIN
+    )
+    center = {**w, "relative_bias_table": w["relative_bias_table"][1:6, 2:5]}
+    np.testing.assert_allclose(
+        out, reference.mhsa_forward(x, center, **SWIN), rtol=0, atol=1e-14
+    )
+    np.testing.assert_allclose(scores.sum(-1), 1.0, rtol=1e-14)
+
+
+def test_shift_mask_separates_wrapped_tokens():
+    """Shift (1, 1) on a 4x4 map with 2x2 windows equals the unshifted
+    windows of the map rolled by -1 (rolled back) in the one window whose
+    tokens are all of one region (rows 1-2, columns 1-2 of the map); the
+    others differ (their wrapped tokens are masked)."""
+    x = np.random.default_rng(3).standard_normal((1, 4, 4, 8))
+    w = _swin_weights(8, 2, (2, 2))
+    out, scores = reference.mhsa_forward(
+        x, w, window_size=2, shift_size=1, return_attention_scores=True, **SWIN
+    )
+    rolled = np.roll(x, (-1, -1), axis=(1, 2))
+    plain = np.roll(
+        reference.mhsa_forward(rolled, w, window_size=2, **SWIN), (1, 1), axis=(1, 2)
+    )
+    np.testing.assert_allclose(out[:, 1:3, 1:3], plain[:, 1:3, 1:3], atol=1e-14)
+    assert np.abs(out[:, 3, 3] - plain[:, 3, 3]).max() > 1e-3
+    # Token 15 = (3, 3) and token 0 = (0, 0) share a window (the shifted
+    # map's last) but not a region: weight exp(-100)-small, not 0.
+    assert 0 < scores[0, 0, 15, 0] < 1e-30
+    # Tokens of different windows: exactly 0.
+    assert scores[0, 0, 5, 0] == 0.0
+
+
+def test_mask_inside_windows():
+    """Masked keys get probability 0 within their window; a window whose keys
+    are all masked gives zeros for its queries."""
+    x = np.random.default_rng(4).standard_normal((1, 4, 4, 8))
+    w = _swin_weights(8, 2, (2, 2))
+    mask = np.ones((1, 4, 4), dtype=bool)
+    mask[0, :2, :2] = False  # the first window (no shift): every key masked
+    mask[0, 2, 3] = False  # one key of the last window
+    out, scores = reference.mhsa_forward(
+        x,
+        w,
+        window_size=2,
+        attention_mask=mask,
+        return_attention_scores=True,
+        **SWIN,
+    )
+    assert np.all(out[0, :2, :2] == 0)
+    assert np.all(scores[0, :, :, 2 * 4 + 3] == 0)
+    np.testing.assert_allclose(scores[0, :, 15].sum(-1), 1.0, rtol=1e-14)
+
+
+@pytest.mark.parametrize("scale_position_logits", [True, False])
+def test_relative_bias_follows_scale_position_logits(scale_position_logits):
+    """scale * (q.k + bias), or scale * q.k + bias (timm's)."""
+    x = np.random.default_rng(5).standard_normal((1, 2, 3, 4))
+    w = _swin_weights(4, 2, (2, 3))
+    zero = {**w, "relative_bias_table": np.zeros_like(w["relative_bias_table"])}
+    config = {**SWIN, "scale": 0.5, "scale_position_logits": scale_position_logits}
+    _, with_bias = reference.mhsa_forward(x, w, return_attention_scores=True, **config)
+    _, without = reference.mhsa_forward(x, zero, return_attention_scores=True, **config)
+    factor = 0.5 if scale_position_logits else 1.0
+    bias = reference.position_bias(w, "relative_bias", 2, 3)
+    # log p differs by the (scaled) bias up to a per-row constant.
+    diff = np.log(with_bias[0]) - np.log(without[0]) - factor * bias
+    np.testing.assert_allclose(diff - diff[..., :1], 0.0, atol=1e-12)

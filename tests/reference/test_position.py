@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from mhsa_core import reference
+from mhsa_core.reference import forward as reference_forward
 from mhsa_core.reference import position, schema
+from mhsa_core.reference import position as reference_position
 
 pytestmark = pytest.mark.machine_sensitive
 
@@ -161,3 +163,91 @@ def test_golden_rotate():
         ],
         rtol=1e-15,
     )
+
+
+# ------------------------------------------- Swin's per-head bias and windows
+def test_golden_geometric_offsets():
+    # 3 -> 5 rows: one offset each side (n = 1), whose sum 1 never exceeds
+    # m = 2, so q bisects up to 1.5 and is not used: offsets stay -1, 0, 1.
+    assert reference_position.geometric_offsets(3, 5) == [-1.0, 0.0, 1.0]
+    # 5 -> 7 rows: 1 + q never reaches m = 3 in [1.01, 1.5]: q -> 1.5 (the
+    # last bisection midpoint, 1.5 - 9.3e-7), offsets at +-1 and +-(1 + q).
+    offsets = reference_position.geometric_offsets(5, 7)
+    np.testing.assert_allclose(offsets, [-2.5, -1.0, 0.0, 1.0, 2.5], atol=2e-6)
+    assert offsets[2] == 0.0 and offsets[3] == 1.0
+    # 13 -> 23 rows (Swin's window 7 -> 12): sum_{k<6} q^k ~ m = 11.
+    offsets = np.asarray(reference_position.geometric_offsets(13, 23))
+    q = offsets[8] - offsets[7]
+    np.testing.assert_allclose(sum(q**k for k in range(6)), 11.0, rtol=1e-5)
+    np.testing.assert_array_equal(offsets, -offsets[::-1])  # symmetric
+
+
+def test_golden_resize_bias_table():
+    # 3x3 -> 5x5: offsets stay at -1, 0, 1 and the new outer offsets (+-2)
+    # clamp to the table's ends: the table padded by its edge rows/columns.
+    table = np.arange(9.0).reshape(3, 3, 1)
+    out = reference_position.resize_bias_table(table, 5, 5)
+    np.testing.assert_array_equal(out[..., 0], np.pad(table[..., 0], 1, mode="edge"))
+    # 1x1 -> any size: one offset, a constant table.
+    out = reference_position.resize_bias_table(np.full((1, 1, 2), 3.0), 3, 5)
+    np.testing.assert_array_equal(out, np.full((3, 5, 2), 3.0))
+    # 5 -> 7 rows along y (1 row along x, unchanged): target -2 sits 1/3 of
+    # the way from -2.5 (row 0) to -1 (row 1); +2 likewise from +1 to +2.5.
+    table = np.array([0.0, 3.0, 6.0, 9.0, 12.0]).reshape(5, 1, 1)
+    out = reference_position.resize_bias_table(table, 7, 1)[:, 0, 0]
+    np.testing.assert_allclose(out, [0.0, 1.0, 3.0, 6.0, 9.0, 11.0, 12.0], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(13, 13, 3), (5, 9, 2), (1, 1, 1)])
+def test_resize_bias_table_is_the_identity_at_its_size(shape):
+    table = np.random.default_rng(0).standard_normal(shape)
+    out = reference_position.resize_bias_table(table, *shape[:2])
+    np.testing.assert_array_equal(out, table)
+
+
+@pytest.mark.parametrize("size", [(13, 23), (13, 9), (5, 13), (3, 7)])
+def test_resize_bias_table_keeps_offset_zero(size):
+    """Offset 0 sits at 0 on both grids: the center entry survives exactly."""
+    src, dst = size
+    table = np.random.default_rng(src).standard_normal((src, src, 2))
+    out = reference_position.resize_bias_table(table, dst, dst)
+    np.testing.assert_array_equal(out[dst // 2, dst // 2], table[src // 2, src // 2])
+
+
+def test_golden_relative_bias_index_of_a_2x2_window():
+    """Entry (i, j) of the bias is table[y_i - y_j + 1, x_i - x_j + 1]: with
+    the 3x3 table holding its own flat index, the bias is Swin's
+    relative_position_index of a 2x2 window (query minus key)."""
+    weights = {"relative_bias_table": np.arange(9.0).reshape(3, 3, 1)}
+    bias = reference_position.position_bias(weights, "relative_bias", 2, 2)
+    np.testing.assert_array_equal(
+        bias[0],
+        [[4, 3, 1, 0], [5, 4, 2, 1], [7, 6, 4, 3], [8, 7, 5, 4]],
+    )
+
+
+def test_golden_shift_layout_of_a_4x4_map():
+    """Window 2, shift 1 on a 4x4 map: the map rolled by -1 along both axes
+    and cut into four 2x2 windows; regions separate the wrapped row 0 and
+    column 0 (now last) from the rest: Swin's shifted-window mask."""
+    extent, windows, regions = reference_forward.window_layout(4, 4, 2, 1)
+    assert extent == (2, 2)
+    # Token y * 4 + x at shifted position (gy, gx) is ((gy+1) % 4, (gx+1) % 4).
+    assert windows == [[5, 6, 9, 10], [7, 4, 11, 8], [13, 14, 1, 2], [15, 12, 3, 0]]
+    # 2 * (y < 1) + (x < 1): which wrapped edge a token came from.
+    assert regions == [[0, 0, 0, 0], [0, 1, 0, 1], [0, 0, 2, 2], [0, 1, 2, 3]]
+
+
+def test_shift_is_dropped_where_the_map_fits_one_window():
+    """As timm's Swin: along an axis where H <= window, no shift (and one
+    window along it); the other axis keeps its shift."""
+    extent, windows, regions = reference_forward.window_layout(2, 4, 2, 1)
+    assert windows == [[1, 2, 5, 6], [3, 0, 7, 4]]
+    assert regions == [[0, 0, 0, 0], [0, 1, 0, 1]]
+
+
+def test_padding_slots():
+    """3x3 map, window 2: padded to 4x4 at the bottom and right, -1 slots."""
+    _, windows, regions = reference_forward.window_layout(3, 3, 2)
+    assert windows == [[0, 1, 3, 4], [2, -1, 5, -1], [6, 7, -1, -1], [8, -1, -1, -1]]
+    assert regions[3] == [0, -1, -1, -1]

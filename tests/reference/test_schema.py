@@ -31,6 +31,7 @@ WEIGHT_ORDER = {
     "absolute": [*QKV, "absolute_height", "absolute_width"],
     "rope": QKV,
     "rope_mixed": [*QKV, "rope_frequencies"],
+    "relative_bias": [*QKV, "relative_bias_table"],
 }
 
 
@@ -87,6 +88,10 @@ def test_weight_shapes_of_learned_encodings():
     assert "relative_height" not in schema.weight_shapes(16, 2, None, "sinusoidal")
     with pytest.raises(ValueError, match="position_size"):
         schema.weight_shapes(16, 2, None, "relative")
+    # Swin's per-head bias: one table, (2Hr - 1, 2Wr - 1, heads), no key_dim.
+    bias = schema.weight_shapes(16, 2, 5, "relative_bias", position_size=(4, 7))
+    assert list(bias)[-1] == "relative_bias_table"
+    assert bias["relative_bias_table"] == (7, 13, 2)
 
 
 @pytest.mark.parametrize(
@@ -95,6 +100,8 @@ def test_weight_shapes_of_learned_encodings():
         ("relative", (4, 7), {"relative_height": (7, 5), "relative_width": (13, 5)}),
         ("relative", (1, 1), {"relative_height": (1, 5), "relative_width": (1, 5)}),
         ("absolute", (4, 7), {"absolute_height": (4, 5), "absolute_width": (7, 5)}),
+        ("relative_bias", (4, 7), {"relative_bias_table": (7, 13, 1)}),
+        ("relative_bias", (1, 2), {"relative_bias_table": (1, 3, 1)}),
         ("none", (4, 7), {}),
         ("conv", None, {}),
         ("sinusoidal", None, {}),
@@ -105,7 +112,18 @@ def test_table_shapes(encoding, size, expected):
     assert shapes == expected and list(shapes) == list(expected)
 
 
-@pytest.mark.parametrize("encoding", ["relative", "absolute"])
+def test_per_head_table_shape_and_size():
+    """The per-head table has one column per head, and its reference size is
+    read off its rows (odd counts only)."""
+    assert schema.table_shapes("relative_bias", (7, 7), 32, num_heads=3) == {
+        "relative_bias_table": (13, 13, 3)
+    }
+    assert schema.position_size_of_table("relative_bias", (13, 5, 3)) == (7, 3)
+    assert schema.position_size_of_table("relative_bias", (12, 5, 3)) is None
+    assert schema.position_size_of_table("relative_bias", (13, 5)) is None
+
+
+@pytest.mark.parametrize("encoding", ["relative", "absolute", "relative_bias"])
 def test_table_shapes_need_a_size(encoding):
     with pytest.raises(ValueError, match="Received: position_size=None"):
         schema.table_shapes(encoding, None, 5)
@@ -128,7 +146,12 @@ def test_encoding_has_a_layer_class_and_a_reference_entry(name):
     assert spec.name == name
     assert layer_position.ENCODINGS[name].spec is spec
     assert (name in reference_position.TOKEN_TERMS) == (spec.stage == "tokens")
-    assert (name in reference_position.KEY_EMBEDDINGS) == (spec.stage == "logits")
+    logits_terms = (
+        name in reference_position.KEY_EMBEDDINGS,
+        name in reference_position.LOGIT_BIASES,
+    )
+    assert sum(logits_terms) == (spec.stage == "logits")
+    assert logits_terms[1] == spec.per_head_table
     assert spec.learned_tables == (spec.stage == "logits")
     # A "qk" stage rotates q and k: its settings and key_dim rule.
     assert (spec.rotary is not None) == (spec.stage == "qk")
@@ -139,6 +162,7 @@ def test_no_layer_class_or_reference_entry_without_a_schema_entry():
     assert set(layer_position.ENCODINGS) == set(schema.ENCODINGS)
     assert set(reference_position.TOKEN_TERMS) <= set(schema.ENCODINGS)
     assert set(reference_position.KEY_EMBEDDINGS) <= set(schema.ENCODINGS)
+    assert set(reference_position.LOGIT_BIASES) <= set(schema.ENCODINGS)
 
 
 # ---------------------------------------------------------------- rotary

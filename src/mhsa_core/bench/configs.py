@@ -3,10 +3,11 @@
 Each config is one input shape and one layer config. The names are what
 `mhsa-core bench --configs` takes; `DEFAULT_CONFIGS` are the ones of
 issue 10 (the legacy YOLOv4-MHSA size, N = 4096, N = 16384, and the relative
-encoding at N = 4096); `tiny` and `tiny_relative` are for tests (small enough that every
-output is checked against the float64 reference). `rope_n4096` measures the
-rotary encoding (EVA-02's settings) at N = 4096: it runs on every path, the
-fused one included.
+encoding at N = 4096); `rope_n4096` measures the rotary encoding (EVA-02's
+settings) at N = 4096: it runs on every path, the fused one included; `swin`
+is Swin-T's first stage (issue 19: shifted 7x7 windows with the per-head bias,
+run on request); `tiny` and `tiny_relative` are for tests (small enough that
+every output is checked against the float64 reference).
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ class BenchConfig:
     num_heads: int
     position_encoding: str = "none"
     note: str = ""
+    window_size: int = 0  # square windows of this side (0: none)
+    shift_size: int = 0
+
+    @property
+    def keys(self) -> int:
+        """Keys each query attends to: its window's, or every token."""
+        return self.window_size**2 if self.window_size else self.tokens
 
     @property
     def tokens(self) -> int:
@@ -45,10 +53,22 @@ class BenchConfig:
     @property
     def layer_config(self) -> dict:
         """The layer's (and the reference's) config, beyond the defaults."""
-        return {
+        config = {
             "num_heads": self.num_heads,
             "position_encoding": self.position_encoding,
         }
+        if self.window_size:
+            config.update(window_size=self.window_size, shift_size=self.shift_size)
+            if self.position_encoding == "relative_bias":
+                config["scale_position_logits"] = False  # timm's Swin
+        return config
+
+    @property
+    def position_size(self) -> tuple[int, int] | None:
+        """The learned tables' reference size: the window, or the map."""
+        if self.window_size:
+            return (self.window_size, self.window_size)
+        return (self.height, self.width)
 
     def describe(self) -> str:
         """'2x64x64x256, 8 heads, relative' (the encoding only when there is one)."""
@@ -57,6 +77,10 @@ class BenchConfig:
         )
         if self.position_encoding != "none":
             text += f", {self.position_encoding}"
+        if self.window_size:
+            text += f", window {self.window_size}"
+            if self.shift_size:
+                text += f" shifted {self.shift_size}"
         return text
 
     def to_json(self) -> dict:
@@ -95,6 +119,18 @@ CONFIGS = {
             8,
             "rope",
             note="EVA-02's axial rotary embedding of q and k",
+        ),
+        BenchConfig(
+            "swin",
+            2,
+            56,
+            56,
+            96,
+            3,
+            "relative_bias",
+            note="Swin-T's first stage: shifted 7x7 windows, per-head bias",
+            window_size=7,
+            shift_size=3,
         ),
         BenchConfig("tiny", 1, 8, 8, 16, 2, note="for tests: seconds per worker"),
         BenchConfig(

@@ -4,7 +4,8 @@ A multiply-add counts 2. With B batch, N = H*W tokens, C channels, h heads,
 kd = C // h channels per head of query and key, dv = C // h of value:
 
     forward  = 2*B*N*C*(2*h*kd + C)        q, k (C -> h*kd) and v (C -> C) projections
-             + 2*B*h*N*N*(kd + dv)         q k^T and probs @ v
+             + 2*B*h*N*K*(kd + dv)         q k^T and probs @ v, K = N keys per query
+                                           (K = wh*ww with Swin's windows)
              [+ 2*B*h*N*(H + W)*kd]        "relative": q against the H row and W column
                                            embeddings (the least the encoding needs)
     backward = 2 * forward                 each product's gradient wrt both of its
@@ -28,7 +29,8 @@ FORWARD_BACKWARD = "forward+backward"
 DIRECTIONS = (FORWARD, FORWARD_BACKWARD)
 
 FORMULA = (
-    "forward = 2BNC(2h*kd + C) + 2BhN^2(kd + dv) [+ 2BhN(H + W)kd relative]; "
+    "forward = 2BNC(2h*kd + C) + 2BhNK(kd + dv) [+ 2BhN(H + W)kd relative], "
+    "K = N (or the window's tokens); "
     "forward+backward = 3 x forward"
 )
 
@@ -38,7 +40,7 @@ def forward_flops(config: BenchConfig) -> int:
     b, n, c, h = config.batch, config.tokens, config.channels, config.num_heads
     kd = dv = config.head_dim
     projections = 2 * b * n * c * (2 * h * kd + c)
-    attention = 2 * b * h * n * n * (kd + dv)
+    attention = 2 * b * h * n * config.keys * (kd + dv)
     position = 0
     if config.position_encoding == "relative":
         position = 2 * b * h * n * (config.height + config.width) * kd

@@ -56,22 +56,23 @@ def _layer_choice(layer, config: BenchConfig):
         from mhsa_core.layers.attention import choice
     except ImportError:
         return None, None
+    # With windows the attention runs per window: its N is the window's.
+    n = config.keys
     path = choice.resolve(
         layer.attention_implementation,
-        n=config.tokens,
+        n=n,
         dtype="float32",
         query_dim=layer.head_key_dim,
         value_dim=config.head_dim,
         position=layer.position,
         scores=False,
         dropout=False,
+        bias=getattr(layer.position, "bias_term", False) or bool(config.shift_size),
     )
     chunk = None
     if path == choice.CHUNKED:
         # min: the chunked path never makes a chunk longer than N
-        chunk = min(
-            layer.chunk_size or choice.default_chunk_size(config.tokens), config.tokens
-        )
+        chunk = min(layer.chunk_size or choice.default_chunk_size(n), n)
     return path, chunk
 
 

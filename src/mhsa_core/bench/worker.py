@@ -12,7 +12,8 @@ SPEC_JSON: {"measurement": Measurement fields, "config": BenchConfig fields,
 3. the first call (compiles, timed apart as `first_ms`), then R timed
    calls: the row's time is their median;
 4. the peak resident-set growth since 2.;
-5. where B * heads * N^2 <= `CHECK_MAX_LOGITS` and the subject is the block
+5. where B * heads * N * K <= `CHECK_MAX_LOGITS` (K keys per query: N, or
+   the window's) and the subject is the block
    itself (not Keras's MultiHeadAttention), the forward output of the last
    call against the float64 NumPy reference, by the reference's own budget
    rule (`mhsa_core.reference.error_budget`): error <= budget.
@@ -76,7 +77,7 @@ def inputs(config: BenchConfig):
     cotangent = rng.standard_normal(config.input_shape).astype(np.float32)
     position_size = None
     if schema.encoding(config.position_encoding).learned_tables:
-        position_size = (config.height, config.width)
+        position_size = config.position_size
     weights = schema.random_weights(
         config.channels,
         config.num_heads,
@@ -139,7 +140,7 @@ def measure(measurement: Measurement, config: BenchConfig, repeats: int) -> dict
         chunk_size=subject.chunk_size,
         note=subject.note,
     )
-    logits = config.batch * config.num_heads * config.tokens**2
+    logits = config.batch * config.num_heads * config.tokens * config.keys
     result["check"] = None
     if subject.same_block and logits <= CHECK_MAX_LOGITS:
         result["check"] = _check(config, x, weights, engine.to_numpy(out))

@@ -254,11 +254,12 @@ def _option_cases():
 def _position_cases():
     """Every position encoding: each learned one at its reference size
     (position_size) and at another size (its tables resized, down along one
-    axis and up along the other); every check, gradients and optimizer steps
-    included, runs at both sizes. "botnet" (in the default cases) is the third
-    learned case. They keep the YOLOv4-MHSA block's ReLU projections with
-    biases and change the encoding and the scale. The rotary cases come last
-    (the others keep their seeds)."""
+    axis and up along the other; "swin": its windows at a padded size);
+    every check, gradients and optimizer steps included, runs at both sizes.
+    "botnet" (in the default cases) is the third learned case. They keep the
+    YOLOv4-MHSA block's ReLU projections with biases and change the encoding
+    and the scale; "swin" is Swin's linear block. The rotary cases and then
+    "swin" come last (the others keep their seeds)."""
     yolov4_mhsa = schema.preset("yolov4_mhsa")
     return [
         # Non-square reference size, channels_first; the other size comes first.
@@ -332,6 +333,28 @@ def _position_cases():
                 "scale": None,
             },
             [(2, 3, 5, 16), (1, 5, 4, 16)],
+            {"mask": True},
+        ),
+        # Swin's shifted windows (3x3, shift 1) with its per-head bias, timm's
+        # convention: at 7x5, not divisible by the window (padded to 9x6, the
+        # padding masked), masked batch; and at the window's own size (one
+        # window: no shift; the table's reference size).
+        (
+            "swin",
+            {
+                "num_heads": 2,
+                "key_dim": None,
+                "activation": None,
+                "position_encoding": "relative_bias",
+                "scale": None,
+                "scale_position_logits": False,
+                "use_bias": True,
+                "kernel_initializer": "glorot_uniform",
+                "window_size": (3, 3),
+                "shift_size": (1, 1),
+                "position_size": (3, 3),
+            },
+            [(2, 7, 5, 16), (2, 3, 3, 16)],
             {"mask": True},
         ),
     ]

@@ -20,6 +20,7 @@ from mhsa_core.layers import activations, weight_import
 from mhsa_core.layers._arrays import as_float_array
 from mhsa_core.layers.attention import attend, logits_dtype
 from mhsa_core.layers.attention.choice import fused_misfit
+from mhsa_core.layers.attention.windows import Windows
 from mhsa_core.layers.norms import apply_norm
 from mhsa_core.layers.position import ENCODINGS
 from mhsa_core.layers.weights import WeightFactory, dense
@@ -58,11 +59,20 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     across heads; times `scale` too if `scale_position_logits`), "sinusoidal"
     adds a fixed sine-cosine embedding of (y, x) to the tokens, and "conv" is
     the Keras 2 YOLOv4-MHSA block's ReLU 1x1 conv of each token added to the
-    tokens. The learned tables R, E belong to the size `position_size`; at any
-    other size they are linearly resized, so one layer runs at any H x W.
-    "rope" (EVA-02's axial rotary embedding) and "rope_mixed" (RoPE-Mixed's
-    learned per-head frequencies) rotate every head's q and k by angles of
-    the token's (y, x) before the attention, on every attention path.
+    tokens. "relative_bias" (Swin) adds a learned bias per head and offset,
+    B[y_i - y_j + H - 1, x_i - x_j + W - 1, h]. The learned tables R, E belong
+    to the size `position_size`; at any other size they are resized (R and E
+    linearly, B by timm's rule for Swin's tables), so one layer runs at any
+    H x W. "rope" (EVA-02's axial rotary embedding) and "rope_mixed"
+    (RoPE-Mixed's learned per-head frequencies) rotate every head's q and k
+    by angles of the token's (y, x) before the attention, on every attention
+    path.
+
+    Windows (Swin, `window_size`): every token attends only to the tokens of
+    its window; with `shift_size` the windows are cyclically shifted and the
+    tokens the shift wrapped around are masked from their new neighbours, as
+    Swin's shifted windows. A map not divisible by the window is padded, and
+    the padding is masked (timm's Swin does not mask it).
 
     Presets: `MultiHeadSelfAttention2D.yolov4_mhsa()` is the Keras 2
     YOLOv4-MHSA / CSPDarknet53-MHSA `mhsa_block` exactly (one head, ReLU
@@ -81,23 +91,39 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         position_encoding: "none" (default), "relative" (BoTNet's 2-D relative
             logits), "absolute" (learned factorized embeddings of the key's row
             and column, in the logits), "sinusoidal" (fixed 2-D sine-cosine
-            embedding added to the tokens; C divisible by 4) or "conv" (the
+            embedding added to the tokens; C divisible by 4), "conv" (the
             YOLOv4-MHSA block's ReLU 1x1 conv of each token's own features,
-            added to the tokens; it carries no position), "rope" (2-D axial
-            rotary embedding of q and k, timm's EVA `RotaryEmbeddingCat`;
-            key_dim divisible by 4) or "rope_mixed" (rotary embedding with
-            learned per-head frequencies, RoPE-Mixed / timm's
-            `RotaryEmbeddingMixed`; key_dim divisible by 4).
+            added to the tokens; it carries no position), "relative_bias"
+            (Swin's learned per-head bias of the offset, in the logits),
+            "rope" (2-D axial rotary embedding of q and k, timm's EVA
+            `RotaryEmbeddingCat`; key_dim divisible by 4) or "rope_mixed"
+            (rotary embedding with learned per-head frequencies, RoPE-Mixed /
+            timm's `RotaryEmbeddingMixed`; key_dim divisible by 4).
         position_size: (Hr, Wr), the reference size of the learned tables of
-            "relative" (2*Hr - 1 and 2*Wr - 1 rows of key_dim) and "absolute"
-            (Hr and Wr rows). Default: the spatial size seen at build, which
-            must then be static. For "rope", the reference grid (EVA's
-            `ref_feat_shape`): at H x W the grid positions are scaled by
-            Hr / H and Wr / W; default None, no scaling. Ignored by the other
-            encodings.
+            "relative" (2*Hr - 1 and 2*Wr - 1 rows of key_dim), "absolute"
+            (Hr and Wr rows) and "relative_bias" ((2*Hr - 1, 2*Wr - 1, heads)).
+            Default: the window with `window_size`, else the spatial size seen
+            at build, which must then be static. For "rope", the reference
+            grid (EVA's `ref_feat_shape`): at H x W the grid positions are
+            scaled by Hr / H and Wr / W; default None, no scaling. Ignored by
+            the other encodings.
+        window_size: None (default: every token attends to the whole map),
+            or (wh, ww) (an int: square): attention within non-overlapping
+            windows of the map, Swin's window attention. Memory and time
+            O(N * wh * ww). The map is padded at the bottom and right to
+            whole windows and the padding is masked. "absolute" cannot run
+            inside windows. The rotary encodings rotate by the token's place
+            in the map (q_i . k_j depends on the offset only, so this is the
+            rotation by the place in the window).
+        shift_size: 0 (default), or (sh, sw) (an int: both), each smaller
+            than the window: Swin's shifted windows (the map rolled by
+            -shift before the windows, back after; keys the roll wrapped
+            around get -100 against the others, as Swin's mask). Dropped
+            along an axis where the map fits in one window, as timm. Needs
+            `window_size`.
         scale_position_logits: Whether `scale` multiplies the position term
-            of "relative"/"absolute" too (BoTNet's official code: True) or
-            only q.k (timm's default: False).
+            of "relative"/"absolute"/"relative_bias" too (BoTNet's official
+            code: True) or only q.k (timm's default, and Swin's: False).
         scale: Factor of the logits. Default None: 1 / sqrt(key_dim). The
             YOLOv4-MHSA block uses 1.0 (no scaling).
         use_bias: Whether the projections have biases.
@@ -179,7 +205,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             channels_first. H and W may differ from call to call.
         attention_mask: Optional bool (B, H, W). True = this position may be
             attended to (e.g. the valid part of a padded image). A query whose
-            keys are all masked gets a zero output.
+            keys are all masked (with windows: all of its window's) gets a
+            zero output.
         return_attention_scores: If True, also return the attention
             probabilities.
         training: Whether dropout is active.
@@ -188,7 +215,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         The output, same shape as `inputs` and in the compute dtype; with
         `return_attention_scores=True` the tuple `(outputs, scores)`, scores of
         shape (B, num_heads, H * W, H * W) (float32 under mixed precision: they
-        are computed in float32). A query whose keys are all masked has zero
+        are computed in float32; with windows, zero between tokens of
+        different windows). A query whose keys are all masked has zero
         attention output: the output itself with no output_norm or
         output_dense, else what those make of zeros (their bias terms).
         Under mixed precision the norms compute in float32 (their weights
@@ -236,6 +264,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         rope_grid_offset: float = 0.0,
         rope_in_pixels: bool = False,
         rope_max_resolution: float = 224,
+        window_size: int | tuple[int, int] | None = None,
+        shift_size: int | tuple[int, int] = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -249,6 +279,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "key_dim": key_dim,
                 "position_encoding": position_encoding,
                 "position_size": position_size,
+                "window_size": window_size,
+                "shift_size": shift_size,
                 "scale_position_logits": scale_position_logits,
                 "scale": scale,
                 "dropout": dropout,
@@ -275,6 +307,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "position_initializer": _initializer_or_none,
             },
         )
+        arguments.check_window(window_size, shift_size, position_encoding)
 
         self.num_heads = int(num_heads)
         self.key_dim = None if key_dim is None else int(key_dim)
@@ -314,6 +347,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.rope_grid_offset = float(rope_grid_offset)
         self.rope_in_pixels = bool(rope_in_pixels)
         self.rope_max_resolution = float(rope_max_resolution)
+        # As pairs (height, width): the config's canonical form.
+        self.window_size = None if window_size is None else arguments.pair(window_size)
+        self.shift_size = arguments.pair(shift_size)
         self._channel_axis = -1 if data_format == "channels_last" else 1
         # The encoding object: its weights, its tokens / logits terms, its
         # rotation of q and k; it reads its own settings among the arguments.
@@ -382,9 +418,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return self.scale
 
     def _resolve_position_size(self, input_shape: Sequence[Any]) -> tuple[int, ...]:
-        """position_size, defaulting to the static spatial size of the input."""
+        """position_size, defaulting to the window, else to the static
+        spatial size of the input."""
         if self.position_size is not None:
             return self.position_size
+        if self.window_size is not None:
+            return self.window_size
         height, width, _ = self._spatial_and_channels(input_shape)
         if height is None or width is None:
             raise ValueError(
@@ -543,7 +582,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             self._check_mask_shape(tuple(inputs.shape), tuple(attention_mask.shape))
             key_mask = ops.reshape(attention_mask, (batch, n))  # (B, N)
 
-        query, key = split_heads(q, key_dim), split_heads(k, key_dim)  # (B, h, N, kd)
+        query = split_heads(q, key_dim)  # (B, heads, N, kd)
+        key = split_heads(k, key_dim)
+        value = split_heads(v, channels // heads)  # (B, heads, N, dv)
         if self.qk_norm is not None:
             # Per head over kd, one scale (and bias) for every head, as timm.
             query = apply_norm(
@@ -563,16 +604,31 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
 
         # A rotary encoding rotates the (normed) q and k here, once, so every
         # attention path takes the rotated q and k (after the norm, as timm).
+        # With windows too: the angles are of the token's place in the map,
+        # and q_i . k_j then depends only on their offset, inside a window
+        # as anywhere.
         query, key = self.position.rotate(query, key, height, width)
+
+        # Swin's windows: each window a batch item of the attention, with
+        # the padding masked and the shift regions apart.
+        windows = regions = None
+        extent = (height, width)  # the grid the attention (and its terms) see
+        if self.window_size is not None:
+            windows = Windows(height, width, self.window_size, self.shift_size)
+            query, key, value = (windows.partition(t) for t in (query, key, value))
+            key_mask = windows.key_mask(key_mask, batch)  # (B * nW, Nw) or None
+            regions = windows.regions(batch)  # (B * nW, Nw) or None
+            extent = windows.window
+
         outputs, scores = attend(
             query,
             key,
-            split_heads(v, channels // heads),
+            value,
             scale=self.scale_value,
             position=self.position,
             position_scale=self.scale_value if self.scale_position_logits else 1.0,
-            height=height,
-            width=width,
+            height=extent[0],
+            width=extent[1],
             key_mask=key_mask,
             dropout=self.dropout,
             training=training,
@@ -580,7 +636,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             return_attention_scores=return_attention_scores,
             implementation=self.attention_implementation,
             chunk_size=self.chunk_size,
-        )  # (B, heads, N, C // heads), (B, heads, N, N) or None
+            regions=regions,
+        )  # (B', heads, N', C // heads), (B', heads, N', N') or None
+        if windows is not None:
+            outputs = windows.merge(outputs)  # (B, heads, N, dv)
+            if return_attention_scores and scores is not None:
+                # O(N^2): only when asked (the full path always has them).
+                scores = windows.scores_to_map(scores)  # (B, heads, N, N)
         outputs = ops.reshape(
             ops.transpose(outputs, (0, 2, 1, 3)), (batch, n, channels)
         )  # the heads merged: (B, N, C)
@@ -769,6 +831,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "rope_grid_offset": self.rope_grid_offset,
                 "rope_in_pixels": self.rope_in_pixels,
                 "rope_max_resolution": self.rope_max_resolution,
+                "window_size": self.window_size,
+                "shift_size": self.shift_size,
             }
         )
         return config

@@ -60,6 +60,7 @@ class WeightFactory:
         num_heads: the layer's heads (per-head position weights).
         variable_dtype: the layer's variable dtype (float32 under mixed
             precision), for weights computed rather than learned.
+        num_heads: the layer's heads (a per-head table has one column each).
     """
 
     def __init__(
@@ -91,7 +92,7 @@ class WeightFactory:
             "constraint": bias_constraint,
         }
         self._position_initializer = position_initializer
-        self._default_table_initializers: dict[int, Any] = {}
+        self._default_table_initializers: dict[float, Any] = {}
         self.position_size = position_size
         self.variable_dtype = variable_dtype
         self.num_heads = num_heads
@@ -138,15 +139,21 @@ class WeightFactory:
             )
         return scale, bias
 
-    def table(self, name: str, shape: tuple[int, int]) -> Tensor:
-        """A learned position table (rows, key_dim).
+    def table(
+        self, name: str, shape: tuple[int, ...], stddev: float | None = None
+    ) -> Tensor:
+        """A learned position table: (rows, key_dim), or a per-head table.
 
-        Not autocast: float32 under mixed precision, like the logits it feeds.
+        Initialized by `position_initializer`, else normal with `stddev`
+        (default `schema.table_stddev(shape[1])`, 1 / sqrt(key_dim)). Not
+        autocast: float32 under mixed precision, like the logits it feeds.
         """
+        if stddev is None:
+            stddev = schema.table_stddev(shape[1])
         return self._add_weight(
             name=name,
             shape=shape,
-            initializer=self._table_initializer(shape[1]),
+            initializer=self._table_initializer(stddev),
             autocast=False,
         )
 
@@ -167,15 +174,15 @@ class WeightFactory:
             autocast=False,
         )
 
-    def _table_initializer(self, key_dim: int) -> keras.initializers.Initializer:
+    def _table_initializer(self, stddev: float) -> keras.initializers.Initializer:
         if self._position_initializer is not None:
             return self._position_initializer
-        # One default initializer per factory (per build), shared by the
-        # tables, as the layer always made it: an unseeded Keras initializer
-        # draws its seed once, when it is made, so a second one would change
-        # the tables that `keras.utils.set_random_seed` gives.
-        if key_dim not in self._default_table_initializers:
-            self._default_table_initializers[key_dim] = keras.initializers.RandomNormal(
-                stddev=schema.table_stddev(key_dim)
+        # One default initializer per factory (per build) and spread, shared
+        # by the tables, as the layer always made it: an unseeded Keras
+        # initializer draws its seed once, when it is made, so a second one
+        # would change the tables that `keras.utils.set_random_seed` gives.
+        if stddev not in self._default_table_initializers:
+            self._default_table_initializers[stddev] = keras.initializers.RandomNormal(
+                stddev=stddev
             )
-        return self._default_table_initializers[key_dim]
+        return self._default_table_initializers[stddev]

@@ -15,6 +15,10 @@ reference, never written again:
   layer's); the natives' signatures spell them out, tests/backends checks
   that they agree; how the NumPy helpers complete a config from the weights
   (`numpy_config`);
+- Swin's "relative_bias" and windows: where the resize of a per-head table
+  puts the source offsets (`bias_offsets`, timm's bisection, read from the
+  reference: scalar Python, no framework idiom to it); each native does the
+  interpolation, the gather and the windows in its own idiom;
 - for the fused forms the bench measures: what they need of a bench config
   (`FusedBlock`) and the relative tables' offset index (`relative_index`).
 
@@ -33,12 +37,15 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from mhsa_core.reference import LAYER_ARGUMENTS, arguments, mhsa_forward, schema
+from mhsa_core.reference.forward import window_layout
+from mhsa_core.reference.position import geometric_offsets
 
 __all__ = [
     "DEFAULTS",
     "FUSED_ENCODINGS",
     "BlockConfig",
     "FusedBlock",
+    "bias_offsets",
     "check_config",
     "check_weights",
     "has_bias",
@@ -77,6 +84,8 @@ class BlockConfig:
     output_dense: bool = False
     norm_epsilon: float = 1e-6
     rope: schema.RopeSettings | None = None  # the rotary encodings' settings
+    window_size: tuple[int, int] | None = None  # (wh, ww), or None: no windows
+    shift_size: tuple[int, int] = (0, 0)
 
     @property
     def encoding(self) -> schema.Encoding:
@@ -123,6 +132,8 @@ def check_config(
     output_norm: str | None = None,
     output_dense: bool = False,
     norm_epsilon: float = 1e-6,
+    window_size: int | Sequence[int] | None = None,
+    shift_size: int | Sequence[int] = 0,
     **rope: Any,
 ) -> BlockConfig:
     """Check a block config for C=`channels`; returns its `BlockConfig`.
@@ -151,10 +162,13 @@ def check_config(
             "output_dense": output_dense,
             "norm_epsilon": norm_epsilon,
             "activation": activation,
+            "window_size": window_size,
+            "shift_size": shift_size,
             **rope,
         },
         rules={"activation": arguments.one_of(sorted(activations, key=str))},
     )
+    arguments.check_window(window_size, shift_size, position_encoding)
     position_size = learned_size(position_encoding, position_size)
     arguments.check_channels(channels, num_heads, position_encoding, key_dim)
     head_dim = channels // num_heads
@@ -179,6 +193,8 @@ def check_config(
         rope=schema.rope_settings(
             position_encoding, position_size=position_size, **rope
         ),
+        window_size=None if window_size is None else arguments.pair(window_size),
+        shift_size=arguments.pair(shift_size),
     )
 
 
@@ -209,6 +225,22 @@ def position_size_of(
     spec = schema.encoding(position_encoding)
     if not spec.learned_tables:
         return None
+    if spec.per_head_table:
+        (name,) = schema.table_names(position_encoding)
+        table = weights.get(name)
+        shape = None if table is None else np.shape(table)
+        size_of = (
+            None
+            if shape is None
+            else schema.position_size_of_table(position_encoding, shape)
+        )
+        if size_of is None:
+            raise ValueError(
+                f"position_encoding={position_encoding!r} needs a table {name!r} "
+                "(2Hr - 1, 2Wr - 1, heads), odd rows and columns. "
+                f"Received: {shape}"
+            )
+        return size_of
     size = []
     for name in schema.table_names(position_encoding):
         table = weights.get(name)
@@ -274,6 +306,9 @@ def numpy_config(
     it must agree with them: the weight check says so).
     """
     complete = {**DEFAULTS, **config}
+    for name in ("window_size", "shift_size"):  # hashable (JAX's static arguments)
+        if isinstance(complete.get(name), list):
+            complete[name] = tuple(complete[name])
     if complete.get("use_bias") is None:
         complete["use_bias"] = has_bias(weights)
     encoding = complete["position_encoding"]
@@ -286,7 +321,7 @@ def numpy_config(
 
 # ------------------------------------------------------ the bench's fused forms
 # What the fused forms carry (the bench's configs); the oracles carry all.
-FUSED_ENCODINGS = ("none", "relative", "rope")
+FUSED_ENCODINGS = ("none", "relative", "rope", "relative_bias")
 
 
 class BenchShape(Protocol):
@@ -308,13 +343,19 @@ class BenchShape(Protocol):
     def tokens(self) -> int: ...
     @property
     def position_encoding(self) -> str: ...
+    @property
+    def window_size(self) -> int: ...
+    @property
+    def shift_size(self) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class FusedBlock:
     """What every fused form needs of a bench config: sizes, scale, the
     relative tables (at their reference size, the config's), rope's settings
-    (the layer's defaults, EVA-02's)."""
+    (the layer's defaults, EVA-02's), and Swin's windows (square, the map
+    divisible by them, no padding) with the per-head bias table of the window
+    (timm's convention: the bias is not scaled)."""
 
     height: int
     width: int
@@ -326,6 +367,9 @@ class FusedBlock:
     relative: bool
     tables: tuple[str, ...]  # (name of R_h, name of R_w) in the weight dict, or ()
     rope: schema.RopeSettings | None = None  # "rope": q and k rotated
+    window: int = 0  # square windows of this side, or 0: global attention
+    shift: int = 0
+    bias_table: str | None = None  # "relative_bias": the table's name
 
     @classmethod
     def of(cls, config: BenchShape) -> FusedBlock:
@@ -338,6 +382,22 @@ class FusedBlock:
                 f"Received: position_encoding={config.position_encoding!r}"
             )
         relative = config.position_encoding == "relative"
+        window = getattr(config, "window_size", 0)
+        windowed_encoding = config.position_encoding in ("none", "relative_bias")
+        if window and (
+            not windowed_encoding or config.height % window or config.width % window
+        ):
+            raise ValueError(
+                "The fused natives take windows that divide the map, with no "
+                "position term or 'relative_bias'. Received: "
+                f"window_size={window}, map {config.height}x{config.width}, "
+                f"position_encoding={config.position_encoding!r}"
+            )
+        if config.position_encoding == "relative_bias" and not window:
+            raise ValueError(
+                "The fused natives take 'relative_bias' in windows only. "
+                f"Received: window_size={window}"
+            )
         return cls(
             config.height,
             config.width,
@@ -348,8 +408,46 @@ class FusedBlock:
             1.0 / math.sqrt(config.head_dim),
             relative,
             schema.table_names("relative") if relative else (),
-            schema.rope_settings(config.position_encoding),
+            rope=schema.rope_settings(config.position_encoding),
+            window=window,
+            shift=getattr(config, "shift_size", 0) if window else 0,
+            bias_table=(
+                schema.table_names("relative_bias")[0]
+                if config.position_encoding == "relative_bias"
+                else None
+            ),
         )
+
+    @property
+    def windows(self) -> int:
+        """Windows per map."""
+        return (self.height // self.window) * (self.width // self.window)
+
+    def window_bias(self) -> np.ndarray:
+        """(nW, Nw, Nw) float32: Swin's shift mask of each window (-100 between
+        the shift's regions, 0 within; all 0 without a shift), from the
+        reference's window layout."""
+        _, _, regions = window_layout(self.height, self.width, self.window, self.shift)
+        labels = np.asarray(regions)  # (nW, Nw), no padding here
+        apart = labels[:, :, None] != labels[:, None, :]
+        return np.where(apart, schema.SHIFT_MASK_LOGIT, 0.0).astype(np.float32)
+
+    def bias_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """((Nw, Nw), (Nw, Nw)) int: the (row, column) of the per-head table
+        for (query, key) of a window: query minus key + window - 1."""
+        ys, xs = np.divmod(np.arange(self.window**2), self.window)
+        return (
+            ys[:, None] - ys[None, :] + self.window - 1,
+            xs[:, None] - xs[None, :] + self.window - 1,
+        )
+
+
+def bias_offsets(src_rows: int, dst_rows: int) -> np.ndarray:
+    """float64 (src_rows,): where timm's resize of a per-head bias table puts
+    the source table's offsets on the axis of a table of `dst_rows` rows
+    (`reference.position.geometric_offsets`); the new table's offsets are
+    the integers -(dst_rows // 2)..dst_rows // 2."""
+    return np.asarray(geometric_offsets(src_rows, dst_rows), dtype=np.float64)
 
 
 def relative_index(length: int) -> np.ndarray:

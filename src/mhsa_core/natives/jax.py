@@ -29,6 +29,17 @@ the schema's facts and the argument rules come from `_common`. In JAX's idiom:
   reference's rule.
 - "sinusoidal": w_k = 10000^(-k / D), D = C / 4 (the frequencies a float64
   NumPy constant, cast; angles and sin/cos by `jnp` in the dtype of x).
+- "relative_bias" (Swin), pos(i, j) = B[y_i - y_j + H - 1, x_i - x_j + W - 1,
+  head]: the table indexed with static NumPy offset matrices, heads first. At
+  another size the table is resized as timm resizes Swin's: `jnp.interp` of
+  the new integer offsets on the respaced source offsets, along one axis
+  then the other (`jax.vmap` over the rest; `jnp.interp` holds the end
+  values beyond the ends, as timm).
+- Windows (`window_size`, `shift_size`; `_partition` / `_merge`): `jnp.roll`
+  by -shift, `jnp.pad` at the bottom and right, reshapes into (B * nW,
+  wh * ww, C) windows that the attention takes as its batch, with the shift
+  mask (-100 between the regions of the shift, a static NumPy array) and the
+  padding masked, and back.
 - "rope", "rope_mixed": q and k rotated before the logits. "rope": the
   positions of each axis (`jnp.arange` + offset, or `jnp.linspace(-1, 1)`,
   times reference / size) times the frequencies (a float64 NumPy constant,
@@ -119,6 +130,8 @@ _STATIC = (
     "output_dense",
     "norm_epsilon",
     *schema.ROPE_DEFAULTS,
+    "window_size",
+    "shift_size",
 )
 
 
@@ -156,6 +169,82 @@ def _resize(table: jax.Array, length: int) -> jax.Array:
     )
 
 
+def _resize_bias(table: jax.Array, rows_h: int, rows_w: int) -> jax.Array:
+    """(S_h, S_w, heads) -> (rows_h, rows_w, heads) by timm's rule for Swin's
+    tables: per axis, `jnp.interp` of the integer offsets on the respaced
+    source offsets (`_common.bias_offsets`). The identity at the same size."""
+    src_h, src_w, heads = table.shape
+    if (src_h, src_w) == (rows_h, rows_w):
+        return table
+
+    def along_rows(t: jax.Array, dst: int) -> jax.Array:  # (src, M) -> (dst, M)
+        points = jnp.asarray(_common.bias_offsets(t.shape[0], dst), dtype=t.dtype)
+        x = jnp.arange(dst, dtype=t.dtype) - dst // 2
+        return jax.vmap(lambda col: jnp.interp(x, points, col), 1, 1)(t)
+
+    t = along_rows(table.reshape(src_h, src_w * heads), rows_h)
+    t = t.reshape(rows_h, src_w, heads).transpose(1, 0, 2)  # (S_w, rows_h, heads)
+    t = along_rows(t.reshape(src_w, rows_h * heads), rows_w)
+    return t.reshape(rows_w, rows_h, heads).transpose(1, 0, 2)
+
+
+def _window_layout(
+    height: int, width: int, window: tuple[int, int], shift: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(shift, pad): the shift applied (none along an axis the map fits in
+    one window, as timm) and the padding to whole windows."""
+    applied = (
+        0 if height <= window[0] else shift[0],
+        0 if width <= window[1] else shift[1],
+    )
+    return applied, ((-height) % window[0], (-width) % window[1])
+
+
+def _partition(
+    x: jax.Array, window: tuple[int, int], shift: Sequence[int], pad: Sequence[int]
+) -> jax.Array:
+    """(B, H, W, C) -> (B * nW, wh * ww, C): rolled, padded, cut."""
+    x = jnp.roll(x, (-shift[0], -shift[1]), axis=(1, 2))
+    x = jnp.pad(x, ((0, 0), (0, pad[0]), (0, pad[1]), (0, 0)))
+    batch, height, width, channels = x.shape
+    wh, ww = window
+    x = x.reshape(batch, height // wh, wh, width // ww, ww, channels)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, channels)
+
+
+def _merge(
+    windows: jax.Array,
+    size: tuple[int, int],
+    window: tuple[int, int],
+    shift: Sequence[int],
+    pad: Sequence[int],
+) -> jax.Array:
+    """(B * nW, wh * ww, C) -> (B, H, W, C): `_partition` undone."""
+    (wh, ww), channels = window, windows.shape[-1]
+    rows, cols = (size[0] + pad[0]) // wh, (size[1] + pad[1]) // ww
+    x = windows.reshape(-1, rows, cols, wh, ww, channels).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(-1, rows * wh, cols * ww, channels)[:, : size[0], : size[1]]
+    return jnp.roll(x, tuple(shift), axis=(1, 2))
+
+
+def _shift_mask(
+    height: int,
+    width: int,
+    window: tuple[int, int],
+    shift: Sequence[int],
+    pad: Sequence[int],
+) -> jax.Array:
+    """(nW, Nw, Nw): -100 between two regions of the shift (tokens of the
+    first sh rows / sw columns of the map, which the roll wrapped, against
+    the others), else 0 (constants: XLA folds them)."""
+    ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    labels = 2 * (ys < shift[0]) + (xs < shift[1])
+    windows = _partition(jnp.asarray(labels)[None, :, :, None], window, shift, pad)
+    windows = windows[..., 0]  # (nW, Nw)
+    differ = windows[:, None, :] != windows[:, :, None]
+    return jnp.where(differ, schema.SHIFT_MASK_LOGIT, 0.0)
+
+
 def _pair_index(
     height: int, width: int, rows: int, relative: bool, axis: str
 ) -> np.ndarray:
@@ -188,6 +277,15 @@ def _position_logits(
     spec = schema.encoding(position_encoding)
     if not spec.learned_tables:
         return None
+    if spec.per_head_table:  # "relative_bias": (1, heads, N, N), no q
+        (name,) = schema.table_names(position_encoding)
+        table = _resize_bias(
+            params[name], spec.table_rows(height), spec.table_rows(width)
+        )
+        ys, xs = np.divmod(np.arange(height * width), width)
+        offset_y = ys[:, None] - ys[None, :] + height - 1  # query minus key
+        offset_x = xs[:, None] - xs[None, :] + width - 1
+        return jnp.transpose(table[offset_y, offset_x], (2, 0, 1))[None]
     relative = position_encoding == "relative"
     batch, n, heads, _ = q.shape
     pos = 0
@@ -311,6 +409,8 @@ def apply(
     rope_grid_offset: float = 0.0,
     rope_in_pixels: bool = False,
     rope_max_resolution: float = 224,
+    window_size: int | Sequence[int] | None = None,
+    shift_size: int | Sequence[int] = 0,
 ) -> jax.Array:
     """The block's forward pass, a pure function (jit it with the config static).
 
@@ -331,6 +431,7 @@ def apply(
         rope_temperature, rope_layout, rope_grid_indexing, rope_grid_offset,
             rope_in_pixels, rope_max_resolution: the rotary encodings'
             settings, as the layer's.
+        window_size, shift_size: Swin's windows, as the layer's.
 
     Returns:
         The output in the layout and dtype of `x`.
@@ -367,6 +468,8 @@ def apply(
         rope_grid_offset=rope_grid_offset,
         rope_in_pixels=rope_in_pixels,
         rope_max_resolution=rope_max_resolution,
+        window_size=window_size,
+        shift_size=shift_size,
     )
     _common.check_weights(params, cfg.weight_shapes)
     dv, kd, scale = cfg.head_dim, cfg.key_dim, cfg.scale  # dv: value width per head
@@ -400,27 +503,57 @@ def apply(
         tables = _sin_cos(angles)
         q = _rotate(q, tables, cfg.rope.layout)
         k = _rotate(k, tables, cfg.rope.layout)
+    keep = None  # (B, N) bool, per key
+    if attention_mask is not None:
+        keep = jnp.asarray(attention_mask, dtype=bool).reshape(batch, n)
+
+    # Swin's windows become the batch: (B * nW, wh * ww, heads*d).
+    size, shift_mask = (height, width), None  # of the grid attention runs on
+    if cfg.window_size is not None:
+        window = cfg.window_size
+        shift, pad = _window_layout(height, width, window, cfg.shift_size)
+        q, k, v = (
+            _partition(t.reshape(batch, height, width, -1), window, shift, pad)
+            for t in (q, k, v)
+        )
+        if keep is not None or any(pad):
+            image = jnp.ones((batch, n), bool) if keep is None else keep
+            image = image.reshape(batch, height, width, 1).astype(jnp.int32)
+            keep = _partition(image, window, shift, pad)[..., 0].astype(bool)
+        if any(shift):
+            mask = _shift_mask(height, width, window, shift, pad)  # (nW, Nw, Nw)
+            shift_mask = jnp.tile(mask, (batch, 1, 1))[:, None].astype(q.dtype)
+        size = window
+    items, tokens = q.shape[0], q.shape[1]
+    q = q.reshape(items, tokens, num_heads, kd)
+    k = k.reshape(items, tokens, num_heads, kd)
+    v = v.reshape(items, tokens, num_heads, dv)
 
     # The Python float `scale` is weakly typed: it keeps the dtype of the logits.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (B, heads, N, N)
-    pos = _position_logits(q, params, position_encoding, height, width)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (B', heads, N', N')
+    pos = _position_logits(q, params, position_encoding, *size)
     if pos is None:
         logits = scale * logits
     elif scale_position_logits:
         logits = scale * (logits + pos)
     else:
         logits = scale * logits + pos
-    if attention_mask is None:
+    if shift_mask is not None:
+        logits = logits + shift_mask
+    if keep is None:
         probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B', N', heads, dv)
     else:
-        keep = jnp.asarray(attention_mask, dtype=bool).reshape(batch, n)  # (B, N)
-        has_key = jnp.any(keep, axis=1)  # (B,)
+        has_key = jnp.any(keep, axis=1)  # (B',)
         # Fully masked items attend to everything (finite, discarded below).
-        safe = keep | ~has_key[:, None]  # (B, N)
+        safe = keep | ~has_key[:, None]  # (B', N')
         probs = jax.nn.softmax(logits, axis=-1, where=safe[:, None, None, :])
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B', N', heads, dv)
         out = jnp.where(has_key[:, None, None, None], out, 0)
+    if cfg.window_size is not None:
+        out = _merge(
+            out.reshape(items, tokens, channels), (height, width), window, shift, pad
+        )
 
     out = out.reshape(batch, n, channels)  # heads concatenated
     if output_norm is not None:
@@ -574,7 +707,10 @@ def fused_block(
 
     `jax.nn.dot_product_attention`, "relative"'s term (gathered with the
     offset index, times the scale) as its `bias`; "rope" rotates q and k
-    first (the tables computed once). float32; no mask, no other encoding.
+    first (the tables computed once). With Swin's windows: `jnp.roll`, the
+    windows as the batch, the per-head bias (gathered with the window's
+    index) plus the shift mask as `bias`, merged and rolled back. float32; no
+    mask, no other encoding.
     """
     block = _common.FusedBlock.of(config)
     params = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in weights.items()}
@@ -593,20 +729,40 @@ def fused_block(
     if rope is not None:
         sin, cos = _sin_cos(_rope_angles(height, width, d, rope, jnp.float32))
         tables = (sin[:, None], cos[:, None])  # (N, 1, d)
+    w, shift = block.window, block.shift
+    if w:
+        rows, cols = block.bias_index()
+        shift_mask = block.window_bias()[:, None]  # (nW, 1, Nw, Nw)
 
     def apply(params: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
         b = x.shape[0]
-        t = x.reshape(b, n, channels)
+        if w:  # (B * nW, Nw, C) windows of the rolled map
+            t = jnp.roll(x, (-shift, -shift), axis=(1, 2))
+            t = t.reshape(b, height // w, w, width // w, w, channels)
+            t = t.transpose(0, 1, 3, 2, 4, 5).reshape(-1, w * w, channels)
+        else:
+            t = x.reshape(b, n, channels)
+        items, tokens = t.shape[0], t.shape[1]
 
         def project(
             name: str,
-        ) -> jax.Array:  # (B, N, heads, d): dot_product_attention's
+        ) -> jax.Array:  # (B', N', heads, d): dot_product_attention's
             y = t @ params[f"{name}_kernel"] + params[f"{name}_bias"]
-            return y.reshape(b, n, heads, d)
+            return y.reshape(items, tokens, heads, d)
 
         q, k, v = project("query"), project("key"), project("value")
         if rope is not None:
             q, k = _rotate(q, tables, rope.layout), _rotate(k, tables, rope.layout)
+        if w:
+            window_bias = jnp.tile(jnp.asarray(shift_mask), (b, 1, 1, 1))
+            if block.bias_table is not None:
+                table = params[block.bias_table][rows, cols].transpose(2, 0, 1)
+                window_bias = window_bias + table  # (B * nW, heads, Nw, Nw)
+            window_bias = jnp.broadcast_to(window_bias, (items, heads, tokens, tokens))
+            out = jax.nn.dot_product_attention(q, k, v, bias=window_bias, scale=scale)
+            out = out.reshape(b, height // w, width // w, w, w, channels)
+            out = out.transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, channels)
+            return jnp.roll(out, (shift, shift), axis=(1, 2))
         bias = None
         if relative:
             q5 = q.reshape(b, height, width, heads, d)

@@ -33,6 +33,18 @@ the schema's facts and the argument rules come from `_common`. In TensorFlow's i
   `tf.image.resize`.
 - "sinusoidal": w_k = 1 / 10000^(k / D), D = C / 4 (the frequencies in
   float64, then cast; angles and sin/cos in the module's dtype).
+- "relative_bias" (Swin), pos(i, j) = B[y_i - y_j + H - 1, x_i - x_j + W - 1,
+  head]: `tf.gather_nd` of the table with the (N, N, 2) offsets of every
+  (query, key), heads first. At another size the table is resized as timm
+  resizes Swin's: per axis an interpolation matrix (`_bias_matrix`:
+  `tf.searchsorted` of the new integer offsets among the respaced source
+  offsets, `tf.one_hot` weights of the two around each), then M_h @ B @ M_w^T
+  per head.
+- Windows (`window_size`, `shift_size`; `_Windows`): `tf.roll` by -shift,
+  `tf.pad` at the bottom and right, reshape/transpose into (B * nW, wh * ww,
+  C) windows that the attention takes as its batch, the shift mask (-100
+  between the regions of the shift) and the padding masked, and back. These
+  need a static spatial size (`x.shape`), as the window layout is Python.
 - "rope", "rope_mixed": q and k rotated before the logits. "rope": the
   positions of each axis (`tf.range` + offset, or `tf.linspace(-1, 1)`,
   times reference / size) times the frequencies, per axis, tiled over the
@@ -190,6 +202,102 @@ def _index_matrix(length: int | tf.Tensor, relative: bool) -> tf.Tensor:
     return tf.tile(b, (length, 1))
 
 
+def _bias_matrix(src: int, dst: int, dtype: tf.DType) -> tf.Tensor:
+    """(dst, src): one axis of timm's resize of a per-head table, linear
+    interpolation of the integer offsets -(dst // 2)..dst // 2 on the
+    respaced source offsets (`_common.bias_offsets`), the end value beyond
+    either end."""
+    points = tf.constant(_common.bias_offsets(src, dst), dtype)
+    x = tf.cast(tf.range(dst) - dst // 2, dtype)
+    right = tf.minimum(tf.searchsorted(points, x, side="left"), src - 1)
+    left = tf.maximum(right - 1, 0)
+    to_left = tf.nn.relu(x - tf.gather(points, left))
+    to_right = tf.nn.relu(tf.gather(points, right) - x)
+    total = to_left + to_right
+    single = tf.equal(total, 0.0)  # on one point (left == right): its value
+    w_left = tf.where(single, tf.ones_like(x), to_right / tf.where(single, 1.0, total))
+    return (
+        tf.one_hot(left, src, dtype=dtype) * w_left[:, None]
+        + tf.one_hot(right, src, dtype=dtype) * (1.0 - w_left)[:, None]
+    )
+
+
+def _resize_bias(table: tf.Tensor, rows_h: int, rows_w: int) -> tf.Tensor:
+    """(S_h, S_w, heads) -> (rows_h, rows_w, heads), timm's rule; the identity
+    at the same size."""
+    src_h, src_w = table.shape[:2]
+    if (src_h, src_w) == (rows_h, rows_w):
+        return table
+    m_h = _bias_matrix(src_h, rows_h, table.dtype)
+    m_w = _bias_matrix(src_w, rows_w, table.dtype)
+    return tf.einsum("as,stk,bt->abk", m_h, table, m_w)
+
+
+class _Windows:
+    """Swin's window partition of an H x W map (static sizes)."""
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        window: tuple[int, int],
+        shift: tuple[int, int],
+    ) -> None:
+        self.height, self.width = height, width
+        self.window = window
+        self.tokens = window[0] * window[1]
+        # No shift along an axis the map fits in one window (timm's rule).
+        self.shift = [
+            0 if size <= w else s for size, w, s in zip((height, width), window, shift)
+        ]
+        self.pad = [(-height) % window[0], (-width) % window[1]]
+
+    def partition(self, x: tf.Tensor) -> tf.Tensor:
+        """(B, H, W, C) -> (B * nW, wh * ww, C)."""
+        x = tf.roll(x, shift=[-self.shift[0], -self.shift[1]], axis=[1, 2])
+        x = tf.pad(x, [[0, 0], [0, self.pad[0]], [0, self.pad[1]], [0, 0]])
+        (wh, ww), channels = self.window, x.shape[-1]
+        rows, cols = (self.height + self.pad[0]) // wh, (self.width + self.pad[1]) // ww
+        x = tf.reshape(x, (-1, rows, wh, cols, ww, channels))
+        x = tf.transpose(x, (0, 1, 3, 2, 4, 5))
+        return tf.reshape(x, (-1, self.tokens, channels))
+
+    def merge(self, windows: tf.Tensor) -> tf.Tensor:
+        """(B * nW, wh * ww, C) -> (B, H, W, C)."""
+        (wh, ww), channels = self.window, windows.shape[-1]
+        rows, cols = (self.height + self.pad[0]) // wh, (self.width + self.pad[1]) // ww
+        x = tf.reshape(windows, (-1, rows, cols, wh, ww, channels))
+        x = tf.transpose(x, (0, 1, 3, 2, 4, 5))
+        x = tf.reshape(x, (-1, rows * wh, cols * ww, channels))
+        x = x[:, : self.height, : self.width]
+        return tf.roll(x, shift=self.shift, axis=[1, 2])
+
+    def keep(self, keep: tf.Tensor | None, batch: tf.Tensor) -> tf.Tensor | None:
+        """(B * nW, wh * ww) bool: the keys each window may see (not padding)."""
+        if keep is None and not any(self.pad):
+            return None
+        if keep is None:
+            keep = tf.ones((batch, self.height * self.width), tf.bool)
+        image = tf.reshape(tf.cast(keep, tf.int32), (-1, self.height, self.width, 1))
+        return tf.cast(self.partition(image)[..., 0], tf.bool)
+
+    def shift_mask(self, batch: tf.Tensor, dtype: tf.DType) -> tf.Tensor | None:
+        """(B * nW, 1, Nw, Nw): -100 between two regions of the shift (tokens
+        of the first sh rows / sw columns of the map, which the roll wrapped,
+        against the others), else 0; None without a shift."""
+        if not any(self.shift):
+            return None
+        ys = tf.cast(tf.range(self.height) < self.shift[0], tf.int32)
+        xs = tf.cast(tf.range(self.width) < self.shift[1], tf.int32)
+        labels = 2 * ys[:, None] + xs[None, :]  # (H, W)
+        windows = self.partition(labels[None, :, :, None])[..., 0]  # (nW, Nw)
+        differ = tf.not_equal(windows[:, None, :], windows[:, :, None])
+        mask = tf.where(
+            differ, tf.constant(schema.SHIFT_MASK_LOGIT, dtype), tf.zeros((), dtype)
+        )
+        return tf.tile(mask, (batch, 1, 1))[:, None]  # window b * nW + w
+
+
 def _sincos(
     height: int | tf.Tensor, width: int | tf.Tensor, channels: int, dtype: tf.DType
 ) -> tf.Tensor:
@@ -224,9 +332,11 @@ class NativeMHSA2D(tf.Module):
             dot-product attention by default).
         use_bias: whether the projections have biases.
         position_size: (Hr, Wr), the reference size of the learned tables;
-            required by "relative" and "absolute", ignored otherwise.
+            required by "relative", "absolute" and "relative_bias", ignored
+            otherwise.
         use_key_bias, qk_norm, output_norm, output_dense, norm_epsilon: as
             the reference's (`use_key_bias` None: `use_bias`).
+        window_size, shift_size: Swin's windows, as the layer's.
         dtype: dtype of the variables and of the computation.
 
     Variables start at zero; load the canonical weights with `load_weight_dict`.
@@ -255,6 +365,8 @@ class NativeMHSA2D(tf.Module):
         rope_grid_offset: float = 0.0,
         rope_in_pixels: bool = False,
         rope_max_resolution: float = 224,
+        window_size: int | Sequence[int] | None = None,
+        shift_size: int | Sequence[int] = 0,
         dtype: DTypeLike = "float32",
         name: str | None = None,
     ) -> None:
@@ -282,6 +394,8 @@ class NativeMHSA2D(tf.Module):
             rope_grid_offset=rope_grid_offset,
             rope_in_pixels=rope_in_pixels,
             rope_max_resolution=rope_max_resolution,
+            window_size=window_size,
+            shift_size=shift_size,
         )
         self.compute_dtype = tf.as_dtype(np.dtype(dtype).name)
         # name -> tf.Variable, canonical names and shapes, in creation order.
@@ -338,6 +452,20 @@ class NativeMHSA2D(tf.Module):
         spec = self.config.encoding
         if not spec.learned_tables:
             return None
+        if spec.per_head_table:  # "relative_bias": (1, heads, N, N), no q
+            (name,) = schema.table_names(spec.name)
+            table = _resize_bias(
+                self.weights[name],
+                int(spec.table_rows(height)),
+                int(spec.table_rows(width)),
+            )
+            rows = _index_matrix(height * width, relative=False)  # (N, N): key j
+            ys, xs = rows // width, rows % width
+            offsets = tf.stack(
+                [tf.transpose(ys) - ys + height - 1, tf.transpose(xs) - xs + width - 1],
+                axis=-1,
+            )  # (N, N, 2): query minus key, [i, j]
+            return tf.transpose(tf.gather_nd(table, offsets), (2, 0, 1))[None]
         relative = spec.name == "relative"
         name_h, name_w = schema.table_names(spec.name)
         table_h = _resize(self.weights[name_h], spec.table_rows(height))
@@ -405,31 +533,54 @@ class NativeMHSA2D(tf.Module):
             tables = _sin_cos(self._rotary_angles(height, width))
             q = _rotate(q, tables, cfg.rope.layout)
             k = _rotate(k, tables, cfg.rope.layout)
+        keep = None  # (B, N) bool, per key
+        if attention_mask is not None:
+            keep = tf.reshape(tf.cast(attention_mask, tf.bool), (batch, n))
 
-        logits = tf.einsum("bqhd,bkhd->bhqk", q, k)  # (B, heads, N, N)
+        # Swin's windows become the batch: (B * nW, wh * ww, heads*d).
+        windows = shift_mask = None
+        size = (height, width)  # of the grid attention runs on
+        if cfg.window_size is not None:
+            windows = _Windows(
+                int(x.shape[1]), int(x.shape[2]), cfg.window_size, cfg.shift_size
+            )
+            q, k, v = (
+                windows.partition(tf.reshape(t, (batch, height, width, -1)))
+                for t in (q, k, v)
+            )
+            keep = windows.keep(keep, batch)
+            shift_mask = windows.shift_mask(batch, self.compute_dtype)
+            size = windows.window
+        items, tokens = tf.shape(q)[0], tf.shape(q)[1]
+        q = tf.reshape(q, (items, tokens, heads, kd))
+        k = tf.reshape(k, (items, tokens, heads, kd))
+        v = tf.reshape(v, (items, tokens, heads, dv))
+
+        logits = tf.einsum("bqhd,bkhd->bhqk", q, k)  # (B', heads, N', N')
         scale = tf.constant(cfg.scale, self.compute_dtype)
-        pos = self._position_logits(
-            tf.reshape(q, (batch, height, width, heads, kd)), height, width
-        )
+        pos = self._position_logits(tf.reshape(q, (items, *size, heads, kd)), *size)
         if pos is None:
             logits = logits * scale
         elif cfg.scale_position_logits:
             logits = (logits + pos) * scale
         else:
             logits = logits * scale + pos
-        if attention_mask is None:
+        if shift_mask is not None:
+            logits = logits + shift_mask
+        if keep is None:
             probs = tf.nn.softmax(logits, axis=-1)
-            out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
+            out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B', N', heads, dv)
         else:
-            keep = tf.reshape(tf.cast(attention_mask, tf.bool), (batch, n))  # (B, N)
-            has_key = tf.reduce_any(keep, axis=1)  # (B,)
+            has_key = tf.reduce_any(keep, axis=1)  # (B',)
             # Fully masked items attend to everything (finite, discarded below).
-            safe = tf.logical_or(keep, tf.logical_not(has_key)[:, None])  # (B, N)
+            safe = tf.logical_or(keep, tf.logical_not(has_key)[:, None])  # (B', N')
             minus_inf = tf.constant(-np.inf, self.compute_dtype)
             logits = tf.where(safe[:, None, None, :], logits, minus_inf)
             probs = tf.nn.softmax(logits, axis=-1)
-            out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, N, heads, dv)
+            out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B', N', heads, dv)
             out = tf.where(has_key[:, None, None, None], out, tf.zeros_like(out))
+        if windows is not None:
+            out = windows.merge(tf.reshape(out, (items, tokens, cfg.channels)))
 
         out = tf.reshape(out, (batch, n, cfg.channels))  # heads concatenated
         if cfg.output_norm is not None:
@@ -534,7 +685,9 @@ def fused_block(
     TensorFlow has no fused attention op: einsum, softmax, einsum, which is
     what XLA (`jit_compile=True`) fuses. "relative"'s term gathered with the
     offset index, times the scale; "rope" rotates q and k first (the tables
-    computed once). No mask, no other encoding.
+    computed once). With Swin's windows: `tf.roll`, the windows as the batch,
+    the per-head bias (gathered with the window's index) and the shift mask
+    added to the logits, merged and rolled back. No mask, no other encoding.
     """
     block = _common.FusedBlock.of(config)
     params = {
@@ -556,22 +709,46 @@ def fused_block(
     if rope is not None:
         sin, cos = _sin_cos(_rope_angles(height, width, d, rope, tf.float32))
         tables = (sin[:, None], cos[:, None])  # (N, 1, d)
+    w, shift = block.window, block.shift
+    if w:
+        offsets = tf.constant(np.stack(block.bias_index(), axis=-1))  # (Nw, Nw, 2)
+        shift_mask = tf.constant(block.window_bias())[:, None]  # (nW, 1, Nw, Nw)
 
     def call(x: tf.Tensor) -> tf.Tensor:
         b = tf.shape(x)[0]
-        t = tf.reshape(x, (b, n, channels))
+        if w:  # (B * nW, Nw, C) windows of the rolled map
+            t = tf.roll(x, shift=[-shift, -shift], axis=[1, 2])
+            t = tf.reshape(t, (b, height // w, w, width // w, w, channels))
+            t = tf.reshape(tf.transpose(t, (0, 1, 3, 2, 4, 5)), (-1, w * w, channels))
+        else:
+            t = tf.reshape(x, (b, n, channels))
+        items, tokens = tf.shape(t)[0], t.shape[1]
 
-        def project(name: str) -> tf.Tensor:  # (B, N, heads, d)
+        def project(name: str) -> tf.Tensor:  # (B', N', heads, d)
             y = (
                 tf.einsum("bnc,cd->bnd", t, params[f"{name}_kernel"])
                 + params[f"{name}_bias"]
             )
-            return tf.reshape(y, (b, n, heads, d))
+            return tf.reshape(y, (items, tokens, heads, d))
 
         q, k, v = project("query"), project("key"), project("value")
         if rope is not None:
             q, k = _rotate(q, tables, rope.layout), _rotate(k, tables, rope.layout)
-        logits = tf.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, heads, N, N)
+        logits = tf.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B', heads, N', N')
+        if w:
+            logits = logits + tf.tile(shift_mask, (b, 1, 1, 1))
+            if block.bias_table is not None:
+                # The variable read first: XLA has no gather_nd of a resource.
+                table = tf.convert_to_tensor(params[block.bias_table])
+                table = tf.gather_nd(table, offsets)
+                logits = logits + tf.transpose(table, (2, 0, 1))
+            probs = tf.nn.softmax(logits, axis=-1)
+            out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B * nW, Nw, heads, d)
+            out = tf.reshape(out, (b, height // w, width // w, w, w, channels))
+            out = tf.reshape(
+                tf.transpose(out, (0, 1, 3, 2, 4, 5)), (b, height, width, channels)
+            )
+            return tf.roll(out, shift=[shift, shift], axis=[1, 2])
         if relative:
             q5 = tf.reshape(q, (b, height, width, heads, d))
             logits_h = tf.einsum(

@@ -37,6 +37,19 @@ the schema's facts and the argument rules come from `_common`. In PyTorch's idio
   `repeat_interleave`d to kd, then x * cos + rot(x) * sin, rot the
   interleaved pair swap (`torch.stack([-x[..., 1::2], x[..., ::2]], -1)`) or
   the half swap (`torch.cat([-x2, x1])`).
+- "relative_bias" (Swin), pos(i, j) = B[y_i - y_j + H - 1, x_i - x_j + W - 1,
+  head]: the table indexed with Swin's `relative_position_index` (query minus
+  key coordinates, `_bias_index`), heads first, as timm's `WindowAttention`.
+  At another size the table is resized as timm resizes Swin's (`_resize_bias`,
+  its `RegularGridInterpolator` written out: `torch.bucketize` on the
+  respaced source offsets, bilinear weights).
+- Windows (`window_size`, `shift_size`), as timm's `SwinTransformerBlock._attn`
+  (`_Windows`): `torch.roll` by -shift, `F.pad` at the bottom and right,
+  `view`/`permute` into (B * nW, wh * ww, C) windows, attention per window
+  with the shift mask (-100 between regions, built from an image of region
+  labels like timm's `get_attn_mask`, but labelled by where each token came
+  from) and the padding masked, then back. The shift is dropped along an axis
+  the map fits in one window.
 
 `nn.Linear.weight` is (out, in) while the canonical kernels are (in, out), so
 `load_weight_dict` stores `kernel.T` and `weight_grad_dict` returns the
@@ -134,6 +147,116 @@ def _rel_to_abs(rel: torch.Tensor) -> torch.Tensor:
     flat = F.pad(rel, (0, 1)).reshape(*lead, 2 * length * length)
     flat = F.pad(flat, (0, length - 1))
     return flat.reshape(*lead, length + 1, 2 * length - 1)[..., :length, length - 1 :]
+
+
+def _resize_bias(table: torch.Tensor, rows_h: int, rows_w: int) -> torch.Tensor:
+    """A per-head table (S_h, S_w, heads) -> (rows_h, rows_w, heads) by timm's
+    rule for Swin's tables: along each axis the source offsets sit at
+    `_common.bias_offsets`, the new integer offsets are interpolated between
+    the two around them (`torch.bucketize`, as timm's RegularGridInterpolator;
+    the end value beyond either end). The identity at the same size."""
+    src_h, src_w = table.shape[:2]
+    if (src_h, src_w) == (rows_h, rows_w):
+        return table
+
+    def axis(src: int, dst: int) -> tuple[torch.Tensor, ...]:
+        points = torch.as_tensor(_common.bias_offsets(src, dst), dtype=table.dtype)
+        x = torch.arange(dst, dtype=table.dtype) - dst // 2
+        right = torch.bucketize(x, points).clamp(max=src - 1)
+        left = (right - 1).clamp(min=0)
+        to_left = (x - points[left]).clamp(min=0)
+        to_right = (points[right] - x).clamp(min=0)
+        both = (to_left == 0) & (to_right == 0)  # on a single point: its value
+        to_left = torch.where(both, torch.ones_like(x), to_left)
+        to_right = torch.where(both, torch.ones_like(x), to_right)
+        total = to_left + to_right
+        return left, right, to_right / total, to_left / total  # weights of each
+
+    left_y, right_y, wl_y, wr_y = axis(src_h, rows_h)
+    left_x, right_x, wl_x, wr_x = axis(src_w, rows_w)
+    out = 0
+    for index_y, weight_y in ((left_y, wl_y), (right_y, wr_y)):
+        for index_x, weight_x in ((left_x, wl_x), (right_x, wr_x)):
+            corner = table[index_y][:, index_x]  # (rows_h, rows_w, heads)
+            out = out + weight_y[:, None, None] * weight_x[None, :, None] * corner
+    return out
+
+
+def _bias_index(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Swin's relative_position_index as (row, column) of the table: for
+    query i and key j, (y_i - y_j + H - 1, x_i - x_j + W - 1), each (N, N)."""
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, N)
+    relative = coords[:, :, None] - coords[:, None, :]  # (2, N, N): query - key
+    return relative[0] + height - 1, relative[1] + width - 1
+
+
+class _Windows:
+    """timm's window partition of an H x W map (`SwinTransformerBlock._attn`)."""
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        window: tuple[int, int],
+        shift: tuple[int, int],
+    ) -> None:
+        self.height, self.width = height, width
+        self.window = window
+        self.tokens = window[0] * window[1]
+        # No shift along an axis the map fits in one window (timm's rule).
+        self.shift = tuple(
+            0 if size <= w else s for size, w, s in zip((height, width), window, shift)
+        )
+        self.pad = ((-height) % window[0], (-width) % window[1])
+
+    def partition(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B * nW, wh * ww, C)."""
+        if any(self.shift):
+            x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
+        x = F.pad(x, (0, 0, 0, self.pad[1], 0, self.pad[0]))
+        batch, height, width, channels = x.shape
+        wh, ww = self.window
+        x = x.view(batch, height // wh, wh, width // ww, ww, channels)
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, self.tokens, channels)
+
+    def merge(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B * nW, wh * ww, C) -> (B, H, W, C)."""
+        wh, ww = self.window
+        height, width = self.height + self.pad[0], self.width + self.pad[1]
+        channels = windows.shape[-1]
+        x = windows.view(-1, height // wh, width // ww, wh, ww, channels)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels)
+        x = x[:, : self.height, : self.width]
+        if any(self.shift):
+            x = torch.roll(x, shifts=self.shift, dims=(1, 2))
+        return x
+
+    def keep(self, keep: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """Keys each window may see (B * nW, wh * ww): the mask, not the padding."""
+        if keep is None and not any(self.pad):
+            return None
+        if keep is None:
+            keep = torch.ones(batch, self.height, self.width, dtype=torch.bool)
+        image = keep.reshape(batch, self.height, self.width, 1).to(torch.uint8)
+        return self.partition(image)[..., 0].bool()
+
+    def shift_mask(self, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """(B * nW, 1, Nw, Nw): -100 between two regions of the shift (tokens
+        from the first sh rows / sw columns of the map, which the roll wrapped
+        around, against the others), as timm's get_attn_mask; or None."""
+        if not any(self.shift):
+            return None
+        ys, xs = torch.meshgrid(
+            torch.arange(self.height), torch.arange(self.width), indexing="ij"
+        )
+        labels = 2 * (ys < self.shift[0]).long() + (xs < self.shift[1]).long()
+        windows = self.partition(labels[None, :, :, None])[..., 0]  # (nW, Nw)
+        differ = windows[:, None, :] != windows[:, :, None]  # (nW, Nw, Nw)
+        mask = torch.zeros(differ.shape, dtype=dtype).masked_fill(
+            differ, schema.SHIFT_MASK_LOGIT
+        )
+        return mask.repeat(batch, 1, 1)[:, None]  # window b * nW + w
 
 
 def _sincos(
@@ -238,9 +361,11 @@ class NativeMHSA2D(nn.Module):
             dot-product attention by default).
         use_bias: whether the projections have biases.
         position_size: (Hr, Wr), the reference size of the learned tables;
-            required by "relative" and "absolute", ignored otherwise.
+            required by "relative", "absolute" and "relative_bias", ignored
+            otherwise.
         use_key_bias, qk_norm, output_norm, output_dense, norm_epsilon: as
             the reference's (`use_key_bias` None: `use_bias`).
+        window_size, shift_size: Swin's windows, as the layer's.
 
     The parameters are created by `nn.Linear` (PyTorch's default init) and the
     tables N(0, 1/key_dim); load the canonical weights with `load_weight_dict`.
@@ -270,6 +395,8 @@ class NativeMHSA2D(nn.Module):
         rope_grid_offset: float = 0.0,
         rope_in_pixels: bool = False,
         rope_max_resolution: float = 224,
+        window_size: int | Sequence[int] | None = None,
+        shift_size: int | Sequence[int] = 0,
     ) -> None:
         super().__init__()
         self.config = cfg = _common.check_config(
@@ -295,6 +422,8 @@ class NativeMHSA2D(nn.Module):
             rope_grid_offset=rope_grid_offset,
             rope_in_pixels=rope_in_pixels,
             rope_max_resolution=rope_max_resolution,
+            window_size=window_size,
+            shift_size=shift_size,
         )
         # The canonical (in, out) shapes; also what `load_weight_dict` accepts.
         shapes = cfg.weight_shapes
@@ -316,7 +445,7 @@ class NativeMHSA2D(nn.Module):
             {
                 name: nn.Parameter(torch.randn(shape) * stddev)
                 for name, shape in schema.table_shapes(
-                    position_encoding, cfg.position_size, cfg.key_dim
+                    position_encoding, cfg.position_size, cfg.key_dim, cfg.num_heads
                 ).items()
             }
         )
@@ -423,6 +552,13 @@ class NativeMHSA2D(nn.Module):
         spec = self.config.encoding
         if not spec.learned_tables:
             return None
+        if spec.per_head_table:  # "relative_bias": (1, heads, N, N), no q
+            (name,) = schema.table_names(spec.name)
+            table = _resize_bias(
+                self.tables[name], spec.table_rows(height), spec.table_rows(width)
+            )
+            rows, cols = _bias_index(height, width)
+            return table[rows, cols].permute(2, 0, 1)[None]
         name_h, name_w = schema.table_names(spec.name)
         table_h = _resize(self.tables[name_h], spec.table_rows(height))
         table_w = _resize(self.tables[name_w], spec.table_rows(width))
@@ -494,31 +630,58 @@ class NativeMHSA2D(nn.Module):
                 _rotate(q, tables, cfg.rope.layout),
                 _rotate(k, tables, cfg.rope.layout),
             )
+        # Back to (B, N, heads, d), the layout the windows are cut from.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        keep = None  # (B, N) bool, per key
+        if attention_mask is not None:
+            keep = torch.as_tensor(attention_mask, device=x.device)
+            keep = keep.to(torch.bool).reshape(batch, n)
+
+        # Swin's windows become the batch: (B * nW, wh * ww, heads, d).
+        windows, shift_mask = None, None
+        size = (height, width)  # of the grid attention runs on
+        if cfg.window_size is not None:
+            windows = _Windows(height, width, cfg.window_size, cfg.shift_size)
+            q, k, v = (
+                windows.partition(part.reshape(batch, height, width, -1)).view(
+                    -1, windows.tokens, heads, part.shape[-1]
+                )
+                for part in (q, k, v)
+            )
+            keep = windows.keep(keep, batch)
+            shift_mask = windows.shift_mask(batch, q.dtype)
+            size = windows.window
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        items, tokens = q.shape[0], q.shape[2]  # (B', heads, N', d)
 
         # Float mask added by SDPA to the scaled logits, or None.
-        bias = self._position_logits(q, height, width)
+        bias = self._position_logits(q, *size)
         if bias is not None and cfg.scale_position_logits:
             bias = cfg.scale * bias
-        if attention_mask is None:
+        if shift_mask is not None:
+            bias = shift_mask if bias is None else bias + shift_mask
+        if keep is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, scale=cfg.scale
             )
         else:
-            keep = torch.as_tensor(attention_mask, device=x.device)
-            keep = keep.to(torch.bool).reshape(batch, n)  # (B, N), per key
-            has_key = keep.any(dim=1)  # (B,)
+            has_key = keep.any(dim=1)  # (B',)
             # Fully masked items attend to everything (finite, discarded below).
-            safe = keep | ~has_key[:, None]  # (B, N)
+            safe = keep | ~has_key[:, None]  # (B', N')
             if bias is None:
                 mask = safe[:, None, None, :]  # bool: True = attend
             else:  # float: the position term, -inf at the masked keys
+                bias = bias.expand(items, heads, tokens, tokens)
                 mask = bias.masked_fill(~safe[:, None, None, :], float("-inf"))
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=cfg.scale
             )
             out = torch.where(has_key[:, None, None, None], out, out.new_zeros(()))
-        # out: (B, heads, N, dv) -> (B, N, heads, dv) -> (B, N, C)
-        out = out.transpose(1, 2).reshape(batch, n, channels)
+        # out: (B', heads, N', dv) -> (B', N', heads, dv) -> (B, H, W, C)
+        out = out.transpose(1, 2).reshape(items, tokens, channels)
+        if windows is not None:
+            out = windows.merge(out)
+        out = out.reshape(batch, n, channels)
         if self.output_norm is not None:
             out = self.output_norm(out)
         if self.output is not None:
@@ -618,7 +781,10 @@ def fused_block(
     SDPA as the bench measures it: the flash kernel on CPU when there is no
     position term ("rope" rotates q and k before it, the tables computed
     once), else "relative"'s term (gathered with the offset index, times the
-    scale) as its float `attn_mask`. No mask, no other encoding.
+    scale) as its float `attn_mask`. With Swin's windows, as timm's block: the
+    map rolled and cut into windows (a batch of B * nW), the per-head bias
+    gathered with the window's index plus the shift mask as `attn_mask`,
+    merged and rolled back. No mask, no other encoding.
     """
     block = _common.FusedBlock.of(config)
     params = {
@@ -640,18 +806,37 @@ def fused_block(
     rope = block.rope
     if rope is not None:
         tables = _sin_cos(_rope_angles(height, width, d, rope, torch.float32, "cpu"))
+    w, shift = block.window, block.shift
+    if w:
+        rows, cols = (torch.as_tensor(i) for i in block.bias_index())
+        shift_mask = torch.as_tensor(block.window_bias())[:, None]  # (nW, 1, Nw, Nw)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        t = x.reshape(b, n, channels)
+        if w:  # (B * nW, Nw, C) windows of the rolled map
+            t = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+            t = t.view(b, height // w, w, width // w, w, channels)
+            t = t.permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, channels)
+        else:
+            t = x.reshape(b, n, channels)
+        items, tokens = t.shape[0], t.shape[1]
 
-        def project(name: str) -> torch.Tensor:  # (B, N, C) -> (B, heads, N, d)
+        def project(name: str) -> torch.Tensor:  # (B', N', C) -> (B', heads, N', d)
             y = t @ params[f"{name}_kernel"] + params[f"{name}_bias"]
-            return y.reshape(b, n, heads, d).transpose(1, 2)
+            return y.reshape(items, tokens, heads, d).transpose(1, 2)
 
         q, k, v = project("query"), project("key"), project("value")
         if rope is not None:
             q, k = _rotate(q, tables, rope.layout), _rotate(k, tables, rope.layout)
+        if w:
+            bias = shift_mask.repeat(b, 1, 1, 1)  # (B * nW, 1, Nw, Nw)
+            if block.bias_table is not None:
+                table = params[block.bias_table][rows, cols].permute(2, 0, 1)
+                bias = bias + table  # (B * nW, heads, Nw, Nw)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+            out = out.transpose(1, 2).reshape(b, height // w, width // w, w, w, -1)
+            out = out.permute(0, 1, 3, 2, 4, 5).reshape(b, height, width, channels)
+            return torch.roll(out, shifts=(shift, shift), dims=(1, 2))
         bias = None
         if relative:
             q5 = q.reshape(b, heads, height, width, d)

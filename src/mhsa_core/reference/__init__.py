@@ -17,7 +17,10 @@ from mhsa_core.reference.forward import LAYER_ARGUMENTS as LAYER_ARGUMENTS
 from mhsa_core.reference.forward import mhsa_forward as mhsa_forward
 from mhsa_core.reference.forward import reference_config as reference_config
 from mhsa_core.reference.forward import rounded_forward as rounded_forward
+from mhsa_core.reference.forward import window_layout as window_layout
+from mhsa_core.reference.position import position_bias as position_bias
 from mhsa_core.reference.position import position_logits as position_logits
+from mhsa_core.reference.position import resize_bias_table as resize_bias_table
 from mhsa_core.reference.position import resize_table as resize_table
 from mhsa_core.reference.position import sinusoidal_embedding as sinusoidal_embedding
 from mhsa_core.reference.schema import POSITION_ENCODINGS as POSITION_ENCODINGS
@@ -41,6 +44,9 @@ __all__ = [
     "resize_table",
     "sinusoidal_embedding",
     "position_logits",
+    "position_bias",
+    "resize_bias_table",
+    "window_layout",
     "POSITION_ENCODINGS",
     "PRESETS",
     "schema",

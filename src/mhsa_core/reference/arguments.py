@@ -24,6 +24,10 @@ multiple of 4 (`check_key_dim`), and a `rope_*` argument that the encoding
 `check_channels` is the rule between the channels of an input and the config
 (divisible by `num_heads`, and by what the encoding needs), applied where the
 channels are first known: the layer's `build`, a native's constructor.
+`check_window` is the rule between `window_size`, `shift_size` and the
+encoding (a shift smaller than the window, no shift without windows, an
+encoding that can run inside windows), applied after the table's rules;
+`pair` gives a size argument as (height, width).
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ __all__ = [
     "check_channels",
     "check_key_dim",
     "check_rope",
+    "check_window",
     "invalid",
     "is_int",
     "one_of",
+    "pair",
 ]
 
 DATA_FORMATS = ("channels_last", "channels_first")
@@ -156,6 +162,30 @@ def _size(value: object) -> bool:
     )
 
 
+def _non_negative_int(value: object) -> bool:
+    return is_int(value) and bool(value >= 0)
+
+
+def _window(value: object) -> bool:
+    return _positive_int(value) or _size(value)
+
+
+def _shift(value: object) -> bool:
+    return _non_negative_int(value) or (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(_non_negative_int(n) for n in value)
+    )
+
+
+def pair(value: Any) -> tuple[int, int]:
+    """An int or a pair (a checked `window_size` / `shift_size`) as
+    (height, width) Python ints."""
+    if isinstance(value, (tuple, list)):
+        return (int(value[0]), int(value[1]))
+    return (int(value), int(value))
+
+
 # In the order the layer checks them (the first bad one is reported).
 ARGUMENTS: dict[str, Rule | _Lookup] = {
     "num_heads": Rule("a positive integer", _positive_int),
@@ -163,6 +193,13 @@ ARGUMENTS: dict[str, Rule | _Lookup] = {
     "position_encoding": _Lookup(schema.encoding),
     "position_size": Rule(
         "None or two positive integers (height, width)", _optional(_size)
+    ),
+    "window_size": Rule(
+        "None, a positive integer or two positive integers (height, width)",
+        _optional(_window),
+    ),
+    "shift_size": Rule(
+        "a non-negative integer or two non-negative integers (height, width)", _shift
     ),
     "scale_position_logits": Rule(
         "a boolean", lambda value: isinstance(value, (bool, np.bool_))
@@ -332,3 +369,37 @@ def check_channels(
         )
     else:
         check_key_dim(key_dim, position_encoding)
+
+
+def check_window(
+    window_size: Any, shift_size: Any = 0, position_encoding: str = "none"
+) -> None:
+    """ValueError unless the (individually valid) `window_size` and
+    `shift_size` fit together and with `position_encoding`: a shift needs
+    windows and is smaller than the window along each axis (Swin's cyclic
+    shift by the window or more is a shift by less, or none), and the
+    encoding can run inside windows (`schema.Encoding.refused_in_windows`)."""
+    shift = pair(shift_size)
+    if window_size is None:
+        if any(shift):
+            raise invalid(
+                "shift_size",
+                shift_size,
+                "0 without windows (window_size=None): the shift moves the windows",
+            )
+        return
+    window = pair(window_size)
+    if any(s >= w for s, w in zip(shift, window)):
+        raise invalid(
+            "shift_size",
+            shift_size,
+            f"values smaller than the window, window_size={window_size!r}, "
+            "along each axis",
+        )
+    refused = schema.encoding(position_encoding).refused_in_windows
+    if refused:
+        raise ValueError(
+            f"position_encoding={position_encoding!r} cannot run inside windows: "
+            f"{refused}. Received: position_encoding={position_encoding!r}, "
+            f"window_size={window_size!r}"
+        )

@@ -9,11 +9,20 @@ budget of a float32 backend (`mhsa_core.reference.budget`).
 Weights are the canonical dict of `mhsa_core.reference.schema`. With
 `scale_position_logits` (default) the logits are scale * (q_i . k_j +
 position term), else scale * q_i . k_j + position term; the position term is
-shared across heads. The options of timm's and EVA's attention act where
-timm's do: `qk_norm` on each head's q and k before the logits,
-`output_norm` on the merged heads and then `output_dense` (`norms.py`). A
-rotary encoding ("rope", "rope_mixed") rotates each head's (normed) q and k
-before the logits (`reference.position.rotate`).
+shared across heads (but for "relative_bias", a bias per head). The options
+of timm's and EVA's attention act where timm's do: `qk_norm` on each head's q
+and k before the logits, `output_norm` on the merged heads and then
+`output_dense` (`norms.py`). A rotary encoding ("rope", "rope_mixed") rotates
+each head's (normed) q and k before the logits (`reference.position.rotate`),
+by the angles of the token's place in the map (with windows too).
+
+Windows (`window_size`, `shift_size`; Swin): attention within windows of the
+map, `window_layout` says which token sits in which window slot: the map
+cyclically shifted by -shift, padded at the bottom and right to whole
+windows, cut into windows (row-major); the shift dropped along an axis that
+fits in one window. Padding slots are keys of probability 0; keys of another
+region of the shift (`window_layout`'s regions) get `schema.SHIFT_MASK_LOGIT`
+(-100). Without windows the whole map is one window.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from mhsa_core.reference.position import (
     Matmul,
     Store,
     dense,
+    position_bias,
     position_logits,
     relu,
     rotate,
@@ -41,6 +51,7 @@ from mhsa_core.reference.position import (
 
 __all__ = [
     "mhsa_forward",
+    "window_layout",
     "rounded_forward",
     "reference_config",
     "ACTIVATIONS",
@@ -65,6 +76,8 @@ LAYER_ARGUMENTS = (
     "norm_epsilon",
     "position_size",
     *schema.ROPE_DEFAULTS,
+    "window_size",
+    "shift_size",
 )
 
 
@@ -94,6 +107,55 @@ ACTIVATIONS: dict[str | None, Callable[[np.ndarray], np.ndarray]] = {
     "silu": lambda x: x * _sigmoid(x),
     "swish": lambda x: x * _sigmoid(x),
 }
+
+
+def window_layout(
+    height: int,
+    width: int,
+    window_size: int | tuple[int, int] | None = None,
+    shift_size: int | tuple[int, int] = 0,
+) -> tuple[tuple[int, int], list[list[int]], list[list[int]]]:
+    """Which token of an H x W map sits in which slot of which window.
+
+    Returns:
+        `(extent, windows, regions)`: extent (wh, ww), the window's size (the
+        map's without windows); windows: one list per window of wh * ww token
+        indices (row-major over the map) or -1 for a padding slot, slots
+        row-major over the window, windows row-major over the padded,
+        shifted map; regions: the shift region of each slot (-1 padding),
+        2 * (y < sh) + (x < sw) for the token at (y, x): the first sh rows
+        (sw columns) of the map are the ones the shift by -sh wrapped to the
+        bottom (right), which are no neighbours of the rows they land by.
+
+    The shift along an axis is dropped when the map fits in one window along
+    it (H <= wh), as timm's Swin does (one window, nothing to shift).
+    """
+    if window_size is None:
+        n = height * width
+        return (height, width), [list(range(n))], [[0] * n]
+    wh, ww = arguments.pair(window_size)
+    sh, sw = arguments.pair(shift_size)
+    sh = 0 if height <= wh else sh
+    sw = 0 if width <= ww else sw
+    rows_of_windows = -(-height // wh)
+    cols_of_windows = -(-width // ww)
+    windows, regions = [], []
+    for wy in range(rows_of_windows):
+        for wx in range(cols_of_windows):
+            slots, labels = [], []
+            for r in range(wh):
+                for c in range(ww):
+                    gy, gx = wy * wh + r, wx * ww + c  # in the shifted map
+                    if gy >= height or gx >= width:
+                        slots.append(-1)
+                        labels.append(-1)
+                        continue
+                    y, x = (gy + sh) % height, (gx + sw) % width  # in the map
+                    slots.append(y * width + x)
+                    labels.append(2 * int(y < sh) + int(x < sw))
+            windows.append(slots)
+            regions.append(labels)
+    return (wh, ww), windows, regions
 
 
 def _matmul_sequential(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -134,6 +196,8 @@ def mhsa_forward(
     rope_grid_offset: float = ...,
     rope_in_pixels: bool = ...,
     rope_max_resolution: float = ...,
+    window_size: int | tuple[int, int] | None = ...,
+    shift_size: int | tuple[int, int] = ...,
     attention_mask: ArrayLike | None = ...,
     return_attention_scores: Literal[False] = ...,
     dtype: FloatType = ...,
@@ -166,6 +230,8 @@ def mhsa_forward(
     rope_grid_offset: float = ...,
     rope_in_pixels: bool = ...,
     rope_max_resolution: float = ...,
+    window_size: int | tuple[int, int] | None = ...,
+    shift_size: int | tuple[int, int] = ...,
     attention_mask: ArrayLike | None = ...,
     return_attention_scores: Literal[True],
     dtype: FloatType = ...,
@@ -198,6 +264,8 @@ def mhsa_forward(
     rope_grid_offset: float = ...,
     rope_in_pixels: bool = ...,
     rope_max_resolution: float = ...,
+    window_size: int | tuple[int, int] | None = ...,
+    shift_size: int | tuple[int, int] = ...,
     attention_mask: ArrayLike | None = ...,
     return_attention_scores: bool,
     dtype: FloatType = ...,
@@ -229,6 +297,8 @@ def mhsa_forward(
     rope_grid_offset: float = 0.0,
     rope_in_pixels: bool = False,
     rope_max_resolution: float = 224,
+    window_size: int | tuple[int, int] | None = None,
+    shift_size: int | tuple[int, int] = 0,
     attention_mask: ArrayLike | None = None,
     return_attention_scores: bool = False,
     dtype: FloatType = np.float64,
@@ -269,6 +339,10 @@ def mhsa_forward(
         rope_grid_offset: as the layer's.
         rope_in_pixels: as the layer's.
         rope_max_resolution: as the layer's.
+        window_size: as the layer's: None (global attention) or (wh, ww)
+            (an int: square); see `window_layout`.
+        shift_size: as the layer's (an int or (sh, sw), smaller than the
+            window).
         attention_mask: optional bool (B, H, W); True = may be attended to.
         dtype: the float dtype of every intermediate (float64 for the oracle,
             float32 for the float32 error budget).
@@ -288,7 +362,8 @@ def mhsa_forward(
 
     Returns:
         The output in the layout of `x`, and with `return_attention_scores`
-        also the attention probabilities (B, num_heads, N, N), N = H*W.
+        also the attention probabilities (B, num_heads, N, N), N = H*W
+        (with windows: zero between tokens of different windows).
     """
     inputs = np.asarray(x).astype(dtype)
     if data_format == "channels_first":
@@ -374,39 +449,65 @@ def mhsa_forward(
     else:
         keep = np.asarray(attention_mask, dtype=bool).reshape(batch, n)
 
-    # Step 5: attention, per batch item and head.
+    # Step 5: attention, per window, batch item and head; a rotary encoding
+    # first rotates each head's q and k by the angles of their tokens' places
+    # in the map.
+    if angles is not None and settings is not None:
+        q, k = q.copy(), k.copy()
+        for h in range(num_heads):
+            qs = slice(h * key_dim, (h + 1) * key_dim)
+            head_angles = angles[h % angles.shape[0]]  # (N, kd / 2)
+            for b in range(batch):
+                q[b, :, qs] = rotate(q[b, :, qs], head_angles, settings.layout)
+                k[b, :, qs] = rotate(k[b, :, qs], head_angles, settings.layout)
+    arguments.check_window(window_size, shift_size, position_encoding)
+    (eh, ew), windows, regions = window_layout(height, width, window_size, shift_size)
+    # A term of no query ("relative_bias"), per head, at the window's size.
+    biases = position_bias(weights, position_encoding, eh, ew, dtype)
+
     out = np.zeros((batch, n, channels), dtype=dtype)
     scores = np.zeros((batch, num_heads, n, n), dtype=dtype)
-    for b in range(batch):
-        valid = keep[b]
-        for h in range(num_heads):
-            qh = q[b, :, h * key_dim : (h + 1) * key_dim]  # (N, kd)
-            kh = k[b, :, h * key_dim : (h + 1) * key_dim]  # (N, kd)
-            vh = v[b, :, h * head_dim : (h + 1) * head_dim]  # (N, dv)
-            if angles is not None and settings is not None:
-                head_angles = angles[h % angles.shape[0]]  # (N, kd / 2)
-                qh = rotate(qh, head_angles, settings.layout)
-                kh = rotate(kh, head_angles, settings.layout)
-            if not valid.any():
-                # Every key masked: probabilities and output are zero.
-                continue
-            logits = matmul(qh, kh.T)  # (N, N)
-            pos = position_logits(
-                qh, weights, position_encoding, height, width, dtype, matmul
-            )
-            if pos is None:
-                logits = dtype(scale) * logits
-            elif scale_position_logits:
-                logits = dtype(scale) * (logits + pos)
-            else:
-                logits = dtype(scale) * logits + pos
-            logits = logits[:, valid]  # only the keys that may be attended to
-            e = np.exp(logits - logits.max(axis=1, keepdims=True))
-            p = e / e.sum(axis=1, keepdims=True)
-            scores[b, h][:, valid] = p
-            out[b, :, h * head_dim : (h + 1) * head_dim] = store(
-                matmul(store(p), vh[valid])
-            )
+    for slots, labels in zip(windows, regions):
+        slots_a = np.asarray(slots)
+        real = slots_a >= 0  # padding slots: no token
+        tokens = np.where(real, slots_a, 0)
+        # Keys of another shift region: the shift mask (0 within a region).
+        region = np.asarray(labels)
+        shift_mask = np.where(
+            region[:, None] == region[None, :], 0.0, schema.SHIFT_MASK_LOGIT
+        ).astype(dtype)
+        for b in range(batch):
+            valid = real & keep[b, tokens]
+            for h in range(num_heads):
+                qs = slice(h * key_dim, (h + 1) * key_dim)
+                vs = slice(h * head_dim, (h + 1) * head_dim)
+                # (Nw, kd), padding slots zero (their rows and keys are unused)
+                qh = np.where(real[:, None], q[b, tokens, qs], 0).astype(dtype)
+                kh = np.where(real[:, None], k[b, tokens, qs], 0).astype(dtype)
+                vh = np.where(real[:, None], v[b, tokens, vs], 0).astype(dtype)
+                if not valid.any():
+                    # Every key masked: probabilities and output are zero.
+                    continue
+                logits = matmul(qh, kh.T)  # (Nw, Nw)
+                pos = position_logits(
+                    qh, weights, position_encoding, eh, ew, dtype, matmul
+                )
+                if biases is not None:
+                    pos = biases[h]
+                if pos is None:
+                    logits = dtype(scale) * logits
+                elif scale_position_logits:
+                    logits = dtype(scale) * (logits + pos)
+                else:
+                    logits = dtype(scale) * logits + pos
+                if window_size is not None:
+                    logits = logits + shift_mask
+                logits = logits[:, valid]  # only the keys that may be attended to
+                e = np.exp(logits - logits.max(axis=1, keepdims=True))
+                p = e / e.sum(axis=1, keepdims=True)  # (Nw, valid keys)
+                rows = tokens[real]
+                scores[b, h][np.ix_(rows, tokens[valid])] = p[real]
+                out[b, rows, vs] = store(matmul(store(p), vh[valid]))[real]
 
     # Step 6: the merged heads (B, N, C), normed and projected. (A fully
     # masked item's zeros become what they give: the bias terms.)

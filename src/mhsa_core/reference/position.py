@@ -16,6 +16,14 @@ query and j a key:
   of the token's (y, x) before the logits (`rotation_angles`, `rotate`), as
   timm's `RotaryEmbeddingCat` / `RotaryEmbeddingMixed` and
   `apply_rot_embed_cat`.
+- "relative_bias" (Swin), a term of no query (`LOGIT_BIASES`): logits(i, j)
+  += B[y_i - y_j + H - 1, x_i - x_j + W - 1, head] (query minus key, Swin's
+  convention, the opposite of "relative"'s), the per-head table
+  resized to (2H - 1, 2W - 1) by timm's rule for Swin's pretrained tables
+  (`resize_bias_table`: BEiT's geometric spacing, linear interpolation).
+
+With windows (`window_size`), H and W here are the window's, but for the
+rotary encodings: their angles are of the token's place in the map.
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ from mhsa_core.reference import schema
 
 __all__ = [
     "resize_table",
+    "geometric_offsets",
+    "resize_bias_table",
+    "position_bias",
+    "LOGIT_BIASES",
     "sinusoidal_embedding",
     "position_logits",
     "token_term",
@@ -81,6 +93,92 @@ def resize_table(
         i1 = min(i0 + 1, rows - 1)
         f = dtype(s - i0)
         out[t] = (dtype(1) - f) * table[i0] + f * table[i1]
+    return out
+
+
+def geometric_offsets(src_rows: int, dst_rows: int) -> list[float]:
+    """Where the offsets of a table of `src_rows` rows sit on the axis of a
+    table of `dst_rows` rows, in timm's (BEiT's) rule for resizing relative
+    position bias tables (`timm.layers.pos_embed_rel.resize_rel_pos_bias_table`,
+    its `_calc`), written as timm writes it, in Python floats.
+
+    With n = src_rows // 2 and m = dst_rows // 2, offsets 0, +-1, ..., +-n sit
+    at 0, +-1, +-(1 + q), +-(1 + q + q^2), ... (a geometric progression): the
+    ratio q in [1.01, 1.5] is found by bisection (to an interval of 1e-6) so
+    that 1 + q + ... + q^(n-1) lands at about m, the new table's largest
+    offset. Near offsets keep their spacing, far ones stretch. Without room to
+    stretch (m <= n) q stays at about 1.01: a near-identity that crops.
+    """
+
+    def geometric_progression(a: float, r: float, n: int) -> float:
+        return a * (1.0 - r**n) / (1.0 - r)
+
+    left, right = 1.01, 1.5
+    q = left
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        gp = geometric_progression(1, q, src_rows // 2)
+        if gp > dst_rows // 2:
+            right = q
+        else:
+            left = q
+    dis: list[float] = []
+    cur = 1.0
+    for i in range(src_rows // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    return [-d for d in reversed(dis)] + [0.0] + dis
+
+
+def _interval(points: list[float], t: float) -> tuple[int, int, float, float]:
+    """(i0, i1, w0, w1): t as w0 * points[i0] + w1 * points[i1], linear
+    between neighbours, the end point beyond either end."""
+    if t <= points[0]:
+        return 0, 0, 1.0, 0.0
+    if t >= points[-1]:
+        last = len(points) - 1
+        return last, last, 1.0, 0.0
+    i = max(k for k, p in enumerate(points) if p <= t)
+    if points[i] == t:
+        return i, i, 1.0, 0.0
+    f = (t - points[i]) / (points[i + 1] - points[i])
+    return i, i + 1, 1.0 - f, f
+
+
+def resize_bias_table(
+    table: ArrayLike, rows_h: int, rows_w: int, dtype: FloatType = np.float64
+) -> np.ndarray:
+    """A per-head bias table (S_h, S_w, heads) resized to (rows_h, rows_w, heads)
+    by timm's rule for Swin's pretrained tables (`resize_rel_pos_bias_table`,
+    after BEiT; without scipy).
+
+    Unchanged (bit for bit) when the size is the same along both axes.
+    Otherwise, along each axis, the source offsets sit at
+    `geometric_offsets(S, rows)` and the new table's integer offsets
+    -(rows // 2)..rows // 2 read the source by linear interpolation between
+    the two neighbouring offsets (bilinear over both axes; the end row
+    beyond either end), like timm's `RegularGridInterpolator`. As timm, both
+    axes are respaced once either changes (an axis of unchanged size moves
+    by about 1% per offset: q stays at 1.01). The weights are Python floats;
+    the products and sums are in `dtype`.
+    """
+    table = np.asarray(table).astype(dtype)
+    src_h, src_w, heads = table.shape
+    if (src_h, src_w) == (rows_h, rows_w):
+        return table
+    ys = geometric_offsets(src_h, rows_h)
+    xs = geometric_offsets(src_w, rows_w)
+    out = np.zeros((rows_h, rows_w, heads), dtype=dtype)
+    for a in range(rows_h):
+        i0, i1, wy0, wy1 = _interval(ys, float(a - rows_h // 2))
+        for b in range(rows_w):
+            j0, j1, wx0, wx1 = _interval(xs, float(b - rows_w // 2))
+            out[a, b] = (
+                dtype(wy0 * wx0) * table[i0, j0]
+                + dtype(wy0 * wx1) * table[i0, j1]
+                + dtype(wy1 * wx0) * table[i1, j0]
+                + dtype(wy1 * wx1) * table[i1, j1]
+            )
     return out
 
 
@@ -198,6 +296,42 @@ KEY_EMBEDDINGS: dict[
 ] = {"relative": _relative_embedding, "absolute": _absolute_embedding}
 
 
+def _relative_bias(
+    weights: Weights, height: int, width: int, dtype: FloatType
+) -> np.ndarray:
+    (name,) = schema.table_names("relative_bias")
+    table = resize_bias_table(weights[name], 2 * height - 1, 2 * width - 1, dtype)
+    n = height * width
+    out = np.zeros((table.shape[-1], n, n), dtype=dtype)
+    for i in range(n):
+        yi, xi = divmod(i, width)
+        for j in range(n):
+            yj, xj = divmod(j, width)
+            # Query minus key, as Swin's relative_position_index.
+            out[:, i, j] = table[yi - yj + height - 1, xi - xj + width - 1]
+    return out
+
+
+# name -> f(weights, H, W, dtype) -> (heads, N, N): a logits term that does not
+# depend on the query (a learned bias per head and offset).
+LOGIT_BIASES: dict[str, Callable[[Weights, int, int, FloatType], np.ndarray]] = {
+    "relative_bias": _relative_bias
+}
+
+
+def position_bias(
+    weights: Weights,
+    position_encoding: str,
+    height: int,
+    width: int,
+    dtype: FloatType = np.float64,
+) -> np.ndarray | None:
+    """The position term that does not depend on the query, (heads, N, N) for
+    N = height * width row-major, or None ("relative_bias" has one)."""
+    term = LOGIT_BIASES.get(position_encoding)
+    return None if term is None else term(weights, height, width, dtype)
+
+
 def token_term(
     t: np.ndarray,
     weights: Weights,
@@ -230,8 +364,8 @@ def position_logits(
         position_encoding: a "logits" stage encoding gives a term; others None.
     """
     spec = schema.encoding(position_encoding)
-    if spec.stage != "logits":
-        return None
+    if position_encoding not in KEY_EMBEDDINGS:
+        return None  # no term, a tokens term, or one of no query (`position_bias`)
     tables = [
         resize_table(weights[name], spec.table_rows(n), dtype)
         for name, n in zip(schema.table_names(position_encoding), (height, width))

@@ -21,6 +21,7 @@ Canonical weight dict (biases only with `use_bias`; key_bias only with
     value_kernel    (C, C)          value_bias (C,)
     relative_height (2*Hr - 1, kd)  relative_width (2*Wr - 1, kd)   # "relative" only
     absolute_height (Hr, kd)        absolute_width (Wr, kd)         # "absolute" only
+    relative_bias_table (2*Hr - 1, 2*Wr - 1, heads)       # "relative_bias" only
     rope_frequencies (2, heads, kd / 2)                             # "rope_mixed" only
     query_norm_scale (kd,)          query_norm_bias (kd,)    # qk_norm ("layer": bias)
     key_norm_scale   (kd,)          key_norm_bias   (kd,)    # qk_norm ("layer": bias)
@@ -28,11 +29,12 @@ Canonical weight dict (biases only with `use_bias`; key_bias only with
     output_kernel   (C, C)          output_bias (C,)         # output_dense
 
 (Hr, Wr) is the reference size of the learned tables (the layer's
-`position_size`). The norms' weights are one per channel of a head, shared by
-the heads (timm's `q_norm` / `k_norm`), and have no bias for "rms" (timm's
-RmsNorm has none); their bias does not follow `use_bias`. The rotary
-encodings ("rope", "rope_mixed") act on q and k (stage "qk"); their settings
-are the layer's `rope_*` arguments, resolved by `rope_settings`.
+`position_size`; with windows it defaults to the window). The norms' weights
+are one per channel of a head, shared by the heads (timm's `q_norm` /
+`k_norm`), and have no bias for "rms" (timm's RmsNorm has none); their bias
+does not follow `use_bias`. The rotary encodings ("rope", "rope_mixed") act on
+q and k (stage "qk"); their settings are the layer's `rope_*` arguments,
+resolved by `rope_settings`.
 """
 
 from __future__ import annotations
@@ -64,12 +66,14 @@ __all__ = [
     "option_weight_shapes",
     "table_names",
     "table_shapes",
+    "position_size_of_table",
     "weight_shapes",
     "random_weights",
     "weight_arguments",
     "table_stddev",
     "logits_dtype",
     "preset",
+    "SHIFT_MASK_LOGIT",
 ]
 
 
@@ -159,6 +163,15 @@ class Encoding:
             kd / 2) (a "qk" stage weight, created after the projections), or
             None.
         summary: one line for errors and docs.
+        per_head_table: the learned weights are one table of per-head logit
+            biases, `{tables}_table` (rows(Hr), rows(Wr), heads) indexed by
+            the (row, column) offset of key from query (Swin's relative
+            position bias), instead of a height and a width table of
+            (rows(n), key_dim).
+        init_stddev: the default initializer's standard deviation of the
+            tables (normal); None: 1 / sqrt(key_dim) (`table_stddev`).
+        refused_in_windows: why the encoding cannot run inside windows
+            (`window_size`), or "" when it can.
     """
 
     name: str
@@ -172,6 +185,9 @@ class Encoding:
     reference_grid: bool = False
     frequencies: str | None = None
     summary: str = ""
+    per_head_table: bool = False
+    init_stddev: float | None = None
+    refused_in_windows: str = ""
 
     @property
     def learned_tables(self) -> bool:
@@ -227,6 +243,24 @@ ENCODINGS: dict[str, Encoding] = {
             summary=(
                 "learned factorized row and column embeddings of the key, in the logits"
             ),
+            refused_in_windows=(
+                "it embeds the key's own row and column; inside a window that "
+                "would be the key's place in its window, which says nothing of "
+                "its place in the map and changes with the shift. Use "
+                "'relative_bias' or 'relative' (offsets within the window), or a "
+                "'tokens' encoding ('sinusoidal'), which sees the whole map"
+            ),
+        ),
+        Encoding(
+            "relative_bias",
+            "logits",
+            tables="relative_bias",
+            rows=lambda n: 2 * n - 1,
+            per_head_table=True,
+            # timm's Swin: trunc_normal_(std=.02) (truncated at +-2, i.e.
+            # 100 standard deviations: a normal).
+            init_stddev=0.02,
+            summary="Swin's learned per-head bias of the (row, column) offset",
         ),
         Encoding(
             "rope",
@@ -286,16 +320,24 @@ def encoding(name: str) -> Encoding:
     return ENCODINGS[name]
 
 
-def table_names(name: str) -> tuple[str, str]:
-    """(height table, width table) names of a learned encoding."""
-    prefix = encoding(name).tables
-    return (f"{prefix}_height", f"{prefix}_width")
+def table_names(name: str) -> tuple[str, ...]:
+    """The learned tables' names: (height table, width table), or the one
+    per-head bias table of "relative_bias"."""
+    spec = encoding(name)
+    if spec.per_head_table:
+        return (f"{spec.tables}_table",)
+    return (f"{spec.tables}_height", f"{spec.tables}_width")
 
 
 def table_shapes(
-    name: str, position_size: Sequence[int] | None, key_dim: int
-) -> dict[str, tuple[int, int]]:
-    """{table name: shape} of a learned encoding at reference size (Hr, Wr)."""
+    name: str,
+    position_size: Sequence[int] | None,
+    key_dim: int,
+    num_heads: int = 1,
+) -> dict[str, tuple[int, ...]]:
+    """{table name: shape} of a learned encoding at reference size (Hr, Wr):
+    (rows(Hr), key_dim) and (rows(Wr), key_dim), or (rows(Hr), rows(Wr),
+    num_heads) for a per-head bias table."""
     spec = encoding(name)
     if not spec.learned_tables:
         return {}
@@ -304,6 +346,9 @@ def table_shapes(
             f"position_encoding={name!r} has learned tables: pass "
             "position_size=(Hr, Wr). Received: position_size=None"
         )
+    if spec.per_head_table:
+        rows = tuple(spec.table_rows(int(n)) for n in position_size)
+        return {table_names(name)[0]: (*rows, int(num_heads))}
     return {
         table: (spec.table_rows(int(n)), int(key_dim))
         for table, n in zip(table_names(name), position_size)
@@ -382,6 +427,16 @@ def rope_settings(
     )
 
 
+def position_size_of_table(name: str, shape: Sequence[int]) -> tuple[int, ...] | None:
+    """(Hr, Wr) of a per-head bias table of `shape` (rows(Hr), rows(Wr),
+    heads), or None if no reference size gives those rows (an even count)."""
+    spec = encoding(name)
+    if len(shape) != 3:
+        return None
+    size = [spec.size_for_rows(int(rows)) for rows in shape[:2]]
+    return tuple(n for n in size if n is not None) if None not in size else None
+
+
 def weight_shapes(
     channels: int,
     num_heads: int = 1,
@@ -418,7 +473,7 @@ def weight_shapes(
         shapes[f"{name}_kernel"] = (channels, width)
         if biases[name]:
             shapes[f"{name}_bias"] = (width,)
-    shapes.update(table_shapes(position_encoding, position_size, key_dim))
+    shapes.update(table_shapes(position_encoding, position_size, key_dim, num_heads))
     if spec.frequencies is not None:
         shapes[spec.frequencies] = (2, num_heads, key_dim // 2)
     shapes.update(
@@ -433,11 +488,6 @@ def weight_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
     """The `WEIGHT_ARGUMENTS` a layer config states (for `weight_shapes` /
     `random_weights` after the channels)."""
     return {k: config[k] for k in WEIGHT_ARGUMENTS if k in config}
-
-
-def table_stddev(key_dim: int) -> float:
-    """BoTNet's (and timm's) initial standard deviation of the position tables."""
-    return 1.0 / math.sqrt(key_dim)
 
 
 def rope_mixed_frequencies(
@@ -457,6 +507,23 @@ def rope_mixed_frequencies(
     return np.stack([fx, fy])  # (2, heads, kd / 2)
 
 
+def table_stddev(key_dim: int, position_encoding: str | None = None) -> float:
+    """The default initial standard deviation of a position table: BoTNet's
+    (and timm's) 1 / sqrt(key_dim), or the encoding's own `init_stddev`
+    (timm's 0.02 for Swin's "relative_bias")."""
+    if position_encoding is not None:
+        stddev = encoding(position_encoding).init_stddev
+        if stddev is not None:
+            return stddev
+    return 1.0 / math.sqrt(key_dim)
+
+
+# The spread of a per-head bias table in `random_weights`: trained Swin
+# tables reach several units, so that the bias moves the softmax as much as
+# q.k does (a 0.02 table would hide a wrong offset in round-off).
+RANDOM_BIAS_STDDEV = 1.0
+
+
 def random_weights(
     channels: int,
     num_heads: int = 1,
@@ -472,10 +539,11 @@ def random_weights(
     output_norm: str | None = None,
     output_dense: bool = False,
 ) -> dict[str, np.ndarray]:
-    """He-normal kernels, small random biases, N(0, 1/key_dim) position tables,
-    RoPE-Mixed's initial frequencies (a random angle per head), norm scales
-    N(1, 0.2^2), drawn with NumPy (in creation order, so the weights that an
-    option adds at the end leave the others' draws as they were).
+    """He-normal kernels, small random biases, N(0, 1/key_dim) position tables
+    (N(0, `RANDOM_BIAS_STDDEV`) per-head bias tables), RoPE-Mixed's initial
+    frequencies (a random angle per head), norm scales N(1, 0.2^2), drawn with
+    NumPy (in creation order, so the weights that an option adds at the end
+    leave the others' draws as they were).
 
     Cross-backend comparisons always inject these: the same Keras seed gives
     different initial values on each backend.
@@ -506,7 +574,9 @@ def random_weights(
                 shape[1], 2 * shape[2], angles, spec.rotary.temperature
             ).astype(dtype)
             continue
-        if name in tables:
+        if name in tables and encoding(position_encoding).per_head_table:
+            std = RANDOM_BIAS_STDDEV
+        elif name in tables:
             std = table_stddev(shape[1])
         elif name.endswith("kernel"):
             std = math.sqrt(2.0 / shape[0])
@@ -519,6 +589,12 @@ def random_weights(
             values = 1.0 + values  # around the norms' initial scale, 1
         out[name] = values.astype(dtype)
     return out
+
+
+# What Swin's shifted-window mask adds to the logits of a query and a key of
+# two regions that the cyclic shift put in one window (timm's
+# `get_attn_mask`): -100, not -inf, as the checkpoints were trained with it.
+SHIFT_MASK_LOGIT = -100.0
 
 
 def logits_dtype(dtype: str) -> str:

@@ -12,6 +12,8 @@
 A rotary encoding's q and k arrive already rotated (the layer calls
 `PositionEncoding.rotate` before `attend`): every path takes them as they are,
 and the chunked path's loop never recomputes the rotation.
+Windows (`windows.py`, Swin) come before it: the layer hands `attend` the
+windows as batch items, with their masks and shift regions.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mhsa_core.layers.attention import choice
 from mhsa_core.layers.attention.chunked import chunked_attention
 from mhsa_core.layers.attention.full import dot_product_attention, logits_dtype
 from mhsa_core.layers.attention.fused import fused_attention
+from mhsa_core.reference import schema
 
 if TYPE_CHECKING:
     from mhsa_core.layers.position.base import PositionEncoding
@@ -49,6 +52,7 @@ def attend(
     return_attention_scores: bool = False,
     implementation: str = "auto",
     chunk_size: int | Tensor | None = None,
+    regions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Softmax attention of every query over the keys, per head, by one path.
 
@@ -66,6 +70,9 @@ def attend(
             `attention_implementation`); `choice.resolve` says which path runs.
         chunk_size: queries per chunk of the chunked path, None for the
             default (`choice.default_chunk_size`).
+        regions: optional int (B, N): Swin's shift region of each token (the
+            batch axis holds windows); logits between tokens of two regions
+            get `schema.SHIFT_MASK_LOGIT` (-100), on every path.
 
     Returns:
         `(outputs, scores)`: outputs (B, heads, N, dv) in the dtype of
@@ -82,18 +89,28 @@ def attend(
         position=position,
         scores=return_attention_scores,
         dropout=bool(training) and dropout > 0.0,
+        bias=position.bias_term or regions is not None,
     )
 
-    def full() -> tuple[Tensor, Tensor]:
+    def position_bias() -> Tensor | None:
+        """The position term of the logits (times its scale), (B or 1,
+        heads, N, N), or None."""
         bias = position.logits_bias(ops.cast(query, softmax_dtype), height, width)
         if bias is not None and position_scale != 1.0:
             bias = bias * ops.convert_to_tensor(position_scale, dtype=softmax_dtype)
+        return bias
+
+    def shift_mask() -> Tensor | None:  # (B, 1, N, N)
+        return None if regions is None else _shift_mask(regions, softmax_dtype)
+
+    def full() -> tuple[Tensor, Tensor]:
         return dot_product_attention(
             query,
             key,
             value,
             scale=scale,
-            logits_bias=bias,
+            logits_bias=position_bias(),
+            logits_mask=shift_mask(),
             key_mask=key_mask,
             dropout=dropout,
             training=training,
@@ -103,12 +120,19 @@ def attend(
     if path == choice.FULL:
         return full()
     if path == choice.FUSED:
+        # A term of no query ("relative_bias") and the shift mask: the
+        # kernel's one additive bias (a term folded into the keys is not).
+        bias = position_bias() if position.bias_term else None
+        mask = shift_mask()
+        if mask is not None:
+            bias = mask if bias is None else bias + mask
         return fused_attention(
             query,
             _keys_with_term(key, position, position_scale / scale, height, width),
             value,
             scale=scale,
             key_mask=key_mask,
+            bias=bias,
         ), None
 
     def chunked() -> Tensor:
@@ -121,12 +145,18 @@ def attend(
             width,
         )
         tables: tuple[Tensor, ...] = ()
+        head_tables: tuple[Tensor, ...] = ()
         row_bias = None
         if not position.folds_into_keys:
             tables = position.row_tables(height, width, softmax_dtype)
             if tables:
                 factor = ops.convert_to_tensor(position_scale, dtype=softmax_dtype)
                 tables, row_bias = tuple(t * factor for t in tables), position.row_bias
+        if position.row_tables_per_head:
+            # (heads, ...) -> (B * heads, ...), batch major like the chunks.
+            batch = ops.shape(query)[0]
+            head_tables = tuple(_per_item(t, batch) for t in tables)
+            tables = ()
         size = chunk_size if chunk_size is not None else choice.default_chunk_size(n)
         return chunked_attention(
             q,
@@ -138,6 +168,13 @@ def attend(
             row_bias=row_bias,
             tables=tables,
             per_head=choice.chunk_per_head(),
+            head_tables=head_tables,
+            regions=regions,
+            region_logit=(
+                None
+                if regions is None
+                else ops.convert_to_tensor(schema.SHIFT_MASK_LOGIT, dtype=softmax_dtype)
+            ),
         )
 
     if path == choice.CHUNKED:
@@ -146,6 +183,26 @@ def attend(
     # dynamic H, W): the full path for small maps, chunked above.
     out = ops.cond(n <= choice.FULL_MAX_TOKENS, lambda: full()[0], chunked)
     return out, None
+
+
+def _shift_mask(regions: Tensor, dtype: str) -> Tensor:
+    """(B, N) region labels -> (B, 1, N, N): 0 within a region, the
+    shift-mask logit (-100) across two."""
+    same = ops.equal(ops.expand_dims(regions, 2), ops.expand_dims(regions, 1))
+    mask = ops.where(
+        same,
+        ops.zeros((), dtype=dtype),
+        ops.convert_to_tensor(schema.SHIFT_MASK_LOGIT, dtype=dtype),
+    )
+    return ops.expand_dims(mask, 1)
+
+
+def _per_item(table: Tensor, batch: int | Tensor) -> Tensor:
+    """(heads, ...) -> (batch * heads, ...): the per-head table of every
+    (batch item, head) pair, batch major."""
+    tiled = ops.repeat(ops.expand_dims(table, 0), batch, axis=0)
+    shape = ops.shape(table)
+    return ops.reshape(tiled, (batch * shape[0], *shape[1:]))
 
 
 def _keys_with_term(

@@ -12,11 +12,15 @@
   the layer is made or built, not a fallback. A rotation of q and k
   ("rope", "rope_mixed") is no misfit: the layer rotates them before any
   path runs (`PositionEncoding.rotate`), so every path, the fused kernels
-  included, takes the rotated q and k.
+  included, takes the rotated q and k. A bias of no query ("relative_bias")
+  and Swin's shift mask are the fused kernels' additive bias (`fused.py`).
 - "auto": the full path for maps of at most `FULL_MAX_TOKENS` tokens (it is
   near each backend's matmul ceiling there and the only one with scores),
-  else fused where it is supported and the backend's kernel is the fast one
-  (`FUSED_FAST_BACKENDS`), else chunked. When N is known only at run time
+  else fused where it is supported, the backend's kernel is the fast one
+  (`FUSED_FAST_BACKENDS`) and the call needs no additive bias (a
+  (B, heads, N, N) bias is the memory the other paths avoid; SDPA's flash
+  kernel takes none), else chunked. With windows N is the window's tokens
+  (49 for Swin's 7x7): the full path, per window. When N is known only at run time
   (a TensorFlow graph with dynamic H and W), the choice between full and
   chunked is made then, by `ops.cond`; when N is symbolic on JAX
   (`jax.export`'s shape polymorphism, as in Keras's exports from JAX), the
@@ -88,10 +92,15 @@ def fused_misfit(
 
     Only a logits term that depends on the query's position misfits: a
     "tokens" encoding acts before the projections, a "qk" encoding (rope)
-    rotates q and k before the attention, and a term q_i . e_j folds into
-    the keys (`PositionEncoding.key_term`).
+    rotates q and k before the attention, a term q_i . e_j folds into the
+    keys (`PositionEncoding.key_term`), and a bias of no query
+    ("relative_bias") is the kernels' additive bias.
     """
-    if position.spec.stage == "logits" and not position.folds_into_keys:
+    if (
+        position.spec.stage == "logits"
+        and not position.folds_into_keys
+        and not position.bias_term
+    ):
         return (
             f"position_encoding={position.name!r} adds a term that depends on "
             "the query's position, which the fused kernels cannot take"
@@ -114,9 +123,11 @@ def resolve(
     position: PositionEncoding,
     scores: bool,
     dropout: bool,
+    bias: bool = False,
 ) -> str:
     """The path of one call: FULL, CHUNKED, FUSED or BY_SIZE (N dynamic),
-    after any active `fallback`."""
+    after any active `fallback`. `bias`: whether the call has an additive
+    (heads, N, N) term (a bias encoding, Swin's shift mask)."""
     path = _fall_back(
         _rule(
             implementation,
@@ -127,6 +138,7 @@ def resolve(
             position=position,
             scores=scores,
             dropout=dropout,
+            bias=bias,
         )
     )
     if path == CHUNKED and _symbolic_on_jax(n):
@@ -161,6 +173,7 @@ def _rule(
     position: PositionEncoding,
     scores: bool,
     dropout: bool,
+    bias: bool = False,
 ) -> str:
     if scores or dropout or implementation == FULL:
         return FULL
@@ -177,6 +190,7 @@ def _rule(
         return FULL
     if (
         fused_ok
+        and not bias
         and dtype == "float32"
         and keras.backend.backend() in FUSED_FAST_BACKENDS
     ):

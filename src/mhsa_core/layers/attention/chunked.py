@@ -40,22 +40,42 @@ from mhsa_core.layers.attention.full import MASKED_LOGIT
 RowBias: TypeAlias = Callable[[Tensor, Tensor, tuple[Tensor, ...]], Tensor]
 
 
-def _chunk_body(with_mask: bool, row_bias: RowBias | None) -> Callable[..., Tensor]:
+def _chunk_body(
+    with_mask: bool,
+    row_bias: RowBias | None,
+    with_regions: bool = False,
+    head_tables: int = 0,
+) -> Callable[..., Tensor]:
     """The remat'd function of one chunk of one head.
 
     Its arguments (all tensors): q (c, d), rows (c,) int32, k (N, d) already
     times the scale, v (N, dv), [keep (N,) 1./0. and penalty (N,) 0./-1e9,
-    floats], *tables.
+    floats], [regions (N,) float labels], `head_tables` per-head tables
+    (this head's), [the shift-mask logit, a scalar, with regions], *tables.
+    With several heads at once every per-(batch, head) argument has a
+    leading (B * heads) axis.
     """
 
     def body(q: Tensor, rows: Tensor, k: Tensor, v: Tensor, *rest: Tensor) -> Tensor:
         logits = ops.einsum("...cd,...nd->...cn", q, k)  # (..., c, N)
+        keep = penalty = labels = region_logit = None
         if with_mask:
-            (keep, penalty), tables = rest[:2], rest[2:]
-        else:
-            keep, tables = None, rest
+            (keep, penalty), rest = rest[:2], rest[2:]
+        if with_regions:
+            labels, rest = rest[0], rest[1:]
+        heads_part, rest = rest[:head_tables], rest[head_tables:]
+        if with_regions:
+            region_logit, rest = rest[0], rest[1:]
         if row_bias is not None:
-            logits = logits + row_bias(q, rows, tables)
+            logits = logits + row_bias(q, rows, (*heads_part, *rest))
+        if labels is not None and region_logit is not None:
+            # Swin's shift mask: the logit of a key of another region than
+            # the query's gets the (finite) shift-mask logit added, as the
+            # full path does. Labels and logit are arguments: no Python
+            # number inside the checkpointed function (torch.compile).
+            own = ops.expand_dims(ops.take(labels, rows, axis=-1), -1)  # (..., c, 1)
+            other = ops.not_equal(own, ops.expand_dims(labels, -2))  # (..., c, N)
+            logits = logits + ops.cast(other, logits.dtype) * region_logit
         if keep is not None:
             # Masked keys: logit - 1e9 (the full path sets them to -1e9; both
             # give exp(...) == 0 exactly, and unmasked logits are untouched:
@@ -85,6 +105,9 @@ def chunked_attention(
     row_bias: RowBias | None = None,
     tables: Sequence[Tensor] = (),
     per_head: bool = True,
+    head_tables: Sequence[Tensor] = (),
+    regions: Tensor | None = None,
+    region_logit: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention, queries in chunks of `chunk_size`.
 
@@ -103,13 +126,27 @@ def chunked_attention(
             batch x heads around the map over chunks), else all heads'
             (B * heads, c, N) at once (one map, fewer and larger steps). Which
             is faster depends on the backend (`choice.CHUNK_PER_HEAD`).
+        head_tables: `row_bias`'s per-head tables, (B * heads, ...) (batch
+            major), each chunk given its head's (`row_tables_per_head`);
+            `row_bias` gets them before `tables`.
+        regions: optional int (B, N): Swin's shift-region label of each key
+            (and query); a key of another region than the query's gets
+            `region_logit` (a scalar tensor in the logits dtype) added.
 
     Returns:
         (B, heads, N, dv) in the dtype of `value`.
     """
     if keras.backend.backend() == "jax" and isinstance(chunk_size, int):
         return _compiled_on_jax(chunk_size, row_bias, per_head)(
-            query, key, value, key_scale, key_mask, tuple(tables)
+            query,
+            key,
+            value,
+            key_scale,
+            key_mask,
+            tuple(tables),
+            tuple(head_tables),
+            regions,
+            region_logit,
         )
     return _chunks(
         query,
@@ -121,6 +158,9 @@ def chunked_attention(
         row_bias=row_bias,
         tables=tables,
         per_head=per_head,
+        head_tables=head_tables,
+        regions=regions,
+        region_logit=region_logit,
     )
 
 
@@ -147,6 +187,9 @@ def _compiled_on_jax(
         key_scale: Tensor,
         key_mask: Tensor | None,
         tables: tuple[Tensor, ...],
+        head_tables: tuple[Tensor, ...],
+        regions: Tensor | None,
+        region_logit: Tensor | None,
     ) -> Tensor:
         return _chunks(
             query,
@@ -158,6 +201,9 @@ def _compiled_on_jax(
             row_bias=row_bias,
             tables=tables,
             per_head=per_head,
+            head_tables=head_tables,
+            regions=regions,
+            region_logit=region_logit,
         )
 
     return jax.jit(core)
@@ -174,6 +220,9 @@ def _chunks(
     row_bias: RowBias | None,
     tables: Sequence[Tensor],
     per_head: bool,
+    head_tables: Sequence[Tensor] = (),
+    regions: Tensor | None = None,
+    region_logit: Tensor | None = None,
 ) -> Tensor:
     shape = ops.shape(query)
     batch, heads, n, kd = shape[0], shape[1], shape[2], query.shape[-1]
@@ -213,7 +262,17 @@ def _chunks(
             ops.repeat(ops.expand_dims(keep, 1), heads, axis=1), (bh, 1, n)
         )
         operands += [keep, (keep - 1.0) * -MASKED_LOGIT]
-    chunk = _chunk_body(key_mask is not None, row_bias)
+    unmapped = list(tables)
+    with_regions = regions is not None and region_logit is not None
+    if with_regions:
+        labels = ops.cast(regions, k.dtype)  # (B, N); float: remat takes floats
+        operands.append(
+            ops.reshape(ops.repeat(ops.expand_dims(labels, 1), heads, axis=1), (bh, n))
+        )
+    operands += list(head_tables)
+    if with_regions:
+        unmapped = [region_logit, *unmapped]
+    chunk = _chunk_body(key_mask is not None, row_bias, with_regions, len(head_tables))
 
     if per_head:
 
@@ -222,7 +281,7 @@ def _chunks(
 
             def one(ys: tuple[Tensor, Tensor]) -> Tensor:
                 q_chunk, rows_chunk = ys
-                return chunk(q_chunk, rows_chunk, *rest, *tables)
+                return chunk(q_chunk, rows_chunk, *rest, *unmapped)
 
             return ops.map(one, (q_head, rows))  # (num_chunks, c, dv)
 
@@ -232,7 +291,7 @@ def _chunks(
 
         def one(ys: tuple[Tensor, Tensor]) -> Tensor:
             q_chunk, rows_chunk = ys  # (BH, c, kd), (c,)
-            return chunk(q_chunk, rows_chunk, *rest, *tables)
+            return chunk(q_chunk, rows_chunk, *rest, *unmapped)
 
         out = ops.map(
             one, (ops.transpose(q, (1, 0, 2, 3)), rows)

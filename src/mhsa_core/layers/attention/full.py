@@ -35,6 +35,7 @@ def dot_product_attention(
     scale: float,
     logits_bias: Tensor | None = None,
     key_mask: Tensor | None = None,
+    logits_mask: Tensor | None = None,
     dropout: float = 0.0,
     training: bool | None = False,
     seed_generator: Any = None,
@@ -51,6 +52,10 @@ def dot_product_attention(
         key_mask: optional bool (B, N); True = the key may be attended to.
             Masked keys get probability 0; a query whose keys are all masked
             gets all-zero probabilities and so a zero output.
+        logits_mask: optional additive mask, broadcastable like
+            `logits_bias`, added after it (Swin's shift mask: its -100 added
+            last, as the reference and timm do, rounds the logits once at
+            that magnitude, not twice).
         dropout: rate at which attention probabilities are dropped, applied only
             when `training` is true.
         seed_generator: a `keras.random.SeedGenerator` for the dropout.
@@ -71,6 +76,8 @@ def dot_product_attention(
         logits = logits * ops.convert_to_tensor(scale, dtype=softmax_dtype)
     if logits_bias is not None:
         logits = logits + ops.cast(logits_bias, softmax_dtype)
+    if logits_mask is not None:
+        logits = logits + ops.cast(logits_mask, softmax_dtype)
 
     if key_mask is not None:
         # (B, 1, 1, N). expand_dims, not [:, None, None, :]: TensorFlow's

@@ -4,10 +4,18 @@ On torch CPU it reaches SDPA's flash kernel, whose backward is O(N) memory.
 Used only where it is exact enough (`choice.resolve`, `choice.fused_misfit`):
 float32 or lower (torch and JAX compute 64-bit in 32-bit there), query and
 value heads of one width, no scores, no dropout, and a position term that
-folds into the keys (none or "absolute"), or none at all: a rotary encoding
-("rope", "rope_mixed") has rotated q and k before (`PositionEncoding.rotate`).
-Under mixed precision the kernel runs in float32, as the other paths'
-logits and softmax.
+folds into the keys (none or "absolute"), a bias of no query
+("relative_bias"), or none at all: a rotary encoding ("rope", "rope_mixed")
+has rotated q and k before (`PositionEncoding.rotate`). Under mixed precision
+the kernel runs in float32, as the other paths' logits and softmax.
+
+An additive bias (Swin's per-head bias, the shift mask) goes to the kernel's
+`bias`: keras 3.15's `ops.dot_product_attention` takes one on every backend
+(torch: SDPA's float `attn_mask`; JAX: `jax.nn.dot_product_attention`'s
+`bias`; TensorFlow: added to its logits). It is a whole (B, heads, N, N)
+tensor, which torch will not take together with a `mask`, so the key mask
+is then folded into it; SDPA's flash kernel takes no bias, so torch runs its
+math kernel.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import keras
 from keras import ops
 
 from mhsa_core._typing import Tensor
-from mhsa_core.layers.attention.full import logits_dtype
+from mhsa_core.layers.attention.full import MASKED_LOGIT, logits_dtype
 
 
 def fused_attention(
@@ -26,6 +34,7 @@ def fused_attention(
     *,
     scale: float,
     key_mask: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention with the backend's fused kernel.
 
@@ -34,6 +43,8 @@ def fused_attention(
         scale: Python float, the logit scale.
         key_mask: optional bool (B, N), True = may be attended to. A query
             whose keys are all masked gets zeros (and zero gradients).
+        bias: optional term added to the scaled logits, broadcastable to
+            (B, heads, N, N), in the logits dtype.
 
     Returns:
         (B, heads, N, d) in the dtype of `value`.
@@ -56,13 +67,24 @@ def fused_attention(
         # zeros); its output is zeroed below.
         keep = ops.logical_or(keep, ops.logical_not(ops.expand_dims(any_key, -1)))
         mask = ops.expand_dims(keep, (1, 2))  # (B, 1, 1, N)
+    if bias is not None:
+        shape = ops.shape(query)
+        bias = ops.broadcast_to(
+            ops.cast(bias, dtype), (shape[0], shape[1], shape[2], shape[2])
+        )  # (B, heads, N, N): JAX's kernel wants every axis
+        if mask is not None:
+            # torch takes a bias or a mask, not both: masked keys' bias is
+            # the full path's masked logit instead (exp() of it is 0).
+            penalty = ops.convert_to_tensor(MASKED_LOGIT, dtype=dtype)
+            bias = ops.where(mask, bias, penalty)
+            mask = None
     # On torch, flash_attention=False only skips Keras's own eligibility
     # probe (a pybind object that breaks torch.compile's graph); SDPA still
     # picks its fastest kernel itself (the flash kernel on CPU). Elsewhere
     # None lets Keras choose (cuDNN / Pallas on accelerators).
     flash = False if keras.backend.backend() == "torch" else None
     out = ops.dot_product_attention(
-        q, k, v, mask=mask, scale=scale, flash_attention=flash
+        q, k, v, bias=bias, mask=mask, scale=scale, flash_attention=flash
     )  # (B, N, heads, d)
     if any_key is not None:
         out = ops.where(ops.reshape(any_key, (-1, 1, 1, 1)), out, ops.zeros_like(out))

@@ -11,6 +11,7 @@ from mhsa_core.layers.position.base import PositionEncoding as PositionEncoding
 from mhsa_core.layers.position.conv import ConvPosition
 from mhsa_core.layers.position.none import NoPosition
 from mhsa_core.layers.position.relative import RelativePosition
+from mhsa_core.layers.position.relative_bias import RelativeBias
 from mhsa_core.layers.position.rope import RopePosition
 from mhsa_core.layers.position.rope_mixed import MixedRopePosition
 from mhsa_core.layers.position.sinusoidal import SinusoidalPosition
@@ -28,6 +29,7 @@ ENCODINGS = {
         AbsolutePosition,
         RopePosition,
         MixedRopePosition,
+        RelativeBias,
     )
 }
 

@@ -28,7 +28,12 @@ class PositionEncoding:
     (`mhsa_core.layers.attention`): `logits_bias` whole, (B, heads, N, N), for
     the full path; `key_term`, when the term is q_i . e_j, as the (N, kd) e_j
     that the chunked and fused paths add to the keys; else `row_tables` and
-    `row_bias`, the term of a chunk of queries, for the chunked path.
+    `row_bias`, the term of a chunk of queries, for the chunked path. A term
+    of no query (`bias_term`: a learned bias per head and offset) is also the
+    fused kernels' additive bias, `logits_bias` whole.
+
+    With windows (the layer's `window_size`), height and width are the
+    window's, and the batch axis holds the windows.
 
     A new encoding is a subclass in a file of its own, registered in
     `mhsa_core.layers.position.ENCODINGS`, with its `spec` (and reference
@@ -42,6 +47,13 @@ class PositionEncoding:
     # Whether the logits term is q_i . e_j (`key_term`), so every path,
     # the fused kernels included, can take it in the keys.
     folds_into_keys: ClassVar[bool] = False
+    # Whether the logits term is a bias that does not depend on q (per head:
+    # `logits_bias` gives (1, heads, N, N)), which the fused kernels take as
+    # their additive bias.
+    bias_term: ClassVar[bool] = False
+    # Whether every `row_tables` tensor has a leading heads axis: the chunked
+    # path then hands `row_bias` the tables of the chunk's head(s) only.
+    row_tables_per_head: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -122,9 +134,11 @@ class PositionEncoding:
         """The logits term of a chunk of queries, (c, N).
 
         Args:
-            q_rows: (c, kd) queries of one head.
+            q_rows: (c, kd) queries of one head (or (..., c, kd) of several).
             rows: (c,) int32, their token indices (row-major, in [0, N)).
-            tables: `row_tables(...)` (already times the position scale).
+            tables: `row_tables(...)` (already times the position scale);
+                with `row_tables_per_head`, each one's slice for the head(s)
+                of `q_rows` (its heads axis dropped for one head).
 
         Sizes come from the tensors' shapes, never from Python numbers closed
         over (torch.compile with checkpointing cannot take those).
