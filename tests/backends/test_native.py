@@ -358,8 +358,11 @@ def _setup(case, shape, seed=0, position_size=None):
     x = np.random.default_rng(seed).standard_normal(shape)
     if case.get("data_format") == "channels_first":
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    # The weight-shape arguments the case gives; the others keep the defaults.
-    shape_args = schema.weight_arguments(case)
+    # The weight-shape arguments the case gives (but the position_size
+    # resolved above); the others keep the defaults.
+    shape_args = schema.weight_arguments(
+        {k: v for k, v in case.items() if k != "position_size"}
+    )
     weights = reference.random_weights(
         channels,
         **shape_args,
