@@ -22,6 +22,7 @@ import ast
 import functools
 import importlib
 import importlib.util
+import math
 import sys
 import types
 import typing
@@ -32,7 +33,13 @@ PACKAGES = ("timm", "timm.layers", "timm.models")
 
 @functools.cache
 def _root():
-    """timm's installed directory, found without importing it (or None)."""
+    """timm's installed directory, found without importing it (or None).
+
+    Once a stand-in package is registered, `find_spec("timm")` raises (the
+    stand-in has no `__spec__`): its `__path__` says where timm is then."""
+    loaded = sys.modules.get("timm")
+    if loaded is not None and getattr(loaded, "__path__", None):
+        return Path(list(loaded.__path__)[0])
     spec = importlib.util.find_spec("timm")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -98,3 +105,60 @@ def eva_attention():
     )
     exec(code, namespace)  # noqa: S102 -- timm's own class statement
     return namespace["EvaAttention"]
+
+
+# What the Swin tests take of timm's swin_transformer.py (top-level names).
+_SWIN_NAMES = (
+    "_int_or_tuple_2_t",
+    "window_partition",
+    "window_reverse",
+    "get_relative_position_index",
+    "WindowAttention",
+    "SwinTransformerBlock",
+)
+
+
+def swin():
+    """timm's Swin pieces (`_SWIN_NAMES`, and `resize_rel_pos_bias_table`),
+    their definitions executed from the real swin_transformer.py (its
+    module-level imports and model registry left out) in a namespace of the
+    timm.layers names they use."""
+    root = _register_packages()
+    import torch
+    from torch import nn
+
+    layers = {
+        name: module(f"timm.layers.{name}")
+        for name in ("pos_embed_rel", "helpers", "grid", "mlp", "drop", "config")
+    }
+    weight_init = module("timm.layers.weight_init")
+    path = root / "models" / "swin_transformer.py"
+    body = []
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        name = getattr(node, "name", None)
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+        if name in _SWIN_NAMES:
+            if hasattr(node, "decorator_list"):
+                node.decorator_list = []  # timm's fx registration
+            body.append(node)
+    namespace = {
+        "torch": torch,
+        "nn": nn,
+        "math": math,
+        **{name: getattr(typing, name) for name in typing.__all__},
+        "to_2tuple": layers["helpers"].to_2tuple,
+        "get_device_dtype": layers["helpers"].get_device_dtype,
+        "ndgrid": layers["grid"].ndgrid,
+        "Mlp": layers["mlp"].Mlp,
+        "DropPath": layers["drop"].DropPath,
+        "use_fused_attn": layers["config"].use_fused_attn,
+        "trunc_normal_": weight_init.trunc_normal_,
+        "resize_rel_pos_bias_table": layers["pos_embed_rel"].resize_rel_pos_bias_table,
+    }
+    code = compile(ast.Module(body=body, type_ignores=[]), str(path), "exec")
+    exec(code, namespace)  # noqa: S102 -- timm's own definitions
+    return types.SimpleNamespace(
+        **{name: namespace[name] for name in _SWIN_NAMES},
+        resize_rel_pos_bias_table=layers["pos_embed_rel"].resize_rel_pos_bias_table,
+    )

@@ -245,6 +245,15 @@ CASES = {
         shift_size=2,
         mask="padded",
     ),
+    "rope_window3_shift1_partial": {
+        "num_heads": 2,
+        "key_dim": 8,
+        "position_encoding": "rope",
+        "position_size": (4, 6),
+        "window_size": 3,
+        "shift_size": 1,
+        "mask": "partial",
+    },
     "none_window4_shift2_masked": {
         "num_heads": 2,
         "window_size": 4,

@@ -153,6 +153,17 @@ CASES = {
         },
         True,
     ),
+    # RoPE-Mixed inside shifted windows: q and k rotated by their place in
+    # the map before the windows are cut, on every path.
+    "rope_mixed-window3-shift1-masked": (
+        {
+            "num_heads": 2,
+            "position_encoding": "rope_mixed",
+            "window_size": 3,
+            "shift_size": 1,
+        },
+        True,
+    ),
 }
 RELATIVE = "relative-resized-key_dim3-unscaled_pos-masked"
 ABSOLUTE = "absolute-resized-scale0.5-unscaled_pos-masked"

@@ -24,15 +24,12 @@ The weight mapping (C channels, h heads of d, our kernels (in, out)):
   `rope_frequencies`.
 """
 
-import importlib
-import importlib.util
-import pathlib
-import sys
 import types
 
 import keras
 import numpy as np
 import pytest
+import timm_loader
 
 from mhsa_core import MultiHeadSelfAttention2D, reference
 
@@ -42,60 +39,21 @@ pytestmark = pytest.mark.skipif(
     keras.backend.backend() != "torch", reason="timm is the torch lane's peer"
 )
 torch = pytest.importorskip("torch")
-# Not importorskip("timm"): its package __init__ fails without torchvision.
-if importlib.util.find_spec("timm") is None:
+# Not importorskip("timm"): its package __init__ fails without torchvision
+# (`timm_loader` reads the module files without it).
+if not timm_loader.available():
     pytest.skip("timm is not installed", allow_module_level=True)
 
-
-# TODO(issue 19): branch A (i19-options) owns tests/timm_loader.py; when the
-# lead merges, load timm with it and drop this copy.
-def _load_timm():
-    """(timm.layers, timm.models.eva) without timm's package __init__, which
-    imports torchvision (not installed): stub packages `timm`, `timm.models`,
-    `timm.data` (its constants only) and, during the import only, the one
-    torchvision name timm's layers import at module level."""
-    root = pathlib.Path(importlib.util.find_spec("timm").origin).parent
-    version = {}
-    exec((root / "version.py").read_text(), version)
-    stubs = {
-        "torchvision": types.ModuleType("torchvision"),
-        "torchvision.ops": types.ModuleType("torchvision.ops"),
-        "torchvision.ops.misc": types.ModuleType("torchvision.ops.misc"),
-    }
-    stubs["torchvision"].__path__ = stubs["torchvision.ops"].__path__ = []
-    stubs["torchvision.ops.misc"].FrozenBatchNorm2d = type(
-        "FrozenBatchNorm2d", (torch.nn.Module,), {}
-    )
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
-    try:
-        for name, path in (("timm", root), ("timm.models", root / "models")):
-            if name not in sys.modules:
-                package = types.ModuleType(name)
-                package.__path__ = [str(path)]
-                package.__version__ = version["__version__"]
-                sys.modules[name] = package
-        if "timm.data" not in sys.modules:
-            data = types.ModuleType("timm.data")
-            data.__path__ = [str(root / "data")]
-            sys.modules["timm.data"] = data
-            constants = importlib.import_module("timm.data.constants")
-            for key in dir(constants):
-                if key.isupper():
-                    setattr(data, key, getattr(constants, key))
-        return (
-            importlib.import_module("timm.layers"),
-            importlib.import_module("timm.models.eva"),
-        )
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-
-
-LAYERS, EVA = _load_timm()
+LAYERS = types.SimpleNamespace(
+    RotaryEmbeddingCat=timm_loader.module(
+        "timm.layers.pos_embed_sincos"
+    ).RotaryEmbeddingCat,
+    RotaryEmbeddingMixed=timm_loader.module(
+        "timm.layers.pos_embed_sincos"
+    ).RotaryEmbeddingMixed,
+    AttentionRope=timm_loader.module("timm.layers.attention").AttentionRope,
+)
+EVA = types.SimpleNamespace(EvaAttention=timm_loader.eva_attention())
 
 CHANNELS, HEADS = 32, 2  # d = 16: 4 frequencies per axis
 REF_SIZE = (6, 5)  # the reference grid (EVA's ref_feat_shape)

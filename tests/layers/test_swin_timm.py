@@ -19,23 +19,14 @@ graph from the same trained table). At a size not divisible by the window
 our output differs from timm's by design in the windows that hold padding
 (timm does not mask padded keys), and only there.
 
-timm's package __init__ imports torchvision, which does not work here: the
-loader below registers stub packages and reads the module files it needs.
-TODO: use tests/timm_loader.py (branch i19-options) once it is merged.
+timm's package __init__ imports torchvision, which does not work here:
+`timm_loader.swin()` reads the module files it needs.
 """
-
-import ast
-import importlib
-import importlib.util
-import math
-import pathlib
-import sys
-import types
-import typing
 
 import keras
 import numpy as np
 import pytest
+import timm_loader
 
 from mhsa_core import MultiHeadSelfAttention2D, reference
 
@@ -49,79 +40,12 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Using a non-tuple sequence"),
 ]
 
-# What the tests take of timm's swin_transformer.py (top-level names).
-_SWIN_NAMES = (
-    "_int_or_tuple_2_t",
-    "window_partition",
-    "window_reverse",
-    "get_relative_position_index",
-    "WindowAttention",
-    "SwinTransformerBlock",
-)
-
-
-def _load_timm():
-    """timm's pieces without its package __init__: stub packages `timm`,
-    `timm.layers`, `timm.models` (their real folders as __path__, so
-    `timm.layers.<file>` imports the real file), and the Swin definitions
-    executed from the real swin_transformer.py (its module-level imports and
-    model registry left out)."""
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("timm is not installed (pip install --no-deps timm==1.0.31)")
-    import torch
-    from torch import nn
-
-    root = pathlib.Path(spec.submodule_search_locations[0])
-    for name, folder in (
-        ("timm", root),
-        ("timm.layers", root / "layers"),
-        ("timm.models", root / "models"),
-    ):
-        if name not in sys.modules:
-            package = types.ModuleType(name)
-            package.__path__ = [str(folder)]
-            sys.modules[name] = package
-    layers = {
-        name: importlib.import_module(f"timm.layers.{name}")
-        for name in ("pos_embed_rel", "helpers", "grid", "mlp", "drop", "config")
-    }
-    weight_init = importlib.import_module("timm.layers.weight_init")
-    path = root / "models" / "swin_transformer.py"
-    tree = ast.parse(path.read_text())
-    body = []
-    for node in tree.body:
-        name = getattr(node, "name", None)
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-        if name in _SWIN_NAMES:
-            if hasattr(node, "decorator_list"):
-                node.decorator_list = []  # timm's fx registration
-            body.append(node)
-    namespace = {
-        "torch": torch,
-        "nn": nn,
-        "math": math,
-        **{name: getattr(typing, name) for name in typing.__all__},
-        "to_2tuple": layers["helpers"].to_2tuple,
-        "get_device_dtype": layers["helpers"].get_device_dtype,
-        "ndgrid": layers["grid"].ndgrid,
-        "Mlp": layers["mlp"].Mlp,
-        "DropPath": layers["drop"].DropPath,
-        "use_fused_attn": layers["config"].use_fused_attn,
-        "trunc_normal_": weight_init.trunc_normal_,
-        "resize_rel_pos_bias_table": layers["pos_embed_rel"].resize_rel_pos_bias_table,
-    }
-    exec(compile(ast.Module(body=body, type_ignores=[]), str(path), "exec"), namespace)
-    return types.SimpleNamespace(
-        **{name: namespace[name] for name in _SWIN_NAMES},
-        resize_rel_pos_bias_table=layers["pos_embed_rel"].resize_rel_pos_bias_table,
-    )
-
 
 @pytest.fixture(scope="module")
 def timm():
-    return _load_timm()
+    if not timm_loader.available():
+        pytest.skip("timm is not installed (backends/requirements-peers.txt)")
+    return timm_loader.swin()
 
 
 # --------------------------------------------------------------- the pieces

@@ -426,6 +426,29 @@ def test_windows_are_separate_attentions():
             )
 
 
+@pytest.mark.parametrize("encoding", ["rope", "rope_mixed"])
+def test_rope_in_windows_is_rope_of_each_window(encoding):
+    """The rotary angles are of the token's place in the map; q_i . k_j then
+    depends on the offset only, so each window (no shift, a divisible map) is
+    the rotary block on its own crop, whose grid starts at 0."""
+    x = np.random.default_rng(6).standard_normal((2, 4, 6, 8))
+    w = reference.random_weights(8, 2, None, encoding, seed=6)
+    config = {"num_heads": 2, "position_encoding": encoding, "activation": None}
+    out = reference.mhsa_forward(x, w, window_size=(2, 3), **config)
+    for y in (0, 2):
+        for x0 in (0, 3):
+            crop = x[:, y : y + 2, x0 : x0 + 3]
+            np.testing.assert_allclose(
+                out[:, y : y + 2, x0 : x0 + 3],
+                reference.mhsa_forward(crop, w, **config),
+                rtol=0,
+                atol=1e-13,
+            )
+    # Teeth: rotating by the place in the window, not the map, is the same
+    # only because of that invariance; without windows the map differs.
+    assert np.abs(out - reference.mhsa_forward(x, w, **config)).max() > 1e-3
+
+
 def test_padded_keys_get_zero_weight():
     """A 3x2 map in one 4x4 window: three padding rows/columns that are no
     keys. The result is global attention over the map with the table's
