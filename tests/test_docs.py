@@ -13,8 +13,8 @@
   here (the cross-backend tests in tests/consistency run
   `assert_backends_agree`). Shell and text blocks are not run; yaml blocks
   must parse.
-- The README's quick start is exactly `make demo` and `make test`, and its
-  demo table keeps the marker the lead regenerates it under.
+- The README's quick start is exactly `make demo` and `make test`, and the
+  demo table (docs/demo.md) keeps the marker the lead regenerates it under.
 - Every relative link resolves, with its #anchor: from the README to any file
   of the repository, from a docs page to a file inside docs/ (the site has
   nothing outside it). Anchors are GitHub's, which mkdocs.yml configures the
@@ -204,7 +204,7 @@ def test_quick_start_is_exactly_two_commands():
 
 def test_demo_table_has_its_marker():
     # The lead regenerates the block below this marker from a fresh-clone `make demo`.
-    text = README.read_text(encoding="utf-8")
+    text = (DOCS / "demo.md").read_text(encoding="utf-8")
     assert "<!-- demo table: make demo -->\n```\nmhsa-core matrix" in text
 
 
