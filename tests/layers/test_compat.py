@@ -1,11 +1,14 @@
-"""`.keras` files saved by mhsa_core 0.1.0 still load, with their meaning.
+"""`.keras` files saved by mhsa_core 0.1.0 and 0.2.0 still load, with their meaning.
 
 tests/data/v0_1_0/ holds files saved by the last 0.1.0 main (every encoding,
-BoTNet, channels_first with gelu, float64; `make_fixtures.py` there made
-them) and, per backend, the weights and outputs 0.1.0 computed from them on
-the machine that made them. 0.2.0 changed the class defaults (standard
-attention instead of the Keras 2 YOLOv4-MHSA block); the files carry explicit
-values, so they keep their behaviour.
+BoTNet, channels_first with gelu, float64), tests/data/v0_2_0/ files saved
+by 0.2.0 (its standard-attention defaults, the YOLOv4-MHSA preset, the
+chunked and fused paths as stored settings, channels_first, float64); the
+`make_fixtures.py` beside them made them, and, per backend, the weights and
+outputs each version computed from them on the machine that made them. 0.2.0
+changed the class defaults (standard attention instead of the Keras 2
+YOLOv4-MHSA block); the 0.1.0 files carry explicit values, so they keep
+their behaviour. The options added since (issue 19) are off in both.
 
 What is judged how, and why (docs/tolerances.md, "What is bit-exact across
 machines"):
@@ -15,7 +18,7 @@ machines"):
   bit-identical to a fresh layer built by the current code from the file's
   stored layer config, given the stored weights, in this process: the same
   computation on the same machine, so any difference is the loader's.
-- **The 0.1.0 outputs: within the budget.** They were computed in floating
+- **The stored outputs: within the budget.** They were computed in floating
   point on another CPU. BLAS, oneDNN, XLA and NumPy pick their kernels, and
   with them the summation order, by the machine's instruction set and cache
   sizes, so those bits are not reproducible elsewhere (a 2-core AMD EPYC
@@ -41,9 +44,16 @@ import pytest
 
 from mhsa_core import MultiHeadSelfAttention2D, reference
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "v0_1_0"
+DATA_ROOT = Path(__file__).resolve().parents[1] / "data"
+# version -> the folder of the files it saved.
+VERSIONS = {"0.1.0": DATA_ROOT / "v0_1_0", "0.2.0": DATA_ROOT / "v0_2_0"}
 BACKEND = keras.backend.backend()
-NAMES = sorted(p.stem for p in DATA.glob("*.keras"))
+FILES = [
+    (version, p.stem)
+    for version, folder in VERSIONS.items()
+    for p in sorted(folder.glob("*.keras"))
+]
+FILE_IDS = [f"{version}-{name}" for version, name in FILES]
 SIZES = (0, 1)  # the tables' reference size, and another size
 # What each file is: its 0.1.0 config values that 0.2.0 no longer has as defaults.
 LEGACY_DEFAULTS = {
@@ -57,32 +67,48 @@ pytestmark = pytest.mark.machine_sensitive
 
 
 @pytest.fixture(scope="module")
-def expected():
-    path = DATA / f"outputs-{BACKEND}.npz"
-    if not path.exists():
-        pytest.skip(f"0.1.0 computed no outputs under the {BACKEND} backend")
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+def stored():
+    """version -> what it computed under this backend (x, out, weight keys)."""
+    out = {}
+    for version, folder in VERSIONS.items():
+        path = folder / f"outputs-{BACKEND}.npz"
+        if path.exists():
+            with np.load(path) as data:
+                out[version] = {k: data[k] for k in data.files}
+    return out
+
+
+@pytest.fixture
+def expected(stored, version):
+    if version not in stored:
+        pytest.skip(f"{version} computed no outputs under the {BACKEND} backend")
+    return stored[version]
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    """name -> (the loaded model, its MultiHeadSelfAttention2D)."""
-    models = {}
-    for name in NAMES:
-        model = keras.saving.load_model(DATA / f"{name}.keras")
+def models():
+    """(version, name) -> (the loaded model, its MultiHeadSelfAttention2D)."""
+    out = {}
+    for version, name in FILES:
+        model = keras.saving.load_model(VERSIONS[version] / f"{name}.keras")
         layer = next(
             candidate
             for candidate in model.layers
             if isinstance(candidate, MultiHeadSelfAttention2D)
         )
-        models[name] = model, layer
-    return models
+        out[version, name] = model, layer
+    return out
 
 
-def _stored_layer_config(name):
+@pytest.fixture
+def loaded(models, version):
+    """name -> (the loaded model, its layer), of the files `version` saved."""
+    return {n: m for (v, n), m in models.items() if v == version}
+
+
+def _stored_layer_config(version, name):
     """The layer's config as the file stores it (not as the loaded layer reports it)."""
-    with zipfile.ZipFile(DATA / f"{name}.keras") as archive:
+    with zipfile.ZipFile(VERSIONS[version] / f"{name}.keras") as archive:
         model_config = json.loads(archive.read("config.json"))
     (layer,) = [
         entry
@@ -105,7 +131,7 @@ def _numpy(t):
 
 
 def test_fixtures_are_all_there():
-    assert NAMES == [
+    assert [name for version, name in FILES if version == "0.1.0"] == [
         "absolute",
         "botnet",
         "multihead_channels_first",
@@ -115,9 +141,18 @@ def test_fixtures_are_all_there():
         "yolov4_mhsa_defaults",
         "yolov4_mhsa_float64",
     ]
+    assert [name for version, name in FILES if version == "0.2.0"] == [
+        "absolute_fused_channels_first",
+        "botnet",
+        "defaults",
+        "defaults_float64",
+        "relative_chunked",
+        "sinusoidal_gelu",
+        "yolov4_mhsa",
+    ]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("version,name", FILES, ids=FILE_IDS)
 def test_weights_load_bit_exact(name, expected, loaded):
     """Weights are stored numbers: the same bits on every machine and backend."""
     model, _ = loaded[name]
@@ -129,8 +164,8 @@ def test_weights_load_bit_exact(name, expected, loaded):
         assert np.array_equal(w, e), f"weight {j} differs"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_loaded_model_is_the_current_layer_bit_exact(name, expected, loaded):
+@pytest.mark.parametrize("version,name", FILES, ids=FILE_IDS)
+def test_loaded_model_is_the_current_layer_bit_exact(version, name, expected, loaded):
     """Same code, same machine, same process: the loader adds nothing.
 
     A fresh layer from the file's stored config (through `from_config`, as
@@ -138,7 +173,7 @@ def test_loaded_model_is_the_current_layer_bit_exact(name, expected, loaded):
     the loaded model's output bits.
     """
     model, _ = loaded[name]
-    fresh = MultiHeadSelfAttention2D.from_config(_stored_layer_config(name))
+    fresh = MultiHeadSelfAttention2D.from_config(_stored_layer_config(version, name))
     for i in SIZES:
         x = expected[f"{name}/x/{i}"]
         if not fresh.built:
@@ -153,10 +188,13 @@ def test_loaded_model_is_the_current_layer_bit_exact(name, expected, loaded):
 
 
 @pytest.mark.parametrize("i", SIZES, ids=["reference-size", "other-size"])
-@pytest.mark.parametrize("name", NAMES)
-def test_matches_0_1_0_within_the_budget(name, i, expected, loaded):
-    """The output computed here and the one 0.1.0 computed (on another
-    machine) are both within the forward budget of the float64 reference."""
+@pytest.mark.parametrize("version,name", FILES, ids=FILE_IDS)
+def test_matches_the_stored_output_within_the_budget(
+    version, name, i, expected, loaded
+):
+    """The output computed here and the one the saving version computed (on
+    another machine) are both within the forward budget of the float64
+    reference."""
     model, layer = loaded[name]
     x = expected[f"{name}/x/{i}"]
     stored = expected[f"{name}/out/{i}"]
@@ -174,17 +212,18 @@ def test_matches_0_1_0_within_the_budget(name, i, expected, loaded):
     )
     for what, result in (
         ("this machine's output", out),
-        ("0.1.0's stored output", stored),
+        (f"{version}'s stored output", stored),
     ):
         error = reference.max_abs(result, ref64)
         assert error <= budget, (
             f"{what}: error {error:.3g} exceeds the budget {budget:.3g} ({rule}); "
-            f"this machine differs from 0.1.0 by {reference.max_abs(out, stored):.3g}"
+            f"this machine differs from {version} by "
+            f"{reference.max_abs(out, stored):.3g}"
         )
 
 
 @pytest.mark.parametrize("change", ["key-kernel-x1.001", "scale-default"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("version,name", FILES, ids=FILE_IDS)
 def test_the_budget_sees_a_changed_meaning(name, change, expected, loaded):
     """The rule above has teeth: the stored output is outside the budget of a
     reference whose meaning moved slightly (one kernel 0.1% larger, or the
@@ -207,6 +246,7 @@ def test_the_budget_sees_a_changed_meaning(name, change, expected, loaded):
     assert reference.max_abs(stored, ref64) > budget
 
 
+@pytest.mark.parametrize("version", ["0.1.0"])
 def test_old_default_config_keeps_the_legacy_block(loaded):
     """A file saved with 0.1.0's defaults is the YOLOv4-MHSA block, not 0.2.0's
     default."""
@@ -221,25 +261,38 @@ def test_old_default_config_keeps_the_legacy_block(loaded):
     assert fresh["scale"] is None
 
 
-# The options added after 0.1.0 (timm's attention, issue 19) and the value
-# that leaves the computation as it was.
+# The options added after 0.2.0 (issue 19: timm's attention, the rotary
+# encodings, Swin's windows) and the value that leaves the computation as it
+# was.
 LATER_OPTIONS = {
     "use_key_bias": None,
     "qk_norm": None,
     "output_norm": None,
     "output_dense": False,
+    "norm_epsilon": 1e-6,
+    "rope_temperature": None,
+    "rope_layout": "interleaved",
+    "rope_grid_indexing": None,
+    "rope_grid_offset": 0.0,
+    "rope_in_pixels": False,
+    "rope_max_resolution": 224.0,
+    "window_size": None,
+    "shift_size": (0, 0),
 }
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_later_options_are_off_in_old_files(name, loaded):
-    """A 0.1.0 file has none of the later options in its config: the loaded
-    layer has them off, and exactly the weights the file stores, by name."""
-    assert not set(LATER_OPTIONS) & set(_stored_layer_config(name))
+@pytest.mark.parametrize("version,name", FILES, ids=FILE_IDS)
+def test_later_options_are_off_in_old_files(version, name, loaded):
+    """A 0.1.0 or 0.2.0 file has none of the later options in its config: the
+    loaded layer has them off, and exactly the weights the file stores, by
+    name."""
+    assert not set(LATER_OPTIONS) & set(_stored_layer_config(version, name))
     _, layer = loaded[name]
     config = layer.get_config()
     for key, value in LATER_OPTIONS.items():
-        assert config[key] == value, key
+        got = tuple(config[key]) if isinstance(config[key], list) else config[key]
+        assert got == value, (key, config[key])
     for weight in layer.weights:
         assert "_norm_" not in weight.name and not weight.name.startswith("output_")
+        assert not weight.name.startswith("rope_") and "_table" not in weight.name
     assert layer.key_bias is not None or not layer.use_bias
