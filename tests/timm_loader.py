@@ -9,7 +9,9 @@ registers stand-ins for the packages `timm`, `timm.layers` and
 so Python imports the real file, and the files its relative imports name,
 and never runs an `__init__`. `eva_attention()` is timm's `EvaAttention`
 class compiled from its own source in timm/models/eva.py, whose module
-imports half of timm.
+imports half of timm. `model_definitions(file, names)` is the same for any
+definitions of a timm/models file (Swin's block, Swin v2's attention), the
+`from timm.layers import` names they use taken from their own files.
 
 timm is a test peer (backends/requirements-peers.txt, installed with
 --no-deps): `available()` says whether it is installed, without importing
@@ -98,3 +100,61 @@ def eva_attention():
     )
     exec(code, namespace)  # noqa: S102 -- timm's own class statement
     return namespace["EvaAttention"]
+
+
+@functools.cache
+def _layers_index():
+    """name -> the timm.layers file that defines it, read off
+    timm/layers/__init__.py's `from .file import name` lines."""
+    root = _register_packages()
+    tree = ast.parse((root / "layers" / "__init__.py").read_text(encoding="utf-8"))
+    index = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            for alias in node.names:
+                index[alias.asname or alias.name] = f"timm.layers.{node.module}"
+    return index
+
+
+def model_definitions(file, names):
+    """Top-level definitions `names` (classes, functions, assignments) of
+    timm/models/<file>.py, run in a namespace of what the file's imports
+    give them: the standard library and torch as imported, and each name of
+    `from timm.layers import ...` from the timm.layers file that defines it
+    (a name whose file does not import here is left out; the definitions
+    asked for must not need it). timm's own relative imports (its builder,
+    registry) and the decorators (fx registration) are dropped.
+    E.g. model_definitions("swin_transformer_v2", ["WindowAttention"])."""
+    root = _register_packages()
+    path = root / "models" / f"{file}.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    namespace = {"__name__": f"timm.models.{file}"}
+    index = _layers_index()
+    body = []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module == "timm.layers":
+            for alias in node.names:
+                try:
+                    value = getattr(module(index[alias.name]), alias.name)
+                except (ImportError, KeyError, AttributeError):
+                    continue
+                namespace[alias.asname or alias.name] = value
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            source = getattr(node, "module", None) or ""
+            if not getattr(node, "level", 0) and not source.startswith("timm"):
+                exec(  # noqa: S102 -- the file's own import statement
+                    compile(ast.Module([node], type_ignores=[]), str(path), "exec"),
+                    namespace,
+                )
+            continue
+        name = getattr(node, "name", None)
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+        if name in names:
+            if hasattr(node, "decorator_list"):
+                node.decorator_list = []
+            body.append(node)
+    code = compile(ast.Module(body, type_ignores=[]), str(path), "exec")
+    exec(code, namespace)  # noqa: S102 -- timm's own definitions
+    return types.SimpleNamespace(**{name: namespace[name] for name in names})
