@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -55,6 +56,13 @@ def _register_packages():
         package = types.ModuleType(name)
         package.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
         package.__package__ = name
+        # A spec, as an imported package has: importlib.util.find_spec(name)
+        # reads it once the name is in sys.modules (the older timm tests'
+        # own loaders call it).
+        package.__spec__ = importlib.machinery.ModuleSpec(
+            name, None, origin=str(Path(package.__path__[0], "__init__.py"))
+        )
+        package.__spec__.submodule_search_locations = list(package.__path__)
         sys.modules[name] = package
     return root
 
