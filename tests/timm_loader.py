@@ -9,7 +9,9 @@ registers stand-ins for the packages `timm`, `timm.layers` and
 so Python imports the real file, and the files its relative imports name,
 and never runs an `__init__`. `eva_attention()` is timm's `EvaAttention`
 class compiled from its own source in timm/models/eva.py, whose module
-imports half of timm.
+imports half of timm. `model_definitions(file, names)` is the same for any
+definitions of a timm/models file (Swin's block, Swin v2's attention), the
+`from timm.layers import` names they use taken from their own files.
 
 timm is a test peer (backends/requirements-peers.txt, installed with
 --no-deps): `available()` says whether it is installed, without importing
@@ -21,8 +23,8 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
+import importlib.machinery
 import importlib.util
-import math
 import sys
 import types
 import typing
@@ -60,6 +62,13 @@ def _register_packages():
         package = types.ModuleType(name)
         package.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
         package.__package__ = name
+        # A spec, as an imported package has: importlib.util.find_spec(name)
+        # reads it once the name is in sys.modules (the older timm tests'
+        # own loaders call it).
+        package.__spec__ = importlib.machinery.ModuleSpec(
+            name, None, origin=str(Path(package.__path__[0], "__init__.py"))
+        )
+        package.__spec__.submodule_search_locations = list(package.__path__)
         sys.modules[name] = package
     return root
 
@@ -107,6 +116,64 @@ def eva_attention():
     return namespace["EvaAttention"]
 
 
+@functools.cache
+def _layers_index():
+    """name -> the timm.layers file that defines it, read off
+    timm/layers/__init__.py's `from .file import name` lines."""
+    root = _register_packages()
+    tree = ast.parse((root / "layers" / "__init__.py").read_text(encoding="utf-8"))
+    index = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            for alias in node.names:
+                index[alias.asname or alias.name] = f"timm.layers.{node.module}"
+    return index
+
+
+def model_definitions(file, names):
+    """Top-level definitions `names` (classes, functions, assignments) of
+    timm/models/<file>.py, run in a namespace of what the file's imports
+    give them: the standard library and torch as imported, and each name of
+    `from timm.layers import ...` from the timm.layers file that defines it
+    (a name whose file does not import here is left out; the definitions
+    asked for must not need it). timm's own relative imports (its builder,
+    registry) and the decorators (fx registration) are dropped.
+    E.g. model_definitions("swin_transformer_v2", ["WindowAttention"])."""
+    root = _register_packages()
+    path = root / "models" / f"{file}.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    namespace = {"__name__": f"timm.models.{file}"}
+    index = _layers_index()
+    body = []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module == "timm.layers":
+            for alias in node.names:
+                try:
+                    value = getattr(module(index[alias.name]), alias.name)
+                except (ImportError, KeyError, AttributeError):
+                    continue
+                namespace[alias.asname or alias.name] = value
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            source = getattr(node, "module", None) or ""
+            if not getattr(node, "level", 0) and not source.startswith("timm"):
+                exec(  # noqa: S102 -- the file's own import statement
+                    compile(ast.Module([node], type_ignores=[]), str(path), "exec"),
+                    namespace,
+                )
+            continue
+        name = getattr(node, "name", None)
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+        if name in names:
+            if hasattr(node, "decorator_list"):
+                node.decorator_list = []
+            body.append(node)
+    code = compile(ast.Module(body, type_ignores=[]), str(path), "exec")
+    exec(code, namespace)  # noqa: S102 -- timm's own definitions
+    return types.SimpleNamespace(**{name: namespace[name] for name in names})
+
+
 # What the Swin tests take of timm's swin_transformer.py (top-level names).
 _SWIN_NAMES = (
     "_int_or_tuple_2_t",
@@ -119,46 +186,10 @@ _SWIN_NAMES = (
 
 
 def swin():
-    """timm's Swin pieces (`_SWIN_NAMES`, and `resize_rel_pos_bias_table`),
-    their definitions executed from the real swin_transformer.py (its
-    module-level imports and model registry left out) in a namespace of the
-    timm.layers names they use."""
-    root = _register_packages()
-    import torch
-    from torch import nn
-
-    layers = {
-        name: module(f"timm.layers.{name}")
-        for name in ("pos_embed_rel", "helpers", "grid", "mlp", "drop", "config")
-    }
-    weight_init = module("timm.layers.weight_init")
-    path = root / "models" / "swin_transformer.py"
-    body = []
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        name = getattr(node, "name", None)
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-        if name in _SWIN_NAMES:
-            if hasattr(node, "decorator_list"):
-                node.decorator_list = []  # timm's fx registration
-            body.append(node)
-    namespace = {
-        "torch": torch,
-        "nn": nn,
-        "math": math,
-        **{name: getattr(typing, name) for name in typing.__all__},
-        "to_2tuple": layers["helpers"].to_2tuple,
-        "get_device_dtype": layers["helpers"].get_device_dtype,
-        "ndgrid": layers["grid"].ndgrid,
-        "Mlp": layers["mlp"].Mlp,
-        "DropPath": layers["drop"].DropPath,
-        "use_fused_attn": layers["config"].use_fused_attn,
-        "trunc_normal_": weight_init.trunc_normal_,
-        "resize_rel_pos_bias_table": layers["pos_embed_rel"].resize_rel_pos_bias_table,
-    }
-    code = compile(ast.Module(body=body, type_ignores=[]), str(path), "exec")
-    exec(code, namespace)  # noqa: S102 -- timm's own definitions
-    return types.SimpleNamespace(
-        **{name: namespace[name] for name in _SWIN_NAMES},
-        resize_rel_pos_bias_table=layers["pos_embed_rel"].resize_rel_pos_bias_table,
-    )
+    """timm's Swin pieces (`_SWIN_NAMES`, and `resize_rel_pos_bias_table`)
+    from the real swin_transformer.py (`model_definitions`)."""
+    pieces = model_definitions("swin_transformer", _SWIN_NAMES)
+    pieces.resize_rel_pos_bias_table = module(
+        "timm.layers.pos_embed_rel"
+    ).resize_rel_pos_bias_table
+    return pieces
