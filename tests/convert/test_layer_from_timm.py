@@ -26,6 +26,7 @@ package `__init__` imports torchvision); the tests skip without timm.
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -385,17 +386,16 @@ def test_rotate_half_rope_is_not_the_layers_half_layout():
     assert error > 10 * budget
 
 
-def test_prefix_tokens_convert_as_the_map_tokens():
-    """EvaAttention(num_prefix_tokens=1): the same layer as without prefix
-    tokens (the map tokens' weights; prefix tokens themselves: issue 20)."""
+def test_prefix_tokens_are_refused():
+    """EvaAttention(num_prefix_tokens=1): the class token attends and is
+    attended, which a map-only layer cannot compute: a ValueError (prefix
+    tokens are issue 20's), not a layer with another meaning."""
     make = _token_case(_eva(scale_norm=True), _cat(ref_feat_shape=REF))
     built = make(REF)
-    plain = convert.layer_from_timm(built.module, **built.kwargs)
+    convert.layer_from_timm(built.module, **built.kwargs)  # 0 prefix tokens: fine
     built.module.num_prefix_tokens = 1
-    prefixed = convert.layer_from_timm(built.module, **built.kwargs)
-    assert prefixed.get_config() == {**plain.get_config(), "name": prefixed.name}
-    for name, value in plain.get_weight_dict().items():
-        np.testing.assert_array_equal(prefixed.get_weight_dict()[name], value)
+    with pytest.raises(ValueError, match=r"prefix tokens.*num_prefix_tokens=1"):
+        convert.layer_from_timm(built.module, **built.kwargs)
 
 
 # --------------------------------------------------------------------- errors
@@ -504,3 +504,22 @@ def test_refusals_name_the_argument_and_value(make, parts):
     module, kwargs = make()
     with pytest.raises(ValueError, match=match_all(*parts)):
         convert.layer_from_timm(module, **kwargs)
+
+
+def test_the_converter_imports_no_framework():
+    """It reads tensors through their own methods: no import of torch,
+    TensorFlow, JAX or timm anywhere in the module (the issue's rule)."""
+    import ast
+
+    from mhsa_core.convert import timm as converter
+
+    tree = ast.parse(Path(converter.__file__).read_text(encoding="utf-8"))
+    imported = {
+        (alias.name if isinstance(node, ast.Import) else node.module or "").split(".")[
+            0
+        ]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert not imported & {"torch", "tensorflow", "jax", "timm", "keras"}, imported

@@ -23,7 +23,8 @@ the module's output on the same tokens in row-major order, (B, H * W, C):
 docs/usage.md ("Converting timm modules") has the table of settings.
 
 Nothing of timm is imported: the module is recognised by its class name and
-the attributes timm gives it, and torch only serves to read its tensors.
+the attributes timm gives it, and its tensors are read with their own
+methods (`.detach().cpu().numpy()`): no framework is imported here.
 A module of another kind, or a setting the layer cannot compute (Swin v2's
 cosine attention, a gate, an output width other than C, ...), is a
 ValueError naming it.
@@ -45,7 +46,7 @@ from mhsa_core.reference.arguments import invalid, pair
 
 __all__ = ["layer_from_timm", "SUPPORTED_MODULES", "SUPPORTED_ROPES"]
 
-# A torch.nn.Module or torch.Tensor: torch is imported only to read tensors.
+# A torch.nn.Module or torch.Tensor (read through its own methods).
 Module = Any
 
 _LAYER_NORMS = ("LayerNorm", "LayerNormFp32")  # torch's nn.LayerNorm and timm's
@@ -74,10 +75,9 @@ class _Converted:
 def _array(tensor: Any) -> np.ndarray:
     """A parameter or buffer as NumPy (float32 / float64 kept; 16-bit floats
     widened to float32, which NumPy cannot hold as bfloat16)."""
-    import torch
-
+    # The tensor's own methods: this module imports no framework.
     value = tensor.detach().cpu()
-    if value.dtype not in (torch.float32, torch.float64):
+    if str(value.dtype) not in ("torch.float32", "torch.float64"):
         value = value.float()
     return np.asarray(value.numpy())
 
@@ -457,9 +457,25 @@ def _rope(
 
 
 # ------------------------------------------------------------------ readers
+def _refuse_prefix_tokens(module: Module) -> None:
+    """EVA's class (and register) tokens: the layer attends a map to itself,
+    so it cannot compute what the module computes for a sequence with prefix
+    tokens (they attend and are attended, unrotated). Refused rather than
+    converted with another meaning: prefix tokens are issue 20's."""
+    count = int(getattr(module, "num_prefix_tokens", 0) or 0)
+    if count:
+        raise ValueError(
+            f"{_class(module)} with prefix tokens (class or register tokens) "
+            "cannot be expressed: the layer attends the map's tokens only "
+            "(prefix tokens come with the issue 'Beyond one map'). Received: "
+            f"num_prefix_tokens={count}"
+        )
+
+
 def _token_attention(module: Module, request: _Request) -> _Converted:
     """timm's `Attention`, `EvaAttention` and `AttentionRope`."""
     _refuse_gate(module)
+    _refuse_prefix_tokens(module)
     heads, head_dim = int(module.num_heads), int(module.head_dim)
     projections = _projections(module, head_dim)
     _check_widths(module, projections, head_dim)
@@ -622,14 +638,10 @@ def layer_from_timm(
     tokens in row-major order, (B, H * W, C); `BottleneckAttn` itself takes
     (B, C, H, W). The module's settings become the layer's arguments (the
     table in `mhsa_core.convert.timm`), its parameters the layer's weights.
-    Nothing of the module is changed; torch is imported to read its tensors,
-    timm never.
+    Nothing of the module is changed; no framework and no timm is imported
+    (tensors are read with their own `.detach().cpu().numpy()`).
 
     What differs from the module, by design:
-    - prefix tokens: an `EvaAttention` / `AttentionRope` with
-      `num_prefix_tokens > 0` (cls or register tokens, left unrotated) is
-      converted (the map tokens' attention has the same weights), but the
-      layer attends over the map only: prefix tokens come with issue 20;
     - Swin at a size not divisible by the window: timm pads the map and lets
       the padding (zero tokens, whose k and v are the qkv biases) be
       attended; the layer masks it. At divisible sizes they agree;
