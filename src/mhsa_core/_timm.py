@@ -32,6 +32,9 @@ import typing
 from pathlib import Path
 
 PACKAGES = ("timm", "timm.layers", "timm.models")
+# Where `eva_attention()` defines timm's EvaAttention (not timm.models.eva:
+# importing that runs what needs torchvision).
+EVA_MODULE = f"{__name__}.eva"
 
 
 @functools.cache
@@ -102,13 +105,20 @@ def eva_attention() -> type:
         ).apply_rot_embed_cat,
         "maybe_add_mask": attention.maybe_add_mask,
         "resolve_self_attn_mask": attention.resolve_self_attn_mask,
-        "__name__": "timm.models.eva",
     }
-    code = compile(
-        ast.Module([node], type_ignores=[]), str(root / "models/eva.py"), "exec"
-    )
-    exec(code, namespace)  # noqa: S102 -- timm's own class statement
-    return namespace["EvaAttention"]
+    # The namespace is a module of its own in sys.modules: torch.compile
+    # imports the module its globals name, and the real timm.models.eva
+    # imports torchvision (through timm.data).
+    home = types.ModuleType(EVA_MODULE)
+    home.__dict__.update(namespace)
+    sys.modules.setdefault(EVA_MODULE, home)
+    home = sys.modules[EVA_MODULE]
+    if "EvaAttention" not in home.__dict__:
+        code = compile(
+            ast.Module([node], type_ignores=[]), str(root / "models/eva.py"), "exec"
+        )
+        exec(code, home.__dict__)  # noqa: S102 -- timm's own class statement
+    return home.EvaAttention
 
 
 # What the Swin tests take of timm's swin_transformer.py (top-level names).
