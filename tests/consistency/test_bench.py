@@ -4,9 +4,12 @@ One bench run on the tiny_relative config (JAX, compiled, forward+backward,
 one repeat: four worker processes, ~20 s on a quiet machine) serves every
 test of the output, and checks the outputs of the layer's paths and of the
 native, relative terms included, against the float64 reference; the rest
-needs no worker or a worker killed at once. No test asserts a speed.
+needs no worker or a worker killed at once. The "timm" rows (torch) are
+checked the same way at small sizes of their configs: a worker each,
+torch.compile, forward (~10 s each). No test asserts a speed.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,11 +18,11 @@ import pytest
 
 from mhsa_core import cli
 from mhsa_core._subprocess import unavailable_reason
-from mhsa_core.bench import command, report, run, worker
+from mhsa_core.bench import command, report, run, timm_peer, worker
 from mhsa_core.bench.configs import CONFIGS, BenchConfig
 from mhsa_core.bench.flops import flops, forward_flops
-from mhsa_core.bench.plan import Measurement, plan
-from mhsa_core.bench.subjects import Unsupported
+from mhsa_core.bench.plan import BENCH_BACKENDS, Measurement, plan
+from mhsa_core.bench.subjects import Skipped, Unsupported
 
 FRAMEWORKS = ("keras", "tensorflow", "torch", "jax")
 RUN_PATHS = ("full", "chunked", "native", "keras_mha")
@@ -72,6 +75,81 @@ def test_plan_gives_each_backend_its_modes():
     rows = plan(["torch", "tensorflow"], ["tiny"], ["full"], ["graph"])
     assert [(m.backend, m.mode) for m in rows] == [("tensorflow", "graph")] * 2
     assert [m.direction for m in rows] == ["forward", "forward+backward"]
+
+
+# ---------------------------------------------------------------- timm rows
+# config -> timm's peer: every config with one; the others get no "timm" row.
+TIMM_PEERS = {
+    "n4096_relative": "bottleneck",
+    "rope_n4096": "eva",
+    "swin": "swin",
+    "tiny_relative": "bottleneck",
+}
+
+
+def test_plan_gives_timm_rows_only_on_torch_for_configs_with_a_peer():
+    rows = plan(BENCH_BACKENDS, list(CONFIGS), ["native", "timm"])
+    timm = [m for m in rows if m.path == "timm"]
+    assert {m.backend for m in timm} == {"torch"}
+    assert {m.mode for m in timm} == {"compiled", "eager"}
+    assert {m.config for m in timm} == set(TIMM_PEERS)
+    assert len(timm) == len(TIMM_PEERS) * 2 * 2  # modes x directions
+    # The native rows are untouched: every config.
+    assert {m.config for m in rows if m.path == "native"} == set(CONFIGS)
+    for name, config in CONFIGS.items():
+        peer = timm_peer.peer_of(config)
+        assert (peer and peer.name) == TIMM_PEERS.get(name), name
+
+
+def test_timm_rows_skipped_without_timm(monkeypatch):
+    """Without timm a "timm" row is "skipped" with the reason, and no worker
+    starts (run_worker would fail the test)."""
+    monkeypatch.setattr(timm_peer, "unavailable_reason", lambda: "no timm here")
+    monkeypatch.setattr(run, "run_worker", lambda *a, **k: pytest.fail("a worker"))
+    rows, skipped = run.run(
+        plan(["torch"], ["swin"], ["timm"], ["eager"], ["forward"]),
+        CONFIGS,
+        repeats=1,
+        timeout=1.0,
+        max_memory_gb=1.0,
+    )
+    assert [(r["status"], r["reason"]) for r in rows] == [("skipped", "no timm here")]
+    assert not skipped or "torch" in skipped
+
+
+# The peers' configs at a size whose every output is checked (B * heads * N *
+# K within worker.CHECK_MAX_LOGITS) and one eager worker each runs in
+# seconds: Swin's windows (two 7x7 windows a side, shifted by 3), EVA's rope.
+SMALL_TIMM_CONFIGS = {
+    "swin": dataclasses.replace(
+        CONFIGS["swin"], batch=1, height=14, width=14, channels=12
+    ),
+    "rope_n4096": dataclasses.replace(
+        CONFIGS["rope_n4096"], batch=1, height=8, width=6, channels=32, num_heads=2
+    ),
+    "n4096_relative": CONFIGS["tiny_relative"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SMALL_TIMM_CONFIGS)
+def test_timm_row_is_the_block_within_budget(name):
+    """timm's module with the row's weights (a torch worker, compiled:
+    dynamo reads timm's code, and once imported timm's package through the
+    loaded class's globals; forward) equals the float64 reference within its
+    budget rule, as the native rows are judged; the small config has the real
+    one's peer."""
+    reason = unavailable_reason("torch") or timm_peer.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    config = SMALL_TIMM_CONFIGS[name]
+    assert timm_peer.peer_of(config) == timm_peer.peer_of(CONFIGS[name])
+    m = Measurement("torch", name, "timm", "compiled", "forward")
+    row = run.run_worker(m, config, 1, timeout=300.0, max_memory_gb=8.0)
+    assert row["status"] == "ok", row.get("reason")
+    check = row["check"]
+    assert check is not None and check["passed"], check
+    assert row["note"].startswith("timm's ")
 
 
 # ------------------------------------------------------------ arguments
@@ -383,6 +461,7 @@ def test_render_rows_that_did_not_run():
     "error,status",
     [
         (Unsupported("no such path"), "unsupported"),
+        (Skipped(timm_peer.NOT_INSTALLED), "skipped"),
         (MemoryError(), "out of memory"),
         (
             RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB"),
@@ -390,7 +469,7 @@ def test_render_rows_that_did_not_run():
         ),
         (ValueError("bad\nsecond line"), "failed"),
     ],
-    ids=["unsupported", "MemoryError", "torch-allocator", "other"],
+    ids=["unsupported", "skipped", "MemoryError", "torch-allocator", "other"],
 )
 def test_worker_classifies_errors(error, status):
     got, reason = worker.classify(error)

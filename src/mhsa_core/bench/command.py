@@ -31,7 +31,8 @@ Measures the MultiHeadSelfAttention2D layer's speed and memory on each backend
 (TensorFlow, torch, JAX), each measurement in a fresh worker process: every
 attention path (full, chunked, fused, auto), forward and forward+backward,
 compiled and eager, next to the backend's native fused attention of the same
-block and keras.layers.MultiHeadAttention(attention_axes=(1, 2)). Each row:
+block, timm's module of it (torch) and
+keras.layers.MultiHeadAttention(attention_axes=(1, 2)). Each row:
 the median time of the repeats, GF/s (projections + attention), % of the
 backend's own float32 matmul rate measured in the same process, time / the
 backend's fastest native, and the peak resident-memory growth. A row that
@@ -52,6 +53,10 @@ modes: compiled (tf.function(jit_compile=True) / torch.compile / jax.jit),
 paths: full, chunked, fused, auto (the layer's attention_implementation),
   native (torch F.scaled_dot_product_attention, compiled and eager;
   jax.nn.dot_product_attention under jit; TensorFlow's ops under XLA),
+  timm (torch only, compiled and eager: timm's own module of the block, the
+  same weights: swin SwinTransformerBlock._attn, rope_n4096 EvaAttention with
+  RotaryEmbeddingCat, n4096_relative BottleneckAttn; no row for a config
+  without a timm peer; "skipped" without timm installed),
   keras_mha (keras.layers.MultiHeadAttention, every mode).
 
 examples:

@@ -4,11 +4,15 @@ A row is (backend, config, path, mode, direction):
 
 - path: the layer's `attention_implementation` ("full", "chunked", "fused",
   "auto"), or a reference: "native" (the backend's own fused attention of the
-  same block, `natives`) or "keras_mha" (`keras.layers.MultiHeadAttention`
-  with `attention_axes=(1, 2)`, what a Keras user would reach for);
+  same block, `natives`), "timm" (timm's own module of the same block, torch
+  only, `timm_peer`) or "keras_mha" (`keras.layers.MultiHeadAttention` with
+  `attention_axes=(1, 2)`, what a Keras user would reach for);
 - mode: how the backend runs it (`MODE_MEANINGS`); a backend without a mode
-  (torch and JAX have no "graph") gets no row for it, nor a native outside
-  its `NATIVE_MODES`;
+  (torch and JAX have no "graph") gets no row for it, nor a reference
+  outside its `REFERENCE_MODES` (timm: torch's compiled and eager only);
+- config: a "timm" row only for a config with a timm peer
+  (`timm_peer.peer_of`: Swin's windows, "rope", "relative"); the others get
+  none, by plan, not as an error;
 - direction: "forward", or "forward+backward" (the gradients of a scalar
   loss wrt the inputs and every weight).
 """
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from mhsa_core.bench import timm_peer
+from mhsa_core.bench.configs import CONFIGS
 from mhsa_core.bench.flops import DIRECTIONS
 
 BENCH_BACKENDS = ("tensorflow", "torch", "jax")
@@ -24,8 +30,9 @@ BENCH_BACKENDS = ("tensorflow", "torch", "jax")
 FULL, CHUNKED, FUSED, AUTO = "full", "chunked", "fused", "auto"
 LAYER_PATHS = (FULL, CHUNKED, FUSED, AUTO)
 NATIVE = "native"
+TIMM = "timm"
 KERAS_MHA = "keras_mha"
-PATHS = LAYER_PATHS + (NATIVE, KERAS_MHA)
+PATHS = LAYER_PATHS + (NATIVE, TIMM, KERAS_MHA)
 
 COMPILED, GRAPH, EAGER = "compiled", "graph", "eager"
 MODES = (COMPILED, GRAPH, EAGER)
@@ -53,13 +60,26 @@ NATIVE_MODES = {
     "torch": ("compiled", "eager"),
     "jax": ("compiled",),
 }
+# timm is torch: its modules run as the native's do (eager, torch.compile).
+TIMM_MODES = {"torch": NATIVE_MODES["torch"]}
+# The references that do not run in every mode of every backend.
+REFERENCE_MODES = {NATIVE: NATIVE_MODES, TIMM: TIMM_MODES}
 
 
 def backend_modes(backend: str, path: str | None = None) -> tuple[str, ...]:
     """The modes `backend` runs `path` in (every mode it has but for the
-    native), in `MODES` order."""
-    modes = NATIVE_MODES[backend] if path == NATIVE else MODE_MEANINGS[backend]
+    references of `REFERENCE_MODES`), in `MODES` order; () for none."""
+    if path in REFERENCE_MODES:
+        modes = REFERENCE_MODES[path].get(backend, ())
+    else:
+        modes = tuple(MODE_MEANINGS[backend])
     return tuple(m for m in MODES if m in modes)
+
+
+def has_row(config: str, path: str) -> bool:
+    """Whether `config` (a name of `CONFIGS`) gets rows of `path`: every
+    config but for "timm", which needs a peer."""
+    return path != TIMM or timm_peer.peer_of(CONFIGS[config]) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +109,7 @@ def plan(backends, configs, paths=PATHS, modes=MODES, directions=DIRECTIONS):
     rows = []
     for backend in backends:
         for config in configs:
-            for path in (p for p in PATHS if p in paths):
+            for path in (p for p in PATHS if p in paths and has_row(config, p)):
                 for mode in (m for m in backend_modes(backend, path) if m in modes):
                     for direction in (d for d in DIRECTIONS if d in directions):
                         rows.append(Measurement(backend, config, path, mode, direction))

@@ -9,6 +9,7 @@ The JSON (`build`) holds everything the table and the plot show, and more:
      "options": {"repeats", "timeout", "max_memory_gb"},
      "flops": FORMULA, "modes": {backend: {mode: meaning}},
      "natives": {backend: meaning},
+     "timm": {config: timm's module of its "timm" rows} (configs with a peer),
      "backends": {backend: {"version": str | None, "skipped": reason | None}},
      "configs": {name: {BenchConfig fields, "tokens", "forward_gflop",
                         "forward_backward_gflop"}},
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import mhsa_core
 from mhsa_core._text import format_table
+from mhsa_core.bench import timm_peer
 from mhsa_core.bench.configs import BenchConfig
 from mhsa_core.bench.flops import (
     DIRECTIONS,
@@ -49,6 +51,7 @@ from mhsa_core.bench.plan import (
     MODES,
     NATIVE_MEANINGS,
     PATHS,
+    TIMM,
 )
 from mhsa_core.bench.run import derive, median_ceiling
 from mhsa_core.bench.worker import OK, UNSUPPORTED
@@ -97,6 +100,7 @@ def build(
         "flops": FORMULA,
         "modes": {b: MODE_MEANINGS[b] for b in backends},
         "natives": {b: NATIVE_MEANINGS[b] for b in backends},
+        "timm": _timm_modules(configs[name] for name in used),
         "backends": {
             b: {"version": versions.get(b), "skipped": skipped.get(b)} for b in backends
         },
@@ -110,6 +114,12 @@ def build(
         },
         "rows": rows,
     }
+
+
+def _timm_modules(configs):
+    """{config: timm's module} of the configs with a timm peer."""
+    peers = {c.name: timm_peer.peer_of(c) for c in configs}
+    return {name: peer.module for name, peer in peers.items() if peer is not None}
 
 
 def load_average():
@@ -151,6 +161,7 @@ def merge(reports):
         backends=backends,
         modes={k: v for r in reports for k, v in r.get("modes", {}).items()},
         natives={k: v for r in reports for k, v in r.get("natives", {}).items()},
+        timm={k: v for r in reports for k, v in r.get("timm", {}).items()},
         rows=derive(list(rows.values()), by_name),
         seconds=sum(r.get("seconds") or 0 for r in reports),
         complete=all(r.get("complete", True) for r in reports),
@@ -386,6 +397,17 @@ def render(report, markdown=False, summary=False):
             f"{machine['load_average_start']:.1f} at the start, "
             f"{machine['load_average_end']:.1f} at the end (a load above the "
             "CPU count slows and scatters every time; torch's most)."
+        )
+    peers = {
+        name: module
+        for name, module in report.get("timm", {}).items()
+        if any(r["path"] == TIMM and r["config"] == name for r in report["rows"])
+    }
+    if peers:
+        parts.append(
+            "timm rows: timm's own module of the block, the same weights: "
+            + "; ".join(f"{name} {module}" for name, module in peers.items())
+            + "."
         )
     parts.append(LEGEND + ".")
     parts.append(f"GF/s counts {report['flops']}.")

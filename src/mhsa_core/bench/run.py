@@ -23,10 +23,11 @@ from typing import cast
 from mhsa_core import _subprocess
 from mhsa_core._subprocess import unavailable_reason
 from mhsa_core._text import last_line
+from mhsa_core.bench import timm_peer
 from mhsa_core.bench import worker as worker_protocol
 from mhsa_core.bench.configs import BenchConfig
 from mhsa_core.bench.flops import flops
-from mhsa_core.bench.plan import NATIVE, Measurement
+from mhsa_core.bench.plan import NATIVE, TIMM, Measurement
 
 POLL_SECONDS = 0.05
 GB = 1e9
@@ -160,9 +161,16 @@ def skipped_backends(backends):
     return {b: reason for b, reason in reasons.items() if reason}
 
 
+def skipped_row_reason(measurement: Measurement) -> str | None:
+    """Why a row cannot run here, known without a worker (timm not
+    installed: a "skipped" row), or None."""
+    return timm_peer.unavailable_reason() if measurement.path == TIMM else None
+
+
 def run(measurements, configs, *, repeats, timeout, max_memory_gb, on_row=None):
     """Every measurement in its own worker, in order; a backend that is not
-    installed gets no worker and no row.
+    installed gets no worker and no row; a row whose module is not installed
+    (`skipped_row_reason`) gets no worker, and a "skipped" row with the reason.
 
     Args:
         measurements: `plan.Measurement`s.
@@ -177,7 +185,11 @@ def run(measurements, configs, *, repeats, timeout, max_memory_gb, on_row=None):
     todo = [m for m in measurements if m.backend not in skipped]
     rows = []
     for i, m in enumerate(todo):
-        result = run_worker(m, configs[m.config], repeats, timeout, max_memory_gb)
+        reason = skipped_row_reason(m)
+        if reason:
+            result = {"status": worker_protocol.SKIPPED, "reason": reason}
+        else:
+            result = run_worker(m, configs[m.config], repeats, timeout, max_memory_gb)
         row = {**m.to_json(), "reason": None, **result}
         rows.append(row)
         if on_row is not None:

@@ -1,5 +1,6 @@
 """What a bench row measures, built in the worker: the layer at one attention
-path, the backend's native fused reference, or Keras's MultiHeadAttention.
+path, the backend's native fused reference, timm's module of the same block
+(torch, `timm_peer`), or Keras's MultiHeadAttention.
 
 A `Subject` is in the backend's idiom (`engines`): `call(x) -> out` and the
 list of its variables on TensorFlow and torch, a pure `apply(params, x)` and
@@ -12,8 +13,9 @@ import dataclasses
 import inspect
 
 from mhsa_core import natives
+from mhsa_core.bench import timm_peer
 from mhsa_core.bench.configs import BenchConfig
-from mhsa_core.bench.plan import FULL, KERAS_MHA, LAYER_PATHS, NATIVE
+from mhsa_core.bench.plan import FULL, KERAS_MHA, LAYER_PATHS, NATIVE, TIMM
 
 # The layer argument that selects the path (issue 10).
 PATH_ARGUMENT = "attention_implementation"
@@ -21,6 +23,10 @@ PATH_ARGUMENT = "attention_implementation"
 
 class Unsupported(Exception):
     """The measured thing cannot be built here (e.g. a layer without the path)."""
+
+
+class Skipped(Exception):
+    """What the measured thing needs is not installed (e.g. timm)."""
 
 
 @dataclasses.dataclass
@@ -125,8 +131,23 @@ def keras_mha_subject(backend, config: BenchConfig, x):
     return Subject(call, params, same_block=False, note=note)
 
 
+def timm_subject(backend, config: BenchConfig, weights) -> Subject:
+    """timm's module of `config`'s block (`timm_peer`), torch only, with the
+    row's weights: the same block, checked like the native."""
+    if backend != "torch":
+        raise Unsupported(f"timm is torch; received: backend={backend!r}")
+    if timm_peer.peer_of(config) is None:
+        raise Unsupported(f"timm has no peer of the config {config.name!r}")
+    reason = timm_peer.unavailable_reason()
+    if reason:
+        raise Skipped(reason)
+    call, params, note = timm_peer.build(config, weights)
+    return Subject(call, params, note=note)
+
+
 def build(backend, config: BenchConfig, path, weights, x) -> Subject:
-    """The subject of `path` ("full" ... "auto", "native", "keras_mha") on `backend`.
+    """The subject of `path` ("full" ... "auto", "native", "timm", "keras_mha")
+    on `backend`.
 
     `x`: the input as the backend's tensor (Keras objects are built on it).
     """
@@ -135,6 +156,8 @@ def build(backend, config: BenchConfig, path, weights, x) -> Subject:
     if path == NATIVE:
         call, params = natives.BUILDERS[backend](config, weights)
         return Subject(call, params)
+    if path == TIMM:
+        return timm_subject(backend, config, weights)
     if path == KERAS_MHA:
         return keras_mha_subject(backend, config, x)
     raise ValueError(f"Unknown path. Received: path={path!r}")

@@ -14,13 +14,15 @@ SPEC_JSON: {"measurement": Measurement fields, "config": BenchConfig fields,
 4. the peak resident-set growth since 2.;
 5. where B * heads * N * K <= `CHECK_MAX_LOGITS` (K keys per query: N, or
    the window's) and the subject is the block
-   itself (not Keras's MultiHeadAttention), the forward output of the last
+   itself (the layer, the native, timm's peer; not Keras's
+   MultiHeadAttention), the forward output of the last
    call against the float64 NumPy reference, by the reference's own budget
    rule (`mhsa_core.reference.error_budget`): error <= budget.
 
 The JSON line is written to the process's original stdout; everything the
 frameworks print goes to stderr. A step that raises is a result too
-("failed", "unsupported" or "out of memory" with the exception's line).
+("failed", "unsupported", "skipped" (a module it needs is not installed)
+or "out of memory" with the exception's line).
 """
 
 from __future__ import annotations
@@ -149,11 +151,13 @@ def measure(measurement: Measurement, config: BenchConfig, repeats: int) -> dict
 
 def classify(error: BaseException) -> tuple[str, str]:
     """(status, one-line reason) of an exception raised by a measurement."""
-    from mhsa_core.bench.subjects import Unsupported
+    from mhsa_core.bench.subjects import Skipped, Unsupported
 
     line = f"{type(error).__name__}: {error}".strip().splitlines()[0][:300]
     if isinstance(error, Unsupported):
         return UNSUPPORTED, str(error).splitlines()[0][:300]
+    if isinstance(error, Skipped):
+        return SKIPPED, str(error).splitlines()[0][:300]
     text = f"{type(error).__name__} {error}"
     if isinstance(error, MemoryError) or any(t in text for t in _OOM_TEXTS):
         return OUT_OF_MEMORY, line
