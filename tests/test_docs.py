@@ -55,6 +55,10 @@ NO_RUN = {
     "(run as a script)": (
         "own process: run by tests/layers/test_distribution.py (torch lane)"
     ),
+    "docs/consistency.md: Every export cell of the issue-19 cases": (
+        "minutes of exports in three workers; tests/consistency/"
+        "test_export_cases.py runs most of these cells"
+    ),
     "docs/consistency.md: Attention paths in exports": (
         "a fragment of an export: `model` is the user's, and the LiteRT runtime "
         "(tests/consistency/test_export.py exports with choice.fallback)"

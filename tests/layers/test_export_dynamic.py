@@ -10,6 +10,8 @@
   and a symbolic N can be neither compared nor looped over: "auto" takes the
   full path there (its by-size choice once raised InconclusiveDimension),
   "chunked" is a ValueError naming `choice.fallback`, under which it exports.
+  Swin's windows too: the padded size must be nh * wh to JAX (a crop to H
+  of it was min(nh * wh, H), which the roll back's gather refused).
 """
 
 import keras
@@ -30,6 +32,10 @@ CASES = [
     ("none", None),
     ("sinusoidal", None),
     *[(name, (5, 5)) for name in LEARNED_ENCODINGS],
+    # Rotary: the tables computed in the graph (a grid normalised against
+    # the reference size; learned per-head frequencies).
+    ("rope", (5, 5)),
+    ("rope_mixed", None),
 ]
 
 
@@ -162,4 +168,37 @@ def test_jax_export_of_the_chunked_path_falls_back_to_full_when_asked():
             weights,
             layer.get_config(),
             what=f"exported, at {shape}",
+        )
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.export: the JAX backend only")
+def test_jax_export_of_shifted_windows_at_a_padded_and_a_whole_size():
+    """Shifted 3x3 windows with Swin's bias, exported with symbolic sizes
+    (the path of Keras's SavedModel export from JAX), run at a map padded
+    to whole windows (7x5 -> 9x6) and at one window (no shift)."""
+    import jax
+    import numpy as np
+
+    config = {
+        "num_heads": 2,
+        "position_encoding": "relative_bias",
+        "window_size": (3, 3),
+        "shift_size": (1, 1),
+    }
+    layer, _, weights = make_case(config, (2, 7, 5, 8))
+    b, h, w = jax.export.symbolic_shape("b, h, w")
+    exported = jax.export.export(jax.jit(lambda x, m: layer(x, attention_mask=m)))(
+        jax.ShapeDtypeStruct((b, h, w, 8), np.float32),
+        jax.ShapeDtypeStruct((b, h, w), np.bool_),
+    )
+    for seed, (batch, height, width) in enumerate([(2, 7, 5), (3, 3, 3)]):
+        x = random_input((batch, height, width, 8), seed=seed)
+        mask = padded_mask(batch, height, width)
+        assert_float32_within_budget(
+            np.asarray(exported.call(x, mask)),
+            x,
+            weights,
+            layer.get_config(),
+            attention_mask=mask,
+            what=f"exported, at {x.shape}",
         )

@@ -32,7 +32,7 @@ from __future__ import annotations
 from keras import ops
 
 from mhsa_core._typing import Tensor
-from mhsa_core.layers.position._grid import is_static
+from mhsa_core.layers.position._grid import gather, is_static
 
 
 class Windows:
@@ -65,11 +65,16 @@ class Windows:
             _effective_shift(height, window[0], shift[0]),
             _effective_shift(width, window[1], shift[1]),
         )
-        # Padding rows (columns) at the bottom (right), and windows per axis.
-        self.pad = (-height % window[0], -width % window[1])
-        self.counts = (
-            (height + self.pad[0]) // window[0],
-            (width + self.pad[1]) // window[1],
+        # Windows per axis, and the padding rows (columns) at the bottom
+        # (right). From (size - 1) // window, never -size % window: no
+        # operand is negative, so the exporters that turn a floor mod or
+        # division into a truncating one agree (tf2onnx: -7 % 3 = -1, a
+        # negative padding), and JAX's symbolic sizes see the padded size
+        # nh * wh as it is (it cannot tell min(nh * wh, H) from H).
+        self.counts = ((height - 1) // window[0] + 1, (width - 1) // window[1] + 1)
+        self.pad = (
+            self.counts[0] * window[0] - height,
+            self.counts[1] * window[1] - width,
         )
         self.padded = not all(is_static(p) and p == 0 for p in self.pad)
         self.shifted = not all(is_static(s) and s == 0 for s in self.shift)
@@ -86,8 +91,10 @@ class Windows:
         grid = _roll(grid, self.shift[1], axis=3, size=self.width, back=False)
         grid = _pad(grid, self.pad[0], axis=2)
         grid = _pad(grid, self.pad[1], axis=3)
-        grid = ops.reshape(grid, (batch, heads, nh, wh, nw, ww, d))
-        grid = ops.transpose(grid, (0, 2, 4, 1, 3, 5, 6))  # (B, nh, nw, heads, ...)
+        # Six axes, ww and d as one (they keep their order): LiteRT's builtin
+        # transpose takes at most six (seven needed the Flex delegate).
+        grid = ops.reshape(grid, (batch, heads, nh, wh, nw, ww * d))
+        grid = ops.transpose(grid, (0, 2, 4, 1, 3, 5))  # (B, nh, nw, heads, ...)
         return ops.reshape(grid, (batch * nh * nw, heads, self.tokens, d))
 
     def merge(self, t: Tensor) -> Tensor:
@@ -97,13 +104,11 @@ class Windows:
         shape = ops.shape(t)
         heads, d = shape[1], t.shape[-1]
         batch = shape[0] // (nh * nw)
-        grid = ops.reshape(t, (batch, nh, nw, heads, wh, ww, d))
-        grid = ops.transpose(grid, (0, 3, 1, 4, 2, 5, 6))  # (B, heads, nh, wh, ...)
+        grid = ops.reshape(t, (batch, nh, nw, heads, wh, ww * d))  # as `partition`
+        grid = ops.transpose(grid, (0, 3, 1, 4, 2, 5))  # (B, heads, nh, wh, ...)
         grid = ops.reshape(grid, (batch, heads, nh * wh, nw * ww, d))
-        if self.padded:
-            grid = grid[:, :, : self.height, : self.width]
-        grid = _roll(grid, self.shift[0], axis=2, size=self.height, back=True)
-        grid = _roll(grid, self.shift[1], axis=3, size=self.width, back=True)
+        grid = _unpad_roll(grid, self.shift[0], axis=2, size=self.height)
+        grid = _unpad_roll(grid, self.shift[1], axis=3, size=self.width)
         return ops.reshape(grid, (batch, heads, self.height * self.width, d))
 
     # ------------------------------------------------------------ masks
@@ -126,13 +131,15 @@ class Windows:
         padding, whose keys `key_mask` removes), or None without a shift."""
         if not self.shifted:
             return None
-        y = ops.arange(self.height, dtype="int32")
-        x = ops.arange(self.width, dtype="int32")
-        wrapped_y = ops.cast(ops.less(y, self.shift[0]), "int32")  # (H,)
-        wrapped_x = ops.cast(ops.less(x, self.shift[1]), "int32")  # (W,)
+        (wh, ww), (nh, nw) = self.window, self.counts
+        # The labels of the rolled, padded map, cut into windows: no roll or
+        # gather of a (1, 1, H, W, 1) map, which tf2onnx's optimizer merges
+        # into a Reshape that ONNX Runtime refuses ("Invalid position of 0").
+        wrapped_y = _wrapped(self.height, self.shift[0], nh * wh)  # (nh * wh,)
+        wrapped_x = _wrapped(self.width, self.shift[1], nw * ww)  # (nw * ww,)
         labels = 2 * ops.expand_dims(wrapped_y, 1) + ops.expand_dims(wrapped_x, 0)
-        labels = ops.reshape(labels, (1, 1, self.height * self.width, 1))
-        labels = ops.reshape(self.partition(labels), (-1, self.tokens))  # (nW, Nw)
+        labels = ops.transpose(ops.reshape(labels, (nh, wh, nw, ww)), (0, 2, 1, 3))
+        labels = ops.reshape(labels, (nh * nw, self.tokens))  # (nW, Nw)
         return ops.tile(labels, (batch, 1))  # window b * nW + w
 
     def scores_to_map(self, scores: Tensor) -> Tensor:
@@ -170,6 +177,15 @@ def _count(size: int | Tensor) -> Tensor:
     return ops.sum(ops.ones_like(ops.arange(size, dtype="int32")))
 
 
+def _wrapped(size: int | Tensor, shift: int | Tensor, padded: int | Tensor) -> Tensor:
+    """int32 (padded,): 1 at the places of an axis rolled by -shift that hold
+    the map's first `shift` places (wrapped from the start: the last `shift`
+    places of the map), 0 elsewhere and at the padding (places >= size)."""
+    place = ops.arange(padded, dtype="int32")
+    wrapped = ops.logical_and(place >= size - shift, place < size)
+    return ops.cast(wrapped, "int32")
+
+
 def _effective_shift(size: int | Tensor, window: int, shift: int) -> int | Tensor:
     """`shift`, or 0 when the map fits in one window along the axis (timm);
     an int32 tensor for a size known at run time."""
@@ -191,9 +207,30 @@ def _roll(
     """
     if is_static(shift):
         return t if shift == 0 else ops.roll(t, shift if back else -shift, axis=axis)
+    return gather(t, _rolled_index(shift, size, back), axis=axis)
+
+
+def _rolled_index(shift: int | Tensor, size: int | Tensor, back: bool) -> Tensor:
+    """(size,) int32: the source of each place of an axis rolled by -shift,
+    or by +shift (`back`). size - shift, never -shift: no negative operand
+    of the floor mod (tf2onnx's truncates; 0 <= shift < size)."""
     index = ops.arange(size, dtype="int32")
-    index = (index - shift if back else index + shift) % _count(size)
-    return ops.take(t, index, axis=axis)
+    return (index + (size - shift if back else shift)) % _count(size)
+
+
+def _unpad_roll(
+    t: Tensor, shift: int | Tensor, axis: int, size: int | Tensor
+) -> Tensor:
+    """The first `size` places of `axis` (the padding cropped), rolled back
+    by +shift. A size known only at run time takes both in one gather of
+    `size` indices (all below the map's size): its result has the map's size
+    as it is, which JAX's symbolic sizes need (a slice to H of the padded
+    nh * wh is min(nh * wh, H) to them, which no later reshape accepts)."""
+    if is_static(size):
+        if t.shape[axis] != size:
+            t = t[(slice(None),) * axis + (slice(None, size),)]
+        return _roll(t, shift, axis=axis, size=size, back=True)
+    return gather(t, _rolled_index(shift, size, back=True), axis=axis)
 
 
 def _pad(t: Tensor, amount: int | Tensor, axis: int) -> Tensor:

@@ -19,6 +19,36 @@ def is_static(value: object) -> TypeGuard[int]:
     return isinstance(value, int)
 
 
+def gather(t: Tensor, index: Tensor, axis: int) -> Tensor:
+    """`ops.take(t, index, axis=axis)`, as a take along axis 0 of a 2-D
+    tensor (the gathered axis first, the others as one) with the axes moved
+    back: the index's axes where `axis` was.
+
+    Keras's torch `take` along any other axis (or of a tensor of another
+    rank) is `index_select` then `squeeze`: torch's ONNX export writes the
+    squeeze as an ONNX Squeeze that ONNX Runtime refuses (of an axis whose
+    size is not 1), and OpenVINO has no conversion rule for its `aten::ravel`.
+    Along axis 0 of a 2-D tensor it is an embedding lookup, which both take.
+    A gather moves values only: the result is the same on every backend.
+    """
+    rank = len(t.shape)
+    axis = axis % rank
+    moved = ops.moveaxis(t, axis, 0) if axis else t
+    shape = ops.shape(moved)
+    rows = ops.take(ops.reshape(moved, (shape[0], -1)), index, axis=0)
+    index_rank = len(index.shape)
+    rows = ops.reshape(rows, (*ops.shape(index), *shape[1:]))
+    if not axis:
+        return rows
+    # (index axes, other axes) -> (other axes before `axis`, index axes, rest)
+    order = [
+        *range(index_rank, index_rank + axis),
+        *range(index_rank),
+        *range(index_rank + axis, index_rank + rank - 1),
+    ]
+    return ops.transpose(rows, order)
+
+
 def resize_table(table: Tensor, length: int | Tensor) -> Tensor:
     """`table` (L, d) linearly interpolated along axis 0 to `length` rows.
 

@@ -8,6 +8,7 @@ from keras import ops
 
 from mhsa_core._typing import DType, Tensor
 from mhsa_core.layers.position._bias_resize import resize_bias_table
+from mhsa_core.layers.position._grid import gather
 from mhsa_core.layers.position.base import PositionEncoding
 from mhsa_core.layers.weights import WeightFactory
 from mhsa_core.reference import schema
@@ -32,7 +33,7 @@ def bias_rows(table: Tensor, rows: Tensor) -> Tensor:
     dx = ops.expand_dims(rows % width, 1) - ops.expand_dims(keys % width, 0)
     index = (dy + height - 1) * (2 * width - 1) + (dx + width - 1)  # (c, N)
     flat = ops.reshape(table, (*shape[:-2], shape[-2] * shape[-1]))
-    return ops.take(flat, index, axis=-1)
+    return gather(flat, index, axis=-1)
 
 
 class RelativeBias(PositionEncoding):
