@@ -352,10 +352,13 @@ class TestLayerVsNative:
         """
         assert not mask[0].any()
         item0 = mine["out"][0]
-        if "output_kernel" in mine["grads"] or "output_norm_scale" in mine["grads"]:
-            # The output norm / projection of zeros: one vector everywhere.
-            assert np.all(item0 == item0.reshape(-1, item0.shape[-1])[:1])
-        else:
+        if (
+            "output_kernel" not in mine["grads"]
+            and "output_norm_scale" not in mine["grads"]
+        ):
+            # Exactly zero. (With an output norm / projection: what they make of
+            # zeros, which the forward comparison judges; not bit-identical at
+            # every position, test_options.py says why.)
             assert np.all(item0 == 0)
         assert np.all(mine["grads"]["x"][0] == 0), "masked item: input gradient not 0"
         assert magnitude(mine["grads"]["x"][1]) > 0

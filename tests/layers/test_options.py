@@ -8,7 +8,7 @@ tests/reference/test_norms.py and tests/backends/test_timm.py):
 - every config of `cases.OPTION_CONFIGS`, float64 within 1e-10 and float32
   within the budget, on a padded batch whose item 0 has every key masked
   (its zero attention output becomes what the output norm and projection
-  make of zeros: their bias terms, one vector at every position);
+  make of zeros: their bias terms);
 - each option has teeth: the layer follows the reference with it, and is
   far from the reference without it (or with the other norm, or another
   epsilon);
@@ -80,10 +80,12 @@ def test_matches_reference(name, dtype):
         assert_float64_close(out, expected)
     else:
         assert_float32_within_budget(out, x, weights, config, attention_mask=mask)
-    # Item 0 has no key: one output vector at every position, zero without
-    # the output options.
+    # Item 0 has no key: zero without the output options, exactly. With them
+    # it is what they make of zeros, which the reference check above judges;
+    # not bit-identical across positions: a GEMM may take another kernel path
+    # for some rows of identical inputs (torch's MKL under MKL_CBWR=AVX2 did,
+    # in float64), so identical rows in are not identical bits out.
     item0 = np.moveaxis(out[0], 0, -1) if config.get("data_format") else out[0]
-    assert np.all(item0 == item0.reshape(-1, item0.shape[-1])[:1])
     if not (config.get("output_dense") or config.get("output_norm")):
         assert np.all(item0 == 0)
 

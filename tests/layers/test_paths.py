@@ -379,10 +379,8 @@ def _check_fully_masked_item(out, grads):
     input gradient. (Its share of the weight gradients is 0 too: they are
     within budget of the oracle's, where it is exactly 0, and finite.) The
     layer's output is then zero, or, after an output norm / projection, what
-    they make of zeros: one vector at every position, exactly."""
-    assert np.all(out[0] == out[0].reshape(-1, out.shape[-1])[:1]), (
-        "fully masked item: not one output at every position"
-    )
+    they make of zeros (judged by the forward check; not bit-identical at
+    every position: test_options.py says why)."""
     if "output_kernel" not in grads and "output_norm_scale" not in grads:
         assert np.all(out[0] == 0), "fully masked item: output not 0"
     assert np.all(grads["x"][0] == 0), "fully masked item: input gradient not 0"

@@ -177,7 +177,7 @@ def _check_masked_softmax(out, scores, mask, config):
     """Facts of the masked softmax that hold exactly, whatever the configuration.
 
     A fully masked item gives zeros (never NaN), or with an output norm or
-    projection what they make of zeros, one vector at every position; a query
+    projection what they make of zeros (the reference comparison's); a query
     whose keys (its window's) are all masked gets no probabilities; a masked
     key gets probability exactly 0; every other row sums to 1 within the
     rounding of a softmax of n terms:
@@ -201,9 +201,12 @@ def _check_masked_softmax(out, scores, mask, config):
             item = out[b]
             if config["data_format"] == "channels_first":
                 item = np.moveaxis(item, 0, -1)
-            first = item.reshape(-1, item.shape[-1])[:1]
-            assert np.all(item == (first if output_ops else 0)), (
-                f"item {b} is fully masked: output not zero (or one vector)"
+            # Zero, exactly; with an output norm or projection, what they make
+            # of zeros, judged by the reference comparison (not one vector to
+            # the bit: a GEMM may round rows of identical inputs differently
+            # by their place, test_options.py says where it was seen).
+            assert output_ops or np.all(item == 0), (
+                f"item {b} is fully masked: output not zero"
             )
             assert np.all(scores[b] == 0), f"item {b} is fully masked: scores not zero"
             continue
