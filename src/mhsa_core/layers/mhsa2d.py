@@ -68,6 +68,19 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     by angles of the token's (y, x) before the attention, on every attention
     path.
 
+    Prefix tokens (`call(x, prefix_tokens=p)`, p of shape (B, T, C): a class
+    token, register tokens, as ViT, DINOv2 with registers, EVA-02, DINOv3)
+    join the map's tokens in the attention, first: tokens = concat(p,
+    position.tokens(t)), (B, T + N, C), timm's order. The same projections,
+    q/k norms, output norm and output projection act on them, they are keys
+    and queries of every attention path, and they come back as a second
+    output. They get no position term: "none" has none; "sinusoidal" and
+    "conv" add theirs to the map's tokens only; "rope" and "rope_mixed"
+    rotate the map's q and k only (EVA's and DINOv3's rope on q[:, :, T:]),
+    by the same angles as without prefix tokens. "relative", "absolute" and
+    "relative_bias" refuse them (their tables are of places in the map), as
+    do windows.
+
     Windows (Swin, `window_size`): every token attends only to the tokens of
     its window; with `shift_size` the windows are cyclically shifted and the
     tokens the shift wrapped around are masked from their new neighbours, as
@@ -210,13 +223,22 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         return_attention_scores: If True, also return the attention
             probabilities.
         training: Whether dropout is active.
+        prefix_tokens: Optional float (B, T, C) (any layout: tokens have
+            none), T static or not, T = 0 allowed: class and register
+            tokens, attended to by every query and attending to every
+            key. The attention_mask covers the map's keys only: prefix
+            tokens are always keys.
 
     Returns:
         The output, same shape as `inputs` and in the compute dtype; with
         `return_attention_scores=True` the tuple `(outputs, scores)`, scores of
         shape (B, num_heads, H * W, H * W) (float32 under mixed precision: they
         are computed in float32; with windows, zero between tokens of
-        different windows). A query whose keys are all masked has zero
+        different windows). With `prefix_tokens`, `(outputs,
+        prefix_outputs)`, prefix_outputs (B, T, C), and with scores
+        `(outputs, prefix_outputs, scores)`, scores (B, num_heads, T + N,
+        T + N), prefix tokens first. A map item whose keys are all masked
+        still attends to the prefix tokens. A query whose keys are all masked has zero
         attention output: the output itself with no output_norm or
         output_dense, else what those make of zeros (their bias terms).
         Under mixed precision the norms compute in float32 (their weights
@@ -405,6 +427,33 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 f"Received: attention_mask.shape={mask_shape}"
             )
 
+    def _check_prefix_tokens(self, input_shape: Sequence[Any], prefix: Any) -> None:
+        """ValueError unless `prefix_tokens` is a float (B, T, C) of the
+        inputs' batch and channels that this layer can take."""
+        shape = tuple(prefix.shape)
+        batch = input_shape[0]
+        channels = self._spatial_and_channels(input_shape)[2]
+        dtype = keras.backend.standardize_dtype(prefix.dtype)
+        if "float" not in dtype:
+            raise ValueError(
+                "`prefix_tokens` must be a float tensor. "
+                f"Received: prefix_tokens.dtype={dtype}"
+            )
+        # Only sizes known on both sides are compared (symbolic sizes, as
+        # in `_check_mask_shape`).
+        ok = len(shape) == 3 and all(
+            not (arguments.is_int(e) and arguments.is_int(m)) or e == m
+            for e, m in ((batch, shape[0]), (channels, shape[-1]))
+        )
+        if not ok:
+            raise ValueError(
+                f"`prefix_tokens` must have shape (B, T, C)=({batch}, T, {channels}). "
+                f"Received: prefix_tokens.shape={shape}"
+            )
+        arguments.check_prefix_tokens(
+            shape, self.position_encoding, window_size=self.window_size
+        )
+
     @property
     def head_key_dim(self) -> int:
         """Channels per head of query and key (key_dim, or C // num_heads)."""
@@ -534,19 +583,32 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         attention_mask: keras.KerasTensor | None = None,
         return_attention_scores: bool = False,
         training: bool | None = None,
-    ) -> keras.KerasTensor | tuple[keras.KerasTensor, keras.KerasTensor]:
+        prefix_tokens: keras.KerasTensor | None = None,
+    ) -> keras.KerasTensor | tuple[keras.KerasTensor, ...]:
         shape = self._check_input_shape(inputs.shape)
         if attention_mask is not None:
             self._check_mask_shape(shape, attention_mask.shape)
-        outputs = keras.KerasTensor(shape, dtype=self.compute_dtype)
-        if not return_attention_scores:
-            return outputs
-        height, width, _ = self._spatial_and_channels(shape)
+        results = [keras.KerasTensor(shape, dtype=self.compute_dtype)]
+        height, width, channels = self._spatial_and_channels(shape)
         n = None if height is None or width is None else height * width
-        scores = keras.KerasTensor(
-            (shape[0], self.num_heads, n, n), dtype=logits_dtype(self.compute_dtype)
-        )
-        return outputs, scores
+        if prefix_tokens is not None:
+            self._check_prefix_tokens(shape, prefix_tokens)
+            prefix_shape = tuple(prefix_tokens.shape)
+            results.append(
+                keras.KerasTensor(
+                    (prefix_shape[0], prefix_shape[1], channels),
+                    dtype=self.compute_dtype,
+                )
+            )
+            n = None if n is None or prefix_shape[1] is None else n + prefix_shape[1]
+        if return_attention_scores:
+            results.append(
+                keras.KerasTensor(
+                    (shape[0], self.num_heads, n, n),
+                    dtype=logits_dtype(self.compute_dtype),
+                )
+            )
+        return results[0] if len(results) == 1 else tuple(results)
 
     # -------------------------------------------------------------------- call
     def call(
@@ -555,7 +617,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         attention_mask: Tensor | None = None,
         return_attention_scores: bool = False,
         training: bool | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        prefix_tokens: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
         x = inputs
         if self.data_format == "channels_first":
             # 1x1 projections act on tokens, so the layout is resolved once here.
@@ -567,6 +630,16 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
 
         tokens = ops.reshape(x, (batch, n, channels))  # (B, N, C), row-major
         tokens = self.position.tokens(tokens, height, width)
+        num_prefix, total = 0, n  # prefix tokens, all tokens
+        if prefix_tokens is not None:
+            prefix_tokens = ops.convert_to_tensor(prefix_tokens)
+            self._check_prefix_tokens(tuple(inputs.shape), prefix_tokens)
+            # Prefix first (timm/EVA), after the map's token term: the same
+            # projections and norms, no position term.
+            prefix_tokens = ops.cast(prefix_tokens, tokens.dtype)
+            num_prefix = ops.shape(prefix_tokens)[1]
+            tokens = ops.concatenate([prefix_tokens, tokens], axis=1)  # (B, T+N, C)
+            total = n + num_prefix
         activation = activations.for_dtype(self.activation, self.compute_dtype)
         q = dense(tokens, self.query_kernel, self.query_bias, activation)
         k = dense(tokens, self.key_kernel, self.key_bias, activation)
@@ -574,13 +647,19 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         # q, k: (B, N, heads*kd); v: (B, N, C)
 
         def split_heads(t: Tensor, dim: int) -> Tensor:  # (B, N, h*d) -> (B, h, N, d)
-            return ops.transpose(ops.reshape(t, (batch, n, heads, dim)), (0, 2, 1, 3))
+            return ops.transpose(
+                ops.reshape(t, (batch, total, heads, dim)), (0, 2, 1, 3)
+            )
 
         key_mask = None
         if attention_mask is not None:
             attention_mask = ops.convert_to_tensor(attention_mask)
             self._check_mask_shape(tuple(inputs.shape), tuple(attention_mask.shape))
             key_mask = ops.reshape(attention_mask, (batch, n))  # (B, N)
+            if prefix_tokens is not None:
+                # Prefix tokens are always keys: (B, T + N), True first.
+                always = ops.ones_like(prefix_tokens[:, :, 0], dtype="bool")
+                key_mask = ops.concatenate([always, key_mask], axis=1)
 
         query = split_heads(q, key_dim)  # (B, heads, N, kd)
         key = split_heads(k, key_dim)
@@ -607,7 +686,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         # With windows too: the angles are of the token's place in the map,
         # and q_i . k_j then depends only on their offset, inside a window
         # as anywhere.
-        query, key = self.position.rotate(query, key, height, width)
+        if prefix_tokens is None:
+            query, key = self.position.rotate(query, key, height, width)
+        else:
+            # The map's q and k only: prefix tokens are not rotated (EVA's
+            # and DINOv3's rope on q[:, :, T:], k[:, :, T:]).
+            query, key = self._rotate_map_tokens(query, key, num_prefix, height, width)
 
         # Swin's windows: each window a batch item of the attention, with
         # the padding masked and the shift regions apart.
@@ -644,8 +728,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 # O(N^2): only when asked (the full path always has them).
                 scores = windows.scores_to_map(scores)  # (B, heads, N, N)
         outputs = ops.reshape(
-            ops.transpose(outputs, (0, 2, 1, 3)), (batch, n, channels)
-        )  # the heads merged: (B, N, C)
+            ops.transpose(outputs, (0, 2, 1, 3)), (batch, total, channels)
+        )  # the heads merged: (B, T + N, C)
         if self.output_norm is not None:
             outputs = apply_norm(
                 outputs,
@@ -656,12 +740,38 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             )
         if self.output_dense:
             outputs = dense(outputs, self.output_kernel, self.output_bias)
+        prefix_outputs = None
+        if prefix_tokens is not None:
+            prefix_outputs = outputs[:, :num_prefix]  # (B, T, C): no layout
+            outputs = outputs[:, num_prefix:]
         outputs = ops.reshape(outputs, (batch, height, width, channels))
         if self.data_format == "channels_first":
             outputs = ops.transpose(outputs, (0, 3, 1, 2))
+        results = (outputs,) if prefix_outputs is None else (outputs, prefix_outputs)
         if return_attention_scores:
-            return outputs, scores
-        return outputs
+            return (*results, scores)
+        return results[0] if len(results) == 1 else results
+
+    def _rotate_map_tokens(
+        self,
+        query: Tensor,
+        key: Tensor,
+        num_prefix: int | Tensor,
+        height: int | Tensor,
+        width: int | Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """The position's rotation of the map's q and k (B, heads, T + N, kd),
+        the first T (the prefix tokens') as they are, in the dtype of the
+        rotated ones."""
+        q_map, k_map = self.position.rotate(
+            query[:, :, num_prefix:], key[:, :, num_prefix:], height, width
+        )
+        q_prefix = ops.cast(query[:, :, :num_prefix], q_map.dtype)
+        k_prefix = ops.cast(key[:, :, :num_prefix], k_map.dtype)
+        return (
+            ops.concatenate([q_prefix, q_map], axis=2),
+            ops.concatenate([k_prefix, k_map], axis=2),
+        )
 
     # ------------------------------------------------------------ weights I/O
     def get_weight_dict(self) -> dict[str, np.ndarray]:

@@ -27,7 +27,9 @@ channels are first known: the layer's `build`, a native's constructor.
 `check_window` is the rule between `window_size`, `shift_size` and the
 encoding (a shift smaller than the window, no shift without windows, an
 encoding that can run inside windows), applied after the table's rules;
-`pair` gives a size argument as (height, width).
+`pair` gives a size argument as (height, width). `check_prefix_tokens` is
+the rule between prefix tokens (a call's class and register tokens) and the
+config and call arguments they cannot be combined with.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ __all__ = [
     "check_arguments",
     "check_channels",
     "check_key_dim",
+    "check_prefix_tokens",
     "check_rope",
     "check_window",
     "invalid",
@@ -403,3 +406,36 @@ def check_window(
             f"{refused}. Received: position_encoding={position_encoding!r}, "
             f"window_size={window_size!r}"
         )
+
+
+def _shown(value: object) -> str:
+    """An argument's value for a message: a tensor or array by its shape."""
+    shape = getattr(value, "shape", None)
+    return repr(value) if shape is None else f"<tensor of shape {tuple(shape)}>"
+
+
+def check_prefix_tokens(
+    prefix_shape: tuple[Any, ...], position_encoding: str = "none", **others: object
+) -> None:
+    """ValueError when prefix tokens (of shape `prefix_shape`) meet what
+    cannot take them: a "logits" position encoding
+    (`schema.Encoding.refused_with_prefix_tokens`), or any argument of
+    `others` that is set (not None): `window_size` (a prefix token belongs to
+    no window), and the arguments of reduced keys and values and of
+    cross-attention (`kv_reduction`, `context`) where the caller has them.
+    """
+    refused = schema.encoding(position_encoding).refused_with_prefix_tokens
+    if refused:
+        raise ValueError(
+            f"`prefix_tokens` cannot be used with position_encoding="
+            f"{position_encoding!r}: {refused}. Use 'rope', 'rope_mixed', "
+            "'sinusoidal', 'conv' or 'none'. Received: "
+            f"position_encoding={position_encoding!r}, "
+            f"prefix_tokens.shape={tuple(prefix_shape)}"
+        )
+    for name, value in others.items():
+        if value is not None:
+            raise ValueError(
+                f"`prefix_tokens` cannot be combined with `{name}`. Received: "
+                f"{name}={_shown(value)}, prefix_tokens.shape={tuple(prefix_shape)}"
+            )

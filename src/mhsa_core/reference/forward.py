@@ -199,6 +199,7 @@ def mhsa_forward(
     window_size: int | tuple[int, int] | None = ...,
     shift_size: int | tuple[int, int] = ...,
     attention_mask: ArrayLike | None = ...,
+    prefix_tokens: None = ...,
     return_attention_scores: Literal[False] = ...,
     dtype: FloatType = ...,
     accumulation: str = ...,
@@ -233,6 +234,7 @@ def mhsa_forward(
     window_size: int | tuple[int, int] | None = ...,
     shift_size: int | tuple[int, int] = ...,
     attention_mask: ArrayLike | None = ...,
+    prefix_tokens: None = ...,
     return_attention_scores: Literal[True],
     dtype: FloatType = ...,
     accumulation: str = ...,
@@ -267,11 +269,47 @@ def mhsa_forward(
     window_size: int | tuple[int, int] | None = ...,
     shift_size: int | tuple[int, int] = ...,
     attention_mask: ArrayLike | None = ...,
+    prefix_tokens: None = ...,
     return_attention_scores: bool,
     dtype: FloatType = ...,
     accumulation: str = ...,
     storage_dtype: DTypeLike | None = ...,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
+
+
+@overload
+def mhsa_forward(
+    x: ArrayLike,
+    weights: Mapping[str, np.ndarray],
+    *,
+    num_heads: int = ...,
+    key_dim: int | None = ...,
+    activation: str | None = ...,
+    position_encoding: str = ...,
+    scale: float | None = ...,
+    scale_position_logits: bool = ...,
+    data_format: str = ...,
+    use_key_bias: bool | None = ...,
+    qk_norm: str | None = ...,
+    output_norm: str | None = ...,
+    output_dense: bool = ...,
+    norm_epsilon: float = ...,
+    position_size: Sequence[int] | None = ...,
+    rope_temperature: float | None = ...,
+    rope_layout: str = ...,
+    rope_grid_indexing: str | None = ...,
+    rope_grid_offset: float = ...,
+    rope_in_pixels: bool = ...,
+    rope_max_resolution: float = ...,
+    window_size: int | tuple[int, int] | None = ...,
+    shift_size: int | tuple[int, int] = ...,
+    attention_mask: ArrayLike | None = ...,
+    prefix_tokens: ArrayLike,
+    return_attention_scores: bool = ...,
+    dtype: FloatType = ...,
+    accumulation: str = ...,
+    storage_dtype: DTypeLike | None = ...,
+) -> tuple[np.ndarray, ...]: ...
 
 
 def mhsa_forward(
@@ -300,11 +338,12 @@ def mhsa_forward(
     window_size: int | tuple[int, int] | None = None,
     shift_size: int | tuple[int, int] = 0,
     attention_mask: ArrayLike | None = None,
+    prefix_tokens: ArrayLike | None = None,
     return_attention_scores: bool = False,
     dtype: FloatType = np.float64,
     accumulation: str = "blas",
     storage_dtype: DTypeLike | None = None,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray | tuple[np.ndarray, ...]:
     """Forward pass of the block in NumPy, every step in `dtype`.
 
     Args:
@@ -344,6 +383,14 @@ def mhsa_forward(
         shift_size: as the layer's (an int or (sh, sw), smaller than the
             window).
         attention_mask: optional bool (B, H, W); True = may be attended to.
+        prefix_tokens: optional (B, T, C), class and register tokens: they
+            join the map's tokens first (after a "tokens" encoding's term,
+            which they do not get), take the same projections, norms and
+            output projection, are not rotated by a rotary encoding (the
+            map's tokens are, by their places in the map), and are always
+            keys (a map item whose keys are all masked attends to them
+            only). Refused with windows and "logits" encodings
+            (`arguments.check_prefix_tokens`).
         dtype: the float dtype of every intermediate (float64 for the oracle,
             float32 for the float32 error budget).
         accumulation: "blas" (NumPy's `@`) or "sequential" (every dot product
@@ -363,7 +410,10 @@ def mhsa_forward(
     Returns:
         The output in the layout of `x`, and with `return_attention_scores`
         also the attention probabilities (B, num_heads, N, N), N = H*W
-        (with windows: zero between tokens of different windows).
+        (with windows: zero between tokens of different windows). With
+        `prefix_tokens`: `(out, prefix_out)` (prefix_out (B, T, C)), or
+        `(out, prefix_out, scores)`, scores (B, num_heads, T + N, T + N),
+        the prefix tokens first.
     """
     inputs = np.asarray(x).astype(dtype)
     if data_format == "channels_first":
@@ -410,6 +460,21 @@ def mhsa_forward(
     # Step 2: a position encoding that acts on the tokens.
     schema.encoding(position_encoding)  # a ValueError for an unknown one
     t = token_term(t, weights, position_encoding, height, width, dtype, matmul, store)
+    # Step 2b: prefix tokens first (timm's and EVA's order), no position term.
+    num_prefix = 0
+    if prefix_tokens is not None:
+        prefix = np.asarray(prefix_tokens)
+        if prefix.ndim != 3 or prefix.shape[0] != batch or prefix.shape[2] != channels:
+            raise ValueError(
+                f"`prefix_tokens` must have shape (B, T, C)=({batch}, T, {channels}). "
+                f"Received: prefix_tokens.shape={prefix.shape}"
+            )
+        arguments.check_prefix_tokens(
+            prefix.shape, position_encoding, window_size=window_size
+        )
+        num_prefix = prefix.shape[1]
+        t = np.concatenate([store(prefix.astype(dtype)), t], axis=1)
+    total = num_prefix + n  # every token, the prefix tokens first
     # Step 3: projections.
     q, k, v = (
         act(dense(t, weights, f"{p}_kernel", f"{p}_bias", dtype, matmul, store))
@@ -420,9 +485,9 @@ def mhsa_forward(
     if qk_norm is not None:
 
         def head_norm(t: np.ndarray, prefix: str) -> np.ndarray:
-            per_head = t.reshape(batch, n, num_heads, key_dim)
+            per_head = t.reshape(batch, total, num_heads, key_dim)
             normed = norm(per_head, weights, prefix, qk_norm, norm_epsilon, dtype)
-            return store(normed.reshape(batch, n, num_heads * key_dim))
+            return store(normed.reshape(batch, total, num_heads * key_dim))
 
         q, k = head_norm(q, "query"), head_norm(k, "key")
     # Step 4b: a rotary encoding's angles, (heads or 1, N, kd / 2); the
@@ -444,29 +509,31 @@ def mhsa_forward(
         weights, position_encoding, settings, height, width, key_dim, dtype
     )
 
-    if attention_mask is None:
-        keep = np.ones((batch, n), dtype=bool)
-    else:
-        keep = np.asarray(attention_mask, dtype=bool).reshape(batch, n)
+    keep = np.ones((batch, total), dtype=bool)  # prefix tokens: always keys
+    if attention_mask is not None:
+        keep[:, num_prefix:] = np.asarray(attention_mask, dtype=bool).reshape(batch, n)
 
     # Step 5: attention, per window, batch item and head; a rotary encoding
     # first rotates each head's q and k by the angles of their tokens' places
-    # in the map.
+    # in the map (the map's tokens only: prefix tokens are not rotated).
     if angles is not None and settings is not None:
         q, k = q.copy(), k.copy()
         for h in range(num_heads):
             qs = slice(h * key_dim, (h + 1) * key_dim)
             head_angles = angles[h % angles.shape[0]]  # (N, kd / 2)
             for b in range(batch):
-                q[b, :, qs] = rotate(q[b, :, qs], head_angles, settings.layout)
-                k[b, :, qs] = rotate(k[b, :, qs], head_angles, settings.layout)
+                mq, mk = q[b, num_prefix:, qs], k[b, num_prefix:, qs]
+                q[b, num_prefix:, qs] = rotate(mq, head_angles, settings.layout)
+                k[b, num_prefix:, qs] = rotate(mk, head_angles, settings.layout)
     arguments.check_window(window_size, shift_size, position_encoding)
     (eh, ew), windows, regions = window_layout(height, width, window_size, shift_size)
+    if num_prefix:  # one window of every token (no windows with prefix tokens)
+        windows, regions = [list(range(total))], [[0] * total]
     # A term of no query ("relative_bias"), per head, at the window's size.
     biases = position_bias(weights, position_encoding, eh, ew, dtype)
 
-    out = np.zeros((batch, n, channels), dtype=dtype)
-    scores = np.zeros((batch, num_heads, n, n), dtype=dtype)
+    out = np.zeros((batch, total, channels), dtype=dtype)
+    scores = np.zeros((batch, num_heads, total, total), dtype=dtype)
     for slots, labels in zip(windows, regions):
         slots_a = np.asarray(slots)
         real = slots_a >= 0  # padding slots: no token
@@ -517,12 +584,14 @@ def mhsa_forward(
         kernel, bias = schema.OUTPUT_PROJECTION
         out = dense(out, weights, kernel, bias, dtype, matmul, store)
 
-    out = out.reshape(batch, height, width, channels)
+    prefix_out = out[:, :num_prefix]
+    out = out[:, num_prefix:].reshape(batch, height, width, channels)
     if data_format == "channels_first":
         out = out.transpose(0, 3, 1, 2)
+    results = (out,) if prefix_tokens is None else (out, prefix_out)
     if return_attention_scores:
-        return out, scores
-    return out
+        return (*results, scores)
+    return results[0] if prefix_tokens is None else results
 
 
 # policy -> (compute dtype, storage dtype between ops)
@@ -539,7 +608,7 @@ def rounded_forward(
     weights: Mapping[str, np.ndarray],
     policy: str = "float32",
     **config: Any,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray | tuple[np.ndarray, ...]:
     """This reference run with the roundings of a Keras dtype `policy`.
 
     float32 arithmetic with sequential accumulation; for mixed_* also 16-bit

@@ -193,6 +193,24 @@ class Encoding:
     def learned_tables(self) -> bool:
         return self.tables is not None
 
+    @property
+    def refused_with_prefix_tokens(self) -> str:
+        """Why the encoding cannot take prefix tokens (class, register
+        tokens), or "" when it can: a "logits" term is a table of offsets
+        (or of the key's row and column) between places in the map, and a
+        prefix token has no place (BEiT's extra class entries of its
+        relative table are not modelled). The others act on the map's tokens
+        only: a "tokens" term is added to the map's tokens, a "qk" rotation
+        rotates the map's q and k and leaves the prefix tokens' as they are
+        (EVA, DINOv3)."""
+        if self.stage != "logits":
+            return ""
+        return (
+            "its logits term is a table of the places of the map's tokens, and "
+            "prefix tokens have no place in the map (BEiT's extra class-token "
+            "entries of the relative table are not modelled)"
+        )
+
     def table_rows(self, n: int) -> int:
         """`rows(n)`: the rows of a table for a reference size of n along its
         axis; a ValueError for an encoding without learned tables."""

@@ -57,12 +57,15 @@ def attend(
     """Softmax attention of every query over the keys, per head, by one path.
 
     Args:
-        query, key: (B, heads, N, kd); value: (B, heads, N, dv).
+        query, key: (B, heads, N, kd); value: (B, heads, N, dv). N may be
+            more than height * width (prefix tokens first: then the position
+            has no logits term).
         scale: Python float, the factor of q.k.
         position: the layer's `PositionEncoding` (its logits term, if any).
         position_scale: Python float, the factor of the position term
             (`scale` or 1.0).
-        height, width: the map's size (ints, or scalar tensors when dynamic).
+        height, width: the map's size (ints, or scalar tensors when
+            dynamic), for the position terms.
         key_mask: optional bool (B, N), True = may be attended to.
         dropout, training, seed_generator: attention dropout (full path).
         return_attention_scores: whether to return the probabilities.
@@ -79,7 +82,9 @@ def attend(
         `value`; scores (B, heads, N, N) from the full path, else None.
     """
     softmax_dtype = logits_dtype(query.dtype)
-    n = height * width
+    # The token count from the tensors: height and width feed the position
+    # terms only (with prefix tokens N = T + H * W).
+    n = ops.shape(query)[2]
     path = choice.resolve(
         implementation,
         n=n,
