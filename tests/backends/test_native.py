@@ -1065,3 +1065,76 @@ class TestFusedBlock:
             NATIVE.fused_block(_BenchShape(4, 5, 16, 2, "relative_bias"), {})
         with pytest.raises(ValueError, match="window_size=3"):
             NATIVE.fused_block(_BenchShape(4, 5, 16, 2, "relative_bias", 3), {})
+
+
+# name -> config of the prefix-token cases (`_setup`'s form), each with T
+# prefix tokens: the rotary encodings skip them, the tokens encodings add
+# their term to the map only, the options act on them too; a fully masked
+# item still attends to them.
+PREFIX_CASES = {
+    "none-masked": {"num_heads": 4, "mask": "one_item_full"},
+    "rope-qk_norm-masked": {
+        "num_heads": 4,
+        "position_encoding": "rope",
+        "qk_norm": "layer",
+        "mask": "padded",
+    },
+    "rope_mixed-half": {
+        "num_heads": 2,
+        "position_encoding": "rope_mixed",
+        "rope_layout": "half",
+    },
+    "sinusoidal-eva-channels_first": {
+        "num_heads": 4,
+        "position_encoding": "sinusoidal",
+        "use_key_bias": False,
+        "output_norm": "layer",
+        "output_dense": True,
+        "data_format": "channels_first",
+        "mask": "one_item_full",
+    },
+    "conv": {"num_heads": 1, "position_encoding": "conv"},
+}
+PREFIX_T = 3
+
+
+class TestNativePrefixTokens:
+    __test__ = NATIVE is not None
+
+    @pytest.mark.parametrize("dtype", ["float64", "float32"])
+    @pytest.mark.parametrize("name", list(PREFIX_CASES))
+    def test_forward(self, name, dtype):
+        """(out, prefix_out) against the reference: float64 to FLOAT64_RTOL,
+        float32 within the budget of the reference's own float32 run."""
+        x, weights, mask, config = _setup(PREFIX_CASES[name], SHAPE)
+        prefix = np.random.default_rng(9).standard_normal(
+            (SHAPE[0], PREFIX_T, SHAPE[3])
+        )
+        kwargs = dict(attention_mask=mask, prefix_tokens=prefix, **config)
+        ref64 = np.concatenate(
+            [r.ravel() for r in reference.mhsa_forward(x, weights, **kwargs)]
+        )
+        out = NATIVE.forward(x, weights, dtype=dtype, **kwargs)
+        assert out[1].shape == (SHAPE[0], PREFIX_T, SHAPE[3])
+        got = np.concatenate([o.astype(np.float64).ravel() for o in out])
+        if dtype == "float64":
+            assert_float64_close(got, ref64, rtol=reference.FLOAT64_RTOL)
+        else:
+            ref32 = reference.mhsa_forward(x, weights, dtype=np.float32, **kwargs)
+            ref32 = np.concatenate([r.ravel() for r in ref32])
+            budget = reference.float32_budget(ref32, ref64)
+            assert reference.max_abs(got, ref64) <= budget
+
+    @pytest.mark.parametrize(
+        "config, parts",
+        [
+            ({"position_encoding": "relative"}, ["prefix_tokens", "'relative'"]),
+            ({"window_size": 2}, ["prefix_tokens", "window_size"]),
+        ],
+        ids=["relative", "windows"],
+    )
+    def test_refusals_are_the_layers(self, config, parts):
+        x, weights, _, config = _setup(config, SHAPE)
+        prefix = np.zeros((SHAPE[0], 1, SHAPE[3]))
+        with pytest.raises(ValueError, match="(?s)" + ".*".join(map(re.escape, parts))):
+            NATIVE.forward(x, weights, prefix_tokens=prefix, **config)

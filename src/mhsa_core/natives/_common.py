@@ -97,6 +97,20 @@ class BlockConfig:
         kind = self.output_norm if prefix == "output" else self.qk_norm
         return schema.norm_weight_names(prefix, kind)
 
+    def check_prefix_tokens(self, batch: int, shape: Sequence[int]) -> int:
+        """T of prefix tokens of `shape` (B, T, C) for an input of `batch`
+        items, after the layer's rules (`arguments.check_prefix_tokens`)."""
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 3 or shape[0] != batch or shape[2] != self.channels:
+            raise ValueError(
+                f"`prefix_tokens` must have shape (B, T, C)=({batch}, T, "
+                f"{self.channels}). Received: prefix_tokens.shape={shape}"
+            )
+        arguments.check_prefix_tokens(
+            shape, self.position_encoding, window_size=self.window_size
+        )
+        return shape[1]
+
     @property
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """The canonical weight dict's shapes (`schema.weight_shapes`)."""

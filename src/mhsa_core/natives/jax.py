@@ -411,7 +411,8 @@ def apply(
     rope_max_resolution: float = 224,
     window_size: int | Sequence[int] | None = None,
     shift_size: int | Sequence[int] = 0,
-) -> jax.Array:
+    prefix_tokens: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The block's forward pass, a pure function (jit it with the config static).
 
     Args:
@@ -432,9 +433,12 @@ def apply(
             rope_in_pixels, rope_max_resolution: the rotary encodings'
             settings, as the layer's.
         window_size, shift_size: Swin's windows, as the layer's.
+        prefix_tokens: optional (B, T, C) class and register tokens, first
+            among the tokens, not rotated, always keys (as the layer's).
 
     Returns:
-        The output in the layout and dtype of `x`.
+        The output in the layout and dtype of `x`; with `prefix_tokens`,
+        `(out, prefix_out)`, prefix_out (B, T, C).
 
     Raises:
         ValueError: on an invalid config value, or when `params` does not hold
@@ -482,14 +486,19 @@ def apply(
         t = t + jax.nn.relu(_dense(t, params, *token_weights))  # (B, N, C)
     elif position_encoding == "sinusoidal":
         t = t + _sincos(height, width, channels, t.dtype)
+    prefix = 0  # T: class and register tokens first, as timm's ViT and EVA
+    if prefix_tokens is not None:
+        prefix = cfg.check_prefix_tokens(batch, prefix_tokens.shape)
+        t = jnp.concatenate([prefix_tokens.astype(t.dtype), t], axis=1)
+    n_all = prefix + n  # (B, T + N, C)
 
     # (B, N, heads*d) -> (B, N, heads, d): head i is the channel slice [i*d, (i+1)*d).
     q, k, v = (
         act(_dense(t, params, f"{p}_kernel", f"{p}_bias")) for p in schema.PROJECTIONS
     )
-    q = q.reshape(batch, n, num_heads, kd)
-    k = k.reshape(batch, n, num_heads, kd)
-    v = v.reshape(batch, n, num_heads, dv)
+    q = q.reshape(batch, n_all, num_heads, kd)
+    k = k.reshape(batch, n_all, num_heads, kd)
+    v = v.reshape(batch, n_all, num_heads, dv)
     if qk_norm is not None:  # over kd, every head with the same weights
         q = _norm(q, params, cfg.norm_weights("query"), norm_epsilon)
         k = _norm(k, params, cfg.norm_weights("key"), norm_epsilon)
@@ -501,11 +510,13 @@ def apply(
             else _rope_angles(height, width, kd, cfg.rope, q.dtype)[:, None]
         )
         tables = _sin_cos(angles)
-        q = _rotate(q, tables, cfg.rope.layout)
-        k = _rotate(k, tables, cfg.rope.layout)
+        # The map's tokens only (EVA's rope on x[:, :, T:]).
+        q = q.at[:, prefix:].set(_rotate(q[:, prefix:], tables, cfg.rope.layout))
+        k = k.at[:, prefix:].set(_rotate(k[:, prefix:], tables, cfg.rope.layout))
     keep = None  # (B, N) bool, per key
     if attention_mask is not None:
         keep = jnp.asarray(attention_mask, dtype=bool).reshape(batch, n)
+        keep = jnp.pad(keep, ((0, 0), (prefix, 0)), constant_values=True)
 
     # Swin's windows become the batch: (B * nW, wh * ww, heads*d).
     size, shift_mask = (height, width), None  # of the grid attention runs on
@@ -555,15 +566,16 @@ def apply(
             out.reshape(items, tokens, channels), (height, width), window, shift, pad
         )
 
-    out = out.reshape(batch, n, channels)  # heads concatenated
+    out = out.reshape(batch, n_all, channels)  # heads concatenated
     if output_norm is not None:
         out = _norm(out, params, cfg.norm_weights("output"), norm_epsilon)
     if output_dense:
         out = _dense(out, params, *schema.OUTPUT_PROJECTION)
+    prefix_out, out = out[:, :prefix], out[:, prefix:]
     out = out.reshape(batch, height, width, channels)
     if data_format == "channels_first":
         out = jnp.transpose(out, (0, 3, 1, 2))  # -> (B, C, H, W)
-    return out
+    return out if prefix_tokens is None else (out, prefix_out)
 
 
 _apply_jit = jax.jit(apply, static_argnames=_STATIC)
@@ -620,9 +632,11 @@ def forward(
     weights: Mapping[str, ArrayLike | None],
     attention_mask: ArrayLike | None = None,
     dtype: DTypeLike = "float32",
+    prefix_tokens: ArrayLike | None = None,
     **config: Any,
-) -> np.ndarray:
-    """Run the block on NumPy inputs; returns the output as a NumPy array.
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Run the block on NumPy inputs; returns the output as a NumPy array
+    (with `prefix_tokens` (B, T, C), `(out, prefix_out)`).
 
     `config`: keywords of `apply`, completed by `_common.numpy_config`.
     """
@@ -633,6 +647,13 @@ def forward(
         mask = (
             None if attention_mask is None else jnp.asarray(attention_mask, dtype=bool)
         )
+        if prefix_tokens is not None:
+            pj = jnp.asarray(np.asarray(prefix_tokens), dtype=dtype)
+            out, prefix_out = _apply_jit(params, xj, mask, prefix_tokens=pj, **config)
+            return (
+                _check_dtype(np.asarray(out), dtype),
+                _check_dtype(np.asarray(prefix_out), dtype),
+            )
         out = np.asarray(_apply_jit(params, xj, mask, **config))
     return _check_dtype(out, dtype)
 

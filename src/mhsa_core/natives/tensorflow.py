@@ -500,9 +500,13 @@ class NativeMHSA2D(tf.Module):
         return angles[:, None]  # (N, 1, kd / 2)
 
     def __call__(
-        self, x: tf.Tensor, attention_mask: tf.Tensor | None = None
-    ) -> tf.Tensor:
-        """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W) or None."""
+        self,
+        x: tf.Tensor,
+        attention_mask: tf.Tensor | None = None,
+        prefix_tokens: tf.Tensor | None = None,
+    ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+        """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W) or
+        None; prefix_tokens: (B, T, C) or None (then `(out, prefix_out)`)."""
         cfg = self.config
         act = _ACTIVATIONS[cfg.activation]
         x = tf.convert_to_tensor(x, self.compute_dtype)
@@ -519,23 +523,37 @@ class NativeMHSA2D(tf.Module):
             t = t + tf.nn.relu(self._dense(t, *token_weights))  # (B, N, C)
         elif cfg.position_encoding == "sinusoidal":
             t = t + _sincos(height, width, cfg.channels, self.compute_dtype)
+        prefix = 0  # T: class and register tokens first, as timm's ViT and EVA
+        if prefix_tokens is not None:
+            prefix_tokens = tf.convert_to_tensor(prefix_tokens, self.compute_dtype)
+            prefix = cfg.check_prefix_tokens(
+                int(x.shape[0]), tuple(prefix_tokens.shape)
+            )
+            t = tf.concat([prefix_tokens, t], axis=1)  # (B, T + N, C)
+        n_all = prefix + n
 
         # (B, N, heads*d) -> (B, N, heads, d): head i is the slice [i*d, (i+1)*d).
         q, k, v = (
             act(self._dense(t, f"{p}_kernel", f"{p}_bias")) for p in schema.PROJECTIONS
         )
-        q = tf.reshape(q, (batch, n, heads, kd))
-        k = tf.reshape(k, (batch, n, heads, kd))
-        v = tf.reshape(v, (batch, n, heads, dv))
+        q = tf.reshape(q, (batch, n_all, heads, kd))
+        k = tf.reshape(k, (batch, n_all, heads, kd))
+        v = tf.reshape(v, (batch, n_all, heads, dv))
         if cfg.qk_norm is not None:  # over kd, every head with the same weights
             q, k = self._norm(q, "query"), self._norm(k, "key")
         if cfg.rope is not None:
             tables = _sin_cos(self._rotary_angles(height, width))
-            q = _rotate(q, tables, cfg.rope.layout)
-            k = _rotate(k, tables, cfg.rope.layout)
+            # The map's tokens only (EVA's rope on x[:, :, T:]).
+            q, k = (
+                tf.concat(
+                    [p[:, :prefix], _rotate(p[:, prefix:], tables, cfg.rope.layout)], 1
+                )
+                for p in (q, k)
+            )
         keep = None  # (B, N) bool, per key
         if attention_mask is not None:
             keep = tf.reshape(tf.cast(attention_mask, tf.bool), (batch, n))
+            keep = tf.pad(keep, ((0, 0), (prefix, 0)), constant_values=True)
 
         # Swin's windows become the batch: (B * nW, wh * ww, heads*d).
         windows = shift_mask = None
@@ -558,7 +576,9 @@ class NativeMHSA2D(tf.Module):
 
         logits = tf.einsum("bqhd,bkhd->bhqk", q, k)  # (B', heads, N', N')
         scale = tf.constant(cfg.scale, self.compute_dtype)
-        pos = self._position_logits(tf.reshape(q, (items, *size, heads, kd)), *size)
+        pos = None  # (no position logits with prefix tokens: refused)
+        if prefix_tokens is None:
+            pos = self._position_logits(tf.reshape(q, (items, *size, heads, kd)), *size)
         if pos is None:
             logits = logits * scale
         elif cfg.scale_position_logits:
@@ -582,15 +602,16 @@ class NativeMHSA2D(tf.Module):
         if windows is not None:
             out = windows.merge(tf.reshape(out, (items, tokens, cfg.channels)))
 
-        out = tf.reshape(out, (batch, n, cfg.channels))  # heads concatenated
+        out = tf.reshape(out, (batch, n_all, cfg.channels))  # heads concatenated
         if cfg.output_norm is not None:
             out = self._norm(out, "output")
         if cfg.output_dense:
             out = self._dense(out, *schema.OUTPUT_PROJECTION)
+        prefix_out, out = out[:, :prefix], out[:, prefix:]
         out = tf.reshape(out, (batch, height, width, cfg.channels))
         if cfg.data_format == "channels_first":
             out = tf.transpose(out, (0, 3, 1, 2))  # -> (B, C, H, W)
-        return out
+        return out if prefix_tokens is None else (out, prefix_out)
 
 
 def _build(
@@ -616,18 +637,25 @@ def forward(
     weights: Mapping[str, ArrayLike],
     attention_mask: ArrayLike | None = None,
     dtype: DTypeLike = "float32",
+    prefix_tokens: ArrayLike | None = None,
     **config: Any,
-) -> np.ndarray:
-    """Run the block on NumPy inputs; returns the output as a NumPy array.
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Run the block on NumPy inputs; returns the output as a NumPy array
+    (with `prefix_tokens` (B, T, C), `(out, prefix_out)`).
 
     `config`: keywords of `NativeMHSA2D` but `channels` (read off `x`) and
     `dtype`, completed by `_common.numpy_config`.
     """
     array = np.asarray(x)
     module = _build(array, weights, dtype, config)
-    return module(
-        tf.cast(array, module.compute_dtype), _mask_tensor(attention_mask)
-    ).numpy()
+    x_tensor = tf.cast(array, module.compute_dtype)
+    prefix = None
+    if prefix_tokens is not None:
+        prefix = tf.cast(np.asarray(prefix_tokens), module.compute_dtype)
+    out = module(x_tensor, _mask_tensor(attention_mask), prefix)
+    if isinstance(out, tuple):
+        return out[0].numpy(), out[1].numpy()
+    return out.numpy()
 
 
 def value_and_grad(

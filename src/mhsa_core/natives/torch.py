@@ -600,9 +600,13 @@ class NativeMHSA2D(nn.Module):
         return _rope_angles(height, width, self.config.key_dim, rope, dtype, device)
 
     def forward(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W) or None."""
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prefix_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W) or
+        None; prefix_tokens: (B, T, C) or None (then `(out, prefix_out)`)."""
         cfg = self.config
         act = _ACTIVATIONS[cfg.activation]
         if cfg.data_format == "channels_first":
@@ -616,19 +620,31 @@ class NativeMHSA2D(nn.Module):
             t = t + F.relu(self.position(t))  # (B, N, C)
         elif cfg.position_encoding == "sinusoidal":
             t = t + _sincos(height, width, channels, t.dtype, t.device)
+        prefix = 0  # T: class and register tokens first, as timm's ViT and EVA
+        if prefix_tokens is not None:
+            prefix = cfg.check_prefix_tokens(batch, prefix_tokens.shape)
+            t = torch.cat([prefix_tokens.to(t.dtype), t], dim=1)  # (B, T + N, C)
+        n_all = prefix + n
 
         # (B, N, heads*d) -> (B, N, heads, d) -> (B, heads, N, d): head i is
         # the contiguous channel slice [i*d, (i+1)*d).
-        q = act(self.query(t)).view(batch, n, heads, kd).transpose(1, 2)
-        k = act(self.key(t)).view(batch, n, heads, kd).transpose(1, 2)
-        v = act(self.value(t)).view(batch, n, heads, dv).transpose(1, 2)
+        q = act(self.query(t)).view(batch, n_all, heads, kd).transpose(1, 2)
+        k = act(self.key(t)).view(batch, n_all, heads, kd).transpose(1, 2)
+        v = act(self.value(t)).view(batch, n_all, heads, dv).transpose(1, 2)
         if self.query_norm is not None and self.key_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)  # over kd: timm's q/k_norm
         if cfg.rope is not None:
             tables = _sin_cos(self._rotary_angles(height, width, q.dtype, q.device))
+            # The map's tokens only (EVA's rope on x[:, :, T:]).
             q, k = (
-                _rotate(q, tables, cfg.rope.layout),
-                _rotate(k, tables, cfg.rope.layout),
+                torch.cat(
+                    [
+                        p[:, :, :prefix],
+                        _rotate(p[:, :, prefix:], tables, cfg.rope.layout),
+                    ],
+                    2,
+                )
+                for p in (q, k)
             )
         # Back to (B, N, heads, d), the layout the windows are cut from.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -636,6 +652,7 @@ class NativeMHSA2D(nn.Module):
         if attention_mask is not None:
             keep = torch.as_tensor(attention_mask, device=x.device)
             keep = keep.to(torch.bool).reshape(batch, n)
+            keep = F.pad(keep, (prefix, 0), value=True)  # prefix: always keys
 
         # Swin's windows become the batch: (B * nW, wh * ww, heads, d).
         windows, shift_mask = None, None
@@ -681,15 +698,16 @@ class NativeMHSA2D(nn.Module):
         out = out.transpose(1, 2).reshape(items, tokens, channels)
         if windows is not None:
             out = windows.merge(out)
-        out = out.reshape(batch, n, channels)
+        out = out.reshape(batch, n_all, channels)
         if self.output_norm is not None:
             out = self.output_norm(out)
         if self.output is not None:
             out = self.output(out)
+        prefix_out, out = out[:, :prefix], out[:, prefix:]
         out = out.reshape(batch, height, width, channels)
         if cfg.data_format == "channels_first":
             out = out.permute(0, 3, 1, 2)  # -> (B, C, H, W)
-        return out
+        return out if prefix_tokens is None else (out, prefix_out)
 
 
 def _build(
@@ -715,18 +733,26 @@ def forward(
     weights: Mapping[str, ArrayLike],
     attention_mask: ArrayLike | None = None,
     dtype: DTypeLike | torch.dtype = "float32",
+    prefix_tokens: ArrayLike | None = None,
     **config: Any,
-) -> np.ndarray:
-    """Run the block on NumPy inputs; returns the output as a NumPy array.
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Run the block on NumPy inputs; returns the output as a NumPy array
+    (with `prefix_tokens` (B, T, C), `(out, prefix_out)`).
 
     `config`: keywords of `NativeMHSA2D` but `channels` (read off `x`),
     completed by `_common.numpy_config`.
     """
     array = np.asarray(x)
     module = _build(array, weights, dtype, config)
-    xt = torch.from_numpy(np.ascontiguousarray(array)).to(_torch_dtype(dtype))
+    tdtype = _torch_dtype(dtype)
+    xt = torch.from_numpy(np.ascontiguousarray(array)).to(tdtype)
+    pt = None
+    if prefix_tokens is not None:
+        pt = torch.from_numpy(np.ascontiguousarray(prefix_tokens)).to(tdtype)
     with torch.no_grad():
-        out = module(xt, _mask_tensor(attention_mask))
+        out = module(xt, _mask_tensor(attention_mask), pt)
+    if isinstance(out, tuple):
+        return out[0].numpy(), out[1].numpy()
     return out.numpy()
 
 
