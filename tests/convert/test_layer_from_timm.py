@@ -141,9 +141,8 @@ def _eva(**options):
         return timm_loader.eva_attention()(
             C,
             HEADS,
-            num_prefix_tokens=0,
             norm_layer=_layers("norm").LayerNorm,
-            **{"scale_norm": False, **options},
+            **{"scale_norm": False, "num_prefix_tokens": 0, **options},
         )
 
     return make
@@ -151,7 +150,7 @@ def _eva(**options):
 
 def _attention_rope(**options):
     return lambda: _layers("attention").AttentionRope(
-        C, HEADS, num_prefix_tokens=0, **options
+        C, HEADS, **{"num_prefix_tokens": 0, **options}
     )
 
 
@@ -386,16 +385,101 @@ def test_rotate_half_rope_is_not_the_layers_half_layout():
     assert error > 10 * budget
 
 
-def test_prefix_tokens_are_refused():
-    """EvaAttention(num_prefix_tokens=1): the class token attends and is
-    attended, which a map-only layer cannot compute: a ValueError (prefix
-    tokens are issue 20's), not a layer with another meaning."""
-    make = _token_case(_eva(scale_norm=True), _cat(ref_feat_shape=REF))
-    built = make(REF)
-    convert.layer_from_timm(built.module, **built.kwargs)  # 0 prefix tokens: fine
-    built.module.num_prefix_tokens = 1
-    with pytest.raises(ValueError, match=r"prefix tokens.*num_prefix_tokens=1"):
-        convert.layer_from_timm(built.module, **built.kwargs)
+# -------------------------------------------------------------- prefix tokens
+# name -> (module, rope or None, T, the two sizes): EVA-02 with a class token
+# and 4 registers (timm's `Eva(num_reg_tokens=4)`: num_prefix_tokens=5, the
+# rope skips them), AttentionRope with a class token and RoPE-Mixed, and
+# ViT's `Attention` with a class token (no position term in the attention).
+PREFIX_CASES = {
+    "eva02-cat-scale_norm-cls-reg4": (
+        _eva(scale_norm=True, num_prefix_tokens=5),
+        _cat(ref_feat_shape=REF),
+        5,
+        [REF, (9, 4)],
+    ),
+    "attention_rope-mixed-cls": (
+        _attention_rope(num_prefix_tokens=1),
+        _mixed(depth=1),
+        1,
+        [REF, (9, 4)],
+    ),
+    "vit-qkv_bias-qk_norm-cls": (
+        _vit(qkv_bias=True, qk_norm=True, norm_layer=_norm("LayerNorm")),
+        None,
+        1,
+        [(5, 6), (3, 7)],
+    ),
+}
+PREFIX_PARAMS = [
+    pytest.param(name, size, id=f"{name}-{size[0]}x{size[1]}")
+    for name, (*_, sizes) in PREFIX_CASES.items()
+    for size in sizes
+]
+
+
+def _prefix_run(name, size):
+    """(layer, x, prefix tokens, timm's (map, prefix) outputs, ours)."""
+    make_module, make_rope, count, _ = PREFIX_CASES[name]
+    torch.manual_seed(0)
+    module = _randomize(make_module(), seed=1)
+    rope = None if make_rope is None else make_rope()
+    layer = convert.layer_from_timm(module, **({} if rope is None else {"rope": rope}))
+    assert layer.num_prefix_tokens == (None if rope is None else count)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((BATCH, *size, C)).astype(np.float32)
+    prefix = rng.standard_normal((BATCH, count, C)).astype(np.float32)
+    tokens = np.concatenate([prefix, x.reshape(BATCH, -1, C)], axis=1)
+    with torch.no_grad():
+        if rope is None:
+            out = module(torch.from_numpy(tokens))
+        else:
+            embedding = rope.get_embed(size)
+            if embedding.ndim == 4:  # RotaryEmbeddingMixed: (depth, heads, N, 2d)
+                embedding = embedding[0]
+            out = module(torch.from_numpy(tokens), rope=embedding)
+    out = out.numpy()
+    theirs = (out[:, count:].reshape(x.shape), out[:, :count])
+    ours = tuple(to_numpy(t) for t in layer(x, prefix_tokens=prefix))
+    return layer, x, prefix, theirs, ours
+
+
+@pytest.mark.parametrize("name, size", PREFIX_PARAMS)
+def test_prefix_tokens_within_budget_of_reference(name, size):
+    """timm's module on concat(prefix tokens, map tokens) and the converted
+    layer on (map, prefix_tokens): both within the float32 budget of the
+    float64 reference (map and prefix outputs judged together)."""
+    layer, x, prefix, theirs, ours = _prefix_run(name, size)
+    weights = {k: np.asarray(v, np.float64) for k, v in layer.get_weight_dict().items()}
+    kwargs = dict(
+        prefix_tokens=prefix.astype(np.float64),
+        **reference.reference_config(layer.get_config()),
+    )
+    flat = lambda results: np.concatenate([np.ravel(r) for r in results])  # noqa: E731
+    ref64 = flat(reference.mhsa_forward(x.astype(np.float64), weights, **kwargs))
+    rounded = flat(reference.rounded_forward(x, weights, **kwargs))
+    budget = reference.float32_budget(rounded, ref64)
+    for who, out in (("timm", theirs), ("layer", ours)):
+        error = reference.max_abs(flat(out), ref64)
+        assert error <= budget, f"{who}: error {error:.3g} > budget {budget:.3g}"
+
+
+def test_prefix_tokens_rotated_fail_the_check():
+    """Teeth: timm's EVA told it has no prefix tokens (its rope then rotates
+    the class and register tokens as map tokens, shifted) is far from the
+    layer's."""
+    name = "eva02-cat-scale_norm-cls-reg4"
+    layer, x, prefix, theirs, ours = _prefix_run(name, REF)
+    make_module, make_rope, count, _ = PREFIX_CASES[name]
+    torch.manual_seed(0)
+    module = _randomize(make_module(), seed=1)
+    module.num_prefix_tokens = 0
+    tokens = np.concatenate([prefix, x.reshape(BATCH, -1, C)], axis=1)
+    rope = make_rope()
+    # A grid of T + N tokens: rows of REF[1], the prefix tokens first.
+    embedding = rope.get_embed((REF[0] + 1, REF[1]))[: tokens.shape[1]]
+    with torch.no_grad():
+        wrong = module(torch.from_numpy(tokens), rope=embedding).numpy()
+    assert np.max(np.abs(wrong[:, count:].reshape(x.shape) - ours[0])) > 1e-2
 
 
 # --------------------------------------------------------------------- errors

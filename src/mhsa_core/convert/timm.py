@@ -9,7 +9,9 @@ the module's output on the same tokens in row-major order, (B, H * W, C):
   `dim_head_qk` (`convert.from_timm` for the kernels and tables);
 - `Attention` (ViT): the biases, `qk_norm` (LayerNorm or RmsNorm, their
   eps), `scale_norm` -> `output_norm`, `proj` -> `output_dense`;
-- `EvaAttention` and `AttentionRope` with the model's rope module:
+- `EvaAttention` and `AttentionRope` with the model's rope module (and
+  their `num_prefix_tokens`, class and register tokens the rope skips: the
+  layer's `prefix_tokens`, the returned layer's `num_prefix_tokens`):
   `RotaryEmbeddingCat` -> "rope" (temperature, `ref_feat_shape` ->
   `position_size`, grid offset and indexing, `in_pixels`, `max_res`, the
   rotation layout), `RotaryEmbeddingMixed` -> "rope_mixed" (one block's
@@ -69,6 +71,10 @@ class _Converted:
     config: dict[str, Any]
     weights: dict[str, np.ndarray]
     channels: int
+    # The prefix tokens the module expects before the map's tokens: its
+    # `num_prefix_tokens` (EVA, AttentionRope), None where it does not say
+    # (ViT's `Attention`: any), 0 for a map-only module.
+    num_prefix_tokens: int | None = 0
 
 
 # ------------------------------------------------------------------ tensors
@@ -457,25 +463,13 @@ def _rope(
 
 
 # ------------------------------------------------------------------ readers
-def _refuse_prefix_tokens(module: Module) -> None:
-    """EVA's class (and register) tokens: the layer attends a map to itself,
-    so it cannot compute what the module computes for a sequence with prefix
-    tokens (they attend and are attended, unrotated). Refused rather than
-    converted with another meaning: prefix tokens are issue 20's."""
-    count = int(getattr(module, "num_prefix_tokens", 0) or 0)
-    if count:
-        raise ValueError(
-            f"{_class(module)} with prefix tokens (class or register tokens) "
-            "cannot be expressed: the layer attends the map's tokens only "
-            "(prefix tokens come with the issue 'Beyond one map'). Received: "
-            f"num_prefix_tokens={count}"
-        )
-
-
 def _token_attention(module: Module, request: _Request) -> _Converted:
-    """timm's `Attention`, `EvaAttention` and `AttentionRope`."""
+    """timm's `Attention`, `EvaAttention` and `AttentionRope`. EVA's and
+    AttentionRope's `num_prefix_tokens` (class and register tokens, which
+    their rope skips) are the layer's `prefix_tokens`, which its rotary
+    encodings skip too; ViT's `Attention` treats every token alike, so
+    prefix tokens are the layer's `prefix_tokens` without a position term."""
     _refuse_gate(module)
-    _refuse_prefix_tokens(module)
     heads, head_dim = int(module.num_heads), int(module.head_dim)
     projections = _projections(module, head_dim)
     _check_widths(module, projections, head_dim)
@@ -499,7 +493,10 @@ def _token_attention(module: Module, request: _Request) -> _Converted:
         weights.update(rope_weights)
         if permute:
             weights = _permute_qk(weights, heads, head_dim)
-    return _Converted(config, weights, channels)
+    prefix = getattr(module, "num_prefix_tokens", None)
+    return _Converted(
+        config, weights, channels, None if prefix is None else int(prefix)
+    )
 
 
 def _bottleneck_attn(module: Module, request: _Request) -> _Converted:
@@ -684,6 +681,15 @@ def layer_from_timm(
 
     Returns:
         The layer, built for C channels (any H and W), its weights set.
+        Its attribute `num_prefix_tokens` (not a layer argument, not saved)
+        says how many prefix tokens (class and register tokens) the module
+        expects before the map's tokens: `EvaAttention`'s and
+        `AttentionRope`'s `num_prefix_tokens` (T: call the layer with
+        `prefix_tokens` of shape (B, T, C); the module's output on
+        concat(prefix, map tokens) is `(outputs, prefix_outputs)`); None
+        for ViT's `Attention`, which treats every token alike (the model's
+        `num_prefix_tokens`, e.g. ViT's class token, go in `prefix_tokens`
+        too); 0 for `BottleneckAttn` and `WindowAttention` (map only).
 
     Raises:
         ValueError: the module is not one of these (its class named), has a
@@ -695,6 +701,14 @@ def layer_from_timm(
 
         layer = layer_from_timm(module)
         y = layer(x)  # x: (B, H, W, 64); module(x.reshape(B, H * W, 64))
+
+    With prefix tokens (EVA with a class token and 4 registers: timm's
+    `Eva(num_reg_tokens=4)`, a block's `attn`, `layer.num_prefix_tokens`
+    is 5):
+
+        layer = layer_from_timm(model.blocks[0].attn, rope=model.rope)
+        y, y_prefix = layer(x, prefix_tokens=p)  # p: (B, 5, C)
+        # module(concat([p, x as tokens]), rope=...) = concat([y_prefix, y])
     """
     name = _class(module)
     if name not in _READERS:
@@ -723,4 +737,7 @@ def layer_from_timm(
     shape[-1 if layer.data_format == "channels_last" else 1] = converted.channels
     layer.build(tuple(shape))
     layer.set_weight_dict(converted.weights)
+    # Not a layer argument (the layer takes any number of prefix tokens per
+    # call): what the module expects, for the caller.
+    layer.num_prefix_tokens = converted.num_prefix_tokens
     return layer
