@@ -19,6 +19,9 @@ Against the float64 NumPy reference (`mhsa_forward(..., prefix_tokens=p)`):
 - a functional model with two inputs (map, prefix tokens; H, W and T
   unknown) and two outputs: two sizes against the reference, and its
   `.keras` file loads to the same numbers;
+- H, W and T unknown in one compiled graph: a tf.function of unknown sizes
+  (TensorFlow), torch.compile(dynamic=True) without a recompile (torch);
+  JAX's jit of the model above traces per size;
 - the errors: a ValueError naming `prefix_tokens` and the value received.
 """
 
@@ -320,3 +323,35 @@ def test_tensorflow_graph_of_unknown_sizes():
         actual = [to_numpy(a) for a in step(x, prefix)]
         _check(actual, x, prefix, weights, config, "float32", what=f"{shape}, T={t}")
     assert step.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.compile")
+def test_torch_compile_of_unknown_sizes():
+    """torch.compile(dynamic=True, fullgraph=True): one graph, no graph
+    break, runs two sizes with two T; the second must not recompile
+    (backend="eager": dynamo's capture, without inductor's code generation,
+    as tests/layers/test_paths.py)."""
+    import torch
+
+    # rope_mixed: "rope" at a size dynamo specializes takes NumPy tables,
+    # which dynamo cannot trace (test_paths.py's torch case is rope_mixed too).
+    config = {**CASES["rope_mixed-full"], "attention_implementation": "fused"}
+    layer, x, prefix, weights = _case(config, "float32")
+    layer(x, prefix_tokens=prefix)  # Keras's first call sets a global: eager first
+
+    def forward(x, p):
+        return layer(x, prefix_tokens=p)
+
+    compiled = torch.compile(forward, dynamic=True, fullgraph=True, backend="eager")
+    # Sizes of 0 or 1 are specialized by dynamo (a recompile): 2 and up.
+    for i, (shape, t) in enumerate([(SHAPE, T), ((2, 3, 6, SHAPE[3]), 2)]):
+        x = np.random.default_rng(t).standard_normal(shape).astype("float32")
+        prefix = _prefix(shape, t)
+        if i:
+            torch.compiler.set_stance("fail_on_recompile")
+        try:
+            actual = compiled(torch.from_numpy(x), torch.from_numpy(prefix))
+        finally:
+            torch.compiler.set_stance("default")
+        actual = [to_numpy(a.detach()) for a in actual]
+        _check(actual, x, prefix, weights, config, "float32", what=f"{shape}, T={t}")
