@@ -16,6 +16,8 @@ Against the float64 NumPy reference (`mhsa_forward(..., prefix_tokens=p)`):
 - T = 0 gives the output of the layer without prefix tokens;
 - gradients with respect to the prefix tokens against central finite
   differences of the float64 reference, the others finite;
+- mixed precision: both outputs in the compute dtype, within the budget of
+  the reference run with the policy's roundings;
 - a functional model with two inputs (map, prefix tokens; H, W and T
   unknown) and two outputs: two sizes against the reference, and its
   `.keras` file loads to the same numbers;
@@ -145,6 +147,29 @@ def test_matches_reference(name, dtype):
     _check(actual, x, prefix, weights, config, dtype, mask, what=name)
     # Item 0 has no map key but attends to the prefix tokens: not zero.
     assert np.all(np.abs(actual[0][0]).sum(axis=-1) > 0)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision(policy):
+    """Both outputs in the compute dtype, within the budget of the reference
+    run with the policy's roundings (the rotation in float32, as the map's)."""
+    config = {**CASES["rope-qk_layer-chunked"], "output_dense": True}
+    _, x, weights = make_case(config, SHAPE)
+    layer = MultiHeadSelfAttention2D(**config, dtype=policy)
+    layer.build(SHAPE)
+    layer.set_weight_dict(weights)
+    prefix = _prefix()
+    mask = padded_mask(*SHAPE[:3])
+    actual = layer(x, attention_mask=mask, prefix_tokens=prefix)
+    compute = policy.split("_")[1]
+    assert [keras.backend.standardize_dtype(a.dtype) for a in actual] == [compute] * 2
+    kwargs = dict(attention_mask=mask, prefix_tokens=prefix, **reference_config(config))
+    oracle = _flat(reference.mhsa_forward(x, weights, **kwargs))
+    rounded = _flat(reference.rounded_forward(x, weights, policy, **kwargs))
+    budget = reference.float32_budget(rounded, oracle)
+    got = _flat([to_numpy(keras.ops.cast(a, "float32")) for a in actual])
+    error = reference.max_abs(got, oracle)
+    assert error <= budget, f"{policy}: error {error:.3g} > budget {budget:.3g}"
 
 
 def test_scores_cover_the_prefix_tokens():
