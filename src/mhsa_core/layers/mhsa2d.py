@@ -237,8 +237,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         different windows). With `prefix_tokens`, `(outputs,
         prefix_outputs)`, prefix_outputs (B, T, C), and with scores
         `(outputs, prefix_outputs, scores)`, scores (B, num_heads, T + N,
-        T + N), prefix tokens first. A map item whose keys are all masked
-        still attends to the prefix tokens. A query whose keys are all masked has zero
+        T + N), prefix tokens first. A query whose keys are all masked
+        (never with prefix tokens: they are always keys) has zero
         attention output: the output itself with no output_norm or
         output_dense, else what those make of zeros (their bias terms).
         Under mixed precision the norms compute in float32 (their weights
@@ -427,9 +427,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 f"Received: attention_mask.shape={mask_shape}"
             )
 
-    def _check_prefix_tokens(self, input_shape: Sequence[Any], prefix: Any) -> None:
+    def _check_prefix_tokens(
+        self, input_shape: Sequence[Any], prefix: Any, **others: object
+    ) -> None:
         """ValueError unless `prefix_tokens` is a float (B, T, C) of the
-        inputs' batch and channels that this layer can take."""
+        inputs' batch and channels that this layer can take: not with
+        windows, nor with any of `others` (call arguments that refuse prefix
+        tokens when set) given."""
         shape = tuple(prefix.shape)
         batch = input_shape[0]
         channels = self._spatial_and_channels(input_shape)[2]
@@ -451,7 +455,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 f"Received: prefix_tokens.shape={shape}"
             )
         arguments.check_prefix_tokens(
-            shape, self.position_encoding, window_size=self.window_size
+            shape, self.position_encoding, window_size=self.window_size, **others
         )
 
     @property

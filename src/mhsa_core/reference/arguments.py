@@ -408,6 +408,12 @@ def check_window(
         )
 
 
+# The encodings that take prefix tokens (derived: the schema says which not).
+_PREFIX_ENCODINGS = tuple(
+    name for name, e in schema.ENCODINGS.items() if not e.refused_with_prefix_tokens
+)
+
+
 def _shown(value: object) -> str:
     """An argument's value for a message: a tensor or array by its shape."""
     shape = getattr(value, "shape", None)
@@ -428,8 +434,8 @@ def check_prefix_tokens(
     if refused:
         raise ValueError(
             f"`prefix_tokens` cannot be used with position_encoding="
-            f"{position_encoding!r}: {refused}. Use 'rope', 'rope_mixed', "
-            "'sinusoidal', 'conv' or 'none'. Received: "
+            f"{position_encoding!r}: {refused}. Use one of {_PREFIX_ENCODINGS}. "
+            "Received: "
             f"position_encoding={position_encoding!r}, "
             f"prefix_tokens.shape={tuple(prefix_shape)}"
         )
