@@ -23,7 +23,8 @@ Against the float64 NumPy reference (`mhsa_forward(..., prefix_tokens=p)`):
   `.keras` file loads to the same numbers;
 - H, W and T unknown in one compiled graph: a tf.function of unknown sizes
   (TensorFlow), torch.compile(dynamic=True) without a recompile (torch);
-  JAX's jit of the model above traces per size;
+  JAX's jit of the model above traces per size; jax.export with B, H, W
+  and T symbolic, torch.export with H, W and T dynamic;
 - the errors: a ValueError naming `prefix_tokens` and the value received.
 """
 
@@ -379,4 +380,53 @@ def test_torch_compile_of_unknown_sizes():
         finally:
             torch.compiler.set_stance("default")
         actual = [to_numpy(a.detach()) for a in actual]
+        _check(actual, x, prefix, weights, config, "float32", what=f"{shape}, T={t}")
+
+
+EXPORT_SIZES = [(SHAPE, T), ((2, 3, 6, SHAPE[3]), 2)]
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.export: the JAX backend only")
+def test_jax_export_with_symbolic_prefix_length():
+    """jax.export with B, H, W and T symbolic (the path of Keras's exports
+    from JAX): the prefix tokens' slices and the token count are symbolic."""
+    import jax
+
+    config = CASES["rope_mixed-full"]
+    layer, _, _, weights = _case(config, "float32")
+    b, h, w, t = jax.export.symbolic_shape("b, h, w, t")
+    exported = jax.export.export(jax.jit(lambda x, p: layer(x, prefix_tokens=p)))(
+        jax.ShapeDtypeStruct((b, h, w, SHAPE[3]), np.float32),
+        jax.ShapeDtypeStruct((b, t, SHAPE[3]), np.float32),
+    )
+    for shape, t in EXPORT_SIZES:
+        x = np.random.default_rng(t).standard_normal(shape).astype("float32")
+        prefix = _prefix(shape, t)
+        actual = [np.asarray(a) for a in exported.call(x, prefix)]
+        _check(actual, x, prefix, weights, config, "float32", what=f"{shape}, T={t}")
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.export: the torch backend only")
+def test_torch_export_keeps_the_prefix_length_dynamic():
+    """torch.export of the two-input model with H, W and T dynamic."""
+    import torch
+
+    config = CASES["rope_mixed-full"]
+    layer, x, prefix, weights = _case(config, "float32")
+    inputs = [keras.Input((None, None, SHAPE[3])), keras.Input((None, SHAPE[3]))]
+    model = keras.Model(inputs, layer(inputs[0], prefix_tokens=inputs[1]))
+    height, width, length = (torch.export.Dim(n, min=2, max=64) for n in "HWT")
+    program = torch.export.export(
+        model,
+        ((torch.from_numpy(x), torch.from_numpy(prefix)),),
+        # The model's one argument is the tuple of its two inputs.
+        dynamic_shapes=((({1: height, 2: width}, {1: length}),),),
+        strict=False,
+    )
+    for shape, t in EXPORT_SIZES:
+        x = np.random.default_rng(t).standard_normal(shape).astype("float32")
+        prefix = _prefix(shape, t)
+        with torch.no_grad():
+            outs = program.module()((torch.from_numpy(x), torch.from_numpy(prefix)))
+        actual = [o.numpy() for o in outs]
         _check(actual, x, prefix, weights, config, "float32", what=f"{shape}, T={t}")
