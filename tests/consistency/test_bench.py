@@ -19,7 +19,7 @@ import pytest
 from mhsa_core import cli
 from mhsa_core._subprocess import unavailable_reason
 from mhsa_core.bench import command, report, run, timm_peer, worker
-from mhsa_core.bench.configs import CONFIGS, BenchConfig
+from mhsa_core.bench.configs import CONFIGS, DEFAULT_CONFIGS, BenchConfig
 from mhsa_core.bench.flops import flops, forward_flops
 from mhsa_core.bench.plan import BENCH_BACKENDS, Measurement, plan
 from mhsa_core.bench.subjects import Skipped, Unsupported
@@ -51,6 +51,31 @@ def test_flops_by_hand():
     swin = CONFIGS["swin"]
     assert swin.keys == 49
     assert forward_flops(swin) == 6 * 2 * 3136 * 96**2 + 4 * 2 * 3136 * 49 * 96
+    # tiny_pvt: B=1, 8x8 (N=64), C=16, 2 heads of 8, keys reduced 2x2: K = 16.
+    # q 2*64*16*16 = 32768; k, v of 16 tokens 2*16*16*(16 + 16) = 16384; the
+    # conv 2*16*(2*2*16)*16 = 32768; q k^T and probs v 2*2*64*16*(8 + 8) = 65536
+    tiny_pvt = CONFIGS["tiny_pvt"]
+    assert tiny_pvt.keys == 16
+    assert forward_flops(tiny_pvt) == 32768 + 16384 + 32768 + 65536
+
+
+def test_pvt_v2_config_is_pvt_v2_b0_first_stage():
+    """56x56x64, one head, keys and values reduced 8x8 with timm's LayerNorm
+    epsilon: the layer's arguments, the reduction's weights; not a default
+    config."""
+    pvt = CONFIGS["pvt_v2"]
+    assert pvt.layer_config == {
+        "num_heads": 1,
+        "position_encoding": "none",
+        "kv_reduction": 8,
+        "norm_epsilon": 1e-5,
+    }
+    assert pvt.keys == 49
+    assert pvt.describe() == "2x56x56x64, 1 head, keys reduced 8x8"
+    assert BenchConfig.from_json(pvt.to_json()) == pvt
+    assert "pvt_v2" not in DEFAULT_CONFIGS
+    _, _, weights = worker.inputs(pvt)
+    assert weights["reduction_kernel"].shape == (8, 8, 64, 64)
 
 
 def test_swin_config_is_swin_ts_first_stage():
@@ -84,7 +109,12 @@ TIMM_PEERS = {
     "rope_n4096": "eva",
     "swin": "swin",
     "tiny_relative": "bottleneck",
+    "pvt_v2": "pvt_v2",
+    "tiny_pvt": "pvt_v2",
 }
+# Reduced keys: no native (the fused natives carry no reduction) and no
+# keras_mha (another block) rows, by plan.
+NO_NATIVE = {"pvt_v2", "tiny_pvt"}
 
 
 def test_plan_gives_timm_rows_only_on_torch_for_configs_with_a_peer():
@@ -94,8 +124,10 @@ def test_plan_gives_timm_rows_only_on_torch_for_configs_with_a_peer():
     assert {m.mode for m in timm} == {"compiled", "eager"}
     assert {m.config for m in timm} == set(TIMM_PEERS)
     assert len(timm) == len(TIMM_PEERS) * 2 * 2  # modes x directions
-    # The native rows are untouched: every config.
-    assert {m.config for m in rows if m.path == "native"} == set(CONFIGS)
+    # The native rows: every config but those with reduced keys.
+    assert {m.config for m in rows if m.path == "native"} == set(CONFIGS) - NO_NATIVE
+    keras_mha = plan(BENCH_BACKENDS, list(CONFIGS), ["keras_mha"])
+    assert {m.config for m in keras_mha} == set(CONFIGS) - NO_NATIVE
     for name, config in CONFIGS.items():
         peer = timm_peer.peer_of(config)
         assert (peer and peer.name) == TIMM_PEERS.get(name), name
@@ -128,6 +160,7 @@ SMALL_TIMM_CONFIGS = {
         CONFIGS["rope_n4096"], batch=1, height=8, width=6, channels=32, num_heads=2
     ),
     "n4096_relative": CONFIGS["tiny_relative"],
+    "pvt_v2": CONFIGS["tiny_pvt"],
 }
 
 

@@ -6,7 +6,9 @@ issue 10 (the legacy YOLOv4-MHSA size, N = 4096, N = 16384, and the relative
 encoding at N = 4096); `rope_n4096` measures the rotary encoding (EVA-02's
 settings) at N = 4096: it runs on every path, the fused one included; `swin`
 is Swin-T's first stage (issue 19: shifted 7x7 windows with the per-head bias,
-run on request); `tiny` and `tiny_relative` are for tests (small enough that
+run on request); `pvt_v2` is PVT v2-b0's first stage (issue 20: a 56x56x64
+map, one head, keys and values reduced by an 8x8 stride-8 conv and a
+LayerNorm, timm's epsilon; run on request); `tiny` and `tiny_relative` are for tests (small enough that
 every output is checked against the float64 reference).
 """
 
@@ -29,11 +31,18 @@ class BenchConfig:
     note: str = ""
     window_size: int = 0  # square windows of this side (0: none)
     shift_size: int = 0
+    kv_reduction: int = 0  # keys and values reduced R x R (0: none)
 
     @property
     def keys(self) -> int:
-        """Keys each query attends to: its window's, or every token."""
-        return self.window_size**2 if self.window_size else self.tokens
+        """Keys each query attends to: its window's, the reduced map's, or
+        every token."""
+        if self.window_size:
+            return self.window_size**2
+        if self.kv_reduction:
+            r = self.kv_reduction
+            return (self.height // r) * (self.width // r)
+        return self.tokens
 
     @property
     def tokens(self) -> int:
@@ -61,6 +70,9 @@ class BenchConfig:
             config.update(window_size=self.window_size, shift_size=self.shift_size)
             if self.position_encoding == "relative_bias":
                 config["scale_position_logits"] = False  # timm's Swin
+        if self.kv_reduction:
+            # timm's pvt_v2: its nn.LayerNorm's epsilon.
+            config.update(kv_reduction=self.kv_reduction, norm_epsilon=1e-5)
         return config
 
     @property
@@ -81,6 +93,8 @@ class BenchConfig:
             text += f", window {self.window_size}"
             if self.shift_size:
                 text += f" shifted {self.shift_size}"
+        if self.kv_reduction:
+            text += f", keys reduced {self.kv_reduction}x{self.kv_reduction}"
         return text
 
     def to_json(self) -> dict:
@@ -132,7 +146,27 @@ CONFIGS = {
             window_size=7,
             shift_size=3,
         ),
+        BenchConfig(
+            "pvt_v2",
+            2,
+            56,
+            56,
+            64,
+            1,
+            note="PVT v2-b0's first stage: keys and values reduced 8x8 (sr_ratio 8)",
+            kv_reduction=8,
+        ),
         BenchConfig("tiny", 1, 8, 8, 16, 2, note="for tests: seconds per worker"),
+        BenchConfig(
+            "tiny_pvt",
+            1,
+            8,
+            8,
+            16,
+            2,
+            note="for tests: keys and values reduced 2x2",
+            kv_reduction=2,
+        ),
         BenchConfig(
             "tiny_relative",
             1,

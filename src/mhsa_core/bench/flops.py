@@ -3,9 +3,14 @@
 A multiply-add counts 2. With B batch, N = H*W tokens, C channels, h heads,
 kd = C // h channels per head of query and key, dv = C // h of value:
 
-    forward  = 2*B*N*C*(2*h*kd + C)        q, k (C -> h*kd) and v (C -> C) projections
+    forward  = 2*B*N*C*h*kd                q projection (C -> h*kd)
+             + 2*B*K*C*(h*kd + C)          k (C -> h*kd) and v (C -> C) projections
+                                           of the K key tokens
              + 2*B*h*N*K*(kd + dv)         q k^T and probs @ v, K = N keys per query
-                                           (K = wh*ww with Swin's windows)
+                                           (K = wh*ww with Swin's windows: there
+                                           the projections count N tokens)
+             [+ 2*B*K*R*R*C*C]             kv_reduction R: the stride-R conv
+                                           (K = (H // R) * (W // R) reduced keys)
              [+ 2*B*h*N*(H + W)*kd]        "relative": q against the H row and W column
                                            embeddings (the least the encoding needs)
     backward = 2 * forward                 each product's gradient wrt both of its
@@ -30,7 +35,8 @@ DIRECTIONS = (FORWARD, FORWARD_BACKWARD)
 
 FORMULA = (
     "forward = 2BNC(2h*kd + C) + 2BhNK(kd + dv) [+ 2BhN(H + W)kd relative], "
-    "K = N (or the window's tokens); "
+    "K = N (or the window's tokens); with kv_reduction R, K = (H/R)(W/R) keys: "
+    "2BNC*h*kd + 2BKC(h*kd + C) + 2BKR^2C^2 + 2BhNK(kd + dv); "
     "forward+backward = 3 x forward"
 )
 
@@ -40,6 +46,13 @@ def forward_flops(config: BenchConfig) -> int:
     b, n, c, h = config.batch, config.tokens, config.channels, config.num_heads
     kd = dv = config.head_dim
     projections = 2 * b * n * c * (2 * h * kd + c)
+    if config.kv_reduction:
+        r, keys = config.kv_reduction, config.keys
+        projections = (
+            2 * b * n * c * h * kd  # q
+            + 2 * b * keys * c * (h * kd + c)  # k and v of the reduced tokens
+            + 2 * b * keys * r * r * c * c  # the stride-R conv
+        )
     attention = 2 * b * h * n * config.keys * (kd + dv)
     position = 0
     if config.position_encoding == "relative":

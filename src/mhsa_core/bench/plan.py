@@ -11,8 +11,9 @@ A row is (backend, config, path, mode, direction):
   (torch and JAX have no "graph") gets no row for it, nor a reference
   outside its `REFERENCE_MODES` (timm: torch's compiled and eager only);
 - config: a "timm" row only for a config with a timm peer
-  (`timm_peer.peer_of`: Swin's windows, "rope", "relative"); the others get
-  none, by plan, not as an error;
+  (`timm_peer.peer_of`: Swin's windows, "rope", "relative", pvt_v2's reduced
+  keys); the others get none, by plan, not as an error; nor "native" and
+  "keras_mha" rows for reduced keys (`has_row`);
 - direction: "forward", or "forward+backward" (the gradients of a scalar
   loss wrt the inputs and every weight).
 """
@@ -78,7 +79,12 @@ def backend_modes(backend: str, path: str | None = None) -> tuple[str, ...]:
 
 def has_row(config: str, path: str) -> bool:
     """Whether `config` (a name of `CONFIGS`) gets rows of `path`: every
-    config but for "timm", which needs a peer."""
+    config but for "timm", which needs a peer, and a config with reduced
+    keys and values (`kv_reduction`), which has no "native" (the fused
+    natives carry no reduction: timm's pvt_v2 is its peer) nor "keras_mha"
+    (Keras's MultiHeadAttention attends every token: another block)."""
+    if CONFIGS[config].kv_reduction and path in (NATIVE, KERAS_MHA):
+        return False
     return path != TIMM or timm_peer.peer_of(CONFIGS[config]) is not None
 
 

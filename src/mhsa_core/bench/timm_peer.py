@@ -14,7 +14,10 @@ configs have the peers of the real ones):
   `feat_shape`), computed once and passed as `rope=` (EVA's cached embed);
 - "bottleneck" ("relative", no windows): BoTNet's `BottleneckAttn`, which
   is channels_first: the input is permuted to (B, C, H, W) and the output
-  back, inside the measured call.
+  back, inside the measured call;
+- "pvt_v2" (`kv_reduction`, no position term): timm's pvt_v2 `Attention`
+  with `sr_ratio` R (its stride-R conv and LayerNorm on the key/value map),
+  on the map's tokens with `feat_size` (H, W).
 
 A config without a peer gets no "timm" row (`plan`). Each peer gets the
 row's weights (`worker.inputs`), mapped onto timm's parameters as the peer
@@ -203,6 +206,54 @@ def _bottleneck(config: BenchConfig, weights):
     return call, params, "timm's BottleneckAttn, on the input permuted to NCHW"
 
 
+def _pvt_v2(config: BenchConfig, weights):
+    import torch
+    from torch import nn
+
+    from mhsa_core.reference import schema
+
+    attention = _timm.module("timm.models.pvt_v2").Attention(
+        config.channels,
+        num_heads=config.num_heads,
+        sr_ratio=config.kv_reduction,
+        qkv_bias=True,
+    ).eval()
+    attention.proj = nn.Identity()
+    conv, conv_bias = schema.REDUCTION_CONV
+    scale, shift = schema.norm_weight_names("reduction", "layer")
+    kv = np.concatenate([weights["key_kernel"].T, weights["value_kernel"].T])
+    with torch.no_grad():
+        attention.q.weight.copy_(_tensor(weights["query_kernel"].T))
+        attention.q.bias.copy_(_tensor(weights["query_bias"]))
+        attention.kv.weight.copy_(_tensor(kv))
+        attention.kv.bias.copy_(
+            _tensor(np.concatenate([weights["key_bias"], weights["value_bias"]]))
+        )
+        # ours (R, R, C_in, C_out), Keras's HWIO: torch's (C_out, C_in, R, R)
+        attention.sr.weight.copy_(_tensor(weights[conv].transpose(3, 2, 0, 1)))
+        attention.sr.bias.copy_(_tensor(weights[conv_bias]))
+        attention.norm.weight.copy_(_tensor(weights[scale]))
+        attention.norm.bias.copy_(_tensor(weights[shift]))
+    size = (config.height, config.width)
+    tokens = config.tokens
+
+    def call(x):
+        out = attention(x.reshape(x.shape[0], tokens, config.channels), size)
+        return out.reshape(x.shape)
+
+    params = [
+        attention.q.weight,
+        attention.q.bias,
+        attention.kv.weight,
+        attention.kv.bias,
+        attention.sr.weight,
+        attention.sr.bias,
+        attention.norm.weight,
+        attention.norm.bias,
+    ]
+    return call, params, "timm's pvt_v2 Attention (sr_ratio), proj the identity"
+
+
 PEERS = (
     Peer(
         "swin",
@@ -215,6 +266,14 @@ PEERS = (
         "EvaAttention + RotaryEmbeddingCat",
         lambda c: not c.window_size and c.position_encoding == "rope",
         _eva,
+    ),
+    Peer(
+        "pvt_v2",
+        "pvt_v2 Attention (sr_ratio: strided conv + LayerNorm)",
+        lambda c: bool(c.kv_reduction)
+        and not c.window_size
+        and c.position_encoding == "none",
+        _pvt_v2,
     ),
     Peer(
         "bottleneck",

@@ -89,6 +89,7 @@ def inputs(config: BenchConfig):
         seed=1,
         dtype=np.float32,
         position_size=position_size,
+        kv_reduction=config.kv_reduction or None,
     )
     return x, cotangent, weights
 

@@ -61,7 +61,8 @@ class Case:
             for a model case.
         inputs: one dict of NumPy arrays, or a list of them (variants, e.g.
             two spatial sizes through one model). Layer cases: {"x": ...,
-            optionally "attention_mask": ...}. Model cases: {input name or
+            optionally "context", "prefix_tokens", "attention_mask": ...}
+            (the layer's call arguments). Model cases: {input name or
             "input_k": array}, or [] for inputs the workers make from the
             loaded model (`model_case`).
         weights: the canonical weight dict (layer cases only).
@@ -104,7 +105,16 @@ def _check_explicit(name, config):
 
 
 def layer_case(
-    name, config, shapes, *, seed, tasks=protocol.ALL_TASKS, dtype="float32", mask=False
+    name,
+    config,
+    shapes,
+    *,
+    seed,
+    tasks=protocol.ALL_TASKS,
+    dtype="float32",
+    mask=False,
+    context=None,
+    prefix_tokens=0,
 ):
     """A case of `MultiHeadSelfAttention2D(**config)` with NumPy-drawn weights.
 
@@ -117,8 +127,12 @@ def layer_case(
         tasks: the worker tasks (`protocol.ALL_TASKS`: what the checks need).
         dtype: the layer's dtype policy; the inputs are float64 for "float64",
             float32 otherwise.
-        mask: also pass an attention mask: item 0 fully masked (zeros, never
-            NaN), item 1 padded on the right.
+        mask: also pass an attention mask on the keys' map (the context's
+            with `context`): item 0 fully masked (zeros, never NaN), item 1
+            padded on the right.
+        context: None, or one context map shape per variant (cross-attention,
+            in the config's data format): keys and values from it.
+        prefix_tokens: T > 0: T class/register tokens (B, T, C) per variant.
 
     Returns:
         A `Case` whose weights are float32-representable (stored as float64),
@@ -127,27 +141,40 @@ def layer_case(
     _check_explicit(name, config)
     data_format = config.get("data_format", "channels_last")
     rng = np.random.default_rng(seed)
+    float_dtype = np.float64 if dtype == "float64" else np.float32
+
+    def spatial(shape):  # (B, H, W) of a map shape
+        if data_format == "channels_first":
+            return shape[0], shape[2], shape[3]
+        return tuple(shape[:3])
+
+    def channels_of(shape):
+        return shape[1] if data_format == "channels_first" else shape[-1]
+
     variants = []
-    for shape in shapes:
-        x = rng.standard_normal(shape).astype(
-            np.float64 if dtype == "float64" else np.float32
-        )
-        variant = {"x": x}
+    for v, shape in enumerate(shapes):
+        variant = {"x": rng.standard_normal(shape).astype(float_dtype)}
+        keys_shape = shape
+        if context is not None:
+            keys_shape = context[v]
+            variant["context"] = rng.standard_normal(keys_shape).astype(float_dtype)
+        if prefix_tokens:
+            variant["prefix_tokens"] = rng.standard_normal(
+                (shape[0], prefix_tokens, channels_of(shape))
+            ).astype(float_dtype)
         if mask:
-            b, h, w = (
-                (shape[0], shape[2], shape[3])
-                if data_format == "channels_first"
-                else shape[:3]
-            )
+            b, h, w = spatial(keys_shape)
             m = np.ones((b, h, w), dtype=bool)
             m[0] = False  # an item with every key masked: zeros, never NaN
             if b > 1:
                 m[1, :, -2:] = False  # padding on the right
             variant["attention_mask"] = m
         variants.append(variant)
-    channels = shapes[0][1] if data_format == "channels_first" else shapes[0][-1]
+    weight_arguments = schema.weight_arguments(config)
+    if context is not None and config.get("context_channels") is None:
+        weight_arguments["context_channels"] = channels_of(context[0])
     weights = schema.random_weights(
-        channels, **schema.weight_arguments(config), seed=seed + 1, dtype=np.float32
+        channels_of(shapes[0]), **weight_arguments, seed=seed + 1, dtype=np.float32
     )
     weights = {k: v.astype(np.float64) for k, v in weights.items()}
     return Case(
@@ -185,6 +212,53 @@ def default_cases():
         *_path_cases(),
         *_option_cases(),
         *(c for c in _position_layer_cases() if c.name in DEMO_POSITION_CASES),
+        *_beyond_one_map_cases(),
+    ]
+
+
+def _beyond_one_map_cases():
+    """Issue 20's shapes of attention, small: PVT v2's reduced keys and
+    values (sr_ratio 2, timm's LayerNorm epsilon, at a divisible and a
+    non-divisible size), EVA with a class token and two register tokens
+    (rope on the patches only), and cross-attention to a context map of
+    another grid and channel count, masked (item 0 fully: zeros)."""
+    standard = {
+        "num_heads": 2,
+        "key_dim": None,
+        "activation": None,
+        "position_encoding": "none",
+        "scale": None,
+        "use_bias": True,
+        "kernel_initializer": "glorot_uniform",
+        "output_dense": True,
+    }
+    return [
+        layer_case(
+            "pvt_v2",
+            {**standard, "kv_reduction": 2, "norm_epsilon": 1e-5},
+            [(2, 6, 8, 16), (1, 5, 7, 16)],
+            seed=150,
+        ),
+        layer_case(
+            "eva_cls",
+            {
+                **standard,
+                "position_encoding": "rope",
+                "position_size": (4, 5),
+                "use_key_bias": False,
+            },
+            [(2, 4, 5, 16), (1, 3, 6, 16)],
+            seed=160,
+            prefix_tokens=3,
+        ),
+        layer_case(
+            "cross",
+            standard,
+            [(2, 4, 5, 16), (1, 5, 3, 16)],
+            seed=170,
+            context=[(2, 3, 7, 8), (1, 6, 2, 8)],
+            mask=True,
+        ),
     ]
 
 

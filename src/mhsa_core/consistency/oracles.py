@@ -20,6 +20,7 @@ from mhsa_core import reference
 from mhsa_core.consistency import protocol
 
 __all__ = [
+    "CALL_INPUTS",
     "Oracle",
     "reference_oracles",
     "float64_oracle",
@@ -27,6 +28,11 @@ __all__ = [
     "median_oracle",
     "step_oracle",
 ]
+
+
+# The layer's call inputs beside x and attention_mask that a layer case may
+# carry (issue 20: cross-attention's context map, class/register tokens).
+CALL_INPUTS = ("context", "prefix_tokens")
 
 
 class Oracle(NamedTuple):
@@ -42,7 +48,10 @@ def reference_oracles(case: Any) -> dict[str, Oracle]:
     Returns:
         {"out": Oracle of the output in the case's dtype, "out64": of the
         output of a float64 run, "scores": of the attention scores}, keyed
-        `protocol.out_key(v)` per input variant v. One rounded reference run
+        `protocol.output_key(v, o)` per input variant v and output o (the
+        prefix tokens' outputs are output 1), the scores `protocol.out_key(v)`.
+        A variant's context and prefix tokens (`CALL_INPUTS`) go to the
+        reference as the layer takes them. One rounded reference run
         per variant gives the float32 budgets of both output and scores
         (`reference.float32_budget`); float64 results get
         `reference.float64_budget`.
@@ -50,25 +59,37 @@ def reference_oracles(case: Any) -> dict[str, Oracle]:
     config = reference.reference_config(case.config)
     out, out_b, out64_b, scores, scores_b = {}, {}, {}, {}, {}
     for v, variant in enumerate(case.variants):
-        key = protocol.out_key(v)
         kwargs = dict(
             attention_mask=variant.get("attention_mask"),
             return_attention_scores=True,
+            **{k: variant[k] for k in CALL_INPUTS if k in variant},
             **config,
         )
-        out[key], scores[key] = reference.mhsa_forward(
+        # (outputs, scores), or with prefix tokens (outputs, prefix
+        # outputs, scores): output o of variant v is `output_key(v, o)`.
+        *outputs, scores[protocol.out_key(v)] = reference.mhsa_forward(
             variant["x"], case.weights, **kwargs
         )
-        out64_b[key] = reference.float64_budget(out[key])
-        if case.dtype == "float64":
-            out_b[key] = out64_b[key]
-            scores_b[key] = reference.float64_budget(scores[key])
-        else:
-            out32, scores32 = reference.rounded_forward(
+        rounded = None
+        if case.dtype != "float64":
+            *rounded, scores32 = reference.rounded_forward(
                 variant["x"], case.weights, case.dtype, **kwargs
             )
-            out_b[key] = reference.float32_budget(out32, out[key])
-            scores_b[key] = reference.float32_budget(scores32, scores[key])
+        for o, output in enumerate(outputs):
+            key = protocol.output_key(v, o)
+            out[key] = output
+            out64_b[key] = reference.float64_budget(output)
+            out_b[key] = (
+                out64_b[key]
+                if rounded is None
+                else reference.float32_budget(rounded[o], output)
+            )
+        key = protocol.out_key(v)
+        scores_b[key] = (
+            reference.float64_budget(scores[key])
+            if rounded is None
+            else reference.float32_budget(scores32, scores[key])
+        )
     return {
         "out": Oracle(out, out_b),
         "out64": Oracle(out, out64_b),

@@ -221,22 +221,52 @@ class TaskContext:
         from mhsa_core.layers.mhsa2d import MultiHeadSelfAttention2D
 
         layer = MultiHeadSelfAttention2D(**case["config"], dtype=dtype)
-        x = self.variants[0][0]
-        spatial = (None, None)
-        if layer.data_format == "channels_last":
-            x_shape = spatial + (x.shape[-1],)
-        else:
-            x_shape = (x.shape[1],) + spatial
+        names = case["input_names"]
+        arrays = dict(zip(names, self.variants[0]))
         input_dtype = "float64" if dtype == "float64" else "float32"
-        inputs = [keras.Input(x_shape, dtype=input_dtype, name="x")]
-        if "attention_mask" in case["input_names"]:
-            inputs.append(keras.Input(spatial, dtype="bool", name="attention_mask"))
-            outputs = layer(inputs[0], attention_mask=inputs[1])
-        else:
-            outputs = layer(inputs[0])
+
+        def map_input(name):
+            """A keras.Input for a map of the case, its spatial size left
+            free (one model serves every variant's size)."""
+            channels = (
+                arrays[name].shape[-1]
+                if layer.data_format == "channels_last"
+                else arrays[name].shape[1]
+            )
+            shape = (
+                (None, None, channels)
+                if layer.data_format == "channels_last"
+                else (channels, None, None)
+            )
+            return keras.Input(shape, dtype=input_dtype, name=name)
+
+        # One keras.Input per array of the case, in its input order; the
+        # layer takes each by its call argument's name.
+        inputs = []
+        for name in names:
+            if name in ("x", "context"):
+                inputs.append(map_input(name))
+            elif name == "attention_mask":
+                inputs.append(keras.Input((None, None), dtype="bool", name=name))
+            elif name == "prefix_tokens":
+                channels = arrays[name].shape[-1]
+                inputs.append(
+                    keras.Input((None, channels), dtype=input_dtype, name=name)
+                )
+            else:
+                raise ValueError(f"A layer case has no input {name!r}")
+        outputs = self.layer_call(layer, inputs)
         model = keras.Model(inputs, outputs, name=f"mhsa_{case['name']}")
         layer.set_weight_dict(self._weights)
         return model, layer
+
+    def layer_call(self, layer, xs, **kwargs):
+        """`layer` called on one variant's inputs (arrays or keras.Inputs,
+        in `input_names` order): x positionally, the others by the call
+        argument they are (attention_mask, context, prefix_tokens)."""
+        named = dict(zip(self.input_names, xs))
+        x = named.pop("x")
+        return layer(x, **named, **kwargs)
 
     def model64(self):
         """A fresh float64 twin of the model (the oracle's computation): the

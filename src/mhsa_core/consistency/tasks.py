@@ -75,8 +75,9 @@ def scores(ctx, timings):
         raise ValueError("attention scores exist for layer cases only")
     results = {}
     for v, xs in enumerate(ctx.variants):
-        kwargs = {"attention_mask": xs[1]} if len(xs) > 1 else {}
-        _, probs = ctx.layer(xs[0], return_attention_scores=True, **kwargs)
+        # The scores come last: (outputs, scores), or with prefix tokens
+        # (outputs, prefix_outputs, scores).
+        probs = ctx.layer_call(ctx.layer, xs, return_attention_scores=True)[-1]
         results[out_key(v)] = portable(ctx.keras.ops.convert_to_numpy(probs))
     return results
 

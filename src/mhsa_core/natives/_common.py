@@ -390,6 +390,12 @@ class FusedBlock:
         """From a bench config (`mhsa_core.bench.configs.BenchConfig`, or any
         object with its `height`, `width`, `channels`, `num_heads`,
         `head_dim`, `tokens` and `position_encoding`)."""
+        if getattr(config, "kv_reduction", 0):
+            raise ValueError(
+                "The fused natives carry no kv_reduction (the bench plans no "
+                "native row for it). "
+                f"Received: kv_reduction={config.kv_reduction!r}"
+            )
         if config.position_encoding not in FUSED_ENCODINGS:
             raise ValueError(
                 f"The fused natives support position_encoding in {FUSED_ENCODINGS}. "
