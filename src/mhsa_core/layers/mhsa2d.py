@@ -691,7 +691,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         the context's shape, R against the map, and the encoding's need
         for equal grids."""
         height, width, _ = self._spatial_and_channels(input_shape)
-        grid = (height, width)
+        grid: tuple[Any, ...] = (height, width)
         if context is not None:
             context_shape = self._check_context_shape(input_shape, context.shape)
             grid = self._spatial_and_channels(context_shape)[:2]
@@ -770,8 +770,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             return ops.reshape(t, (batch, out_h, out_w, channels))
         r = int(self.kv_reduction)  # type: ignore[arg-type]
         if arguments.is_int(height) and arguments.is_int(width):
-            out_h = arguments.reduced_size(height, r, None, 0)
-            out_w = arguments.reduced_size(width, r, None, 1)
+            out_h = arguments.reduced_size(int(height), r, None, 0)
+            out_w = arguments.reduced_size(int(width), r, None, 1)
             if out_h * r != height or out_w * r != width:
                 kv_map = kv_map[:, : out_h * r, : out_w * r]
         else:
@@ -797,7 +797,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
 
     def get_build_config(self) -> dict[str, Any]:
         if getattr(self, "_build_shapes", None) is None:
-            return super().get_build_config()  # type: ignore[no-any-return]
+            return super().get_build_config()
         config: dict[str, Any] = {"input_shape": self._build_shapes[0]}
         if self._build_shapes[1] is not None:
             config["context_shape"] = self._build_shapes[1]
