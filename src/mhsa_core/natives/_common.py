@@ -221,7 +221,7 @@ def check_config(
         shift_size=arguments.pair(shift_size),
         kv_reduction=kv_reduction
         if kv_reduction in (None, "pool")
-        else int(kv_reduction),  # type: ignore[arg-type]
+        else int(kv_reduction),
         kv_pool_size=arguments.pair(kv_pool_size),
         context_channels=None if context_channels is None else int(context_channels),
     )
