@@ -214,6 +214,26 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             Default False (EVA-02).
         rope_max_resolution: The top of the pixel frequencies with
             `rope_in_pixels` (timm's `max_res`). Default 224.
+        kv_reduction: None (default), an int R >= 2 or "pool": keys and
+            values from the key/value map reduced as timm's pvt_v2
+            `Attention` (PVT v1/v2, SegFormer). R: an R x R conv of stride R
+            without padding (`reduction_kernel` (R, R, C', C'),
+            `reduction_bias` with `use_bias`), then a LayerNorm
+            (`reduction_norm_*`, eps `norm_epsilon`): a key grid of
+            (H // R, W // R), the last H % R rows and W % R columns in no
+            window, as timm's conv. "pool" (pvt_v2's `linear_attn`):
+            adaptive average pooling to `kv_pool_size` (torch's bins), a 1x1
+            conv (`reduction_kernel` (C', C')), the LayerNorm, exact GELU.
+            The map is the inputs' tokens (after a "tokens" encoding's term)
+            or the context. Not with windows, an `attention_mask`, or the
+            "relative", "absolute" and "relative_bias" encodings.
+        kv_pool_size: The pooled grid of `kv_reduction="pool"`, an int or
+            (h, w). Default 7 (pvt_v2's).
+        context_channels: C' of the context of cross-attention (`context`),
+            or None: read off the context when the layer is built with one
+            (`key_kernel` (C', heads * key_dim), `value_kernel` (C', C)).
+            Setting it makes a cross-attention layer: every call needs a
+            context.
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -222,15 +242,22 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         attention_mask: Optional bool (B, H, W). True = this position may be
             attended to (e.g. the valid part of a padded image). A query whose
             keys are all masked (with windows: all of its window's) gets a
-            zero output.
+            zero output. Always the key mask: (B, H', W') with a context.
         return_attention_scores: If True, also return the attention
             probabilities.
         training: Whether dropout is active.
+        context: Optional (B, H', W', C') ((B, C', H', W') for
+            channels_first), any H', W': cross-attention, keys and values
+            from it (reduced with `kv_reduction`), queries from `inputs`.
+            Rotary encodings place key cell (y', x') at (y' * H / H',
+            x' * W / W') of the query grid. A layer built with a context is
+            always called with one, and the other way round.
 
     Returns:
         The output, same shape as `inputs` and in the compute dtype; with
         `return_attention_scores=True` the tuple `(outputs, scores)`, scores of
-        shape (B, num_heads, H * W, H * W) (float32 under mixed precision: they
+        shape (B, num_heads, H * W, Nk), Nk = H * W, or the key map's tokens
+        with a context or `kv_reduction` (float32 under mixed precision: they
         are computed in float32; with windows, zero between tokens of
         different windows). A query whose keys are all masked has zero
         attention output: the output itself with no output_norm or
