@@ -201,7 +201,9 @@ def _rule(
     if implementation == CHUNKED:
         return CHUNKED
     if not isinstance(n, int) or not isinstance(key_count, (int, type(None))):
-        symbolic = _symbolic_on_jax(n) or _symbolic_on_jax(key_count)
+        symbolic = _symbolic_on_jax(n) or (
+            key_count is not None and _symbolic_on_jax(key_count)
+        )
         return FULL if symbolic else BY_SIZE
     if full_fits(n, key_count):
         return FULL
