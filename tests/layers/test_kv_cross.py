@@ -163,6 +163,33 @@ def test_matches_reference(name, path, dtype):
     assert error <= budget, (error, budget, ref32_error)
 
 
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("name", ["pool3_7x9", "cross_r2"])
+def test_mixed_precision(name, policy):
+    """Within the budget of the reference run with the policy's roundings
+    (the reduction's conv, pool and GELU in the compute dtype, its LayerNorm
+    in float32 from a rounded input)."""
+    config, shape, context_shape, _ = CASES[name]
+    config = {**config, "num_heads": 2}
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype("float32")
+    context = None
+    if context_shape is not None:
+        context = rng.standard_normal(context_shape).astype("float32")
+        config["context_channels"] = context_shape[-1]
+    weights = reference.random_weights(16, **schema.weight_arguments(config), seed=1)
+    layer = MultiHeadSelfAttention2D(**config, dtype=policy)
+    layer.build(shape, context_shape)
+    layer.set_weight_dict(weights)
+    out = layer(x, context=context)
+    assert keras.backend.standardize_dtype(out.dtype) == policy.split("_")[1]
+    out = to_numpy(keras.ops.cast(out, "float32")).astype(np.float64)
+    ref64, budget, _ = reference.error_budget(
+        x, weights, policy=policy, context=context, **reference_config(config)
+    )
+    assert reference.max_abs(out, ref64) <= budget
+
+
 def test_scores_cover_the_key_map():
     layer, x, context, mask, weights, config = _case("cross", "full", "float64")
     out, scores = layer(
