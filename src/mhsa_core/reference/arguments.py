@@ -27,7 +27,11 @@ channels are first known: the layer's `build`, a native's constructor.
 `check_window` is the rule between `window_size`, `shift_size` and the
 encoding (a shift smaller than the window, no shift without windows, an
 encoding that can run inside windows), applied after the table's rules;
-`pair` gives a size argument as (height, width).
+`pair` gives a size argument as (height, width). `check_kv` is the rule
+between keys and values of another map (`kv_reduction`, a context), windows
+and the encoding; `check_key_grid` refuses a table encoding on a key grid
+other than the query grid; `reduced_size` is `kv_reduction`'s key grid (and
+its refusal of an R larger than the map).
 """
 
 from __future__ import annotations
