@@ -1166,3 +1166,62 @@ class TestNativeKeysOfAnotherMap:
             x32, w32, context=c32, attention_mask=mask, **kwargs
         )
         assert magnitude(out.astype(np.float64) - ref64) <= budget
+
+    @pytest.mark.parametrize(
+        "name", ["r2", "pool3_7x9", "cross_rope_mixed_masked"], ids=str
+    )
+    def test_gradients_match_finite_differences(self, name):
+        """float64 gradients (x and every weight, the reduction's included)
+        against central differences of the reference, a few entries each."""
+        config, shape, context_shape, masked = KV_CASES[name]
+        config = {**config, "num_heads": 2}
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(shape)
+        context = mask = None
+        if context_shape is not None:
+            context = rng.standard_normal(context_shape)
+            config["context_channels"] = context_shape[-1]
+            if masked:
+                mask = rng.random((shape[0], *context_shape[1:3])) < 0.6
+                mask[:, 0, 0] = True
+        weights = reference.random_weights(
+            shape[-1], **schema.weight_arguments(config), seed=1
+        )
+        kwargs = {k: v for k, v in config.items() if k != "context_channels"}
+        loss_weights = rng.standard_normal(shape)
+
+        def loss(x_, w_):
+            out = reference.mhsa_forward(
+                x_, w_, context=context, attention_mask=mask, **kwargs
+            )
+            return float(np.sum(out * loss_weights))
+
+        _, grad_x, grad_w = NATIVE.value_and_grad(
+            x,
+            weights,
+            loss_weights,
+            attention_mask=mask,
+            dtype="float64",
+            context=context,
+            **kwargs,
+        )
+        assert set(grad_w) == set(weights)
+        eps = 1e-6
+        picks = np.random.default_rng(1)
+        for what, array, grad in [("x", x, grad_x)] + [
+            (n, weights[n], grad_w[n]) for n in weights
+        ]:
+            for index in picks.integers(0, array.size, size=2):
+                plus, minus = array.copy().reshape(-1), array.copy().reshape(-1)
+                plus[index] += eps
+                minus[index] -= eps
+                plus, minus = plus.reshape(array.shape), minus.reshape(array.shape)
+                if what == "x":
+                    numeric = (loss(plus, weights) - loss(minus, weights)) / (2 * eps)
+                else:
+                    numeric = (
+                        loss(x, {**weights, what: plus})
+                        - loss(x, {**weights, what: minus})
+                    ) / (2 * eps)
+                analytic = np.asarray(grad).reshape(-1)[index]
+                assert abs(analytic - numeric) <= 1e-5 * max(1.0, abs(numeric)), what

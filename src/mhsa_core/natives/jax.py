@@ -693,10 +693,11 @@ def _loss(
     x: jax.Array,
     attention_mask: jax.Array | None,
     loss_weights: jax.Array,
+    context: jax.Array | None,
     config_items: Iterable[tuple[str, Any]],
 ) -> jax.Array:
     """sum(out * loss_weights); the config comes as hashable (name, value) pairs."""
-    out = apply(params, x, attention_mask, **dict(config_items))
+    out = apply(params, x, attention_mask, context, **dict(config_items))
     return jnp.sum(out * loss_weights)
 
 
@@ -765,14 +766,17 @@ def value_and_grad(
     loss_weights: ArrayLike,
     attention_mask: ArrayLike | None = None,
     dtype: DTypeLike = "float32",
+    context: ArrayLike | None = None,
     **config: Any,
 ) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:  # loss: a NumPy scalar
     """Loss `sum(out * loss_weights)` and its gradients, as NumPy.
 
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped
-    like `x`, and a canonical weight dict of gradients.
+    like `x`, and a canonical weight dict of gradients (`context`, as
+    `forward`'s, is a constant).
     """
-    _, config = _common.numpy_config(x, weights, config)  # complete and hashable
+    # complete and hashable
+    _, config = _common.numpy_config(x, weights, config, context)
     with _precision(dtype):
         params = params_from_weight_dict(weights, dtype)
         xj = jnp.asarray(np.asarray(x), dtype=dtype)
@@ -780,8 +784,9 @@ def value_and_grad(
         mask = (
             None if attention_mask is None else jnp.asarray(attention_mask, dtype=bool)
         )
+        cj = None if context is None else jnp.asarray(np.asarray(context), dtype=dtype)
         loss, (grad_params, grad_x) = _value_and_grad_jit(
-            params, xj, mask, lw, config_items=tuple(sorted(config.items()))
+            params, xj, mask, lw, cj, config_items=tuple(sorted(config.items()))
         )
         loss = np.asarray(loss)
         grad_x = np.asarray(grad_x)

@@ -747,20 +747,23 @@ def value_and_grad(
     loss_weights: ArrayLike,
     attention_mask: ArrayLike | None = None,
     dtype: DTypeLike = "float32",
+    context: ArrayLike | None = None,
     **config: Any,
 ) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:  # loss: a NumPy scalar
     """Loss `sum(out * loss_weights)` and its gradients, as NumPy.
 
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped
-    like `x`, and a canonical weight dict of gradients.
+    like `x`, and a canonical weight dict of gradients (`context`, as
+    `forward`'s, is a constant).
     """
     array = np.asarray(x)
-    module = _build(array, weights, dtype, config)
+    module = _build(array, weights, dtype, config, context)
     xt = tf.cast(array, module.compute_dtype)
     lw = tf.cast(np.asarray(loss_weights), module.compute_dtype)
     with tf.GradientTape() as tape:
         tape.watch(xt)
-        out = module(xt, _mask_tensor(attention_mask))
+        ct = None if context is None else tf.cast(np.asarray(context), xt.dtype)
+        out = module(xt, _mask_tensor(attention_mask), ct)
         loss = tf.reduce_sum(out * lw)
     grad_x, grad_w = tape.gradient(loss, (xt, module.weights))
     return (

@@ -863,19 +863,24 @@ def value_and_grad(
     loss_weights: ArrayLike,
     attention_mask: ArrayLike | None = None,
     dtype: DTypeLike | torch.dtype = "float32",
+    context: ArrayLike | None = None,
     **config: Any,
 ) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:  # loss: a NumPy scalar
     """Loss `sum(out * loss_weights)` and its gradients, as NumPy.
 
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped
-    like `x`, and a canonical weight dict (kernels (in, out)) of gradients.
+    like `x`, and a canonical weight dict (kernels (in, out)) of gradients
+    (`context`, as `forward`'s, is a constant).
     """
     array = np.asarray(x)
     tdtype = _torch_dtype(dtype)
-    module = _build(array, weights, dtype, config)
+    module = _build(array, weights, dtype, config, context)
     xt = torch.from_numpy(np.ascontiguousarray(array)).to(tdtype).requires_grad_(True)
     lw = torch.from_numpy(np.ascontiguousarray(loss_weights)).to(tdtype)
-    out = module(xt, _mask_tensor(attention_mask))
+    ct = None
+    if context is not None:
+        ct = torch.from_numpy(np.ascontiguousarray(context)).to(tdtype)
+    out = module(xt, _mask_tensor(attention_mask), ct)
     loss = torch.sum(out * lw)
     loss.backward()
     return (loss.detach().numpy()[()], xt.grad.numpy(), module.weight_grad_dict())
