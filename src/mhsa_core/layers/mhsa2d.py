@@ -870,7 +870,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             else:
                 context = ops.convert_to_tensor(context)
                 self._key_grid(tuple(inputs.shape), context)  # the shape rules
-                kv_map = context
+                # The compute dtype, as Keras casts `inputs` (a NumPy float64
+                # context under float32, a float32 one under mixed precision).
+                kv_map = ops.cast(context, self.compute_dtype)
                 if self.data_format == "channels_first":
                     kv_map = ops.transpose(kv_map, (0, 2, 3, 1))
             if self.kv_reduction is not None:
