@@ -29,7 +29,12 @@ The rules, one regex per group of the layer's variables (their paths are
   position conv), the learned position tables ("relative", "absolute") and
   the norms' scales and biases (`qk_norm`, shared by the heads;
   `output_norm`, over all C channels): replicated. Every head reads all of
-  them; they are small.
+  them; they are small;
+- `kv_reduction`'s weights (the keys' and values' map reduced before the
+  projections): replicated. Its bias and norm weights by a rule; its
+  kernel ((R, R, C, C) for an int R, (C, C) for "pool": one regex cannot
+  give both ranks) by no rule, which `ModelParallel` replicates. Every
+  device reduces the whole map, then projects its own heads.
 
 A variable that no rule matches is replicated by `ModelParallel`, so the rules
 can be added to a user's own LayoutMap (`layout_map(mesh, layout_map=theirs)`)
@@ -89,9 +94,10 @@ _REPLICATED_VECTORS = (
     + schema.OUTPUT_PROJECTION[1:]
     + tuple(
         name
-        for prefix in ("query", "key", "output")
+        for prefix in ("query", "key", "output", "reduction")
         for name in schema.norm_weight_names(prefix, "layer")
     )
+    + schema.REDUCTION_CONV[1:]
 )
 
 

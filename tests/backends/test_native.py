@@ -1138,3 +1138,163 @@ class TestNativePrefixTokens:
         prefix = np.zeros((SHAPE[0], 1, SHAPE[3]))
         with pytest.raises(ValueError, match="(?s)" + ".*".join(map(re.escape, parts))):
             NATIVE.forward(x, weights, prefix_tokens=prefix, **config)
+
+
+# Keys and values from another map than the queries': kv_reduction and a
+# context. id -> (config, input shape, context shape or None, key mask).
+KV_CASES = {
+    "r2": ({"kv_reduction": 2}, (2, 4, 5, 16), None, False),
+    "r3_rope_ref_grid": (
+        {"kv_reduction": 3, "position_encoding": "rope", "position_size": (8, 8)},
+        (2, 7, 6, 16),
+        None,
+        False,
+    ),
+    "pool3_7x9": (
+        {"kv_reduction": "pool", "kv_pool_size": 3},
+        (2, 7, 9, 16),
+        None,
+        False,
+    ),
+    "cross_rope_mixed_masked": (
+        {"position_encoding": "rope_mixed"},
+        (2, 4, 5, 16),
+        (2, 3, 2, 8),
+        True,
+    ),
+    "cross_rope_in_pixels": (
+        {"position_encoding": "rope", "rope_in_pixels": True},
+        (2, 4, 5, 16),
+        (2, 6, 3, 8),
+        False,
+    ),
+    "cross_pool_channels_first": (
+        {
+            "kv_reduction": "pool",
+            "kv_pool_size": (2, 3),
+            "data_format": "channels_first",
+        },
+        (2, 16, 4, 5),
+        (2, 8, 7, 9),
+        False,
+    ),
+    "cross_relative_same_grid": (
+        {"position_encoding": "relative", "position_size": (4, 5)},
+        (2, 4, 5, 16),
+        (2, 4, 5, 8),
+        True,
+    ),
+}
+
+
+class TestNativeKeysOfAnotherMap:
+    __test__ = NATIVE is not None
+
+    @pytest.mark.parametrize("dtype", ["float64", "float32"])
+    @pytest.mark.parametrize("name", list(KV_CASES))
+    def test_matches_reference(self, name, dtype):
+        """The native's reduction (its framework's conv, pool and LayerNorm) and
+        cross-attention against the reference: float64 to FLOAT64_RTOL, float32
+        within the budget."""
+        config, shape, context_shape, masked = KV_CASES[name]
+        config = {**config, "num_heads": 2}
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(shape)
+        context = mask = None
+        first = config.get("data_format") == "channels_first"
+        if context_shape is not None:
+            context = rng.standard_normal(context_shape)
+            config["context_channels"] = context_shape[1 if first else -1]
+            if masked:
+                grid = context_shape[2:] if first else context_shape[1:3]
+                mask = rng.random((shape[0], *grid)) < 0.6
+                mask[:, 0, 0] = True
+                mask[0] = False
+        channels = shape[1 if first else -1]
+        weights = reference.random_weights(
+            channels, **schema.weight_arguments(config), seed=1
+        )
+        kwargs = {k: v for k, v in config.items() if k != "context_channels"}
+        expected = reference.mhsa_forward(
+            x, weights, context=context, attention_mask=mask, **kwargs
+        )
+        if dtype == "float64":
+            out = NATIVE.forward(
+                x,
+                weights,
+                attention_mask=mask,
+                dtype="float64",
+                context=context,
+                **kwargs,
+            )
+            assert_float64_close(out, expected, rtol=reference.FLOAT64_RTOL)
+            return
+        x32 = x.astype(np.float32)
+        c32 = None if context is None else context.astype(np.float32)
+        w32 = {k: v.astype(np.float32) for k, v in weights.items()}
+        out = NATIVE.forward(
+            x32, w32, attention_mask=mask, dtype="float32", context=c32, **kwargs
+        )
+        ref64, budget, _ = reference.error_budget(
+            x32, w32, context=c32, attention_mask=mask, **kwargs
+        )
+        assert magnitude(out.astype(np.float64) - ref64) <= budget
+
+    @pytest.mark.parametrize(
+        "name", ["r2", "pool3_7x9", "cross_rope_mixed_masked"], ids=str
+    )
+    def test_gradients_match_finite_differences(self, name):
+        """float64 gradients (x and every weight, the reduction's included)
+        against central differences of the reference, a few entries each."""
+        config, shape, context_shape, masked = KV_CASES[name]
+        config = {**config, "num_heads": 2}
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(shape)
+        context = mask = None
+        if context_shape is not None:
+            context = rng.standard_normal(context_shape)
+            config["context_channels"] = context_shape[-1]
+            if masked:
+                mask = rng.random((shape[0], *context_shape[1:3])) < 0.6
+                mask[:, 0, 0] = True
+        weights = reference.random_weights(
+            shape[-1], **schema.weight_arguments(config), seed=1
+        )
+        kwargs = {k: v for k, v in config.items() if k != "context_channels"}
+        loss_weights = rng.standard_normal(shape)
+
+        def loss(x_, w_):
+            out = reference.mhsa_forward(
+                x_, w_, context=context, attention_mask=mask, **kwargs
+            )
+            return float(np.sum(out * loss_weights))
+
+        _, grad_x, grad_w = NATIVE.value_and_grad(
+            x,
+            weights,
+            loss_weights,
+            attention_mask=mask,
+            dtype="float64",
+            context=context,
+            **kwargs,
+        )
+        assert set(grad_w) == set(weights)
+        eps = 1e-6
+        picks = np.random.default_rng(1)
+        for what, array, grad in [("x", x, grad_x)] + [
+            (n, weights[n], grad_w[n]) for n in weights
+        ]:
+            for index in picks.integers(0, array.size, size=2):
+                plus, minus = array.copy().reshape(-1), array.copy().reshape(-1)
+                plus[index] += eps
+                minus[index] -= eps
+                plus, minus = plus.reshape(array.shape), minus.reshape(array.shape)
+                if what == "x":
+                    numeric = (loss(plus, weights) - loss(minus, weights)) / (2 * eps)
+                else:
+                    numeric = (
+                        loss(x, {**weights, what: plus})
+                        - loss(x, {**weights, what: minus})
+                    ) / (2 * eps)
+                analytic = np.asarray(grad).reshape(-1)[index]
+                assert abs(analytic - numeric) <= 1e-5 * max(1.0, abs(numeric)), what

@@ -183,6 +183,25 @@ def _botnet(**options):
     return build
 
 
+def _pvt_v2(**options):
+    """pvt_v2's Attention (its forward takes the tokens and feat_size)."""
+
+    def build(size):
+        torch.manual_seed(0)
+        attention = timm_loader.model_definitions("pvt_v2", ["Attention"]).Attention
+        module = _randomize(attention(C, HEADS, **options), seed=1)
+
+        def run(x):
+            batch, height, width, channels = x.shape
+            tokens = torch.from_numpy(x.reshape(batch, height * width, channels))
+            with torch.no_grad():
+                return module(tokens, (height, width)).numpy().reshape(x.shape)
+
+        return Built(module, {}, run)
+
+    return build
+
+
 def _swin_case(window, shift):
     def build(size):
         torch.manual_seed(0)
@@ -289,6 +308,14 @@ CASES = {
         ),
         [REF, (9, 4)],
     ),
+    # 7 x 9 and 5 x 6 by a stride-2 conv: timm's conv floors, as the layer.
+    "pvt_v2-sr_ratio2": (_pvt_v2(sr_ratio=2), [(7, 9), (6, 8)]),
+    "pvt_v2-sr_ratio4-no_qkv_bias": (
+        _pvt_v2(sr_ratio=4, qkv_bias=False),
+        [(8, 8), (9, 5)],
+    ),
+    # AdaptiveAvgPool2d(7): overlapping bins at 9 x 8, repeated cells at 5 x 6.
+    "pvt_v2-linear": (_pvt_v2(linear_attn=True), [(9, 8), (5, 6)]),
     "swin-window4": (_swin_case(4, 0), [(8, 8), (8, 12)]),
     "swin-window4-shift2": (_swin_case(4, 2), [(8, 8), (8, 12)]),
     "swin-window3x4-shift1x2": (_swin_case((3, 4), (1, 2)), [(6, 8), (9, 12)]),
@@ -345,6 +372,8 @@ PERTURBED = {
     "eva-rope_frequencies": ("eva-mixed-depth3-block1", "rope_frequencies"),
     "eva-value_bias": ("eva02-cat-scale_norm", "value_bias"),
     "swin-relative_bias_table": ("swin-window4-shift2", "relative_bias_table"),
+    "pvt_v2-reduction_kernel": ("pvt_v2-sr_ratio2", "reduction_kernel"),
+    "pvt_v2-reduction_norm_bias": ("pvt_v2-linear", "reduction_norm_bias"),
 }
 
 

@@ -787,6 +787,13 @@ CHOICES = {
         {"n": _LARGE, "position": "relative_bias", "bias": True},
         choice.CHUNKED,
     ),
+    # Keys of another map (kv_reduction, a context): N * Nk logits decide.
+    "auto-reduced-keys-fit": ("auto", {"n": 4096, "key_count": 256}, choice.FULL),
+    "auto-reduced-keys-over": (
+        "auto",
+        {"n": 2048, "key_count": 1024},
+        {"torch": choice.FUSED, "tensorflow": choice.CHUNKED, "jax": choice.CHUNKED},
+    ),
     "auto-dynamic-N": ("auto", {"n": "tensor"}, choice.BY_SIZE),
     "chunked-dynamic-N": ("chunked", {"n": "tensor"}, choice.CHUNKED),
 }

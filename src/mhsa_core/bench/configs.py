@@ -8,8 +8,9 @@ settings) at N = 4096: it runs on every path, the fused one included; `swin`
 is Swin-T's first stage (issue 19: shifted 7x7 windows with the per-head bias,
 run on request); `pvt_v2` is PVT v2-b0's first stage (issue 20: a 56x56x64
 map, one head, keys and values reduced by an 8x8 stride-8 conv and a
-LayerNorm, timm's epsilon; run on request); `tiny` and `tiny_relative` are for tests (small enough that
-every output is checked against the float64 reference).
+LayerNorm, timm's epsilon; run on request); `tiny`, `tiny_relative` and
+`tiny_pvt` are for tests (small enough that every output is checked against
+the float64 reference).
 """
 
 from __future__ import annotations

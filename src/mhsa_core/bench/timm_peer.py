@@ -212,12 +212,16 @@ def _pvt_v2(config: BenchConfig, weights):
 
     from mhsa_core.reference import schema
 
-    attention = _timm.module("timm.models.pvt_v2").Attention(
-        config.channels,
-        num_heads=config.num_heads,
-        sr_ratio=config.kv_reduction,
-        qkv_bias=True,
-    ).eval()
+    attention = (
+        _timm.module("timm.models.pvt_v2")
+        .Attention(
+            config.channels,
+            num_heads=config.num_heads,
+            sr_ratio=config.kv_reduction,
+            qkv_bias=True,
+        )
+        .eval()
+    )
     attention.proj = nn.Identity()
     conv, conv_bias = schema.REDUCTION_CONV
     scale, shift = schema.norm_weight_names("reduction", "layer")
@@ -270,9 +274,9 @@ PEERS = (
     Peer(
         "pvt_v2",
         "pvt_v2 Attention (sr_ratio: strided conv + LayerNorm)",
-        lambda c: bool(c.kv_reduction)
-        and not c.window_size
-        and c.position_encoding == "none",
+        lambda c: (
+            bool(c.kv_reduction) and not c.window_size and c.position_encoding == "none"
+        ),
         _pvt_v2,
     ),
     Peer(

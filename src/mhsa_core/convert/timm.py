@@ -17,6 +17,11 @@ the module's output on the same tokens in row-major order, (B, H * W, C):
   rotation layout), `RotaryEmbeddingMixed` -> "rope_mixed" (one block's
   `freqs`); EVA's q and v biases without a k bias (`use_key_bias=False`);
   the norms and `proj` as `Attention`; grouped k/v heads repeated per head;
+- pvt_v2's `Attention` (recognised by its `q` and `kv`): `sr_ratio` R > 1
+  -> `kv_reduction=R` (`sr`'s (C, C, R, R) kernel as (R, R, C, C), `norm`),
+  `linear_attn` -> `kv_reduction="pool"` (`pool`'s output size ->
+  `kv_pool_size`, the 1x1 `sr`, `norm`, GELU), `kv` split into k and v,
+  `proj`; `norm`'s eps -> `norm_epsilon` (torch's 1e-5);
 - Swin's `WindowAttention` (v1): "relative_bias" (the flat
   `relative_position_bias_table` reshaped to (2Wh - 1, 2Ww - 1, heads)), the
   module's window and the block's shift, `scale_position_logits=False`,
@@ -606,10 +611,95 @@ def _window_attention(module: Module, request: _Request) -> _Converted:
     return _Converted(config, weights, projections.channels)
 
 
+def _pvt_v2_attention(module: Module, request: _Request) -> _Converted:
+    """timm pvt_v2's `Attention`: q from the tokens, k and v from the map
+    reduced by `sr` (+ `norm`), or pooled (+ `sr`, `norm`, GELU)."""
+    heads, head_dim = int(module.num_heads), int(module.head_dim)
+    q_weight, q_bias = _linear(module.q)
+    kv_weight, kv_bias = _linear(module.kv)
+    channels = int(q_weight.shape[1])
+    (k_kernel, v_kernel), (k_bias, v_bias) = _split_rows(
+        kv_weight, kv_bias, (channels, channels)
+    )
+    projections = _Projections(
+        {"query": q_weight.T, "key": k_kernel, "value": v_kernel},
+        {"query": q_bias, "key": k_bias, "value": v_bias},
+        channels,
+    )
+    _check_widths(module, projections, head_dim)
+    config: dict[str, Any] = {
+        "num_heads": heads,
+        "scale": _scale(module.scale, head_dim),
+    }
+    dense_config, weights = _dense_weights(
+        projections, _linear(module.proj), key_bias=True
+    )
+    config.update(dense_config)
+    sr = getattr(module, "sr", None)
+    if sr is None:  # sr_ratio 1: plain attention over the map
+        return _Converted(config, weights, channels)
+    kernel = _array(sr.weight)  # (C, C, R, R): [out, in, dy, dx]
+    size = tuple(int(n) for n in sr.kernel_size)
+    stride = tuple(int(n) for n in sr.stride)
+    padding = tuple(int(n) for n in getattr(sr, "padding", (0, 0)))
+    pool = getattr(module, "pool", None)
+    if pool is not None:
+        if size != (1, 1):
+            raise ValueError(
+                "pvt_v2's linear attention pools, then applies a 1x1 conv. "
+                f"Received: module.sr.kernel_size={size}"
+            )
+        act = getattr(module, "act", None)
+        approximate = getattr(act, "approximate", "none")
+        if _class(act) != "GELU" or approximate != "none":
+            raise ValueError(
+                "The pooled reduction's activation is the exact GELU. Received: "
+                f"module.act={_class(act)}(approximate={approximate!r})"
+            )
+        config["kv_reduction"] = "pool"
+        config["kv_pool_size"] = pair(pool.output_size)
+        weights["reduction_kernel"] = kernel[:, :, 0, 0].T
+    else:
+        if size[0] != size[1] or stride != size or any(padding):
+            raise ValueError(
+                "pvt_v2's spatial reduction is a square R x R conv of stride R "
+                "without padding (the layer's kv_reduction=R). Received: "
+                f"module.sr.kernel_size={size}, stride={stride}, padding={padding}"
+            )
+        config["kv_reduction"] = size[0]
+        weights["reduction_kernel"] = kernel.transpose(2, 3, 1, 0)
+    bias = getattr(sr, "bias", None)
+    if config["use_bias"]:
+        weights["reduction_bias"] = np.zeros(channels) if bias is None else _array(bias)
+    elif bias is not None:
+        raise ValueError(
+            "The layer's use_bias covers the reduction conv too: a module with no "
+            "projection biases must have none in `sr`. Received: module.sr.bias "
+            f"of shape {tuple(bias.shape)}"
+        )
+    norm = _norm(module.norm, channels, "norm")
+    if norm is None or norm.kind != "layer" or norm.bias is None:
+        raise ValueError(
+            "pvt_v2's reduction is followed by a LayerNorm. Received: "
+            f"module.norm={_class(module.norm)}"
+        )
+    config["norm_epsilon"] = norm.epsilon
+    weights["reduction_norm_scale"] = norm.scale
+    weights["reduction_norm_bias"] = norm.bias
+    return _Converted(config, weights, channels)
+
+
+def _attention(module: Module, request: _Request) -> _Converted:
+    """timm's class `Attention`: ViT's (`qkv`) or pvt_v2's (`q`, `kv`)."""
+    if hasattr(module, "kv") and hasattr(module, "q"):
+        return _pvt_v2_attention(module, request)
+    return _token_attention(module, request)
+
+
 # class name -> (reader, the arguments beside the module that it reads)
 _READERS: dict[str, tuple[Callable[[Module, _Request], _Converted], set[str]]] = {
     "BottleneckAttn": (_bottleneck_attn, set()),
-    "Attention": (_token_attention, set()),
+    "Attention": (_attention, set()),
     "EvaAttention": (_token_attention, {"rope"}),
     "AttentionRope": (_token_attention, {"rope"}),
     "WindowAttention": (_window_attention, {"shift_size"}),
@@ -662,8 +752,10 @@ def layer_from_timm(
         module: a timm attention module instance: `BottleneckAttn`
             (timm/layers/bottleneck_attn.py, stride 1, dim_out = dim),
             `Attention` or `AttentionRope` (timm/layers/attention.py),
-            `EvaAttention` (timm/models/eva.py), or Swin's `WindowAttention`
-            (timm/models/swin_transformer.py; not Swin v2's).
+            `EvaAttention` (timm/models/eva.py), Swin's `WindowAttention`
+            (timm/models/swin_transformer.py; not Swin v2's), or pvt_v2's
+            `Attention` (timm/models/pvt_v2.py: `sr_ratio`, `linear_attn`;
+            its forward takes (tokens, feat_size), the layer the map).
         rope: for `EvaAttention` and `AttentionRope` (required): the rope
             module exactly as timm's model holds it, `model.rope`: a
             `RotaryEmbeddingCat` ("rope") or a `RotaryEmbeddingMixed`

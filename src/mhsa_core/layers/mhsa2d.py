@@ -34,6 +34,22 @@ def _initializer_or_none(value: Any) -> keras.initializers.Initializer | None:
     return None if value is None else keras.initializers.get(value)
 
 
+def _adaptive_bins(size: int | Tensor, out: int, dtype: str) -> tuple[Tensor, Tensor]:
+    """torch's adaptive average pooling of an axis of `size` cells into
+    `out` bins, bin i = [floor(i * size / out), ceil((i + 1) * size / out)):
+    the (out, size) 0/1 matrix of the bins' cells and the cell counts (out,),
+    in `dtype`, from iota (a size known only at run time works)."""
+    i = ops.arange(out, dtype="int32")
+    start = (i * size) // out
+    end = ((i + 1) * size + (out - 1)) // out
+    cells = ops.expand_dims(ops.arange(size, dtype="int32"), 0)  # (1, size)
+    inside = ops.logical_and(
+        ops.greater_equal(cells, ops.expand_dims(start, 1)),
+        ops.less(cells, ops.expand_dims(end, 1)),
+    )
+    return ops.cast(inside, dtype), ops.cast(end - start, dtype)
+
+
 @keras.saving.register_keras_serializable(package="mhsa_core")
 class MultiHeadSelfAttention2D(keras.layers.Layer):
     """Multi-head self-attention over the positions of a 2-D feature map.
@@ -211,6 +227,26 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             Default False (EVA-02).
         rope_max_resolution: The top of the pixel frequencies with
             `rope_in_pixels` (timm's `max_res`). Default 224.
+        kv_reduction: None (default), an int R >= 2 or "pool": keys and
+            values from the key/value map reduced as timm's pvt_v2
+            `Attention` (PVT v1/v2, SegFormer). R: an R x R conv of stride R
+            without padding (`reduction_kernel` (R, R, C', C'),
+            `reduction_bias` with `use_bias`), then a LayerNorm
+            (`reduction_norm_*`, eps `norm_epsilon`): a key grid of
+            (H // R, W // R), the last H % R rows and W % R columns in no
+            window, as timm's conv. "pool" (pvt_v2's `linear_attn`):
+            adaptive average pooling to `kv_pool_size` (torch's bins), a 1x1
+            conv (`reduction_kernel` (C', C')), the LayerNorm, exact GELU.
+            The map is the inputs' tokens (after a "tokens" encoding's term)
+            or the context. Not with windows, an `attention_mask`, or the
+            "relative", "absolute" and "relative_bias" encodings.
+        kv_pool_size: The pooled grid of `kv_reduction="pool"`, an int or
+            (h, w). Default 7 (pvt_v2's).
+        context_channels: C' of the context of cross-attention (`context`),
+            or None: read off the context when the layer is built with one
+            (`key_kernel` (C', heads * key_dim), `value_kernel` (C', C)).
+            Setting it makes a cross-attention layer: every call needs a
+            context.
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -219,7 +255,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         attention_mask: Optional bool (B, H, W). True = this position may be
             attended to (e.g. the valid part of a padded image). A query whose
             keys are all masked (with windows: all of its window's) gets a
-            zero output.
+            zero output. Always the key mask: (B, H', W') with a context.
         return_attention_scores: If True, also return the attention
             probabilities.
         training: Whether dropout is active.
@@ -228,11 +264,18 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             tokens, attended to by every query and attending to every
             key. The attention_mask covers the map's keys only: prefix
             tokens are always keys.
+        context: Optional (B, H', W', C') ((B, C', H', W') for
+            channels_first), any H', W': cross-attention, keys and values
+            from it (reduced with `kv_reduction`), queries from `inputs`.
+            Rotary encodings place key cell (y', x') at (y' * H / H',
+            x' * W / W') of the query grid. A layer built with a context is
+            always called with one, and the other way round.
 
     Returns:
         The output, same shape as `inputs` and in the compute dtype; with
         `return_attention_scores=True` the tuple `(outputs, scores)`, scores of
-        shape (B, num_heads, H * W, H * W) (float32 under mixed precision: they
+        shape (B, num_heads, H * W, Nk), Nk = H * W, or the key map's tokens
+        with a context or `kv_reduction` (float32 under mixed precision: they
         are computed in float32; with windows, zero between tokens of
         different windows). With `prefix_tokens`, `(outputs,
         prefix_outputs)`, prefix_outputs (B, T, C), and with scores
@@ -288,6 +331,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         rope_max_resolution: float = 224,
         window_size: int | tuple[int, int] | None = None,
         shift_size: int | tuple[int, int] = 0,
+        kv_reduction: int | str | None = None,
+        kv_pool_size: int | tuple[int, int] = 7,
+        context_channels: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -323,6 +369,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "rope_grid_offset": rope_grid_offset,
                 "rope_in_pixels": rope_in_pixels,
                 "rope_max_resolution": rope_max_resolution,
+                "kv_reduction": kv_reduction,
+                "kv_pool_size": kv_pool_size,
+                "context_channels": context_channels,
             },
             convert={
                 "activation": keras.activations.get,
@@ -330,6 +379,12 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             },
         )
         arguments.check_window(window_size, shift_size, position_encoding)
+        arguments.check_kv(
+            kv_reduction,
+            window_size,
+            position_encoding,
+            context=context_channels is not None,
+        )
 
         self.num_heads = int(num_heads)
         self.key_dim = None if key_dim is None else int(key_dim)
@@ -372,6 +427,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         # As pairs (height, width): the config's canonical form.
         self.window_size = None if window_size is None else arguments.pair(window_size)
         self.shift_size = arguments.pair(shift_size)
+        self.kv_reduction = (
+            kv_reduction if kv_reduction in (None, "pool") else int(kv_reduction)
+        )
+        self.kv_pool_size = arguments.pair(kv_pool_size)
+        self.context_channels = (
+            None if context_channels is None else int(context_channels)
+        )
         self._channel_axis = -1 if data_format == "channels_last" else 1
         # The encoding object: its weights, its tokens / logits terms, its
         # rotation of q and k; it reads its own settings among the arguments.
@@ -455,7 +517,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 f"Received: prefix_tokens.shape={shape}"
             )
         arguments.check_prefix_tokens(
-            shape, self.position_encoding, window_size=self.window_size, **others
+            shape,
+            self.position_encoding,
+            window_size=self.window_size,
+            kv_reduction=self.kv_reduction,
+            **others,
         )
 
     @property
@@ -488,9 +554,30 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             )
         return (int(height), int(width))
 
-    def build(self, input_shape: Sequence[int | None]) -> None:
-        input_shape = self._check_input_shape(input_shape)
+    def build(
+        self,
+        inputs_shape: Sequence[int | None],
+        context_shape: Sequence[int | None] | None = None,
+    ) -> None:
+        # (Keras matches a build argument `<name>_shape` to the call argument
+        # `<name>`: hence `inputs_shape`, not `input_shape`.)
+        input_shape = self._check_input_shape(inputs_shape)
         channels = self._spatial_and_channels(input_shape)[2]
+        kv_channels = (
+            channels if self.context_channels is None else self.context_channels
+        )
+        if context_shape is not None:
+            context_shape = self._check_context_shape(input_shape, context_shape)
+            kv_channels = self._spatial_and_channels(context_shape)[2]
+        self._cross = context_shape is not None or self.context_channels is not None
+        self._kv_channels = kv_channels
+        self._build_shapes = (tuple(input_shape), context_shape)
+        arguments.check_kv(
+            self.kv_reduction,
+            self.window_size,
+            self.position_encoding,
+            context=self._cross,
+        )
         arguments.check_channels(
             channels, self.num_heads, self.position_encoding, self.key_dim
         )
@@ -530,14 +617,32 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             ("query_kernel", "query_bias"), channels, qk_width
         )
         self.key_kernel, self.key_bias = weights.projection(
-            ("key_kernel", "key_bias"), channels, qk_width, use_bias=self.use_key_bias
+            ("key_kernel", "key_bias"),
+            kv_channels,
+            qk_width,
+            use_bias=self.use_key_bias,
         )
         self.value_kernel, self.value_bias = weights.projection(
-            ("value_kernel", "value_bias"), channels, channels
+            ("value_kernel", "value_bias"), kv_channels, channels
         )
         if self.position.spec.stage != "tokens":
             self.position.build(weights, channels, self._head_key_dim)
         self._build_options(weights, channels)
+        # `kv_reduction`'s conv and LayerNorm, on the key/value map: last.
+        self.reduction_kernel = self.reduction_bias = None
+        self.reduction_norm_scale = self.reduction_norm_bias = None
+        if self.kv_reduction is not None:
+            shapes = schema.reduction_weight_shapes(
+                kv_channels, self.kv_reduction, self.use_bias
+            )
+            self.reduction_kernel, self.reduction_bias = weights.conv(
+                schema.REDUCTION_CONV, shapes[schema.REDUCTION_CONV[0]]
+            )
+            self.reduction_norm_scale, self.reduction_norm_bias = weights.norm(
+                schema.norm_weight_names("reduction", "layer"), kv_channels
+            )
+        # One spec per call input: the context's channels are checked by the
+        # layer itself (`_check_context_shape`), with its own message.
         self.input_spec = keras.InputSpec(ndim=4, axes={self._channel_axis: channels})
 
     def _build_options(self, weights: WeightFactory, channels: int) -> None:
@@ -587,16 +692,23 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         attention_mask: keras.KerasTensor | None = None,
         return_attention_scores: bool = False,
         training: bool | None = None,
+        context: keras.KerasTensor | None = None,
         prefix_tokens: keras.KerasTensor | None = None,
     ) -> keras.KerasTensor | tuple[keras.KerasTensor, ...]:
         shape = self._check_input_shape(inputs.shape)
+        self._check_context_use(context)
+        key_grid = self._key_grid(shape, context)
         if attention_mask is not None:
-            self._check_mask_shape(shape, attention_mask.shape)
+            self._check_mask(shape, attention_mask.shape, context)
         results = [keras.KerasTensor(shape, dtype=self.compute_dtype)]
         height, width, channels = self._spatial_and_channels(shape)
         n = None if height is None or width is None else height * width
+        nk = n
+        if context is not None or self.kv_reduction is not None:
+            kh, kw = key_grid
+            nk = None if kh is None or kw is None else kh * kw
         if prefix_tokens is not None:
-            self._check_prefix_tokens(shape, prefix_tokens)
+            self._check_prefix_tokens(shape, prefix_tokens, context=context)
             prefix_shape = tuple(prefix_tokens.shape)
             results.append(
                 keras.KerasTensor(
@@ -605,14 +717,198 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 )
             )
             n = None if n is None or prefix_shape[1] is None else n + prefix_shape[1]
+            nk = n  # prefix tokens: self-attention only
         if return_attention_scores:
             results.append(
                 keras.KerasTensor(
-                    (shape[0], self.num_heads, n, n),
+                    (shape[0], self.num_heads, n, nk),
                     dtype=logits_dtype(self.compute_dtype),
                 )
             )
         return results[0] if len(results) == 1 else tuple(results)
+
+    # ------------------------------------------------- keys from another map
+    def _check_context_use(self, context: Any) -> None:
+        """ValueError when a layer built for a context is called without one,
+        or the other way round."""
+        cross = getattr(self, "_cross", None)
+        if cross is None:  # not built yet: build decides
+            cross = self.context_channels is not None
+            if context is None and not cross:
+                return
+            if context is not None:
+                return
+        if cross and context is None:
+            raise ValueError(
+                f"{self.__class__.__name__} {self.name!r} attends to a context "
+                f"(context_channels={self.context_channels!r}, or built with a "
+                "context): call it with `context`. Received: context=None"
+            )
+        if not cross and context is not None:
+            raise ValueError(
+                f"{self.__class__.__name__} {self.name!r} was built for "
+                "self-attention (no context): make a layer for cross-attention "
+                "(called with `context` first, or `context_channels`). Received: "
+                f"context.shape={tuple(context.shape)}"
+            )
+
+    def _check_context_shape(
+        self, input_shape: Sequence[Any], context_shape: Sequence[Any]
+    ) -> tuple[Any, ...]:
+        """The context's shape, checked against the inputs': rank 4, the
+        same batch, C' known and equal to `context_channels` (once built:
+        the built C')."""
+        context_shape = tuple(context_shape)
+        if len(context_shape) != 4:
+            raise ValueError(
+                "`context` must be a rank-4 map, (B, H', W', C') for channels_last "
+                "or (B, C', H', W') for channels_first. "
+                f"Received: context.shape={context_shape}"
+            )
+        batch, other = input_shape[0], context_shape[0]
+        if arguments.is_int(batch) and arguments.is_int(other) and batch != other:
+            raise ValueError(
+                f"`context` must have the inputs' batch size {batch}. "
+                f"Received: context.shape={context_shape}"
+            )
+        channels = self._spatial_and_channels(context_shape)[2]
+        expected = getattr(self, "_kv_channels", None) if self.built else None
+        expected = expected if expected is not None else self.context_channels
+        if channels is None or (expected is not None and channels != expected):
+            raise ValueError(
+                f"`context` must have {expected if expected else 'known'} channels "
+                f"(context_channels={self.context_channels!r}, "
+                f"data_format={self.data_format!r}). "
+                f"Received: context.shape={context_shape}"
+            )
+        return context_shape
+
+    def _key_grid(self, input_shape: Sequence[Any], context: Any) -> tuple[Any, Any]:
+        """(H', W') of the keys' map where known (None where not): the
+        inputs' or the context's grid, reduced by `kv_reduction`. Checks
+        the context's shape, R against the map, and the encoding's need
+        for equal grids."""
+        height, width, _ = self._spatial_and_channels(input_shape)
+        grid: tuple[Any, ...] = (height, width)
+        if context is not None:
+            context_shape = self._check_context_shape(input_shape, context.shape)
+            grid = self._spatial_and_channels(context_shape)[:2]
+        if self.kv_reduction is not None:
+            grid = tuple(
+                None
+                if not arguments.is_int(size)
+                else arguments.reduced_size(
+                    int(size), self.kv_reduction, self.kv_pool_size, axis
+                )
+                for axis, size in enumerate(grid)
+            )
+            if self.kv_reduction == "pool":
+                grid = self.kv_pool_size
+        if context is not None or self.kv_reduction is not None:
+            arguments.check_key_grid(self.position_encoding, (height, width), grid)
+        return grid[0], grid[1]
+
+    def _check_mask(
+        self, input_shape: Sequence[Any], mask_shape: Sequence[Any], context: Any
+    ) -> None:
+        if self.kv_reduction is not None:
+            raise ValueError(
+                "`attention_mask` cannot be used with kv_reduction: a reduced key "
+                "mixes masked and unmasked positions. Received: "
+                f"attention_mask.shape={tuple(mask_shape)}, "
+                f"kv_reduction={self.kv_reduction!r}"
+            )
+        if context is None:
+            self._check_mask_shape(input_shape, mask_shape)
+            return
+        # The key mask: the context's grid.
+        context_shape = tuple(context.shape)
+        height, width, _ = self._spatial_and_channels(context_shape)
+        expected = (input_shape[0], height, width)
+        mask_shape = tuple(mask_shape)
+        ok = len(mask_shape) == 3 and all(
+            not (arguments.is_int(e) and arguments.is_int(m)) or e == m
+            for e, m in zip(expected, mask_shape)
+        )
+        if not ok:
+            raise ValueError(
+                "`attention_mask` masks the context's keys: it must have shape "
+                f"(B, H', W')={expected}. Received: attention_mask.shape={mask_shape}"
+            )
+
+    def _reduce(self, kv_map: Tensor) -> Tensor:
+        """`kv_reduction` of the key/value map (B, H, W, C') -> (B, H', W', C'),
+        as timm's pvt_v2 `Attention` (`mhsa_core.reference.forward.reduce_map`)."""
+        shape = ops.shape(kv_map)
+        batch, height, width = shape[0], shape[1], shape[2]
+        channels = self._kv_channels
+        dtype = self.compute_dtype
+        if self.kv_reduction == "pool":
+            out_h, out_w = self.kv_pool_size
+            # torch's adaptive bins as 0/1 matrices (o, n) from iota, sums
+            # over them, then / the bin's cell count (dynamic H, W work).
+            ind_h, count_h = _adaptive_bins(height, out_h, dtype)
+            ind_w, count_w = _adaptive_bins(width, out_w, dtype)
+            sums = ops.einsum("ih,bhwc->biwc", ind_h, kv_map)
+            sums = ops.einsum("jw,biwc->bijc", ind_w, sums)
+            counts = ops.expand_dims(count_h, 1) * ops.expand_dims(count_w, 0)
+            pooled = sums / ops.expand_dims(counts, -1)  # (B, oh, ow, C')
+            t = ops.reshape(pooled, (batch, out_h * out_w, channels))
+            t = dense(t, self.reduction_kernel, self.reduction_bias)
+            t = apply_norm(
+                t,
+                "layer",
+                self.reduction_norm_scale,
+                self.reduction_norm_bias,
+                self.norm_epsilon,
+            )
+            gelu = activations.for_dtype(keras.activations.gelu, dtype)
+            assert gelu is not None
+            t = gelu(t)
+            return ops.reshape(t, (batch, out_h, out_w, channels))
+        r = int(self.kv_reduction)  # type: ignore[arg-type]
+        if arguments.is_int(height) and arguments.is_int(width):
+            out_h = arguments.reduced_size(int(height), r, None, 0)
+            out_w = arguments.reduced_size(int(width), r, None, 1)
+            if out_h * r != height or out_w * r != width:
+                kv_map = kv_map[:, : out_h * r, : out_w * r]
+        else:
+            # A size known at run time: floor too (no check there: a map
+            # smaller than R has no keys).
+            out_h, out_w = height // r, width // r
+            kv_map = kv_map[:, : out_h * r, : out_w * r]
+        # The stride-R conv without padding as patches @ kernel (einsum:
+        # float64-exact on every backend).
+        patches = ops.reshape(kv_map, (batch, out_h, r, out_w, r, channels))
+        patches = ops.transpose(patches, (0, 1, 3, 2, 4, 5))
+        patches = ops.reshape(patches, (batch, out_h * out_w, r * r * channels))
+        kernel = ops.reshape(self.reduction_kernel, (r * r * channels, channels))
+        t = dense(patches, kernel, self.reduction_bias)
+        t = apply_norm(
+            t,
+            "layer",
+            self.reduction_norm_scale,
+            self.reduction_norm_bias,
+            self.norm_epsilon,
+        )
+        return ops.reshape(t, (batch, out_h, out_w, channels))
+
+    def get_build_config(self) -> dict[str, Any]:
+        if getattr(self, "_build_shapes", None) is None:
+            return super().get_build_config()
+        config: dict[str, Any] = {"input_shape": self._build_shapes[0]}
+        if self._build_shapes[1] is not None:
+            config["context_shape"] = self._build_shapes[1]
+        return config
+
+    def build_from_config(self, config: dict[str, Any]) -> None:
+        if not config:
+            return
+        if "shapes_dict" in config:  # Keras's own form, more than one input
+            shapes = config["shapes_dict"]
+            self.build(shapes["inputs_shape"], shapes.get("context_shape"))
+        else:
+            self.build(config["input_shape"], config.get("context_shape"))
 
     # -------------------------------------------------------------------- call
     def call(
@@ -621,8 +917,10 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         attention_mask: Tensor | None = None,
         return_attention_scores: bool = False,
         training: bool | None = None,
+        context: Tensor | None = None,
         prefix_tokens: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, ...]:
+        self._check_context_use(context)
         x = inputs
         if self.data_format == "channels_first":
             # 1x1 projections act on tokens, so the layout is resolved once here.
@@ -637,37 +935,65 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         num_prefix, total = 0, n  # prefix tokens, all tokens
         if prefix_tokens is not None:
             prefix_tokens = ops.convert_to_tensor(prefix_tokens)
-            self._check_prefix_tokens(tuple(inputs.shape), prefix_tokens)
+            self._check_prefix_tokens(
+                tuple(inputs.shape), prefix_tokens, context=context
+            )
             # Prefix first (timm/EVA), after the map's token term: the same
             # projections and norms, no position term.
             prefix_tokens = ops.cast(prefix_tokens, tokens.dtype)
             num_prefix = ops.shape(prefix_tokens)[1]
             tokens = ops.concatenate([prefix_tokens, tokens], axis=1)  # (B, T+N, C)
             total = n + num_prefix
+        # Keys and values from another map than the queries' (a context, the
+        # map reduced by `kv_reduction`): its grid (kh, kw), Nk tokens. (Never
+        # with prefix tokens: `_check_prefix_tokens` refuses both.)
+        other_keys = context is not None or self.kv_reduction is not None
+        kv_tokens, key_height, key_width, nk = tokens, height, width, total
+        if other_keys:
+            if context is None:
+                kv_map = ops.reshape(tokens, (batch, height, width, channels))
+            else:
+                context = ops.convert_to_tensor(context)
+                self._key_grid(tuple(inputs.shape), context)  # the shape rules
+                # The compute dtype, as Keras casts `inputs` (a NumPy float64
+                # context under float32, a float32 one under mixed precision).
+                kv_map = ops.cast(context, self.compute_dtype)
+                if self.data_format == "channels_first":
+                    kv_map = ops.transpose(kv_map, (0, 2, 3, 1))
+            if self.kv_reduction is not None:
+                if context is None:
+                    self._key_grid(tuple(inputs.shape), None)  # R against the map
+                kv_map = self._reduce(kv_map)
+            kv_shape = ops.shape(kv_map)
+            key_height, key_width = kv_shape[1], kv_shape[2]
+            nk = key_height * key_width
+            kv_tokens = ops.reshape(kv_map, (batch, nk, self._kv_channels))
         activation = activations.for_dtype(self.activation, self.compute_dtype)
         q = dense(tokens, self.query_kernel, self.query_bias, activation)
-        k = dense(tokens, self.key_kernel, self.key_bias, activation)
-        v = dense(tokens, self.value_kernel, self.value_bias, activation)
-        # q, k: (B, N, heads*kd); v: (B, N, C)
+        k = dense(kv_tokens, self.key_kernel, self.key_bias, activation)
+        v = dense(kv_tokens, self.value_kernel, self.value_bias, activation)
+        # q: (B, N, heads*kd); k: (B, Nk, heads*kd); v: (B, Nk, C)
 
-        def split_heads(t: Tensor, dim: int) -> Tensor:  # (B, N, h*d) -> (B, h, N, d)
+        def split_heads(t: Tensor, dim: int, count: Any = total) -> Tensor:
+            # (B, count, h*d) -> (B, h, count, d)
             return ops.transpose(
-                ops.reshape(t, (batch, total, heads, dim)), (0, 2, 1, 3)
+                ops.reshape(t, (batch, count, heads, dim)), (0, 2, 1, 3)
             )
 
         key_mask = None
         if attention_mask is not None:
             attention_mask = ops.convert_to_tensor(attention_mask)
-            self._check_mask_shape(tuple(inputs.shape), tuple(attention_mask.shape))
-            key_mask = ops.reshape(attention_mask, (batch, n))  # (B, N)
+            self._check_mask(tuple(inputs.shape), tuple(attention_mask.shape), context)
+            # On the keys' map: (B, Nk) of another map, else (B, N).
+            key_mask = ops.reshape(attention_mask, (batch, nk if other_keys else n))
             if prefix_tokens is not None:
                 # Prefix tokens are always keys: (B, T + N), True first.
                 always = ops.ones_like(prefix_tokens[:, :, 0], dtype="bool")
                 key_mask = ops.concatenate([always, key_mask], axis=1)
 
         query = split_heads(q, key_dim)  # (B, heads, N, kd)
-        key = split_heads(k, key_dim)
-        value = split_heads(v, channels // heads)  # (B, heads, N, dv)
+        key = split_heads(k, key_dim, nk)  # (B, heads, Nk, kd)
+        value = split_heads(v, channels // heads, nk)  # (B, heads, Nk, dv)
         if self.qk_norm is not None:
             # Per head over kd, one scale (and bias) for every head, as timm.
             query = apply_norm(
@@ -690,7 +1016,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         # With windows too: the angles are of the token's place in the map,
         # and q_i . k_j then depends only on their offset, inside a window
         # as anywhere.
-        if prefix_tokens is None:
+        # Keys of another map: rotated by their cells' places spread over
+        # the query grid (`PositionEncoding.rotate`).
+        if other_keys:
+            query, key = self.position.rotate(
+                query, key, height, width, key_height, key_width
+            )
+        elif prefix_tokens is None:
             query, key = self.position.rotate(query, key, height, width)
         else:
             # The map's q and k only: prefix tokens are not rotated (EVA's
@@ -725,7 +1057,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             implementation=self.attention_implementation,
             chunk_size=self.chunk_size,
             regions=regions,
-        )  # (B', heads, N', C // heads), (B', heads, N', N') or None
+            key_count=nk if other_keys else None,
+        )  # (B', heads, N', C // heads), (B', heads, N', Nk') or None
         if windows is not None:
             outputs = windows.merge(outputs)  # (B, heads, N, dv)
             if return_attention_scores and scores is not None:
@@ -947,6 +1280,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "rope_max_resolution": self.rope_max_resolution,
                 "window_size": self.window_size,
                 "shift_size": self.shift_size,
+                "kv_reduction": self.kv_reduction,
+                "kv_pool_size": self.kv_pool_size,
+                "context_channels": self.context_channels,
             }
         )
         return config

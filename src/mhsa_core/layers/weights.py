@@ -120,6 +120,19 @@ class WeightFactory:
             bias = self._add_weight(name=bias_name, shape=(out_width,), **self._bias)
         return kernel, bias
 
+    def conv(
+        self, names: tuple[str, str], shape: tuple[int, ...]
+    ) -> tuple[Tensor, Tensor | None]:
+        """(kernel `shape`, bias (shape[-1],) or None) of a convolution
+        (`kv_reduction`'s: (R, R, C, C) HWIO, or (C, C) for a 1x1 conv), with
+        the projections' settings."""
+        kernel_name, bias_name = names
+        kernel = self._add_weight(name=kernel_name, shape=shape, **self._kernel)
+        bias = None
+        if self._use_bias:
+            bias = self._add_weight(name=bias_name, shape=(shape[-1],), **self._bias)
+        return kernel, bias
+
     def norm(self, names: tuple[str, ...], width: int) -> tuple[Tensor, Tensor | None]:
         """(scale (width,), bias (width,) or None) of a norm, initialized to 1
         and 0 as Keras's LayerNormalization and timm's norms.

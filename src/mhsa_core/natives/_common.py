@@ -86,6 +86,14 @@ class BlockConfig:
     rope: schema.RopeSettings | None = None  # the rotary encodings' settings
     window_size: tuple[int, int] | None = None  # (wh, ww), or None: no windows
     shift_size: tuple[int, int] = (0, 0)
+    kv_reduction: int | str | None = None  # None, R or "pool"
+    kv_pool_size: tuple[int, int] = (7, 7)
+    context_channels: int | None = None  # C' of a context, None: no context
+
+    @property
+    def kv_channels(self) -> int:
+        """The channels of the keys' and values' map: C', else C."""
+        return self.channels if self.context_channels is None else self.context_channels
 
     @property
     def encoding(self) -> schema.Encoding:
@@ -107,7 +115,11 @@ class BlockConfig:
                 f"{self.channels}). Received: prefix_tokens.shape={shape}"
             )
         arguments.check_prefix_tokens(
-            shape, self.position_encoding, window_size=self.window_size
+            shape,
+            self.position_encoding,
+            window_size=self.window_size,
+            kv_reduction=self.kv_reduction,
+            context_channels=self.context_channels,
         )
         return shape[1]
 
@@ -125,6 +137,8 @@ class BlockConfig:
             qk_norm=self.qk_norm,
             output_norm=self.output_norm,
             output_dense=self.output_dense,
+            kv_reduction=self.kv_reduction,
+            context_channels=self.context_channels,
         )
 
 
@@ -148,6 +162,9 @@ def check_config(
     norm_epsilon: float = 1e-6,
     window_size: int | Sequence[int] | None = None,
     shift_size: int | Sequence[int] = 0,
+    kv_reduction: int | str | None = None,
+    kv_pool_size: int | Sequence[int] = 7,
+    context_channels: int | None = None,
     **rope: Any,
 ) -> BlockConfig:
     """Check a block config for C=`channels`; returns its `BlockConfig`.
@@ -157,7 +174,9 @@ def check_config(
     defaults to C // num_heads; `scale` None means 1/sqrt(key_dim);
     `use_key_bias` None means `use_bias`. `rope`:
     the layer's `rope_*` arguments (`schema.ROPE_DEFAULTS`), resolved into
-    `BlockConfig.rope` for a rotary encoding.
+    `BlockConfig.rope` for a rotary encoding. `kv_reduction`,
+    `kv_pool_size`: as the layer's; `context_channels`: C' of the context
+    (cross-attention), None without one.
 
     Raises:
         ValueError: naming the argument and the value received.
@@ -178,11 +197,20 @@ def check_config(
             "activation": activation,
             "window_size": window_size,
             "shift_size": shift_size,
+            "kv_reduction": kv_reduction,
+            "kv_pool_size": kv_pool_size,
+            "context_channels": context_channels,
             **rope,
         },
         rules={"activation": arguments.one_of(sorted(activations, key=str))},
     )
     arguments.check_window(window_size, shift_size, position_encoding)
+    arguments.check_kv(
+        kv_reduction,
+        window_size,
+        position_encoding,
+        context=context_channels is not None,
+    )
     position_size = learned_size(position_encoding, position_size)
     arguments.check_channels(channels, num_heads, position_encoding, key_dim)
     head_dim = channels // num_heads
@@ -209,6 +237,11 @@ def check_config(
         ),
         window_size=None if window_size is None else arguments.pair(window_size),
         shift_size=arguments.pair(shift_size),
+        kv_reduction=kv_reduction
+        if kv_reduction in (None, "pool")
+        else int(kv_reduction),
+        kv_pool_size=arguments.pair(kv_pool_size),
+        context_channels=None if context_channels is None else int(context_channels),
     )
 
 
@@ -310,17 +343,25 @@ def check_weights(
 
 
 def numpy_config(
-    x: ArrayLike, weights: Mapping[str, ArrayLike | None], config: Mapping[str, Any]
+    x: ArrayLike,
+    weights: Mapping[str, ArrayLike | None],
+    config: Mapping[str, Any],
+    context: ArrayLike | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """A NumPy helper's config, complete; returns (channels, config).
 
     The natives' `forward` / `value_and_grad` take the config as keywords:
     missing ones get the defaults, `use_bias` defaults to whether `weights`
     has biases and `position_size` to the size read off its tables (if given,
-    it must agree with them: the weight check says so).
+    it must agree with them: the weight check says so), `context_channels`
+    to the channels of `context` (None without one).
     """
     complete = {**DEFAULTS, **config}
-    for name in ("window_size", "shift_size"):  # hashable (JAX's static arguments)
+    if context is not None:
+        axis = 1 if complete["data_format"] == "channels_first" else -1
+        complete.setdefault("context_channels", np.shape(context)[axis])
+    # hashable (JAX's static arguments)
+    for name in ("window_size", "shift_size", "kv_pool_size"):
         if isinstance(complete.get(name), list):
             complete[name] = tuple(complete[name])
     if complete.get("use_bias") is None:
@@ -390,11 +431,11 @@ class FusedBlock:
         """From a bench config (`mhsa_core.bench.configs.BenchConfig`, or any
         object with its `height`, `width`, `channels`, `num_heads`,
         `head_dim`, `tokens` and `position_encoding`)."""
-        if getattr(config, "kv_reduction", 0):
+        kv_reduction = getattr(config, "kv_reduction", 0)
+        if kv_reduction:
             raise ValueError(
                 "The fused natives carry no kv_reduction (the bench plans no "
-                "native row for it). "
-                f"Received: kv_reduction={config.kv_reduction!r}"
+                f"native row for it). Received: kv_reduction={kv_reduction!r}"
             )
         if config.position_encoding not in FUSED_ENCODINGS:
             raise ValueError(

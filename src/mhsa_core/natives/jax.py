@@ -132,6 +132,9 @@ _STATIC = (
     *schema.ROPE_DEFAULTS,
     "window_size",
     "shift_size",
+    "kv_reduction",
+    "kv_pool_size",
+    "context_channels",
 )
 
 
@@ -320,10 +323,16 @@ def _sincos(height: int, width: int, channels: int, dtype: DTypeLike) -> jax.Arr
 
 
 def _rope_angles(
-    height: int, width: int, key_dim: int, rope: schema.RopeSettings, dtype: DTypeLike
+    height: int,
+    width: int,
+    key_dim: int,
+    rope: schema.RopeSettings,
+    dtype: DTypeLike,
+    span: tuple[int, int] | None = None,
 ) -> jax.Array:
     """ "rope"'s angles (N, kd / 2): per token, the positions of its row and
-    column ("ij"; column first for "xy") times the kd / 4 frequencies."""
+    column ("ij"; column first for "xy") times the kd / 4 frequencies.
+    `span` (Hq, Wq): a key map's cells spread over the query grid."""
     count = key_dim // 4
     if rope.in_pixels:
         top = np.log2(rope.max_resolution) - 1.0
@@ -332,7 +341,15 @@ def _rope_angles(
         bands = 1.0 / rope.temperature ** (np.arange(count) / count)
     bands = jnp.asarray(bands, dtype=dtype)
 
-    def positions(size: int, reference: int | None) -> jax.Array:
+    def positions(size: int, reference: int | None, query: int | None) -> jax.Array:
+        if query is not None and query != size:
+            # Cell i of the key axis at i * Hq / H of the query axis.
+            p = jnp.arange(size, dtype=dtype) * query / size
+            if rope.in_pixels:
+                t = p * (2.0 / max(query - 1, 1)) - 1.0
+            else:
+                t = p + rope.grid_offset
+            return t if reference is None else t / query * reference
         if rope.in_pixels:
             t = jnp.linspace(-1.0, 1.0, size, dtype=dtype)
         else:
@@ -340,8 +357,11 @@ def _rope_angles(
         return t if reference is None else t / size * reference
 
     ref_h, ref_w = rope.reference_size or (None, None)
+    span_h, span_w = span or (None, None)
     t_y, t_x = jnp.meshgrid(
-        positions(height, ref_h), positions(width, ref_w), indexing="ij"
+        positions(height, ref_h, span_h),
+        positions(width, ref_w, span_w),
+        indexing="ij",
     )  # (H, W) each
     first, second = (t_y, t_x) if rope.grid_indexing == "ij" else (t_x, t_y)
     angles = jnp.concatenate([first[..., None] * bands, second[..., None] * bands], -1)
@@ -349,11 +369,20 @@ def _rope_angles(
 
 
 def _mixed_angles(
-    height: int, width: int, frequencies: jax.Array, grid_indexing: str
+    height: int,
+    width: int,
+    frequencies: jax.Array,
+    grid_indexing: str,
+    span: tuple[int, int] | None = None,
 ) -> jax.Array:
-    """ "rope_mixed"'s angles (N, heads, kd / 2): t_x F[0] + t_y F[1]."""
+    """ "rope_mixed"'s angles (N, heads, kd / 2): t_x F[0] + t_y F[1];
+    `span` (Hq, Wq): of a key map spread over the query grid."""
     ys, xs = jnp.divmod(jnp.arange(height * width), width)
     ys, xs = ys.astype(frequencies.dtype), xs.astype(frequencies.dtype)
+    if span is not None and span[0] != height:
+        ys = ys * span[0] / height
+    if span is not None and span[1] != width:
+        xs = xs * span[1] / width
     t_x, t_y = (xs, ys) if grid_indexing == "xy" else (ys, xs)
     return jnp.einsum("n,hp->nhp", t_x, frequencies[0]) + jnp.einsum(
         "n,hp->nhp", t_y, frequencies[1]
@@ -384,10 +413,62 @@ def _rotate(
     return x * cos + rotated * sin
 
 
+def _reduce(
+    m: jax.Array, params: Mapping[str, jax.Array], cfg: _common.BlockConfig
+) -> jax.Array:
+    """timm pvt_v2's reduction of the key/value map (B, H, W, C') ->
+    (B, H', W', C'): a stride-R `jax.lax.conv_general_dilated` (VALID: the
+    last H % R rows are in no window), LayerNorm; or adaptive average pooling
+    (torch's bins, each a mean), the 1x1 conv, LayerNorm, exact GELU."""
+    kernel_name, bias_name = schema.REDUCTION_CONV
+    kernel = params[kernel_name]
+    if cfg.kv_reduction == "pool":
+        height, width = m.shape[1], m.shape[2]
+        out_h, out_w = cfg.kv_pool_size
+
+        def bins(size: int, out: int) -> list[tuple[int, int]]:
+            return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+        m = jnp.stack(
+            [
+                jnp.stack(
+                    [
+                        jnp.mean(m[:, y0:y1, x0:x1], axis=(1, 2))
+                        for x0, x1 in bins(width, out_w)
+                    ],
+                    axis=1,
+                )
+                for y0, y1 in bins(height, out_h)
+            ],
+            axis=1,
+        )  # (B, oh, ow, C')
+        kernel, stride = kernel[None, None], 1
+    else:
+        for axis, size in enumerate(m.shape[1:3]):
+            arguments.reduced_size(int(size), cfg.kv_reduction, None, axis)
+        stride = int(cfg.kv_reduction)  # type: ignore[arg-type]
+    m = jax.lax.conv_general_dilated(
+        m,
+        kernel,
+        window_strides=(stride, stride),
+        padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    if params.get(bias_name) is not None:
+        m = m + params[bias_name]
+    names = schema.norm_weight_names("reduction", "layer")
+    m = _norm(m, params, names, cfg.norm_epsilon)
+    if cfg.kv_reduction == "pool":
+        m = jax.nn.gelu(m, approximate=False)
+    return m
+
+
 def apply(
     params: Mapping[str, jax.Array],
     x: jax.Array,
     attention_mask: jax.Array | None = None,
+    context: jax.Array | None = None,
     *,
     num_heads: int = 1,
     key_dim: int | None = None,
@@ -411,6 +492,9 @@ def apply(
     rope_max_resolution: float = 224,
     window_size: int | Sequence[int] | None = None,
     shift_size: int | Sequence[int] = 0,
+    kv_reduction: int | str | None = None,
+    kv_pool_size: int | Sequence[int] = 7,
+    context_channels: int | None = None,
     prefix_tokens: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The block's forward pass, a pure function (jit it with the config static).
@@ -418,7 +502,10 @@ def apply(
     Args:
         params: canonical weight dict of jnp arrays (see module docstring).
         x: (B, H, W, C) for "channels_last", (B, C, H, W) for "channels_first".
-        attention_mask: optional bool (B, H, W); True = may be attended to.
+        attention_mask: optional bool (B, H, W) (with a context: (B, H',
+            W')); True = may be attended to.
+        context: optional (B, H', W', C') (channels_first: (B, C', H', W')):
+            keys and values from it (cross-attention).
         num_heads, key_dim, activation, position_encoding, scale, data_format,
             scale_position_logits: the block's config, with the reference's
             defaults; `scale=None` means 1/sqrt(key_dim).
@@ -433,6 +520,8 @@ def apply(
             rope_in_pixels, rope_max_resolution: the rotary encodings'
             settings, as the layer's.
         window_size, shift_size: Swin's windows, as the layer's.
+        kv_reduction, kv_pool_size: as the layer's.
+        context_channels: C' (None: read off `context`).
         prefix_tokens: optional (B, T, C) class and register tokens, first
             among the tokens, not rotated, always keys (as the layer's).
 
@@ -448,6 +537,10 @@ def apply(
     if data_format == "channels_first":
         x = jnp.transpose(x, (0, 2, 3, 1))  # (B, C, H, W) -> (B, H, W, C)
     batch, height, width, channels = x.shape
+    if context is not None and data_format == "channels_first":
+        context = jnp.transpose(context, (0, 2, 3, 1))
+    if context is not None and context_channels is None:
+        context_channels = context.shape[-1]
     cfg = _common.check_config(
         channels,
         _ACTIVATIONS,
@@ -474,6 +567,9 @@ def apply(
         rope_max_resolution=rope_max_resolution,
         window_size=window_size,
         shift_size=shift_size,
+        kv_reduction=kv_reduction,
+        kv_pool_size=kv_pool_size,
+        context_channels=context_channels,
     )
     _common.check_weights(params, cfg.weight_shapes)
     dv, kd, scale = cfg.head_dim, cfg.key_dim, cfg.scale  # dv: value width per head
@@ -492,30 +588,53 @@ def apply(
         t = jnp.concatenate([prefix_tokens.astype(t.dtype), t], axis=1)
     n_all = prefix + n  # (B, T + N, C)
 
+    # The keys' and values' map: the tokens', or the context's; reduced.
+    kv, key_grid = t, (height, width)
+    other_keys = context is not None or kv_reduction is not None
+    if (context is None) != (cfg.context_channels is None):
+        raise ValueError(
+            "`context` must be given exactly when context_channels is set. "
+            f"Received: context_channels={cfg.context_channels}, "
+            f"context={'a map' if context is not None else None}"
+        )
+    if other_keys:
+        m = t.reshape(batch, height, width, channels) if context is None else context
+        if kv_reduction is not None:
+            m = _reduce(m, params, cfg)
+        key_grid = (m.shape[1], m.shape[2])
+        kv = m.reshape(batch, key_grid[0] * key_grid[1], m.shape[3])
+    nk = kv.shape[1]
     # (B, N, heads*d) -> (B, N, heads, d): head i is the channel slice [i*d, (i+1)*d).
-    q, k, v = (
-        act(_dense(t, params, f"{p}_kernel", f"{p}_bias")) for p in schema.PROJECTIONS
-    )
+    q = act(_dense(t, params, "query_kernel", "query_bias"))
+    k = act(_dense(kv, params, "key_kernel", "key_bias"))
+    v = act(_dense(kv, params, "value_kernel", "value_bias"))
     q = q.reshape(batch, n_all, num_heads, kd)
-    k = k.reshape(batch, n_all, num_heads, kd)
-    v = v.reshape(batch, n_all, num_heads, dv)
+    k = k.reshape(batch, nk, num_heads, kd)
+    v = v.reshape(batch, nk, num_heads, dv)
     if qk_norm is not None:  # over kd, every head with the same weights
         q = _norm(q, params, cfg.norm_weights("query"), norm_epsilon)
         k = _norm(k, params, cfg.norm_weights("key"), norm_epsilon)
     if cfg.rope is not None:
         name = cfg.encoding.frequencies
-        angles = (  # (N, 1 or heads, kd / 2)
-            _mixed_angles(height, width, params[name], cfg.rope.grid_indexing)
-            if name is not None
-            else _rope_angles(height, width, kd, cfg.rope, q.dtype)[:, None]
-        )
-        tables = _sin_cos(angles)
+        rope = cfg.rope
+
+        def angles_of(
+            h: int, w: int, span: tuple[int, int] | None = None
+        ) -> jax.Array:  # (N, 1 or heads, kd / 2)
+            if name is not None:
+                return _mixed_angles(h, w, params[name], rope.grid_indexing, span)
+            return _rope_angles(h, w, kd, rope, q.dtype, span)[:, None]
+
+        tables = _sin_cos(angles_of(height, width))
+        key_tables = tables
+        if other_keys:
+            key_tables = _sin_cos(angles_of(*key_grid, span=(height, width)))
         # The map's tokens only (EVA's rope on x[:, :, T:]).
         q = q.at[:, prefix:].set(_rotate(q[:, prefix:], tables, cfg.rope.layout))
-        k = k.at[:, prefix:].set(_rotate(k[:, prefix:], tables, cfg.rope.layout))
-    keep = None  # (B, N) bool, per key
+        k = k.at[:, prefix:].set(_rotate(k[:, prefix:], key_tables, cfg.rope.layout))
+    keep = None  # (B, Nk) bool, per key
     if attention_mask is not None:
-        keep = jnp.asarray(attention_mask, dtype=bool).reshape(batch, n)
+        keep = jnp.asarray(attention_mask, dtype=bool).reshape(batch, nk - prefix)
         keep = jnp.pad(keep, ((0, 0), (prefix, 0)), constant_values=True)
 
     # Swin's windows become the batch: (B * nW, wh * ww, heads*d).
@@ -535,10 +654,10 @@ def apply(
             mask = _shift_mask(height, width, window, shift, pad)  # (nW, Nw, Nw)
             shift_mask = jnp.tile(mask, (batch, 1, 1))[:, None].astype(q.dtype)
         size = window
-    items, tokens = q.shape[0], q.shape[1]
+    items, tokens, keys = q.shape[0], q.shape[1], k.shape[1]
     q = q.reshape(items, tokens, num_heads, kd)
-    k = k.reshape(items, tokens, num_heads, kd)
-    v = v.reshape(items, tokens, num_heads, dv)
+    k = k.reshape(items, keys, num_heads, kd)
+    v = v.reshape(items, keys, num_heads, dv)
 
     # The Python float `scale` is weakly typed: it keeps the dtype of the logits.
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)  # (B', heads, N', N')
@@ -586,10 +705,11 @@ def _loss(
     x: jax.Array,
     attention_mask: jax.Array | None,
     loss_weights: jax.Array,
+    context: jax.Array | None,
     config_items: Iterable[tuple[str, Any]],
 ) -> jax.Array:
     """sum(out * loss_weights); the config comes as hashable (name, value) pairs."""
-    out = apply(params, x, attention_mask, **dict(config_items))
+    out = apply(params, x, attention_mask, context, **dict(config_items))
     return jnp.sum(out * loss_weights)
 
 
@@ -632,6 +752,7 @@ def forward(
     weights: Mapping[str, ArrayLike | None],
     attention_mask: ArrayLike | None = None,
     dtype: DTypeLike = "float32",
+    context: ArrayLike | None = None,
     prefix_tokens: ArrayLike | None = None,
     **config: Any,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -640,21 +761,25 @@ def forward(
 
     `config`: keywords of `apply`, completed by `_common.numpy_config`.
     """
-    _, config = _common.numpy_config(x, weights, config)  # complete and hashable
+    # complete and hashable
+    _, config = _common.numpy_config(x, weights, config, context)
     with _precision(dtype):
         params = params_from_weight_dict(weights, dtype)
         xj = jnp.asarray(np.asarray(x), dtype=dtype)
         mask = (
             None if attention_mask is None else jnp.asarray(attention_mask, dtype=bool)
         )
+        cj = None if context is None else jnp.asarray(np.asarray(context), dtype=dtype)
         if prefix_tokens is not None:
             pj = jnp.asarray(np.asarray(prefix_tokens), dtype=dtype)
-            out, prefix_out = _apply_jit(params, xj, mask, prefix_tokens=pj, **config)
+            out, prefix_out = _apply_jit(
+                params, xj, mask, cj, prefix_tokens=pj, **config
+            )
             return (
                 _check_dtype(np.asarray(out), dtype),
                 _check_dtype(np.asarray(prefix_out), dtype),
             )
-        out = np.asarray(_apply_jit(params, xj, mask, **config))
+        out = np.asarray(_apply_jit(params, xj, mask, cj, **config))
     return _check_dtype(out, dtype)
 
 
@@ -664,14 +789,17 @@ def value_and_grad(
     loss_weights: ArrayLike,
     attention_mask: ArrayLike | None = None,
     dtype: DTypeLike = "float32",
+    context: ArrayLike | None = None,
     **config: Any,
 ) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:  # loss: a NumPy scalar
     """Loss `sum(out * loss_weights)` and its gradients, as NumPy.
 
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped
-    like `x`, and a canonical weight dict of gradients.
+    like `x`, and a canonical weight dict of gradients (`context`, as
+    `forward`'s, is a constant).
     """
-    _, config = _common.numpy_config(x, weights, config)  # complete and hashable
+    # complete and hashable
+    _, config = _common.numpy_config(x, weights, config, context)
     with _precision(dtype):
         params = params_from_weight_dict(weights, dtype)
         xj = jnp.asarray(np.asarray(x), dtype=dtype)
@@ -679,8 +807,9 @@ def value_and_grad(
         mask = (
             None if attention_mask is None else jnp.asarray(attention_mask, dtype=bool)
         )
+        cj = None if context is None else jnp.asarray(np.asarray(context), dtype=dtype)
         loss, (grad_params, grad_x) = _value_and_grad_jit(
-            params, xj, mask, lw, config_items=tuple(sorted(config.items()))
+            params, xj, mask, lw, cj, config_items=tuple(sorted(config.items()))
         )
         loss = np.asarray(loss)
         grad_x = np.asarray(grad_x)

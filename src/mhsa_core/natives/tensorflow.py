@@ -143,9 +143,11 @@ def _rope_angles(
     key_dim: int,
     rope: schema.RopeSettings,
     dtype: tf.DType,
+    span: tuple[int, int] | None = None,
 ) -> tf.Tensor:
     """ "rope"'s angles (N, kd / 2): per token, the positions of its row and
-    column ("ij"; column first for "xy") times the kd / 4 frequencies."""
+    column ("ij"; column first for "xy") times the kd / 4 frequencies.
+    `span` (Hq, Wq): a key map's cells spread over the query grid."""
     count = key_dim // 4
     if rope.in_pixels:
         top = math.log2(rope.max_resolution) - 1.0
@@ -156,7 +158,19 @@ def _rope_angles(
         bands = 1.0 / tf.pow(tf.constant(rope.temperature, tf.float64), exponent)
     bands = tf.cast(bands, dtype)
 
-    def along(size: int | tf.Tensor, reference: int | None) -> tf.Tensor:
+    def along(
+        size: int | tf.Tensor, reference: int | None, query: int | None = None
+    ) -> tf.Tensor:
+        if query is not None and query != size:
+            # Cell i of the key axis at i * Hq / H of the query axis.
+            p = tf.cast(tf.range(size), dtype) * query / tf.cast(size, dtype)
+            if rope.in_pixels:
+                t = p * (2.0 / max(query - 1, 1)) - 1.0
+            else:
+                t = p + tf.constant(rope.grid_offset, dtype)
+            if reference is not None:
+                t = t / query * tf.constant(reference, dtype)
+            return t[:, None] * bands
         if rope.in_pixels:
             t = tf.linspace(tf.constant(-1.0, dtype), tf.constant(1.0, dtype), size)
         else:
@@ -166,8 +180,9 @@ def _rope_angles(
         return t[:, None] * bands  # (size, kd / 4)
 
     ref_h, ref_w = rope.reference_size or (None, None)
-    along_y = tf.tile(along(height, ref_h)[:, None], (1, width, 1))  # (H, W, kd/4)
-    along_x = tf.tile(along(width, ref_w)[None], (height, 1, 1))  # (H, W, kd/4)
+    span_h, span_w = span or (None, None)
+    along_y = tf.tile(along(height, ref_h, span_h)[:, None], (1, width, 1))
+    along_x = tf.tile(along(width, ref_w, span_w)[None], (height, 1, 1))
     halves = [along_y, along_x] if rope.grid_indexing == "ij" else [along_x, along_y]
     return tf.reshape(tf.concat(halves, axis=-1), (height * width, 2 * count))
 
@@ -367,6 +382,9 @@ class NativeMHSA2D(tf.Module):
         rope_max_resolution: float = 224,
         window_size: int | Sequence[int] | None = None,
         shift_size: int | Sequence[int] = 0,
+        kv_reduction: int | str | None = None,
+        kv_pool_size: int | Sequence[int] = 7,
+        context_channels: int | None = None,
         dtype: DTypeLike = "float32",
         name: str | None = None,
     ) -> None:
@@ -396,6 +414,9 @@ class NativeMHSA2D(tf.Module):
             rope_max_resolution=rope_max_resolution,
             window_size=window_size,
             shift_size=shift_size,
+            kv_reduction=kv_reduction,
+            kv_pool_size=kv_pool_size,
+            context_channels=context_channels,
         )
         self.compute_dtype = tf.as_dtype(np.dtype(dtype).name)
         # name -> tf.Variable, canonical names and shapes, in creation order.
@@ -483,9 +504,62 @@ class NativeMHSA2D(tf.Module):
         n = height * width
         return tf.reshape(pos, (tf.shape(q)[0], self.config.num_heads, n, n))
 
-    def _rotary_angles(self, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    def _reduce(self, m: tf.Tensor) -> tf.Tensor:
+        """timm pvt_v2's reduction of the key/value map (B, H, W, C') ->
+        (B, H', W', C'): a stride-R `tf.nn.conv2d` (VALID: the last H % R
+        rows are in no window), LayerNorm; or adaptive average pooling
+        (torch's bins, each a `reduce_mean`), the 1x1 conv, LayerNorm, GELU."""
+        cfg = self.config
+        kernel_name, bias_name = schema.REDUCTION_CONV
+        kernel = self.weights[kernel_name]
+        if cfg.kv_reduction == "pool":
+            height, width = int(m.shape[1]), int(m.shape[2])
+            out_h, out_w = cfg.kv_pool_size
+
+            def bins(size: int, out: int) -> list[tuple[int, int]]:
+                return [
+                    (i * size // out, -(-(i + 1) * size // out)) for i in range(out)
+                ]
+
+            rows = [
+                tf.stack(
+                    [
+                        tf.reduce_mean(m[:, y0:y1, x0:x1], axis=(1, 2))
+                        for x0, x1 in bins(width, out_w)
+                    ],
+                    axis=1,
+                )
+                for y0, y1 in bins(height, out_h)
+            ]
+            m = tf.stack(rows, axis=1)  # (B, oh, ow, C')
+            kernel = kernel[None, None]
+            stride = 1
+        else:
+            for axis, size in enumerate(m.shape[1:3]):
+                arguments.reduced_size(int(size), cfg.kv_reduction, None, axis)
+            stride = int(cfg.kv_reduction)  # type: ignore[arg-type]
+        m = tf.nn.conv2d(m, kernel, strides=stride, padding="VALID")
+        if bias_name in self.weights:
+            m = m + self.weights[bias_name]
+        scale, bias = (
+            self.weights[n] for n in schema.norm_weight_names("reduction", "layer")
+        )
+        mean, variance = tf.nn.moments(m, axes=[-1], keepdims=True)
+        eps = tf.constant(cfg.norm_epsilon, self.compute_dtype)
+        m = tf.nn.batch_normalization(m, mean, variance, bias, scale, eps)
+        if cfg.kv_reduction == "pool":
+            m = _gelu(m)  # exact (erf), float64-accurate
+        return m
+
+    def _rotary_angles(
+        self,
+        height: tf.Tensor,
+        width: tf.Tensor,
+        span: tuple[int, int] | None = None,
+    ) -> tf.Tensor:
         """The rotary angles, (N, 1, kd / 2) ("rope") or (N, heads, kd / 2)
-        ("rope_mixed"), row-major over (H, W)."""
+        ("rope_mixed"), row-major over (H, W); `span` (Hq, Wq): of a key map
+        spread over the query grid."""
         rope, dtype = self.config.rope, self.compute_dtype
         assert rope is not None
         name = self.config.encoding.frequencies
@@ -493,20 +567,26 @@ class NativeMHSA2D(tf.Module):
             index = tf.range(height * width)
             ys = tf.cast(index // width, dtype)
             xs = tf.cast(index % width, dtype)
+            if span is not None:
+                ys = ys * span[0] / tf.cast(height, dtype)
+                xs = xs * span[1] / tf.cast(width, dtype)
             t_x, t_y = (xs, ys) if rope.grid_indexing == "xy" else (ys, xs)
             f = self.weights[name]  # (2, heads, kd / 2)
             return tf.einsum("n,hp->nhp", t_x, f[0]) + tf.einsum("n,hp->nhp", t_y, f[1])
-        angles = _rope_angles(height, width, self.config.key_dim, rope, dtype)
+        angles = _rope_angles(height, width, self.config.key_dim, rope, dtype, span)
         return angles[:, None]  # (N, 1, kd / 2)
 
     def __call__(
         self,
         x: tf.Tensor,
         attention_mask: tf.Tensor | None = None,
+        context: tf.Tensor | None = None,
         prefix_tokens: tf.Tensor | None = None,
     ) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
-        """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W) or
-        None; prefix_tokens: (B, T, C) or None (then `(out, prefix_out)`)."""
+        """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W)
+        (with a context: (B, H', W')) or None; context: (B, H', W', C') or
+        (B, C', H', W') (with `context_channels`) or None; prefix_tokens:
+        (B, T, C) or None (then `(out, prefix_out)`)."""
         cfg = self.config
         act = _ACTIVATIONS[cfg.activation]
         x = tf.convert_to_tensor(x, self.compute_dtype)
@@ -532,27 +612,52 @@ class NativeMHSA2D(tf.Module):
             t = tf.concat([prefix_tokens, t], axis=1)  # (B, T + N, C)
         n_all = prefix + n
 
+        # The keys' and values' map: the tokens', or the context's; reduced.
+        kv, nk = t, n_all
+        other_keys = context is not None or cfg.kv_reduction is not None
+        if (context is None) != (cfg.context_channels is None):
+            raise ValueError(
+                "`context` must be given exactly when context_channels is set. "
+                f"Received: context_channels={cfg.context_channels}, "
+                f"context={'a map' if context is not None else None}"
+            )
+        key_grid = (int(x.shape[1]), int(x.shape[2]))
+        if other_keys:
+            m = tf.reshape(t, (batch, height, width, cfg.channels))
+            if context is not None:
+                m = tf.convert_to_tensor(context, self.compute_dtype)
+                if cfg.data_format == "channels_first":
+                    m = tf.transpose(m, (0, 2, 3, 1))
+            if cfg.kv_reduction is not None:
+                m = self._reduce(m)
+            key_grid = (int(m.shape[1]), int(m.shape[2]))
+            nk = key_grid[0] * key_grid[1]
+            kv = tf.reshape(m, (batch, nk, cfg.kv_channels))
         # (B, N, heads*d) -> (B, N, heads, d): head i is the slice [i*d, (i+1)*d).
-        q, k, v = (
-            act(self._dense(t, f"{p}_kernel", f"{p}_bias")) for p in schema.PROJECTIONS
-        )
+        q = act(self._dense(t, "query_kernel", "query_bias"))
+        k = act(self._dense(kv, "key_kernel", "key_bias"))
+        v = act(self._dense(kv, "value_kernel", "value_bias"))
         q = tf.reshape(q, (batch, n_all, heads, kd))
-        k = tf.reshape(k, (batch, n_all, heads, kd))
-        v = tf.reshape(v, (batch, n_all, heads, dv))
+        k = tf.reshape(k, (batch, nk, heads, kd))
+        v = tf.reshape(v, (batch, nk, heads, dv))
         if cfg.qk_norm is not None:  # over kd, every head with the same weights
             q, k = self._norm(q, "query"), self._norm(k, "key")
         if cfg.rope is not None:
             tables = _sin_cos(self._rotary_angles(height, width))
+            key_tables = tables
+            if other_keys:
+                span = (int(x.shape[1]), int(x.shape[2]))
+                key_tables = _sin_cos(self._rotary_angles(*key_grid, span=span))
             # The map's tokens only (EVA's rope on x[:, :, T:]).
             q, k = (
                 tf.concat(
-                    [p[:, :prefix], _rotate(p[:, prefix:], tables, cfg.rope.layout)], 1
+                    [p[:, :prefix], _rotate(p[:, prefix:], table, cfg.rope.layout)], 1
                 )
-                for p in (q, k)
+                for p, table in ((q, tables), (k, key_tables))
             )
-        keep = None  # (B, N) bool, per key
+        keep = None  # (B, Nk) bool, per key
         if attention_mask is not None:
-            keep = tf.reshape(tf.cast(attention_mask, tf.bool), (batch, n))
+            keep = tf.reshape(tf.cast(attention_mask, tf.bool), (batch, nk - prefix))
             keep = tf.pad(keep, ((0, 0), (prefix, 0)), constant_values=True)
 
         # Swin's windows become the batch: (B * nW, wh * ww, heads*d).
@@ -569,10 +674,10 @@ class NativeMHSA2D(tf.Module):
             keep = windows.keep(keep, batch)
             shift_mask = windows.shift_mask(batch, self.compute_dtype)
             size = windows.window
-        items, tokens = tf.shape(q)[0], tf.shape(q)[1]
+        items, tokens, keys = tf.shape(q)[0], tf.shape(q)[1], tf.shape(k)[1]
         q = tf.reshape(q, (items, tokens, heads, kd))
-        k = tf.reshape(k, (items, tokens, heads, kd))
-        v = tf.reshape(v, (items, tokens, heads, dv))
+        k = tf.reshape(k, (items, keys, heads, kd))
+        v = tf.reshape(v, (items, keys, heads, dv))
 
         logits = tf.einsum("bqhd,bkhd->bhqk", q, k)  # (B', heads, N', N')
         scale = tf.constant(cfg.scale, self.compute_dtype)
@@ -619,9 +724,10 @@ def _build(
     weights: Mapping[str, ArrayLike],
     dtype: DTypeLike,
     config: Mapping[str, Any],
+    context: ArrayLike | None = None,
 ) -> NativeMHSA2D:
     """A module of the complete config and dtype, with `weights` loaded."""
-    channels, config = _common.numpy_config(x, weights, config)
+    channels, config = _common.numpy_config(x, weights, config, context)
     module = NativeMHSA2D(channels, dtype=dtype, **config)
     return module.load_weight_dict(weights)
 
@@ -637,6 +743,7 @@ def forward(
     weights: Mapping[str, ArrayLike],
     attention_mask: ArrayLike | None = None,
     dtype: DTypeLike = "float32",
+    context: ArrayLike | None = None,
     prefix_tokens: ArrayLike | None = None,
     **config: Any,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -644,15 +751,20 @@ def forward(
     (with `prefix_tokens` (B, T, C), `(out, prefix_out)`).
 
     `config`: keywords of `NativeMHSA2D` but `channels` (read off `x`) and
-    `dtype`, completed by `_common.numpy_config`.
+    `dtype`, completed by `_common.numpy_config` (`context_channels` off
+    `context`).
     """
     array = np.asarray(x)
-    module = _build(array, weights, dtype, config)
+    module = _build(array, weights, dtype, config, context)
     x_tensor = tf.cast(array, module.compute_dtype)
-    prefix = None
+    ct = prefix = None
+    if context is not None:
+        ct = tf.cast(np.asarray(context), module.compute_dtype)
     if prefix_tokens is not None:
         prefix = tf.cast(np.asarray(prefix_tokens), module.compute_dtype)
-    out = module(x_tensor, _mask_tensor(attention_mask), prefix)
+    out = module(
+        x_tensor, _mask_tensor(attention_mask), context=ct, prefix_tokens=prefix
+    )
     if isinstance(out, tuple):
         return out[0].numpy(), out[1].numpy()
     return out.numpy()
@@ -664,20 +776,23 @@ def value_and_grad(
     loss_weights: ArrayLike,
     attention_mask: ArrayLike | None = None,
     dtype: DTypeLike = "float32",
+    context: ArrayLike | None = None,
     **config: Any,
 ) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:  # loss: a NumPy scalar
     """Loss `sum(out * loss_weights)` and its gradients, as NumPy.
 
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped
-    like `x`, and a canonical weight dict of gradients.
+    like `x`, and a canonical weight dict of gradients (`context`, as
+    `forward`'s, is a constant).
     """
     array = np.asarray(x)
-    module = _build(array, weights, dtype, config)
+    module = _build(array, weights, dtype, config, context)
     xt = tf.cast(array, module.compute_dtype)
     lw = tf.cast(np.asarray(loss_weights), module.compute_dtype)
     with tf.GradientTape() as tape:
         tape.watch(xt)
-        out = module(xt, _mask_tensor(attention_mask))
+        ct = None if context is None else tf.cast(np.asarray(context), xt.dtype)
+        out = module(xt, _mask_tensor(attention_mask), ct)
         loss = tf.reduce_sum(out * lw)
     grad_x, grad_w = tape.gradient(loss, (xt, module.weights))
     return (

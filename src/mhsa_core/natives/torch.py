@@ -297,9 +297,11 @@ def _rope_angles(
     rope: schema.RopeSettings,
     dtype: torch.dtype,
     device: torch.device | str,
+    span: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """ "rope"'s angles (N, kd / 2): per token, the positions of its row and
-    column ("ij"; column first for "xy") times the kd / 4 frequencies."""
+    column ("ij"; column first for "xy") times the kd / 4 frequencies.
+    `span` (Hq, Wq): a key map's cells spread over the query grid."""
     count = key_dim // 4
     if rope.in_pixels:
         top = math.log2(rope.max_resolution) - 1
@@ -309,7 +311,15 @@ def _rope_angles(
         bands = 1.0 / rope.temperature**exponent
     bands = bands.to(dtype=dtype, device=device)
 
-    def positions(size: int, reference: int | None) -> torch.Tensor:
+    def positions(size: int, reference: int | None, query: int | None) -> torch.Tensor:
+        if query is not None and query != size:
+            # Cell i of the key axis at i * Hq / H of the query axis.
+            p = torch.arange(size, dtype=dtype, device=device) * query / size
+            if rope.in_pixels:
+                t = p * (2.0 / max(query - 1, 1)) - 1.0
+            else:
+                t = p + rope.grid_offset
+            return t if reference is None else t / query * reference
         if rope.in_pixels:
             t = torch.linspace(-1.0, 1.0, size, dtype=dtype, device=device)
         else:
@@ -317,9 +327,12 @@ def _rope_angles(
         return t if reference is None else t / size * reference
 
     ref_h, ref_w = rope.reference_size or (None, None)
+    span_h, span_w = span or (None, None)
     grid = torch.stack(
         torch.meshgrid(
-            positions(height, ref_h), positions(width, ref_w), indexing="ij"
+            positions(height, ref_h, span_h),
+            positions(width, ref_w, span_w),
+            indexing="ij",
         ),
         dim=-1,
     )  # (H, W, 2): [t_y, t_x]
@@ -397,6 +410,9 @@ class NativeMHSA2D(nn.Module):
         rope_max_resolution: float = 224,
         window_size: int | Sequence[int] | None = None,
         shift_size: int | Sequence[int] = 0,
+        kv_reduction: int | str | None = None,
+        kv_pool_size: int | Sequence[int] = 7,
+        context_channels: int | None = None,
     ) -> None:
         super().__init__()
         self.config = cfg = _common.check_config(
@@ -424,6 +440,9 @@ class NativeMHSA2D(nn.Module):
             rope_max_resolution=rope_max_resolution,
             window_size=window_size,
             shift_size=shift_size,
+            kv_reduction=kv_reduction,
+            kv_pool_size=kv_pool_size,
+            context_channels=context_channels,
         )
         # The canonical (in, out) shapes; also what `load_weight_dict` accepts.
         shapes = cfg.weight_shapes
@@ -470,6 +489,14 @@ class NativeMHSA2D(nn.Module):
             if cfg.output_dense
             else None
         )
+        # timm pvt_v2's `sr` (Conv2d R x R stride R, or the 1x1 conv after
+        # the pool) and `norm`, on the key/value map; None when off.
+        self.reduction = self.reduction_norm = None
+        if cfg.kv_reduction is not None:
+            ckv = cfg.kv_channels
+            size = 1 if cfg.kv_reduction == "pool" else int(cfg.kv_reduction)
+            self.reduction = nn.Conv2d(ckv, ckv, size, stride=size, bias=cfg.use_bias)
+            self.reduction_norm = nn.LayerNorm(ckv, eps=cfg.norm_epsilon)
 
     def _linears(self) -> list[tuple[tuple[str, ...], nn.Linear]]:
         """((kernel name, bias name), nn.Linear) pairs, in creation order."""
@@ -486,11 +513,24 @@ class NativeMHSA2D(nn.Module):
     def _norms(self) -> list[tuple[tuple[str, ...], nn.Module]]:
         """((scale name[, bias name]), norm module) pairs, in creation order."""
         modules = (self.query_norm, self.key_norm, self.output_norm)
-        return [
+        pairs = [
             (self.config.norm_weights(prefix), module)
             for prefix, module in zip(("query", "key", "output"), modules)
             if module is not None
         ]
+        if self.reduction_norm is not None:
+            names = schema.norm_weight_names("reduction", "layer")
+            pairs.append((names, self.reduction_norm))
+        return pairs
+
+    def _conv_kernel(self) -> torch.Tensor:
+        """The reduction conv's kernel in the canonical layout: (R, R, C, C)
+        [dy, dx, in, out] from torch's (out, in, R, R); (C, C) for "pool"."""
+        assert self.reduction is not None
+        kernel = self.reduction.weight.permute(2, 3, 1, 0)
+        if self.config.kv_reduction == "pool":
+            return kernel[0, 0]
+        return kernel
 
     def load_weight_dict(self, weights: Mapping[str, ArrayLike]) -> NativeMHSA2D:
         """Copy a canonical weight dict (NumPy arrays, any float dtype) in.
@@ -523,6 +563,19 @@ class NativeMHSA2D(nn.Module):
                 self.frequencies.copy_(
                     torch.from_numpy(np.ascontiguousarray(weights[name]))
                 )
+            if self.reduction is not None:
+                kernel, bias = schema.REDUCTION_CONV
+                array = np.asarray(weights[kernel])
+                if array.ndim == 2:  # "pool"'s 1x1 conv
+                    array = array[None, None]
+                # (R, R, in, out) -> torch's (out, in, R, R)
+                self.reduction.weight.copy_(
+                    torch.from_numpy(np.ascontiguousarray(array.transpose(3, 2, 0, 1)))
+                )
+                if self.reduction.bias is not None:
+                    self.reduction.bias.copy_(
+                        torch.from_numpy(np.ascontiguousarray(weights[bias]))
+                    )
         return self
 
     def weight_grad_dict(self) -> dict[str, np.ndarray]:
@@ -540,7 +593,33 @@ class NativeMHSA2D(nn.Module):
         name = self.config.encoding.frequencies
         if self.frequencies is not None and name is not None:
             grads[name] = self.frequencies.grad.detach().cpu().numpy()
+        if self.reduction is not None:
+            kernel, bias = schema.REDUCTION_CONV
+            grad = self.reduction.weight.grad.detach().permute(2, 3, 1, 0)
+            if self.config.kv_reduction == "pool":
+                grad = grad[0, 0]
+            grads[kernel] = grad.cpu().numpy()
+            if self.reduction.bias is not None:
+                grads[bias] = self.reduction.bias.grad.detach().cpu().numpy()
         return grads
+
+    def _reduce(self, m: torch.Tensor) -> torch.Tensor:
+        """timm pvt_v2's reduction of the key/value map (B, H, W, C') ->
+        (B, H', W', C'): `sr` (stride-R conv), `norm`; or adaptive average
+        pooling, the 1x1 `sr`, `norm`, GELU."""
+        cfg = self.config
+        assert self.reduction is not None and self.reduction_norm is not None
+        m = m.permute(0, 3, 1, 2)  # (B, C', H, W)
+        if cfg.kv_reduction == "pool":
+            m = F.adaptive_avg_pool2d(m, cfg.kv_pool_size)
+        else:
+            for axis, size in enumerate(m.shape[2:]):
+                arguments.reduced_size(size, cfg.kv_reduction, None, axis)
+        m = self.reduction(m).permute(0, 2, 3, 1)  # (B, H', W', C')
+        m = self.reduction_norm(m)
+        if cfg.kv_reduction == "pool":
+            m = F.gelu(m)  # exact (erf)
+        return m
 
     def _position_logits(
         self, q: torch.Tensor, height: int, width: int
@@ -578,18 +657,26 @@ class NativeMHSA2D(nn.Module):
         return pos.reshape(batch, heads, n, n)
 
     def _rotary_angles(
-        self, height: int, width: int, dtype: torch.dtype, device: torch.device
+        self,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        span: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """The rotary angles, (N, kd / 2) ("rope") or (heads, N, kd / 2)
-        ("rope_mixed"), row-major over (H, W)."""
+        ("rope_mixed"), row-major over (H, W); `span` (Hq, Wq): of a key map
+        spread over the query grid."""
         rope = self.config.rope
         assert rope is not None
         if self.frequencies is not None:
-            ys, xs = torch.meshgrid(
-                torch.arange(height, dtype=dtype, device=device),
-                torch.arange(width, dtype=dtype, device=device),
-                indexing="ij",
-            )
+            rows = torch.arange(height, dtype=dtype, device=device)
+            cols = torch.arange(width, dtype=dtype, device=device)
+            if span is not None and span[0] != height:
+                rows = rows * span[0] / height
+            if span is not None and span[1] != width:
+                cols = cols * span[1] / width
+            ys, xs = torch.meshgrid(rows, cols, indexing="ij")
             ys, xs = ys.flatten(), xs.flatten()  # (N,)
             t_x, t_y = (xs, ys) if rope.grid_indexing == "xy" else (ys, xs)
             f = self.frequencies.to(dtype)
@@ -597,16 +684,21 @@ class NativeMHSA2D(nn.Module):
             return (
                 t_x[None, :, None] * f[0][:, None] + t_y[None, :, None] * f[1][:, None]
             )
-        return _rope_angles(height, width, self.config.key_dim, rope, dtype, device)
+        return _rope_angles(
+            height, width, self.config.key_dim, rope, dtype, device, span
+        )
 
     def forward(
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
         prefix_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W) or
-        None; prefix_tokens: (B, T, C) or None (then `(out, prefix_out)`)."""
+        """x: (B, H, W, C) or (B, C, H, W); attention_mask: bool (B, H, W)
+        (with a context: (B, H', W')) or None; context: (B, H', W', C') or
+        (B, C', H', W') (with `context_channels`) or None; prefix_tokens:
+        (B, T, C) or None (then `(out, prefix_out)`)."""
         cfg = self.config
         act = _ACTIVATIONS[cfg.activation]
         if cfg.data_format == "channels_first":
@@ -626,32 +718,59 @@ class NativeMHSA2D(nn.Module):
             t = torch.cat([prefix_tokens.to(t.dtype), t], dim=1)  # (B, T + N, C)
         n_all = prefix + n
 
+        # The keys' and values' map: the tokens', or the context's; reduced.
+        kv, key_grid = t, (height, width)
+        other_keys = context is not None or cfg.kv_reduction is not None
+        if (context is None) != (cfg.context_channels is None):
+            raise ValueError(
+                "`context` must be given exactly when context_channels is set. "
+                f"Received: context_channels={cfg.context_channels}, "
+                f"context={'a map' if context is not None else None}"
+            )
+        if other_keys:
+            m = t.reshape(batch, height, width, channels)
+            if context is not None:
+                m = (
+                    context.permute(0, 2, 3, 1)
+                    if cfg.data_format == "channels_first"
+                    else context
+                )
+            if cfg.kv_reduction is not None:
+                m = self._reduce(m)
+            key_grid = (m.shape[1], m.shape[2])
+            kv = m.reshape(batch, key_grid[0] * key_grid[1], m.shape[3])
+        nk = kv.shape[1]
         # (B, N, heads*d) -> (B, N, heads, d) -> (B, heads, N, d): head i is
         # the contiguous channel slice [i*d, (i+1)*d).
         q = act(self.query(t)).view(batch, n_all, heads, kd).transpose(1, 2)
-        k = act(self.key(t)).view(batch, n_all, heads, kd).transpose(1, 2)
-        v = act(self.value(t)).view(batch, n_all, heads, dv).transpose(1, 2)
+        k = act(self.key(kv)).view(batch, nk, heads, kd).transpose(1, 2)
+        v = act(self.value(kv)).view(batch, nk, heads, dv).transpose(1, 2)
         if self.query_norm is not None and self.key_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)  # over kd: timm's q/k_norm
         if cfg.rope is not None:
             tables = _sin_cos(self._rotary_angles(height, width, q.dtype, q.device))
+            key_tables = tables
+            if other_keys:
+                key_tables = _sin_cos(
+                    self._rotary_angles(*key_grid, q.dtype, q.device, (height, width))
+                )
             # The map's tokens only (EVA's rope on x[:, :, T:]).
             q, k = (
                 torch.cat(
                     [
                         p[:, :, :prefix],
-                        _rotate(p[:, :, prefix:], tables, cfg.rope.layout),
+                        _rotate(p[:, :, prefix:], table, cfg.rope.layout),
                     ],
                     2,
                 )
-                for p in (q, k)
+                for p, table in ((q, tables), (k, key_tables))
             )
         # Back to (B, N, heads, d), the layout the windows are cut from.
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         keep = None  # (B, N) bool, per key
         if attention_mask is not None:
             keep = torch.as_tensor(attention_mask, device=x.device)
-            keep = keep.to(torch.bool).reshape(batch, n)
+            keep = keep.to(torch.bool).reshape(batch, nk - prefix)
             keep = F.pad(keep, (prefix, 0), value=True)  # prefix: always keys
 
         # Swin's windows become the batch: (B * nW, wh * ww, heads, d).
@@ -670,6 +789,7 @@ class NativeMHSA2D(nn.Module):
             size = windows.window
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         items, tokens = q.shape[0], q.shape[2]  # (B', heads, N', d)
+        keys = k.shape[2]
 
         # Float mask added by SDPA to the scaled logits, or None.
         bias = self._position_logits(q, *size)
@@ -688,7 +808,7 @@ class NativeMHSA2D(nn.Module):
             if bias is None:
                 mask = safe[:, None, None, :]  # bool: True = attend
             else:  # float: the position term, -inf at the masked keys
-                bias = bias.expand(items, heads, tokens, tokens)
+                bias = bias.expand(items, heads, tokens, keys)
                 mask = bias.masked_fill(~safe[:, None, None, :], float("-inf"))
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=cfg.scale
@@ -715,9 +835,10 @@ def _build(
     weights: Mapping[str, ArrayLike],
     dtype: DTypeLike | torch.dtype,
     config: Mapping[str, Any],
+    context: ArrayLike | None = None,
 ) -> NativeMHSA2D:
     """A module of the complete config and dtype, with `weights` loaded."""
-    channels, config = _common.numpy_config(x, weights, config)
+    channels, config = _common.numpy_config(x, weights, config, context)
     module = NativeMHSA2D(channels, **config).to(_torch_dtype(dtype))
     return module.load_weight_dict(weights)
 
@@ -733,6 +854,7 @@ def forward(
     weights: Mapping[str, ArrayLike],
     attention_mask: ArrayLike | None = None,
     dtype: DTypeLike | torch.dtype = "float32",
+    context: ArrayLike | None = None,
     prefix_tokens: ArrayLike | None = None,
     **config: Any,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -740,17 +862,19 @@ def forward(
     (with `prefix_tokens` (B, T, C), `(out, prefix_out)`).
 
     `config`: keywords of `NativeMHSA2D` but `channels` (read off `x`),
-    completed by `_common.numpy_config`.
+    completed by `_common.numpy_config` (`context_channels` off `context`).
     """
     array = np.asarray(x)
-    module = _build(array, weights, dtype, config)
+    module = _build(array, weights, dtype, config, context)
     tdtype = _torch_dtype(dtype)
     xt = torch.from_numpy(np.ascontiguousarray(array)).to(tdtype)
-    pt = None
+    ct = pt = None
+    if context is not None:
+        ct = torch.from_numpy(np.ascontiguousarray(context)).to(tdtype)
     if prefix_tokens is not None:
         pt = torch.from_numpy(np.ascontiguousarray(prefix_tokens)).to(tdtype)
     with torch.no_grad():
-        out = module(xt, _mask_tensor(attention_mask), pt)
+        out = module(xt, _mask_tensor(attention_mask), context=ct, prefix_tokens=pt)
     if isinstance(out, tuple):
         return out[0].numpy(), out[1].numpy()
     return out.numpy()
@@ -762,19 +886,24 @@ def value_and_grad(
     loss_weights: ArrayLike,
     attention_mask: ArrayLike | None = None,
     dtype: DTypeLike | torch.dtype = "float32",
+    context: ArrayLike | None = None,
     **config: Any,
 ) -> tuple[Any, np.ndarray, dict[str, np.ndarray]]:  # loss: a NumPy scalar
     """Loss `sum(out * loss_weights)` and its gradients, as NumPy.
 
     Returns `(loss, grad_x, grad_weights)`: a NumPy scalar, an array shaped
-    like `x`, and a canonical weight dict (kernels (in, out)) of gradients.
+    like `x`, and a canonical weight dict (kernels (in, out)) of gradients
+    (`context`, as `forward`'s, is a constant).
     """
     array = np.asarray(x)
     tdtype = _torch_dtype(dtype)
-    module = _build(array, weights, dtype, config)
+    module = _build(array, weights, dtype, config, context)
     xt = torch.from_numpy(np.ascontiguousarray(array)).to(tdtype).requires_grad_(True)
     lw = torch.from_numpy(np.ascontiguousarray(loss_weights)).to(tdtype)
-    out = module(xt, _mask_tensor(attention_mask))
+    ct = None
+    if context is not None:
+        ct = torch.from_numpy(np.ascontiguousarray(context)).to(tdtype)
+    out = module(xt, _mask_tensor(attention_mask), ct)
     loss = torch.sum(out * lw)
     loss.backward()
     return (loss.detach().numpy()[()], xt.grad.numpy(), module.weight_grad_dict())

@@ -29,7 +29,11 @@ encoding (a shift smaller than the window, no shift without windows, an
 encoding that can run inside windows), applied after the table's rules;
 `pair` gives a size argument as (height, width). `check_prefix_tokens` is
 the rule between prefix tokens (a call's class and register tokens) and the
-config and call arguments they cannot be combined with.
+config and call arguments they cannot be combined with. `check_kv` is the rule
+between keys and values of another map (`kv_reduction`, a context), windows
+and the encoding; `check_key_grid` refuses a table encoding on a key grid
+other than the query grid; `reduced_size` is `kv_reduction`'s key grid (and
+its refusal of an R larger than the map).
 """
 
 from __future__ import annotations
@@ -56,11 +60,14 @@ __all__ = [
     "check_key_dim",
     "check_prefix_tokens",
     "check_rope",
+    "check_key_grid",
+    "check_kv",
     "check_window",
     "invalid",
     "is_int",
     "one_of",
     "pair",
+    "reduced_size",
 ]
 
 DATA_FORMATS = ("channels_last", "channels_first")
@@ -181,6 +188,10 @@ def _shift(value: object) -> bool:
     )
 
 
+def _kv_reduction(value: object) -> bool:
+    return value is None or value == "pool" or (is_int(value) and bool(value >= 2))
+
+
 def pair(value: Any) -> tuple[int, int]:
     """An int or a pair (a checked `window_size` / `shift_size`) as
     (height, width) Python ints."""
@@ -233,6 +244,12 @@ ARGUMENTS: dict[str, Rule | _Lookup] = {
     "output_dense": Rule("a boolean", _bool),
     "norm_epsilon": Rule("a positive finite number", _positive_finite),
     "activation": Rule("None, the name of a Keras activation or a callable"),
+    # Keys and values from another map than the queries' (`check_kv`).
+    "kv_reduction": Rule('None, an integer >= 2 or "pool"', _kv_reduction),
+    "kv_pool_size": Rule(
+        "a positive integer or two positive integers (height, width)", _window
+    ),
+    "context_channels": Rule("None or a positive integer", _optional(_positive_int)),
     "position_initializer": Rule(
         "None, the name of a Keras initializer or an initializer"
     ),
@@ -445,3 +462,86 @@ def check_prefix_tokens(
                 f"`prefix_tokens` cannot be combined with `{name}`. Received: "
                 f"{name}={_shown(value)}, prefix_tokens.shape={tuple(prefix_shape)}"
             )
+
+
+def check_kv(
+    kv_reduction: Any,
+    window_size: Any = None,
+    position_encoding: str = "none",
+    *,
+    context: bool = False,
+) -> None:
+    """ValueError unless the (individually valid) `kv_reduction`, a context
+    (`context`: whether the call has one) and `window_size` fit together and
+    with `position_encoding`: keys and values from another map than the
+    queries' (reduced, or a context) take no windows, no logits encoding
+    that needs the key grid to be the query grid (`kv_reduction` always
+    changes the grid: refused when made; a context only when its grid differs,
+    `check_key_grid`), and no "tokens" encoding with a context (its term
+    belongs to one map)."""
+    spec = schema.encoding(position_encoding)
+    for name, on, value in (
+        ("kv_reduction", kv_reduction is not None, kv_reduction),
+        ("context", context, "a map"),
+    ):
+        if on and window_size is not None:
+            raise ValueError(
+                f"`{name}` cannot run with windows (`window_size`): the windows "
+                "split one map into groups of queries and keys. "
+                f"Received: {name}={value!r}, window_size={window_size!r}"
+            )
+    if kv_reduction is not None and spec.stage == "logits":
+        raise ValueError(
+            f"position_encoding={position_encoding!r} needs the key grid to be the "
+            "query grid, and kv_reduction makes the keys a smaller map. Use 'rope', "
+            "'rope_mixed', a 'tokens' encoding or 'none'. "
+            f"Received: position_encoding={position_encoding!r}, "
+            f"kv_reduction={kv_reduction!r}"
+        )
+    if context and spec.stage == "tokens":
+        raise ValueError(
+            f"position_encoding={position_encoding!r} adds a term to the tokens of "
+            "one map; with a context the keys and values come from another. Use "
+            "'rope', 'rope_mixed' or 'none' (or a table encoding with a context "
+            f"of the inputs' grid). Received: position_encoding={position_encoding!r}"
+            ", context=a map"
+        )
+
+
+def check_key_grid(
+    position_encoding: str, query_grid: tuple[Any, Any], key_grid: tuple[Any, Any]
+) -> None:
+    """ValueError when a "logits" encoding (its tables index the offset or
+    the key's place in one grid) gets a key grid other than the query grid
+    (a context of another size). Sizes known on one side only pass."""
+    if schema.encoding(position_encoding).stage != "logits":
+        return
+    if all(
+        not (is_int(q) and is_int(k)) or int(q) == int(k)
+        for q, k in zip(query_grid, key_grid)
+    ):
+        return
+    raise ValueError(
+        f"position_encoding={position_encoding!r} needs the key grid to be the "
+        "query grid: a context of the inputs' (H, W), or 'rope', 'rope_mixed' or "
+        f"'none'. Received: position_encoding={position_encoding!r}, query grid "
+        f"(H, W)={tuple(query_grid)}, key grid (H', W')={tuple(key_grid)}"
+    )
+
+
+def reduced_size(size: int, kv_reduction: Any, kv_pool_size: Any, axis: int) -> int:
+    """The key map's size along an axis of `size` cells (axis 0: rows, 1:
+    columns): floor(size / R) (timm's stride-R conv, no padding: the last
+    size % R rows or columns are dropped), or the pooled size. A ValueError
+    when R is larger than the map."""
+    if kv_reduction == "pool":
+        return pair(kv_pool_size)[axis]
+    if kv_reduction is None:
+        return size
+    if size < kv_reduction:
+        raise ValueError(
+            f"kv_reduction={kv_reduction!r} is larger than the key/value map "
+            f"({'height' if axis == 0 else 'width'} {size}): the R x R stride-R conv "
+            f"has no window. Received: kv_reduction={kv_reduction!r}, map size={size}"
+        )
+    return size // int(kv_reduction)

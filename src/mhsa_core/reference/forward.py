@@ -51,6 +51,7 @@ from mhsa_core.reference.position import (
 
 __all__ = [
     "mhsa_forward",
+    "reduce_map",
     "window_layout",
     "rounded_forward",
     "reference_config",
@@ -78,6 +79,8 @@ LAYER_ARGUMENTS = (
     *schema.ROPE_DEFAULTS,
     "window_size",
     "shift_size",
+    "kv_reduction",
+    "kv_pool_size",
 )
 
 
@@ -198,6 +201,9 @@ def mhsa_forward(
     rope_max_resolution: float = ...,
     window_size: int | tuple[int, int] | None = ...,
     shift_size: int | tuple[int, int] = ...,
+    kv_reduction: int | str | None = ...,
+    kv_pool_size: int | tuple[int, int] = ...,
+    context: ArrayLike | None = ...,
     attention_mask: ArrayLike | None = ...,
     prefix_tokens: None = ...,
     return_attention_scores: Literal[False] = ...,
@@ -233,6 +239,9 @@ def mhsa_forward(
     rope_max_resolution: float = ...,
     window_size: int | tuple[int, int] | None = ...,
     shift_size: int | tuple[int, int] = ...,
+    kv_reduction: int | str | None = ...,
+    kv_pool_size: int | tuple[int, int] = ...,
+    context: ArrayLike | None = ...,
     attention_mask: ArrayLike | None = ...,
     prefix_tokens: None = ...,
     return_attention_scores: Literal[True],
@@ -268,6 +277,9 @@ def mhsa_forward(
     rope_max_resolution: float = ...,
     window_size: int | tuple[int, int] | None = ...,
     shift_size: int | tuple[int, int] = ...,
+    kv_reduction: int | str | None = ...,
+    kv_pool_size: int | tuple[int, int] = ...,
+    context: ArrayLike | None = ...,
     attention_mask: ArrayLike | None = ...,
     prefix_tokens: None = ...,
     return_attention_scores: bool,
@@ -337,6 +349,9 @@ def mhsa_forward(
     rope_max_resolution: float = 224,
     window_size: int | tuple[int, int] | None = None,
     shift_size: int | tuple[int, int] = 0,
+    kv_reduction: int | str | None = None,
+    kv_pool_size: int | tuple[int, int] = 7,
+    context: ArrayLike | None = None,
     attention_mask: ArrayLike | None = None,
     prefix_tokens: ArrayLike | None = None,
     return_attention_scores: bool = False,
@@ -382,7 +397,6 @@ def mhsa_forward(
             (an int: square); see `window_layout`.
         shift_size: as the layer's (an int or (sh, sw), smaller than the
             window).
-        attention_mask: optional bool (B, H, W); True = may be attended to.
         prefix_tokens: optional (B, T, C), class and register tokens: they
             join the map's tokens first (after a "tokens" encoding's term,
             which they do not get), take the same projections, norms and
@@ -391,6 +405,18 @@ def mhsa_forward(
             keys (a map item whose keys are all masked attends to them
             only). Refused with windows and "logits" encodings
             (`arguments.check_prefix_tokens`).
+        kv_reduction: as the layer's: None, an int R (an R x R stride-R
+            conv of the key/value map, timm's floor for a map not divisible
+            by R, then a LayerNorm) or "pool" (adaptive average pooling to
+            `kv_pool_size`, torch's bins, a 1x1 conv, LayerNorm, exact GELU);
+            `reduction_*` of `weights` (`reduce_map`).
+        kv_pool_size: as the layer's: the pooled grid of "pool".
+        context: optional (B, H', W', C') map (channels_first: (B, C', H',
+            W')): keys and values from it (reduced with `kv_reduction`),
+            queries from `x`.
+        attention_mask: optional bool (B, H, W); True = may be attended to
+            (the key mask: (B, H', W') with a context; no mask with
+            `kv_reduction`).
         dtype: the float dtype of every intermediate (float64 for the oracle,
             float32 for the float32 error budget).
         accumulation: "blas" (NumPy's `@`) or "sequential" (every dot product
@@ -409,8 +435,9 @@ def mhsa_forward(
 
     Returns:
         The output in the layout of `x`, and with `return_attention_scores`
-        also the attention probabilities (B, num_heads, N, N), N = H*W
-        (with windows: zero between tokens of different windows). With
+        also the attention probabilities (B, num_heads, N, Nk), N = H*W
+        (with windows: zero between tokens of different windows), Nk the
+        key map's tokens (N without a context or kv_reduction). With
         `prefix_tokens`: `(out, prefix_out)` (prefix_out (B, T, C)), or
         `(out, prefix_out, scores)`, scores (B, num_heads, T + N, T + N),
         the prefix tokens first.
@@ -470,24 +497,69 @@ def mhsa_forward(
                 f"Received: prefix_tokens.shape={prefix.shape}"
             )
         arguments.check_prefix_tokens(
-            prefix.shape, position_encoding, window_size=window_size
+            prefix.shape,
+            position_encoding,
+            window_size=window_size,
+            kv_reduction=kv_reduction,
+            context=context,
         )
         num_prefix = prefix.shape[1]
         t = np.concatenate([store(prefix.astype(dtype)), t], axis=1)
     total = num_prefix + n  # every token, the prefix tokens first
+    # Step 2c: the key/value map: the tokens' own, or the context's; reduced
+    # by `kv_reduction` (after a "tokens" term, as PVT adds its embedding).
+    arguments.check_arguments(
+        {"kv_reduction": kv_reduction, "kv_pool_size": kv_pool_size}
+    )
+    arguments.check_kv(
+        kv_reduction, window_size, position_encoding, context=context is not None
+    )
+    if attention_mask is not None and kv_reduction is not None:
+        raise ValueError(
+            "attention_mask cannot be used with kv_reduction: a reduced key mixes "
+            "masked and unmasked positions. Received: attention_mask of shape "
+            f"{np.shape(attention_mask)}, kv_reduction={kv_reduction!r}"
+        )
+    other_keys = context is not None or kv_reduction is not None
+    kv_tokens, key_height, key_width, nk = t, height, width, total
+    if other_keys:
+        if context is None:
+            kv_map = t.reshape(batch, height, width, channels)
+        else:
+            kv_map = store(np.asarray(context).astype(dtype))
+            if data_format == "channels_first":
+                kv_map = kv_map.transpose(0, 2, 3, 1)
+        if kv_reduction is not None:
+            kv_map = reduce_map(
+                kv_map,
+                weights,
+                kv_reduction,
+                kv_pool_size,
+                norm_epsilon,
+                dtype,
+                matmul,
+                store,
+            )
+        key_height, key_width = kv_map.shape[1], kv_map.shape[2]
+        arguments.check_key_grid(
+            position_encoding, (height, width), (key_height, key_width)
+        )
+        nk = key_height * key_width
+        kv_tokens = kv_map.reshape(batch, nk, kv_map.shape[3])
     # Step 3: projections.
     q, k, v = (
-        act(dense(t, weights, f"{p}_kernel", f"{p}_bias", dtype, matmul, store))
-        for p in schema.PROJECTIONS
-    )  # (B, N, heads*kd) twice, (B, N, C)
+        act(dense(src, weights, f"{p}_kernel", f"{p}_bias", dtype, matmul, store))
+        for p, src in zip(schema.PROJECTIONS, (t, kv_tokens, kv_tokens))
+    )  # (B, N, heads*kd), (B, Nk, heads*kd), (B, Nk, C)
     # Step 4a: a norm of each head's q and k (over its kd channels; one
     # scale, and bias, shared by the heads).
     if qk_norm is not None:
 
         def head_norm(t: np.ndarray, prefix: str) -> np.ndarray:
-            per_head = t.reshape(batch, total, num_heads, key_dim)
+            tokens = t.shape[1]
+            per_head = t.reshape(batch, tokens, num_heads, key_dim)
             normed = norm(per_head, weights, prefix, qk_norm, norm_epsilon, dtype)
-            return store(normed.reshape(batch, total, num_heads * key_dim))
+            return store(normed.reshape(batch, tokens, num_heads * key_dim))
 
         q, k = head_norm(q, "query"), head_norm(k, "key")
     # Step 4b: a rotary encoding's angles, (heads or 1, N, kd / 2); the
@@ -508,24 +580,73 @@ def mhsa_forward(
     angles = rotation_angles(
         weights, position_encoding, settings, height, width, key_dim, dtype
     )
+    # The key map's angles: its cells spread over the query grid.
+    key_angles = (
+        angles
+        if not other_keys
+        else rotation_angles(
+            weights,
+            position_encoding,
+            settings,
+            key_height,
+            key_width,
+            key_dim,
+            dtype,
+            span=(height, width),
+        )
+    )
 
-    keep = np.ones((batch, total), dtype=bool)  # prefix tokens: always keys
+    keep = np.ones((batch, nk), dtype=bool)  # prefix tokens: always keys
     if attention_mask is not None:
-        keep[:, num_prefix:] = np.asarray(attention_mask, dtype=bool).reshape(batch, n)
+        keep[:, num_prefix:] = np.asarray(attention_mask, dtype=bool).reshape(
+            batch, nk - num_prefix
+        )
 
     # Step 5: attention, per window, batch item and head; a rotary encoding
     # first rotates each head's q and k by the angles of their tokens' places
     # in the map (the map's tokens only: prefix tokens are not rotated).
-    if angles is not None and settings is not None:
+    if angles is not None and key_angles is not None and settings is not None:
         q, k = q.copy(), k.copy()
         for h in range(num_heads):
             qs = slice(h * key_dim, (h + 1) * key_dim)
             head_angles = angles[h % angles.shape[0]]  # (N, kd / 2)
+            head_key_angles = key_angles[h % key_angles.shape[0]]  # (Nk, kd / 2)
             for b in range(batch):
                 mq, mk = q[b, num_prefix:, qs], k[b, num_prefix:, qs]
                 q[b, num_prefix:, qs] = rotate(mq, head_angles, settings.layout)
-                k[b, num_prefix:, qs] = rotate(mk, head_angles, settings.layout)
+                k[b, num_prefix:, qs] = rotate(mk, head_key_angles, settings.layout)
     arguments.check_window(window_size, shift_size, position_encoding)
+    if other_keys:
+        out, scores = _attend_other_keys(
+            q,
+            k,
+            v,
+            keep,
+            weights=weights,
+            num_heads=num_heads,
+            key_dim=key_dim,
+            scale=scale,
+            scale_position_logits=scale_position_logits,
+            position_encoding=position_encoding,
+            grid=(height, width),
+            dtype=dtype,
+            matmul=matmul,
+            store=store,
+        )
+        return _finish(
+            out,
+            scores,
+            weights,
+            (height, width),
+            output_norm=output_norm,
+            output_dense=output_dense,
+            norm_epsilon=norm_epsilon,
+            data_format=data_format,
+            return_attention_scores=return_attention_scores,
+            dtype=dtype,
+            matmul=matmul,
+            store=store,
+        )
     (eh, ew), windows, regions = window_layout(height, width, window_size, shift_size)
     if num_prefix:  # one window of every token (no windows with prefix tokens)
         windows, regions = [list(range(total))], [[0] * total]
@@ -576,22 +697,172 @@ def mhsa_forward(
                 scores[b, h][np.ix_(rows, tokens[valid])] = p[real]
                 out[b, rows, vs] = store(matmul(store(p), vh[valid]))[real]
 
-    # Step 6: the merged heads (B, N, C), normed and projected. (A fully
-    # masked item's zeros become what they give: the bias terms.)
+    return _finish(
+        out,
+        scores,
+        weights,
+        (height, width),
+        output_norm=output_norm,
+        output_dense=output_dense,
+        norm_epsilon=norm_epsilon,
+        data_format=data_format,
+        return_attention_scores=return_attention_scores,
+        dtype=dtype,
+        matmul=matmul,
+        store=store,
+        num_prefix=None if prefix_tokens is None else num_prefix,
+    )
+
+
+def _finish(
+    out: np.ndarray,
+    scores: np.ndarray,
+    weights: Mapping[str, np.ndarray],
+    grid: tuple[int, int],
+    *,
+    output_norm: str | None,
+    output_dense: bool,
+    norm_epsilon: float,
+    data_format: str,
+    return_attention_scores: bool,
+    dtype: FloatType,
+    matmul: Matmul,
+    store: Store,
+    num_prefix: int | None = None,
+) -> np.ndarray | tuple[np.ndarray, ...]:
+    """Step 6: the merged heads (B, T + N, C), normed and projected (a fully
+    masked item's zeros become what they give: the bias terms), in the
+    layout of the input; with `num_prefix` T (prefix tokens given, T may be
+    0) also the prefix tokens' (B, T, C), as `mhsa_forward` returns them."""
     if output_norm is not None:
         out = store(norm(out, weights, "output", output_norm, norm_epsilon, dtype))
     if output_dense:
         kernel, bias = schema.OUTPUT_PROJECTION
         out = dense(out, weights, kernel, bias, dtype, matmul, store)
-
+    # Prefix tokens first: (B, T, C) as they are, the map's in its layout.
     prefix_out = out[:, :num_prefix]
-    out = out[:, num_prefix:].reshape(batch, height, width, channels)
+    out = out[:, num_prefix:]
+    out = out.reshape(out.shape[0], grid[0], grid[1], out.shape[-1])
     if data_format == "channels_first":
         out = out.transpose(0, 3, 1, 2)
-    results = (out,) if prefix_tokens is None else (out, prefix_out)
+    results = (out,) if num_prefix is None else (out, prefix_out)
     if return_attention_scores:
         return (*results, scores)
-    return results[0] if prefix_tokens is None else results
+    return results[0] if num_prefix is None else results
+
+
+def _attend_other_keys(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    keep: np.ndarray,
+    *,
+    weights: Mapping[str, np.ndarray],
+    num_heads: int,
+    key_dim: int,
+    scale: float,
+    scale_position_logits: bool,
+    position_encoding: str,
+    grid: tuple[int, int],
+    dtype: FloatType,
+    matmul: Matmul,
+    store: Store,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 5 with keys and values from another map (a context, a reduced
+    map): q (B, N, heads*kd), k (B, Nk, heads*kd), v (B, Nk, C), keep
+    (B, Nk). No windows; a "logits" encoding only on equal grids (checked
+    before), its term at the query grid. Returns the merged heads (B, N, C)
+    and the probabilities (B, heads, N, Nk)."""
+    batch, n, _ = q.shape
+    nk, channels = v.shape[1], v.shape[2]
+    head_dim = channels // num_heads
+    out = np.zeros((batch, n, channels), dtype=dtype)
+    scores = np.zeros((batch, num_heads, n, nk), dtype=dtype)
+    biases = position_bias(weights, position_encoding, grid[0], grid[1], dtype)
+    for b in range(batch):
+        valid = keep[b]
+        if not valid.any():
+            continue  # every key masked: probabilities and output are zero
+        for h in range(num_heads):
+            qs = slice(h * key_dim, (h + 1) * key_dim)
+            vs = slice(h * head_dim, (h + 1) * head_dim)
+            qh = q[b, :, qs]
+            logits = matmul(qh, k[b, :, qs].T)  # (N, Nk)
+            pos = position_logits(
+                qh, weights, position_encoding, grid[0], grid[1], dtype, matmul
+            )
+            if biases is not None:
+                pos = biases[h]
+            if pos is None:
+                logits = dtype(scale) * logits
+            elif scale_position_logits:
+                logits = dtype(scale) * (logits + pos)
+            else:
+                logits = dtype(scale) * logits + pos
+            logits = logits[:, valid]
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p = e / e.sum(axis=1, keepdims=True)
+            scores[b, h][:, valid] = p
+            out[b, :, vs] = store(matmul(store(p), v[b][valid][:, vs]))
+    return out, scores
+
+
+def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
+    """torch's adaptive pooling bins of an axis of `size` cells into `out`:
+    [floor(i * size / out), ceil((i + 1) * size / out))."""
+    return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+
+
+def reduce_map(
+    m: np.ndarray,
+    weights: Mapping[str, np.ndarray],
+    kv_reduction: int | str,
+    kv_pool_size: int | tuple[int, int],
+    norm_epsilon: float,
+    dtype: FloatType,
+    matmul: Matmul,
+    store: Store,
+) -> np.ndarray:
+    """`kv_reduction` of a key/value map (B, H, W, C) -> (B, H', W', C), as
+    timm's pvt_v2 `Attention`.
+
+    - int R: `sr` = Conv2d(C, C, R, stride R), no padding (H' = floor(H / R):
+      the last H % R rows and W % R columns are in no window), kernel
+      `reduction_kernel` (R, R, C, C) [dy, dx, in, out], then `norm`, a
+      LayerNorm (`reduction_norm_*`);
+    - "pool": AdaptiveAvgPool2d(kv_pool_size) (bin i of an axis of n cells:
+      [floor(i n / o), ceil((i + 1) n / o)), a mean), the 1x1 conv
+      `reduction_kernel` (C, C), the LayerNorm, exact GELU.
+    """
+    batch, height, width, channels = m.shape
+    kernel, bias = schema.REDUCTION_CONV
+    if kv_reduction == "pool":
+        out_h, out_w = arguments.pair(kv_pool_size)
+        pooled = np.zeros((batch, out_h, out_w, channels), dtype=dtype)
+        for i, (y0, y1) in enumerate(_adaptive_bins(height, out_h)):
+            for j, (x0, x1) in enumerate(_adaptive_bins(width, out_w)):
+                cell = m[:, y0:y1, x0:x1].reshape(batch, -1, channels)
+                pooled[:, i, j] = cell.sum(axis=1) / dtype(cell.shape[1])
+        t = store(pooled).reshape(batch, out_h * out_w, channels)
+        t = dense(t, weights, kernel, bias, dtype, matmul, store)
+        t = store(norm(t, weights, "reduction", "layer", norm_epsilon, dtype))
+        t = store(_gelu(t))
+        return t.reshape(batch, out_h, out_w, channels)
+    r = int(kv_reduction)
+    out_h = arguments.reduced_size(height, r, kv_pool_size, 0)
+    out_w = arguments.reduced_size(width, r, kv_pool_size, 1)
+    patches = m[:, : out_h * r, : out_w * r].reshape(
+        batch, out_h, r, out_w, r, channels
+    )
+    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(
+        batch, out_h * out_w, r * r * channels
+    )  # [dy, dx, c] per patch, as the kernel's rows
+    flat = {kernel: np.asarray(weights[kernel]).reshape(r * r * channels, -1)}
+    if bias in weights:
+        flat[bias] = weights[bias]
+    t = dense(patches, flat, kernel, bias, dtype, matmul, store)
+    t = store(norm(t, weights, "reduction", "layer", norm_epsilon, dtype))
+    return t.reshape(batch, out_h, out_w, channels)
 
 
 # policy -> (compute dtype, storage dtype between ops)

@@ -413,11 +413,31 @@ def _rope_bands(
 
 
 def _rope_grid(
-    size: int, reference: int | None, settings: schema.RopeSettings, dtype: FloatType
+    size: int,
+    reference: int | None,
+    settings: schema.RopeSettings,
+    dtype: FloatType,
+    span: int | None = None,
 ) -> np.ndarray:
     """The positions along one axis of `size` cells: i + grid_offset, or
     linspace(-1, 1) with `in_pixels`; times reference / size when the grid is
-    normalised against a reference size."""
+    normalised against a reference size.
+
+    `span`: the key grid of another map than the queries' (a context, a
+    reduced map): its cell i sits at p = i * span / size of the query
+    axis of `span` cells, which then gets the query axis's positions
+    (p + grid_offset, or -1 + p * 2 / (span - 1)) and normalisation
+    (reference / span). None (or `size`): the query grid itself."""
+    if span is not None and span != size:
+        p = [dtype(i) * dtype(span) / dtype(size) for i in range(size)]
+        if settings.in_pixels:
+            step = dtype(2.0) / dtype(max(span - 1, 1))
+            t = np.asarray([dtype(-1.0) + v * step for v in p])
+        else:
+            t = np.asarray([v + dtype(settings.grid_offset) for v in p])
+        if reference is not None:
+            t = np.asarray([v / dtype(span) * dtype(reference) for v in t])
+        return t
     if settings.in_pixels:
         t = _linspace(-1.0, 1.0, size, dtype)
     else:
@@ -433,9 +453,11 @@ def rope_angles(
     key_dim: int,
     settings: schema.RopeSettings,
     dtype: FloatType = np.float64,
+    span: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """The angles of "rope" (EVA's `RotaryEmbeddingCat`), (N, kd / 2),
-    row-major over (H, W).
+    row-major over (H, W); with `span` (Hq, Wq) those of a key map of
+    H x W cells spread over the query grid of Hq x Wq (`_rope_grid`).
 
     Token (y, x) gets [t_y * w, t_x * w] ("ij") or [t_x * w, t_y * w] ("xy"),
     t the positions of `_rope_grid` and w the kd / 4 frequencies of
@@ -444,8 +466,9 @@ def rope_angles(
     bands = _rope_bands(key_dim, settings, dtype)
     count = bands.size
     ref_h, ref_w = settings.reference_size or (None, None)
-    t_y = _rope_grid(height, ref_h, settings, dtype)
-    t_x = _rope_grid(width, ref_w, settings, dtype)
+    span_h, span_w = span or (None, None)
+    t_y = _rope_grid(height, ref_h, settings, dtype, span_h)
+    t_x = _rope_grid(width, ref_w, settings, dtype, span_w)
     out = np.zeros((height * width, 2 * count), dtype=dtype)
     for y in range(height):
         for x in range(width):
@@ -463,8 +486,11 @@ def rope_mixed_angles(
     frequencies: np.ndarray,
     grid_indexing: str = "xy",
     dtype: FloatType = np.float64,
+    span: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """The angles of "rope_mixed" (RoPE-Mixed), (heads, N, kd / 2).
+    """The angles of "rope_mixed" (RoPE-Mixed), (heads, N, kd / 2); with
+    `span` (Hq, Wq) those of a key map whose cell (y, x) sits at
+    (y * Hq / H, x * Wq / W) of the query grid.
 
     Token (y, x), head h, pair m: t_x * F[0, h, m] + t_y * F[1, h, m], with
     (t_x, t_y) = (x, y) for "xy" (rope-vit's convention) and (y, x) for "ij"
@@ -475,7 +501,12 @@ def rope_mixed_angles(
     out = np.zeros((heads, height * width, pairs), dtype=dtype)
     for y in range(height):
         for x in range(width):
-            t_x, t_y = (dtype(x), dtype(y)) if grid_indexing == "xy" else (y, x)
+            py, px = dtype(y), dtype(x)
+            if span is not None and span[0] != height:
+                py = py * dtype(span[0]) / dtype(height)
+            if span is not None and span[1] != width:
+                px = px * dtype(span[1]) / dtype(width)
+            t_x, t_y = (px, py) if grid_indexing == "xy" else (py, px)
             out[:, y * width + x] = dtype(t_x) * f[0] + dtype(t_y) * f[1]
     return out
 
@@ -488,17 +519,23 @@ def rotation_angles(
     width: int,
     key_dim: int,
     dtype: FloatType = np.float64,
+    span: tuple[int, int] | None = None,
 ) -> np.ndarray | None:
     """The rotation angles of a "qk" stage encoding, (heads or 1, N, kd / 2),
-    or None for the others."""
+    or None for the others. `span`: see `rope_angles` (a key map's angles)."""
     spec = schema.encoding(position_encoding)
     if spec.stage != "qk" or settings is None:
         return None
     if spec.frequencies is not None:
         return rope_mixed_angles(
-            height, width, weights[spec.frequencies], settings.grid_indexing, dtype
+            height,
+            width,
+            weights[spec.frequencies],
+            settings.grid_indexing,
+            dtype,
+            span,
         )
-    return rope_angles(height, width, key_dim, settings, dtype)[None]
+    return rope_angles(height, width, key_dim, settings, dtype, span)[None]
 
 
 def rotate(v: np.ndarray, angles: np.ndarray, layout: str) -> np.ndarray:

@@ -318,6 +318,8 @@ WEIGHT_ARGUMENTS = (
     "qk_norm",
     "output_norm",
     "output_dense",
+    "kv_reduction",
+    "context_channels",
 )
 
 # The learned vectors of each norm: timm's LayerNorm has a scale and a bias,
@@ -325,6 +327,31 @@ WEIGHT_ARGUMENTS = (
 _NORM_PARAMETERS = {"layer": ("scale", "bias"), "rms": ("scale",)}
 # (kernel, bias) of the output projection (`output_dense`).
 OUTPUT_PROJECTION = ("output_kernel", "output_bias")
+# (kernel, bias) of `kv_reduction`'s conv, before its norm's weights
+# (`norm_weight_names("reduction", "layer")`).
+REDUCTION_CONV = ("reduction_kernel", "reduction_bias")
+
+
+def reduction_weight_shapes(
+    channels: int, kv_reduction: int | str | None, use_bias: bool = True
+) -> dict[str, tuple[int, ...]]:
+    """The weights of `kv_reduction` on a key/value map of `channels`, in
+    creation order (after every other weight): the conv kernel (R, R, C, C)
+    for an int R (Keras's HWIO layout) or (C, C) for "pool" (its 1x1 conv),
+    its bias (C,) with `use_bias`, then its LayerNorm's scale and bias (C,)."""
+    if kv_reduction is None:
+        return {}
+    kernel, bias = REDUCTION_CONV
+    shapes: dict[str, tuple[int, ...]] = {}
+    if kv_reduction == "pool":
+        shapes[kernel] = (channels, channels)
+    else:
+        r = int(kv_reduction)
+        shapes[kernel] = (r, r, channels, channels)
+    if use_bias:
+        shapes[bias] = (channels,)
+    shapes.update({n: (channels,) for n in norm_weight_names("reduction", "layer")})
+    return shapes
 
 
 def encoding(name: str) -> Encoding:
@@ -467,11 +494,15 @@ def weight_shapes(
     qk_norm: str | None = None,
     output_norm: str | None = None,
     output_dense: bool = False,
+    kv_reduction: int | str | None = None,
+    context_channels: int | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Shapes of the canonical weight dict, in the layer's creation order.
 
     `position_size` (Hr, Wr) is needed by the learned encodings only;
-    `use_key_bias` None means `use_bias`.
+    `use_key_bias` None means `use_bias`. `context_channels` C' (cross-
+    attention): the key and value kernels are (C', heads * kd) and (C', C),
+    and `kv_reduction`'s weights act on C' channels.
     """
     spec = encoding(position_encoding)
     key_dim = channels // num_heads if key_dim is None else key_dim
@@ -487,8 +518,9 @@ def weight_shapes(
         shapes[kernel] = (channels, channels)
         if use_bias:
             shapes[bias] = (channels,)
+    kv_channels = channels if context_channels is None else int(context_channels)
     for name, width in zip(PROJECTIONS, (qk, qk, channels)):
-        shapes[f"{name}_kernel"] = (channels, width)
+        shapes[f"{name}_kernel"] = (channels if name == "query" else kv_channels, width)
         if biases[name]:
             shapes[f"{name}_bias"] = (width,)
     shapes.update(table_shapes(position_encoding, position_size, key_dim, num_heads))
@@ -499,6 +531,7 @@ def weight_shapes(
             channels, key_dim, use_bias, qk_norm, output_norm, output_dense
         )
     )
+    shapes.update(reduction_weight_shapes(kv_channels, kv_reduction, use_bias))
     return shapes
 
 
@@ -556,6 +589,8 @@ def random_weights(
     qk_norm: str | None = None,
     output_norm: str | None = None,
     output_dense: bool = False,
+    kv_reduction: int | str | None = None,
+    context_channels: int | None = None,
 ) -> dict[str, np.ndarray]:
     """He-normal kernels, small random biases, N(0, 1/key_dim) position tables
     (N(0, `RANDOM_BIAS_STDDEV`) per-head bias tables), RoPE-Mixed's initial
@@ -585,6 +620,8 @@ def random_weights(
         qk_norm=qk_norm,
         output_norm=output_norm,
         output_dense=output_dense,
+        kv_reduction=kv_reduction,
+        context_channels=context_channels,
     ).items():
         if name == spec.frequencies and spec.rotary is not None:
             angles = rng.uniform(0.0, 2 * np.pi, shape[1])
@@ -597,7 +634,7 @@ def random_weights(
         elif name in tables:
             std = table_stddev(shape[1])
         elif name.endswith("kernel"):
-            std = math.sqrt(2.0 / shape[0])
+            std = math.sqrt(2.0 / math.prod(shape[:-1]))  # fan-in
         elif name.endswith("_norm_scale"):
             std = 0.2
         else:

@@ -53,20 +53,24 @@ def attend(
     implementation: str = "auto",
     chunk_size: int | Tensor | None = None,
     regions: Tensor | None = None,
+    key_count: int | Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Softmax attention of every query over the keys, per head, by one path.
 
     Args:
-        query, key: (B, heads, N, kd); value: (B, heads, N, dv). N may be
-            more than height * width (prefix tokens first: then the position
-            has no logits term).
+        query: (B, heads, N, kd); key: (B, heads, Nk, kd); value: (B, heads,
+            Nk, dv). Nk = N (self-attention) or the token count of another
+            key map (a context, a reduced map): every path chunks or fuses
+            the N queries over all Nk keys. N may be more than height * width
+            (prefix tokens first: then the position has no logits term).
         scale: Python float, the factor of q.k.
         position: the layer's `PositionEncoding` (its logits term, if any).
         position_scale: Python float, the factor of the position term
             (`scale` or 1.0).
-        height, width: the map's size (ints, or scalar tensors when
-            dynamic), for the position terms.
-        key_mask: optional bool (B, N), True = may be attended to.
+        height, width: the query map's size (ints, or scalar tensors when
+            dynamic); only the position terms read them (a "logits" term
+            needs the key grid to be the query grid).
+        key_mask: optional bool (B, Nk), True = may be attended to.
         dropout, training, seed_generator: attention dropout (full path).
         return_attention_scores: whether to return the probabilities.
         implementation: "auto", "full", "chunked" or "fused" (the layer's
@@ -76,10 +80,12 @@ def attend(
         regions: optional int (B, N): Swin's shift region of each token (the
             batch axis holds windows); logits between tokens of two regions
             get `schema.SHIFT_MASK_LOGIT` (-100), on every path.
+        key_count: Nk when the keys are another map's (its tokens, an int or
+            a scalar tensor), None: N (self-attention).
 
     Returns:
         `(outputs, scores)`: outputs (B, heads, N, dv) in the dtype of
-        `value`; scores (B, heads, N, N) from the full path, else None.
+        `value`; scores (B, heads, N, Nk) from the full path, else None.
     """
     softmax_dtype = logits_dtype(query.dtype)
     # The token count from the tensors: height and width feed the position
@@ -88,6 +94,7 @@ def attend(
     path = choice.resolve(
         implementation,
         n=n,
+        key_count=key_count,
         dtype=softmax_dtype,
         query_dim=query.shape[-1],
         value_dim=value.shape[-1],
@@ -162,7 +169,11 @@ def attend(
             batch = ops.shape(query)[0]
             head_tables = tuple(_per_item(t, batch) for t in tables)
             tables = ()
-        size = chunk_size if chunk_size is not None else choice.default_chunk_size(n)
+        size = (
+            chunk_size
+            if chunk_size is not None
+            else choice.default_chunk_size(n if key_count is None else key_count)
+        )
         return chunked_attention(
             q,
             k,
@@ -186,7 +197,7 @@ def attend(
         return chunked(), None
     # choice.BY_SIZE: N is only known at run time (a TensorFlow graph with
     # dynamic H, W): the full path for small maps, chunked above.
-    out = ops.cond(n <= choice.FULL_MAX_TOKENS, lambda: full()[0], chunked)
+    out = ops.cond(choice.full_fits(n, key_count), lambda: full()[0], chunked)
     return out, None
 
 

@@ -15,7 +15,9 @@
   included, takes the rotated q and k. A bias of no query ("relative_bias")
   and Swin's shift mask are the fused kernels' additive bias (`fused.py`).
 - "auto": the full path for maps of at most `FULL_MAX_TOKENS` tokens (it is
-  near each backend's matmul ceiling there and the only one with scores),
+  near each backend's matmul ceiling there and the only one with scores;
+  with keys from another map, a context or a reduced map, N queries and Nk
+  keys: up to N * Nk <= FULL_MAX_TOKENS^2 logits, `full_fits`),
   else fused where it is supported, the backend's kernel is the fast one
   (`FUSED_FAST_BACKENDS`) and the call needs no additive bias (a
   (B, heads, N, N) bias is the memory the other paths avoid; SDPA's flash
@@ -113,10 +115,21 @@ def fused_misfit(
     return None
 
 
+def full_fits(n: int | Tensor, key_count: int | Tensor | None = None) -> bool | Tensor:
+    """Whether "auto" takes the full path at N queries and `key_count` keys
+    (None: N): N * Nk <= FULL_MAX_TOKENS^2, i.e. N <= FULL_MAX_TOKENS for
+    self-attention. Written N <= FULL_MAX_TOKENS^2 // Nk (exact for positive
+    ints) so that int32 tensors never overflow."""
+    if key_count is None:
+        return n <= FULL_MAX_TOKENS
+    return n <= (FULL_MAX_TOKENS * FULL_MAX_TOKENS) // key_count
+
+
 def resolve(
     implementation: str,
     *,
     n: int | Tensor,
+    key_count: int | Tensor | None = None,
     dtype: str,
     query_dim: int | None,
     value_dim: int | None,
@@ -127,11 +140,13 @@ def resolve(
 ) -> str:
     """The path of one call: FULL, CHUNKED, FUSED or BY_SIZE (N dynamic),
     after any active `fallback`. `bias`: whether the call has an additive
-    (heads, N, N) term (a bias encoding, Swin's shift mask)."""
+    (heads, N, N) term (a bias encoding, Swin's shift mask). `key_count`: Nk
+    of keys from another map (None: N)."""
     path = _fall_back(
         _rule(
             implementation,
             n=n,
+            key_count=key_count,
             dtype=dtype,
             query_dim=query_dim,
             value_dim=value_dim,
@@ -167,6 +182,7 @@ def _rule(
     implementation: str,
     *,
     n: int | Tensor,
+    key_count: int | Tensor | None = None,
     dtype: str,
     query_dim: int | None,
     value_dim: int | None,
@@ -184,9 +200,12 @@ def _rule(
         return FUSED if fused_ok else CHUNKED
     if implementation == CHUNKED:
         return CHUNKED
-    if not isinstance(n, int):
-        return FULL if _symbolic_on_jax(n) else BY_SIZE
-    if n <= FULL_MAX_TOKENS:
+    if not isinstance(n, int) or not isinstance(key_count, (int, type(None))):
+        symbolic = _symbolic_on_jax(n) or (
+            key_count is not None and _symbolic_on_jax(key_count)
+        )
+        return FULL if symbolic else BY_SIZE
+    if full_fits(n, key_count):
         return FULL
     if (
         fused_ok

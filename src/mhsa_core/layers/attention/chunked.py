@@ -113,12 +113,13 @@ def chunked_attention(
 
     Args:
         query: (B, heads, N, kd), in the logits dtype.
-        key: (B, heads, N, kd), in the logits dtype, with any key term folded in.
-        value: (B, heads, N, dv).
+        key: (B, heads, Nk, kd), in the logits dtype, with any key term
+            folded in (Nk = N but for keys of another map).
+        value: (B, heads, Nk, dv).
         chunk_size: int or scalar int32 tensor, 1 <= chunk_size; chunks of
             min(chunk_size, N) queries, the last one padded.
         key_scale: scalar tensor, the logit scale (folded into the keys).
-        key_mask: optional bool (B, N), True = may be attended to.
+        key_mask: optional bool (B, Nk), True = may be attended to.
         row_bias: optional `PositionEncoding.row_bias` (a position term per
             chunk of queries), with its `tables` already times the position
             scale.
@@ -226,6 +227,7 @@ def _chunks(
 ) -> Tensor:
     shape = ops.shape(query)
     batch, heads, n, kd = shape[0], shape[1], shape[2], query.shape[-1]
+    nk = ops.shape(key)[2]  # the keys' count: every chunk of queries sees all
     dv = value.shape[-1]
     bh = batch * heads
     if isinstance(n, int) and isinstance(chunk_size, int):
@@ -252,14 +254,14 @@ def _chunks(
         q = ops.concatenate([q, zeros], axis=1)
     q = ops.reshape(q, (bh, num_chunks, c, kd))
     rows = ops.reshape(rows, (num_chunks, c))
-    k = ops.reshape(key * key_scale, (bh, n, kd))
-    v = ops.reshape(value, (bh, n, dv))
+    k = ops.reshape(key * key_scale, (bh, nk, kd))
+    v = ops.reshape(value, (bh, nk, dv))
 
     operands = [q, k, v]
     if key_mask is not None:
         keep = ops.cast(key_mask, k.dtype)  # (B, N); float: remat rejects bool
         keep = ops.reshape(
-            ops.repeat(ops.expand_dims(keep, 1), heads, axis=1), (bh, 1, n)
+            ops.repeat(ops.expand_dims(keep, 1), heads, axis=1), (bh, 1, nk)
         )
         operands += [keep, (keep - 1.0) * -MASKED_LOGIT]
     unmapped = list(tables)

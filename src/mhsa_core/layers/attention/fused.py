@@ -39,12 +39,13 @@ def fused_attention(
     """Softmax attention with the backend's fused kernel.
 
     Args:
-        query, key: (B, heads, N, d); value: (B, heads, N, d), same dtype.
+        query: (B, heads, N, d); key, value: (B, heads, Nk, d), same dtype
+            (Nk = N but for keys of another map).
         scale: Python float, the logit scale.
-        key_mask: optional bool (B, N), True = may be attended to. A query
+        key_mask: optional bool (B, Nk), True = may be attended to. A query
             whose keys are all masked gets zeros (and zero gradients).
         bias: optional term added to the scaled logits, broadcastable to
-            (B, heads, N, N), in the logits dtype.
+            (B, heads, N, Nk), in the logits dtype.
 
     Returns:
         (B, heads, N, d) in the dtype of `value`.
@@ -70,8 +71,8 @@ def fused_attention(
     if bias is not None:
         shape = ops.shape(query)
         bias = ops.broadcast_to(
-            ops.cast(bias, dtype), (shape[0], shape[1], shape[2], shape[2])
-        )  # (B, heads, N, N): JAX's kernel wants every axis
+            ops.cast(bias, dtype), (shape[0], shape[1], shape[2], ops.shape(key)[2])
+        )  # (B, heads, N, Nk): JAX's kernel wants every axis
         if mask is not None:
             # torch takes a bias or a mask, not both: masked keys' bias is
             # the full path's masked logit instead (exp() of it is 0).

@@ -85,16 +85,28 @@ class PositionEncoding:
         return tokens
 
     def rotate(
-        self, query: Tensor, key: Tensor, height: int | Tensor, width: int | Tensor
+        self,
+        query: Tensor,
+        key: Tensor,
+        height: int | Tensor,
+        width: int | Tensor,
+        key_height: int | Tensor | None = None,
+        key_width: int | Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """q and k (B, heads, N, kd) as the attention takes them (unchanged by
-        default).
+        """q (B, heads, N, kd) and k (B, heads, Nk, kd) as the attention
+        takes them (unchanged by default).
 
         The layer calls it once per call, after the projections (and any
         normalization of q and k), before every attention path: the full,
         chunked and fused paths take what it returns, and the chunked path
         never rotates inside its loop. An encoding that rotates returns q
         and k in the logits dtype (float32 under mixed precision).
+
+        `key_height`, `key_width`: the grid of the keys' map when it is not
+        the queries' (a context, a reduced map; None: the query grid). A
+        rotary encoding places key cell (y', x') of an H' x W' map at
+        (y' * H / H', x' * W / W') of the query grid (the key map spans the
+        query map), then as a query there (`position_size` scales both).
         """
         return query, key
 

@@ -86,20 +86,37 @@ class RotaryEncoding(PositionEncoding):
         self.key_dim = key_dim
 
     def tables(
-        self, height: int | Tensor, width: int | Tensor, dtype: DType
+        self,
+        height: int | Tensor,
+        width: int | Tensor,
+        dtype: DType,
+        span: tuple[int | Tensor, int | Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(sin, cos), (N, kd) or (heads, N, kd), in `dtype`."""
+        """(sin, cos), (N, kd) or (heads, N, kd), in `dtype`. `span`: the
+        query grid (Hq, Wq) that a key map of H x W cells spans (`rotate`),
+        or None: the map is the query grid."""
         raise NotImplementedError
 
     def rotate(
-        self, query: Tensor, key: Tensor, height: int | Tensor, width: int | Tensor
+        self,
+        query: Tensor,
+        key: Tensor,
+        height: int | Tensor,
+        width: int | Tensor,
+        key_height: int | Tensor | None = None,
+        key_width: int | Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         dtype = schema.logits_dtype(keras.backend.standardize_dtype(query.dtype))
         sin, cos = self.tables(height, width, dtype)
+        key_sin, key_cos = sin, cos
+        if key_height is not None and key_width is not None:
+            key_sin, key_cos = self.tables(
+                key_height, key_width, dtype, span=(height, width)
+            )
         layout = self.settings.layout
         return (
             apply_rotation(ops.cast(query, dtype), sin, cos, layout),
-            apply_rotation(ops.cast(key, dtype), sin, cos, layout),
+            apply_rotation(ops.cast(key, dtype), key_sin, key_cos, layout),
         )
 
 
@@ -118,10 +135,16 @@ def _bands(key_dim: int, settings: schema.RopeSettings) -> list[float]:
 
 
 def _grid_float64(
-    size: int, reference: int | None, settings: schema.RopeSettings
+    size: int,
+    reference: int | None,
+    settings: schema.RopeSettings,
+    span: int | None = None,
 ) -> np.ndarray:
     """Positions of the `size` cells of an axis, float64 NumPy (see `_grid`)."""
     index = np.arange(size, dtype=np.float64)
+    if span is not None and span != size:
+        index = index * span / size  # the key map's cells on the query axis
+        size = span
     if settings.in_pixels:
         t = index * (2.0 / max(size - 1, 1)) - 1.0
     else:
@@ -132,16 +155,28 @@ def _grid_float64(
 
 
 def _grid(
-    size: int | Tensor, reference: int | None, settings: schema.RopeSettings, dtype: str
+    size: int | Tensor,
+    reference: int | None,
+    settings: schema.RopeSettings,
+    dtype: str,
+    span: int | Tensor | None = None,
 ) -> Tensor:
     """Positions of the `size` cells of an axis: i + grid_offset, or
     linspace(-1, 1) with `in_pixels`; times reference / size when the grid is
-    normalised against a reference size (EVA's `ref_feat_shape`)."""
+    normalised against a reference size (EVA's `ref_feat_shape`). With
+    `span` (a key map's axis): cell i at i * span / size of the query axis
+    of `span` cells, then that axis's positions."""
     index = ops.arange(size, dtype="int32")
     t = ops.cast(index, dtype)
     # The size as a tensor computed from the index (see _grid.resize_table:
     # no cast of a symbolic size).
     n = ops.cast(ops.sum(ops.ones_like(index)), dtype)
+    if span is not None:
+        # (i * span) / size: exact for equal sizes (an integer times n, / n).
+        n_span = ops.cast(
+            ops.sum(ops.ones_like(ops.arange(span, dtype="int32"))), dtype
+        )
+        t, n = t * n_span / n, n_span
     if settings.in_pixels:
         one = ops.convert_to_tensor(1.0, dtype=dtype)
         t = t * (ops.convert_to_tensor(2.0, dtype=dtype) / ops.maximum(n - one, one))
@@ -162,13 +197,18 @@ def _first_second(settings: schema.RopeSettings, along_y: Any, along_x: Any) -> 
 
 
 def rope_angles_float64(
-    height: int, width: int, key_dim: int, settings: schema.RopeSettings
+    height: int,
+    width: int,
+    key_dim: int,
+    settings: schema.RopeSettings,
+    span: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """The angles of a static size, (N, kd / 2) float64 NumPy, row-major."""
     bands = np.asarray(_bands(key_dim, settings))
     ref_h, ref_w = settings.reference_size or (None, None)
-    along_y = _grid_float64(height, ref_h, settings)[:, None] * bands  # (H, kd/4)
-    along_x = _grid_float64(width, ref_w, settings)[:, None] * bands  # (W, kd/4)
+    span_h, span_w = span or (None, None)
+    along_y = _grid_float64(height, ref_h, settings, span_h)[:, None] * bands
+    along_x = _grid_float64(width, ref_w, settings, span_w)[:, None] * bands
     grid_y = np.broadcast_to(along_y[:, None], (height, width, bands.size))
     grid_x = np.broadcast_to(along_x[None, :], (height, width, bands.size))
     angles = np.concatenate(_first_second(settings, grid_y, grid_x), axis=-1)
@@ -181,24 +221,29 @@ def rope_tables(
     key_dim: int,
     settings: schema.RopeSettings,
     dtype: str,
+    span: tuple[int | Tensor, int | Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(sin, cos) of "rope", (N, kd), angle m at channels 2m and 2m + 1.
+    """(sin, cos) of "rope", (N, kd), angle m at channels 2m and 2m + 1;
+    `span`: the query grid a key map of H x W cells spans (`_grid`).
 
     A static size gets constants computed in float64 NumPy and rounded once
     to `dtype` (keras 3.15's `ops.sin` computes float64 in float32 on JAX); a
     size known only at run time (TensorFlow graphs) is computed with
     `keras.ops` in `dtype`, float64 exactly (`_trig.sin_cos`).
     """
-    if is_static(height) and is_static(width):
-        angles = rope_angles_float64(height, width, key_dim, settings)
+    span_h, span_w = span or (None, None)
+    static_span = span is None or (is_static(span_h) and is_static(span_w))
+    if is_static(height) and is_static(width) and static_span:
+        angles = rope_angles_float64(height, width, key_dim, settings, span)
         return (
             ops.convert_to_tensor(np.repeat(np.sin(angles), 2, axis=-1), dtype=dtype),
             ops.convert_to_tensor(np.repeat(np.cos(angles), 2, axis=-1), dtype=dtype),
         )
     bands = ops.convert_to_tensor(_bands(key_dim, settings), dtype=dtype)
     ref_h, ref_w = settings.reference_size or (None, None)
-    along_y = ops.expand_dims(_grid(height, ref_h, settings, dtype), -1) * bands
-    along_x = ops.expand_dims(_grid(width, ref_w, settings, dtype), -1) * bands
+    along_y = ops.expand_dims(_grid(height, ref_h, settings, dtype, span_h), -1)
+    along_x = ops.expand_dims(_grid(width, ref_w, settings, dtype, span_w), -1)
+    along_y, along_x = along_y * bands, along_x * bands
     count = len(_bands(key_dim, settings))
     grid_y = ops.broadcast_to(ops.expand_dims(along_y, 1), (height, width, count))
     grid_x = ops.broadcast_to(ops.expand_dims(along_x, 0), (height, width, count))
@@ -216,7 +261,11 @@ class RopePosition(RotaryEncoding):
     spec = schema.ENCODINGS["rope"]
 
     def tables(
-        self, height: int | Tensor, width: int | Tensor, dtype: DType
+        self,
+        height: int | Tensor,
+        width: int | Tensor,
+        dtype: DType,
+        span: tuple[int | Tensor, int | Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         return rope_tables(
             height,
@@ -224,4 +273,5 @@ class RopePosition(RotaryEncoding):
             self.key_dim,
             self.settings,
             keras.backend.standardize_dtype(dtype),
+            span,
         )

@@ -76,14 +76,35 @@ class MixedRopePosition(RotaryEncoding):
         )
 
     def tables(
-        self, height: int | Tensor, width: int | Tensor, dtype: DType
+        self,
+        height: int | Tensor,
+        width: int | Tensor,
+        dtype: DType,
+        span: tuple[int | Tensor, int | Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         index = ops.arange(height * width, dtype="int32")
         y = ops.reshape(ops.cast(index // width, dtype), (1, -1, 1))  # (1, N, 1)
         x = ops.reshape(ops.cast(index % width, dtype), (1, -1, 1))
+        if span is not None:
+            # A key map's cell (y, x) at (y * Hq / H, x * Wq / W) of the
+            # query grid (exact for equal sizes).
+            y = _spread(y, height, span[0], dtype)
+            x = _spread(x, width, span[1], dtype)
         t_x, t_y = (x, y) if self.settings.grid_indexing == "xy" else (y, x)
         f = ops.cast(self.frequencies, dtype)
         fx = ops.expand_dims(f[0], 1)  # (heads, 1, kd / 2)
         fy = ops.expand_dims(f[1], 1)
         sin, cos = sin_cos(t_x * fx + t_y * fy)  # (heads, N, kd / 2)
         return _pairs(sin), _pairs(cos)
+
+
+def _spread(t: Tensor, size: int | Tensor, span: int | Tensor, dtype: DType) -> Tensor:
+    """Integer positions t of an axis of `size` cells times span / size."""
+    if isinstance(size, int) and isinstance(span, int):
+        if size == span:
+            return t
+        return t * ops.convert_to_tensor(float(span), dtype) / float(size)
+    # Sizes as tensors of sums of ones (no cast of a symbolic size).
+    n = ops.cast(ops.sum(ops.ones_like(ops.arange(size, dtype="int32"))), dtype)
+    m = ops.cast(ops.sum(ops.ones_like(ops.arange(span, dtype="int32"))), dtype)
+    return t * m / n
