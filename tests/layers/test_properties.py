@@ -9,7 +9,11 @@ data format, activation, scale, scale_position_logits, use_bias, timm's
 options (qk_norm, output_norm, output_dense, use_key_bias, norm_epsilon), an
 attention mask (none, random, with fully masked items), spatial sizes down to
 1xN and Nx1, and the batch. Weights come from `reference.random_weights`
-(`harness.make_case` injects them).
+(`harness.make_case` injects them). Issue 20's shapes of attention get
+their own draws (`beyond_configs`): prefix tokens (T from 0), keys and
+values reduced by a strided conv or pooled, a context map of any grid and
+channels, each with the encodings it takes, on every path, masked where a
+key mask applies.
 
 Runs are reproducible (`derandomize=True`) and keep no example database
 (`database=None`). Sizes are drawn from small sets on purpose: JAX compiles
@@ -260,3 +264,96 @@ def test_float32_within_budget(case, seed):
     out, scores, x, weights = _run(config, shape, mask, seed, "float32")
     _check_masked_softmax(out, scores, mask, config)
     assert_float32_within_budget(out, x, weights, config, attention_mask=mask)
+
+
+# ------------------------------------------------ beyond one map (issue 20)
+# (batch, height, width, num_heads, head_dim): few geometries (JAX compiles
+# each), key_dim a multiple of 4 for the rotary encodings.
+BEYOND_GEOMETRIES = ((2, 4, 5, 2, 4), (1, 3, 7, 1, 8), (2, 5, 5, 4, 4))
+# The attention shapes of issue 20, and the encodings each takes.
+BEYOND_KINDS = {
+    "prefix": ("none", "rope", "rope_mixed", "sinusoidal", "conv"),
+    "kv_reduction": ("none", "rope", "rope_mixed", "sinusoidal", "conv"),
+    "pool": ("none", "rope", "rope_mixed"),
+    "context": ("none", "rope", "rope_mixed"),
+}
+
+
+@st.composite
+def beyond_configs(draw):
+    """(layer config, x shape, call kwargs as NumPy arrays): prefix tokens,
+    reduced keys (strided or pooled) or a context map, with the encodings
+    each takes, timm's options, every path, masks where they apply."""
+    kind = draw(st.sampled_from(tuple(BEYOND_KINDS)))
+    batch, height, width, num_heads, head_dim = draw(st.sampled_from(BEYOND_GEOMETRIES))
+    channels = num_heads * head_dim
+    config = {
+        "num_heads": num_heads,
+        "position_encoding": draw(st.sampled_from(BEYOND_KINDS[kind])),
+        "activation": draw(st.sampled_from((None, "relu", "gelu"))),
+        "use_bias": draw(st.booleans()),
+        "qk_norm": draw(st.sampled_from(arguments.QK_NORMS)),
+        "output_dense": draw(st.booleans()),
+        "attention_implementation": draw(st.sampled_from(("full", "chunked", "fused"))),
+        "chunk_size": 4,
+        **ZERO_INITIALIZERS,
+    }
+    if config["position_encoding"] == "rope" and draw(st.booleans()):
+        config["position_size"] = (3, 6)
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    kwargs = {}
+    keys_grid = (height, width)
+    if kind == "prefix":
+        tokens = draw(st.integers(0, 3))
+        kwargs["prefix_tokens"] = rng.standard_normal((batch, tokens, channels))
+    elif kind == "kv_reduction":
+        r = draw(st.sampled_from((2, 3)))
+        config["kv_reduction"] = r
+        keys_grid = None
+    elif kind == "pool":
+        config["kv_reduction"] = "pool"
+        config["kv_pool_size"] = draw(st.sampled_from((1, 2, (2, 3))))
+        keys_grid = None
+    else:
+        keys_grid = (draw(st.integers(1, 5)), draw(st.integers(1, 6)))
+        context_channels = draw(st.sampled_from((channels, 3)))
+        kwargs["context"] = rng.standard_normal((batch, *keys_grid, context_channels))
+    if keys_grid is not None and draw(st.booleans()):
+        mask = rng.random((batch, *keys_grid)) < 0.7
+        mask[draw(st.integers(0, batch - 1))] = draw(st.booleans())
+        kwargs["attention_mask"] = mask
+    return config, (batch, height, width, channels), kwargs
+
+
+@_settings(40)
+@given(case=beyond_configs(), seed=st.integers(0, 2**16))
+def test_beyond_one_map_float64_matches_reference(case, seed):
+    """Prefix tokens, reduced keys and cross-attention: float64 output(s)
+    and scores within 1e-10 x max|reference| on every path."""
+    from mhsa_core.layers.mhsa2d import MultiHeadSelfAttention2D
+
+    config, shape, kwargs = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape)
+    context = kwargs.get("context")
+    weights = reference.random_weights(
+        shape[-1],
+        **schema.weight_arguments(config),
+        **({} if context is None else {"context_channels": context.shape[-1]}),
+        seed=seed + 1,
+    )
+    layer = MultiHeadSelfAttention2D(**config, dtype="float64")
+    if context is None:
+        layer.build(shape)
+    else:
+        layer.build(shape, context.shape)
+    layer.set_weight_dict(weights)
+    got = layer(x, return_attention_scores=True, **kwargs)
+    expected = reference.mhsa_forward(
+        x, weights, return_attention_scores=True, **kwargs, **reference_config(config)
+    )
+    assert len(got) == len(expected)
+    names = ("output", "prefix output", "scores")
+    names = names if len(got) == 3 else (names[0], names[2])
+    for g, e, what in zip(got, expected, names):
+        assert_float64_close(to_numpy(g), e, what=what)
