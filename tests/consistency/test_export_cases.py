@@ -1,4 +1,4 @@
-"""Export parity of the layer's options and encodings of issue 19.
+"""Export parity of the layer's options and encodings of issues 19 and 20.
 
 One matrix run (module-scoped: exports take seconds each) of the built-in
 cases (`consistency.cases.extended_cases`), forward and export tasks only:
@@ -7,7 +7,10 @@ cases (`consistency.cases.extended_cases`), forward and export tasks only:
   backend, and "rope" (a reference grid, at it and at another size and
   batch) in SavedModel, ONNX and LiteRT;
 - "rope_mixed" (learned frequencies, masked) and "qknorm_proj" (q/k
-  LayerNorms and the output projection, masked) in SavedModel and ONNX.
+  LayerNorms and the output projection, masked) in SavedModel and ONNX;
+- issue 20's "eva_cls" (two inputs, two outputs) in SavedModel, ONNX and
+  LiteRT, "cross" (a context map and its mask) in SavedModel and ONNX,
+  "pvt_v2" (reduced keys) in ONNX.
 
 Each cell is judged like the backends' forward cells (the float64 oracle
 and its budgets); a format that keeps sizes dynamic runs both sizes through
@@ -33,6 +36,13 @@ FORMATS = {
     "rope": (*ONNX_AND_SAVED, "litert"),
     "rope_mixed": ONNX_AND_SAVED,
     "qknorm_proj": ONNX_AND_SAVED,
+    # Issue 20: two inputs and two outputs (the model's first output is
+    # judged: LiteRT lists a two-output model's outputs out of order, the
+    # runtime reads the signature's), two maps of other grids with a mask,
+    # reduced keys.
+    "eva_cls": (*ONNX_AND_SAVED, "litert"),
+    "cross": ONNX_AND_SAVED,
+    "pvt_v2": ("onnx",),
 }
 # Who exports with the model's own signature (None sizes stay dynamic): one
 # artifact runs every size.

@@ -133,7 +133,24 @@ class _LiteRT:
         for d, x in zip(details, xs):
             it.set_tensor(d["index"], x)
         it.invoke()
-        return np.asarray(it.get_tensor(it.get_output_details()[0]["index"]))
+        return np.asarray(it.get_tensor(self._first_output(it)))
+
+    @staticmethod
+    def _first_output(it):
+        """The tensor index of the model's first output, by its serving
+        signature's order (output_0, output_1, ...): `get_output_details()`
+        does not keep it (a two-output Keras model exported from TensorFlow
+        lists its second output, "StatefulPartitionedCall:1", first)."""
+        signatures = it.get_signature_list()
+        if len(signatures) != 1:
+            return it.get_output_details()[0]["index"]
+        (key,) = signatures
+        details = it.get_signature_runner(key).get_output_details()
+
+        def natural(name):  # output_10 after output_9
+            return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+        return details[min(details, key=natural)]["index"]
 
 
 # format -> its runtime's class: (artifact path) -> (names, arrays) -> outputs
