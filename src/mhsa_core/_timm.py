@@ -158,7 +158,18 @@ def model_definitions(file, names):
     root = _register_packages()
     path = root / "models" / f"{file}.py"
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    namespace = {"__name__": f"timm.models.{file}"}
+    # A module of its own in sys.modules, as EvaAttention's: torch.compile
+    # imports the module a function's globals name, and the real
+    # timm/models/<file>.py may import torchvision (pvt_v2's through
+    # timm.data). Definitions asked for again are not run again.
+    home_name = f"{__name__}.models.{file}"
+    home = sys.modules.get(home_name)
+    if home is None:
+        home = types.ModuleType(home_name)
+        sys.modules[home_name] = home
+    namespace = home.__dict__
+    names = list(names)
+    missing = [n for n in names if n not in namespace]
     index = _layers_index()
     body = []
     for node in tree.body:
@@ -181,7 +192,7 @@ def model_definitions(file, names):
         name = getattr(node, "name", None)
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             name = node.targets[0].id
-        if name in names:
+        if name in missing:
             if hasattr(node, "decorator_list"):
                 node.decorator_list = []
             body.append(node)

@@ -212,8 +212,10 @@ def _pvt_v2(config: BenchConfig, weights):
 
     from mhsa_core.reference import schema
 
+    # timm/models/pvt_v2.py's module imports what needs torchvision: its
+    # Attention class alone, compiled from its own source.
     attention = (
-        _timm.module("timm.models.pvt_v2")
+        _timm.model_definitions("pvt_v2", ["Attention"])
         .Attention(
             config.channels,
             num_heads=config.num_heads,
