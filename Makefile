@@ -70,10 +70,12 @@ lint: $(STAMP)
 # built-in case, forward, gradients, jit, saves), the other-kernels lane,
 # `make demo` and the bench.
 JAX_TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0
+# Each lane's log ends with its slowest tests: where the 25 minutes go.
+DURATIONS ?= --durations=15
 
 test: lint
 	@mkdir -p $(LOGS); rm -f $(LOGS)/matrix.log $(LOGS)/matrix.rc $(LOGS)/kernels.*; \
-	( KERAS_BACKEND=numpy $(PY) -m pytest tests/consistency > $(LOGS)/matrix.log 2>&1; \
+	( KERAS_BACKEND=numpy $(PY) -m pytest $(DURATIONS) tests/consistency > $(LOGS)/matrix.log 2>&1; \
 	  echo $$? > $(LOGS)/matrix.rc; \
 	  failed=""; $(OTHER_KERNELS) > $(LOGS)/kernels.log 2>&1; \
 	  echo "$$failed" > $(LOGS)/kernels.failed ) & \
@@ -81,7 +83,8 @@ test: lint
 	for b in $(BACKENDS); do \
 	  echo "=== KERAS_BACKEND=$$b ==="; \
 	  XLA_FLAGS="$$(if [ $$b = jax ]; then echo "$(JAX_TEST_XLA_FLAGS) "; fi)$$XLA_FLAGS" \
-	    KERAS_BACKEND=$$b $(PY) -m pytest tests --ignore=tests/consistency || failed="$$failed $$b"; \
+	    KERAS_BACKEND=$$b $(PY) -m pytest $(DURATIONS) tests --ignore=tests/consistency \
+	    || failed="$$failed $$b"; \
 	done; \
 	wait; \
 	echo "=== cross-backend tests (ran alongside the above) ==="; \
