@@ -33,11 +33,13 @@ from mhsa_core.consistency import (
 from mhsa_core.consistency.cases import Case
 from mhsa_core.consistency.report import (
     NOT_JUDGED_LEGEND,
+    TABLE_WIDTH,
     Cell,
     Report,
     Row,
     cell_of,
     cell_text,
+    headline,
     render,
     verdict,
 )
@@ -528,3 +530,50 @@ def test_bad_inputs_exit_2_with_the_workers_error(tmp_path, capsys):
     )
     assert "Traceback" not in err
     assert not (tmp_path / "r.json").exists()  # nothing half-written
+
+
+# ------------------------------------------- 6. a title that claims no more
+@pytest.mark.parametrize(
+    "cells, missing, crashed, expected",
+    [
+        ({"torch": OK}, ("numpy",), (), "not compared across backends"),
+        ({"torch": OK, "jax": OVER}, (), (), "backends disagree"),
+        ({"torch": OK}, (), ("jax",), "a backend's worker failed"),
+        ({"torch": OK, "jax": RAISED}, (), (), "checks not computed"),
+        ({"torch": OK, "jax": OK}, (), (), "backends agree"),
+    ],
+    ids=["one-backend", "beyond-tolerance", "worker-failed", "task-raised", "agree"],
+)
+def test_headline_claims_no_more_than_the_verdict(cells, missing, crashed, expected):
+    """The title of `assert_backends_agree`'s message: "backends disagree"
+    only when a cell is beyond tolerance (a torch-only install said so above
+    a NOT COMPARED verdict)."""
+    title = headline(_report(cells, missing, crashed), "m.keras")
+    assert title.startswith(expected) and "m.keras" in title
+    assert ("disagree" in title) is (expected == "backends disagree")
+
+
+def test_table_keeps_its_row_names_at_80_columns():
+    """Long export notes (a CI log, no terminal): every row still names its
+    case and check in full, no line is wider than the table's width, and a
+    cut cell ends with an ellipsis (whole in the notes below)."""
+    long = Cell(
+        passed=None, note="n/a: " + "OpenVINO cannot convert XlaCallModule " * 3
+    )
+    scoped = Cell(
+        passed=True, ratio=0.22, error=1e-7, budget=5e-7, scope="static export per size"
+    )
+    backends = ["tensorflow", "torch", "jax"]
+    rows = [
+        Row("eva_cls", "openvino export", dict(zip(backends, [scoped, scoped, long]))),
+        Row("eva_cls", "forward", {b: cell_of(1e-8, 1e-7) for b in backends}),
+        Row("cross", "tf_saved_model export", {b: long for b in backends}),
+    ]
+    text = io.StringIO()
+    render(Report(backends, rows, {}), text, "a title")
+    lines = text.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= TABLE_WIDTH
+    table = "\n".join(lines)
+    for name in ("eva_cls", "cross", "openvino export", "tf_saved_model export"):
+        assert name in table, name
+    assert "…" in table

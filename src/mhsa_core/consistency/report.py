@@ -24,6 +24,8 @@ __all__ = [
     "render",
     "footer",
     "NOT_JUDGED_LEGEND",
+    "TABLE_WIDTH",
+    "headline",
     "verdict",
 ]
 
@@ -256,6 +258,12 @@ def footer(report):
     return lines
 
 
+# The table's width: a CI log's 80 columns where the cells fit (they are cut
+# to fit), wider only when the case and check names need it.
+TABLE_WIDTH = 80
+MIN_CELL_WIDTH = 12  # "0.22 ok (st…", "1.5e+03 FAIL"
+
+
 def render(report, out, title):
     """The report as a table on `out`: with colours if rich is installed."""
     header = ["case", "check", *report.backends]
@@ -278,9 +286,22 @@ def render(report, out, title):
         for line in footer(report):
             print(line, file=out)
         return
+    # The case and check columns keep their width: they say which row is
+    # which. A long cell (an export's reason) is cut with an ellipsis, whole
+    # in the notes below the table. Width: `TABLE_WIDTH` (a CI log has no
+    # terminal to ask).
     table = Table(title=title, title_justify="left")
-    for name in header:
-        table.add_column(name, no_wrap=True)
+    fixed = [max(len(str(r[i])) for r in [header, *rows]) for i in (0, 1)]
+    # 3 characters of border and padding per column, and one more.
+    room = TABLE_WIDTH - sum(fixed) - 3 * len(header) - 1
+    cell_width = max(MIN_CELL_WIDTH, room // max(1, len(report.backends)))
+    for i, name in enumerate(header):
+        if i < 2:
+            table.add_column(name, no_wrap=True, min_width=fixed[i])
+        else:
+            table.add_column(
+                name, no_wrap=True, max_width=cell_width, overflow="ellipsis"
+            )
     previous = None
     for r in rows:
         case = r[0] if r[0] != previous else ""
@@ -290,10 +311,29 @@ def render(report, out, title):
             r[1],
             *(f"[{style}]{text}[/]" if style else text for text, style in r[2:]),
         )
-    console = Console(file=out, width=max(100, 30 + 22 * len(report.backends)))
+    width = max(
+        TABLE_WIDTH,
+        sum(fixed) + 3 * len(header) + 1 + MIN_CELL_WIDTH * len(report.backends),
+    )
+    console = Console(file=out, width=width)
     console.print(table)
     for line in footer(report):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def headline(report, subject):
+    """A title for the report on `subject` that claims no more than the
+    verdict: "backends disagree" only when some cell is beyond tolerance."""
+    crashed = set(report.worker_errors) - set(report.missing)
+    if any(f[2].ratio is not None for f in report.failures):
+        return f"backends disagree on {subject}"
+    if crashed:
+        return f"a backend's worker failed on {subject}"
+    if report.failures:
+        return f"checks not computed on {subject}"
+    if not report.compared:
+        return f"not compared across backends: {subject} (fewer than two ran)"
+    return f"backends agree on {subject}"
 
 
 def _where(failures):

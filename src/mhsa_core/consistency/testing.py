@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from mhsa_core._typing import Nested
 from mhsa_core.consistency import cases, features, matrix
 from mhsa_core.consistency.protocol import TRAINING_BACKENDS
-from mhsa_core.consistency.report import Report, render, verdict
+from mhsa_core.consistency.report import Report, headline, render, verdict
 
 if TYPE_CHECKING:
     import keras
@@ -142,7 +142,7 @@ def assert_backends_agree(
 
             pytest.skip(verdict(report).removeprefix("verdict: "))
         text = io.StringIO()
-        render(report, text, f"backends disagree on {path.name}")
+        render(report, text, headline(report, path.name))
         for backend, error in report.worker_errors.items():
             text.write(f"\n{backend}: {error}\n")
         for feature in features.FEATURES:
