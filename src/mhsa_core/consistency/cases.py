@@ -47,6 +47,17 @@ EXPLICIT_KEYS = (
     "use_bias",
     "kernel_initializer",
 )
+# The layer's defaults (standard scaled dot-product attention) with two
+# heads, every `EXPLICIT_KEYS` argument spelled out.
+STANDARD = {
+    "num_heads": 2,
+    "key_dim": None,
+    "activation": None,
+    "position_encoding": "none",
+    "scale": None,
+    "use_bias": True,
+    "kernel_initializer": "glorot_uniform",
+}
 DEFAULT_SIZE = 8  # a None spatial/feature dimension of a user model's input
 DEFAULT_BATCH = 2  # a None batch dimension
 
@@ -222,16 +233,7 @@ def _beyond_one_map_cases():
     non-divisible size), EVA with a class token and two register tokens
     (rope on the patches only), and cross-attention to a context map of
     another grid and channel count, masked (item 0 fully: zeros)."""
-    standard = {
-        "num_heads": 2,
-        "key_dim": None,
-        "activation": None,
-        "position_encoding": "none",
-        "scale": None,
-        "use_bias": True,
-        "kernel_initializer": "glorot_uniform",
-        "output_dense": True,
-    }
+    standard = {**STANDARD, "output_dense": True}
     return [
         layer_case(
             "pvt_v2",
@@ -456,16 +458,7 @@ def _position_cases():
 def extended_cases():
     """`default_cases` plus the configurations the test suite adds."""
     yolov4_mhsa = schema.preset("yolov4_mhsa")
-    # The layer's defaults (standard scaled dot-product attention), spelled out.
-    standard = {
-        "num_heads": 2,
-        "key_dim": None,
-        "activation": None,
-        "position_encoding": "none",
-        "scale": None,
-        "use_bias": True,
-        "kernel_initializer": "glorot_uniform",
-    }
+    standard = STANDARD
     return (
         default_cases()
         + [

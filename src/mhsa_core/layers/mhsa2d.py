@@ -30,6 +30,17 @@ from mhsa_core.reference import arguments, schema
 _BASE_LAYER_KEYS = ("name", "trainable", "dtype", "autocast", "activity_regularizer")
 
 
+def _sizes_fit(expected: Sequence[Any], shape: Sequence[Any]) -> bool:
+    """Whether `shape` has `expected`'s rank and sizes, comparing only sizes
+    known on both sides: a symbolic size (JAX's shape polymorphism in jax2tf
+    exports, torch.export) names each input's dimensions apart, so "a" !=
+    "c" says nothing about the sizes."""
+    return len(shape) == len(expected) and all(
+        not (arguments.is_int(e) and arguments.is_int(m)) or e == m
+        for e, m in zip(expected, shape)
+    )
+
+
 def _initializer_or_none(value: Any) -> keras.initializers.Initializer | None:
     return None if value is None else keras.initializers.get(value)
 
@@ -476,14 +487,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         height, width, _ = self._spatial_and_channels(input_shape)
         expected = (input_shape[0], height, width)
         mask_shape = tuple(mask_shape)
-        # Only sizes known on both sides are compared: a symbolic size (JAX's
-        # shape polymorphism in jax2tf exports, torch.export) names each
-        # input's dimensions apart, so "a" != "c" says nothing about the sizes.
-        ok = len(mask_shape) == 3 and all(
-            not (arguments.is_int(e) and arguments.is_int(m)) or e == m
-            for e, m in zip(expected, mask_shape)
-        )
-        if not ok:
+        if not _sizes_fit(expected, mask_shape):
             raise ValueError(
                 f"`attention_mask` must have shape (B, H, W)={expected}. "
                 f"Received: attention_mask.shape={mask_shape}"
@@ -505,13 +509,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "`prefix_tokens` must be a float tensor. "
                 f"Received: prefix_tokens.dtype={dtype}"
             )
-        # Only sizes known on both sides are compared (symbolic sizes, as
-        # in `_check_mask_shape`).
-        ok = len(shape) == 3 and all(
-            not (arguments.is_int(e) and arguments.is_int(m)) or e == m
-            for e, m in ((batch, shape[0]), (channels, shape[-1]))
-        )
-        if not ok:
+        if len(shape) != 3 or not _sizes_fit((batch, channels), (shape[0], shape[-1])):
             raise ValueError(
                 f"`prefix_tokens` must have shape (B, T, C)=({batch}, T, {channels}). "
                 f"Received: prefix_tokens.shape={shape}"
@@ -826,11 +824,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         height, width, _ = self._spatial_and_channels(context_shape)
         expected = (input_shape[0], height, width)
         mask_shape = tuple(mask_shape)
-        ok = len(mask_shape) == 3 and all(
-            not (arguments.is_int(e) and arguments.is_int(m)) or e == m
-            for e, m in zip(expected, mask_shape)
-        )
-        if not ok:
+        if not _sizes_fit(expected, mask_shape):
             raise ValueError(
                 "`attention_mask` masks the context's keys: it must have shape "
                 f"(B, H', W')={expected}. Received: attention_mask.shape={mask_shape}"
