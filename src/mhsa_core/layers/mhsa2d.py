@@ -23,6 +23,7 @@ from mhsa_core.layers.attention.choice import fused_misfit
 from mhsa_core.layers.attention.windows import Windows
 from mhsa_core.layers.norms import apply_norm
 from mhsa_core.layers.position import ENCODINGS
+from mhsa_core.layers.projection import check_quantization_mode, int4_block_size
 from mhsa_core.layers.weights import WeightFactory, dense
 from mhsa_core.reference import arguments, schema
 
@@ -39,6 +40,14 @@ def _sizes_fit(expected: Sequence[Any], shape: Sequence[Any]) -> bool:
         not (arguments.is_int(e) and arguments.is_int(m)) or e == m
         for e, m in zip(expected, shape)
     )
+
+
+def _check_lora_rank(rank: Any) -> int | None:
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"`lora_rank` must be an int >= 1 or None. Received: {rank!r}")
+    return int(rank)
 
 
 def _initializer_or_none(value: Any) -> keras.initializers.Initializer | None:
@@ -258,6 +267,11 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             (`key_kernel` (C', heads * key_dim), `value_kernel` (C', C)).
             Setting it makes a cross-attention layer: every call needs a
             context.
+        lora_rank: LoRA on the dense maps from the build (what
+            `enable_lora(rank)` sets, and what a loaded layer reads off its
+            config), or None (default).
+        lora_alpha: LoRA's scale alpha (the product is scaled by alpha /
+            rank), or None: the rank.
         **kwargs: Base layer arguments (`name`, `dtype`, `trainable`, ...).
 
     Call arguments:
@@ -345,6 +359,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         kv_reduction: int | str | None = None,
         kv_pool_size: int | tuple[int, int] = 7,
         context_channels: int | None = None,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -445,6 +461,10 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.context_channels = (
             None if context_channels is None else int(context_channels)
         )
+        # LoRA (Keras's Dense's arguments): set by `enable_lora`, and in a
+        # config so that `build` gives a loaded layer its adapters back.
+        self.lora_rank = _check_lora_rank(lora_rank)
+        self.lora_alpha = None if lora_alpha is None else float(lora_alpha)
         self._channel_axis = -1 if data_format == "channels_last" else 1
         # The encoding object: its weights, its tokens / logits terms, its
         # rotation of q and k; it reads its own settings among the arguments.
@@ -454,6 +474,40 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         if attention_implementation == "fused":
             self._check_fused(key_dim, None)
         self.input_spec = keras.InputSpec(ndim=4)
+
+    # The dense maps' variables under their canonical names (None when the
+    # map or its bias is absent): read-only views of the `Projection`s.
+    @property
+    def query_kernel(self) -> Any:
+        return self._query.kernel
+
+    @property
+    def query_bias(self) -> Any:
+        return self._query.bias
+
+    @property
+    def key_kernel(self) -> Any:
+        return self._key.kernel
+
+    @property
+    def key_bias(self) -> Any:
+        return self._key.bias
+
+    @property
+    def value_kernel(self) -> Any:
+        return self._value.kernel
+
+    @property
+    def value_bias(self) -> Any:
+        return self._value.bias
+
+    @property
+    def output_kernel(self) -> Any:
+        return None if self._output is None else self._output.kernel
+
+    @property
+    def output_bias(self) -> Any:
+        return None if self._output is None else self._output.bias
 
     # ------------------------------------------------------------------ shapes
     # A shape's entries are ints, None (unknown) or symbolic sizes (jax.export,
@@ -591,7 +645,7 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         # Under keras.distribution (JAX): a layout must split q/k/v into whole heads.
         check_head_sharding(self)
         weights = WeightFactory(
-            self.add_weight,
+            self,
             use_bias=self.use_bias,
             kernel_initializer=self.kernel_initializer,
             bias_initializer=self.bias_initializer,
@@ -611,16 +665,16 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         # "qk" encoding's frequencies.
         if self.position.spec.stage == "tokens":
             self.position.build(weights, channels, self._head_key_dim)
-        self.query_kernel, self.query_bias = weights.projection(
+        self._query = weights.projection(
             ("query_kernel", "query_bias"), channels, qk_width
         )
-        self.key_kernel, self.key_bias = weights.projection(
+        self._key = weights.projection(
             ("key_kernel", "key_bias"),
             kv_channels,
             qk_width,
             use_bias=self.use_key_bias,
         )
-        self.value_kernel, self.value_bias = weights.projection(
+        self._value = weights.projection(
             ("value_kernel", "value_bias"), kv_channels, channels
         )
         if self.position.spec.stage != "tokens":
@@ -639,6 +693,32 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             self.reduction_norm_scale, self.reduction_norm_bias = weights.norm(
                 schema.norm_weight_names("reduction", "layer"), kv_channels
             )
+        # The dense maps in the canonical order: what `quantize` and
+        # `enable_lora` change; the float weights' names, for the weight dict.
+        self._projections = tuple(
+            p
+            for p in (
+                *self.position.projections(),
+                self._query,
+                self._key,
+                self._value,
+                self._output,
+            )
+            if p is not None
+        )
+        self._canonical_names = tuple(v.name for v in self.weights)
+        # A quantized dtype policy (a loaded quantized layer's, or one given):
+        # the integer variables in place of the float kernels, in the order
+        # `quantize` makes them; then LoRA's adapters (`lora_rank`).
+        mode = self.quantization_mode
+        if mode is not None:
+            check_quantization_mode(mode)
+            block_size = int4_block_size(self.dtype_policy) if mode == "int4" else None
+            for projection in self._projections:
+                projection.quantized_build(mode, block_size)
+            self._is_quantized = True
+        if self.lora_rank is not None:
+            self._add_lora(self.lora_rank, self.lora_alpha, "he_uniform", "zeros")
         # One spec per call input: the context's channels are checked by the
         # layer itself (`_check_context_shape`), with its own message.
         self.input_spec = keras.InputSpec(ndim=4, axes={self._channel_axis: channels})
@@ -655,9 +735,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         self.output_norm_scale, self.output_norm_bias = self._norm_weights(
             weights, "output", self.output_norm, channels
         )
-        self.output_kernel = self.output_bias = None
+        self._output = None
         if self.output_dense:
-            self.output_kernel, self.output_bias = weights.projection(
+            self._output = weights.projection(
                 schema.OUTPUT_PROJECTION, channels, channels
             )
 
@@ -963,9 +1043,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             nk = key_height * key_width
             kv_tokens = ops.reshape(kv_map, (batch, nk, self._kv_channels))
         activation = activations.for_dtype(self.activation, self.compute_dtype)
-        q = dense(tokens, self.query_kernel, self.query_bias, activation)
-        k = dense(kv_tokens, self.key_kernel, self.key_bias, activation)
-        v = dense(kv_tokens, self.value_kernel, self.value_bias, activation)
+        q = self._query(tokens, activation)
+        k = self._key(kv_tokens, activation)
+        v = self._value(kv_tokens, activation)
         # q: (B, N, heads*kd); k: (B, Nk, heads*kd); v: (B, Nk, C)
 
         def split_heads(t: Tensor, dim: int, count: Any = total) -> Tensor:
@@ -1069,8 +1149,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 self.output_norm_bias,
                 self.norm_epsilon,
             )
-        if self.output_dense:
-            outputs = dense(outputs, self.output_kernel, self.output_bias)
+        if self._output is not None:
+            outputs = self._output(outputs)
         prefix_outputs = None
         if prefix_tokens is not None:
             prefix_outputs = outputs[:, :num_prefix]  # (B, T, C): no layout
@@ -1107,11 +1187,21 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
     # ------------------------------------------------------------ weights I/O
     def get_weight_dict(self) -> dict[str, np.ndarray]:
         """The weights as the canonical dict of NumPy arrays (see
-        `mhsa_core.reference`)."""
+        `mhsa_core.reference`), trainable or not.
+
+        A quantized layer gives its dequantized kernels (integers / scale),
+        a layer with LoRA its kernels with the adapters' product added: the
+        kernels it applies, for the reference and the natives.
+        """
         self._require_built("get_weight_dict")
+        kernels = {p.kernel_name: p for p in self._projections}
+        variables = {v.name: v for v in self.weights}
         out: dict[str, np.ndarray] = {}
-        for variable in self.trainable_weights:
-            out[variable.name] = keras.ops.convert_to_numpy(variable)
+        for name in self._canonical_names:
+            if name in kernels:
+                out[name] = kernels[name].float_kernel()
+            else:
+                out[name] = keras.ops.convert_to_numpy(variables[name])
         return out
 
     def set_weight_dict(self, weights: Mapping[str, ArrayLike]) -> None:
@@ -1119,10 +1209,19 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         `get_weight_dict`).
 
         Every weight must be given, with its exact shape; arrays are cast to the
-        variables' dtype.
+        variables' dtype. The float weights of a layer without quantization
+        or LoRA: set them before `quantize` or `enable_lora`.
         """
         self._require_built("set_weight_dict")
-        expected = {v.name: v for v in self.trainable_weights}
+        if self.quantization_mode is not None or self.lora_rank is not None:
+            raise ValueError(
+                "set_weight_dict sets the float weights of a layer without "
+                "quantization or LoRA: set them first, then quantize or enable "
+                f"LoRA. Received: a layer with quantization_mode="
+                f"{self.quantization_mode!r}, lora_rank={self.lora_rank!r}"
+            )
+        variables = {v.name: v for v in self.weights}
+        expected = {name: variables[name] for name in self._canonical_names}
         if set(weights) != set(expected):
             raise ValueError(
                 "`weights` must have exactly the keys "
@@ -1140,6 +1239,102 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         # Assign only after every check and cast passed: never half-loaded.
         for name, variable in expected.items():
             variable.assign(arrays[name])
+
+    # ------------------------------------------------- quantization and LoRA
+    # Keras's hooks (those of its Dense), on the dense maps: `Projection`
+    # (layers/projection.py) has the arithmetic and says why not sublayers.
+    def quantize(
+        self, mode: str | None = None, type_check: bool = True, config: Any = None
+    ) -> None:
+        """Quantizes the dense maps (query, key, value, the output
+        projection, the "conv" encoding's conv) to int8 (weights and
+        activations) or int4 (weights), per output channel, as Keras's
+        Dense; what `model.quantize(mode)` calls. The position tables, norms,
+        biases and `kv_reduction`'s conv stay float (Keras's Conv2D has no
+        quantized form either).
+
+        Args:
+            mode: "int8" or "int4".
+            type_check: Keras's argument (unused: every subclass quantizes).
+            config: Keras's resolved `QuantizationConfig` (default quantizers
+                only; int4 per channel).
+        """
+        del type_check
+        mode = check_quantization_mode(mode, config)
+        block_size = int4_block_size(config) if mode == "int4" else None
+        for projection in self._projections:
+            projection.quantize(mode, block_size)
+        self._is_quantized = True  # before the policy: its setter would quantize
+        name = f"int4/{block_size or -1}" if mode == "int4" else mode
+        self.dtype_policy = keras.dtype_policies.get(
+            f"{name}_from_{self.dtype_policy.name}"
+        )
+
+    def quantized_call(self, *args: Any, **kwargs: Any) -> Any:
+        # The dense maps apply their own mode (`Projection.__call__`).
+        return self.call(*args, **kwargs)
+
+    def enable_lora(
+        self,
+        rank: int,
+        lora_alpha: float | None = None,
+        a_initializer: str | keras.initializers.Initializer = "he_uniform",
+        b_initializer: str | keras.initializers.Initializer = "zeros",
+    ) -> None:
+        """LoRA on the dense maps (Keras's Dense's method): each gets
+        A (C_in, rank) and B (rank, C_out), its output + (alpha / rank) *
+        (x @ A) @ B; only A and B train from then on (every other weight of
+        the layer is frozen). Saved and loaded as they are (`lora_rank` in
+        the config).
+
+        Args:
+            rank: The adapters' rank, an int >= 1.
+            lora_alpha: alpha, or None: `rank`.
+            a_initializer: A's initializer ("he_uniform", as Dense).
+            b_initializer: B's initializer ("zeros": the layer's function
+                is unchanged until training).
+        """
+        self._require_built("enable_lora")
+        if self.lora_rank is not None:
+            raise ValueError(
+                "LoRA is already enabled on this layer (once per layer, as "
+                f"Dense). Received: rank={rank!r}, lora_rank={self.lora_rank!r}"
+            )
+        if self.kernel_constraint is not None:
+            raise ValueError(
+                "LoRA cannot keep a kernel_constraint (the adapters change "
+                "the kernel the constraint holds). Received: kernel_constraint="
+                f"{self.kernel_constraint!r}"
+            )
+        rank = _check_lora_rank(rank)
+        assert rank is not None
+        # Keras's Dense.enable_lora unlocks its tracker the same way: Keras
+        # has no public way to add variables to a built layer.
+        self._tracker.unlock()
+        try:
+            self._add_lora(rank, lora_alpha, a_initializer, b_initializer)
+        finally:
+            self._tracker.lock()
+
+    def _add_lora(
+        self,
+        rank: int,
+        alpha: float | None,
+        a_initializer: str | keras.initializers.Initializer,
+        b_initializer: str | keras.initializers.Initializer,
+    ) -> None:
+        frozen = list(self.weights)
+        alpha = float(rank if alpha is None else alpha)
+        for projection in self._projections:
+            projection.enable_lora(
+                rank,
+                alpha,
+                keras.initializers.get(a_initializer),
+                keras.initializers.get(b_initializer),
+            )
+        for variable in frozen:
+            variable.trainable = False
+        self.lora_rank, self.lora_alpha = rank, alpha
 
     # ------------------------------------------------------------ presets
     @classmethod
@@ -1279,6 +1474,10 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "context_channels": self.context_channels,
             }
         )
+        if self.lora_rank is not None:
+            # Only with LoRA: a float layer's config stays 0.2.0's (and loads
+            # there).
+            config.update({"lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha})
         return config
 
     @classmethod

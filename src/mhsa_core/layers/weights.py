@@ -20,6 +20,7 @@ import keras
 from keras import ops
 
 from mhsa_core._typing import Tensor
+from mhsa_core.layers.projection import Projection
 from mhsa_core.reference import schema
 
 __all__ = ["WeightFactory", "dense"]
@@ -48,7 +49,7 @@ class WeightFactory:
     """Creates a layer's weights with its settings.
 
     Args:
-        add_weight: the layer's `add_weight` (the variables are the layer's
+        owner: the layer: its `add_weight` makes the variables (the layer's
             own: tracked, saved and loaded with it).
         use_bias: whether projections get a bias.
         kernel_initializer, bias_initializer, kernel_regularizer,
@@ -65,7 +66,7 @@ class WeightFactory:
 
     def __init__(
         self,
-        add_weight: Callable[..., Tensor],
+        owner: keras.layers.Layer,
         *,
         use_bias: bool,
         kernel_initializer: keras.initializers.Initializer,
@@ -79,7 +80,8 @@ class WeightFactory:
         variable_dtype: str,
         num_heads: int = 1,
     ) -> None:
-        self._add_weight = add_weight
+        self._owner = owner
+        self._add_weight = owner.add_weight
         self._use_bias = use_bias
         self._kernel = {
             "initializer": kernel_initializer,
@@ -104,8 +106,9 @@ class WeightFactory:
         out_width: int,
         *,
         use_bias: bool | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """(kernel (in, out), bias (out,) or None) of a 1x1 projection.
+    ) -> Projection:
+        """A 1x1 projection: kernel (in, out), bias (out,) or None, as the
+        `Projection` that applies them (and quantizes them, adds LoRA).
 
         `names`: (kernel name, bias name), e.g. ("query_kernel", "query_bias").
         `use_bias`: whether this one has a bias; None: the factory's setting
@@ -118,7 +121,7 @@ class WeightFactory:
         bias = None
         if self._use_bias if use_bias is None else use_bias:
             bias = self._add_weight(name=bias_name, shape=(out_width,), **self._bias)
-        return kernel, bias
+        return Projection(self._owner, kernel_name, kernel, bias)
 
     def conv(
         self, names: tuple[str, str], shape: tuple[int, ...]

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from mhsa_core._typing import DType, Tensor
+from mhsa_core.layers.projection import Projection
 from mhsa_core.layers.weights import WeightFactory
 from mhsa_core.reference import schema
 
@@ -76,6 +77,11 @@ class PositionEncoding:
             channels: C of the tokens.
             key_dim: channels per head of q and k.
         """
+
+    def projections(self) -> tuple[Projection, ...]:
+        """This encoding's dense maps (quantized and given LoRA with the
+        layer's): none by default."""
+        return ()
 
     def tokens(
         self, tokens: Tensor, height: int | Tensor, width: int | Tensor

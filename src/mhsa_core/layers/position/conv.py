@@ -6,7 +6,8 @@ import keras
 
 from mhsa_core._typing import Tensor
 from mhsa_core.layers.position.base import PositionEncoding
-from mhsa_core.layers.weights import WeightFactory, dense
+from mhsa_core.layers.projection import Projection
+from mhsa_core.layers.weights import WeightFactory
 from mhsa_core.reference import schema
 
 
@@ -21,9 +22,12 @@ class ConvPosition(PositionEncoding):
 
     def build(self, weights: WeightFactory, channels: int, key_dim: int) -> None:
         kernel, bias = self.spec.token_weights
-        self.kernel, self.bias = weights.projection((kernel, bias), channels, channels)
+        self.dense = weights.projection((kernel, bias), channels, channels)
+
+    def projections(self) -> tuple[Projection, ...]:
+        return (self.dense,)
 
     def tokens(
         self, tokens: Tensor, height: int | Tensor, width: int | Tensor
     ) -> Tensor:
-        return tokens + dense(tokens, self.kernel, self.bias, keras.activations.relu)
+        return tokens + self.dense(tokens, keras.activations.relu)
