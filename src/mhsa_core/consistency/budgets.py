@@ -39,6 +39,8 @@ __all__ = [
     "variant_float64_budgets",
     "repeat_budget",
     "step_budget",
+    "INT8_STEP",
+    "quantization_steps",
 ]
 
 # Correct float32 backends differ by more than 2x once errors compound, and
@@ -51,6 +53,32 @@ __all__ = [
 # >1000x in the same computation) stay far outside it, and logic bugs are
 # caught at 1e-10 by the float64 rows.
 PEER_FACTOR = 10.0
+
+
+# An int8 activation quantizer (Keras's, per token: round(x * 127 / max|x|))
+# rounds a float32 product that sits within float32 rounding of a half
+# step to the other integer than the float64 twin does, now and then: one
+# activation off by one step, 1/127 of its token's largest value. Seen
+# through the block, such a flip moved the output by up to 0.26 of this
+# slack relative to the output's scale, where float32 rounding alone moves it
+# by 5e-7 (`tools/quant_spread.py`; docs/tolerances.md). The slack does not
+# hide a backend whose quantizer differs (rounding mode, scale, clipping):
+# that shows in every float64 row, at 1e-10.
+INT8_STEP = 1.0 / 127.0
+
+
+def quantization_steps(by_key, oracle, keys, quantization):
+    """`by_key` plus one int8 activation step (INT8_STEP x the variant's
+    max|oracle|) when `quantization` has int8 (an activation quantizer);
+    unchanged otherwise (float, or weights only: int4 has no activation
+    quantizer, and no flips)."""
+    if not quantization or "int8" not in quantization.split("+"):
+        return by_key
+    out = dict(by_key)
+    for group in _by_variant(keys).values():
+        slack = INT8_STEP * scale([oracle[k] for k in group])
+        out.update({k: by_key[k] + slack for k in group})
+    return out
 
 
 def scale(arrays):

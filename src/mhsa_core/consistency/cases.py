@@ -32,6 +32,7 @@ __all__ = [
     "check_safe",
     "generate_inputs",
     "model_case",
+    "quantization_of",
     "DEFAULT_SIZE",
     "VARIABLE_SIZES",
     "DEFAULT_BATCH",
@@ -84,6 +85,14 @@ class Case:
         features: {name: options} of the opt-in features the case asks for
             (`features.FEATURES`, each adds its tasks with `Feature.apply`);
             the worker gets the options with the case.
+        quantization: the Keras quantization modes in the model ("int8",
+            "int4", "int4+int8", ...; `quantization_of`), or None. A layer
+            case is quantized in the workers after its weights are set (the
+            same integers on every backend: the kernels are quantized in
+            NumPy). Judged against the float64 twins (the same integers and
+            scales, the quantized arithmetic in float64), not the NumPy
+            reference, with one activation step of slack where an int8
+            activation quantizer runs (`budgets.quantization_steps`).
     """
 
     name: str
@@ -94,6 +103,7 @@ class Case:
     tasks: tuple = (protocol.FORWARD,)
     dtype: str = "float32"
     features: dict = dataclasses.field(default_factory=dict)
+    quantization: str | None = None
 
     @property
     def variants(self):
@@ -126,6 +136,7 @@ def layer_case(
     mask=False,
     context=None,
     prefix_tokens=0,
+    quantize=None,
 ):
     """A case of `MultiHeadSelfAttention2D(**config)` with NumPy-drawn weights.
 
@@ -144,6 +155,8 @@ def layer_case(
         context: None, or one context map shape per variant (cross-attention,
             in the config's data format): keys and values from it.
         prefix_tokens: T > 0: T class/register tokens (B, T, C) per variant.
+        quantize: None, or a mode of `model.quantize` ("int8", "int4"): the
+            workers quantize the layer after setting its weights.
 
     Returns:
         A `Case` whose weights are float32-representable (stored as float64),
@@ -188,8 +201,19 @@ def layer_case(
         channels_of(shapes[0]), **weight_arguments, seed=seed + 1, dtype=np.float32
     )
     weights = {k: v.astype(np.float64) for k, v in weights.items()}
+    if quantize is not None and dtype == "float64":
+        raise ValueError(
+            "A quantized case runs in float32 (its float64 run is the twin of "
+            f"the quantized model). Received: quantize={quantize!r}, dtype={dtype!r}"
+        )
     return Case(
-        name, dict(config), variants, weights=weights, tasks=tuple(tasks), dtype=dtype
+        name,
+        dict(config),
+        variants,
+        weights=weights,
+        tasks=tuple(tasks),
+        dtype=dtype,
+        quantization=quantize,
     )
 
 
@@ -224,6 +248,7 @@ def default_cases():
         *_option_cases(),
         *(c for c in _position_layer_cases() if c.name in DEMO_POSITION_CASES),
         *_beyond_one_map_cases(),
+        *_quantized_cases(("int8",)),
     ]
 
 
@@ -261,6 +286,23 @@ def _beyond_one_map_cases():
             context=[(2, 3, 7, 8), (1, 6, 2, 8)],
             mask=True,
         ),
+    ]
+
+
+def _quantized_cases(modes):
+    """Issue 21's: the block with an output projection and the legacy
+    block's position conv (every dense map it quantizes), quantized by Keras's
+    `model.quantize(mode)` in each worker, at two sizes."""
+    config = {**STANDARD, "position_encoding": "conv", "output_dense": True}
+    return [
+        layer_case(
+            mode,
+            config,
+            [(2, 4, 5, 32), (1, 3, 6, 32)],
+            seed=180 + 10 * i,
+            quantize=mode,
+        )
+        for i, mode in enumerate(modes)
     ]
 
 
@@ -492,6 +534,9 @@ def extended_cases():
         + [
             layer_case("standard", standard, [(2, 4, 9, 32)], seed=120),
         ]
+        # int4 (Keras's default: groups of 128 with zero points; weights
+        # only), after the default cases' int8.
+        + _quantized_cases(("int8", "int4"))[1:]
     )
 
 
@@ -622,4 +667,41 @@ def model_case(path, inputs=None, *, name="model", tasks=protocol.ALL_TASKS):
                 )
             }
         ]
-    return Case(name, None, variants, model_path=str(path), tasks=tuple(tasks))
+    return Case(
+        name,
+        None,
+        variants,
+        model_path=str(path),
+        tasks=tuple(tasks),
+        quantization=quantization_of(read_model_config(path)),
+    )
+
+
+# Keras's quantized dtype policies (config "mode": "int8", "int4/128", ...).
+_QUANTIZED_POLICIES = (
+    "QuantizedDTypePolicy",
+    "Int4DTypePolicy",
+    "QuantizedFloat8DTypePolicy",
+    "GPTQDTypePolicy",
+    "AWQDTypePolicy",
+)
+
+
+def quantization_of(config):
+    """The quantization modes of a model config ("int8", "int4+int8", ...),
+    sorted, or None: a float model."""
+    modes = set()
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            if obj.get("class_name") in _QUANTIZED_POLICIES:
+                mode = str((obj.get("config") or {}).get("mode", "?"))
+                modes.add(mode.split("/")[0])
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, list):
+            for value in obj:
+                walk(value)
+
+    walk(config)
+    return "+".join(sorted(modes)) or None

@@ -3,6 +3,9 @@
 Every float64 oracle of the matrix (and of `within_budget`) is the user's own
 model computed in float64: the same config with every float dtype policy set
 to "float64", and the same weights cast exactly (float32 -> float64 is exact).
+A quantized layer ("int8_from_float32") becomes "int8_from_float64": its
+integers as they are, its scales cast exactly, its quantized arithmetic
+(activation quantizer, integer product, de-scaling) computed in float64.
 Runs on the current backend; imports Keras only when called.
 """
 
@@ -11,6 +14,8 @@ import numpy as np
 __all__ = ["to_float64_config", "float64_clone"]
 
 _FLOAT_KINDS = "f"
+# Keras's quantized dtype policies: "<mode>_from_<float policy>".
+_QUANTIZED = ("QuantizedDTypePolicy", "Int4DTypePolicy")
 _LOW_PRECISION = ("float16", "bfloat16", "float32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -22,6 +27,10 @@ def to_float64_config(obj):
             obj.get("config"), dict
         ):
             obj["config"] = {**obj["config"], "name": "float64"}
+        if obj.get("class_name") in _QUANTIZED and isinstance(obj.get("config"), dict):
+            # "int8_from_float32" -> "int8_from_float64": the same integers and
+            # scales (copied, exact), the quantized arithmetic in float64.
+            obj["config"] = {**obj["config"], "source_name": "float64"}
         if isinstance(obj.get("dtype"), str) and obj["dtype"] in _LOW_PRECISION:
             obj["dtype"] = "float64"
         return obj

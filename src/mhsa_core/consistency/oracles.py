@@ -140,13 +140,25 @@ def step_oracle(optimizer, w, g):
     with gradients `g`, in float64 (a fresh optimizer: Adam's first step)."""
     w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
     class_name, args = protocol.OPTIMIZER_SETTINGS[optimizer]
+    # The hyperparameters as a float32 model's optimizer holds them (keras
+    # 3.15's Adam.update_step): the learning rate a float32 variable, and
+    # beta_1, beta_2, epsilon cast to the variables' dtype in the bias
+    # correction (alpha) and the denominator; but the moments' factors
+    # 1 - beta are Python floats (exact, then float32). So alpha carries
+    # sqrt(1 - float32(0.999)), 6.4e-6 (relative) off the sqrt(1 - 0.999)
+    # of v: every first Adam step is that much off the textbook formula, which
+    # no budget of a step whose weights are all zero (a model whose only
+    # trainable weights are fresh biases: a quantized one) can cover.
+    f32 = {k: float(np.float32(a)) for k, a in args.items()}
     if class_name == "SGD":
-        return w - args["learning_rate"] * g
+        return w - f32["learning_rate"] * g
     if class_name == "Adam":
         # Step 1: m = (1-b1) g, v = (1-b2) g^2,
         # w -= lr * sqrt(1-b2) / (1-b1) * m / (sqrt(v) + eps).
-        b1, b2 = args["beta_1"], args["beta_2"]
-        m, v = (1 - b1) * g, (1 - b2) * g * g
-        alpha = args["learning_rate"] * math.sqrt(1 - b2) / (1 - b1)
-        return w - alpha * m / (np.sqrt(v) + args["epsilon"])
+        m = float(np.float32(1 - args["beta_1"])) * g
+        v = float(np.float32(1 - args["beta_2"])) * g * g
+        alpha = (
+            f32["learning_rate"] * math.sqrt(1 - f32["beta_2"]) / (1 - f32["beta_1"])
+        )
+        return w - alpha * m / (np.sqrt(v) + f32["epsilon"])
     raise ValueError(f"No step formula for optimizer {class_name!r}")

@@ -110,6 +110,7 @@ def _write_job(job_dir, cases, options):
                 "input_names": list(case.variants[0]) if case.variants else [],
                 "tasks": list(case.tasks),
                 "dtype": case.dtype,
+                "quantization": case.quantization,
                 # {feature name: its options}: what its tasks read (`worker`)
                 "features": {
                     name: dataclasses.asdict(options)

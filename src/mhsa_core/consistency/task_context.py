@@ -258,6 +258,8 @@ class TaskContext:
         outputs = self.layer_call(layer, inputs)
         model = keras.Model(inputs, outputs, name=f"mhsa_{case['name']}")
         layer.set_weight_dict(self._weights)
+        if case.get("quantization"):
+            layer.quantize(case["quantization"])  # (what model.quantize calls)
         return model, layer
 
     def layer_call(self, layer, xs, **kwargs):
@@ -271,9 +273,14 @@ class TaskContext:
     def model64(self):
         """A fresh float64 twin of the model (the oracle's computation): the
         loaded model cloned in float64 (`float64.float64_clone`), or our layer
-        built in float64 with the same weights."""
+        built in float64 with the same weights (quantized: the clone of the
+        quantized float32 model)."""
         if self.kind == "model":
             return float64_clone(self.model)
+        if self._case.get("quantization"):
+            # The twin of the quantized model: its integers and scales (a
+            # layer quantized in float64 would round its kernels apart).
+            return float64_clone(self._build("float32")[0])
         return self._build("float64")[0]
 
     @property
