@@ -312,3 +312,13 @@ def test_float_config_unchanged():
     config = layer.get_config()
     assert (config["lora_rank"], config["lora_alpha"]) == (2, 8.0)
     assert MultiHeadSelfAttention2D.from_config(config).lora_rank == 2
+
+
+def test_weight_dict_of_a_frozen_layer():
+    """Every canonical weight, trainable or not (`trainable=False` once gave
+    an empty dict: it read `trainable_weights`)."""
+    layer = MultiHeadSelfAttention2D(num_heads=2, trainable=False)
+    layer.build((None, 4, 5, 16))
+    names = ["query_kernel", "query_bias", "key_kernel", "key_bias"]
+    assert list(layer.get_weight_dict())[:4] == names
+    layer.set_weight_dict(layer.get_weight_dict())
