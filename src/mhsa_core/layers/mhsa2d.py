@@ -713,7 +713,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
         mode = self.quantization_mode
         if mode is not None:
             check_quantization_mode(mode)
-            block_size = int4_block_size(self.dtype_policy) if mode == "int4" else None
+            policy: Any = self.dtype_policy  # type: ignore[has-type]  # Keras: untyped property
+            block_size = int4_block_size(policy) if mode == "int4" else None
             for projection in self._projections:
                 projection.quantized_build(mode, block_size)
             self._is_quantized = True
@@ -1266,9 +1267,8 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
             projection.quantize(mode, block_size)
         self._is_quantized = True  # before the policy: its setter would quantize
         name = f"int4/{block_size or -1}" if mode == "int4" else mode
-        self.dtype_policy = keras.dtype_policies.get(
-            f"{name}_from_{self.dtype_policy.name}"
-        )
+        source: Any = self.dtype_policy  # type: ignore[has-type]  # Keras: untyped property
+        self.dtype_policy = keras.dtype_policies.get(f"{name}_from_{source.name}")
 
     def quantized_call(self, *args: Any, **kwargs: Any) -> Any:
         # The dense maps apply their own mode (`Projection.__call__`).
@@ -1306,13 +1306,13 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "the kernel the constraint holds). Received: kernel_constraint="
                 f"{self.kernel_constraint!r}"
             )
-        rank = _check_lora_rank(rank)
-        assert rank is not None
+        checked = _check_lora_rank(rank)
+        assert checked is not None
         # Keras's Dense.enable_lora unlocks its tracker the same way: Keras
         # has no public way to add variables to a built layer.
         self._tracker.unlock()
         try:
-            self._add_lora(rank, lora_alpha, a_initializer, b_initializer)
+            self._add_lora(checked, lora_alpha, a_initializer, b_initializer)
         finally:
             self._tracker.lock()
 

@@ -246,9 +246,11 @@ class Projection:
                 keras.quantizers.pack_int4(values, axis=-1)[0]
             )
         self.quantized_build(mode, block_size)
+        assert self.kernel_scale is not None
         self.kernel.assign(values)
         self.kernel_scale.assign(scale)
         if zero is not None:
+            assert self.kernel_zero is not None
             self.kernel_zero.assign(zero)
 
     def enable_lora(
@@ -343,7 +345,7 @@ def _int8_dense(tokens: Tensor, kernel: Tensor, kernel_scale: Tensor) -> Tensor:
     kernel = ops.convert_to_tensor(kernel)
     kernel_scale = ops.convert_to_tensor(kernel_scale)
 
-    @ops.custom_gradient  # type: ignore[misc]
+    @ops.custom_gradient
     def forward(x: Tensor) -> tuple[Tensor, Callable[..., Tensor]]:
         dtype = x.dtype
 
