@@ -130,3 +130,47 @@ def test_quantized_user_model(tmp_path):
     ]
     assert not failed, failed
     assert report.cell("model", "forward float64", "torch").passed
+
+
+_SAVE_LORA = """
+import sys, keras, numpy as np
+from mhsa_core import MultiHeadSelfAttention2D
+keras.utils.set_random_seed(0)
+inputs = keras.Input((None, None, 16))
+layer = MultiHeadSelfAttention2D(num_heads=2, output_dense=True)
+model = keras.Model(inputs, layer(inputs))
+layer.enable_lora(2)
+x = np.random.default_rng(0).standard_normal((2, 4, 4, 16)).astype("float32")
+model.compile(keras.optimizers.SGD(0.1), "mse")
+model.fit(x, 0.5 * x, epochs=2, verbose=0)  # B is no longer zero
+model.save(sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_lora_user_model(tmp_path):
+    """A model with LoRA adapters, trained a little under JAX and saved:
+    every backend loads it (the adapters as they are) and agrees, every
+    backend's own save loads on the others, and its gradients reach the
+    adapters only."""
+    path = tmp_path / "lora.keras"
+    subprocess.run(
+        [sys.executable, "-c", _SAVE_LORA, str(path)],
+        check=True,
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+        capture_output=True,
+    )
+    case = cases.model_case(path)
+    assert case.quantization is None
+    report = matrix.run_matrix([case], list(protocol.BACKENDS))
+    assert report.worker_errors == {}
+    failed = [
+        (row.case, row.check, b)
+        for row in report.rows
+        for b, cell in row.cells.items()
+        if cell.passed is False
+    ]
+    assert not failed, failed
+    grads = report.runs["torch"].results["model"][protocol.GRADS]
+    # Trainable: the 8 adapters (A and B of q, k, v, output), per variant.
+    assert protocol.count_keys(grads, "weight/0/") == 8

@@ -237,8 +237,9 @@ def test_model_quantize_float8_warns_and_leaves_the_layer():
             ),
             ["weight_quantizer="],
         ),
-        (lambda layer: layer.enable_lora(0), ["lora_rank", "0"]),
-        (lambda layer: layer.enable_lora(True), ["lora_rank", "True"]),
+        (lambda layer: layer.enable_lora(0), ["rank=0"]),
+        (lambda layer: layer.enable_lora(True), ["rank=True"]),
+        (lambda layer: layer.enable_lora(None), ["rank=None"]),
         (
             lambda layer: (layer.enable_lora(2), layer.enable_lora(2)),
             ["already enabled", "rank=2"],
@@ -251,7 +252,14 @@ def test_model_quantize_float8_warns_and_leaves_the_layer():
             ["set_weight_dict", "quantization_mode='int8'"],
         ),
     ],
-    ids=["custom-quantizer", "rank-0", "rank-bool", "lora-twice", "set-quantized"],
+    ids=[
+        "custom-quantizer",
+        "rank-0",
+        "rank-bool",
+        "rank-none",
+        "lora-twice",
+        "set-quantized",
+    ],
 )
 def test_errors(call, parts):
     layer = MultiHeadSelfAttention2D(num_heads=2)
@@ -322,3 +330,11 @@ def test_weight_dict_of_a_frozen_layer():
     names = ["query_kernel", "query_bias", "key_kernel", "key_bias"]
     assert list(layer.get_weight_dict())[:4] == names
     layer.set_weight_dict(layer.get_weight_dict())
+
+
+@pytest.mark.parametrize(
+    "rank", [0, -1, 2.0, "2"], ids=["zero", "negative", "float", "str"]
+)
+def test_lora_rank_argument(rank):
+    with pytest.raises(ValueError, match=match_all(f"lora_rank={rank!r}")):
+        MultiHeadSelfAttention2D(num_heads=2, lora_rank=rank)

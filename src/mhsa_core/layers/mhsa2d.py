@@ -42,11 +42,11 @@ def _sizes_fit(expected: Sequence[Any], shape: Sequence[Any]) -> bool:
     )
 
 
-def _check_lora_rank(rank: Any) -> int | None:
+def _check_lora_rank(rank: Any, name: str = "lora_rank") -> int | None:
     if rank is None:
         return None
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise ValueError(f"`lora_rank` must be an int >= 1 or None. Received: {rank!r}")
+        raise ValueError(f"`{name}` must be an int >= 1. Received: {name}={rank!r}")
     return int(rank)
 
 
@@ -1306,8 +1306,9 @@ class MultiHeadSelfAttention2D(keras.layers.Layer):
                 "the kernel the constraint holds). Received: kernel_constraint="
                 f"{self.kernel_constraint!r}"
             )
-        checked = _check_lora_rank(rank)
-        assert checked is not None
+        checked = _check_lora_rank(rank, "rank")
+        if checked is None:
+            raise ValueError(f"`rank` must be an int >= 1. Received: rank={rank!r}")
         # Keras's Dense.enable_lora unlocks its tracker the same way: Keras
         # has no public way to add variables to a built layer.
         self._tracker.unlock()
