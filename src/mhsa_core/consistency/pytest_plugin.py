@@ -1,0 +1,727 @@
+"""The pytest plugin: your test suite under several Keras backends, compared.
+
+    pytest --keras-backends tensorflow,torch,jax    # or keras_backends = ... (ini)
+
+Installed with mhsa-core (a `pytest11` entry point, "mhsa_core") and inert
+unless asked: without the option (or the ini setting) it adds only the
+`backend_outputs` fixture, which then records nothing.
+
+With it, this process (the *parent*) collects and runs nothing itself. Keras
+fixes the backend at import, so each backend gets a pytest process of its own
+(a *worker*: `python -m pytest` with the same arguments minus the option,
+KERAS_BACKEND set, `_subprocess.worker_env`), as xdist's controller does. At
+most one worker per core runs at a time. Data goes only through files in a
+temporary directory, one directory per backend:
+
+- `reports.jsonl`: each test report, as pytest serializes it for xdist
+  (`pytest_report_to_serializable`), so the parent shows the worker's own
+  tracebacks;
+- `done.json`: the worker's exit status and versions;
+- `records/`: one `.npz` per test of the arrays it recorded
+  (`records.save`).
+
+The parent then reports each test once, under its own node id: passed when
+every backend passed and the recorded arrays agree (the matrix's rule and
+table, `records.judge`), failed naming the backend(s) that failed or
+disagree, with each backend's status in the verbose word, the user
+properties and the "keras backends" summary table. One backend is no
+agreement: a test that recorded on one backend only is "not compared", and
+says why. The exit status is nonzero when a backend fails a test, an array
+disagrees or a worker crashes.
+
+The parent imports no framework: it sets KERAS_BACKEND=numpy (as `make
+demo`) before the first conftest imports keras, when that backend is
+installed; its own code imports no keras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from mhsa_core import _subprocess
+from mhsa_core._text import format_table, last_line
+
+if TYPE_CHECKING:
+    from mhsa_core.consistency.records import BackendOutputs, Judgement
+
+__all__ = ["backend_outputs", "parse_backends", "worker_args"]
+
+OPTION = "--keras-backends"
+INI = "keras_backends"
+WORKER_OPTION = "--keras-backends-worker"  # internal: a worker's directory
+ALL = "all"  # every installed backend that trains (tensorflow, torch, jax)
+TRAINING = ("tensorflow", "torch", "jax")
+REPORTS_FILE = "reports.jsonl"
+DONE_FILE = "done.json"
+RECORDS_DIR = "records"
+# Options whose file the parent writes (junit XML) or that each worker needs
+# its own of (pytest's basetemp, cleared at every session start).
+_PARENT_ONLY = ("--junitxml", "--junit-xml")
+_PER_WORKER = ("--basetemp",)
+
+_WORKER_KEY = pytest.StashKey["_Worker"]()
+_PARENT_ENV_KEY = pytest.StashKey["str | None"]()
+
+
+# ------------------------------------------------------------------ options
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("keras-backends", "Keras backends (mhsa_core)")
+    group.addoption(
+        OPTION,
+        dest="keras_backends",
+        default=None,
+        metavar="LIST",
+        help=(
+            "run the selected tests once per Keras backend (a pytest process "
+            "each) and compare the arrays they record with the backend_outputs "
+            "fixture: a comma-separated list of tensorflow, torch, jax, numpy, "
+            "or 'all' (the installed ones of tensorflow, torch, jax). "
+            "Default: the keras_backends ini setting; none: the plugin does "
+            "nothing."
+        ),
+    )
+    group.addoption(
+        WORKER_OPTION,
+        dest="keras_backends_worker",
+        default=None,
+        help=argparse.SUPPRESS,  # the parent's, for its workers
+    )
+    parser.addini(
+        INI,
+        type="string",
+        default="",
+        help=f"default of {OPTION} (e.g. 'tensorflow,torch,jax'); empty: off",
+    )
+
+
+def _requested(config: pytest.Config) -> tuple[str | None, str]:
+    """(the value asked for, where it came from), None when not asked."""
+    value = config.known_args_namespace.keras_backends
+    if value is not None:
+        return value, OPTION
+    ini = str(config.getini(INI) or "").strip()
+    return (ini, f"{INI} (ini)") if ini else (None, "")
+
+
+def parse_backends(value: str, source: str = OPTION) -> list[str]:
+    """The backends of an option value, in its order, without repeats.
+
+    Args:
+        value: "tensorflow,torch,jax", or "all" (the installed training
+            backends).
+        source: where the value came from, for the message.
+
+    Raises:
+        pytest.UsageError: an empty list, an unknown name, or a backend that
+            is not installed (pytest exits with status 4).
+    """
+    received = f"Received: {source}={value!r}"
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise pytest.UsageError(
+            f"{source} needs a comma-separated list of Keras backends. {received}"
+        )
+    if names == [ALL]:
+        installed = [b for b in TRAINING if _subprocess.backend_available(b)]
+        if not installed:
+            raise pytest.UsageError(
+                f"{source}: none of {', '.join(TRAINING)} is installed. {received}"
+            )
+        return installed
+    known = tuple(_subprocess.BACKEND_MODULES)
+    for name in names:
+        if name not in known:
+            raise pytest.UsageError(
+                f"{source}: unknown Keras backend {name!r}; expected some of "
+                f"{', '.join(known)}, or {ALL!r}. {received}"
+            )
+        reason = _subprocess.unavailable_reason(name)
+        if reason is not None:
+            raise pytest.UsageError(f"{source}: {name} is {reason}. {received}")
+    return list(dict.fromkeys(names))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Before the first conftest (which may import keras): the parent's keras
+    is the numpy backend, so that the parent imports no framework."""
+    if early_config.known_args_namespace.keras_backends_worker:
+        return
+    if _requested(early_config)[0] is None or "keras" in sys.modules:
+        return
+    if _subprocess.backend_available("numpy"):
+        early_config.stash[_PARENT_ENV_KEY] = os.environ.get("KERAS_BACKEND")
+        os.environ["KERAS_BACKEND"] = "numpy"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    directory = config.getoption("keras_backends_worker")
+    if directory:
+        worker = _Worker(config, Path(directory))
+        config.stash[_WORKER_KEY] = worker
+        config.pluginmanager.register(worker, "keras-backends-worker")
+        return
+    value, source = _requested(config)
+    if value is None:
+        return
+    backends = parse_backends(value, source)
+    if config.option.collectonly:
+        return  # collecting is the same under every backend: here, as usual
+    config.pluginmanager.register(_Parent(config, backends), "keras-backends-parent")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _PARENT_ENV_KEY in config.stash:
+        old = config.stash[_PARENT_ENV_KEY]
+        if old is None:
+            os.environ.pop("KERAS_BACKEND", None)
+        else:
+            os.environ["KERAS_BACKEND"] = old
+
+
+# ------------------------------------------------------------------ fixture
+@pytest.fixture
+def backend_outputs(request: pytest.FixtureRequest) -> Iterator[BackendOutputs]:
+    """Named arrays of this test, compared across Keras backends.
+
+    `backend_outputs.record("logits", y)`, or `record("y", model=model,
+    inputs=x)` for a model's output (its float64 twin then gives the oracle
+    and budget, as in `mhsa-core matrix`). With `pytest --keras-backends
+    tensorflow,torch,jax` each backend's records are compared at the end and
+    the test fails when one disagrees, with the matrix's table. Without the
+    option nothing is recorded. See docs/pytest-plugin.md.
+    """
+    from mhsa_core.consistency.records import BackendOutputs, save
+
+    worker = request.config.stash.get(_WORKER_KEY, None)
+    outputs = BackendOutputs(worker.backend if worker is not None else None)
+    yield outputs
+    if worker is not None:
+        save(worker.directory / RECORDS_DIR, request.node.nodeid, outputs.records)
+
+
+# ------------------------------------------------------------------- worker
+class _Worker:
+    """A worker's half: its reports and exit status to files."""
+
+    def __init__(self, config: pytest.Config, directory: Path) -> None:
+        self.config = config
+        self.directory = directory
+        self.backend = os.environ.get("KERAS_BACKEND", "")
+        directory.mkdir(parents=True, exist_ok=True)
+        self._reports = open(directory / REPORTS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+
+    def _write(self, report: pytest.TestReport | pytest.CollectReport) -> None:
+        data = self.config.hook.pytest_report_to_serializable(
+            config=self.config, report=report
+        )
+        # default=repr: a user property that is no JSON value still travels.
+        self._reports.write(json.dumps(data, default=repr) + "\n")
+        self._reports.flush()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self._write(report)
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self._write(report)
+
+    def pytest_sessionfinish(self, exitstatus: int) -> None:
+        versions = {
+            name: str(getattr(sys.modules[name], "__version__", "?"))
+            for name in ("keras", self.backend)
+            if name in sys.modules
+        }
+        done = {"exitstatus": int(exitstatus), "versions": versions}
+        (self.directory / DONE_FILE).write_text(json.dumps(done))
+        self._reports.close()
+
+
+def worker_args(args: Sequence[str], directory: Path, backend: str) -> list[str]:
+    """A worker's pytest arguments: the parent's, without `--keras-backends`
+    and the junit XML file (the parent writes it), a basetemp of its own,
+    and `--keras-backends-worker=directory`."""
+    out: list[str] = []
+    items = iter(args)
+    for arg in items:
+        name, eq, value = arg.partition("=")
+        if name in (OPTION, WORKER_OPTION, *_PARENT_ONLY, *_PER_WORKER):
+            if not eq:
+                value = next(items, "")
+            if name in _PER_WORKER:
+                out.append(f"{name}={Path(value) / backend}")
+            continue
+        out.append(arg)
+    return [*out, f"{WORKER_OPTION}={directory}"]
+
+
+# ------------------------------------------------------------------- parent
+@dataclasses.dataclass
+class _Run:
+    """What one backend's worker left in its directory."""
+
+    backend: str
+    exitstatus: int | None
+    seconds: float
+    versions: dict[str, str]
+    reports: list[Any]
+    records: dict[str, Any]
+    output: str  # the tail of its stdout and stderr
+
+    @property
+    def problem(self) -> str | None:
+        """Why the worker did not run the tests to the end, or None."""
+        if self.exitstatus is None:
+            return "its pytest process ended without finishing the session"
+        if self.exitstatus in (3, 4):  # internal error, usage error
+            return f"its pytest process exited with status {self.exitstatus}"
+        collect_errors = any(isinstance(r, pytest.CollectReport) for r in self.reports)
+        if self.exitstatus == 2 and not collect_errors:
+            return "its pytest process was interrupted (status 2)"
+        return None
+
+
+class _Parent:
+    """The parent's half: start the workers, then report each test once."""
+
+    def __init__(self, config: pytest.Config, backends: list[str]) -> None:
+        self.config = config
+        self.backends = backends
+        self.runs: dict[str, _Run] = {}
+        self.rows: list[tuple[str, dict[str, str], str]] = []
+        self.not_compared: list[str] = []
+
+    def pytest_report_header(self) -> str:
+        return (
+            f"keras backends: {', '.join(self.backends)} (a pytest process each; "
+            f"{OPTION}, mhsa_core)"
+        )
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection(self, session: pytest.Session) -> bool:
+        session.items = []
+        return True  # the workers collect, under their backends
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool:
+        with tempfile.TemporaryDirectory(prefix="keras-backends-") as tmp:
+            self.runs = self._run_workers(Path(tmp))
+        self._report(session)
+        return True
+
+    # ---------------------------------------------------------- workers
+    def _say(self, line: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(line)
+
+    def _run_workers(self, tmp: Path) -> dict[str, _Run]:
+        args = list(self.config.invocation_params.args)
+        jobs = max(1, min(len(self.backends), os.cpu_count() or 1))
+        pending = list(self.backends)
+        running: dict[str, tuple[_subprocess.Process, float, Path]] = {}
+        runs = {}
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    backend = pending.pop(0)
+                    directory = tmp / backend
+                    directory.mkdir()
+                    env = _subprocess.worker_env(backend, jax_x64=True)
+                    if "JAX_ENABLE_X64" in os.environ:  # the user's setting wins
+                        env["JAX_ENABLE_X64"] = os.environ["JAX_ENABLE_X64"]
+                    process = _subprocess.Process(
+                        "pytest",
+                        worker_args(args, directory, backend),
+                        env=env,
+                        own_group=True,
+                        stderr_path=directory / "stderr.txt",
+                    )
+                    running[backend] = (process, time.perf_counter(), directory)
+                    self._say(f"keras backends: {backend} started (pid {process.pid})")
+                for backend, (process, start, directory) in list(running.items()):
+                    if process.wait(0.1):
+                        del running[backend]
+                        runs[backend] = self._collect(
+                            backend, process, time.perf_counter() - start, directory
+                        )
+                        self._say(f"keras backends: {self._run_line(runs[backend])}")
+        finally:
+            for process, _, _ in running.values():
+                process.kill()
+                process.close()
+        return {b: runs[b] for b in self.backends}
+
+    def _collect(self, backend, process, seconds, directory) -> _Run:
+        from mhsa_core.consistency import records
+
+        output = "\n".join(process.stdout_lines()) + "\n" + process.stderr_tail()
+        process.close()
+        done = {}
+        if (directory / DONE_FILE).is_file():
+            done = json.loads((directory / DONE_FILE).read_text())
+        reports = []
+        if (directory / REPORTS_FILE).is_file():
+            for line in (directory / REPORTS_FILE).read_text().splitlines():
+                reports.append(
+                    self.config.hook.pytest_report_from_serializable(
+                        config=self.config, data=json.loads(line)
+                    )
+                )
+        return _Run(
+            backend,
+            done.get("exitstatus"),
+            seconds,
+            done.get("versions", {}),
+            reports,
+            records.load_dir(directory / RECORDS_DIR),
+            _subprocess.tail(output.strip()),
+        )
+
+    def _run_line(self, run: _Run) -> str:
+        counts: dict[str, int] = {}
+        for rep in run.reports:
+            if isinstance(rep, pytest.TestReport):
+                status = _status({rep.when: rep}) if rep.when == "call" else None
+                if status is not None:
+                    counts[status] = counts.get(status, 0) + 1
+        tally = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no tests ran"
+        versions = ", ".join(f"{k} {v}" for k, v in run.versions.items())
+        problem = f"; FAILED: {run.problem}" if run.problem else ""
+        return (
+            f"{run.backend}: {tally} in {run.seconds:.1f} s"
+            + (f" ({versions})" if versions else "")
+            + problem
+        )
+
+    # ---------------------------------------------------------- reports
+    def _report(self, session: pytest.Session) -> None:
+        from mhsa_core.consistency import records
+
+        hook = self.config.hook
+        by_test: dict[str, dict[str, dict[str, Any]]] = {}
+        collect_errors: dict[str, dict[str, Any]] = {}
+        for backend, run in self.runs.items():
+            for rep in run.reports:
+                if isinstance(rep, pytest.CollectReport):
+                    collect_errors.setdefault(rep.nodeid, {})[backend] = rep
+                else:
+                    by_test.setdefault(rep.nodeid, {}).setdefault(backend, {})[
+                        rep.when
+                    ] = rep
+        session.testscollected = len(by_test)
+        for nodeid, reps in collect_errors.items():
+            text, message = _failures(
+                {b: r.longreprtext for b, r in reps.items()},
+                {b: _crash_message(r) for b, r in reps.items()},
+            )
+            hook.pytest_collectreport(
+                report=pytest.CollectReport(
+                    nodeid, "failed", _longrepr(text, message), []
+                )
+            )
+        for backend, run in self.runs.items():
+            if run.problem:
+                text = f"keras backend {backend}: {run.problem}\n{run.output}"
+                hook.pytest_collectreport(
+                    report=pytest.CollectReport(
+                        f"[keras backend {backend}]",
+                        "failed",
+                        _longrepr(text, f"{backend}: {run.problem}"),
+                        [],
+                    )
+                )
+        for nodeid, reps in by_test.items():
+            statuses = {b: _status(reps.get(b, {})) for b in self.backends}
+            absent = {
+                b: s if s != "not run" else (self.runs[b].problem or s)
+                for b, s in statuses.items()
+            }
+            judgement = records.judge(
+                self.backends,
+                {b: self.runs[b].records.get(nodeid, {}) for b in self.backends},
+                absent,
+            )
+            for report in self._test_reports(nodeid, reps, statuses, judgement):
+                if report.when == "setup":
+                    hook.pytest_runtest_logstart(
+                        nodeid=nodeid, location=report.location
+                    )
+                hook.pytest_runtest_logreport(report=report)
+            hook.pytest_runtest_logfinish(nodeid=nodeid, location=report.location)
+            self.rows.append((nodeid, statuses, _compared_cell(judgement)))
+            self.not_compared += [f"{nodeid}: {w}" for w in judgement.not_compared]
+
+    def _test_reports(self, nodeid, reps, statuses, judgement):
+        """The test's setup, call and teardown reports, over all backends."""
+        first = next(r for b in self.backends for r in reps.get(b, {}).values())
+        common = dict(
+            nodeid=nodeid,
+            location=first.location,
+            keywords=dict(first.keywords),
+            keras_backends=statuses,
+            keras_compared=judgement.status,
+        )
+        properties = [(f"keras_backend.{b}", s) for b, s in statuses.items()]
+        properties.append(("keras_backends.arrays", judgement.status))
+        phase = {
+            when: {b: r[when] for b, r in reps.items() if when in r}
+            for when in ("setup", "call", "teardown")
+        }
+
+        def make(when, outcome, longrepr=None, **extra):
+            sections = [
+                (f"{title} [{b}]", content)
+                for b, r in phase[when].items()
+                for title, content in r.sections
+            ]
+            return pytest.TestReport(
+                outcome=outcome,
+                longrepr=longrepr,
+                when=when,
+                sections=sections,
+                duration=sum(r.duration for r in phase[when].values()),
+                user_properties=properties,
+                **common,
+                **extra,
+            )
+
+        out = []
+        failed = {b: r for b, r in phase["setup"].items() if r.failed}
+        setups = list(phase["setup"].values())
+        if failed:
+            out.append(make("setup", "failed", _combined(failed, statuses)))
+        elif setups and all(r.skipped for r in setups):
+            skip = _skip(phase["setup"])
+            out.append(make("setup", "skipped", skip, **_xfail(setups)))
+        else:
+            out.append(make("setup", "passed"))
+            out.append(self._call(nodeid, phase["call"], statuses, judgement, make))
+        failed = {b: r for b, r in phase["teardown"].items() if r.failed}
+        out.append(
+            make("teardown", "failed", _combined(failed, statuses))
+            if failed
+            else make("teardown", "passed")
+        )
+        return out
+
+    def _call(self, nodeid, calls, statuses, judgement, make):
+        failed = {b: r for b, r in calls.items() if r.failed}
+        crashed = {
+            b: f"not run: {self.runs[b].problem}"
+            for b, s in statuses.items()
+            if s == "not run" and self.runs[b].problem
+        }
+        if failed or crashed or judgement.status == "disagree":
+            texts = {b: r.longreprtext for b, r in failed.items()} | crashed
+            messages = {b: _crash_message(r) for b, r in failed.items()} | crashed
+            text, message = _failures(texts, messages, statuses)
+            if judgement.status == "disagree":
+                where = _disagreeing(judgement)
+                text = "\n".join(
+                    part
+                    for part in (
+                        text,
+                        "_" * 20 + " across backends " + "_" * 20,
+                        judgement.text(nodeid),
+                    )
+                    if part
+                )
+                message = "; ".join(m for m in (message, where) if m)
+            return make("call", "failed", _longrepr(text, message))
+        notes = judgement.text("") if judgement.status == "not compared" else ""
+        sections = [("keras backends", notes)] if notes else []
+        results = list(calls.values())
+        if results and all(r.skipped for r in results):
+            return make("call", "skipped", _skip(calls), **_xfail(results))
+        report = make("call", "passed", **_xfail(results))
+        report.sections += sections
+        return report
+
+    # ---------------------------------------------------------- terminal
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_report_teststatus(self, report: pytest.TestReport) -> Any:
+        statuses = getattr(report, "keras_backends", None)
+        if statuses is None or report.when != "call" or report.skipped:
+            return None
+        if hasattr(report, "wasxfail"):
+            return None  # XPASS / XFAIL as pytest words them
+        ran = [b for b, s in statuses.items() if s != "not run"]
+        bad = [b for b, s in statuses.items() if s in ("failed", "error")]
+        compared = getattr(report, "keras_compared", None)
+        if report.failed:
+            what = ", ".join(bad) or ""
+            if compared == "disagree":
+                what = f"{what}; arrays disagree" if what else "arrays disagree"
+            return "failed", "F", (f"FAILED ({what})", {"red": True})
+        detail = ", ".join(ran)
+        if compared in ("agree", "not compared"):
+            detail += f"; {compared}"
+        return "passed", ".", (f"PASSED ({detail})", {"green": True})
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.runs:
+            return
+        tr = terminalreporter
+        tr.write_sep("=", "keras backends")
+        for run in self.runs.values():
+            tr.write_line(self._run_line(run))
+        if self.rows:
+            header = ["test", *self.backends, "arrays"]
+            rows = [
+                [nodeid, *(statuses[b] for b in self.backends), compared]
+                for nodeid, statuses, compared in self.rows
+            ]
+            tr.write_line("")
+            for line in format_table(header, rows).splitlines():
+                tr.write_line(line)
+        if len(self.backends) == 1:
+            # Every test alike: one line, not one per test.
+            if self.not_compared:
+                tr.write_line(
+                    f"not compared: only {self.backends[0]} was selected ({OPTION}): "
+                    "one backend is no agreement"
+                )
+            return
+        for line in self.not_compared[:20]:
+            tr.write_line(f"not compared: {line}")
+        if len(self.not_compared) > 20:
+            tr.write_line(f"... and {len(self.not_compared) - 20} more not compared")
+
+
+# ------------------------------------------------------------------ helpers
+class _Longrepr:
+    """A failure's text as pytest prints it (`toterminal`), with the one line
+    the short summary and junit XML show (`reprcrash.message`)."""
+
+    def __init__(self, text: str, message: str) -> None:
+        self.text = text
+        self.reprcrash = _Crash(message)
+
+    def toterminal(self, tw: Any) -> None:
+        for line in self.text.splitlines():
+            tw.line(line)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _longrepr(text: str, message: str) -> Any:
+    """A `_Longrepr` as pytest's reports take it (pytest types a longrepr as
+    its private `TerminalRepr`; this one has the methods they call)."""
+    return _Longrepr(text, message)
+
+
+@dataclasses.dataclass
+class _Crash:
+    message: str
+    path: str = ""
+    lineno: int = 0
+
+
+def _status(reports: dict[str, Any]) -> str:
+    """One backend's outcome of a test from its setup/call/teardown reports."""
+    if not reports:
+        return "not run"
+    setup, call, teardown = (reports.get(w) for w in ("setup", "call", "teardown"))
+    if call is not None and call.failed:
+        return "failed"
+    if any(r is not None and r.failed for r in (setup, teardown)):
+        return "error"
+    for r in (setup, call):
+        if r is not None and r.skipped:
+            return "xfailed" if hasattr(r, "wasxfail") else "skipped"
+    if call is None:
+        return "not run"
+    return "xpassed" if hasattr(call, "wasxfail") else "passed"
+
+
+def _crash_message(report: Any) -> str:
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = getattr(crash, "message", None)
+    return message or last_line(report.longreprtext, "failed")
+
+
+def _failures(
+    texts: dict[str, str],
+    messages: dict[str, str],
+    statuses: dict[str, str] | None = None,
+) -> tuple[str, str]:
+    """(the text of failures on some backends, each under its backend's name;
+    the one-line message, "[torch] AssertionError: ...")."""
+    if not texts:
+        return "", ""
+    parts = []
+    if statuses is not None:
+        others = [b for b, s in statuses.items() if b not in texts]
+        rest = ", ".join(f"{b}: {statuses[b]}" for b in others)
+        parts.append(f"failed on {', '.join(texts)}" + (f" ({rest})" if rest else ""))
+    for backend, text in texts.items():
+        parts += ["_" * 20 + f" {backend} " + "_" * 20, text]
+    message = "; ".join(
+        f"[{b}] {m.splitlines()[0] if m else 'failed'}" for b, m in messages.items()
+    )
+    return "\n".join(parts), message
+
+
+def _combined(failed: dict[str, Any], statuses: dict[str, str]) -> Any:
+    text, message = _failures(
+        {b: r.longreprtext for b, r in failed.items()},
+        {b: _crash_message(r) for b, r in failed.items()},
+        statuses,
+    )
+    return _longrepr(text, message)
+
+
+def _skip(reports: dict[str, Any]) -> tuple[str, int, str]:
+    """A skipped report's longrepr (path, lineno, reason) over the backends."""
+    reasons: dict[str, list[str]] = {}
+    path, lineno = "", 0
+    for backend, report in reports.items():
+        if isinstance(report.longrepr, tuple):
+            path, lineno, reason = report.longrepr
+        else:
+            reason = str(report.longrepr)
+        reasons.setdefault(reason, []).append(backend)
+    if len(reasons) == 1:
+        return path, lineno, next(iter(reasons))
+    text = "; ".join(f"{', '.join(bs)}: {r}" for r, bs in reasons.items())
+    return path, lineno, text
+
+
+def _xfail(reports: Sequence[Any]) -> dict[str, str]:
+    """{"wasxfail": reason} when every backend's report was an xfail."""
+    if reports and all(hasattr(r, "wasxfail") for r in reports):
+        return {"wasxfail": "; ".join(dict.fromkeys(r.wasxfail for r in reports))}
+    return {}
+
+
+def _disagreeing(judgement: Judgement) -> str:
+    """ "arrays disagree: logits (as recorded) on torch" """
+    where = dict.fromkeys(
+        f"{row.case} ({row.check}) on {backend}"
+        for row, backend, _ in judgement.report.failures
+    )
+    return "arrays disagree: " + ", ".join(where)
+
+
+def _compared_cell(judgement: Judgement) -> str:
+    n = len({row.case for row in judgement.report.rows})
+    if judgement.status == "disagree":
+        return "DISAGREE"
+    if judgement.status == "agree":
+        partial = " (some not compared)" if judgement.not_compared else ""
+        return f"agree ({n}){partial}"
+    return "not compared" if judgement.status == "not compared" else "-"
