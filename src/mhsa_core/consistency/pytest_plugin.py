@@ -70,6 +70,13 @@ RECORDS_DIR = "records"
 _PARENT_ONLY = ("--junitxml", "--junit-xml")
 _PER_WORKER = ("--basetemp",)
 
+# Why a backend has no records of a test, by its status there.
+_ABSENT = {
+    "passed": "passed without recording it",
+    "xpassed": "passed without recording it",
+    "error": "errored",
+}
+
 _WORKER_KEY = pytest.StashKey["_Worker"]()
 _PARENT_ENV_KEY = pytest.StashKey["str | None"]()
 
@@ -140,12 +147,13 @@ def parse_backends(value: str, source: str = OPTION) -> list[str]:
             )
         return installed
     known = tuple(_subprocess.BACKEND_MODULES)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise pytest.UsageError(
+            f"{source}: unknown Keras backend {unknown[0]!r}; expected some of "
+            f"{', '.join(known)}, or {ALL!r}. {received}"
+        )
     for name in names:
-        if name not in known:
-            raise pytest.UsageError(
-                f"{source}: unknown Keras backend {name!r}; expected some of "
-                f"{', '.join(known)}, or {ALL!r}. {received}"
-            )
         reason = _subprocess.unavailable_reason(name)
         if reason is not None:
             raise pytest.UsageError(f"{source}: {name} is {reason}. {received}")
@@ -446,7 +454,7 @@ class _Parent:
         for nodeid, reps in by_test.items():
             statuses = {b: _status(reps.get(b, {})) for b in self.backends}
             absent = {
-                b: s if s != "not run" else (self.runs[b].problem or s)
+                b: _ABSENT.get(s, s) if s != "not run" else self.runs[b].problem or s
                 for b, s in statuses.items()
             }
             judgement = records.judge(
@@ -558,7 +566,6 @@ class _Parent:
             return None
         if hasattr(report, "wasxfail"):
             return None  # XPASS / XFAIL as pytest words them
-        ran = [b for b, s in statuses.items() if s != "not run"]
         bad = [b for b, s in statuses.items() if s in ("failed", "error")]
         compared = getattr(report, "keras_compared", None)
         if report.failed:
@@ -566,7 +573,9 @@ class _Parent:
             if compared == "disagree":
                 what = f"{what}; arrays disagree" if what else "arrays disagree"
             return "failed", "F", (f"FAILED ({what})", {"red": True})
-        detail = ", ".join(ran)
+        passed = [b for b, s in statuses.items() if s == "passed"]
+        others = [f"{b} {s}" for b, s in statuses.items() if s != "passed"]
+        detail = "; ".join([", ".join(passed), *others])
         if compared in ("agree", "not compared"):
             detail += f"; {compared}"
         return "passed", ".", (f"PASSED ({detail})", {"green": True})

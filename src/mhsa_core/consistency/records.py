@@ -293,8 +293,8 @@ def judge(
     Args:
         backends: the backends the test ran on, in report order.
         records: {backend: {name: Record}} of that test.
-        absent: {backend: why it recorded nothing} (e.g. "failed"), for the
-            "not compared" lines.
+        absent: {backend: why it recorded nothing} ("failed", "passed
+            without recording it"), for the "not compared" lines.
 
     Returns:
         A `Judgement`: the report (a row per array and check) and what was
@@ -341,10 +341,10 @@ def judge(
         notes += _oracle_notes(ctx, name, rtol)
         missing = [b for b in backends if b not in present]
         if missing:
-            not_compared.append(
-                f"{name} on {', '.join(missing)}: "
-                + "; ".join(f"{b}: {absent.get(b, 'not recorded')}" for b in missing)
+            why = "; ".join(
+                f"{b} {absent.get(b, 'did not record it')}" for b in missing
             )
+            not_compared.append(f"{name}: not compared on {', '.join(missing)} ({why})")
     report = Report(backends=list(backends), rows=rows, worker_errors={}, notes=notes)
     return Judgement(report, not_compared)
 
@@ -361,11 +361,8 @@ def _alone(backend: str, backends: Sequence[str], absent: dict[str, str]) -> str
     if len(backends) == 1:
         return f"only {backend} was selected (--keras-backends)"
     others = [b for b in backends if b != backend]
-    return (
-        f"recorded on {backend} only ("
-        + "; ".join(f"{b}: {absent.get(b, 'not recorded')}" for b in others)
-        + ")"
-    )
+    why = "; ".join(f"{b} {absent.get(b, 'did not record it')}" for b in others)
+    return f"recorded on {backend} only ({why})"
 
 
 def _oracle_notes(ctx: Any, name: str, rtol: float | None) -> list[str]:

@@ -1,0 +1,332 @@
+"""The pytest plugin: `pytest --keras-backends ...` and the `backend_outputs` fixture.
+
+A sample suite (a tiny model of our layer; a bug planted on torch only, a
+failure planted on jax only, a test that records on two backends of three,
+one skipped on torch) runs once under three backends, in a pytest process
+of its own as a user would start it (`sample_run`, module-scoped: three
+worker start-ups are most of this file's time); the tests below read its
+verdicts from its JUnit XML, its terminal output and its exit status. The
+cases that start one worker or none (the option absent, bad values, one
+backend selected) use `pytester`.
+"""
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from mhsa_core import _subprocess
+from mhsa_core.consistency import pytest_plugin
+from mhsa_core.consistency.records import BackendOutputs
+
+pytest_plugins = ["pytester"]
+
+THREE = "tensorflow,torch,jax"
+
+SAMPLE = """
+import keras
+import numpy as np
+import pytest
+
+import mhsa_core
+
+X = np.random.default_rng(1).standard_normal((2, 4, 4, 8)).astype("float32")
+
+
+def _model():
+    inputs = keras.Input((4, 4, 8))
+    layer = mhsa_core.MultiHeadSelfAttention2D(num_heads=2, name="mhsa")
+    model = keras.Model(inputs, layer(inputs))
+    rng = np.random.default_rng(0)
+    model.set_weights(
+        [0.3 * rng.standard_normal(w.shape).astype(w.dtype) for w in model.weights]
+    )
+    return model
+
+
+def test_clean(backend_outputs):
+    backend_outputs.record("y", model=_model(), inputs=X)
+
+
+def test_planted_torch(backend_outputs):
+    model = _model()
+    logits = keras.ops.convert_to_numpy(model(X))
+    if keras.backend.backend() == "torch":
+        logits = logits + 1e-3  # a bug in torch's code path only
+    backend_outputs.record("logits", logits, model=model, inputs=X)
+
+
+def test_fails_on_jax():
+    assert keras.backend.backend() != "jax", "planted: jax only"
+
+
+def test_plain_array(backend_outputs):
+    backend_outputs.record("pooled", keras.ops.mean(keras.ops.ones((3, 4)), axis=0))
+
+
+def test_records_on_two(backend_outputs):
+    if keras.backend.backend() != "jax":
+        backend_outputs.record("y", model=_model(), inputs=X)
+
+
+def test_skipped_on_torch():
+    if keras.backend.backend() == "torch":
+        pytest.skip("not on torch")
+
+
+def test_records_nothing():
+    assert keras.ops.sum(keras.ops.ones(3)) == 3
+"""
+
+# The sample's conftest: what the parent process imported, for the test that
+# it runs no framework.
+SAMPLE_CONFTEST = """
+import json, sys
+
+def pytest_sessionfinish(session):
+    if not session.config.getoption("keras_backends_worker"):
+        names = ("keras", "tensorflow", "torch", "jax")
+        loaded = [m for m in names if m in sys.modules]
+        with open("parent-modules.json", "w") as f:
+            json.dump(loaded, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    """The sample suite under tensorflow, torch and jax: (exit status, output,
+    {test name: JUnit testcase}, the parent's imported frameworks)."""
+    missing = [b for b in THREE.split(",") if not _subprocess.backend_available(b)]
+    if missing:
+        pytest.skip(f"needs all three backends; not installed: {missing}")
+    root = tmp_path_factory.mktemp("sample")
+    (root / "test_sample.py").write_text(SAMPLE)
+    (root / "conftest.py").write_text(SAMPLE_CONFTEST)
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider"),
+            *(f"--keras-backends={THREE}", "--junitxml=junit.xml", "-rA"),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    cases = {
+        case.get("name"): case
+        for case in ET.parse(root / "junit.xml").getroot().iter("testcase")
+    }
+    loaded = (root / "parent-modules.json").read_text()
+    return proc.returncode, proc.stdout + proc.stderr, cases, loaded
+
+
+def _properties(case):
+    return {p.get("name"): p.get("value") for p in case.iter("property")}
+
+
+def _outcome(case):
+    for tag in ("failure", "error", "skipped"):
+        if case.find(tag) is not None:
+            return tag
+    return "passed"
+
+
+# test, outcome over the backends, per-backend statuses, arrays' verdict
+EXPECTED = [
+    ("test_clean", "passed", ("passed", "passed", "passed"), "agree"),
+    ("test_planted_torch", "failure", ("passed", "passed", "passed"), "disagree"),
+    (
+        "test_fails_on_jax",
+        "failure",
+        ("passed", "passed", "failed"),
+        "nothing recorded",
+    ),
+    ("test_plain_array", "passed", ("passed", "passed", "passed"), "agree"),
+    ("test_records_on_two", "passed", ("passed", "passed", "passed"), "agree"),
+    (
+        "test_skipped_on_torch",
+        "passed",
+        ("passed", "skipped", "passed"),
+        "nothing recorded",
+    ),
+    (
+        "test_records_nothing",
+        "passed",
+        ("passed", "passed", "passed"),
+        "nothing recorded",
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, outcome, statuses, arrays", EXPECTED, ids=[e[0] for e in EXPECTED]
+)
+def test_each_backend_and_the_comparison_are_reported(
+    sample_run, name, outcome, statuses, arrays
+):
+    """One JUnit test case per test, its verdict over the backends, and each
+    backend's status and the arrays' verdict as its properties."""
+    _, output, cases, _ = sample_run
+    case = cases[name]
+    assert _outcome(case) == outcome, output
+    properties = _properties(case)
+    assert [properties[f"keras_backend.{b}"] for b in THREE.split(",")] == list(
+        statuses
+    )
+    assert properties["keras_backends.arrays"] == arrays
+
+
+@pytest.mark.slow
+def test_a_backend_only_bug_fails_naming_the_backend_and_the_array(sample_run):
+    status, output, cases, _ = sample_run
+    assert status == 1
+    message = cases["test_planted_torch"].find("failure").get("message")
+    assert message == "arrays disagree: logits (as recorded) on torch"
+    assert (
+        "verdict: DISAGREE: 1 of 6 cells beyond tolerance: logits/as recorded/torch"
+        in output
+    )
+    assert "logits: TensorFlow's float64 run" in output  # the float64 twin's oracle
+    # The matrix's table, within 80 columns.
+    table = output[output.index("backends disagree on") :].split("oracles:")[0]
+    assert "│ logits │ as recorded  │" in table
+    assert max(len(line) for line in table.splitlines()) <= 80, table
+
+
+@pytest.mark.slow
+def test_a_test_failing_on_one_backend_names_it(sample_run):
+    _, output, cases, _ = sample_run
+    failure = cases["test_fails_on_jax"].find("failure")
+    assert failure.get("message").startswith("[jax] AssertionError: planted: jax only")
+    assert "failed on jax (tensorflow: passed, torch: passed)" in failure.text
+    assert "test_sample.py::test_fails_on_jax FAILED (jax)" in output
+
+
+@pytest.mark.slow
+def test_what_was_not_compared_says_why(sample_run):
+    """Recorded on two backends of three: compared on those two, and the third
+    is named with why."""
+    _, output, _, _ = sample_run
+    assert (
+        "not compared: test_sample.py::test_records_on_two: y: not compared on jax "
+        "(jax passed without recording it)"
+    ) in output
+    assert "test_records_on_two PASSED (tensorflow, torch, jax; agree)" in output
+    assert "test_skipped_on_torch PASSED (tensorflow, jax; torch skipped)" in output
+
+
+@pytest.mark.slow
+def test_the_parent_imports_no_framework(sample_run):
+    _, _, _, loaded = sample_run
+    assert loaded == "[]"
+
+
+# ------------------------------------------------------------ pytester
+RECORDING = """
+import numpy as np
+
+def test_records(backend_outputs):
+    backend_outputs.record("x", np.arange(3.0))
+    assert backend_outputs.recording is {recording}
+"""
+
+
+def test_without_the_option_the_plugin_does_nothing(pytester):
+    """The test runs here, under this process's backend; no worker starts and
+    the fixture keeps nothing."""
+    pytester.makepyfile(RECORDING.format(recording=False))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "keras backends" not in result.stdout.str()
+
+
+BAD_VALUES = [
+    ("unknown", ["--keras-backends=jax,tourch"], "unknown Keras backend 'tourch'"),
+    ("empty", ["--keras-backends="], "needs a comma-separated list"),
+    ("not-installed", ["--keras-backends=jax"], "jax is not installed: needs no_such"),
+    ("ini", ["-o", "keras_backends=tourch"], "keras_backends (ini): unknown Keras"),
+]
+
+
+@pytest.mark.parametrize(
+    "args, message", [b[1:] for b in BAD_VALUES], ids=[b[0] for b in BAD_VALUES]
+)
+def test_bad_values_are_usage_errors(pytester, monkeypatch, args, message):
+    """Exit status 4 and one line that names the option and the value."""
+    monkeypatch.setitem(_subprocess.BACKEND_MODULES, "jax", ("keras", "jax", "no_such"))
+    pytester.makepyfile(RECORDING.format(recording=False))
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [line for line in result.errlines if line.startswith("ERROR:")]
+    assert len(errors) == 1 and message in errors[0], result.errlines
+    assert "Received: " in errors[0]
+
+
+@pytest.mark.slow
+def test_one_backend_is_not_compared(pytester):
+    """Selected alone, a backend's records are not compared: the test passes
+    (its own assertions held there) and says so; exit status 0."""
+    pytester.makepyfile(RECORDING.format(recording=True))
+    result = pytester.runpytest("-v", "-p", "no:cacheprovider", "--keras-backends=jax")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_records PASSED (jax; not compared)*",
+            "not compared: only jax was selected (--keras-backends): "
+            "one backend is no agreement",
+        ]
+    )
+    assert result.ret == 0
+
+
+WORKER_ARGS = [
+    ("option", ["-x", "--keras-backends", "jax", "t.py"], ["-x", "t.py"]),
+    ("option=", ["--keras-backends=jax", "-q"], ["-q"]),
+    ("junitxml", ["--junitxml", "j.xml", "--junit-xml=k.xml", "-q"], ["-q"]),
+    ("basetemp", ["--basetemp=/tmp/b", "-q"], ["--basetemp=/tmp/b/jax", "-q"]),
+]
+
+
+@pytest.mark.parametrize(
+    "args, expected", [w[1:] for w in WORKER_ARGS], ids=[w[0] for w in WORKER_ARGS]
+)
+def test_worker_args(tmp_path, args, expected):
+    """A worker runs the parent's arguments, minus the option and the junit
+    file (the parent writes it), with a basetemp of its own."""
+    assert pytest_plugin.worker_args(args, tmp_path, "jax") == [
+        *expected,
+        f"--keras-backends-worker={tmp_path}",
+    ]
+
+
+BAD_RECORDS = [
+    ("empty-name", ("",), {}, "non-empty string"),
+    ("no-value", ("y",), {}, "Give a `value`"),
+    ("model-without-inputs", ("y", None), {"model": object()}, "go together"),
+    ("rtol", ("y", [1.0]), {"rtol": 0}, "rtol=0"),
+    ("strings", ("y", ["a"]), {}, "numeric arrays"),
+]
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, message",
+    [b[1:] for b in BAD_RECORDS],
+    ids=[b[0] for b in BAD_RECORDS],
+)
+def test_record_checks_its_arguments_also_when_not_recording(args, kwargs, message):
+    """The same errors with or without --keras-backends, so a test that passes
+    alone does not fail only under the plugin."""
+    with pytest.raises(ValueError, match=message.replace("`", ".")):
+        BackendOutputs(None).record(*args, **kwargs)
+
+
+def test_a_name_is_recorded_once():
+    outputs = BackendOutputs(None)
+    outputs.record("y", [1.0])
+    with pytest.raises(ValueError, match="recorded already"):
+        outputs.record("y", [2.0])
