@@ -26,6 +26,8 @@ pytest_plugins = ["pytester"]
 THREE = "tensorflow,torch,jax"
 
 SAMPLE = """
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -78,6 +80,21 @@ def test_skipped_on_torch():
 
 def test_records_nothing():
     assert keras.ops.sum(keras.ops.ones(3)) == 3
+
+
+@pytest.fixture
+def broken_on_tensorflow():
+    if keras.backend.backend() == "tensorflow":
+        raise RuntimeError("planted: a fixture broken on tensorflow")
+
+
+def test_fixture_fails_on_tensorflow(broken_on_tensorflow):
+    pass
+
+
+def test_zz_crashes_torch():  # last: the torch process ends here
+    if keras.backend.backend() == "torch":
+        os._exit(3)
 """
 
 # The sample's conftest: what the parent process imported, for the test that
@@ -136,29 +153,18 @@ def _outcome(case):
 
 
 # test, outcome over the backends, per-backend statuses, arrays' verdict
+OK = ("passed", "passed", "passed")
+NONE = "nothing recorded"
 EXPECTED = [
-    ("test_clean", "passed", ("passed", "passed", "passed"), "agree"),
-    ("test_planted_torch", "failure", ("passed", "passed", "passed"), "disagree"),
-    (
-        "test_fails_on_jax",
-        "failure",
-        ("passed", "passed", "failed"),
-        "nothing recorded",
-    ),
-    ("test_plain_array", "passed", ("passed", "passed", "passed"), "agree"),
-    ("test_records_on_two", "passed", ("passed", "passed", "passed"), "agree"),
-    (
-        "test_skipped_on_torch",
-        "passed",
-        ("passed", "skipped", "passed"),
-        "nothing recorded",
-    ),
-    (
-        "test_records_nothing",
-        "passed",
-        ("passed", "passed", "passed"),
-        "nothing recorded",
-    ),
+    ("test_clean", "passed", OK, "agree"),
+    ("test_planted_torch", "failure", OK, "disagree"),
+    ("test_fails_on_jax", "failure", ("passed", "passed", "failed"), NONE),
+    ("test_plain_array", "passed", OK, "agree"),
+    ("test_records_on_two", "passed", OK, "agree"),
+    ("test_skipped_on_torch", "passed", ("passed", "skipped", "passed"), NONE),
+    ("test_records_nothing", "passed", OK, NONE),
+    ("test_fixture_fails_on_tensorflow", "error", ("error", "passed", "passed"), NONE),
+    ("test_zz_crashes_torch", "failure", ("passed", "not run", "passed"), NONE),
 ]
 
 
@@ -205,6 +211,31 @@ def test_a_test_failing_on_one_backend_names_it(sample_run):
     assert failure.get("message").startswith("[jax] AssertionError: planted: jax only")
     assert "failed on jax (tensorflow: passed, torch: passed)" in failure.text
     assert "test_sample.py::test_fails_on_jax FAILED (jax)" in output
+
+
+@pytest.mark.slow
+def test_a_fixture_error_on_one_backend_names_it(sample_run):
+    _, output, cases, _ = sample_run
+    error = cases["test_fixture_fails_on_tensorflow"].find("error")
+    assert error.get("message").startswith(
+        'failed on setup with "[tensorflow] RuntimeError: planted'
+    )
+    assert "test_fixture_fails_on_tensorflow ERROR (tensorflow)" in output
+
+
+@pytest.mark.slow
+def test_a_crashed_backend_fails_the_run_naming_it(sample_run):
+    """torch's process dies in the last test: that test fails on torch, and
+    the run has an error naming the backend, with the end of its output."""
+    _, output, cases, _ = sample_run
+    failure = cases["test_zz_crashes_torch"].find("failure")
+    assert failure.get("message") == (
+        "[torch] not run: its pytest process ended without finishing the session"
+    )
+    assert "ERROR [keras backend torch] - torch: its pytest process ended" in output
+    # The end of torch's own output: where it stopped.
+    tail = output.split("keras backend torch: its pytest process ended")[1]
+    assert "test_sample.py::test_zz_crashes_torch" in tail
 
 
 @pytest.mark.slow

@@ -399,12 +399,14 @@ class _Parent:
         )
 
     def _run_line(self, run: _Run) -> str:
-        counts: dict[str, int] = {}
+        tests: dict[str, dict[str, Any]] = {}
         for rep in run.reports:
             if isinstance(rep, pytest.TestReport):
-                status = _status({rep.when: rep}) if rep.when == "call" else None
-                if status is not None:
-                    counts[status] = counts.get(status, 0) + 1
+                tests.setdefault(rep.nodeid, {})[rep.when] = rep
+        counts: dict[str, int] = {}
+        for reports in tests.values():
+            status = _status(reports)
+            counts[status] = counts.get(status, 0) + 1
         tally = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no tests ran"
         versions = ", ".join(f"{k} {v}" for k, v in run.versions.items())
         problem = f"; FAILED: {run.problem}" if run.problem else ""
@@ -510,7 +512,8 @@ class _Parent:
         failed = {b: r for b, r in phase["setup"].items() if r.failed}
         setups = list(phase["setup"].values())
         if failed:
-            out.append(make("setup", "failed", _combined(failed, statuses)))
+            setup = _combined(failed, statuses)
+            out.append(make("setup", "failed", setup, keras_failed=list(failed)))
         elif setups and all(r.skipped for r in setups):
             skip = _skip(phase["setup"])
             out.append(make("setup", "skipped", skip, **_xfail(setups)))
@@ -519,7 +522,12 @@ class _Parent:
             out.append(self._call(nodeid, phase["call"], statuses, judgement, make))
         failed = {b: r for b, r in phase["teardown"].items() if r.failed}
         out.append(
-            make("teardown", "failed", _combined(failed, statuses))
+            make(
+                "teardown",
+                "failed",
+                _combined(failed, statuses),
+                keras_failed=list(failed),
+            )
             if failed
             else make("teardown", "passed")
         )
@@ -548,7 +556,8 @@ class _Parent:
                     if part
                 )
                 message = "; ".join(m for m in (message, where) if m)
-            return make("call", "failed", _longrepr(text, message))
+            named = [*failed, *crashed]
+            return make("call", "failed", _longrepr(text, message), keras_failed=named)
         notes = judgement.text("") if judgement.status == "not compared" else ""
         sections = [("keras backends", notes)] if notes else []
         results = list(calls.values())
@@ -562,11 +571,16 @@ class _Parent:
     @pytest.hookimpl(tryfirst=True)
     def pytest_report_teststatus(self, report: pytest.TestReport) -> Any:
         statuses = getattr(report, "keras_backends", None)
-        if statuses is None or report.when != "call" or report.skipped:
+        if statuses is None or report.skipped:
+            return None
+        if report.when != "call":
+            if report.failed:  # a fixture's setup or teardown
+                where = ", ".join(getattr(report, "keras_failed", []))
+                return "error", "E", (f"ERROR ({where})", {"red": True})
             return None
         if hasattr(report, "wasxfail"):
             return None  # XPASS / XFAIL as pytest words them
-        bad = [b for b, s in statuses.items() if s in ("failed", "error")]
+        bad = getattr(report, "keras_failed", [])
         compared = getattr(report, "keras_compared", None)
         if report.failed:
             what = ", ".join(bad) or ""
@@ -660,7 +674,10 @@ def _status(reports: dict[str, Any]) -> str:
 def _crash_message(report: Any) -> str:
     crash = getattr(report.longrepr, "reprcrash", None)
     message = getattr(crash, "message", None)
-    return message or last_line(report.longreprtext, "failed")
+    # A traceback's last line is pytest's "E   Error: ..." line.
+    return (
+        message or last_line(report.longreprtext, "failed").removeprefix("E ").strip()
+    )
 
 
 def _failures(
