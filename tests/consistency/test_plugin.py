@@ -10,16 +10,18 @@ cases that start one worker or none (the option absent, bad values, one
 backend selected) use `pytester`.
 """
 
+import json
 import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 
 from mhsa_core import _subprocess
-from mhsa_core.consistency import pytest_plugin
-from mhsa_core.consistency.records import BackendOutputs
+from mhsa_core.consistency import pytest_plugin, records
+from mhsa_core.consistency.records import BackendOutputs, Record
 
 pytest_plugins = ["pytester"]
 
@@ -114,7 +116,8 @@ def pytest_sessionfinish(session):
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory):
     """The sample suite under tensorflow, torch and jax: (exit status, output,
-    {test name: JUnit testcase}, the parent's imported frameworks)."""
+    {test name: JUnit testcase}, the parent's imported frameworks, the
+    --keras-backends-json data)."""
     missing = [b for b in THREE.split(",") if not _subprocess.backend_available(b)]
     if missing:
         pytest.skip(f"needs all three backends; not installed: {missing}")
@@ -126,6 +129,7 @@ def sample_run(tmp_path_factory):
         [
             *(sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider"),
             *(f"--keras-backends={THREE}", "--junitxml=junit.xml", "-rA"),
+            "--keras-backends-json=keras-backends.json",
         ],
         cwd=root,
         env=env,
@@ -138,7 +142,8 @@ def sample_run(tmp_path_factory):
         for case in ET.parse(root / "junit.xml").getroot().iter("testcase")
     }
     loaded = (root / "parent-modules.json").read_text()
-    return proc.returncode, proc.stdout + proc.stderr, cases, loaded
+    data = json.loads((root / "keras-backends.json").read_text())
+    return proc.returncode, proc.stdout + proc.stderr, cases, loaded, data
 
 
 def _properties(case):
@@ -177,7 +182,7 @@ def test_each_backend_and_the_comparison_are_reported(
 ):
     """One JUnit test case per test, its verdict over the backends, and each
     backend's status and the arrays' verdict as its properties."""
-    _, output, cases, _ = sample_run
+    _, output, cases, _, _ = sample_run
     case = cases[name]
     assert _outcome(case) == outcome, output
     properties = _properties(case)
@@ -189,7 +194,7 @@ def test_each_backend_and_the_comparison_are_reported(
 
 @pytest.mark.slow
 def test_a_backend_only_bug_fails_naming_the_backend_and_the_array(sample_run):
-    status, output, cases, _ = sample_run
+    status, output, cases, _, _ = sample_run
     assert status == 1
     message = cases["test_planted_torch"].find("failure").get("message")
     assert message == "arrays disagree: logits (as recorded) on torch"
@@ -205,8 +210,35 @@ def test_a_backend_only_bug_fails_naming_the_backend_and_the_array(sample_run):
 
 
 @pytest.mark.slow
+def test_the_same_verdicts_as_json(sample_run):
+    """--keras-backends-json: each test's statuses, and its arrays' report in
+    the matrix's JSON form."""
+    *_, data = sample_run
+    assert data["backends"] == THREE.split(",")
+    assert data["runs"]["torch"]["problem"] == (
+        "its pytest process ended without finishing the session"
+    )
+    tests = {t["nodeid"].split("::")[-1]: t for t in data["tests"]}
+    planted = tests["test_planted_torch"]
+    assert planted["arrays"] == "disagree"
+    assert planted["report"]["verdict"] == "disagree"
+    (row, twin) = planted["report"]["rows"]
+    assert (row["case"], row["check"], twin["check"]) == (
+        "logits",
+        "as recorded",
+        "float64 twin",
+    )
+    assert {b: c["passed"] for b, c in row["cells"].items()} == {
+        "tensorflow": True,
+        "torch": False,
+        "jax": True,
+    }
+    assert tests["test_records_nothing"]["report"] is None
+
+
+@pytest.mark.slow
 def test_a_test_failing_on_one_backend_names_it(sample_run):
-    _, output, cases, _ = sample_run
+    _, output, cases, _, _ = sample_run
     failure = cases["test_fails_on_jax"].find("failure")
     assert failure.get("message").startswith("[jax] AssertionError: planted: jax only")
     assert "failed on jax (tensorflow: passed, torch: passed)" in failure.text
@@ -215,7 +247,7 @@ def test_a_test_failing_on_one_backend_names_it(sample_run):
 
 @pytest.mark.slow
 def test_a_fixture_error_on_one_backend_names_it(sample_run):
-    _, output, cases, _ = sample_run
+    _, output, cases, _, _ = sample_run
     error = cases["test_fixture_fails_on_tensorflow"].find("error")
     assert error.get("message").startswith(
         'failed on setup with "[tensorflow] RuntimeError: planted'
@@ -227,7 +259,7 @@ def test_a_fixture_error_on_one_backend_names_it(sample_run):
 def test_a_crashed_backend_fails_the_run_naming_it(sample_run):
     """torch's process dies in the last test: that test fails on torch, and
     the run has an error naming the backend, with the end of its output."""
-    _, output, cases, _ = sample_run
+    _, output, cases, _, _ = sample_run
     failure = cases["test_zz_crashes_torch"].find("failure")
     assert failure.get("message") == (
         "[torch] not run: its pytest process ended without finishing the session"
@@ -242,7 +274,7 @@ def test_a_crashed_backend_fails_the_run_naming_it(sample_run):
 def test_what_was_not_compared_says_why(sample_run):
     """Recorded on two backends of three: compared on those two, and the third
     is named with why."""
-    _, output, _, _ = sample_run
+    _, output, _, _, _ = sample_run
     assert (
         "not compared: test_sample.py::test_records_on_two: y: not compared on jax "
         "(jax passed without recording it)"
@@ -253,7 +285,7 @@ def test_what_was_not_compared_says_why(sample_run):
 
 @pytest.mark.slow
 def test_the_parent_imports_no_framework(sample_run):
-    _, _, _, loaded = sample_run
+    _, _, _, loaded, _ = sample_run
     assert loaded == "[]"
 
 
@@ -299,11 +331,17 @@ def test_bad_values_are_usage_errors(pytester, monkeypatch, args, message):
 
 
 @pytest.mark.slow
-def test_one_backend_is_not_compared(pytester):
+@pytest.mark.parametrize("where", ["option", "ini"])
+def test_one_backend_is_not_compared(pytester, where):
     """Selected alone, a backend's records are not compared: the test passes
     (its own assertions held there) and says so; exit status 0."""
     pytester.makepyfile(RECORDING.format(recording=True))
-    result = pytester.runpytest("-v", "-p", "no:cacheprovider", "--keras-backends=jax")
+    args = ["-v", "-p", "no:cacheprovider"]
+    if where == "ini":
+        pytester.makeini("[pytest]\nkeras_backends = jax\n")
+    else:
+        args.append("--keras-backends=jax")
+    result = pytester.runpytest(*args)
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         [
@@ -315,11 +353,28 @@ def test_one_backend_is_not_compared(pytester):
     assert result.ret == 0
 
 
+PARSED = [
+    ("list", "tensorflow,jax", ["tensorflow", "jax"]),
+    ("spaces-and-repeats", " jax, tensorflow ,jax", ["jax", "tensorflow"]),
+    ("all-installed", "all", ["tensorflow", "jax"]),  # torch made missing below
+    ("numpy", "numpy,jax", ["numpy", "jax"]),
+]
+
+
+@pytest.mark.parametrize(
+    "value, backends", [p[1:] for p in PARSED], ids=[p[0] for p in PARSED]
+)
+def test_parse_backends(monkeypatch, value, backends):
+    monkeypatch.setitem(_subprocess.BACKEND_MODULES, "torch", ("keras", "no_such"))
+    assert pytest_plugin.parse_backends(value) == backends
+
+
 WORKER_ARGS = [
     ("option", ["-x", "--keras-backends", "jax", "t.py"], ["-x", "t.py"]),
     ("option=", ["--keras-backends=jax", "-q"], ["-q"]),
     ("junitxml", ["--junitxml", "j.xml", "--junit-xml=k.xml", "-q"], ["-q"]),
     ("basetemp", ["--basetemp=/tmp/b", "-q"], ["--basetemp=/tmp/b/jax", "-q"]),
+    ("json", ["--keras-backends-json", "r.json", "-q"], ["-q"]),
 ]
 
 
@@ -361,3 +416,83 @@ def test_a_name_is_recorded_once():
     outputs.record("y", [1.0])
     with pytest.raises(ValueError, match="recorded already"):
         outputs.record("y", [2.0])
+
+
+# ------------------------------------------------- judging, without workers
+def _records(offsets, *, shape=(4,), float64=True, rtol=None):
+    """{backend: {"y": Record}}: y = base + offset on each backend, with the
+    exact base as each backend's float64 twin."""
+    base = np.linspace(-1.0, 1.0, int(np.prod(shape))).reshape(shape)
+    return {
+        b: {
+            "y": Record(
+                "y",
+                [(base + offset).astype(np.float32)],
+                [base] if float64 else None,
+                rtol,
+            )
+        }
+        for b, offset in offsets.items()
+    }
+
+
+JUDGED = [
+    # id, {backend: offset}, options, status, failing backends
+    ("twin-agree", {"tensorflow": 0, "torch": 1e-7, "jax": 0}, {}, "agree", []),
+    (
+        "twin-one-off",
+        {"tensorflow": 0, "torch": 1e-3, "jax": 0},
+        {},
+        "disagree",
+        ["torch"],
+    ),
+    (
+        "peer-floor",
+        {"torch": 0, "jax": 1e-4},
+        {"float64": False},
+        "disagree",
+        ["torch", "jax"],
+    ),
+    (
+        "peer-rtol",
+        {"torch": 0, "jax": 1e-4},
+        {"float64": False, "rtol": 1e-3},
+        "agree",
+        [],
+    ),
+    ("one-backend", {"jax": 0}, {}, "not compared", []),
+]
+
+
+@pytest.mark.parametrize(
+    "offsets, options, status, failing",
+    [j[1:] for j in JUDGED],
+    ids=[j[0] for j in JUDGED],
+)
+def test_judge(offsets, options, status, failing):
+    """The matrix's rules on recorded arrays: with a float64 twin, TensorFlow's
+    run is the oracle and only the backend that is off fails; without one,
+    two backends' midpoint cannot tell which is off (both fail) unless rtol
+    covers their difference."""
+    judgement = records.judge(list(offsets), _records(offsets, **options))
+    assert judgement.status == status
+    assert sorted({b for _, b, _ in judgement.report.failures}) == sorted(failing)
+
+
+def test_judge_shapes_that_differ_have_no_oracle():
+    arrays = _records({"torch": 0, "jax": 0}, float64=False)
+    arrays["jax"]["y"].values = [np.zeros(5, np.float32)]
+    judgement = records.judge(["torch", "jax"], arrays)
+    assert judgement.status == "disagree"
+    assert {c.note for _, _, c in judgement.report.failures} == {
+        "no oracle: the backends' shapes differ"
+    }
+
+
+def test_judge_says_why_a_backend_was_not_compared():
+    arrays = _records({"tensorflow": 0, "torch": 0})
+    judgement = records.judge(
+        ["tensorflow", "torch", "jax"], arrays, {"jax": "skipped"}
+    )
+    assert judgement.status == "agree"
+    assert judgement.not_compared == ["y: not compared on jax (jax skipped)"]

@@ -59,6 +59,7 @@ __all__ = ["backend_outputs", "parse_backends", "worker_args"]
 
 OPTION = "--keras-backends"
 INI = "keras_backends"
+JSON_OPTION = "--keras-backends-json"
 WORKER_OPTION = "--keras-backends-worker"  # internal: a worker's directory
 ALL = "all"  # every installed backend that trains (tensorflow, torch, jax)
 TRAINING = ("tensorflow", "torch", "jax")
@@ -96,6 +97,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             "or 'all' (the installed ones of tensorflow, torch, jax). "
             "Default: the keras_backends ini setting; none: the plugin does "
             "nothing."
+        ),
+    )
+    group.addoption(
+        JSON_OPTION,
+        dest="keras_backends_json",
+        default=None,
+        metavar="PATH",
+        help=(
+            f"with {OPTION}: write each test's status per backend and its "
+            "arrays' report (the matrix's JSON) to PATH"
         ),
     )
     group.addoption(
@@ -265,7 +276,7 @@ def worker_args(args: Sequence[str], directory: Path, backend: str) -> list[str]
     items = iter(args)
     for arg in items:
         name, eq, value = arg.partition("=")
-        if name in (OPTION, WORKER_OPTION, *_PARENT_ONLY, *_PER_WORKER):
+        if name in (OPTION, JSON_OPTION, WORKER_OPTION, *_PARENT_ONLY, *_PER_WORKER):
             if not eq:
                 value = next(items, "")
             if name in _PER_WORKER:
@@ -308,7 +319,7 @@ class _Parent:
         self.config = config
         self.backends = backends
         self.runs: dict[str, _Run] = {}
-        self.rows: list[tuple[str, dict[str, str], str]] = []
+        self.rows: list[tuple[str, dict[str, str], Judgement]] = []
         self.not_compared: list[str] = []
 
     def pytest_report_header(self) -> str:
@@ -471,8 +482,40 @@ class _Parent:
                     )
                 hook.pytest_runtest_logreport(report=report)
             hook.pytest_runtest_logfinish(nodeid=nodeid, location=report.location)
-            self.rows.append((nodeid, statuses, _compared_cell(judgement)))
+            self.rows.append((nodeid, statuses, judgement))
             self.not_compared += [f"{nodeid}: {w}" for w in judgement.not_compared]
+        path = self.config.getoption("keras_backends_json")
+        if path:
+            Path(path).write_text(json.dumps(self.to_json(), indent=1, allow_nan=False))
+
+    def to_json(self) -> dict[str, Any]:
+        """The run as strict JSON data (`--keras-backends-json`): each
+        backend's run, and each test's status per backend with its arrays'
+        report in the matrix's JSON form (`report.Report.to_json`)."""
+        return {
+            "backends": self.backends,
+            "runs": {
+                b: {
+                    "exitstatus": run.exitstatus,
+                    "problem": run.problem,
+                    "seconds": run.seconds,
+                    "versions": run.versions,
+                }
+                for b, run in self.runs.items()
+            },
+            "tests": [
+                {
+                    "nodeid": nodeid,
+                    "statuses": statuses,
+                    "arrays": judgement.status,
+                    "not_compared": judgement.not_compared,
+                    "report": judgement.report.to_json()
+                    if judgement.report.rows
+                    else None,
+                }
+                for nodeid, statuses, judgement in self.rows
+            ],
+        }
 
     def _test_reports(self, nodeid, reps, statuses, judgement):
         """The test's setup, call and teardown reports, over all backends."""
@@ -604,8 +647,8 @@ class _Parent:
         if self.rows:
             header = ["test", *self.backends, "arrays"]
             rows = [
-                [nodeid, *(statuses[b] for b in self.backends), compared]
-                for nodeid, statuses, compared in self.rows
+                [nodeid, *(statuses[b] for b in self.backends), _compared_cell(j)]
+                for nodeid, statuses, j in self.rows
             ]
             tr.write_line("")
             for line in format_table(header, rows).splitlines():

@@ -38,6 +38,7 @@ import numpy as np
 
 from mhsa_core._typing import Nested
 from mhsa_core.consistency import protocol
+from mhsa_core.consistency.arrays import portable
 
 __all__ = ["Record", "BackendOutputs", "save", "load_dir", "judge", "Judgement"]
 
@@ -152,13 +153,13 @@ class BackendOutputs:
 
             own, high = _runs(model, inputs)
             if value is None:
-                values = own
+                values = [portable(a) for a in own]
             # Keras's numpy backend computes float64 in float32 in places:
             # the matrix runs no float64 task there (`protocol.backend_tasks`).
             if protocol.FORWARD64 in protocol.backend_tasks(
                 self.backend, [protocol.FORWARD64]
             ):
-                values64 = high
+                values64 = [portable(a) for a in high]
         self.records.append(Record(name, values, values64, rtol))
 
 
@@ -174,6 +175,7 @@ def _leaves(structure: Nested, what: str) -> list[np.ndarray]:
             import keras
 
             array = np.asarray(keras.ops.convert_to_numpy(leaf))
+        array = portable(array)  # bfloat16 -> float32, exactly (.npz holds it)
         if array.dtype.kind not in "biuf":
             raise ValueError(
                 f"`{what}` must hold numeric arrays. Received: {what} with dtype "
