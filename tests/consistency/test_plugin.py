@@ -293,9 +293,10 @@ def test_the_parent_imports_no_framework(sample_run):
 RECORDING = """
 import numpy as np
 
-def test_records(backend_outputs):
+def test_records(backend_outputs, tmp_path):
     backend_outputs.record("x", np.arange(3.0))
     assert backend_outputs.recording is {recording}
+    assert tmp_path.is_dir()
 """
 
 
@@ -372,9 +373,12 @@ def test_parse_backends(monkeypatch, value, backends):
 WORKER_ARGS = [
     ("option", ["-x", "--keras-backends", "jax", "t.py"], ["-x", "t.py"]),
     ("option=", ["--keras-backends=jax", "-q"], ["-q"]),
-    ("junitxml", ["--junitxml", "j.xml", "--junit-xml=k.xml", "-q"], ["-q"]),
-    ("basetemp", ["--basetemp=/tmp/b", "-q"], ["--basetemp=/tmp/b/jax", "-q"]),
     ("json", ["--keras-backends-json", "r.json", "-q"], ["-q"]),
+    (
+        "others-kept",
+        ["--junitxml=j.xml", "--basetemp", "b"],
+        ["--junitxml=j.xml", "--basetemp", "b"],
+    ),
 ]
 
 
@@ -382,9 +386,10 @@ WORKER_ARGS = [
     "args, expected", [w[1:] for w in WORKER_ARGS], ids=[w[0] for w in WORKER_ARGS]
 )
 def test_worker_args(tmp_path, args, expected):
-    """A worker runs the parent's arguments, minus the option and the junit
-    file (the parent writes it), with a basetemp of its own."""
-    assert pytest_plugin.worker_args(args, tmp_path, "jax") == [
+    """A worker runs the parent's arguments minus the plugin's own (its junit
+    file and basetemp are settled in the worker: the sample run's junit XML
+    is the parent's, and the pytester runs use tmp_path under a basetemp)."""
+    assert pytest_plugin.worker_args(args, tmp_path) == [
         *expected,
         f"--keras-backends-worker={tmp_path}",
     ]

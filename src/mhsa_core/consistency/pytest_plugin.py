@@ -66,10 +66,8 @@ TRAINING = ("tensorflow", "torch", "jax")
 REPORTS_FILE = "reports.jsonl"
 DONE_FILE = "done.json"
 RECORDS_DIR = "records"
-# Options whose file the parent writes (junit XML) or that each worker needs
-# its own of (pytest's basetemp, cleared at every session start).
-_PARENT_ONLY = ("--junitxml", "--junit-xml")
-_PER_WORKER = ("--basetemp",)
+# The parent's own options: a worker runs the rest of the arguments.
+_PARENT_OPTIONS = (OPTION, JSON_OPTION, WORKER_OPTION)
 
 # Why a backend has no records of a test, by its status there.
 _ABSENT = {
@@ -188,6 +186,14 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     directory = config.getoption("keras_backends_worker")
     if directory:
+        # Before junitxml's and tmp_path's own pytest_configure (tryfirst):
+        # the parent writes the junit XML file, and each worker needs a
+        # basetemp of its own (pytest empties it at the session's start).
+        config.option.xmlpath = None
+        if config.option.basetemp:
+            base = Path(config.option.basetemp)
+            base.mkdir(parents=True, exist_ok=True)
+            config.option.basetemp = str(base / os.environ.get("KERAS_BACKEND", "w"))
         worker = _Worker(config, Path(directory))
         config.stash[_WORKER_KEY] = worker
         config.pluginmanager.register(worker, "keras-backends-worker")
@@ -268,19 +274,18 @@ class _Worker:
         self._reports.close()
 
 
-def worker_args(args: Sequence[str], directory: Path, backend: str) -> list[str]:
-    """A worker's pytest arguments: the parent's, without `--keras-backends`
-    and the junit XML file (the parent writes it), a basetemp of its own,
-    and `--keras-backends-worker=directory`."""
+def worker_args(args: Sequence[str], directory: Path) -> list[str]:
+    """A worker's pytest arguments: the parent's, without the plugin's own
+    options, and `--keras-backends-worker=directory`. (Its junit XML file
+    and basetemp are settled in its `pytest_configure`, wherever they were
+    given: arguments, PYTEST_ADDOPTS or the ini's addopts.)"""
     out: list[str] = []
     items = iter(args)
     for arg in items:
-        name, eq, value = arg.partition("=")
-        if name in (OPTION, JSON_OPTION, WORKER_OPTION, *_PARENT_ONLY, *_PER_WORKER):
+        name, eq, _ = arg.partition("=")
+        if name in _PARENT_OPTIONS:
             if not eq:
-                value = next(items, "")
-            if name in _PER_WORKER:
-                out.append(f"{name}={Path(value) / backend}")
+                next(items, None)  # its value
             continue
         out.append(arg)
     return [*out, f"{WORKER_OPTION}={directory}"]
@@ -363,7 +368,7 @@ class _Parent:
                         env["JAX_ENABLE_X64"] = os.environ["JAX_ENABLE_X64"]
                     process = _subprocess.Process(
                         "pytest",
-                        worker_args(args, directory, backend),
+                        worker_args(args, directory),
                         env=env,
                         own_group=True,
                         stderr_path=directory / "stderr.txt",
