@@ -29,9 +29,11 @@ agreement: a test that recorded on one backend only is "not compared", and
 says why. The exit status is nonzero when a backend fails a test, an array
 disagrees or a worker crashes.
 
-The parent imports no framework: it sets KERAS_BACKEND=numpy (as `make
-demo`) before the first conftest imports keras, when that backend is
-installed; its own code imports no keras.
+The parent's own code imports no keras. The user's conftest files are
+still imported there: before the first one, the plugin sets
+KERAS_BACKEND=numpy (when that backend is installed), so that a conftest's
+`import keras` loads the numpy backend (and JAX, which it imports), as `make
+demo`'s parent, never TensorFlow or torch.
 """
 
 from __future__ import annotations

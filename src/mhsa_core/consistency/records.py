@@ -140,9 +140,9 @@ class BackendOutputs:
             raise ValueError(
                 f"`rtol` must be a positive number or None. Received: rtol={rtol!r}"
             )
-        self._names.add(name)
         if value is not None:
             values = _leaves(value, "value")
+        self._names.add(name)
         if not self.recording:
             return  # outside a backend worker: checked, not kept
         values64 = None
@@ -170,8 +170,9 @@ def _leaves(structure: Nested, what: str) -> list[np.ndarray]:
         raise ValueError(f"`{what}` holds no arrays. Received: {what}={structure!r}")
     arrays = []
     for leaf in leaves:
-        array = np.asarray(leaf) if isinstance(leaf, (np.ndarray, np.generic)) else None
-        if array is None:
+        if isinstance(leaf, (np.ndarray, np.generic, int, float, str)):
+            array = np.asarray(leaf)
+        else:  # a backend tensor: this test runs Keras already
             import keras
 
             array = np.asarray(keras.ops.convert_to_numpy(leaf))
