@@ -365,6 +365,18 @@ def test_one_backend_is_not_compared(pytester, where):
     assert result.ret == 0
 
 
+@pytest.mark.slow
+def test_prints_show_with_s(pytester):
+    """-s: each backend's output (the tests' prints) after it ends."""
+    pytester.makepyfile(
+        "import os\n\ndef test_prints():\n"
+        "    print('printed under', os.environ['KERAS_BACKEND'])\n"
+    )
+    result = pytester.runpytest("-s", "-p", "no:cacheprovider", "--keras-backends=jax")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*- jax's output -*", "*printed under jax"])
+
+
 PARSED = [
     ("list", "tensorflow,jax", ["tensorflow", "jax"]),
     ("spaces-and-repeats", " jax, tensorflow ,jax", ["jax", "tensorflow"]),

@@ -304,7 +304,12 @@ class _Run:
     versions: dict[str, str]
     reports: list[Any]
     records: dict[str, Any]
-    output: str  # the tail of its stdout and stderr
+    full_output: str  # its stdout and stderr
+
+    @property
+    def output(self) -> str:
+        """The end of its stdout and stderr (`_subprocess.TAIL_CHARS`)."""
+        return _subprocess.tail(self.full_output)
 
     @property
     def problem(self) -> str | None:
@@ -384,6 +389,10 @@ class _Parent:
                             backend, process, time.perf_counter() - start, directory
                         )
                         self._say(f"keras backends: {self._run_line(runs[backend])}")
+                        if self.config.getoption("capture") == "no":
+                            # -s: the tests' prints are in the worker's output.
+                            self._say(f"{'-' * 20} {backend}'s output {'-' * 20}")
+                            self._say(runs[backend].full_output)
         finally:
             for process, _, _ in running.values():
                 process.kill()
@@ -413,7 +422,7 @@ class _Parent:
             done.get("versions", {}),
             reports,
             records.load_dir(directory / RECORDS_DIR),
-            _subprocess.tail(output.strip()),
+            output.strip(),
         )
 
     def _run_line(self, run: _Run) -> str:
