@@ -460,13 +460,12 @@ class _Parent:
                     ] = rep
         session.testscollected = len(by_test)
         for nodeid, reps in collect_errors.items():
-            text, message = _failures(
-                {b: r.longreprtext for b, r in reps.items()},
-                {b: _crash_message(r) for b, r in reps.items()},
+            parts, message = _failures(
+                reps, {b: _crash_message(r) for b, r in reps.items()}
             )
             hook.pytest_collectreport(
                 report=pytest.CollectReport(
-                    nodeid, "failed", _longrepr(text, message), []
+                    nodeid, "failed", _longrepr(parts, message), []
                 )
             )
         for backend, run in self.runs.items():
@@ -476,7 +475,7 @@ class _Parent:
                     report=pytest.CollectReport(
                         f"[keras backend {backend}]",
                         "failed",
-                        _longrepr(text, f"{backend}: {run.problem}"),
+                        _longrepr([text], f"{backend}: {run.problem}"),
                         [],
                     )
                 )
@@ -600,23 +599,13 @@ class _Parent:
             if s == "not run" and self.runs[b].problem
         }
         if failed or crashed or judgement.status == "disagree":
-            texts = {b: r.longreprtext for b, r in failed.items()} | crashed
             messages = {b: _crash_message(r) for b, r in failed.items()} | crashed
-            text, message = _failures(texts, messages, statuses)
+            parts, message = _failures({**failed, **crashed}, messages, statuses)
             if judgement.status == "disagree":
-                where = _disagreeing(judgement)
-                text = "\n".join(
-                    part
-                    for part in (
-                        text,
-                        "_" * 20 + " across backends " + "_" * 20,
-                        judgement.text(nodeid),
-                    )
-                    if part
-                )
-                message = "; ".join(m for m in (message, where) if m)
+                parts += [_rule("across backends"), judgement.text(nodeid)]
+                message = "; ".join(m for m in (message, _disagreeing(judgement)) if m)
             named = [*failed, *crashed]
-            return make("call", "failed", _longrepr(text, message), keras_failed=named)
+            return make("call", "failed", _longrepr(parts, message), keras_failed=named)
         notes = judgement.text("") if judgement.status == "not compared" else ""
         sections = [("keras backends", notes)] if notes else []
         results = list(calls.values())
@@ -685,25 +674,35 @@ class _Parent:
 
 # ------------------------------------------------------------------ helpers
 class _Longrepr:
-    """A failure's text as pytest prints it (`toterminal`), with the one line
-    the short summary and junit XML show (`reprcrash.message`)."""
+    """A failure as pytest prints it (`toterminal`): lines of text and the
+    backends' own reports (their tracebacks as pytest renders them, colours
+    and all), with the one line the short summary and junit XML show
+    (`reprcrash.message`)."""
 
-    def __init__(self, text: str, message: str) -> None:
-        self.text = text
+    def __init__(self, parts: Sequence[Any], message: str) -> None:
+        self.parts = list(parts)
         self.reprcrash = _Crash(message)
 
     def toterminal(self, tw: Any) -> None:
-        for line in self.text.splitlines():
-            tw.line(line)
+        for part in self.parts:
+            if isinstance(part, str):
+                for line in part.splitlines():
+                    tw.line(line)
+            else:
+                part.toterminal(tw)
+                tw.line("")
 
     def __str__(self) -> str:
-        return self.text
+        return "\n".join(
+            part if isinstance(part, str) else part.longreprtext for part in self.parts
+        )
 
 
-def _longrepr(text: str, message: str) -> Any:
-    """A `_Longrepr` as pytest's reports take it (pytest types a longrepr as
+def _longrepr(parts: Sequence[Any], message: str) -> Any:
+    """A `_Longrepr` of `parts` (text, and reports whose `toterminal` prints
+    them) as pytest's reports take it (pytest types a longrepr as
     its private `TerminalRepr`; this one has the methods they call)."""
-    return _Longrepr(text, message)
+    return _Longrepr(parts, message)
 
 
 @dataclasses.dataclass
@@ -739,35 +738,40 @@ def _crash_message(report: Any) -> str:
     )
 
 
+def _rule(title: str) -> str:
+    return "_" * 20 + f" {title} " + "_" * 20
+
+
 def _failures(
-    texts: dict[str, str],
+    failures: dict[str, Any],
     messages: dict[str, str],
     statuses: dict[str, str] | None = None,
-) -> tuple[str, str]:
-    """(the text of failures on some backends, each under its backend's name;
-    the one-line message, "[torch] AssertionError: ...")."""
-    if not texts:
-        return "", ""
-    parts = []
+) -> tuple[list[Any], str]:
+    """(the failures on some backends, each under its backend's name: its
+    report, or a line of text; the one-line message, "[torch] AssertionError:
+    ...")."""
+    if not failures:
+        return [], ""
+    parts: list[Any] = []
     if statuses is not None:
-        others = [b for b, s in statuses.items() if b not in texts]
+        others = [b for b, s in statuses.items() if b not in failures]
         rest = ", ".join(f"{b}: {statuses[b]}" for b in others)
-        parts.append(f"failed on {', '.join(texts)}" + (f" ({rest})" if rest else ""))
-    for backend, text in texts.items():
-        parts += ["_" * 20 + f" {backend} " + "_" * 20, text]
+        parts.append(
+            f"failed on {', '.join(failures)}" + (f" ({rest})" if rest else "")
+        )
+    for backend, failure in failures.items():
+        parts += [_rule(backend), failure]
     message = "; ".join(
         f"[{b}] {m.splitlines()[0] if m else 'failed'}" for b, m in messages.items()
     )
-    return "\n".join(parts), message
+    return parts, message
 
 
 def _combined(failed: dict[str, Any], statuses: dict[str, str]) -> Any:
-    text, message = _failures(
-        {b: r.longreprtext for b, r in failed.items()},
-        {b: _crash_message(r) for b, r in failed.items()},
-        statuses,
+    parts, message = _failures(
+        failed, {b: _crash_message(r) for b, r in failed.items()}, statuses
     )
-    return _longrepr(text, message)
+    return _longrepr(parts, message)
 
 
 def _skip(reports: dict[str, Any]) -> tuple[str, int, str]:
