@@ -53,6 +53,7 @@ import pytest
 
 from mhsa_core import _subprocess
 from mhsa_core._text import format_table, last_line
+from mhsa_core.consistency.protocol import TRAINING_BACKENDS
 
 if TYPE_CHECKING:
     from mhsa_core.consistency.records import BackendOutputs, Judgement
@@ -63,8 +64,7 @@ OPTION = "--keras-backends"
 INI = "keras_backends"
 JSON_OPTION = "--keras-backends-json"
 WORKER_OPTION = "--keras-backends-worker"  # internal: a worker's directory
-ALL = "all"  # every installed backend that trains (tensorflow, torch, jax)
-TRAINING = ("tensorflow", "torch", "jax")
+ALL = "all"  # the installed ones of protocol.TRAINING_BACKENDS
 REPORTS_FILE = "reports.jsonl"
 DONE_FILE = "done.json"
 RECORDS_DIR = "records"
@@ -151,10 +151,11 @@ def parse_backends(value: str, source: str = OPTION) -> list[str]:
             f"{source} needs a comma-separated list of Keras backends. {received}"
         )
     if names == [ALL]:
-        installed = [b for b in TRAINING if _subprocess.backend_available(b)]
+        installed = [b for b in TRAINING_BACKENDS if _subprocess.backend_available(b)]
         if not installed:
             raise pytest.UsageError(
-                f"{source}: none of {', '.join(TRAINING)} is installed. {received}"
+                f"{source}: none of {', '.join(TRAINING_BACKENDS)} is installed. "
+                f"{received}"
             )
         return installed
     known = tuple(_subprocess.BACKEND_MODULES)
