@@ -541,7 +541,11 @@ class _Parent:
             location=first.location,
             keywords=dict(first.keywords),
             keras_backends=statuses,
-            keras_compared=judgement.status,
+            # The arrays' verdict in the status word ("agree" only when all
+            # recorded arrays were compared).
+            keras_compared=judgement.status
+            if not (judgement.status == "agree" and judgement.not_compared)
+            else "agree, some not compared",
         )
         properties = [(f"keras_backend.{b}", s) for b, s in statuses.items()]
         properties.append(("keras_backends.arrays", judgement.status))
@@ -639,7 +643,7 @@ class _Parent:
         passed = [b for b, s in statuses.items() if s == "passed"]
         others = [f"{b} {s}" for b, s in statuses.items() if s != "passed"]
         detail = "; ".join([", ".join(passed), *others])
-        if compared in ("agree", "not compared"):
+        if compared in ("agree", "agree, some not compared", "not compared"):
             detail += f"; {compared}"
         return "passed", ".", (f"PASSED ({detail})", {"green": True})
 
