@@ -367,6 +367,28 @@ def test_one_backend_is_not_compared(pytester, where):
     assert result.ret == 0
 
 
+SELECTIONS = [
+    ("keyword", ["-k", "chosen"]),
+    ("node-id", ["test_selection.py::test_chosen"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "selection", [s[1] for s in SELECTIONS], ids=[s[0] for s in SELECTIONS]
+)
+def test_the_backends_run_the_selected_tests(pytester, selection):
+    """Each backend's process runs the parent's arguments: the same selection."""
+    pytester.makepyfile(
+        test_selection="def test_chosen():\n    pass\n\n"
+        "def test_other():\n    raise AssertionError\n"
+    )
+    result = pytester.runpytest(
+        "-p", "no:cacheprovider", "--keras-backends=jax", *selection
+    )
+    result.assert_outcomes(passed=1)
+
+
 @pytest.mark.slow
 def test_prints_show_with_s(pytester):
     """-s: each backend's output (the tests' prints) after it ends."""
