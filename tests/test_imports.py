@@ -29,6 +29,8 @@ IMPORTS = {
     "layer-position": "from mhsa_core.layers.position import ENCODINGS",
     "testing": "from mhsa_core.testing import assert_backends_agree",
     "cli": "from mhsa_core.consistency import cli",
+    # The pytest plugin: every pytest run where mhsa-core is installed loads it.
+    "pytest-plugin": "import mhsa_core.consistency.pytest_plugin",
     "distribution": "from mhsa_core.distribution import layout_rules; layout_rules()",
     # NumPy only: matplotlib (the plot extra) is imported by the plot function.
     "attention-maps": (
@@ -52,7 +54,14 @@ IMPORTS = {
     ),
 }
 # These must not load a framework (the CLI's parent process, the oracle).
-FRAMEWORK_FREE = ("package", "reference", "cli", "distribution", "attention-maps")
+FRAMEWORK_FREE = (
+    "package",
+    "reference",
+    "cli",
+    "distribution",
+    "attention-maps",
+    "pytest-plugin",
+)
 
 
 def _run(code):

@@ -264,9 +264,12 @@ TABLE_WIDTH = 80
 MIN_CELL_WIDTH = 12  # "0.22 ok (st…", "1.5e+03 FAIL"
 
 
-def render(report, out, title):
-    """The report as a table on `out`: with colours if rich is installed."""
-    header = ["case", "check", *report.backends]
+def render(report, out, title, header=("case", "check")):
+    """The report as a table on `out`: with colours if rich is installed.
+
+    `header`: the titles of the two first columns (the pytest plugin's rows
+    are a test's recorded arrays, not cases)."""
+    header = [*header, *report.backends]
     rows = []
     for row in report.rows:
         rows.append(
