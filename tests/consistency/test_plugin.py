@@ -471,7 +471,7 @@ def test_a_name_is_recorded_once():
 
 
 # ------------------------------------------------- judging, without workers
-def _records(offsets, *, shape=(4,), float64=True, rtol=None):
+def _records(offsets, *, shape=(4,), float64=True, rtol=None, quantization=None):
     """{backend: {"y": Record}}: y = base + offset on each backend, with the
     exact base as each backend's float64 twin."""
     base = np.linspace(-1.0, 1.0, int(np.prod(shape))).reshape(shape)
@@ -482,6 +482,7 @@ def _records(offsets, *, shape=(4,), float64=True, rtol=None):
                 [(base + offset).astype(np.float32)],
                 [base] if float64 else None,
                 rtol,
+                quantization,
             )
         }
         for b, offset in offsets.items()
@@ -513,6 +514,22 @@ JUDGED = [
         [],
     ),
     ("one-backend", {"jax": 0}, {}, "not compared", []),
+    # A model quantized int8 (`quantization_of` its config at record time):
+    # one activation step (1/127 of max|oracle| = 1) of slack, no more.
+    (
+        "int8-within-a-step",
+        {"tensorflow": 0, "torch": 5e-3, "jax": 0},
+        {"quantization": "int8"},
+        "agree",
+        [],
+    ),
+    (
+        "int8-beyond-a-step",
+        {"tensorflow": 0, "torch": 2e-2, "jax": 0},
+        {"quantization": "int8"},
+        "disagree",
+        ["torch"],
+    ),
 ]
 
 

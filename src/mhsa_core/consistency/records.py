@@ -56,12 +56,16 @@ class Record:
         values: its arrays (the leaves of a structure, in `keras.tree` order).
         values64: the float64 twin's output on the same inputs, or None.
         rtol: the budget relative to max|oracle| the test asked for, or None.
+        quantization: the Keras quantization modes of the recorded model
+            (`cases.quantization_of`: "int8", ...), or None: judged with the
+            matrix's quantized rule (one int8 step of slack).
     """
 
     name: str
     values: list[np.ndarray]
     values64: list[np.ndarray] | None = None
     rtol: float | None = None
+    quantization: str | None = None
 
 
 class BackendOutputs:
@@ -146,7 +150,11 @@ class BackendOutputs:
         if not self.recording:
             return  # outside a backend worker: checked, not kept
         values64 = None
+        quantization = None
         if model is not None:
+            from mhsa_core.consistency.cases import quantization_of
+
+            quantization = quantization_of(model.get_config())
             # The float32 run and the float64 twin, as `within_budget` runs
             # them (one rule for "the model in float64").
             from mhsa_core.consistency.budget_check import _runs
@@ -160,7 +168,7 @@ class BackendOutputs:
                 self.backend, [protocol.FORWARD64]
             ):
                 values64 = [portable(a) for a in high]
-        self.records.append(Record(name, values, values64, rtol))
+        self.records.append(Record(name, values, values64, rtol, quantization))
 
 
 def _leaves(structure: Nested, what: str) -> list[np.ndarray]:
@@ -218,6 +226,7 @@ def save(directory: Path, nodeid: str, records: Sequence[Record]) -> None:
                 "outputs": len(record.values),
                 "float64": record.values64 is not None,
                 "rtol": record.rtol,
+                "quantization": record.quantization,
             }
         )
     arrays[_META] = np.array(json.dumps({"nodeid": nodeid, "records": entries}))
@@ -241,6 +250,7 @@ def load_dir(directory: Path) -> dict[str, dict[str, Record]]:
                     if entry["float64"]
                     else None,
                     entry["rtol"],
+                    entry.get("quantization"),
                 )
         found[meta["nodeid"]] = records
     return found
@@ -327,7 +337,12 @@ def judge(
         # The matrix's model case with one input variant; its outputs are
         # the record's arrays (`protocol.output_key(0, o)`).
         case = types.SimpleNamespace(
-            name=name, kind="model", dtype="float32", variants=[{}], tasks=()
+            name=name,
+            kind="model",
+            dtype="float32",
+            variants=[{}],
+            tasks=(),
+            quantization=first.quantization,
         )
         ctx = checks.CaseContext(case, runs, present, rtol=rtol)
         outputs = max(len(records[b][name].values) for b in present)
