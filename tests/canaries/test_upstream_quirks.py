@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import importlib.util
 import subprocess
 import sys
 from collections.abc import Callable
@@ -165,9 +166,12 @@ def litert_export_from_jax_refused(tmp_path):
 
 
 def openvino_from_jax_fails_on_xla_call_module(tmp_path):
-    # In its own process: OpenVINO's converter forks, which JAX warns about
-    # (an error under this suite's warnings-as-errors).
-    pytest.importorskip("openvino")
+    # In its own process: OpenVINO forks, which JAX warns about (an error
+    # under this suite's warnings-as-errors). Even importing it here did, now
+    # and then (the JAX lane failed once on JAX's "os.fork() was called"
+    # from this test): look for it without importing it.
+    if importlib.util.find_spec("openvino") is None:
+        pytest.skip("openvino is not installed")
     code = (
         "import keras\n"
         "inputs = keras.Input((4,))\n"
