@@ -12,9 +12,9 @@ in a subprocess, from the tensorflow lane.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
-import importlib.util
 import subprocess
 import sys
 from collections.abc import Callable
