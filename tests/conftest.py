@@ -43,7 +43,14 @@ def _reset_keras_state():
 # fixture which runs the matrix or the bench in worker processes (seconds to
 # minutes, once per module) is slow, so `make test-fast` never starts those
 # workers. (Tests that start workers themselves carry the marker.)
-WORKER_FIXTURES = {"report", "tiny_run", "torch_alone", "dict_model_run", "tally"}
+WORKER_FIXTURES = {
+    "report",
+    "tiny_run",
+    "torch_alone",
+    "dict_model_run",
+    "tally",
+    "jax_bug_run",
+}
 
 
 def pytest_collection_modifyitems(items):
