@@ -43,7 +43,25 @@ def _reset_keras_state():
 # fixture which runs the matrix or the bench in worker processes (seconds to
 # minutes, once per module) is slow, so `make test-fast` never starts those
 # workers. (Tests that start workers themselves carry the marker.)
-WORKER_FIXTURES = {"report", "tiny_run", "torch_alone", "dict_model_run", "tally"}
+WORKER_FIXTURES = {
+    "report",
+    "built_in_report",
+    "tiny_run",
+    "torch_alone",
+    "dict_model_run",
+    "tally",
+    "jax_bug_run",
+}
+
+
+@pytest.fixture(scope="session")
+def built_in_report():
+    """The one matrix run of the built-in cases that tests/consistency's
+    test_matrix and test_export_cases judge (`built_in_run`: every case,
+    every task, every backend; some cases exported too)."""
+    import built_in_run  # tests/consistency: only its tests ask for this
+
+    return built_in_run.run()
 
 
 def pytest_collection_modifyitems(items):

@@ -1,7 +1,8 @@
 """Export parity of the layer's options and encodings of issues 19 and 20.
 
-One matrix run (module-scoped: exports take seconds each) of the built-in
-cases (`consistency.cases.extended_cases`), forward and export tasks only:
+The matrix run of the built-in cases (`consistency.cases.extended_cases`)
+that `test_matrix` judges too (`built_in_run`, a session fixture: exports
+take seconds each), with these cases also exported:
 - "swin" (3x3 windows shifted by 1 with Swin's bias, at 7x5: padded and
   masked; and at 3x3: one window, no shift), in every format from every
   backend, and "rope" (a reference grid, at it and at another size and
@@ -18,32 +19,19 @@ one artifact. What is expected of each (format, backend) is
 `test_export.EXPECTED`, the measured table (this install).
 """
 
-import dataclasses
 import importlib.util
 
 import pytest
-from test_export import EXPECTED, THREE, needs_export
+from test_export import EXPECTED, needs_export
 
-from mhsa_core.consistency import cases, matrix, protocol
+from mhsa_core.consistency import cases
 from mhsa_core.consistency.features import export
 
-# The run costs about 2 minutes (each artifact runs in a fresh runtime
-# process; a SavedModel's alone takes 5-7 s): "rope" leaves out OpenVINO
-# (17 s; the rotation is plain arithmetic, and `mhsa-core matrix` covers it).
-ONNX_AND_SAVED = ("tf_saved_model", "onnx")
-FORMATS = {
-    "swin": export.EXPORT_FORMATS,
-    "rope": (*ONNX_AND_SAVED, "litert"),
-    "rope_mixed": ONNX_AND_SAVED,
-    "qknorm_proj": ONNX_AND_SAVED,
-    # Issue 20: two inputs and two outputs (the model's first output is
-    # judged: LiteRT lists a two-output model's outputs out of order, the
-    # runtime reads the signature's), two maps of other grids with a mask,
-    # reduced keys.
-    "eva_cls": (*ONNX_AND_SAVED, "litert"),
-    "cross": ONNX_AND_SAVED,
-    "pvt_v2": ("onnx",),
-}
+import built_in_run
+
+# The run is the one `test_matrix` judges (`built_in_run`: every task of
+# every case, these cases also exported); this module judges its exports.
+FORMATS = built_in_run.EXPORT_FORMATS
 # Who exports with the model's own signature (None sizes stay dynamic): one
 # artifact runs every size.
 DYNAMIC = {
@@ -57,18 +45,9 @@ DYNAMIC = {
 RUNS_BOTH_SIZES = [(c, f, b) for c in ("rope", "swin") for f, b in DYNAMIC[c]]
 
 
-@pytest.fixture(scope="module")
-def report():
-    built_in = {c.name: c for c in cases.extended_cases()}
-    tasks = (protocol.FORWARD, protocol.FORWARD64, export.EXPORT)
-    to_run = [
-        export.FEATURE.apply(
-            dataclasses.replace(built_in[name], tasks=tasks),
-            export.FEATURE.options(export=formats),
-        )
-        for name, formats in FORMATS.items()
-    ]
-    return matrix.run_matrix(to_run, THREE)
+@pytest.fixture
+def report(built_in_report):
+    return built_in_report
 
 
 CELLS = [

@@ -2,7 +2,9 @@
 per test session, one test per (case, check, backend) cell and per backend pair.
 
 Run once, with any KERAS_BACKEND (the parent process runs no framework; `make
-test` uses numpy): the workers are subprocesses, one per backend.
+test` uses numpy): the workers are subprocesses, one per backend. The run is
+shared with `test_export_cases` (`built_in_run`: some of these cases are
+exported there too); this module judges every cell but the export ones.
 """
 
 import dataclasses
@@ -18,8 +20,10 @@ from mhsa_core.consistency.protocol import TRAINING_BACKENDS, case_backends
 from mhsa_core.consistency.report import Cell
 from mhsa_core.reference import schema
 
-BACKENDS = list(protocol.BACKENDS)
-CASES = cases.extended_cases()
+import built_in_run
+
+BACKENDS = built_in_run.BACKENDS
+CASES = built_in_run.CASES
 CASES_BY_NAME = {c.name: c for c in CASES}
 
 CELLS = [
@@ -46,9 +50,9 @@ def _ids(triples):
     return [f"{case}-{a}-vs-{b}" for case, a, b in triples]
 
 
-@pytest.fixture(scope="session")
-def report():
-    return matrix.run_matrix(CASES, BACKENDS)
+@pytest.fixture
+def report(built_in_report):
+    return built_in_report
 
 
 def test_every_worker_ran(report):
@@ -73,22 +77,34 @@ def test_cell_within_budget(report, case, check, backend):
     )
 
 
+# The cells of the shared run's exports (`built_in_run.EXPORT_FORMATS`),
+# judged in `test_export_cases`.
+EXPORT_CELLS = {
+    (c.name, check, b)
+    for c in built_in_run.RUN_CASES
+    for check, b in matrix.expected_cells(c, BACKENDS)
+    if check.endswith(" export")
+}
+
+
 def test_report_has_exactly_the_expected_cells(report):
-    """Nothing missing, nothing extra: the report's cells are the derived list."""
+    """Nothing missing, nothing extra: the report's cells are the derived list
+    (and the export cells of the cases the shared run exports)."""
     got = {
         (r.case, r.check, b)
         for r in report.rows
         if r.check != checks.ERRORS
         for b in r.cells
     }
-    assert got == set(CELLS)
+    assert EXPORT_CELLS and not EXPORT_CELLS & set(CELLS)
+    assert got == set(CELLS) | EXPORT_CELLS
 
 
 @pytest.mark.parametrize(
     "check", matrix.all_checks(), ids=[c.name for c in matrix.all_checks()]
 )
 def test_every_check_yields_exactly_its_expected_cells(report, check):
-    for case in CASES:
+    for case in built_in_run.RUN_CASES:
         ctx = checks.CaseContext(case, report.runs, BACKENDS)
         got = {(row.check, b) for row in check.rows(ctx) for b in row.cells}
         assert got == set(check.expected_cells(case, BACKENDS)), case.name

@@ -110,8 +110,21 @@ def _grads(ctx, model, variants):
     return results
 
 
+def _model_grads(ctx):
+    """`_grads` of the case's model (in its dtype) at its input variants,
+    computed once per case: task GRADS returns them and task OPTIMIZERS
+    applies them (it once computed them again, the same arrays: the same
+    model, weights and inputs, as OPTIMIZERS puts the weights back after
+    each step). Kept on `ctx`, which lives for one case."""
+    cached = getattr(ctx, "_model_grads", None)
+    if cached is None:
+        cached = _grads(ctx, ctx.model, ctx.variants)
+        ctx._model_grads = cached
+    return cached
+
+
 def grads(ctx, timings):
-    return _grads(ctx, ctx.model, ctx.variants)
+    return dict(_model_grads(ctx))
 
 
 def grads64(ctx, timings):
@@ -127,7 +140,7 @@ def optimizers(ctx, timings):
     keras = ctx.keras
     model = ctx.model
     start = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
-    grads = _grads(ctx, model, ctx.variants)
+    grads = _model_grads(ctx)
     results = {protocol.start_key(j): portable(w) for j, w in enumerate(start)}
     for v in range(len(ctx.variants)):
         g = [grads[protocol.weight_grad_key(v, j)] for j in range(len(start))]
