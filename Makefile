@@ -35,9 +35,9 @@ example: $(STAMP)
 # run side by side: each pytest process is mostly one busy core (eager op
 # dispatch, compiles), so on a 2-core machine the lanes overlap well. The
 # background lane runs the cross-backend tests, then the other-kernels lane
-# (below), so the two lanes take about as long (issue 19's tests: 16.5 + 2
-# min beside 3.5 + 5 + 12.5 min for TensorFlow, torch and JAX; 25 min in a
-# row with the other kernels in the foreground). It writes to logs, printed
+# (below), so the two lanes take about as long (issue 21's tests: 19.3 + 4.7
+# min beside 3.8 + 4.2 + 12.7 min for TensorFlow, torch and JAX, from a
+# fresh clone; docs/architecture.md). It writes to logs, printed
 # when both are done. Every run happens even if one fails; the target
 # fails if any did. No test asserts speed, so the overlap changes no verdict.
 LOGS := .test-logs

@@ -59,6 +59,7 @@ __all__ = [
     "CaseContext",
     "SharedOracle",
     "judge",
+    "judge_quantized",
     "judge_step",
 ]
 
@@ -110,6 +111,23 @@ def judge_step(result, optimizer, variants):
         by_key.update({k: budget for k in group})
         keys += group
     return judge(result, oracle, keys, by_key)
+
+
+def judge_quantized(result, oracle, keys):
+    """`judge` against an oracle's float32 budgets first (its ratio is the
+    informative one); a quantized case's step slack (`plain_budgets` set:
+    `budgets.quantization_steps`) only where that fails, and said: a rounding
+    flip of the activation quantizer."""
+    plain = getattr(oracle, "plain_budgets", None) or oracle.budgets
+    cell = judge(result, oracle.values, keys, plain)
+    if not cell.passed and plain is not oracle.budgets:
+        slack = judge(result, oracle.values, keys, oracle.budgets)
+        if slack.passed:
+            note = "within one int8 step (a rounding flip)"
+            cell = dataclasses.replace(
+                slack, note=f"{slack.note}: {note}" if slack.note else note
+            )
+    return cell
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,23 +288,7 @@ class CaseContext:
                 b: Cell(passed=False, note="no oracle: the backends' shapes differ")
                 for b in results
             }
-        plain = getattr(oracle, "plain_budgets", None) or oracle.budgets
-        cells = {}
-        for b, res in results.items():
-            # Against the float32 budget first (its ratio is the informative
-            # one); a quantized case's step slack only where that fails, and
-            # said (a rounding flip of the activation quantizer:
-            # `budgets.quantization_steps`).
-            cell = judge(res, oracle.values, keys, plain)
-            if not cell.passed and plain is not oracle.budgets:
-                slack = judge(res, oracle.values, keys, oracle.budgets)
-                if slack.passed:
-                    note = "within one int8 step (a rounding flip)"
-                    cell = dataclasses.replace(
-                        slack, note=f"{slack.note}: {note}" if slack.note else note
-                    )
-            cells[b] = cell
-        return cells
+        return {b: judge_quantized(res, oracle, keys) for b, res in results.items()}
 
     def lenient_float64(self, task, oracle, float32_budgets, keys):
         """float64 cells of a user model: a deviation that float32 arithmetic
@@ -594,7 +596,7 @@ def _keras_file(ctx, saver):
         if forward.values is None:
             cell = Cell(passed=False, note="no oracle: the backends' shapes differ")
         else:
-            cell = judge(load, forward.values, ctx.out_keys, forward.budgets)
+            cell = judge_quantized(load, forward, ctx.out_keys)
         identical = [k for k in load if k.startswith(protocol.IDENTICAL_PREFIX)]
         if not all(bool(load[k]) for k in identical):
             cell = dataclasses.replace(cell, passed=False, note="weights differ")

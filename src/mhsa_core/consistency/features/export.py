@@ -47,7 +47,7 @@ import numpy as np
 from mhsa_core import _subprocess
 from mhsa_core._text import last_line
 from mhsa_core.consistency import protocol, runtime
-from mhsa_core.consistency.checks import Check, judge
+from mhsa_core.consistency.checks import Check, judge_quantized
 from mhsa_core.consistency.features.base import Feature
 from mhsa_core.consistency.protocol import FORWARD, FORWARD64
 from mhsa_core.consistency.report import Cell
@@ -391,7 +391,7 @@ def judge_export(ctx, fmt):
             first = [protocol.out_key(v) for v in range(ctx.variants)]
             if len(ctx.out_keys) > len(first):
                 note = "; ".join(t for t in (note, "first output only") if t)
-            cell = judge(outputs, forward.values, first, forward.budgets)
+            cell = judge_quantized(outputs, forward, first)
             cells[b] = dataclasses.replace(cell, scope=note)
     for b in ctx.backends:  # the export task raised: the errors row has why
         if (
