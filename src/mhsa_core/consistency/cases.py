@@ -370,17 +370,7 @@ def _option_cases():
     return [
         layer_case(
             "qknorm_proj",
-            {
-                "num_heads": 4,
-                "key_dim": None,
-                "activation": None,
-                "position_encoding": "none",
-                "scale": None,
-                "use_bias": True,
-                "kernel_initializer": "glorot_uniform",
-                "qk_norm": "layer",
-                "output_dense": True,
-            },
+            {**STANDARD, "num_heads": 4, "qk_norm": "layer", "output_dense": True},
             [(2, 4, 5, 16)],
             seed=140,
             mask=True,
