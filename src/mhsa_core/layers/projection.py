@@ -177,7 +177,6 @@ class Projection:
         self.kernel = kernel
         self.bias = bias
         self.in_width, self.out_width = (int(n) for n in kernel.shape)
-        self.variable_names = {kernel_name}  # this map's extra variables join
         self.mode: str | None = None
         self.block_size: int | None = None  # int4 groups along C_in
         self.kernel_scale: Any | None = None
@@ -209,7 +208,6 @@ class Projection:
         scale_shape: tuple[int, ...] = (self.out_width,)
         if mode == "int4" and block_size is not None:
             scale_shape = (-(-self.in_width // block_size), self.out_width)
-        self.variable_names.add(f"{self.kernel_name}_scale")
         self.kernel_scale = add(
             name=f"{self.kernel_name}_scale",
             shape=scale_shape,
@@ -217,7 +215,6 @@ class Projection:
             trainable=False,
         )
         if mode == "int4" and block_size is not None:
-            self.variable_names.add(f"{self.kernel_name}_zero")
             self.kernel_zero = add(
                 name=f"{self.kernel_name}_zero",
                 shape=scale_shape,
@@ -261,7 +258,6 @@ class Projection:
         b_initializer: keras.initializers.Initializer,
     ) -> None:
         add = self._owner.add_weight
-        self.variable_names |= {f"{self.kernel_name}_lora_{x}" for x in "ab"}
         self.lora_a = add(
             name=f"{self.kernel_name}_lora_a",
             shape=(self.in_width, rank),
